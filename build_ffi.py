@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DECL_DIR = os.path.join(HERE, "libdm", "_decl")
 
 # Order matters: types before the functions that use them.
-FRAGMENTS = ["types.h", "task.h", "udev.h", "library.h", "log.h"]
+FRAGMENTS = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h"]
 
 # libdevmapper's logger is variadic, which cffi cannot call back into
 # Python directly.  This shim formats each message in C and hands the
@@ -65,6 +65,25 @@ static void libdm_log_set_level(int forward_level)
 static void libdm_log_restore_default(void)
 {
     dm_log_with_errno_init(NULL);
+}
+
+/* Arm event polling on a control fd of our own (DM_DEV_ARM_POLL, driver
+ * 4.37+).  libdevmapper keeps its control fd private, and a blocking
+ * DM_DEVICE_WAITEVENT task cannot time out, so waiting with a timeout is
+ * done by arming our fd and poll()ing it. */
+#include <string.h>
+#include <sys/ioctl.h>
+
+static int libdm_arm_poll(int fd)
+{
+    struct dm_ioctl dmi;
+
+    memset(&dmi, 0, sizeof(dmi));
+    dmi.version[0] = DM_VERSION_MAJOR;
+    dmi.version[1] = DM_VERSION_MINOR;
+    dmi.version[2] = DM_VERSION_PATCHLEVEL;
+    dmi.data_size = sizeof(dmi);
+    return ioctl(fd, DM_DEV_ARM_POLL, &dmi);
 }
 """
 

@@ -1,0 +1,110 @@
+"""The exception hierarchy: every device-mapper failure is a DMError.
+
+``DMError`` is an ``OSError``, and its subclasses also derive from the
+matching builtin where there is one, so callers can write
+``except FileNotFoundError`` without knowing about device-mapper, as with
+``os`` and ``pathlib``.
+"""
+
+import errno as _errno
+import os
+
+__all__ = [
+    "DMError",
+    "NoSuchDeviceError",
+    "DeviceBusyError",
+    "DeviceExistsError",
+    "PermissionDeniedError",
+    "KernelSupportError",
+    "error_for",
+]
+
+
+class DMError(OSError):
+    """A device-mapper operation failed.
+
+    Attributes:
+        errno: the errno of the failed ioctl (0 when the kernel was never
+            reached).
+        strerror: the errno's text, or a description of the failure.
+        operation: what libdm was doing, for example ``"create"``.
+        device: the device name the operation was about, or ``None``.
+        log_lines: libdevmapper's log lines (and, where readable, the
+            kernel's device-mapper messages) captured while the task ran.
+    """
+
+    def __init__(self, err, message, operation, device=None, log_lines=()):
+        super().__init__(err, message)
+        self.operation = operation
+        self.device = device
+        self.log_lines = tuple(log_lines)
+
+    def __str__(self):
+        where = f" on {self.device!r}" if self.device is not None else ""
+        code = f"[Errno {self.errno}] " if self.errno else ""
+        text = f"{self.operation}{where} failed: {code}{self.strerror}"
+        if self.log_lines:
+            text += "\n  " + "\n  ".join(self.log_lines)
+        return text
+
+    def __reduce__(self):
+        # OSError pickles as (errno, strerror); keep our extra fields too.
+        return (
+            type(self),
+            (self.errno, self.strerror, self.operation, self.device, self.log_lines),
+        )
+
+
+class NoSuchDeviceError(DMError, FileNotFoundError):
+    """The named device does not exist (ENXIO / ENODEV from the kernel)."""
+
+
+class DeviceBusyError(DMError):
+    """The device is in use (EBUSY): open, mounted, or held by another device."""
+
+
+class DeviceExistsError(DMError, FileExistsError):
+    """A device with that name or uuid already exists (EEXIST)."""
+
+
+class PermissionDeniedError(DMError, PermissionError):
+    """The caller lacks CAP_SYS_ADMIN (device-mapper needs root)."""
+
+
+class KernelSupportError(DMError):
+    """The kernel cannot do this: no device-mapper driver, or a target
+    type whose module is not loaded."""
+
+
+_BY_ERRNO = {
+    _errno.ENXIO: NoSuchDeviceError,
+    _errno.ENODEV: NoSuchDeviceError,
+    _errno.ENOENT: NoSuchDeviceError,
+    _errno.EBUSY: DeviceBusyError,
+    _errno.EEXIST: DeviceExistsError,
+    _errno.EACCES: PermissionDeniedError,
+    _errno.EPERM: PermissionDeniedError,
+}
+
+NEEDS_ROOT = "device-mapper needs CAP_SYS_ADMIN: run as root"
+
+
+def error_for(err, operation, device=None, log_lines=(), message=None):
+    """Build the right DMError subclass for an errno.
+
+    Args:
+        err: the errno (0 when no ioctl result is known).
+        operation: the operation's name, e.g. ``"remove"``.
+        device: the device name, if any.
+        log_lines: captured log lines to attach.
+        message: text to use instead of ``os.strerror(err)``.
+
+    Returns:
+        A ``DMError`` (or subclass) instance; the caller raises it.
+    """
+    cls = _BY_ERRNO.get(err, DMError)
+    if message is None:
+        message = os.strerror(err) if err else "device-mapper reported a failure"
+        if cls is PermissionDeniedError:
+            message = f"{message} ({NEEDS_ROOT})"
+    return cls(err, message, operation, device, log_lines)

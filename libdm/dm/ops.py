@@ -1,0 +1,433 @@
+"""Device operations: the public verbs of layer 2.
+
+These are module-level functions rather than methods of a context object
+because libdevmapper's state (control fd, node stack, logger) is
+process-wide: an object would suggest an isolation that does not exist.
+Every function validates its input before any ioctl, runs its tasks under
+the library lock (see :mod:`libdm.dm.task`) and raises a
+:class:`~libdm.dm.errors.DMError` subclass when the kernel refuses.
+
+Units: every start, length and sector is in 512-byte sectors.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import time
+
+from libdm.dm._lib import ffi, lib
+from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
+from libdm.dm.info import DeviceEntry, TargetVersion
+from libdm.dm.target import check_table
+from libdm.dm import task as _task
+from libdm.dm.task import Task, dm_dir
+from libdm.dm.validate import check_message, check_name, check_uuid
+
+__all__ = [
+    "create",
+    "reload",
+    "suspend",
+    "resume",
+    "remove",
+    "cancel_deferred_remove",
+    "info",
+    "exists",
+    "table",
+    "status",
+    "message",
+    "list_devices",
+    "deps",
+    "rename",
+    "set_uuid",
+    "library_version",
+    "driver_version",
+    "target_versions",
+    "mknodes",
+    "device_path",
+]
+
+logger = logging.getLogger("libdm")
+
+
+def device_path(name):
+    """The node path of a device, e.g. ``/dev/mapper/<name>``.
+
+    Raises:
+        ValueError: ``name`` is not a valid device name.
+    """
+    return os.path.join(dm_dir(), check_name(name))
+
+
+def create(name, targets, *, uuid=None, read_only=False):
+    """Create a device, load its table and resume it, in three ioctls.
+
+    If loading or resuming fails, the half-made device is removed again
+    before the error is raised, so nothing is left behind.  When udev runs,
+    this returns after udev has processed the new device; when it does
+    not, libdevmapper makes ``/dev/mapper/<name>`` itself.
+
+    Args:
+        name: the device name (see :func:`libdm.dm.validate.check_name`).
+        targets: a sequence of :class:`~libdm.Target` values starting at
+            sector 0 with no gaps (start and length in 512-byte sectors).
+        uuid: an optional uuid (at most 128 bytes; same character rules).
+        read_only: load the table read-only.
+
+    Returns:
+        The new device's :class:`~libdm.DeviceInfo`.
+
+    Raises:
+        ValueError, TypeError: bad name, uuid or table (before any ioctl).
+        DeviceExistsError: the name or uuid is taken.
+        KernelSupportError: a target type's module is not loaded, or there
+            is no device-mapper driver.
+        PermissionDeniedError: not root (CAP_SYS_ADMIN).
+        DMError: the kernel refused the table (the kernel's reason is in
+            ``log_lines``).
+    """
+    check_name(name)
+    if uuid is not None:
+        check_uuid(uuid)
+    table = check_table(targets)
+    with Task(lib.DM_DEVICE_CREATE, "create", name) as t:
+        if uuid is not None:
+            t.set_uuid(uuid)
+        with _taken_as_exists("a device with this name or uuid already exists"):
+            t.run()
+    try:
+        _load(name, table, read_only, "create")
+        with Task(lib.DM_DEVICE_RESUME, "create", name) as t:
+            t.run(udev=True)
+            return t.info()
+    except BaseException as exc:
+        _undo_create(name, exc)
+        raise
+
+
+@contextlib.contextmanager
+def _taken_as_exists(text):
+    # The kernel answers EBUSY, not EEXIST, when a name or uuid is taken.
+    try:
+        yield
+    except DeviceBusyError as exc:
+        raise DeviceExistsError(
+            exc.errno, text, exc.operation, exc.device, exc.log_lines
+        ) from None
+
+
+def _undo_create(name, exc):
+    try:
+        remove(name, retries=3)
+    except DMError as undo:
+        note = f"the half-made device {name!r} could not be removed: {undo.strerror}"
+        logger.error("%s", note)
+        if isinstance(exc, DMError):
+            exc.log_lines += (note,)
+
+
+def _load(name, table, read_only, operation):
+    with Task(lib.DM_DEVICE_RELOAD, operation, name) as t:
+        if read_only:
+            t.set_read_only()
+        t.add_targets(table)
+        t.run()
+
+
+def reload(name, targets, *, read_only=False):
+    """Load a new (inactive) table; it becomes live at the next resume.
+
+    Args:
+        name: the device name.
+        targets: the new table (``Target`` values, sectors).
+        read_only: load the table read-only.
+
+    Raises:
+        ValueError, TypeError: bad name or table.
+        NoSuchDeviceError: no such device.
+        KernelSupportError: a target type's module is not loaded.
+        DMError: the kernel refused the table.
+    """
+    check_name(name)
+    _load(name, check_table(targets), read_only, "reload")
+
+
+def suspend(name, *, flush=True, lockfs=True):
+    """Suspend I/O on a device.
+
+    Args:
+        name: the device name.
+        flush: when False (``--noflush``), I/O the target has queued stays
+            queued instead of being flushed; needed for a pool that is out
+            of space.
+        lockfs: when False (``--nolockfs``), a filesystem on the device is
+            not frozen first.
+
+    Raises:
+        NoSuchDeviceError, PermissionDeniedError, DMError.
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_SUSPEND, "suspend", name) as t:
+        if not flush:
+            t.no_flush()
+        if not lockfs:
+            t.skip_lockfs()
+        t.run()
+
+
+def resume(name):
+    """Resume a device, making an inactive table live if one is loaded.
+
+    Returns:
+        The device's :class:`~libdm.DeviceInfo` after the resume.
+
+    Raises:
+        NoSuchDeviceError, DMError (for instance a thin device whose pool
+        is suspended).
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_RESUME, "resume", name) as t:
+        t.run(udev=True)
+        return t.info()
+
+
+def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
+    """Remove a device.
+
+    A busy device (EBUSY: open, mounted, or briefly held by udev or
+    blkid) is retried ``retries`` times with exponential backoff starting
+    at ``retry_delay`` seconds; the library lock is released while
+    waiting.  With ``deferred=True`` a busy device is instead marked for
+    removal and disappears when its last user closes it (driver 4.27+);
+    :func:`cancel_deferred_remove` takes that back.
+
+    Args:
+        name: the device name.
+        deferred: request deferred removal instead of retrying.
+        retries: extra attempts on EBUSY (0 for a single try).
+        retry_delay: first wait between attempts, in seconds (doubles each
+            time, at most 2 s).
+
+    Raises:
+        NoSuchDeviceError: no such device.
+        DeviceBusyError: still busy after every attempt (its message says
+            how many attempts and for how long).
+        DMError: any other failure.
+    """
+    check_name(name)
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    delay = retry_delay
+    began = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            with Task(lib.DM_DEVICE_REMOVE, "remove", name) as t:
+                if deferred:
+                    t.deferred_remove()
+                t.run(udev=True)
+            return
+        except DeviceBusyError as exc:
+            if deferred or attempt == retries:
+                if attempt:
+                    exc.strerror = (
+                        f"{exc.strerror} (still busy after {attempt + 1} attempts "
+                        f"over {time.monotonic() - began:.1f} s; remove(deferred=True) "
+                        f"removes it when its last user closes it)"
+                    )
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def cancel_deferred_remove(name):
+    """Cancel a pending deferred removal (message ``@cancel_deferred_remove``).
+
+    Raises:
+        NoSuchDeviceError: no such device.
+        DMError: no deferred removal was pending (the kernel answers
+            ENXIO; its reason is in ``log_lines``).
+    """
+    message(name, "@cancel_deferred_remove")
+
+
+def info(name):
+    """Return a device's :class:`~libdm.DeviceInfo` (``dmsetup info``).
+
+    Raises:
+        NoSuchDeviceError: no device of that name.
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_INFO, "info", name) as t:
+        t.run()
+        result = t.info()
+    if result is None:
+        raise error_for(errno.ENXIO, "info", name)
+    return result
+
+
+def exists(name):
+    """True if a device of that name exists."""
+    check_name(name)
+    with Task(lib.DM_DEVICE_INFO, "info", name) as t:
+        t.run()
+        return t.info() is not None
+
+
+def table(name, *, inactive=False):
+    """Return a device's table as a list of :class:`~libdm.Target`.
+
+    Args:
+        name: the device name.
+        inactive: read the loaded-but-not-yet-live table instead.
+
+    Raises:
+        NoSuchDeviceError: no such device.
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_TABLE, "table", name) as t:
+        if inactive:
+            t.query_inactive_table()
+        t.run()
+        return t.targets()
+
+
+def status(name, *, flush=True):
+    """Return a device's status lines; ``params`` holds each target's
+    status string (for a thin pool, its transaction id, usage, mode...).
+
+    Args:
+        name: the device name.
+        flush: when False, targets that would commit or flush to answer
+            (a thin pool commits its metadata) skip that.
+
+    Raises:
+        NoSuchDeviceError: no such device.
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_STATUS, "status", name) as t:
+        if not flush:
+            t.no_flush()
+        t.run()
+        return t.targets()
+
+
+def message(name, text, *, sector=0):
+    """Send a message to the target at ``sector`` and return its answer.
+
+    Args:
+        name: the device name.
+        text: the message, e.g. ``"create_thin 1"`` (no newline or control
+            characters).
+        sector: the sector (512 bytes) whose target receives the message.
+
+    Returns:
+        The target's response text, or ``None`` if it gave none.
+
+    Raises:
+        ValueError: empty message, or one with a newline or control char.
+        NoSuchDeviceError, DeviceExistsError (e.g. ``create_thin`` of an id
+        in use), DMError.
+    """
+    check_name(name)
+    check_message(text)
+    if not isinstance(sector, int) or sector < 0:
+        raise ValueError("sector must be a non-negative int")
+    with Task(lib.DM_DEVICE_TARGET_MSG, "message", name) as t:
+        t.set_sector(sector)
+        t.set_message(text)
+        t.run()
+        return t.message_response() or None
+
+
+def list_devices():
+    """Return every device-mapper device as a :class:`~libdm.DeviceEntry`,
+    sorted by name."""
+    with Task(lib.DM_DEVICE_LIST, "list") as t:
+        t.run()
+        return sorted(DeviceEntry(*n) for n in t.names())
+
+
+def deps(name):
+    """Return the (major, minor) numbers of the devices ``name`` uses.
+
+    Raises:
+        NoSuchDeviceError: no such device.
+    """
+    check_name(name)
+    with Task(lib.DM_DEVICE_DEPS, "deps", name) as t:
+        t.run()
+        return t.deps()
+
+
+def rename(name, new_name):
+    """Rename a device; its node follows.
+
+    Raises:
+        ValueError: a bad old or new name.
+        NoSuchDeviceError, DeviceExistsError (the new name is taken), DMError.
+    """
+    check_name(name)
+    check_name(new_name)
+    with Task(lib.DM_DEVICE_RENAME, "rename", name) as t:
+        t.set_newname(new_name)
+        with _taken_as_exists(f"a device named {new_name!r} already exists"):
+            t.run(udev=True)
+
+
+def set_uuid(name, uuid):
+    """Give a device that has no uuid one (the kernel never changes a set uuid).
+
+    Raises:
+        ValueError: bad name or uuid.
+        NoSuchDeviceError, DeviceExistsError, DMError (EINVAL when the
+        device already has a uuid).
+    """
+    check_name(name)
+    check_uuid(uuid)
+    with Task(lib.DM_DEVICE_RENAME, "set_uuid", name) as t:
+        t.set_newuuid(uuid)
+        with _taken_as_exists(f"another device already has uuid {uuid!r}"):
+            t.run(udev=True)
+
+
+def library_version():
+    """libdevmapper's version string, e.g. ``"1.02.185 (2022-05-18)"``."""
+    buf = ffi.new("char[128]")
+    lib.dm_get_library_version(buf, 128)
+    return ffi.string(buf).decode()
+
+
+def driver_version():
+    """The kernel driver's version as a tuple of ints, e.g. ``(4, 47, 0)``.
+
+    Raises:
+        KernelSupportError: no device-mapper in the kernel.
+        PermissionDeniedError: not root.
+    """
+    with Task(lib.DM_DEVICE_VERSION, "version") as t:
+        t.run()
+        text = t.driver_version()
+    return tuple(int(part) for part in text.split("."))
+
+
+def target_versions():
+    """The target types the kernel has loaded, as
+    :class:`~libdm.TargetVersion` values sorted by name."""
+    with Task(lib.DM_DEVICE_LIST_VERSIONS, "targets") as t:
+        t.run()
+        return sorted(TargetVersion(n, v) for n, v in t.versions())
+
+
+def mknodes(name=None):
+    """Make sure ``/dev/mapper`` matches the kernel: create missing nodes
+    and drop stale ones, for one device or (``name=None``) all of them.
+
+    Raises:
+        DMError: libdevmapper could not fix the nodes.
+    """
+    if name is not None:
+        check_name(name)
+    with Task(lib.DM_DEVICE_MKNODES, "mknodes", name) as t:
+        t.run()
+    with _task.LOCK:
+        lib.dm_task_update_nodes()

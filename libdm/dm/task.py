@@ -1,0 +1,342 @@
+"""One dm_task: build it, run it once under the library lock, read it.
+
+This is the single choke point where libdevmapper's return codes become
+Python exceptions.  libdevmapper is not thread-safe (its node-operation
+stack, logging and control fd are process-global), so every task runs
+under one process-wide lock.  The lock is re-entrant so a failure can be
+diagnosed with further tasks while it is held.
+"""
+
+import errno
+import os
+import threading
+import time
+
+from libdm.dm import kmsg, log
+from libdm.dm._lib import ffi, lib
+from libdm.dm.errors import (
+    KernelSupportError,
+    NEEDS_ROOT,
+    PermissionDeniedError,
+    error_for,
+)
+from libdm.dm.info import DeviceInfo
+from libdm.dm.target import Target
+
+__all__ = ["Task", "LOCK", "dm_dir"]
+
+LOCK = threading.RLock()
+
+
+def _reset_lock_in_child():
+    # A fork while another thread held the lock would leave the child's
+    # copy locked forever.
+    global LOCK
+    LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+# Default udev flags for tasks that make, drop or rename nodes.  Nodes are
+# left to udev where it runs; libdevmapper's own fallback makes them where
+# it does not (containers, test kernels).
+UDEV_FLAGS = 0
+
+
+def dm_dir():
+    """The directory holding device-mapper nodes, normally ``/dev/mapper``."""
+    return ffi.string(lib.dm_dir()).decode()
+
+
+def _now_us():
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+
+
+class Task:
+    """A dm_task of one type, destroyed when the ``with`` block ends.
+
+    Args:
+        kind: a ``DM_DEVICE_*`` task type from the binding.
+        operation: the name errors will give, e.g. ``"create"``.
+        name: the device the task is about, already validated, or ``None``.
+
+    Raises:
+        MemoryError: libdevmapper could not allocate the task.
+    """
+
+    __slots__ = ("_dmt", "operation", "device", "target_types")
+
+    def __init__(self, kind, operation, name=None):
+        self.operation = operation
+        self.device = name
+        self.target_types = ()
+        # libdevmapper checks the driver's version when it makes the first
+        # task, so a missing driver or a non-root caller shows up here.
+        with LOCK, log.capture() as lines:
+            self._dmt = lib.dm_task_create(kind)
+        if self._dmt == ffi.NULL:
+            self._dmt = None
+            raise _control_failure(operation, name, lines, fallback=MemoryError)
+        if name is not None:
+            self._set(lib.dm_task_set_name(self._dmt, name.encode()), "name")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+        return False
+
+    def destroy(self):
+        if self._dmt is not None:
+            lib.dm_task_destroy(self._dmt)
+            self._dmt = None
+
+    def _set(self, ok, what):
+        # Setters fail only on bad input libdevmapper catches itself (it has
+        # logged why) or on allocation failure.
+        if not ok:
+            raise ValueError(f"{self.operation}: libdevmapper refused the {what}")
+
+    # -- building ----------------------------------------------------------
+
+    def set_uuid(self, uuid):
+        self._set(lib.dm_task_set_uuid(self._dmt, uuid.encode()), "uuid")
+
+    def set_newname(self, newname):
+        self._set(lib.dm_task_set_newname(self._dmt, newname.encode()), "new name")
+
+    def set_newuuid(self, newuuid):
+        self._set(lib.dm_task_set_newuuid(self._dmt, newuuid.encode()), "new uuid")
+
+    def set_read_only(self):
+        self._set(lib.dm_task_set_ro(self._dmt), "read-only flag")
+
+    def set_sector(self, sector):
+        self._set(lib.dm_task_set_sector(self._dmt, sector), "sector")
+
+    def set_message(self, message):
+        self._set(lib.dm_task_set_message(self._dmt, message.encode()), "message")
+
+    def set_event_nr(self, event_nr):
+        self._set(lib.dm_task_set_event_nr(self._dmt, event_nr), "event number")
+
+    def set_add_node(self, on_create):
+        mode = lib.DM_ADD_NODE_ON_CREATE if on_create else lib.DM_ADD_NODE_ON_RESUME
+        self._set(lib.dm_task_set_add_node(self._dmt, mode), "add-node mode")
+
+    def no_flush(self):
+        self._set(lib.dm_task_no_flush(self._dmt), "no-flush flag")
+
+    def skip_lockfs(self):
+        self._set(lib.dm_task_skip_lockfs(self._dmt), "skip-lockfs flag")
+
+    def no_open_count(self):
+        self._set(lib.dm_task_no_open_count(self._dmt), "no-open-count flag")
+
+    def query_inactive_table(self):
+        self._set(lib.dm_task_query_inactive_table(self._dmt), "inactive-table flag")
+
+    def deferred_remove(self):
+        self._set(lib.dm_task_deferred_remove(self._dmt), "deferred-remove flag")
+
+    def add_targets(self, table):
+        for t in table:
+            self._set(
+                lib.dm_task_add_target(
+                    self._dmt, t.start, t.length, t.type.encode(), t.params.encode()
+                ),
+                f"target {t}",
+            )
+        self.target_types = tuple(t.type for t in table)
+
+    # -- running -----------------------------------------------------------
+
+    def run(self, udev=False):
+        """Run the task once.
+
+        Args:
+            udev: the task makes, drops or renames a node: set a udev cookie
+                and wait on it, so udev (or libdevmapper's fallback where
+                udev does not run) has finished with ``/dev/mapper`` when
+                this returns.  The wait always follows a cookie, success or
+                not, so no SysV semaphore is leaked.
+
+        Raises:
+            DMError: or a subclass, with errno, operation, device and the
+                log lines captured while the task ran.
+        """
+        log.sync_level()
+        with LOCK, log.capture() as lines:
+            started = _now_us()
+            if udev:
+                cookie = ffi.new("uint32_t *", 0)
+                if not lib.dm_task_set_cookie(self._dmt, cookie, UDEV_FLAGS):
+                    raise error_for(
+                        0,
+                        self.operation,
+                        self.device,
+                        lines,
+                        message="could not set a udev cookie (out of SysV semaphores?)",
+                    )
+                try:
+                    ok = lib.dm_task_run(self._dmt)
+                finally:
+                    lib.dm_udev_wait(cookie[0])
+            else:
+                ok = lib.dm_task_run(self._dmt)
+            if ok:
+                return
+            err = lib.dm_task_get_errno(self._dmt)
+            raise self._failure(err, lines, started)
+
+    def _failure(self, err, lines, started):
+        lines = list(lines) + kmsg.device_mapper_messages(started)
+        if err == 0:
+            return _control_failure(self.operation, self.device, lines)
+        if err == errno.EINVAL and self.target_types:
+            missing = _missing_target_types(self.target_types)
+            if missing:
+                modules = " ".join(f"dm-{t}" for t in missing)
+                return KernelSupportError(
+                    err,
+                    f"target type {', '.join(missing)} is not available in the "
+                    f"kernel: load its module (modprobe -a {modules})",
+                    self.operation,
+                    self.device,
+                    lines,
+                )
+        return error_for(err, self.operation, self.device, lines)
+
+    # -- reading -----------------------------------------------------------
+
+    def info(self):
+        """The device's info after the run, or ``None`` if it does not exist."""
+        dmi = ffi.new("struct dm_info *")
+        if not lib.dm_task_get_info(self._dmt, dmi) or not dmi.exists:
+            return None
+        name = lib.dm_task_get_name(self._dmt)
+        uuid = lib.dm_task_get_uuid(self._dmt)
+        uuid = ffi.string(uuid).decode() if uuid != ffi.NULL else ""
+        return DeviceInfo(
+            name=ffi.string(name).decode() if name != ffi.NULL else self.device,
+            uuid=uuid or None,
+            major=dmi.major,
+            minor=dmi.minor,
+            suspended=bool(dmi.suspended),
+            live_table=bool(dmi.live_table),
+            inactive_table=bool(dmi.inactive_table),
+            open_count=dmi.open_count,
+            event_nr=dmi.event_nr,
+            read_only=bool(dmi.read_only),
+            target_count=dmi.target_count,
+            deferred_remove=bool(dmi.deferred_remove),
+        )
+
+    def targets(self):
+        """The table or status lines the run returned, as ``Target`` values."""
+        out = []
+        start = ffi.new("uint64_t *")
+        length = ffi.new("uint64_t *")
+        ttype = ffi.new("char **")
+        params = ffi.new("char **")
+        nxt = ffi.NULL
+        while True:
+            nxt = lib.dm_get_next_target(self._dmt, nxt, start, length, ttype, params)
+            if ttype[0] != ffi.NULL:
+                out.append(
+                    Target(
+                        start[0],
+                        length[0],
+                        ffi.string(ttype[0]).decode(),
+                        ffi.string(params[0]).decode() if params[0] != ffi.NULL else "",
+                    )
+                )
+            if nxt == ffi.NULL:
+                return out
+
+    def message_response(self):
+        text = lib.dm_task_get_message_response(self._dmt)
+        if text == ffi.NULL:
+            return None
+        return ffi.string(text).decode()
+
+    def names(self):
+        """(name, major, minor) for each device of a LIST task."""
+        names = lib.dm_task_get_names(self._dmt)
+        out = []
+        if names == ffi.NULL or names.dev == 0:
+            return out
+        while True:
+            out.append(
+                (ffi.string(names.name).decode(), os.major(names.dev), os.minor(names.dev))
+            )
+            if not names.next:
+                return out
+            names = ffi.cast("struct dm_names *", ffi.cast("char *", names) + names.next)
+
+    def deps(self):
+        """(major, minor) of each device a DEPS task's device uses."""
+        deps = lib.dm_task_get_deps(self._dmt)
+        if deps == ffi.NULL:
+            return []
+        return [(os.major(deps.device[i]), os.minor(deps.device[i]))
+                for i in range(deps.count)]
+
+    def versions(self):
+        """(name, (major, minor, patch)) for each target type of a
+        LIST_VERSIONS task."""
+        out = []
+        v = lib.dm_task_get_versions(self._dmt)
+        if v == ffi.NULL:
+            return out
+        while True:
+            out.append((ffi.string(v.name).decode(), tuple(v.version)))
+            if not v.next:
+                return out
+            v = ffi.cast("struct dm_versions *", ffi.cast("char *", v) + v.next)
+
+    def driver_version(self):
+        buf = ffi.new("char[64]")
+        if not lib.dm_task_get_driver_version(self._dmt, buf, 64):
+            return None
+        return ffi.string(buf).decode()
+
+
+def _control_failure(operation, device, lines, fallback=None):
+    """Explain a failure that never reached the kernel (errno 0).
+
+    ``fallback`` is the exception class to use when the control device
+    looks fine (a ``DMError`` when ``None``)."""
+    control = os.path.join(dm_dir(), "control")
+    try:
+        fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError as exc:
+        return PermissionDeniedError(
+            exc.errno, f"cannot open {control}: {NEEDS_ROOT}", operation, device, lines
+        )
+    except OSError as exc:
+        return KernelSupportError(
+            exc.errno,
+            f"the kernel has no device-mapper driver ({control}: {exc.strerror}); "
+            f"load module dm-mod (modprobe dm-mod)",
+            operation,
+            device,
+            lines,
+        )
+    os.close(fd)
+    if fallback is not None:
+        return fallback(f"libdevmapper could not create a {operation} task: "
+                        + "; ".join(lines))
+    return error_for(0, operation, device, lines)
+
+
+def _missing_target_types(types):
+    """Target types of a failed load that the kernel does not know."""
+    try:
+        with Task(lib.DM_DEVICE_LIST_VERSIONS, "targets") as t:
+            t.run()
+            known = {name for name, _ in t.versions()}
+    except Exception:  # diagnosis must never hide the original failure
+        return []
+    return sorted({t for t in types if t not in known})

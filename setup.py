@@ -18,7 +18,6 @@ setup(
         "test": ["pytest>=7", "pytest-cov>=4", "hypothesis>=6"],
         "docs": ["sphinx>=7"],
     },
-    entry_points={"console_scripts": ["libdm=libdm.cli:main"]},
     zip_safe=False,
     classifiers=[
         "Operating System :: POSIX :: Linux",

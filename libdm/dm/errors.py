@@ -56,7 +56,7 @@ class DMError(OSError):
 
 
 class NoSuchDeviceError(DMError, FileNotFoundError):
-    """The named device does not exist (ENXIO / ENODEV from the kernel)."""
+    """The named device does not exist (ENXIO from the kernel)."""
 
 
 class DeviceBusyError(DMError):
@@ -77,8 +77,10 @@ class KernelSupportError(DMError):
 
 
 _BY_ERRNO = {
+    # ENXIO is the driver's "no device of that name".  ENODEV is not here
+    # on purpose: a table load answers ENODEV when a device *named in the
+    # table* cannot be opened, which says nothing about the device itself.
     _errno.ENXIO: NoSuchDeviceError,
-    _errno.ENODEV: NoSuchDeviceError,
     _errno.ENOENT: NoSuchDeviceError,
     _errno.EBUSY: DeviceBusyError,
     _errno.EEXIST: DeviceExistsError,
@@ -105,6 +107,8 @@ def error_for(err, operation, device=None, log_lines=(), message=None):
     cls = _BY_ERRNO.get(err, DMError)
     if message is None:
         message = os.strerror(err) if err else "device-mapper reported a failure"
+        if err == _errno.ENODEV and operation in ("create", "reload"):
+            message += " (a device the table refers to is missing or cannot be opened)"
         if cls is PermissionDeniedError:
             message = f"{message} ({NEEDS_ROOT})"
     return cls(err, message, operation, device, log_lines)

@@ -37,10 +37,6 @@ def _reset_lock_in_child():
 
 os.register_at_fork(after_in_child=_reset_lock_in_child)
 
-# Default udev flags for tasks that make, drop or rename nodes.  Nodes are
-# left to udev where it runs; libdevmapper's own fallback makes them where
-# it does not (containers, test kernels).
-UDEV_FLAGS = 0
 
 
 def dm_dir():
@@ -171,7 +167,7 @@ class Task:
             started = _now_us()
             if udev:
                 cookie = ffi.new("uint32_t *", 0)
-                if not lib.dm_task_set_cookie(self._dmt, cookie, UDEV_FLAGS):
+                if not lib.dm_task_set_cookie(self._dmt, cookie, _udev_flags()):
                     raise error_for(
                         0,
                         self.operation,
@@ -301,6 +297,16 @@ class Task:
         if not lib.dm_task_get_driver_version(self._dmt, buf, 64):
             return None
         return ffi.string(buf).decode()
+
+
+def _udev_flags():
+    # Where udev synchronises, nodes are udev's alone (as dmsetup does it):
+    # a fallback node made by libdevmapper would shadow udev's symlink.
+    # Where it does not (containers, test kernels), libdevmapper's fallback
+    # makes and drops the nodes when the cookie is waited on.
+    if lib.dm_udev_get_sync_support():
+        return lib.DM_UDEV_DISABLE_LIBRARY_FALLBACK
+    return 0
 
 
 def _control_failure(operation, device, lines, fallback=None):

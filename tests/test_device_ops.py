@@ -87,6 +87,24 @@ def test_reload_then_resume_swaps_the_table(dm_name):
         assert int(fh.read()) == 264
 
 
+@pytest.mark.parametrize("params", ["9:99 0", "254:250 0"])
+def test_load_naming_a_missing_device_blames_the_table(dm_name, params):
+    name = dm_name()
+    libdm.create(name, ZERO)
+    with pytest.raises(libdm.DMError) as caught:
+        libdm.reload(name, [Target(0, 100, "linear", params)])
+    assert not isinstance(caught.value, libdm.NoSuchDeviceError)
+    assert "a device the table refers to" in str(caught.value)
+    with pytest.raises(libdm.DMError) as caught:
+        libdm.create(dm_name(), [Target(0, 100, "linear", params)])
+    assert not isinstance(caught.value, libdm.NoSuchDeviceError)
+
+
+def test_reload_of_a_missing_device(dm_name):
+    with pytest.raises(libdm.NoSuchDeviceError):
+        libdm.reload(dm_name(), ZERO)
+
+
 def test_reload_refused_keeps_the_live_table(dm_name):
     name = dm_name()
     libdm.create(name, ZERO)

@@ -50,8 +50,3 @@ def test_errors_pickle_with_their_fields():
 def test_library_version_needs_no_kernel():
     assert libdm.library_version().split(".")[0] == "1"
 
-
-def test_enodev_on_a_load_points_at_the_table():
-    exc = error_for(errno.ENODEV, "reload", "vol")
-    assert type(exc) is libdm.DMError
-    assert "a device the table refers to" in str(exc)

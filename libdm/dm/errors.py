@@ -77,9 +77,10 @@ class KernelSupportError(DMError):
 
 
 _BY_ERRNO = {
-    # ENXIO is the driver's "no device of that name".  ENODEV is not here
-    # on purpose: a table load answers ENODEV when a device *named in the
-    # table* cannot be opened, which says nothing about the device itself.
+    # ENXIO is the driver's "no device of that name" (a table load can also
+    # answer it for a device *in the table*: ops._load tells them apart).
+    # ENODEV is not here: it only means a device in a table could not be
+    # opened, which says nothing about the device itself.
     _errno.ENXIO: NoSuchDeviceError,
     _errno.ENOENT: NoSuchDeviceError,
     _errno.EBUSY: DeviceBusyError,
@@ -107,8 +108,6 @@ def error_for(err, operation, device=None, log_lines=(), message=None):
     cls = _BY_ERRNO.get(err, DMError)
     if message is None:
         message = os.strerror(err) if err else "device-mapper reported a failure"
-        if err == _errno.ENODEV and operation in ("create", "reload"):
-            message += " (a device the table refers to is missing or cannot be opened)"
         if cls is PermissionDeniedError:
             message = f"{message} ({NEEDS_ROOT})"
     return cls(err, message, operation, device, log_lines)

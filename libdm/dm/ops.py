@@ -131,7 +131,22 @@ def _load(name, table, read_only, operation):
         if read_only:
             t.set_read_only()
         t.add_targets(table)
-        t.run()
+        try:
+            t.run()
+        except DMError as exc:
+            # ENXIO/ENODEV from a load usually mean a device *named in the
+            # table* is missing; only a missing device itself is
+            # NoSuchDeviceError.
+            if exc.errno in (errno.ENXIO, errno.ENODEV) and (
+                operation == "create" or exists(name)
+            ):
+                raise DMError(
+                    exc.errno,
+                    f"{os.strerror(exc.errno)} (a device the table refers to is "
+                    f"missing or cannot be opened)",
+                    exc.operation, exc.device, exc.log_lines,
+                ) from None
+            raise
 
 
 def reload(name, targets, *, read_only=False):

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh machine, as root: system packages, a virtualenv in .venv,
+# and libdm built in place (its cffi module compiled against libdevmapper).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Build: libdevmapper-dev, gcc, pkg-config.  The real-kernel harness:
+# user-mode-linux (a kernel run as a process) and kmod (modprobe).
+# Witnesses and tools the tests use: dmsetup, thin-provisioning-tools,
+# e2fsprogs, xfsprogs, util-linux (losetup, unshare), udev (udev-sync tests
+# start a udevd inside a test kernel; none is started on this machine).
+packages=(libdevmapper-dev gcc pkg-config user-mode-linux kmod dmsetup
+          thin-provisioning-tools e2fsprogs xfsprogs util-linux udev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test,docs]"
+.venv/bin/python -c "import libdm; print('setup: libdm', libdm.__version__, 'built against libdevmapper', libdm.library_version())"

@@ -17,7 +17,8 @@ KMSG = "/dev/kmsg"
 
 
 # The kernel stamps records with its own clock, which may lag
-# CLOCK_MONOTONIC slightly; records already handed out are never repeated.
+# CLOCK_MONOTONIC slightly (by a jiffy in the test kernel); records
+# already handed out are never repeated.
 SLACK_US = 50_000
 _last_seq = -1
 

@@ -44,6 +44,12 @@ def dm_dir():
     return ffi.string(lib.dm_dir()).decode()
 
 
+# Kernel messages about a failed ioctl are logged during it, so those from
+# just before the failure was seen belong to it.  Reading the clock only on
+# failure keeps a syscall off the success path.
+KMSG_WINDOW_US = 250_000
+
+
 def _now_us():
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
 
@@ -164,7 +170,6 @@ class Task:
         """
         log.sync_level()
         with LOCK, log.capture() as lines:
-            started = _now_us()
             if udev:
                 cookie = ffi.new("uint32_t *", 0)
                 if not lib.dm_task_set_cookie(self._dmt, cookie, _udev_flags()):
@@ -184,10 +189,10 @@ class Task:
             if ok:
                 return
             err = lib.dm_task_get_errno(self._dmt)
-            raise self._failure(err, lines, started)
+            raise self._failure(err, lines)
 
-    def _failure(self, err, lines, started):
-        lines = list(lines) + kmsg.device_mapper_messages(started)
+    def _failure(self, err, lines):
+        lines = list(lines) + kmsg.device_mapper_messages(_now_us() - KMSG_WINDOW_US)
         if err == 0:
             return _control_failure(self.operation, self.device, lines)
         if err == errno.EINVAL and self.target_types:

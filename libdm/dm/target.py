@@ -42,7 +42,7 @@ class Target(NamedTuple):
                 f"table line {line!r} needs at least start, length and type"
             )
         for pos, field in enumerate(("start", "length")):
-            if not fields[pos].isdigit():
+            if not (fields[pos].isascii() and fields[pos].isdigit()):
                 raise ValueError(
                     f"table line {line!r}: {field} {fields[pos]!r} is not a "
                     f"whole number of sectors"

@@ -1,0 +1,246 @@
+"""Units as types: bytes, sectors, data blocks and metadata blocks.
+
+Each is an ``int`` subclass that refuses to be added to or compared with
+another unit, so a sector count can never be silently mixed with a byte
+count.  Plain ints mix freely (they are unit-less factors and literals).
+All conversion between units lives here.
+
+* ``Bytes``: bytes.
+* ``Sectors``: 512-byte sectors, the kernel's unit for tables.
+* ``DataBlocks``: a thin pool's data blocks (its block size is in sectors).
+* ``MetaBlocks``: 4 KiB blocks of thin-pool metadata.
+"""
+
+import re
+
+__all__ = [
+    "Bytes",
+    "Sectors",
+    "DataBlocks",
+    "MetaBlocks",
+    "SECTOR_SIZE",
+    "META_BLOCK_SIZE",
+    "parse_size",
+    "format_size",
+]
+
+SECTOR_SIZE = 512
+META_BLOCK_SIZE = 4096
+
+
+class _Unit(int):
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({int(self)})"
+
+    # Tables are built with f-strings: a unit prints as its bare number.
+    def __str__(self):
+        return int.__repr__(self)
+
+    __format__ = int.__format__
+
+    def _other(self, other, op):
+        if isinstance(other, _Unit) and type(other) is not type(self):
+            raise TypeError(
+                f"cannot {op} {type(self).__name__} and {type(other).__name__}: "
+                f"convert one first"
+            )
+        if isinstance(other, bool) or not isinstance(other, int):
+            return NotImplemented
+        return int(other)
+
+    def __add__(self, other):
+        o = self._other(other, "add")
+        return NotImplemented if o is NotImplemented else type(self)(int(self) + o)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        o = self._other(other, "subtract")
+        return NotImplemented if o is NotImplemented else type(self)(int(self) - o)
+
+    def __rsub__(self, other):
+        o = self._other(other, "subtract")
+        return NotImplemented if o is NotImplemented else type(self)(o - int(self))
+
+    def __mul__(self, other):
+        if isinstance(other, _Unit):
+            raise TypeError(f"cannot multiply {type(self).__name__} by a unit")
+        if isinstance(other, bool) or not isinstance(other, int):
+            return NotImplemented
+        return type(self)(int(self) * other)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other):
+        # Same unit / same unit is a plain count; unit / int stays a unit.
+        if isinstance(other, _Unit):
+            self._other(other, "divide")
+            return int(self) // int(other)
+        if isinstance(other, bool) or not isinstance(other, int):
+            return NotImplemented
+        return type(self)(int(self) // other)
+
+    def __mod__(self, other):
+        o = self._other(other, "take the remainder of")
+        return NotImplemented if o is NotImplemented else type(self)(int(self) % o)
+
+    def _cmp(self, other, op):
+        o = self._other(other, "compare")
+        return NotImplemented if o is NotImplemented else op(int(self), o)
+
+    def __lt__(self, other):
+        return self._cmp(other, int.__lt__)
+
+    def __le__(self, other):
+        return self._cmp(other, int.__le__)
+
+    def __gt__(self, other):
+        return self._cmp(other, int.__gt__)
+
+    def __ge__(self, other):
+        return self._cmp(other, int.__ge__)
+
+    def __eq__(self, other):
+        if isinstance(other, _Unit) and type(other) is not type(self):
+            return False
+        return int.__eq__(self, other)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = int.__hash__
+
+
+class Bytes(_Unit):
+    """A size in bytes."""
+
+    __slots__ = ()
+
+    def sectors(self):
+        """This size in sectors.
+
+        Raises:
+            ValueError: not a whole number of 512-byte sectors.
+        """
+        if int(self) % SECTOR_SIZE:
+            raise ValueError(
+                f"{format_size(self)} ({int(self)} bytes) is not a whole number "
+                f"of {SECTOR_SIZE}-byte sectors"
+            )
+        return Sectors(int(self) // SECTOR_SIZE)
+
+
+class Sectors(_Unit):
+    """A count of 512-byte sectors."""
+
+    __slots__ = ()
+
+    def bytes(self):
+        return Bytes(int(self) * SECTOR_SIZE)
+
+    def data_blocks(self, block_size):
+        """Whole data blocks of ``block_size`` sectors in this many sectors
+        (rounded down)."""
+        _require(block_size, Sectors, "block_size")
+        return DataBlocks(int(self) // int(block_size))
+
+
+class DataBlocks(_Unit):
+    """A count of thin-pool data blocks (the block size is in sectors)."""
+
+    __slots__ = ()
+
+    def sectors(self, block_size):
+        _require(block_size, Sectors, "block_size")
+        return Sectors(int(self) * int(block_size))
+
+
+class MetaBlocks(_Unit):
+    """A count of 4 KiB thin-pool metadata blocks."""
+
+    __slots__ = ()
+
+    def bytes(self):
+        return Bytes(int(self) * META_BLOCK_SIZE)
+
+
+def _require(value, cls, what):
+    if not isinstance(value, cls):
+        raise TypeError(f"{what} must be {cls.__name__}, not {type(value).__name__}")
+
+
+_SUFFIXES = {
+    "": 1, "B": 1,
+    "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
+    "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+    "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
+    "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40,
+    "P": 1 << 50, "PB": 1 << 50, "PIB": 1 << 50,
+    "S": SECTOR_SIZE,  # sectors, as in LVM's "s" suffix
+}
+_SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z")
+
+
+def parse_size(value, *, what="size"):
+    """Turn ``value`` into ``Bytes``.
+
+    Accepts an int (bytes), ``Bytes``, ``Sectors``, or a string such as
+    ``"4096"``, ``"64K"``, ``"512M"``, ``"10G"``, ``"1.5G"`` or ``"2048s"``
+    (sectors).  Suffixes are binary (K = 1024) and case-insensitive.
+
+    Raises:
+        ValueError: unparsable, negative or zero, or not a whole number of
+            512-byte sectors; the message names ``what``.
+        TypeError: another type (for instance ``DataBlocks``, whose size
+            depends on the pool).
+    """
+    if isinstance(value, Sectors):
+        result = value.bytes()
+    elif isinstance(value, Bytes):
+        result = value
+    elif isinstance(value, _Unit):
+        raise TypeError(f"{what}: {type(value).__name__} has no fixed size in bytes")
+    elif isinstance(value, bool):
+        raise TypeError(f"{what} must be an int or a string like '10G', not bool")
+    elif isinstance(value, int):
+        result = Bytes(value)
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m or m.group(3).upper() not in _SUFFIXES:
+            raise ValueError(
+                f"{what} {value!r} is not a size: use bytes or a number with "
+                f"K, M, G, T or s (sectors), e.g. '512M'"
+            )
+        whole, frac, suffix = m.groups()
+        factor = _SUFFIXES[suffix.upper()]
+        numerator = int(whole + (frac or "")) * factor
+        denominator = 10 ** len(frac or "")
+        if numerator % denominator:
+            raise ValueError(f"{what} {value!r} is not a whole number of bytes")
+        result = Bytes(numerator // denominator)
+    else:
+        raise TypeError(
+            f"{what} must be an int or a string like '10G', not {type(value).__name__}"
+        )
+    if result <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    try:
+        result.sectors()
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    return result
+
+
+def format_size(value):
+    """A short human-readable size: ``Bytes(1536) -> '1.5 KiB'``."""
+    n = float(int(value))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(n)} B"
+            return f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024
+    return f"{n} PiB"  # pragma: no cover

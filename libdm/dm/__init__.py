@@ -39,4 +39,37 @@ from libdm.dm.ops import (
 from libdm.dm.target import Target
 from libdm.dm.udev import udev_sync_supported
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "DMError",
+    "DeviceBusyError",
+    "DeviceExistsError",
+    "KernelSupportError",
+    "NoSuchDeviceError",
+    "PermissionDeniedError",
+    "DeviceEntry",
+    "DeviceInfo",
+    "TargetVersion",
+    "Target",
+    "cancel_deferred_remove",
+    "create",
+    "deps",
+    "device_path",
+    "driver_version",
+    "exists",
+    "info",
+    "library_version",
+    "list_devices",
+    "message",
+    "mknodes",
+    "reload",
+    "remove",
+    "rename",
+    "resume",
+    "set_uuid",
+    "status",
+    "suspend",
+    "table",
+    "target_versions",
+    "udev_sync_supported",
+    "wait_event",
+]

@@ -12,7 +12,8 @@ class DeviceInfo(NamedTuple):
     Attributes:
         name: the device's name.
         uuid: its uuid, or ``None`` when it has none.
-        major, minor: its device number.
+        major: the major number of the device.
+        minor: the minor number of the device.
         suspended: I/O is suspended.
         live_table: a table is active.
         inactive_table: a table is loaded but not yet active (after reload).

@@ -179,7 +179,10 @@ def suspend(name, *, flush=True, lockfs=True):
             not frozen first.
 
     Raises:
-        NoSuchDeviceError, PermissionDeniedError, DMError.
+        ValueError, TypeError: ``name`` is not a valid device name.
+        NoSuchDeviceError: no such device.
+        PermissionDeniedError: not root (CAP_SYS_ADMIN).
+        DMError: any other failure.
     """
     check_name(name)
     with Task(lib.DM_DEVICE_SUSPEND, "suspend", name) as t:
@@ -197,8 +200,9 @@ def resume(name):
         The device's :class:`~libdm.DeviceInfo` after the resume.
 
     Raises:
-        NoSuchDeviceError, DMError (for instance a thin device whose pool
-        is suspended).
+        NoSuchDeviceError: no such device.
+        DMError: the kernel refused, for instance for a thin device whose
+            pool is suspended.
     """
     check_name(name)
     with Task(lib.DM_DEVICE_RESUME, "resume", name) as t:
@@ -281,7 +285,15 @@ def info(name):
 
 
 def exists(name):
-    """True if a device of that name exists."""
+    """True if a device of that name exists.
+
+    Returns:
+        ``True`` or ``False``; a missing device is not an error here.
+
+    Raises:
+        ValueError, TypeError: ``name`` is not a valid device name.
+        PermissionDeniedError: not root (CAP_SYS_ADMIN).
+    """
     check_name(name)
     with Task(lib.DM_DEVICE_INFO, "info", name) as t:
         t.run()
@@ -340,8 +352,11 @@ def message(name, text, *, sector=0):
 
     Raises:
         ValueError: empty message, or one with a newline or control char.
-        NoSuchDeviceError, DeviceExistsError (e.g. ``create_thin`` of an id
-        in use), DMError.
+        NoSuchDeviceError: no such device.
+        DeviceExistsError: the target refused an id already in use, e.g.
+            ``create_thin`` of an existing thin id.
+        DMError: the target rejected the message (its reason is in
+            ``log_lines``).
     """
     check_name(name)
     check_message(text)
@@ -355,8 +370,15 @@ def message(name, text, *, sector=0):
 
 
 def list_devices():
-    """Return every device-mapper device as a :class:`~libdm.DeviceEntry`,
-    sorted by name."""
+    """Return every device-mapper device, sorted by name.
+
+    Returns:
+        A list of :class:`~libdm.DeviceEntry` values.
+
+    Raises:
+        PermissionDeniedError: not root (CAP_SYS_ADMIN).
+        KernelSupportError: no device-mapper driver in the kernel.
+    """
     with Task(lib.DM_DEVICE_LIST, "list") as t:
         t.run()
         return sorted(DeviceEntry(*n) for n in t.names())
@@ -379,7 +401,9 @@ def rename(name, new_name):
 
     Raises:
         ValueError: a bad old or new name.
-        NoSuchDeviceError, DeviceExistsError (the new name is taken), DMError.
+        NoSuchDeviceError: no such device.
+        DeviceExistsError: the new name is taken.
+        DMError: any other failure.
     """
     check_name(name)
     check_name(new_name)
@@ -394,8 +418,10 @@ def set_uuid(name, uuid):
 
     Raises:
         ValueError: bad name or uuid.
-        NoSuchDeviceError, DeviceExistsError, DMError (EINVAL when the
-        device already has a uuid).
+        NoSuchDeviceError: no such device.
+        DeviceExistsError: another device already has that uuid.
+        DMError: any other failure (EINVAL when the device already has a
+            uuid).
     """
     check_name(name)
     check_uuid(uuid)
@@ -406,7 +432,11 @@ def set_uuid(name, uuid):
 
 
 def library_version():
-    """libdevmapper's version string, e.g. ``"1.02.185 (2022-05-18)"``."""
+    """libdevmapper's version (the library's; no ioctl is made).
+
+    Returns:
+        The version string, e.g. ``"1.02.185 (2022-05-18)"``.
+    """
     buf = ffi.new("char[128]")
     lib.dm_get_library_version(buf, 128)
     return ffi.string(buf).decode()
@@ -426,8 +456,15 @@ def driver_version():
 
 
 def target_versions():
-    """The target types the kernel has loaded, as
-    :class:`~libdm.TargetVersion` values sorted by name."""
+    """The target types the kernel has loaded.
+
+    Returns:
+        A list of :class:`~libdm.TargetVersion` values sorted by name.
+
+    Raises:
+        PermissionDeniedError: not root (CAP_SYS_ADMIN).
+        KernelSupportError: no device-mapper driver in the kernel.
+    """
     with Task(lib.DM_DEVICE_LIST_VERSIONS, "targets") as t:
         t.run()
         return sorted(TargetVersion(n, v) for n, v in t.versions())

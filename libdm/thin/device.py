@@ -1,0 +1,179 @@
+"""Thin devices and snapshots, as handed out by a :class:`~libdm.Pool`.
+
+A ``ThinDevice`` is a view of one record in the pool's state store plus
+the device-mapper device that makes it usable.  Its methods delegate to
+the pool, which serialises every change (see ``Pool``).
+"""
+
+import errno
+
+from libdm.dm import ops
+from libdm.dm.errors import error_for
+from libdm.thin.status import parse_thin_status
+from libdm.thin.units import Sectors
+
+__all__ = ["ThinDevice", "Snapshot"]
+
+
+class ThinDevice:
+    """A thin device in a pool.
+
+    Attributes:
+        pool: the :class:`~libdm.Pool` it lives in.
+        name: its name within the pool.
+        thin_id: its 24-bit id inside the pool's metadata.
+        size: its size in ``Bytes`` (the pool does not record sizes; the
+            state store does).
+        dm_name: the device-mapper device's name, ``<pool>-<name>``.
+        path: the block device path, ``/dev/mapper/<pool>-<name>``.
+    """
+
+    def __init__(self, pool, row):
+        self.pool = pool
+        self.name = row["name"]
+        self.thin_id = row["thin_id"]
+        self.size = Sectors(row["size"]).bytes()
+        self._parent_name = row["parent"]
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.name!r} id={self.thin_id} "
+                f"size={int(self.size)} pool={self.pool.name!r}>")
+
+    def __eq__(self, other):
+        return (isinstance(other, ThinDevice) and other.pool.name == self.pool.name
+                and other.thin_id == self.thin_id and other.name == self.name)
+
+    def __hash__(self):
+        return hash((self.pool.name, self.thin_id))
+
+    def __fspath__(self):
+        return self.path
+
+    @property
+    def dm_name(self):
+        return self.pool.device_dm_name(self.name)
+
+    @property
+    def path(self):
+        return ops.device_path(self.dm_name)
+
+    @property
+    def parent(self):
+        """The device this one is a snapshot of, or ``None``."""
+        if self._parent_name is None:
+            return None
+        return self.pool.device(self._parent_name)
+
+    def children(self):
+        """The snapshots taken of this device, sorted by name."""
+        return self.pool.children(self.name)
+
+    @property
+    def active(self):
+        """True when its device-mapper device exists."""
+        return ops.exists(self.dm_name)
+
+    def activate(self):
+        """Make the device usable at :attr:`path` (idempotent).
+
+        Raises:
+            StateError: a device-mapper device of that name exists with
+                another table.
+            DMError: the kernel refused (e.g. the pool is suspended).
+        """
+        self.pool.activate_device(self.name)
+        return self
+
+    def deactivate(self):
+        """Remove the device-mapper device; data stays in the pool.
+
+        With the pool's deferred removal (the default), a busy device is
+        removed when its last user closes it.
+
+        Raises:
+            DeviceBusyError: busy and deferred removal is off.
+        """
+        self.pool.deactivate_device(self.name)
+
+    def delete(self):
+        """Deactivate the device and delete it from the pool.
+
+        Raises:
+            DeviceBusyError: it has snapshots (delete those first), or it is
+                busy and neither deferred removal nor deletion is on.
+            PoolReadOnlyError, PoolFailedError: the pool refuses changes.
+        """
+        self.pool.delete_device(self.name)
+
+    def snapshot(self, name):
+        """Take a snapshot of this device (suspending it around the message
+        when it is active) and activate it.
+
+        Args:
+            name: the snapshot's name within the pool.
+
+        Returns:
+            The new :class:`Snapshot`.
+
+        Raises:
+            ValueError: a bad name.
+            DeviceExistsError: the name is taken.
+            PoolFullError, PoolReadOnlyError, PoolFailedError: the pool refuses.
+        """
+        return self.pool.snapshot_device(self.name, name)
+
+    def status(self):
+        """The kernel's status of the active device: a
+        :class:`~libdm.thin.status.ThinStatus` (mapped sectors, highest
+        mapped sector) or ``ThinFailed``.
+
+        Raises:
+            NoSuchDeviceError: the device is not active.
+        """
+        return parse_thin_status(ops.status(self.dm_name)[0].params)
+
+    def format(self, fstype="ext4", *, label=None, options=()):
+        """Make a filesystem on the device (runs ``mkfs.<fstype>``).
+
+        Args:
+            fstype: ``"ext4"`` or ``"xfs"``.
+            label: an optional filesystem label.
+            options: extra arguments for mkfs.
+
+        Returns:
+            This device.
+
+        Raises:
+            ValueError: an unsupported filesystem type.
+            NoSuchDeviceError: the device is not active.
+            RuntimeError: mkfs failed (its output is in the message).
+        """
+        from libdm.thin import fs
+
+        if not self.active:
+            raise error_for(errno.ENXIO, "format", self.dm_name)
+        fs.make_filesystem(self.path, fstype, label=label, options=options)
+        return self
+
+    def mount(self, target=None, *, options=None):
+        """A context manager that mounts the device and unmounts it after.
+
+        Args:
+            target: the mount point (a temporary directory when ``None``).
+            options: mount options, e.g. ``"ro"``.
+
+        Yields:
+            The mount point's path.
+        """
+        from libdm.thin import fs
+
+        return fs.mounted(self.path, target, options=options)
+
+
+class Snapshot(ThinDevice):
+    """A thin device taken as a snapshot of another (its :attr:`parent`,
+    also called :attr:`origin`)."""
+
+    @property
+    def origin(self):
+        return self.parent

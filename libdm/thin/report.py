@@ -1,0 +1,142 @@
+"""The pool report: the fields of ``docker info``'s devicemapper listing."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from libdm.dm import ops
+from libdm.dm.udev import udev_sync_supported
+from libdm.thin.units import Bytes, format_size
+
+__all__ = ["PoolInfo", "pool_info", "backing_filesystem"]
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A pool's report.  Sizes are ``Bytes``; ``str()`` prints the
+    ``docker info``-style listing and :meth:`as_dict` gives its labels.
+
+    ``data_available`` and ``metadata_available`` are clamped, for a loop
+    pool, by the free space of the filesystem holding its files: a sparse
+    file cannot grow past it, whatever the pool's nominal size.
+    """
+
+    pool_name: str
+    pool_blocksize: Bytes
+    base_device_size: Optional[Bytes]
+    backing_filesystem: str
+    data_file: str
+    metadata_file: str
+    data_used: Bytes
+    data_total: Bytes
+    data_available: Bytes
+    metadata_used: Bytes
+    metadata_total: Bytes
+    metadata_available: Bytes
+    min_free_space: Bytes
+    udev_sync_supported: bool
+    deferred_removal: bool
+    deferred_deletion: bool
+    deferred_deleted_count: int
+    library_version: str
+    transaction_id: int
+    devices: int
+    state: str
+
+    def as_dict(self):
+        """The report as ``{label: text}`` in ``docker info``'s order."""
+        out = {
+            "Pool Name": self.pool_name,
+            "Pool Blocksize": format_size(self.pool_blocksize),
+        }
+        if self.base_device_size is not None:
+            out["Base Device Size"] = format_size(self.base_device_size)
+        out.update({
+            "Backing Filesystem": self.backing_filesystem,
+            "Data file": self.data_file,
+            "Metadata file": self.metadata_file,
+            "Data Space Used": format_size(self.data_used),
+            "Data Space Total": format_size(self.data_total),
+            "Data Space Available": format_size(self.data_available),
+            "Metadata Space Used": format_size(self.metadata_used),
+            "Metadata Space Total": format_size(self.metadata_total),
+            "Metadata Space Available": format_size(self.metadata_available),
+            "Thin Pool Minimum Free Space": format_size(self.min_free_space),
+            "Udev Sync Supported": str(self.udev_sync_supported).lower(),
+            "Deferred Removal Enabled": str(self.deferred_removal).lower(),
+            "Deferred Deletion Enabled": str(self.deferred_deletion).lower(),
+            "Deferred Deleted Device Count": str(self.deferred_deleted_count),
+            "Library Version": self.library_version,
+        })
+        return out
+
+    def __str__(self):
+        return "\n".join(f" {k}: {v}" for k, v in self.as_dict().items())
+
+
+def backing_filesystem(path):
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts),
+    or ``""``."""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        return ""
+    return fstype
+
+
+def pool_info(pool):
+    """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store."""
+    st = pool.status()
+    block = pool.block_size.bytes()
+    store = pool._store
+    if st.failed:
+        used_d = total_d = used_m = total_m = Bytes(0)
+        state = st.state
+    else:
+        used_d = Bytes(int(st.used_data) * int(block))
+        total_d = Bytes(int(st.total_data) * int(block))
+        used_m, total_m = st.used_meta.bytes(), st.total_meta.bytes()
+        state = "needs_check" if st.needs_check else st.mode
+    avail_d, avail_m = total_d - used_d, total_m - used_m
+    fs_dir = pool._backing.backing_filesystem_dir()
+    fstype = ""
+    if fs_dir is not None:
+        vfs = os.statvfs(fs_dir)
+        fs_free = Bytes(vfs.f_bavail * vfs.f_frsize)
+        avail_d, avail_m = min(avail_d, fs_free), min(avail_m, fs_free)
+        fstype = backing_filesystem(fs_dir)
+    base = pool.base_device
+    described = pool._backing.describe()
+    return PoolInfo(
+        pool_name=pool.name,
+        pool_blocksize=block,
+        base_device_size=None if base is None else base.size,
+        backing_filesystem=fstype,
+        data_file=described["Data file"],
+        metadata_file=described["Metadata file"],
+        data_used=used_d,
+        data_total=total_d,
+        data_available=avail_d,
+        metadata_used=used_m,
+        metadata_total=total_m,
+        metadata_available=avail_m,
+        min_free_space=Bytes(int(total_d) * pool.min_free_space // 100),
+        udev_sync_supported=udev_sync_supported(),
+        deferred_removal=pool.deferred_removal,
+        deferred_deletion=pool.deferred_deletion,
+        deferred_deleted_count=len(store.deferred_deletes()),
+        library_version=ops.library_version(),
+        transaction_id=-1 if st.failed else st.transaction_id,
+        devices=store.count_devices(),
+        state=state,
+    )

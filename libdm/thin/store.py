@@ -1,0 +1,322 @@
+"""The pool's state store: one SQLite database per pool.
+
+It lives in the pool's state directory (mode 0700) as ``state.db`` (mode
+0600), in WAL mode with ``synchronous=FULL``, so a record committed before
+a kernel message survives a power cut.  It holds:
+
+* ``pool``: one row of configuration (devices, block size, features, low
+  water mark, options) and the last committed transaction id;
+* ``devices``: every thin device (name, thin id, size in sectors, parent,
+  whether it should be active);
+* ``intents``: the journal of a change in flight.  An intent is written
+  before the kernel is asked, and removed in the same SQLite transaction
+  that records the outcome, so after a crash ``Pool.open`` knows exactly
+  which change may be half done (see ``journal.py``);
+* ``deferred_deletes``: thin ids whose delete met EBUSY, retried later;
+* ``free_ids`` / ``foreign_ids`` and ``meta.next_id``: thin id allocation
+  (the lowest free id is reused; ids the kernel holds without a record
+  here are never handed out).
+
+Every query touches O(1) rows by key, never the whole table, so a pool of
+10,000 devices costs no more per operation than a pool of 10.
+"""
+
+import json
+import os
+import sqlite3
+
+from libdm.thin.errors import StateError
+
+__all__ = ["Store", "DB_NAME", "SCHEMA_VERSION"]
+
+DB_NAME = "state.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pool (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,
+    transaction_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    name TEXT PRIMARY KEY,
+    thin_id INTEGER NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    parent TEXT,
+    active INTEGER NOT NULL DEFAULT 0,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS devices_parent ON devices(parent);
+CREATE INDEX IF NOT EXISTS devices_active ON devices(active) WHERE active = 1;
+CREATE TABLE IF NOT EXISTS intents (
+    txid INTEGER PRIMARY KEY,
+    op TEXT NOT NULL,
+    thin_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER,
+    parent TEXT,
+    origin_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS free_ids (thin_id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS foreign_ids (thin_id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS deferred_deletes (
+    thin_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    queued TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+"""
+
+
+class Store:
+    """The state database of one pool.
+
+    Args:
+        directory: the pool's state directory.
+        create: make the directory and database if missing; otherwise a
+            missing database is a ``StateError``.
+
+    Raises:
+        StateError: the database is missing (``create=False``), corrupt,
+            truncated, or from a newer libdm.  Nothing is deleted.
+    """
+
+    def __init__(self, directory, *, create=False):
+        self.directory = os.path.abspath(directory)
+        self.path = os.path.join(self.directory, DB_NAME)
+        if create:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+            if not os.path.exists(self.path):
+                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+        elif not os.path.isfile(self.path):
+            raise StateError(
+                f"no pool state in {self.directory} ({DB_NAME} is missing)",
+                "open", None,
+            )
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if create:
+                self.db.executescript(_SCHEMA)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"the pool state in {self.path} is unreadable ({exc}); nothing was "
+                f"changed or deleted — restore it from a backup or inspect it with sqlite3",
+                "open", None,
+            ) from exc
+        for name in os.listdir(self.directory):
+            if name.startswith(DB_NAME):
+                os.chmod(os.path.join(self.directory, name), 0o600)
+
+    def _check_schema(self):
+        row = self.db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
+        if row is None:
+            raise sqlite3.DatabaseError("no schema version")
+        if int(row[0]) > SCHEMA_VERSION:
+            raise StateError(
+                f"the pool state in {self.path} was written by a newer libdm "
+                f"(schema {row[0]}, this one knows {SCHEMA_VERSION})",
+                "open", None,
+            )
+
+    def close(self):
+        self.db.close()
+
+    # -- transactions --------------------------------------------------------
+
+    def transaction(self):
+        """``with store.transaction():`` — one atomic, durable change."""
+        return _Transaction(self.db)
+
+    # -- pool ----------------------------------------------------------------
+
+    def init_pool(self, name, uuid, kind, config, transaction_id=0):
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO pool VALUES (1, ?, ?, ?, ?, ?)",
+                (name, uuid, kind, json.dumps(config, sort_keys=True), transaction_id),
+            )
+
+    def pool(self):
+        """The pool row as a dict with ``config`` decoded.
+
+        Raises:
+            StateError: no pool recorded (an interrupted ``create``).
+        """
+        row = self.db.execute("SELECT * FROM pool WHERE id = 1").fetchone()
+        if row is None:
+            raise StateError(
+                f"{self.path} records no pool (its creation was interrupted)",
+                "open", None,
+            )
+        out = dict(row)
+        out["config"] = json.loads(out["config"])
+        return out
+
+    def set_config(self, config):
+        self.db.execute("UPDATE pool SET config = ? WHERE id = 1",
+                        (json.dumps(config, sort_keys=True),))
+
+    def transaction_id(self):
+        return self.db.execute("SELECT transaction_id FROM pool WHERE id = 1").fetchone()[0]
+
+    def set_transaction_id(self, txid):
+        self.db.execute("UPDATE pool SET transaction_id = ? WHERE id = 1", (txid,))
+
+    # -- devices ---------------------------------------------------------------
+
+    def device(self, name):
+        row = self.db.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def device_by_id(self, thin_id):
+        row = self.db.execute("SELECT * FROM devices WHERE thin_id = ?", (thin_id,)).fetchone()
+        return dict(row) if row else None
+
+    def devices(self):
+        return [dict(r) for r in self.db.execute("SELECT * FROM devices ORDER BY name")]
+
+    def active_devices(self):
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM devices WHERE active = 1 ORDER BY thin_id")]
+
+    def children(self, name):
+        return [r[0] for r in self.db.execute(
+            "SELECT name FROM devices WHERE parent = ? ORDER BY name", (name,))]
+
+    def count_devices(self):
+        return self.db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+
+    def add_device(self, name, thin_id, size, parent):
+        self.db.execute(
+            "INSERT INTO devices (name, thin_id, size, parent) VALUES (?, ?, ?, ?)",
+            (name, thin_id, int(size), parent),
+        )
+
+    def drop_device(self, name):
+        self.db.execute("DELETE FROM devices WHERE name = ?", (name,))
+
+    def set_active(self, name, active):
+        self.db.execute("UPDATE devices SET active = ? WHERE name = ?",
+                        (1 if active else 0, name))
+
+    def set_size(self, name, size):
+        self.db.execute("UPDATE devices SET size = ? WHERE name = ?", (int(size), name))
+
+    # -- thin ids --------------------------------------------------------------
+    #
+    # Every id below ``next_id`` is held by a device, an intent, a deferred
+    # delete or the kernel alone (``foreign_ids``), or is in ``free_ids``.
+    # So the lowest free id is MIN(free_ids) or else ``next_id``: one
+    # indexed lookup, whatever the number of devices.
+
+    def id_in_use(self, thin_id):
+        """True if the id is held by a device, an intent, a deferred delete
+        or is known to be held by the kernel alone."""
+        return self.db.execute(
+            "SELECT EXISTS(SELECT 1 FROM devices WHERE thin_id = ?1)"
+            " OR EXISTS(SELECT 1 FROM intents WHERE thin_id = ?1)"
+            " OR EXISTS(SELECT 1 FROM deferred_deletes WHERE thin_id = ?1)"
+            " OR EXISTS(SELECT 1 FROM foreign_ids WHERE thin_id = ?1)",
+            (thin_id,),
+        ).fetchone()[0] == 1
+
+    def allocate_id(self, limit):
+        """Take the lowest free thin id (call inside a transaction).
+
+        Returns:
+            The id, or ``None`` when every id up to ``limit`` is taken.
+        """
+        row = self.db.execute("SELECT MIN(thin_id) FROM free_ids").fetchone()
+        if row[0] is not None:
+            self.db.execute("DELETE FROM free_ids WHERE thin_id = ?", (row[0],))
+            return row[0]
+        nxt = int(self._meta("next_id", "0"))
+        while nxt <= limit and self.id_in_use(nxt):
+            nxt += 1
+        if nxt > limit:
+            return None
+        self._set_meta("next_id", str(nxt + 1))
+        return nxt
+
+    def release_id(self, thin_id):
+        """Give an id back for reuse (call inside a transaction)."""
+        self.db.execute("INSERT OR IGNORE INTO free_ids VALUES (?)", (thin_id,))
+
+    def mark_foreign(self, thin_id):
+        """Record that the kernel holds an id this store never made."""
+        self.db.execute("INSERT OR IGNORE INTO foreign_ids VALUES (?)", (thin_id,))
+
+    def foreign_ids(self):
+        return [r[0] for r in self.db.execute("SELECT thin_id FROM foreign_ids ORDER BY 1")]
+
+    def _meta(self, key, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def _set_meta(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- intents ---------------------------------------------------------------
+
+    def add_intent(self, txid, op, thin_id, name, size=None, parent=None, origin_id=None):
+        self.db.execute(
+            "INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (txid, op, thin_id, name, None if size is None else int(size), parent, origin_id),
+        )
+
+    def intents(self):
+        return [dict(r) for r in self.db.execute("SELECT * FROM intents ORDER BY txid")]
+
+    def drop_intent(self, txid):
+        self.db.execute("DELETE FROM intents WHERE txid = ?", (txid,))
+
+    # -- deferred deletes ------------------------------------------------------
+
+    def queue_delete(self, thin_id, name):
+        self.db.execute("INSERT OR REPLACE INTO deferred_deletes (thin_id, name) VALUES (?, ?)",
+                        (thin_id, name))
+
+    def deferred_deletes(self):
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM deferred_deletes ORDER BY thin_id")]
+
+    def drop_deferred_delete(self, thin_id):
+        self.db.execute("DELETE FROM deferred_deletes WHERE thin_id = ?", (thin_id,))
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+        return False

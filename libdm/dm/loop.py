@@ -1,0 +1,666 @@
+"""Loop devices through the kernel's loop ioctls (never ``losetup``).
+
+A loop device makes a regular file look like a block device, which is how
+a thin pool is built on files (``/dev/loopN`` under the pool's data and
+metadata devices).  The functions here talk to ``/dev/loop-control`` and
+``/dev/loopN`` directly, like :mod:`os` talks to the kernel: small, with
+no hidden state, raising :class:`OSError` (with ``filename`` set) when the
+kernel refuses.
+
+Units: every size and offset is in bytes.
+
+Handles and autoclear
+---------------------
+:func:`attach`, :func:`find` and :func:`attach_or_find` return a
+:class:`LoopDevice`: a description of the device *and an open handle on
+it*.  The handle matters because of autoclear (``LO_FLAGS_AUTOCLEAR``,
+the default of :func:`attach`): the kernel detaches an autoclear loop
+device as soon as its last opener closes it.  So an autoclear loop lives
+exactly as long as someone holds it open -- this handle, a mount, or a
+device-mapper device using it (a thin pool holds its data and metadata
+devices open, so loops under an active pool stay, and go away by
+themselves when the pool is removed).  Build what uses the loop device
+*before* closing the handle::
+
+    with loop.attach("/var/lib/pool/data") as data:   # autoclear
+        libdm.create("pool", [...data.devno...])
+    # the loop stays: the pool holds it
+
+A caller that wants the loop device to stay attached with no holders (a
+loop made now, used later; one that survives the process) must pass
+``autoclear=False`` and call :func:`detach` itself.
+
+While any handle is open the binding cannot be torn down (a
+``LOOP_CLR_FD`` from anyone is deferred until the last close), so a
+:class:`LoopDevice` that is open always describes its real device.
+Close handles you no longer need (:meth:`LoopDevice.close` or a ``with``
+block); a handle that is garbage-collected open is closed then, with a
+:class:`ResourceWarning`, as for files.
+"""
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import warnings
+
+__all__ = [
+    "LoopDevice",
+    "attach",
+    "attach_or_find",
+    "detach",
+    "find",
+    "refresh_capacity",
+]
+
+# -- kernel interface (linux/loop.h, linux/fs.h) ------------------------------
+
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+LOOP_SET_DIRECT_IO = 0x4C08
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_PARTSCAN = 8
+LO_FLAGS_DIRECT_IO = 16
+
+LO_NAME_SIZE = 64
+LO_KEY_SIZE = 32
+LOOP_MAJOR = 7
+
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset,
+# lo_sizelimit (u64); lo_number, lo_encrypt_type, lo_encrypt_key_size,
+# lo_flags (u32); lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]
+# (u8); lo_init[2] (u64).  Native byte order, no padding: 232 bytes.
+_INFO = struct.Struct("=5Q4I64s64s32s2Q")
+# struct loop_config: fd, block_size (u32); loop_info64 info;
+# __u64 __reserved[8].  304 bytes.
+_CONFIG = struct.Struct("=2I" + _INFO.format[1:] + "8Q")
+_SIZE64 = struct.Struct("=Q")
+
+_CONTROL = "/dev/loop-control"
+_SYS_BLOCK = "/sys/block"
+_SYS_DEV_BLOCK = "/sys/dev/block"
+#: How many free devices :func:`attach` tries when others take them first.
+ATTACH_ATTEMPTS = 16
+_DELETED = " (deleted)"
+
+
+def _pack_info(*, file_name=b"", flags=0, offset=0, sizelimit=0):
+    """A ``struct loop_info64`` for LOOP_SET_STATUS64 / LOOP_CONFIGURE.
+
+    ``file_name`` (bytes) is cut to 63 bytes: the kernel keeps 64 with a
+    terminating NUL.
+    """
+    name = file_name[: LO_NAME_SIZE - 1]
+    return _INFO.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
+
+
+def _unpack_info(buf):
+    """A ``struct loop_info64`` as a dict of its fields (names without
+    ``lo_``; ``file_name`` as bytes up to the first NUL)."""
+    (device, inode, rdevice, offset, sizelimit, number, encrypt_type, encrypt_key_size, flags,
+     file_name, crypt_name, _key, _init0, _init1) = _INFO.unpack(buf)
+    return {
+        "device": device,
+        "inode": inode,
+        "rdevice": rdevice,
+        "offset": offset,
+        "sizelimit": sizelimit,
+        "number": number,
+        "encrypt_type": encrypt_type,
+        "encrypt_key_size": encrypt_key_size,
+        "flags": flags,
+        "file_name": file_name.split(b"\0", 1)[0],
+        "crypt_name": crypt_name.split(b"\0", 1)[0],
+    }
+
+
+def _pack_config(fd, info, block_size=0):
+    """A ``struct loop_config`` for LOOP_CONFIGURE (``info`` from
+    :func:`_pack_info`)."""
+    return struct.pack("=2I", fd, block_size) + info + bytes(8 * 8)
+
+
+# -- errors -----------------------------------------------------------------
+
+
+def _error(err, what, filename):
+    # OSError(errno, ...) returns the matching subclass
+    # (FileNotFoundError, PermissionError, ...).
+    return OSError(err, f"{what}: {os.strerror(err)}", filename)
+
+
+def _ioctl(fd, request, arg, what, filename):
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        raise _error(exc.errno, what, filename) from None
+
+
+def _close(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# -- the handle -------------------------------------------------------------
+
+
+class LoopDevice:
+    """An attached loop device, and an open handle that keeps it attached.
+
+    Attributes (as the kernel reported them when the handle was made;
+    :func:`refresh_capacity` updates ``size``):
+        path: the device node, ``"/dev/loopN"``; also ``str(device)`` and
+            ``os.fspath(device)``.
+        number: N.
+        major, minor: the device numbers; ``devno`` is ``"major:minor"``,
+            the form device-mapper tables take.
+        backing_file: the backing file's path as the kernel shows it
+            (``/sys/block/loopN/loop/backing_file``): resolved, and with
+            ``" (deleted)"`` appended once that name was unlinked.
+        size: the device size in bytes (BLKGETSIZE64).
+        read_only, autoclear, direct_io: the kernel's loop flags.
+
+    Not made directly: :func:`attach`, :func:`find` and
+    :func:`attach_or_find` return one.  Close it with :meth:`close` or a
+    ``with`` block; see the module documentation for why the handle
+    matters with autoclear.
+    """
+
+    __slots__ = (
+        "path", "number", "major", "minor", "backing_file", "size", "read_only", "autoclear",
+        "direct_io", "_backing_id", "_fd",
+    )
+
+    def __init__(self, fd, number):
+        # Takes ownership of fd, an open descriptor of /dev/loop<number>,
+        # once this returns; if it raises, the caller still owns fd.
+        self._fd = -1
+        self.number = number
+        self.path = f"/dev/loop{number}"
+        st = os.fstat(fd)
+        self.major, self.minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        info = _get_status(fd, self.path)
+        flags = info["flags"]
+        self.read_only = bool(flags & LO_FLAGS_READ_ONLY)
+        self.autoclear = bool(flags & LO_FLAGS_AUTOCLEAR)
+        self.direct_io = bool(flags & LO_FLAGS_DIRECT_IO)
+        self._backing_id = (info["device"], info["inode"])
+        shown = _sys_backing_file(number)
+        self.backing_file = shown if shown is not None else os.fsdecode(info["file_name"])
+        self.size = _size(fd, self.path)
+        self._fd = fd
+
+    @property
+    def devno(self):
+        """``"major:minor"``, as device-mapper tables name devices."""
+        return f"{self.major}:{self.minor}"
+
+    @property
+    def closed(self):
+        """True once this handle was closed (the device may still exist)."""
+        return self._fd < 0
+
+    def close(self):
+        """Close the handle; closing twice is harmless.
+
+        With autoclear, if nothing else holds the device open (no mount,
+        no device-mapper device, no other handle), the kernel detaches it
+        now.  Without autoclear the device stays attached.
+        """
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed loop device handle {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    def __str__(self):
+        return self.path
+
+    def __fspath__(self):
+        return self.path
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        flags = "".join(
+            f" {name}" for name in ("read_only", "autoclear", "direct_io") if getattr(self, name, False)
+        )
+        return (
+            f"<LoopDevice {self.path} ({self.devno}) backing_file={self.backing_file!r} "
+            f"size={self.size}{flags} {state}>"
+        )
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _get_status(fd, path):
+    buf = bytearray(_INFO.size)
+    _ioctl(fd, LOOP_GET_STATUS64, buf, "LOOP_GET_STATUS64", path)
+    return _unpack_info(buf)
+
+
+def _size(fd, path):
+    buf = bytearray(_SIZE64.size)
+    _ioctl(fd, BLKGETSIZE64, buf, "BLKGETSIZE64", path)
+    return _SIZE64.unpack(buf)[0]
+
+
+def _sys_backing_file(number):
+    """The backing file the kernel shows for loop<number>, or None when it
+    is not attached."""
+    try:
+        with open(f"{_SYS_BLOCK}/loop{number}/loop/backing_file", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    return os.fsdecode(data)
+
+
+def _loop_numbers():
+    """Numbers of the loop devices that exist, ascending."""
+    numbers = []
+    for entry in os.listdir(_SYS_BLOCK):
+        if entry.startswith("loop") and entry[4:].isdigit():
+            numbers.append(int(entry[4:]))
+    return sorted(numbers)
+
+
+def _backing_path(path):
+    """The resolved path of a backing file and its stat; the file must
+    exist and be a regular file."""
+    name = os.path.realpath(os.fsdecode(os.fspath(path)))
+    st = os.stat(name)  # FileNotFoundError etc. name the path
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{os.fsdecode(os.fspath(path))!r} is not a regular file; a loop device needs one")
+    return name, st
+
+
+def _open_control():
+    try:
+        return os.open(_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            raise OSError(
+                exc.errno,
+                "the loop driver is not loaded (no usable loop-control device; run `modprobe loop`)",
+                _CONTROL,
+            ) from None
+        raise
+
+
+def _open_device(device):
+    """(fd, owned, number, path) of a loop device given as a handle or a
+    path.  An open handle's own descriptor is used (owned False); else the
+    path is opened (owned True: the caller closes fd)."""
+    if isinstance(device, LoopDevice):
+        if not device.closed:
+            return device._fd, False, device.number, device.path
+        path = device.path
+    elif isinstance(device, (str, bytes, os.PathLike)):
+        path = os.fsdecode(os.fspath(device))
+    else:
+        raise TypeError(f"expected a LoopDevice or a device path, not {type(device).__name__}")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
+            raise ValueError(f"{path!r} is not a loop device")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, True, _number_of(st.st_rdev), path
+
+
+def _number_of(rdev):
+    """N of the loop device with this device number (the minor is N only
+    when the loop module's max_part is 0)."""
+    link = f"{_SYS_DEV_BLOCK}/{os.major(rdev)}:{os.minor(rdev)}"
+    entry = os.path.basename(os.path.realpath(link))
+    if entry.startswith("loop") and entry[4:].isdigit():
+        return int(entry[4:])
+    return os.minor(rdev)
+
+
+def _configure(lfd, bfd, name, flags, direct_io, path):
+    """Bind bfd to the loop device lfd with the given flags: LOOP_CONFIGURE,
+    or LOOP_SET_FD + LOOP_SET_STATUS64 (+ LOOP_SET_DIRECT_IO) where the
+    kernel lacks it (before 5.8).  EBUSY (bound meanwhile) is raised as
+    is, unwrapped, for the caller to retry."""
+    info = _pack_info(file_name=os.fsencode(name), flags=flags)
+    try:
+        fcntl.ioctl(lfd, LOOP_CONFIGURE, _pack_config(bfd, info))
+        configured = True
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
+        configured = False
+    if not configured:
+        fcntl.ioctl(lfd, LOOP_SET_FD, bfd)  # EBUSY: someone bound it first
+        try:
+            # READ_ONLY is not settable here: the kernel made the device
+            # read-only already if bfd or lfd is open read-only.
+            _ioctl(lfd, LOOP_SET_STATUS64, info, "LOOP_SET_STATUS64", path)
+            if direct_io:
+                try:
+                    fcntl.ioctl(lfd, LOOP_SET_DIRECT_IO, 1)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise _error(exc.errno, "LOOP_SET_DIRECT_IO", path) from None
+        except BaseException:
+            _clear_quietly(lfd)
+            raise
+    if direct_io and not _get_status(lfd, path)["flags"] & LO_FLAGS_DIRECT_IO:
+        # LOOP_CONFIGURE drops the flag silently, LOOP_SET_DIRECT_IO fails
+        # with EINVAL: either way the kernel cannot.
+        _clear_quietly(lfd)
+        raise OSError(
+            errno.EINVAL,
+            "direct I/O is not possible on this backing file (its filesystem or alignment does not allow it)",
+            path,
+        )
+
+
+def _clear_quietly(lfd):
+    try:
+        fcntl.ioctl(lfd, LOOP_CLR_FD)
+    except OSError:
+        pass
+
+
+# -- the API ---------------------------------------------------------------
+
+
+def attach(path, *, read_only=False, autoclear=True, direct_io=False):
+    """Attach a regular file to a free loop device.
+
+    Takes a free device from ``/dev/loop-control`` (LOOP_CTL_GET_FREE) and
+    binds the file to it with LOOP_CONFIGURE (one ioctl), or LOOP_SET_FD
+    then LOOP_SET_STATUS64 on kernels before 5.8.  When another process
+    binds the same free device first (EBUSY), another free device is
+    taken, up to :data:`ATTACH_ATTEMPTS` times.  The whole file is mapped
+    (offset 0, no size limit); the device's size is the file's size
+    rounded down to 512 bytes.  This always makes a new attachment, even
+    if the file is attached already: see :func:`attach_or_find`.
+
+    Args:
+        path: the backing file (str, bytes or path-like).  Its resolved
+            path is recorded as the device's file name.
+        read_only: make the device read-only (the file is opened
+            read-only too).
+        autoclear: set LO_FLAGS_AUTOCLEAR: the kernel detaches the device
+            when its last opener closes it.  The returned handle is an
+            opener, so the device stays while the handle is open; a
+            device-mapper device built on it (a thin pool) keeps it after
+            that.  Pass False for a device that stays attached with no
+            holders, until :func:`detach`.
+        direct_io: bypass the page cache for the backing file
+            (LO_FLAGS_DIRECT_IO).  If the kernel cannot on this file, the
+            attachment is undone and OSError(EINVAL) raised, rather than
+            silently running buffered.
+
+    Returns:
+        An open :class:`LoopDevice` handle; close it when done (see the
+        module documentation).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (``filename`` is it), or
+            ``/dev/loop-control`` is missing: the loop module is not
+            loaded (``modprobe loop``; the message says so).
+        ValueError: ``path`` is not a regular file.
+        PermissionError: the file cannot be opened for writing (pass
+            ``read_only=True``), or the caller is not root.
+        OSError: the kernel refused (``filename`` names the device);
+            EBUSY after :data:`ATTACH_ATTEMPTS` devices were taken by
+            others first; EINVAL for direct I/O, see above.
+    """
+    name, _ = _backing_path(path)
+    mode = os.O_RDONLY if read_only else os.O_RDWR
+    bfd = os.open(name, mode | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(bfd).st_mode):  # replaced since the stat
+            raise ValueError(f"{name!r} is not a regular file; a loop device needs one")
+        flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
+        if direct_io:
+            flags |= LO_FLAGS_DIRECT_IO
+        ctl = _open_control()
+        try:
+            for _attempt in range(ATTACH_ATTEMPTS):
+                number = _ioctl(ctl, LOOP_CTL_GET_FREE, 0, "LOOP_CTL_GET_FREE", _CONTROL)
+                dev_path = f"/dev/loop{number}"
+                try:
+                    lfd = os.open(dev_path, mode | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    if os.path.exists(f"{_SYS_BLOCK}/loop{number}"):
+                        raise OSError(
+                            errno.ENOENT,
+                            "the loop device exists but has no device node (is devtmpfs mounted on /dev?)",
+                            dev_path,
+                        ) from None
+                    continue  # removed meanwhile
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        continue  # removed meanwhile
+                    raise
+                try:
+                    _configure(lfd, bfd, name, flags, direct_io, dev_path)
+                except OSError as exc:
+                    os.close(lfd)
+                    if exc.errno == errno.EBUSY:
+                        continue  # another process bound it first
+                    if exc.filename is None:
+                        raise _error(exc.errno, "binding the backing file", dev_path) from None
+                    raise
+                except BaseException:
+                    os.close(lfd)
+                    raise
+                try:
+                    return LoopDevice(lfd, number)
+                except BaseException:
+                    # Leave nothing behind: without autoclear the binding
+                    # would outlive the fd.
+                    _clear_quietly(lfd)
+                    os.close(lfd)
+                    raise
+            raise OSError(
+                errno.EBUSY,
+                f"no free loop device could be bound: {ATTACH_ATTEMPTS} attempts found the device busy "
+                "(bound by others first, or held open exclusively)",
+                name,
+            )
+        finally:
+            os.close(ctl)
+    finally:
+        os.close(bfd)
+
+
+def find(path):
+    """The loop device the file is attached to, if it is.
+
+    Every bound loop device is examined (``/sys/block/loopN/loop``); the
+    name in ``backing_file`` only skips devices whose backing file names
+    a different existing file.  The match is decided by the backing
+    file's identity: ``st_dev`` and ``st_ino`` of ``path`` against
+    LOOP_GET_STATUS64's ``lo_device``/``lo_inode``, so a symlink, another
+    hard link, or a name since unlinked (shown with ``" (deleted)"``)
+    all find the device.  Only whole-file attachments count (offset 0, no
+    size limit).  If the file is attached more than once, the
+    lowest-numbered device is returned.
+
+    Returns:
+        An open :class:`LoopDevice` handle, or None.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a regular file.
+        PermissionError: a loop device cannot be opened (not root).
+    """
+    name, st = _backing_path(path)
+    key = (st.st_dev, st.st_ino)
+    for number in _loop_numbers():
+        shown = _sys_backing_file(number)
+        if shown is None or not _may_be(shown, name, key):
+            continue
+        dev_path = f"/dev/loop{number}"
+        try:
+            fd = os.open(dev_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                continue  # removed meanwhile
+            raise
+        try:
+            try:
+                info = _get_status(fd, dev_path)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    continue  # detached meanwhile (finally closes fd)
+                raise
+            if (info["device"], info["inode"]) == key and info["offset"] == 0 and info["sizelimit"] == 0:
+                device, fd = LoopDevice(fd, number), -1
+                return device
+        finally:
+            if fd >= 0:
+                _close(fd)
+    return None
+
+
+def _may_be(shown, name, key):
+    """The fast filter of :func:`find`: False only when the kernel's name
+    for the backing file names a different existing file."""
+    if shown == name or shown.endswith(_DELETED):
+        return True
+    try:
+        st = os.stat(shown)
+    except OSError:
+        return True  # not visible here (another mount namespace?): ask the kernel
+    return (st.st_dev, st.st_ino) == key
+
+
+def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False):
+    """The file's existing loop device, or a new one: :func:`find`, then
+    :func:`attach` if there is none.
+
+    This is how a pool's files are re-attached (after a reboot, or by a
+    second process): the same file never gets two loop devices.  Callers
+    of this function in any process are serialized by an exclusive
+    ``flock`` on the backing file, so two of them racing end up with the
+    same device.  (Plain :func:`attach` takes no lock.)
+
+    An existing device is returned as it is: its ``autoclear`` and
+    ``direct_io`` may differ from the arguments (those apply to a new
+    attachment only).  Its read-only state must match ``read_only``.
+
+    Returns:
+        An open :class:`LoopDevice` handle.
+
+    Raises:
+        FileExistsError: the file is attached already with the other
+            read-only state (``filename`` is the device path).
+        The errors of :func:`find` and :func:`attach`.
+    """
+    name, _ = _backing_path(path)
+    lock = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = find(name)
+        if found is None:
+            return attach(name, read_only=read_only, autoclear=autoclear, direct_io=direct_io)
+        if found.read_only != bool(read_only):
+            found.close()
+            state = "read-only" if found.read_only else "writable"
+            raise OSError(errno.EEXIST, f"{name} is attached already, {state}", found.path)
+        return found
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def detach(device):
+    """Detach a loop device from its backing file (LOOP_CLR_FD).
+
+    If nobody else has the device open it is detached at once.  If
+    others do (a mount, a device-mapper device, another handle), the
+    kernel does not refuse: it sets autoclear and detaches the device
+    when the last of them closes it.  (Very old kernels refused with
+    EBUSY instead; that would be raised as OSError(EBUSY).)
+    Given a :class:`LoopDevice`, its handle is closed too, which is the
+    last close when nothing else holds it.
+
+    Args:
+        device: a :class:`LoopDevice`, or a loop device path such as
+            ``"/dev/loop3"``.  A closed handle whose device was since
+            detached and reused for another file raises ENXIO rather than
+            detaching the other file.
+
+    Returns:
+        True if the device is detached now; False if the detach was
+        deferred until other holders close it.
+
+    Raises:
+        OSError(ENXIO): the device is not attached (``filename`` is it).
+        ValueError: ``device`` is not a loop device.
+        FileNotFoundError: no such device node.
+    """
+    fd, owned, number, path = _open_device(device)
+    try:
+        if owned and isinstance(device, LoopDevice):
+            # A closed handle does not pin the binding: make sure it still
+            # is the file the handle was made for.
+            info = _get_status(fd, path)
+            if (info["device"], info["inode"]) != device._backing_id:
+                raise OSError(errno.ENXIO, "no longer attached to the file of this handle", path)
+        _ioctl(fd, LOOP_CLR_FD, 0, "LOOP_CLR_FD", path)
+    finally:
+        if owned:
+            os.close(fd)
+        if isinstance(device, LoopDevice):
+            device.close()
+    return _sys_backing_file(number) is None
+
+
+def refresh_capacity(device):
+    """Make the device's size follow its backing file's (LOOP_SET_CAPACITY),
+    after the file grew or shrank.
+
+    Args:
+        device: a :class:`LoopDevice` (its ``size`` is updated) or a loop
+            device path.
+
+    Returns:
+        The new size in bytes (BLKGETSIZE64): the file size rounded down
+        to 512 bytes.
+
+    Raises:
+        OSError(ENXIO): the device is not attached.
+        ValueError: ``device`` is not a loop device.
+    """
+    fd, owned, _number, path = _open_device(device)
+    try:
+        _ioctl(fd, LOOP_SET_CAPACITY, 0, "LOOP_SET_CAPACITY", path)
+        size = _size(fd, path)
+    finally:
+        if owned:
+            os.close(fd)
+    if isinstance(device, LoopDevice):
+        device.size = size
+    return size

@@ -1,0 +1,32 @@
+"""Test harness for libdm: real device-mapper kernels for tests.
+
+``libdm.testing.kernel`` boots a User-Mode Linux kernel to run a command
+where the host has no device-mapper; ``libdm.testing.pytest_plugin`` runs
+the ``kernel``-marked tests of a pytest session inside one such kernel;
+``libdm.testing.cleanup`` removes what a test left behind; ``python -m
+libdm.testing`` runs a command wherever device-mapper can be had.
+"""
+
+from libdm.testing.kernel import (
+    KernelCrashed,
+    KernelError,
+    KernelResult,
+    KernelTimeout,
+    KernelUnavailable,
+    find_kernel,
+    host_has_device_mapper,
+    run,
+    start,
+)
+
+__all__ = [
+    "KernelCrashed",
+    "KernelError",
+    "KernelResult",
+    "KernelTimeout",
+    "KernelUnavailable",
+    "find_kernel",
+    "host_has_device_mapper",
+    "run",
+    "start",
+]

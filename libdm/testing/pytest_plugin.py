@@ -1,0 +1,566 @@
+"""pytest plugin: run ``kernel``-marked tests where device-mapper exists.
+
+Load it from a conftest with ``pytest_plugins = ["libdm.testing.pytest_plugin"]``.
+
+Markers:
+    ``kernel``: the test needs a real device-mapper, as root.
+    ``host``: the test boots test kernels itself, so it runs on the host
+    (never inside a test kernel).
+
+``--dm-kernel=auto|host|uml`` picks where ``kernel`` tests run: ``host``
+runs them in this process (root and /dev/mapper/control needed), ``uml``
+inside a User-Mode Linux kernel, ``auto`` (the default, or
+``$LIBDM_DM_KERNEL``) the host when it can, else UML.
+
+In UML mode one kernel boots per session, early, and runs an inner pytest
+on the node ids of every selected kernel test while the other tests run
+here.  The inner session writes each test report as a JSON line to a host
+file; this session replays them in item order in place of running those
+items (their fixtures never run here), so counts, tracebacks, ``-ra`` and
+junit see ordinary tests.  A test the kernel never reported (it died,
+timed out, or never booted) fails with the reason and the console's tail.
+
+Without a kernel a ``kernel`` test is skipped, saying how to get one; with
+``CI=true`` in the environment it fails instead.  Under pytest-cov the
+inner session runs under coverage too, writing a parallel data file next
+to this session's, which pytest-cov combines into its report.
+"""
+
+import itertools
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+
+import pytest
+
+from libdm.testing import cleanup as _cleanup
+from libdm.testing import kernel as _kernel
+
+#: Set for the inner session: the host file its reports go to.
+REPORTS_ENV = "LIBDM_TESTING_REPORTS"
+
+_HOW_TO_GET = "or run as root on a kernel with device-mapper; python -m libdm.testing check tells more"
+_DM_NAME_MAX = 127  # DM_NAME_LEN - 1
+
+_session_token = secrets.token_hex(3)
+_test_counter = itertools.count(1)
+
+
+def _ci():
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("libdm", "libdm device-mapper test kernel")
+    group.addoption(
+        "--dm-kernel",
+        default=os.environ.get("LIBDM_DM_KERNEL", "auto"),
+        help="where kernel-marked tests run: auto (default), host, or uml",
+    )
+    group.addoption(
+        "--dm-kernel-binary",
+        default=None,
+        metavar="PATH",
+        help=f"UML kernel executable (default $LIBDM_UML_BINARY or {_kernel.DEFAULT_BINARY})",
+    )
+    group.addoption(
+        "--dm-kernel-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="kill the session's test kernel after this long (default 1800)",
+    )
+    group.addoption(
+        "--dm-kernel-mem", default="1G", metavar="SIZE", help="memory of test kernels (default 1G)"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel: needs a real kernel device-mapper, as root")
+    config.addinivalue_line("markers", "host: boots test kernels itself, so it runs on the host only")
+    if config.option.dm_kernel not in ("auto", "host", "uml"):
+        raise pytest.UsageError(f"--dm-kernel must be auto, host or uml, not {config.option.dm_kernel!r}")
+    config.pluginmanager.register(_Harness(config), "libdm-harness")
+
+
+def _harness(config):
+    return config.pluginmanager.get_plugin("libdm-harness")
+
+
+class _Reports:
+    """Reads the JSON lines the inner session appends to a host file."""
+
+    def __init__(self, path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()  # an incomplete last line waits for more
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class _KernelSession:
+    """The one test kernel of a session and the reports it sends back."""
+
+    def __init__(self, config, items, info):
+        self.config = config
+        self.info = info
+        self.nodeids = [item.nodeid for item in items]
+        self.pending = {}  # nodeid -> reports received, not yet replayed
+        self.replayed = set()
+        self.kernel = None
+        self.failure = None  # why unreported tests fail, once known
+        self.exit_status = None
+        self.result = None
+        self.workdir = None
+        self.coverage = None
+        try:
+            self.workdir = _kernel._private_dir()
+            self.reports = _Reports(os.path.join(self.workdir, "reports.jsonl"))
+            self.kernel = _kernel.start(
+                self._command(),
+                cwd=str(config.rootpath),
+                env=self._env(),
+                mem=config.option.dm_kernel_mem,
+                timeout=config.option.dm_kernel_timeout,
+                stream=config.option.capture == "no",
+                binary=info.binary,
+            )
+        except (_kernel.KernelError, OSError) as exc:
+            self.failure = f"no test kernel: {exc}"
+
+    def _coverage(self):
+        """Coverage settings of pytest-cov in this session, or None."""
+        plugin = self.config.pluginmanager.get_plugin("_cov")
+        controller = getattr(plugin, "cov_controller", None)
+        cov = getattr(controller, "cov", None)
+        if cov is None:
+            return None
+        topdir = getattr(controller, "topdir", None) or os.getcwd()
+        return {
+            "data_file": os.path.join(topdir, cov.get_option("run:data_file")),
+            "rcfile": getattr(cov.config, "config_file", None),
+            "source": cov.get_option("run:source"),
+            "branch": cov.get_option("run:branch"),
+        }
+
+    def _command(self):
+        config = self.config
+        argv = [sys.executable]
+        self.coverage = self._coverage()
+        if self.coverage:
+            argv += ["-m", "coverage", "run", "--parallel-mode"]
+            if self.coverage["rcfile"]:
+                argv.append(f"--rcfile={self.coverage['rcfile']}")
+            if self.coverage["source"]:
+                argv.append("--source=" + ",".join(self.coverage["source"]))
+            if self.coverage["branch"]:
+                argv.append("--branch")
+        argv += ["-m", "pytest", "-p", __name__, "-p", "no:cacheprovider", f"--rootdir={config.rootpath}"]
+        if config.inipath:
+            argv += ["-c", str(config.inipath)]
+        if config.pluginmanager.has_plugin("_cov"):
+            argv.append("--no-cov")  # measured by `coverage run` instead
+        for plugin in config.option.plugins or ():
+            argv += ["-p", plugin]
+        for override in config.option.override_ini or ():
+            argv += ["-o", override]
+        factory = getattr(config, "_tmp_path_factory", None)
+        if factory is not None:
+            argv.append(f"--basetemp={factory.getbasetemp() / 'kernel'}")
+        argv += [
+            f"--tb={config.option.tbstyle}",
+            f"--capture={config.option.capture}",
+            f"--import-mode={config.option.importmode}",
+        ]
+        if config.option.capture == "no":
+            # Its output is streamed here: keep the inner pytest's own
+            # chatter short (failures are replayed here anyway).
+            argv += ["-qq", "--no-header"]
+        if config.option.maxfail:
+            argv.append(f"--maxfail={config.option.maxfail}")
+        if config.option.showlocals:
+            argv.append("--showlocals")
+        if config.option.runxfail:
+            argv.append("--runxfail")
+        return argv + self.nodeids
+
+    def _env(self):
+        env = dict(os.environ)
+        # Selection and options are passed explicitly; the outer addopts
+        # (say --cov) must not apply twice.
+        for name in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"):
+            env.pop(name, None)
+        env[REPORTS_ENV] = self.reports.path
+        if self.coverage:
+            env["COVERAGE_FILE"] = self.coverage["data_file"]
+        return env
+
+    def _receive(self):
+        for data in self.reports.read():
+            report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+            if report is not None:
+                if isinstance(report.longrepr, list):
+                    # A skip's (path, lineno, reason): JSON made it a list.
+                    report.longrepr = tuple(report.longrepr)
+                self.pending.setdefault(report.nodeid, []).append(report)
+
+    def reports_for(self, nodeid):
+        """Yield this test's reports as they arrive; stop after its
+        teardown report, or when the kernel has gone (then
+        :attr:`failure` says why)."""
+        while True:
+            if self.kernel is not None:
+                gone = self.kernel.poll()  # read after polling: nothing is missed
+                self._receive()
+            else:
+                gone = True
+            for report in self.pending.pop(nodeid, ()):
+                yield report
+                if report.when == "teardown":
+                    return
+            if gone:
+                self._conclude()
+                return
+            time.sleep(0.05)
+
+    def _conclude(self):
+        """The kernel has exited: learn its result, and why unreported
+        tests fail.  Idempotent."""
+        if self.kernel is None or self.result is not None or self.failure is not None:
+            return
+        try:
+            self.result = self.kernel.wait()
+        except _kernel.KernelError as exc:
+            self.failure = f"the test kernel failed: {exc}"
+            return
+        self.exit_status = self.result.returncode
+        self.failure = (
+            f"the test kernel's pytest exited with status {self.exit_status} without reporting this test"
+            + self.output_tail()
+        )
+
+    def output_tail(self):
+        """The end of the inner pytest's stdout and stderr, as text."""
+        if self.result is None:
+            return ""
+        return (
+            f"\n--- its stdout (tail) ---\n{_kernel._tail(self.result.stdout, 30)}"
+            f"\n--- its stderr (tail) ---\n{_kernel._tail(self.result.stderr, 15)}"
+        )
+
+    def finish(self, wait):
+        """Wait for the kernel to exit (when every test was replayed, so
+        the inner coverage data is complete) or kill it; clean up."""
+        try:
+            if self.kernel is not None:
+                if wait:
+                    # Only coverage saving and the halt remain.
+                    while not self.kernel.poll():
+                        time.sleep(0.05)
+                    self._conclude()
+                self.kernel.close()
+        finally:
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _missing_reports(item, received, reason):
+    """Reports completing a test whose run stopped after ``received``
+    (reports already logged): the first phase that is missing fails with
+    ``reason``; a test that never started passes setup and fails in call."""
+    by_when = {report.when: report for report in received}
+
+    def phase(when, fails):
+        func = (lambda: pytest.fail(reason, pytrace=False)) if fails else (lambda: None)
+        return pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(func, when=when))
+
+    reports = []
+    if "setup" not in by_when:
+        reports.append(phase("setup", False))
+    if "call" not in by_when and ("setup" not in by_when or by_when["setup"].passed):
+        reports += [phase("call", True), phase("teardown", False)]
+    else:
+        reports.append(phase("teardown", True))
+    return reports
+
+
+class _Harness:
+    """Per-session state: where kernel tests run, and the kernel session."""
+
+    def __init__(self, config):
+        self.config = config
+        self.inner = os.environ.pop(REPORTS_ENV, None)  # nested sessions must not inherit it
+        self.reports_file = open(self.inner, "a", buffering=1) if self.inner else None
+        self._where = None
+        self.special = {}  # item -> "remote" or the reason it fails without running
+        self.next_local = {}
+        self.session = None
+        self.remote_count = 0
+
+    # -- where kernel tests run ------------------------------------------
+
+    def where(self):
+        """("host"|"uml"|None, detail): None means no kernel can be had,
+        and detail is why."""
+        if self._where is None:
+            mode = "host" if self.inner else self.config.option.dm_kernel
+            if mode == "auto":
+                mode = "host" if _kernel.host_has_device_mapper() else "uml"
+            if mode == "host":
+                if _kernel.host_has_device_mapper():
+                    self._where = ("host", None)
+                elif self.inner:
+                    self._where = (None, "no usable device-mapper inside the test kernel")
+                else:
+                    self._where = (None, "--dm-kernel=host, but this host has no usable device-mapper "
+                                   "(needs root and /dev/mapper/control)")
+            else:
+                try:
+                    self._where = ("uml", _kernel.find_kernel(self.config.option.dm_kernel_binary))
+                except _kernel.KernelUnavailable as exc:
+                    self._where = (None, str(exc))
+        return self._where
+
+    def no_kernel(self, reason):
+        """Skip the running test for lack of a kernel, or fail it on CI."""
+        if _ci() or self.inner:
+            pytest.fail(f"no device-mapper kernel: {reason}", pytrace=False)
+        pytest.skip(f"no device-mapper kernel: {reason}; {_HOW_TO_GET}")
+
+    def pytest_report_header(self, config):
+        if self.inner:
+            return "libdm: inner session inside a test kernel"
+        where, detail = self.where()
+        if where == "host":
+            return "libdm: kernel tests run on this host's device-mapper"
+        if where == "uml":
+            return f"libdm: kernel tests run inside UML kernel {detail.version} ({detail.binary})"
+        return f"libdm: kernel tests cannot run: {detail}" + (" (CI: they fail)" if _ci() else "")
+
+    # -- collection ---------------------------------------------------------
+
+    def pytest_collection_modifyitems(self, config, items):
+        for item in items:
+            if item.get_closest_marker("kernel") and item.get_closest_marker("host"):
+                raise pytest.UsageError(f"{item.nodeid}: a test cannot be marked both kernel and host")
+
+    # -- the run --------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtestloop(self, session):
+        # trylast: the innermost wrapper, so the kernel is done (and its
+        # coverage data saved) before pytest-cov's wrapper combines data.
+        runs = not (session.config.option.collectonly or session.testsfailed)
+        if runs:
+            self._plan(session)
+        try:
+            return (yield)
+        finally:
+            if self.session is not None:
+                everything = all(n in self.session.replayed for n in self.session.nodeids)
+                self.session.finish(wait=everything)
+
+    def _plan(self, session):
+        kernel_items = [item for item in session.items if item.get_closest_marker("kernel")]
+        if not kernel_items:
+            return
+        where, detail = self.where()
+        if where == "host":
+            return  # run here, like any test
+        if where is None:
+            for item in kernel_items:
+                if _ci() or self.inner:
+                    self.special[item] = f"no device-mapper kernel (CI=true, so this fails): {detail}"
+                else:
+                    item.add_marker(pytest.mark.skip(reason=f"no device-mapper kernel: {detail}; {_HOW_TO_GET}"))
+        else:
+            for item in kernel_items:
+                self.special[item] = "remote"
+            self.remote_count = len(kernel_items)
+        if self.special:
+            following = None
+            for item in reversed(session.items):
+                self.next_local[item] = following
+                if item not in self.special:
+                    following = item
+        if self.remote_count:
+            self.session = _KernelSession(session.config, kernel_items, detail)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        if not self.special:
+            return None
+        from _pytest.runner import runtestprotocol
+
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        kind = self.special.get(item)
+        if kind is None:
+            # A local test: tear down only what the next *local* test does
+            # not need, since the remote ones in between set nothing up here.
+            runtestprotocol(item, nextitem=self.next_local.get(item))
+        elif kind == "remote":
+            self._replay(item)
+        else:
+            for report in _missing_reports(item, [], kind):
+                ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _replay(self, item):
+        received = []
+        for report in self.session.reports_for(item.nodeid):
+            received.append(report)
+            item.ihook.pytest_runtest_logreport(report=report)
+        self.session.replayed.add(item.nodeid)
+        if received and received[-1].when == "teardown":
+            return
+        for report in _missing_reports(item, received, self.session.failure or "the test kernel stopped"):
+            item.ihook.pytest_runtest_logreport(report=report)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        s = self.session
+        if s is None:
+            return
+        if s.exit_status not in (None, 0, 1):
+            # Every test may have been reported and still the inner
+            # session went wrong (say an error in a session fixture's
+            # teardown): show it rather than lose it.
+            terminalreporter.write_sep("=", "libdm: the test kernel's pytest", yellow=True)
+            terminalreporter.write_line(f"exited with status {s.exit_status}{s.output_tail()}")
+        elif terminalreporter.verbosity >= 0:
+            ran = "" if s.result is None else f" in {s.result.duration:.1f} s, boot included"
+            status = "" if s.exit_status is None else f"; its pytest exited with status {s.exit_status}"
+            terminalreporter.write_line(
+                f"libdm: {len(s.nodeids)} kernel test(s) ran inside UML kernel {s.info.version}{ran}{status}"
+            )
+
+    # -- the inner session --------------------------------------------------
+
+    def pytest_runtest_logreport(self, report):
+        if self.reports_file is None:
+            return
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.reports_file.write(json.dumps(data, default=repr) + "\n")
+
+    def pytest_runtest_setup(self, item):
+        if self.inner and item.get_closest_marker("host"):
+            pytest.skip("host tests boot kernels themselves; they run on the host only")
+
+    def pytest_unconfigure(self, config):
+        if self.reports_file is not None:
+            self.reports_file.close()
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture
+def dm_prefix():
+    """A device-name prefix unique to this test: ``libdmtest-<session
+    token>-<n>-``.
+
+    After the test, also when it failed, every device-mapper device whose
+    name starts with it is removed (mounts of them first, holders before
+    the devices they hold; see :func:`libdm.testing.cleanup.cleanup_devices`).
+    A device that cannot be removed makes the test error in teardown.
+    """
+    prefix = f"libdmtest-{_session_token}-{next(_test_counter)}-"
+    yield prefix
+    if _kernel.host_has_device_mapper():
+        _cleanup.cleanup_devices(prefix)
+
+
+@pytest.fixture
+def dm_name(dm_prefix):
+    """A factory of unique device names under this test's :func:`dm_prefix`.
+
+    ``dm_name("pool")`` returns ``"libdmtest-<token>-<n>-pool"``; asking
+    for the same suffix again gives ``...-pool-2`` and so on.  Raises
+    ValueError for an empty suffix, one with ``/``, or a name longer than
+    device-mapper's 127 characters.  The devices are removed after the test.
+    """
+    given = set()
+
+    def make(suffix="dev"):
+        if not suffix or "/" in suffix:
+            raise ValueError(f"bad device name suffix {suffix!r}")
+        name, n = dm_prefix + suffix, 1
+        while name in given:
+            n += 1
+            name = f"{dm_prefix}{suffix}-{n}"
+        if len(name) > _DM_NAME_MAX:
+            raise ValueError(f"device name {name!r} is longer than {_DM_NAME_MAX} characters")
+        given.add(name)
+        return name
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _libdm_kernel_cleanup(request):
+    # For kernel tests only: after the test (and after dm_prefix removed its
+    # devices), unmount what is mounted below tmp_path and detach loop
+    # devices backed by files below it.
+    if not request.node.get_closest_marker("kernel") or not _kernel.host_has_device_mapper():
+        yield
+        return
+    tmp_path = request.getfixturevalue("tmp_path")
+    yield
+    failures = []
+    for step in (lambda: _cleanup.unmount(under=tmp_path), lambda: _cleanup.detach_loops(tmp_path)):
+        try:
+            step()
+        except _cleanup.CleanupError as exc:
+            failures += exc.failures
+    if failures:
+        raise _cleanup.CleanupError(failures)
+
+
+@pytest.fixture
+def uml_kernel(request):
+    """The :class:`~libdm.testing.kernel.KernelInfo` of the UML kernel
+    that ``--dm-kernel-binary`` (or the default) names, for ``host``
+    tests that boot kernels themselves.  Without one the test is skipped
+    (fails when CI=true)."""
+    try:
+        return _kernel.find_kernel(request.config.option.dm_kernel_binary)
+    except _kernel.KernelUnavailable as exc:
+        reason = str(exc)
+    _harness(request.config).no_kernel(reason)  # outside except: no chained traceback
+
+
+@pytest.fixture
+def run_in_kernel(request, uml_kernel):
+    """A function running one command in a fresh UML kernel, for
+    ``host``-marked tests that boot kernels themselves (power cuts: run
+    again on the same backing files).
+
+    ``run_in_kernel(command, **kwargs)`` takes the arguments of
+    :func:`libdm.testing.kernel.run` (the kernel of :func:`uml_kernel` and
+    ``--dm-kernel-mem`` are the defaults) and returns its
+    :class:`~libdm.testing.kernel.KernelResult`.  With no kernel at all the
+    test is skipped (fails when CI=true); a kernel that fails to boot or
+    times out raises :class:`~libdm.testing.kernel.KernelError`.
+    """
+    option = request.config.option
+
+    def run(command, **kwargs):
+        kwargs.setdefault("binary", uml_kernel.binary)
+        kwargs.setdefault("mem", option.dm_kernel_mem)
+        return _kernel.run(command, **kwargs)
+
+    return run

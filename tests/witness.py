@@ -77,3 +77,60 @@ def sysfs_names():
             with open(f"/sys/block/{entry}/dm/name") as fh:
                 out.add(fh.read().strip())
     return out
+
+
+def devnode(devno):
+    """/dev path of a block device given as 'major:minor' (via sysfs)."""
+    with open(f"/sys/dev/block/{devno}/uevent") as fh:
+        for line in fh:
+            if line.startswith("DEVNAME="):
+                return "/dev/" + line.split("=", 1)[1].strip()
+    raise AssertionError(f"no device node for {devno}")
+
+
+def pool_devices(pool_name):
+    """(metadata dev path, data dev path) from the pool's live table."""
+    params = table(pool_name)[0].split()
+    return devnode(params[3]), devnode(params[4])
+
+
+def thin_ids(pool_name):
+    """The thin device ids the pool's metadata holds, read by thin_dump from
+    a metadata snapshot reserved here (not by libdm)."""
+    import re
+
+    meta, _ = pool_devices(pool_name)
+    dmsetup("message", pool_name, "0", "reserve_metadata_snap")
+    try:
+        out = subprocess.run(["thin_dump", "-m", meta], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        dmsetup("message", pool_name, "0", "release_metadata_snap")
+    return {int(m) for m in re.findall(r'<device dev_id="(\d+)"', out)}
+
+
+def pool_status(pool_name):
+    """The pool's status fields as dmsetup prints them (after the target type)."""
+    return status(pool_name)[0].split()[3:]
+
+
+def transaction_id(pool_name):
+    return int(pool_status(pool_name)[0])
+
+
+def checksum(path, size=None):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        remaining = size
+        while True:
+            chunk = fh.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return h.hexdigest()

@@ -366,7 +366,7 @@ class KernelProcess:
         return os.path.join(self.workdir, name)
 
     def _watch(self):
-        interval = 0.05 if self._tails else 0.5
+        interval = 0.05 if self._tails else 0.1
         while True:
             try:
                 self._proc.wait(interval)

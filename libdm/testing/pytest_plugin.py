@@ -162,8 +162,14 @@ class _KernelSession:
         self.coverage = self._coverage()
         if self.coverage:
             argv += ["-m", "coverage", "run", "--parallel-mode"]
-            if self.coverage["rcfile"]:
-                argv.append(f"--rcfile={self.coverage['rcfile']}")
+            rcfile = self.coverage["rcfile"]
+            if not rcfile:
+                # This session read no configuration; the inner one must
+                # not find one either (data measured differently, say with
+                # and without branches, cannot be combined).
+                rcfile = os.path.join(self.workdir, "coveragerc")
+                open(rcfile, "w").close()
+            argv.append(f"--rcfile={rcfile}")
             if self.coverage["source"]:
                 argv.append("--source=" + ",".join(self.coverage["source"]))
             if self.coverage["branch"]:

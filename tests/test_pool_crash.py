@@ -1,0 +1,136 @@
+"""A provisioning process killed (SIGKILL) at each step of a change, then
+``Pool.open`` in this process: the store, the kernel's table/status and
+the thin ids thin_dump reads must agree, with no leaked id."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import libdm
+from libdm.thin import crash
+from libdm.thin.store import Store
+
+import witness
+
+pytestmark = pytest.mark.kernel
+
+# What the child does before the change under test, and the change.
+SETUP = {
+    "create": "",
+    "snapshot": "p.create_thin('origin', '8M')\n",
+    "delete": "p.create_thin('victim', '8M')\n",
+}
+CHANGE = {
+    "create": "p.create_thin('new', '8M')\n",
+    "snapshot": "p.device('origin').snapshot('new')\n",
+    "delete": "p.device('victim').delete()\n",
+}
+CASES = [
+    ("create", "create:intent"),
+    ("create", "create:message"),
+    ("create", "create:transaction"),
+    ("create", "create:recorded"),
+    ("snapshot", "create:intent"),
+    ("snapshot", "snapshot:suspended"),
+    ("snapshot", "create:message"),
+    ("snapshot", "create:transaction"),
+    ("delete", "delete:deactivated"),
+    ("delete", "delete:intent"),
+    ("delete", "delete:message"),
+    ("delete", "delete:transaction"),
+]
+
+
+def run_child(directory, code, crash_at=None):
+    env = dict(os.environ)
+    env.pop("LIBDM_CRASH_AT", None)
+    if crash_at:
+        env["LIBDM_CRASH_AT"] = crash_at
+    script = f"import libdm\np = libdm.Pool.open({str(directory)!r})\n{code}"
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_consistent(pool):
+    """The three views agree: store, kernel status, thin ids on disk."""
+    store = Store(pool.directory)
+    try:
+        assert store.intents() == []
+        assert store.transaction_id() == witness.transaction_id(pool.name)
+        recorded = {row["thin_id"] for row in store.devices()}
+        queued = {row["thin_id"] for row in store.deferred_deletes()}
+        assert witness.thin_ids(pool.name) == recorded | queued
+        for row in store.devices():
+            dm_name = pool.device_dm_name(row["name"])
+            assert (dm_name in witness.names()) == bool(row["active"]), row
+            if row["active"]:
+                assert witness.sysfs(dm_name, "suspended") == "0"
+                assert witness.table(dm_name)[0].split()[-1] == str(row["thin_id"])
+    finally:
+        store.close()
+
+
+def test_every_crash_point_is_covered():
+    covered = {point for _, point in CASES} | {"pool:created"}
+    assert covered == set(crash.POINTS)
+
+
+@pytest.mark.parametrize("change, point", CASES)
+def test_crash_at_each_step_leaves_nothing_inconsistent(dm_name, tmp_path, change, point):
+    directory = tmp_path / "pool"
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()
+    if SETUP[change]:
+        assert run_child(directory, SETUP[change]).returncode == 0
+    proc = run_child(directory, CHANGE[change], crash_at=point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # it really died there
+    pool = libdm.Pool.open(directory)
+    try:
+        assert_consistent(pool)
+        names = {d.name for d in pool.devices()}
+        # The change either happened completely or not at all.
+        if change == "delete":
+            assert names in ({"victim"}, set())
+        else:
+            assert "new" in names or witness.thin_ids(pool.name) == (
+                {0} if change == "snapshot" else set())
+        # The pool still works after recovery.
+        pool.create_thin("after", "4M")
+        assert_consistent(pool)
+    finally:
+        pool.close()
+
+
+def test_crash_after_the_pool_device_is_made(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    code = (
+        "import libdm\n"
+        f"libdm.Pool.create_loop({name!r}, {str(directory)!r}, data_size='64M')\n"
+    )
+    env = dict(os.environ, LIBDM_CRASH_AT="pool:created")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pool = libdm.Pool.open(directory)
+    try:
+        pool.create_thin("vol", "4M")
+        assert_consistent(pool)
+    finally:
+        pool.close()
+
+
+def test_a_crash_loop_in_the_same_change_is_idempotent(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()
+    for _ in range(3):
+        proc = run_child(directory, CHANGE["create"], crash_at="create:message")
+        assert proc.returncode == -signal.SIGKILL
+    pool = libdm.Pool.open(directory)
+    try:
+        assert_consistent(pool)
+        assert pool.devices() == [] and witness.thin_ids(pool.name) == set()
+    finally:
+        pool.close()

@@ -133,7 +133,7 @@ class Pool:
                 block, at least 2 MiB, at most 16 GiB.
             block_size: the data block size, bytes or a string (64 KiB to
                 1 GiB, a multiple of 64 KiB); fixed for the pool's life.
-            **options: see :meth:`create` (``low_water_mark``,
+            options: keyword options, see :meth:`create` (``low_water_mark``,
                 ``features``, ``min_free_space``, ``deferred_removal``,
                 ``deferred_deletion``, ``lock_timeout``).
 
@@ -240,7 +240,8 @@ class Pool:
                 ``dm.thinp_percent``).
             thinp_metapercent: percent for metadata (``dm.thinp_metapercent``).
             force: use a device that carries a signature.
-            state_dir, block_size, **options: as for :meth:`create`.
+            state_dir, block_size: as for :meth:`create`; so are the other
+                keyword options.
 
         Returns:
             The new, active :class:`Pool`.
@@ -282,7 +283,7 @@ class Pool:
         Args:
             pool_device_name: the thin-pool device-mapper device's name.
             state_dir: where to keep libdm's state for it.
-            **options: ``min_free_space``, ``deferred_removal``,
+            options: keyword options ``min_free_space``, ``deferred_removal``,
                 ``deferred_deletion``, ``lock_timeout``.
 
         Returns:

@@ -37,3 +37,13 @@ def test_layered_snapshots_example():
     assert "0 new data blocks" in out
     assert "Data Space Available" in out
     assert witness.names() == before
+
+
+def test_direct_mode_example():
+    before = witness.names()
+    proc = run_example("direct_mode.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "-tmeta: 0 " in proc.stdout and "-tdata: 0 " in proc.stdout
+    assert "Pool Blocksize: 64 KiB" in proc.stdout
+    assert witness.names() == before
+

@@ -1,21 +1,10 @@
-"""The thin pool: creation, reopening, and every change to its devices.
+"""The thin pool: reopening it, its devices, and its guards.
 
 A :class:`Pool` is a state directory (SQLite store + lock file, and for
 loop pools the data and metadata files) plus a live ``thin-pool``
-device-mapper device.  Every change follows the same journal:
-
-1. under an exclusive lock on the state directory, an *intent* naming the
-   change and its new transaction id is committed to the store;
-2. the kernel is sent the message (``create_thin``, ``create_snap`` or
-   ``delete``), then ``set_transaction_id <old> <new>``, and the pool's
-   metadata is committed (a status read without no-flush);
-3. the outcome is recorded and the intent dropped in one store
-   transaction.
-
-So after a crash at any point, comparing the kernel's transaction id with
-the store's tells ``Pool.open`` whether the change reached the kernel
-(roll the store forward) or not (roll the kernel back: delete the thin id
-it may hold), and no thin id leaks.
+device-mapper device.  Its constructors live in :mod:`.creation`, and the
+crash-safe journal that every change to thin ids goes through in
+:mod:`.journal`.
 
 Units: sizes are accepted as ``int`` bytes or strings such as ``"10G"``
 and must be whole 512-byte sectors; tables are in sectors.
@@ -29,35 +18,30 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid as uuidlib
 
 from libdm.dm import ops
-from libdm.dm.blockdev import check_unused, open_block_device, signatures
-from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
+from libdm.dm.errors import DeviceBusyError, DeviceExistsError, error_for
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
+from libdm.thin.creation import LOCK_NAME, PoolCreation
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
-    DeviceNotBlankError,
     PoolFailedError,
     PoolFullError,
     PoolLockedError,
     PoolReadOnlyError,
     StateError,
 )
+from libdm.thin.journal import Journal
 from libdm.thin.status import parse_pool_status
 from libdm.thin.store import DB_NAME, Store
-from libdm.thin.table import FEATURES, MAX_THIN_ID, ThinParams, ThinPoolParams, check_block_size
-from libdm.thin.units import Bytes, DataBlocks, Sectors, parse_size
+from libdm.thin.table import ThinParams, ThinPoolParams
+from libdm.thin.units import DataBlocks, Sectors, parse_size
 
 __all__ = ["Pool"]
-
-LOCK_NAME = "lock"
-DEFAULT_BLOCK_SIZE = "64K"
-DEFAULT_MIN_FREE_SPACE = 10
 
 
 def _thin_check_failure(meta_path):
@@ -80,7 +64,7 @@ def _thin_check_failure(meta_path):
     return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
 
 
-class Pool:
+class Pool(PoolCreation, Journal):
     """A thin pool and its thin devices.
 
     Get one with :meth:`create_loop`, :meth:`create`,
@@ -115,213 +99,6 @@ class Pool:
         self.kind = row["kind"]
         self._config = row["config"]
         self._backing = backings.from_config(self.kind, self.directory, self.name, self._config)
-
-    @classmethod
-    def create_loop(cls, name, directory, data_size="100G", metadata_size=None,
-                    block_size=DEFAULT_BLOCK_SIZE, **options):
-        """Create a pool on sparse files in ``directory`` (loop mode).
-
-        The files ``data`` and ``metadata`` are created sparse, attached to
-        loop devices with the loop ioctls, and the first 4 KiB of metadata
-        is zeroed.  ``directory`` becomes the pool's state directory.
-
-        Args:
-            name: the pool's device-mapper name.
-            directory: created if missing; must not hold a pool already.
-            data_size: bytes or a string such as ``"10G"``.
-            metadata_size: bytes or a string; by default 48 bytes per data
-                block, at least 2 MiB, at most 16 GiB.
-            block_size: the data block size, bytes or a string (64 KiB to
-                1 GiB, a multiple of 64 KiB); fixed for the pool's life.
-            options: keyword options, see :meth:`create` (``low_water_mark``,
-                ``features``, ``min_free_space``, ``deferred_removal``,
-                ``deferred_deletion``, ``lock_timeout``).
-
-        Returns:
-            The new, active :class:`Pool`.
-
-        Raises:
-            ValueError: a bad name, size or option.
-            DeviceExistsError: a device of that name exists, or the
-                directory holds a pool already.
-            DMError: the kernel refused; nothing is left behind.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        data = parse_size(data_size, what="data_size")
-        if data < bs.bytes():
-            raise ValueError(f"data_size {data_size!r} is smaller than one data block")
-        meta = (backings.default_metadata_size(data, bs) if metadata_size is None
-                else parse_size(metadata_size, what="metadata_size"))
-        if meta < Bytes(2 << 20):
-            raise ValueError(f"metadata_size {metadata_size!r} is below the 2 MiB minimum")
-        directory = os.path.abspath(directory)
-        cls._refuse_existing(name, directory)
-        backing = backings.LoopBacking(directory)
-        config = {"data_size": int(data), "metadata_size": int(meta)}
-
-        def make():
-            backing.make(data, meta)
-
-        return cls._create(name, directory, backing, bs, config, options, make,
-                           cleanup=backing.remove_files)
-
-    @classmethod
-    def create(cls, name, data_device, metadata_device, *, state_dir,
-               block_size=DEFAULT_BLOCK_SIZE, force=False, **options):
-        """Create a pool on two block devices (direct mode).
-
-        Both devices are checked first: each must be a block device that is
-        not in use, and without ``force`` must carry no filesystem,
-        partition table, LVM, LUKS or thin-pool signature.  The first 4 KiB
-        of the metadata device is zeroed.
-
-        Args:
-            name: the pool's device-mapper name.
-            data_device, metadata_device: block device paths.
-            state_dir: the pool's state directory (created; must not hold a
-                pool already).
-            block_size: data block size, bytes or a string (64K..1G).
-            force: use devices that carry signatures (their data is lost).
-            low_water_mark: free data blocks below which the pool raises
-                an event (default 0: never).
-            features: thin-pool feature args, a subset of
-                ``skip_block_zeroing``, ``ignore_discard``,
-                ``no_discard_passdown``, ``read_only``, ``error_if_no_space``.
-            min_free_space: percent of data and metadata that must stay
-                free for new devices and snapshots (default 10, as
-                ``dm.min_free_space``).
-            deferred_removal: remove busy devices when their last user
-                closes them (default True).
-            deferred_deletion: queue deletes that meet EBUSY and retry them
-                later (default True).
-            lock_timeout: seconds a change waits for another process.
-
-        Returns:
-            The new, active :class:`Pool`.
-
-        Raises:
-            ValueError: a path that is not a block device, a bad option.
-            DeviceNotBlankError: a device carries a signature (named) and
-                ``force`` is False.
-            DeviceBusyError: a device is in use.
-            DeviceExistsError: the name or the state directory is taken.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        state_dir = os.path.abspath(state_dir)
-        cls._refuse_existing(name, state_dir)
-        if os.path.realpath(data_device) == os.path.realpath(metadata_device):
-            raise ValueError("data_device and metadata_device must be different devices")
-        for path in (metadata_device, data_device):
-            cls._check_device(path, force, "create")
-        backing = backings.BlockBacking(data_device, metadata_device)
-
-        def make():
-            _zero_head(metadata_device)
-
-        return cls._create(name, state_dir, backing, bs, {}, options, make)
-
-    @classmethod
-    def create_on_device(cls, name, device, thinp_percent=95, thinp_metapercent=1,
-                         force=False, *, state_dir, block_size=DEFAULT_BLOCK_SIZE, **options):
-        """Create a pool on one raw block device, split into metadata and data
-        by two linear devices, ``<name>-tmeta`` and ``<name>-tdata``.
-
-        Metadata takes ``thinp_metapercent`` percent of the device (at
-        least 2 MiB) from its start; data follows, aligned to a data block,
-        and takes ``thinp_percent`` percent rounded down to whole blocks.
-        The rest is left free for growing later.
-
-        Args:
-            name: the pool's device-mapper name.
-            device: the block device path.
-            thinp_percent: percent of the device for data (as the guide's
-                ``dm.thinp_percent``).
-            thinp_metapercent: percent for metadata (``dm.thinp_metapercent``).
-            force: use a device that carries a signature.
-            state_dir, block_size: as for :meth:`create`; so are the other
-                keyword options.
-
-        Returns:
-            The new, active :class:`Pool`.
-
-        Raises:
-            As :meth:`create`; ValueError also for percentages that do not
-            fit or a device too small.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        state_dir = os.path.abspath(state_dir)
-        cls._refuse_existing(name, state_dir)
-        for piece in (f"{name}-tmeta", f"{name}-tdata"):
-            check_name(piece)
-            if ops.exists(piece):
-                raise error_for(errno.EEXIST, "create_on_device", piece,
-                                message=f"a device named {piece!r} exists already")
-        dev = cls._check_device(device, force, "create_on_device")
-        layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent,
-                                       thinp_metapercent)
-        backing = backings.SplitBacking(name, device, layout)
-
-        def make():
-            _zero_head(device, offset=int(layout[0].bytes()))
-
-        return cls._create(name, state_dir, backing, bs, {}, options, make,
-                           cleanup=backing.teardown)
-
-    @classmethod
-    def adopt(cls, pool_device_name, *, state_dir, **options):
-        """Take over an existing, unused thin-pool device (``dm.thinpooldev``).
-
-        As Docker required, the pool must be unused: transaction id 0 and
-        no data blocks used.  Its table (block size, low water mark,
-        features) is read from the kernel; libdm does not own its devices,
-        so :meth:`destroy` never removes them and :meth:`open` needs the
-        pool device to be live.
-
-        Args:
-            pool_device_name: the thin-pool device-mapper device's name.
-            state_dir: where to keep libdm's state for it.
-            options: keyword options ``min_free_space``, ``deferred_removal``,
-                ``deferred_deletion``, ``lock_timeout``.
-
-        Returns:
-            The adopted :class:`Pool`.
-
-        Raises:
-            NoSuchDeviceError: no such device.
-            ValueError: it is not a thin-pool device.
-            PoolError: it is in use (transaction id or data in use), failed
-                or read-only.
-        """
-        check_name(pool_device_name)
-        state_dir = os.path.abspath(state_dir)
-        if os.path.exists(os.path.join(state_dir, DB_NAME)):
-            raise error_for(errno.EEXIST, "adopt", pool_device_name,
-                            message=f"{state_dir} holds a pool already")
-        table = ops.table(pool_device_name)
-        if len(table) != 1 or table[0].type != "thin-pool":
-            raise ValueError(f"{pool_device_name} is not a thin-pool device "
-                             f"(its table is {', '.join(str(t) for t in table) or 'empty'})")
-        params = ThinPoolParams.parse(table[0].params)
-        st = parse_pool_status(ops.status(pool_device_name)[0].params)
-        if st.failed:
-            raise PoolFailedError(f"pool {pool_device_name} has failed ({st}); {REPAIR_HINT}",
-                                  "adopt", pool_device_name)
-        if st.transaction_id != 0 or st.used_data != 0:
-            raise StateError(
-                f"pool {pool_device_name} is in use (transaction id {st.transaction_id}, "
-                f"{int(st.used_data)} data blocks used); libdm adopts only unused pools, "
-                f"so that it never disturbs another owner's transactions",
-                "adopt", pool_device_name,
-            )
-        uuid = ops.info(pool_device_name).uuid or ""
-        options = dict(options)
-        options.setdefault("low_water_mark", int(params.low_water_mark))
-        options.setdefault("features", sorted(params.features))
-        return cls._create(pool_device_name, state_dir, backings.AdoptedBacking(),
-                           params.block_size, {}, options, make=None, uuid=uuid)
 
     @classmethod
     def open(cls, directory, *, lock_timeout=30.0):
@@ -362,94 +139,6 @@ class Pool:
         return pool
 
     # -- creation helpers --------------------------------------------------------
-
-    @staticmethod
-    def _refuse_existing(name, directory):
-        if os.path.exists(os.path.join(directory, DB_NAME)):
-            raise DeviceExistsError(errno.EEXIST, f"{directory} holds a pool already",
-                                    "create", name)
-        if ops.exists(name):
-            raise DeviceExistsError(errno.EEXIST, f"a device named {name!r} exists already",
-                                    "create", name)
-
-    @staticmethod
-    def _check_device(path, force, operation):
-        try:
-            dev = open_block_device(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such block device", path) from None
-        check_unused(path)
-        found = signatures(path)
-        if found and not force:
-            raise DeviceNotBlankError(
-                f"{path} holds {' and '.join(found)}; pass force=True to use it anyway "
-                f"(its contents will be lost)",
-                operation, path,
-            )
-        return dev
-
-    @classmethod
-    def _create(cls, name, directory, backing, block_size, config, options, make,
-                cleanup=None, uuid=None):
-        options = dict(options)
-        lock_timeout = options.pop("lock_timeout", 30.0)
-        features = sorted(set(options.pop("features", ())))
-        unknown = sorted(set(features) - set(FEATURES))
-        if unknown:
-            raise ValueError(f"unknown thin-pool feature {', '.join(unknown)}; "
-                             f"known: {', '.join(FEATURES)}")
-        lwm = int(options.pop("low_water_mark", 0))
-        min_free = options.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
-        if not 0 <= min_free < 100:
-            raise ValueError(f"min_free_space must be a percentage from 0 to 99, got {min_free}")
-        config = dict(config)
-        config.update(
-            block_size=int(block_size),
-            low_water_mark=lwm,
-            features=features,
-            min_free_space=min_free,
-            deferred_removal=bool(options.pop("deferred_removal", True)),
-            deferred_deletion=bool(options.pop("deferred_deletion", True)),
-            base_device=None,
-            token=uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
-        )
-        config.update(backing.config())
-        if options:
-            raise TypeError(f"unknown option {', '.join(sorted(options))}")
-        made_dir = not os.path.isdir(directory)
-        store = Store(directory, create=True)
-        pool = None
-        try:
-            if make is not None:
-                make()
-            # The pool row goes in before the device exists: a crash from
-            # here on leaves a pool that Pool.open finishes bringing up.
-            store.init_pool(name, uuid if uuid is not None else
-                            f"LIBDM-POOL-{uuidlib.uuid4().hex}", backing.kind, config)
-            pool = cls(directory, lock_timeout=lock_timeout, _store=store)
-            with pool._changing("create"):
-                if backing.kind != "adopted":
-                    pool._activate_pool("create")
-                crash.point("pool:created")
-                st = pool.status()
-                if not st.failed:
-                    with store.transaction():
-                        store.set_transaction_id(st.transaction_id)
-            return pool
-        except BaseException:
-            if pool is not None and backing.kind != "adopted" and ops.exists(name):
-                ops.remove(name)
-            if cleanup is not None:
-                cleanup()
-            store.close()
-            for leftover in os.listdir(directory):
-                if leftover.startswith(DB_NAME) or leftover == LOCK_NAME:
-                    os.unlink(os.path.join(directory, leftover))
-            if made_dir and not os.listdir(directory):
-                os.rmdir(directory)
-            if pool is not None:
-                os.close(pool._lock_fd)
-            raise
 
     # -- locking -------------------------------------------------------------------
 
@@ -608,12 +297,6 @@ class Pool:
                     f"space of {pct}%; grow the pool or delete devices",
                     operation, self.name)
 
-    def _set_transaction(self, old, new):
-        ops.message(self.name, f"set_transaction_id {old} {new}")
-        # Reading status without no-flush commits the pool's metadata, so
-        # the change is durable before the store records its outcome.
-        ops.status(self.name)
-
     # -- bringing a pool up ------------------------------------------------------------
 
     def _bring_up(self, operation):
@@ -626,85 +309,6 @@ class Pool:
             self._retry_deferred_deletes()
         for row in self._store.active_devices():
             self._activate(row, operation)
-
-    def _reconcile(self, st, operation):
-        kernel = st.transaction_id
-        for intent in self._store.intents():
-            stored = self._store.transaction_id()
-            if intent["txid"] != stored + 1:
-                raise StateError(f"the journal of pool {self.name!r} holds an intent for "
-                                 f"transaction {intent['txid']}, but the store is at {stored}",
-                                 operation, self.name)
-            if kernel == intent["txid"]:
-                self._roll_forward(intent)
-            elif kernel == stored:
-                kernel = self._roll_back(intent)
-            else:
-                raise StateError(
-                    f"pool {self.name!r} is at transaction {kernel} in the kernel but "
-                    f"{stored} in the store (with a change to {intent['txid']} in flight); "
-                    f"another program may have changed the pool", operation, self.name)
-        stored = self._store.transaction_id()
-        if kernel != stored:
-            raise StateError(
-                f"pool {self.name!r} is at transaction {kernel} in the kernel but {stored} "
-                f"in the store; another program changed the pool, so libdm will not touch it",
-                operation, self.name)
-
-    def _roll_forward(self, intent):
-        """The kernel has the change: record its outcome."""
-        with self._store.transaction():
-            if intent["op"] in ("create_thin", "create_snap"):
-                self._store.add_device(intent["name"], intent["thin_id"], intent["size"],
-                                       intent["parent"])
-            else:
-                self._forget_deleted(intent)
-            self._store.set_transaction_id(intent["txid"])
-            self._store.drop_intent(intent["txid"])
-
-    def _forget_deleted(self, intent):
-        row = self._store.device(intent["name"])
-        if row is not None and row["thin_id"] == intent["thin_id"]:
-            self._store.drop_device(intent["name"])
-        self._store.drop_deferred_delete(intent["thin_id"])
-        self._store.release_id(intent["thin_id"])
-
-    def _roll_back(self, intent):
-        """The kernel's transaction id never moved.  A create may still have
-        reached the kernel: delete the id so it cannot leak.  A delete is
-        finished, since the device was already deactivated for it."""
-        self._delete_thin_id(intent["thin_id"])
-        if intent["op"] in ("create_thin", "create_snap"):
-            with self._store.transaction():
-                self._store.release_id(intent["thin_id"])
-                self._store.drop_intent(intent["txid"])
-            return self._store.transaction_id()
-        self._set_transaction(intent["txid"] - 1, intent["txid"])
-        self._roll_forward(intent)
-        return intent["txid"]
-
-    def _delete_thin_id(self, thin_id):
-        """Send ``delete``; an id the kernel does not hold is fine."""
-        try:
-            ops.message(self.name, f"delete {thin_id}")
-        except DMError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
-
-    def _retry_deferred_deletes(self):
-        for row in self._store.deferred_deletes():
-            stored = self._store.transaction_id()
-            with self._store.transaction():
-                self._store.add_intent(stored + 1, "delete", row["thin_id"], row["name"])
-            try:
-                self._delete_thin_id(row["thin_id"])
-            except DeviceBusyError:
-                with self._store.transaction():
-                    self._store.drop_intent(stored + 1)
-                continue
-            self._set_transaction(stored, stored + 1)
-            self._roll_forward({"op": "delete", "txid": stored + 1, "thin_id": row["thin_id"],
-                                "name": row["name"]})
 
     # -- devices ----------------------------------------------------------------------
 
@@ -793,72 +397,6 @@ class Pool:
         if ops.exists(dm_name):
             raise DeviceExistsError(errno.EEXIST, f"a device-mapper device named {dm_name!r} "
                                     f"exists already", operation, dm_name)
-
-    def _provision(self, op, name, size, parent, origin_id):
-        """The journal for create_thin / create_snap (see the module doc)."""
-        while True:
-            stored = self._store.transaction_id()
-            txid = stored + 1
-            with self._store.transaction():
-                thin_id = self._store.allocate_id(MAX_THIN_ID)
-                if thin_id is None:
-                    raise PoolFullError(f"pool {self.name!r} has no free thin device id left",
-                                        op, self.name)
-                self._store.add_intent(txid, op, thin_id, name, size, parent, origin_id)
-            crash.point("create:intent")
-            try:
-                if op == "create_thin":
-                    ops.message(self.name, f"create_thin {thin_id}")
-                else:
-                    self._create_snap(thin_id, parent, origin_id)
-            except DMError as exc:
-                with self._store.transaction():
-                    self._store.drop_intent(txid)
-                    if exc.errno == errno.EEXIST:
-                        # The kernel holds this id without our record of it:
-                        # never hand it out, try the next one.
-                        self._store.mark_foreign(thin_id)
-                    else:
-                        self._store.release_id(thin_id)
-                if exc.errno == errno.EEXIST:
-                    continue
-                raise
-            crash.point("create:message")
-            try:
-                self._set_transaction(stored, txid)
-            except DMError:
-                self._undo_provision(thin_id, txid)
-                raise
-            crash.point("create:transaction")
-            with self._store.transaction():
-                self._store.add_device(name, thin_id, size, parent)
-                self._store.set_transaction_id(txid)
-                self._store.drop_intent(txid)
-            crash.point("create:recorded")
-            return thin_id
-
-    def _undo_provision(self, thin_id, txid):
-        try:
-            self._delete_thin_id(thin_id)
-        finally:
-            with self._store.transaction():
-                self._store.drop_intent(txid)
-                self._store.release_id(thin_id)
-
-    def _create_snap(self, thin_id, origin, origin_id):
-        origin_dm = self.device_dm_name(origin)
-        if not ops.exists(origin_dm):
-            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
-            return
-        # The kernel does not stop a snapshot of an origin with writes in
-        # flight, and such a snapshot is silently inconsistent: suspend
-        # the origin around the message, and always resume it.
-        ops.suspend(origin_dm)
-        try:
-            crash.point("snapshot:suspended")
-            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
-        finally:
-            ops.resume(origin_dm)
 
     def activate_device(self, name):
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
@@ -1064,14 +602,3 @@ class Pool:
 
     def __repr__(self):
         return f"<Pool {self.name!r} ({self.kind}) at {self.directory}>"
-
-
-def _zero_head(path, offset=0, length=4096):
-    """Zero ``length`` bytes at ``offset`` of a device (new metadata must
-    start zeroed, or the kernel may take stale bytes for a superblock)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, bytes(length), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)

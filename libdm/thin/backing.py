@@ -22,7 +22,7 @@ from libdm.dm import loop
 from libdm.dm import ops
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
-from libdm.thin.units import Bytes, Sectors
+from libdm.thin.units import Bytes, Sectors, format_size
 
 __all__ = ["LoopBacking", "BlockBacking", "SplitBacking", "AdoptedBacking", "from_config"]
 
@@ -85,6 +85,42 @@ class LoopBacking:
 
     def describe(self):
         return {"Data file": self.data_file, "Metadata file": self.metadata_file}
+
+    def sizes(self):
+        """(data, metadata) file sizes in ``Bytes``."""
+        return (Bytes(os.stat(self.data_file).st_size),
+                Bytes(os.stat(self.metadata_file).st_size))
+
+    def grow(self, data_size=None, metadata_size=None):
+        """Grow the files to the given ``Bytes`` (``None``: unchanged) and
+        make their loop devices follow (LOOP_SET_CAPACITY).
+
+        Raises:
+            ValueError: a size below the current one (shrinking would cut
+                off blocks the pool has handed out).
+        """
+        for path, size, what in ((self.data_file, data_size, "data"),
+                                 (self.metadata_file, metadata_size, "metadata")):
+            if size is None:
+                continue
+            current = os.stat(path).st_size
+            if int(size) < current:
+                raise ValueError(
+                    f"{what} cannot shrink: it is {format_size(Bytes(current))}, asked "
+                    f"{format_size(size)} (a thin pool only grows)")
+        for path, size in ((self.data_file, data_size), (self.metadata_file, metadata_size)):
+            if size is None or int(size) == os.stat(path).st_size:
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, int(size))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dev = loop.find(path)
+            if dev is not None:
+                with dev:
+                    loop.refresh_capacity(dev)
 
     def teardown(self):
         """Nothing: the loops are autoclear and go with the pool."""

@@ -35,6 +35,7 @@ from libdm.thin.errors import (
     PoolReadOnlyError,
     StateError,
 )
+from libdm.thin.growth import Growth
 from libdm.thin.journal import Journal
 from libdm.thin.status import parse_pool_status
 from libdm.thin.store import DB_NAME, Store
@@ -64,7 +65,7 @@ def _thin_check_failure(meta_path):
     return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
 
 
-class Pool(PoolCreation, Journal):
+class Pool(PoolCreation, Journal, Growth):
     """A thin pool and its thin devices.
 
     Get one with :meth:`create_loop`, :meth:`create`,
@@ -535,10 +536,7 @@ class Pool(PoolCreation, Journal):
             if name is not None and self._store.device(name) is None:
                 raise error_for(errno.ENXIO, "set_base_device", name,
                                 message=f"pool {self.name!r} has no device named {name!r}")
-            config = dict(self._config, base_device=name)
-            with self._store.transaction():
-                self._store.set_config(config)
-            self._config = config
+            self._update_config(base_device=name)
 
     # -- reporting and ending ----------------------------------------------------------
 

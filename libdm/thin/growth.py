@@ -88,6 +88,20 @@ class Growth:
                 self._update_config(low_water_mark=old)
                 raise
 
+    def monitor(self, threshold=80, percent=20, **options):
+        """An autoextend :class:`~libdm.thin.monitor.Monitor` for this pool
+        (``dm.thinp_autoextend_threshold`` / ``_percent``): not running yet;
+        call its ``run()``, ``start()``, or use it in a ``with`` block.
+
+        Args:
+            threshold: percent used at which to grow (default 80).
+            percent: growth in percent of the current size (default 20).
+            options: see :class:`~libdm.thin.monitor.Monitor`.
+        """
+        from libdm.thin.monitor import Monitor
+
+        return Monitor(self, threshold, percent, **options)
+
     def _check_growable(self, operation):
         st = self.status()
         if st.failed:

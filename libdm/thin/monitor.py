@@ -1,0 +1,274 @@
+"""Autoextend: grow a pool before it fills, as LVM's dmeventd and Docker's
+``dm.thinp_autoextend_threshold`` / ``dm.thinp_autoextend_percent`` did.
+
+The monitor sets the pool's low water mark from the threshold, so the
+kernel raises an event as soon as free space falls below it, and waits for
+events with a timeout as a fallback (events are edge-triggered, and every
+resume raises one too, so the status is read after every wake-up rather
+than trusted).  When data or metadata use reaches the threshold, it grows
+that part by ``percent`` of its size:
+
+* loop pools by growing their files, while the filesystem holding them
+  keeps ``reserve`` bytes free;
+* block pools by extending onto the next of the ``spares`` devices;
+* or through a ``grow`` callback, for anything else (an LVM volume, a
+  cloud disk), after which the pool is refreshed.
+
+Every step is logged on the ``libdm.monitor`` logger and kept in
+:attr:`Monitor.history`; failures back off exponentially; ``max_data_size``
+and ``max_metadata_size`` are hard limits.
+"""
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from libdm.dm.errors import DMError
+from libdm.dm.events import wait_event
+from libdm.thin.units import Bytes, format_size, parse_size
+
+__all__ = ["Monitor", "GrowthStep"]
+
+logger = logging.getLogger("libdm.monitor")
+
+
+@dataclass(frozen=True)
+class GrowthStep:
+    """One thing the monitor did or tried.
+
+    Attributes:
+        when: ``time.time()`` of the step.
+        part: ``"data"`` or ``"metadata"``.
+        used_percent: how full that part was.
+        old_size, new_size: ``Bytes`` before and after (equal when it failed).
+        error: why it failed, or ``None``.
+    """
+
+    when: float
+    part: str
+    used_percent: float
+    old_size: Bytes
+    new_size: Bytes
+    error: Optional[str] = None
+
+    @property
+    def ok(self):
+        return self.error is None
+
+
+class Monitor:
+    """Watches one pool and grows it (see the module documentation).
+
+    Args:
+        pool: the :class:`~libdm.Pool`.
+        threshold: percent used at which data is grown (1..99, default 80).
+        percent: how much to grow, in percent of the current size (default 20).
+        metadata_threshold: percent used at which metadata is grown
+            (default: ``threshold``).
+        interval: seconds between status checks when no event comes.
+        max_data_size, max_metadata_size: hard limits (bytes or strings).
+        reserve: bytes (or a string) to keep free on the filesystem that
+            holds a loop pool's files (default ``"64M"``).
+        spares: block devices a block pool may be extended onto, in order.
+        grow: ``grow(pool, part, old_size, wanted_size) -> bool``, called
+            when the monitor cannot grow the pool itself; return True once
+            the devices are bigger (the pool is then refreshed).
+
+    Raises:
+        ValueError: thresholds or percent out of range, bad sizes.
+    """
+
+    MAX_BACKOFF = 300.0
+
+    def __init__(self, pool, threshold=80, percent=20, *, metadata_threshold=None,
+                 interval=10.0, max_data_size=None, max_metadata_size=None, reserve="64M",
+                 spares=(), grow=None):
+        for what, value in (("threshold", threshold), ("metadata_threshold", metadata_threshold)):
+            if value is not None and not 0 < value < 100:
+                raise ValueError(f"{what} must be a percentage between 1 and 99, got {value}")
+        if not 0 < percent <= 1000:
+            raise ValueError(f"percent must be between 1 and 1000, got {percent}")
+        self.pool = pool
+        self.threshold = threshold
+        self.percent = percent
+        self.metadata_threshold = threshold if metadata_threshold is None else metadata_threshold
+        self.interval = interval
+        self.max_data_size = None if max_data_size is None else parse_size(max_data_size)
+        self.max_metadata_size = (None if max_metadata_size is None
+                                  else parse_size(max_metadata_size))
+        self.reserve = parse_size(reserve, what="reserve")
+        self.spares = list(spares)
+        self.grow_callback = grow
+        self.history = []
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._stop = threading.Event()
+
+    # -- running -----------------------------------------------------------------
+
+    def stop(self):
+        """Ask :meth:`run` to return (safe from another thread or a signal handler)."""
+        self._stop.set()
+
+    def start(self):
+        """Run in a daemon thread; returns this monitor.  ``with
+        pool.monitor(...):`` does the same and stops it at the end."""
+        self._stop.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run_in_thread, daemon=True,
+                                        name=f"libdm-monitor-{self.pool.name}")
+        self._thread.start()
+        return self
+
+    def _run_in_thread(self):
+        try:
+            self.run()
+        except BaseException as exc:  # re-raised by join()
+            self._error = exc
+
+    def join(self, timeout=None):
+        """Stop a :meth:`start`-ed monitor and wait for it.
+
+        Raises:
+            The exception that ended the monitor's thread, if any.
+        """
+        self.stop()
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join(timeout)
+        if getattr(self, "_error", None) is not None:
+            raise self._error
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.join()
+        return False
+
+    def run(self, *, iterations=None):
+        """Watch until :meth:`stop` (or for ``iterations`` wake-ups).
+
+        Returns:
+            :attr:`history`.
+        """
+        self._arm()
+        seen = None
+        n = 0
+        while not self._stop.is_set() and (iterations is None or n < iterations):
+            n += 1
+            self.check()
+            timeout = self.interval
+            if self._retry_at:
+                timeout = max(0.0, min(timeout, self._retry_at - time.monotonic()))
+            try:
+                seen = wait_event(self.pool.name, seen, timeout=max(timeout, 0.01))
+            except TimeoutError:
+                pass
+        return self.history
+
+    def check(self):
+        """Read the status once and grow what crossed its threshold.
+
+        Returns:
+            The :class:`GrowthStep` values of this check (maybe none).
+        """
+        if self._retry_at and time.monotonic() < self._retry_at:
+            return []
+        st = self.pool.status()
+        if st.failed:
+            return [self._record("data", 100.0, Bytes(0), Bytes(0),
+                                 f"the pool has failed ({st.state})")]
+        steps = []
+        data_pct = 100.0 * int(st.used_data) / max(int(st.total_data), 1)
+        if data_pct >= self.threshold:
+            steps.append(self._grow("data", data_pct))
+        meta_pct = 100.0 * int(st.used_meta) / max(int(st.total_meta), 1)
+        if meta_pct >= self.metadata_threshold:
+            steps.append(self._grow("metadata", meta_pct))
+        failed = [s for s in steps if not s.ok]
+        if failed:
+            self._backoff = min(max(self._backoff * 2, 1.0), self.MAX_BACKOFF)
+            self._retry_at = time.monotonic() + self._backoff
+        elif steps:
+            self._backoff, self._retry_at = 0.0, 0.0
+        return steps
+
+    # -- growing -------------------------------------------------------------------
+
+    def _arm(self):
+        """Low water mark = the free blocks left at the threshold."""
+        st = self.pool.status()
+        if not st.failed:
+            self.pool.set_low_water_mark(int(st.total_data) * (100 - self.threshold) // 100)
+
+    def _sizes(self):
+        data = self.pool.data_size()
+        meta = Bytes(int(self.pool.status().total_meta.bytes()))
+        return data, meta
+
+    def _grow(self, part, used_pct):
+        data, meta = self._sizes()
+        old = data if part == "data" else meta
+        limit = self.max_data_size if part == "data" else self.max_metadata_size
+        want = Bytes(int(old) + int(old) * self.percent // 100)
+        unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
+        want = Bytes(-(-int(want) // unit) * unit)
+        if limit is not None and want > limit:
+            want = Bytes(int(limit) // unit * unit)
+        if want <= old:
+            return self._record(part, used_pct, old, old,
+                                f"at its hard limit of {format_size(limit)}")
+        try:
+            new = self._apply(part, old, want)
+        except (DMError, OSError, ValueError) as exc:
+            return self._record(part, used_pct, old, old, str(exc))
+        if new <= old:
+            return self._record(part, used_pct, old, old, "no room to grow")
+        if part == "data":
+            self._arm()
+        return self._record(part, used_pct, old, new, None)
+
+    def _apply(self, part, old, want):
+        pool = self.pool
+        if pool.kind == "loop":
+            want = self._clamp_to_filesystem(part, old, want)
+            if want <= old:
+                raise OSError(f"the filesystem holding {pool.directory} has no room beyond "
+                              f"its {format_size(self.reserve)} reserve")
+            pool.resize(**{f"{'data' if part == 'data' else 'metadata'}_size": want})
+        elif part == "data" and self.spares and hasattr(pool, "extend"):
+            pool.extend(self.spares.pop(0))
+        elif self.grow_callback is not None:
+            if not self.grow_callback(pool, part, old, want):
+                raise OSError(f"the grow callback did not grow the {part}")
+            pool.refresh()
+        else:
+            raise OSError(f"no way to grow the {part} of pool {pool.name!r}: give spares "
+                          f"or a grow callback")
+        data, meta = self._sizes()
+        return data if part == "data" else meta
+
+    def _clamp_to_filesystem(self, part, old, want):
+        """A sparse file may only grow as far as the filesystem can fill it."""
+        path = os.path.join(self.pool.directory, "data" if part == "data" else "metadata")
+        vfs = os.statvfs(self.pool.directory)
+        free = vfs.f_bavail * vfs.f_frsize - int(self.reserve)
+        allocated = os.stat(path).st_blocks * 512
+        room = max(free, 0) + allocated  # the most this file can ever hold
+        unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
+        return Bytes(min(int(want), room // unit * unit))
+
+    def _record(self, part, used_pct, old, new, error):
+        step = GrowthStep(time.time(), part, round(used_pct, 1), Bytes(old), Bytes(new), error)
+        self.history.append(step)
+        if error is None:
+            logger.info("pool %s: %s %.1f%% used, grown from %s to %s", self.pool.name, part,
+                        used_pct, format_size(old), format_size(new))
+        else:
+            logger.error("pool %s: %s %.1f%% used, could not grow: %s", self.pool.name, part,
+                         used_pct, error)
+        return step

@@ -1,0 +1,106 @@
+"""The autoextend monitor against a writer going as fast as it can."""
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+import libdm
+
+import witness
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+
+
+def fill(path, megabytes, seed, errors, digests):
+    """Write ``megabytes`` of distinct data, 1 MiB at a time, syncing each."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i in range(megabytes):
+            chunk = hashlib.sha256(f"{seed}-{i}".encode()).digest() * (MiB // 32)
+            os.pwrite(fd, chunk, i * MiB)
+            os.fsync(fd)
+            digests[(path, i)] = hashlib.sha256(chunk).hexdigest()
+    except OSError as exc:
+        errors.append(f"{path}: {exc}")
+    finally:
+        os.close(fd)
+
+
+def test_monitor_keeps_a_full_speed_writer_in_space(dm_name, tmp_path):
+    # error_if_no_space: running out would fail a write at once.
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M",
+                                  features=["error_if_no_space"], min_free_space=0)
+    try:
+        devices = [pool.create_thin(f"v{i}", "128M") for i in range(3)]
+        errors, digests = [], {}
+        with pool.monitor(threshold=80, percent=20, interval=1.0) as monitor:
+            writers = [threading.Thread(target=fill, args=(d.path, 48, i, errors, digests))
+                       for i, d in enumerate(devices)]
+            for w in writers:
+                w.start()
+            for w in writers:
+                w.join()
+        assert errors == []
+        assert pool.status().mode == "rw"
+        grown = [s for s in monitor.history if s.ok and s.part == "data"]
+        assert len(grown) >= 3
+        assert all(s.new_size > s.old_size for s in grown)
+        final = pool.data_size()
+        assert final >= 144 * MiB and final == grown[-1].new_size
+        assert int(witness.table(pool.name)[0].split()[1]) * 512 == final
+        # Every byte written is readable.
+        for (path, i), digest in digests.items():
+            with open(path, "rb") as fh:
+                fh.seek(i * MiB)
+                assert hashlib.sha256(fh.read(MiB)).hexdigest() == digest
+        print(f"pool grew 64 MiB -> {final // MiB} MiB in {len(grown)} steps")
+    finally:
+        pool.close()
+
+
+def test_monitor_sets_the_low_water_mark_and_respects_its_limit(dm_name, tmp_path):
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="16M",
+                                  min_free_space=0)
+    try:
+        dev = pool.create_thin("v", "64M")
+        monitor = pool.monitor(threshold=50, percent=50, max_data_size="20M")
+        monitor._arm()
+        assert witness.table(pool.name)[0].split()[6] == str(256 * 50 // 100)
+        errors, digests = [], {}
+        fill(dev.path, 10, 0, errors, digests)
+        steps = monitor.check()
+        assert [s.ok for s in steps] == [True]
+        assert pool.data_size() == 20 * MiB  # 24 MiB wanted, capped at 20
+        steps = monitor.check()
+        assert steps and "hard limit" in steps[0].error
+        assert pool.data_size() == 20 * MiB
+    finally:
+        pool.close()
+
+
+def test_monitor_reports_no_room_on_the_filesystem(dm_name, tmp_path):
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(small)], check=True)
+    try:
+        pool = libdm.Pool.create_loop(dm_name("pool"), small / "p", data_size="32M",
+                                      min_free_space=0)
+        try:
+            dev = pool.create_thin("v", "64M")
+            errors, digests = [], {}
+            fill(dev.path, 28, 0, errors, digests)
+            monitor = pool.monitor(threshold=80, percent=50, reserve="16M")
+            steps = monitor.check()
+            assert steps and not steps[0].ok and "no room" in steps[0].error
+            assert pool.data_size() == 32 * MiB
+            assert monitor.check() == []  # backing off
+        finally:
+            pool.destroy(remove_files=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -46,8 +46,8 @@ __all__ = ["Pool"]
 
 
 def _thin_check_failure(meta_path):
-    """Run thin_check on an inactive pool's metadata; return its complaint
-    or ``None``.  Skipped (``None``) where thin-provisioning-tools is not
+    """Run thin_check on an inactive pool's metadata (clearing the
+    needs_check flag when it is clean); return its complaint or ``None``.  Skipped (``None``) where thin-provisioning-tools is not
     installed, and for metadata never written (all zeros: a pool whose
     creation stopped before the kernel formatted it)."""
     tool = shutil.which("thin_check")
@@ -59,7 +59,10 @@ def _thin_check_failure(meta_path):
             return None
     finally:
         os.close(fd)
-    proc = subprocess.run([tool, "-q", meta_path], capture_output=True, text=True)
+    # As LVM does by default: metadata that checks clean gets its
+    # needs_check flag cleared, or the kernel would keep the pool read-only.
+    proc = subprocess.run([tool, "-q", "--clear-needs-check-flag", meta_path],
+                          capture_output=True, text=True)
     if proc.returncode == 0:
         return None
     return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"

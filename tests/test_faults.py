@@ -1,0 +1,140 @@
+"""Faulty devices under a pool: the metadata or the data device starts
+failing (dm-error, dm-flakey).  libdm must say what happened and what to
+run, refuse changes, lose nothing from its store, and open the pool again
+once the fault is gone."""
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+import libdm
+from libdm.thin.store import Store
+
+import witness
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def faulty_pool(dm_name, tmp_path):
+    """A pool whose metadata and data devices are linear devices over loops,
+    so the test can swap their tables for failing ones."""
+    loops = {}
+    for part, size in (("meta", 8 * MiB), ("data", 64 * MiB)):
+        path = tmp_path / part
+        with open(path, "wb") as fh:
+            fh.truncate(size)
+        loops[part] = subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+    lower = {part: dm_name(part) for part in loops}
+    sizes = {"meta": 8 * MiB // 512, "data": 64 * MiB // 512}
+    for part, name in lower.items():
+        libdm.create(name, [libdm.Target(0, sizes[part], "linear", f"{loops[part]} 0")])
+    pool = libdm.Pool.create(dm_name("pool"), libdm.device_path(lower["data"]),
+                             libdm.device_path(lower["meta"]), state_dir=tmp_path / "state")
+    dev = pool.create_thin("vol", "16M")
+    fd = os.open(dev.path, os.O_WRONLY)
+    os.pwrite(fd, b"\x42" * MiB, 0)
+    os.fsync(fd)
+    os.close(fd)
+
+    def swap(part, kind):
+        table = {
+            "linear": f"0 {sizes[part]} linear {loops[part]} 0",
+            "error": f"0 {sizes[part]} error",
+            # Up for 0 s, down for an hour: every write fails, reads pass.
+            "flakey": f"0 {sizes[part]} flakey {loops[part]} 0 0 3600 1 error_writes",
+        }[kind]
+        witness.dmsetup("suspend", "--noflush", lower[part])
+        witness.dmsetup("reload", lower[part], "--table", table)
+        witness.dmsetup("resume", lower[part])
+
+    yield pool, dev, lower, swap
+    pool.close()
+
+
+def read_first_mib(path):
+    with open(path, "rb") as fh:
+        return fh.read(MiB)
+
+
+@pytest.mark.parametrize("fault", ["error", "flakey"])
+def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp_path):
+    pool, dev, lower, swap = faulty_pool
+    swap("meta", fault)
+    with pytest.raises((libdm.PoolFailedError, libdm.PoolReadOnlyError)) as caught:
+        pool.create_thin("new", "4M")
+    text = str(caught.value)
+    assert "thin_check" in text and "thin_repair" in text
+    assert witness.status(pool.name)[0].split()[3] in ("Fail", "Error") or \
+        "needs_check" in witness.status(pool.name)[0] or " ro " in witness.status(pool.name)[0]
+    for attempt in (lambda: dev.snapshot("snap"), lambda: dev.delete(),
+                    lambda: pool.create_thin("other", "1M")):
+        with pytest.raises((libdm.PoolFailedError, libdm.PoolReadOnlyError)):
+            attempt()
+    assert pool.info().state in ("Fail", "Error", "ro", "needs_check")
+    store = Store(pool.directory)
+    assert [r["name"] for r in store.devices()] == ["vol"] and store.intents() == []
+    store.close()
+    # Remove the fault, take the failed pool down, check its metadata, reopen.
+    swap("meta", "linear")
+    witness.dmsetup("remove", dev.dm_name)
+    witness.dmsetup("remove", pool.name)
+    check = subprocess.run(["thin_check", libdm.device_path(lower["meta"])],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    again = libdm.Pool.open(pool.directory)
+    try:
+        assert read_first_mib(again.device("vol").path) == b"\x42" * MiB
+        again.create_thin("after", "4M")
+        assert witness.thin_ids(again.name) == {0, 1}
+    finally:
+        again.close()
+
+
+def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
+    pool, dev, lower, swap = faulty_pool
+    swap("data", "error")
+    fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, MiB)
+        buf.write(b"\x17" * MiB)
+        with pytest.raises(OSError) as caught:
+            os.pwritev(fd, [buf], 4 * MiB)
+        assert caught.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    swap("data", "linear")
+    assert read_first_mib(dev.path) == b"\x42" * MiB
+    st = pool.status()
+    if not st.failed and st.mode == "rw" and not st.needs_check:
+        pool.create_thin("after", "4M")
+    store = Store(pool.directory)
+    assert "vol" in [r["name"] for r in store.devices()]
+    store.close()
+
+
+def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
+    pool, dev, lower, swap = faulty_pool
+    name = pool.name
+    witness.dmsetup("remove", dev.dm_name)
+    witness.dmsetup("remove", name)
+    # Scribble over the metadata superblock's checksum.
+    fd = os.open(libdm.device_path(lower["meta"]), os.O_WRONLY)
+    os.pwrite(fd, b"\xff" * 4, 0)
+    os.fsync(fd)
+    os.close(fd)
+    with pytest.raises(libdm.PoolFailedError) as caught:
+        libdm.Pool.open(pool.directory)
+    assert "thin_check found damaged metadata" in str(caught.value)
+    assert "thin_repair" in str(caught.value)
+    assert name not in witness.names()  # nothing was loaded on bad metadata
+    store = Store(pool.directory)
+    assert [r["name"] for r in store.devices()] == ["vol"]
+    store.close()

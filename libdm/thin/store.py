@@ -21,10 +21,12 @@ Every query touches O(1) rows by key, never the whole table, so a pool of
 10,000 devices costs no more per operation than a pool of 10.
 """
 
+import errno
 import json
 import os
 import sqlite3
 
+from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
 from libdm.thin.errors import StateError
 
 __all__ = ["Store", "DB_NAME", "SCHEMA_VERSION"]
@@ -96,11 +98,18 @@ class Store:
             if not os.path.exists(self.path):
                 fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
                 os.close(fd)
-        elif not os.path.isfile(self.path):
-            raise StateError(
-                f"no pool state in {self.directory} ({DB_NAME} is missing)",
-                "open", None,
-            )
+        else:
+            try:
+                os.stat(self.path)
+            except PermissionError:
+                self._refuse_permission()
+            except OSError:
+                raise StateError(
+                    f"no pool state in {self.directory} ({DB_NAME} is missing)",
+                    "open", None,
+                ) from None
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            self._refuse_permission()
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                       check_same_thread=False)
@@ -124,6 +133,12 @@ class Store:
         for name in os.listdir(self.directory):
             if name.startswith(DB_NAME):
                 os.chmod(os.path.join(self.directory, name), 0o600)
+
+    def _refuse_permission(self):
+        raise PermissionDeniedError(
+            errno.EACCES, f"cannot open the pool state in {self.directory}: {NEEDS_ROOT}",
+            "open", None,
+        )
 
     def _check_schema(self):
         row = self.db.execute(

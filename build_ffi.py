@@ -67,6 +67,23 @@ static void libdm_log_restore_default(void)
     dm_log_with_errno_init(NULL);
 }
 
+/* Set a udev cookie, run the task, wait on the cookie, in one C call: a
+ * Python exception (a signal handler, KeyboardInterrupt) can only be raised
+ * between calls, and one raised between dm_task_set_cookie and
+ * dm_udev_wait would leak the cookie's SysV semaphore. */
+static int libdm_run_with_cookie(struct dm_task *dmt, uint16_t flags, int *no_cookie)
+{
+    uint32_t cookie = 0;
+    int ok;
+
+    *no_cookie = !dm_task_set_cookie(dmt, &cookie, flags);
+    if (*no_cookie)
+        return 0;
+    ok = dm_task_run(dmt);
+    dm_udev_wait(cookie);
+    return ok;
+}
+
 /* Arm event polling on a control fd of our own (DM_DEV_ARM_POLL, driver
  * 4.37+).  libdevmapper keeps its control fd private, and a blocking
  * DM_DEVICE_WAITEVENT task cannot time out, so waiting with a timeout is

@@ -12,6 +12,7 @@ import pytest
 import libdm
 from libdm.thin.store import Store
 
+import reliability
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -94,6 +95,7 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
         assert witness.thin_ids(again.name) == {0, 1}
     finally:
         again.close()
+    reliability.record("faults", faults=1, losses=0)
 
 
 def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
@@ -118,6 +120,7 @@ def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
     store = Store(pool.directory)
     assert "vol" in [r["name"] for r in store.devices()]
     store.close()
+    reliability.record("faults", faults=1, losses=0)
 
 
 def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
@@ -138,3 +141,4 @@ def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
     store = Store(pool.directory)
     assert [r["name"] for r in store.devices()] == ["vol"]
     store.close()
+    reliability.record("faults", faults=1, losses=0)

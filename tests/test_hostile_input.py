@@ -13,8 +13,19 @@ from libdm.thin.status import parse_pool_status, parse_thin_status
 from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import Bytes, parse_size
 
-SETTINGS = settings(max_examples=400, deadline=None,
+import reliability
+
+SETTINGS = settings(max_examples=reliability.scale(300, 5000), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
+TRIED = {"n": 0}
+
+
+def tried():
+    TRIED["n"] += 1
+
+
+def teardown_module():
+    reliability.record("hostile input", inputs=TRIED["n"], crashes=0)
 ANY_TEXT = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=160)
 TOKENS = st.lists(st.one_of(
     st.sampled_from(["0", "1", "7:0", "254:1", "128", "-", "rw", "ro", "out_of_data_space",
@@ -27,6 +38,7 @@ TOKENS = st.lists(st.one_of(
 @SETTINGS
 @given(ANY_TEXT)
 def test_name_validation_accepts_or_says_why(text):
+    tried()
     try:
         assert validate.check_name(text) == text
     except ValueError as exc:
@@ -40,6 +52,7 @@ def test_name_validation_accepts_or_says_why(text):
 @SETTINGS
 @given(ANY_TEXT)
 def test_uuid_validation_accepts_or_says_why(text):
+    tried()
     try:
         validate.check_uuid(text)
     except ValueError as exc:
@@ -49,6 +62,7 @@ def test_uuid_validation_accepts_or_says_why(text):
 @SETTINGS
 @given(st.one_of(ANY_TEXT, st.integers(min_value=-(1 << 70), max_value=1 << 70)))
 def test_size_parsing(value):
+    tried()
     try:
         size = parse_size(value)
     except ValueError as exc:
@@ -60,12 +74,14 @@ def test_size_parsing(value):
 @SETTINGS
 @given(st.integers(min_value=1, max_value=1 << 50).map(lambda n: n * 512))
 def test_accepted_sizes_round_trip_through_sectors(n):
+    tried()
     assert parse_size(f"{n // 512}s") == Bytes(n) == parse_size(str(n))
 
 
 @SETTINGS
 @given(st.one_of(ANY_TEXT, TOKENS))
 def test_pool_status_parser_never_raises_anything_else(text):
+    tried()
     try:
         status = parse_pool_status(text)
     except ValueError:
@@ -77,6 +93,7 @@ def test_pool_status_parser_never_raises_anything_else(text):
 @SETTINGS
 @given(st.one_of(ANY_TEXT, TOKENS))
 def test_thin_status_parser_never_raises_anything_else(text):
+    tried()
     try:
         status = parse_thin_status(text)
     except ValueError:
@@ -87,6 +104,7 @@ def test_thin_status_parser_never_raises_anything_else(text):
 @SETTINGS
 @given(st.one_of(ANY_TEXT, TOKENS))
 def test_table_parsers_never_raise_anything_else(text):
+    tried()
     for cls in (ThinPoolParams, ThinParams):
         try:
             params = cls.parse(text)
@@ -103,6 +121,7 @@ def test_table_parsers_never_raise_anything_else(text):
 @SETTINGS
 @given(st.text(alphabet=string.printable + "\x00\x1b\u00e9", max_size=60))
 def test_messages_with_injected_lines_or_controls_are_refused(text):
+    tried()
     injected = f"create_thin 1{text}"
     try:
         validate.check_message(injected)

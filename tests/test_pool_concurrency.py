@@ -11,6 +11,7 @@ import pytest
 import libdm
 from libdm.thin.store import Store
 
+import reliability
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -64,6 +65,7 @@ def test_processes_racing_on_one_pool(dm_name, tmp_path):
     pool = libdm.Pool.open(directory)
     try:
         assert check_consistent(pool) == survivors  # no lost or extra record
+        reliability.record("concurrency", operations=4 * 12, processes=4, lost_records=0)
         for name in survivors:
             assert pool.device(name).active
     finally:
@@ -92,6 +94,7 @@ def test_threads_racing_on_one_pool_object(dm_name, tmp_path):
         assert errors == []
         names = check_consistent(pool)
         assert len(names) == 6 * 4
+        reliability.record("concurrency", operations=6 * 6, threads=6, lost_records=0)
     finally:
         pool.close()
 

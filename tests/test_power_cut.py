@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import reliability
+
 pytestmark = pytest.mark.host
 
 STEPS = os.path.join(os.path.dirname(__file__), "power_cut_steps.py")
@@ -25,7 +27,8 @@ def test_power_cut_keeps_synced_data_and_lineage(run_in_kernel, tmp_path):
     pool_name = f"libdmtest-powercut-{os.getpid()}"
     before = step(run_in_kernel, "build", directory, pool_name)
     # Each boot below starts after an unsynced halt with everything live.
-    for cycle in range(2):
+    cycles = reliability.scale(2, 20)
+    for cycle in range(cycles):
         after = step(run_in_kernel, "check", directory, pool_name)
         for name, seen in before["devices"].items():
             got = after["devices"][name]
@@ -42,4 +45,6 @@ def test_power_cut_keeps_synced_data_and_lineage(run_in_kernel, tmp_path):
     for name, seen in before["devices"].items():
         assert final["devices"][name]["sha256"] == seen["sha256"], name
     assert final["devices"]["layer2"]["parent"] == "layer1"
-    assert sum(1 for d in final["devices"] if d.startswith("extra")) == 2
+    assert sum(1 for d in final["devices"] if d.startswith("extra")) == cycles
+    reliability.record("power cuts", power_cuts=cycles + 1, losses=0,
+                       devices_checked=len(final["devices"]))

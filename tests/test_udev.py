@@ -131,8 +131,6 @@ def test_udev_makes_the_nodes_and_every_cookie_is_waited_on(udev_findings):
 
 
 @pytest.mark.host
-@pytest.mark.xfail(strict=True, reason="Task.run(udev=True) sets the cookie and waits on it in "
-                   "separate C calls: an exception raised between them leaks the semaphore")
 def test_an_interrupt_right_after_the_cookie_leaks_no_semaphore(udev_findings):
     seen = udev_findings[0]["interrupted"]
     assert seen["after"] is not None, seen  # the interrupt did happen

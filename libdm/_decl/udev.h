@@ -16,3 +16,6 @@ int dm_udev_wait(uint32_t cookie);
 int dm_udev_complete(uint32_t cookie);
 void dm_task_update_nodes(void);
 int dm_mknodes(const char *name);
+
+/* build_ffi.py's shim: cookie, run and wait in one C call. */
+int libdm_run_with_cookie(struct dm_task *dmt, uint16_t flags, int *no_cookie);

@@ -171,19 +171,14 @@ class Task:
         log.sync_level()
         with LOCK, log.capture() as lines:
             if udev:
-                cookie = ffi.new("uint32_t *", 0)
-                if not lib.dm_task_set_cookie(self._dmt, cookie, _udev_flags()):
+                # One C call: nothing can come between the cookie and its wait.
+                no_cookie = ffi.new("int *")
+                ok = lib.libdm_run_with_cookie(self._dmt, _udev_flags(), no_cookie)
+                if no_cookie[0]:
                     raise error_for(
-                        0,
-                        self.operation,
-                        self.device,
-                        lines,
+                        0, self.operation, self.device, lines,
                         message="could not set a udev cookie (out of SysV semaphores?)",
                     )
-                try:
-                    ok = lib.dm_task_run(self._dmt)
-                finally:
-                    lib.dm_udev_wait(cookie[0])
             else:
                 ok = lib.dm_task_run(self._dmt)
             if ok:

@@ -303,6 +303,20 @@ class Pool(PoolCreation, Journal, Growth):
 
     # -- bringing a pool up ------------------------------------------------------------
 
+    def _adopt_live_devices(self):
+        """A device whose device-mapper device is live is active, whatever
+        the store says: a process killed between activating it and
+        recording that (or between recording a deactivation and doing it)
+        leaves the two apart, and the kernel is the truth here."""
+        prefix = f"{self.name}-"
+        for entry in ops.list_devices():
+            if not entry.name.startswith(prefix):
+                continue
+            row = self._store.device(entry.name[len(prefix):])
+            if row is not None and not row["active"]:
+                with self._store.transaction():
+                    self._store.set_active(row["name"], True)
+
     def _bring_up(self, operation):
         self._activate_pool(operation)
         st = self.status()
@@ -311,6 +325,7 @@ class Pool(PoolCreation, Journal, Growth):
         if st.mode == "rw" and not st.needs_check:
             self._reconcile(st, operation)
             self._retry_deferred_deletes()
+        self._adopt_live_devices()
         for row in self._store.active_devices():
             self._activate(row, operation)
 

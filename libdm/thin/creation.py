@@ -124,8 +124,11 @@ class PoolCreation:
         cls._refuse_existing(name, state_dir)
         if os.path.realpath(data_device) == os.path.realpath(metadata_device):
             raise ValueError("data_device and metadata_device must be different devices")
-        for path in (metadata_device, data_device):
-            cls._check_device(path, force, "create")
+        meta, data = (cls._check_device(path, force, "create")
+                      for path in (metadata_device, data_device))
+        if meta.devno == data.devno:
+            raise ValueError(f"data_device and metadata_device must be different devices "
+                             f"({data_device} and {metadata_device} are both {data.devno})")
         backing = backings.BlockBacking(data_device, metadata_device)
 
         def make():

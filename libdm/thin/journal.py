@@ -108,10 +108,14 @@ class Journal:
                 self._store.add_intent(stored + 1, "delete", row["thin_id"], row["name"])
             try:
                 self._delete_thin_id(row["thin_id"])
-            except DeviceBusyError:
+            except DMError as exc:
+                # Still busy (retried later) or refused: the queue keeps the
+                # id, and no intent may outlive the attempt.
                 with self._store.transaction():
                     self._store.drop_intent(stored + 1)
-                continue
+                if isinstance(exc, DeviceBusyError):
+                    continue
+                raise
             self._set_transaction(stored, stored + 1)
             self._roll_forward({"op": "delete", "txid": stored + 1, "thin_id": row["thin_id"],
                                 "name": row["name"]})

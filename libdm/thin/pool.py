@@ -20,7 +20,7 @@ import threading
 import time
 
 from libdm.dm import ops
-from libdm.dm.errors import DeviceBusyError, DeviceExistsError, error_for
+from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
@@ -407,8 +407,9 @@ class Pool(PoolCreation, Journal, Growth):
             return self._activate(self._store.device(name), "snapshot")
 
     def _before_change(self, operation, name, dm_name):
+        self._writable_status(operation)
         self._retry_deferred_deletes()
-        st = self._writable_status(operation)
+        st = self.status()  # after the retry: what it freed counts
         self._check_free_space(st, operation)
         if self._store.device(name) is not None:
             raise DeviceExistsError(errno.EEXIST, f"pool {self.name!r} already has a device "
@@ -437,7 +438,20 @@ class Pool(PoolCreation, Journal, Growth):
             if live != table:
                 raise StateError(f"{dm_name} exists with table {'; '.join(map(str, live))}, "
                                  f"expected {table[0]}", operation, dm_name)
-            if ops.info(dm_name).suspended:
+            info = ops.info(dm_name)
+            if info.deferred_remove:
+                # Wanted again while a deferred removal is pending (Docker's
+                # activateDeviceIfNeeded does the same): take the removal back.
+                try:
+                    ops.cancel_deferred_remove(dm_name)
+                except DMError:
+                    if ops.exists(dm_name):
+                        raise
+                    return self._activate(row, operation)  # gone meanwhile: recreate
+                # Without udev, libdevmapper dropped the /dev/mapper node when
+                # the deferred removal was requested: put it back.
+                ops.mknodes(dm_name)
+            if info.suspended:
                 ops.resume(dm_name)
         else:
             ops.create(dm_name, table,
@@ -474,8 +488,8 @@ class Pool(PoolCreation, Journal, Growth):
                 raise DeviceBusyError(
                     errno.EBUSY, f"{name!r} has snapshots ({', '.join(children)}); delete "
                     f"them first", "delete", name)
-            self._retry_deferred_deletes()
             self._writable_status("delete")
+            self._retry_deferred_deletes()
             self._deactivate(name)
             with self._store.transaction():
                 self._store.set_active(name, False)

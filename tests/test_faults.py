@@ -83,8 +83,8 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
     store.close()
     # Remove the fault, take the failed pool down, check its metadata, reopen.
     swap("meta", "linear")
-    witness.dmsetup("remove", dev.dm_name)
-    witness.dmsetup("remove", pool.name)
+    for name in (dev.dm_name, pool.name, f"{pool.name}-tdata", f"{pool.name}-tmeta"):
+        witness.dmsetup("remove", name)
     check = subprocess.run(["thin_check", libdm.device_path(lower["meta"])],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
@@ -126,8 +126,8 @@ def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
 def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
     pool, dev, lower, swap = faulty_pool
     name = pool.name
-    witness.dmsetup("remove", dev.dm_name)
-    witness.dmsetup("remove", name)
+    for gone in (dev.dm_name, name, f"{name}-tdata", f"{name}-tmeta"):
+        witness.dmsetup("remove", gone)
     # Scribble over the metadata superblock's checksum.
     fd = os.open(libdm.device_path(lower["meta"]), os.O_WRONLY)
     os.pwrite(fd, b"\xff" * 4, 0)

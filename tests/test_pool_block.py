@@ -133,6 +133,16 @@ def two_loops(tmp_path):
     return attach(tmp_path, "data.img", 256 * MiB), attach(tmp_path, "meta.img", 16 * MiB)
 
 
+def assert_pool_on(name, meta, data):
+    """The pool's table names its -tmeta and -tdata linear devices, and
+    those map the whole of ``meta`` and ``data``."""
+    mi, di = witness.info(f"{name}-tmeta"), witness.info(f"{name}-tdata")
+    assert witness.table(name)[0].split()[3:5] == [f"{mi['major']}:{mi['minor']}",
+                                                   f"{di['major']}:{di['minor']}"]
+    assert witness.table(f"{name}-tmeta")[0].split()[3:] == [devno(meta), "0"]
+    assert witness.table(f"{name}-tdata")[0].split()[3:] == [devno(data), "0"]
+
+
 # -- split_layout: the sector math, checked against numbers computed here -----------------
 
 
@@ -202,13 +212,19 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
     pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state")
     try:
         assert pool.kind == "block"
+        # As LVM does: the pool sits on linear devices over the two given.
+        tmeta, tdata = f"{pool.name}-tmeta", f"{pool.name}-tdata"
+        assert witness.table(tmeta) == [f"0 {16 * MiB // 512} linear {devno(meta)} 0"]
+        assert witness.table(tdata) == [f"0 {256 * MiB // 512} linear {devno(data)} 0"]
+        mi, di = witness.info(tmeta), witness.info(tdata)
         assert witness.table(pool.name) == [
-            f"0 {256 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 0 0"]
-        # The pool holds both loops (sysfs), and its metadata is a real pool's.
+            f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
+            f"{di['major']}:{di['minor']} 128 0 0"]
+        # The linear devices hold the loops (sysfs), and the metadata is a real pool's.
         info = witness.info(pool.name)
-        for loopdev in (data, meta):
+        for loopdev, piece in ((data, di), (meta, mi)):
             holders = os.listdir(f"/sys/block/{os.path.basename(loopdev)}/holders")
-            assert holders == [f"dm-{info['minor']}"]
+            assert holders == [f"dm-{piece['minor']}"]
         assert witness.transaction_id(pool.name) == 0
         dev = pool.create_thin("vol", "16M")
         assert witness.table(dev.dm_name) == [
@@ -237,9 +253,10 @@ def test_create_with_block_size_and_options(dm_name, tmp_path, two_loops):
                              block_size="512K", low_water_mark=3,
                              features=["skip_block_zeroing"])
     try:
+        mi, di = witness.info(f"{pool.name}-tmeta"), witness.info(f"{pool.name}-tdata")
         assert witness.table(pool.name) == [
-            f"0 {256 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 1024 3 1 "
-            f"skip_block_zeroing"]
+            f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
+            f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"]
     finally:
         pool.close()
 
@@ -273,7 +290,7 @@ def test_create_refuses_a_data_device_with_a_signature(dm_name, tmp_path, kind):
         assert blkid(data, tag) == value  # and it is untouched
     pool = libdm.Pool.create(name, data, meta, state_dir=state, force=True)
     try:
-        assert witness.table(name)[0].split()[3:5] == [devno(meta), devno(data)]
+        assert_pool_on(name, meta, data)
         dev = pool.create_thin("vol", "8M")
         write_pattern(dev.path, 0x3C)
         assert read_at(dev.path) == b"\x3c" * MiB
@@ -408,14 +425,14 @@ def test_block_pool_reopens_after_teardown(dm_name, tmp_path, two_loops):
     b.deactivate()
     table_before = witness.table(name)
     pool.close()
-    for dev in (f"{name}-a", name):  # as a reboot would
+    for dev in (f"{name}-a", name, f"{name}-tdata", f"{name}-tmeta"):  # as a reboot would
         witness.dmsetup("remove", dev)
     assert not any(n.startswith(name) for n in witness.names())
     reopened = libdm.Pool.open(state)
     try:
-        assert witness.table(name) == table_before
-        assert witness.table(name)[0].split()[3:] == [
-            devno(meta), devno(data), "256", "0", "1", "skip_block_zeroing"]
+        assert witness.table(name)[0].split()[5:] == table_before[0].split()[5:]
+        assert witness.table(name)[0].split()[5:] == ["256", "0", "1", "skip_block_zeroing"]
+        assert_pool_on(name, meta, data)
         assert f"{name}-a" in witness.names() and f"{name}-b" not in witness.names()
         assert witness.checksum(reopened.device("a").path) == sums["a"]
         reopened.device("b").activate()
@@ -439,7 +456,7 @@ def test_create_on_device_splits_it_with_linear_pieces(dm_name, tmp_path):
     pool = libdm.Pool.create_on_device(name, device, thinp_percent=95, thinp_metapercent=1,
                                        state_dir=state)
     try:
-        assert pool.kind == "split"
+        assert pool.kind == "block"
         _, meta_len, data_start, data_len = expected_split(total, 128, 95, 1)
         assert (meta_len, data_start, data_len) == (10480, 10496, 996096)
         assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} 0"]

@@ -8,10 +8,10 @@ LVM volume, another device-mapper device).
 
 * :class:`LoopBacking`: sparse files in the state directory, attached to
   loop devices (the guide's loop-lvm mode, the embedded default).
-* :class:`BlockBacking`: two block devices given by the caller.
-* :class:`SplitBacking`: one raw block device split into metadata and
-  data by two ``linear`` device-mapper devices (the guide's
-  ``dm.directlvm_device`` with ``thinp_percent`` / ``thinp_metapercent``).
+* :class:`LinearBacking`: block devices under ``<pool>-tmeta`` and
+  ``<pool>-tdata`` linear devices: two devices given by the caller, or one
+  raw device split by ``thinp_percent`` / ``thinp_metapercent`` (the
+  guide's ``dm.directlvm_device``), extended later by more devices.
 * :class:`AdoptedBacking`: an existing thin-pool device (``dm.thinpooldev``);
   libdm does not own its devices.
 """
@@ -24,7 +24,8 @@ from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
 from libdm.thin.units import Bytes, Sectors, format_size
 
-__all__ = ["LoopBacking", "BlockBacking", "SplitBacking", "AdoptedBacking", "from_config"]
+__all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "split_layout",
+           "default_metadata_size"]
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
@@ -136,29 +137,124 @@ class LoopBacking:
         return self.directory
 
 
-class BlockBacking:
-    """Two block devices given by path."""
+class LinearBacking:
+    """Block devices under ``<pool>-tmeta`` and ``<pool>-tdata`` linear
+    devices, as LVM builds its thin pools.
+
+    Each side is a list of *segments* ``[path, start, length]`` (sectors;
+    a length of ``None`` means "to the end of the device", so a device that
+    grows is picked up by a refresh).  The linear devices concatenate them
+    in order, so the pool's data device can be extended online by
+    appending a segment: the pool keeps the same data device while that
+    device grows, which the kernel allows (it refuses to swap a live
+    pool's data device for another).
+    """
 
     kind = "block"
 
-    def __init__(self, data_device, metadata_device):
-        self.data_device, self.metadata_device = data_device, metadata_device
+    def __init__(self, pool_name, meta_segments, data_segments):
+        self.pool_name = pool_name
+        self.meta_segments = [list(seg) for seg in meta_segments]
+        self.data_segments = [list(seg) for seg in data_segments]
+        self.meta_name = f"{pool_name}-tmeta"
+        self.data_name = f"{pool_name}-tdata"
 
     def config(self):
-        return {"data_device": self.data_device, "metadata_device": self.metadata_device}
+        return {"meta_segments": self.meta_segments, "data_segments": self.data_segments}
+
+    def paths(self):
+        """Every device path the pool uses."""
+        return [seg[0] for seg in self.meta_segments + self.data_segments]
+
+    @staticmethod
+    def table(segments):
+        """The linear table for ``segments``: starts by sector math.
+
+        Raises:
+            ValueError: a segment that does not fit on its device.
+        """
+        out, at = [], 0
+        for path, start, length in segments:
+            dev = open_block_device(path)
+            size = dev.size // 512
+            if length is None:
+                length = size - start
+            if start < 0 or length <= 0 or start + length > size:
+                raise ValueError(f"segment {path} sectors {start}+{length} does not fit on "
+                                 f"the device ({size} sectors)")
+            out.append(Target(at, int(length), "linear", f"{dev.devno} {int(start)}"))
+            at += int(length)
+        return out
 
     def attach(self):
-        return _Devices(open_block_device(self.metadata_device),
-                        open_block_device(self.data_device))
+        made = []
+        try:
+            for name, segments in ((self.meta_name, self.meta_segments),
+                                   (self.data_name, self.data_segments)):
+                table = self.table(segments)
+                if not ops.exists(name):
+                    ops.create(name, table)
+                    made.append(name)
+                    continue
+                live = ops.table(name)
+                if live == table:
+                    continue
+                if not _grows(live, table):
+                    raise ValueError(
+                        f"{name} is live with table {'; '.join(map(str, live))}, which the "
+                        f"pool's stored segments ({'; '.join(map(str, table))}) do not extend")
+                # The store already names the new segments (an extend or a
+                # grown device interrupted before the reload): roll forward.
+                ops.reload(name, table)
+                ops.suspend(name, flush=False)
+                ops.resume(name)
+        except BaseException:
+            for name in reversed(made):
+                ops.remove(name)
+            raise
+        return _Devices(_mapped(self.meta_name), _mapped(self.data_name))
 
     def describe(self):
-        return {"Data file": self.data_device, "Metadata file": self.metadata_device}
+        def text(segments):
+            return " + ".join(
+                f"{path}" if start == 0 and length is None else
+                f"{path} (sectors {start}+{'end' if length is None else length})"
+                for path, start, length in segments)
+        return {"Data file": text(self.data_segments), "Metadata file": text(self.meta_segments)}
 
     def teardown(self):
-        """Nothing: the devices belong to the caller."""
+        for name in (self.data_name, self.meta_name):
+            if ops.exists(name):
+                ops.remove(name)
 
     def backing_filesystem_dir(self):
         return None
+
+
+def _grows(live, table):
+    """True if ``table`` keeps every live segment in place and only adds to
+    the end (a longer last segment, or more segments)."""
+    if len(table) < len(live):
+        return False
+    for old, new in zip(live, table):
+        if (old.start, old.type) != (new.start, new.type) or old.params != new.params:
+            return False
+    return all(new.length >= old.length for old, new in zip(live, table)) and (
+        all(new.length == old.length for old, new in zip(live[:-1], table[:-1])))
+
+
+class _Mapped:
+    """A device-mapper device as the pool table needs it."""
+
+    def __init__(self, name):
+        info = ops.info(name)
+        self.path = ops.device_path(name)
+        self.devno = f"{info.major}:{info.minor}"
+        self.size = sum(t.length for t in ops.table(name)) * 512
+
+
+def _mapped(name):
+    return _Mapped(name)
 
 
 def split_layout(device_sectors, block_size, thinp_percent, thinp_metapercent):
@@ -195,61 +291,6 @@ def split_layout(device_sectors, block_size, thinp_percent, thinp_metapercent):
     return Sectors(0), Sectors(meta_len), Sectors(data_start), Sectors(data_len)
 
 
-class SplitBacking:
-    """One block device split into ``<pool>-tmeta`` and ``<pool>-tdata``
-    linear devices."""
-
-    kind = "split"
-
-    def __init__(self, pool_name, device, layout):
-        self.pool_name, self.device = pool_name, device
-        self.meta_start, self.meta_len, self.data_start, self.data_len = (
-            Sectors(v) for v in layout)
-        self.meta_name = f"{pool_name}-tmeta"
-        self.data_name = f"{pool_name}-tdata"
-
-    def config(self):
-        return {"device": self.device,
-                "layout": [int(self.meta_start), int(self.meta_len),
-                           int(self.data_start), int(self.data_len)]}
-
-    def attach(self):
-        dev = open_block_device(self.device)
-        made = []
-        try:
-            for name, start, length in ((self.meta_name, self.meta_start, self.meta_len),
-                                        (self.data_name, self.data_start, self.data_len)):
-                table = [Target(0, int(length), "linear", f"{dev.devno} {int(start)}")]
-                if ops.exists(name):
-                    live = ops.table(name)
-                    if live != table:
-                        raise ValueError(
-                            f"{name} exists with table {live[0] if live else '(none)'}, "
-                            f"expected {table[0]}"
-                        )
-                else:
-                    ops.create(name, table)
-                    made.append(name)
-        except BaseException:
-            for name in reversed(made):
-                ops.remove(name)
-            raise
-        return _Devices(open_block_device(ops.device_path(self.meta_name)),
-                        open_block_device(ops.device_path(self.data_name)))
-
-    def describe(self):
-        return {"Data file": f"{self.device} (sectors {int(self.data_start)}+{int(self.data_len)})",
-                "Metadata file": f"{self.device} (sectors {int(self.meta_start)}+{int(self.meta_len)})"}
-
-    def teardown(self):
-        for name in (self.data_name, self.meta_name):
-            if ops.exists(name):
-                ops.remove(name)
-
-    def backing_filesystem_dir(self):
-        return None
-
-
 class AdoptedBacking:
     """An existing thin-pool device that libdm provisions from but does not own."""
 
@@ -276,9 +317,7 @@ def from_config(kind, directory, pool_name, config):
     if kind == "loop":
         return LoopBacking(directory)
     if kind == "block":
-        return BlockBacking(config["data_device"], config["metadata_device"])
-    if kind == "split":
-        return SplitBacking(pool_name, config["device"], config["layout"])
+        return LinearBacking(pool_name, config["meta_segments"], config["data_segments"])
     if kind == "adopted":
         return AdoptedBacking()
     raise ValueError(f"unknown pool kind {kind!r} in the state store")

@@ -85,7 +85,9 @@ class PoolCreation:
         Both devices are checked first: each must be a block device that is
         not in use, and without ``force`` must carry no filesystem,
         partition table, LVM, LUKS or thin-pool signature.  The first 4 KiB
-        of the metadata device is zeroed.
+        of the metadata device is zeroed.  As LVM does, the pool sits on
+        linear devices ``<name>-tmeta`` and ``<name>-tdata`` over them, so
+        it can be extended online later (:meth:`extend`).
 
         Args:
             name: the pool's device-mapper name.
@@ -129,12 +131,15 @@ class PoolCreation:
         if meta.devno == data.devno:
             raise ValueError(f"data_device and metadata_device must be different devices "
                              f"({data_device} and {metadata_device} are both {data.devno})")
-        backing = backings.BlockBacking(data_device, metadata_device)
+        cls._refuse_pieces(name, "create")
+        backing = backings.LinearBacking(name, [[metadata_device, 0, None]],
+                                         [[data_device, 0, None]])
 
         def make():
             _zero_head(metadata_device)
 
-        return cls._create(name, state_dir, backing, bs, {}, options, make)
+        return cls._create(name, state_dir, backing, bs, {}, options, make,
+                           cleanup=backing.teardown)
 
     @classmethod
     def create_on_device(cls, name, device, thinp_percent=95, thinp_metapercent=1,
@@ -168,15 +173,13 @@ class PoolCreation:
         bs = check_block_size(parse_size(block_size, what="block_size").sectors())
         state_dir = os.path.abspath(state_dir)
         cls._refuse_existing(name, state_dir)
-        for piece in (f"{name}-tmeta", f"{name}-tdata"):
-            check_name(piece)
-            if ops.exists(piece):
-                raise error_for(errno.EEXIST, "create_on_device", piece,
-                                message=f"a device named {piece!r} exists already")
+        cls._refuse_pieces(name, "create_on_device")
         dev = cls._check_device(device, force, "create_on_device")
         layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent,
                                        thinp_metapercent)
-        backing = backings.SplitBacking(name, device, layout)
+        meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
+        backing = backings.LinearBacking(name, [[device, meta_start, meta_len]],
+                                         [[device, data_start, data_len]])
 
         def make():
             _zero_head(device, offset=int(layout[0].bytes()))
@@ -245,6 +248,15 @@ class PoolCreation:
         if ops.exists(name):
             raise DeviceExistsError(errno.EEXIST, f"a device named {name!r} exists already",
                                     "create", name)
+
+    @staticmethod
+    def _refuse_pieces(name, operation):
+        """The linear pieces ``<name>-tmeta`` / ``-tdata`` must be free names."""
+        for piece in (f"{name}-tmeta", f"{name}-tdata"):
+            check_name(piece)
+            if ops.exists(piece):
+                raise error_for(errno.EEXIST, operation, piece,
+                                message=f"a device named {piece!r} exists already")
 
     @staticmethod
     def _check_device(path, force, operation):

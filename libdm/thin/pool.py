@@ -81,7 +81,8 @@ class Pool(PoolCreation, Journal, Growth):
     Attributes:
         name: the pool's device-mapper name.
         directory: its state directory.
-        kind: ``"loop"``, ``"block"``, ``"split"`` or ``"adopted"``.
+        kind: ``"loop"`` (files), ``"block"`` (block devices under linear
+            pieces, one split or several) or ``"adopted"``.
     """
 
     # -- getting a pool --------------------------------------------------------

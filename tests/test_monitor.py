@@ -104,3 +104,33 @@ def test_monitor_reports_no_room_on_the_filesystem(dm_name, tmp_path):
             pool.destroy(remove_files=True)
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_monitor_extends_a_block_pool_onto_spares(dm_name, tmp_path):
+    import subprocess
+
+    def attach(name, size):
+        path = tmp_path / name
+        with open(path, "wb") as fh:
+            fh.truncate(size)
+        return subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    data, meta, spare = attach("d", 32 * MiB), attach("m", 4 * MiB), attach("s", 32 * MiB)
+    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state",
+                             min_free_space=0)
+    try:
+        dev = pool.create_thin("v", "128M")
+        errors, digests = [], {}
+        fill(dev.path, 28, 0, errors, digests)
+        monitor = pool.monitor(threshold=80, percent=20, spares=[spare])
+        steps = monitor.check()
+        assert [s.ok for s in steps] == [True] and steps[0].new_size == 64 * MiB
+        assert len(witness.table(f"{pool.name}-tdata")) == 2
+        assert monitor.spares == []
+        fill(dev.path, 60, 1, errors, digests)
+        steps = monitor.check()
+        assert steps and not steps[0].ok and "no way to grow" in steps[0].error
+        assert errors == []
+    finally:
+        pool.close()

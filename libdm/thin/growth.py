@@ -9,6 +9,8 @@ up a larger metadata device on the same reload.  Thin devices stay active
 throughout; their I/O waits while the pool is suspended.
 """
 
+import os
+
 from libdm.dm import ops
 from libdm.thin.errors import REPAIR_HINT, PoolFailedError, PoolReadOnlyError
 from libdm.thin.units import Bytes, parse_size
@@ -66,6 +68,65 @@ class Growth:
             self._reload_pool()
             return self.status()
 
+    def extend(self, device, *, metadata=False, force=False, start=0, length=None):
+        """Add a block device (or a region of one) to a block pool's data
+        (or, with ``metadata=True``, its metadata), online: the libdm
+        equivalent of the guide's ``vgextend`` + ``lvextend``.
+
+        The new segment is appended to ``<pool>-tdata`` (``-tmeta``), so
+        the pool keeps its devices while they grow; its position in the
+        concatenation is sector math.  The device passes the same checks
+        as at creation (not in use; no signature unless ``force``).  The
+        new segment is recorded before the kernel sees it, so a crash
+        midway is finished by :meth:`open`.
+
+        Args:
+            device: the block device path.
+            metadata: grow the metadata instead of the data.
+            force: use a device that carries a signature.
+            start: where the region starts on the device, bytes or a string
+                (default 0).
+            length: the region's length, bytes or a string (default: to the
+                end of the device).
+
+        Returns:
+            The pool's status after the extension.
+
+        Raises:
+            ValueError: a loop or adopted pool (use :meth:`resize`), a
+                device already in the pool, a region that does not fit.
+            DeviceNotBlankError, DeviceBusyError: as for :meth:`create`.
+            PoolFailedError, PoolReadOnlyError: the pool cannot grow.
+        """
+        if self.kind != "block":
+            raise ValueError(f"pool {self.name!r} is a {self.kind} pool: "
+                             + ("grow it with resize()" if self.kind == "loop"
+                                else "its devices are not libdm's"))
+        first = 0 if not start else int(parse_size(start, what="start").sectors())
+        count = None if length is None else int(parse_size(length, what="length").sectors())
+        with self._changing("extend"):
+            self._check_growable("extend")
+            rdev = os.stat(device).st_rdev
+            for path in self._backing.paths():
+                if os.path.exists(path) and os.stat(path).st_rdev == rdev:
+                    raise ValueError(f"{device} is already part of pool {self.name!r} "
+                                     f"(as {path})")
+            dev = self._check_device(device, force, "extend")
+            size = dev.size // 512
+            if first + (count if count is not None else 1) > size or (count is not None
+                                                                      and count <= 0):
+                raise ValueError(f"region {first}+{count} sectors does not fit on {device} "
+                                 f"({size} sectors)")
+            side = "meta_segments" if metadata else "data_segments"
+            segments = self._config[side] + [[device, first, count]]
+            if metadata:
+                self._backing.meta_segments = segments
+            else:
+                self._backing.data_segments = segments
+            self._update_config(**{side: segments})
+            self._reload_pool()
+            return self.status()
+
     def set_low_water_mark(self, blocks):
         """Set the pool's low water mark: when free data blocks fall below
         it the kernel raises one device-mapper event (see
@@ -113,11 +174,18 @@ class Growth:
                                     operation, self.name)
 
     def _reload_pool(self):
-        with self._backing.attach() as devs:
-            table = self._table_for(devs)
-        ops.reload(self.name, table)
+        if self.kind == "adopted":
+            raise ValueError(f"pool {self.name!r} was adopted: its devices and table are not "
+                             f"libdm's to change")
+        # Suspend first: growing a linear piece under the pool (attach) and
+        # loading the longer pool table happen while its I/O waits.
         ops.suspend(self.name, flush=False)
-        ops.resume(self.name)
+        try:
+            with self._backing.attach() as devs:
+                table = self._table_for(devs)
+            ops.reload(self.name, table)
+        finally:
+            ops.resume(self.name)
 
     def _update_config(self, **changes):
         config = dict(self._config, **changes)

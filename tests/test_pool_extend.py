@@ -1,0 +1,136 @@
+"""Extending block pools with more devices, online."""
+
+import os
+import subprocess
+
+import pytest
+
+import libdm
+
+import witness
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+
+
+def attach(tmp_path, name, size):
+    path = tmp_path / name
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def devno(path):
+    st = os.stat(path)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@pytest.fixture
+def block_pool(dm_name, tmp_path):
+    data = attach(tmp_path, "data.img", 64 * MiB)
+    meta = attach(tmp_path, "meta.img", 4 * MiB)
+    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state",
+                             min_free_space=0)
+    yield pool, data, meta
+    pool.close()
+
+
+def write_at(path, offset, data):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(path, offset, length):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def test_extend_with_a_second_device_while_written(block_pool, tmp_path):
+    pool, data, meta = block_pool
+    vol = pool.create_thin("vol", "256M")
+    write_at(vol.path, 0, b"\x01" * (60 * MiB))  # nearly fills the 64 MiB pool
+    extra = attach(tmp_path, "extra.img", 128 * MiB)
+    st = pool.extend(extra)
+    assert int(st.total_data) == (192 * MiB) // (64 << 10)
+    tdata = witness.table(f"{pool.name}-tdata")
+    assert tdata == [f"0 {64 * MiB // 512} linear {devno(data)} 0",
+                     f"{64 * MiB // 512} {128 * MiB // 512} linear {devno(extra)} 0"]
+    assert witness.table(pool.name)[0].split()[1] == str(192 * MiB // 512)
+    # Write past the old end: the new blocks come from the new device.
+    write_at(vol.path, 60 * MiB, b"\x02" * (100 * MiB))
+    assert witness.pool_status(pool.name)[2].split("/")[0] == str(160 * MiB // (64 << 10))
+    # It survives a deactivate/activate of the device and a full teardown.
+    vol.deactivate()
+    vol.activate()
+    assert read_at(vol.path, 150 * MiB, 4096) == b"\x02" * 4096
+    name = pool.name
+    pool.close()
+    for dev in (f"{name}-vol", name, f"{name}-tdata", f"{name}-tmeta"):
+        witness.dmsetup("remove", dev)
+    again = libdm.Pool.open(pool.directory)
+    try:
+        assert witness.table(f"{name}-tdata") == tdata
+        assert read_at(again.device("vol").path, 159 * MiB, 4096) == b"\x02" * 4096
+        assert read_at(again.device("vol").path, 0, 4096) == b"\x01" * 4096
+    finally:
+        again.close()
+
+
+def test_extend_metadata_with_a_region(block_pool, tmp_path):
+    pool, data, meta = block_pool
+    spare = attach(tmp_path, "spare.img", 64 * MiB)
+    before = int(witness.pool_status(pool.name)[1].split("/")[1])
+    pool.extend(spare, metadata=True, start="8M", length="4M")
+    after = int(witness.pool_status(pool.name)[1].split("/")[1])
+    assert (before, after) == (1024, 2048)  # 4 KiB metadata blocks
+    assert witness.table(f"{pool.name}-tmeta")[1] == (
+        f"{4 * MiB // 512} {4 * MiB // 512} linear {devno(spare)} {8 * MiB // 512}")
+
+
+def test_extend_refuses_bad_devices_and_changes_nothing(block_pool, tmp_path, dm_name):
+    pool, data, meta = block_pool
+    table = witness.table(f"{pool.name}-tdata")
+    with pytest.raises(ValueError, match="already part of pool"):
+        pool.extend(data)
+    used = attach(tmp_path, "used.img", 32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", used], check=True)
+    with pytest.raises(libdm.DeviceNotBlankError, match="ext2/ext3/ext4"):
+        pool.extend(used)
+    held = attach(tmp_path, "held.img", 32 * MiB)
+    witness.dmsetup("create", dm_name("holder"), "--table", f"0 2048 linear {devno(held)} 0")
+    with pytest.raises(libdm.DeviceBusyError, match="in use"):
+        pool.extend(held)
+    small = attach(tmp_path, "small.img", 1 * MiB)
+    with pytest.raises(ValueError, match="does not fit"):
+        pool.extend(small, start="2M")
+    assert witness.table(f"{pool.name}-tdata") == table
+    assert libdm.Pool.open(pool.directory).close() is None  # the store still matches
+
+
+def test_loop_pools_grow_with_resize_not_extend(dm_name, tmp_path):
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="64M")
+    try:
+        with pytest.raises(ValueError, match="resize"):
+            pool.extend("/dev/null")
+    finally:
+        pool.close()
+
+
+def test_refresh_picks_up_a_grown_device(block_pool, tmp_path):
+    pool, data, meta = block_pool
+    with open(tmp_path / "data.img", "r+b") as fh:
+        fh.truncate(96 * MiB)
+    subprocess.run(["losetup", "-c", data], check=True)
+    st = pool.refresh()
+    assert int(st.total_data) == (96 * MiB) // (64 << 10)
+    assert witness.table(f"{pool.name}-tdata") == [
+        f"0 {96 * MiB // 512} linear {devno(data)} 0"]

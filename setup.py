@@ -14,6 +14,7 @@ setup(
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15"],
     cffi_modules=["build_ffi.py:ffibuilder"],
+    entry_points={"console_scripts": ["libdm=libdm.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "pytest-cov>=4", "hypothesis>=6"],
         "docs": ["sphinx>=7"],

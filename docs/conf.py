@@ -5,7 +5,12 @@ installing libdm (``pip install .[docs]``): autodoc imports the package,
 including its compiled binding.
 """
 
+import os
+import sys
+
 import libdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext"))
 
 project = "libdm"
 author = "the libdm authors"
@@ -17,6 +22,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "libdm_cli",
 ]
 
 # Docstrings are Google style.

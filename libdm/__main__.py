@@ -1,0 +1,3 @@
+from libdm.cli import main
+
+raise SystemExit(main())

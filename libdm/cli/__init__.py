@@ -1,0 +1,127 @@
+"""The ``libdm`` command: device-mapper devices and thin pools from the shell.
+
+Installed as the ``libdm`` console script and run by ``python -m libdm``.
+Every command is a thin layer over the library's public API: it parses
+arguments, calls one or two library functions and prints the result, as
+aligned text for people or, with ``--json``, as JSON for programs.
+
+Exit status: 0 on success, 1 when the operation failed (a
+:class:`~libdm.DMError`, another ``OSError``, a pool error), 2 on bad usage
+(argument errors, and ``ValueError``/``TypeError`` from the library's
+validation of names, sizes and tables).  An error is one line on stderr,
+``libdm: <what failed>: <why>``; ``--debug`` adds the traceback and
+libdevmapper's log.
+"""
+
+import logging
+import sys
+import traceback
+
+from libdm.cli.common import CommandError, error_text
+from libdm.cli.parser import UsageError, build_parser
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _usage_line(exc):
+    prog = exc.prog
+    where = prog[len("libdm "):] if prog.startswith("libdm ") else ""
+    hint = f" (see '{prog} --help')"
+    return f"libdm: {where + ': ' if where else ''}{exc}{hint}"
+
+
+def _what(args):
+    """What the command was about, for the error line: ``remove vol1``,
+    ``thin snapshot base layer1``."""
+    words = [args.command]
+    for attr in ("origin", "name", "directory", "device"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            words.append(value)
+    return " ".join(words)
+
+
+def _configure_logging(debug):
+    """Log to stderr: everything with ``--debug``, else the monitor's steps."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("libdm")
+    monitor = logging.getLogger("libdm.monitor")
+    saved = (logger.level, monitor.level)
+    if debug:
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    else:
+        monitor.setLevel(logging.INFO)
+        monitor.addHandler(handler)
+    used = logger if debug else monitor
+
+    def restore():
+        used.removeHandler(handler)
+        logger.setLevel(saved[0])
+        monitor.setLevel(saved[1])
+
+    return restore
+
+
+def main(argv=None):
+    """Run the ``libdm`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 failure, 2 bad usage.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(_usage_line(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    debug = args.debug
+    restore = _configure_logging(debug)
+    failure = None
+    try:
+        status = args.func(args)
+        sys.stdout.flush()
+        return EXIT_OK if status is None else status
+    except BrokenPipeError:
+        # The reader went away (``libdm ls | head``): nothing to say.
+        _silence_stdout()
+        return EXIT_FAILED
+    except UsageError as exc:
+        failure, code, line = exc, EXIT_USAGE, _usage_line(exc)
+    except (ValueError, TypeError) as exc:
+        failure, code, line = exc, EXIT_USAGE, f"libdm: {_what(args)}: {error_text(exc)}"
+    except (OSError, CommandError) as exc:
+        failure, code, line = exc, EXIT_FAILED, f"libdm: {_what(args)}: {error_text(exc)}"
+    except KeyboardInterrupt as exc:
+        failure, code, line = exc, 130, f"libdm: {_what(args)}: interrupted"
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        failure, code = exc, EXIT_FAILED
+        line = (f"libdm: {_what(args)}: unexpected {type(exc).__name__}: {error_text(exc)}"
+                f"{'' if debug else ' (run with --debug for the traceback)'}")
+    finally:
+        restore()
+    if debug:
+        traceback.print_exception(type(failure), failure, failure.__traceback__,
+                                  file=sys.stderr)
+    print(line, file=sys.stderr)
+    return code
+
+
+def _silence_stdout():
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

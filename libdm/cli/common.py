@@ -1,0 +1,115 @@
+"""What the command modules share: printing, naming the pool, opening it."""
+
+import errno
+import os
+import sys
+
+import libdm
+from libdm.cli import output
+from libdm.cli.parser import POOL_ENV, UsageError
+
+__all__ = ["CommandError", "emit", "wants_json", "pool_directory", "load_pool", "error_text",
+           "in_cli_words"]
+
+
+class CommandError(Exception):
+    """The operation cannot be done (exit status 1), with a reason that is
+    not an ``OSError`` of its own."""
+
+
+def wants_json(args):
+    return bool(getattr(args, "json", False))
+
+
+def emit(args, data, text):
+    """Print ``data`` as JSON with ``--json``, else ``text`` (or the
+    result of calling it) for people."""
+    if wants_json(args):
+        sys.stdout.write(output.dumps(data))
+    else:
+        if callable(text):
+            text = text()
+        if text:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def pool_directory(args):
+    """The pool's state directory: ``--pool``, else ``$LIBDM_POOL``.
+
+    Raises:
+        UsageError: neither is given.
+    """
+    directory = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    if not directory:
+        raise UsageError(f"no pool given: use --pool DIR or set {POOL_ENV}",
+                         f"libdm {args.command}")
+    return directory
+
+
+def load_pool(args, *, live=True):
+    """The pool named by ``args`` (:class:`libdm.Pool` on its state
+    directory; nothing is activated).
+
+    Args:
+        args: the parsed arguments.
+        live: the command needs the pool device to be active; if it is
+            not, fail saying how to activate it.
+
+    Raises:
+        StateError: no pool in that directory.
+        CommandError: ``live`` and the pool device is not active.
+    """
+    directory = pool_directory(args)
+    pool = libdm.Pool(directory)
+    if live and not libdm.exists(pool.name):
+        pool.close()
+        raise CommandError(f"pool {pool.name!r} is not active (after a reboot, "
+                           f"activate it with: libdm pool open {directory})")
+    return pool
+
+
+def in_cli_words(exc, *replacements):
+    """Reword the library's advice for the shell: each ``(old, new)`` of
+    ``replacements`` is replaced in an ``OSError``'s message (``force=True``
+    becomes ``--force``).  Returns ``exc``, to be re-raised."""
+    if isinstance(exc, OSError) and isinstance(exc.strerror, str):
+        for old, new in replacements:
+            exc.strerror = exc.strerror.replace(old, new)
+    return exc
+
+
+def _kernel_reason(lines):
+    for line in lines:
+        if line.startswith("kernel:"):
+            reason = line[len("kernel:"):].strip()
+            prefix = "device-mapper: "
+            return reason[len(prefix):] if reason.startswith(prefix) else reason
+    return None
+
+
+def error_text(exc):
+    """One line saying what went wrong, for ``libdm: <what>: <this>``.
+
+    A :class:`libdm.DMError` gives its message, its errno's name and the
+    kernel's own reason when one was captured; another ``OSError`` its
+    message, file name and errno name; anything else its first line.
+    """
+    if isinstance(exc, libdm.DMError):
+        text = exc.strerror or str(exc)
+        name = errno.errorcode.get(exc.errno) if exc.errno else None
+        if name:
+            text += f" [{name}]"
+        reason = _kernel_reason(exc.log_lines)
+        if reason:
+            text += f" (kernel: {reason})"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None:
+            text = f"{exc.filename}: {text}"
+        name = errno.errorcode.get(exc.errno) if exc.errno else None
+        if name:
+            text += f" [{name}]"
+    else:
+        text = str(exc) or type(exc).__name__
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

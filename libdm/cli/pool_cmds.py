@@ -1,0 +1,365 @@
+"""Pool commands: create, info, status, resize, extend, monitor, open,
+destroy (``libdm.Pool``'s constructors and methods).
+
+A pool is named by its state directory: ``--pool DIR``, or the
+``LIBDM_POOL`` environment variable.
+"""
+
+import contextlib
+import logging
+import signal
+
+import libdm
+from libdm.cli import output
+from libdm.cli.common import CommandError, emit, in_cli_words, load_pool
+from libdm.cli.parser import UsageError, command, count, percentage, positive_seconds, size
+
+__all__ = ["register", "info_json", "status_json", "status_pairs"]
+
+logger = logging.getLogger("libdm.monitor")
+
+
+# -- create and open ---------------------------------------------------------------
+
+
+def _refuse(args, mode, *names):
+    given = [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in
+             (None, False)]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be used with {mode}", "libdm pool create")
+
+
+def _require(args, mode, *names):
+    for n in names:
+        if getattr(args, n.lstrip("-").replace("-", "_")) is None:
+            raise UsageError(f"{mode} needs {n}", "libdm pool create")
+
+
+FORCE = ("pass force=True", "pass --force")
+
+
+def cmd_create(args):
+    try:
+        _create(args)
+    except libdm.DeviceNotBlankError as exc:
+        raise in_cli_words(exc, FORCE)
+
+
+def _create(args):
+    options = {"block_size": args.block_size, "min_free_space": args.min_free_space,
+               "features": args.feature}
+    if args.loop is not None:
+        _refuse(args, "--loop", "--metadata", "--state-dir", "--thinp-percent",
+                "--thinp-metapercent", "--force")
+        _require(args, "--loop", "--data-size")
+        pool = libdm.Pool.create_loop(args.name, args.loop, data_size=args.data_size,
+                                      metadata_size=args.metadata_size, **options)
+    elif args.device is not None:
+        _refuse(args, "--device", "--metadata", "--data-size", "--metadata-size")
+        _require(args, "--device", "--state-dir")
+        pool = libdm.Pool.create_on_device(
+            args.name, args.device,
+            95 if args.thinp_percent is None else args.thinp_percent,
+            1 if args.thinp_metapercent is None else args.thinp_metapercent,
+            args.force, state_dir=args.state_dir, **options)
+    else:
+        _refuse(args, "--data", "--data-size", "--metadata-size", "--thinp-percent",
+                "--thinp-metapercent")
+        _require(args, "--data", "--metadata", "--state-dir")
+        pool = libdm.Pool.create(args.name, args.data, args.metadata,
+                                 state_dir=args.state_dir, force=args.force, **options)
+    with pool:
+        print(pool.path)
+
+
+def cmd_open(args):
+    with libdm.Pool.open(args.directory) as pool:
+        devices = pool.devices()
+        active = sum(d.active for d in devices)
+        print(f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, "
+              f"{active} active")
+
+
+def cmd_destroy(args):
+    pool = load_pool(args, live=False)
+    try:
+        pool.destroy(remove_files=args.remove_files)
+    except BaseException:
+        pool.close()
+        raise
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def info_json(report):
+    """``PoolInfo.as_dict()`` plus the raw numbers: sizes in bytes under
+    ``"bytes"``, and the transaction id, device count and state."""
+    data = report.as_dict()
+    data["bytes"] = {
+        "pool_blocksize": int(report.pool_blocksize),
+        "base_device_size": (None if report.base_device_size is None
+                             else int(report.base_device_size)),
+        "data_used": int(report.data_used),
+        "data_total": int(report.data_total),
+        "data_available": int(report.data_available),
+        "metadata_used": int(report.metadata_used),
+        "metadata_total": int(report.metadata_total),
+        "metadata_available": int(report.metadata_available),
+        "min_free_space": int(report.min_free_space),
+    }
+    data["transaction_id"] = report.transaction_id
+    data["devices"] = report.devices
+    data["state"] = report.state
+    return data
+
+
+def cmd_info(args):
+    with load_pool(args) as pool:
+        report = pool.info()
+    emit(args, info_json(report), lambda: str(report))
+
+
+def status_json(st, block_size):
+    """A pool status as JSON-ready values: the kernel's fields, the same
+    sizes in bytes, and the kernel's ``line`` as it printed it."""
+    if st.failed:
+        return {"failed": True, "state": st.state, "line": str(st)}
+    block = int(block_size)
+    return {
+        "failed": False,
+        "transaction_id": st.transaction_id,
+        "used_data_blocks": int(st.used_data),
+        "total_data_blocks": int(st.total_data),
+        "used_metadata_blocks": int(st.used_meta),
+        "total_metadata_blocks": int(st.total_meta),
+        "data_block_size": block,
+        "used_data_bytes": int(st.used_data) * block,
+        "total_data_bytes": int(st.total_data) * block,
+        "used_metadata_bytes": int(st.used_meta.bytes()),
+        "total_metadata_bytes": int(st.total_meta.bytes()),
+        "held_root": st.held_root,
+        "mode": st.mode,
+        "discard": st.discard,
+        "no_space": st.no_space,
+        "needs_check": st.needs_check,
+        "metadata_low_water_blocks": (None if st.meta_low_water is None
+                                      else int(st.meta_low_water)),
+        "line": str(st),
+    }
+
+
+def status_pairs(data):
+    """(label, value) lines of :func:`status_json`'s result, for people."""
+    if data["failed"]:
+        return [("State", f"{data['state']} (the pool has failed: check and repair its "
+                          f"metadata with thin_check and thin_repair)")]
+
+    def usage(part, unit):
+        used, total = data[f"used_{part}_bytes"], data[f"total_{part}_bytes"]
+        return (f"{output.size_text(used)} of {output.size_text(total)} used "
+                f"({output.percent(used, total)}); {data[f'used_{part}_blocks']} of "
+                f"{data[f'total_{part}_blocks']} {unit}")
+
+    return [
+        ("Transaction id", data["transaction_id"]),
+        ("Data", usage("data", f"blocks of {output.size_text(data['data_block_size'])}")),
+        ("Metadata", usage("metadata", "blocks of 4 KiB")),
+        ("Mode", data["mode"]),
+        ("Discards", data["discard"]),
+        ("When full", data["no_space"]),
+        ("Needs check", "yes" if data["needs_check"] else "no"),
+        ("Held metadata root", "-" if data["held_root"] is None else data["held_root"]),
+    ]
+
+
+def cmd_status(args):
+    with load_pool(args) as pool:
+        data = status_json(pool.status(), pool.block_size.bytes())
+    emit(args, data, lambda: output.pairs(status_pairs(data)))
+
+
+# -- growing ------------------------------------------------------------------------
+
+
+def _sizes_line(pool):
+    st = pool.status()
+    meta = "?" if st.failed else output.size_text(st.total_meta.bytes())
+    return f"pool {pool.name}: data {output.size_text(pool.data_size())}, metadata {meta}"
+
+
+def cmd_resize(args):
+    if args.size is None and args.metadata_size is None:
+        raise UsageError("give the new data SIZE, --metadata-size, or both",
+                         "libdm pool resize")
+    with load_pool(args) as pool:
+        pool.resize(args.size, args.metadata_size)
+        print(_sizes_line(pool))
+
+
+def cmd_extend(args):
+    with load_pool(args) as pool:
+        extend = getattr(pool, "extend", None)
+        if extend is None:
+            raise CommandError("this version of libdm cannot extend a pool onto a device "
+                               "(Pool.extend is missing)")
+        try:
+            extend(args.device, force=args.force)
+        except libdm.DeviceNotBlankError as exc:
+            raise in_cli_words(exc, FORCE)
+        print(_sizes_line(pool))
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop):
+    """Call ``stop()`` on SIGTERM and SIGINT while in the block."""
+    saved = {}
+
+    def handler(signum, frame):
+        logger.info("%s received: stopping after the current wait", signal.Signals(signum).name)
+        stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        saved[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in saved.items():
+            signal.signal(signum, old)
+
+
+def cmd_monitor(args):
+    options = {"interval": args.interval, "spares": args.spare}
+    if args.max_data_size is not None:
+        options["max_data_size"] = args.max_data_size
+    if args.reserve is not None:
+        options["reserve"] = args.reserve
+    with load_pool(args) as pool:
+        monitor = pool.monitor(args.threshold, args.percent, **options)
+        with _stopped_by_signals(monitor.stop):
+            logger.info("pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
+                        pool.name, args.percent, args.threshold, args.interval)
+            history = monitor.run(iterations=args.iterations)
+        grown = sum(step.ok for step in history)
+        logger.info("pool %s: stopped; %d growth steps, %d failed", pool.name, grown,
+                    len(history) - grown)
+
+
+# -- the parsers ----------------------------------------------------------------------
+
+
+def register(sub):
+    p = command(sub, "create", cmd_create, path="pool",
+                help="create a pool on loop files, one device, or two devices",
+                description="Create a thin pool and activate it; prints the pool device's "
+                            "path. Three kinds: sparse loop files in a directory (--loop, "
+                            "for testing), one raw block device split into metadata and "
+                            "data (--device), or a data and a metadata device (--data and "
+                            "--metadata). A device that carries a filesystem or another "
+                            "signature is refused without --force.",
+                example=["libdm pool create images --loop /var/lib/images --data-size 100G",
+                         "libdm pool create images --device /dev/xvdf "
+                         "--state-dir /var/lib/libdm/images",
+                         "libdm pool create images --data /dev/sdb1 --metadata /dev/sdc1 "
+                         "--state-dir /var/lib/libdm/images"])
+    p.add_argument("name", metavar="NAME", help="the pool's device-mapper name")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--loop", metavar="DIR",
+                      help="sparse data and metadata files in DIR, the state directory")
+    mode.add_argument("--device", metavar="DEV", help="one block device to split")
+    mode.add_argument("--data", metavar="DEV", help="the data block device")
+    p.add_argument("--metadata", metavar="DEV", help="the metadata block device (with --data)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="the state directory (with --device or --data)")
+    p.add_argument("--data-size", metavar="SIZE", type=size,
+                   help="size of the data file (with --loop)")
+    p.add_argument("--metadata-size", metavar="SIZE", type=size,
+                   help="size of the metadata file (with --loop; default 48 bytes per "
+                        "data block, at least 2M)")
+    p.add_argument("--thinp-percent", metavar="PCT", type=percentage,
+                   help="percent of the device for data (with --device; default 95)")
+    p.add_argument("--thinp-metapercent", metavar="PCT", type=percentage,
+                   help="percent of the device for metadata (with --device; default 1)")
+    p.add_argument("--block-size", metavar="SIZE", type=size, default="64K",
+                   help="data block size, 64K to 1G in steps of 64K (default 64K)")
+    p.add_argument("--min-free-space", metavar="PCT", type=percentage, default=10,
+                   help="percent of space that must stay free for new devices (default 10)")
+    p.add_argument("--feature", metavar="F", action="append", default=[],
+                   help="a thin-pool feature: skip_block_zeroing, ignore_discard, "
+                        "no_discard_passdown, read_only or error_if_no_space (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="use block devices that carry a signature (their data is lost)")
+
+    command(sub, "info", cmd_info, pool=True, json=True, path="pool",
+            help="show the pool report (docker info's devicemapper fields)",
+            example=["libdm pool info --pool /var/lib/images",
+                     "libdm pool info --json --pool /var/lib/images"])
+
+    command(sub, "status", cmd_status, pool=True, json=True, path="pool",
+            help="show the kernel's status of the pool: usage, mode, needs_check",
+            example="libdm pool status --pool /var/lib/images")
+
+    p = command(sub, "resize", cmd_resize, pool=True, path="pool",
+                help="grow a loop pool's data and/or metadata files online",
+                description="Grow a loop pool's data file to SIZE and/or its metadata "
+                            "file to --metadata-size, online (like device_tool resize). "
+                            "Pools never shrink.",
+                example=["libdm pool resize 200G --pool /var/lib/images",
+                         "libdm pool resize --metadata-size 1G --pool /var/lib/images"])
+    p.add_argument("size", metavar="SIZE", type=size, nargs="?",
+                   help="the new data size")
+    p.add_argument("--metadata-size", metavar="SIZE", type=size, help="the new metadata size")
+
+    p = command(sub, "extend", cmd_extend, pool=True, path="pool",
+                help="grow a block pool's data onto another block device",
+                description="Add a block device to a block pool's data, online (as "
+                            "vgextend and lvextend did for LVM pools).",
+                example="libdm pool extend /dev/xvdg --pool /var/lib/libdm/images")
+    p.add_argument("device", metavar="DEV", help="the block device to add")
+    p.add_argument("--force", action="store_true",
+                   help="use a device that carries a signature (its data is lost)")
+
+    p = command(sub, "monitor", cmd_monitor, pool=True, path="pool",
+                help="watch the pool and grow it before it fills (runs in the foreground)",
+                description="Watch the pool and grow its data or metadata by --percent "
+                            "when its use reaches --threshold: loop pools by growing "
+                            "their files, block pools onto the --spare devices. Runs in "
+                            "the foreground, logging each step on stderr, until SIGTERM "
+                            "or SIGINT (which stop it once the current wait ends, at most "
+                            "--interval seconds later).",
+                example="libdm pool monitor --threshold 80 --percent 20 "
+                        "--pool /var/lib/images")
+    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
+                   help="percent used at which to grow (default 80)")
+    p.add_argument("--percent", metavar="PCT", type=count, default=20,
+                   help="growth in percent of the current size (default 20)")
+    p.add_argument("--interval", metavar="SECONDS", type=positive_seconds, default=10.0,
+                   help="seconds between checks when no event comes (default 10)")
+    p.add_argument("--max-data-size", metavar="SIZE", type=size,
+                   help="never grow the data beyond this")
+    p.add_argument("--reserve", metavar="SIZE", type=size,
+                   help="free space to keep on the filesystem holding a loop pool's "
+                        "files (default 64M)")
+    p.add_argument("--spare", metavar="DEV", action="append", default=[],
+                   help="a block device a block pool may be extended onto (repeatable, "
+                        "used in order)")
+    p.add_argument("--iterations", metavar="N", type=count,
+                   help="stop after N wake-ups (default: run until stopped)")
+
+    p = command(sub, "open", cmd_open, path="pool",
+                help="activate a pool from its state directory (after a reboot)",
+                description="Activate a pool from its state directory after a reboot: "
+                            "re-attach its files, load its table, settle any change a "
+                            "crash interrupted and re-activate its active devices. On a "
+                            "live pool, check it against its stored state.",
+                example="libdm pool open /var/lib/images")
+    p.add_argument("directory", metavar="DIR", help="the pool's state directory")
+
+    p = command(sub, "destroy", cmd_destroy, pool=True, path="pool",
+                help="remove the pool's devices and the pool",
+                description="Remove every thin device, the pool device and what backs "
+                            "it. Without --remove-files the pool can be brought back with "
+                            "'libdm pool open'.",
+                example="libdm pool destroy --remove-files --pool /var/lib/images")
+    p.add_argument("--remove-files", action="store_true",
+                   help="also delete a loop pool's files and the state store")

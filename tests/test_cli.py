@@ -797,7 +797,6 @@ def test_block_pools_on_two_devices_and_on_one_split(dm_name, tmp_path):
 
 
 @kernel
-@pytest.mark.xfail(reason="pool.extend not yet in the library")
 def test_pool_extend_onto_another_device(dm_name, tmp_path):
     data, meta = attach(tmp_path, "data.img", 64 * MiB), attach(tmp_path, "meta.img", 8 * MiB)
     spare = attach(tmp_path, "spare.img", 64 * MiB)

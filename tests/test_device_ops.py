@@ -519,3 +519,8 @@ def test_wait_event_wakes_on_a_pool_event(dm_name, loop_pair):
     assert after > before
     assert witness.info(pool)["events"] >= after
     libdm.remove(thin)
+
+
+def test_status_of_a_missing_device(dm_name):
+    with pytest.raises(libdm.NoSuchDeviceError):
+        libdm.status(dm_name())

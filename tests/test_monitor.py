@@ -134,3 +134,16 @@ def test_monitor_extends_a_block_pool_onto_spares(dm_name, tmp_path):
         assert errors == []
     finally:
         pool.close()
+
+
+def test_stop_ends_a_long_wait_at_once(dm_name, tmp_path):
+    import time
+
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="16M")
+    try:
+        monitor = pool.monitor(interval=3600).start()
+        time.sleep(0.5)  # let it reach its wait
+        monitor.join(timeout=60)
+        assert not monitor._thread.is_alive()  # an hour-long wait was cut short
+    finally:
+        pool.close()

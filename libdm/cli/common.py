@@ -60,7 +60,7 @@ def load_pool(args, *, live=True):
         CommandError: ``live`` and the pool device is not active.
     """
     directory = pool_directory(args)
-    pool = libdm.Pool(directory)
+    pool = libdm.Pool.load(directory)
     if live and not libdm.exists(pool.name):
         pool.close()
         raise CommandError(f"pool {pool.name!r} is not active (after a reboot, "

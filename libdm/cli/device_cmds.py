@@ -133,10 +133,6 @@ def cmd_table(args):
 
 def cmd_status(args):
     targets = libdm.status(args.name)
-    if not targets:
-        # libdm.status answers [] for a missing device as for one without
-        # a table; info tells them apart (and raises for a missing one).
-        libdm.info(args.name)
     emit(args, _targets_json(targets), lambda: _targets_text(targets))
 
 
@@ -218,7 +214,7 @@ def _pool_notes(args):
         return {}
     from libdm.cli.thin_cmds import pool_notes
 
-    with libdm.Pool(directory) as pool:
+    with libdm.Pool.load(directory) as pool:
         return pool_notes(pool)
 
 

@@ -40,7 +40,7 @@ def _control_fd():
         return _control["fd"]
 
 
-def wait_event(name, event_nr=None, timeout=None):
+def wait_event(name, event_nr=None, timeout=None, *, wake_fd=None):
     """Wait until device ``name``'s event counter moves past ``event_nr``.
 
     A thin pool raises an event when free space falls below its low water
@@ -52,9 +52,13 @@ def wait_event(name, event_nr=None, timeout=None):
         event_nr: the counter value already seen; ``None`` means "the
             current value", i.e. wait for the next event.
         timeout: seconds to wait at most; ``None`` waits forever.
+        wake_fd: a file descriptor (e.g. a pipe's read end) that ends the
+            wait early when it becomes readable; another thread or a signal
+            handler writes to it to stop a waiter.
 
     Returns:
-        The device's new event number.
+        The device's new event number, or the unchanged one when
+        ``wake_fd`` ended the wait.
 
     Raises:
         TimeoutError: no event within ``timeout`` seconds.
@@ -69,6 +73,8 @@ def wait_event(name, event_nr=None, timeout=None):
     fd = _control_fd()
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
     while True:
         if lib.libdm_arm_poll(fd) != 0:
             err = errno.EINVAL
@@ -78,9 +84,11 @@ def wait_event(name, event_nr=None, timeout=None):
         if current != event_nr:
             return current
         if deadline is None:
-            poller.poll()
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no event on device {name!r} within {timeout} s")
-        poller.poll(max(1, int(remaining * 1000)))
+            ready = poller.poll()
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no event on device {name!r} within {timeout} s")
+            ready = poller.poll(max(1, int(remaining * 1000)))
+        if wake_fd is not None and any(fd_ == wake_fd for fd_, _ in ready):
+            return current

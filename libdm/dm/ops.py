@@ -335,6 +335,10 @@ def status(name, *, flush=True):
         if not flush:
             t.no_flush()
         t.run()
+        # libdevmapper turns the kernel's ENXIO for a status into success
+        # with "no such device" in the info, as it does for info itself.
+        if t.info() is None:
+            raise error_for(errno.ENXIO, "status", name)
         return t.targets()
 
 

@@ -157,7 +157,9 @@ class Journal:
                 raise
             crash.point("create:transaction")
             with self._store.transaction():
-                self._store.add_device(name, thin_id, size, parent)
+                # Recorded as active in the same commit: a crash before the
+                # activation below leaves a device Pool.open activates.
+                self._store.add_device(name, thin_id, size, parent, active=True)
                 self._store.set_transaction_id(txid)
                 self._store.drop_intent(txid)
             crash.point("create:recorded")

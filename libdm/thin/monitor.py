@@ -106,17 +106,25 @@ class Monitor:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._stop = threading.Event()
+        # stop() writes here so a wait in progress ends at once.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- running -----------------------------------------------------------------
 
     def stop(self):
-        """Ask :meth:`run` to return (safe from another thread or a signal handler)."""
+        """Ask :meth:`run` to return, ending a wait in progress at once (safe
+        from another thread or a signal handler)."""
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already woken
 
     def start(self):
         """Run in a daemon thread; returns this monitor.  ``with
         pool.monitor(...):`` does the same and stops it at the end."""
         self._stop.clear()
+        self._drain_wake()
         self._error = None
         self._thread = threading.Thread(target=self._run_in_thread, daemon=True,
                                         name=f"libdm-monitor-{self.pool.name}")
@@ -165,10 +173,19 @@ class Monitor:
             if self._retry_at:
                 timeout = max(0.0, min(timeout, self._retry_at - time.monotonic()))
             try:
-                seen = wait_event(self.pool.name, seen, timeout=max(timeout, 0.01))
+                seen = wait_event(self.pool.name, seen, timeout=max(timeout, 0.01),
+                                  wake_fd=self._wake_r)
             except TimeoutError:
                 pass
+        self._drain_wake()
         return self.history
+
+    def _drain_wake(self):
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
 
     def check(self):
         """Read the status once and grow what crossed its threshold.

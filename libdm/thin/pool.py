@@ -106,6 +106,18 @@ class Pool(PoolCreation, Journal, Growth):
         self._backing = backings.from_config(self.kind, self.directory, self.name, self._config)
 
     @classmethod
+    def load(cls, directory, *, lock_timeout=30.0):
+        """Read a pool's state without touching any device: for reports and
+        listings of a pool that may or may not be live (:meth:`open` makes
+        it live).
+
+        Raises:
+            StateError: no or an unreadable state store.
+            PermissionDeniedError: not allowed to read it.
+        """
+        return cls(directory, lock_timeout=lock_timeout)
+
+    @classmethod
     def open(cls, directory, *, lock_timeout=30.0):
         """Open a pool from its state directory and make it live.
 

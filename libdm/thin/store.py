@@ -221,10 +221,10 @@ class Store:
     def count_devices(self):
         return self.db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
 
-    def add_device(self, name, thin_id, size, parent):
+    def add_device(self, name, thin_id, size, parent, active=False):
         self.db.execute(
-            "INSERT INTO devices (name, thin_id, size, parent) VALUES (?, ?, ?, ?)",
-            (name, thin_id, int(size), parent),
+            "INSERT INTO devices (name, thin_id, size, parent, active) VALUES (?, ?, ?, ?, ?)",
+            (name, thin_id, int(size), parent, 1 if active else 0),
         )
 
     def drop_device(self, name):

@@ -106,7 +106,7 @@ def test_every_command_is_there():
         "create", "reload", "suspend", "resume", "remove", "info", "table", "status",
         "message", "ls", "version", "targets",
         "pool", "pool create", "pool info", "pool status", "pool resize", "pool extend",
-        "pool monitor", "pool open", "pool destroy",
+        "pool refresh", "pool monitor", "pool open", "pool destroy",
         "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
         "thin deactivate", "thin ls",
     }
@@ -811,6 +811,20 @@ def test_pool_extend_onto_another_device(dm_name, tmp_path):
     st = as_json(run("pool", "status", "--json", *P))
     assert st["line"] == " ".join(witness.pool_status(name))
     assert st["total_data_bytes"] == after * 512
+    # Metadata from a region of another device.
+    spare2 = attach(tmp_path, "spare2.img", 16 * MiB)
+    ok(run("pool", "extend", spare2, "--metadata", "--start", "4M", "--length", "4M", *P))
+    assert witness.table(f"{name}-tmeta")[1].split()[1:] == [
+        str(4 * MiB // 512), "linear", devno(spare2), str(4 * MiB // 512)]
+    spare3 = attach(tmp_path, "spare3.img", 16 * MiB)
+    failed(run("pool", "extend", spare3, "--start", "64M", *P), 2, "does not fit")
+    # The last device grown outside libdm, picked up by refresh (the first
+    # one was pinned to its length when the second was added).
+    with open(tmp_path / "spare.img", "r+b") as fh:
+        fh.truncate(96 * MiB)
+    subprocess.run(["losetup", "-c", spare], check=True)
+    ok(run("pool", "refresh", *P))
+    assert witness.table(f"{name}-tdata")[1].split()[1] == str(96 * MiB // 512)
     ok(run("pool", "destroy", "--remove-files", *P))
 
 

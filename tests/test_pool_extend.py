@@ -134,3 +134,17 @@ def test_refresh_picks_up_a_grown_device(block_pool, tmp_path):
     assert int(st.total_data) == (96 * MiB) // (64 << 10)
     assert witness.table(f"{pool.name}-tdata") == [
         f"0 {96 * MiB // 512} linear {devno(data)} 0"]
+
+
+def test_extend_pins_earlier_segments(block_pool, tmp_path):
+    pool, data, meta = block_pool
+    extra = attach(tmp_path, "extra.img", 32 * MiB)
+    pool.extend(extra)
+    before = witness.table(f"{pool.name}-tdata")
+    # The first device grows: taking that into the middle of the
+    # concatenation would shift the second device's blocks, so it is not.
+    with open(tmp_path / "data.img", "r+b") as fh:
+        fh.truncate(96 * MiB)
+    subprocess.run(["losetup", "-c", data], check=True)
+    pool.refresh()
+    assert witness.table(f"{pool.name}-tdata") == before

@@ -11,7 +11,7 @@ import signal
 
 import libdm
 from libdm.cli import output
-from libdm.cli.common import CommandError, emit, in_cli_words, load_pool
+from libdm.cli.common import emit, in_cli_words, load_pool
 from libdm.cli.parser import UsageError, command, count, percentage, positive_seconds, size
 
 __all__ = ["register", "info_json", "status_json", "status_pairs"]
@@ -199,14 +199,17 @@ def cmd_resize(args):
 
 def cmd_extend(args):
     with load_pool(args) as pool:
-        extend = getattr(pool, "extend", None)
-        if extend is None:
-            raise CommandError("this version of libdm cannot extend a pool onto a device "
-                               "(Pool.extend is missing)")
         try:
-            extend(args.device, force=args.force)
+            pool.extend(args.device, metadata=args.metadata, force=args.force,
+                        start=args.start or 0, length=args.length)
         except libdm.DeviceNotBlankError as exc:
             raise in_cli_words(exc, FORCE)
+        print(_sizes_line(pool))
+
+
+def cmd_refresh(args):
+    with load_pool(args) as pool:
+        pool.refresh()
         print(_sizes_line(pool))
 
 
@@ -316,8 +319,21 @@ def register(sub):
                             "vgextend and lvextend did for LVM pools).",
                 example="libdm pool extend /dev/xvdg --pool /var/lib/libdm/images")
     p.add_argument("device", metavar="DEV", help="the block device to add")
+    p.add_argument("--metadata", action="store_true",
+                   help="grow the metadata instead of the data")
+    p.add_argument("--start", metavar="SIZE", type=size,
+                   help="use a region of DEV starting here (default: its start)")
+    p.add_argument("--length", metavar="SIZE", type=size,
+                   help="the region's length (default: to the end of DEV)")
     p.add_argument("--force", action="store_true",
                    help="use a device that carries a signature (its data is lost)")
+
+    command(sub, "refresh", cmd_refresh, pool=True, path="pool",
+            help="reload the pool to use devices that grew outside libdm",
+            description="Reload a block pool so it uses all of its devices' current "
+                        "size, after they were grown by other means (an LVM volume "
+                        "extended, a cloud disk resized).",
+            example="libdm pool refresh --pool /var/lib/libdm/images")
 
     p = command(sub, "monitor", cmd_monitor, pool=True, path="pool",
                 help="watch the pool and grow it before it fills (runs in the foreground)",

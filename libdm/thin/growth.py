@@ -118,7 +118,13 @@ class Growth:
                 raise ValueError(f"region {first}+{count} sectors does not fit on {device} "
                                  f"({size} sectors)")
             side = "meta_segments" if metadata else "data_segments"
-            segments = self._config[side] + [[device, first, count]]
+            # Segments before the new one are pinned to their current length:
+            # if one of them grew later, everything after it would shift.
+            segments = [[path, start, length] for path, start, length
+                        in (t for t in self._config[side])]
+            for seg, target in zip(segments, self._backing.table(segments)):
+                seg[2] = int(target.length)
+            segments.append([device, first, count])
             if metadata:
                 self._backing.meta_segments = segments
             else:

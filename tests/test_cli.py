@@ -27,6 +27,7 @@ from libdm.cli import common, device_cmds, output, pool_cmds, thin_cmds
 from libdm.cli.parser import build_parser
 from libdm.thin.status import parse_pool_status
 
+from blockio import attach, devno
 import witness
 
 kernel = pytest.mark.kernel
@@ -556,19 +557,6 @@ def losetup_files():
     out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
                          text=True, check=True).stdout
     return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-
-
-def devno(path):
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
-def attach(tmp_path, name, size):
-    path = tmp_path / name
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-    return subprocess.run(["losetup", "--find", "--show", str(path)], capture_output=True,
-                          text=True, check=True).stdout.strip()
 
 
 def below(number):

@@ -14,6 +14,7 @@ import pytest
 import libdm
 from libdm.thin.store import Store
 
+from blockio import read_at, write_pattern
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -24,23 +25,6 @@ def pool(dm_name, tmp_path):
     p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="256M")
     yield p
     p.close()
-
-
-def write_pattern(path, byte, offset=0, length=1 << 20):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes([byte]) * length, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path, offset=0, length=1 << 20):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def test_create_loop_builds_sparse_files_and_a_pool(pool, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import libdm
 from libdm.thin.backing import split_layout
 
+from blockio import attach, devno, read_at, write_at, write_pattern
 import witness
 
 kernel = pytest.mark.kernel
@@ -31,47 +32,8 @@ def run(*args):
     return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
 
 
-def attach(tmp_path, name, size):
-    """A loop device (attached by losetup) over a new sparse file."""
-    path = tmp_path / name
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-    return run("losetup", "--find", "--show", str(path)).strip()
-
-
-def devno(path):
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
 def sectors_of(path):
     return int(run("blockdev", "--getsz", path).strip())
-
-
-def write_pattern(path, byte, offset=0, length=MiB):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes([byte]) * length, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path, offset=0, length=MiB):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def write_at(path, offset, data):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def blkid(path, tag):

@@ -1,30 +1,17 @@
 """Extending block pools with more devices, online."""
 
-import os
 import subprocess
 
 import pytest
 
 import libdm
 
+from blockio import attach, devno, read_at, write_at
 import witness
 
 pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
-
-
-def attach(tmp_path, name, size):
-    path = tmp_path / name
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-    return subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def devno(path):
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 @pytest.fixture
@@ -35,23 +22,6 @@ def block_pool(dm_name, tmp_path):
                              min_free_space=0)
     yield pool, data, meta
     pool.close()
-
-
-def write_at(path, offset, data):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path, offset, length):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def test_extend_with_a_second_device_while_written(block_pool, tmp_path):

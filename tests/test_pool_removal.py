@@ -18,6 +18,7 @@ import pytest
 import libdm
 from libdm.thin.store import Store
 
+from blockio import write_pattern
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -38,15 +39,6 @@ def strict_pool(dm_name, tmp_path):
                                deferred_removal=False, deferred_deletion=False)
     yield p
     p.close()
-
-
-def write_pattern(path, byte, length=MiB):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes([byte]) * length, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def deferred_remove_pending(dm_name):

@@ -361,16 +361,25 @@ class Pool(PoolCreation, Journal, Growth):
     def _wrap(self, row):
         return (Snapshot if row["parent"] is not None else ThinDevice)(self, row)
 
-    def device(self, name):
-        """The thin device or snapshot called ``name``.
+    def _row(self, name, operation):
+        """The store's record of device ``name``.
 
         Raises:
             NoSuchDeviceError: the pool has no such device.
         """
         row = self._store.device(name)
         if row is None:
-            raise error_for(errno.ENXIO, "device", name,
+            raise error_for(errno.ENXIO, operation, name,
                             message=f"pool {self.name!r} has no device named {name!r}")
+        return row
+
+    def device(self, name):
+        """The thin device or snapshot called ``name``.
+
+        Raises:
+            NoSuchDeviceError: the pool has no such device.
+        """
+        row = self._row(name, "device")
         return self._wrap(row)
 
     def devices(self):
@@ -411,10 +420,7 @@ class Pool(PoolCreation, Journal, Growth):
         """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
         dm_name = self._check_device_name(name)
         with self._changing("snapshot"):
-            row = self._store.device(origin)
-            if row is None:
-                raise error_for(errno.ENXIO, "snapshot", origin,
-                                message=f"pool {self.name!r} has no device named {origin!r}")
+            row = self._row(origin, "snapshot")
             self._before_change("snapshot", name, dm_name)
             self._provision("create_snap", name, Sectors(row["size"]), origin, row["thin_id"])
             return self._activate(self._store.device(name), "snapshot")
@@ -434,10 +440,7 @@ class Pool(PoolCreation, Journal, Growth):
     def activate_device(self, name):
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
         with self._changing("activate"):
-            row = self._store.device(name)
-            if row is None:
-                raise error_for(errno.ENXIO, "activate", name,
-                                message=f"pool {self.name!r} has no device named {name!r}")
+            row = self._row(name, "activate")
             self._activate(row, "activate")
 
     def _thin_table(self, row, pool_devno):
@@ -477,9 +480,7 @@ class Pool(PoolCreation, Journal, Growth):
     def deactivate_device(self, name):
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
         with self._changing("deactivate"):
-            if self._store.device(name) is None:
-                raise error_for(errno.ENXIO, "deactivate", name,
-                                message=f"pool {self.name!r} has no device named {name!r}")
+            self._row(name, "deactivate")
             self._deactivate(name)
             with self._store.transaction():
                 self._store.set_active(name, False)
@@ -492,10 +493,7 @@ class Pool(PoolCreation, Journal, Growth):
     def delete_device(self, name):
         """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
         with self._changing("delete"):
-            row = self._store.device(name)
-            if row is None:
-                raise error_for(errno.ENXIO, "delete", name,
-                                message=f"pool {self.name!r} has no device named {name!r}")
+            row = self._row(name, "delete")
             children = self._store.children(name)
             if children:
                 raise DeviceBusyError(
@@ -578,9 +576,8 @@ class Pool(PoolCreation, Journal, Growth):
             NoSuchDeviceError: no such device.
         """
         with self._changing("set_base_device"):
-            if name is not None and self._store.device(name) is None:
-                raise error_for(errno.ENXIO, "set_base_device", name,
-                                message=f"pool {self.name!r} has no device named {name!r}")
+            if name is not None:
+                self._row(name, "set_base_device")
             self._update_config(base_device=name)
 
     # -- reporting and ending ----------------------------------------------------------

@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DECL_DIR = os.path.join(HERE, "libdm", "_decl")
 
 # Order matters: types before the functions that use them.
-FRAGMENTS = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h"]
+FRAGMENTS = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h", "lock.h"]
 
 # libdevmapper's logger is variadic, which cffi cannot call back into
 # Python directly.  This shim formats each message in C and hands the
@@ -65,6 +65,35 @@ static void libdm_log_set_level(int forward_level)
 static void libdm_log_restore_default(void)
 {
     dm_log_with_errno_init(NULL);
+}
+
+/* The library lock: libdevmapper is not thread-safe, so every task runs
+ * under one process-wide recursive mutex.  A pthread mutex takes no system
+ * call when uncontended, where Python's RLock reads the clock on every
+ * acquire, and in the test kernel each such read is a trapped syscall.
+ * The calls release the GIL, so a thread waiting here blocks no other. */
+#include <pthread.h>
+
+static pthread_mutex_t libdm_mutex;
+
+static void libdm_lock_init(void)
+{
+    pthread_mutexattr_t attr;
+
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&libdm_mutex, &attr);
+    pthread_mutexattr_destroy(&attr);
+}
+
+static void libdm_lock(void)
+{
+    pthread_mutex_lock(&libdm_mutex);
+}
+
+static void libdm_unlock(void)
+{
+    pthread_mutex_unlock(&libdm_mutex);
 }
 
 /* Set a udev cookie, run the task, wait on the cookie, in one C call: a

@@ -237,7 +237,7 @@ def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
     if retries < 0:
         raise ValueError("retries must be >= 0")
     delay = retry_delay
-    began = time.monotonic()
+    began = None  # the clock is read only once a retry is needed
     for attempt in range(retries + 1):
         try:
             with Task(lib.DM_DEVICE_REMOVE, "remove", name) as t:
@@ -246,6 +246,8 @@ def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
                 t.run(udev=True)
             return
         except DeviceBusyError as exc:
+            if began is None:
+                began = time.monotonic()
             if deferred or attempt == retries:
                 if attempt:
                     exc.strerror = (

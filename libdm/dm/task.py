@@ -3,13 +3,13 @@
 This is the single choke point where libdevmapper's return codes become
 Python exceptions.  libdevmapper is not thread-safe (its node-operation
 stack, logging and control fd are process-global), so every task runs
-under one process-wide lock.  The lock is re-entrant so a failure can be
-diagnosed with further tasks while it is held.
+under one process-wide lock, a recursive mutex in the C shim.  It is
+re-entrant so a failure can be diagnosed with further tasks while it is
+held.
 """
 
 import errno
 import os
-import threading
 import time
 
 from libdm.dm import kmsg, log
@@ -25,17 +25,26 @@ from libdm.dm.target import Target
 
 __all__ = ["Task", "LOCK", "dm_dir"]
 
-LOCK = threading.RLock()
+class _LibraryLock:
+    """The process-wide lock every libdevmapper task runs under (re-entrant;
+    a recursive mutex in C, so taking it free costs no system call)."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        lib.libdm_lock()
+        return self
+
+    def __exit__(self, *exc):
+        lib.libdm_unlock()
+        return False
 
 
-def _reset_lock_in_child():
-    # A fork while another thread held the lock would leave the child's
-    # copy locked forever.
-    global LOCK
-    LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_in_child)
+LOCK = _LibraryLock()
+lib.libdm_lock_init()
+# A fork while another thread held the lock would leave the child's copy
+# locked forever: the child starts with a fresh one.
+os.register_at_fork(after_in_child=lib.libdm_lock_init)
 
 
 

@@ -299,7 +299,7 @@ def exists(name):
     check_name(name)
     with Task(lib.DM_DEVICE_INFO, "info", name) as t:
         t.run()
-        return t.info() is not None
+        return t.exists()
 
 
 def table(name, *, inactive=False):
@@ -339,7 +339,7 @@ def status(name, *, flush=True):
         t.run()
         # libdevmapper turns the kernel's ENXIO for a status into success
         # with "no such device" in the info, as it does for info itself.
-        if t.info() is None:
+        if not t.exists():
             raise error_for(errno.ENXIO, "status", name)
         return t.targets()
 

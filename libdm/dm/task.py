@@ -238,6 +238,11 @@ class Task:
             deferred_remove=bool(dmi.deferred_remove),
         )
 
+    def exists(self):
+        """After a run: whether the device existed (cheaper than :meth:`info`)."""
+        dmi = ffi.new("struct dm_info *")
+        return bool(lib.dm_task_get_info(self._dmt, dmi) and dmi.exists)
+
     def targets(self):
         """The table or status lines the run returned, as ``Target`` values."""
         out = []

@@ -28,6 +28,7 @@ SUITES = [
     "test_pool_concurrency.py",
     "test_pool_removal.py",
     "test_pool_growth.py",
+    "test_full_pool.py",
 ]
 ROWS = [
     ("random kills", "trials", "randomized crash trials (SIGKILL at random moments or points)"),

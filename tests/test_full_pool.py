@@ -80,7 +80,6 @@ def test_min_free_space_refuses_before_the_pool_is_full(dm_name, tmp_path):
 
 
 def test_a_failed_pool_cannot_be_resized(dm_name, tmp_path):
-
     from blockio import attach, devno
 
     meta = attach(tmp_path, "meta.img", 8 * MiB)

@@ -136,3 +136,22 @@ def test_a_crash_loop_in_the_same_change_is_idempotent(dm_name, tmp_path):
         assert pool.devices() == [] and witness.thin_ids(pool.name) == set()
     finally:
         pool.close()
+
+
+def test_a_half_made_device_is_made_again(dm_name, tmp_path):
+    # A create killed between its create and load ioctls leaves a device
+    # with no table; Pool.open must replace it, not trip over it.
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    dev = pool.create_thin("vol", "4M")
+    table = witness.table(dev.dm_name)
+    pool.close()
+    witness.dmsetup("remove", dev.dm_name)
+    witness.dmsetup("create", dev.dm_name, "--notable")
+    assert witness.info(dev.dm_name)["attr"].startswith("-")  # no live table
+    again = libdm.Pool.open(directory)
+    try:
+        assert witness.table(dev.dm_name) == table
+        assert_consistent(again)
+    finally:
+        again.close()

@@ -20,6 +20,7 @@ import os
 
 from libdm.dm import loop
 from libdm.dm import ops
+from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
 from libdm.thin.units import Bytes, Sectors, format_size
@@ -29,6 +30,23 @@ __all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "spl
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
+
+
+def exists_live(name):
+    """True if device ``name`` exists with a live table.
+
+    A device without one is what a create killed between its create and
+    load ioctls leaves behind; it is removed here, so the caller makes it
+    afresh.
+    """
+    try:
+        info = ops.info(name)
+    except NoSuchDeviceError:
+        return False
+    if info.live_table:
+        return True
+    ops.remove(name)
+    return False
 
 
 class _Devices:
@@ -192,7 +210,7 @@ class LinearBacking:
             for name, segments in ((self.meta_name, self.meta_segments),
                                    (self.data_name, self.data_segments)):
                 table = self.table(segments)
-                if not ops.exists(name):
+                if not exists_live(name):
                     ops.create(name, table)
                     made.append(name)
                     continue

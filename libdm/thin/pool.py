@@ -240,7 +240,7 @@ class Pool(PoolCreation, Journal, Growth):
 
     def _activate_pool(self, operation):
         """Make the pool device live, or check the live one against the store."""
-        if ops.exists(self.name):
+        if backings.exists_live(self.name):
             self._verify_live_pool(operation)
             return
         if self.kind == "adopted":
@@ -449,7 +449,7 @@ class Pool(PoolCreation, Journal, Growth):
     def _activate(self, row, operation):
         dm_name = self.device_dm_name(row["name"])
         table = self._thin_table(row, self._devno())
-        if ops.exists(dm_name):
+        if backings.exists_live(dm_name):
             live = ops.table(dm_name)
             if live != table:
                 raise StateError(f"{dm_name} exists with table {'; '.join(map(str, live))}, "

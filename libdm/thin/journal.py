@@ -62,8 +62,9 @@ class Journal:
                 operation, self.name)
 
     def _roll_forward(self, intent):
-        """The kernel has the change: record its outcome."""
-        with self._store.transaction():
+        """The kernel has the change: record its outcome (not fsynced: the
+        intent it replaces was, so a lost outcome is rolled forward again)."""
+        with self._store.transaction(durable=False):
             if intent["op"] in ("create_thin", "create_snap"):
                 self._store.add_device(intent["name"], intent["thin_id"], intent["size"],
                                        intent["parent"])
@@ -156,7 +157,7 @@ class Journal:
                 self._undo_provision(thin_id, txid)
                 raise
             crash.point("create:transaction")
-            with self._store.transaction():
+            with self._store.transaction(durable=False):  # the intent was durable
                 # Recorded as active in the same commit: a crash before the
                 # activation below leaves a device Pool.open activates.
                 self._store.add_device(name, thin_id, size, parent, active=True)

@@ -158,9 +158,17 @@ class Store:
 
     # -- transactions --------------------------------------------------------
 
-    def transaction(self):
-        """``with store.transaction():`` — one atomic, durable change."""
-        return _Transaction(self.db)
+    def transaction(self, durable=True):
+        """``with store.transaction():`` — one atomic change.
+
+        ``durable=False`` skips the fsync at commit (WAL ``synchronous=
+        NORMAL``): the change survives a killed process but may be lost to a
+        power cut.  The journal uses it for *outcomes* only: their intent
+        was made durable first, so a lost outcome is re-derived from the
+        intent by ``Pool.open``.  The next durable commit makes it durable
+        too (the WAL is written in order).
+        """
+        return _Transaction(self.db, durable)
 
     # -- pool ----------------------------------------------------------------
 
@@ -322,16 +330,23 @@ class Store:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
 
-    def __init__(self, db):
+    def __init__(self, db, durable=True):
         self.db = db
+        self.durable = durable
 
     def __enter__(self):
+        if not self.durable:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            else:
+                self.db.execute("ROLLBACK")
+        finally:
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=FULL")
         return False

@@ -66,8 +66,10 @@ class Journal:
         intent it replaces was, so a lost outcome is rolled forward again)."""
         with self._store.transaction(durable=False):
             if intent["op"] in ("create_thin", "create_snap"):
+                # Active, as _provision records it: the outcome lost may be
+                # one whose device the caller was already using.
                 self._store.add_device(intent["name"], intent["thin_id"], intent["size"],
-                                       intent["parent"])
+                                       intent["parent"], active=True)
             else:
                 self._forget_deleted(intent)
             self._store.set_transaction_id(intent["txid"])

@@ -22,6 +22,7 @@ recover.
 
 import codecs
 import dataclasses
+import hashlib
 import os
 import shlex
 import shutil
@@ -69,6 +70,7 @@ IN_KERNEL_ENV = "LIBDM_TESTING_IN_KERNEL"
 # directory must not live there.
 _SHADOWED = ("/run", "/dev", "/proc", "/sys")
 _INSTALL_HINT = "install Debian's user-mode-linux and kmod packages (apt-get install user-mode-linux kmod)"
+_AVX512_FEATURES = ("AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL")
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -230,6 +232,42 @@ def find_kernel(binary=None, modules_root=None, *, need_modprobe=True):
     return KernelInfo(binary, version, modules_dir)
 
 
+def _xstate_shim():
+    """The preload library that lets UML run on a host whose XSAVE area is
+    larger than the one UML was built for (AVX-512, AMX; see
+    ``xstate_shim.c``): built once per source version into a cache
+    directory, or ``None`` where no C compiler is installed (UML then runs
+    as it is, which works on hosts without those extensions)."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xstate_shim.c")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "libdm-testing")
+    lib = os.path.join(cache, f"xstate_shim-{digest}.so")
+    if os.path.exists(lib):
+        return lib
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{lib}.{os.getpid()}.tmp"
+    proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, source, "-ldl"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelUnavailable(f"could not build the UML XSAVE shim: {proc.stderr.strip()}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def _kernel_env():
+    """The UML process's own environment: the XSAVE shim preloaded."""
+    env = dict(os.environ)
+    shim = _xstate_shim()
+    if shim is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, (shim, env.get("LD_PRELOAD"))))
+    return env
+
+
 def _private_dir():
     """Make the private work directory: somewhere the kernel sees too (not
     under a directory the init script mounts over) and whose path has no
@@ -258,6 +296,12 @@ def _command_env(env):
     else:
         env["PATH"] = path
     env[IN_KERNEL_ENV] = "1"
+    # UML switches only the legacy FP/SSE/AVX state between the threads of
+    # a process: keep glibc's string functions off the AVX-512 registers.
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.cpu.hwcaps=") for t in tunables):
+        tunables.append("glibc.cpu.hwcaps=" + ",".join(f"-{f}" for f in _AVX512_FEATURES))
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
     return env
 
 
@@ -530,6 +574,7 @@ def start(
         with open(os.path.join(workdir, "console"), "wb") as console:
             proc = subprocess.Popen(
                 argv,
+                env=_kernel_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=console,

@@ -24,6 +24,10 @@ POINTS = (
     "delete:message",
     "delete:transaction",
     "pool:created",        # pool device loaded, store not yet written
+    "grow:intent",         # growth intent recorded, nothing changed yet
+    "grow:backing",        # files grown or segments recorded, pool not suspended
+    "grow:loaded",         # pool suspended with the new table loaded, not resumed
+    "grow:resumed",        # pool resumed on the new table, outcome not recorded
 )
 
 _armed = os.environ.get("LIBDM_CRASH_AT")

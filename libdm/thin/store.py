@@ -313,6 +313,23 @@ class Store:
     def drop_intent(self, txid):
         self.db.execute("DELETE FROM intents WHERE txid = ?", (txid,))
 
+    # -- growth ----------------------------------------------------------------
+    #
+    # A growth (resize, extend, refresh, low water mark) changes no thin id
+    # and no transaction id, so its intent is a JSON record of its own: the
+    # configuration before and after, and the tables to roll back to.
+
+    def growth_intent(self):
+        """The growth in flight, a dict, or ``None``."""
+        text = self._meta("growth_intent")
+        return None if text is None else json.loads(text)
+
+    def set_growth_intent(self, intent):
+        self._set_meta("growth_intent", json.dumps(intent, sort_keys=True))
+
+    def drop_growth_intent(self):
+        self.db.execute("DELETE FROM meta WHERE key = 'growth_intent'")
+
     # -- deferred deletes ------------------------------------------------------
 
     def queue_delete(self, thin_id, name):

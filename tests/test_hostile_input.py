@@ -71,6 +71,34 @@ def test_size_parsing(value):
     assert isinstance(size, Bytes) and size > 0 and size % 512 == 0
 
 
+# The kernel's largest device: LLONG_MAX >> 9 sectors.
+MAX_SIZE = ((1 << 63) - 1) // 512 * 512
+# Sizes built from digits of every script, odd spaces, signs, exponents
+# and suffixes: only ASCII digits may make a size, and none past MAX_SIZE.
+SIZE_LIKE = st.text(alphabet=st.one_of(
+    st.sampled_from(list("0123456789.+-_eExX sSkKmMgGtTpPbBiI\t\n\x0b\x0c\x1c\x1f")),
+    st.characters(categories=["Nd", "Zs", "Zl", "Zp", "No"]),
+), max_size=40)
+
+
+@SETTINGS
+@given(st.one_of(SIZE_LIKE, st.integers(min_value=-(1 << 80), max_value=1 << 80)))
+def test_sizes_are_ascii_and_addressable_or_a_value_error(value):
+    tried()
+    try:
+        size = parse_size(value, what="data_size")
+    except ValueError as exc:
+        message = str(exc)
+        assert message.startswith("data_size") and "\n" not in message
+        if isinstance(value, str) and not value.isascii():
+            assert "non-ASCII" in message
+        return
+    assert 0 < size <= MAX_SIZE
+    if isinstance(value, str):
+        assert value.isascii()
+        assert not any(c in value for c in "+-_eExX")
+
+
 @SETTINGS
 @given(st.integers(min_value=1, max_value=1 << 50).map(lambda n: n * 512))
 def test_accepted_sizes_round_trip_through_sectors(n):

@@ -94,6 +94,76 @@ def test_parse_size_names_the_argument_and_refuses_other_types():
         parse_size(True)
 
 
+# Python's int() and re's \d take any Unicode digit; a size must not.
+NON_ASCII_SIZES = [
+    "\u0661\u0660M",            # Arabic-Indic ten
+    "\uff11\uff10G",            # fullwidth ten
+    "\u0967\u0966",             # Devanagari ten
+    "1\u0660M",                 # an ASCII digit, then an Arabic-Indic one
+    "10\u00a0M",                # no-break space
+    "\u200310M",                # em space
+    "10M\u2028",                # line separator
+    "10M\u3000",                # ideographic space
+    "10\u1d0d",                 # a letter that looks like M
+    "\U0001d7cf\U0001d7ceM",    # mathematical bold ten
+]
+
+
+@pytest.mark.parametrize("text", NON_ASCII_SIZES)
+def test_parse_size_takes_only_ascii(text):
+    with pytest.raises(ValueError, match="non-ASCII") as caught:
+        parse_size(text, what="data_size")
+    message = str(caught.value)
+    assert message.startswith(f"data_size {text!r} is not a size")
+
+
+@pytest.mark.parametrize("text", [
+    "1e3", "1E3", "1e3M", "+5M", "-1", "- 1", "1_000", "0x10", "0b1", "0o7", "1,5G",
+    ".5G", "5.G", "1..5G", "1.5.5G", "10MM", "10 M B", "10M 5", "inf", "nan", "NaN",
+    "1e999", "10\x00", "\x0010M", "10\x1cM", "10\x85M", "10/2M", "(10)", "10K-",
+])
+def test_parse_size_refuses_hostile_ascii(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["10M", " 10M", "10M ", "\t10 M\n", "10\tM", "010M"])
+def test_parse_size_keeps_its_ascii_syntax(text):
+    assert parse_size(text) == Bytes(10 << 20)
+
+
+def test_parse_size_largest():
+    largest = Bytes(((1 << 63) - 1) // 512 * 512)  # the kernel's LLONG_MAX >> 9 sectors
+    assert parse_size(f"{(1 << 54) - 1}s") == largest
+    assert parse_size(int(largest)) == largest
+    assert parse_size(Sectors((1 << 54) - 1)) == largest
+    assert parse_size("8191.5P") == Bytes(16383 << 49)
+
+
+@pytest.mark.parametrize("value", [
+    f"{1 << 54}s", str(1 << 63), 1 << 63, "8192P", "8388608T", str(2 ** 63 * 512),
+    f"{2 ** 63}s", 2 ** 200, "1" + "0" * 30 + "P", "9" * 5000, "9" * 100_000 + "M",
+    Sectors(1 << 54), Bytes(1 << 70),
+])
+def test_parse_size_too_large_is_a_value_error_saying_so(value):
+    with pytest.raises(ValueError, match="too large") as caught:
+        parse_size(value, what="data_size")
+    message = str(caught.value)
+    assert message.startswith("data_size ") and len(message) < 200
+
+
+@pytest.mark.parametrize("text", ["1." + "0" * 5000 + "1G", "1." + "3" * 100_000])
+def test_parse_size_long_fractions_are_refused_quickly(text):
+    with pytest.raises(ValueError, match="whole number of bytes") as caught:
+        parse_size(text)
+    assert len(str(caught.value)) < 200
+
+
+def test_parse_size_trailing_zeros_of_a_fraction_are_harmless():
+    assert parse_size("1." + "0" * 5000 + "G") == Bytes(1 << 30)
+    assert parse_size("0" * 5000 + "1G") == Bytes(1 << 30)
+
+
 def test_format_size():
     assert format_size(Bytes(1536)) == "1.5 KiB"
     assert format_size(parse_size("10G")) == "10 GiB"

@@ -20,6 +20,7 @@ __all__ = [
     "MetaBlocks",
     "SECTOR_SIZE",
     "META_BLOCK_SIZE",
+    "MAX_SIZE",
     "parse_size",
     "format_size",
 ]
@@ -181,7 +182,69 @@ _SUFFIXES = {
     "P": 1 << 50, "PB": 1 << 50, "PIB": 1 << 50,
     "S": SECTOR_SIZE,  # sectors, as in LVM's "s" suffix
 }
-_SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z")
+_SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z", re.ASCII)
+
+#: The largest size accepted: the kernel refuses a device that ends past
+#: ``LLONG_MAX >> 9`` sectors ("too large device"), and a loop file's size
+#: is a signed 64-bit offset.  That is 8 EiB less one sector.
+MAX_SIZE = (((1 << 63) - 1) >> 9) * SECTOR_SIZE
+# Digits beyond these can only give a size past MAX_SIZE (whole part) or
+# a fraction of a byte (fraction part, trailing zeros dropped: a suffix
+# multiplies by at most 2**50).  Checked before int() so that a long
+# string costs nothing and never hits int()'s own digit limit.
+_MAX_WHOLE_DIGITS = len(str(MAX_SIZE))
+_MAX_FRACTION_DIGITS = 50
+
+
+def _shown(value, limit=40):
+    """``repr(value)``, cut short so that an error line stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _not_a_size(value, what):
+    """The ValueError for a string that is not a size, saying why."""
+    if not value.isascii():
+        odd = next(c for c in value if not c.isascii())
+        return ValueError(
+            f"{what} {_shown(value)} is not a size: it has the non-ASCII character "
+            f"{ascii(odd)}; use ASCII digits 0-9, e.g. '512M'"
+        )
+    return ValueError(
+        f"{what} {_shown(value)} is not a size: use bytes or a number with "
+        f"K, M, G, T or s (sectors), e.g. '512M'"
+    )
+
+
+def _too_large(value, what):
+    return ValueError(
+        f"{what} {_shown(value)} is too large: the largest device Linux can address "
+        f"is {MAX_SIZE} bytes (8 EiB less one sector)"
+    )
+
+
+def _parse_size_text(value, what):
+    """The bytes a size string such as ``"1.5G"`` stands for.
+
+    Raises:
+        ValueError: not ASCII digits with an optional fraction and suffix,
+            too large, or not a whole number of bytes.
+    """
+    m = _SIZE_RE.match(value) if value.isascii() else None
+    if not m or m.group(3).upper() not in _SUFFIXES:
+        raise _not_a_size(value, what)
+    whole, frac, suffix = m.groups()
+    whole = whole.lstrip("0") or "0"
+    frac = (frac or "").rstrip("0")
+    if len(whole) > _MAX_WHOLE_DIGITS:
+        raise _too_large(value, what)
+    if len(frac) > _MAX_FRACTION_DIGITS:
+        raise ValueError(f"{what} {_shown(value)} is not a whole number of bytes")
+    numerator = int(whole + frac) * _SUFFIXES[suffix.upper()]
+    denominator = 10 ** len(frac)
+    if numerator % denominator:
+        raise ValueError(f"{what} {_shown(value)} is not a whole number of bytes")
+    return Bytes(numerator // denominator)
 
 
 def parse_size(value, *, what="size"):
@@ -190,10 +253,14 @@ def parse_size(value, *, what="size"):
     Accepts an int (bytes), ``Bytes``, ``Sectors``, or a string such as
     ``"4096"``, ``"64K"``, ``"512M"``, ``"10G"``, ``"1.5G"`` or ``"2048s"``
     (sectors).  Suffixes are binary (K = 1024) and case-insensitive.
+    Strings are ASCII only: digits 0-9, an optional ``.`` fraction, an
+    optional suffix, spaces around them.  No sign, exponent, underscore
+    or non-ASCII digit.
 
     Raises:
-        ValueError: unparsable, negative or zero, or not a whole number of
-            512-byte sectors; the message names ``what``.
+        ValueError: unparsable, negative or zero, larger than
+            :data:`MAX_SIZE` (8 EiB less one sector), or not a whole number
+            of 512-byte sectors; the message names ``what`` and the value.
         TypeError: another type (for instance ``DataBlocks``, whose size
             depends on the pool).
     """
@@ -208,25 +275,15 @@ def parse_size(value, *, what="size"):
     elif isinstance(value, int):
         result = Bytes(value)
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if not m or m.group(3).upper() not in _SUFFIXES:
-            raise ValueError(
-                f"{what} {value!r} is not a size: use bytes or a number with "
-                f"K, M, G, T or s (sectors), e.g. '512M'"
-            )
-        whole, frac, suffix = m.groups()
-        factor = _SUFFIXES[suffix.upper()]
-        numerator = int(whole + (frac or "")) * factor
-        denominator = 10 ** len(frac or "")
-        if numerator % denominator:
-            raise ValueError(f"{what} {value!r} is not a whole number of bytes")
-        result = Bytes(numerator // denominator)
+        result = _parse_size_text(value, what)
     else:
         raise TypeError(
             f"{what} must be an int or a string like '10G', not {type(value).__name__}"
         )
     if result <= 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+        raise ValueError(f"{what} must be positive, got {_shown(value)}")
+    if result > MAX_SIZE:
+        raise _too_large(value, what)
     try:
         result.sectors()
     except ValueError as exc:

@@ -245,6 +245,55 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch):
     assert "second line" not in line
 
 
+@pytest.mark.parametrize("error", [
+    TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
+    AttributeError("'NoneType' object has no attribute 'name'"),
+    KeyError("data_size"),
+    RuntimeError("boom"),
+])
+def test_a_library_bug_is_not_bad_usage(monkeypatch, error):
+    def buggy():
+        raise error
+
+    monkeypatch.setattr(libdm, "library_version", buggy)
+    line = failed(run("version"), 1, f"version: unexpected {type(error).__name__}",
+                  "a bug in libdm", "--debug")
+    assert "bad usage" not in line and "see 'libdm" not in line
+    r = run("--debug", "version")
+    assert r.code == 1 and "Traceback" in r.err and type(error).__name__ in r.err
+    assert "a bug in libdm" in r.err.splitlines()[-1]
+
+
+def test_a_state_error_is_a_failure_not_bad_usage(monkeypatch):
+    def corrupt():
+        raise libdm.StateError("/x/state.db: the stored pool configuration is empty", "open")
+
+    monkeypatch.setattr(libdm, "library_version", corrupt)
+    failed(run("version"), 1, "version:", "configuration is empty", "[EUCLEAN]")
+
+
+def test_an_unreadable_store_is_a_failure_not_bad_usage(monkeypatch):
+    # What a store gives before it says StateError itself: JSON or SQLite
+    # errors about the data, not about the command line.
+    import sqlite3
+
+    for error in (json.JSONDecodeError("Expecting value", "not json", 0),
+                  sqlite3.DatabaseError("file is not a database")):
+        def unreadable(error=error):
+            raise error
+
+        monkeypatch.setattr(libdm, "library_version", unreadable)
+        line = failed(run("version"), 1, "version: unreadable stored state:")
+        assert "bug" not in line
+
+
+def test_too_large_a_size_is_bad_usage_not_an_overflow():
+    for size in (str(2 ** 63 * 512), f"{2 ** 63}s", "8192P"):
+        failed(run("pool", "create", "p", "--loop", "/nowhere", "--data-size", size), 2,
+               "too large", "8 EiB")
+    failed(run("thin", "create", "v", "\u0661\u0660M", "--pool", "/nowhere"), 2, "non-ASCII")
+
+
 def test_an_interrupt_exits_130_and_a_closed_pipe_quietly_1(monkeypatch):
     def interrupted():
         raise KeyboardInterrupt
@@ -713,6 +762,34 @@ def test_pool_and_thin_failures_are_one_line(dm_name, tmp_path):
     # The same through python -m: one line, no traceback.
     failed(sh("thin", "delete", "nope", *P), 1, "thin delete nope:", "[ENXIO]")
     failed(sh("thin", "create", "vol", "16M", *P), 1, "already has")
+    ok(run("pool", "destroy", "--remove-files", *P))
+
+
+@kernel
+@pytest.mark.parametrize("column, corrupt", [
+    ("config", "{}"), ("config", "not json"), ("config", "[]"), ("kind", "weird"),
+])
+def test_a_corrupt_pool_store_fails_with_exit_1(dm_name, tmp_path, column, corrupt):
+    import sqlite3
+
+    directory, name = tmp_path / "pool", dm_name("pool")
+    P = ["--pool", directory]
+    ok(run("pool", "create", name, "--loop", directory, "--data-size", "64M"))
+    ok(run("thin", "create", "vol", "16M", *P))
+    db = sqlite3.connect(directory / "state.db")
+    try:
+        saved = db.execute(f"SELECT {column} FROM pool WHERE id = 1").fetchone()[0]
+        with db:
+            db.execute(f"UPDATE pool SET {column} = ? WHERE id = 1", (corrupt,))
+        for args in (["thin", "ls"], ["thin", "ls", "--json"], ["pool", "info"],
+                     ["pool", "status"], ["thin", "create", "x", "8M"]):
+            failed(run(*args, *P), 1, " ".join(args[:2]) + ":", "[EUCLEAN]")
+        failed(sh("thin", "ls", *P), 1, "thin ls:", "[EUCLEAN]")
+        assert f"{name}-x" not in witness.names()
+    finally:
+        with db:
+            db.execute(f"UPDATE pool SET {column} = ? WHERE id = 1", (saved,))
+        db.close()
     ok(run("pool", "destroy", "--remove-files", *P))
 
 

@@ -6,14 +6,20 @@ arguments, calls one or two library functions and prints the result, as
 aligned text for people or, with ``--json``, as JSON for programs.
 
 Exit status: 0 on success, 1 when the operation failed (a
-:class:`~libdm.DMError`, another ``OSError``, a pool error), 2 on bad usage
-(argument errors, and ``ValueError``/``TypeError`` from the library's
-validation of names, sizes and tables).  An error is one line on stderr,
+:class:`~libdm.DMError`, another ``OSError``, a pool error such as a
+:class:`~libdm.StateError` for a damaged state store, or a store whose
+JSON or SQLite data cannot be read), 2 on bad usage (argument errors, and
+``ValueError`` from the library's validation of names, sizes and tables),
+130 on an interrupt.  Any other exception (``TypeError``,
+``AttributeError``, ``KeyError``...) is a bug in libdm: exit status 1, and
+the line says so.  An error is one line on stderr,
 ``libdm: <what failed>: <why>``; ``--debug`` adds the traceback and
 libdevmapper's log.
 """
 
+import json
 import logging
+import sqlite3
 import sys
 import traceback
 
@@ -22,7 +28,12 @@ from libdm.cli.parser import UsageError, build_parser
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Errors about stored data, not about the command line: a state store that
+# does not parse is a failed operation (1), never bad usage (2).  A
+# ProgrammingError is libdm misusing SQLite, so a bug.
+_UNREADABLE_STATE = (json.JSONDecodeError, sqlite3.DatabaseError)
 
 
 def _usage_line(exc):
@@ -30,6 +41,15 @@ def _usage_line(exc):
     where = prog[len("libdm "):] if prog.startswith("libdm ") else ""
     hint = f" (see '{prog} --help')"
     return f"libdm: {where + ': ' if where else ''}{exc}{hint}"
+
+
+def _bug_line(args, exc, debug):
+    """The one line for an exception libdm never raises on purpose
+    (``TypeError``, ``AttributeError``, ``KeyError``...): a bug in libdm,
+    not the user's doing, whatever its type."""
+    hint = "" if debug else "; run with --debug for the traceback"
+    return (f"libdm: {_what(args)}: unexpected {type(exc).__name__}: {error_text(exc)} "
+            f"(a bug in libdm, please report it{hint})")
 
 
 def _what(args):
@@ -74,7 +94,8 @@ def main(argv=None):
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 success, 1 failure, 2 bad usage.
+        The exit status: 0 success, 1 failure (a libdm bug included), 2 bad
+        usage, 130 interrupted.
     """
     parser = build_parser()
     try:
@@ -97,16 +118,19 @@ def main(argv=None):
         return EXIT_FAILED
     except UsageError as exc:
         failure, code, line = exc, EXIT_USAGE, _usage_line(exc)
-    except (ValueError, TypeError) as exc:
-        failure, code, line = exc, EXIT_USAGE, f"libdm: {_what(args)}: {error_text(exc)}"
+    except sqlite3.ProgrammingError as exc:
+        failure, code, line = exc, EXIT_FAILED, _bug_line(args, exc, debug)
+    except _UNREADABLE_STATE as exc:
+        failure, code = exc, EXIT_FAILED
+        line = f"libdm: {_what(args)}: unreadable stored state: {error_text(exc)}"
     except (OSError, CommandError) as exc:
         failure, code, line = exc, EXIT_FAILED, f"libdm: {_what(args)}: {error_text(exc)}"
+    except ValueError as exc:
+        failure, code, line = exc, EXIT_USAGE, f"libdm: {_what(args)}: {error_text(exc)}"
     except KeyboardInterrupt as exc:
-        failure, code, line = exc, 130, f"libdm: {_what(args)}: interrupted"
-    except Exception as exc:  # a bug: still one line, the traceback with --debug
-        failure, code = exc, EXIT_FAILED
-        line = (f"libdm: {_what(args)}: unexpected {type(exc).__name__}: {error_text(exc)}"
-                f"{'' if debug else ' (run with --debug for the traceback)'}")
+        failure, code, line = exc, EXIT_INTERRUPTED, f"libdm: {_what(args)}: interrupted"
+    except Exception as exc:
+        failure, code, line = exc, EXIT_FAILED, _bug_line(args, exc, debug)
     finally:
         restore()
     if debug:

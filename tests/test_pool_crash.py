@@ -75,7 +75,9 @@ def assert_consistent(pool):
 
 
 def test_every_crash_point_is_covered():
-    covered = {point for _, point in CASES} | {"pool:created"}
+    from test_pool_trust import CASES as GROWTH_CASES
+
+    covered = {point for _, point in CASES + GROWTH_CASES} | {"pool:created"}
     assert covered == set(crash.POINTS)
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from libdm.dm.validate import check_params, check_target_type
 
-__all__ = ["Target", "check_table"]
+__all__ = ["MAX_SECTORS", "Target", "check_table"]
 
 
 class Target(NamedTuple):
@@ -51,6 +51,11 @@ class Target(NamedTuple):
                    fields[3] if len(fields) > 3 else "")
 
 
+#: The kernel's limit: a table ends by this sector (its end in bytes must
+#: fit a signed 64-bit offset); past it the kernel says "too large device".
+MAX_SECTORS = (1 << 54) - 1
+
+
 def check_table(targets):
     """Validate a table before it is loaded and return it as a tuple.
 
@@ -60,7 +65,8 @@ def check_table(targets):
 
     Raises:
         ValueError: an empty table, a gap, an overlap, a non-positive
-            length, or bad type or params (see :mod:`libdm.dm.validate`).
+            length, a table ending past :data:`MAX_SECTORS`, or bad type
+            or params (see :mod:`libdm.dm.validate`).
         TypeError: a target that is not a 3- or 4-tuple of the right types.
     """
     if isinstance(targets, (Target, str)):
@@ -84,4 +90,7 @@ def check_table(targets):
         check_target_type(t.type)
         check_params(t.params)
         expected = t.start + t.length
+    if expected > MAX_SECTORS:
+        raise ValueError(f"the table ends at sector {expected}, past the kernel's limit of "
+                         f"{MAX_SECTORS} sectors (8 EiB)")
     return table

@@ -13,15 +13,17 @@ and must be whole 512-byte sectors; tables are in sectors.
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
 import threading
 import time
+from types import MappingProxyType
 
 from libdm.dm import ops
 from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
-from libdm.dm.target import Target
+from libdm.dm.target import MAX_SECTORS, Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
@@ -43,6 +45,11 @@ from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import DataBlocks, Sectors, parse_size
 
 __all__ = ["Pool"]
+
+logger = logging.getLogger("libdm")
+
+#: The magic number of a thin-pool metadata superblock (at byte 32).
+THIN_SUPERBLOCK_MAGIC = 27022010
 
 
 def _thin_check_failure(meta_path):
@@ -83,7 +90,12 @@ class Pool(PoolCreation, Journal, Growth):
         directory: its state directory.
         kind: ``"loop"`` (files), ``"block"`` (block devices under linear
             pieces, one split or several) or ``"adopted"``.
+        unavailable: after :meth:`open`, the devices recorded active that
+            the kernel would not activate, name -> the error (the others
+            are up; each is logged with the command that deletes it).
     """
+
+    unavailable = MappingProxyType({})
 
     # -- getting a pool --------------------------------------------------------
 
@@ -241,6 +253,7 @@ class Pool(PoolCreation, Journal, Growth):
     def _activate_pool(self, operation):
         """Make the pool device live, or check the live one against the store."""
         if backings.exists_live(self.name):
+            self._settle_live_pool(operation)
             self._verify_live_pool(operation)
             return
         if self.kind == "adopted":
@@ -249,12 +262,68 @@ class Pool(PoolCreation, Journal, Growth):
                 f"so whoever made it must activate it", operation, self.name)
         with self._backing.attach() as devs:
             if operation == "open":
+                self._check_superblock(devs.meta.path, operation)
                 complaint = _thin_check_failure(devs.meta.path)
                 if complaint is not None:
                     raise PoolFailedError(
                         f"thin_check found damaged metadata on {devs.meta.path}: {complaint}; "
                         f"repair it with thin_repair before opening the pool", operation, self.name)
             ops.create(self.name, self._table_for(devs), uuid=self.uuid)
+
+    def _settle_live_pool(self, operation):
+        """A live pool left suspended, or with a table loaded but never
+        resumed, by a process killed mid-change.  A growth's intent is
+        finished before this (see :meth:`_finish_growth`); what is left
+        was never recorded, so it is undone: the live table is loaded over
+        the inactive one, and the pool is resumed."""
+        info = ops.info(self.name)
+        if not (info.suspended or info.inactive_table):
+            return
+        if self.kind == "adopted":
+            state = "suspended" if info.suspended else "carrying an inactive table"
+            raise StateError(f"adopted pool {self.name!r} is {state}; its owner must resume "
+                             f"it (dmsetup resume {self.name})", operation, self.name)
+        if info.inactive_table:
+            logger.warning("pool %s: dropping a table loaded by an interrupted change",
+                           self.name)
+            ops.reload(self.name, ops.table(self.name))
+        logger.warning("pool %s: resuming it after an interrupted change", self.name)
+        ops.resume(self.name)
+
+    def _ever_used(self):
+        """True if the store shows the pool held a device at some time."""
+        return bool(self._store.transaction_id() or self._store.count_devices()
+                    or self._store.intents() or self._store.deferred_deletes())
+
+    def _check_superblock(self, meta_path, operation):
+        """Refuse metadata whose superblock is blank or foreign before any
+        table is loaded: given a blank superblock the kernel formats fresh,
+        empty metadata, which is right only for a pool that never held a
+        device (and destroys what thin_repair could still recover)."""
+        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, 4096, 0)
+        except OSError as exc:
+            raise PoolFailedError(f"cannot read the metadata of pool {self.name!r} on "
+                                  f"{meta_path}: {exc}; {REPAIR_HINT}", operation,
+                                  self.name) from exc
+        finally:
+            os.close(fd)
+        repair = (f"recover it with thin_repair -i {meta_path} -o <a new file or device of "
+                  f"the same size>, check that with thin_check, and put it in place of "
+                  f"{meta_path}")
+        if not any(head):
+            if not self._ever_used():
+                return
+            raise PoolFailedError(
+                f"the metadata superblock of pool {self.name!r} on {meta_path} is blank, but "
+                f"the store records transaction {self._store.transaction_id()} and "
+                f"{self._store.count_devices()} devices: loading the pool would format "
+                f"empty metadata over it; {repair}", operation, self.name)
+        if len(head) < 40 or int.from_bytes(head[32:40], "little") != THIN_SUPERBLOCK_MAGIC:
+            raise PoolFailedError(
+                f"{meta_path} holds no thin-pool metadata superblock (bad magic); {repair}",
+                operation, self.name)
 
     def _verify_live_pool(self, operation):
         live = ops.table(self.name)
@@ -331,6 +400,9 @@ class Pool(PoolCreation, Journal, Growth):
                     self._store.set_active(row["name"], True)
 
     def _bring_up(self, operation):
+        intent = self._store.growth_intent()
+        if intent is not None:
+            self._finish_growth(intent, operation)
         self._activate_pool(operation)
         st = self.status()
         if st.failed:
@@ -339,8 +411,17 @@ class Pool(PoolCreation, Journal, Growth):
             self._reconcile(st, operation)
             self._retry_deferred_deletes()
         self._adopt_live_devices()
+        self.unavailable = {}
         for row in self._store.active_devices():
-            self._activate(row, operation)
+            try:
+                self._activate(row, operation)
+            except (DMError, ValueError) as exc:
+                # One device the kernel refuses must not keep the others down.
+                self.unavailable[row["name"]] = str(exc)
+                logger.error(
+                    "pool %s: device %s (thin id %s) could not be activated: %s; delete it "
+                    "with: libdm thin delete --pool %s %s", self.name, row["name"],
+                    row["thin_id"], exc, self.directory, row["name"])
 
     # -- devices ----------------------------------------------------------------------
 
@@ -408,13 +489,18 @@ class Pool(PoolCreation, Journal, Growth):
             PoolFullError: free space is below ``min_free_space``, or no
                 thin id is left.
             PoolReadOnlyError, PoolFailedError: the pool refuses changes.
+            DMError: the kernel refused the device's table; its thin id and
+                record are deleted again before this is raised.
         """
         dm_name = self._check_device_name(name)
         size = parse_size(size, what="size").sectors()
+        if size == 0 or int(size) > MAX_SECTORS:
+            raise ValueError(f"size {int(size)} sectors is outside 1..{MAX_SECTORS} sectors "
+                             f"(the kernel's limit for a device, 8 EiB)")
         with self._changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
             self._provision("create_thin", name, size, None, None)
-            return self._activate(self._store.device(name), "create_thin")
+            return self._activate_new(name, "create_thin")
 
     def snapshot_device(self, origin, name):
         """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
@@ -423,7 +509,21 @@ class Pool(PoolCreation, Journal, Growth):
             row = self._row(origin, "snapshot")
             self._before_change("snapshot", name, dm_name)
             self._provision("create_snap", name, Sectors(row["size"]), origin, row["thin_id"])
-            return self._activate(self._store.device(name), "snapshot")
+            return self._activate_new(name, "snapshot")
+
+    def _activate_new(self, name, operation):
+        """Activate a device just provisioned; if the kernel refuses its
+        table, delete its thin id and record again (journalled, as any
+        delete) rather than leave a record no open can activate."""
+        try:
+            return self._activate(self._store.device(name), operation)
+        except Exception as exc:
+            try:
+                self.delete_device(name)
+            except DMError as undo:
+                logger.error("pool %s: could not delete %s after its activation failed: %s",
+                             self.name, name, undo)
+            raise exc
 
     def _before_change(self, operation, name, dm_name):
         self._writable_status(operation)

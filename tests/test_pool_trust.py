@@ -1,0 +1,339 @@
+"""Growth that cannot wedge a pool, sizes the kernel cannot map, and
+metadata that must never be formatted over (issue: trust).
+
+Each case was a way to lose data or leave a pool unusable: a kill
+between the pool's reload and resume, a data growth the metadata cannot
+map, a device size the kernel refuses, a zeroed metadata superblock.
+Witnesses: dmsetup (info, table, status), thin_dump, thin_repair, stat.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import libdm
+from libdm.thin import capacity
+from libdm.thin.store import Store
+
+from blockio import MiB, attach, read_at, write_pattern
+import witness
+
+pytestmark = pytest.mark.kernel
+
+
+def pool_is_healthy(pool_name, directory):
+    """The pool itself, not only its devices: live, not suspended, no
+    inactive table, read-write, no needs_check, and its table as long as
+    whole data blocks of the data file."""
+    attr = witness.info(pool_name)["attr"]
+    assert attr[0] == "L" and attr[1] != "I" and attr[2] != "s", f"pool attr {attr}"
+    fields = witness.pool_status(pool_name)
+    assert fields[3] == "-" and fields[4] == "rw", fields  # held root, mode
+    assert "needs_check" not in fields, fields
+    table = witness.table(pool_name)[0].split()
+    block = int(table[5])
+    data = os.stat(os.path.join(directory, "data")).st_size // 512
+    assert int(table[1]) == data // block * block, (table, data)
+
+
+def run_child(directory, code, crash_at=None):
+    env = dict(os.environ)
+    env.pop("LIBDM_CRASH_AT", None)
+    if crash_at:
+        env["LIBDM_CRASH_AT"] = crash_at
+    script = f"import libdm\np = libdm.Pool.open({str(directory)!r})\n{code}"
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+# -- a kill in the middle of a growth -------------------------------------------------
+
+GROWTH = {
+    "resize data": "p.resize(data_size='128M')\n",
+    "resize metadata": "p.resize(metadata_size='4M')\n",
+    "refresh": "p.refresh()\n",
+    "low water mark": "p.set_low_water_mark(7)\n",
+}
+POINTS = ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed")
+CASES = [("resize data", point) for point in POINTS] + [
+    (change, "grow:loaded") for change in GROWTH if change != "resize data"]
+
+
+@pytest.mark.parametrize("change, point", CASES)
+def test_a_kill_mid_growth_is_finished_by_open(dm_name, tmp_path, change, point):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M", metadata_size="2M")
+    dev = pool.create_thin("vol", "16M")
+    write_pattern(dev.path, 0x5A)
+    pool.close()
+    proc = run_child(directory, GROWTH[change], crash_at=point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # it really died there
+    if point == "grow:loaded":
+        # The window of the defect: suspended with the new table loaded.
+        assert witness.info(name)["attr"][:3] == "LIs"
+    pool = libdm.Pool.open(directory)
+    try:
+        pool_is_healthy(pool.name, directory)
+        store = Store(directory)
+        try:
+            assert store.growth_intent() is None
+            config = store.pool()["config"]
+        finally:
+            store.close()
+        # All or nothing, and the store agrees with the kernel.
+        table = witness.table(pool.name)[0].split()
+        assert int(table[1]) * 512 == config["data_size"]
+        assert os.stat(directory / "metadata").st_size == config["metadata_size"]
+        assert int(table[6]) == config["low_water_mark"]
+        if change == "resize data" and point != "grow:intent":
+            assert config["data_size"] == 128 * MiB  # the files grew: rolled forward
+        assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x5A]) * MiB
+        pool.create_thin("after", "4M")
+        assert witness.thin_ids(pool.name) == {0, 1}
+    finally:
+        pool.close()
+
+
+def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path):
+    # A pool suspended with a table loaded by something libdm never
+    # recorded (an older libdm killed mid-resize): the unrecorded table is
+    # dropped, the pool resumed on the one the store describes.
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    pool.create_thin("vol", "8M")
+    live = witness.table(pool.name)[0]
+    pool.close()
+    start, length, rest = live.split(" ", 2)
+    witness.dmsetup("suspend", "--noflush", pool.name)
+    witness.dmsetup("reload", pool.name, "--table", f"0 {int(length) // 2} {rest}")
+    assert witness.info(pool.name)["attr"][:3] == "LIs"
+    pool = libdm.Pool.open(directory)
+    try:
+        pool_is_healthy(pool.name, directory)
+        assert witness.table(pool.name)[0] == live
+        pool.create_thin("after", "4M")
+    finally:
+        pool.close()
+
+
+# -- data the metadata cannot map ------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["15T", "4T"])
+def test_growing_data_past_what_the_metadata_maps_is_refused_first(dm_name, tmp_path, size):
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
+                                  metadata_size="2M")
+    try:
+        dev = pool.create_thin("vol", "8M")
+        write_pattern(dev.path, 0x33)
+        before = witness.table(pool.name)
+        with pytest.raises(libdm.PoolFullError, match="metadata must be at least") as err:
+            pool.resize(data_size=size)
+        assert "--metadata-size" in str(err.value)
+        assert witness.table(pool.name) == before
+        assert os.stat(directory / "data").st_size == 64 * MiB
+        pool_is_healthy(pool.name, directory)
+    finally:
+        pool.close()
+    # And after a reboot-like reopen, nothing is left half done.
+    again = libdm.Pool.open(directory)
+    try:
+        pool_is_healthy(again.name, directory)
+        assert read_at(again.device("vol").path, 0, MiB) == bytes([0x33]) * MiB
+    finally:
+        again.close()
+
+
+def test_resize_with_the_metadata_it_needs_grows_the_metadata_first(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
+                                  metadata_size="2M")
+    try:
+        with pytest.raises(libdm.PoolFullError) as err:
+            pool.resize(data_size="4T")
+        want = str(err.value).split("metadata must be at least ")[1].split(":")[0]
+        st = pool.resize(data_size="4T", metadata_size=want)
+        assert int(st.total_data) == (4 << 40) // (64 << 10)
+        assert st.mode == "rw" and not st.needs_check
+        assert os.stat(directory / "metadata").st_size == libdm.parse_size(want)
+        pool_is_healthy(pool.name, directory)
+        pool.create_thin("vol", "8M")
+    finally:
+        pool.close()
+
+
+def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(dm_name, tmp_path, monkeypatch):
+    # Past libdm's own check (switched off here), the kernel refuses the
+    # resume with ENOSPC and flags the metadata needs_check: the pool must
+    # come back exactly as it was, not suspended, read-write, checked.
+    monkeypatch.setattr(capacity, "blocks_needed", lambda old, new: 0)
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
+                                  metadata_size="2M")
+    try:
+        dev = pool.create_thin("vol", "8M")
+        write_pattern(dev.path, 0x77)
+        before = witness.table(pool.name)
+        with pytest.raises(libdm.DMError) as err:
+            pool.resize(data_size="1T")
+        assert err.value.errno == 28  # ENOSPC, the kernel's own refusal
+        assert witness.table(pool.name) == before
+        assert os.stat(directory / "data").st_size == 64 * MiB
+        pool_is_healthy(pool.name, directory)
+        assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x77]) * MiB
+        store = Store(directory)
+        try:
+            assert store.growth_intent() is None
+            assert store.pool()["config"]["data_size"] == 64 * MiB
+        finally:
+            store.close()
+        pool.create_thin("after", "4M")
+    finally:
+        pool.close()
+
+
+# -- sizes the kernel cannot map ---------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["16777216T", 2 ** 63, 2 ** 63 * 512])
+def test_a_size_past_the_kernels_limit_is_refused_before_any_change(dm_name, tmp_path, size):
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    try:
+        with pytest.raises(ValueError, match="too large|limit"):
+            pool.create_thin("huge", size)
+        assert pool.devices() == []
+        assert witness.thin_ids(pool.name) == set()
+        assert witness.transaction_id(pool.name) == 0
+    finally:
+        pool.close()
+
+
+def test_the_largest_size_the_kernel_maps_works(dm_name, tmp_path):
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    try:
+        dev = pool.create_thin("big", libdm.dm.target.MAX_SECTORS * 512)
+        assert int(witness.table(dev.dm_name)[0].split()[1]) == libdm.dm.target.MAX_SECTORS
+    finally:
+        pool.close()
+
+
+def test_a_table_the_kernel_refuses_is_undone(dm_name, tmp_path, monkeypatch):
+    # The kernel refuses a thin table (here one naming a thin id the
+    # metadata does not hold): the new device's thin id and record go
+    # again, through the journal, and the pool is as before.
+    from libdm.dm.target import Target
+
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    try:
+        monkeypatch.setattr(type(pool), "_thin_table", lambda self, row, devno: [
+            Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")])
+        with pytest.raises(libdm.DMError):
+            pool.create_thin("refused", "4M")
+        monkeypatch.undo()
+        assert pool.devices() == []
+        assert witness.thin_ids(pool.name) == set()
+        store = Store(pool.directory)
+        try:
+            assert store.intents() == []
+            assert store.transaction_id() == witness.transaction_id(pool.name)
+        finally:
+            store.close()
+        pool.create_thin("ok", "4M")
+        assert witness.thin_ids(pool.name) == {0}
+    finally:
+        pool.close()
+
+
+def test_a_device_the_kernel_refuses_does_not_keep_the_others_down(dm_name, tmp_path):
+    # A record an older libdm left behind: an active device whose size the
+    # kernel refuses.  Open brings the pool and the other devices up and
+    # names the bad one.
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    good = pool.create_thin("good", "8M")
+    write_pattern(good.path, 0x11)
+    pool.create_thin("bad", "8M")
+    pool.destroy()  # every device down, files and store kept: a reboot
+    store = Store(directory)
+    try:
+        with store.transaction():
+            store.db.execute("UPDATE devices SET size = ? WHERE name = 'bad'", (1 << 55,))
+    finally:
+        store.close()
+    pool = libdm.Pool.open(directory)
+    try:
+        assert set(pool.unavailable) == {"bad"}
+        assert read_at(pool.device("good").path, 0, MiB) == bytes([0x11]) * MiB
+        assert witness.info(f"{pool.name}-bad") is None
+        pool_is_healthy(pool.name, directory)
+        pool.device("bad").delete()
+        assert witness.thin_ids(pool.name) == {0}
+    finally:
+        pool.close()
+
+
+# -- metadata that must not be formatted over --------------------------------------------
+
+def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    for n in range(3):
+        write_pattern(pool.create_thin(f"vol{n}", "8M").path, 0x40 + n)
+    pool.destroy()  # a reboot: nothing live, files kept
+    meta = directory / "metadata"
+    fd = os.open(meta, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(4096), 0)
+    finally:
+        os.close(fd)
+    with pytest.raises(libdm.PoolFailedError, match="thin_repair") as err:
+        libdm.Pool.open(directory)
+    assert "blank" in str(err.value)
+    assert witness.info(name) is None  # no table was loaded
+    # Nothing was formatted: thin_repair still finds all three devices.
+    # (Through loop devices: the tools open with O_DIRECT.)
+    source = subprocess.run(["losetup", "--find", "--show", "--read-only", str(meta)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    target = attach(tmp_path, "repaired", os.stat(meta).st_size)
+    proc = subprocess.run(["thin_repair", "-i", source, "-o", target], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = subprocess.run(["thin_dump", target], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.count("<device dev_id=") == 3
+
+
+def test_a_blank_superblock_of_a_pool_never_used_is_formatted(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    pool.destroy()
+    fd = os.open(directory / "metadata", os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(4096), 0)
+    finally:
+        os.close(fd)
+    pool = libdm.Pool.open(directory)
+    try:
+        pool_is_healthy(pool.name, directory)
+        pool.create_thin("vol", "4M")
+    finally:
+        pool.close()
+
+
+def test_open_refuses_metadata_that_is_not_a_thin_superblock(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    pool.destroy()
+    fd = os.open(directory / "metadata", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"not a superblock" * 256, 0)
+    finally:
+        os.close(fd)
+    with pytest.raises(libdm.PoolFailedError, match="superblock"):
+        libdm.Pool.open(directory)
+    assert witness.info(name) is None

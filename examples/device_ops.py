@@ -18,6 +18,11 @@ import libdm
 from libdm import Target
 
 PREFIX = f"libdm-demo-{os.getpid()}"
+# A device number no block device can have: block drivers register majors
+# below 512, and 4095 is the largest major a dev_t holds.  (A number like
+# 9:99 is not missing everywhere: where modules autoload, opening it loads
+# md and makes /dev/md99, and the table loads.)
+MISSING_DEVICE = "4095:0"
 
 
 def show(title, value):
@@ -72,32 +77,46 @@ def main():
         # makes it go away when its last user closes it.
         fd = os.open(libdm.device_path(renamed), os.O_RDONLY)
         try:
-            libdm.remove(renamed, retries=1, retry_delay=0.05)
-        except libdm.DeviceBusyError as exc:
-            print(f"\nbusy, as expected:\n  {exc}")
-        libdm.remove(renamed, deferred=True)
-        show("deferred remove", libdm.info(renamed).deferred_remove)
-        os.close(fd)
+            try:
+                libdm.remove(renamed, retries=1, retry_delay=0.05)
+            except libdm.DeviceBusyError as exc:
+                print(f"\nbusy, as expected:\n  {exc}")
+            libdm.remove(renamed, deferred=True)
+            show("deferred remove", libdm.info(renamed).deferred_remove)
+        finally:
+            os.close(fd)
         show("gone after close", not libdm.exists(renamed))
-        made.remove(renamed)
 
         print("\nerrors name what was wrong:")
+        # Recorded before trying, so that one made after all is removed.
+        made.append(f"{PREFIX}-x")
         for attempt in (
             lambda: libdm.create("bad name", [Target(0, 8, "zero")]),
             lambda: libdm.info(f"{PREFIX}-missing"),
-            lambda: libdm.create(f"{PREFIX}-x", [Target(0, 8, "linear", "9:99 0")]),
+            lambda: libdm.create(f"{PREFIX}-x", [Target(0, 8, "linear", f"{MISSING_DEVICE} 0")]),
         ):
             try:
                 attempt()
             except (ValueError, libdm.DMError) as exc:
                 print(f"  {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            else:
+                print("  no error: this kernel has the device after all")
     finally:
-        for name in reversed(made):
-            if libdm.exists(name):
-                libdm.remove(name)
+        clean_up(made)
     left = [d.name for d in libdm.list_devices() if d.name.startswith(PREFIX)]
     print(f"\nclean up: {len(left)} demo devices left")
     return 1 if left else 0
+
+
+def clean_up(names):
+    """Remove what the demo made (newest first), going on past a failure:
+    a device still open is removed when its last user closes it."""
+    for name in reversed(names):
+        try:
+            if libdm.exists(name):
+                libdm.remove(name, deferred=True)
+        except libdm.DMError as exc:
+            print(f"could not remove {name}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def test_device_ops_example():
     proc = run_example("device_ops.py")
     assert proc.returncode == 0, proc.stderr
     assert "deferred remove        True" in proc.stdout
+    # The missing device is missing: the kernel refuses the table.
+    assert "DMError: create on" in proc.stdout and "No such device" in proc.stdout
     assert "clean up: 0 demo devices left" in proc.stdout
     assert witness.names() == before
 

@@ -337,3 +337,39 @@ def test_open_refuses_metadata_that_is_not_a_thin_superblock(dm_name, tmp_path):
     with pytest.raises(libdm.PoolFailedError, match="superblock"):
         libdm.Pool.open(directory)
     assert witness.info(name) is None
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_kill_mid_extend_of_a_block_pool_is_finished_by_open(dm_name, tmp_path, point):
+    data = attach(tmp_path, "data.img", 64 * MiB)
+    meta = attach(tmp_path, "meta.img", 4 * MiB)
+    extra = attach(tmp_path, "extra.img", 64 * MiB)
+    state = tmp_path / "state"
+    name = dm_name("pool")
+    pool = libdm.Pool.create(name, data, meta, state_dir=state)
+    write_pattern(pool.create_thin("vol", "16M").path, 0x6B)
+    pool.close()
+    proc = run_child(state, f"p.extend({extra!r})\n", crash_at=point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pool = libdm.Pool.open(state)
+    try:
+        attr = witness.info(name)["attr"]
+        assert attr[1] != "I" and attr[2] != "s", attr
+        fields = witness.pool_status(name)
+        assert fields[4] == "rw" and "needs_check" not in fields, fields
+        length = int(witness.table(name)[0].split()[1])
+        tdata = sum(int(line.split()[1]) for line in witness.table(f"{name}-tdata"))
+        store = Store(state)
+        try:
+            assert store.growth_intent() is None
+            segments = store.pool()["config"]["data_segments"]
+        finally:
+            store.close()
+        # All or nothing: the recorded segments are what the kernel maps.
+        assert length == tdata == (128 if len(segments) == 2 else 64) * MiB // 512
+        if point != "grow:intent":
+            assert len(segments) == 2
+        assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x6B]) * MiB
+        pool.create_thin("after", "4M")
+    finally:
+        pool.close()

@@ -291,6 +291,7 @@ def test_too_large_a_size_is_bad_usage_not_an_overflow():
     for size in (str(2 ** 63 * 512), f"{2 ** 63}s", "8192P"):
         failed(run("pool", "create", "p", "--loop", "/nowhere", "--data-size", size), 2,
                "too large", "8 EiB")
+    failed(run("thin", "create", "v", str(2 ** 63 * 512), "--pool", "/nowhere"), 2, "too large")
     failed(run("thin", "create", "v", "\u0661\u0660M", "--pool", "/nowhere"), 2, "non-ASCII")
 
 

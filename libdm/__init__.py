@@ -3,13 +3,14 @@
 Device operations (layer 2) and the thin-pool model (layer 3) are
 re-exported here: ``libdm.create``, ``libdm.remove``, ``libdm.info``, the
 ``DMError`` hierarchy, and ``libdm.Pool`` with its ``ThinDevice`` and
-``Snapshot``.
+``Snapshot``.  They are imported on first use, so ``import libdm`` is
+cheap.
 """
 
-from libdm.dm import *  # noqa: F401,F403
-from libdm.dm import __all__ as _dm_all
-from libdm.thin import *  # noqa: F401,F403
-from libdm.thin import __all__ as _thin_all
+from libdm._lazy import exports
+from libdm.dm import _TABLE as _DM
+from libdm.thin import _TABLE as _THIN
 
 __version__ = "0.1.0"
-__all__ = list(_dm_all) + list(_thin_all)
+__all__ = [name for names in (*_DM.values(), *_THIN.values()) for name in names]
+__getattr__, __dir__ = exports(__name__, {**_DM, **_THIN})

@@ -1,26 +1,20 @@
 """Layer 3: the thin-pool model — values, the pool, devices, the state store."""
 
-from libdm.thin.device import Snapshot, ThinDevice
-from libdm.thin.errors import (
-    DeviceNotBlankError,
-    PoolError,
-    PoolFailedError,
-    PoolFullError,
-    PoolLockedError,
-    PoolReadOnlyError,
-    StateError,
-)
-from libdm.thin.pool import Pool
-from libdm.thin.report import PoolInfo
-from libdm.thin.status import ThinFailed, ThinPoolFailed, ThinPoolStatus, ThinStatus
-from libdm.thin.table import ThinParams, ThinPoolParams
-from libdm.thin.units import Bytes, DataBlocks, MetaBlocks, Sectors, format_size, parse_size
+from libdm._lazy import exports
 
-__all__ = [
-    "Pool", "ThinDevice", "Snapshot", "PoolInfo",
-    "PoolError", "PoolFullError", "PoolReadOnlyError", "PoolFailedError",
-    "PoolLockedError", "StateError", "DeviceNotBlankError",
-    "ThinPoolStatus", "ThinPoolFailed", "ThinStatus", "ThinFailed",
-    "ThinPoolParams", "ThinParams",
-    "Bytes", "Sectors", "DataBlocks", "MetaBlocks", "parse_size", "format_size",
-]
+_TABLE = {
+    "libdm.thin.pool": ("Pool",),
+    "libdm.thin.device": ("ThinDevice", "Snapshot"),
+    "libdm.thin.report": ("PoolInfo",),
+    "libdm.thin.errors": (
+        "PoolError", "PoolFullError", "PoolReadOnlyError", "PoolFailedError",
+        "PoolLockedError", "StateError", "DeviceNotBlankError",
+    ),
+    "libdm.thin.status": ("ThinPoolStatus", "ThinPoolFailed", "ThinStatus", "ThinFailed"),
+    "libdm.thin.table": ("ThinPoolParams", "ThinParams"),
+    "libdm.thin.units": (
+        "Bytes", "Sectors", "DataBlocks", "MetaBlocks", "parse_size", "format_size",
+    ),
+}
+__all__ = [name for names in _TABLE.values() for name in names]
+__getattr__, __dir__ = exports(__name__, _TABLE)

@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from libdm.dm import ops
 from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
-from libdm.dm.target import MAX_SECTORS, Target
+from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
@@ -493,10 +493,7 @@ class Pool(PoolCreation, Journal, Growth):
                 record are deleted again before this is raised.
         """
         dm_name = self._check_device_name(name)
-        size = parse_size(size, what="size").sectors()
-        if size == 0 or int(size) > MAX_SECTORS:
-            raise ValueError(f"size {int(size)} sectors is outside 1..{MAX_SECTORS} sectors "
-                             f"(the kernel's limit for a device, 8 EiB)")
+        size = parse_size(size, what="size").sectors()  # refuses sizes past the kernel's limit
         with self._changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
             self._provision("create_thin", name, size, None, None)

@@ -287,14 +287,30 @@ def _loop_numbers():
     return sorted(numbers)
 
 
-def _backing_path(path):
+def _backing_path(path, follow_symlinks=True):
     """The resolved path of a backing file and its stat; the file must
-    exist and be a regular file."""
-    name = os.path.realpath(os.fsdecode(os.fspath(path)))
-    st = os.stat(name)  # FileNotFoundError etc. name the path
+    exist and be a regular file.  With ``follow_symlinks=False`` the last
+    component must not be a symlink (OSError(ELOOP)); the directories
+    above it are still resolved."""
+    given = os.fsdecode(os.fspath(path))
+    if follow_symlinks:
+        name = os.path.realpath(given)
+        st = os.stat(name)  # FileNotFoundError etc. name the path
+    else:
+        head, tail = os.path.split(os.path.abspath(given))
+        name = os.path.join(os.path.realpath(head), tail)
+        st = os.lstat(name)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "the backing file is a symbolic link (refused)", given)
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{os.fsdecode(os.fspath(path))!r} is not a regular file; a loop device needs one")
+        raise ValueError(f"{given!r} is not a regular file; a loop device needs one")
     return name, st
+
+
+def _open_backing(name, flags, follow_symlinks):
+    """Open the backing file ``name``; without ``follow_symlinks``, never
+    through a symlink put there since it was looked at."""
+    return os.open(name, flags | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW))
 
 
 def _open_control():
@@ -392,7 +408,7 @@ def _clear_quietly(lfd):
 # -- the API ---------------------------------------------------------------
 
 
-def attach(path, *, read_only=False, autoclear=True, direct_io=False):
+def attach(path, *, read_only=False, autoclear=True, direct_io=False, follow_symlinks=True):
     """Attach a regular file to a free loop device.
 
     Takes a free device from ``/dev/loop-control`` (LOOP_CTL_GET_FREE) and
@@ -419,6 +435,9 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False):
             (LO_FLAGS_DIRECT_IO).  If the kernel cannot on this file, the
             attachment is undone and OSError(EINVAL) raised, rather than
             silently running buffered.
+        follow_symlinks: False refuses a ``path`` whose last component
+            is a symlink (OSError(ELOOP)), for files in a directory that
+            others must not redirect (a pool's state directory).
 
     Returns:
         An open :class:`LoopDevice` handle; close it when done (see the
@@ -429,15 +448,17 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False):
             ``/dev/loop-control`` is missing: the loop module is not
             loaded (``modprobe loop``; the message says so).
         ValueError: ``path`` is not a regular file.
+        OSError(ELOOP): ``follow_symlinks`` is False and ``path`` is a
+            symlink.
         PermissionError: the file cannot be opened for writing (pass
             ``read_only=True``), or the caller is not root.
         OSError: the kernel refused (``filename`` names the device);
             EBUSY after :data:`ATTACH_ATTEMPTS` devices were taken by
             others first; EINVAL for direct I/O, see above.
     """
-    name, _ = _backing_path(path)
+    name, _ = _backing_path(path, follow_symlinks)
     mode = os.O_RDONLY if read_only else os.O_RDWR
-    bfd = os.open(name, mode | os.O_CLOEXEC)
+    bfd = _open_backing(name, mode, follow_symlinks)
     try:
         if not stat.S_ISREG(os.fstat(bfd).st_mode):  # replaced since the stat
             raise ValueError(f"{name!r} is not a regular file; a loop device needs one")
@@ -495,7 +516,7 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False):
         os.close(bfd)
 
 
-def find(path):
+def find(path, *, follow_symlinks=True):
     """The loop device the file is attached to, if it is.
 
     Every bound loop device is examined (``/sys/block/loopN/loop``); the
@@ -508,6 +529,9 @@ def find(path):
     size limit).  If the file is attached more than once, the
     lowest-numbered device is returned.
 
+    With ``follow_symlinks=False`` a ``path`` that is a symlink is refused
+    (OSError(ELOOP)) rather than followed.
+
     Returns:
         An open :class:`LoopDevice` handle, or None.
 
@@ -516,7 +540,7 @@ def find(path):
         ValueError: ``path`` is not a regular file.
         PermissionError: a loop device cannot be opened (not root).
     """
-    name, st = _backing_path(path)
+    name, st = _backing_path(path, follow_symlinks)
     key = (st.st_dev, st.st_ino)
     for number in _loop_numbers():
         shown = _sys_backing_file(number)
@@ -557,7 +581,8 @@ def _may_be(shown, name, key):
     return (st.st_dev, st.st_ino) == key
 
 
-def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False):
+def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False,
+                   follow_symlinks=True):
     """The file's existing loop device, or a new one: :func:`find`, then
     :func:`attach` if there is none.
 
@@ -579,13 +604,14 @@ def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False):
             read-only state (``filename`` is the device path).
         The errors of :func:`find` and :func:`attach`.
     """
-    name, _ = _backing_path(path)
-    lock = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    name, _ = _backing_path(path, follow_symlinks)
+    lock = _open_backing(name, os.O_RDONLY, follow_symlinks)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        found = find(name)
+        found = find(name, follow_symlinks=follow_symlinks)
         if found is None:
-            return attach(name, read_only=read_only, autoclear=autoclear, direct_io=direct_io)
+            return attach(name, read_only=read_only, autoclear=autoclear, direct_io=direct_io,
+                          follow_symlinks=follow_symlinks)
         if found.read_only != bool(read_only):
             found.close()
             state = "read-only" if found.read_only else "writable"

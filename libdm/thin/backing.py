@@ -23,6 +23,9 @@ from libdm.dm import ops
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
+from libdm.thin.errors import StateError
+from libdm.thin.statedir import StateDir
+from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
 __all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "split_layout",
@@ -69,34 +72,81 @@ class _Devices:
 
 
 class LoopBacking:
-    """Sparse data and metadata files in ``directory``, on loop devices."""
+    """Sparse data and metadata files in the state directory, on loop devices.
+
+    The files are reached through the directory's descriptor and never
+    through a symlink (see :class:`~libdm.thin.statedir.StateDir`), and
+    must be the files the pool was made with: their inode numbers are
+    recorded at creation (``file_inodes``) and checked before each use, so
+    a file deleted or replaced while the pool was down is refused rather
+    than attached.  Stores written before that record skip the check.
+    """
 
     kind = "loop"
 
-    def __init__(self, directory):
-        self.directory = directory
-        self.data_file = os.path.join(directory, DATA_FILE)
-        self.metadata_file = os.path.join(directory, METADATA_FILE)
+    def __init__(self, statedir, inodes=None):
+        self.statedir = statedir
+        self.directory = statedir.path
+        self.data_file = statedir.join(DATA_FILE)
+        self.metadata_file = statedir.join(METADATA_FILE)
+        self.inodes = inodes
 
     def config(self):
-        return {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
+        config = {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
+        if self.inodes is not None:
+            config["file_inodes"] = dict(self.inodes)
+        return config
 
     def make(self, data_size, metadata_size):
-        """Create both sparse files; zero the first 4 KiB of metadata."""
-        for path, size in ((self.data_file, data_size), (self.metadata_file, metadata_size)):
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        """Create both sparse files (refusing any that exists); zero the
+        first 4 KiB of metadata; record their inodes."""
+        inodes = {}
+        for name, size in ((DATA_FILE, data_size), (METADATA_FILE, metadata_size)):
+            fd = self.statedir.make_file(name, "create", f"{name} file")
             try:
                 os.ftruncate(fd, int(size))
-                if path == self.metadata_file:
+                if name == METADATA_FILE:
                     os.pwrite(fd, bytes(4096), 0)
                 os.fsync(fd)
+                inodes[name] = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
+        self.inodes = inodes
+
+    def _check(self, name, operation="open"):
+        """The stat of the pool's file ``name`` (see :meth:`_identify`).
+
+        Raises:
+            StateError: missing, a symlink, not a regular file of the
+                caller's, or another file than the one recorded.
+        """
+        st = self.statedir.check_file(name, operation, f"{name} file")
+        if st is None:
+            raise StateError(f"the pool's {name} file {self.statedir.join(name)} is missing; "
+                             f"libdm will not bring the pool up without it", operation, None)
+        return self._identify(name, st, operation)
+
+    def _identify(self, name, st, operation):
+        """``st`` if it is the file the pool made: its recorded inode, on the
+        directory's filesystem.  The device number itself is not recorded:
+        it may change across reboots (dm-N, NVMe and loop numbering)."""
+        recorded = (self.inodes or {}).get(name)
+        home = os.fstat(self.statedir.fd).st_dev
+        if (recorded is not None and st.st_ino != recorded) or st.st_dev != home:
+            raise StateError(
+                f"the pool's {name} file {self.statedir.join(name)} was replaced: it is "
+                f"inode {st.st_ino} on device {st.st_dev}, the pool made inode {recorded} "
+                f"on the directory's device {home}; libdm will not attach another file in "
+                f"its place", operation, None)
+        return st
 
     def attach(self):
-        meta = loop.attach_or_find(self.metadata_file)
+        """Loop devices for both files, checked first (see :meth:`_check`)."""
+        for name in (METADATA_FILE, DATA_FILE):
+            self._check(name)
+        meta = loop.attach_or_find(self.metadata_file, follow_symlinks=False)
         try:
-            data = loop.attach_or_find(self.data_file)
+            data = loop.attach_or_find(self.data_file, follow_symlinks=False)
         except BaseException:
             meta.close()
             raise
@@ -107,8 +157,8 @@ class LoopBacking:
 
     def sizes(self):
         """(data, metadata) file sizes in ``Bytes``."""
-        return (Bytes(os.stat(self.data_file).st_size),
-                Bytes(os.stat(self.metadata_file).st_size))
+        return (Bytes(self._check(DATA_FILE, "resize").st_size),
+                Bytes(self._check(METADATA_FILE, "resize").st_size))
 
     def grow(self, data_size=None, metadata_size=None):
         """Grow the files to the given ``Bytes`` (``None``: unchanged) and
@@ -117,39 +167,41 @@ class LoopBacking:
         Raises:
             ValueError: a size below the current one (shrinking would cut
                 off blocks the pool has handed out).
+            StateError: a file is missing, a symlink or was replaced.
         """
-        for path, size, what in ((self.data_file, data_size, "data"),
-                                 (self.metadata_file, metadata_size, "metadata")):
-            if size is None:
-                continue
-            current = os.stat(path).st_size
+        wanted = [(name, size) for name, size in ((DATA_FILE, data_size),
+                                                  (METADATA_FILE, metadata_size))
+                  if size is not None]
+        for name, size in wanted:
+            current = self._check(name, "resize").st_size
             if int(size) < current:
                 raise ValueError(
-                    f"{what} cannot shrink: it is {format_size(Bytes(current))}, asked "
+                    f"{name} cannot shrink: it is {format_size(Bytes(current))}, asked "
                     f"{format_size(size)} (a thin pool only grows)")
-        for path, size in ((self.data_file, data_size), (self.metadata_file, metadata_size)):
-            if size is None or int(size) == os.stat(path).st_size:
-                continue
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, int(size))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dev = loop.find(path)
-            if dev is not None:
-                with dev:
-                    loop.refresh_capacity(dev)
+        for name, size in wanted:
+            self._grow_file(name, int(size))
+
+    def _grow_file(self, name, size):
+        fd = self.statedir.open_file(name, os.O_WRONLY, "resize", f"{name} file")
+        try:
+            if size == self._identify(name, os.fstat(fd), "resize").st_size:
+                return
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dev = loop.find(self.statedir.join(name), follow_symlinks=False)
+        if dev is not None:
+            with dev:
+                loop.refresh_capacity(dev)
 
     def teardown(self):
         """Nothing: the loops are autoclear and go with the pool."""
 
     def remove_files(self):
-        for path in (self.data_file, self.metadata_file):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        """Remove the pool's two files (never what a symlink points to)."""
+        for name in (DATA_FILE, METADATA_FILE):
+            self.statedir.unlink(name)
 
     def backing_filesystem_dir(self):
         return self.directory
@@ -170,30 +222,58 @@ class LinearBacking:
 
     kind = "block"
 
-    def __init__(self, pool_name, meta_segments, data_segments):
+    def __init__(self, pool_name, meta_segments, data_segments, meta_devices=None,
+                 data_devices=None):
         self.pool_name = pool_name
         self.meta_segments = [list(seg) for seg in meta_segments]
         self.data_segments = [list(seg) for seg in data_segments]
+        self.meta_devices, self.data_devices = meta_devices, data_devices
         self.meta_name = f"{pool_name}-tmeta"
         self.data_name = f"{pool_name}-tdata"
 
+    @classmethod
+    def new(cls, pool_name, meta_segments, data_segments):
+        """A backing for a new pool, recording each segment's device and its
+        size now, so that a later open can tell another device under the
+        same name (see :meth:`table`)."""
+        return cls(pool_name, meta_segments, data_segments,
+                   record_devices(meta_segments), record_devices(data_segments))
+
     def config(self):
-        return {"meta_segments": self.meta_segments, "data_segments": self.data_segments}
+        config = {"meta_segments": self.meta_segments, "data_segments": self.data_segments}
+        for key, devices in (("meta_segment_devices", self.meta_devices),
+                             ("data_segment_devices", self.data_devices)):
+            if devices is not None:
+                config[key] = devices
+        return config
 
     def paths(self):
         """Every device path the pool uses."""
         return [seg[0] for seg in self.meta_segments + self.data_segments]
 
     @staticmethod
-    def table(segments):
+    def table(segments, devices=None):
         """The linear table for ``segments``: starts by sector math.
 
+        Args:
+            segments: ``[path, start, length]`` lists.
+            devices: what was recorded of the segments' devices (``{"path",
+                "size"}`` per segment, in order), or ``None``.  A segment
+                with no record (an old store, or one added later) is only
+                checked to fit.
+
         Raises:
+            StateError: a segment's device is not the recorded one (another
+                path, or smaller than recorded: another disk, or one that
+                shrank).  A device larger than recorded has grown, which
+                :meth:`~libdm.Pool.refresh` allows.
             ValueError: a segment that does not fit on its device.
         """
         out, at = [], 0
-        for path, start, length in segments:
+        for index, (path, start, length) in enumerate(segments):
             dev = open_block_device(path)
+            if devices is not None and index < len(devices):
+                _check_recorded(path, dev.size, devices[index])
             size = dev.size // 512
             if length is None:
                 length = size - start
@@ -207,9 +287,10 @@ class LinearBacking:
     def attach(self):
         made = []
         try:
-            for name, segments in ((self.meta_name, self.meta_segments),
-                                   (self.data_name, self.data_segments)):
-                table = self.table(segments)
+            for name, segments, devices in (
+                    (self.meta_name, self.meta_segments, self.meta_devices),
+                    (self.data_name, self.data_segments, self.data_devices)):
+                table = self.table(segments, devices)
                 if not exists_live(name):
                     ops.create(name, table)
                     made.append(name)
@@ -247,6 +328,24 @@ class LinearBacking:
 
     def backing_filesystem_dir(self):
         return None
+
+
+def record_devices(segments):
+    """What to record of each segment's device: its path and size (bytes)."""
+    return [{"path": path, "size": open_block_device(path).size} for path, _, _ in segments]
+
+
+def _check_recorded(path, size, recorded):
+    if recorded["path"] != path:
+        raise StateError(
+            f"the pool's stored segment names {path}, but the device recorded for it is "
+            f"{recorded['path']}; libdm will not use a device the pool was not made on",
+            "open", None)
+    if size < recorded["size"]:
+        raise StateError(
+            f"{path} is {size} bytes, but the pool recorded {recorded['size']} bytes for it: "
+            f"it is not the device the pool was made on (or it shrank); libdm will not use it",
+            "open", None)
 
 
 def _grows(live, table):
@@ -330,15 +429,82 @@ class AdoptedBacking:
         return None
 
 
-def from_config(kind, directory, pool_name, config):
-    """Rebuild the backing recorded in a pool's state."""
+def from_config(kind, statedir, pool_name, config):
+    """Rebuild the backing recorded in a pool's state.
+
+    Args:
+        kind: the stored kind.
+        statedir: the pool's :class:`~libdm.thin.statedir.StateDir`, or
+            its path (a loop pool's directory is then opened and checked
+            anew: pass the pool's own to save that).
+        pool_name: the pool's name.
+        config: the stored configuration (a dict).
+
+    Raises:
+        StateError: an unknown kind, or a backing field missing or of the
+            wrong shape (the store and the field are named); a state
+            directory given by path that is not private.
+    """
+    store_path = os.path.join(getattr(statedir, "path", statedir), DB_NAME)
+
+    def damaged(field, why):
+        return StateError(f"the pool state in {store_path} is damaged: the "
+                          f"{kind!r} pool's field {field!r} {why}; nothing was changed",
+                          "open", None)
+
     if kind == "loop":
-        return LoopBacking(directory)
+        inodes = config.get("file_inodes")
+        if inodes is not None and not (isinstance(inodes, dict) and all(
+                isinstance(v, int) for v in inodes.values())):
+            raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
+        if not isinstance(statedir, StateDir):
+            statedir = StateDir.open(statedir)
+        return LoopBacking(statedir, inodes)
     if kind == "block":
-        return LinearBacking(pool_name, config["meta_segments"], config["data_segments"])
+        sides = {}
+        for field in ("meta_segments", "data_segments"):
+            why = _bad_segments(config.get(field))
+            if why:
+                raise damaged(field, why)
+            sides[field] = config[field]
+        for field in ("meta_segment_devices", "data_segment_devices"):
+            why = _bad_devices(config.get(field))
+            if why:
+                raise damaged(field, why)
+        return LinearBacking(pool_name, sides["meta_segments"], sides["data_segments"],
+                             config.get("meta_segment_devices"),
+                             config.get("data_segment_devices"))
     if kind == "adopted":
         return AdoptedBacking()
-    raise ValueError(f"unknown pool kind {kind!r} in the state store")
+    raise StateError(f"the pool state in {store_path} is damaged: its field "
+                     f"'kind' is {kind!r}, not a pool kind libdm knows (loop, block, adopted)",
+                     "open", None)
+
+
+def _bad_segments(segments):
+    """Why ``segments`` is not a list of ``[path, start, length]``, or None."""
+    if not isinstance(segments, list) or not segments:
+        return "is missing" if segments is None else f"is {segments!r}, not a list of segments"
+    for seg in segments:
+        if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str)
+                and _count(seg[1]) and (seg[2] is None or _count(seg[2]))):
+            return f"holds {seg!r}, not [path, start sector, length or null]"
+    return None
+
+
+def _bad_devices(devices):
+    """Why ``devices`` is not None nor a list of ``{"path", "size"}``, or None."""
+    if devices is None:
+        return None
+    if isinstance(devices, list) and all(
+            isinstance(d, dict) and isinstance(d.get("path"), str) and _count(d.get("size"))
+            for d in devices):
+        return None
+    return f"is {devices!r}, not a list of {{path, size}} records"
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def default_metadata_size(data_size, block_size):

@@ -13,7 +13,8 @@ from libdm.thin import backing as backings
 from libdm.thin import crash
 from libdm.thin.errors import REPAIR_HINT, DeviceNotBlankError, PoolFailedError, StateError
 from libdm.thin.status import parse_pool_status
-from libdm.thin.store import DB_NAME, Store
+from libdm.thin.statedir import StateDir
+from libdm.thin.store import Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
 from libdm.thin.units import Bytes, parse_size
 
@@ -38,7 +39,11 @@ class PoolCreation:
 
         Args:
             name: the pool's device-mapper name.
-            directory: created if missing; must not hold a pool already.
+            directory: created (mode 0700) if missing.  An existing one is
+                used as it is (never chmod'ed): it must be owned by the
+                caller, writable by no one else, and hold no pool or
+                pool-named files (``state.db``, ``lock``, ``data``,
+                ``metadata``...).
             data_size: bytes or a string such as ``"10G"``.
             metadata_size: bytes or a string; by default 48 bytes per data
                 block, at least 2 MiB, at most 16 GiB.
@@ -54,8 +59,12 @@ class PoolCreation:
         Raises:
             ValueError: a bad name, size or option.
             DeviceExistsError: a device of that name exists, or the
-                directory holds a pool already.
-            DMError: the kernel refused; nothing is left behind.
+                directory holds a pool or pool-named files (named).
+            StateError: the directory is another user's or others can
+                write it.
+            PoolReadOnlyError: the directory is on a read-only filesystem.
+            DMError: the kernel refused; nothing this call made is left
+                behind, and nothing else is touched.
         """
         check_name(name)
         bs = check_block_size(parse_size(block_size, what="block_size").sectors())
@@ -66,16 +75,15 @@ class PoolCreation:
                 else parse_size(metadata_size, what="metadata_size"))
         if meta < Bytes(2 << 20):
             raise ValueError(f"metadata_size {metadata_size!r} is below the 2 MiB minimum")
-        directory = os.path.abspath(directory)
-        cls._refuse_existing(name, directory)
-        backing = backings.LoopBacking(directory)
+        cls._refuse_existing(name)
         config = {"data_size": int(data), "metadata_size": int(meta)}
 
-        def make():
+        def make(statedir):
+            backing = backings.LoopBacking(statedir)
             backing.make(data, meta)
+            return backing
 
-        return cls._create(name, directory, backing, bs, config, options, make,
-                           cleanup=backing.remove_files)
+        return cls._create(name, directory, make, bs, config, options)
 
     @classmethod
     def create(cls, name, data_device, metadata_device, *, state_dir,
@@ -92,8 +100,8 @@ class PoolCreation:
         Args:
             name: the pool's device-mapper name.
             data_device, metadata_device: block device paths.
-            state_dir: the pool's state directory (created; must not hold a
-                pool already).
+            state_dir: the pool's state directory, as ``directory`` of
+                :meth:`create_loop`.
             block_size: data block size, bytes or a string (64K..1G).
             force: use devices that carry signatures (their data is lost).
             low_water_mark: free data blocks below which the pool raises
@@ -119,11 +127,11 @@ class PoolCreation:
                 ``force`` is False.
             DeviceBusyError: a device is in use.
             DeviceExistsError: the name or the state directory is taken.
+            StateError, PoolReadOnlyError: as for :meth:`create_loop`.
         """
         check_name(name)
         bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        state_dir = os.path.abspath(state_dir)
-        cls._refuse_existing(name, state_dir)
+        cls._refuse_existing(name)
         if os.path.realpath(data_device) == os.path.realpath(metadata_device):
             raise ValueError("data_device and metadata_device must be different devices")
         meta, data = (cls._check_device(path, force, "create")
@@ -132,14 +140,14 @@ class PoolCreation:
             raise ValueError(f"data_device and metadata_device must be different devices "
                              f"({data_device} and {metadata_device} are both {data.devno})")
         cls._refuse_pieces(name, "create")
-        backing = backings.LinearBacking(name, [[metadata_device, 0, None]],
-                                         [[data_device, 0, None]])
+        backing = backings.LinearBacking.new(name, [[metadata_device, 0, None]],
+                                             [[data_device, 0, None]])
 
-        def make():
+        def make(_statedir):
             _zero_head(metadata_device)
+            return backing
 
-        return cls._create(name, state_dir, backing, bs, {}, options, make,
-                           cleanup=backing.teardown)
+        return cls._create(name, state_dir, make, bs, {}, options)
 
     @classmethod
     def create_on_device(cls, name, device, thinp_percent=95, thinp_metapercent=1,
@@ -171,21 +179,20 @@ class PoolCreation:
         """
         check_name(name)
         bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        state_dir = os.path.abspath(state_dir)
-        cls._refuse_existing(name, state_dir)
+        cls._refuse_existing(name)
         cls._refuse_pieces(name, "create_on_device")
         dev = cls._check_device(device, force, "create_on_device")
         layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent,
                                        thinp_metapercent)
         meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
-        backing = backings.LinearBacking(name, [[device, meta_start, meta_len]],
-                                         [[device, data_start, data_len]])
+        backing = backings.LinearBacking.new(name, [[device, meta_start, meta_len]],
+                                             [[device, data_start, data_len]])
 
-        def make():
+        def make(_statedir):
             _zero_head(device, offset=int(layout[0].bytes()))
+            return backing
 
-        return cls._create(name, state_dir, backing, bs, {}, options, make,
-                           cleanup=backing.teardown)
+        return cls._create(name, state_dir, make, bs, {}, options)
 
     @classmethod
     def adopt(cls, pool_device_name, *, state_dir, **options):
@@ -211,12 +218,10 @@ class PoolCreation:
             ValueError: it is not a thin-pool device.
             PoolError: it is in use (transaction id or data in use), failed
                 or read-only.
+            DeviceExistsError, StateError, PoolReadOnlyError: the state
+                directory, as for :meth:`create_loop`.
         """
         check_name(pool_device_name)
-        state_dir = os.path.abspath(state_dir)
-        if os.path.exists(os.path.join(state_dir, DB_NAME)):
-            raise error_for(errno.EEXIST, "adopt", pool_device_name,
-                            message=f"{state_dir} holds a pool already")
         table = ops.table(pool_device_name)
         if len(table) != 1 or table[0].type != "thin-pool":
             raise ValueError(f"{pool_device_name} is not a thin-pool device "
@@ -237,14 +242,11 @@ class PoolCreation:
         options = dict(options)
         options.setdefault("low_water_mark", int(params.low_water_mark))
         options.setdefault("features", sorted(params.features))
-        return cls._create(pool_device_name, state_dir, backings.AdoptedBacking(),
-                           params.block_size, {}, options, make=None, uuid=uuid)
+        return cls._create(pool_device_name, state_dir, lambda _: backings.AdoptedBacking(),
+                           params.block_size, {}, options, uuid=uuid)
 
     @staticmethod
-    def _refuse_existing(name, directory):
-        if os.path.exists(os.path.join(directory, DB_NAME)):
-            raise DeviceExistsError(errno.EEXIST, f"{directory} holds a pool already",
-                                    "create", name)
+    def _refuse_existing(name):
         if ops.exists(name):
             raise DeviceExistsError(errno.EEXIST, f"a device named {name!r} exists already",
                                     "create", name)
@@ -275,44 +277,26 @@ class PoolCreation:
         return dev
 
     @classmethod
-    def _create(cls, name, directory, backing, block_size, config, options, make,
-                cleanup=None, uuid=None):
-        options = dict(options)
-        lock_timeout = options.pop("lock_timeout", 30.0)
-        features = sorted(set(options.pop("features", ())))
-        unknown = sorted(set(features) - set(FEATURES))
-        if unknown:
-            raise ValueError(f"unknown thin-pool feature {', '.join(unknown)}; "
-                             f"known: {', '.join(FEATURES)}")
-        lwm = int(options.pop("low_water_mark", 0))
-        min_free = options.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
-        if not 0 <= min_free < 100:
-            raise ValueError(f"min_free_space must be a percentage from 0 to 99, got {min_free}")
-        config = dict(config)
-        config.update(
-            block_size=int(block_size),
-            low_water_mark=lwm,
-            features=features,
-            min_free_space=min_free,
-            deferred_removal=bool(options.pop("deferred_removal", True)),
-            deferred_deletion=bool(options.pop("deferred_deletion", True)),
-            base_device=None,
-            token=uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
-        )
-        config.update(backing.config())
-        if options:
-            raise TypeError(f"unknown option {', '.join(sorted(options))}")
-        made_dir = not os.path.isdir(directory)
-        store = Store(directory, create=True)
-        pool = None
+    def _create(cls, name, directory, make, block_size, config, options, uuid=None):
+        """Make a pool: check the options, claim the state directory
+        (:meth:`StateDir.claim`), create the store, ``make(statedir)`` the
+        backing, record it all, and bring the pool up.  On failure, exactly
+        what this call made is removed."""
+        config = dict(config, **_pool_options(block_size, options))
+        lock_timeout = config.pop("lock_timeout")
+        statedir = StateDir.claim(directory)
+        store = backing = pool = None
         try:
-            if make is not None:
-                make()
+            store = Store(statedir, create=True)
+            backing = make(statedir)
+            config.update(backing.config())
+            # Whether destroy(remove_files=True) may remove the directory.
+            config["made_directory"] = statedir.made
             # The pool row goes in before the device exists: a crash from
             # here on leaves a pool that Pool.open finishes bringing up.
             store.init_pool(name, uuid if uuid is not None else
                             f"LIBDM-POOL-{uuidlib.uuid4().hex}", backing.kind, config)
-            pool = cls(directory, lock_timeout=lock_timeout, _store=store)
+            pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
             with pool._changing("create"):
                 if backing.kind != "adopted":
                     pool._activate_pool("create")
@@ -325,17 +309,51 @@ class PoolCreation:
         except BaseException:
             if pool is not None and backing.kind != "adopted" and ops.exists(name):
                 ops.remove(name)
-            if cleanup is not None:
-                cleanup()
-            store.close()
-            for leftover in os.listdir(directory):
-                if leftover.startswith(DB_NAME) or leftover == LOCK_NAME:
-                    os.unlink(os.path.join(directory, leftover))
-            if made_dir and not os.listdir(directory):
-                os.rmdir(directory)
+            if backing is not None:
+                backing.teardown()
             if pool is not None:
                 os.close(pool._lock_fd)
+            if store is not None:
+                store.close(remove_made=True)
+            else:
+                statedir.close(remove_made=True)
             raise
+
+
+def _pool_options(block_size, options):
+    """The stored configuration from a constructor's keyword options (and
+    ``lock_timeout``, which is not stored).
+
+    Raises:
+        ValueError: a bad feature or ``min_free_space``.
+        TypeError: an unknown option.
+    """
+    options = dict(options)
+    lock_timeout = options.pop("lock_timeout", 30.0)
+    features = sorted(set(options.pop("features", ())))
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"unknown thin-pool feature {', '.join(unknown)}; "
+                         f"known: {', '.join(FEATURES)}")
+    lwm = int(options.pop("low_water_mark", 0))
+    min_free = options.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
+    if not 0 <= min_free < 100:
+        raise ValueError(f"min_free_space must be a percentage from 0 to 99, got {min_free}")
+    config = dict(
+        block_size=int(block_size),
+        low_water_mark=lwm,
+        features=features,
+        min_free_space=min_free,
+        deferred_removal=bool(options.pop("deferred_removal", True)),
+        deferred_deletion=bool(options.pop("deferred_deletion", True)),
+        base_device=None,
+        token=uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
+        lock_timeout=lock_timeout,
+    )
+    if options:
+        raise TypeError(f"unknown option {', '.join(sorted(options))}")
+    return config
+
 
 def _zero_head(path, offset=0, length=4096):
     """Zero ``length`` bytes at ``offset`` of a device (new metadata must

@@ -40,7 +40,7 @@ from libdm.thin.errors import (
 from libdm.thin.growth import Growth
 from libdm.thin.journal import Journal
 from libdm.thin.status import parse_pool_status
-from libdm.thin.store import DB_NAME, Store
+from libdm.thin.store import COMPANIONS, DB_NAME, Store
 from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import DataBlocks, Sectors, parse_size
 
@@ -100,14 +100,33 @@ class Pool(PoolCreation, Journal, Growth):
     # -- getting a pool --------------------------------------------------------
 
     def __init__(self, directory, *, lock_timeout=30.0, _store=None):
+        """Read the pool's state (see :meth:`load`).  The state directory
+        must be private and its files are never reached through a symlink
+        (see :class:`~libdm.thin.statedir.StateDir`).
+
+        Raises:
+            StateError: no, an unreadable or a damaged state store; a
+                state directory that is not private; a symlinked lock file.
+            PoolReadOnlyError: the directory is on a read-only filesystem.
+            PermissionDeniedError: not allowed to read it.
+        """
         self.directory = os.path.abspath(directory)
         self.lock_timeout = lock_timeout
         self._store = _store if _store is not None else Store(self.directory)
         self._thread_lock = threading.RLock()
         self._depth = 0
-        self._lock_fd = os.open(os.path.join(self.directory, LOCK_NAME),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._load()
+        self._lock_fd = -1
+        try:
+            self._lock_fd = self._store.statedir.open_file(
+                LOCK_NAME, os.O_RDWR, "open", "lock file", create=True)
+            self._load()
+        except BaseException:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+            if _store is None:  # a creation cleans up its own store
+                self._store.close()
+            raise
 
     def _load(self):
         row = self._store.pool()
@@ -115,7 +134,8 @@ class Pool(PoolCreation, Journal, Growth):
         self.uuid = row["uuid"]
         self.kind = row["kind"]
         self._config = row["config"]
-        self._backing = backings.from_config(self.kind, self.directory, self.name, self._config)
+        self._backing = backings.from_config(self.kind, self._store.statedir, self.name,
+                                             self._config)
 
     @classmethod
     def load(cls, directory, *, lock_timeout=30.0):
@@ -705,14 +725,17 @@ class Pool(PoolCreation, Journal, Growth):
 
         Thin devices are removed (waiting out short-lived openers), then
         the pool, then linear pieces; loop devices detach by themselves.
-        With ``remove_files`` a loop pool's data and metadata files and the
-        state store are deleted too (for other pools, the state store); a
-        pool destroyed without it can be brought back with :meth:`open`.
-        An adopted pool's device is left alone.
+        With ``remove_files`` the pool's own files go too: the state store
+        and lock, and a loop pool's data and metadata files (nothing else
+        in the directory); the directory itself only if libdm made it
+        (stores written before that was recorded keep it).  A pool
+        destroyed without it can be brought back with :meth:`open`.  An
+        adopted pool's device is left alone.
 
         Raises:
             DeviceBusyError: a thin device is still in use.
         """
+        statedir = self._store.statedir
         with self._changing("destroy"):
             for row in self._store.devices():
                 dm_name = self.device_dm_name(row["name"])
@@ -724,18 +747,19 @@ class Pool(PoolCreation, Journal, Growth):
             if remove_files:
                 if self.kind == "loop":
                     self._backing.remove_files()
-                self._store.close()
-                for leftover in os.listdir(self.directory):
-                    if leftover.startswith(DB_NAME):
-                        os.unlink(os.path.join(self.directory, leftover))
-        if remove_files:
-            os.unlink(os.path.join(self.directory, LOCK_NAME))
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+                self._store.close_db()
+                for suffix in ("",) + COMPANIONS:
+                    statedir.unlink(DB_NAME + suffix)
+        if not remove_files:
+            self.close()
+            return
+        statedir.unlink(LOCK_NAME)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+        statedir.close()
+        if self._config.get("made_directory") is True:
             with contextlib.suppress(OSError):
                 os.rmdir(self.directory)
-        else:
-            self.close()
 
     def __repr__(self):
         return f"<Pool {self.name!r} ({self.kind}) at {self.directory}>"

@@ -1,8 +1,8 @@
 """The pool's state store: one SQLite database per pool.
 
-It lives in the pool's state directory (mode 0700) as ``state.db`` (mode
-0600), in WAL mode with ``synchronous=FULL``, so a record committed before
-a kernel message survives a power cut.  It holds:
+It lives in the pool's state directory (private: see ``statedir.py``) as
+``state.db`` (mode 0600), in WAL mode with ``synchronous=FULL``, so a
+record committed before a kernel message survives a power cut.  It holds:
 
 * ``pool``: one row of configuration (devices, block size, features, low
   water mark, options) and the last committed transaction id;
@@ -28,10 +28,13 @@ import sqlite3
 
 from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
 from libdm.thin.errors import StateError
+from libdm.thin.statedir import StateDir
 
-__all__ = ["Store", "DB_NAME", "SCHEMA_VERSION"]
+__all__ = ["Store", "DB_NAME", "COMPANIONS", "SCHEMA_VERSION"]
 
 DB_NAME = "state.db"
+#: The files SQLite keeps beside the database (``state.db-wal`` ...).
+COMPANIONS = ("-wal", "-shm", "-journal")
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -80,34 +83,46 @@ class Store:
     """The state database of one pool.
 
     Args:
-        directory: the pool's state directory.
-        create: make the directory and database if missing; otherwise a
-            missing database is a ``StateError``.
+        directory: the pool's state directory: a path, or a
+            :class:`~libdm.thin.statedir.StateDir`, which the store then
+            owns (:meth:`close` closes it).
+        create: make the database (and, given a path, the directory);
+            otherwise a missing database is a ``StateError``.
 
     Raises:
         StateError: the database is missing (``create=False``), corrupt,
-            truncated, or from a newer libdm.  Nothing is deleted.
+            truncated, from a newer libdm, or not a regular file of the
+            caller's (a symlink is refused); the directory is not private
+            (see :class:`~libdm.thin.statedir.StateDir`).  Nothing is
+            deleted or chmod'ed.
+        PoolReadOnlyError: the directory is on a read-only filesystem.
     """
 
     def __init__(self, directory, *, create=False):
-        self.directory = os.path.abspath(directory)
-        self.path = os.path.join(self.directory, DB_NAME)
-        if create:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            os.chmod(self.directory, 0o700)
-            if not os.path.exists(self.path):
-                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-                os.close(fd)
+        if isinstance(directory, StateDir):
+            statedir = directory
         else:
-            try:
-                os.stat(self.path)
-            except PermissionError:
-                self._refuse_permission()
-            except OSError:
-                raise StateError(
-                    f"no pool state in {self.directory} ({DB_NAME} is missing)",
-                    "open", None,
-                ) from None
+            statedir = (StateDir.claim if create else StateDir.open)(directory)
+        try:
+            self._open(statedir, create)
+        except BaseException:
+            if statedir is not directory:
+                statedir.close(remove_made=True)
+            raise
+        self.statedir = statedir
+
+    def _open(self, statedir, create):
+        self.directory = statedir.path
+        self.path = statedir.join(DB_NAME)
+        operation = "create" if create else "open"
+        if create:
+            os.close(statedir.make_file(DB_NAME, operation, "state store"))
+        elif statedir.check_file(DB_NAME, operation, "state store") is None:
+            raise StateError(f"no pool state in {self.directory} ({DB_NAME} is missing)",
+                             operation, None)
+        # SQLite opens these by name, following symlinks: check them first.
+        for suffix in COMPANIONS:
+            statedir.check_file(DB_NAME + suffix, operation, "state store")
         if not os.access(self.path, os.R_OK | os.W_OK):
             self._refuse_permission()
         try:
@@ -130,9 +145,6 @@ class Store:
                 f"changed or deleted — restore it from a backup or inspect it with sqlite3",
                 "open", None,
             ) from exc
-        for name in os.listdir(self.directory):
-            if name.startswith(DB_NAME):
-                os.chmod(os.path.join(self.directory, name), 0o600)
 
     def _refuse_permission(self):
         raise PermissionDeniedError(
@@ -153,8 +165,24 @@ class Store:
                 "open", None,
             )
 
-    def close(self):
+    def close_db(self):
+        """Close the database only (the directory stays open)."""
         self.db.close()
+
+    def close(self, remove_made=False):
+        """Close the database and the directory.
+
+        Args:
+            remove_made: remove what this store's directory object made
+                (a failed creation): the database and its SQLite files if
+                it made the database, the other files it made, and the
+                directory if it made it and it is empty.
+        """
+        self.db.close()
+        if remove_made and DB_NAME in self.statedir.created:
+            for suffix in COMPANIONS:
+                self.statedir.unlink(DB_NAME + suffix)
+        self.statedir.close(remove_made=remove_made)
 
     # -- transactions --------------------------------------------------------
 
@@ -183,7 +211,9 @@ class Store:
         """The pool row as a dict with ``config`` decoded.
 
         Raises:
-            StateError: no pool recorded (an interrupted ``create``).
+            StateError: no pool recorded (an interrupted ``create``), or a
+                config that is not a JSON object with the fields every pool
+                has (the file and the field are named).
         """
         row = self.db.execute("SELECT * FROM pool WHERE id = 1").fetchone()
         if row is None:
@@ -192,8 +222,31 @@ class Store:
                 "open", None,
             )
         out = dict(row)
-        out["config"] = json.loads(out["config"])
+        out["config"] = self._decode_config(out["config"])
         return out
+
+    def _decode_config(self, text):
+        try:
+            config = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise self.damaged("config", f"is not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise self.damaged("config", f"is not a JSON object (it is {text[:40]!r})")
+        for field, types in _CONFIG_FIELDS.items():
+            if field not in config:
+                raise self.damaged(field, "is missing")
+            if not _is(config[field], types):
+                raise self.damaged(field, f"is {config[field]!r}, not "
+                                          f"{' or '.join(t.__name__ for t in types)}")
+        return config
+
+    def damaged(self, field, why):
+        """The ``StateError`` for a stored field ``field`` that ``why``."""
+        return StateError(
+            f"the pool state in {self.path} is damaged: its field {field!r} {why}; nothing "
+            f"was changed — restore it from a backup or inspect it with sqlite3",
+            "open", None,
+        )
 
     def set_config(self, config):
         self.db.execute("UPDATE pool SET config = ? WHERE id = 1",
@@ -342,6 +395,23 @@ class Store:
 
     def drop_deferred_delete(self, thin_id):
         self.db.execute("DELETE FROM deferred_deletes WHERE thin_id = ?", (thin_id,))
+
+
+# The configuration fields every pool has, and their JSON types.
+_CONFIG_FIELDS = {
+    "block_size": (int,),
+    "low_water_mark": (int,),
+    "features": (list,),
+    "min_free_space": (int, float),
+    "deferred_removal": (bool,),
+    "deferred_deletion": (bool,),
+    "token": (str,),
+}
+
+
+def _is(value, types):
+    """isinstance, except that a bool is no number here."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
 class _Transaction:

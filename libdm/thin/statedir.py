@@ -1,0 +1,302 @@
+"""A pool's state directory, held open and trusted only if it is private.
+
+Whoever can write the state directory controls the pool: its store names
+the devices the pool is built on, and a symlink planted there would make
+libdm write, grow or chmod a file elsewhere.  So the directory must be
+owned by the caller's effective uid and writable by nobody else, and
+every file in it is reached through the directory's descriptor with
+``O_NOFOLLOW`` and checked (a regular file, owned by the caller) before
+it is used.
+
+:class:`StateDir` also records what it made during this call (the
+directory itself, new files), so that a failed creation removes exactly
+that and nothing else.
+"""
+
+import errno
+import os
+import stat
+
+from libdm.dm.errors import NEEDS_ROOT, DeviceExistsError, PermissionDeniedError
+from libdm.thin.errors import PoolReadOnlyError, StateError
+
+__all__ = ["StateDir", "POOL_FILES"]
+
+#: The names a pool gives its files; a directory holding any of them
+#: without a pool state is not libdm's to use.
+POOL_FILES = ("state.db", "state.db-wal", "state.db-shm", "state.db-journal", "lock",
+              "data", "metadata")
+
+
+class StateDir:
+    """An open, private state directory.
+
+    Use :meth:`open` for a pool's existing directory and :meth:`claim`
+    for a new pool's.
+
+    Attributes:
+        path: the directory's absolute path.
+        made: True if this call created the directory.
+        created: names of the files this object created.
+    """
+
+    def __init__(self, path, fd, made=False):
+        self.path, self.fd, self.made = path, fd, made
+        self.created = []
+
+    # -- getting one --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path, operation="open"):
+        """Open a pool's existing state directory.
+
+        Raises:
+            StateError: no such directory, or one owned by another user or
+                writable by group or others (named, with owner and mode).
+            PoolReadOnlyError: it is on a read-only filesystem (EROFS).
+            PermissionDeniedError: the caller may not read it.
+        """
+        path = os.path.abspath(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError:
+            raise PermissionDeniedError(
+                errno.EACCES, f"cannot open the pool state in {path}: {NEEDS_ROOT}",
+                operation, None) from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise StateError(f"no pool state in {path} (no such directory)",
+                             operation, None) from None
+        return cls._checked(path, fd, False, operation)
+
+    @classmethod
+    def claim(cls, path, operation="create"):
+        """The state directory of a new pool: made (mode 0700) if missing;
+        an existing one is used as it is, never chmod'ed, and must hold
+        none of the pool's file names (:data:`POOL_FILES`).
+
+        Raises:
+            DeviceExistsError: it holds a pool, or files named like a pool's
+                (each named); nothing there is touched.
+            StateError, PoolReadOnlyError, PermissionDeniedError: as
+                :meth:`open`.
+        """
+        path = os.path.abspath(path)
+        made = _make_directory(path, operation)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if made:
+                os.fchmod(fd, 0o700)  # whatever the umask
+        except BaseException:
+            if made:
+                os.rmdir(path)
+            raise
+        statedir = cls._checked(path, fd, made, operation)
+        try:
+            statedir._refuse_pool_files(operation)
+        except BaseException:
+            statedir.close()
+            raise
+        return statedir
+
+    @classmethod
+    def _checked(cls, path, fd, made, operation):
+        statedir = cls(path, fd, made)
+        try:
+            statedir._check_private(operation)
+            statedir._check_writable(operation)
+        except BaseException:
+            statedir.close(remove_made=True)
+            raise
+        return statedir
+
+    def _check_private(self, operation):
+        st = os.fstat(self.fd)
+        euid = os.geteuid()
+        if st.st_uid != euid or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StateError(
+                f"the state directory {self.path} is owned by {_user(st.st_uid)} with mode "
+                f"{stat.S_IMODE(st.st_mode):o}; libdm uses only a directory owned by "
+                f"{_user(euid)} that no one else can write (whoever can write it controls "
+                f"the pool and the disks it names)", operation, None)
+
+    def _check_writable(self, operation):
+        if os.statvfs(self.fd).f_flag & os.ST_RDONLY:
+            raise _read_only(self.path, operation)
+
+    def _refuse_pool_files(self, operation):
+        found = [name for name in POOL_FILES if self.lstat(name) is not None]
+        if not found:
+            return
+        paths = ", ".join(self.join(name) for name in found)
+        if "state.db" in found:
+            message = f"{self.path} holds a pool already ({paths})"
+        else:
+            message = (f"{self.path} holds files named like a pool's but no pool state: "
+                       f"{paths}; libdm will not use or delete them: move them away or "
+                       f"choose another directory")
+        raise DeviceExistsError(errno.EEXIST, message, operation, self.path)
+
+    # -- files ------------------------------------------------------------------------
+
+    def join(self, name):
+        return os.path.join(self.path, name)
+
+    def lstat(self, name):
+        """The entry's own stat (a symlink is not followed), or ``None``."""
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def check_file(self, name, operation="open", what="file"):
+        """The stat of ``name`` if it is a regular file owned by the caller,
+        ``None`` if it does not exist.
+
+        Raises:
+            StateError: a symlink or anything else (named, and why).
+        """
+        st = self.lstat(name)
+        if st is not None:
+            self._check_own_file(name, st, operation, what)
+        return st
+
+    def _check_own_file(self, name, st, operation, what):
+        if stat.S_ISLNK(st.st_mode):
+            why = "is a symbolic link"
+        elif not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        elif st.st_uid != os.geteuid():
+            why = f"is owned by {_user(st.st_uid)}"
+        else:
+            return
+        raise StateError(f"the pool's {what} {self.join(name)} {why}; libdm refuses to use it",
+                         operation, None)
+
+    def make_file(self, name, operation="create", what="file"):
+        """Create ``name`` (mode 0600, never through a symlink) and record it.
+
+        Returns:
+            A file descriptor open for writing (close it).
+
+        Raises:
+            DeviceExistsError: something of that name is there already.
+        """
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=self.fd)
+        except FileExistsError:
+            raise DeviceExistsError(errno.EEXIST, f"the pool's {what} {self.join(name)} "
+                                    f"exists already", operation, self.join(name)) from None
+        except OSError as exc:
+            raise self._open_error(name, exc, operation, what) from None
+        self.created.append(name)
+        os.fchmod(fd, 0o600)  # whatever the umask
+        return fd
+
+    def open_file(self, name, flags, operation="open", what="file", create=False):
+        """Open ``name`` in the directory, never through a symlink; with
+        ``create``, make it (see :meth:`make_file`) if it is missing.
+
+        Returns:
+            A file descriptor (close it).
+
+        Raises:
+            StateError: missing, a symlink, or not a regular file of the
+                caller's (named).
+            PoolReadOnlyError: the filesystem is read-only.
+        """
+        if create:
+            try:
+                return self.make_file(name, operation, what)
+            except DeviceExistsError:
+                pass
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError as exc:
+            raise self._open_error(name, exc, operation, what) from None
+        try:
+            self._check_own_file(name, os.fstat(fd), operation, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_error(self, name, exc, operation, what):
+        if exc.errno == errno.ELOOP:
+            return StateError(f"the pool's {what} {self.join(name)} is a symbolic link; "
+                              f"libdm refuses to use it", operation, None)
+        if exc.errno == errno.ENOENT:
+            return StateError(f"the pool's {what} {self.join(name)} is missing", operation, None)
+        if exc.errno == errno.EROFS:
+            return _read_only(self.path, operation)
+        exc.filename = exc.filename if exc.filename else self.join(name)
+        return exc
+
+    def unlink(self, name):
+        """Remove ``name`` if it is there (never what a symlink points to)."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+
+    def remove_created(self):
+        """Remove the files this object created, and the directory if it
+        made it and it is empty now."""
+        for name in reversed(self.created):
+            self.unlink(name)
+        self.created = []
+
+    def close(self, remove_made=False):
+        """Close the directory; with ``remove_made``, remove what this
+        object made (files, then the directory if empty)."""
+        if self.fd < 0:
+            return
+        if remove_made:
+            self.remove_created()
+        os.close(self.fd)
+        self.fd = -1
+        if remove_made and self.made:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass  # not empty: someone put something there meanwhile
+
+
+    def __del__(self):
+        # A directory opened for a backing that is dropped unclosed.
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _make_directory(path, operation):
+    """Make ``path`` (mode 0700, parents as needed); True if made, False
+    if it existed."""
+    try:
+        try:
+            os.mkdir(path, 0o700)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise _read_only(path, operation) from None
+        raise
+
+
+def _read_only(path, operation):
+    return PoolReadOnlyError(f"the state directory {path} is on a read-only filesystem; "
+                             f"libdm must write there to use the pool (nothing was changed)",
+                             operation, None)
+
+
+def _user(uid):
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"

@@ -18,6 +18,11 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-cov>=4", "hypothesis>=6"],
         "docs": ["sphinx>=7"],
+        # The containerd snapshotter plugin (libdm.snapshotter).  protobuf is
+        # at least the version that compiled libdm/snapshotter/api/*_pb2.py;
+        # grpcio-tools regenerates them (tests/test_snapshotter_api.py).
+        "containerd": ["grpcio>=1.59", "protobuf>=7.35.1"],
+        "containerd-dev": ["grpcio-tools>=1.85.1"],
     },
     zip_safe=False,
     classifiers=[

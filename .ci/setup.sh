@@ -28,3 +28,17 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test,docs]"
 .venv/bin/python -c "import libdm; print('setup: libdm', libdm.__version__, 'built against libdevmapper', libdm.library_version())"
+
+# The containerd snapshotter (libdm.snapshotter): its Python extra, and the
+# real containerd, runc, Go and containerd's source (for its snapshotter
+# conformance suite) that tests/test_snapshotter*.py drive.
+ctd=()
+for p in containerd runc golang-go golang-github-containerd-containerd-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || ctd+=("$p")
+done
+if [ ${#ctd[@]} -gt 0 ]; then
+  echo "setup: installing ${ctd[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${ctd[@]}" >/dev/null
+fi
+.venv/bin/python -m pip install -q -e ".[containerd,containerd-dev]"

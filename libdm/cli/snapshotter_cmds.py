@@ -1,0 +1,71 @@
+"""Snapshotter commands: ``libdm snapshotter serve`` runs the containerd
+snapshotter plugin (:mod:`libdm.snapshotter`) on a unix socket until
+SIGTERM or SIGINT.
+
+gRPC is imported only when the command runs, so the rest of the command
+line works without the ``containerd`` extra.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from libdm.cli.parser import POOL_ENV, UsageError, command
+
+__all__ = ["register", "cmd_serve", "main"]
+
+
+def cmd_serve(args):
+    pool_dir = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    try:
+        from libdm.snapshotter import load_config, serve
+    except ImportError as exc:
+        raise UsageError(f"the snapshotter needs grpcio and protobuf (pip install "
+                         f"'libdm[containerd]'): {exc}", "libdm snapshotter serve") from None
+    config = load_config(args.config, pool=pool_dir)
+    if not config.pool:
+        raise UsageError(f"no pool given: use --pool DIR, set {POOL_ENV}, or pool = in the "
+                         f"config", "libdm snapshotter serve")
+    serve(config.pool, args.socket, config,
+          ready=lambda server: print(f"serving on {server.socket_path}", flush=True))
+    return 0
+
+
+def _arguments(p):
+    p.add_argument("--socket", metavar="PATH", required=True,
+                   help="the unix socket to serve on (containerd's proxy plugin address)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a TOML file of snapshotter settings (see docs/containerd.rst)")
+
+
+def register(sub):
+    """Add ``serve`` to the ``snapshotter`` group's subparsers."""
+    p = command(sub, "serve", cmd_serve, pool=True, path="snapshotter",
+                help="serve containerd's snapshots API on a unix socket until SIGTERM",
+                example="libdm snapshotter serve --pool /var/lib/images "
+                        "--socket /run/libdm/snapshotter.sock")
+    _arguments(p)
+    return p
+
+
+def main(argv=None):
+    """``python -m libdm.snapshotter serve --pool DIR --socket PATH [--config FILE]``."""
+    parser = argparse.ArgumentParser(prog="python -m libdm.snapshotter")
+    parser.add_argument("--debug", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket")
+    p.add_argument("--pool", metavar="DIR", default=None,
+                   help=f"the pool's state directory (default: ${POOL_ENV})")
+    _arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return cmd_serve(args)
+    except UsageError as exc:
+        print(f"libdm snapshotter: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"libdm snapshotter: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,31 @@
+"""A containerd snapshotter on a libdm pool, served as a proxy plugin.
+
+containerd's snapshots gRPC service (``containerd.services.snapshots.v1``)
+on a unix socket, backed by a :class:`~libdm.Pool`: every container layer
+is a thin snapshot of its parent.  ``libdm snapshotter serve --pool DIR
+--socket PATH [--config FILE]`` runs it; see docs/containerd.rst.
+
+Needs the ``containerd`` extra (``pip install libdm[containerd]``: grpcio
+and protobuf); nothing else in libdm imports gRPC.  :mod:`.core` holds
+the semantics and needs neither.
+"""
+
+from libdm.snapshotter.config import Config, MonitorConfig, load_config
+from libdm.snapshotter.core import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SnapshotError,
+    Snapshotter,
+)
+
+__all__ = ["Config", "MonitorConfig", "load_config", "Snapshotter", "SnapshotError",
+           "NotFound", "AlreadyExists", "FailedPrecondition", "InvalidArgument", "serve"]
+
+
+def serve(pool_dir, socket_path, config, **kwargs):
+    """Serve the snapshotter until SIGTERM (see :func:`.service.serve`)."""
+    from libdm.snapshotter.service import serve as _serve
+
+    return _serve(pool_dir, socket_path, config, **kwargs)

@@ -1,0 +1,445 @@
+"""containerd's snapshot semantics on a libdm pool, without gRPC.
+
+:class:`Snapshotter` implements Prepare, View, Mounts, Commit, Remove,
+Stat, Update, List, Usage and Cleanup as containerd's own snapshotters do
+(``snapshots/storage`` in containerd), with the errors as exceptions that
+carry containerd's codes.  :mod:`libdm.snapshotter.service` serves it over
+gRPC.
+
+Devices: a base thin device with a filesystem, made once; a snapshot
+without parent is a thin snapshot of the base, one with a parent a thin
+snapshot of the parent's device.  Commit renames the snapshot in the
+metadata store and deactivates its device (the device and its data stay:
+children are snapshots of it).
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+
+from libdm.dm import ops
+from libdm.dm.errors import DMError, NoSuchDeviceError
+from libdm.snapshotter import store as st
+from libdm.snapshotter.filters import FilterError, parse_filters
+from libdm.thin.units import parse_size
+
+__all__ = ["Snapshotter", "SnapshotError", "NotFound", "AlreadyExists", "FailedPrecondition",
+           "InvalidArgument", "Info", "Mount"]
+
+logger = logging.getLogger("libdm.snapshotter")
+
+DB_NAME = "snapshotter.db"
+MAX_LABELS_SIZE = 4096  # containerd's limit for one label, key and value together
+BLKDISCARD = 0x1277
+BLKGETSIZE64 = 0x80081272
+
+
+class SnapshotError(Exception):
+    code = "UNKNOWN"
+
+
+class NotFound(SnapshotError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(SnapshotError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(SnapshotError):
+    code = "FAILED_PRECONDITION"
+
+
+class InvalidArgument(SnapshotError):
+    code = "INVALID_ARGUMENT"
+
+
+class Info:
+    """A snapshot as containerd sees it."""
+
+    __slots__ = ("name", "parent", "kind", "created", "updated", "labels")
+
+    def __init__(self, name, parent, kind, created, updated, labels):
+        self.name, self.parent, self.kind = name, parent, kind
+        self.created, self.updated, self.labels = created, updated, labels
+
+    def __repr__(self):
+        return f"<Info {self.name!r} {self.kind} parent={self.parent!r}>"
+
+
+class Mount:
+    __slots__ = ("type", "source", "target", "options")
+
+    def __init__(self, type, source, options, target=""):
+        self.type, self.source, self.options, self.target = type, source, list(options), target
+
+    def __eq__(self, other):
+        return (isinstance(other, Mount) and (self.type, self.source, self.options, self.target)
+                == (other.type, other.source, other.options, other.target))
+
+    def __repr__(self):
+        return f"<Mount {self.type} {self.source} {','.join(self.options)}>"
+
+
+def _check_labels(labels):
+    for k, v in (labels or {}).items():
+        if not k:
+            raise InvalidArgument("label key must not be empty")
+        if len(k) + len(v) > MAX_LABELS_SIZE:
+            raise InvalidArgument(f"label key and value greater than maximum size "
+                                  f"({MAX_LABELS_SIZE} bytes), key: {k[:64]}")
+
+
+class Snapshotter:
+    """containerd snapshots on a libdm :class:`~libdm.Pool`.
+
+    Args:
+        pool: an open, live :class:`~libdm.Pool`.
+        config: a :class:`~libdm.snapshotter.config.Config`.
+
+    Opening runs :meth:`recover`: interrupted changes are finished or
+    undone, and devices that no snapshot owns are deleted.
+    """
+
+    def __init__(self, pool, config):
+        self.pool = pool
+        self.config = config
+        root = config.root_path or pool.directory
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.store = st.MetaStore(os.path.join(root, DB_NAME))
+        self.prefix = config.device_prefix
+        self.base_name = f"{self.prefix}base"
+        self._lock = threading.RLock()
+        self._removals = threading.Event()
+        self._closing = False
+        self._worker = None
+        with self._lock:
+            self.recover()
+            self._ensure_base()
+        if config.async_remove:
+            self._worker = threading.Thread(target=self._remove_worker, daemon=True,
+                                            name="libdm-snapshotter-remove")
+            self._worker.start()
+
+    def close(self):
+        self._closing = True
+        self._removals.set()
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+        with self._lock:
+            self.store.close()
+
+    # -- the base device ----------------------------------------------------------------
+
+    def _ensure_base(self):
+        if self.store.meta("base_ready"):
+            return
+        # Made before and interrupted (say, mid-mkfs): make it again.
+        if self._pool_has(self.base_name):
+            self.pool.delete_device(self.base_name)
+        size = parse_size(self.config.base_image_size, what="base_image_size")
+        dev = self.pool.create_thin(self.base_name, size)
+        dev.format(self.config.fs_type, options=self.config.mkfs_options)
+        mapped = self._mapped(self.base_name)
+        self.pool.deactivate_device(self.base_name)
+        with self.store.transaction() as s:
+            s.set_meta("base_ready", {"fs_type": self.config.fs_type, "size": int(size)})
+            s.set_meta("base_mapped", mapped)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _pool_has(self, name):
+        try:
+            self.pool.device(name)
+        except NoSuchDeviceError:
+            return False
+        return True
+
+    def _pool_devices(self):
+        """Names of the pool's devices that this snapshotter makes."""
+        return [d.name for d in self.pool.devices() if d.name.startswith(self.prefix)]
+
+    def _mapped(self, device):
+        try:
+            status = self.pool.device(device).status()
+        except DMError:
+            return 0
+        return 0 if status.failed else int(status.mapped.bytes())
+
+    def _row(self, ns, key):
+        row = self.store.get(ns, key)
+        if row is None or row["state"] != "ready":
+            raise NotFound(f"snapshot {key} does not exist")
+        return row
+
+    def _info(self, row):
+        parent = ""
+        if row["parent_id"] is not None:
+            parent = self.store.by_id(row["parent_id"])["key"] or ""
+        return Info(row["key"], parent, row["kind"], row["created"], row["updated"],
+                    st.labels_of(row))
+
+    def _mounts(self, row):
+        options = []
+        if self.config.fs_type == "xfs":
+            options.append("nouuid")  # every layer has the base's filesystem UUID
+        if row["kind"] == st.VIEW:
+            options.append("ro")
+        return [Mount(self.config.fs_type, ops.device_path(self.pool.device_dm_name(
+            row["device"])), options)]
+
+    # -- containerd's operations -------------------------------------------------------------
+
+    def prepare(self, ns, key, parent="", labels=None):
+        return self._create(ns, st.ACTIVE, key, parent, labels)
+
+    def view(self, ns, key, parent="", labels=None):
+        return self._create(ns, st.VIEW, key, parent, labels)
+
+    def _create(self, ns, kind, key, parent, labels):
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        _check_labels(labels)
+        with self._lock:
+            with self.store.transaction() as s:
+                parent_id = None
+                origin = self.base_name
+                if parent:
+                    prow = s.get(ns, parent)
+                    if prow is None or prow["state"] != "ready":
+                        raise NotFound(f"missing parent {parent!r} bucket: not found")
+                    if prow["kind"] != st.COMMITTED:
+                        raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
+                    parent_id, origin = prow["id"], prow["device"]
+                if s.get(ns, key) is not None:
+                    raise AlreadyExists(f"snapshot {key}: already exists")
+                row_id, device = s.insert(ns, key, kind, parent_id, labels, self.prefix)
+            # The row is durable: a crash from here on is rolled back by recover().
+            self.pool.snapshot_device(origin, device)
+            with self.store.transaction() as s:
+                s.execute("UPDATE snapshots SET state='ready' WHERE id=?", (row_id,))
+            return self._mounts(self.store.by_id(row_id))
+
+    def mounts(self, ns, key):
+        with self._lock:
+            row = self._row(ns, key)
+            if row["kind"] == st.COMMITTED:
+                raise FailedPrecondition(f"requested snapshot {key} not active or view")
+            dev = self.pool.device(row["device"])
+            if not dev.active:
+                dev.activate()
+            return self._mounts(row)
+
+    def commit(self, ns, name, key, labels=None):
+        if not name:
+            raise InvalidArgument("committed snapshot name must not be empty")
+        _check_labels(labels)
+        with self._lock:
+            if self.store.get(ns, name) is not None:
+                raise AlreadyExists(f"committed snapshot {name}: already exists")
+            row = self.store.get(ns, key)
+            if row is None or row["state"] != "ready":
+                raise NotFound(f"failed to get active snapshot {key!r}: not found")
+            if row["kind"] != st.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            mapped = self._mapped(row["device"])
+            now = time.time()
+            with self.store.transaction() as s:
+                s.execute("UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
+                          "updated=?, mapped=? WHERE id=?",
+                          (name, st.json.dumps(labels or {}), now, now, mapped, row["id"]))
+            # Committed: the device is only read through its children now.
+            self._deactivate(row["device"])
+
+    def _deactivate(self, device):
+        try:
+            self.pool.deactivate_device(device)
+        except DMError as exc:
+            logger.warning("snapshotter: could not deactivate %s: %s", device, exc)
+
+    def remove(self, ns, key):
+        with self._lock:
+            row = self._row(ns, key)
+            if self.store.children(row["id"]):
+                raise FailedPrecondition("cannot remove snapshot with child")
+            with self.store.transaction() as s:
+                s.execute("UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
+                          (time.time(), row["id"]))
+            # The key is free now; the device goes below, or in the background.
+            if self.config.async_remove:
+                self._removals.set()
+            else:
+                self._finish_removals()
+
+    def stat(self, ns, key):
+        with self._lock:
+            return self._info(self._row(ns, key))
+
+    def update(self, ns, info, paths=()):
+        with self._lock:
+            row = self._row(ns, info.name)
+            labels = st.labels_of(row)
+            new = dict(info.labels or {})
+            if paths:
+                for path in paths:
+                    if path.startswith("labels."):
+                        k = path[len("labels."):]
+                        if new.get(k):
+                            labels[k] = new[k]
+                        else:
+                            labels.pop(k, None)
+                    elif path == "labels":
+                        labels = new
+                    else:
+                        raise InvalidArgument(f"cannot update {path!r} field on snapshot "
+                                              f"{info.name!r}")
+            else:
+                labels = new
+            labels = {k: v for k, v in labels.items() if v}
+            _check_labels(labels)
+            with self.store.transaction() as s:
+                s.execute("UPDATE snapshots SET labels=?, updated=? WHERE id=?",
+                          (st.json.dumps(labels), time.time(), row["id"]))
+            return self._info(self.store.by_id(row["id"]))
+
+    def walk(self, ns, filters=()):
+        try:
+            match = parse_filters(filters)
+        except FilterError as exc:
+            raise InvalidArgument(str(exc)) from None
+        with self._lock:
+            infos = [self._info(r) for r in self.store.all(ns)]
+        out = []
+        for info in infos:
+            def fields(path, info=info):
+                head = path[0]
+                if head == "kind":
+                    return info.kind, True
+                if head == "name":
+                    return info.name, True
+                if head == "parent":
+                    return info.parent, True
+                if head == "labels":
+                    key = ".".join(path[1:])
+                    return (info.labels[key], True) if key in info.labels else ("", False)
+                return "", False
+            if match(fields):
+                out.append(info)
+        return out
+
+    def usage(self, ns, key):
+        """(bytes, inodes) the snapshot owns beyond its parent: the data
+        blocks its thin device maps less those its origin mapped when the
+        snapshot was taken (committed snapshots: measured at commit)."""
+        with self._lock:
+            row = self._row(ns, key)
+            if row["parent_id"] is None:
+                base = self.store.meta("base_mapped", 0)
+            else:
+                base = self.store.by_id(row["parent_id"])["mapped"]
+            if row["kind"] == st.COMMITTED:
+                mapped = row["mapped"]
+            else:
+                mapped = self._mapped(row["device"])
+            return max(0, mapped - base), 0
+
+    def cleanup(self):
+        """Delete what crashes left: devices no snapshot owns, removals and
+        creations that did not finish."""
+        with self._lock:
+            self.recover()
+
+    # -- removal and recovery ----------------------------------------------------------------
+
+    def _delete_device(self, device):
+        if not self._pool_has(device):
+            return
+        if self.config.discard_blocks:
+            self._discard(device)
+        self.pool.delete_device(device)
+
+    def _discard(self, device):
+        dev = self.pool.device(device)
+        if not dev.active:
+            dev.activate()
+        try:
+            fd = os.open(dev.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+                fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", 0, size))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                logger.warning("snapshotter: discard of %s failed: %s", device, exc)
+
+    def _finish_removals(self):
+        """Delete the devices of rows being removed, children first (a
+        thin device with snapshots in the pool cannot be deleted)."""
+        with self._lock:
+            while True:
+                rows = self.store.all(state="removing")
+                done = False
+                for row in rows:
+                    if self.store.execute("SELECT 1 FROM snapshots WHERE parent_id=?",
+                                          (row["id"],)).fetchone():
+                        continue
+                    self._delete_device(row["device"])
+                    with self.store.transaction() as s:
+                        s.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+                    done = True
+                if not done:
+                    return
+
+    def _remove_worker(self):
+        while not self._closing:
+            self._removals.wait()
+            self._removals.clear()
+            if self._closing:
+                return
+            try:
+                self._finish_removals()
+            except Exception:  # noqa: BLE001 - keep serving; retried on the next removal
+                logger.exception("snapshotter: background removal failed")
+
+    def recover(self):
+        """Bring the two stores into agreement after a crash.
+
+        Rows still ``creating`` are rolled back (the device is deleted if
+        the pool made it), rows ``removing`` are finished, committed
+        devices left active are deactivated, and devices of this
+        snapshotter that no row names are deleted (children first).
+        """
+        with self._lock:
+            creating = self.store.all(state="creating")
+            for row in sorted(creating, key=lambda r: -r["id"]):
+                self._delete_device(row["device"])
+                with self.store.transaction() as s:
+                    s.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+            self._finish_removals()
+            owned = {r["device"] for r in self.store.rows()}
+            if self.store.meta("base_ready"):
+                owned.add(self.base_name)
+            leaked = [n for n in self._pool_devices() if n not in owned]
+            while leaked:
+                progress = False
+                for name in list(leaked):
+                    if self.pool.children(name):
+                        continue
+                    logger.warning("snapshotter: deleting leftover device %s", name)
+                    self.pool.delete_device(name)
+                    leaked.remove(name)
+                    progress = True
+                if not progress:
+                    break
+            for row in self.store.all():
+                if self._pool_has(row["device"]):
+                    if row["kind"] == st.COMMITTED and self.pool.device(row["device"]).active:
+                        self._deactivate(row["device"])
+                else:
+                    logger.error("snapshotter: snapshot %r (namespace %s) has lost its device "
+                                 "%s", row["key"], row["namespace"], row["device"])

@@ -1,0 +1,243 @@
+"""The containerd snapshotter (libdm.snapshotter) through its gRPC API, in
+a real kernel: containerd's semantics, the devices behind them, restart
+and Cleanup."""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
+
+import libdm  # noqa: E402
+from libdm.snapshotter.client import KIND_NAMES, Client  # noqa: E402
+from snapshotter_util import Plugin, make_pool, write_config  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+PREFIX = "ctrd-"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("snap")
+    name = f"libdmtest-snap-{os.getpid()}"
+    pool = make_pool(tmp / "pool", name, "1G")
+    config = write_config(tmp / "config.toml", base_image_size="64M",
+                          monitor={"enabled": False})
+    plugin = Plugin(tmp / "pool", tmp / "snap.sock", config, log=tmp / "plugin.log").start()
+    client = Client(str(tmp / "snap.sock"), namespace="t")
+    try:
+        yield pool, plugin, client, tmp
+    finally:
+        client.close()
+        plugin.stop()
+        subprocess.run(["umount", "-R", "-l", str(tmp / "mnt")], capture_output=True)
+        pool.destroy(remove_files=True)
+
+
+def code(exc_info):
+    return exc_info.value.code()
+
+
+def mount(mounts, target):
+    os.makedirs(target, exist_ok=True)
+    m = mounts[0]
+    argv = ["mount", "-t", m.type]
+    if m.options:
+        argv += ["-o", ",".join(m.options)]
+    subprocess.run(argv + [m.source, str(target)], check=True, capture_output=True)
+
+
+def umount(target):
+    subprocess.run(["umount", str(target)], check=True, capture_output=True)
+
+
+def test_layers_are_thin_snapshots_and_mounts_are_stable(served):
+    pool, _, c, tmp = served
+    mounts = c.prepare("l1-active")
+    assert len(mounts) == 1 and mounts[0].type == "ext4" and list(mounts[0].options) == []
+    assert c.mounts("l1-active") == mounts
+    mnt = tmp / "mnt" / "l1"
+    mount(mounts, mnt)
+    (mnt / "hello").write_text("one")
+    os.chmod(mnt / "hello", 0o640)
+    os.chown(mnt / "hello", 1234, 5678)
+    umount(mnt)
+    c.commit("l1", "l1-active", labels={"a": "b"})
+    info = c.stat("l1")
+    assert (info.name, info.parent, KIND_NAMES[info.kind]) == ("l1", "", "committed")
+    assert dict(info.labels) == {"a": "b"}
+    with pytest.raises(grpc.RpcError) as e:
+        c.stat("l1-active")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    # The committed device is inactive; it lives on as a thin device of the pool.
+    devices = {d.name: d for d in libdm.Pool.load(pool.directory).devices()}
+    committed = [d for d in devices.values() if d.name.startswith(PREFIX)
+                 and d.name != PREFIX + "base"]
+    assert len(committed) == 1 and not committed[0].active
+    assert committed[0].parent.name == PREFIX + "base"
+
+    view = c.view("l1-view", "l1")
+    assert "ro" in view[0].options and c.mounts("l1-view") == view
+    mnt = tmp / "mnt" / "view"
+    mount(view, mnt)
+    st = os.stat(mnt / "hello")
+    assert (mnt / "hello").read_text() == "one"
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    with pytest.raises(OSError):
+        (mnt / "new").write_text("x")
+    umount(mnt)
+    assert KIND_NAMES[c.stat("l1-view").kind] == "view"
+    with pytest.raises(grpc.RpcError) as e:
+        c.commit("nope", "l1-view")
+    assert code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    c.remove("l1-view")
+    c.remove("l1")
+
+
+def test_error_codes(served):
+    _, _, c, _ = served
+    c.prepare("e-a")
+    with pytest.raises(grpc.RpcError) as e:
+        c.prepare("e-a")
+    assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        c.prepare("e-b", "missing")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        c.prepare("e-b", "e-a")  # parents must be committed
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        c.mounts("missing")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        c.remove("missing")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    c.commit("e-c", "e-a")
+    with pytest.raises(grpc.RpcError) as e:
+        c.mounts("e-c")
+    assert code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    c.prepare("e-d", "e-c")
+    with pytest.raises(grpc.RpcError) as e:
+        c.commit("e-c", "e-d")  # names and keys share one namespace
+    assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        c.remove("e-c")
+    assert code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        c.update("e-c", {"x": "y"}, ["kind"])
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        c.prepare("")
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        c.list("name==")
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    c.remove("e-d")
+    c.remove("e-c")
+
+
+def test_namespaces_are_separate(served):
+    _, _, c, tmp = served
+    other = Client(c_socket(tmp), namespace="other")
+    try:
+        c.prepare("ns-key")
+        other.prepare("ns-key")  # the same key in another namespace
+        assert [i.name for i in other.list()] == ["ns-key"]
+        other.remove("ns-key")
+        assert "ns-key" in [i.name for i in c.list()]
+        c.remove("ns-key")
+    finally:
+        other.close()
+
+
+def c_socket(tmp):
+    return str(tmp / "snap.sock")
+
+
+def test_update_and_list_filters(served):
+    _, _, c, _ = served
+    c.prepare("f-a", labels={"x": "1", "keep": "k"})
+    c.commit("f-b", "f-a", labels={"x": "1", "y.z": "2"})
+    c.prepare("f-c", "f-b", labels={"x": "3"})
+    c.view("f-v", "f-b")
+    names = lambda *f: sorted(i.name for i in c.list(*f))  # noqa: E731
+    assert names() == ["f-b", "f-c", "f-v"]
+    assert names("kind==committed") == ["f-b"]
+    assert names("kind==view", "kind==active") == ["f-c", "f-v"]
+    assert names("parent==f-b") == ["f-c", "f-v"]
+    assert names("labels.x==1") == ["f-b"]
+    assert names('labels."y.z"==2') == ["f-b"]
+    assert names("labels.x") == ["f-b", "f-c"]
+    assert names("labels.x!=1") == ["f-c", "f-v"]
+    assert names("name~=^f-[cv]$,kind==active") == ["f-c"]
+    before = c.stat("f-c")
+    info = c.update("f-c", {"x": "4", "new": "n"}, ["labels.x"])
+    assert dict(info.labels) == {"x": "4"}
+    assert info.updated_at.ToNanoseconds() >= before.updated_at.ToNanoseconds()
+    assert info.created_at == before.created_at
+    info = c.update("f-c", {"a": "1"}, ["labels.a", "labels.x"])  # x not given: removed
+    assert dict(info.labels) == {"a": "1"}
+    info = c.update("f-c", {"b": "2"})  # no mask: all labels replaced
+    assert dict(info.labels) == {"b": "2"}
+    info = c.update("f-c", {"c": "3"}, ["labels"])
+    assert dict(c.stat("f-c").labels) == {"c": "3"} == dict(info.labels)
+    for key in ("f-v", "f-c", "f-b"):
+        c.remove(key)
+    assert names() == []
+
+
+def test_usage_counts_the_layers_own_bytes(served):
+    _, _, c, tmp = served
+    mounts = c.prepare("u-a")
+    mnt = tmp / "mnt" / "u"
+    mount(mounts, mnt)
+    with open(mnt / "blob", "wb") as fh:
+        fh.write(os.urandom(4 << 20))
+        os.fsync(fh.fileno())
+    umount(mnt)
+    size, _ = c.usage("u-a")
+    assert 4 << 20 <= size < 16 << 20
+    c.commit("u-b", "u-a")
+    assert c.usage("u-b")[0] == size
+    c.prepare("u-c", "u-b")
+    assert c.usage("u-c")[0] < 1 << 20  # shares its parent's blocks
+    c.remove("u-c")
+    c.remove("u-b")
+
+
+def test_restart_keeps_everything_and_cleanup_removes_leftovers(served):
+    pool, plugin, c, _ = served
+    c.prepare("r-a")
+    c.commit("r-b", "r-a")
+    c.prepare("r-c", "r-b")
+    plugin.stop()
+    # A device of the snapshotter's that no snapshot owns (a crash's leftover).
+    p = libdm.Pool.open(pool.directory)
+    p.snapshot_device(PREFIX + "base", PREFIX + "stray")
+    p.close()
+    plugin.start()
+    c.wait_ready()
+    assert sorted(i.name for i in c.list()) == ["r-b", "r-c"]
+    names = {d.name for d in libdm.Pool.load(pool.directory).devices()}
+    assert PREFIX + "stray" not in names
+    c.cleanup()
+    c.remove("r-c")
+    c.remove("r-b")
+    left = {d.name for d in libdm.Pool.load(pool.directory).devices()}
+    assert left == {PREFIX + "base"}
+
+
+def test_deep_chain(served):
+    _, _, c, _ = served
+    parent = ""
+    for i in range(130):
+        c.prepare(f"d-{i}-a", parent)
+        c.commit(f"d-{i}", f"d-{i}-a")
+        parent = f"d-{i}"
+    assert c.stat("d-129").parent == "d-128"
+    for i in reversed(range(130)):
+        c.remove(f"d-{i}")

@@ -622,30 +622,7 @@ class Pool(PoolCreation, Journal, Growth):
             with self._store.transaction():
                 self._store.set_active(name, False)
             crash.point("delete:deactivated")
-            stored = self._store.transaction_id()
-            txid = stored + 1
-            with self._store.transaction():
-                self._store.add_intent(txid, "delete", row["thin_id"], name)
-            crash.point("delete:intent")
-            try:
-                self._delete_thin_id(row["thin_id"])
-            except DeviceBusyError:
-                if not self.deferred_deletion:
-                    with self._store.transaction():
-                        self._store.drop_intent(txid)
-                    raise
-                # Still open (a deferred removal is pending): the name is
-                # freed now, the id when a later delete attempt succeeds.
-                with self._store.transaction():
-                    self._store.drop_intent(txid)
-                    self._store.drop_device(name)
-                    self._store.queue_delete(row["thin_id"], name)
-                return
-            crash.point("delete:message")
-            self._set_transaction(stored, txid)
-            crash.point("delete:transaction")
-            self._roll_forward({"op": "delete", "txid": txid, "thin_id": row["thin_id"],
-                                "name": name})
+            self._delete(name, row["thin_id"])
 
     # -- metadata snapshots ------------------------------------------------------------
 

@@ -782,10 +782,11 @@ def test_a_corrupt_pool_store_fails_with_exit_1(dm_name, tmp_path, column, corru
         saved = db.execute(f"SELECT {column} FROM pool WHERE id = 1").fetchone()[0]
         with db:
             db.execute(f"UPDATE pool SET {column} = ? WHERE id = 1", (corrupt,))
-        for args in (["thin", "ls"], ["thin", "ls", "--json"], ["pool", "info"],
-                     ["pool", "status"], ["thin", "create", "x", "8M"]):
-            failed(run(*args, *P), 1, " ".join(args[:2]) + ":", "[EUCLEAN]")
-        failed(sh("thin", "ls", *P), 1, "thin ls:", "[EUCLEAN]")
+        for what, args in (("thin ls", ["thin", "ls"]), ("thin ls", ["thin", "ls", "--json"]),
+                           ("pool info", ["pool", "info"]), ("pool status", ["pool", "status"]),
+                           ("thin create x", ["thin", "create", "x", "8M"])):
+            failed(run(*args, *P), 1, f"libdm: {what}: ", "state.db", "[EUCLEAN]")
+        failed(sh("thin", "ls", *P), 1, "libdm: thin ls: ", "state.db", "[EUCLEAN]")
         assert f"{name}-x" not in witness.names()
     finally:
         with db:

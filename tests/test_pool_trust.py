@@ -293,14 +293,18 @@ def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
     with pytest.raises(libdm.PoolFailedError, match="thin_repair") as err:
         libdm.Pool.open(directory)
     assert "blank" in str(err.value)
+    # The message carries what thin_repair needs to know of the pool.
+    flags = str(err.value).split("thin_repair -i ")[1].split(" -o ")[0].split()[1:]
+    assert flags == ["--transaction-id", "3", "--data-block-size", "128",
+                     "--nr-data-blocks", "1024"]
     assert witness.info(name) is None  # no table was loaded
     # Nothing was formatted: thin_repair still finds all three devices.
     # (Through loop devices: the tools open with O_DIRECT.)
     source = subprocess.run(["losetup", "--find", "--show", "--read-only", str(meta)],
                             capture_output=True, text=True, check=True).stdout.strip()
     target = attach(tmp_path, "repaired", os.stat(meta).st_size)
-    proc = subprocess.run(["thin_repair", "-i", source, "-o", target], capture_output=True,
-                          text=True)
+    proc = subprocess.run(["thin_repair", "-i", source, *flags, "-o", target],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     out = subprocess.run(["thin_dump", target], capture_output=True, text=True,
                          check=True).stdout

@@ -179,9 +179,17 @@ class LoopBacking:
                     f"{name} cannot shrink: it is {format_size(Bytes(current))}, asked "
                     f"{format_size(size)} (a thin pool only grows)")
         for name, size in wanted:
-            self._grow_file(name, int(size))
+            self._set_file_size(name, int(size))
 
-    def _grow_file(self, name, size):
+    def undo_growth(self, data_size, metadata_size):
+        """Shrink the files back to the sizes they had before a growth that
+        was rolled back (the caller has checked that the kernel maps no
+        more than these sizes), and make their loop devices follow."""
+        for name, size in ((DATA_FILE, data_size), (METADATA_FILE, metadata_size)):
+            if self._check(name, "resize").st_size > int(size):
+                self._set_file_size(name, int(size))
+
+    def _set_file_size(self, name, size):
         fd = self.statedir.open_file(name, os.O_WRONLY, "resize", f"{name} file")
         try:
             if size == self._identify(name, os.fstat(fd), "resize").st_size:

@@ -25,8 +25,9 @@ the pool read-only and flagged ``needs_check``.
 
 import logging
 import os
+from dataclasses import asdict, dataclass
 
-from libdm.dm import loop, ops
+from libdm.dm import ops
 from libdm.dm.errors import DMError
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
@@ -40,9 +41,32 @@ from libdm.thin.errors import (
 )
 from libdm.thin.units import Bytes, format_size, parse_size
 
-__all__ = ["Growth"]
+__all__ = ["Growth", "GrowthIntent"]
 
 logger = logging.getLogger("libdm")
+
+
+@dataclass(frozen=True)
+class GrowthIntent:
+    """A growth in flight, as the store records it before the first step.
+
+    Attributes:
+        operation: the call (``resize``, ``extend``, ``refresh``,
+            ``set_low_water_mark``).
+        old: the pool's configuration before it.
+        new: the configuration it brings.
+        tables: the live tables (text lines) of the pool and its linear
+            pieces before it, to roll back to.
+    """
+
+    operation: str
+    old: dict
+    new: dict
+    tables: dict
+
+    @classmethod
+    def from_record(cls, record):
+        return cls(record["operation"], record["old"], record["new"], record["tables"])
 
 
 class Growth:
@@ -222,10 +246,9 @@ class Growth:
         old = dict(self._config)
         new = dict(old, **changes)
         self._check_capacity(operation, new)
-        intent = {"operation": operation, "old": old, "new": new,
-                  "tables": self._live_tables()}
+        intent = GrowthIntent(operation, old, new, self._live_tables())
         with self._store.transaction():
-            self._store.set_growth_intent(intent)
+            self._store.set_growth_intent(asdict(intent))
         crash.point("grow:intent")
         try:
             self._apply_growth(new)
@@ -243,7 +266,7 @@ class Growth:
 
     def _use_config(self, config):
         self._config = config
-        self._backing = backings.from_config(self.kind, self.directory, self.name, config)
+        self._backing = backings.from_config(self.kind, self._store.statedir, self.name, config)
 
     def _apply_growth(self, config):
         """Bring the backing and the pool's table to ``config``; idempotent,
@@ -273,10 +296,10 @@ class Growth:
         growth, resumed, and drop the intent; the store's configuration
         was never changed.  Raises StateError if that fails too (the
         intent stays, so Pool.open tries again)."""
-        old = intent["old"]
+        old = intent.old
         self._use_config(old)
         tables = {name: [Target.parse(line) for line in lines]
-                  for name, lines in intent["tables"].items()}
+                  for name, lines in intent.tables.items()}
         try:
             if self.name in tables:
                 # The pool first, onto its old (shorter) table; then what
@@ -315,24 +338,11 @@ class Growth:
         """Undo this growth's own file growth: only down to the recorded
         sizes, and only where the kernel maps no more than them."""
         st = self.status()
-        maps = {"data": 0 if st.failed else int(st.total_data) * int(self.block_size.bytes()),
-                "metadata": 0 if st.failed else int(st.total_meta.bytes())}
-        for what, path, size in (("data", self._backing.data_file, old["data_size"]),
-                                 ("metadata", self._backing.metadata_file,
-                                  old["metadata_size"])):
-            if maps[what] > size:
-                continue
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                if os.fstat(fd).st_size > size:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                    dev = loop.find(path)
-                    if dev is not None:
-                        with dev:
-                            loop.refresh_capacity(dev)
-            finally:
-                os.close(fd)
+        if st.failed:
+            return
+        data = int(st.total_data) * int(self.block_size.bytes())
+        meta = int(st.total_meta.bytes())
+        self._backing.undo_growth(max(old["data_size"], data), max(old["metadata_size"], meta))
 
     def _clear_needs_check_offline(self, operation):
         """A resume the kernel refused may have flagged the metadata
@@ -365,24 +375,24 @@ class Growth:
         live and suspended, with or without the new table loaded."""
         try:
             if backings.exists_live(self.name):
-                self._apply_growth(intent["new"])
+                self._apply_growth(intent.new)
             else:
-                self._use_config(intent["new"])
+                self._use_config(intent.new)
                 if self.kind == "loop":
-                    self._backing.grow(Bytes(intent["new"]["data_size"]),
-                                       Bytes(intent["new"]["metadata_size"]))
+                    self._backing.grow(Bytes(intent.new["data_size"]),
+                                       Bytes(intent.new["metadata_size"]))
                 self._activate_pool(operation)
         except (DMError, OSError, ValueError) as exc:
             logger.warning("pool %s: could not finish the interrupted %s (%s); rolling back",
-                           self.name, intent["operation"], exc)
+                           self.name, intent.operation, exc)
             if backings.exists_live(self.name):
                 self._roll_back_growth(intent, operation, exc)
             else:
-                self._use_config(intent["old"])
+                self._use_config(intent.old)
                 with self._store.transaction():
                     self._store.drop_growth_intent()
             return
-        self._record_growth(intent["new"])
+        self._record_growth(intent.new)
 
     def _check_capacity(self, operation, config, extra_metadata=None):
         """Refuse a data growth the metadata cannot map (PoolFullError with
@@ -423,7 +433,7 @@ class Growth:
         """The data device's size in sectors under ``config``."""
         if self.kind == "loop":
             return int(config["data_size"]) // 512
-        backing = backings.from_config(self.kind, self.directory, self.name, config)
+        backing = backings.from_config(self.kind, self._store.statedir, self.name, config)
         return sum(int(t.length) for t in backing.table(backing.data_segments))
 
     def _update_config(self, **changes):

@@ -37,7 +37,7 @@ from libdm.thin.errors import (
     PoolReadOnlyError,
     StateError,
 )
-from libdm.thin.growth import Growth
+from libdm.thin.growth import Growth, GrowthIntent
 from libdm.thin.journal import Journal
 from libdm.thin.status import parse_pool_status
 from libdm.thin.store import COMPANIONS, DB_NAME, Store
@@ -335,6 +335,11 @@ class Pool(PoolCreation, Journal, Growth):
         if not any(head):
             if not self._ever_used():
                 return
+            # What the blank superblock lost, thin_repair must be told.
+            blocks = self._data_sectors(self._config) // int(self.block_size)
+            repair = repair.replace(
+                " -o <", f" --transaction-id {self._store.transaction_id()} --data-block-size "
+                f"{int(self.block_size)} --nr-data-blocks {blocks} -o <")
             raise PoolFailedError(
                 f"the metadata superblock of pool {self.name!r} on {meta_path} is blank, but "
                 f"the store records transaction {self._store.transaction_id()} and "
@@ -420,9 +425,9 @@ class Pool(PoolCreation, Journal, Growth):
                     self._store.set_active(row["name"], True)
 
     def _bring_up(self, operation):
-        intent = self._store.growth_intent()
-        if intent is not None:
-            self._finish_growth(intent, operation)
+        record = self._store.growth_intent()
+        if record is not None:
+            self._finish_growth(GrowthIntent.from_record(record), operation)
         self._activate_pool(operation)
         st = self.status()
         if st.failed:

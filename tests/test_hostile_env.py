@@ -430,7 +430,14 @@ def test_a_forged_store_naming_another_disk_is_refused(block_pool, tmp_path):
     pool, data, meta = block_pool
     disk = attach(tmp_path, "disk.img", 64 * MiB)  # blank where the forger points
     directory = take_down(pool)
+    # A fresh-looking pool (no transaction, no devices), so that nothing
+    # asks for metadata already there: the kernel would format the region.
     set_config(directory, meta_segments=[[disk, 8192, 8192]])
+    db = sqlite3.connect(os.path.join(directory, "state.db"))
+    with db:
+        db.execute("UPDATE pool SET transaction_id = 0")
+        db.execute("DELETE FROM devices")
+    db.close()
     before = witness.checksum(disk)
     with pytest.raises(libdm.StateError) as caught:
         libdm.Pool.open(directory)

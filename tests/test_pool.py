@@ -186,13 +186,37 @@ def test_delete_deactivates_and_removes_the_id(pool):
         pool.device("vol")
 
 
-def test_delete_refuses_an_origin_with_snapshots(pool):
-    base = pool.create_thin("base", "4M")
-    base.snapshot("child")
-    with pytest.raises(libdm.DeviceBusyError, match="has snapshots \\(child\\)"):
-        base.delete()
-    assert witness.thin_ids(pool.name) == {0, 1}
-    assert base.active
+def test_an_origin_with_snapshots_can_be_deleted(pool):
+    base = pool.create_thin("base", "8M")
+    write_pattern(base.path, 0x21)
+    child = base.snapshot("child")
+    grandchild = child.snapshot("grandchild")
+    write_pattern(child.path, 0x22, offset=1 << 20)
+    base.delete()
+    # The kernel dropped the origin's id; the snapshots keep their data.
+    assert witness.thin_ids(pool.name) == {1, 2}
+    assert base.dm_name not in witness.names()
+    assert read_at(child.path) == bytes([0x21]) * (1 << 20)
+    assert read_at(child.path, 1 << 20) == bytes([0x22]) * (1 << 20)
+    assert read_at(grandchild.path) == bytes([0x21]) * (1 << 20)
+    # The lineage stays true: the child is a root now, the grandchild
+    # still its snapshot.
+    assert pool.device("child").parent is None
+    assert pool.device("grandchild").parent.name == "child"
+    assert [d.name for d in pool.children("child")] == ["grandchild"]
+    store = Store(pool.directory)
+    try:
+        assert store.device("child")["parent"] is None
+    finally:
+        store.close()
+    # And a reopen brings back the same tree.
+    pool.close()
+    again = libdm.Pool.open(pool.directory)
+    try:
+        assert again.device("child").parent is None
+        assert read_at(again.device("grandchild").path) == bytes([0x21]) * (1 << 20)
+    finally:
+        again.close()
 
 
 def test_deactivate_and_activate(pool):

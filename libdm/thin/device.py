@@ -98,9 +98,13 @@ class ThinDevice:
     def delete(self):
         """Deactivate the device and delete it from the pool.
 
+        An origin can be deleted while it has snapshots: they keep their
+        data (the pool shares blocks by reference count) and become roots
+        of the lineage (their :attr:`parent` is ``None`` from then on).
+
         Raises:
-            DeviceBusyError: it has snapshots (delete those first), or it is
-                busy and neither deferred removal nor deletion is on.
+            DeviceBusyError: it is busy and neither deferred removal nor
+                deletion is on.
             PoolReadOnlyError, PoolFailedError: the pool refuses changes.
         """
         self.pool.delete_device(self.name)

@@ -22,7 +22,7 @@ import time
 from types import MappingProxyType
 
 from libdm.dm import ops
-from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
+from libdm.dm.errors import DeviceExistsError, DMError, error_for
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
@@ -616,11 +616,9 @@ class Pool(PoolCreation, Journal, Growth):
         """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
         with self._changing("delete"):
             row = self._row(name, "delete")
-            children = self._store.children(name)
-            if children:
-                raise DeviceBusyError(
-                    errno.EBUSY, f"{name!r} has snapshots ({', '.join(children)}); delete "
-                    f"them first", "delete", name)
+            # An origin may go before its snapshots, as the kernel and LVM
+            # allow: they share its blocks by reference count, and become
+            # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
             self._retry_deferred_deletes()
             self._deactivate(name)

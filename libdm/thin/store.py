@@ -289,7 +289,10 @@ class Store:
         )
 
     def drop_device(self, name):
+        """Forget device ``name``; its snapshots become roots (their origin
+        is gone, and their data stays theirs)."""
         self.db.execute("DELETE FROM devices WHERE name = ?", (name,))
+        self.db.execute("UPDATE devices SET parent = NULL WHERE parent = ?", (name,))
 
     def set_active(self, name, active):
         self.db.execute("UPDATE devices SET active = ? WHERE name = ?",

@@ -109,6 +109,17 @@ def main():
 
         print("\nlineage:")
         print_tree(pool)
+
+        # The base image can go before the layers built on it: they keep
+        # their data, and the lineage shows them without it.
+        pool.device("base").delete()
+        first = next(iter(LAYERS))
+        with pool.device(first).mount(options="ro") as root:
+            intact = read_tree(root) == expected[first]
+        print(f"\nbase deleted before its layers; {first} still intact: {intact}")
+        if not intact or pool.device(first).parent is not None:
+            failures.append(f"{first}: changed or still parented after its base was deleted")
+        print_tree(pool)
         print("\npool report:")
         print(pool.info())
     finally:

@@ -626,6 +626,8 @@ class Pool(PoolCreation, Journal, Growth):
                 self._store.set_active(name, False)
             crash.point("delete:deactivated")
             self._delete(name, row["thin_id"])
+            if self._config.get("base_device") == name:
+                self._update_config(base_device=None)
 
     # -- metadata snapshots ------------------------------------------------------------
 
@@ -663,7 +665,8 @@ class Pool(PoolCreation, Journal, Growth):
         """The device set as base for layers (see :meth:`set_base_device`),
         or ``None``."""
         name = self._config.get("base_device")
-        return None if name is None else self.device(name)
+        row = None if name is None else self._store.device(name)
+        return None if row is None else self._wrap(row)
 
     def set_base_device(self, name):
         """Mark device ``name`` as the pool's base device (shown in

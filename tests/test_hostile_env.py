@@ -267,17 +267,34 @@ def test_create_loop_refuses_a_shared_directory_and_leaves_its_mode(dm_name, tmp
 
 
 @kernel
-def test_create_loop_refuses_a_directory_owned_by_someone_else(dm_name, tmp_path):
-    directory = tmp_path / "theirs"
+def test_create_loop_refuses_a_directory_owned_by_someone_else(dm_name, small_fs):
+    # On a tmpfs: the test kernel's hostfs shows the host's owners.
+    directory = small_fs / "theirs"
     directory.mkdir(mode=0o755)
     os.chown(directory, 65534, 65534)
     before = picture(directory)
     name = dm_name("pool")
     with pytest.raises(libdm.StateError) as caught:
-        libdm.Pool.create_loop(name, directory, data_size="64M")
+        libdm.Pool.create_loop(name, directory, data_size="32M")
     assert str(directory) in str(caught.value) and "65534" in str(caught.value)
     assert picture(directory) == before
     assert_no_pool_devices(name)
+
+
+@kernel
+@pytest.mark.parametrize("which", ["state.db", "lock", "data"])
+def test_open_refuses_a_pool_file_owned_by_someone_else(dm_name, small_fs, which):
+    directory = small_fs / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="32M")
+    take_down(pool)
+    path = directory / which
+    os.chown(path, 65534, 65534)
+    before = picture(directory)
+    with pytest.raises(libdm.StateError) as caught:
+        libdm.Pool.open(directory)
+    assert str(path) in str(caught.value) and "65534" in str(caught.value)
+    assert picture(directory) == before
+    assert_no_pool_devices(pool.name)
 
 
 @kernel

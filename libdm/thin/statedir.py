@@ -6,7 +6,9 @@ libdm write, grow or chmod a file elsewhere.  So the directory must be
 owned by the caller's effective uid and writable by nobody else, and
 every file in it is reached through the directory's descriptor with
 ``O_NOFOLLOW`` and checked (a regular file, owned by the caller) before
-it is used.
+it is used.  (On hostfs, a User-Mode Linux kernel's view of its host's
+files, owners are the host's and the host enforces access, so there only
+modes and symlinks are checked.)
 
 :class:`StateDir` also records what it made during this call (the
 directory itself, new files), so that a failed creation removes exactly
@@ -43,6 +45,11 @@ class StateDir:
     def __init__(self, path, fd, made=False):
         self.path, self.fd, self.made = path, fd, made
         self.created = []
+        # On hostfs (a User-Mode Linux kernel's view of its host's files)
+        # owners are the host's: root in the kernel sees the files of the
+        # host user running it as that user's.  The host enforces access
+        # there, so only modes and symlinks are checked.
+        self._owner = None if _fs_type(fd) == "hostfs" else os.geteuid()
 
     # -- getting one --------------------------------------------------------------
 
@@ -112,12 +119,15 @@ class StateDir:
     def _check_private(self, operation):
         st = os.fstat(self.fd)
         euid = os.geteuid()
-        if st.st_uid != euid or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if self._foreign(st) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise StateError(
                 f"the state directory {self.path} is owned by {_user(st.st_uid)} with mode "
                 f"{stat.S_IMODE(st.st_mode):o}; libdm uses only a directory owned by "
                 f"{_user(euid)} that no one else can write (whoever can write it controls "
                 f"the pool and the disks it names)", operation, None)
+
+    def _foreign(self, st):
+        return self._owner is not None and st.st_uid != self._owner
 
     def _check_writable(self, operation):
         if os.statvfs(self.fd).f_flag & os.ST_RDONLY:
@@ -165,7 +175,7 @@ class StateDir:
             why = "is a symbolic link"
         elif not stat.S_ISREG(st.st_mode):
             why = "is not a regular file"
-        elif st.st_uid != os.geteuid():
+        elif self._foreign(st):
             why = f"is owned by {_user(st.st_uid)}"
         else:
             return
@@ -285,6 +295,22 @@ def _make_directory(path, operation):
         if exc.errno == errno.EROFS:
             raise _read_only(path, operation) from None
         raise
+
+
+def _fs_type(fd):
+    """The type of the filesystem holding ``fd`` (from the mount table), or
+    ``None`` if it cannot be told."""
+    st = os.fstat(fd)
+    devno = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split(" - ", 1)
+                if len(fields) == 2 and fields[0].split()[2:3] == [devno]:
+                    return fields[1].split()[0]
+    except OSError:
+        pass
+    return None
 
 
 def _read_only(path, operation):

@@ -28,6 +28,7 @@ POINTS = (
     "grow:backing",        # files grown or segments recorded, pool not suspended
     "grow:loaded",         # pool suspended with the new table loaded, not resumed
     "grow:resumed",        # pool resumed on the new table, outcome not recorded
+    "resize_device:recorded",  # a thin device's new size stored, table not reloaded
 )
 
 _armed = os.environ.get("LIBDM_CRASH_AT")

@@ -109,6 +109,32 @@ class ThinDevice:
         """
         self.pool.delete_device(self.name)
 
+    def resize(self, size, *, force=False, grow_filesystem=False):
+        """Change the device's size, online (the libdm ``lvextend`` of a
+        thin volume).  Growing reloads its table with the new length;
+        shrinking is refused unless ``force`` and nothing has the device
+        open, and the blocks past the new end are discarded first, so the
+        pool gets them back.
+
+        Args:
+            size: the new size, bytes or a string such as ``"20G"`` (whole
+                512-byte sectors).
+            force: allow shrinking (what lies past the new end is lost).
+            grow_filesystem: after growing, grow the ext4 or xfs filesystem
+                on it too, mounted or not (resize2fs, xfs_growfs).
+
+        Returns:
+            The device, with its new :attr:`size`.
+
+        Raises:
+            ValueError: a bad size, or a shrink without ``force``.
+            DeviceBusyError: a shrink of a device in use.
+            PoolReadOnlyError, PoolFailedError: the pool refuses to grow it.
+            RuntimeError: the filesystem tool failed (the device has grown).
+        """
+        return self.pool.resize_device(self.name, size, force=force,
+                                       grow_filesystem=grow_filesystem)
+
     def snapshot(self, name):
         """Take a snapshot of this device (suspending it around the message
         when it is active) and activate it.

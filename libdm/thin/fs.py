@@ -66,3 +66,58 @@ def mounted(path, target=None, *, options=None):
             raise RuntimeError(f"umount {target} failed: {proc.stderr.strip()}")
         if made:
             os.rmdir(target)
+
+
+def filesystem_type(path):
+    """The filesystem ``blkid`` finds on ``path``, or ``None``."""
+    proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", os.fspath(path)],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def mount_point(path):
+    """Where the block device ``path`` is mounted, or ``None``."""
+    rdev = os.stat(path).st_rdev
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            major, minor = (int(n) for n in fields[2].split(":"))
+            if os.makedev(major, minor) == rdev:
+                return fields[4].replace("\\040", " ")
+    return None
+
+
+def grow_filesystem(path):
+    """Grow the ext4 or xfs filesystem on ``path`` to fill the device,
+    mounted or not (``resize2fs``; ``xfs_growfs``, which needs a mount, on
+    a temporary one if needed).
+
+    Returns:
+        The filesystem type grown.
+
+    Raises:
+        ValueError: no filesystem, or one that is not ext4 or xfs.
+        RuntimeError: the tool failed; its output is in the message.
+    """
+    fstype = filesystem_type(path)
+    if fstype not in ("ext4", "xfs"):
+        raise ValueError(f"{path} holds {'no filesystem' if fstype is None else fstype}: "
+                         f"only ext4 and xfs can be grown")
+
+    def run(argv):
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "
+                               f"{(proc.stderr or proc.stdout).strip()}")
+
+    where = mount_point(path)
+    if fstype == "ext4":
+        if where is None:
+            run(["e2fsck", "-f", "-p", os.fspath(path)])  # resize2fs insists offline
+        run(["resize2fs", os.fspath(path)])
+    elif where is not None:
+        run(["xfs_growfs", where])
+    else:
+        with mounted(path) as target:
+            run(["xfs_growfs", target])
+    return fstype

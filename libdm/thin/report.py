@@ -120,7 +120,7 @@ def pool_info(pool):
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,
-        base_device_size=None if base is None else base.size,
+        base_device_size=pool.base_size if base is None else base.size,
         backing_filesystem=fstype,
         data_file=described["Data file"],
         metadata_file=described["Metadata file"],

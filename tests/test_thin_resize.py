@@ -1,0 +1,132 @@
+"""Resizing thin devices online, with their filesystems (lvextend's part).
+
+Witnesses: dmsetup table, df (statvfs of the mount), blkid, the pool's
+used data blocks from dmsetup status.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import libdm
+from libdm.thin.store import Store
+
+from blockio import MiB, read_at, write_pattern
+import witness
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def pool(dm_name, tmp_path):
+    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="512M")
+    yield p
+    p.close()
+
+
+def length(dm_name):
+    return int(witness.table(dm_name)[0].split()[1])
+
+
+# xfs wants at least 300 MB.
+SIZES = {"ext4": ("64M", "256M"), "xfs": ("320M", "1280M")}
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_grow_a_mounted_device_and_its_filesystem(pool, fstype):
+    small, big = SIZES[fstype]
+    dev = pool.create_thin("vol", small).format(fstype)
+    with dev.mount() as root:
+        with open(os.path.join(root, "keep"), "wb") as fh:
+            fh.write(b"k" * 4096)
+        before = os.statvfs(root)
+        dev = dev.resize(big, grow_filesystem=True)
+        after = os.statvfs(root)
+        assert after.f_blocks * after.f_frsize > 3 * before.f_blocks * before.f_frsize
+        with open(os.path.join(root, "keep"), "rb") as fh:
+            assert fh.read() == b"k" * 4096
+    assert int(dev.size) == libdm.parse_size(big)
+    assert length(dev.dm_name) == int(dev.size) // 512
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_grow_an_unmounted_filesystem(pool, fstype):
+    small, big = SIZES[fstype]
+    dev = pool.create_thin("vol", small).format(fstype).resize(big, grow_filesystem=True)
+    with dev.mount() as root:
+        st = os.statvfs(root)
+        assert st.f_blocks * st.f_frsize > libdm.parse_size(big) * 3 // 4
+
+
+def test_shrinking_needs_force_and_a_device_nobody_holds(pool):
+    dev = pool.create_thin("vol", "64M")
+    write_pattern(dev.path, 0x01, offset=0, length=8 * MiB)
+    write_pattern(dev.path, 0x02, offset=40 * MiB, length=8 * MiB)
+    used = int(witness.pool_status(pool.name)[2].split("/")[0])
+    with pytest.raises(ValueError, match="force"):
+        dev.resize("16M")
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        with pytest.raises(libdm.DeviceBusyError):
+            dev.resize("16M", force=True)
+    finally:
+        os.close(fd)
+    assert length(dev.dm_name) == 64 * MiB // 512
+    dev = dev.resize("16M", force=True)
+    assert length(dev.dm_name) == 16 * MiB // 512
+    assert read_at(dev.path, 0, MiB) == b"\x01" * MiB
+    # The blocks past the new end went back to the pool.
+    now = int(witness.pool_status(pool.name)[2].split("/")[0])
+    assert now <= used - (8 * MiB) // (64 << 10)
+
+
+def test_an_inactive_device_is_resized_in_the_store(pool):
+    dev = pool.create_thin("vol", "16M")
+    dev.deactivate()
+    pool.resize_device("vol", "32M")
+    assert witness.info(dev.dm_name) is None
+    pool.device("vol").activate()
+    assert length(dev.dm_name) == 32 * MiB // 512
+
+
+def test_a_kill_between_record_and_reload_is_corrected_by_open(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="128M")
+    dev = pool.create_thin("vol", "16M")
+    pool.close()
+    env = dict(os.environ, LIBDM_CRASH_AT="resize_device:recorded")
+    code = f"import libdm\nlibdm.Pool.open({str(directory)!r}).device('vol').resize('48M')\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert length(dev.dm_name) == 16 * MiB // 512  # the kernel never saw it
+    pool = libdm.Pool.open(directory)
+    try:
+        assert length(dev.dm_name) == 48 * MiB // 512
+        store = Store(directory)
+        try:
+            assert store.device("vol")["size"] == 48 * MiB // 512
+        finally:
+            store.close()
+    finally:
+        pool.close()
+
+
+def test_the_base_size_applies_to_new_devices(pool):
+    # Docker's dm.basesize: reported before any base device is set, used
+    # by devices created without a size, changeable for later ones.
+    assert pool.info().as_dict()["Base Device Size"] == "10 GiB"
+    assert length(pool.create_thin("a").dm_name) == (10 << 30) // 512
+    pool.set_base_size("20G")
+    assert length(pool.create_thin("b").dm_name) == (20 << 30) // 512
+    assert int(pool.device("a").size) == 10 << 30
+    pool.close()
+    again = libdm.Pool.open(pool.directory)
+    try:
+        assert again.base_size == 20 << 30
+        assert again.info().as_dict()["Base Device Size"] == "20 GiB"
+    finally:
+        again.close()

@@ -688,6 +688,8 @@ class Pool(PoolCreation, Journal, Growth):
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
             self._retry_deferred_deletes()
+            if self.discard_on_delete:
+                self._discard_device(row)
             self._deactivate(name)
             with self._store.transaction():
                 self._store.set_active(name, False)
@@ -695,6 +697,62 @@ class Pool(PoolCreation, Journal, Growth):
             self._delete(name, row["thin_id"])
             if self._config.get("base_device") == name:
                 self._update_config(base_device=None)
+
+    # -- giving space back ---------------------------------------------------------------
+
+    @property
+    def discard_on_delete(self):
+        """Discard a device's blocks before deleting it (Docker's
+        ``dm.blkdiscard``), so that the pool passes the discards down and a
+        loop pool's data file gets its space back as holes.  On by default
+        for loop pools, off for the others (see :meth:`set_discard_on_delete`)."""
+        return bool(self._config.get("discard_on_delete", self.kind == "loop"))
+
+    def set_discard_on_delete(self, enabled):
+        """Turn :attr:`discard_on_delete` on or off."""
+        with self._changing("set_discard_on_delete"):
+            self._update_config(discard_on_delete=bool(enabled))
+
+    def _discard_device(self, row):
+        """Discard all of a device about to be deleted, unless something
+        holds it open (its user's data must not vanish under it) or the
+        pool ignores discards.  An inactive device is activated for it."""
+        if "ignore_discard" in self._config["features"]:
+            return
+        dm_name = self.device_dm_name(row["name"])
+        made = False
+        if not backings.exists_live(dm_name):
+            ops.create(dm_name, self._thin_table(row, self._devno()))
+            made = True
+        try:
+            if ops.info(dm_name).open_count:
+                logger.info("pool %s: %s is open, so its blocks are not discarded before "
+                            "its delete", self.name, dm_name)
+                return
+            _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
+        finally:
+            if made:
+                ops.remove(dm_name)
+
+    def trim(self):
+        """Give back the space the filesystems on the pool's devices have
+        freed (``fstrim`` on every mounted one, with the FITRIM ioctl): the
+        thin devices unmap it, and the pool passes the discards down to its
+        data device (a loop pool's file gets holes).
+
+        Returns:
+            ``Bytes`` the filesystems reported trimmed.
+
+        Raises:
+            OSError: a filesystem refused FITRIM.
+        """
+        from libdm.thin import fs
+
+        total = 0
+        for device in self.devices():
+            if device.active and fs.mount_point(device.path) is not None:
+                total += fs.trim(fs.mount_point(device.path))
+        return Bytes(total)
 
     # -- metadata snapshots ------------------------------------------------------------
 

@@ -107,10 +107,10 @@ def test_every_command_is_there():
         "create", "reload", "suspend", "resume", "remove", "info", "table", "status",
         "message", "ls", "version", "targets",
         "pool", "pool create", "pool info", "pool status", "pool resize", "pool extend",
-        "pool refresh", "pool monitor", "pool open", "pool destroy",
+        "pool refresh", "pool monitor", "pool open", "pool destroy", "pool trim", "pool set",
         "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
-        "thin deactivate", "thin ls",
-    }
+        "thin deactivate", "thin ls", "thin resize",
+    } | {c for c in COMMANDS if c.startswith("snapshotter")}
 
 
 @pytest.mark.parametrize("command", [""] + COMMANDS)
@@ -935,3 +935,22 @@ def test_monitor_stops_cleanly_on_sigterm_and_sigint(dm_name, tmp_path):
     # The low water mark it set is in the live table.
     assert witness.table(name)[0].split()[6] == str(1024 * 20 // 100)
     ok(run("pool", "destroy", "--remove-files", "--pool", directory))
+
+
+@kernel
+def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
+    directory = tmp_path / "pool"
+    ok(cli_run("pool", "create", dm_name("pool"), "--loop", directory, "--data-size", "256M"))
+    ok(cli_run("pool", "set", "--base-size", "32M", "--discard-on-delete", "on",
+               "--pool", directory))
+    path = ok(cli_run("thin", "create", "vol", "--pool", directory)).out.strip()
+    dm = os.path.basename(path)
+    assert witness.table(dm)[0].split()[1] == str(32 * MiB // 512)
+    assert ok(cli_run("thin", "resize", "vol", "64M", "--pool", directory)).out.strip() \
+        == "vol: 64 MiB"
+    assert witness.table(dm)[0].split()[1] == str(64 * MiB // 512)
+    failed(cli_run("thin", "resize", "vol", "16M", "--pool", directory), 2, "force")
+    ok(cli_run("thin", "resize", "vol", "16M", "--force", "--pool", directory))
+    assert witness.table(dm)[0].split()[1] == str(16 * MiB // 512)
+    assert "trimmed" in ok(cli_run("pool", "trim", "--pool", directory)).out
+    failed(cli_run("pool", "set", "--pool", directory), 2, "--base-size")

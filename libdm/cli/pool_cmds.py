@@ -207,6 +207,21 @@ def cmd_extend(args):
         print(_sizes_line(pool))
 
 
+def cmd_trim(args):
+    with load_pool(args) as pool:
+        print(f"pool {pool.name}: {output.size_text(pool.trim())} trimmed")
+
+
+def cmd_set(args):
+    if args.base_size is None and args.discard_on_delete is None:
+        raise UsageError("give --base-size, --discard-on-delete or both", "libdm pool set")
+    with load_pool(args) as pool:
+        if args.base_size is not None:
+            pool.set_base_size(args.base_size)
+        if args.discard_on_delete is not None:
+            pool.set_discard_on_delete(args.discard_on_delete == "on")
+
+
 def cmd_refresh(args):
     with load_pool(args) as pool:
         pool.refresh()
@@ -327,6 +342,19 @@ def register(sub):
                    help="the region's length (default: to the end of DEV)")
     p.add_argument("--force", action="store_true",
                    help="use a device that carries a signature (its data is lost)")
+
+    command(sub, "trim", cmd_trim, pool=True, path="pool",
+            help="give back what the filesystems on the pool's devices freed (fstrim)",
+            example="libdm pool trim --pool /var/lib/images")
+
+    p = command(sub, "set", cmd_set, pool=True, path="pool",
+                help="change the pool's base size or discard-on-delete setting",
+                example=["libdm pool set --base-size 20G --pool /var/lib/images",
+                         "libdm pool set --discard-on-delete on"])
+    p.add_argument("--base-size", metavar="SIZE", type=size,
+                   help="the size of devices created without one (dm.basesize)")
+    p.add_argument("--discard-on-delete", choices=("on", "off"),
+                   help="discard a device's blocks before deleting it (dm.blkdiscard)")
 
     command(sub, "refresh", cmd_refresh, pool=True, path="pool",
             help="reload the pool to use devices that grew outside libdm",

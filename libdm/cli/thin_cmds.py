@@ -23,6 +23,13 @@ def cmd_delete(args):
         pool.delete_device(args.name)
 
 
+def cmd_resize(args):
+    with load_pool(args) as pool:
+        dev = pool.resize_device(args.name, args.size, force=args.force,
+                                 grow_filesystem=args.grow_filesystem)
+        print(f"{dev.name}: {output.size_text(dev.size)}")
+
+
 def cmd_activate(args):
     with load_pool(args) as pool:
         pool.activate_device(args.name)
@@ -122,7 +129,8 @@ def register(sub):
                 help="create a thin device and activate it (prints its path)",
                 example="libdm thin create base 10G --pool /var/lib/images")
     p.add_argument("name", metavar="NAME", help="its name within the pool")
-    p.add_argument("size", metavar="SIZE", type=size, help="its size, e.g. 10G")
+    p.add_argument("size", metavar="SIZE", type=size, nargs="?",
+                   help="its size, e.g. 10G (default: the pool's base size)")
 
     p = command(sub, "snapshot", cmd_snapshot, pool=True, path="thin",
                 help="snapshot a thin device and activate the snapshot (prints its path)",
@@ -133,7 +141,22 @@ def register(sub):
     p = command(sub, "delete", cmd_delete, pool=True, path="thin",
                 help="deactivate a thin device and delete it from the pool",
                 example="libdm thin delete layer1 --pool /var/lib/images")
-    p.add_argument("name", metavar="NAME", help="the device (without snapshots)")
+    p.add_argument("name", metavar="NAME",
+                   help="the device (its snapshots keep their data)")
+
+    p = command(sub, "resize", cmd_resize, pool=True, path="thin",
+                help="grow (or with --force shrink) a thin device, online",
+                description="Change a thin device's size online, as lvextend does for a "
+                            "thin volume.  Shrinking needs --force and a device nobody "
+                            "holds open; what lies past the new end is discarded.",
+                example=["libdm thin resize vol 20G --pool /var/lib/images",
+                         "libdm thin resize vol 20G --grow-filesystem"])
+    p.add_argument("name", metavar="NAME", help="the device")
+    p.add_argument("size", metavar="SIZE", type=size, help="its new size, e.g. 20G")
+    p.add_argument("--grow-filesystem", action="store_true",
+                   help="grow the ext4 or xfs filesystem on it too, mounted or not")
+    p.add_argument("--force", action="store_true",
+                   help="allow shrinking (what lies past the new end is lost)")
 
     p = command(sub, "activate", cmd_activate, pool=True, path="thin",
                 help="make a thin device usable at its path (prints the path)",

@@ -14,13 +14,16 @@ from libdm.thin import crash
 from libdm.thin.errors import REPAIR_HINT, DeviceNotBlankError, PoolFailedError, StateError
 from libdm.thin.status import parse_pool_status
 from libdm.thin.statedir import StateDir
-from libdm.thin.store import Store
+from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
 from libdm.thin.units import Bytes, parse_size
 
 __all__ = ["PoolCreation", "LOCK_NAME", "DEFAULT_BLOCK_SIZE", "DEFAULT_MIN_FREE_SPACE"]
 
 LOCK_NAME = "lock"
+#: The names of a pool's files, its store first: a directory holding any
+#: of them is not claimed for a new pool.
+POOL_FILES = STORE_FILES + (LOCK_NAME, backings.DATA_FILE, backings.METADATA_FILE)
 DEFAULT_BLOCK_SIZE = "64K"
 DEFAULT_MIN_FREE_SPACE = 10
 
@@ -284,7 +287,7 @@ class PoolCreation:
         what this call made is removed."""
         config = dict(config, **_pool_options(block_size, options))
         lock_timeout = config.pop("lock_timeout")
-        statedir = StateDir.claim(directory)
+        statedir = StateDir.claim(directory, POOL_FILES)
         store = backing = pool = None
         try:
             store = Store(statedir, create=True)

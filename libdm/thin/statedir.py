@@ -22,12 +22,7 @@ import stat
 from libdm.dm.errors import NEEDS_ROOT, DeviceExistsError, PermissionDeniedError
 from libdm.thin.errors import PoolReadOnlyError, StateError
 
-__all__ = ["StateDir", "POOL_FILES"]
-
-#: The names a pool gives its files; a directory holding any of them
-#: without a pool state is not libdm's to use.
-POOL_FILES = ("state.db", "state.db-wal", "state.db-shm", "state.db-journal", "lock",
-              "data", "metadata")
+__all__ = ["StateDir"]
 
 
 class StateDir:
@@ -76,10 +71,11 @@ class StateDir:
         return cls._checked(path, fd, False, operation)
 
     @classmethod
-    def claim(cls, path, operation="create"):
+    def claim(cls, path, names, operation="create"):
         """The state directory of a new pool: made (mode 0700) if missing;
         an existing one is used as it is, never chmod'ed, and must hold
-        none of the pool's file names (:data:`POOL_FILES`).
+        nothing called as one of ``names`` (the pool's files; the first is
+        its store).
 
         Raises:
             DeviceExistsError: it holds a pool, or files named like a pool's
@@ -99,9 +95,9 @@ class StateDir:
             raise
         statedir = cls._checked(path, fd, made, operation)
         try:
-            statedir._refuse_pool_files(operation)
+            statedir._refuse_pool_files(names, operation)
         except BaseException:
-            statedir.close()
+            statedir.close(remove_made=True)
             raise
         return statedir
 
@@ -133,12 +129,12 @@ class StateDir:
         if os.statvfs(self.fd).f_flag & os.ST_RDONLY:
             raise _read_only(self.path, operation)
 
-    def _refuse_pool_files(self, operation):
-        found = [name for name in POOL_FILES if self.lstat(name) is not None]
+    def _refuse_pool_files(self, names, operation):
+        found = [name for name in names if self.lstat(name) is not None]
         if not found:
             return
         paths = ", ".join(self.join(name) for name in found)
-        if "state.db" in found:
+        if names[0] in found:
             message = f"{self.path} holds a pool already ({paths})"
         else:
             message = (f"{self.path} holds files named like a pool's but no pool state: "

@@ -30,11 +30,13 @@ from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
 from libdm.thin.errors import StateError
 from libdm.thin.statedir import StateDir
 
-__all__ = ["Store", "DB_NAME", "COMPANIONS", "SCHEMA_VERSION"]
+__all__ = ["Store", "DB_NAME", "COMPANIONS", "STORE_FILES", "SCHEMA_VERSION"]
 
 DB_NAME = "state.db"
 #: The files SQLite keeps beside the database (``state.db-wal`` ...).
 COMPANIONS = ("-wal", "-shm", "-journal")
+#: The store's files, the database first.
+STORE_FILES = (DB_NAME,) + tuple(DB_NAME + suffix for suffix in COMPANIONS)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -102,7 +104,8 @@ class Store:
         if isinstance(directory, StateDir):
             statedir = directory
         else:
-            statedir = (StateDir.claim if create else StateDir.open)(directory)
+            statedir = (StateDir.claim(directory, STORE_FILES) if create
+                        else StateDir.open(directory))
         try:
             self._open(statedir, create)
         except BaseException:
@@ -121,8 +124,8 @@ class Store:
             raise StateError(f"no pool state in {self.directory} ({DB_NAME} is missing)",
                              operation, None)
         # SQLite opens these by name, following symlinks: check them first.
-        for suffix in COMPANIONS:
-            statedir.check_file(DB_NAME + suffix, operation, "state store")
+        for name in STORE_FILES[1:]:
+            statedir.check_file(name, operation, "state store")
         if not os.access(self.path, os.R_OK | os.W_OK):
             self._refuse_permission()
         try:
@@ -180,8 +183,8 @@ class Store:
         """
         self.db.close()
         if remove_made and DB_NAME in self.statedir.created:
-            for suffix in COMPANIONS:
-                self.statedir.unlink(DB_NAME + suffix)
+            for name in STORE_FILES:
+                self.statedir.unlink(name)
         self.statedir.close(remove_made=remove_made)
 
     # -- transactions --------------------------------------------------------

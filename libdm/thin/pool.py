@@ -16,13 +16,14 @@ import fcntl
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import threading
 import time
 from types import MappingProxyType
 
 from libdm.dm import ops
-from libdm.dm.errors import DeviceExistsError, DMError, error_for
+from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
@@ -42,11 +43,14 @@ from libdm.thin.journal import Journal
 from libdm.thin.status import parse_pool_status
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import ThinParams, ThinPoolParams
-from libdm.thin.units import DataBlocks, Sectors, parse_size
+from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
 
 __all__ = ["Pool"]
 
 logger = logging.getLogger("libdm")
+
+#: Docker's default ``dm.basesize``.
+DEFAULT_BASE_SIZE = 10 << 30
 
 #: The magic number of a thin-pool metadata superblock (at byte 32).
 THIN_SUPERBLOCK_MAGIC = 27022010
@@ -73,6 +77,19 @@ def _thin_check_failure(meta_path):
     if proc.returncode == 0:
         return None
     return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+
+
+_BLKDISCARD = 0x1277  # _IO(0x12, 119)
+
+
+def _discard(path, offset, length):
+    """Discard ``length`` bytes at ``offset`` of a block device (BLKDISCARD),
+    so a thin pool gets the blocks back."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _BLKDISCARD, struct.pack("QQ", int(offset), int(length)))
+    finally:
+        os.close(fd)
 
 
 class Pool(PoolCreation, Journal, Growth):
@@ -496,14 +513,14 @@ class Pool(PoolCreation, Journal, Growth):
         """The snapshots taken of device ``name``."""
         return [self.device(child) for child in self._store.children(name)]
 
-    def create_thin(self, name, size):
+    def create_thin(self, name, size=None):
         """Create a thin device and activate it.
 
         Args:
             name: its name within the pool; its device-mapper name is
                 ``<pool>-<name>``.
             size: its size, bytes or a string such as ``"10G"`` (whole
-                512-byte sectors).
+                512-byte sectors); by default the pool's :attr:`base_size`.
 
         Returns:
             The new, active :class:`~libdm.ThinDevice`.
@@ -518,6 +535,8 @@ class Pool(PoolCreation, Journal, Growth):
                 record are deleted again before this is raised.
         """
         dm_name = self._check_device_name(name)
+        if size is None:
+            size = self.base_size
         size = parse_size(size, what="size").sectors()  # refuses sizes past the kernel's limit
         with self._changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
@@ -573,6 +592,14 @@ class Pool(PoolCreation, Journal, Growth):
         table = self._thin_table(row, self._devno())
         if backings.exists_live(dm_name):
             live = ops.table(dm_name)
+            if len(live) == 1 and live[0]._replace(length=table[0].length) == table[0] \
+                    and live != table:
+                # A resize killed between its record and its reload.
+                logger.warning("pool %s: %s resized to its recorded %s sectors", self.name,
+                               dm_name, table[0].length)
+                ops.reload(dm_name, table)
+                ops.resume(dm_name)
+                live = table
             if live != table:
                 raise StateError(f"{dm_name} exists with table {'; '.join(map(str, live))}, "
                                  f"expected {table[0]}", operation, dm_name)
@@ -599,6 +626,46 @@ class Pool(PoolCreation, Journal, Growth):
                 self._store.set_active(row["name"], True)
         return self.device(row["name"])
 
+    def resize_device(self, name, size, *, force=False, grow_filesystem=False):
+        """Resize device ``name`` (see :meth:`ThinDevice.resize`)."""
+        size = parse_size(size, what="size").sectors()
+        with self._changing("resize_device"):
+            row = self._row(name, "resize_device")
+            old = Sectors(row["size"])
+            if size == old:
+                return self.device(name)
+            dm_name = self.device_dm_name(name)
+            live = ops.exists(dm_name)
+            if size < old:
+                if not force:
+                    raise ValueError(
+                        f"{name!r} would shrink from {format_size(old.bytes())} to "
+                        f"{format_size(size.bytes())}, cutting off whatever is stored past "
+                        f"the new end; pass force=True (--force) if that is meant")
+                if live and ops.info(dm_name).open_count:
+                    raise DeviceBusyError(errno.EBUSY, f"{dm_name} is in use; a device is "
+                                          f"shrunk only when nothing has it open",
+                                          "resize_device", dm_name)
+                if live:
+                    # Give the cut-off blocks back to the pool first.
+                    _discard(ops.device_path(dm_name), size.bytes(), (old - size).bytes())
+            else:
+                self._writable_status("resize_device")
+            # The store first: a kill before the reload leaves a live table
+            # shorter or longer than the record, which activation corrects.
+            with self._store.transaction():
+                self._store.set_size(name, size)
+            crash.point("resize_device:recorded")
+            if live:
+                ops.reload(dm_name, self._thin_table(dict(row, size=int(size)), self._devno()))
+                ops.resume(dm_name)
+            device = self.device(name)
+            if grow_filesystem and size > old:
+                from libdm.thin import fs
+
+                fs.grow_filesystem(device.path)
+            return device
+
     def deactivate_device(self, name):
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
         with self._changing("deactivate"):
@@ -621,6 +688,8 @@ class Pool(PoolCreation, Journal, Growth):
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
             self._retry_deferred_deletes()
+            if self.discard_on_delete:
+                self._discard_device(row)
             self._deactivate(name)
             with self._store.transaction():
                 self._store.set_active(name, False)
@@ -628,6 +697,62 @@ class Pool(PoolCreation, Journal, Growth):
             self._delete(name, row["thin_id"])
             if self._config.get("base_device") == name:
                 self._update_config(base_device=None)
+
+    # -- giving space back ---------------------------------------------------------------
+
+    @property
+    def discard_on_delete(self):
+        """Discard a device's blocks before deleting it (Docker's
+        ``dm.blkdiscard``), so that the pool passes the discards down and a
+        loop pool's data file gets its space back as holes.  On by default
+        for loop pools, off for the others (see :meth:`set_discard_on_delete`)."""
+        return bool(self._config.get("discard_on_delete", self.kind == "loop"))
+
+    def set_discard_on_delete(self, enabled):
+        """Turn :attr:`discard_on_delete` on or off."""
+        with self._changing("set_discard_on_delete"):
+            self._update_config(discard_on_delete=bool(enabled))
+
+    def _discard_device(self, row):
+        """Discard all of a device about to be deleted, unless something
+        holds it open (its user's data must not vanish under it) or the
+        pool ignores discards.  An inactive device is activated for it."""
+        if "ignore_discard" in self._config["features"]:
+            return
+        dm_name = self.device_dm_name(row["name"])
+        made = False
+        if not backings.exists_live(dm_name):
+            ops.create(dm_name, self._thin_table(row, self._devno()))
+            made = True
+        try:
+            if ops.info(dm_name).open_count:
+                logger.info("pool %s: %s is open, so its blocks are not discarded before "
+                            "its delete", self.name, dm_name)
+                return
+            _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
+        finally:
+            if made:
+                ops.remove(dm_name)
+
+    def trim(self):
+        """Give back the space the filesystems on the pool's devices have
+        freed (``fstrim`` on every mounted one, with the FITRIM ioctl): the
+        thin devices unmap it, and the pool passes the discards down to its
+        data device (a loop pool's file gets holes).
+
+        Returns:
+            ``Bytes`` the filesystems reported trimmed.
+
+        Raises:
+            OSError: a filesystem refused FITRIM.
+        """
+        from libdm.thin import fs
+
+        total = 0
+        for device in self.devices():
+            if device.active and fs.mount_point(device.path) is not None:
+                total += fs.trim(fs.mount_point(device.path))
+        return Bytes(total)
 
     # -- metadata snapshots ------------------------------------------------------------
 
@@ -659,6 +784,23 @@ class Pool(PoolCreation, Journal, Growth):
             self.release_metadata_snap()
 
     # -- base device -------------------------------------------------------------------
+
+    @property
+    def base_size(self):
+        """The size of new devices created without one, in ``Bytes``
+        (Docker's ``dm.basesize``; 10 GiB unless set)."""
+        return Bytes(self._config.get("base_size", DEFAULT_BASE_SIZE))
+
+    def set_base_size(self, size):
+        """Set :attr:`base_size` for devices created from now on (existing
+        ones keep theirs; grow them with :meth:`ThinDevice.resize`).
+
+        Raises:
+            ValueError: a bad size.
+        """
+        size = parse_size(size, what="base_size")
+        with self._changing("set_base_size"):
+            self._update_config(base_size=int(size))
 
     @property
     def base_device(self):

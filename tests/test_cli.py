@@ -108,6 +108,7 @@ def test_every_command_is_there():
         "message", "ls", "version", "targets",
         "pool", "pool create", "pool info", "pool status", "pool resize", "pool extend",
         "pool refresh", "pool monitor", "pool open", "pool destroy", "pool trim", "pool set",
+        "pool repair",
         "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
         "thin deactivate", "thin ls", "thin resize",
     } | {c for c in COMMANDS if c.startswith("snapshotter")}

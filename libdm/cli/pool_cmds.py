@@ -207,6 +207,12 @@ def cmd_extend(args):
         print(_sizes_line(pool))
 
 
+def cmd_repair(args):
+    with load_pool(args, live=False) as pool:
+        damaged = pool.repair(partial=args.partial)
+        print(f"pool {pool.name}: metadata repaired; the damaged copy is {damaged}")
+
+
 def cmd_trim(args):
     with load_pool(args) as pool:
         print(f"pool {pool.name}: {output.size_text(pool.trim())} trimmed")
@@ -342,6 +348,16 @@ def register(sub):
                    help="the region's length (default: to the end of DEV)")
     p.add_argument("--force", action="store_true",
                    help="use a device that carries a signature (its data is lost)")
+
+    p = command(sub, "repair", cmd_repair, pool=True, path="pool",
+                help="repair a loop pool's metadata with thin_repair (lvconvert --repair)",
+                description="Take the pool down (none of its devices may be open), "
+                            "repair its metadata into a spare with thin_repair, check it "
+                            "with thin_check, swap it in keeping the damaged copy, and "
+                            "bring the pool and its active devices back.",
+                example="libdm pool repair --pool /var/lib/images")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a repair that lost some devices")
 
     command(sub, "trim", cmd_trim, pool=True, path="pool",
             help="give back what the filesystems on the pool's devices freed (fstrim)",

@@ -440,7 +440,7 @@ class Growth:
         config = dict(self._config, **changes)
         with self._store.transaction():
             self._store.set_config(config)
-        self._config = config
+        self._use_config(config)
 
     def data_size(self):
         """The pool's data size in ``Bytes`` as the kernel sees it."""

@@ -442,6 +442,10 @@ class Pool(PoolCreation, Journal, Growth):
                     self._store.set_active(row["name"], True)
 
     def _bring_up(self, operation):
+        if self._config.get("repair"):
+            from libdm.thin import repair
+
+            repair.finish_swap(self)
         record = self._store.growth_intent()
         if record is not None:
             self._finish_growth(GrowthIntent.from_record(record), operation)
@@ -697,6 +701,42 @@ class Pool(PoolCreation, Journal, Growth):
             self._delete(name, row["thin_id"])
             if self._config.get("base_device") == name:
                 self._update_config(base_device=None)
+
+    # -- repair -------------------------------------------------------------------------
+
+    def repair(self, *, partial=False):
+        """Repair the pool's metadata, as ``lvconvert --repair`` does: take
+        the pool down, let ``thin_repair`` write what it recovers into a
+        spare, check that with ``thin_check``, swap it in (the damaged copy
+        stays in the state directory as ``metadata.damaged-<UTC time>``),
+        and bring the pool and its active devices back up.
+
+        Args:
+            partial: accept a repaired copy that lacks some of the devices
+                the store records (they are reported by :meth:`open` as
+                unavailable, and can be deleted); otherwise such a copy is
+                refused and nothing is swapped in.
+
+        Returns:
+            The damaged copy's path.
+
+        Raises:
+            ValueError: a pool that is not on loop files (repair a block
+                pool's metadata with thin_repair onto a spare device for now).
+            DeviceBusyError: a device of the pool is open.
+            PoolFailedError: thin_repair or thin_check failed, or the
+                repaired copy lacks devices; nothing was swapped in and the
+                pool stays down.
+        """
+        from libdm.thin import repair
+
+        if self.kind != "loop":
+            raise ValueError(f"pool {self.name!r} is a {self.kind} pool: libdm repairs loop "
+                             f"pools' metadata only, for now")
+        with self._changing("repair"):
+            damaged = repair.repair_loop_pool(self, partial)
+            self._bring_up("repair")
+            return self._store.statedir.join(damaged)
 
     # -- giving space back ---------------------------------------------------------------
 

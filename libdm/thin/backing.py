@@ -24,12 +24,11 @@ from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
 from libdm.thin.errors import StateError
-from libdm.thin.statedir import StateDir
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
-__all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "split_layout",
-           "default_metadata_size"]
+__all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "record_devices",
+           "segment_changes", "split_layout", "default_metadata_size"]
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
@@ -343,6 +342,22 @@ def record_devices(segments):
     return [{"path": path, "size": open_block_device(path).size} for path, _, _ in segments]
 
 
+def segment_changes(config, side, segments):
+    """The configuration changes that make ``segments`` (the pool's, then
+    one more) its ``side`` (``"meta_segments"`` or ``"data_segments"``),
+    recording the new segment's device where the others are recorded.
+
+    Raises:
+        OSError: the new segment's device cannot be opened.
+    """
+    changes = {side: segments}
+    key = side.replace("_segments", "_segment_devices")
+    recorded = config.get(key)
+    if recorded is not None and len(recorded) == len(segments) - 1:
+        changes[key] = recorded + record_devices(segments[-1:])
+    return changes
+
+
 def _check_recorded(path, size, recorded):
     if recorded["path"] != path:
         raise StateError(
@@ -442,18 +457,15 @@ def from_config(kind, statedir, pool_name, config):
 
     Args:
         kind: the stored kind.
-        statedir: the pool's :class:`~libdm.thin.statedir.StateDir`, or
-            its path (a loop pool's directory is then opened and checked
-            anew: pass the pool's own to save that).
+        statedir: the pool's :class:`~libdm.thin.statedir.StateDir`.
         pool_name: the pool's name.
         config: the stored configuration (a dict).
 
     Raises:
         StateError: an unknown kind, or a backing field missing or of the
-            wrong shape (the store and the field are named); a state
-            directory given by path that is not private.
+            wrong shape (the store and the field are named).
     """
-    store_path = os.path.join(getattr(statedir, "path", statedir), DB_NAME)
+    store_path = statedir.join(DB_NAME)
 
     def damaged(field, why):
         return StateError(f"the pool state in {store_path} is damaged: the "
@@ -465,8 +477,6 @@ def from_config(kind, statedir, pool_name, config):
         if inodes is not None and not (isinstance(inodes, dict) and all(
                 isinstance(v, int) for v in inodes.values())):
             raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
-        if not isinstance(statedir, StateDir):
-            statedir = StateDir.open(statedir)
         return LoopBacking(statedir, inodes)
     if kind == "block":
         sides = {}

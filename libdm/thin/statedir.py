@@ -268,13 +268,6 @@ class StateDir:
                 pass  # not empty: someone put something there meanwhile
 
 
-    def __del__(self):
-        # A directory opened for a backing that is dropped unclosed.
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def _make_directory(path, operation):
     """Make ``path`` (mode 0700, parents as needed); True if made, False
     if it existed."""

@@ -672,7 +672,8 @@ def test_a_loop_pool_from_create_to_destroy(cli_run, dm_name, tmp_path):
     status = witness.pool_status(name)
     used, total = map(int, status[2].split("/"))
     assert info["Pool Name"] == name and info["Pool Blocksize"] == "128 KiB"
-    assert info["Data file"] == str(directory / "data")
+    assert info["Data loop file"] == str(directory / "data")
+    assert info["Data file"] == witness.pool_devices(name)[1]
     assert info["bytes"]["data_total"] == total * 128 * 1024 == 128 * MiB
     assert info["bytes"]["data_used"] == used * 128 * 1024
     assert info["transaction_id"] == witness.transaction_id(name) == 3

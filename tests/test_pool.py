@@ -356,14 +356,23 @@ def test_a_read_only_pool_refuses_changes_and_says_what_to_run(pool):
 
 
 def test_pool_info_report(pool):
-    pool.create_thin("base", "8M")
+    base = pool.create_thin("base", "8M").format("ext4")
     pool.set_base_device("base")
     report = pool.info().as_dict()
     assert report["Pool Name"] == pool.name
     assert report["Pool Blocksize"] == "64 KiB"
     assert report["Base Device Size"] == "8 MiB"
-    assert report["Data file"] == os.path.join(pool.directory, "data")
-    assert report["Metadata file"] == os.path.join(pool.directory, "metadata")
+    # As docker info: the base device's filesystem, the loops, their files.
+    blkid = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", base.path],
+                           capture_output=True, text=True).stdout.strip()
+    assert report["Backing Filesystem"] == blkid == "ext4"
+    meta_loop, data_loop = witness.pool_devices(pool.name)
+    assert report["Data file"] == data_loop and report["Metadata file"] == meta_loop
+    assert report["Data loop file"] == os.path.join(pool.directory, "data")
+    assert report["Metadata loop file"] == os.path.join(pool.directory, "metadata")
+    findmnt = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", pool.directory],
+                             capture_output=True, text=True).stdout.strip()
+    assert report["Loop Files Filesystem"] == findmnt != ""
     assert report["Data Space Total"] == "256 MiB"
     assert report["Thin Pool Minimum Free Space"] == "25.6 MiB"
     assert report["Deferred Removal Enabled"] == "true"

@@ -42,6 +42,10 @@ class PoolInfo:
     transaction_id: int
     devices: int
     state: str
+    # Loop pools only: the files behind the loop devices, and their filesystem.
+    data_loop_file: Optional[str] = None
+    metadata_loop_file: Optional[str] = None
+    loop_files_filesystem: Optional[str] = None
 
     def as_dict(self):
         """The report as ``{label: text}`` in ``docker info``'s order."""
@@ -55,6 +59,14 @@ class PoolInfo:
             "Backing Filesystem": self.backing_filesystem,
             "Data file": self.data_file,
             "Metadata file": self.metadata_file,
+        })
+        if self.data_loop_file is not None:
+            out.update({
+                "Data loop file": self.data_loop_file,
+                "Metadata loop file": self.metadata_loop_file,
+                "Loop Files Filesystem": self.loop_files_filesystem,
+            })
+        out.update({
             "Data Space Used": format_size(self.data_used),
             "Data Space Total": format_size(self.data_total),
             "Data Space Available": format_size(self.data_available),
@@ -94,6 +106,27 @@ def backing_filesystem(path):
     return fstype
 
 
+def _loop_device(path):
+    """The loop device a file is attached to, or ``""``."""
+    from libdm.dm import loop
+
+    dev = loop.find(path, follow_symlinks=False)
+    if dev is None:
+        return ""
+    with dev:
+        return dev.path
+
+
+def _base_filesystem(base):
+    """Docker's Backing Filesystem: the filesystem on the base device
+    (``""`` without an active base device or a filesystem on it)."""
+    if base is None or not base.active:
+        return ""
+    from libdm.thin import fs
+
+    return fs.filesystem_type(base.path) or ""
+
+
 def pool_info(pool):
     """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store."""
     st = pool.status()
@@ -109,21 +142,30 @@ def pool_info(pool):
         state = "needs_check" if st.needs_check else st.mode
     avail_d, avail_m = total_d - used_d, total_m - used_m
     fs_dir = pool._backing.backing_filesystem_dir()
-    fstype = ""
+    files_fstype = None
     if fs_dir is not None:
         vfs = os.statvfs(fs_dir)
         fs_free = Bytes(vfs.f_bavail * vfs.f_frsize)
         avail_d, avail_m = min(avail_d, fs_free), min(avail_m, fs_free)
-        fstype = backing_filesystem(fs_dir)
+        files_fstype = backing_filesystem(fs_dir)
     base = pool.base_device
     described = pool._backing.describe()
+    data_file, meta_file = described["Data file"], described["Metadata file"]
+    loop_files = (None, None)
+    if pool.kind == "loop":
+        # As docker info: the files are the loop files, the devices the loops.
+        loop_files = (data_file, meta_file)
+        data_file, meta_file = (_loop_device(path) for path in loop_files)
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,
         base_device_size=pool.base_size if base is None else base.size,
-        backing_filesystem=fstype,
-        data_file=described["Data file"],
-        metadata_file=described["Metadata file"],
+        backing_filesystem=_base_filesystem(base),
+        data_file=data_file,
+        metadata_file=meta_file,
+        data_loop_file=loop_files[0],
+        metadata_loop_file=loop_files[1],
+        loop_files_filesystem=files_fstype,
         data_used=used_d,
         data_total=total_d,
         data_available=avail_d,

@@ -144,6 +144,12 @@ class Snapshotter:
         size = parse_size(self.config.base_image_size, what="base_image_size")
         dev = self.pool.create_thin(self.base_name, size)
         dev.format(self.config.fs_type, options=self.config.mkfs_options)
+        # An image's root has no lost+found (containerd's devmapper snapshotter
+        # removes it from every new filesystem; here once, from the base).
+        with dev.mount() as root:
+            lost = os.path.join(root, "lost+found")
+            if os.path.isdir(lost):
+                os.rmdir(lost)
         mapped = self._mapped(self.base_name)
         self.pool.deactivate_device(self.base_name)
         with self.store.transaction() as s:

@@ -9,7 +9,7 @@ import time
 
 import libdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_pool(directory, name, data_size="2G"):
@@ -83,3 +83,13 @@ def wait_for(predicate, timeout=30, interval=0.05):
             return True
         time.sleep(interval)
     return predicate()
+
+
+def unmount_below(directory):
+    """Unmount whatever is mounted below ``directory`` (deepest first)."""
+    directory = os.path.realpath(str(directory))
+    with open("/proc/self/mounts") as fh:
+        points = [line.split()[1].replace("\\040", " ") for line in fh]
+    for point in sorted((p for p in points if p.startswith(directory + "/")),
+                        key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)

@@ -108,7 +108,7 @@ def test_every_command_is_there():
         "message", "ls", "version", "targets",
         "pool", "pool create", "pool info", "pool status", "pool resize", "pool extend",
         "pool refresh", "pool monitor", "pool open", "pool destroy", "pool trim", "pool set",
-        "pool repair",
+        "pool repair", "pool adopt",
         "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
         "thin deactivate", "thin ls", "thin resize",
     } | {c for c in COMMANDS if c.startswith("snapshotter")}
@@ -956,3 +956,64 @@ def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
     assert witness.table(dm)[0].split()[1] == str(16 * MiB // 512)
     assert "trimmed" in ok(cli_run("pool", "trim", "--pool", directory)).out
     failed(cli_run("pool", "set", "--pool", directory), 2, "--base-size")
+
+
+@kernel
+def test_open_from_the_environment_adopt_and_deferred_flags(dm_name, tmp_path, cli_run,
+                                                             monkeypatch):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    ok(cli_run("pool", "create", name, "--loop", directory, "--data-size", "64M",
+               "--no-deferred-removal", "--no-deferred-deletion"))
+    info = as_json(cli_run("pool", "info", "--json", "--pool", directory))
+    assert info["Deferred Removal Enabled"] == info["Deferred Deletion Enabled"] == "false"
+    ok(cli_run("pool", "set", "--deferred-removal", "on", "--pool", directory))
+    info = as_json(cli_run("pool", "info", "--json", "--pool", directory))
+    assert info["Deferred Removal Enabled"] == "true"
+    ok(cli_run("thin", "create", "vol", "4M", "--pool", directory))
+    witness.dmsetup("remove", f"{name}-vol")
+    # pool open takes the directory from LIBDM_POOL, as every pool command.
+    monkeypatch.setenv("LIBDM_POOL", str(directory))
+    out = ok(cli_run("pool", "open") if cli_run is run
+             else sh("pool", "open", env={"LIBDM_POOL": str(directory)})).out
+    assert "1 devices, 1 active" in out and witness.info(f"{name}-vol") is not None
+
+    data = attach(tmp_path, "data.img", 64 * MiB)
+    meta = attach(tmp_path, "meta.img", 4 * MiB)
+    with open(meta, "r+b") as fh:
+        fh.write(bytes(4096))
+    other = dm_name("other")
+    witness.dmsetup("create", other, "--table",
+                    f"0 {64 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 0")
+    state = tmp_path / "adopted"
+    assert ok(cli_run("pool", "adopt", other, "--state-dir", state,
+                      "--no-deferred-deletion")).out.strip() == f"/dev/mapper/{other}"
+    monkeypatch.delenv("LIBDM_POOL")
+    info = as_json(cli_run("pool", "info", "--json", "--pool", state))
+    assert info["Pool Name"] == other and info["Deferred Deletion Enabled"] == "false"
+    ok(cli_run("pool", "destroy", "--pool", state))
+    assert witness.info(other) is not None  # adopted: not libdm's to remove
+    witness.dmsetup("remove", other)
+
+
+@kernel
+def test_pool_open_counts_devices_on_a_terminal(dm_name, tmp_path, monkeypatch):
+    directory = tmp_path / "pool"
+    ok(run("pool", "create", dm_name("pool"), "--loop", directory, "--data-size", "64M"))
+    for n in range(3):
+        ok(run("thin", "create", f"v{n}", "4M", "--pool", directory))
+    seen = []
+    libdm.Pool.open(directory, progress=lambda done, total: seen.append((done, total))).close()
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = cli.main(["pool", "open", str(directory)])
+    assert code == 0 and terminal.getvalue().endswith("activating devices: 3/3\n")
+    monkeypatch.undo()
+    # Not on a terminal: nothing but the result.
+    assert "activating" not in sh("pool", "open", directory).err

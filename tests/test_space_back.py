@@ -87,7 +87,7 @@ def test_a_snapshot_keeps_the_blocks_its_deleted_origin_shared(dm_name, tmpfs):
 def test_without_discard_the_file_keeps_its_blocks(dm_name, tmpfs):
     pool = libdm.Pool.create_loop(dm_name("pool"), tmpfs / "pool", data_size="256M")
     try:
-        pool.set_discard_on_delete(False)
+        pool.configure(discard_on_delete=False)
         dev = pool.create_thin("vol", "64M")
         write_pattern(dev.path, 0x5E, length=32 * MiB)
         before = allocated(tmpfs / "pool" / "data")

@@ -120,7 +120,7 @@ def test_the_base_size_applies_to_new_devices(pool):
     # by devices created without a size, changeable for later ones.
     assert pool.info().as_dict()["Base Device Size"] == "10 GiB"
     assert length(pool.create_thin("a").dm_name) == (10 << 30) // 512
-    pool.set_base_size("20G")
+    pool.configure(base_size="20G")
     assert length(pool.create_thin("b").dm_name) == (20 << 30) // 512
     assert int(pool.device("a").size) == 10 << 30
     pool.close()

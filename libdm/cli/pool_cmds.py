@@ -8,10 +8,12 @@ A pool is named by its state directory: ``--pool DIR``, or the
 import contextlib
 import logging
 import signal
+import sys
+import time
 
 import libdm
 from libdm.cli import output
-from libdm.cli.common import emit, in_cli_words, load_pool
+from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
 from libdm.cli.parser import UsageError, command, count, percentage, positive_seconds, size
 
 __all__ = ["register", "info_json", "status_json", "status_pairs"]
@@ -47,7 +49,8 @@ def cmd_create(args):
 
 def _create(args):
     options = {"block_size": args.block_size, "min_free_space": args.min_free_space,
-               "features": args.feature}
+               "features": args.feature, "deferred_removal": not args.no_deferred_removal,
+               "deferred_deletion": not args.no_deferred_deletion}
     if args.loop is not None:
         _refuse(args, "--loop", "--metadata", "--state-dir", "--thinp-percent",
                 "--thinp-metapercent", "--force")
@@ -72,12 +75,43 @@ def _create(args):
         print(pool.path)
 
 
+def _counter(what):
+    """``progress(done, total)`` drawing ``what: done/total`` on a terminal
+    (stderr), or ``None`` when stderr is not one."""
+    if not sys.stderr.isatty():
+        return None
+    step = {"last": 0.0}
+
+    def progress(done, total):
+        now = time.monotonic()
+        if done == total or now - step["last"] >= 0.1:
+            step["last"] = now
+            end = "\n" if done == total else ""
+            print(f"\r{what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return progress
+
+
 def cmd_open(args):
-    with libdm.Pool.open(args.directory) as pool:
+    directory = args.directory or pool_directory(args)
+    with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
         devices = pool.devices()
         active = sum(d.active for d in devices)
         print(f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, "
               f"{active} active")
+        for name, why in sorted(pool.unavailable.items()):
+            print(f"libdm: device {name} could not be activated: {why}; delete it with: "
+                  f"libdm thin delete {name} --pool {directory}", file=sys.stderr)
+    return 1 if pool.unavailable else 0
+
+
+def cmd_adopt(args):
+    pool = libdm.Pool.adopt(args.pool_device, state_dir=args.state_dir,
+                            min_free_space=args.min_free_space,
+                            deferred_removal=not args.no_deferred_removal,
+                            deferred_deletion=not args.no_deferred_deletion)
+    with pool:
+        print(pool.path)
 
 
 def cmd_destroy(args):
@@ -219,13 +253,15 @@ def cmd_trim(args):
 
 
 def cmd_set(args):
-    if args.base_size is None and args.discard_on_delete is None:
-        raise UsageError("give --base-size, --discard-on-delete or both", "libdm pool set")
+    settings = {key: getattr(args, key) for key in
+                ("base_size", "discard_on_delete", "deferred_removal", "deferred_deletion")}
+    settings = {key: value if not isinstance(value, str) else value == "on"
+                for key, value in settings.items() if value is not None}
+    if not settings:
+        raise UsageError("give at least one setting (--base-size, --discard-on-delete, "
+                         "--deferred-removal, --deferred-deletion)", "libdm pool set")
     with load_pool(args) as pool:
-        if args.base_size is not None:
-            pool.set_base_size(args.base_size)
-        if args.discard_on_delete is not None:
-            pool.set_discard_on_delete(args.discard_on_delete == "on")
+        pool.configure(**settings)
 
 
 def cmd_refresh(args):
@@ -272,6 +308,14 @@ def cmd_monitor(args):
 # -- the parsers ----------------------------------------------------------------------
 
 
+def _deferred_flags(p):
+    p.add_argument("--no-deferred-removal", action="store_true",
+                   help="fail with EBUSY instead of removing a busy device later")
+    p.add_argument("--no-deferred-deletion", action="store_true",
+                   help="fail with EBUSY instead of queueing a delete that meets a busy "
+                        "device")
+
+
 def register(sub):
     p = command(sub, "create", cmd_create, path="pool",
                 help="create a pool on loop files, one device, or two devices",
@@ -308,6 +352,7 @@ def register(sub):
                    help="data block size, 64K to 1G in steps of 64K (default 64K)")
     p.add_argument("--min-free-space", metavar="PCT", type=percentage, default=10,
                    help="percent of space that must stay free for new devices (default 10)")
+    _deferred_flags(p)
     p.add_argument("--feature", metavar="F", action="append", default=[],
                    help="a thin-pool feature: skip_block_zeroing, ignore_discard, "
                         "no_discard_passdown, read_only or error_if_no_space (repeatable)")
@@ -364,13 +409,18 @@ def register(sub):
             example="libdm pool trim --pool /var/lib/images")
 
     p = command(sub, "set", cmd_set, pool=True, path="pool",
-                help="change the pool's base size or discard-on-delete setting",
+                help="change the pool's settings: base size, discard on delete, deferred "
+                     "removal and deletion",
                 example=["libdm pool set --base-size 20G --pool /var/lib/images",
                          "libdm pool set --discard-on-delete on"])
     p.add_argument("--base-size", metavar="SIZE", type=size,
                    help="the size of devices created without one (dm.basesize)")
     p.add_argument("--discard-on-delete", choices=("on", "off"),
                    help="discard a device's blocks before deleting it (dm.blkdiscard)")
+    p.add_argument("--deferred-removal", choices=("on", "off"),
+                   help="remove a busy device when its last user closes it")
+    p.add_argument("--deferred-deletion", choices=("on", "off"),
+                   help="queue a delete that meets a busy device, and retry it later")
 
     command(sub, "refresh", cmd_refresh, pool=True, path="pool",
             help="reload the pool to use devices that grew outside libdm",
@@ -413,7 +463,22 @@ def register(sub):
                             "crash interrupted and re-activate its active devices. On a "
                             "live pool, check it against its stored state.",
                 example="libdm pool open /var/lib/images")
-    p.add_argument("directory", metavar="DIR", help="the pool's state directory")
+    p.add_argument("directory", metavar="DIR", nargs="?",
+                   help="the pool's state directory (default $LIBDM_POOL)")
+
+    p = command(sub, "adopt", cmd_adopt, path="pool",
+                help="take over an existing, unused thin-pool device (dm.thinpooldev)",
+                description="Keep libdm's state for an existing thin-pool device that "
+                            "someone else made (an LVM thin pool, say); it must be "
+                            "unused. libdm never removes its devices.",
+                example="libdm pool adopt vg-thinpool-tpool --state-dir /var/lib/libdm/pool")
+    p.add_argument("pool_device", metavar="POOLDEV",
+                   help="the thin-pool device-mapper device's name")
+    p.add_argument("--state-dir", metavar="DIR", required=True,
+                   help="where to keep libdm's state for it")
+    p.add_argument("--min-free-space", metavar="PCT", type=percentage, default=10,
+                   help="percent of space that must stay free for new devices (default 10)")
+    _deferred_flags(p)
 
     p = command(sub, "destroy", cmd_destroy, pool=True, path="pool",
                 help="remove the pool's devices and the pool",

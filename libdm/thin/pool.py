@@ -167,7 +167,7 @@ class Pool(PoolCreation, Journal, Growth):
         return cls(directory, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, directory, *, lock_timeout=30.0):
+    def open(cls, directory, *, lock_timeout=30.0, progress=None):
         """Open a pool from its state directory and make it live.
 
         Idempotent: on a pool that is already live it verifies the live
@@ -183,6 +183,8 @@ class Pool(PoolCreation, Journal, Growth):
             directory: the state directory (for loop pools, the directory
                 given to :meth:`create_loop`).
             lock_timeout: seconds to wait for another process's change.
+            progress: called as ``progress(done, total)`` while the devices
+                are re-activated (the CLI draws a counter with it).
 
         Returns:
             The :class:`Pool`.
@@ -198,7 +200,7 @@ class Pool(PoolCreation, Journal, Growth):
         pool = cls(directory, lock_timeout=lock_timeout)
         try:
             with pool._changing("open"):
-                pool._bring_up("open")
+                pool._bring_up("open", progress)
         except BaseException:
             pool.close()
             raise
@@ -441,7 +443,7 @@ class Pool(PoolCreation, Journal, Growth):
                 with self._store.transaction():
                     self._store.set_active(row["name"], True)
 
-    def _bring_up(self, operation):
+    def _bring_up(self, operation, progress=None):
         if self._config.get("repair"):
             from libdm.thin import repair
 
@@ -458,7 +460,10 @@ class Pool(PoolCreation, Journal, Growth):
             self._retry_deferred_deletes()
         self._adopt_live_devices()
         self.unavailable = {}
-        for row in self._store.active_devices():
+        rows = self._store.active_devices()
+        for done, row in enumerate(rows, 1):
+            if progress is not None:
+                progress(done, len(rows))
             try:
                 self._activate(row, operation)
             except (DMError, ValueError) as exc:
@@ -702,6 +707,36 @@ class Pool(PoolCreation, Journal, Growth):
             if self._config.get("base_device") == name:
                 self._update_config(base_device=None)
 
+    # -- settings -----------------------------------------------------------------------
+
+    def configure(self, *, base_size=None, discard_on_delete=None, deferred_removal=None,
+                  deferred_deletion=None):
+        """Change the pool's settings; ``None`` leaves one as it is.
+
+        Args:
+            base_size: :attr:`base_size`, for devices created from now on
+                (bytes or a string such as ``"20G"``).
+            discard_on_delete: :attr:`discard_on_delete`.
+            deferred_removal: remove busy devices when their last user
+                closes them (``dm.use_deferred_removal``).
+            deferred_deletion: queue deletes that meet EBUSY
+                (``dm.use_deferred_deletion``).
+
+        Raises:
+            ValueError: a bad size.
+        """
+        changes = {}
+        if base_size is not None:
+            changes["base_size"] = int(parse_size(base_size, what="base_size"))
+        for key, value in (("discard_on_delete", discard_on_delete),
+                           ("deferred_removal", deferred_removal),
+                           ("deferred_deletion", deferred_deletion)):
+            if value is not None:
+                changes[key] = bool(value)
+        if changes:
+            with self._changing("configure"):
+                self._update_config(**changes)
+
     # -- repair -------------------------------------------------------------------------
 
     def repair(self, *, partial=False):
@@ -745,13 +780,8 @@ class Pool(PoolCreation, Journal, Growth):
         """Discard a device's blocks before deleting it (Docker's
         ``dm.blkdiscard``), so that the pool passes the discards down and a
         loop pool's data file gets its space back as holes.  On by default
-        for loop pools, off for the others (see :meth:`set_discard_on_delete`)."""
+        for loop pools, off for the others (see :meth:`configure`)."""
         return bool(self._config.get("discard_on_delete", self.kind == "loop"))
-
-    def set_discard_on_delete(self, enabled):
-        """Turn :attr:`discard_on_delete` on or off."""
-        with self._changing("set_discard_on_delete"):
-            self._update_config(discard_on_delete=bool(enabled))
 
     def _discard_device(self, row):
         """Discard all of a device about to be deleted, unless something
@@ -828,19 +858,8 @@ class Pool(PoolCreation, Journal, Growth):
     @property
     def base_size(self):
         """The size of new devices created without one, in ``Bytes``
-        (Docker's ``dm.basesize``; 10 GiB unless set)."""
+        (Docker's ``dm.basesize``; 10 GiB unless set by :meth:`configure`)."""
         return Bytes(self._config.get("base_size", DEFAULT_BASE_SIZE))
-
-    def set_base_size(self, size):
-        """Set :attr:`base_size` for devices created from now on (existing
-        ones keep theirs; grow them with :meth:`ThinDevice.resize`).
-
-        Raises:
-            ValueError: a bad size.
-        """
-        size = parse_size(size, what="base_size")
-        with self._changing("set_base_size"):
-            self._update_config(base_size=int(size))
 
     @property
     def base_device(self):

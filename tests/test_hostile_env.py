@@ -383,6 +383,20 @@ def test_open_does_not_attach_a_symlinked_backing_file(loop_pool, tmp_path, whic
         assert not any(fh.read())
 
 
+@kernel
+@pytest.mark.parametrize("how", ["attach", "attach_or_find", "find"])
+def test_loop_functions_can_refuse_a_symlink(tmp_path, how):
+    from libdm.dm import loop
+
+    target = victim(tmp_path / "victim", size=MiB, byte=0)
+    link = tmp_path / "link"
+    os.symlink(target, link)
+    with pytest.raises(OSError) as caught:
+        getattr(loop, how)(link, follow_symlinks=False)
+    assert caught.value.errno == errno.ELOOP and caught.value.filename == str(link)
+    assert loops_of(target) == []
+
+
 # -- missing or replaced backing files -------------------------------------------------
 
 

@@ -130,3 +130,17 @@ def test_the_base_size_applies_to_new_devices(pool):
         assert again.info().as_dict()["Base Device Size"] == "20 GiB"
     finally:
         again.close()
+
+
+def test_xfs_nospace_max_retries_is_applied_at_mount(pool):
+    dev = pool.create_thin("vol", "320M").format("xfs")
+    pool.configure(xfs_nospace_max_retries=3)
+    with dev.mount():
+        rdev = os.stat(dev.path).st_rdev
+        knob = f"/sys/fs/xfs/dm-{os.minor(rdev)}/error/metadata/ENOSPC/max_retries"
+        with open(knob) as fh:
+            assert fh.read().strip() == "3"
+    pool.configure(xfs_nospace_max_retries=-1)  # xfs's own default again
+    with dev.mount():
+        with open(knob) as fh:
+            assert fh.read().strip() == "-1"

@@ -254,12 +254,14 @@ def cmd_trim(args):
 
 def cmd_set(args):
     settings = {key: getattr(args, key) for key in
-                ("base_size", "discard_on_delete", "deferred_removal", "deferred_deletion")}
+                ("base_size", "discard_on_delete", "deferred_removal", "deferred_deletion",
+                 "xfs_nospace_max_retries")}
     settings = {key: value if not isinstance(value, str) else value == "on"
                 for key, value in settings.items() if value is not None}
     if not settings:
         raise UsageError("give at least one setting (--base-size, --discard-on-delete, "
-                         "--deferred-removal, --deferred-deletion)", "libdm pool set")
+                         "--deferred-removal, --deferred-deletion, "
+                         "--xfs-nospace-max-retries)", "libdm pool set")
     with load_pool(args) as pool:
         pool.configure(**settings)
 
@@ -421,6 +423,8 @@ def register(sub):
                    help="remove a busy device when its last user closes it")
     p.add_argument("--deferred-deletion", choices=("on", "off"),
                    help="queue a delete that meets a busy device, and retry it later")
+    p.add_argument("--xfs-nospace-max-retries", metavar="N", type=int,
+                   help="how often xfs retries a metadata write at ENOSPC (-1: forever)")
 
     command(sub, "refresh", cmd_refresh, pool=True, path="pool",
             help="reload the pool to use devices that grew outside libdm",

@@ -188,6 +188,9 @@ class ThinDevice:
     def mount(self, target=None, *, options=None):
         """A context manager that mounts the device and unmounts it after.
 
+        An xfs filesystem gets the pool's ``xfs_nospace_max_retries`` (see
+        :meth:`Pool.configure`) once mounted.
+
         Args:
             target: the mount point (a temporary directory when ``None``).
             options: mount options, e.g. ``"ro"``.
@@ -197,7 +200,8 @@ class ThinDevice:
         """
         from libdm.thin import fs
 
-        return fs.mounted(self.path, target, options=options)
+        return fs.mounted(self.path, target, options=options,
+                          xfs_nospace_max_retries=self.pool.xfs_nospace_max_retries)
 
 
 class Snapshot(ThinDevice):

@@ -7,7 +7,8 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["make_filesystem", "mounted", "FILESYSTEMS"]
+__all__ = ["make_filesystem", "mounted", "FILESYSTEMS", "grow_filesystem", "trim",
+           "filesystem_type", "set_xfs_nospace_max_retries"]
 
 # Discard is skipped at mkfs time: a new thin device is already unmapped,
 # and discarding it would only cost time.
@@ -42,10 +43,15 @@ def make_filesystem(path, fstype, *, label=None, options=()):
 
 
 @contextlib.contextmanager
-def mounted(path, target=None, *, options=None):
+def mounted(path, target=None, *, options=None, xfs_nospace_max_retries=None):
     """Mount ``path`` on ``target`` (a fresh temporary directory when
     ``None``) for the ``with`` block, then unmount it (and remove the
     temporary directory).
+
+    ``xfs_nospace_max_retries``: for an xfs filesystem, how often xfs
+    retries a metadata write that met ENOSPC before it shuts down (Docker's
+    ``dm.xfs_nospace_max_retries``; xfs's default is to retry forever, which
+    hangs a full thin pool's users), set through sysfs once mounted.
 
     Raises:
         RuntimeError: mount or umount failed; the message has their output.
@@ -59,6 +65,8 @@ def mounted(path, target=None, *, options=None):
             os.rmdir(target)
         raise RuntimeError(f"mount {path} on {target} failed: {proc.stderr.strip()}")
     try:
+        if xfs_nospace_max_retries is not None and filesystem_type(path) == "xfs":
+            set_xfs_nospace_max_retries(path, xfs_nospace_max_retries)
         yield target
     finally:
         proc = subprocess.run(["umount", target], capture_output=True, text=True)
@@ -145,3 +153,24 @@ def trim(mount_point):
     finally:
         os.close(fd)
     return struct.unpack("QQQ", out)[1]
+
+
+def xfs_error_path(path, *parts):
+    """/sys/fs/xfs/<dm-N>/error/... for the xfs filesystem mounted from the
+    block device ``path``."""
+    rdev = os.stat(path).st_rdev
+    with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/uevent") as fh:
+        name = next(line.split("=", 1)[1].strip() for line in fh
+                    if line.startswith("DEVNAME="))
+    return os.path.join("/sys/fs/xfs", os.path.basename(name), "error", *parts)
+
+
+def set_xfs_nospace_max_retries(path, retries):
+    """Set how often the mounted xfs on ``path`` retries a metadata write
+    that met ENOSPC (-1: forever, xfs's default).
+
+    Raises:
+        OSError: no such mounted xfs filesystem.
+    """
+    with open(xfs_error_path(path, "metadata", "ENOSPC", "max_retries"), "w") as fh:
+        fh.write(str(int(retries)))

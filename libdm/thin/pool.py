@@ -710,7 +710,7 @@ class Pool(PoolCreation, Journal, Growth):
     # -- settings -----------------------------------------------------------------------
 
     def configure(self, *, base_size=None, discard_on_delete=None, deferred_removal=None,
-                  deferred_deletion=None):
+                  deferred_deletion=None, xfs_nospace_max_retries=None):
         """Change the pool's settings; ``None`` leaves one as it is.
 
         Args:
@@ -721,6 +721,8 @@ class Pool(PoolCreation, Journal, Growth):
                 closes them (``dm.use_deferred_removal``).
             deferred_deletion: queue deletes that meet EBUSY
                 (``dm.use_deferred_deletion``).
+            xfs_nospace_max_retries: :attr:`xfs_nospace_max_retries`; -1
+                for xfs's own default (retry forever).
 
         Raises:
             ValueError: a bad size.
@@ -733,6 +735,10 @@ class Pool(PoolCreation, Journal, Growth):
                            ("deferred_deletion", deferred_deletion)):
             if value is not None:
                 changes[key] = bool(value)
+        if xfs_nospace_max_retries is not None:
+            if int(xfs_nospace_max_retries) < -1:
+                raise ValueError("xfs_nospace_max_retries must be -1 (forever) or more")
+            changes["xfs_nospace_max_retries"] = int(xfs_nospace_max_retries)
         if changes:
             with self._changing("configure"):
                 self._update_config(**changes)
@@ -774,6 +780,14 @@ class Pool(PoolCreation, Journal, Growth):
             return self._store.statedir.join(damaged)
 
     # -- giving space back ---------------------------------------------------------------
+
+    @property
+    def xfs_nospace_max_retries(self):
+        """How often xfs on the pool's devices retries a metadata write
+        that met ENOSPC, applied by :meth:`ThinDevice.mount` (Docker's
+        ``dm.xfs_nospace_max_retries``); ``None`` leaves xfs's default."""
+        value = self._config.get("xfs_nospace_max_retries")
+        return None if value is None or value == -1 else value
 
     @property
     def discard_on_delete(self):

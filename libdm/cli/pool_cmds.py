@@ -235,7 +235,7 @@ def cmd_extend(args):
     with load_pool(args) as pool:
         try:
             pool.extend(args.device, metadata=args.metadata, force=args.force,
-                        start=args.start or 0, length=args.length)
+                        start=args.start, length=args.length)
         except libdm.DeviceNotBlankError as exc:
             raise in_cli_words(exc, FORCE)
         print(_sizes_line(pool))

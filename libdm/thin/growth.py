@@ -39,7 +39,8 @@ from libdm.thin.errors import (
     PoolReadOnlyError,
     StateError,
 )
-from libdm.thin.units import Bytes, format_size, parse_size
+from libdm.dm.blockdev import open_block_device
+from libdm.thin.units import Bytes, Sectors, format_size, parse_size
 
 __all__ = ["Growth", "GrowthIntent"]
 
@@ -135,7 +136,7 @@ class Growth:
             self._grow("refresh")
             return self.status()
 
-    def extend(self, device, *, metadata=False, force=False, start=0, length=None):
+    def extend(self, device, *, metadata=False, force=False, start=None, length=None):
         """Add a block device (or a region of one) to a block pool's data
         (or, with ``metadata=True``, its metadata), online: the libdm
         equivalent of the guide's ``vgextend`` + ``lvextend``.
@@ -147,12 +148,17 @@ class Growth:
         new segment is recorded before the kernel sees it, so a crash
         midway is finished by :meth:`open`.
 
+        A device the pool already sits on (a split device's headroom, see
+        :meth:`free_regions`) can give its free part: by default the
+        region starts after the last sector the pool uses there, and one
+        that directly follows the side's last segment lengthens it.
+
         Args:
             device: the block device path.
             metadata: grow the metadata instead of the data.
             force: use a device that carries a signature.
             start: where the region starts on the device, bytes or a string
-                (default 0).
+                (default 0, or the free tail of a device the pool uses).
             length: the region's length, bytes or a string (default: to the
                 end of the device).
 
@@ -161,7 +167,8 @@ class Growth:
 
         Raises:
             ValueError: a loop or adopted pool (use :meth:`resize`), a
-                device already in the pool, a region that does not fit.
+                region the pool uses already (named), a region that does not
+                fit.
             DeviceNotBlankError, DeviceBusyError: as for :meth:`create`.
             PoolFailedError, PoolReadOnlyError: the pool cannot grow.
         """
@@ -169,17 +176,30 @@ class Growth:
             raise ValueError(f"pool {self.name!r} is a {self.kind} pool: "
                              + ("grow it with resize()" if self.kind == "loop"
                                 else "its devices are not libdm's"))
-        first = 0 if not start else int(parse_size(start, what="start").sectors())
+        first = None if start is None else (
+            0 if start in (0, "0") else int(parse_size(start, what="start").sectors()))
         count = None if length is None else int(parse_size(length, what="length").sectors())
         with self._changing("extend"):
             self._check_growable("extend")
-            rdev = os.stat(device).st_rdev
-            for path in self._backing.paths():
-                if os.path.exists(path) and os.stat(path).st_rdev == rdev:
-                    raise ValueError(f"{device} is already part of pool {self.name!r} "
-                                     f"(as {path})")
-            dev = self._check_device(device, force, "extend")
-            size = dev.size // 512
+            used = self._used_regions(os.stat(device).st_rdev)
+            if used:
+                # A device the pool already sits on: only its free part.
+                size = open_block_device(device).size // 512
+                end = max(stop for _, stop in used)
+                if first is None and -(-end // 8) * 8 >= size:
+                    raise ValueError(f"{device} is already part of pool {self.name!r} and "
+                                     f"has no free part left")
+                first = -(-end // 8) * 8 if first is None else first
+                clash = [(a, b) for a, b in used
+                         if first < b and a < (first + count if count else size)]
+                if clash:
+                    raise ValueError(
+                        f"{device} is already part of pool {self.name!r} in sectors "
+                        f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
+                        f"at sector {-(-end // 8) * 8}")
+            else:
+                size = self._check_device(device, force, "extend").size // 512
+                first = first or 0
             if first + (count if count is not None else 1) > size or (count is not None
                                                                       and count <= 0):
                 raise ValueError(f"region {first}+{count} sectors does not fit on {device} "
@@ -191,9 +211,51 @@ class Growth:
                         in (t for t in self._config[side])]
             for seg, target in zip(segments, self._backing.table(segments)):
                 seg[2] = int(target.length)
-            segments.append([device, first, count])
+            last = segments[-1]
+            if used and os.stat(last[0]).st_rdev == os.stat(device).st_rdev \
+                    and last[1] + last[2] == first:
+                # Right after the last segment: that segment just grows.
+                last[2] += (size - first) if count is None else count
+            else:
+                segments.append([device, first, count])
             self._grow("extend", **{side: segments})
             return self.status()
+
+    def _used_regions(self, rdev):
+        """The ``(start, end)`` sectors the pool uses on the block device
+        ``rdev``, from both sides' segments."""
+        if self.kind != "block":
+            return []
+        out = []
+        for side in ("meta_segments", "data_segments"):
+            segments = self._config[side]
+            for (path, start, _), target in zip(segments, self._backing.table(segments)):
+                if os.path.exists(path) and os.stat(path).st_rdev == rdev:
+                    out.append((start, start + int(target.length)))
+        return out
+
+    def free_regions(self):
+        """The free tails of the block devices the pool sits on: where
+        :meth:`extend` (and the monitor) can grow without another device,
+        such as what ``create_on_device(thinp_percent=...)`` left free.
+
+        Returns:
+            A list of ``(device path, start, length)``, in ``Sectors``,
+            largest first; empty for loop and adopted pools.
+        """
+        if self.kind != "block":
+            return []
+        seen, out = set(), []
+        for path in self._backing.paths():
+            rdev = os.stat(path).st_rdev
+            if rdev in seen:
+                continue
+            seen.add(rdev)
+            end = -(-max(stop for _, stop in self._used_regions(rdev)) // 8) * 8
+            size = open_block_device(path).size // 512
+            if size > end:
+                out.append((path, Sectors(end), Sectors(size - end)))
+        return sorted(out, key=lambda region: -int(region[2]))
 
     def set_low_water_mark(self, blocks):
         """Set the pool's low water mark: when free data blocks fall below

@@ -10,7 +10,9 @@ that part by ``percent`` of its size:
 
 * loop pools by growing their files, while the filesystem holding them
   keeps ``reserve`` bytes free;
-* block pools by extending onto the next of the ``spares`` devices;
+* block pools by extending onto the next of the ``spares`` devices, or
+  else into the free tail of a device they sit on (what
+  ``create_on_device`` left free), data and metadata alike;
 * or through a ``grow`` callback, for anything else (an LVM volume, a
   cloud disk), after which the pool is refreshed.
 
@@ -72,7 +74,9 @@ class Monitor:
         max_data_size, max_metadata_size: hard limits (bytes or strings).
         reserve: bytes (or a string) to keep free on the filesystem that
             holds a loop pool's files (default ``"64M"``).
-        spares: block devices a block pool may be extended onto, in order.
+        spares: block devices a block pool may be extended onto, in order,
+            for data or metadata; without spares, the free tails of the
+            pool's own devices (:meth:`Pool.free_regions`) are used.
         grow: ``grow(pool, part, old_size, wanted_size) -> bool``, called
             when the monitor cannot grow the pool itself; return True once
             the devices are bigger (the pool is then refreshed).
@@ -257,8 +261,20 @@ class Monitor:
                 raise OSError(f"the filesystem holding {pool.directory} has no room beyond "
                               f"its {format_size(self.reserve)} reserve")
             pool.resize(**{f"{'data' if part == 'data' else 'metadata'}_size": want})
-        elif part == "data" and self.spares and hasattr(pool, "extend"):
-            pool.extend(self.spares.pop(0))
+        elif pool.kind == "block" and (self.spares or pool.free_regions()):
+            # As LVM's autoextend takes from the volume group: a spare
+            # device, else the free tail of one the pool sits on.
+            metadata = part == "metadata"
+            if self.spares:
+                pool.extend(self.spares.pop(0), metadata=metadata)
+            else:
+                path, start, free = pool.free_regions()[0]
+                unit = int(pool.block_size) if part == "data" else 8
+                sectors = min(int(free), -(-(int(want) - int(old)) // 512)) // unit * unit
+                if sectors <= 0:
+                    raise OSError(f"the free region of {path} is smaller than one block")
+                pool.extend(path, metadata=metadata, start=int(start.bytes()),
+                            length=sectors * 512)
         elif self.grow_callback is not None:
             if not self.grow_callback(pool, part, old, want):
                 raise OSError(f"the grow callback did not grow the {part}")

@@ -143,6 +143,8 @@ class Store:
                 )
             self._check_schema()
         except sqlite3.DatabaseError as exc:
+            if hasattr(self, "db"):
+                self.db.close()
             raise StateError(
                 f"the pool state in {self.path} is unreadable ({exc}); nothing was "
                 f"changed or deleted — restore it from a backup or inspect it with sqlite3",

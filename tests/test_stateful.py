@@ -1,0 +1,812 @@
+"""A model-based, stateful test of a loop pool, in the real kernel.
+
+Hypothesis draws sequences from the whole state-changing API of a small
+loop pool (create_thin, snapshot, delete, activate, deactivate, resize of
+data and metadata, refresh, set_low_water_mark, one monitor growth step,
+reopen and restart in fresh processes) and writes of known patterns to
+its devices.  Some steps run in a child process that is killed: either at
+a named crash point (``LIBDM_CRASH_AT``, see :mod:`libdm.thin.crash`) or
+by SIGKILL after a random short delay.  A killed step is followed by
+``Pool.open`` in a fresh process, and the model then accepts either
+outcome of the step (it happened or it did not) and learns which one from
+the witnesses, as long as the result is one or the other, never a mix.
+
+After every step a plain-Python model is checked against three witnesses
+that are not libdm: the state store read back, the kernel (dmsetup and
+sysfs) and thin_dump of a reserved metadata snapshot; the pool-level
+invariants of :func:`witness.pool_problems` must hold; and every byte
+written and flushed to a device must read back identically (snapshots
+keep their origin's content at snapshot time).
+
+The everyday run does a reduced number of steps; ``LIBDM_RELIABILITY=full``
+(the reliability report) does at least 2,000 steps with 200 kills.
+"""
+
+import collections
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    rule,
+    run_state_machine_as_test,
+)
+
+import libdm
+from libdm.thin import crash
+
+import reliability
+import witness
+
+pytestmark = pytest.mark.kernel
+
+KiB, MiB = 1 << 10, 1 << 20
+PAGE = 4 * KiB
+BLOCK = 64 * KiB  # the pool's data block size
+BLOCK_SECTORS = BLOCK // 512
+DATA_SIZE = 64 * MiB
+META_SIZE = 2 * MiB
+MAX_DATA = 256 * MiB
+MAX_META = 16 * MiB
+MAX_DEVICES = 10
+MAX_WRITES = 40  # per example: at most ~2 blocks each, far from filling the pool
+
+TOTAL_STEPS = reliability.scale(80, 2000)
+TOTAL_KILLS = reliability.scale(8, 200)
+STEPS_PER_EXAMPLE = reliability.scale(25, 50)
+MAX_ROUNDS = 40
+KILL_MODE = 16  # a step's mode is drawn from 0..19: 16, 17 kill at a point, 18, 19 at a time
+CHILD_TIMEOUT = 120.0  # a child that takes longer is hung: the pool is wedged
+
+# The state-changing operations the machine draws, and the named crash
+# points each of them can reach.
+POINTS_FOR = {
+    "create_pool": ("pool:created",),
+    "create_thin": ("create:intent", "create:message", "create:transaction",
+                    "create:recorded"),
+    "snapshot": ("create:intent", "snapshot:suspended", "create:message",
+                 "create:transaction", "create:recorded"),
+    "delete": ("delete:deactivated", "delete:intent", "delete:message",
+               "delete:transaction"),
+    "activate": (),
+    "deactivate": (),
+    "resize": ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
+    "refresh": ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
+    "set_low_water_mark": ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
+    "monitor": ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
+    "reopen": (),
+    "restart": (),
+}
+OPERATIONS = tuple(POINTS_FOR) + ("write",)
+
+# The operations themselves, run in this process or, to be killed, in a
+# child (the same source, so both run exactly the same calls).
+OPS_SOURCE = r'''
+def apply(pool, op, a):
+    """Run one state-changing operation; return something JSON can carry."""
+    import libdm
+    if op == "create_pool":
+        libdm.Pool.create_loop(a["name"], a["directory"], data_size=a["data"],
+                               metadata_size=a["meta"], min_free_space=0).close()
+    elif op in ("open", "reopen"):
+        libdm.Pool.open(a["directory"]).close()
+    elif op == "create_thin":
+        pool.create_thin(a["name"], a["size"])
+    elif op == "snapshot":
+        pool.device(a["origin"]).snapshot(a["name"])
+    elif op == "delete":
+        pool.device(a["name"]).delete()
+    elif op == "activate":
+        pool.device(a["name"]).activate()
+    elif op == "deactivate":
+        pool.device(a["name"]).deactivate()
+    elif op == "resize":
+        pool.resize(data_size=a["data"], metadata_size=a["meta"])
+    elif op == "refresh":
+        pool.refresh()
+    elif op == "set_low_water_mark":
+        pool.set_low_water_mark(a["blocks"])
+    elif op == "monitor":
+        monitor = pool.monitor(threshold=a["threshold"], percent=a["percent"],
+                               metadata_threshold=a["meta_threshold"], reserve=512)
+        return [[s.part, int(s.old_size), int(s.new_size), s.error] for s in monitor.check()]
+    elif op == "restart":
+        pool.destroy()
+    else:
+        raise AssertionError(f"unknown operation {op!r}")
+    return None
+'''
+
+CHILD = OPS_SOURCE + r'''
+import json, sys
+import libdm
+req = json.loads(sys.argv[1])
+pool = None
+if req["op"] not in ("create_pool", "open", "reopen"):
+    pool = libdm.Pool.load(req["args"]["directory"])
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    out = {"ok": True, "value": apply(pool, req["op"], req["args"])}
+except Exception as exc:
+    import traceback
+    out = {"ok": False, "type": type(exc).__name__, "message": str(exc),
+           "where": traceback.format_exc().strip().splitlines()[-3:-1]}
+print(json.dumps(out), flush=True)
+'''
+
+_ops = {}
+exec(OPS_SOURCE, _ops)
+apply_op = _ops["apply"]
+
+
+class StepFailed(AssertionError):
+    """A step's outcome or the pool afterwards is wrong (the message says how)."""
+
+
+# -- the model -----------------------------------------------------------------------
+
+
+@dataclass
+class Dev:
+    size: int  # bytes
+    parent: object  # name or None
+    active: bool
+    pages: dict = field(default_factory=dict)  # 4 KiB page index -> tag of its write
+    thin_id: object = None  # learned from the store when the device appears
+
+
+@dataclass
+class Model:
+    devices: dict
+    txid: int = 0
+    data_size: int = DATA_SIZE  # the data file, bytes
+    meta_size: int = META_SIZE  # the metadata file, bytes
+    lwm: int = 0
+
+    def copy(self):
+        return copy.deepcopy(self)
+
+    @property
+    def data_sectors(self):
+        """The pool table's length: whole data blocks of the data file."""
+        return self.data_size // BLOCK * BLOCK_SECTORS
+
+    @property
+    def meta_blocks(self):
+        return self.meta_size // 4096
+
+    def leaves(self):
+        parents = {d.parent for d in self.devices.values()}
+        return sorted(n for n in self.devices if n not in parents)
+
+
+def pattern(tag):
+    return tag.to_bytes(8, "little") * (PAGE // 8)
+
+
+def describe_page(data):
+    if data == bytes(PAGE):
+        return "zeros"
+    tag = int.from_bytes(data[:8], "little")
+    if data == pattern(tag):
+        return f"write #{tag}"
+    return f"other bytes ({data[:16].hex()}...)"
+
+
+# -- figures shared by every example of a run ---------------------------------------------
+
+
+class Stats:
+    def __init__(self):
+        self.steps = 0
+        self.kills = 0
+        self.examples = 0
+        self.ops = collections.Counter()
+        self.killed_ops = collections.Counter()
+        self.points = collections.Counter()  # named crash points that fired
+        self.losses = 0
+        self.disagreements = 0
+        self.wedged = 0
+        self.failures = []
+
+
+# How often each kind of step is picked.
+WEIGHTS = (("write", 16), ("overwrite", 8), ("create_thin", 14), ("snapshot", 12),
+           ("delete", 10), ("activate_or_deactivate", 8), ("grow_or_tune", 20),
+           ("reopen_or_restart", 8))
+
+CONTEXT = {}  # dm_name factory, work directory and Stats, set by the test
+
+
+class LoopPoolMachine(RuleBasedStateMachine):
+    """One example: one fresh loop pool and a sequence of steps on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stats = CONTEXT["stats"]
+        self.stats.examples += 1
+        n = self.stats.examples
+        self.name = CONTEXT["dm_name"](f"s{n}")
+        self.directory = str(CONTEXT["workdir"] / f"s{n}")
+        self.pool = None
+        self.model = Model(devices={})
+        self.counter = 0
+        self.tag = n * 100000
+        self.writes = 0
+        self.log = []  # what this example did, for failure messages
+
+    # -- running operations ------------------------------------------------------------
+
+    def _args(self, **args):
+        return dict(args, directory=self.directory)
+
+    def _inline(self, op, args):
+        """Run ``op`` here, in a thread given CHILD_TIMEOUT (a hang is a wedge)."""
+        out = {}
+
+        def run():
+            try:
+                out["value"] = apply_op(self.pool, op, args)
+                out["ok"] = True
+            except Exception as exc:
+                out.update(ok=False, type=type(exc).__name__, message=str(exc))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(CHILD_TIMEOUT)
+        if thread.is_alive():
+            self.stats.wedged += 1
+            raise witness.PoolWedged(f"pool wedged: {op}({args}) did not return within "
+                                     f"{CHILD_TIMEOUT:g} s")
+        return out
+
+    def _child(self, op, args, point=None, nth=1, delay=None):
+        """Run ``op`` in a fresh process, armed to die at ``point`` (its
+        ``nth`` time) or SIGKILLed after ``delay`` seconds.  Returns its
+        result, or None when it was killed."""
+        env = dict(os.environ)
+        env.pop("LIBDM_CRASH_AT", None)
+        if point is not None:
+            env["LIBDM_CRASH_AT"] = f"{point}@{nth}"
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"op": op,
+                                                                           "args": args})],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        ready = proc.stdout.readline()
+        if ready.strip() != "ready":
+            proc.kill()
+            _, err = proc.communicate()
+            raise StepFailed(f"the child for {op} did not start: {err.strip()[-2000:]}")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        try:
+            if delay is not None:
+                try:
+                    proc.wait(timeout=delay)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.stats.wedged += 1
+            raise witness.PoolWedged(f"pool wedged: {op}({args}) in a child process did not "
+                                     f"finish within {CHILD_TIMEOUT:g} s") from None
+        if proc.returncode == -signal.SIGKILL:
+            return None
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise StepFailed(f"the child for {op}({args}) exited with {proc.returncode}: "
+                             f"{err.strip()[-2000:]}")
+        return json.loads(lines[-1])
+
+    def _perform(self, op, args, mode, point_choice, nth, delay_ms, *, child=False):
+        """Run one operation in the drawn mode.  Returns (result or None if
+        killed, how it was run)."""
+        self.stats.ops[op] += 1
+        points = POINTS_FOR.get(op, ())
+        if mode >= KILL_MODE and points and mode < KILL_MODE + 2:
+            point = points[point_choice % len(points)]
+            how = f"in a child armed with LIBDM_CRASH_AT={point}@{nth}"
+            result = self._child(op, args, point=point, nth=nth)
+            if result is None:
+                self.stats.points[point] += 1
+        elif mode >= KILL_MODE:
+            how = f"in a child SIGKILLed after {delay_ms} ms"
+            result = self._child(op, args, delay=delay_ms / 1000)
+        elif child:
+            how = "in a child"
+            result = self._child(op, args)
+        else:
+            how = "in this process"
+            result = self._inline(op, args)
+        self.log.append(f"{op}({_short(args)}) {how}: "
+                        f"{'KILLED' if result is None else _short(result)}")
+        if result is None:
+            self.stats.kills += 1
+            self.stats.killed_ops[op] += 1
+            reopened = self._child("open", self._args())
+            if reopened is None or not reopened["ok"]:
+                raise StepFailed(f"Pool.open in a fresh process after {op} was killed "
+                                 f"({how}) failed: {_short(reopened)}")
+        return result, how
+
+    def _step(self, op, args, candidates, error, mode=0, point_choice=0, nth=1, delay_ms=0,
+              *, child=False, loose=(), check_result=None):
+        """Run ``op``; ``candidates`` are the model states it may leave
+        (the first: nothing happened, the last: all of it), ``error`` the
+        exception type name the model expects (then only the first state
+        is allowed), ``loose`` device names whose active flag a killed step
+        may leave either way."""
+        result, how = self._perform(op, args, mode, point_choice, nth, delay_ms, child=child)
+        if result is None:
+            allowed = candidates
+        elif error is not None:
+            if result["ok"] or result["type"] != error:
+                self._fail(f"{op}({_short(args)}) {how}: expected {error}, got "
+                           f"{_short(result)}")
+            allowed = candidates[:1]
+            loose = ()
+        else:
+            if not result["ok"]:
+                self._fail(f"{op}({_short(args)}) {how} raised {result['type']}: "
+                           f"{result['message']}")
+            if check_result is not None:
+                check_result(result["value"])
+            allowed = candidates[-1:]
+            loose = ()
+        self._settle(allowed, loose, f"{op} {how}")
+
+    # -- checking ----------------------------------------------------------------------
+
+    def _fail(self, message):
+        self.stats.failures.append(message)
+        raise StepFailed(message + "\nsteps of this example:\n  " + "\n  ".join(self.log))
+
+    def _settle(self, allowed, loose, what):
+        """After a step: the pool is healthy, the three witnesses agree, the
+        world is exactly one of the ``allowed`` model states, and every
+        page written reads back."""
+        self.stats.steps += 1
+        snap = witness.kernel_snapshot()
+        try:
+            problems = witness.pool_problems(self.directory, snapshot=snap)
+        except witness.PoolWedged as exc:
+            self.stats.wedged += 1
+            self._fail(f"after {what}: {exc}")
+        if problems:
+            if any("suspended" in p for p in problems):
+                self.stats.wedged += 1
+            self._fail(f"after {what}: unhealthy pool: " + "; ".join(problems))
+        found = witness.pool_disagreements(self.directory, snapshot=snap)
+        if found:
+            self.stats.disagreements += len(found)
+            self._fail(f"after {what}: store, kernel and thin_dump disagree: "
+                       + "; ".join(found))
+        observed = self._observe(snap)
+        diffs = []
+        for i, cand in enumerate(allowed):
+            d = self._diff(cand, observed, loose)
+            if not d:
+                self.model = cand
+                break
+            diffs.append(f"outcome {i} of {len(allowed)}: " + "; ".join(d))
+        else:
+            self.stats.disagreements += 1
+            self._fail(f"after {what}: the pool matches no allowed outcome (a change that "
+                       f"is not all-or-nothing, or a wrong result):\n    "
+                       + "\n    ".join(diffs))
+        for name, dev in self.model.devices.items():
+            row = observed["devices"][name]
+            dev.active = bool(row["active"])
+            dev.thin_id = row["thin_id"]
+        self._check_content(what)
+
+    def _observe(self, snap):
+        state = witness.store_state(self.directory)
+        table = witness.parse_pool_table(snap["tables"][self.name][0])
+        status = witness.parse_pool_status(snap["statuses"][self.name][0])
+        return {"devices": {r["name"]: r for r in state["devices"]}, "txid": state["txid"],
+                "config": state["pool"]["config"], "table": table, "status": status,
+                "live": set(snap["infos"]),
+                "files": {what: os.stat(os.path.join(self.directory, what)).st_size
+                          for what in ("data", "metadata")}}
+
+    def _diff(self, model, seen, loose):
+        diffs = []
+        names = set(seen["devices"])
+        if names != set(model.devices):
+            diffs.append(f"devices {sorted(names)}, model {sorted(model.devices)}")
+        for name, dev in model.devices.items():
+            row = seen["devices"].get(name)
+            if row is None:
+                continue
+            if row["size"] * 512 != dev.size:
+                diffs.append(f"{name}: size {row['size'] * 512}, model {dev.size}")
+            if row["parent"] != dev.parent:
+                diffs.append(f"{name}: parent {row['parent']}, model {dev.parent}")
+            if dev.thin_id is not None and row["thin_id"] != dev.thin_id:
+                diffs.append(f"{name}: thin id {row['thin_id']}, was {dev.thin_id}")
+            live = f"{self.name}-{name}" in seen["live"]
+            if name not in loose and (bool(row["active"]) != dev.active or live != dev.active):
+                diffs.append(f"{name}: store active={row['active']}, live={live}, "
+                             f"model active={dev.active}")
+        if seen["txid"] != model.txid or seen["status"]["txid"] != model.txid:
+            diffs.append(f"transaction id: store {seen['txid']}, kernel "
+                         f"{seen['status']['txid']}, model {model.txid}")
+        if seen["files"]["data"] != model.data_size:
+            diffs.append(f"data file {seen['files']['data']} bytes, model {model.data_size}")
+        if seen["files"]["metadata"] != model.meta_size:
+            diffs.append(f"metadata file {seen['files']['metadata']} bytes, model "
+                         f"{model.meta_size}")
+        if seen["table"]["length"] != model.data_sectors:
+            diffs.append(f"pool table {seen['table']['length']} sectors, model "
+                         f"{model.data_sectors}")
+        if seen["status"]["total_meta"] != model.meta_blocks:
+            diffs.append(f"{seen['status']['total_meta']} metadata blocks, model "
+                         f"{model.meta_blocks}")
+        for what, have in (("table", seen["table"]["low_water_mark"]),
+                           ("store", seen["config"]["low_water_mark"])):
+            if have != model.lwm:
+                diffs.append(f"low water mark {have} in the {what}, model {model.lwm}")
+        return diffs
+
+    def _check_content(self, what):
+        for name, dev in sorted(self.model.devices.items()):
+            if not dev.active:
+                continue
+            path = f"/dev/mapper/{self.name}-{name}"
+            pages = sorted(dev.pages)
+            unwritten = next(i for i in range(dev.size // PAGE + 1) if i not in dev.pages)
+            if unwritten < dev.size // PAGE:
+                pages.append(unwritten)
+                pages.sort()
+            for first, count in _runs(pages):
+                try:
+                    data = witness.read_direct(path, first * PAGE, count * PAGE)
+                except witness.PoolWedged as exc:
+                    self.stats.wedged += 1
+                    self._fail(f"after {what}: {exc}")
+                for i in range(count):
+                    page = first + i
+                    got = data[i * PAGE:(i + 1) * PAGE]
+                    tag = dev.pages.get(page)
+                    want = bytes(PAGE) if tag is None else pattern(tag)
+                    if got != want:
+                        self.stats.losses += 1
+                        self._fail(f"after {what}: {name} page {page} holds "
+                                   f"{describe_page(got)}, expected "
+                                   f"{'zeros' if tag is None else f'write #{tag}'}")
+
+    def teardown(self):
+        if self.pool is None:
+            return
+        try:
+            pool = libdm.Pool.load(self.directory)
+            pool.destroy(remove_files=True)
+        except Exception:
+            # A wedged pool: resume it so the harness can remove it.
+            for dm in (self.name,):
+                witness.dmsetup("resume", dm, check=False)
+            try:
+                libdm.Pool.load(self.directory).destroy(remove_files=True)
+            except Exception:
+                pass  # the test's cleanup removes what is left
+        finally:
+            self.pool.close()
+
+    # -- the steps --------------------------------------------------------------------
+
+    @initialize(kill=st.integers(0, 4))
+    def create_pool(self, kill):
+        args = self._args(name=self.name, data=DATA_SIZE, meta=META_SIZE)
+        if kill == 4:
+            self._step("create_pool", args, [self.model.copy()], None, mode=KILL_MODE, child=True)
+        else:
+            self._step("create_pool", args, [self.model.copy()], None)
+        self.pool = libdm.Pool.load(self.directory)
+
+    def _new_name(self):
+        self.counter += 1
+        return f"d{self.counter}"
+
+    @rule(data=st.data(), pick=st.integers(0, sum(w for _, w in WEIGHTS) - 1),
+          mode=st.integers(0, 19), point=st.integers(0, 4), nth=st.integers(1, 2),
+          delay=st.integers(0, 60))
+    def step(self, data, pick, mode, point, nth, delay):
+        """One step: an operation picked by WEIGHTS (the first one possible
+        from there on), run in the drawn mode."""
+        devices = self.model.devices
+        possible = {
+            "write": self.writes < MAX_WRITES and any(d.active for d in devices.values()),
+            "overwrite": self.writes < MAX_WRITES and any(d.active and d.pages
+                                                          for d in devices.values()),
+            "create_thin": len(devices) < MAX_DEVICES,
+            "snapshot": 0 < len(devices) < MAX_DEVICES,
+            "delete": bool(devices),
+            "activate_or_deactivate": bool(devices),
+            "grow_or_tune": True,
+            "reopen_or_restart": True,
+        }
+        names = [n for n, w in WEIGHTS for _ in range(w)]
+        op = next(names[(pick + i) % len(names)] for i in range(len(names))
+                  if possible[names[(pick + i) % len(names)]])
+        if op == "write":
+            self.write(data, data.draw(st.sampled_from([1, 3, 16]), label="pages"),
+                       data.draw(st.integers(0, 10 ** 6), label="where"))
+        elif op == "overwrite":
+            self.overwrite(data, data.draw(st.sampled_from([1, 2, 16]), label="pages"))
+        elif op == "create_thin":
+            self.create_thin(data, data.draw(st.sampled_from([4 * MiB, 8 * MiB]), label="size"),
+                             data.draw(st.integers(0, 9), label="taken"), mode, point, delay)
+        elif op == "snapshot":
+            self.snapshot(data, mode, point, delay)
+        elif op == "delete":
+            self.delete(data, mode, point, delay)
+        elif op == "activate_or_deactivate":
+            self.activate_or_deactivate(data, data.draw(st.booleans(), label="activate"), mode,
+                                        delay)
+        elif op == "grow_or_tune":
+            self.grow_or_tune(data, data.draw(st.sampled_from(
+                ["resize", "refresh", "set_low_water_mark", "monitor"]), label="which"),
+                mode, point % 4, nth, delay)
+        else:
+            self.reopen_or_restart(data.draw(st.booleans(), label="restart"), mode, delay * 3)
+
+    def create_thin(self, data, size, taken, mode, point, delay):
+        before = self.model.copy()
+        if taken == 9 and before.devices:
+            name = data.draw(st.sampled_from(sorted(before.devices)), label="existing")
+            self._step("create_thin", self._args(name=name, size=size), [before],
+                       "DeviceExistsError", mode, point, 1, delay)
+            return
+        name = self._new_name()
+        after = before.copy()
+        after.devices[name] = Dev(size, None, True)
+        after.txid += 1
+        self._step("create_thin", self._args(name=name, size=size), [before, after], None,
+                   mode, point, 1, delay)
+
+    def snapshot(self, data, mode, point, delay):
+        before = self.model.copy()
+        origin = data.draw(st.sampled_from(sorted(before.devices)), label="origin")
+        name = self._new_name()
+        after = before.copy()
+        src = after.devices[origin]
+        after.devices[name] = Dev(src.size, origin, True, dict(src.pages))
+        after.txid += 1
+        self._step("snapshot", self._args(origin=origin, name=name), [before, after], None,
+                   mode, point, 1, delay)
+
+    def delete(self, data, mode, point, delay):
+        before = self.model.copy()
+        name = data.draw(st.sampled_from(sorted(before.devices)), label="device")
+        # An origin may go before its snapshots (as the kernel and LVM allow):
+        # they become roots and keep their data.
+        after = before.copy()
+        del after.devices[name]
+        for dev in after.devices.values():
+            if dev.parent == name:
+                dev.parent = None
+        after.txid += 1
+        # A delete killed before its intent was recorded has already
+        # deactivated the device: it is still there, active or not.
+        self._step("delete", self._args(name=name), [before, after], None, mode, point, 1,
+                   delay, loose=(name,))
+
+    def activate_or_deactivate(self, data, active, mode, delay):
+        before = self.model.copy()
+        name = data.draw(st.sampled_from(sorted(before.devices)), label="device")
+        after = before.copy()
+        after.devices[name].active = active
+        self._step("activate" if active else "deactivate", self._args(name=name),
+                   [before, after], None, mode, 0, 1, delay, loose=(name,))
+
+    def grow_or_tune(self, data, which, mode, point, nth, delay):
+        """resize (data, metadata), refresh, set_low_water_mark or one
+        monitor growth step: the pool reloads of every kind."""
+        if which == "resize":
+            self.resize(data.draw(st.sampled_from(
+                [None, 0, BLOCK, 3 * BLOCK + PAGE, 8 * MiB + 512, -BLOCK]), label="grow data"),
+                data.draw(st.sampled_from([None, 0, PAGE, 1 * MiB, 512, -PAGE]),
+                          label="grow metadata"), mode, point, nth, delay)
+        elif which == "refresh":
+            self.refresh(mode, point, delay)
+        elif which == "set_low_water_mark":
+            self.set_low_water_mark(data.draw(st.sampled_from([0, 1, 7, 100, 1023, 5000, -1]),
+                                              label="blocks"), mode, point, delay)
+        else:
+            self.monitor_growth(data.draw(st.sampled_from([1, 2, 5, 50, 90]), label="threshold"),
+                                data.draw(st.sampled_from([1, 10, 25]), label="percent"),
+                                data.draw(st.sampled_from([5, 10, 20, 99]),
+                                          label="metadata threshold"), mode, point, nth, delay)
+
+    def resize(self, grow_data, grow_meta, mode, point, nth, delay):
+        before = self.model.copy()
+        data = None if grow_data is None else before.data_size + grow_data
+        meta = None if grow_meta is None else before.meta_size + grow_meta
+        if (data or 0) > MAX_DATA or (meta or 0) > MAX_META:
+            data = meta = None  # keep the files small: a resize to the same sizes
+        args = self._args(data=data, meta=meta)
+        if (data is not None and data < before.data_size) or (
+                meta is not None and meta < before.meta_size):
+            self._step("resize", args, [before], "ValueError", mode, point, nth, delay)
+            return
+        after = before.copy()
+        after.data_size = before.data_size if data is None else data
+        after.meta_size = before.meta_size if meta is None else meta
+        self._step("resize", args, [before, after], None, mode, point, nth, delay)
+
+    def refresh(self, mode, point, delay):
+        before = self.model.copy()
+        self._step("refresh", self._args(), [before], None, mode, point, 1, delay)
+
+    def set_low_water_mark(self, blocks, mode, point, delay):
+        before = self.model.copy()
+        if blocks < 0:
+            self._step("set_low_water_mark", self._args(blocks=blocks), [before],
+                       "ValueError", mode, point, 1, delay)
+            return
+        after = before.copy()
+        after.lwm = blocks
+        self._step("set_low_water_mark", self._args(blocks=blocks), [before, after], None,
+                   mode, point, 1, delay)
+
+    def monitor_growth(self, threshold, percent, meta_threshold, mode, point, nth, delay):
+        """One check of an autoextend monitor (Monitor.check), predicted from
+        the kernel's usage (dmsetup status) just before it."""
+        before = self.model.copy()
+        if before.data_size >= MAX_DATA or before.meta_size >= MAX_META:
+            threshold, meta_threshold = 99, 99  # nothing to grow: the files stay small
+        status = witness.parse_pool_status(witness.status(self.name)[0])
+        states, expected = [before], []
+        cur = before
+        data_pct = 100.0 * status["used_data"] / max(status["total_data"], 1)
+        if data_pct >= threshold:
+            old = cur.data_sectors * 512
+            want = -(-(old + old * percent // 100) // BLOCK) * BLOCK
+            cur = cur.copy()
+            cur.data_size = want
+            states.append(cur)
+            cur = cur.copy()
+            cur.lwm = (want // BLOCK) * (100 - threshold) // 100
+            states.append(cur)
+            expected.append(["data", old, want, None])
+        meta_pct = 100.0 * status["used_meta"] / max(status["total_meta"], 1)
+        if meta_pct >= meta_threshold:
+            old = status["total_meta"] * 4096
+            want = -(-(old + old * percent // 100) // 4096) * 4096
+            cur = cur.copy()
+            cur.meta_size = want
+            states.append(cur)
+            expected.append(["metadata", old, want, None])
+
+        def check_result(value):
+            if value != expected:
+                self._fail(f"monitor check returned {value}, expected {expected} (usage "
+                           f"{status['used_data']}/{status['total_data']} data, "
+                           f"{status['used_meta']}/{status['total_meta']} metadata)")
+
+        args = self._args(threshold=threshold, percent=percent, meta_threshold=meta_threshold)
+        self._step("monitor", args, states, None, mode, point, nth, delay,
+                   check_result=check_result)
+
+    def reopen_or_restart(self, restart, mode, delay):
+        if restart:
+            self.restart(mode, delay)
+        else:
+            self.reopen(mode, delay)
+
+    def reopen(self, mode, delay):
+        """Pool.open in a fresh process (this process's Pool stays, as a
+        second user would)."""
+        before = self.model.copy()
+        self._step("reopen", self._args(), [before], None, mode, 0, 1, delay, child=True)
+
+    def restart(self, mode, delay):
+        """Tear every device down (Pool.destroy, files kept) in a child, then
+        Pool.open in a fresh process, as after a reboot."""
+        before = self.model.copy()
+        result, how = self._perform("restart", self._args(), mode, 0, 1, delay, child=True)
+        if result is not None:
+            if not result["ok"]:
+                self._fail(f"restart {how}: destroy raised {_short(result)}")
+            reopened = self._child("open", self._args())
+            if not reopened["ok"]:
+                self._fail(f"Pool.open after destroy failed: {_short(reopened)}")
+        self._settle([before], (), f"restart {how}")
+
+    def write(self, data, pages, where):
+        """Write a known pattern (O_DIRECT, then fsync) to an active device."""
+        active = sorted(n for n, d in self.model.devices.items() if d.active)
+        name = data.draw(st.sampled_from(active), label="device")
+        dev = self.model.devices[name]
+        self._write(name, where % (dev.size // PAGE - pages + 1), pages)
+
+    def overwrite(self, data, pages):
+        """Write over pages written before (shared with snapshots, maybe)."""
+        names = sorted(n for n, d in self.model.devices.items() if d.active and d.pages)
+        name = data.draw(st.sampled_from(names), label="device")
+        dev = self.model.devices[name]
+        first = data.draw(st.sampled_from(sorted(dev.pages)), label="page")
+        self._write(name, min(first, dev.size // PAGE - pages), pages)
+
+    def _write(self, name, first, pages):
+        dev = self.model.devices[name]
+        self.writes += 1
+        tags = []
+        for _ in range(pages):
+            self.tag += 1
+            tags.append(self.tag)
+        payload = b"".join(pattern(t) for t in tags)
+        self.stats.ops["write"] += 1
+        self.log.append(f"write({name}, pages {first}+{pages}, #{tags[0]}..)")
+        try:
+            witness.write_direct(f"/dev/mapper/{self.name}-{name}", first * PAGE, payload)
+        except witness.PoolWedged as exc:
+            self.stats.wedged += 1
+            self._fail(str(exc))
+        for i, t in enumerate(tags):
+            dev.pages[first + i] = t
+        self._settle([self.model.copy()], (), f"write to {name}")
+
+
+def _runs(pages):
+    """Consecutive page numbers as (first, count) runs of at most 64 pages."""
+    runs = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][1] < 64:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return [tuple(r) for r in runs]
+
+
+def _short(value):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def test_stateful_loop_pool(dm_name, tmp_path):
+    stats = Stats()
+    CONTEXT.update(dm_name=dm_name, workdir=tmp_path, stats=stats)
+    rounds = 0
+    try:
+        while stats.steps < TOTAL_STEPS or stats.kills < TOTAL_KILLS:
+            rounds += 1
+            assert rounds <= MAX_ROUNDS, (
+                f"{rounds - 1} rounds made only {stats.steps} steps and {stats.kills} kills "
+                f"(wanted {TOTAL_STEPS} and {TOTAL_KILLS})")
+            left = max(TOTAL_STEPS - stats.steps, STEPS_PER_EXAMPLE)
+            examples = max(1, -(-left * 10 // (STEPS_PER_EXAMPLE * 7)))
+            run_state_machine_as_test(LoopPoolMachine, settings=settings(
+                max_examples=examples, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
+                database=None, suppress_health_check=list(HealthCheck), print_blob=True,
+                # No shrinking: a timed kill does not replay exactly, and every
+                # example costs seconds; the failure message lists the steps.
+                phases=(Phase.explicit, Phase.generate)))
+    finally:
+        reached = set(stats.points)
+        wanted = {p for points in POINTS_FOR.values() for p in points}
+        ops = sorted(stats.ops)
+        reliability.record(
+            "stateful", steps=stats.steps, kills=stats.kills, examples=stats.examples,
+            losses=stats.losses, disagreements=stats.disagreements, wedged=stats.wedged,
+            operations=ops, killed_operations=sorted(stats.killed_ops),
+            crash_points_reached=sorted(reached),
+            gaps=sorted(set(OPERATIONS) - set(ops)) + sorted(wanted - reached))
+        print(f"\nstateful: {stats.steps} steps in {stats.examples} examples, "
+              f"{stats.kills} kills; operations {dict(stats.ops)}; killed "
+              f"{dict(stats.killed_ops)}; crash points fired {dict(stats.points)}; "
+              f"never fired: {sorted(wanted - reached)}")
+    assert set(crash.POINTS) >= wanted

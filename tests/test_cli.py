@@ -111,6 +111,7 @@ def test_every_command_is_there():
         "pool repair", "pool adopt",
         "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
         "thin deactivate", "thin ls", "thin resize",
+        "monitor", "monitor serve", "monitor register", "monitor unregister", "monitor ls",
     } | {c for c in COMMANDS if c.startswith("snapshotter")}
 
 

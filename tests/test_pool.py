@@ -393,7 +393,7 @@ def test_available_space_is_clamped_by_the_backing_filesystem(dm_name, tmp_path)
             info = p.info()
             assert int(info.data_total) == 1 << 30
             assert int(info.data_available) <= 32 << 20
-            assert info.backing_filesystem == "tmpfs"
+            assert info.loop_files_filesystem == "tmpfs"
         finally:
             p.destroy(remove_files=True)
     finally:

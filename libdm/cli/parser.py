@@ -197,7 +197,7 @@ def build_parser(width=None):
         The parser; ``parser.commands`` maps each command's full name
         (``"create"``, ``"pool create"``...) to its subparser.
     """
-    from libdm.cli import device_cmds, pool_cmds, thin_cmds
+    from libdm.cli import device_cmds, monitor_cmds, pool_cmds, thin_cmds
 
     global _builder
     if width is None:
@@ -228,6 +228,12 @@ def build_parser(width=None):
             f"(--pool DIR or ${POOL_ENV}).",
             ["LIBDM_POOL=/var/lib/images libdm thin ls --tree"])
         thin_cmds.register(thin_sub)
+        _, monitor_sub = _builder.group(
+            sub, "monitor", "the service that watches every registered pool (dmeventd's part)",
+            "Commands for the monitor service and its registrations.",
+            ["libdm monitor register --pool /var/lib/images",
+             "libdm monitor serve"])
+        monitor_cmds.register(monitor_sub)
         parser.commands = _builder.commands
         return parser
     finally:

@@ -46,6 +46,8 @@ class PoolInfo:
     data_loop_file: Optional[str] = None
     metadata_loop_file: Optional[str] = None
     loop_files_filesystem: Optional[str] = None
+    # Whether the monitor service watches the pool (libdm.thin.registry).
+    monitored: str = "no"
 
     def as_dict(self):
         """The report as ``{label: text}`` in ``docker info``'s order."""
@@ -79,6 +81,7 @@ class PoolInfo:
             "Deferred Deletion Enabled": str(self.deferred_deletion).lower(),
             "Deferred Deleted Device Count": str(self.deferred_deleted_count),
             "Library Version": self.library_version,
+            "Monitored": self.monitored,
         })
         return out
 
@@ -127,6 +130,18 @@ def _base_filesystem(base):
     return fs.filesystem_type(base.path) or ""
 
 
+def _monitored(pool):
+    from libdm.thin import registry
+
+    state = registry.watch_state(pool.directory)
+    if state is None:
+        return "no"
+    how = f"grow by {state['percent']}% at {state['threshold']}% used"
+    if state["watched"]:
+        return f"yes, by libdm monitor ({how})"
+    return f"registered ({how}), but the monitor service is not watching it"
+
+
 def pool_info(pool):
     """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store."""
     st = pool.status()
@@ -166,6 +181,7 @@ def pool_info(pool):
         data_loop_file=loop_files[0],
         metadata_loop_file=loop_files[1],
         loop_files_filesystem=files_fstype,
+        monitored=_monitored(pool),
         data_used=used_d,
         data_total=total_d,
         data_available=avail_d,

@@ -1,0 +1,119 @@
+"""Monitor commands: the service that watches every registered pool
+(``libdm monitor serve``, as dmeventd does for LVM) and the registrations
+it reads (``register``, ``unregister``, ``ls``)."""
+
+import logging
+import signal
+
+from libdm.cli import output
+from libdm.cli.common import emit, pool_directory
+from libdm.cli.parser import command, percentage, positive_seconds, size
+
+__all__ = ["register"]
+
+
+def cmd_serve(args):
+    from libdm.service import MonitorService, journal_handler
+
+    # A service logs every libdm line once, in the journal's format: the
+    # command's own stderr handlers step aside while it runs.
+    loggers = [logging.getLogger(name) for name in ("libdm", "libdm.monitor")]
+    saved_handlers = [(lg, list(lg.handlers), lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = []
+    handler = journal_handler()
+    loggers[0].addHandler(handler)
+    loggers[0].setLevel(logging.DEBUG if args.debug else logging.INFO)
+    loggers[1].setLevel(logging.NOTSET)
+    service = MonitorService(args.config_dir, rescan=args.rescan, interval=args.interval)
+    saved = {signum: signal.signal(signum, lambda *_: service.stop())
+             for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.run()
+    finally:
+        for signum, old in saved.items():
+            signal.signal(signum, old)
+        for lg, handlers, level in saved_handlers:
+            lg.handlers = handlers
+            lg.setLevel(level)
+
+
+def cmd_register(args):
+    from libdm.thin import registry
+
+    reg = registry.Registration(
+        pool_directory(args), threshold=args.threshold, percent=args.percent,
+        metadata_threshold=args.metadata_threshold,
+        max_data_size=None if args.max_data_size is None else str(int(args.max_data_size)),
+        max_metadata_size=(None if args.max_metadata_size is None
+                           else str(int(args.max_metadata_size))),
+        spares=list(args.spare))
+    print(registry.register(reg, args.config_dir))
+
+
+def cmd_unregister(args):
+    from libdm.thin import registry
+
+    print(registry.unregister(pool_directory(args), args.config_dir))
+
+
+def cmd_ls(args):
+    from libdm.thin import registry
+
+    rows = []
+    for path, reg in registry.registrations(args.config_dir).items():
+        state = registry.watch_state(reg.pool) or {}
+        rows.append({"pool": reg.pool, "file": path, "threshold": reg.threshold,
+                     "percent": reg.percent, "watched": bool(state.get("watched"))})
+    emit(args, rows, lambda: output.columns(
+        ([r["pool"], f"{r['threshold']}%", f"{r['percent']}%",
+          "yes" if r["watched"] else "no"] for r in rows),
+        ["POOL", "THRESHOLD", "GROW BY", "WATCHED"]))
+
+
+def _config_dir(p):
+    p.add_argument("--config-dir", metavar="DIR", default=None,
+                   help="the registrations (default $LIBDM_MONITOR_DIR or "
+                        "/etc/libdm/monitor.d)")
+
+
+def register(sub):
+    p = command(sub, "serve", cmd_serve, path="monitor",
+                help="watch every registered pool and grow them before they fill",
+                description="Run the monitor service in the foreground until SIGTERM: every "
+                            "pool registered in the configuration directory gets an "
+                            "autoextend monitor; pools registered or removed meanwhile are "
+                            "picked up. Logs carry syslog priorities under systemd.",
+                example="libdm monitor serve --config-dir /etc/libdm/monitor.d")
+    _config_dir(p)
+    p.add_argument("--rescan", metavar="SECONDS", type=positive_seconds, default=5.0,
+                   help="how often to look for new or removed registrations (default 5)")
+    p.add_argument("--interval", metavar="SECONDS", type=positive_seconds, default=10.0,
+                   help="each monitor's status check when no event comes (default 10)")
+
+    p = command(sub, "register", cmd_register, pool=True, path="monitor",
+                help="have the monitor service watch a pool (prints the file written)",
+                example="libdm monitor register --pool /var/lib/images --threshold 80 "
+                        "--percent 20")
+    _config_dir(p)
+    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
+                   help="percent used at which to grow (default 80)")
+    p.add_argument("--percent", metavar="PCT", type=int, default=20,
+                   help="growth in percent of the current size (default 20)")
+    p.add_argument("--metadata-threshold", metavar="PCT", type=percentage, default=None,
+                   help="percent of metadata used at which to grow it (default: --threshold)")
+    p.add_argument("--max-data-size", metavar="SIZE", type=size, help="hard limit for data")
+    p.add_argument("--max-metadata-size", metavar="SIZE", type=size,
+                   help="hard limit for metadata")
+    p.add_argument("--spare", metavar="DEV", action="append", default=[],
+                   help="a block device a block pool may grow onto (repeatable)")
+
+    p = command(sub, "unregister", cmd_unregister, pool=True, path="monitor",
+                help="stop the monitor service watching a pool",
+                example="libdm monitor unregister --pool /var/lib/images")
+    _config_dir(p)
+
+    p = command(sub, "ls", cmd_ls, json=True, path="monitor",
+                help="list the registered pools and whether the service watches them",
+                example="libdm monitor ls")
+    _config_dir(p)

@@ -1,0 +1,177 @@
+"""The monitor service: one process watching every registered pool, as
+dmeventd does for LVM (``libdm monitor serve``).
+
+It scans the configuration directory (:mod:`libdm.thin.registry`) every
+``rescan`` seconds: a pool registered meanwhile gets an autoextend
+:class:`~libdm.thin.monitor.Monitor` thread, one unregistered has its
+monitor stopped, one whose registration changed is restarted with the new
+settings, and one that is not active yet (before ``libdm pool open`` after
+a reboot) or whose monitor died is retried at the next scan.  What it
+watches is written to a status file that ``libdm pool info`` reads.
+
+Logs go to the ``libdm`` loggers; under systemd (``JOURNAL_STREAM`` set)
+each line carries its syslog priority, so the journal shows warnings and
+errors as such (see :func:`journal_handler`).
+"""
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from libdm.dm.errors import DMError
+from libdm.thin import registry
+from libdm.thin.errors import StateError
+
+__all__ = ["MonitorService", "journal_handler"]
+
+logger = logging.getLogger("libdm.service")
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>message``: the journal files the line at that priority
+    and adds the time and the unit itself."""
+
+    def format(self, record):
+        level = max((lvl for lvl in _PRIORITY if lvl <= record.levelno), default=logging.DEBUG)
+        return f"<{_PRIORITY[level]}>{super().format(record)}"
+
+
+def journal_handler(stream=None):
+    """A logging handler for a service: syslog priority prefixes when
+    stderr goes to the journal, a plain timestamped line otherwise."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
+class _Watch:
+    """One pool being watched: its registration, pool object and monitor."""
+
+    def __init__(self, registration, pool, monitor):
+        self.registration, self.pool, self.monitor = registration, pool, monitor
+
+    def alive(self):
+        thread = getattr(self.monitor, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    def stop(self):
+        try:
+            self.monitor.join(timeout=30)
+        except Exception as exc:  # the thread's own error, already logged
+            logger.debug("pool %s: monitor ended with %s", self.pool.name, exc)
+        self.pool.close()
+
+
+class MonitorService:
+    """Watch every registered pool until :meth:`stop`.
+
+    Args:
+        config_dir: the registrations (default ``$LIBDM_MONITOR_DIR`` or
+            ``/etc/libdm/monitor.d``).
+        status_path: where to write what is watched (default
+            ``$LIBDM_RUN_DIR/monitor.json`` or ``/run/libdm/monitor.json``).
+        rescan: seconds between scans of the directory.
+        interval: each monitor's status-check interval (seconds).
+    """
+
+    def __init__(self, config_dir=None, status_path=None, *, rescan=5.0, interval=10.0):
+        self.config_dir = config_dir or registry.config_dir()
+        self.status_path = status_path or registry.status_path()
+        self.rescan_interval = rescan
+        self.interval = interval
+        self.watches = {}  # pool directory -> _Watch
+        self._stop = threading.Event()
+
+    def stop(self):
+        """Ask :meth:`run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self):
+        """Scan, watch and report until :meth:`stop`; then stop every
+        monitor and remove the status file."""
+        logger.info("libdm monitor: watching pools registered in %s", self.config_dir)
+        try:
+            while not self._stop.is_set():
+                self.scan()
+                self._stop.wait(self.rescan_interval)
+        finally:
+            for pool_dir in list(self.watches):
+                self._unwatch(pool_dir, "service stopping")
+            try:
+                os.unlink(self.status_path)
+            except FileNotFoundError:
+                pass
+            logger.info("libdm monitor: stopped")
+
+    def scan(self):
+        """One pass: start, restart and stop monitors to match the
+        registrations, then write the status file."""
+        try:
+            wanted = {r.pool: r for r in registry.registrations(self.config_dir).values()}
+        except StateError as exc:
+            logger.error("%s; keeping the pools watched as they are", exc)
+            wanted = {d: w.registration for d, w in self.watches.items()}
+        for pool_dir in list(self.watches):
+            watch = self.watches[pool_dir]
+            if pool_dir not in wanted:
+                self._unwatch(pool_dir, "unregistered")
+            elif wanted[pool_dir] != watch.registration:
+                self._unwatch(pool_dir, "registration changed")
+            elif not watch.alive():
+                self._unwatch(pool_dir, "its monitor stopped; starting it again")
+        for pool_dir, registration in wanted.items():
+            if pool_dir not in self.watches:
+                self._watch(registration)
+        self._write_status(wanted)
+
+    def _watch(self, registration):
+        from libdm.thin.pool import Pool
+
+        try:
+            pool = Pool.load(registration.pool)
+        except (DMError, OSError) as exc:
+            logger.warning("pool at %s: cannot be watched yet: %s", registration.pool, exc)
+            return
+        if not os.path.exists(pool.path):
+            logger.warning("pool %s is not active (libdm pool open %s); will retry",
+                           pool.name, registration.pool)
+            pool.close()
+            return
+        try:
+            monitor = pool.monitor(interval=self.interval, **registration.monitor_options())
+            monitor.start()
+        except (DMError, OSError, ValueError) as exc:
+            logger.error("pool %s: cannot be watched: %s", pool.name, exc)
+            pool.close()
+            return
+        self.watches[registration.pool] = _Watch(registration, pool, monitor)
+        logger.info("pool %s: watching (grow by %d%% at %d%% used)", pool.name,
+                    registration.percent, registration.threshold)
+
+    def _unwatch(self, pool_dir, why):
+        watch = self.watches.pop(pool_dir)
+        logger.info("pool %s: no longer watched (%s)", watch.pool.name, why)
+        watch.stop()
+
+    def _write_status(self, wanted):
+        pools = {}
+        for pool_dir, registration in wanted.items():
+            watch = self.watches.get(pool_dir)
+            pools[pool_dir] = {"name": watch.pool.name if watch else None,
+                               "running": bool(watch and watch.alive()),
+                               "threshold": registration.threshold,
+                               "percent": registration.percent}
+        os.makedirs(os.path.dirname(self.status_path), mode=0o755, exist_ok=True)
+        tmp = f"{self.status_path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"pid": os.getpid(), "updated": time.time(), "pools": pools}, fh)
+        os.replace(tmp, self.status_path)

@@ -1,0 +1,130 @@
+"""The monitor service (``libdm monitor serve``): one process watching every
+registered pool, picking up pools registered or removed while it runs, as
+dmeventd does for LVM.
+
+The service runs as its own process, as under systemd; the test waits on
+what it writes (its status file, the pool's table), with deadlines, never
+on sleeps.  Witnesses: dmsetup table/status of the pools.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import libdm
+
+from blockio import MiB, write_pattern
+import witness
+
+pytestmark = pytest.mark.kernel
+
+
+def until(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def libdm_cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "libdm", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def service_env(tmp_path, monkeypatch):
+    env = dict(os.environ, LIBDM_MONITOR_DIR=str(tmp_path / "monitor.d"),
+               LIBDM_RUN_DIR=str(tmp_path / "run"), JOURNAL_STREAM="8:1234")
+    env.pop("LIBDM_POOL", None)
+    for key in ("LIBDM_MONITOR_DIR", "LIBDM_RUN_DIR"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+def status(env):
+    try:
+        with open(os.path.join(env["LIBDM_RUN_DIR"], "monitor.json")) as fh:
+            return json.load(fh)["pools"]
+    except (OSError, ValueError):
+        return {}
+
+
+def data_sectors(name):
+    return int(witness.table(name)[0].split()[1])
+
+
+def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_env):
+    name_a = dm_name("a")
+    a = libdm.Pool.create_loop(name_a, tmp_path / "a", data_size="64M", min_free_space=0)
+    b = libdm.Pool.create_loop(dm_name("b"), tmp_path / "b", data_size="64M")
+    a.close(), b.close()
+    assert libdm_cli("monitor", "register", "--pool", tmp_path / "a", "--threshold", 50,
+                     env=service_env).returncode == 0
+    service = subprocess.Popen([sys.executable, "-m", "libdm", "monitor", "serve",
+                                "--rescan", "0.2", "--interval", "0.5"], env=service_env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: status(service_env).get(str(tmp_path / "a"), {}).get("running"),
+              "the service to watch pool a")
+        with libdm.Pool.load(tmp_path / "a") as pool:
+            assert pool.info().as_dict()["Monitored"] == \
+                "yes, by libdm monitor (grow by 20% at 50% used)"
+            dev = pool.create_thin("vol", "128M")
+            write_pattern(dev.path, 0x77, length=40 * MiB)  # 62% of 64 MiB
+        until(lambda: data_sectors(name_a) > 64 * MiB // 512, "pool a to grow")
+        assert witness.pool_status(name_a)[4] == "rw"
+
+        # A pool registered while the service runs is picked up...
+        assert libdm_cli("monitor", "register", "--pool", tmp_path / "b",
+                         env=service_env).returncode == 0
+        until(lambda: status(service_env).get(str(tmp_path / "b"), {}).get("running"),
+              "the service to watch pool b")
+        # ...and one removed is dropped.
+        assert libdm_cli("monitor", "unregister", "--pool", tmp_path / "a",
+                         env=service_env).returncode == 0
+        until(lambda: str(tmp_path / "a") not in status(service_env), "pool a to be dropped")
+        with libdm.Pool.load(tmp_path / "a") as pool:
+            assert pool.info().as_dict()["Monitored"] == "no"
+        listing = libdm_cli("monitor", "ls", "--json", env=service_env)
+        assert [(r["pool"], r["watched"]) for r in json.loads(listing.stdout)] == [
+            (str(tmp_path / "b"), True)]
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 0, err
+    lines = err.splitlines()
+    # Journal-ready: every line carries its syslog priority.
+    odd = [line for line in lines if not (line[:1] == "<" and line[2:3] == ">")]
+    assert lines and not odd, odd
+    assert any(line.startswith("<6>pool ") and "grown from 64 MiB" in line for line in lines)
+    assert lines[-1] == "<6>libdm monitor: stopped"
+    assert not os.path.exists(os.path.join(service_env["LIBDM_RUN_DIR"], "monitor.json"))
+    with libdm.Pool.load(tmp_path / "b") as pool:
+        assert pool.info().as_dict()["Monitored"].startswith("registered (")
+
+
+def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_env):
+    pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
+    pool.destroy()  # down, as before "libdm pool open" after a reboot
+    assert libdm_cli("monitor", "register", "--pool", tmp_path / "p",
+                     env=service_env).returncode == 0
+    service = subprocess.Popen([sys.executable, "-m", "libdm", "monitor", "serve",
+                                "--rescan", "0.2"], env=service_env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: str(tmp_path / "p") in status(service_env), "a first scan")
+        assert not status(service_env)[str(tmp_path / "p")]["running"]
+        libdm.Pool.open(tmp_path / "p").close()
+        until(lambda: status(service_env)[str(tmp_path / "p")]["running"],
+              "the service to watch the pool once active")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 0, err
+    assert "is not active" in err

@@ -25,9 +25,16 @@ from libdm.dm import ops
 from libdm.dm.errors import DMError, NoSuchDeviceError
 from libdm.snapshotter import store as st
 from libdm.snapshotter.filters import FilterError, parse_filters
+from libdm.thin import crash
 from libdm.thin.units import parse_size
 
-__all__ = ["Snapshotter", "SnapshotError", "NotFound", "AlreadyExists", "FailedPrecondition",
+#: Where ``LIBDM_CRASH_AT`` can stop the snapshotter (see libdm.thin.crash),
+#: besides the pool's own points.
+CRASH_POINTS = ("snapshotter:prepare:row", "snapshotter:prepare:device",
+                "snapshotter:commit:flushed", "snapshotter:commit:recorded",
+                "snapshotter:remove:marked", "snapshotter:remove:deleted")
+
+__all__ = ["CRASH_POINTS", "Snapshotter", "SnapshotError", "NotFound", "AlreadyExists", "FailedPrecondition",
            "InvalidArgument", "Info", "Mount"]
 
 logger = logging.getLogger("libdm.snapshotter")
@@ -225,7 +232,9 @@ class Snapshotter:
                     raise AlreadyExists(f"snapshot {key}: already exists")
                 row_id, device = s.insert(ns, key, kind, parent_id, labels, self.prefix)
             # The row is durable: a crash from here on is rolled back by recover().
+            crash.point("snapshotter:prepare:row")
             self.pool.snapshot_device(origin, device)
+            crash.point("snapshotter:prepare:device")
             with self.store.transaction() as s:
                 s.execute("UPDATE snapshots SET state='ready' WHERE id=?", (row_id,))
             return self._mounts(self.store.by_id(row_id))
@@ -252,14 +261,29 @@ class Snapshotter:
                 raise NotFound(f"failed to get active snapshot {key!r}: not found")
             if row["kind"] != st.ACTIVE:
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
+            # What was written to the layer reaches the pool's disk before the
+            # layer is committed: a power cut cannot lose a committed layer's data.
+            self._flush(row["device"])
+            crash.point("snapshotter:commit:flushed")
             mapped = self._mapped(row["device"])
             now = time.time()
             with self.store.transaction() as s:
                 s.execute("UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
                           "updated=?, mapped=? WHERE id=?",
                           (name, st.json.dumps(labels or {}), now, now, mapped, row["id"]))
+            crash.point("snapshotter:commit:recorded")
             # Committed: the device is only read through its children now.
             self._deactivate(row["device"])
+
+    def _flush(self, device):
+        dev = self.pool.device(device)
+        if not dev.active:
+            return
+        fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _deactivate(self, device):
         try:
@@ -276,6 +300,7 @@ class Snapshotter:
                 s.execute("UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
                           (time.time(), row["id"]))
             # The key is free now; the device goes below, or in the background.
+            crash.point("snapshotter:remove:marked")
             if self.config.async_remove:
                 self._removals.set()
             else:
@@ -395,6 +420,7 @@ class Snapshotter:
                                           (row["id"],)).fetchone():
                         continue
                     self._delete_device(row["device"])
+                    crash.point("snapshotter:remove:deleted")
                     with self.store.transaction() as s:
                         s.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
                     done = True

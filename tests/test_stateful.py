@@ -810,3 +810,66 @@ def test_stateful_loop_pool(dm_name, tmp_path):
               f"{dict(stats.killed_ops)}; crash points fired {dict(stats.points)}; "
               f"never fired: {sorted(wanted - reached)}")
     assert set(crash.POINTS) >= wanted
+
+
+def test_the_invariants_can_fail(dm_name, tmp_path):
+    """The pool-level checks see each way a pool can be left broken: a
+    check that cannot fail checks nothing."""
+    import libdm.dm.ops as ops
+
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE,
+                                  min_free_space=0)
+    try:
+        dev = pool.create_thin("v", "4M")
+        assert witness.pool_problems(pool) == []
+        assert witness.pool_disagreements(pool) == []
+        # Suspended: found without reading (a read would hang), and a read
+        # with a time limit says the pool is wedged.
+        ops.suspend(pool.name, flush=False)
+        try:
+            problems = witness.pool_problems(pool)
+            assert any("is suspended" in p for p in problems), problems
+            with pytest.raises(witness.PoolWedged, match="pool wedged"):
+                witness.read_direct(dev.path, 0, 4096, timeout=2)
+        finally:
+            ops.resume(pool.name)
+        # An inactive table left loaded.
+        ops.reload(pool.name, ops.table(pool.name))
+        try:
+            problems = witness.pool_problems(pool)
+            assert any("inactive table" in p for p in problems), problems
+        finally:
+            witness.dmsetup("clear", pool.name)
+        # A data file grown behind the table's back, and a stored size that
+        # no longer matches it.
+        with open(os.path.join(pool.directory, "data"), "r+b") as fh:
+            fh.truncate(DATA_SIZE + BLOCK)
+        problems = witness.pool_problems(pool)
+        assert any("whole data blocks" in p for p in problems), problems
+        assert any("stored data_size" in p for p in problems), problems
+        assert any("capacity not refreshed" in p for p in problems), problems
+        pool.resize(data_size=DATA_SIZE + 2 * BLOCK)
+        assert witness.pool_problems(pool) == []
+        # A low water mark the store does not know.
+        line = witness.table(pool.name)[0].split()
+        line[6] = "5"
+        witness.dmsetup("reload", pool.name, "--table", " ".join(line))
+        witness.dmsetup("suspend", "--noflush", pool.name)
+        witness.dmsetup("resume", pool.name)
+        problems = witness.pool_problems(pool)
+        assert any("low water mark 5" in p for p in problems), problems
+        pool.set_low_water_mark(5)
+        assert witness.pool_problems(pool) == []
+        # A device the store calls active that is gone, and a thin id the
+        # store does not know.
+        ops.remove(dev.dm_name)
+        assert any("not live" in p for p in witness.pool_problems(pool))
+        assert any("active=1" in d for d in witness.pool_disagreements(pool))
+        ops.message(pool.name, "create_thin 77")
+        assert any("leaked thin ids" in d and "77" in d
+                   for d in witness.pool_disagreements(pool))
+        ops.message(pool.name, "delete 77")
+        dev.activate()
+        assert witness.pool_problems(pool) == []
+    finally:
+        pool.close()

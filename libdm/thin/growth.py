@@ -218,7 +218,9 @@ class Growth:
                 last[2] += (size - first) if count is None else count
             else:
                 segments.append([device, first, count])
-            self._grow("extend", **{side: segments})
+            # The devices are recorded as at creation (size, path), so a
+            # forged or swapped device is refused at the next open.
+            self._grow("extend", **backings.segment_changes(self._config, side, segments))
             return self.status()
 
     def _used_regions(self, rdev):

@@ -290,7 +290,7 @@ class Monitor:
         path = os.path.join(self.pool.directory, "data" if part == "data" else "metadata")
         vfs = os.statvfs(self.pool.directory)
         free = vfs.f_bavail * vfs.f_frsize - int(self.reserve)
-        allocated = os.stat(path).st_blocks * 512
+        allocated = os.lstat(path).st_blocks * 512  # never through a symlink
         room = max(free, 0) + allocated  # the most this file can ever hold
         unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
         return Bytes(min(int(want), room // unit * unit))

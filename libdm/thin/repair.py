@@ -80,11 +80,11 @@ def repair_loop_pool(pool, partial=False):
                                     f"(package thin-provisioning-tools)", tool)
     statedir = pool._store.statedir
     _take_down(pool)
-    size = os.stat(pool._backing.metadata_file).st_size
+    size = pool._backing.sizes()[1]  # checked: the pool's own file, no symlink
     statedir.unlink(SPARE)  # a spare a crashed repair left is libdm's own
     fd = statedir.make_file(SPARE, "repair", "spare metadata file")
     try:
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, int(size))
     finally:
         os.close(fd)
     spare = statedir.join(SPARE)

@@ -10,7 +10,7 @@ setup(
     license="LGPL-2.1-or-later",
     python_requires=">=3.9",
     packages=find_packages(include=["libdm", "libdm.*"]),
-    package_data={"libdm": ["_decl/*.h", "testing/*.c"]},
+    package_data={"libdm": ["_decl/*.h", "testing/*.c", "testing/boot/*.py"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15"],
     cffi_modules=["build_ffi.py:ffibuilder"],

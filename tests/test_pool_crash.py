@@ -158,3 +158,21 @@ def test_a_half_made_device_is_made_again(dm_name, tmp_path):
         assert_consistent(again)
     finally:
         again.close()
+
+
+def test_only_the_testing_package_arms_crash_points():
+    # Production code never reads LIBDM_CRASH_AT: a process without the
+    # harness's bootstrap on PYTHONPATH is not armed by it.
+    code = ("from libdm.thin import crash\n"
+            "crash.point('create:intent')\n"
+            "print('alive', crash._armed)\n")
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    bare["LIBDM_CRASH_AT"] = "create:intent"
+    proc = subprocess.run([sys.executable, "-c", code], env=bare, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout == "alive None\n", proc.stderr
+    # With the bootstrap (as every child of this test session has), it is.
+    armed = dict(os.environ, LIBDM_CRASH_AT="create:intent")
+    proc = subprocess.run([sys.executable, "-c", code], env=armed, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL

@@ -78,7 +78,20 @@ def pytest_addoption(parser):
     )
 
 
+BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot")
+
+
+def arm_child_processes():
+    """Put the crash-point bootstrap (``boot/sitecustomize.py``) first on
+    ``PYTHONPATH``, so that a child process a test starts with
+    ``LIBDM_CRASH_AT`` in its environment is armed (see libdm.thin.crash)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if BOOT_DIR not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([BOOT_DIR] + paths)
+
+
 def pytest_configure(config):
+    arm_child_processes()
     config.addinivalue_line("markers", "kernel: needs a real kernel device-mapper, as root")
     config.addinivalue_line("markers", "host: boots test kernels itself, so it runs on the host only")
     if config.option.dm_kernel not in ("auto", "host", "uml"):

@@ -1,17 +1,20 @@
 """Named crash points, for tests that kill the process mid-change.
 
-``LIBDM_CRASH_AT=<point>`` in the environment makes the process SIGKILL
-itself when it reaches that point (``LIBDM_CRASH_AT=<point>@<n>`` on the
-n-th time, counting from 1), so a test can stop a provisioning process at
-every step of a change and check that ``Pool.open`` in a fresh process
-puts things right.  With the variable unset a point costs one dict
-lookup.  The points are listed in :data:`POINTS`.
+A test arms one with :func:`arm` (``"<point>"`` or ``"<point>@<n>"``, the
+n-th time it is reached, counting from 1); the process then SIGKILLs
+itself there, so that a test can stop a provisioning process at every
+step of a change and check that ``Pool.open`` in a fresh process puts
+things right.  Production code never arms them: nothing here reads the
+environment.  The testing package arms child processes from the
+``LIBDM_CRASH_AT`` variable the tests set (see
+``libdm/testing/boot/sitecustomize.py``).  Unarmed, a point costs one
+comparison.  The points are listed in :data:`POINTS`.
 """
 
 import os
 import signal
 
-__all__ = ["POINTS", "point"]
+__all__ = ["POINTS", "point", "arm", "disarm"]
 
 POINTS = (
     "create:intent",       # intent recorded, nothing sent
@@ -31,17 +34,36 @@ POINTS = (
     "resize_device:recorded",  # a thin device's new size stored, table not reloaded
 )
 
-_armed = os.environ.get("LIBDM_CRASH_AT")
+_armed = None  # (point, n) once armed
 _seen = {}
 
 
+def arm(spec):
+    """Arm the point ``spec`` names: ``"<point>"`` or ``"<point>@<n>"``
+    (any name a caller of :func:`point` uses: the pool's :data:`POINTS`,
+    or the snapshotter's).
+
+    Raises:
+        ValueError: a bad count.
+    """
+    global _armed
+    target, _, nth = spec.partition("@")
+    count = int(nth or 1)
+    if count < 1:
+        raise ValueError(f"crash point count must be 1 or more, got {nth!r}")
+    _armed = (target, count)
+    _seen.clear()
+
+
+def disarm():
+    global _armed
+    _armed = None
+
+
 def point(name):
-    """Die here (SIGKILL) if the environment armed this point."""
-    if _armed is None:
-        return
-    target, _, nth = _armed.partition("@")
-    if target != name:
+    """Die here (SIGKILL) if a test armed this point."""
+    if _armed is None or _armed[0] != name:
         return
     _seen[name] = _seen.get(name, 0) + 1
-    if _seen[name] >= int(nth or 1):
+    if _seen[name] >= _armed[1]:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,7 +1,16 @@
-"""Randomized crash trials: a process doing random changes is killed at a
-random moment (or at a random named crash point); Pool.open in a fresh
-process must leave the store, the kernel and the on-disk thin ids in
-agreement, with no leaked thin id."""
+"""Randomized crash trials: a process doing random changes drawn from every
+state-changing operation of a loop pool (create, snapshot, delete,
+activate, deactivate, resize of data and of metadata, refresh, the low
+water mark, a monitor growth step, and writes that give the monitor
+something to grow for) is killed at a random moment or at a random named
+crash point.  Pool.open in this process must then leave the store, the
+kernel and the on-disk thin ids in agreement, with no leaked thin id, and
+the pool healthy (witness.pool_problems: not suspended, no inactive
+table, its table what the store and the files say, every active device
+readable).
+
+Which operations the trials reached and which crash points fired are
+recorded; those never reached are reported as gaps."""
 
 import os
 import random
@@ -13,16 +22,31 @@ import pytest
 
 import libdm
 from libdm.thin import crash
-from libdm.thin.store import Store
 
 import reliability
 import witness
 
 pytestmark = pytest.mark.kernel
 
+# Every state-changing operation the churn draws from, with its weight.
+OPERATIONS = {
+    "create_thin": 8,
+    "snapshot": 6,
+    "delete": 5,
+    "activate": 3,
+    "deactivate": 3,
+    "resize_data": 2,
+    "resize_metadata": 2,
+    "refresh": 2,
+    "set_low_water_mark": 2,
+    "monitor": 2,
+    "write": 5,
+}
+
 CHURN = """
-import random, sys, libdm
-directory, seed = sys.argv[1], int(sys.argv[2])
+import os, random, sys, libdm
+directory, seed, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ops = {ops!r}
 rnd = random.Random(seed)
 pool = libdm.Pool.open(directory)
 print("ready", flush=True)
@@ -30,91 +54,153 @@ n = 0
 while True:
     n += 1
     names = [d.name for d in pool.devices()]
-    leaves = [d for d in names if not pool.device(d).children()]
-    op = rnd.random()
-    if op < 0.4 or not names:
-        pool.create_thin(f"c{seed}-{n}", "1M")
-    elif op < 0.7:
-        pool.device(rnd.choice(names)).snapshot(f"s{seed}-{n}")
-    elif op < 0.85 and leaves:
-        pool.device(rnd.choice(leaves)).delete()
-    else:
+    op = rnd.choices(list(ops), weights=list(ops.values()))[0]
+    if not names and op in ("snapshot", "delete", "activate", "deactivate", "write"):
+        op = "create_thin"
+    if len(names) > 30 and op in ("create_thin", "snapshot"):
+        op = "delete"
+    with open(log, "a") as fh:  # reached: about to run it
+        fh.write(op + "\\n")
+    if op == "create_thin":
+        pool.create_thin(f"c{{seed}}-{{n}}", "1M")
+    elif op == "snapshot":
+        pool.device(rnd.choice(names)).snapshot(f"s{{seed}}-{{n}}")
+    elif op == "delete":
+        pool.device(rnd.choice(names)).delete()
+    elif op == "activate":
+        pool.device(rnd.choice(names)).activate()
+    elif op == "deactivate":
+        pool.device(rnd.choice(names)).deactivate()
+    elif op == "resize_data":
+        size = os.stat(os.path.join(directory, "data")).st_size
+        if size < (512 << 20):
+            pool.resize(data_size=size + rnd.choice([64 << 10, (1 << 20) + 4096]))
+    elif op == "resize_metadata":
+        size = os.stat(os.path.join(directory, "metadata")).st_size
+        if size < (32 << 20):
+            pool.resize(metadata_size=size + rnd.choice([4096, 512 << 10]))
+    elif op == "refresh":
+        pool.refresh()
+    elif op == "set_low_water_mark":
+        pool.set_low_water_mark(rnd.randint(0, 2000))
+    elif op == "monitor":
+        if os.stat(os.path.join(directory, "data")).st_size < (512 << 20):
+            pool.monitor(threshold=rnd.choice([1, 5]), percent=rnd.choice([1, 5]),
+                         metadata_threshold=rnd.choice([5, 99]), reserve=512).check()
+    elif op == "write":
         dev = pool.device(rnd.choice(names))
-        dev.deactivate() if dev.active else dev.activate()
+        if dev.active:
+            fd = os.open(dev.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, os.urandom(256 << 10), rnd.randrange(4) << 18)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+""".format(ops=OPERATIONS)
+
+CREATE = """
+import sys, libdm
+libdm.Pool.create_loop(sys.argv[1], sys.argv[2], data_size="64M", min_free_space=0).close()
 """
 
 
-def disagreements(pool):
-    """Every way the three views disagree, as readable strings."""
-    found = []
-    store = Store(pool.directory)
+def run_killed(argv, env, rnd, ready=True):
+    """Run a child, kill it at a random moment unless it dies first.
+    Returns (killed by us, its stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if ready:
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            proc.wait()
+            raise AssertionError(f"the churn did not start: {proc.stderr.read()}")
+    by_us = False
     try:
-        if store.intents():
-            found.append(f"intents left: {store.intents()}")
-        if store.transaction_id() != witness.transaction_id(pool.name):
-            found.append(f"transaction id: store {store.transaction_id()}, "
-                         f"kernel {witness.transaction_id(pool.name)}")
-        recorded = {r["thin_id"] for r in store.devices()}
-        queued = {r["thin_id"] for r in store.deferred_deletes()}
-        on_disk = witness.thin_ids(pool.name)
-        leaked = on_disk - recorded - queued - set(store.foreign_ids())
-        phantom = (recorded | queued) - on_disk
-        if leaked:
-            found.append(f"leaked thin ids {sorted(leaked)}")
-        if phantom:
-            found.append(f"records without a thin id {sorted(phantom)}")
-        live = witness.names()
-        for row in store.devices():
-            dm_name = pool.device_dm_name(row["name"])
-            if bool(row["active"]) != (dm_name in live):
-                found.append(f"{row['name']}: active={row['active']} but "
-                             f"{'present' if dm_name in live else 'absent'}")
-            elif row["active"] and witness.sysfs(dm_name, "suspended") != "0":
-                found.append(f"{row['name']} left suspended")
-        return found, len(leaked)
-    finally:
-        store.close()
+        proc.wait(timeout=rnd.uniform(0.05, 1.5))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        by_us = True
+    proc.wait()
+    return proc.returncode, by_us, proc.stderr.read()
+
+
+def trial_problems(directory, trial):
+    """Pool health and agreement after a trial, as readable strings, and
+    whether the pool is wedged."""
+    try:
+        problems = witness.pool_problems(directory)
+    except witness.PoolWedged as exc:
+        return [f"{trial}: {exc}"], True
+    wedged = any("suspended" in p for p in problems)
+    problems += witness.pool_disagreements(directory)
+    return [f"{trial}: {p}" for p in problems], wedged
 
 
 def test_random_kills(dm_name, tmp_path):
     trials = reliability.scale(12, 300)
     rnd = random.Random(20261127)
     directory = tmp_path / "pool"
-    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="512M",
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
                            min_free_space=0).close()
-    problems, leaks, points_hit = [], 0, set()
+    log = tmp_path / "reached.log"
+    problems, leaks, wedged = [], 0, 0
+    points_fired, points_armed = set(), set()
     for trial in range(trials):
         env = dict(os.environ)
         env.pop("LIBDM_CRASH_AT", None)
         point = None
-        if rnd.random() < 0.5:
-            point = rnd.choice([p for p in crash.POINTS if p != "pool:created"])
-            env["LIBDM_CRASH_AT"] = f"{point}@{rnd.randint(1, 3)}"
-        proc = subprocess.Popen([sys.executable, "-c", CHURN, str(directory), str(trial)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        try:
-            proc.wait(timeout=rnd.uniform(0.05, 1.5))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        proc.wait()
-        stderr = proc.stderr.read()
-        assert proc.returncode == -signal.SIGKILL, stderr  # killed, never failed
+        if trial % 50 == 49:
+            # Pool creation itself, killed at its crash point or at random.
+            target = tmp_path / f"new{trial}"
+            if rnd.random() < 0.5:
+                point = "pool:created"
+                env["LIBDM_CRASH_AT"] = point
+            code, by_us, stderr = run_killed([CREATE, dm_name(f"new{trial}"), str(target)],
+                                             env, rnd, ready=False)
+            with open(log, "a") as fh:
+                fh.write("create_pool\n")
+        else:
+            target = directory
+            if rnd.random() < 0.5:
+                point = rnd.choice([p for p in crash.POINTS if p != "pool:created"])
+                env["LIBDM_CRASH_AT"] = f"{point}@{rnd.randint(1, 3)}"
+            code, by_us, stderr = run_killed(
+                [CHURN, str(directory), str(trial), str(log)], env, rnd)
+            assert code == -signal.SIGKILL, stderr  # killed, never failed
         if point is not None:
-            points_hit.add(point)
-        pool = libdm.Pool.open(directory)
+            points_armed.add(point)
+            if code == -signal.SIGKILL and not by_us:
+                points_fired.add(point)
+        if not os.path.exists(target / "state.db"):
+            continue  # creation killed before the store existed: nothing to open
+        how = (f"trial {trial} (seed {trial}, "
+               + (f"LIBDM_CRASH_AT={env['LIBDM_CRASH_AT']}, " if point else "")
+               + ("killed at a random time" if by_us else "killed at the point") + ")")
+        pool = libdm.Pool.open(target)
         try:
-            found, leaked = disagreements(pool)
-            problems += [f"trial {trial}: {p}" for p in found]
-            leaks += leaked
-            if len(pool.devices()) > 40:  # keep the pool small: delete leaves
+            found, is_wedged = trial_problems(target, how)
+            problems += found
+            leaks += sum("leaked thin ids" in p for p in found)
+            if is_wedged:
+                wedged += 1
+                break  # nothing more can be learnt from a wedged pool
+            if target != directory:
+                pool.destroy(remove_files=True)
+            elif len(pool.devices()) > 40:  # keep the pool small
                 for dev in pool.devices():
-                    if not dev.children() and len(pool.devices()) > 20:
+                    if len(pool.devices()) > 20:
                         dev.delete()
         finally:
             pool.close()
-    reliability.record("random kills", trials=trials, crash_points=len(points_hit),
-                       disagreements=len(problems), leaked_ids=leaks)
+    with open(log) as fh:
+        reached = set(fh.read().split())
+    wanted = set(OPERATIONS) | {"create_pool"}
+    gaps = sorted(wanted - reached) + sorted(set(crash.POINTS) - points_fired)
+    reliability.record("random kills", trials=trials, crash_points=len(points_fired),
+                       disagreements=len(problems), leaked_ids=leaks, wedged=wedged,
+                       operations=sorted(reached), crash_points_reached=sorted(points_fired),
+                       gaps=gaps)
+    print(f"\nrandom kills: operations reached {sorted(reached)}; crash points fired "
+          f"{sorted(points_fired)}; gaps {gaps}")
     assert problems == []
     assert leaks == 0

@@ -1,8 +1,10 @@
 """A real containerd (Debian's 1.6) on the libdm plugin, in the test kernel:
 ``ctr images import --snapshotter libdm`` of an OCI image this test
 builds (several layers, with whiteouts and an opaque directory), the
-files read through a view's mounts, and the layers gone from the pool
-once containerd's garbage collector has removed the image."""
+files read through a view's mounts, a container run from it with runc
+(``ctr run``; its process reads the image and writes into its root, seen
+afterwards through the container snapshot's mounts), and the layers gone
+from the pool once containerd's garbage collector has removed the image."""
 
 import gzip
 import hashlib
@@ -20,6 +22,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
 
 import libdm  # noqa: E402
+from build_conformance import build_probe  # noqa: E402
 from snapshotter_util import Plugin, make_pool, unmount_below, wait_for, write_config  # noqa: E402
 
 pytestmark = pytest.mark.kernel
@@ -66,9 +69,12 @@ def _arch():
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-def build_oci_image(path):
-    """An OCI image layout archive of LAYERS; returns the layers' chain ids."""
+def build_oci_image(path, probe):
+    """An OCI image layout archive of LAYERS, with the static program
+    ``probe`` as /probe in the top layer; returns the layers' chain ids."""
     blobs = {}
+    with open(probe, "rb") as fh:
+        layers_spec = LAYERS[:-1] + [LAYERS[-1] + [("probe", fh.read(), 0o755, 0, 0)]]
 
     def add(data):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -76,7 +82,7 @@ def build_oci_image(path):
         return digest
 
     diff_ids, layers = [], []
-    for entries in LAYERS:
+    for entries in layers_spec:
         raw = _layer_tar(entries)
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         gz = gzip.compress(raw, mtime=0)
@@ -166,7 +172,7 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
                     log=tmp_path / "plugin.log").start()
     ctd = None
     try:
-        chain = build_oci_image(tmp_path / "image.tar")
+        chain = build_oci_image(tmp_path / "image.tar", build_probe())
         ctd = Containerd(tmp_path, tmp_path / "s.sock")
         ctd.ctr("images", "import", "--snapshotter", "libdm", str(tmp_path / "image.tar"))
         assert IMAGE in ctd.ctr("images", "ls", "-q").split()
@@ -190,6 +196,8 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
             check_tree(target)
         finally:
             subprocess.run(["umount", str(target)], check=True)
+
+        run_a_container(ctd, tmp_path)
 
         # Removing the image: containerd's garbage collector removes every
         # layer (and the view, which nothing holds) through the plugin.
@@ -224,4 +232,30 @@ def check_tree(root):
     assert meta("tool") == (0o4755, 1000, 1000)
     assert sorted(os.listdir(root / "gone")) == [] and meta("gone")[0] == 0o700
     assert "lost+found" not in os.listdir(root)
+    assert meta("probe") == (0o755, 0, 0)
     assert not any(n.startswith(".wh.") for _, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def run_a_container(ctd, tmp_path):
+    """ctr run: runc starts /probe on the container's snapshot (a thin
+    snapshot of the top layer, prepared through the plugin)."""
+    if not os.path.ismount("/sys/fs/cgroup"):  # nothing is mounted there at boot
+        subprocess.run(["mount", "-t", "cgroup2", "none", "/sys/fs/cgroup"], check=True)
+    out = ctd.ctr("run", "--snapshotter", "libdm", IMAGE, "probe1", "/probe")
+    assert 'hostname-file="three\\n" dir=[b c] uid=0' in out, out
+    # The container's own snapshot holds what its process wrote.
+    line = ctd.ctr("snapshots", "--snapshotter", "libdm", "mounts", str(tmp_path / "c"),
+                   "probe1").strip()
+    argv = line.split()
+    if argv[-1] == "-o":  # no options: writable
+        argv.pop()
+    assert argv[:2] == ["mount", "-t"] and "-o" not in argv, line
+    (tmp_path / "c").mkdir()
+    subprocess.run(argv, check=True)
+    try:
+        assert (tmp_path / "c" / "written-by-container").read_text() == "hello\n"
+        assert (tmp_path / "c" / "etc" / "hostname").read_text() == "three\n"
+    finally:
+        subprocess.run(["umount", str(tmp_path / "c")], check=True)
+    ctd.ctr("containers", "rm", "probe1")
+    assert "probe1" not in ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")

@@ -3,7 +3,9 @@ here, against Debian's golang-github-containerd-containerd-dev) in GOPATH
 mode, without a module proxy, and cache the binary under .venv/cache by
 the hash of the wrapper and the containerd source's version.
 
-``python tests/containerd/build_conformance.py`` prints the binary's path
+Also builds probe/main.go, the static program tests run in a container.
+
+``python tests/containerd/build_conformance.py`` prints the suite's path
 (.ci/setup.sh runs it, on the host: inside a test kernel the same build
 takes minutes)."""
 
@@ -58,8 +60,34 @@ def build():
     return binary
 
 
+def build_probe():
+    """probe/main.go, a static program a test runs as a container's
+    process; cached like the suite."""
+    source = os.path.join(HERE, "probe", "main.go")
+    with open(source, "rb") as fh:
+        key = hashlib.sha256(fh.read()).hexdigest()[:16]
+    binary = os.path.join(CACHE, f"probe-{key}")
+    if os.path.exists(binary):
+        return binary
+    go = shutil.which("go")
+    if not go:
+        raise RuntimeError("the container probe needs golang-go (bash .ci/setup.sh installs it)")
+    build_dir = os.path.join(CACHE, "build")
+    os.makedirs(build_dir, exist_ok=True)
+    env = dict(os.environ, GO111MODULE="off", GOPATH=build_dir, CGO_ENABLED="0",
+               GOCACHE=os.path.join(build_dir, "gocache"), GOFLAGS="")
+    proc = subprocess.run([go, "build", "-o", binary + ".tmp", "."],
+                          cwd=os.path.dirname(source), env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError("building the probe failed:\n" + proc.stdout + proc.stderr)
+    os.rename(binary + ".tmp", binary)
+    return binary
+
+
 if __name__ == "__main__":
     try:
+        build_probe()
         print(build())
     except RuntimeError as exc:
         sys.exit(str(exc))

@@ -36,6 +36,12 @@ def _toml(v):
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class PluginDied(RuntimeError):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 class Plugin:
     """``python -m libdm.snapshotter serve`` in a child process."""
 
@@ -59,7 +65,13 @@ class Plugin:
             line = self.proc.stdout.readline().decode()
             if not line.startswith("serving on"):
                 code = self.proc.wait(timeout=60)
-                raise RuntimeError(f"plugin did not start (exit {code}); log {self.log}")
+                self.proc.stdout.close()
+                self.proc = None
+                tail = ""
+                if self.log:
+                    with open(self.log, "rb") as fh:
+                        tail = fh.read()[-3000:].decode(errors="replace")
+                raise PluginDied(code, f"plugin did not start (exit {code}):\n{tail}")
         return self
 
     def stop(self, sig=signal.SIGTERM, timeout=60):

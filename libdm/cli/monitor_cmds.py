@@ -7,7 +7,8 @@ import signal
 
 from libdm.cli import output
 from libdm.cli.common import emit, pool_directory
-from libdm.cli.parser import command, percentage, positive_seconds, size
+from libdm.cli.parser import command, positive_seconds
+from libdm.cli.pool_cmds import growth_arguments, growth_options
 
 __all__ = ["register"]
 
@@ -41,13 +42,8 @@ def cmd_serve(args):
 def cmd_register(args):
     from libdm.thin import registry
 
-    reg = registry.Registration(
-        pool_directory(args), threshold=args.threshold, percent=args.percent,
-        metadata_threshold=args.metadata_threshold,
-        max_data_size=None if args.max_data_size is None else str(int(args.max_data_size)),
-        max_metadata_size=(None if args.max_metadata_size is None
-                           else str(int(args.max_metadata_size))),
-        spares=list(args.spare))
+    reg = registry.Registration(pool_directory(args), threshold=args.threshold,
+                                percent=args.percent, **growth_options(args))
     print(registry.register(reg, args.config_dir))
 
 
@@ -96,17 +92,7 @@ def register(sub):
                 example="libdm monitor register --pool /var/lib/images --threshold 80 "
                         "--percent 20")
     _config_dir(p)
-    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
-                   help="percent used at which to grow (default 80)")
-    p.add_argument("--percent", metavar="PCT", type=int, default=20,
-                   help="growth in percent of the current size (default 20)")
-    p.add_argument("--metadata-threshold", metavar="PCT", type=percentage, default=None,
-                   help="percent of metadata used at which to grow it (default: --threshold)")
-    p.add_argument("--max-data-size", metavar="SIZE", type=size, help="hard limit for data")
-    p.add_argument("--max-metadata-size", metavar="SIZE", type=size,
-                   help="hard limit for metadata")
-    p.add_argument("--spare", metavar="DEV", action="append", default=[],
-                   help="a block device a block pool may grow onto (repeatable)")
+    growth_arguments(p)
 
     p = command(sub, "unregister", cmd_unregister, pool=True, path="monitor",
                 help="stop the monitor service watching a pool",

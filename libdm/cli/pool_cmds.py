@@ -291,11 +291,7 @@ def _stopped_by_signals(stop):
 
 
 def cmd_monitor(args):
-    options = {"interval": args.interval, "spares": args.spare}
-    if args.max_data_size is not None:
-        options["max_data_size"] = args.max_data_size
-    if args.reserve is not None:
-        options["reserve"] = args.reserve
+    options = dict(growth_options(args), interval=args.interval)
     with load_pool(args) as pool:
         monitor = pool.monitor(args.threshold, args.percent, **options)
         with _stopped_by_signals(monitor.stop):
@@ -308,6 +304,38 @@ def cmd_monitor(args):
 
 
 # -- the parsers ----------------------------------------------------------------------
+
+
+def growth_arguments(p):
+    """The monitor's growth settings, for ``pool monitor`` and ``monitor
+    register``."""
+    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
+                   help="percent used at which to grow (default 80)")
+    p.add_argument("--percent", metavar="PCT", type=count, default=20,
+                   help="growth in percent of the current size (default 20)")
+    p.add_argument("--metadata-threshold", metavar="PCT", type=percentage,
+                   help="percent of metadata used at which to grow it (default: --threshold)")
+    p.add_argument("--max-data-size", metavar="SIZE", type=size,
+                   help="never grow the data beyond this")
+    p.add_argument("--max-metadata-size", metavar="SIZE", type=size,
+                   help="never grow the metadata beyond this")
+    p.add_argument("--reserve", metavar="SIZE", type=size,
+                   help="free space to keep on the filesystem holding a loop pool's "
+                        "files (default 64M)")
+    p.add_argument("--spare", metavar="DEV", action="append", default=[],
+                   help="a block device a block pool may be extended onto, for data or "
+                        "metadata (repeatable, used in order)")
+
+
+def growth_options(args):
+    """``pool.monitor()`` keyword options from :func:`growth_arguments`'
+    (beyond threshold and percent), sizes as ints."""
+    options = {"spares": list(args.spare)}
+    for key in ("metadata_threshold", "max_data_size", "max_metadata_size", "reserve"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value if key == "metadata_threshold" else int(value)
+    return options
 
 
 def _deferred_flags(p):
@@ -443,20 +471,9 @@ def register(sub):
                             "--interval seconds later).",
                 example="libdm pool monitor --threshold 80 --percent 20 "
                         "--pool /var/lib/images")
-    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
-                   help="percent used at which to grow (default 80)")
-    p.add_argument("--percent", metavar="PCT", type=count, default=20,
-                   help="growth in percent of the current size (default 20)")
+    growth_arguments(p)
     p.add_argument("--interval", metavar="SECONDS", type=positive_seconds, default=10.0,
                    help="seconds between checks when no event comes (default 10)")
-    p.add_argument("--max-data-size", metavar="SIZE", type=size,
-                   help="never grow the data beyond this")
-    p.add_argument("--reserve", metavar="SIZE", type=size,
-                   help="free space to keep on the filesystem holding a loop pool's "
-                        "files (default 64M)")
-    p.add_argument("--spare", metavar="DEV", action="append", default=[],
-                   help="a block device a block pool may be extended onto (repeatable, "
-                        "used in order)")
     p.add_argument("--iterations", metavar="N", type=count,
                    help="stop after N wake-ups (default: run until stopped)")
 

@@ -40,14 +40,15 @@ def status_path():
 @dataclass(frozen=True)
 class Registration:
     """A pool to watch and the :class:`~libdm.thin.monitor.Monitor`
-    settings to watch it with (sizes as strings such as ``"1T"``)."""
+    settings to watch it with (sizes in bytes)."""
 
     pool: str
     threshold: int = 80
     percent: int = 20
     metadata_threshold: Optional[int] = None
-    max_data_size: Optional[str] = None
-    max_metadata_size: Optional[str] = None
+    max_data_size: Optional[int] = None
+    max_metadata_size: Optional[int] = None
+    reserve: Optional[int] = None
     spares: list = field(default_factory=list)
 
     def monitor_options(self):

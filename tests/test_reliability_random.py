@@ -33,6 +33,7 @@ OPERATIONS = {
     "create_thin": 8,
     "snapshot": 6,
     "delete": 5,
+    "resize_thin": 3,
     "activate": 3,
     "deactivate": 3,
     "resize_data": 2,
@@ -67,6 +68,11 @@ while True:
         pool.device(rnd.choice(names)).snapshot(f"s{{seed}}-{{n}}")
     elif op == "delete":
         pool.device(rnd.choice(names)).delete()
+    elif op == "resize_thin":
+        dev = pool.device(rnd.choice(names))
+        size = int(dev.size) + rnd.choice([64 << 10, -(64 << 10)])
+        if (64 << 10) <= size <= (4 << 20):
+            dev.resize(size, force=True)
     elif op == "activate":
         pool.device(rnd.choice(names)).activate()
     elif op == "deactivate":

@@ -61,9 +61,9 @@ MAX_META = 16 * MiB
 MAX_DEVICES = 10
 MAX_WRITES = 40  # per example: at most ~2 blocks each, far from filling the pool
 
-TOTAL_STEPS = reliability.scale(80, 2000)
-TOTAL_KILLS = reliability.scale(8, 200)
-STEPS_PER_EXAMPLE = reliability.scale(25, 50)
+TOTAL_STEPS = reliability.scale(60, 2000)
+TOTAL_KILLS = reliability.scale(6, 200)
+STEPS_PER_EXAMPLE = reliability.scale(20, 50)
 MAX_ROUNDS = 40
 KILL_MODE = 16  # a step's mode is drawn from 0..19: 16, 17 kill at a point, 18, 19 at a time
 CHILD_TIMEOUT = 120.0  # a child that takes longer is hung: the pool is wedged
@@ -78,6 +78,7 @@ POINTS_FOR = {
                  "create:transaction", "create:recorded"),
     "delete": ("delete:deactivated", "delete:intent", "delete:message",
                "delete:transaction"),
+    "resize_thin": ("resize_device:recorded",),
     "activate": (),
     "deactivate": (),
     "resize": ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
@@ -106,6 +107,8 @@ def apply(pool, op, a):
         pool.device(a["origin"]).snapshot(a["name"])
     elif op == "delete":
         pool.device(a["name"]).delete()
+    elif op == "resize_thin":
+        pool.device(a["name"]).resize(a["size"], force=a["force"])
     elif op == "activate":
         pool.device(a["name"]).activate()
     elif op == "deactivate":
@@ -191,6 +194,9 @@ class Model:
         return sorted(n for n in self.devices if n not in parents)
 
 
+UNKNOWN = -1  # a page whose content the model does not know (not checked)
+
+
 def pattern(tag):
     return tag.to_bytes(8, "little") * (PAGE // 8)
 
@@ -223,7 +229,8 @@ class Stats:
 
 # How often each kind of step is picked.
 WEIGHTS = (("write", 16), ("overwrite", 8), ("create_thin", 14), ("snapshot", 12),
-           ("delete", 10), ("activate_or_deactivate", 8), ("grow_or_tune", 20),
+           ("delete", 10), ("resize_thin", 6), ("activate_or_deactivate", 8),
+           ("grow_or_tune", 20),
            ("reopen_or_restart", 8))
 
 CONTEXT = {}  # dm_name factory, work directory and Stats, set by the test
@@ -466,7 +473,7 @@ class LoopPoolMachine(RuleBasedStateMachine):
             if not dev.active:
                 continue
             path = f"/dev/mapper/{self.name}-{name}"
-            pages = sorted(dev.pages)
+            pages = sorted(p for p, t in dev.pages.items() if t != UNKNOWN)
             unwritten = next(i for i in range(dev.size // PAGE + 1) if i not in dev.pages)
             if unwritten < dev.size // PAGE:
                 pages.append(unwritten)
@@ -535,6 +542,7 @@ class LoopPoolMachine(RuleBasedStateMachine):
             "snapshot": 0 < len(devices) < MAX_DEVICES,
             "delete": bool(devices),
             "activate_or_deactivate": bool(devices),
+            "resize_thin": bool(devices),
             "grow_or_tune": True,
             "reopen_or_restart": True,
         }
@@ -553,6 +561,10 @@ class LoopPoolMachine(RuleBasedStateMachine):
             self.snapshot(data, mode, point, delay)
         elif op == "delete":
             self.delete(data, mode, point, delay)
+        elif op == "resize_thin":
+            self.resize_thin(data, data.draw(st.sampled_from(
+                [BLOCK, PAGE, MiB, 0, -BLOCK, -MiB]), label="by"),
+                data.draw(st.booleans(), label="force"), mode, point, delay)
         elif op == "activate_or_deactivate":
             self.activate_or_deactivate(data, data.draw(st.booleans(), label="activate"), mode,
                                         delay)
@@ -603,6 +615,35 @@ class LoopPoolMachine(RuleBasedStateMachine):
         # deactivated the device: it is still there, active or not.
         self._step("delete", self._args(name=name), [before, after], None, mode, point, 1,
                    delay, loose=(name,))
+
+    def resize_thin(self, data, by, force, mode, point, delay):
+        """ThinDevice.resize: grow, or shrink (force) to whole data blocks.
+        What a shrink cuts off is discarded when the device is live, so it
+        reads as zeros if the device grows again."""
+        before = self.model.copy()
+        name = data.draw(st.sampled_from(sorted(before.devices)), label="device")
+        old = before.devices[name].size
+        new = old + by if by >= 0 else max(BLOCK, (old + by) // BLOCK * BLOCK)
+        if new > 16 * MiB:
+            new = old
+        args = self._args(name=name, size=new, force=force)
+        if new < old and not force:
+            self._step("resize_thin", args, [before], "ValueError", mode, point, 1, delay)
+            return
+        after = before.copy()
+        dev = after.devices[name]
+        dev.size = new
+        if new < old:
+            cut = new // PAGE
+            for page in [p for p in dev.pages if p >= cut]:
+                if dev.active:
+                    del dev.pages[page]  # discarded: zeros from now on
+                else:
+                    dev.pages[page] = UNKNOWN  # an inactive device is not discarded
+            # Killed midway, the cut-off part may be discarded already.
+            for page in [p for p in before.devices[name].pages if p >= cut]:
+                before.devices[name].pages[page] = UNKNOWN
+        self._step("resize_thin", args, [before, after], None, mode, point, 1, delay)
 
     def activate_or_deactivate(self, data, active, mode, delay):
         before = self.model.copy()
@@ -788,7 +829,7 @@ def test_stateful_loop_pool(dm_name, tmp_path):
                 f"{rounds - 1} rounds made only {stats.steps} steps and {stats.kills} kills "
                 f"(wanted {TOTAL_STEPS} and {TOTAL_KILLS})")
             left = max(TOTAL_STEPS - stats.steps, STEPS_PER_EXAMPLE)
-            examples = max(1, -(-left * 10 // (STEPS_PER_EXAMPLE * 7)))
+            examples = max(1, -(-left * 10 // (STEPS_PER_EXAMPLE * 8)))
             run_state_machine_as_test(LoopPoolMachine, settings=settings(
                 max_examples=examples, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
                 database=None, suppress_health_check=list(HealthCheck), print_blob=True,

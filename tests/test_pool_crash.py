@@ -14,6 +14,7 @@ from libdm.thin import crash
 from libdm.thin.store import Store
 
 import reliability
+from children import run_child
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -43,16 +44,6 @@ CASES = [
     ("delete", "delete:message"),
     ("delete", "delete:transaction"),
 ]
-
-
-def run_child(directory, code, crash_at=None):
-    env = dict(os.environ)
-    env.pop("LIBDM_CRASH_AT", None)
-    if crash_at:
-        env["LIBDM_CRASH_AT"] = crash_at
-    script = f"import libdm\np = libdm.Pool.open({str(directory)!r})\n{code}"
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def assert_consistent(pool):

@@ -10,7 +10,6 @@ Witnesses: dmsetup (info, table, status), thin_dump, thin_repair, stat.
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -19,6 +18,7 @@ from libdm.thin import capacity
 from libdm.thin.store import Store
 
 from blockio import MiB, attach, read_at, write_pattern
+from children import run_child
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -37,16 +37,6 @@ def pool_is_healthy(pool_name, directory):
     block = int(table[5])
     data = os.stat(os.path.join(directory, "data")).st_size // 512
     assert int(table[1]) == data // block * block, (table, data)
-
-
-def run_child(directory, code, crash_at=None):
-    env = dict(os.environ)
-    env.pop("LIBDM_CRASH_AT", None)
-    if crash_at:
-        env["LIBDM_CRASH_AT"] = crash_at
-    script = f"import libdm\np = libdm.Pool.open({str(directory)!r})\n{code}"
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 # -- a kill in the middle of a growth -------------------------------------------------

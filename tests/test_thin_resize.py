@@ -6,8 +6,6 @@ used data blocks from dmsetup status.
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +13,7 @@ import libdm
 from libdm.thin.store import Store
 
 from blockio import MiB, read_at, write_pattern
+from children import run_child
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -97,10 +96,8 @@ def test_a_kill_between_record_and_reload_is_corrected_by_open(dm_name, tmp_path
     pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="128M")
     dev = pool.create_thin("vol", "16M")
     pool.close()
-    env = dict(os.environ, LIBDM_CRASH_AT="resize_device:recorded")
-    code = f"import libdm\nlibdm.Pool.open({str(directory)!r}).device('vol').resize('48M')\n"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_child(directory, "p.device('vol').resize('48M')\n",
+                     crash_at="resize_device:recorded")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert length(dev.dm_name) == 16 * MiB // 512  # the kernel never saw it
     pool = libdm.Pool.open(directory)

@@ -56,7 +56,8 @@ while True:
     n += 1
     names = [d.name for d in pool.devices()]
     op = rnd.choices(list(ops), weights=list(ops.values()))[0]
-    if not names and op in ("snapshot", "delete", "activate", "deactivate", "write"):
+    if not names and op in ("snapshot", "delete", "resize_thin", "activate", "deactivate",
+                            "write"):
         op = "create_thin"
     if len(names) > 30 and op in ("create_thin", "snapshot"):
         op = "delete"
@@ -155,7 +156,7 @@ def test_random_kills(dm_name, tmp_path):
         env = dict(os.environ)
         env.pop("LIBDM_CRASH_AT", None)
         point = None
-        if trial % 50 == 49:
+        if trial % 25 == 5:
             # Pool creation itself, killed at its crash point or at random.
             target = tmp_path / f"new{trial}"
             if rnd.random() < 0.5:

@@ -10,8 +10,10 @@ snapshotter.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -31,9 +33,14 @@ def test_containerd_conformance_suite(tmp_path):
                           monitor={"enabled": False})
     plugin = Plugin(tmp_path / "pool", tmp_path / "snap.sock", config,
                     log=tmp_path / "plugin.log").start()
+    scratch = None
     try:
+        # The suite's scratch files (a flat copy of every layer, compared with
+        # the mounted snapshot after each step) on the kernel's own tmpfs:
+        # on the host filesystem its 128-layer test took 124 s instead of 93 s.
+        scratch = tempfile.mkdtemp(prefix="libdm-conformance-", dir="/dev/shm")
         env = dict(os.environ, LIBDM_SNAPSHOTTER_SOCKET=str(tmp_path / "snap.sock"),
-                   TMPDIR=str(tmp_path))
+                   TMPDIR=scratch)
         proc = subprocess.run([binary, "-test.v", "-test.parallel=1", "-test.timeout=40m"],
                               env=env, capture_output=True, text=True, timeout=2700)
         out = proc.stdout + proc.stderr
@@ -47,6 +54,9 @@ def test_containerd_conformance_suite(tmp_path):
     finally:
         plugin.stop()
         unmount_below(tmp_path)
+        if scratch is not None:
+            unmount_below(scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
         pool.destroy(remove_files=True)
     leftovers = [d for d in os.listdir("/dev/mapper") if d.startswith(name)]
     assert leftovers == []

@@ -241,3 +241,54 @@ def test_deep_chain(served):
     assert c.stat("d-129").parent == "d-128"
     for i in reversed(range(130)):
         c.remove(f"d-{i}")
+
+
+def test_xfs_async_remove_and_discard(tmp_path):
+    """fs_type xfs (mounts carry nouuid), async_remove (Remove returns, the
+    device goes in the background) and discard_blocks."""
+    name = f"libdmtest-snapx-{os.getpid()}"
+    pool = make_pool(tmp_path / "pool", name, "1G")
+    config = write_config(tmp_path / "c.toml", base_image_size="300M", fs_type="xfs",
+                          async_remove=True, discard_blocks=True, monitor={"enabled": False})
+    plugin = Plugin(tmp_path / "pool", tmp_path / "x.sock", config,
+                    log=tmp_path / "plugin.log").start()
+    c = Client(str(tmp_path / "x.sock"))
+    try:
+        mounts = c.prepare("x-a")
+        assert mounts[0].type == "xfs" and "nouuid" in mounts[0].options
+        mount(mounts, tmp_path / "m")
+        (tmp_path / "m" / "f").write_text("xfs")
+        umount(tmp_path / "m")
+        c.commit("x", "x-a")
+        view = c.view("x-v", "x")
+        assert list(view[0].options) == ["nouuid", "ro"]
+        mount(view, tmp_path / "m")
+        assert (tmp_path / "m" / "f").read_text() == "xfs"
+        umount(tmp_path / "m")
+        c.remove("x-v")
+        c.remove("x")
+        assert c.list() == []
+
+        def gone():
+            p = libdm.Pool.load(pool.directory)
+            try:
+                return {d.name for d in p.devices()} == {PREFIX + "base"}
+            finally:
+                p.close()
+        from snapshotter_util import wait_for
+        assert wait_for(gone, timeout=60)
+    finally:
+        c.close()
+        plugin.stop()
+        subprocess.run(["umount", "-l", str(tmp_path / "m")], capture_output=True)
+        pool.destroy(remove_files=True)
+
+
+def test_bad_config_is_refused(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('fs_type = "btrfs"\n')
+    proc = subprocess.run([sys.executable, "-m", "libdm.snapshotter", "serve", "--pool",
+                           str(tmp_path), "--socket", str(tmp_path / "s.sock"), "--config",
+                           str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "fs_type must be ext4 or xfs" in proc.stderr
+    assert not (tmp_path / "s.sock").exists()

@@ -91,12 +91,13 @@ def _typed(cls, table, where):
                 raise ValueError("[monitor] must be a table")
             values[name] = _typed(MonitorConfig, value, "monitor.")
             continue
-        want = {"str": str, "bool": bool, "int": int, "float": (int, float)}[f.type if
-                                                                           isinstance(f.type, str)
-                                                                           else f.type.__name__]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ValueError(f"setting {where}{name} must be a {f.type if isinstance(f.type, str) else f.type.__name__}, "
-                             f"not {value!r}")
+        kind = f.type if isinstance(f.type, type) else {"str": str, "bool": bool, "int": int,
+                                                            "float": float}[f.type]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ValueError(f"setting {where}{name} must be a {kind.__name__}, not {value!r}")
         values[name] = value
     return cls(**values)
 

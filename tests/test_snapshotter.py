@@ -25,8 +25,10 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("snap")
     name = f"libdmtest-snap-{os.getpid()}"
     pool = make_pool(tmp / "pool", name, "1G")
+    # The pool's monitor runs in the plugin, as configured by default.
     config = write_config(tmp / "config.toml", base_image_size="64M",
-                          monitor={"enabled": False})
+                          monitor={"threshold": 85, "percent": 25, "interval": 1.0,
+                                   "max_data_size": "2G"})
     plugin = Plugin(tmp / "pool", tmp / "snap.sock", config, log=tmp / "plugin.log").start()
     client = Client(str(tmp / "snap.sock"), namespace="t")
     try:
@@ -292,3 +294,40 @@ def test_bad_config_is_refused(tmp_path):
                            str(config)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "fs_type must be ext4 or xfs" in proc.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_filling_pool_grows_instead_of_failing_writes(tmp_path):
+    """The monitor in the plugin grows a pool that a container's writes
+    fill: a 96 MiB pool under a 256 MiB layer takes 120 MiB of writes."""
+    name = f"libdmtest-snapgrow-{os.getpid()}"
+    pool = make_pool(tmp_path / "pool", name, "96M")
+    before = int(pool.status().total_data)
+    config = write_config(tmp_path / "c.toml", base_image_size="256M",
+                          monitor={"threshold": 60, "percent": 50, "interval": 0.5})
+    plugin = Plugin(tmp_path / "pool", tmp_path / "g.sock", config,
+                    log=tmp_path / "plugin.log").start()
+    c = Client(str(tmp_path / "g.sock"))
+    try:
+        mounts = c.prepare("g-a")
+        mount(mounts, tmp_path / "m")
+        chunk = os.urandom(1 << 20)
+        with open(tmp_path / "m" / "big", "wb") as fh:
+            for _ in range(120):
+                fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+        umount(tmp_path / "m")
+        c.commit("g", "g-a")
+        p = libdm.Pool.load(pool.directory)
+        try:
+            after = int(p.status().total_data)
+        finally:
+            p.close()
+        assert after > before * 1.5, (before, after)
+        assert c.usage("g")[0] >= 120 << 20
+        c.remove("g")
+    finally:
+        c.close()
+        plugin.stop()
+        subprocess.run(["umount", "-l", str(tmp_path / "m")], capture_output=True)
+        libdm.Pool.open(pool.directory).destroy(remove_files=True)

@@ -569,7 +569,7 @@ class Pool(PoolCreation, Journal, Growth):
             return self._activate(self._store.device(name), operation)
         except Exception as exc:
             try:
-                self.delete_device(name)
+                self.delete_device(name, _discard=False)  # it never held data
             except DMError as undo:
                 logger.error("pool %s: could not delete %s after its activation failed: %s",
                              self.name, name, undo)
@@ -688,7 +688,7 @@ class Pool(PoolCreation, Journal, Growth):
         if ops.exists(dm_name):
             ops.remove(dm_name, deferred=self.deferred_removal)
 
-    def delete_device(self, name):
+    def delete_device(self, name, *, _discard=True):
         """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
         with self._changing("delete"):
             row = self._row(name, "delete")
@@ -697,7 +697,7 @@ class Pool(PoolCreation, Journal, Growth):
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
             self._retry_deferred_deletes()
-            if self.discard_on_delete:
+            if _discard and self.discard_on_delete:
                 self._discard_device(row)
             self._deactivate(name)
             with self._store.transaction():
@@ -806,7 +806,13 @@ class Pool(PoolCreation, Journal, Growth):
         dm_name = self.device_dm_name(row["name"])
         made = False
         if not backings.exists_live(dm_name):
-            ops.create(dm_name, self._thin_table(row, self._devno()))
+            try:
+                ops.create(dm_name, self._thin_table(row, self._devno()))
+            except (DMError, ValueError) as exc:
+                # Giving space back is a courtesy: the delete goes on.
+                logger.warning("pool %s: %s not discarded before its delete: %s", self.name,
+                               dm_name, exc)
+                return
             made = True
         try:
             if ops.info(dm_name).open_count:

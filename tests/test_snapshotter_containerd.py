@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -259,3 +260,72 @@ def run_a_container(ctd, tmp_path):
         subprocess.run(["umount", str(tmp_path / "c")], check=True)
     ctd.ctr("containers", "rm", "probe1")
     assert "probe1" not in ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
+
+
+def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
+    """SIGKILL the plugin while containerd unpacks an image through it,
+    restart it, import again: the image unpacks, containerd's snapshot
+    listing and the plugin's agree, and once the image is removed the pool
+    holds nothing but its base device."""
+    import random
+
+    import reliability
+
+    name = f"libdmtest-ctdk-{os.getpid()}"
+    pool = make_pool(tmp_path / "pool", name, "1G")
+    config = write_config(tmp_path / "snap.toml", base_image_size="64M",
+                          monitor={"enabled": False})
+    plugin = Plugin(tmp_path / "pool", tmp_path / "s.sock", config,
+                    log=tmp_path / "plugin.log").start()
+    ctd = None
+    rng = random.Random(5)
+    kills = reliability.scale(2, 8)
+    try:
+        chain = build_oci_image(tmp_path / "image.tar", build_probe())
+        ctd = Containerd(tmp_path, tmp_path / "s.sock")
+        for _ in range(kills):
+            importing = subprocess.Popen(
+                ["ctr", "--address", ctd.address, "--namespace", "libdmtest", "images",
+                 "import", "--snapshotter", "libdm", str(tmp_path / "image.tar")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.0, 1.5))
+            plugin.kill()
+            importing.wait(timeout=300)
+            plugin.start()
+            # Images whose unpack failed are removed, and with them
+            # whatever layers containerd recorded for them.
+            ctd.ctr("images", "rm", "--sync", IMAGE, check=False)
+        ctd.ctr("images", "import", "--snapshotter", "libdm", str(tmp_path / "image.tar"))
+        listed = ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
+        assert all(c in listed for c in chain), listed
+        # The plugin may still hold what killed imports left and containerd
+        # never recorded (its keys are containerd's internal ones);
+        # containerd's garbage collector removes those (it walks the plugin
+        # and removes what it does not know) once the image goes.
+        ours = plugin_rows(tmp_path / "pool")
+        assert sum(kind == "committed" for _, _, kind, _ in ours) >= len(chain), ours
+        assert all(state == "ready" for _, _, _, state in ours), ours
+        ctd.ctr("images", "rm", "--sync", IMAGE)
+        assert wait_for(lambda: not ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
+                        .strip().count("\n"), timeout=60)
+        assert wait_for(lambda: plugin_rows(tmp_path / "pool") == [], timeout=60)
+        left = {d.name for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
+        assert left == {"ctrd-base"}
+        reliability.record("snapshotter kills under containerd", kills=kills, leaked_devices=0)
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        plugin.stop()
+        unmount_below(tmp_path)
+        pool.destroy(remove_files=True)
+
+
+def plugin_rows(pool_dir):
+    """The plugin's own records: (namespace, key, kind, state) rows."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{pool_dir}/snapshotter.db?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT namespace, key, kind, state FROM snapshots").fetchall()
+    finally:
+        db.close()

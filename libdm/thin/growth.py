@@ -73,7 +73,7 @@ class GrowthIntent:
 class Growth:
     """Resizing for :class:`~libdm.Pool` (a mixin)."""
 
-    def resize(self, data_size=None, metadata_size=None):
+    def resize(self, data_size=None, metadata_size=None, *, low_water_mark=None):
         """Grow a loop pool's data and/or metadata online, like the guide's
         ``device_tool resize``.
 
@@ -81,6 +81,9 @@ class Growth:
             data_size: the new data size, bytes or a string such as
                 ``"200G"``; ``None`` leaves it.
             metadata_size: the new metadata size; ``None`` leaves it.
+            low_water_mark: a new low water mark (data blocks) to load in
+                the same reload as the data growth (the monitor's re-arm,
+                without a second suspend); ``None`` leaves it.
 
         Returns:
             The pool's status after the resize.
@@ -117,7 +120,8 @@ class Growth:
             if meta is not None and meta > meta_now:
                 self._grow("resize", metadata_size=int(meta))
             if data is not None and data > data_now:
-                self._grow("resize", data_size=int(data))
+                lwm = {} if low_water_mark is None else {"low_water_mark": int(low_water_mark)}
+                self._grow("resize", data_size=int(data), **lwm)
             return self.status()
 
     def refresh(self):

@@ -249,8 +249,8 @@ class Monitor:
             return self._record(part, used_pct, old, old, str(exc))
         if new <= old:
             return self._record(part, used_pct, old, old, "no room to grow")
-        if part == "data":
-            self._arm()
+        if part == "data" and self.pool.kind != "loop":
+            self._arm()  # a loop pool's resize re-armed it already
         return self._record(part, used_pct, old, new, None)
 
     def _apply(self, part, old, want):
@@ -260,7 +260,13 @@ class Monitor:
             if want <= old:
                 raise OSError(f"the filesystem holding {pool.directory} has no room beyond "
                               f"its {format_size(self.reserve)} reserve")
-            pool.resize(**{f"{'data' if part == 'data' else 'metadata'}_size": want})
+            if part == "data":
+                # Re-armed in the same reload: one suspend per step, not two.
+                blocks = int(want) // int(pool.block_size.bytes())
+                pool.resize(data_size=want,
+                            low_water_mark=blocks * (100 - self.threshold) // 100)
+            else:
+                pool.resize(metadata_size=want)
         elif pool.kind == "block" and (self.spares or pool.free_regions()):
             # As LVM's autoextend takes from the volume group: a spare
             # device, else the free tail of one the pool sits on.

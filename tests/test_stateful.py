@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -256,6 +257,8 @@ class LoopPoolMachine(RuleBasedStateMachine):
         self.stats = CONTEXT["stats"]
         self.stats.examples += 1
         n = self.stats.examples
+        print(f"[{time.strftime('%H:%M:%S')}] {type(self).__name__} example {n}: "
+              f"{self.stats.steps} steps, {self.stats.kills} kills so far", flush=True)
         self.name = CONTEXT["dm_name"](f"s{n}")
         self.directory = str(CONTEXT["workdir"] / f"s{n}")
         self.pool = None

@@ -2,7 +2,9 @@
 
 Tests call :func:`record` with what they did; the figures go to the file
 named by ``LIBDM_RELIABILITY_LOG`` when the report command runs them, and
-nowhere otherwise.  :func:`scale` picks the reduced count the everyday
+nowhere otherwise.  Numbers are added up over a suite's records; lists
+(the operations and crash points a randomized suite reached, and its
+``gaps``, what it never reached) are merged.  :func:`scale` picks the reduced count the everyday
 test command uses, or the full one the report asks for with
 ``LIBDM_RELIABILITY=full``.
 """
@@ -17,6 +19,12 @@ def full():
 
 def scale(reduced, complete):
     return complete if full() else reduced
+
+
+def gaps(wanted, reached):
+    """What of ``wanted`` was never ``reached``, sorted: a randomized suite
+    names these so the report can say what its figures do not cover."""
+    return sorted(set(wanted) - set(reached))
 
 
 def record(suite, **figures):

@@ -202,7 +202,7 @@ def test_random_kills(dm_name, tmp_path):
     with open(log) as fh:
         reached = set(fh.read().split())
     wanted = set(OPERATIONS) | {"create_pool"}
-    gaps = sorted(wanted - reached) + sorted(set(crash.POINTS) - points_fired)
+    gaps = reliability.gaps(wanted, reached) + reliability.gaps(crash.POINTS, points_fired)
     reliability.record("random kills", trials=trials, crash_points=len(points_fired),
                        disagreements=len(problems), leaked_ids=leaks, wedged=wedged,
                        operations=sorted(reached), crash_points_reached=sorted(points_fired),

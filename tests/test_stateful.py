@@ -893,7 +893,7 @@ def _run_machine(machine, steps, kills, per_example, operations, points_for):
             losses=stats.losses, disagreements=stats.disagreements, wedged=stats.wedged,
             operations=ops, killed_operations=sorted(stats.killed_ops),
             crash_points_reached=sorted(reached),
-            gaps=sorted(set(operations) - set(ops)) + sorted(wanted - reached))
+            gaps=reliability.gaps(operations, ops) + reliability.gaps(wanted, reached))
         print(f"\n{machine.__name__}: {stats.steps} steps in {stats.examples} examples, "
               f"{stats.kills} kills; operations {dict(stats.ops)}; killed "
               f"{dict(stats.killed_ops)}; crash points fired {dict(stats.points)}; "

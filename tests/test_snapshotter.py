@@ -205,9 +205,20 @@ def test_usage_counts_the_layers_own_bytes(served):
     assert 4 << 20 <= size < 16 << 20
     c.commit("u-b", "u-a")
     assert c.usage("u-b")[0] == size
-    c.prepare("u-c", "u-b")
+    mounts = c.prepare("u-c", "u-b")
     assert c.usage("u-c")[0] < 1 << 20  # shares its parent's blocks
-    c.remove("u-c")
+    # Rewriting 2 MiB of the parent's file in place maps no more blocks
+    # than the parent did, but the layer owns them: thin_delta counts them.
+    mount(mounts, mnt)
+    with open(mnt / "blob", "r+b") as fh:
+        fh.write(os.urandom(2 << 20))
+        os.fsync(fh.fileno())
+    umount(mnt)
+    size, _ = c.usage("u-c")
+    assert 2 << 20 <= size < 4 << 20, size
+    c.commit("u-d", "u-c")
+    assert c.usage("u-d")[0] == size
+    c.remove("u-d")
     c.remove("u-b")
 
 

@@ -543,8 +543,9 @@ class LoopPoolMachine(RuleBasedStateMachine):
 
     # -- the steps --------------------------------------------------------------------
 
-    @initialize(kill=st.integers(0, 4))
-    def create_pool(self, kill):
+    @initialize()
+    def create_pool(self):
+        kill = 4 if CONTEXT["rnd"].random() < 0.15 else 0  # at pool:created
         args = self._args(name=self.name, data=DATA_SIZE, meta=META_SIZE)
         if kill == 4:
             self._step("create_pool", args, [self.model.copy()], None, mode=KILL_MODE, child=True)
@@ -941,8 +942,9 @@ class BlockPoolMachine(LoopPoolMachine):
             for dev in self.loops:
                 subprocess.run(["losetup", "-d", dev], capture_output=True)
 
-    @initialize(kill=st.integers(0, 4))
-    def create_pool(self, kill):
+    @initialize()
+    def create_pool(self):
+        kill = 4 if CONTEXT["rnd"].random() < 0.15 else 0  # at pool:created
         data, meta = self._losetup(DATA_SIZE), self._losetup(4 * MiB)
         self.model.meta_size = 4 * MiB
         args = self._args(name=self.name, data=data, meta=meta)

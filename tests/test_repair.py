@@ -5,6 +5,7 @@ Witnesses: thin_check on the swapped-in metadata, thin_dump (through a
 metadata snapshot), dmsetup, and the devices' contents.
 """
 
+import mmap
 import os
 import subprocess
 import sys
@@ -37,15 +38,46 @@ def damage(path, offset, data):
         os.close(fd)
 
 
-@pytest.mark.parametrize("how", ["zeroed superblock", "bad superblock checksum"])
+def through_flakey(path, dm_name, byte):
+    """Rewrite the superblock of the metadata file ``path`` through a
+    dm-flakey device that corrupts byte ``byte`` (1-based) of every write,
+    as a failing disk would."""
+    loop = subprocess.run(["losetup", "--find", "--show", str(path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    name = dm_name("flakey")
+    try:
+        sectors = os.stat(path).st_size // 512
+        witness.dmsetup("create", name, "--table",
+                        f"0 {sectors} flakey {loop} 0 0 1 5 corrupt_bio_byte {byte} w 255 0")
+        witness.dmsetup("mknodes", name)
+        block = mmap.mmap(-1, 4096)
+        fd = os.open(loop, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.preadv(fd, [block], 0)
+        finally:
+            os.close(fd)
+        fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwrite(fd, block, 0)
+        finally:
+            os.close(fd)
+    finally:
+        witness.dmsetup("remove", name, check=False)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+@pytest.mark.parametrize("how", ["zeroed superblock", "bad superblock checksum",
+                                 "dm-flakey corrupted the superblock"])
 def test_repair_brings_every_device_back(dm_name, tmp_path, how):
     directory = tmp_path / "pool"
     name = dm_name("pool")
     meta = used_pool(name, directory)
     if how == "zeroed superblock":
         damage(meta, 0, bytes(4096))
-    else:
+    elif how == "bad superblock checksum":
         damage(meta, 0, b"\xde\xad\xbe\xef")  # the superblock's checksum
+    else:
+        through_flakey(meta, dm_name, 33)  # a byte of the magic number
     with pytest.raises(libdm.PoolFailedError):
         libdm.Pool.open(directory)
     assert witness.info(name) is None
@@ -56,8 +88,10 @@ def test_repair_brings_every_device_back(dm_name, tmp_path, how):
         # The damaged copy is kept, the repaired one checks clean.
         assert os.path.basename(damaged).startswith("metadata.damaged-")
         with open(damaged, "rb") as fh:
-            head = fh.read(4)
-        assert head == (bytes(4) if how == "zeroed superblock" else b"\xde\xad\xbe\xef")
+            head = fh.read(40)
+        assert {"zeroed superblock": head == bytes(40),
+                "bad superblock checksum": head[:4] == b"\xde\xad\xbe\xef",
+                "dm-flakey corrupted the superblock": head[32] == 0xFF}[how]
         assert witness.thin_ids(name) == {0, 1, 2}
         assert witness.transaction_id(name) == 3
         for n in range(2):

@@ -342,3 +342,29 @@ def test_a_filling_pool_grows_instead_of_failing_writes(tmp_path):
         plugin.stop()
         subprocess.run(["umount", "-l", str(tmp_path / "m")], capture_output=True)
         libdm.Pool.open(pool.directory).destroy(remove_files=True)
+
+
+def test_libdm_snapshotter_serve_stops_cleanly_on_sigterm(tmp_path):
+    name = f"libdmtest-snapcli-{os.getpid()}"
+    pool = make_pool(tmp_path / "pool", name, "256M")
+    sock = tmp_path / "cli.sock"
+    config = write_config(tmp_path / "c.toml", base_image_size="32M", monitor={"enabled": False})
+    proc = subprocess.Popen([sys.executable, "-m", "libdm", "snapshotter", "serve", "--pool",
+                             str(tmp_path / "pool"), "--socket", str(sock), "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving on")
+        with Client(str(sock)) as c:
+            c.prepare("cli-a")
+            c.commit("cli", "cli-a")
+        proc.send_signal(15)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        pool.destroy(remove_files=True)

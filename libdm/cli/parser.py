@@ -197,7 +197,7 @@ def build_parser(width=None):
         The parser; ``parser.commands`` maps each command's full name
         (``"create"``, ``"pool create"``...) to its subparser.
     """
-    from libdm.cli import device_cmds, monitor_cmds, pool_cmds, thin_cmds
+    from libdm.cli import device_cmds, monitor_cmds, pool_cmds, snapshotter_cmds, thin_cmds
 
     global _builder
     if width is None:
@@ -234,6 +234,7 @@ def build_parser(width=None):
             ["libdm monitor register --pool /var/lib/images",
              "libdm monitor serve"])
         monitor_cmds.register(monitor_sub)
+        snapshotter_cmds.register(sub)
         parser.commands = _builder.commands
         return parser
     finally:

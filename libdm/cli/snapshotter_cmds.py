@@ -40,8 +40,17 @@ def _arguments(p):
 
 
 def register(sub):
-    """Add ``serve`` to the ``snapshotter`` group's subparsers."""
-    p = command(sub, "serve", cmd_serve, pool=True, path="snapshotter",
+    """Add the ``snapshotter`` group and its ``serve`` command to the
+    top-level subparsers ``sub``."""
+    from libdm.cli import parser
+
+    _, group = parser._builder.group(
+        sub, "snapshotter", "containerd's snapshotter plugin on a pool",
+        "The containerd snapshotter plugin (libdm.snapshotter): containerd's snapshots "
+        "gRPC service on a unix socket, every layer a thin snapshot in a libdm pool "
+        "(needs the containerd extra: pip install 'libdm[containerd]').",
+        ["libdm snapshotter serve --pool /var/lib/images --socket /run/libdm/snapshotter.sock"])
+    p = command(group, "serve", cmd_serve, pool=True, path="snapshotter",
                 help="serve containerd's snapshots API on a unix socket until SIGTERM",
                 example="libdm snapshotter serve --pool /var/lib/images "
                         "--socket /run/libdm/snapshotter.sock")

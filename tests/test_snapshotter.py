@@ -368,3 +368,24 @@ def test_libdm_snapshotter_serve_stops_cleanly_on_sigterm(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
         pool.destroy(remove_files=True)
+
+
+def test_a_refused_prepare_leaves_its_key_free(served):
+    """The pool refuses a Prepare (here: the kernel already has a device of
+    the name the layer's device would get); the key is not left taken."""
+    import sqlite3
+
+    pool, _, c, _ = served
+    db = sqlite3.connect(f"file:{pool.directory}/snapshotter.db?mode=ro", uri=True)
+    (seq,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='snapshots'").fetchone()
+    db.close()
+    squatter = f"{pool.name}-{PREFIX}{seq + 1}"
+    libdm.create(squatter, [libdm.Target(0, 8, "zero")])
+    try:
+        with pytest.raises(grpc.RpcError):
+            c.prepare("refused-a")
+    finally:
+        libdm.remove(squatter)
+    assert "refused-a" not in [i.name for i in c.list()]
+    c.prepare("refused-a")  # no "already exists"
+    c.remove("refused-a")

@@ -250,11 +250,27 @@ class Snapshotter:
                 row_id, device = s.insert(ns, key, kind, parent_id, labels, self.prefix)
             # The row is durable: a crash from here on is rolled back by recover().
             crash.point("snapshotter:prepare:row")
-            self.pool.snapshot_device(origin, device)
+            try:
+                self.pool.snapshot_device(origin, device)
+            except BaseException:
+                # Refused (a full pool, a name taken in the kernel...): undo
+                # the row now, so the key is free for a retry.
+                self._undo_create(row_id, device)
+                raise
             crash.point("snapshotter:prepare:device")
             with self.store.transaction() as s:
                 s.execute("UPDATE snapshots SET state='ready' WHERE id=?", (row_id,))
             return self._mounts(self.store.by_id(row_id))
+
+    def _undo_create(self, row_id, device):
+        try:
+            self._delete_device(device)
+        except Exception as exc:  # noqa: BLE001 - recover() retries it
+            logger.error("snapshotter: could not delete %s after a failed prepare: %s",
+                         device, exc)
+            return
+        with self.store.transaction() as s:
+            s.execute("DELETE FROM snapshots WHERE id=?", (row_id,))
 
     def mounts(self, ns, key):
         with self._lock:
@@ -320,8 +336,14 @@ class Snapshotter:
             crash.point("snapshotter:remove:marked")
             if self.config.async_remove:
                 self._removals.set()
-            else:
+                return
+            try:
                 self._finish_removals()
+            except Exception as exc:  # noqa: BLE001
+                # The snapshot is removed; its device is deleted by the next
+                # removal, Cleanup or restart.
+                logger.error("snapshotter: deleting the device of %r failed, will retry: %s",
+                             key, exc)
 
     def stat(self, ns, key):
         with self._lock:

@@ -160,8 +160,16 @@ class Snapshotter:
     # -- the base device ----------------------------------------------------------------
 
     def _ensure_base(self):
-        if self.store.meta("base_ready"):
+        made = self.store.meta("base_ready")
+        if made:
+            # Every layer has the base's filesystem, whatever the config says now.
+            self.fs_type = made["fs_type"]
+            if made["fs_type"] != self.config.fs_type:
+                logger.warning("snapshotter: the base device has %s, not the configured %s; "
+                               "layers stay %s", made["fs_type"], self.config.fs_type,
+                               made["fs_type"])
             return
+        self.fs_type = self.config.fs_type
         # Made before and interrupted (say, mid-mkfs): make it again.
         if self._pool_has(self.base_name):
             self.pool.delete_device(self.base_name)
@@ -215,11 +223,11 @@ class Snapshotter:
 
     def _mounts(self, row):
         options = []
-        if self.config.fs_type == "xfs":
+        if self.fs_type == "xfs":
             options.append("nouuid")  # every layer has the base's filesystem UUID
         if row["kind"] == st.VIEW:
             options.append("ro")
-        return [Mount(self.config.fs_type, ops.device_path(self.pool.device_dm_name(
+        return [Mount(self.fs_type, ops.device_path(self.pool.device_dm_name(
             row["device"])), options)]
 
     # -- containerd's operations -------------------------------------------------------------

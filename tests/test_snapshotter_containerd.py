@@ -151,6 +151,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                                  f"{proc.stderr}")
         return proc.stdout
 
+    def reaches_plugin(self):
+        return subprocess.run(["ctr", "--address", self.address, "--namespace", "libdmtest",
+                               "snapshots", "--snapshotter", "libdm", "ls"],
+                              capture_output=True, timeout=60).returncode == 0
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -292,6 +297,8 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
             plugin.kill()
             importing.wait(timeout=300)
             plugin.start()
+            # containerd redials the plugin with a backoff of up to 3 s.
+            assert wait_for(ctd.reaches_plugin, timeout=30)
             # Images whose unpack failed are removed, and with them
             # whatever layers containerd recorded for them.
             ctd.ctr("images", "rm", "--sync", IMAGE, check=False)

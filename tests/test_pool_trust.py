@@ -37,6 +37,8 @@ def pool_is_healthy(pool_name, directory):
     block = int(table[5])
     data = os.stat(os.path.join(directory, "data")).st_size // 512
     assert int(table[1]) == data // block * block, (table, data)
+    meta = os.stat(os.path.join(directory, "metadata")).st_size // 4096
+    assert int(fields[1].split("/")[1]) == meta, (fields, meta)  # metadata blocks
 
 
 # -- a kill in the middle of a growth -------------------------------------------------
@@ -48,7 +50,8 @@ GROWTH = {
     "low water mark": "p.set_low_water_mark(7)\n",
 }
 POINTS = ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed")
-CASES = [("resize data", point) for point in POINTS] + [
+CASES = [("resize data", point) for point in POINTS + ("grow:truncated",)] + [
+    ("resize metadata", "grow:truncated")] + [
     (change, "grow:loaded") for change in GROWTH if change != "resize data"]
 
 

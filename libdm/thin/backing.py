@@ -23,6 +23,7 @@ from libdm.dm import ops
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.target import Target
+from libdm.thin import crash
 from libdm.thin.errors import StateError
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
@@ -191,16 +192,19 @@ class LoopBacking:
     def _set_file_size(self, name, size):
         fd = self.statedir.open_file(name, os.O_WRONLY, "resize", f"{name} file")
         try:
-            if size == self._identify(name, os.fstat(fd), "resize").st_size:
-                return
-            os.ftruncate(fd, size)
-            os.fsync(fd)
+            if size != self._identify(name, os.fstat(fd), "resize").st_size:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
         finally:
             os.close(fd)
+        crash.point("grow:truncated")
+        # Even when the file had the size already: a process killed between
+        # the truncate and this leaves the loop device behind its file.
         dev = loop.find(self.statedir.join(name), follow_symlinks=False)
         if dev is not None:
             with dev:
-                loop.refresh_capacity(dev)
+                if dev.size != size // 512 * 512:
+                    loop.refresh_capacity(dev)
 
     def teardown(self):
         """Nothing: the loops are autoclear and go with the pool."""

@@ -28,6 +28,7 @@ POINTS = (
     "delete:transaction",
     "pool:created",        # pool device loaded, store not yet written
     "grow:intent",         # growth intent recorded, nothing changed yet
+    "grow:truncated",      # a loop file grown, its loop device not yet told
     "grow:backing",        # files grown or segments recorded, pool not suspended
     "grow:loaded",         # pool suspended with the new table loaded, not resumed
     "grow:resumed",        # pool resumed on the new table, outcome not recorded

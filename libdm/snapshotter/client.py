@@ -3,7 +3,7 @@ benchmarks and examples: it talks to the libdm plugin, or to containerd's
 own socket (``snapshotter`` names the snapshotter there)."""
 
 import grpc
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import field_mask_pb2
 
 from libdm.snapshotter.api import snapshots_pb2 as pb
 from libdm.snapshotter.service import NAMESPACE_KEY, SERVICE, _SIGNATURES
@@ -81,5 +81,3 @@ class Client:
     def cleanup(self):
         self._call("Cleanup")
 
-
-assert empty_pb2  # the service's empty replies

@@ -1015,6 +1015,13 @@ def test_pool_open_counts_devices_on_a_terminal(dm_name, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     code = cli.main(["pool", "open", str(directory)])
     assert code == 0 and terminal.getvalue().endswith("activating devices: 3/3\n")
+    # Growing a pool shows each step and its time.
+    code = cli.main(["pool", "resize", "128M", "--metadata-size", "4M", "--pool",
+                     str(directory)])
+    steps = terminal.getvalue().splitlines()[-2:]
+    assert code == 0 and steps[0].startswith("growing the metadata of pool ") \
+        and steps[1].startswith("growing the data of pool ") \
+        and all(" done in " in step for step in steps), steps
     monkeypatch.undo()
     # Not on a terminal: nothing but the result.
     assert "activating" not in sh("pool", "open", directory).err

@@ -227,15 +227,39 @@ def cmd_resize(args):
         raise UsageError("give the new data SIZE, --metadata-size, or both",
                          "libdm pool resize")
     with load_pool(args) as pool:
-        pool.resize(args.size, args.metadata_size)
+        # Metadata first, as Pool.resize does, each step shown on a terminal.
+        if args.metadata_size is not None:
+            with _step(f"growing the metadata of pool {pool.name}"):
+                pool.resize(metadata_size=args.metadata_size)
+        if args.size is not None:
+            with _step(f"growing the data of pool {pool.name}"):
+                pool.resize(data_size=args.size)
         print(_sizes_line(pool))
+
+
+@contextlib.contextmanager
+def _step(what):
+    """On a terminal (stderr), ``what...`` and then how long it took: the
+    kernel's work on a big pool can take a while, with nothing to count."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    print(f"{what}...", end="", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def cmd_extend(args):
     with load_pool(args) as pool:
         try:
-            pool.extend(args.device, metadata=args.metadata, force=args.force,
-                        start=args.start, length=args.length)
+            with _step(f"extending pool {pool.name} onto {args.device}"):
+                pool.extend(args.device, metadata=args.metadata, force=args.force,
+                            start=args.start, length=args.length)
         except libdm.DeviceNotBlankError as exc:
             raise in_cli_words(exc, FORCE)
         print(_sizes_line(pool))

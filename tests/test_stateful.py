@@ -1117,3 +1117,38 @@ def test_resize_killed_before_the_loop_capacity_refresh(dm_name, tmp_path, code)
             raise KnownDefect("; ".join(problems))
     finally:
         pool.close()
+
+
+@pytest.mark.xfail(strict=True, raises=KnownDefect, reason=(
+    "open defect (data loss): delete discards the device's blocks (discard_on_delete) "
+    "before its intent is recorded; killed there (delete:deactivated), Pool.open keeps the "
+    "device, but its data reads as zeros (found by the stateful test with a kill at a "
+    "random time during a delete)"))
+def test_delete_killed_before_its_intent_keeps_the_data(dm_name, tmp_path):
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE,
+                                  min_free_space=0)
+    try:
+        dev = pool.create_thin("v", "4M")
+        witness.write_direct(dev.path, 0, pattern(7))
+        env = dict(os.environ, LIBDM_CRASH_AT="delete:deactivated")
+        proc = subprocess.run([sys.executable, "-c", KILL_AT_CALL.replace(
+            'setattr({"loop": loop, "ops": ops}[module], name, die)', ""),
+            str(pool.directory), "ops.info", "pool.device('v').delete()"],
+            env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        reopen = subprocess.run([sys.executable, "-c", CHILD, json.dumps(
+            {"op": "open", "args": {"directory": str(pool.directory)}})], input="go\n",
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert json.loads(reopen.stdout.strip().splitlines()[-1])["ok"], reopen.stdout
+        assert witness.pool_problems(pool) + witness.pool_disagreements(pool) == []
+        state = witness.store_state(pool.directory)
+        if not any(d["name"] == "v" for d in state["devices"]):
+            return  # the delete was finished: all of it
+        if not any(d["name"] == "v" and d["active"] for d in state["devices"]):
+            pool.device("v").activate()
+        got = witness.read_direct(dev.path, 0, PAGE)
+        if got != pattern(7):
+            raise KnownDefect(f"the delete was not done, and the device kept reads "
+                              f"{describe_page(got)} where write #7 was")
+    finally:
+        pool.close()

@@ -22,8 +22,8 @@ POINTS = (
     "create:transaction",  # set_transaction_id sent and committed
     "create:recorded",     # store updated, device not yet active
     "snapshot:suspended",  # origin suspended, create_snap not sent
-    "delete:deactivated",  # thin device removed, intent not recorded
-    "delete:intent",
+    "delete:intent",       # intent recorded, nothing discarded or removed
+    "delete:deactivated",  # blocks discarded, thin device removed, id not deleted
     "delete:message",
     "delete:transaction",
     "pool:created",        # pool device loaded, store not yet written

@@ -201,8 +201,17 @@ class Transaction:
                 f"another program may have changed the pool", operation, pool.name)
         # The transaction id never moved.  A create may still have reached
         # the kernel: delete the id so it cannot leak.  A delete is
-        # finished, since its device was deactivated before its intent.
-        pool._delete_thin_id(intent.thin_id)
+        # finished: its data may already be discarded, so the device must
+        # not come back (taken down first if the kill came before that).
+        if not intent.op.creates:
+            pool._deactivate(intent.name)
+        try:
+            pool._delete_thin_id(intent.thin_id)
+        except DeviceBusyError:
+            if intent.op.creates:
+                raise
+            self.withdraw(queue=True)  # still open somewhere: a deferred delete
+            return stored
         if intent.op.creates:
             self.withdraw()
             return stored
@@ -239,8 +248,11 @@ class Journal:
             if exc.errno != errno.ENODATA:
                 raise
 
-    def _delete(self, name, thin_id):
-        """Delete a deactivated device's thin id through the journal.
+    def _delete(self, row, discard):
+        """Delete a device through the journal: the intent first, then (with
+        ``discard``) its blocks discarded, its device taken down, the thin
+        id deleted.  From the intent on, a kill is finished by Pool.open:
+        a device whose data may be discarded must never come back.
 
         Returns:
             True if deleted; False if the kernel said busy and the id was
@@ -249,7 +261,20 @@ class Journal:
         Raises:
             DeviceBusyError: busy, and the pool does not defer deletes.
         """
+        name, thin_id = row["name"], row["thin_id"]
         txn = Transaction.open(self, Op.DELETE, name, thin_id)
+        try:
+            # The discard skips a device that is open, and only an open one
+            # refuses to be taken down: a refusal here has lost nothing.
+            if discard:
+                self._discard_device(row)
+            self._deactivate(name)
+        except BaseException:
+            txn.withdraw()
+            raise
+        with self._store.transaction():
+            self._store.set_active(name, False)
+        crash.point("delete:deactivated")
         try:
             self._delete_thin_id(thin_id)
         except DeviceBusyError:

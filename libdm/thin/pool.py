@@ -697,13 +697,7 @@ class Pool(PoolCreation, Journal, Growth):
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
             self._retry_deferred_deletes()
-            if _discard and self.discard_on_delete:
-                self._discard_device(row)
-            self._deactivate(name)
-            with self._store.transaction():
-                self._store.set_active(name, False)
-            crash.point("delete:deactivated")
-            self._delete(name, row["thin_id"])
+            self._delete(row, discard=_discard and self.discard_on_delete)
             if self._config.get("base_device") == name:
                 self._update_config(base_device=None)
 
@@ -819,7 +813,11 @@ class Pool(PoolCreation, Journal, Growth):
                 logger.info("pool %s: %s is open, so its blocks are not discarded before "
                             "its delete", self.name, dm_name)
                 return
-            _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
+            try:
+                _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
+            except OSError as exc:  # the delete goes on: its data goes anyway
+                logger.warning("pool %s: discarding %s before its delete failed: %s",
+                               self.name, dm_name, exc)
         finally:
             if made:
                 ops.remove(dm_name)

@@ -17,7 +17,7 @@ import libdm
 from libdm.thin import capacity
 from libdm.thin.store import Store
 
-from blockio import MiB, attach, read_at, write_pattern
+from blockio import MiB, attach, read_at, write_at, write_pattern
 from children import run_child
 import witness
 
@@ -278,11 +278,7 @@ def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
         write_pattern(pool.create_thin(f"vol{n}", "8M").path, 0x40 + n)
     pool.destroy()  # a reboot: nothing live, files kept
     meta = directory / "metadata"
-    fd = os.open(meta, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes(4096), 0)
-    finally:
-        os.close(fd)
+    write_at(meta, 0, bytes(4096))
     with pytest.raises(libdm.PoolFailedError, match="thin_repair") as err:
         libdm.Pool.open(directory)
     assert "blank" in str(err.value)
@@ -308,11 +304,7 @@ def test_a_blank_superblock_of_a_pool_never_used_is_formatted(dm_name, tmp_path)
     directory = tmp_path / "pool"
     pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
     pool.destroy()
-    fd = os.open(directory / "metadata", os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes(4096), 0)
-    finally:
-        os.close(fd)
+    write_at(directory / "metadata", 0, bytes(4096))
     pool = libdm.Pool.open(directory)
     try:
         pool_is_healthy(pool.name, directory)
@@ -326,11 +318,7 @@ def test_open_refuses_metadata_that_is_not_a_thin_superblock(dm_name, tmp_path):
     name = dm_name("pool")
     pool = libdm.Pool.create_loop(name, directory, data_size="64M")
     pool.destroy()
-    fd = os.open(directory / "metadata", os.O_WRONLY)
-    try:
-        os.pwrite(fd, b"not a superblock" * 256, 0)
-    finally:
-        os.close(fd)
+    write_at(directory / "metadata", 0, b"not a superblock" * 256)
     with pytest.raises(libdm.PoolFailedError, match="superblock"):
         libdm.Pool.open(directory)
     assert witness.info(name) is None

@@ -14,7 +14,7 @@ import pytest
 
 import libdm
 
-from blockio import MiB, read_at, write_pattern
+from blockio import MiB, read_at, write_at, write_pattern
 import witness
 
 pytestmark = pytest.mark.kernel
@@ -27,15 +27,6 @@ def used_pool(name, directory):
     pool.device("vol2").deactivate()
     pool.destroy()  # a reboot: nothing live, files and store kept
     return directory / "metadata"
-
-
-def damage(path, offset, data):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def through_flakey(path, dm_name, byte):
@@ -73,9 +64,9 @@ def test_repair_brings_every_device_back(dm_name, tmp_path, how):
     name = dm_name("pool")
     meta = used_pool(name, directory)
     if how == "zeroed superblock":
-        damage(meta, 0, bytes(4096))
+        write_at(meta, 0, bytes(4096))
     elif how == "bad superblock checksum":
-        damage(meta, 0, b"\xde\xad\xbe\xef")  # the superblock's checksum
+        write_at(meta, 0, b"\xde\xad\xbe\xef")  # the superblock's checksum
     else:
         through_flakey(meta, dm_name, 33)  # a byte of the magic number
     with pytest.raises(libdm.PoolFailedError):
@@ -131,7 +122,7 @@ def test_repair_refuses_while_a_device_is_open(dm_name, tmp_path):
 def test_a_repair_thin_repair_cannot_do_changes_nothing(dm_name, tmp_path):
     directory = tmp_path / "pool"
     meta = used_pool(dm_name("pool"), directory)
-    damage(meta, 0, os.urandom(64 * 4096))  # superblock and more: beyond repair
+    write_at(meta, 0, os.urandom(64 * 4096))  # superblock and more: beyond repair
     before = subprocess.run(["sha256sum", str(meta)], capture_output=True, text=True).stdout
     pool = libdm.Pool.load(directory)
     try:
@@ -148,7 +139,7 @@ def test_a_repair_thin_repair_cannot_do_changes_nothing(dm_name, tmp_path):
 def test_pool_repair_at_a_shell(dm_name, tmp_path):
     directory = tmp_path / "pool"
     meta = used_pool(dm_name("pool"), directory)
-    damage(meta, 0, bytes(4096))
+    write_at(meta, 0, bytes(4096))
     proc = subprocess.run([sys.executable, "-m", "libdm", "pool", "repair", "--pool",
                            str(directory)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -139,7 +139,9 @@ def _pkg_config(*args):
     try:
         out = subprocess.run(
             ["pkg-config", *args, "devmapper"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None

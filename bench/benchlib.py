@@ -12,6 +12,7 @@
   operation (a lifecycle block creates, snapshots and deletes).
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -72,8 +73,9 @@ class RawPool:
     features).  :meth:`destroy` removes every device whose name starts
     with ``<name>-``, the pool, the loop devices and the files."""
 
-    def __init__(self, name, directory, data_size=DATA_SIZE, metadata_size=METADATA_SIZE,
-                 block_sectors=128):
+    def __init__(
+        self, name, directory, data_size=DATA_SIZE, metadata_size=METADATA_SIZE, block_sectors=128
+    ):
         import libdm
 
         self.name = name
@@ -90,8 +92,9 @@ class RawPool:
             fh.flush()
             os.fsync(fh.fileno())
         for path in paths:
-            dev = subprocess.run(["losetup", "--find", "--show", path], check=True,
-                                 capture_output=True, text=True).stdout.strip()
+            dev = subprocess.run(
+                ["losetup", "--find", "--show", path], check=True, capture_output=True, text=True
+            ).stdout.strip()
             self.loops.append(dev)
         devnos = []
         for dev in self.loops:
@@ -99,8 +102,10 @@ class RawPool:
             devnos.append(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
         data_bytes = os.stat(paths[1]).st_size
         length = data_bytes // 512 // block_sectors * block_sectors
-        libdm.create(name, [libdm.Target(0, length, "thin-pool",
-                                         f"{devnos[0]} {devnos[1]} {block_sectors} 0 0")])
+        libdm.create(
+            name,
+            [libdm.Target(0, length, "thin-pool", f"{devnos[0]} {devnos[1]} {block_sectors} 0 0")],
+        )
         info = libdm.info(name)
         self.devno = f"{info.major}:{info.minor}"
 
@@ -115,22 +120,19 @@ class RawPool:
         for dev in self.loops:
             subprocess.run(["losetup", "-d", dev], check=False)
         for what in ("metadata", "data"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, what))
-            except FileNotFoundError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.directory)
-        except OSError:
-            pass
 
 
 class ThinOps:
     """One ``thin_ops serve`` process working on one pool, timing itself."""
 
     def __init__(self, binary, pool):
-        self.proc = subprocess.Popen([binary, "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [binary, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.txid = self._ask(f"pool {pool}")["txid"]
 
     def _ask(self, line):
@@ -138,8 +140,7 @@ class ThinOps:
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
         if not answer:
-            raise RuntimeError(f"thin_ops exited with status {self.proc.wait()} "
-                               f"after {line!r}")
+            raise RuntimeError(f"thin_ops exited with status {self.proc.wait()} after {line!r}")
         return json.loads(answer)
 
     def run(self, *request):
@@ -166,7 +167,7 @@ def interleave(fns, n, rounds, block, warmup=1, log=log):
 
     Returns {path: [[{op: (seconds, count)} per block] per round]}.
     """
-    for path, fn in fns.items():
+    for fn in fns.values():
         for _ in range(warmup):
             fn(block)
     names = list(fns)
@@ -179,9 +180,13 @@ def interleave(fns, n, rounds, block, warmup=1, log=log):
             for path in names[turn:] + names[:turn]:
                 times[path][r].append(fns[path](min(block, n - start)))
         if log:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{path} {sum(s for b in times[path][r] for s, _ in b.values()):.2f} s"
-                for path in names))
+            log(
+                f"  round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{path} {sum(s for b in times[path][r] for s, _ in b.values()):.2f} s"
+                    for path in names
+                )
+            )
     return times
 
 
@@ -212,14 +217,19 @@ def summarize(times, ratios):
             continue
         out["ratios"][f"{a}/{b}"] = {}
         for op in out["paths"][a]:
-            pairs = [x[op][0] / x[op][1] / (y[op][0] / y[op][1])
-                     for ra, rb in zip(times[a], times[b]) for x, y in zip(ra, rb)]
+            pairs = [
+                x[op][0] / x[op][1] / (y[op][0] / y[op][1])
+                for ra, rb in zip(times[a], times[b], strict=False)
+                for x, y in zip(ra, rb, strict=False)
+            ]
             out["ratios"][f"{a}/{b}"][op] = {
                 "median_of_blocks": statistics.median(pairs),
                 "p10": _quantile(pairs, 0.1),
                 "p90": _quantile(pairs, 0.9),
-                "rounds": [sum(x[op][0] for x in ra) / sum(y[op][0] for y in rb)
-                           for ra, rb in zip(times[a], times[b])],
+                "rounds": [
+                    sum(x[op][0] for x in ra) / sum(y[op][0] for y in rb)
+                    for ra, rb in zip(times[a], times[b], strict=False)
+                ],
             }
     return out
 

@@ -61,13 +61,11 @@ def build_c_program(build_dir=BUILD_DIR, cc=None):
         subprocess.CalledProcessError: the compiler failed.
     """
     binary = os.path.join(build_dir, "dm_ops")
-    if (os.path.exists(binary)
-            and os.path.getmtime(binary) >= os.path.getmtime(C_SOURCE)):
+    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(C_SOURCE):
         return binary
     os.makedirs(build_dir, exist_ok=True)
     cc = cc or os.environ.get("CC", "cc")
-    subprocess.run([cc, "-O2", "-Wall", "-o", binary, C_SOURCE, "-ldevmapper"],
-                   check=True)
+    subprocess.run([cc, "-O2", "-Wall", "-o", binary, C_SOURCE, "-ldevmapper"], check=True)
     return binary
 
 
@@ -106,6 +104,7 @@ def lock_held(fn):
     def run(name, n):
         with LOCK:
             return fn(name, n)
+
     return run
 
 
@@ -113,8 +112,9 @@ class CProgram:
     """One ``dm_ops serve`` process for the whole run, timing itself."""
 
     def __init__(self, binary):
-        self.proc = subprocess.Popen([binary, "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [binary, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, workload, name, n):
         self.proc.stdin.write(f"{workload} {name} {n}\n")
@@ -177,8 +177,11 @@ def cffi_raw():
     def run(dmt, udev=False):
         if udev:
             cookie = ffi.new("uint32_t *", 0)
-            lib.dm_task_set_cookie(dmt, cookie, lib.DM_UDEV_DISABLE_LIBRARY_FALLBACK
-                                   if lib.dm_udev_get_sync_support() else 0)
+            lib.dm_task_set_cookie(
+                dmt,
+                cookie,
+                lib.DM_UDEV_DISABLE_LIBRARY_FALLBACK if lib.dm_udev_get_sync_support() else 0,
+            )
         ok = lib.dm_task_run(dmt)
         if udev:
             lib.dm_udev_wait(cookie[0])
@@ -228,6 +231,7 @@ def cffi_raw():
                     break
             lib.dm_task_destroy(dmt)
         return time.perf_counter() - began
+
     return pairs, cycles
 
 
@@ -243,8 +247,7 @@ def attribution_paths():
     raw_pairs, raw_cycles = cffi_raw()
     return {
         "pairs": {
-            "libdm-lock-held": lambda n: lock_held(libdm_pairs)(
-                PAIRS_NAME.format("held"), n),
+            "libdm-lock-held": lambda n: lock_held(libdm_pairs)(PAIRS_NAME.format("held"), n),
             "cffi-raw": lambda n: raw_pairs(PAIRS_NAME.format("raw"), n),
         },
         "cycles": {
@@ -255,6 +258,7 @@ def attribution_paths():
 
 
 # -- measuring ----------------------------------------------------------------
+
 
 def measure(fns, n, rounds, block, warmup, log=print):
     """Time ``rounds`` rounds of ``n`` operations per path, interleaved.
@@ -278,16 +282,17 @@ def measure(fns, n, rounds, block, warmup, log=print):
             turn = (r + i) % len(names)
             for path in names[turn:] + names[:turn]:
                 times[path][r].append(fns[path](min(block, n - start)))
-        log(f"round {r + 1}/{rounds}: " + ", ".join(
-            f"{path} {sum(times[path][r]):.3f} s" for path in names))
+        log(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(f"{path} {sum(times[path][r]):.3f} s" for path in names)
+        )
     return times
 
 
 # numerator, denominator, target test (None: attribution only), target text
 RATIOS = (
     ("libdm", "c", lambda x: x <= MAX_LIBDM_OVER_C, f"<= {MAX_LIBDM_OVER_C:g}"),
-    ("dmsetup", "libdm", lambda x: x >= MIN_DMSETUP_OVER_LIBDM,
-     f">= {MIN_DMSETUP_OVER_LIBDM:g}"),
+    ("dmsetup", "libdm", lambda x: x >= MIN_DMSETUP_OVER_LIBDM, f">= {MIN_DMSETUP_OVER_LIBDM:g}"),
     ("libdm-lock-held", "c", None, ""),
     ("cffi-raw", "c", None, ""),
     ("libdm", "libdm-lock-held", None, ""),
@@ -303,18 +308,28 @@ def summarize(times, n, block):
         sizes = [min(block, n - start) for start in range(0, n, block)]
         out = {"n": n, "block": block, "paths": {}, "ratios": {}}
         for path, rounds in by_path.items():
-            per_op = statistics.median(t / k for r in rounds for t, k in zip(r, sizes))
-            out["paths"][path] = {"ms_per_op": per_op * 1e3, "ops_per_s": 1 / per_op,
-                                  "round_totals_s": [sum(r) for r in rounds],
-                                  "blocks_s": rounds}
+            per_op = statistics.median(
+                t / k for r in rounds for t, k in zip(r, sizes, strict=True)
+            )
+            out["paths"][path] = {
+                "ms_per_op": per_op * 1e3,
+                "ops_per_s": 1 / per_op,
+                "round_totals_s": [sum(r) for r in rounds],
+                "blocks_s": rounds,
+            }
         for a, b, _, _ in RATIOS:
             if a in by_path and b in by_path:
-                pairs = [x / y for ra, rb in zip(by_path[a], by_path[b])
-                         for x, y in zip(ra, rb)]
+                pairs = [
+                    x / y
+                    for ra, rb in zip(by_path[a], by_path[b], strict=True)
+                    for x, y in zip(ra, rb, strict=True)
+                ]
                 out["ratios"][f"{a}/{b}"] = {
                     "median_of_blocks": statistics.median(pairs),
-                    "rounds": [sum(ra) / sum(rb)
-                               for ra, rb in zip(by_path[a], by_path[b])]}
+                    "rounds": [
+                        sum(ra) / sum(rb) for ra, rb in zip(by_path[a], by_path[b], strict=True)
+                    ],
+                }
         summary[workload] = out
     return summary
 
@@ -322,26 +337,30 @@ def summarize(times, n, block):
 def table(summary):
     """The summary as a Markdown table, then the ratios against the targets."""
     unit = {"pairs": "create+remove pair", "cycles": "suspend+resume+status cycle"}
-    lines = ["| workload | path | ms per op | ops/s | round totals (s) |",
-             "| --- | --- | ---: | ---: | --- |"]
+    lines = [
+        "| workload | path | ms per op | ops/s | round totals (s) |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
     for workload, s in summary.items():
         for path, row in s["paths"].items():
             totals = ", ".join(f"{t:.3f}" for t in row["round_totals_s"])
-            lines.append(f"| {workload} (n={s['n']}) | {path} | {row['ms_per_op']:.3f} "
-                         f"| {row['ops_per_s']:.1f} | {totals} |")
+            lines.append(
+                f"| {workload} (n={s['n']}) | {path} | {row['ms_per_op']:.3f} "
+                f"| {row['ops_per_s']:.1f} | {totals} |"
+            )
     lines.append("")
     for workload, s in summary.items():
-        lines.append(f"- {workload} (op = {unit[workload]}; ratios are medians of "
-                     f"paired blocks of {s['block']}):")
+        lines.append(
+            f"- {workload} (op = {unit[workload]}; ratios are medians of "
+            f"paired blocks of {s['block']}):"
+        )
         for a, b, ok, target in RATIOS:
             r = s["ratios"].get(f"{a}/{b}")
             if r:
                 x = r["median_of_blocks"]
                 rounds = ", ".join(f"{y:.2f}" for y in r["rounds"])
-                verdict = (f"{'meets' if ok(x) else 'MISSES'} {target}" if ok
-                           else "attribution")
-                lines.append(f"  - {a}/{b} = {x:.3f} ({verdict}); "
-                             f"ratio of round totals: {rounds}")
+                verdict = f"{'meets' if ok(x) else 'MISSES'} {target}" if ok else "attribution"
+                lines.append(f"  - {a}/{b} = {x:.3f} ({verdict}); ratio of round totals: {rounds}")
     return "\n".join(lines)
 
 
@@ -349,8 +368,10 @@ def profile(n, top=25):
     """cProfile n operations of each libdm workload; print the hottest calls."""
     libdm.create(CYCLES_NAME, TABLE)
     try:
-        for workload, fn in (("pairs", lambda: libdm_pairs("bench-profile", n)),
-                             ("cycles", lambda: libdm_cycles(CYCLES_NAME, n))):
+        for workload, fn in (
+            ("pairs", lambda: libdm_pairs("bench-profile", n)),
+            ("cycles", lambda: libdm_cycles(CYCLES_NAME, n)),
+        ):
             prof = cProfile.Profile()
             prof.runcall(fn)
             print(f"\n## cProfile: libdm {workload}, n={n}")
@@ -368,31 +389,46 @@ def machine():
         "python": platform.python_version(),
         "libdevmapper": libdm.library_version(),
         "driver": ".".join(map(str, libdm.driver_version())),
-        "dmsetup": subprocess.run(["dmsetup", "--version"], stdout=subprocess.PIPE,
-                                  text=True).stdout.splitlines(),
+        "dmsetup": subprocess.run(
+            ["dmsetup", "--version"], stdout=subprocess.PIPE, text=True
+        ).stdout.splitlines(),
     }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--count", type=int, default=300,
-                    help="pairs and cycles per path per round (default 300)")
+    ap.add_argument(
+        "-n",
+        "--count",
+        type=int,
+        default=300,
+        help="pairs and cycles per path per round (default 300)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    ap.add_argument("--block", type=int, default=10,
-                    help="operations per interleaved block (default 10)")
-    ap.add_argument("--warmup", type=int, default=30,
-                    help="warm-up ops per path (dmsetup does a fifth)")
+    ap.add_argument(
+        "--block", type=int, default=10, help="operations per interleaved block (default 10)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=30, help="warm-up ops per path (dmsetup does a fifth)"
+    )
     ap.add_argument("--dm-ops", help="the built C program (default: build it)")
     ap.add_argument("--results", default=RESULTS_DIR, help="JSON output directory")
     ap.add_argument("--host", default="", help="a note on the host, kept in the JSON")
-    ap.add_argument("--skip-dmsetup", action="store_true",
-                    help="compare libdm with C only (quicker)")
-    ap.add_argument("--attribute", action="store_true",
-                    help="add paths 'libdm-lock-held' (libdm with its library lock "
-                         "held around each block: isolates the lock's cost) and "
-                         "'cffi-raw' (the C program's calls from Python, no libdm code)")
-    ap.add_argument("--profile", action="store_true",
-                    help="also cProfile the libdm paths and print the top calls")
+    ap.add_argument(
+        "--skip-dmsetup", action="store_true", help="compare libdm with C only (quicker)"
+    )
+    ap.add_argument(
+        "--attribute",
+        action="store_true",
+        help="add paths 'libdm-lock-held' (libdm with its library lock "
+        "held around each block: isolates the lock's cost) and "
+        "'cffi-raw' (the C program's calls from Python, no libdm code)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also cProfile the libdm paths and print the top calls",
+    )
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -404,10 +440,15 @@ def main(argv=None):
 
     info = machine()
     info["host"] = args.host
-    print(f"# device_ops: {info['kernel']}, {info['cpus']} cpus, libdevmapper "
-          f"{info['libdevmapper']}, driver {info['driver']}, python {info['python']}",
-          flush=True)
-    log = lambda s: print(s, flush=True)
+    print(
+        f"# device_ops: {info['kernel']}, {info['cpus']} cpus, libdevmapper "
+        f"{info['libdevmapper']}, driver {info['driver']}, python {info['python']}",
+        flush=True,
+    )
+
+    def log(s):
+        return print(s, flush=True)
+
     c = CProgram(c_binary)
     try:
         fns = paths(c, dmsetup_binary)
@@ -419,13 +460,15 @@ def main(argv=None):
                 del by_path["dmsetup"]
         times = {}
         log(f"pairs: {args.count} per path per round, blocks of {args.block}")
-        times["pairs"] = measure(fns["pairs"], args.count, args.rounds, args.block,
-                                 args.warmup, log)
+        times["pairs"] = measure(
+            fns["pairs"], args.count, args.rounds, args.block, args.warmup, log
+        )
         log(f"cycles: {args.count} per path per round, blocks of {args.block}")
         libdm.create(CYCLES_NAME, TABLE)
         try:
-            times["cycles"] = measure(fns["cycles"], args.count, args.rounds,
-                                      args.block, args.warmup, log)
+            times["cycles"] = measure(
+                fns["cycles"], args.count, args.rounds, args.block, args.warmup, log
+            )
         finally:
             libdm.remove(CYCLES_NAME)
     finally:
@@ -435,14 +478,24 @@ def main(argv=None):
     print(table(summary))
 
     os.makedirs(args.results, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(args.results, f"device_ops-{stamp}.json")
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump({"machine": info, "rounds": args.rounds, "block": args.block,
-                   "warmup": args.warmup,
-                   "targets": {"libdm_over_c_max": MAX_LIBDM_OVER_C,
-                               "dmsetup_over_libdm_min": MIN_DMSETUP_OVER_LIBDM},
-                   "results": summary}, fh, indent=2)
+        json.dump(
+            {
+                "machine": info,
+                "rounds": args.rounds,
+                "block": args.block,
+                "warmup": args.warmup,
+                "targets": {
+                    "libdm_over_c_max": MAX_LIBDM_OVER_C,
+                    "dmsetup_over_libdm_min": MIN_DMSETUP_OVER_LIBDM,
+                },
+                "results": summary,
+            },
+            fh,
+            indent=2,
+        )
     print(f"\nwrote {path}")
     if args.profile:
         profile(args.count)

@@ -57,9 +57,12 @@ def host_note():
         load = f.read().split()[0]
     kernels = other_kernels()
     if kernels:
-        print(f"bench/run.py: warning: {kernels} UML kernel processes already run on "
-              f"this host (load {load}); they compete for its CPUs and make the "
-              f"figures noisy", file=sys.stderr)
+        print(
+            f"bench/run.py: warning: {kernels} UML kernel processes already run on "
+            f"this host (load {load}); they compete for its CPUs and make the "
+            f"figures noisy",
+            file=sys.stderr,
+        )
     return f"cpus={os.cpu_count()} load1={load} uml_processes_before={kernels}"
 
 
@@ -79,8 +82,13 @@ class HostSampler(threading.Thread):
         self.began = time.monotonic()
 
     def sample(self):
-        self.samples.append({"t": round(time.monotonic() - self.began, 1),
-                             "load1": _load1(), "uml_processes": other_kernels()})
+        self.samples.append(
+            {
+                "t": round(time.monotonic() - self.began, 1),
+                "load1": _load1(),
+                "uml_processes": other_kernels(),
+            }
+        )
 
     def run(self):
         self.sample()
@@ -98,24 +106,40 @@ def run_suite(argv):
 
     dm_ops = device_ops.build_c_program()
     thin_ops = benchlib.build_c("thin_ops")
-    command = [sys.executable, os.path.join(HERE, "suite.py"), "--dm-ops", dm_ops,
-               "--thin-ops", thin_ops, "--host", host_note(), *rest]
+    command = [
+        sys.executable,
+        os.path.join(HERE, "suite.py"),
+        "--dm-ops",
+        dm_ops,
+        "--thin-ops",
+        thin_ops,
+        "--host",
+        host_note(),
+        *rest,
+    ]
     sampler = HostSampler()
     sampler.start()
     began = time.time()
-    status = subprocess.call([sys.executable, "-m", "libdm.testing", "run", "--mem", known.mem,
-                              "--", *command], cwd=os.path.dirname(HERE))
+    status = subprocess.call(
+        [sys.executable, "-m", "libdm.testing", "run", "--mem", known.mem, "--", *command],
+        cwd=os.path.dirname(HERE),
+    )
     wall = time.time() - began
     sampler.stop.set()
     sampler.sample()
     loads = [s["load1"] for s in sampler.samples]
     kernels = [s["uml_processes"] for s in sampler.samples]
-    print(f"bench/run.py: {wall:.0f} s including the kernel's boot; host load "
-          f"{min(loads):.2f}-{max(loads):.2f}, other UML processes {min(kernels)}-"
-          f"{max(kernels)} (includes this run's kernel)")
+    print(
+        f"bench/run.py: {wall:.0f} s including the kernel's boot; host load "
+        f"{min(loads):.2f}-{max(loads):.2f}, other UML processes {min(kernels)}-"
+        f"{max(kernels)} (includes this run's kernel)"
+    )
     # Add the host's side to the JSON the run wrote (the newest one since we began).
-    written = [p for p in glob.glob(os.path.join(benchlib.RESULTS_DIR, "suite-*.json"))
-               if os.path.getmtime(p) >= began]
+    written = [
+        p
+        for p in glob.glob(os.path.join(benchlib.RESULTS_DIR, "suite-*.json"))
+        if os.path.getmtime(p) >= began
+    ]
     if written:
         path = max(written, key=os.path.getmtime)
         with open(path, encoding="utf-8") as fh:
@@ -131,10 +155,18 @@ def main(argv=None):
     if "--all" in argv or any(a == "--suites" or a.startswith("--suites=") for a in argv):
         return run_suite(argv)
     binary = device_ops.build_c_program()
-    command = [sys.executable, os.path.join(HERE, "device_ops.py"),
-               "--dm-ops", binary, "--host", host_note(), *argv]
-    return subprocess.call([sys.executable, "-m", "libdm.testing", "run", "--", *command],
-                           cwd=os.path.dirname(HERE))
+    command = [
+        sys.executable,
+        os.path.join(HERE, "device_ops.py"),
+        "--dm-ops",
+        binary,
+        "--host",
+        host_note(),
+        *argv,
+    ]
+    return subprocess.call(
+        [sys.executable, "-m", "libdm.testing", "run", "--", *command], cwd=os.path.dirname(HERE)
+    )
 
 
 if __name__ == "__main__":

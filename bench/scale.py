@@ -29,6 +29,7 @@ Nothing here asserts a target; the table says whether each was met.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -65,8 +66,10 @@ def build_libdm(pool, n, active, log=benchlib.log):
             now = time.perf_counter()
             per_1000.append(now - last)
             last = now
-            log(f"  {pool.name}: {i + 1} devices, last thousand in {per_1000[-1]:.1f} s, "
-                f"kernel MemAvailable {benchlib.meminfo()['MemAvailable'] // 1024} MiB")
+            log(
+                f"  {pool.name}: {i + 1} devices, last thousand in {per_1000[-1]:.1f} s, "
+                f"kernel MemAvailable {benchlib.meminfo()['MemAvailable'] // 1024} MiB"
+            )
     return {"seconds": time.perf_counter() - began, "per_1000_s": per_1000}
 
 
@@ -127,40 +130,69 @@ def _child_open(directory, repeats=3):
 
 
 def open_child(directory):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-open", directory],
-                          check=True, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child-open", directory],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return json.loads(proc.stdout)
 
 
-def run(thin_ops_binary, directory, large=10_000, small=100, active_fraction=0.1,
-        n=100, rounds=3, block=10, open_repeats=3, log=benchlib.log):
+def run(
+    thin_ops_binary,
+    directory,
+    large=10_000,
+    small=100,
+    active_fraction=0.1,
+    n=100,
+    rounds=3,
+    block=10,
+    open_repeats=3,
+    log=benchlib.log,
+):
     """Build the four pools under ``directory``, measure, tear down."""
-    import libdm
     from thin_lifecycle import CPath, LibdmPath
+
+    import libdm
 
     os.makedirs(directory, exist_ok=True)
     active_large = int(large * active_fraction)
     active_small = int(small * active_fraction)
-    out = {"large": large, "small": small, "active_large": active_large,
-           "active_small": active_small, "n": n, "rounds": rounds, "block": block,
-           "directory": directory,
-           "targets": {"large_over_small_max": MAX_LARGE_OVER_SMALL,
-                       "rss_mb_max": MAX_RSS_MB}}
+    out = {
+        "large": large,
+        "small": small,
+        "active_large": active_large,
+        "active_small": active_small,
+        "n": n,
+        "rounds": rounds,
+        "block": block,
+        "directory": directory,
+        "targets": {"large_over_small_max": MAX_LARGE_OVER_SMALL, "rss_mb_max": MAX_RSS_MB},
+    }
     pools, raws, cs = {}, {}, {}
     try:
-        for key, size in (("small", small), ("large", large)):
+        for key in ("small", "large"):
             raws[key] = benchlib.RawPool(f"bench-c{key[0]}", os.path.join(directory, f"c{key}"))
             cs[key] = benchlib.ThinOps(thin_ops_binary, raws[key].name)
-            pools[key] = libdm.Pool.create_loop(f"bench-{key[0]}", os.path.join(directory, key),
-                                                data_size=DATA_SIZE, metadata_size=METADATA_SIZE)
-        log(f"scale: building pools of {small} and {large} thin devices "
-            f"({active_small} and {active_large} active), libdm and C")
+            pools[key] = libdm.Pool.create_loop(
+                f"bench-{key[0]}",
+                os.path.join(directory, key),
+                data_size=DATA_SIZE,
+                metadata_size=METADATA_SIZE,
+            )
+        log(
+            f"scale: building pools of {small} and {large} thin devices "
+            f"({active_small} and {active_large} active), libdm and C"
+        )
         out["build"] = {}
         for key, size, act in (("small", small, active_small), ("large", large, active_large)):
             out["build"][f"c@{size}"] = build_c(cs[key], size, act)
             out["build"][f"libdm@{size}"] = build_libdm(pools[key], size, act, log)
-            log(f"  built {size}: libdm {out['build'][f'libdm@{size}']['seconds']:.1f} s, "
-                f"C {out['build'][f'c@{size}']['seconds']:.1f} s")
+            log(
+                f"  built {size}: libdm {out['build'][f'libdm@{size}']['seconds']:.1f} s, "
+                f"C {out['build'][f'c@{size}']['seconds']:.1f} s"
+            )
         out["meminfo_after_build_kb"] = benchlib.meminfo()
 
         # -- per-operation time at 100 and at 10,000 ---------------------------
@@ -170,26 +202,34 @@ def run(thin_ops_binary, directory, large=10_000, small=100, active_fraction=0.1
             f"c@{small}": CPath(cs["small"], base=small).block,
             f"c@{large}": CPath(cs["large"], base=large).block,
         }
-        log(f"scale: lifecycle at {small} and {large} devices, {n} of each operation per "
-            f"pool per round, {rounds} rounds, blocks of {block}")
+        log(
+            f"scale: lifecycle at {small} and {large} devices, {n} of each operation per "
+            f"pool per round, {rounds} rounds, blocks of {block}"
+        )
         times = benchlib.interleave(fns, n, rounds, block, log=log)
-        ratios = ((f"libdm@{large}", f"libdm@{small}"), (f"c@{large}", f"c@{small}"),
-                  (f"libdm@{small}", f"c@{small}"), (f"libdm@{large}", f"c@{large}"))
+        ratios = (
+            (f"libdm@{large}", f"libdm@{small}"),
+            (f"c@{large}", f"c@{small}"),
+            (f"libdm@{small}", f"c@{small}"),
+            (f"libdm@{large}", f"c@{large}"),
+        )
         out["ops"] = benchlib.summarize(times, ratios)
 
         # -- no scans ------------------------------------------------------------
         big = pools["large"]
         path = LibdmPath(big, "q")
         count, scans = sql_scans(big, lambda: path.block(2))
-        out["sql"] = {"lifecycle_block_statements": count,
-                      "lifecycle_scans": [{"sql": s, "plan": p} for s, p in scans]}
+        out["sql"] = {
+            "lifecycle_block_statements": count,
+            "lifecycle_scans": [{"sql": s, "plan": p} for s, p in scans],
+        }
         for what, fn in (("devices", big.devices), ("info", big.info)):
             _, scans = sql_scans(big, fn)
             out["sql"][f"{what}_scans"] = [{"sql": s, "plan": p} for s, p in scans]
 
         # -- listing and info, warm ---------------------------------------------
         warm = {}
-        for key, size in (("small", small), ("large", large)):
+        for size in (small, large):
             for what in ("devices", "info"):
                 warm[f"{what}@{size}"] = []
         for _ in range(5):
@@ -200,8 +240,10 @@ def run(thin_ops_binary, directory, large=10_000, small=100, active_fraction=0.1
         out["warm_all_s"] = warm
 
         # -- Pool.open re-activating the active devices, in a fresh process --------
-        log(f"scale: Pool.open of the {large}-device pool re-activating {active_large}, "
-            f"{open_repeats} times, each in a fresh process; C re-activating as many")
+        log(
+            f"scale: Pool.open of the {large}-device pool re-activating {active_large}, "
+            f"{open_repeats} times, each in a fresh process; C re-activating as many"
+        )
         active_names = [big.device_dm_name(nm) for nm in _names(active_large)]
         opens, c_activate, teardown = [], [], []
         for rep in range(open_repeats):
@@ -211,19 +253,24 @@ def run(thin_ops_binary, directory, large=10_000, small=100, active_fraction=0.1
             teardown.append(time.perf_counter() - began)
             opens.append(open_child(big.directory))
             cs["large"].run("deactivate", "d", 0, active_large)
-            c_activate.append(cs["large"].run("activate", "d", 0, active_large,
-                                              THIN_SIZE // 512))
-            log(f"  open {rep + 1}: Pool.open {opens[-1]['open_s']:.2f} s "
+            c_activate.append(cs["large"].run("activate", "d", 0, active_large, THIN_SIZE // 512))
+            log(
+                f"  open {rep + 1}: Pool.open {opens[-1]['open_s']:.2f} s "
                 f"({opens[-1]['activated']} activated), C activate {c_activate[-1]:.2f} s, "
-                f"peak RSS {opens[-1]['maxrss_kb'] / 1024:.1f} MiB")
+                f"peak RSS {opens[-1]['maxrss_kb'] / 1024:.1f} MiB"
+            )
         live = open_child(big.directory)
         log(f"  open with every device live: {live['open_s']:.2f} s")
-        out["open"] = {"children": opens, "c_activate_s": c_activate,
-                       "libdm_remove_s": teardown, "live_child": live,
-                       "open_s_median": statistics.median(o["open_s"] for o in opens),
-                       "c_activate_s_median": statistics.median(c_activate),
-                       "ratios_per_repeat": [o["open_s"] / c for o, c in zip(opens, c_activate)],
-                       "maxrss_mb_max": max(o["maxrss_kb"] for o in opens + [live]) / 1024}
+        out["open"] = {
+            "children": opens,
+            "c_activate_s": c_activate,
+            "libdm_remove_s": teardown,
+            "live_child": live,
+            "open_s_median": statistics.median(o["open_s"] for o in opens),
+            "c_activate_s_median": statistics.median(c_activate),
+            "ratios_per_repeat": [o["open_s"] / c for o, c in zip(opens, c_activate, strict=True)],
+            "maxrss_mb_max": max(o["maxrss_kb"] for o in [*opens, live]) / 1024,
+        }
         out["parent_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     finally:
         for c in cs.values():
@@ -234,10 +281,8 @@ def run(thin_ops_binary, directory, large=10_000, small=100, active_fraction=0.1
             began = time.perf_counter()
             pool.destroy(remove_files=True)
             out.setdefault("destroy_s", {})[key] = time.perf_counter() - began
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(directory)
-        except OSError:
-            pass
     return out
 
 
@@ -248,17 +293,27 @@ def _scans_devices(scan):
 def table(out):
     """The results as Markdown."""
     large, small = out["large"], out["small"]
-    lines = [f"Build ({out['active_large']} of {large} active): "
-             + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in out["build"].items()), ""]
-    lines += ["| operation | path | ms per op (median block) | p10-p90 ms |",
-              "| --- | --- | ---: | --- |"]
+    lines = [
+        f"Build ({out['active_large']} of {large} active): "
+        + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in out["build"].items()),
+        "",
+    ]
+    lines += [
+        "| operation | path | ms per op (median block) | p10-p90 ms |",
+        "| --- | --- | ---: | --- |",
+    ]
     for op in OPS:
         for path, by_op in out["ops"]["paths"].items():
             row = by_op[op]
-            lines.append(f"| {op} | {path} | {row['ms_per_op']:.2f} "
-                         f"| {row['p10_ms']:.2f}-{row['p90_ms']:.2f} |")
-    lines += ["", "| ratio | " + " | ".join(OPS) + " | target |",
-              "| --- | " + " | ".join("---:" for _ in OPS) + " | --- |"]
+            lines.append(
+                f"| {op} | {path} | {row['ms_per_op']:.2f} "
+                f"| {row['p10_ms']:.2f}-{row['p90_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        "| ratio | " + " | ".join(OPS) + " | target |",
+        "| --- | " + " | ".join("---:" for _ in OPS) + " | --- |",
+    ]
     main_ratio = f"libdm@{large}/libdm@{small}"
     for name, by_op in out["ops"]["ratios"].items():
         cells = []
@@ -280,11 +335,13 @@ def table(out):
         "| --- | ---: | --- |",
         f"| Pool.open re-activating {out['active_large']} (fresh process, median) "
         f"| {op['open_s_median']:.2f} s | runs: "
-        + ", ".join(f"{o['open_s']:.2f}" for o in op["children"]) + " |",
+        + ", ".join(f"{o['open_s']:.2f}" for o in op["children"])
+        + " |",
         f"| C re-activating {out['active_large']} (median) | {op['c_activate_s_median']:.2f} s "
         f"| runs: " + ", ".join(f"{c:.2f}" for c in op["c_activate_s"]) + " |",
         f"| Pool.open / C | {op['open_s_median'] / op['c_activate_s_median']:.2f} | per run: "
-        + ", ".join(f"{r:.2f}" for r in op["ratios_per_repeat"]) + " |",
+        + ", ".join(f"{r:.2f}" for r in op["ratios_per_repeat"])
+        + " |",
         f"| Pool.open with every device live | {live['open_s']:.2f} s | verifies only |",
         f"| devices() at {large}, warm / fresh process | {w[f'devices@{large}']:.1f} ms / "
         f"{statistics.median(live['devices_s']) * 1e3:.1f} ms | at {small}: "
@@ -302,16 +359,21 @@ def table(out):
         for s in out["sql"][f"{what}_scans"]:
             lines.append(f"| scan in {what} | | `{s['sql'][:70]}`: {'; '.join(s['plan'])} |")
     lines.append("")
-    lines.append(f"(n={out['n']} per operation per pool per round, {out['rounds']} rounds, "
-                 f"blocks of {out['block']}; ratios are medians of paired blocks)")
+    lines.append(
+        f"(n={out['n']} per operation per pool per round, {out['rounds']} rounds, "
+        f"blocks of {out['block']}; ratios are medians of paired blocks)"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--thin-ops", help="the built C program (default: build it)")
-    ap.add_argument("--dir", default="/var/tmp/libdm-bench-scale",
-                    help="where the pools' files go (removed after)")
+    ap.add_argument(
+        "--dir",
+        default="/var/tmp/libdm-bench-scale",
+        help="where the pools' files go (removed after)",
+    )
     ap.add_argument("--large", type=int, default=10_000)
     ap.add_argument("--small", type=int, default=100)
     ap.add_argument("-n", "--count", type=int, default=100)
@@ -325,8 +387,16 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("scale.py: needs root inside a kernel with device-mapper")
     binary = args.thin_ops or benchlib.build_c("thin_ops")
-    out = run(binary, args.dir, args.large, args.small, n=args.count, rounds=args.rounds,
-              block=args.block, open_repeats=args.open_repeats)
+    out = run(
+        binary,
+        args.dir,
+        args.large,
+        args.small,
+        n=args.count,
+        rounds=args.rounds,
+        block=args.block,
+        open_repeats=args.open_repeats,
+    )
     print(table(out))
     return 0
 

@@ -98,8 +98,14 @@ def devmapper_pool(work, name):
     data_dev = sh("losetup", "--find", "--show", data).strip()
     meta_dev = sh("losetup", "--find", "--show", meta).strip()
     sectors = (2 << 30) // 512
-    libdm.create(name, [libdm.Target(0, sectors, "thin-pool",
-                                     f"{meta_dev} {data_dev} 128 32768 1 skip_block_zeroing")])
+    libdm.create(
+        name,
+        [
+            libdm.Target(
+                0, sectors, "thin-pool", f"{meta_dev} {data_dev} 128 32768 1 skip_block_zeroing"
+            )
+        ],
+    )
     return meta_dev, (data_dev, meta_dev)
 
 
@@ -118,10 +124,22 @@ def main():
         with open(os.path.join(work, "snap.toml"), "w") as fh:
             fh.write('base_image_size = "64M"\n[monitor]\nenabled = false\n')
         plugin_sock = os.path.join(work, "s.sock")
-        plugin = subprocess.Popen([sys.executable, "-m", "libdm.snapshotter", "serve", "--pool",
-                                   os.path.join(work, "ld"), "--socket", plugin_sock,
-                                   "--config", os.path.join(work, "snap.toml")],
-                                  stdout=subprocess.PIPE, text=True)
+        plugin = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "libdm.snapshotter",
+                "serve",
+                "--pool",
+                os.path.join(work, "ld"),
+                "--socket",
+                plugin_sock,
+                "--config",
+                os.path.join(work, "snap.toml"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(plugin)
         assert plugin.stdout.readline().startswith("serving on")
         address = os.path.join(work, "c.sock")
@@ -143,9 +161,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "{plugin_sock}"
 """)
         env = dict(os.environ, DM_DISABLE_UDEV="1")
-        log = open(os.path.join(work, "containerd.log"), "wb")
-        ctd = subprocess.Popen(["containerd", "--config", os.path.join(work, "containerd.toml")],
-                               stdout=log, stderr=log, env=env)
+        log = open(os.path.join(work, "containerd.log"), "wb")  # noqa: SIM115 (containerd's)
+        ctd = subprocess.Popen(
+            ["containerd", "--config", os.path.join(work, "containerd.toml")],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
         procs.append(ctd)
         deadline = time.monotonic() + 60
         while not os.path.exists(address):
@@ -155,10 +177,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         # The libdm pool's metadata device: the loop device over its metadata file.
         ld_meta = next(d for d in _loops() if d[1] == os.path.join(work, "ld", "metadata"))[0]
         results = {}
-        runs = [("devmapper", Client(address, "bench", "devmapper"), ThinIds(dm_pool, dm_meta)),
-                ("libdm", Client(address, "bench", "libdm"), ThinIds(ld_pool, ld_meta)),
-                ("libdm-direct", Client(plugin_sock, "bench", "libdm"),
-                 ThinIds(ld_pool, ld_meta))]
+        runs = [
+            ("devmapper", Client(address, "bench", "devmapper"), ThinIds(dm_pool, dm_meta)),
+            ("libdm", Client(address, "bench", "libdm"), ThinIds(ld_pool, ld_meta)),
+            ("libdm-direct", Client(plugin_sock, "bench", "libdm"), ThinIds(ld_pool, ld_meta)),
+        ]
         floors = {}
         for name, client, ids in runs:
             floors[name] = []
@@ -177,8 +200,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         print(table)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"layers": args.layers, "times": results, "witness_poll": floors,
-                       "table": table}, fh, indent=1)
+            json.dump(
+                {"layers": args.layers, "times": results, "witness_poll": floors, "table": table},
+                fh,
+                indent=1,
+            )
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -208,16 +234,24 @@ def report(results, floors):
     def med(name, op):
         return statistics.median(results[name][op]) * 1000
 
-    rows = ["| operation | devmapper (ms) | libdm via containerd (ms) | devmapper / libdm | "
-            "libdm direct (ms) |", "| --- | ---: | ---: | ---: | ---: |"]
-    for op, label in (("prepare", "Prepare"), ("commit", "Commit"),
-                      ("remove_call", "Remove, until the call returns"),
-                      ("remove_gone", "Remove, until the thin device is gone")):
+    rows = [
+        "| operation | devmapper (ms) | libdm via containerd (ms) | devmapper / libdm | "
+        "libdm direct (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for op, label in (
+        ("prepare", "Prepare"),
+        ("commit", "Commit"),
+        ("remove_call", "Remove, until the call returns"),
+        ("remove_gone", "Remove, until the thin device is gone"),
+    ):
         dm, ld, direct = med("devmapper", op), med("libdm", op), med("libdm-direct", op)
         rows.append(f"| {label} | {dm:.1f} | {ld:.1f} | {dm / ld:.1f} | {direct:.1f} |")
     polls = {n: statistics.median(v) * 1000 for n, v in floors.items()}
-    rows.append(f"| one poll of the witness (thin_dump) | {polls['devmapper']:.1f} | "
-                f"{polls['libdm']:.1f} | | {polls['libdm-direct']:.1f} |")
+    rows.append(
+        f"| one poll of the witness (thin_dump) | {polls['devmapper']:.1f} | "
+        f"{polls['libdm']:.1f} | | {polls['libdm-direct']:.1f} |"
+    )
     return "\n".join(rows)
 
 

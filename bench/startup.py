@@ -74,19 +74,29 @@ def _wall(argv):
 
 def importtime(top=10):
     """The ``top`` modules by cumulative import time (µs), from -X importtime."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import libdm"],
-                          check=True, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import libdm"],
+        check=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rows = []
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        self_us, cum_us, name = (p.strip() for p in line[len("import time:"):].split("|"))
-        rows.append({"module": name.strip(), "self_us": int(self_us), "cumulative_us": int(cum_us)})
+        self_us, cum_us, name = (p.strip() for p in line[len("import time:") :].split("|"))
+        rows.append(
+            {"module": name.strip(), "self_us": int(self_us), "cumulative_us": int(cum_us)}
+        )
     libdm_total = next((r["cumulative_us"] for r in rows if r["module"] == "libdm"), None)
     rows.sort(key=lambda r: -r["cumulative_us"])
     by_self = sorted(rows, key=lambda r: -r["self_us"])[:top]
-    return {"libdm_cumulative_us": libdm_total, "top_cumulative": rows[:top],
-            "top_self": by_self, "modules": len(rows)}
+    return {
+        "libdm_cumulative_us": libdm_total,
+        "top_cumulative": rows[:top],
+        "top_self": by_self,
+        "modules": len(rows),
+    }
 
 
 def run(repeats=10, log=benchlib.log):
@@ -99,8 +109,9 @@ def run(repeats=10, log=benchlib.log):
     # a module edited since its .pyc was written is compiled again at every
     # import, which would be measured as import time.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([python, "-m", "compileall", "-q", os.path.dirname(libdm.__file__)],
-                   check=True, env=env)
+    subprocess.run(
+        [python, "-m", "compileall", "-q", os.path.dirname(libdm.__file__)], check=True, env=env
+    )
     libdm.create(DEVICE, [libdm.Target(0, 100, "zero")])
     try:
         walls = {"python -c pass": [], "python -c 'import libdm'": [], "dmsetup info": []}
@@ -114,64 +125,101 @@ def run(repeats=10, log=benchlib.log):
             if dmsetup:
                 walls["dmsetup info"].append(_wall([dmsetup, "info", DEVICE]))
             for op in children:
-                proc = subprocess.run([python, "-c", CHILD, op, DEVICE], check=True,
-                                      stdout=subprocess.PIPE, text=True)
+                proc = subprocess.run(
+                    [python, "-c", CHILD, op, DEVICE],
+                    check=True,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 children[op].append(json.loads(proc.stdout))
-            proc = subprocess.run([python, "-c", LAZY_CHILD, *LAZY_CANDIDATES], check=True,
-                                  stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(
+                [python, "-c", LAZY_CHILD, *LAZY_CANDIDATES],
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             lazy.append(json.loads(proc.stdout))
         prof = importtime()
-        proc = subprocess.run([python, "-c", "import sys; b = set(sys.modules); import libdm; "
-                               "print(len(set(sys.modules) - b))"],
-                              check=True, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [
+                python,
+                "-c",
+                "import sys; b = set(sys.modules); import libdm; print(len(set(sys.modules) - b))",
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         prof["modules_added_by_import_libdm"] = int(proc.stdout)
     finally:
         libdm.remove(DEVICE)
-    out = {"repeats": repeats,
-           "wall_ms": {k: benchlib.median_ms(v) for k, v in walls.items() if v},
-           "wall_all_s": walls, "children": children, "importtime": prof}
+    out = {
+        "repeats": repeats,
+        "wall_ms": {k: benchlib.median_ms(v) for k, v in walls.items() if v},
+        "wall_all_s": walls,
+        "children": children,
+        "importtime": prof,
+    }
     imports = [c["import_s"] for runs in children.values() for c in runs]
     out["import_ms"] = benchlib.median_ms(imports)
     out["import_ms_spread"] = [min(imports) * 1e3, max(imports) * 1e3]
     for op, runs in children.items():
         out[f"first_{op}_ms"] = benchlib.median_ms([c["first_s"] for c in runs])
         out[f"second_{op}_ms"] = benchlib.median_ms([c["second_s"] for c in runs])
-    out["lazy_candidates"] = {"modules": list(LAZY_CANDIDATES),
-                              "import_ms": benchlib.median_ms([x["seconds"] for x in lazy]),
-                              "modules_loaded": lazy[0]["modules"]}
-    out["import_added_wall_ms"] = (out["wall_ms"]["python -c 'import libdm'"]
-                                   - out["wall_ms"]["python -c pass"])
-    log(f"startup: import libdm {out['import_ms']:.1f} ms, first driver_version "
-        f"{out['first_driver_version_ms']:.2f} ms")
+    out["lazy_candidates"] = {
+        "modules": list(LAZY_CANDIDATES),
+        "import_ms": benchlib.median_ms([x["seconds"] for x in lazy]),
+        "modules_loaded": lazy[0]["modules"],
+    }
+    out["import_added_wall_ms"] = (
+        out["wall_ms"]["python -c 'import libdm'"] - out["wall_ms"]["python -c pass"]
+    )
+    log(
+        f"startup: import libdm {out['import_ms']:.1f} ms, first driver_version "
+        f"{out['first_driver_version_ms']:.2f} ms"
+    )
     return out
 
 
 def table(out):
     w = out["wall_ms"]
     imp = w["python -c 'import libdm'"]
-    lines = ["| measure (fresh processes, median of "
-             f"{out['repeats']}) | ms | note |", "| --- | ---: | --- |",
-             f"| `import libdm`, in-process | {out['import_ms']:.1f} | range "
-             f"{out['import_ms_spread'][0]:.1f}-{out['import_ms_spread'][1]:.1f} |",
-             f"| `python -c pass`, whole process | {w['python -c pass']:.1f} | |",
-             f"| `python -c 'import libdm'`, whole process "
-             f"| {imp:.1f} | adds "
-             f"{out['import_added_wall_ms']:.1f} |"]
-    for op, label in (("driver_version", "`libdm.driver_version()`"),
-                      ("info", "`libdm.info(name)`")):
-        lines.append(f"| first {label} after import | {out[f'first_{op}_ms']:.2f} | "
-                     f"second call: {out[f'second_{op}_ms']:.2f} |")
+    lines = [
+        f"| measure (fresh processes, median of {out['repeats']}) | ms | note |",
+        "| --- | ---: | --- |",
+        f"| `import libdm`, in-process | {out['import_ms']:.1f} | range "
+        f"{out['import_ms_spread'][0]:.1f}-{out['import_ms_spread'][1]:.1f} |",
+        f"| `python -c pass`, whole process | {w['python -c pass']:.1f} | |",
+        f"| `python -c 'import libdm'`, whole process "
+        f"| {imp:.1f} | adds "
+        f"{out['import_added_wall_ms']:.1f} |",
+    ]
+    for op, label in (
+        ("driver_version", "`libdm.driver_version()`"),
+        ("info", "`libdm.info(name)`"),
+    ):
+        lines.append(
+            f"| first {label} after import | {out[f'first_{op}_ms']:.2f} | "
+            f"second call: {out[f'second_{op}_ms']:.2f} |"
+        )
     if "dmsetup info" in w:
-        lines.append(f"| `dmsetup info NAME`, whole process | {w['dmsetup info']:.1f} | "
-                     f"one process per operation |")
+        lines.append(
+            f"| `dmsetup info NAME`, whole process | {w['dmsetup info']:.1f} | "
+            f"one process per operation |"
+        )
     prof = out["importtime"]
     top = ", ".join(f"{r['module']} {r['self_us'] / 1e3:.1f}" for r in prof["top_self"][:6])
     lazy = out["lazy_candidates"]
-    lines.append(f"| {', '.join(lazy['modules'])} alone ({lazy['modules_loaded']} modules) "
-                 f"| {lazy['import_ms']:.1f} | what lazy imports could save at most |")
-    lines += ["", f"`import libdm` adds {prof['modules_added_by_import_libdm']} modules. "
-              f"`-X importtime`: libdm {prof['libdm_cumulative_us'] / 1e3:.1f} ms "
-              f"cumulative; most self time (ms): {top}"]
+    lines.append(
+        f"| {', '.join(lazy['modules'])} alone ({lazy['modules_loaded']} modules) "
+        f"| {lazy['import_ms']:.1f} | what lazy imports could save at most |"
+    )
+    lines += [
+        "",
+        f"`import libdm` adds {prof['modules_added_by_import_libdm']} modules. "
+        f"`-X importtime`: libdm {prof['libdm_cumulative_us'] / 1e3:.1f} ms "
+        f"cumulative; most self time (ms): {top}",
+    ]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ each operation.  Nothing here asserts it; the table says whether it is met.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -68,10 +69,14 @@ class LibdmPath:
         pool = self.pool
         t, out = benchlib.timed, {}
         out["create"] = (t(lambda: [pool.create_thin("t" + n, THIN_SIZE) for n in names])[0], k)
-        out["snapshot"] = (t(lambda: [pool.snapshot_device("t" + n, "s" + n)
-                                      for n in names])[0], k)
-        out["delete"] = (t(lambda: [pool.delete_device(p + n) for p in "st"
-                                    for n in names])[0], 2 * k)
+        out["snapshot"] = (
+            t(lambda: [pool.snapshot_device("t" + n, "s" + n) for n in names])[0],
+            k,
+        )
+        out["delete"] = (
+            t(lambda: [pool.delete_device(p + n) for p in "st" for n in names])[0],
+            2 * k,
+        )
         return out
 
 
@@ -88,8 +93,10 @@ class CPath:
         return {
             "create": (self.c.run("create", "t", b, k, sectors), k),
             "snapshot": (self.c.run("snap", "s", b + k, k, "t", b, sectors), k),
-            "delete": (self.c.run("delete", "s", b + k, k) + self.c.run("delete", "t", b, k),
-                       2 * k),
+            "delete": (
+                self.c.run("delete", "s", b + k, k) + self.c.run("delete", "t", b, k),
+                2 * k,
+            ),
         }
 
 
@@ -111,9 +118,11 @@ class OpsPath:
         return f"{self.pool}-{prefix}{thin_id}"
 
     def _activate(self, prefix, thin_id):
-        libdm.create(self._name(prefix, thin_id),
-                     [Target(0, THIN_SIZE // 512, "thin", f"{self.devno} {thin_id}")],
-                     uuid=f"BENCH-THIN-{self.pool}-{thin_id}")
+        libdm.create(
+            self._name(prefix, thin_id),
+            [Target(0, THIN_SIZE // 512, "thin", f"{self.devno} {thin_id}")],
+            uuid=f"BENCH-THIN-{self.pool}-{thin_id}",
+        )
 
     def create(self, thin_id):
         libdm.message(self.pool, f"create_thin {thin_id}")
@@ -139,8 +148,15 @@ class OpsPath:
         return {
             "create": (t(lambda: [self.create(i) for i in ids])[0], k),
             "snapshot": (t(lambda: [self.snapshot(i + k, i) for i in ids])[0], k),
-            "delete": (t(lambda: ([self.delete("s", i + k) for i in ids],
-                                  [self.delete("t", i) for i in ids]))[0], 2 * k),
+            "delete": (
+                t(
+                    lambda: (
+                        [self.delete("s", i + k) for i in ids],
+                        [self.delete("t", i) for i in ids],
+                    )
+                )[0],
+                2 * k,
+            ),
         }
 
 
@@ -152,8 +168,12 @@ def run(thin_ops_binary, directory, n=200, rounds=3, block=10, paths=None):
     os.makedirs(directory, exist_ok=True)
     pool = raw_c = raw_ops = c = None
     try:
-        pool = libdm.Pool.create_loop("bench-lp", os.path.join(directory, "libdm"),
-                                      data_size=DATA_SIZE, metadata_size=METADATA_SIZE)
+        pool = libdm.Pool.create_loop(
+            "bench-lp",
+            os.path.join(directory, "libdm"),
+            data_size=DATA_SIZE,
+            metadata_size=METADATA_SIZE,
+        )
         raw_c = benchlib.RawPool("bench-cp", os.path.join(directory, "c"))
         raw_ops = benchlib.RawPool("bench-op", os.path.join(directory, "ops"))
         c = benchlib.ThinOps(thin_ops_binary, raw_c.name)
@@ -164,8 +184,10 @@ def run(thin_ops_binary, directory, n=200, rounds=3, block=10, paths=None):
         }
         if paths:
             fns = {p: fns[p] for p in paths}
-        benchlib.log(f"thin lifecycle: {n} of each operation per path per round, "
-                     f"{rounds} rounds, blocks of {block}; pools in {directory}")
+        benchlib.log(
+            f"thin lifecycle: {n} of each operation per path per round, "
+            f"{rounds} rounds, blocks of {block}; pools in {directory}"
+        )
         times = benchlib.interleave(fns, n, rounds, block)
     finally:
         if c is not None:
@@ -175,28 +197,39 @@ def run(thin_ops_binary, directory, n=200, rounds=3, block=10, paths=None):
                 raw.destroy()
         if pool is not None:
             pool.destroy(remove_files=True)
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(directory)
-        except OSError:
-            pass
     summary = benchlib.summarize(times, RATIOS)
-    summary.update(n=n, rounds=rounds, block=block, directory=directory,
-                   targets=TARGETS, libdm_path=os.path.dirname(libdm.__file__))
+    summary.update(
+        n=n,
+        rounds=rounds,
+        block=block,
+        directory=directory,
+        targets=TARGETS,
+        libdm_path=os.path.dirname(libdm.__file__),
+    )
     return summary
 
 
 def table(summary):
     """The summary as Markdown: a row per path and operation, then the
     ratios per operation against the target."""
-    lines = ["| operation | path | ms per op (median block) | ops/s | p10-p90 ms |",
-             "| --- | --- | ---: | ---: | --- |"]
+    lines = [
+        "| operation | path | ms per op (median block) | ops/s | p10-p90 ms |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
     for op in OPS:
         for path, by_op in summary["paths"].items():
             row = by_op[op]
-            lines.append(f"| {op} | {path} | {row['ms_per_op']:.2f} | {row['ops_per_s']:.0f} "
-                         f"| {row['p10_ms']:.2f}-{row['p90_ms']:.2f} |")
-    lines += ["", "| ratio | " + " | ".join(OPS) + " | target |",
-              "| --- | " + " | ".join("---:" for _ in OPS) + " | --- |"]
+            lines.append(
+                f"| {op} | {path} | {row['ms_per_op']:.2f} | {row['ops_per_s']:.0f} "
+                f"| {row['p10_ms']:.2f}-{row['p90_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        "| ratio | " + " | ".join(OPS) + " | target |",
+        "| --- | " + " | ".join("---:" for _ in OPS) + " | --- |",
+    ]
     for name, by_op in summary["ratios"].items():
         target = TARGETS.get(name)
         cells = []
@@ -204,21 +237,31 @@ def table(summary):
             x = by_op[op]["median_of_blocks"]
             mark = "" if target is None else (" ok" if x <= target else " MISSED")
             cells.append(f"{x:.3f}{mark}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " | "
-                     + (f"<= {target:g}" if target else "attribution") + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + " | "
+            + (f"<= {target:g}" if target else "attribution")
+            + " |"
+        )
     lines.append("")
-    lines.append(f"(n={summary['n']} per operation per path per round, {summary['rounds']} "
-                 f"rounds, blocks of {summary['block']}; ratios are medians of paired "
-                 f"blocks; ratio of round totals in the JSON; libdm from "
-                 f"{summary['libdm_path']})")
+    lines.append(
+        f"(n={summary['n']} per operation per path per round, {summary['rounds']} "
+        f"rounds, blocks of {summary['block']}; ratios are medians of paired "
+        f"blocks; ratio of round totals in the JSON; libdm from "
+        f"{summary['libdm_path']})"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--thin-ops", help="the built C program (default: build it)")
-    ap.add_argument("--dir", default="/var/tmp/libdm-bench-thin",
-                    help="where the pools' files go (removed after)")
+    ap.add_argument(
+        "--dir",
+        default="/var/tmp/libdm-bench-thin",
+        help="where the pools' files go (removed after)",
+    )
     ap.add_argument("-n", "--count", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=10)
@@ -227,8 +270,14 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("thin_lifecycle.py: needs root inside a kernel with device-mapper")
     binary = args.thin_ops or benchlib.build_c("thin_ops")
-    summary = run(binary, args.dir, args.count, args.rounds, args.block,
-                  args.paths.split(",") if args.paths else None)
+    summary = run(
+        binary,
+        args.dir,
+        args.count,
+        args.rounds,
+        args.block,
+        args.paths.split(",") if args.paths else None,
+    )
     print(table(summary))
     return 0
 

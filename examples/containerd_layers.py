@@ -37,15 +37,30 @@ def main():
     config = os.path.join(work, "snapshotter.toml")
     with open(config, "w") as fh:
         fh.write('base_image_size = "64M"\nfs_type = "ext4"\n[monitor]\nenabled = false\n')
-    plugin = subprocess.Popen([sys.executable, "-m", "libdm.snapshotter", "serve", "--pool",
-                               pool_dir, "--socket", socket, "--config", config],
-                              stdout=subprocess.PIPE, text=True)
+    plugin = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "libdm.snapshotter",
+            "serve",
+            "--pool",
+            pool_dir,
+            "--socket",
+            socket,
+            "--config",
+            config,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         print(plugin.stdout.readline().strip())  # "serving on ..."
         client = Client(socket, namespace="example")
-        layers = [{"etc/os-release": "NAME=demo\n", "app/run": "v1\n"},
-                  {"app/run": "v2\n", "app/data": "x" * 100000},
-                  {"etc/motd": "hello from layer 3\n"}]
+        layers = [
+            {"etc/os-release": "NAME=demo\n", "app/run": "v1\n"},
+            {"app/run": "v2\n", "app/data": "x" * 100000},
+            {"etc/motd": "hello from layer 3\n"},
+        ]
         parent = ""
         for n, files in enumerate(layers, 1):
             key, name = f"extract-layer{n}", f"layer{n}"

@@ -30,8 +30,10 @@ def show(title, value):
 
 
 def main():
-    print(f"libdevmapper {libdm.library_version()}, "
-          f"driver {'.'.join(map(str, libdm.driver_version()))}")
+    print(
+        f"libdevmapper {libdm.library_version()}, "
+        f"driver {'.'.join(map(str, libdm.driver_version()))}"
+    )
     print("targets:", ", ".join(t.name for t in libdm.target_versions()))
 
     base, top = f"{PREFIX}-base", f"{PREFIX}-top"
@@ -41,10 +43,14 @@ def main():
         # followed by 8 sectors of error.  Lengths are 512-byte sectors.
         zero = libdm.create(base, [Target(0, 2 * 1024 * 1024, "zero")])
         made.append(base)
-        libdm.create(top, [
-            Target(0, 1024 * 1024, "linear", f"{zero.major}:{zero.minor} {1024 * 1024}"),
-            Target(1024 * 1024, 8, "error"),
-        ], uuid=f"DEMO-{PREFIX}")
+        libdm.create(
+            top,
+            [
+                Target(0, 1024 * 1024, "linear", f"{zero.major}:{zero.minor} {1024 * 1024}"),
+                Target(1024 * 1024, 8, "error"),
+            ],
+            uuid=f"DEMO-{PREFIX}",
+        )
         made.append(top)
 
         print(f"\ncreated {top} on {base}")

@@ -19,18 +19,20 @@ from libdm.dm import loop
 
 def demo(device, state_dir):
     name = f"libdm-direct-{os.getpid()}"
-    pool = libdm.Pool.create_on_device(name, device, thinp_percent=95, thinp_metapercent=1,
-                                       state_dir=state_dir)
+    pool = libdm.Pool.create_on_device(
+        name, device, thinp_percent=95, thinp_metapercent=1, state_dir=state_dir
+    )
     try:
         for piece in (f"{name}-tmeta", f"{name}-tdata"):
             print(f"{piece}: {libdm.table(piece)[0]}")
         print(f"{name}: {libdm.table(name)[0]}")
         vol = pool.create_thin("vol", "512M").format("xfs")
-        with vol.mount() as root:
-            with open(os.path.join(root, "hello"), "w") as fh:
-                fh.write("direct mode\n")
-        print(f"\n{vol.name} at {vol.path}, {libdm.format_size(vol.size)}, "
-              f"{int(vol.status().mapped) // 2} KiB mapped")
+        with vol.mount() as root, open(os.path.join(root, "hello"), "w") as fh:
+            fh.write("direct mode\n")
+        print(
+            f"\n{vol.name} at {vol.path}, {libdm.format_size(vol.size)}, "
+            f"{int(vol.status().mapped) // 2} KiB mapped"
+        )
         print(pool.info())
     finally:
         pool.destroy(remove_files=True)

@@ -55,8 +55,10 @@ def read_tree(root):
 def print_tree(pool):
     def walk(device, depth):
         used = device.status()
-        print(f"  {'    ' * depth}{device.name} (id {device.thin_id}, "
-              f"{libdm.format_size(device.size)}, {int(used.mapped) // 2} KiB mapped)")
+        print(
+            f"  {'    ' * depth}{device.name} (id {device.thin_id}, "
+            f"{libdm.format_size(device.size)}, {int(used.mapped) // 2} KiB mapped)"
+        )
         for child in device.children():
             walk(child, depth + 1)
 
@@ -67,12 +69,15 @@ def print_tree(pool):
 
 def main():
     workdir = tempfile.mkdtemp(prefix="libdm-layers-")
-    pool = libdm.Pool.create_loop(f"libdm-layers-{os.getpid()}", os.path.join(workdir, "pool"),
-                                  data_size="1G")
+    pool = libdm.Pool.create_loop(
+        f"libdm-layers-{os.getpid()}", os.path.join(workdir, "pool"), data_size="1G"
+    )
     failures = []
     try:
-        print(f"pool {pool.name}: {pool.info().data_total // (1 << 20)} MiB of data on "
-              f"sparse files in {pool.directory}")
+        print(
+            f"pool {pool.name}: {pool.info().data_total // (1 << 20)} MiB of data on "
+            f"sparse files in {pool.directory}"
+        )
         base = pool.create_thin("base", "256M").format("ext4", label="base")
         pool.set_base_device("base")
         expected = {"base": {}}
@@ -82,8 +87,10 @@ def main():
             used_before = pool.status().used_data
             layer = parent.snapshot(name)
             used_after = pool.status().used_data
-            print(f"snapshot {name} of {parent.name}: {int(used_after - used_before)} new data "
-                  f"blocks (a snapshot shares everything until written)")
+            print(
+                f"snapshot {name} of {parent.name}: {int(used_after - used_before)} new data "
+                f"blocks (a snapshot shares everything until written)"
+            )
             if used_after != used_before:
                 failures.append(f"{name}: the snapshot itself took data blocks")
             with layer.mount() as root:

@@ -50,8 +50,10 @@ def reopen(directory):
         dev = pool.device(name)
         parent = dev.parent.name if dev.parent else "-"
         same = digest(dev.path) == want
-        print(f"{name}: active at {dev.path}, parent {parent}, data "
-              f"{'intact' if same else 'DIFFERENT'}")
+        print(
+            f"{name}: active at {dev.path}, parent {parent}, data "
+            f"{'intact' if same else 'DIFFERENT'}"
+        )
         if not same:
             bad.append(name)
     pool.destroy(remove_files=True)

@@ -14,6 +14,7 @@ each line carries its syslog priority, so the journal shows warnings and
 errors as such (see :func:`journal_handler`).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -29,8 +30,13 @@ __all__ = ["MonitorService", "journal_handler"]
 
 logger = logging.getLogger("libdm.service")
 
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-             logging.CRITICAL: 2}
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
 
 
 class _JournalFormatter(logging.Formatter):
@@ -106,10 +112,8 @@ class MonitorService:
         finally:
             for pool_dir in list(self.watches):
                 self._unwatch(pool_dir, "service stopping")
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.status_path)
-            except FileNotFoundError:
-                pass
             logger.info("libdm monitor: stopped")
 
     def scan(self):
@@ -142,8 +146,11 @@ class MonitorService:
             logger.warning("pool at %s: cannot be watched yet: %s", registration.pool, exc)
             return
         if not os.path.exists(pool.path):
-            logger.warning("pool %s is not active (libdm pool open %s); will retry",
-                           pool.name, registration.pool)
+            logger.warning(
+                "pool %s is not active (libdm pool open %s); will retry",
+                pool.name,
+                registration.pool,
+            )
             pool.close()
             return
         try:
@@ -154,8 +161,12 @@ class MonitorService:
             pool.close()
             return
         self.watches[registration.pool] = _Watch(registration, pool, monitor)
-        logger.info("pool %s: watching (grow by %d%% at %d%% used)", pool.name,
-                    registration.percent, registration.threshold)
+        logger.info(
+            "pool %s: watching (grow by %d%% at %d%% used)",
+            pool.name,
+            registration.percent,
+            registration.threshold,
+        )
 
     def _unwatch(self, pool_dir, why):
         watch = self.watches.pop(pool_dir)
@@ -166,10 +177,12 @@ class MonitorService:
         pools = {}
         for pool_dir, registration in wanted.items():
             watch = self.watches.get(pool_dir)
-            pools[pool_dir] = {"name": watch.pool.name if watch else None,
-                               "running": bool(watch and watch.alive()),
-                               "threshold": registration.threshold,
-                               "percent": registration.percent}
+            pools[pool_dir] = {
+                "name": watch.pool.name if watch else None,
+                "running": bool(watch and watch.alive()),
+                "threshold": registration.threshold,
+                "percent": registration.percent,
+            }
         os.makedirs(os.path.dirname(self.status_path), mode=0o755, exist_ok=True)
         tmp = f"{self.status_path}.tmp"
         with open(tmp, "w") as fh:

@@ -13,8 +13,9 @@ def attach(tmp_path, name, size):
     path = tmp_path / name
     with open(path, "wb") as fh:
         fh.truncate(size)
-    return subprocess.run(["losetup", "--find", "--show", str(path)], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def devno(path):

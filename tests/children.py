@@ -20,5 +20,6 @@ def run_child(directory, code, crash_at=None):
     if crash_at:
         env["LIBDM_CRASH_AT"] = crash_at
     script = f"import libdm\np = libdm.Pool.open({str(directory)!r})\n{code}"
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )

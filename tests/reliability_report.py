@@ -66,15 +66,29 @@ ROWS = [
     ("hostile input", "crashes", "inputs that raised anything but ValueError/TypeError"),
     ("concurrency", "operations", "operations raced by processes and threads on one pool"),
     ("concurrency", "lost_records", "records lost or ids given twice in races"),
-    ("stateful", "steps", "steps of the model-based stateful test, each checked against "
-     "its model, the store, dmsetup/sysfs and thin_dump"),
-    ("stateful", "kills", "stateful steps killed (at a crash point or a random time), "
-     "then reopened by Pool.open in a fresh process"),
+    (
+        "stateful",
+        "steps",
+        "steps of the model-based stateful test, each checked against "
+        "its model, the store, dmsetup/sysfs and thin_dump",
+    ),
+    (
+        "stateful",
+        "kills",
+        "stateful steps killed (at a crash point or a random time), "
+        "then reopened by Pool.open in a fresh process",
+    ),
     ("stateful", "losses", "written and flushed pages that did not read back"),
-    ("stateful", "disagreements", "stateful steps whose result matched no allowed outcome, "
-     "or whose witnesses disagreed"),
-    ("random kills", "wedged", "wedged pools (suspended, or a read that never returned) "
-     "after randomized crash trials"),
+    (
+        "stateful",
+        "disagreements",
+        "stateful steps whose result matched no allowed outcome, or whose witnesses disagreed",
+    ),
+    (
+        "random kills",
+        "wedged",
+        "wedged pools (suspended, or a read that never returned) after randomized crash trials",
+    ),
     ("stateful", "wedged", "wedged pools in the stateful test"),
 ]
 BAD = ("disagreements", "leaked_ids", "losses", "crashes", "lost_records", "wedged")
@@ -84,29 +98,39 @@ COVERAGE = ("random kills", "stateful")
 
 def _counts_text(args):
     if args.full_only:
-        return (f"full counts for {', '.join(f'`tests/{s}`' for s in args.full_only)}, "
-                f"reduced counts for the other suites")
+        return (
+            f"full counts for {', '.join(f'`tests/{s}`' for s in args.full_only)}, "
+            f"reduced counts for the other suites"
+        )
     return f"{'reduced' if args.reduced else 'full'} counts"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true",
-                        help="the everyday counts instead of the full ones")
+    parser.add_argument(
+        "--reduced", action="store_true", help="the everyday counts instead of the full ones"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write docs/reliability.md")
-    parser.add_argument("--full-only", metavar="SUITE", action="append", default=[],
-                        choices=SUITES,
-                        help="run only these suites at the full counts, the others reduced "
-                             "(repeatable; for a run that must fit in less time)")
+    parser.add_argument(
+        "--full-only",
+        metavar="SUITE",
+        action="append",
+        default=[],
+        choices=SUITES,
+        help="run only these suites at the full counts, the others reduced "
+        "(repeatable; for a run that must fit in less time)",
+    )
     args = parser.parse_args(argv)
     if args.full_only:
         args.reduced = False
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "figures.jsonl")
         # One pytest run per count: the reduced suites, then the full ones.
-        runs = ([(s for s in SUITES if s not in args.full_only), "reduced"],
-                [args.full_only, "full"]) if args.full_only else (
-            [SUITES, "reduced" if args.reduced else "full"],)
+        runs = (
+            ([(s for s in SUITES if s not in args.full_only), "reduced"], [args.full_only, "full"])
+            if args.full_only
+            else ([SUITES, "reduced" if args.reduced else "full"],)
+        )
         returncode, passed, failed, per_file = 0, 0, 0, collections.Counter()
         for n, (suites, counts) in enumerate(runs):
             junit = os.path.join(tmp, f"junit{n}.xml")
@@ -114,9 +138,17 @@ def main(argv=None):
             if counts == "full":
                 env["LIBDM_RELIABILITY"] = "full"
             # The full counts take hours in the test kernel, not its default 30 min.
-            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}", "--dm-kernel-timeout=21600",
-                   *[os.path.join(HERE, s) for s in suites]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+                "--dm-kernel-timeout=21600",
+                *[os.path.join(HERE, s) for s in suites],
+            ]
             returncode = max(returncode, subprocess.run(cmd, cwd=ROOT, env=env).returncode)
             run_passed, run_failed, run_files = _junit_counts(junit)
             passed, failed = passed + run_passed, failed + run_failed
@@ -141,13 +173,16 @@ def main(argv=None):
         if not per_file.get(suite[:-3]):
             not_run.append(f"`tests/{suite}` did not run (no test of it in the results)")
         elif suite in RECORDS and RECORDS[suite] not in recorded:
-            not_run.append(f"`tests/{suite}` recorded no figures (it did not run, or "
-                           f"failed before recording)")
+            not_run.append(
+                f"`tests/{suite}` recorded no figures (it did not run, or failed before recording)"
+            )
     if not args.reduced and "stateful" in recorded:
         for key, least in STATEFUL_FULL.items():
             if totals[("stateful", key)] < least:
-                not_run.append(f"the stateful test did {totals[('stateful', key)]} {key}, "
-                               f"fewer than the {least} of the full counts")
+                not_run.append(
+                    f"the stateful test did {totals[('stateful', key)]} {key}, "
+                    f"fewer than the {least} of the full counts"
+                )
     losses = sum(totals[(s, k)] for s, k, _ in ROWS if k in BAD and k != "wedged")
     wedged = sum(totals[(s, k)] for s, k, _ in ROWS if k == "wedged")
     lines = [

@@ -20,15 +20,14 @@ import time
 from collections import namedtuple
 
 import pytest
+import witness
+from blockio import attach, devno
 
 import libdm
 from libdm import cli
 from libdm.cli import common, device_cmds, output, pool_cmds, thin_cmds
 from libdm.cli.parser import build_parser
 from libdm.thin.status import parse_pool_status
-
-from blockio import attach, devno
-import witness
 
 kernel = pytest.mark.kernel
 
@@ -62,9 +61,14 @@ def sh(*args, stdin=None, env=None):
     """``python -m libdm ARGS`` as a process of its own."""
     environ = {k: v for k, v in os.environ.items() if k != "LIBDM_POOL"}
     environ.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "libdm", *map(str, args)],
-                          capture_output=True, text=True, input=stdin, env=environ,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "libdm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=environ,
+        timeout=300,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -104,18 +108,49 @@ COMMANDS = sorted(build_parser(width=80).commands)
 
 def test_every_command_is_there():
     assert set(COMMANDS) == {
-        "create", "reload", "suspend", "resume", "remove", "info", "table", "status",
-        "message", "ls", "version", "targets",
-        "pool", "pool create", "pool info", "pool status", "pool resize", "pool extend",
-        "pool refresh", "pool monitor", "pool open", "pool destroy", "pool trim", "pool set",
-        "pool repair", "pool adopt",
-        "thin", "thin create", "thin snapshot", "thin delete", "thin activate",
-        "thin deactivate", "thin ls", "thin resize",
-        "monitor", "monitor serve", "monitor register", "monitor unregister", "monitor ls",
+        "create",
+        "reload",
+        "suspend",
+        "resume",
+        "remove",
+        "info",
+        "table",
+        "status",
+        "message",
+        "ls",
+        "version",
+        "targets",
+        "pool",
+        "pool create",
+        "pool info",
+        "pool status",
+        "pool resize",
+        "pool extend",
+        "pool refresh",
+        "pool monitor",
+        "pool open",
+        "pool destroy",
+        "pool trim",
+        "pool set",
+        "pool repair",
+        "pool adopt",
+        "thin",
+        "thin create",
+        "thin snapshot",
+        "thin delete",
+        "thin activate",
+        "thin deactivate",
+        "thin ls",
+        "thin resize",
+        "monitor",
+        "monitor serve",
+        "monitor register",
+        "monitor unregister",
+        "monitor ls",
     } | {c for c in COMMANDS if c.startswith("snapshotter")}
 
 
-@pytest.mark.parametrize("command", [""] + COMMANDS)
+@pytest.mark.parametrize("command", ["", *COMMANDS])
 def test_help_exits_0_with_an_example(command):
     r = run(*command.split(), "--help")
     assert r.code == 0 and r.err == ""
@@ -135,7 +170,12 @@ def parse(*args):
 def test_parsing_tables_sizes_and_flags():
     a = parse("create", "d", "--table", "0 8 zero", "--table", "8 8 error", "--readonly")
     assert (a.name, a.table, a.table_file, a.readonly, a.uuid) == (
-        "d", ["0 8 zero", "8 8 error"], None, True, None)
+        "d",
+        ["0 8 zero", "8 8 error"],
+        None,
+        True,
+        None,
+    )
     assert a.func is device_cmds.cmd_create and a.command == "create"
     a = parse("thin", "create", "web", "1.5G")
     assert a.size == libdm.Bytes(3 << 29) and a.command == "thin create"
@@ -150,7 +190,12 @@ def test_parsing_tables_sizes_and_flags():
     assert a.noflush and a.nolockfs
     a = parse("pool", "monitor", "--spare", "/dev/a", "--spare", "/dev/b", "--iterations", "3")
     assert (a.spare, a.iterations, a.threshold, a.percent, a.interval) == (
-        ["/dev/a", "/dev/b"], 3, 80, 20, 10.0)
+        ["/dev/a", "/dev/b"],
+        3,
+        80,
+        20,
+        10.0,
+    )
 
 
 def test_global_options_go_before_or_after_the_command():
@@ -173,56 +218,72 @@ def test_the_pool_comes_from_the_environment(monkeypatch):
     assert common.pool_directory(parse("thin", "ls", "--pool", "/given")) == "/given"
 
 
-@pytest.mark.parametrize("args, words", [
-    ([], ["required: COMMAND"]),
-    (["frobnicate"], ["invalid choice"]),
-    (["create", "d"], ["create:", "--table"]),
-    (["create", "d", "--table", "0 8 zero", "--table-file", "f"], ["not allowed"]),
-    (["remove", "d", "--retries", "-1"], ["remove:", "-1"]),
-    (["message", "d", "x", "hello"], ["message:", "'x'"]),
-    (["thin", "create", "web", "10X"], ["thin create:", "'10X' is not a size"]),
-    (["thin", "create", "web", "100"], ["thin create:", "512-byte sectors"]),
-    (["pool", "create", "p"], ["pool create:", "--loop"]),
-    (["pool", "create", "p", "--loop", "d"], ["--loop needs --data-size"]),
-    (["pool", "create", "p", "--loop", "d", "--data-size", "1G", "--force"],
-     ["--force cannot be used with --loop"]),
-    (["pool", "create", "p", "--data", "/dev/x", "--state-dir", "s"], ["--data needs --metadata"]),
-    (["pool", "create", "p", "--device", "/dev/x"], ["--device needs --state-dir"]),
-    (["pool", "create", "p", "--device", "/dev/x", "--state-dir", "s", "--data-size", "1G"],
-     ["--data-size cannot be used with --device"]),
-    (["pool", "create", "p", "--loop", "d", "--data-size", "1G", "--min-free-space", "101"],
-     ["not a percentage"]),
-    (["pool", "monitor", "--threshold", "x"], ["not a whole percentage"]),
-    (["pool", "monitor", "--interval", "0"], ["more than 0 seconds"]),
-    (["pool", "resize", "--pool", "/p"], ["give the new data SIZE"]),
-    (["thin", "ls"], ["no pool given"]),
-    (["version", "extra"], ["unrecognized arguments: extra"]),
-    (["targets", "extra"], ["unrecognized arguments: extra"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["required: COMMAND"]),
+        (["frobnicate"], ["invalid choice"]),
+        (["create", "d"], ["create:", "--table"]),
+        (["create", "d", "--table", "0 8 zero", "--table-file", "f"], ["not allowed"]),
+        (["remove", "d", "--retries", "-1"], ["remove:", "-1"]),
+        (["message", "d", "x", "hello"], ["message:", "'x'"]),
+        (["thin", "create", "web", "10X"], ["thin create:", "'10X' is not a size"]),
+        (["thin", "create", "web", "100"], ["thin create:", "512-byte sectors"]),
+        (["pool", "create", "p"], ["pool create:", "--loop"]),
+        (["pool", "create", "p", "--loop", "d"], ["--loop needs --data-size"]),
+        (
+            ["pool", "create", "p", "--loop", "d", "--data-size", "1G", "--force"],
+            ["--force cannot be used with --loop"],
+        ),
+        (
+            ["pool", "create", "p", "--data", "/dev/x", "--state-dir", "s"],
+            ["--data needs --metadata"],
+        ),
+        (["pool", "create", "p", "--device", "/dev/x"], ["--device needs --state-dir"]),
+        (
+            ["pool", "create", "p", "--device", "/dev/x", "--state-dir", "s", "--data-size", "1G"],
+            ["--data-size cannot be used with --device"],
+        ),
+        (
+            ["pool", "create", "p", "--loop", "d", "--data-size", "1G", "--min-free-space", "101"],
+            ["not a percentage"],
+        ),
+        (["pool", "monitor", "--threshold", "x"], ["not a whole percentage"]),
+        (["pool", "monitor", "--interval", "0"], ["more than 0 seconds"]),
+        (["pool", "resize", "--pool", "/p"], ["give the new data SIZE"]),
+        (["thin", "ls"], ["no pool given"]),
+        (["version", "extra"], ["unrecognized arguments: extra"]),
+        (["targets", "extra"], ["unrecognized arguments: extra"]),
+    ],
+)
 def test_bad_usage_exits_2_with_one_line(args, words):
     failed(run(*args), 2, *words)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["info", "bad/name"], ["info bad/name:", "must not contain '/'"]),
-    (["create", "bad name", "--table", "0 8 zero"], ["whitespace"]),
-    (["create", "d", "--table", "0 x zero"], ["create d:", "not a whole number of sectors"]),
-    (["create", "d", "--table", "# only a comment"], ["the table is empty"]),
-    (["reload", "d", "--table", "8 8 zero"], ["starts at sector 8"]),
-    (["message", "d", "0", "   "], ["message must not be empty"]),
-    (["suspend", "x" * 200], ["at most 127"]),
-    (["resume", ".."], ["must not be '.' or '..'"]),
-    (["remove", "a/b"], ["'/'"]),
-    (["table", "a b"], ["whitespace"]),
-    (["status", ""], ["must not be empty"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["info", "bad/name"], ["info bad/name:", "must not contain '/'"]),
+        (["create", "bad name", "--table", "0 8 zero"], ["whitespace"]),
+        (["create", "d", "--table", "0 x zero"], ["create d:", "not a whole number of sectors"]),
+        (["create", "d", "--table", "# only a comment"], ["the table is empty"]),
+        (["reload", "d", "--table", "8 8 zero"], ["starts at sector 8"]),
+        (["message", "d", "0", "   "], ["message must not be empty"]),
+        (["suspend", "x" * 200], ["at most 127"]),
+        (["resume", ".."], ["must not be '.' or '..'"]),
+        (["remove", "a/b"], ["'/'"]),
+        (["table", "a b"], ["whitespace"]),
+        (["status", ""], ["must not be empty"]),
+    ],
+)
 def test_validation_errors_exit_2_before_any_ioctl(args, words):
     failed(run(*args), 2, *words)
 
 
 def test_a_missing_pool_state_exits_1(tmp_path):
-    line = failed(run("thin", "ls", "--pool", tmp_path), 1, "thin ls:", "state.db is missing",
-                  "[EUCLEAN]")
+    line = failed(
+        run("thin", "ls", "--pool", tmp_path), 1, "thin ls:", "state.db is missing", "[EUCLEAN]"
+    )
     assert str(tmp_path) in line
     failed(run("pool", "info", "--pool", tmp_path / "nowhere"), 1, "no pool state")
 
@@ -247,19 +308,27 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch):
     assert "second line" not in line
 
 
-@pytest.mark.parametrize("error", [
-    TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
-    AttributeError("'NoneType' object has no attribute 'name'"),
-    KeyError("data_size"),
-    RuntimeError("boom"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
+        AttributeError("'NoneType' object has no attribute 'name'"),
+        KeyError("data_size"),
+        RuntimeError("boom"),
+    ],
+)
 def test_a_library_bug_is_not_bad_usage(monkeypatch, error):
     def buggy():
         raise error
 
     monkeypatch.setattr(libdm, "library_version", buggy)
-    line = failed(run("version"), 1, f"version: unexpected {type(error).__name__}",
-                  "a bug in libdm", "--debug")
+    line = failed(
+        run("version"),
+        1,
+        f"version: unexpected {type(error).__name__}",
+        "a bug in libdm",
+        "--debug",
+    )
     assert "bad usage" not in line and "see 'libdm" not in line
     r = run("--debug", "version")
     assert r.code == 1 and "Traceback" in r.err and type(error).__name__ in r.err
@@ -279,8 +348,11 @@ def test_an_unreadable_store_is_a_failure_not_bad_usage(monkeypatch):
     # errors about the data, not about the command line.
     import sqlite3
 
-    for error in (json.JSONDecodeError("Expecting value", "not json", 0),
-                  sqlite3.DatabaseError("file is not a database")):
+    for error in (
+        json.JSONDecodeError("Expecting value", "not json", 0),
+        sqlite3.DatabaseError("file is not a database"),
+    ):
+
         def unreadable(error=error):
             raise error
 
@@ -290,10 +362,14 @@ def test_an_unreadable_store_is_a_failure_not_bad_usage(monkeypatch):
 
 
 def test_too_large_a_size_is_bad_usage_not_an_overflow():
-    for size in (str(2 ** 63 * 512), f"{2 ** 63}s", "8192P"):
-        failed(run("pool", "create", "p", "--loop", "/nowhere", "--data-size", size), 2,
-               "too large", "8 EiB")
-    failed(run("thin", "create", "v", str(2 ** 63 * 512), "--pool", "/nowhere"), 2, "too large")
+    for size in (str(2**63 * 512), f"{2**63}s", "8192P"):
+        failed(
+            run("pool", "create", "p", "--loop", "/nowhere", "--data-size", size),
+            2,
+            "too large",
+            "8 EiB",
+        )
+    failed(run("thin", "create", "v", str(2**63 * 512), "--pool", "/nowhere"), 2, "too large")
     failed(run("thin", "create", "v", "\u0661\u0660M", "--pool", "/nowhere"), 2, "non-ASCII")
 
 
@@ -315,11 +391,8 @@ def test_an_interrupt_exits_130_and_a_closed_pipe_quietly_1(monkeypatch):
 
 
 def test_columns_are_aligned():
-    text = output.columns([["a", 1, "x"], ["long-name", 100, ""]], ["NAME", "N", "V"],
-                          right=(1,))
-    assert text == ("NAME         N  V\n"
-                    "a            1  x\n"
-                    "long-name  100\n")
+    text = output.columns([["a", 1, "x"], ["long-name", 100, ""]], ["NAME", "N", "V"], right=(1,))
+    assert text == ("NAME         N  V\na            1  x\nlong-name  100\n")
     assert output.columns([]) == ""
 
 
@@ -341,8 +414,16 @@ def test_tree_drawing():
 def test_json_of_library_values():
     info = libdm.DeviceInfo("d", None, 253, 1, False, True, False, 0, 2, False, 1, False)
     st = parse_pool_status("3 61/512 20/4096 - rw no_discard_passdown queue_if_no_space -")
-    data = json.loads(output.dumps({"info": info, "sizes": (libdm.Bytes(5), libdm.Sectors(2)),
-                                    "targets": [libdm.Target(0, 8, "zero")], "status": st}))
+    data = json.loads(
+        output.dumps(
+            {
+                "info": info,
+                "sizes": (libdm.Bytes(5), libdm.Sectors(2)),
+                "targets": [libdm.Target(0, 8, "zero")],
+                "status": st,
+            }
+        )
+    )
     assert data["info"]["major"] == 253 and data["info"]["uuid"] is None
     assert data["sizes"] == [5, 2]
     assert data["targets"] == [{"start": 0, "length": 8, "type": "zero", "params": ""}]
@@ -381,7 +462,9 @@ def test_dependency_forest_puts_users_above_what_they_use():
     assert [n["name"] for n in forest] == ["thin1", "thin2", "lone"]
     assert [d["name"] for d in forest[0]["deps"]] == ["pool"]
     assert [(d["major"], d["minor"], d["dm"]) for d in forest[1]["deps"][0]["deps"]] == [
-        (7, 0, False), (7, 1, False)]
+        (7, 0, False),
+        (7, 1, False),
+    ]
     assert forest[1]["pool"] == notes["thin2"] and "pool" not in forest[0]
     text = output.tree(forest, device_cmds._node_label, lambda n: n["deps"])
     assert text.splitlines()[4] == "thin2 (253:2)  [thin2, thin id 1, snapshot of thin1]"
@@ -389,9 +472,12 @@ def test_dependency_forest_puts_users_above_what_they_use():
 
 
 def test_lineage_forest_nests_snapshots_under_their_origin():
-    rows = [{"name": n, "parent": p, "thin_id": i, "size": MiB, "active": i != 2}
-            for i, (n, p) in enumerate([("base", None), ("l1", "base"), ("l2", "l1"),
-                                        ("other", None), ("l1b", "base")])]
+    rows = [
+        {"name": n, "parent": p, "thin_id": i, "size": MiB, "active": i != 2}
+        for i, (n, p) in enumerate(
+            [("base", None), ("l1", "base"), ("l2", "l1"), ("other", None), ("l1b", "base")]
+        )
+    ]
     forest = thin_cmds.lineage_forest(rows)
     assert [n["name"] for n in forest] == ["base", "other"]
     assert [c["name"] for c in forest[0]["children"]] == ["l1", "l1b"]
@@ -414,9 +500,28 @@ def test_pool_status_and_info_formatting():
     assert "thin_repair" in dict(pool_cmds.status_pairs(failed_status))["State"]
     B = libdm.Bytes
     report = libdm.PoolInfo(
-        "p", B(65536), B(MiB), "ext4", "/d/data", "/d/metadata", B(0), B(4 * MiB),
-        B(4 * MiB), B(4096), B(2 * MiB), B(2 * MiB - 4096), B(0), False, True, True, 0,
-        "1.02", 5, 2, "rw")
+        "p",
+        B(65536),
+        B(MiB),
+        "ext4",
+        "/d/data",
+        "/d/metadata",
+        B(0),
+        B(4 * MiB),
+        B(4 * MiB),
+        B(4096),
+        B(2 * MiB),
+        B(2 * MiB - 4096),
+        B(0),
+        False,
+        True,
+        True,
+        0,
+        "1.02",
+        5,
+        2,
+        "rw",
+    )
     data = pool_cmds.info_json(report)
     assert data["Pool Name"] == "p" and data["Base Device Size"] == "1 MiB"
     assert data["bytes"]["data_total"] == 4 * MiB and data["bytes"]["base_device_size"] == MiB
@@ -433,15 +538,24 @@ def test_library_advice_in_cli_words():
 
 
 def test_error_text_names_the_errno_and_the_kernel_reason():
-    exc = libdm.DMError(22, "Invalid argument", "message", "p",
-                        ("device-mapper: message ioctl on p failed: Invalid argument",
-                         "kernel: device-mapper: thin: Unrecognised message received: x",
-                         "kernel: device-mapper: second"))
+    exc = libdm.DMError(
+        22,
+        "Invalid argument",
+        "message",
+        "p",
+        (
+            "device-mapper: message ioctl on p failed: Invalid argument",
+            "kernel: device-mapper: thin: Unrecognised message received: x",
+            "kernel: device-mapper: second",
+        ),
+    )
     assert common.error_text(exc) == (
-        "Invalid argument [EINVAL] (kernel: thin: Unrecognised message received: x)")
+        "Invalid argument [EINVAL] (kernel: thin: Unrecognised message received: x)"
+    )
     assert common.error_text(libdm.DMError(0, "failed", "x")) == "failed"
     assert common.error_text(FileNotFoundError(2, "No such file or directory", "t.txt")) == (
-        "t.txt: No such file or directory [ENOENT]")
+        "t.txt: No such file or directory [ENOENT]"
+    )
     assert common.error_text(ValueError("first\nsecond")) == "first"
     assert common.error_text(ValueError()) == "ValueError"
 
@@ -457,17 +571,34 @@ def dmsetup_state(name):
 @kernel
 def test_device_commands_against_dmsetup(cli_run, dm_name):
     name = dm_name("dev")
-    r = ok(cli_run("create", name, "--table", "0 2048 zero", "--table", "2048 8 error",
-                   "--uuid", f"{name}-uuid"))
+    r = ok(
+        cli_run(
+            "create",
+            name,
+            "--table",
+            "0 2048 zero",
+            "--table",
+            "2048 8 error",
+            "--uuid",
+            f"{name}-uuid",
+        )
+    )
     assert r.out == f"/dev/mapper/{name}\n"
     assert witness.table(name) == ["0 2048 zero", "2048 8 error"]
     seen = witness.info(name)
 
     data = as_json(cli_run("info", name, "--json"))
     assert (data["name"], data["uuid"], data["major"], data["minor"]) == (
-        name, f"{name}-uuid", seen["major"], seen["minor"])
+        name,
+        f"{name}-uuid",
+        seen["major"],
+        seen["minor"],
+    )
     assert (data["open_count"], data["target_count"], data["event_nr"]) == (
-        seen["open"], seen["segments"], seen["events"])
+        seen["open"],
+        seen["segments"],
+        seen["events"],
+    )
     assert data["live_table"] and not data["suspended"] and not data["read_only"]
     assert seen["attr"] == "L--w"
     text = ok(cli_run("info", name)).out
@@ -492,7 +623,8 @@ def test_device_commands_against_dmsetup(cli_run, dm_name):
     assert dmsetup_state(name) == "LI-w"
     assert witness.dmsetup("table", "--inactive", name).split() == ["0", "4096", "zero"]
     assert as_json(cli_run("table", name, "--inactive", "--json")) == [
-        {"start": 0, "length": 4096, "type": "zero", "params": ""}]
+        {"start": 0, "length": 4096, "type": "zero", "params": ""}
+    ]
     ok(cli_run("suspend", name, "--noflush", "--nolockfs"))
     assert dmsetup_state(name) == "LIsw"
     assert as_json(cli_run("info", name, "--json"))["suspended"] is True
@@ -506,17 +638,27 @@ def test_device_commands_against_dmsetup(cli_run, dm_name):
 @kernel
 def test_device_command_failures_are_one_line(cli_run, dm_name):
     missing = dm_name("missing")
-    for args in (["info", missing], ["table", missing], ["status", missing],
-                 ["suspend", missing], ["resume", missing], ["remove", missing],
-                 ["message", missing, "0", "hello"],
-                 ["reload", missing, "--table", "0 8 zero"]):
+    for args in (
+        ["info", missing],
+        ["table", missing],
+        ["status", missing],
+        ["suspend", missing],
+        ["resume", missing],
+        ["remove", missing],
+        ["message", missing, "0", "hello"],
+        ["reload", missing, "--table", "0 8 zero"],
+    ):
         failed(cli_run(*args), 1, f"{args[0]} {missing}:", "[ENXIO]")
     name = dm_name("dev")
     ok(cli_run("create", name, "--table", "0 8 zero"))
     failed(cli_run("create", name, "--table", "0 8 zero"), 1, "already exists")
     bad, worse = dm_name("bad"), dm_name("worse")
-    failed(cli_run("create", bad, "--table", "0 8 no-such-target"), 1,
-           "not available in the kernel", "(kernel: table:")
+    failed(
+        cli_run("create", bad, "--table", "0 8 no-such-target"),
+        1,
+        "not available in the kernel",
+        "(kernel: table:",
+    )
     failed(cli_run("create", worse, "--table", "0 x zero"), 2, "not a whole number")
     assert witness.names() & {bad, worse} == set()
 
@@ -534,8 +676,12 @@ def test_create_from_a_file_or_stdin_read_only(dm_name, tmp_path):
     assert witness.table(second) == ["0 100 zero", "100 28 error"]
     ok(run("reload", second, "--table-file", "-", stdin="0 64 zero\n"))
     assert witness.dmsetup("table", "--inactive", second).split() == ["0", "64", "zero"]
-    failed(run("create", dm_name("nofile"), "--table-file", tmp_path / "absent"), 1,
-           "No such file or directory", "[ENOENT]")
+    failed(
+        run("create", dm_name("nofile"), "--table-file", tmp_path / "absent"),
+        1,
+        "No such file or directory",
+        "[ENOENT]",
+    )
 
 
 @kernel
@@ -545,8 +691,12 @@ def test_remove_retries_and_deferred(dm_name):
     fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY)
     try:
         failed(run("remove", name, "--retries", "0"), 1, f"remove {name}:", "[EBUSY]")
-        failed(run("remove", name, "--retries", "1"), 1, "after 2 attempts",
-               "libdm remove --deferred removes it")
+        failed(
+            run("remove", name, "--retries", "1"),
+            1,
+            "after 2 attempts",
+            "libdm remove --deferred removes it",
+        )
         ok(run("remove", name, "--deferred"))
         assert "DEFERRED REMOVE" in witness.dmsetup("info", name)
         assert as_json(run("info", name, "--json"))["deferred_remove"] is True
@@ -566,7 +716,7 @@ def test_ls_and_the_dependency_tree(dm_name):
     ok(run("create", top, "--table", f"0 1024 linear {b['major']}:{b['minor']} 1024"))
     t = witness.info(top)
     listed = {e["name"]: (e["major"], e["minor"]) for e in as_json(run("ls", "--json"))}
-    assert {name for name in listed} == witness.names()
+    assert set(listed) == witness.names()
     assert listed[base] == (b["major"], b["minor"]) and listed[top] == (t["major"], t["minor"])
     text = ok(run("ls")).out
     assert f"({t['major']}:{t['minor']})" in text.split(top, 1)[1].splitlines()[0]
@@ -575,7 +725,8 @@ def test_ls_and_the_dependency_tree(dm_name):
     roots = {n["name"]: n for n in forest}
     assert top in roots and base not in roots  # base is used by top
     assert [(d["name"], d["major"], d["minor"]) for d in roots[top]["deps"]] == [
-        (base, b["major"], b["minor"])]
+        (base, b["major"], b["minor"])
+    ]
     assert "1 dependencies" in witness.dmsetup("deps", top)
     assert f"({b['major']}, {b['minor']})" in witness.dmsetup("deps", top)
     drawing = ok(run("ls", "--tree")).out.splitlines()
@@ -593,8 +744,10 @@ def test_version_and_targets_against_dmsetup():
     text = ok(sh("version")).out
     assert f"Driver version:  {data['driver']}" in text
     found = as_json(run("targets", "--json"))
-    expected = {line.split()[0]: line.split()[1].lstrip("v")
-                for line in witness.dmsetup("targets").splitlines()}
+    expected = {
+        line.split()[0]: line.split()[1].lstrip("v")
+        for line in witness.dmsetup("targets").splitlines()
+    }
     assert {t["name"]: t["version"] for t in found} == expected
     lines = ok(run("targets")).out.splitlines()
     assert sorted(line.split()[0] for line in lines) == sorted(expected)
@@ -606,8 +759,9 @@ def test_version_and_targets_against_dmsetup():
 
 def losetup_files():
     """{loop device: backing file} from losetup."""
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True, check=True
+    ).stdout
     return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
 
 
@@ -635,9 +789,23 @@ def fill(path, megabytes):
 @kernel
 def test_a_loop_pool_from_create_to_destroy(cli_run, dm_name, tmp_path):
     directory, name = tmp_path / "pool", dm_name("pool")
-    r = ok(cli_run("pool", "create", name, "--loop", directory, "--data-size", "128M",
-                   "--block-size", "128K", "--feature", "skip_block_zeroing",
-                   "--min-free-space", "5"))
+    r = ok(
+        cli_run(
+            "pool",
+            "create",
+            name,
+            "--loop",
+            directory,
+            "--data-size",
+            "128M",
+            "--block-size",
+            "128K",
+            "--feature",
+            "skip_block_zeroing",
+            "--min-free-space",
+            "5",
+        )
+    )
     assert r.out == f"/dev/mapper/{name}\n"
     fields = witness.table(name)[0].split()
     assert fields[:3] == ["0", str(128 << 11), "thin-pool"]
@@ -652,17 +820,28 @@ def test_a_loop_pool_from_create_to_destroy(cli_run, dm_name, tmp_path):
     ok(cli_run("thin", "snapshot", "layer1", "layer2", *P, "--debug"))
     rows = as_json(cli_run("thin", "ls", "--json", *P))
     assert [(r["name"], r["parent"], r["active"]) for r in rows] == [
-        ("base", None, True), ("layer1", "base", True), ("layer2", "layer1", True)]
+        ("base", None, True),
+        ("layer1", "base", True),
+        ("layer2", "layer1", True),
+    ]
     assert {r["thin_id"] for r in rows} == witness.thin_ids(name)
     pool_devno = f"{witness.info(name)['major']}:{witness.info(name)['minor']}"
     for row in rows:
         assert row["size"] == 64 * MiB and row["path"] == f"/dev/mapper/{row['dm_name']}"
         assert witness.table(row["dm_name"]) == [
-            f"0 {64 << 11} thin {pool_devno} {row['thin_id']}"]
+            f"0 {64 << 11} thin {pool_devno} {row['thin_id']}"
+        ]
     text = ok(cli_run("thin", "ls", *P)).out.splitlines()
     assert text[0].split() == ["NAME", "ID", "SIZE", "PARENT", "ACTIVE", "PATH"]
-    assert text[2].split() == ["layer1", str(rows[1]["thin_id"]), "64", "MiB", "base", "yes",
-                               f"/dev/mapper/{name}-layer1"]
+    assert text[2].split() == [
+        "layer1",
+        str(rows[1]["thin_id"]),
+        "64",
+        "MiB",
+        "base",
+        "yes",
+        f"/dev/mapper/{name}-layer1",
+    ]
     tree = as_json(cli_run("thin", "ls", "--tree", "--json", *P))
     assert tree[0]["name"] == "base"
     assert tree[0]["children"][0]["children"][0]["name"] == "layer2"
@@ -699,10 +878,13 @@ def test_a_loop_pool_from_create_to_destroy(cli_run, dm_name, tmp_path):
     pool_node = node["deps"][0]
     assert pool_node["name"] == name and pool_node["pool"]["role"] == "pool"
     assert sorted(f"{d['major']}:{d['minor']}" for d in pool_node["deps"]) == sorted(
-        witness.table(name)[0].split()[3:5])
+        witness.table(name)[0].split()[3:5]
+    )
     drawing = ok(cli_run("ls", "--tree", *P)).out
-    assert (f"{name}-layer2 ({node['major']}:{node['minor']})  [layer2, thin id "
-            f"{rows[2]['thin_id']}, snapshot of layer1 < base]\n") in drawing
+    assert (
+        f"{name}-layer2 ({node['major']}:{node['minor']})  [layer2, thin id "
+        f"{rows[2]['thin_id']}, snapshot of layer1 < base]\n"
+    ) in drawing
     listed = {e["name"]: e for e in as_json(cli_run("ls", "--json", *P))}
     assert listed[f"{name}-layer1"]["pool"]["origin"] == "base"
     assert "pool" not in as_json(cli_run("ls", "--json"))[0]  # no pool given, no notes
@@ -718,10 +900,14 @@ def test_a_loop_pool_from_create_to_destroy(cli_run, dm_name, tmp_path):
     ok(cli_run("thin", "deactivate", "layer2", *P))
     assert f"{name}-layer2" not in witness.names()
     assert [r["active"] for r in as_json(cli_run("thin", "ls", "--json", *P))] == [
-        True, True, False]
+        True,
+        True,
+        False,
+    ]
     assert ok(cli_run("thin", "activate", "layer2", *P)).out == f"/dev/mapper/{name}-layer2\n"
-    assert witness.table(f"{name}-layer2") == [f"0 {64 << 11} thin {pool_devno} "
-                                               f"{rows[2]['thin_id']}"]
+    assert witness.table(f"{name}-layer2") == [
+        f"0 {64 << 11} thin {pool_devno} {rows[2]['thin_id']}"
+    ]
     ok(cli_run("thin", "delete", "layer2", *P))
     assert f"{name}-layer2" not in witness.names()
     assert witness.thin_ids(name) == {rows[0]["thin_id"], rows[1]["thin_id"]}
@@ -738,12 +924,42 @@ def test_pool_and_thin_failures_are_one_line(dm_name, tmp_path):
     P = ["--pool", directory]
     ok(run("pool", "create", name, "--loop", directory, "--data-size", "64M"))
     ok(run("thin", "create", "vol", "16M", *P))
-    failed(run("pool", "create", name, "--loop", tmp_path / "other", "--data-size", "64M"), 1,
-           "exists already", "[EEXIST]")
-    failed(run("pool", "create", dm_name("p2"), "--loop", tmp_path / "p2", "--data-size", "64M",
-               "--feature", "warp_speed"), 2, "unknown thin-pool feature warp_speed")
-    failed(run("pool", "create", dm_name("p3"), "--loop", tmp_path / "p3", "--data-size", "64M",
-               "--block-size", "96K"), 2, "multiple of 128 sectors")
+    failed(
+        run("pool", "create", name, "--loop", tmp_path / "other", "--data-size", "64M"),
+        1,
+        "exists already",
+        "[EEXIST]",
+    )
+    failed(
+        run(
+            "pool",
+            "create",
+            dm_name("p2"),
+            "--loop",
+            tmp_path / "p2",
+            "--data-size",
+            "64M",
+            "--feature",
+            "warp_speed",
+        ),
+        2,
+        "unknown thin-pool feature warp_speed",
+    )
+    failed(
+        run(
+            "pool",
+            "create",
+            dm_name("p3"),
+            "--loop",
+            tmp_path / "p3",
+            "--data-size",
+            "64M",
+            "--block-size",
+            "96K",
+        ),
+        2,
+        "multiple of 128 sectors",
+    )
     failed(run("thin", "create", "vol", "16M", *P), 1, "thin create vol:", "already has")
     failed(run("thin", "create", "a/b", "16M", *P), 2, "'/'")
     failed(run("thin", "snapshot", "nope", "snap", *P), 1, "thin snapshot nope snap:", "[ENXIO]")
@@ -770,9 +986,15 @@ def test_pool_and_thin_failures_are_one_line(dm_name, tmp_path):
 
 
 @kernel
-@pytest.mark.parametrize("column, corrupt", [
-    ("config", "{}"), ("config", "not json"), ("config", "[]"), ("kind", "weird"),
-])
+@pytest.mark.parametrize(
+    "column, corrupt",
+    [
+        ("config", "{}"),
+        ("config", "not json"),
+        ("config", "[]"),
+        ("kind", "weird"),
+    ],
+)
 def test_a_corrupt_pool_store_fails_with_exit_1(dm_name, tmp_path, column, corrupt):
     import sqlite3
 
@@ -785,9 +1007,13 @@ def test_a_corrupt_pool_store_fails_with_exit_1(dm_name, tmp_path, column, corru
         saved = db.execute(f"SELECT {column} FROM pool WHERE id = 1").fetchone()[0]
         with db:
             db.execute(f"UPDATE pool SET {column} = ? WHERE id = 1", (corrupt,))
-        for what, args in (("thin ls", ["thin", "ls"]), ("thin ls", ["thin", "ls", "--json"]),
-                           ("pool info", ["pool", "info"]), ("pool status", ["pool", "status"]),
-                           ("thin create x", ["thin", "create", "x", "8M"])):
+        for what, args in (
+            ("thin ls", ["thin", "ls"]),
+            ("thin ls", ["thin", "ls", "--json"]),
+            ("pool info", ["pool", "info"]),
+            ("pool status", ["pool", "status"]),
+            ("thin create x", ["thin", "create", "x", "8M"]),
+        ):
             failed(run(*args, *P), 1, f"libdm: {what}: ", "state.db", "[EUCLEAN]")
         failed(sh("thin", "ls", *P), 1, "libdm: thin ls: ", "state.db", "[EUCLEAN]")
         assert f"{name}-x" not in witness.names()
@@ -806,6 +1032,7 @@ def test_a_pool_comes_back_with_pool_open(dm_name, tmp_path):
     ok(sh("thin", "create", "vol", "16M", env=env))
     ok(sh("thin", "create", "off", "16M", env=env))
     ok(sh("thin", "deactivate", "off", env=env))
+
     def shape(n):  # the table without the device numbers, which may change
         fields = witness.table(n)[0].split()
         return fields[:3] + fields[5:] if fields[2] == "thin-pool" else fields[:3] + fields[4:]
@@ -830,25 +1057,56 @@ def test_block_pools_on_two_devices_and_on_one_split(dm_name, tmp_path):
     data, meta = attach(tmp_path, "data.img", 128 * MiB), attach(tmp_path, "meta.img", 8 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", meta], check=True, capture_output=True)
     name, state = dm_name("pool"), tmp_path / "state"
-    failed(run("pool", "create", name, "--data", data, "--metadata", meta, "--state-dir",
-               state), 1, f"pool create {name}:", "ext2/ext3/ext4", "pass --force",
-           "[ENOTEMPTY]")
+    failed(
+        run("pool", "create", name, "--data", data, "--metadata", meta, "--state-dir", state),
+        1,
+        f"pool create {name}:",
+        "ext2/ext3/ext4",
+        "pass --force",
+        "[ENOTEMPTY]",
+    )
     assert name not in witness.names()
-    ok(run("pool", "create", name, "--data", data, "--metadata", meta, "--state-dir", state,
-           "--force"))
+    ok(
+        run(
+            "pool",
+            "create",
+            name,
+            "--data",
+            data,
+            "--metadata",
+            meta,
+            "--state-dir",
+            state,
+            "--force",
+        )
+    )
     fields = witness.table(name)[0].split()
     assert devno(meta) in below(fields[3]) and devno(data) in below(fields[4])
     ok(run("thin", "create", "vol", "32M", "--pool", state))
-    assert witness.thin_ids(name) == {row["thin_id"] for row in
-                                      as_json(run("thin", "ls", "--json", "--pool", state))}
+    assert witness.thin_ids(name) == {
+        row["thin_id"] for row in as_json(run("thin", "ls", "--json", "--pool", state))
+    }
     failed(run("pool", "resize", "1G", "--pool", state), 2, "pool resize:", "block devices")
     ok(run("pool", "destroy", "--remove-files", "--pool", state))
     assert not {name, f"{name}-vol"} & witness.names()
 
     disk = attach(tmp_path, "disk.img", 256 * MiB)
     split, split_state = dm_name("split"), tmp_path / "split"
-    ok(run("pool", "create", split, "--device", disk, "--state-dir", split_state,
-           "--thinp-percent", "80", "--thinp-metapercent", "2"))
+    ok(
+        run(
+            "pool",
+            "create",
+            split,
+            "--device",
+            disk,
+            "--state-dir",
+            split_state,
+            "--thinp-percent",
+            "80",
+            "--thinp-metapercent",
+            "2",
+        )
+    )
     assert {f"{split}-tmeta", f"{split}-tdata", split} <= witness.names()
     tdata = witness.table(f"{split}-tdata")[0].split()
     assert tdata[2] == "linear" and tdata[3] == devno(disk)
@@ -860,7 +1118,8 @@ def test_block_pools_on_two_devices_and_on_one_split(dm_name, tmp_path):
     pool_node = thin["deps"][0]
     assert pool_node["name"] == split and pool_node["pool"]["role"] == "pool"
     assert sorted(d["name"] for d in pool_node["deps"]) == sorted(
-        [f"{split}-tdata", f"{split}-tmeta"])
+        [f"{split}-tdata", f"{split}-tmeta"]
+    )
     assert pool_node["deps"][0]["deps"][0]["name"] == os.path.basename(disk)
     ok(run("pool", "destroy", "--remove-files", "--pool", split_state))
     assert not {split, f"{split}-tmeta", f"{split}-tdata"} & witness.names()
@@ -885,7 +1144,11 @@ def test_pool_extend_onto_another_device(dm_name, tmp_path):
     spare2 = attach(tmp_path, "spare2.img", 16 * MiB)
     ok(run("pool", "extend", spare2, "--metadata", "--start", "4M", "--length", "4M", *P))
     assert witness.table(f"{name}-tmeta")[1].split()[1:] == [
-        str(4 * MiB // 512), "linear", devno(spare2), str(4 * MiB // 512)]
+        str(4 * MiB // 512),
+        "linear",
+        devno(spare2),
+        str(4 * MiB // 512),
+    ]
     spare3 = attach(tmp_path, "spare3.img", 16 * MiB)
     failed(run("pool", "extend", spare3, "--start", "64M", *P), 2, "does not fit")
     # The last device grown outside libdm, picked up by refresh (the first
@@ -902,12 +1165,40 @@ def test_pool_extend_onto_another_device(dm_name, tmp_path):
 def test_monitor_grows_a_filling_pool(dm_name, tmp_path):
     directory, name = tmp_path / "pool", dm_name("pool")
     P = ["--pool", directory]
-    ok(run("pool", "create", name, "--loop", directory, "--data-size", "64M",
-           "--min-free-space", "0", "--feature", "error_if_no_space"))
+    ok(
+        run(
+            "pool",
+            "create",
+            name,
+            "--loop",
+            directory,
+            "--data-size",
+            "64M",
+            "--min-free-space",
+            "0",
+            "--feature",
+            "error_if_no_space",
+        )
+    )
     path = ok(run("thin", "create", "vol", "128M", *P)).out.strip()
     fill(path, 56)  # 87.5% of the data
-    r = ok(run("pool", "monitor", "--iterations", "1", "--interval", "0.2", "--percent", "50",
-               "--max-data-size", "1G", "--reserve", "1M", *P))
+    r = ok(
+        run(
+            "pool",
+            "monitor",
+            "--iterations",
+            "1",
+            "--interval",
+            "0.2",
+            "--percent",
+            "50",
+            "--max-data-size",
+            "1G",
+            "--reserve",
+            "1M",
+            *P,
+        )
+    )
     assert "grown from 64 MiB to 96 MiB" in r.err and "1 growth steps, 0 failed" in r.err
     assert witness.table(name)[0].split()[1] == str(96 << 11)
     failed(run("pool", "monitor", "--threshold", "150", *P), 2, "not a percentage")
@@ -919,9 +1210,22 @@ def test_monitor_stops_cleanly_on_sigterm_and_sigint(dm_name, tmp_path):
     directory, name = tmp_path / "pool", dm_name("pool")
     ok(run("pool", "create", name, "--loop", directory, "--data-size", "64M"))
     for signum in (signal.SIGTERM, signal.SIGINT):
-        proc = subprocess.Popen([sys.executable, "-m", "libdm", "pool", "monitor", "--interval",
-                                 "0.5", "--pool", str(directory)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "libdm",
+                "pool",
+                "monitor",
+                "--interval",
+                "0.5",
+                "--pool",
+                str(directory),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             first = proc.stderr.readline()
             assert "watching" in first, first
@@ -944,13 +1248,18 @@ def test_monitor_stops_cleanly_on_sigterm_and_sigint(dm_name, tmp_path):
 def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
     directory = tmp_path / "pool"
     ok(cli_run("pool", "create", dm_name("pool"), "--loop", directory, "--data-size", "256M"))
-    ok(cli_run("pool", "set", "--base-size", "32M", "--discard-on-delete", "on",
-               "--pool", directory))
+    ok(
+        cli_run(
+            "pool", "set", "--base-size", "32M", "--discard-on-delete", "on", "--pool", directory
+        )
+    )
     path = ok(cli_run("thin", "create", "vol", "--pool", directory)).out.strip()
     dm = os.path.basename(path)
     assert witness.table(dm)[0].split()[1] == str(32 * MiB // 512)
-    assert ok(cli_run("thin", "resize", "vol", "64M", "--pool", directory)).out.strip() \
+    assert (
+        ok(cli_run("thin", "resize", "vol", "64M", "--pool", directory)).out.strip()
         == "vol: 64 MiB"
+    )
     assert witness.table(dm)[0].split()[1] == str(64 * MiB // 512)
     failed(cli_run("thin", "resize", "vol", "16M", "--pool", directory), 2, "force")
     ok(cli_run("thin", "resize", "vol", "16M", "--force", "--pool", directory))
@@ -960,12 +1269,24 @@ def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
 
 
 @kernel
-def test_open_from_the_environment_adopt_and_deferred_flags(dm_name, tmp_path, cli_run,
-                                                             monkeypatch):
+def test_open_from_the_environment_adopt_and_deferred_flags(
+    dm_name, tmp_path, cli_run, monkeypatch
+):
     directory = tmp_path / "pool"
     name = dm_name("pool")
-    ok(cli_run("pool", "create", name, "--loop", directory, "--data-size", "64M",
-               "--no-deferred-removal", "--no-deferred-deletion"))
+    ok(
+        cli_run(
+            "pool",
+            "create",
+            name,
+            "--loop",
+            directory,
+            "--data-size",
+            "64M",
+            "--no-deferred-removal",
+            "--no-deferred-deletion",
+        )
+    )
     info = as_json(cli_run("pool", "info", "--json", "--pool", directory))
     assert info["Deferred Removal Enabled"] == info["Deferred Deletion Enabled"] == "false"
     ok(cli_run("pool", "set", "--deferred-removal", "on", "--pool", directory))
@@ -975,8 +1296,11 @@ def test_open_from_the_environment_adopt_and_deferred_flags(dm_name, tmp_path, c
     witness.dmsetup("remove", f"{name}-vol")
     # pool open takes the directory from LIBDM_POOL, as every pool command.
     monkeypatch.setenv("LIBDM_POOL", str(directory))
-    out = ok(cli_run("pool", "open") if cli_run is run
-             else sh("pool", "open", env={"LIBDM_POOL": str(directory)})).out
+    out = ok(
+        cli_run("pool", "open")
+        if cli_run is run
+        else sh("pool", "open", env={"LIBDM_POOL": str(directory)})
+    ).out
     assert "1 devices, 1 active" in out and witness.info(f"{name}-vol") is not None
 
     data = attach(tmp_path, "data.img", 64 * MiB)
@@ -984,11 +1308,19 @@ def test_open_from_the_environment_adopt_and_deferred_flags(dm_name, tmp_path, c
     with open(meta, "r+b") as fh:
         fh.write(bytes(4096))
     other = dm_name("other")
-    witness.dmsetup("create", other, "--table",
-                    f"0 {64 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 0")
+    witness.dmsetup(
+        "create",
+        other,
+        "--table",
+        f"0 {64 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 0",
+    )
     state = tmp_path / "adopted"
-    assert ok(cli_run("pool", "adopt", other, "--state-dir", state,
-                      "--no-deferred-deletion")).out.strip() == f"/dev/mapper/{other}"
+    assert (
+        ok(
+            cli_run("pool", "adopt", other, "--state-dir", state, "--no-deferred-deletion")
+        ).out.strip()
+        == f"/dev/mapper/{other}"
+    )
     monkeypatch.delenv("LIBDM_POOL")
     info = as_json(cli_run("pool", "info", "--json", "--pool", state))
     assert info["Pool Name"] == other and info["Deferred Deletion Enabled"] == "false"
@@ -1016,12 +1348,14 @@ def test_pool_open_counts_devices_on_a_terminal(dm_name, tmp_path, monkeypatch):
     code = cli.main(["pool", "open", str(directory)])
     assert code == 0 and terminal.getvalue().endswith("activating devices: 3/3\n")
     # Growing a pool shows each step and its time.
-    code = cli.main(["pool", "resize", "128M", "--metadata-size", "4M", "--pool",
-                     str(directory)])
+    code = cli.main(["pool", "resize", "128M", "--metadata-size", "4M", "--pool", str(directory)])
     steps = terminal.getvalue().splitlines()[-2:]
-    assert code == 0 and steps[0].startswith("growing the metadata of pool ") \
-        and steps[1].startswith("growing the data of pool ") \
-        and all(" done in " in step for step in steps), steps
+    assert (
+        code == 0
+        and steps[0].startswith("growing the metadata of pool ")
+        and steps[1].startswith("growing the data of pool ")
+        and all(" done in " in step for step in steps)
+    ), steps
     monkeypatch.undo()
     # Not on a terminal: nothing but the result.
     assert "activating" not in sh("pool", "open", directory).err

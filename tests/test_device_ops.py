@@ -8,11 +8,10 @@ import sys
 import threading
 
 import pytest
+import witness
 
 import libdm
 from libdm import Target
-
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -199,9 +198,14 @@ def test_info_matches_dmsetup(dm_name):
     name = dm_name()
     libdm.create(name, [Target(0, 100, "zero"), Target(100, 28, "error")])
     got, seen = libdm.info(name), witness.info(name)
-    assert (got.name, got.major, got.minor, got.open_count, got.target_count,
-            got.event_nr) == (seen["name"], seen["major"], seen["minor"],
-                              seen["open"], seen["segments"], seen["events"])
+    assert (got.name, got.major, got.minor, got.open_count, got.target_count, got.event_nr) == (
+        seen["name"],
+        seen["major"],
+        seen["minor"],
+        seen["open"],
+        seen["segments"],
+        seen["events"],
+    )
     assert got.devname == f"dm-{seen['minor']}"
     assert libdm.exists(name)
 
@@ -218,8 +222,10 @@ def test_info_of_a_missing_device(dm_name):
 def test_table_and_status_match_dmsetup(dm_name):
     base, top = dm_name(), dm_name()
     zero = libdm.create(base, [Target(0, 4096, "zero")])
-    libdm.create(top, [Target(0, 1024, "linear", f"{zero.major}:{zero.minor} 2048"),
-                       Target(1024, 1024, "zero")])
+    libdm.create(
+        top,
+        [Target(0, 1024, "linear", f"{zero.major}:{zero.minor} 2048"), Target(1024, 1024, "zero")],
+    )
     assert [str(t) for t in libdm.table(top)] == witness.table(top)
     assert [str(t) for t in libdm.status(top)] == witness.status(top)
     assert [str(t) for t in libdm.status(top, flush=False)] == witness.status(top)
@@ -261,8 +267,13 @@ def test_deps_matches_dmsetup(dm_name):
     a, b, top = dm_name(), dm_name(), dm_name()
     ia = libdm.create(a, [Target(0, 100, "zero")])
     ib = libdm.create(b, [Target(0, 100, "zero")])
-    libdm.create(top, [Target(0, 50, "linear", f"{ia.major}:{ia.minor} 0"),
-                       Target(50, 50, "linear", f"{ib.major}:{ib.minor} 0")])
+    libdm.create(
+        top,
+        [
+            Target(0, 50, "linear", f"{ia.major}:{ia.minor} 0"),
+            Target(50, 50, "linear", f"{ib.major}:{ib.minor} 0"),
+        ],
+    )
     got = sorted(libdm.deps(top))
     assert got == sorted([(ia.major, ia.minor), (ib.major, ib.minor)])
     text = witness.dmsetup("deps", top)
@@ -343,7 +354,10 @@ def _run_child(code, *, user=None, prefix=()):
     """Run ``code`` in a fresh Python; return (exit status, stdout, stderr)."""
     proc = subprocess.run(
         [*prefix, sys.executable, "-c", code],
-        capture_output=True, text=True, user=user, timeout=60,
+        capture_output=True,
+        text=True,
+        user=user,
+        timeout=60,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -399,10 +413,11 @@ def test_no_device_mapper_driver(tmp_path, dm_name):
     )
     script = (
         f"mount -t tmpfs -o ro none /dev/mapper && mount --bind {empty} /proc/misc && "
-        f"exec {sys.executable} -c \"$0\""
+        f'exec {sys.executable} -c "$0"'
     )
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, code],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, code], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 3, proc.stderr
     assert "no device-mapper driver" in proc.stdout
     assert "modprobe dm-mod" in proc.stdout
@@ -478,8 +493,9 @@ def loop_pair(tmp_path):
         path = tmp_path / label
         with open(path, "wb") as fh:
             fh.truncate(size)
-        dev = subprocess.run(["losetup", "--find", "--show", str(path)],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         loops.append(dev)
     yield loops
     for dev in loops:
@@ -495,8 +511,9 @@ def test_wait_event_wakes_on_a_pool_event(dm_name, loop_pair):
     blocks = data_sectors // 128
     # A low water mark just under the pool's size: the first allocation
     # crosses it and the pool raises one event.
-    info = libdm.create(pool, [Target(0, data_sectors, "thin-pool",
-                                      f"{meta} {data} 128 {blocks - 1}")])
+    info = libdm.create(
+        pool, [Target(0, data_sectors, "thin-pool", f"{meta} {data} 128 {blocks - 1}")]
+    )
     assert libdm.message(pool, "create_thin 0") is None
     libdm.create(thin, [Target(0, 8192, "thin", f"{info.major}:{info.minor} 0")])
     before = libdm.info(pool).event_nr

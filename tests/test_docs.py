@@ -38,8 +38,7 @@ def html(tmp_path_factory):
     # is a failure, not a reason to skip.
     out = tmp_path_factory.mktemp("html")
     proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html",
-         DOCS, str(out)],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", DOCS, str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -52,8 +51,15 @@ def html(tmp_path_factory):
 
 def test_docs_build_without_warnings(html):
     assert (html / "index.html").is_file()
-    for page in ("install", "quickstart", "device-operations", "errors",
-                 "logging", "testing", "api"):
+    for page in (
+        "install",
+        "quickstart",
+        "device-operations",
+        "errors",
+        "logging",
+        "testing",
+        "api",
+    ):
         assert (html / f"{page}.html").is_file(), page
 
 
@@ -71,8 +77,8 @@ def _own_docstring(obj):
     # obj.__doc__ rather than inspect.getdoc, which would borrow a base
     # class's docstring for a class that has none.
     doc = obj.__doc__
-    if inspect.isclass(obj) and issubclass(obj, tuple) and hasattr(obj, "_fields"):
-        # A NamedTuple without a docstring gets "Name(field, ...)".
+    # A NamedTuple without a docstring gets "Name(field, ...)".
+    if inspect.isclass(obj) and issubclass(obj, tuple) and hasattr(obj, "_fields"):  # noqa: SIM102
         if doc == f"{obj.__name__}({', '.join(obj._fields)})":
             return None
     return inspect.cleandoc(doc) if doc and doc.strip() else None

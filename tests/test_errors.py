@@ -44,9 +44,12 @@ def test_errors_pickle_with_their_fields():
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is libdm.NoSuchDeviceError
     assert (copy.errno, copy.operation, copy.device, copy.log_lines) == (
-        errno.ENXIO, "info", "vol", ("a line",))
+        errno.ENXIO,
+        "info",
+        "vol",
+        ("a line",),
+    )
 
 
 def test_library_version_needs_no_kernel():
     assert libdm.library_version().split(".")[0] == "1"
-

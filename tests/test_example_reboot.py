@@ -7,8 +7,11 @@ import pytest
 
 pytestmark = pytest.mark.host
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "examples", "reopen_after_reboot.py")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "examples",
+    "reopen_after_reboot.py",
+)
 
 
 def test_reopen_after_reboot_example(run_in_kernel, tmp_path):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 import witness
 
 kernel = pytest.mark.kernel
@@ -41,8 +40,12 @@ print(json.dumps({"before": before, "after": block_devices(), "returncode": proc
 
 
 def run_example(name, *args):
-    return subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @kernel
@@ -80,7 +83,6 @@ def test_direct_mode_example():
     assert witness.names() == before
 
 
-
 OPEN_9_99 = r"""
 import errno, os, stat
 node = "/run/md-probe"  # /run is private to the test kernel
@@ -99,8 +101,11 @@ print("md99" in os.listdir("/sys/block"))
 def run_autoloading(run_in_kernel, name, *args):
     """Run an example in a fresh kernel that autoloads modules; its
     result, and the block devices before and after, as a dict."""
-    result = run_in_kernel([sys.executable, "-c", BLOCK_DEVICES_AROUND,
-                            os.path.join(EXAMPLES, name), *args], autoload=True, timeout=600)
+    result = run_in_kernel(
+        [sys.executable, "-c", BLOCK_DEVICES_AROUND, os.path.join(EXAMPLES, name), *args],
+        autoload=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr + result.console[-2000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -111,7 +116,10 @@ def test_the_autoloading_kernel_makes_md_devices_on_demand(run_in_kernel):
     # example's "missing device" once) loads md and makes md99, as on an
     # ordinary machine; in the default test kernel it fails.
     open_9_99 = [sys.executable, "-c", OPEN_9_99]
-    assert run_in_kernel(open_9_99, autoload=True, timeout=300).stdout.split() == ["opened", "True"]
+    assert run_in_kernel(open_9_99, autoload=True, timeout=300).stdout.split() == [
+        "opened",
+        "True",
+    ]
     assert run_in_kernel(open_9_99, timeout=300).stdout.split() == ["ENXIO", "False"]
 
 
@@ -127,10 +135,13 @@ def test_device_ops_example_leaves_nothing_where_modules_autoload(run_in_kernel)
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("name, done", [
-    ("layered_snapshots.py", "all checks passed"),
-    ("direct_mode.py", "Pool Blocksize: 64 KiB"),
-])
+@pytest.mark.parametrize(
+    "name, done",
+    [
+        ("layered_snapshots.py", "all checks passed"),
+        ("direct_mode.py", "Pool Blocksize: 64 KiB"),
+    ],
+)
 def test_examples_leave_nothing_where_modules_autoload(run_in_kernel, name, done):
     run = run_autoloading(run_in_kernel, name)
     assert run["returncode"] == 0, run["stdout"] + run["stderr"]

@@ -8,12 +8,11 @@ import os
 import subprocess
 
 import pytest
+import reliability
+import witness
 
 import libdm
 from libdm.thin.store import Store
-
-import reliability
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -29,14 +28,19 @@ def faulty_pool(dm_name, tmp_path):
         path = tmp_path / part
         with open(path, "wb") as fh:
             fh.truncate(size)
-        loops[part] = subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
-                                     capture_output=True, text=True).stdout.strip()
+        loops[part] = subprocess.run(
+            ["losetup", "-f", "--show", str(path)], check=True, capture_output=True, text=True
+        ).stdout.strip()
     lower = {part: dm_name(part) for part in loops}
     sizes = {"meta": 8 * MiB // 512, "data": 64 * MiB // 512}
     for part, name in lower.items():
         libdm.create(name, [libdm.Target(0, sizes[part], "linear", f"{loops[part]} 0")])
-    pool = libdm.Pool.create(dm_name("pool"), libdm.device_path(lower["data"]),
-                             libdm.device_path(lower["meta"]), state_dir=tmp_path / "state")
+    pool = libdm.Pool.create(
+        dm_name("pool"),
+        libdm.device_path(lower["data"]),
+        libdm.device_path(lower["meta"]),
+        state_dir=tmp_path / "state",
+    )
     dev = pool.create_thin("vol", "16M")
     fd = os.open(dev.path, os.O_WRONLY)
     os.pwrite(fd, b"\x42" * MiB, 0)
@@ -71,10 +75,16 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
         pool.create_thin("new", "4M")
     text = str(caught.value)
     assert "thin_check" in text and "thin_repair" in text
-    assert witness.status(pool.name)[0].split()[3] in ("Fail", "Error") or \
-        "needs_check" in witness.status(pool.name)[0] or " ro " in witness.status(pool.name)[0]
-    for attempt in (lambda: dev.snapshot("snap"), lambda: dev.delete(),
-                    lambda: pool.create_thin("other", "1M")):
+    assert (
+        witness.status(pool.name)[0].split()[3] in ("Fail", "Error")
+        or "needs_check" in witness.status(pool.name)[0]
+        or " ro " in witness.status(pool.name)[0]
+    )
+    for attempt in (
+        lambda: dev.snapshot("snap"),
+        lambda: dev.delete(),
+        lambda: pool.create_thin("other", "1M"),
+    ):
         with pytest.raises((libdm.PoolFailedError, libdm.PoolReadOnlyError)):
             attempt()
     assert pool.info().state in ("Fail", "Error", "ro", "needs_check")
@@ -85,8 +95,9 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
     swap("meta", "linear")
     for name in (dev.dm_name, pool.name, f"{pool.name}-tdata", f"{pool.name}-tmeta"):
         witness.dmsetup("remove", name)
-    check = subprocess.run(["thin_check", libdm.device_path(lower["meta"])],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["thin_check", libdm.device_path(lower["meta"])], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
     again = libdm.Pool.open(pool.directory)
     try:
@@ -99,7 +110,7 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
 
 
 def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
-    pool, dev, lower, swap = faulty_pool
+    pool, dev, _lower, swap = faulty_pool
     swap("data", "error")
     fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
     try:
@@ -124,7 +135,7 @@ def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
 
 
 def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
-    pool, dev, lower, swap = faulty_pool
+    pool, dev, lower, _swap = faulty_pool
     name = pool.name
     for gone in (dev.dm_name, name, f"{name}-tdata", f"{name}-tmeta"):
         witness.dmsetup("remove", gone)

@@ -4,14 +4,12 @@ with a resize."""
 import errno
 import os
 
-
 import pytest
+import witness
+from blockio import read_at
 
 import libdm
-from blockio import read_at
 from libdm.thin.store import Store
-
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -19,8 +17,13 @@ MiB = 1 << 20
 
 
 def test_error_if_no_space_fails_writes_at_once(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="16M",
-                                  features=["error_if_no_space"], min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"),
+        tmp_path / "pool",
+        data_size="16M",
+        features=["error_if_no_space"],
+        min_free_space=0,
+    )
     try:
         dev = pool.create_thin("vol", "64M")
         fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
@@ -59,8 +62,9 @@ def test_error_if_no_space_fails_writes_at_once(dm_name, tmp_path):
 
 
 def test_min_free_space_refuses_before_the_pool_is_full(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="32M",
-                                  min_free_space=25)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"), tmp_path / "pool", data_size="32M", min_free_space=25
+    )
     try:
         dev = pool.create_thin("vol", "64M")
         fd = os.open(dev.path, os.O_WRONLY)
@@ -86,8 +90,9 @@ def test_a_failed_pool_cannot_be_resized(dm_name, tmp_path):
     data = attach(tmp_path, "data.img", 64 * MiB)
     lower = dm_name("meta")
     libdm.create(lower, [libdm.Target(0, 8 * MiB // 512, "linear", f"{devno(meta)} 0")])
-    pool = libdm.Pool.create(dm_name("pool"), data, libdm.device_path(lower),
-                             state_dir=tmp_path / "state")
+    pool = libdm.Pool.create(
+        dm_name("pool"), data, libdm.device_path(lower), state_dir=tmp_path / "state"
+    )
     try:
         pool.create_thin("vol", "4M")
         witness.dmsetup("suspend", "--noflush", lower)

@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from libdm.testing import cleanup, kernel
 from libdm.testing import __main__ as cli
+from libdm.testing import cleanup, kernel
 from libdm.testing.pytest_plugin import _Reports
 
 PLUGIN = "libdm.testing.pytest_plugin"
@@ -116,7 +116,13 @@ def test_host_has_device_mapper_needs_an_openable_control_node():
 
 
 def test_removal_order_puts_holders_first():
-    devno = {"pool": (253, 0), "thin1": (253, 1), "thin2": (253, 2), "snap": (253, 3), "meta": (253, 4)}
+    devno = {
+        "pool": (253, 0),
+        "thin1": (253, 1),
+        "thin2": (253, 2),
+        "snap": (253, 3),
+        "meta": (253, 4),
+    }
     deps = {
         "pool": [(253, 4), (7, 0)],  # meta, and a loop outside the set
         "thin1": [(253, 0)],
@@ -124,7 +130,13 @@ def test_removal_order_puts_holders_first():
         "snap": [(253, 1)],
         "meta": [(7, 1)],
     }
-    assert cleanup.removal_order(list(devno), devno, deps) == ["snap", "thin1", "thin2", "pool", "meta"]
+    assert cleanup.removal_order(list(devno), devno, deps) == [
+        "snap",
+        "thin1",
+        "thin2",
+        "pool",
+        "meta",
+    ]
 
 
 def test_removal_order_survives_a_cycle():
@@ -181,7 +193,12 @@ def test_cleanup_devices_resumes_then_removes_in_order():
         suspended={"t-pool", "t-thin"},
     )
     assert cleanup.cleanup_devices("t-", dm=dm) == ["t-thin", "t-pool"]
-    assert dm.calls == [("resume", "t-pool"), ("resume", "t-thin"), ("remove", "t-thin"), ("remove", "t-pool")]
+    assert dm.calls == [
+        ("resume", "t-pool"),
+        ("resume", "t-thin"),
+        ("remove", "t-thin"),
+        ("remove", "t-pool"),
+    ]
     assert list(dm.devices) == ["other"]
 
 
@@ -243,7 +260,9 @@ def test_no_kernel_skips_with_a_hint(pytester, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     pytester.makepyfile(KERNEL_TEST)
     missing = pytester.path / "no-linux.uml"
-    result = pytester.runpytest_subprocess("-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={missing}", "-rs")
+    result = pytester.runpytest_subprocess(
+        "-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={missing}", "-rs"
+    )
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*no UML kernel at*user-mode-linux*"])
 
@@ -252,7 +271,9 @@ def test_no_kernel_fails_on_ci(pytester, monkeypatch):
     monkeypatch.setenv("CI", "true")
     pytester.makepyfile(KERNEL_TEST)
     missing = pytester.path / "no-linux.uml"
-    result = pytester.runpytest_subprocess("-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={missing}")
+    result = pytester.runpytest_subprocess(
+        "-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={missing}"
+    )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*CI=true*no UML kernel at*"])
     assert result.ret == 1
@@ -263,7 +284,9 @@ def test_a_kernel_that_never_boots_fails_the_kernel_tests(pytester, monkeypatch,
     binary, modules = _fake_kernel(tmp_path, "echo panic at the disco >&2; exit 1")
     monkeypatch.setenv("LIBDM_UML_MODULES", modules)
     pytester.makepyfile(KERNEL_TEST)
-    result = pytester.runpytest_subprocess("-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={binary}")
+    result = pytester.runpytest_subprocess(
+        "-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={binary}"
+    )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*before running the command*", "*panic at the disco*"])
 
@@ -290,7 +313,10 @@ def test_cli_without_a_kernel_says_why(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "no UML kernel at /nonexistent/linux.uml" in err
     cli.main(["check"])
-    assert "UML kernel: unavailable: no UML kernel at /nonexistent/linux.uml" in capsys.readouterr().out
+    assert (
+        "UML kernel: unavailable: no UML kernel at /nonexistent/linux.uml"
+        in capsys.readouterr().out
+    )
 
 
 # -- inside the session's test kernel --------------------------------------------
@@ -383,7 +409,8 @@ def test_command_runs_here_with_our_python_and_leaves_its_files(uml_kernel, tmp_
     script = (
         "import json, os, sys, libdm;"
         "open('made-inside.txt', 'w').write(os.environ['GREETING']);"
-        "print(json.dumps([sys.executable, os.getcwd(), os.geteuid(), os.environ['PATH'], sys.argv[1:]]))"
+        "print(json.dumps([sys.executable, os.getcwd(), os.geteuid(),"
+        " os.environ['PATH'], sys.argv[1:]]))"
     )
     with kernel.start(
         [sys.executable, "-c", script, *args],
@@ -419,7 +446,17 @@ def test_a_command_that_halts_the_kernel_is_a_crash(run_in_kernel):
 @pytest.mark.host
 def test_cli_passes_the_exit_status_through(uml_kernel):
     proc = subprocess.run(
-        [sys.executable, "-m", "libdm.testing", "run", "--uml", "--", "sh", "-c", "echo streamed; exit 5"],
+        [
+            sys.executable,
+            "-m",
+            "libdm.testing",
+            "run",
+            "--uml",
+            "--",
+            "sh",
+            "-c",
+            "echo streamed; exit 5",
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "LIBDM_UML_BINARY": uml_kernel.binary},
@@ -500,11 +537,19 @@ def test_kernel_tests_are_replayed_as_ordinary_tests(pytester, uml_kernel, monke
         ]
     )
     log = (pytester.path / "fixture-log").read_text().split()
-    assert sorted(log) == ["1", "host", "host"]  # module fixture: a, b on the host; a in the kernel
+    assert sorted(log) == [
+        "1",
+        "host",
+        "host",
+    ]  # module fixture: a, b on the host; a in the kernel
     cases = ET.parse(pytester.path / "junit.xml").getroot().iter("testcase")
     assert sorted(c.get("name") for c in cases) == [
-        "test_fails_inside", "test_inside", "test_local_after", "test_local_first", "test_skips_inside",
-    ]  # fmt: skip
+        "test_fails_inside",
+        "test_inside",
+        "test_local_after",
+        "test_local_first",
+        "test_skips_inside",
+    ]
 
 
 @pytest.mark.host
@@ -531,6 +576,8 @@ def test_a_kernel_that_dies_fails_the_tests_it_did_not_report(pytester, uml_kern
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={uml_kernel.binary}")
+    result = pytester.runpytest_subprocess(
+        "-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={uml_kernel.binary}"
+    )
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines(["*test kernel stopped before the command finished*"])

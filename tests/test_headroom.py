@@ -8,11 +8,10 @@ the pool's status.
 """
 
 import pytest
+import witness
+from blockio import MiB, attach, devno, read_at, write_pattern
 
 import libdm
-
-from blockio import MiB, attach, devno, read_at, write_pattern
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -24,9 +23,14 @@ def sectors(line):
 @pytest.fixture
 def split_pool(dm_name, tmp_path):
     device = attach(tmp_path, "disk.img", 200 * MiB)
-    pool = libdm.Pool.create_on_device(dm_name("pool"), device, thinp_percent=60,
-                                       thinp_metapercent=2, state_dir=tmp_path / "state",
-                                       min_free_space=0)
+    pool = libdm.Pool.create_on_device(
+        dm_name("pool"),
+        device,
+        thinp_percent=60,
+        thinp_metapercent=2,
+        state_dir=tmp_path / "state",
+        min_free_space=0,
+    )
     yield pool, device
     pool.close()
 
@@ -36,7 +40,7 @@ def test_extend_takes_the_free_tail_of_the_split_device(split_pool):
     pool, device = split_pool
     dev = pool.create_thin("vol", "256M")
     write_pattern(dev.path, 0x44, length=4 * MiB)
-    (path, start, free), = pool.free_regions()
+    ((path, start, free),) = pool.free_regions()
     tdata = witness.table(f"{pool.name}-tdata")
     assert path == device and len(tdata) == 1
     data_start = int(tdata[0].split()[-1])
@@ -56,19 +60,19 @@ def test_extend_takes_the_free_tail_of_the_split_device(split_pool):
 
 def test_a_region_of_the_tail_and_a_clash(split_pool):
     pool, device = split_pool
-    (_, start, free), = pool.free_regions()
-    with pytest.raises(ValueError, match="already part of pool .* in sectors"):
+    ((_, start, _free),) = pool.free_regions()
+    with pytest.raises(ValueError, match=r"already part of pool .* in sectors"):
         pool.extend(device, start=int(start.bytes()) - 4096, length="8M")
     st = pool.extend(device, metadata=True, start=int(start.bytes()), length="4M")
     tmeta = witness.table(f"{pool.name}-tmeta")
     assert len(tmeta) == 2 and tmeta[1].endswith(f"{devno(device)} {int(start)}")
     assert int(st.total_meta) == sum(sectors(line) for line in tmeta) // 8
-    (_, rest, _), = pool.free_regions()
+    ((_, rest, _),) = pool.free_regions()
     assert int(rest) == int(start) + 4 * MiB // 512
 
 
 def test_the_monitor_grows_data_and_metadata_into_the_tail(split_pool):
-    pool, device = split_pool
+    pool, _device = split_pool
     dev = pool.create_thin("vol", "256M")
     total = int(pool.status().total_data)
     write_pattern(dev.path, 0x45, length=(total * 9 // 10) * (64 << 10))

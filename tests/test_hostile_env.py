@@ -19,12 +19,11 @@ import subprocess
 import time
 
 import pytest
+import witness
+from blockio import MiB, attach, read_at, write_pattern
 
 import libdm
 from libdm.thin.store import Store
-
-from blockio import MiB, attach, read_at, write_pattern
-import witness
 
 kernel = pytest.mark.kernel
 
@@ -50,8 +49,15 @@ def _entry(path):
     if stat.S_ISREG(st.st_mode):
         with open(path, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
-    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_size,
-            st.st_ino, link, digest)
+    return (
+        stat.S_IFMT(st.st_mode),
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_size,
+        st.st_ino,
+        link,
+        digest,
+    )
 
 
 def victim(path, size=MiB, mode=0o644, byte=0x5A):
@@ -125,10 +131,12 @@ def take_down(pool):
 
 
 @kernel
-@pytest.mark.parametrize("names", [["data", "metadata"], ["lock"], ["state.db-wal"],
-                                   ["state.db-shm"], ["metadata"]])
+@pytest.mark.parametrize(
+    "names", [["data", "metadata"], ["lock"], ["state.db-wal"], ["state.db-shm"], ["metadata"]]
+)
 def test_create_loop_refuses_a_directory_holding_pool_files_and_keeps_them(
-        dm_name, tmp_path, names):
+    dm_name, tmp_path, names
+):
     directory = tmp_path / "pool"
     directory.mkdir(mode=0o755)
     for name in names:
@@ -157,8 +165,7 @@ def test_a_pool_whose_state_was_lost_is_not_overwritten(loop_pool, dm_name):
 
 
 @kernel
-def test_a_second_pool_over_the_first_is_refused_and_the_first_is_intact(
-        loop_pool, dm_name):
+def test_a_second_pool_over_the_first_is_refused_and_the_first_is_intact(loop_pool, dm_name):
     directory = loop_pool.directory
     table = witness.table(loop_pool.name)
     before = {n: picture(directory)[n][:5] for n in ("data", "metadata", "state.db", "lock")}
@@ -171,7 +178,8 @@ def test_a_second_pool_over_the_first_is_refused_and_the_first_is_intact(
     after = picture(directory)
     # Same files (inode, owner, mode, type); only the pool's own writes change them.
     assert {n: after[n][:3] + after[n][4:5] for n in before} == {
-        n: b[:3] + b[4:5] for n, b in before.items()}
+        n: b[:3] + b[4:5] for n, b in before.items()
+    }
     # The first pool still comes back after a reboot, its data readable.
     take_down(loop_pool)
     again = libdm.Pool.open(directory)
@@ -217,8 +225,7 @@ def test_a_directory_libdm_made_is_private_and_goes_with_the_pool(dm_name, tmp_p
 
 
 @kernel
-def test_an_old_store_without_the_made_directory_record_keeps_the_directory(
-        dm_name, tmp_path):
+def test_an_old_store_without_the_made_directory_record_keeps_the_directory(dm_name, tmp_path):
     directory = tmp_path / "pool"
     libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()
     set_config(directory, made_directory=None)
@@ -458,7 +465,7 @@ def block_pool(dm_name, tmp_path):
 
 @kernel
 def test_a_forged_store_naming_another_disk_is_refused(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, _data, _meta = block_pool
     disk = attach(tmp_path, "disk.img", 64 * MiB)  # blank where the forger points
     directory = take_down(pool)
     # A fresh-looking pool (no transaction, no devices), so that nothing
@@ -479,7 +486,7 @@ def test_a_forged_store_naming_another_disk_is_refused(block_pool, tmp_path):
 
 @kernel
 def test_another_device_under_a_recorded_name_is_refused(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, data, _meta = block_pool
     directory = take_down(pool)
     assert [d["size"] for d in stored_config(directory)["data_segment_devices"]] == [64 * MiB]
     subprocess.run(["losetup", "-d", data], check=True)
@@ -497,7 +504,7 @@ def test_another_device_under_a_recorded_name_is_refused(block_pool, tmp_path):
 
 @kernel
 def test_an_old_block_store_without_device_sizes_still_opens(block_pool):
-    pool, data, meta = block_pool
+    pool, _data, _meta = block_pool
     directory = take_down(pool)
     set_config(directory, data_segment_devices=None, meta_segment_devices=None)
     again = libdm.Pool.open(directory)
@@ -515,8 +522,9 @@ def small_fs(tmp_path):
     """A tmpfs of its own, unmounted after the test."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -576,10 +584,20 @@ def test_create_loop_on_a_read_only_filesystem_is_a_clear_error(dm_name, small_f
 # -- item 7: a corrupt stored configuration (no kernel needed) ------------------------------
 
 
-_BASE = json.dumps({
-    "block_size": 128, "low_water_mark": 0, "features": [], "min_free_space": 10,
-    "deferred_removal": True, "deferred_deletion": True, "base_device": None,
-    "token": "t", "data_file": "data", "metadata_file": "metadata"})
+_BASE = json.dumps(
+    {
+        "block_size": 128,
+        "low_water_mark": 0,
+        "features": [],
+        "min_free_space": 10,
+        "deferred_removal": True,
+        "deferred_deletion": True,
+        "base_device": None,
+        "token": "t",
+        "data_file": "data",
+        "metadata_file": "metadata",
+    }
+)
 
 
 def _store_with_pool(directory):
@@ -597,15 +615,29 @@ def _corrupt(directory, column, value):
         db.close()
 
 
-@pytest.mark.parametrize("config, field", [
-    ("{not json", "config"),
-    ("", "config"),
-    ("[]", "config"),
-    ('{"low_water_mark": 0}', "block_size"),
-    (json.dumps({"block_size": "big", "low_water_mark": 0, "features": [],
-                 "min_free_space": 10, "deferred_removal": True,
-                 "deferred_deletion": True, "token": "t"}), "block_size"),
-])
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ("{not json", "config"),
+        ("", "config"),
+        ("[]", "config"),
+        ('{"low_water_mark": 0}', "block_size"),
+        (
+            json.dumps(
+                {
+                    "block_size": "big",
+                    "low_water_mark": 0,
+                    "features": [],
+                    "min_free_space": 10,
+                    "deferred_removal": True,
+                    "deferred_deletion": True,
+                    "token": "t",
+                }
+            ),
+            "block_size",
+        ),
+    ],
+)
 def test_a_corrupt_stored_config_is_a_state_error(tmp_path, config, field):
     directory = str(tmp_path / "state")
     _store_with_pool(directory)
@@ -620,11 +652,14 @@ def test_a_corrupt_stored_config_is_a_state_error(tmp_path, config, field):
     assert os.path.join(directory, "state.db") in said and field in said
 
 
-@pytest.mark.parametrize("kind, config, field", [
-    ("zfs", {}, "kind"),
-    ("block", {"meta_segments": [["/dev/x", 0, None]]}, "data_segments"),
-    ("block", {"meta_segments": "x", "data_segments": []}, "meta_segments"),
-])
+@pytest.mark.parametrize(
+    "kind, config, field",
+    [
+        ("zfs", {}, "kind"),
+        ("block", {"meta_segments": [["/dev/x", 0, None]]}, "data_segments"),
+        ("block", {"meta_segments": "x", "data_segments": []}, "meta_segments"),
+    ],
+)
 def test_an_unknown_kind_or_bad_backing_is_a_state_error(tmp_path, kind, config, field):
     directory = str(tmp_path / "state")
     _store_with_pool(directory)

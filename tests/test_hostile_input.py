@@ -4,6 +4,7 @@ never another exception, and what is accepted round-trips."""
 import string
 
 import pytest
+import reliability
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,10 +14,11 @@ from libdm.thin.status import parse_pool_status, parse_thin_status
 from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import Bytes, parse_size
 
-import reliability
-
-SETTINGS = settings(max_examples=reliability.scale(300, 5000), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=reliability.scale(300, 5000),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 TRIED = {"n": 0}
 
 
@@ -26,13 +28,40 @@ def tried():
 
 def teardown_module():
     reliability.record("hostile input", inputs=TRIED["n"], crashes=0)
+
+
 ANY_TEXT = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=160)
-TOKENS = st.lists(st.one_of(
-    st.sampled_from(["0", "1", "7:0", "254:1", "128", "-", "rw", "ro", "out_of_data_space",
-                     "discard_passdown", "no_discard_passdown", "ignore_discard",
-                     "queue_if_no_space", "error_if_no_space", "needs_check", "Fail",
-                     "1/2", "12/4096", "skip_block_zeroing", "read_only", "5"]),
-    st.text(alphabet=string.printable, max_size=8)), max_size=12).map(" ".join)
+TOKENS = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "0",
+                "1",
+                "7:0",
+                "254:1",
+                "128",
+                "-",
+                "rw",
+                "ro",
+                "out_of_data_space",
+                "discard_passdown",
+                "no_discard_passdown",
+                "ignore_discard",
+                "queue_if_no_space",
+                "error_if_no_space",
+                "needs_check",
+                "Fail",
+                "1/2",
+                "12/4096",
+                "skip_block_zeroing",
+                "read_only",
+                "5",
+            ]
+        ),
+        st.text(alphabet=string.printable, max_size=8),
+    ),
+    max_size=12,
+).map(" ".join)
 
 
 @SETTINGS
@@ -75,10 +104,13 @@ def test_size_parsing(value):
 MAX_SIZE = ((1 << 63) - 1) // 512 * 512
 # Sizes built from digits of every script, odd spaces, signs, exponents
 # and suffixes: only ASCII digits may make a size, and none past MAX_SIZE.
-SIZE_LIKE = st.text(alphabet=st.one_of(
-    st.sampled_from(list("0123456789.+-_eExX sSkKmMgGtTpPbBiI\t\n\x0b\x0c\x1c\x1f")),
-    st.characters(categories=["Nd", "Zs", "Zl", "Zp", "No"]),
-), max_size=40)
+SIZE_LIKE = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(list("0123456789.+-_eExX sSkKmMgGtTpPbBiI\t\n\x0b\x0c\x1c\x1f")),
+        st.characters(categories=["Nd", "Zs", "Zl", "Zp", "No"]),
+    ),
+    max_size=40,
+)
 
 
 @SETTINGS
@@ -155,14 +187,21 @@ def test_messages_with_injected_lines_or_controls_are_refused(text):
         validate.check_message(injected)
     except ValueError as exc:
         assert any(ch in injected for ch in "\n\r") or any(
-            ord(ch) < 32 or ord(ch) == 127 for ch in injected), exc
+            ord(ch) < 32 or ord(ch) == 127 for ch in injected
+        ), exc
         return
     assert "\n" not in injected and "\r" not in injected
 
 
-@pytest.mark.parametrize("message", [
-    "create_thin 1\ndelete 0", "delete 0\r", "set_transaction_id 0 1\x00", "\n",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "create_thin 1\ndelete 0",
+        "delete 0\r",
+        "set_transaction_id 0 1\x00",
+        "\n",
+    ],
+)
 def test_injection_attempts_never_reach_the_kernel(message):
     with pytest.raises(ValueError):
         libdm.message("pool", message)

@@ -33,7 +33,9 @@ kernel = pytest.mark.kernel
 def losetup_devices():
     """losetup's view of every attached loop device: name -> its JSON entry
     (keys: name, back-file, autoclear, ro, dio, offset, sizelimit, ...)."""
-    proc = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["losetup", "--list", "--json"], capture_output=True, text=True, check=True
+    )
     if not proc.stdout.strip():
         return {}  # no loop devices: losetup prints nothing
     return {entry["name"]: entry for entry in json.loads(proc.stdout)["loopdevices"]}
@@ -43,7 +45,10 @@ def losetup_columns(device_path):
     """``losetup -l -n -O NAME,AUTOCLEAR,RO,BACK-FILE`` for one device as
     a dict, or None when losetup does not list it."""
     proc = subprocess.run(
-        ["losetup", "-l", "-n", "-O", "NAME,AUTOCLEAR,RO,BACK-FILE"], capture_output=True, text=True, check=True
+        ["losetup", "-l", "-n", "-O", "NAME,AUTOCLEAR,RO,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for line in proc.stdout.splitlines():
         fields = line.split(None, 3)
@@ -81,7 +86,9 @@ def attached(number):
 
 def loops_of(path):
     """Device paths losetup shows backed by ``path``."""
-    return sorted(name for name, entry in losetup_devices().items() if entry["back-file"] == str(path))
+    return sorted(
+        name for name, entry in losetup_devices().items() if entry["back-file"] == str(path)
+    )
 
 
 def sparse(path, size=64 * MiB):
@@ -144,21 +151,34 @@ def _header_defines(path):
             text = f.read()
     except FileNotFoundError:
         pytest.skip(f"{path} not installed")
-    return {m.group(1): int(m.group(2), 16) for m in re.finditer(r"#define\s+(\w+)\s+(0x[0-9A-Fa-f]+)", text)}
+    return {
+        m.group(1): int(m.group(2), 16)
+        for m in re.finditer(r"#define\s+(\w+)\s+(0x[0-9A-Fa-f]+)", text)
+    }
 
 
 def test_ioctl_numbers_match_linux_headers():
     defines = _header_defines("/usr/include/linux/loop.h")
-    for name in ("LOOP_SET_FD", "LOOP_CLR_FD", "LOOP_SET_STATUS64", "LOOP_GET_STATUS64", "LOOP_SET_CAPACITY",
-                 "LOOP_SET_DIRECT_IO", "LOOP_CONFIGURE", "LOOP_CTL_GET_FREE"):
+    for name in (
+        "LOOP_SET_FD",
+        "LOOP_CLR_FD",
+        "LOOP_SET_STATUS64",
+        "LOOP_GET_STATUS64",
+        "LOOP_SET_CAPACITY",
+        "LOOP_SET_DIRECT_IO",
+        "LOOP_CONFIGURE",
+        "LOOP_CTL_GET_FREE",
+    ):
         assert getattr(loop, name) == defines[name], name
     # _IOR(0x12, 114, size_t): direction read (2) << 30 | size << 16 | type << 8 | nr
-    assert loop.BLKGETSIZE64 == (2 << 30) | (struct.calcsize("N") << 16) | (0x12 << 8) | 114
+    assert (2 << 30) | (struct.calcsize("N") << 16) | (0x12 << 8) | 114 == loop.BLKGETSIZE64
 
 
 def test_loop_info64_layout():
     assert loop._INFO.size == 232
-    buf = loop._pack_info(file_name=b"/some/file", flags=loop.LO_FLAGS_AUTOCLEAR, offset=4096, sizelimit=8192)
+    buf = loop._pack_info(
+        file_name=b"/some/file", flags=loop.LO_FLAGS_AUTOCLEAR, offset=4096, sizelimit=8192
+    )
     assert len(buf) == 232
     assert struct.unpack_from("=Q", buf, 24) == (4096,)  # lo_offset
     assert struct.unpack_from("=Q", buf, 32) == (8192,)  # lo_sizelimit
@@ -168,13 +188,22 @@ def test_loop_info64_layout():
 
 
 def test_loop_info64_round_trip():
-    raw = loop._INFO.pack(0x0102030405060708, 77, 3, 512, 1024, 5, 0, 0, 0x1D, b"/a/b", b"", b"", 0, 0)
+    raw = loop._INFO.pack(
+        0x0102030405060708, 77, 3, 512, 1024, 5, 0, 0, 0x1D, b"/a/b", b"", b"", 0, 0
+    )
     got = loop._unpack_info(raw)
     assert got["device"] == 0x0102030405060708 and got["inode"] == 77 and got["rdevice"] == 3
     assert got["offset"] == 512 and got["sizelimit"] == 1024 and got["number"] == 5
     assert got["flags"] == 0x1D and got["file_name"] == b"/a/b"
-    again = loop._unpack_info(loop._pack_info(file_name=b"/a/b", flags=0x1D, offset=512, sizelimit=1024))
-    assert (again["file_name"], again["flags"], again["offset"], again["sizelimit"]) == (b"/a/b", 0x1D, 512, 1024)
+    again = loop._unpack_info(
+        loop._pack_info(file_name=b"/a/b", flags=0x1D, offset=512, sizelimit=1024)
+    )
+    assert (again["file_name"], again["flags"], again["offset"], again["sizelimit"]) == (
+        b"/a/b",
+        0x1D,
+        512,
+        1024,
+    )
 
 
 def test_loop_config_layout():
@@ -254,7 +283,10 @@ def test_attach_sparse_file(loops, tmp_path):
     # The value
     assert dev.path == f"/dev/loop{dev.number}" == str(dev) == os.fspath(dev)
     st = os.stat(dev.path)
-    assert stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (dev.major, dev.minor)
+    assert stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (
+        dev.major,
+        dev.minor,
+    )
     assert dev.devno == f"{dev.major}:{dev.minor}" == sys_block(dev.number, "dev")
     assert dev.size == 64 * MiB == int(sys_block(dev.number, "size")) * 512
     assert dev.backing_file == str(img)
@@ -358,7 +390,12 @@ def test_find_returns_the_same_device(loops, tmp_path):
     dev = keep(loops, loop.attach(img))
     found = keep(loops, loop.find(img))
     assert found is not dev and found.number == dev.number and found.path == dev.path
-    assert (found.major, found.minor, found.backing_file, found.size) == (dev.major, dev.minor, str(img), dev.size)
+    assert (found.major, found.minor, found.backing_file, found.size) == (
+        dev.major,
+        dev.minor,
+        str(img),
+        dev.size,
+    )
     assert found.autoclear and not found.read_only
     (tmp_path / "link.img").symlink_to(img)
     os.link(img, tmp_path / "hard.img")
@@ -456,7 +493,7 @@ def test_concurrent_attach_from_threads(loops, tmp_path):
     assert not errors
     assert len({r.number for r in results}) == 4
     seen = losetup_devices()
-    for img, dev in zip(imgs, results):
+    for img, dev in zip(imgs, results, strict=False):
         assert seen[dev.path]["back-file"] == str(img)
         assert loops_of(img) == [dev.path]
 
@@ -473,17 +510,21 @@ print(dev.number)
 def test_concurrent_attach_from_processes(loops, tmp_path):
     imgs = [sparse(tmp_path / f"p{i}.img", 8 * MiB) for i in range(4)]
     children = [
-        subprocess.Popen([sys.executable, "-c", _CHILD, str(img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(img)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for img in imgs
     ]
     outputs = [child.communicate() for child in children]
-    for child, (out, err) in zip(children, outputs):
+    for child, (_out, err) in zip(children, outputs, strict=False):
         assert child.returncode == 0, err
     numbers = [int(out) for out, _ in outputs]
     assert len(set(numbers)) == 4
     seen = losetup_devices()
-    for img, number in zip(imgs, numbers):
+    for img, number in zip(imgs, numbers, strict=False):
         assert seen[f"/dev/loop{number}"]["back-file"] == str(img)
         assert not flag(seen[f"/dev/loop{number}"]["autoclear"])
 

@@ -5,10 +5,9 @@ import os
 import threading
 
 import pytest
+import witness
 
 import libdm
-
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -34,14 +33,21 @@ def test_monitor_keeps_a_full_speed_writer_in_space(dm_name, tmp_path):
     # error_if_no_space: running out would fail a write at once.
     # 96 MiB: at 80% the writers are ~19 MiB from the end, enough for the
     # monitor's turn even on a loaded host.
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="96M",
-                                  features=["error_if_no_space"], min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"),
+        tmp_path / "pool",
+        data_size="96M",
+        features=["error_if_no_space"],
+        min_free_space=0,
+    )
     try:
         devices = [pool.create_thin(f"v{i}", "128M") for i in range(3)]
         errors, digests = [], {}
         with pool.monitor(threshold=80, percent=20, interval=1.0) as monitor:
-            writers = [threading.Thread(target=fill, args=(d.path, 64, i, errors, digests))
-                       for i, d in enumerate(devices)]
+            writers = [
+                threading.Thread(target=fill, args=(d.path, 64, i, errors, digests))
+                for i, d in enumerate(devices)
+            ]
             for w in writers:
                 w.start()
             for w in writers:
@@ -65,8 +71,9 @@ def test_monitor_keeps_a_full_speed_writer_in_space(dm_name, tmp_path):
 
 
 def test_monitor_sets_the_low_water_mark_and_respects_its_limit(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="16M",
-                                  min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"), tmp_path / "pool", data_size="16M", min_free_space=0
+    )
     try:
         dev = pool.create_thin("v", "64M")
         monitor = pool.monitor(threshold=50, percent=50, max_data_size="20M")
@@ -91,8 +98,9 @@ def test_monitor_reports_no_room_on_the_filesystem(dm_name, tmp_path):
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(small)], check=True)
     try:
-        pool = libdm.Pool.create_loop(dm_name("pool"), small / "p", data_size="32M",
-                                      min_free_space=0)
+        pool = libdm.Pool.create_loop(
+            dm_name("pool"), small / "p", data_size="32M", min_free_space=0
+        )
         try:
             dev = pool.create_thin("v", "64M")
             errors, digests = [], {}
@@ -115,12 +123,14 @@ def test_monitor_extends_a_block_pool_onto_spares(dm_name, tmp_path):
         path = tmp_path / name
         with open(path, "wb") as fh:
             fh.truncate(size)
-        return subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["losetup", "-f", "--show", str(path)], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     data, meta, spare = attach("d", 32 * MiB), attach("m", 4 * MiB), attach("s", 32 * MiB)
-    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state",
-                             min_free_space=0)
+    pool = libdm.Pool.create(
+        dm_name("pool"), data, meta, state_dir=tmp_path / "state", min_free_space=0
+    )
     try:
         dev = pool.create_thin("v", "128M")
         errors, digests = [], {}

@@ -15,11 +15,10 @@ import sys
 import time
 
 import pytest
+import witness
+from blockio import MiB, write_pattern
 
 import libdm
-
-from blockio import MiB, write_pattern
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -33,14 +32,23 @@ def until(condition, what, timeout=60.0):
 
 
 def libdm_cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "libdm", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "libdm", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
 def service_env(tmp_path, monkeypatch):
-    env = dict(os.environ, LIBDM_MONITOR_DIR=str(tmp_path / "monitor.d"),
-               LIBDM_RUN_DIR=str(tmp_path / "run"), JOURNAL_STREAM="8:1234")
+    env = dict(
+        os.environ,
+        LIBDM_MONITOR_DIR=str(tmp_path / "monitor.d"),
+        LIBDM_RUN_DIR=str(tmp_path / "run"),
+        JOURNAL_STREAM="8:1234",
+    )
     env.pop("LIBDM_POOL", None)
     for key in ("LIBDM_MONITOR_DIR", "LIBDM_RUN_DIR"):
         monkeypatch.setenv(key, env[key])
@@ -64,36 +72,66 @@ def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_en
     a = libdm.Pool.create_loop(name_a, tmp_path / "a", data_size="64M", min_free_space=0)
     b = libdm.Pool.create_loop(dm_name("b"), tmp_path / "b", data_size="64M")
     a.close(), b.close()
-    assert libdm_cli("monitor", "register", "--pool", tmp_path / "a", "--threshold", 50,
-                     env=service_env).returncode == 0
-    service = subprocess.Popen([sys.executable, "-m", "libdm", "monitor", "serve",
-                                "--rescan", "0.2", "--interval", "0.5"], env=service_env,
-                               stderr=subprocess.PIPE, text=True)
+    assert (
+        libdm_cli(
+            "monitor", "register", "--pool", tmp_path / "a", "--threshold", 50, env=service_env
+        ).returncode
+        == 0
+    )
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "libdm",
+            "monitor",
+            "serve",
+            "--rescan",
+            "0.2",
+            "--interval",
+            "0.5",
+        ],
+        env=service_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        until(lambda: status(service_env).get(str(tmp_path / "a"), {}).get("running"),
-              "the service to watch pool a")
+        until(
+            lambda: status(service_env).get(str(tmp_path / "a"), {}).get("running"),
+            "the service to watch pool a",
+        )
         with libdm.Pool.load(tmp_path / "a") as pool:
-            assert pool.info().as_dict()["Monitored"] == \
-                "yes, by libdm monitor (grow by 20% at 50% used)"
+            assert (
+                pool.info().as_dict()["Monitored"]
+                == "yes, by libdm monitor (grow by 20% at 50% used)"
+            )
             dev = pool.create_thin("vol", "128M")
             write_pattern(dev.path, 0x77, length=40 * MiB)  # 62% of 64 MiB
         until(lambda: data_sectors(name_a) > 64 * MiB // 512, "pool a to grow")
         assert witness.pool_status(name_a)[4] == "rw"
 
         # A pool registered while the service runs is picked up...
-        assert libdm_cli("monitor", "register", "--pool", tmp_path / "b",
-                         env=service_env).returncode == 0
-        until(lambda: status(service_env).get(str(tmp_path / "b"), {}).get("running"),
-              "the service to watch pool b")
+        assert (
+            libdm_cli("monitor", "register", "--pool", tmp_path / "b", env=service_env).returncode
+            == 0
+        )
+        until(
+            lambda: status(service_env).get(str(tmp_path / "b"), {}).get("running"),
+            "the service to watch pool b",
+        )
         # ...and one removed is dropped.
-        assert libdm_cli("monitor", "unregister", "--pool", tmp_path / "a",
-                         env=service_env).returncode == 0
+        assert (
+            libdm_cli(
+                "monitor", "unregister", "--pool", tmp_path / "a", env=service_env
+            ).returncode
+            == 0
+        )
         until(lambda: str(tmp_path / "a") not in status(service_env), "pool a to be dropped")
         with libdm.Pool.load(tmp_path / "a") as pool:
             assert pool.info().as_dict()["Monitored"] == "no"
         listing = libdm_cli("monitor", "ls", "--json", env=service_env)
         assert [(r["pool"], r["watched"]) for r in json.loads(listing.stdout)] == [
-            (str(tmp_path / "b"), True)]
+            (str(tmp_path / "b"), True)
+        ]
     finally:
         service.send_signal(signal.SIGTERM)
         _, err = service.communicate(timeout=60)
@@ -112,17 +150,23 @@ def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_en
 def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_env):
     pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
     pool.destroy()  # down, as before "libdm pool open" after a reboot
-    assert libdm_cli("monitor", "register", "--pool", tmp_path / "p",
-                     env=service_env).returncode == 0
-    service = subprocess.Popen([sys.executable, "-m", "libdm", "monitor", "serve",
-                                "--rescan", "0.2"], env=service_env,
-                               stderr=subprocess.PIPE, text=True)
+    assert (
+        libdm_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "libdm", "monitor", "serve", "--rescan", "0.2"],
+        env=service_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         until(lambda: str(tmp_path / "p") in status(service_env), "a first scan")
         assert not status(service_env)[str(tmp_path / "p")]["running"]
         libdm.Pool.open(tmp_path / "p").close()
-        until(lambda: status(service_env)[str(tmp_path / "p")]["running"],
-              "the service to watch the pool once active")
+        until(
+            lambda: status(service_env)[str(tmp_path / "p")]["running"],
+            "the service to watch the pool once active",
+        )
     finally:
         service.send_signal(signal.SIGTERM)
         _, err = service.communicate(timeout=60)

@@ -17,8 +17,12 @@ import libdm
 def dist(tmp_path_factory):
     root = __file__.rsplit("/tests/", 1)[0]
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), root],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(out), root],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -27,9 +31,18 @@ def test_the_sdist_holds_what_a_build_needs(dist):
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for needed in ("build_ffi.py", "setup.py", "pyproject.toml", "LICENSE", "README.md",
-                   "libdm/_decl/task.h", "libdm/testing/xstate_shim.c",
-                   "tests/conftest.py", "tests/witness.py", "docs/conf.py"):
+    for needed in (
+        "build_ffi.py",
+        "setup.py",
+        "pyproject.toml",
+        "LICENSE",
+        "README.md",
+        "libdm/_decl/task.h",
+        "libdm/testing/xstate_shim.c",
+        "tests/conftest.py",
+        "tests/witness.py",
+        "docs/conf.py",
+    ):
         assert needed in names, needed
 
 
@@ -38,8 +51,11 @@ def test_the_wheel_from_the_sdist_holds_the_binding(dist):
     assert wheel.name.startswith(f"libdm-{libdm.__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert any(n.startswith("libdm/_libdevmapper") and n.endswith(".so") for n in names)
-    for needed in ("libdm/_decl/task.h", "libdm/testing/boot/sitecustomize.py",
-                   "libdm/snapshotter/api/snapshots.proto"):
+    for needed in (
+        "libdm/_decl/task.h",
+        "libdm/testing/boot/sitecustomize.py",
+        "libdm/snapshotter/api/snapshots.proto",
+    ):
         assert needed in names, needed
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()

@@ -13,12 +13,11 @@ import uuid as uuidlib
 import zlib
 
 import pytest
+import witness
+from blockio import attach, devno, read_at, write_at, write_pattern
 
 import libdm
 from libdm.thin.backing import split_layout
-
-from blockio import attach, devno, read_at, write_at, write_pattern
-import witness
 
 kernel = pytest.mark.kernel
 
@@ -37,8 +36,9 @@ def sectors_of(path):
 
 
 def blkid(path, tag):
-    proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", tag, path],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", tag, path], capture_output=True, text=True
+    )
     return proc.stdout.strip()
 
 
@@ -50,7 +50,7 @@ def holds_block(file_path, block):
             if not chunk:
                 return False
             for off in range(0, len(chunk), len(block)):
-                if chunk[off:off + len(block)] == block:
+                if chunk[off : off + len(block)] == block:
                     return True
 
 
@@ -63,15 +63,30 @@ def make_gpt(path):
     disk_guid = uuidlib.uuid4().bytes_le
 
     def header(current, backup, entries_lba):
-        fields = [b"EFI PART", 0x00010000, 92, 0, 0, current, backup, 34, last - 33,
-                  disk_guid, entries_lba, 128, 128, zlib.crc32(entries)]
+        fields = [
+            b"EFI PART",
+            0x00010000,
+            92,
+            0,
+            0,
+            current,
+            backup,
+            34,
+            last - 33,
+            disk_guid,
+            entries_lba,
+            128,
+            128,
+            zlib.crc32(entries),
+        ]
         raw = struct.pack("<8sIIIIQQQQ16sQIII", *fields)
         fields[3] = zlib.crc32(raw)
         return struct.pack("<8sIIIIQQQQ16sQIII", *fields).ljust(512, b"\0")
 
     mbr = bytearray(512)
-    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1,
-                               min(sectors - 1, 0xFFFFFFFF))
+    mbr[446:462] = struct.pack(
+        "<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1, min(sectors - 1, 0xFFFFFFFF)
+    )
     mbr[510:512] = b"\x55\xaa"
     write_at(path, 0, bytes(mbr) + header(1, last, 2) + entries)
     write_at(path, (last - 32) * 512, entries + header(last, 1, last - 32))
@@ -99,8 +114,10 @@ def assert_pool_on(name, meta, data):
     """The pool's table names its -tmeta and -tdata linear devices, and
     those map the whole of ``meta`` and ``data``."""
     mi, di = witness.info(f"{name}-tmeta"), witness.info(f"{name}-tdata")
-    assert witness.table(name)[0].split()[3:5] == [f"{mi['major']}:{mi['minor']}",
-                                                   f"{di['major']}:{di['minor']}"]
+    assert witness.table(name)[0].split()[3:5] == [
+        f"{mi['major']}:{mi['minor']}",
+        f"{di['major']}:{di['minor']}",
+    ]
     assert witness.table(f"{name}-tmeta")[0].split()[3:] == [devno(meta), "0"]
     assert witness.table(f"{name}-tdata")[0].split()[3:] == [devno(data), "0"]
 
@@ -119,15 +136,18 @@ def expected_split(total, bs, pct, metapct):
     return 0, meta, data_start, data_len
 
 
-@pytest.mark.parametrize("total, bs, pct, metapct", [
-    (1 << 20, 128, 95, 1),         # 512 MiB: 1% = 10485 -> 10480; data at 10496
-    (1 << 20, 128, 99, 1),         # 99%: clipped at the end of the device
-    (1 << 20, 256, 90, 2),         # 128 KiB blocks
-    (200_000, 128, 95, 1),         # 1% below the 2 MiB floor: 4096
-    (10_000_000 + 3, 2048, 50, 5),
-    (4096 + 128, 128, 95, 1),      # exactly one data block fits
-    (1 << 21, 128, 1, 1),
-])
+@pytest.mark.parametrize(
+    "total, bs, pct, metapct",
+    [
+        (1 << 20, 128, 95, 1),  # 512 MiB: 1% = 10485 -> 10480; data at 10496
+        (1 << 20, 128, 99, 1),  # 99%: clipped at the end of the device
+        (1 << 20, 256, 90, 2),  # 128 KiB blocks
+        (200_000, 128, 95, 1),  # 1% below the 2 MiB floor: 4096
+        (10_000_000 + 3, 2048, 50, 5),
+        (4096 + 128, 128, 95, 1),  # exactly one data block fits
+        (1 << 21, 128, 1, 1),
+    ],
+)
 def test_split_layout_matches_the_documented_math(total, bs, pct, metapct):
     layout = split_layout(libdm.Sectors(total), libdm.Sectors(bs), pct, metapct)
     got = tuple(int(v) for v in layout)
@@ -135,7 +155,7 @@ def test_split_layout_matches_the_documented_math(total, bs, pct, metapct):
     meta_start, meta_len, data_start, data_len = got
     assert meta_len % 8 == 0 and meta_len >= 4096
     assert data_start % bs == 0 and data_start >= meta_start + meta_len
-    assert data_len % bs == 0 and 0 < data_len and data_start + data_len <= total
+    assert data_len % bs == 0 and data_len > 0 and data_start + data_len <= total
 
 
 def test_split_layout_numbers_for_512_mib():
@@ -145,14 +165,17 @@ def test_split_layout_numbers_for_512_mib():
     assert got == (0, 10480, 10496, (1 << 20) - 10496)
 
 
-@pytest.mark.parametrize("pct, metapct, message", [
-    (0, 1, "thinp_percent must be between 0 and 100"),
-    (100, 1, "thinp_percent must be between 0 and 100"),
-    (-5, 1, "thinp_percent must be between 0 and 100"),
-    (95, 0, "thinp_metapercent must be between 0 and 100"),
-    (95, 100, "thinp_metapercent must be between 0 and 100"),
-    (95, 6, "exceed 100"),
-])
+@pytest.mark.parametrize(
+    "pct, metapct, message",
+    [
+        (0, 1, "thinp_percent must be between 0 and 100"),
+        (100, 1, "thinp_percent must be between 0 and 100"),
+        (-5, 1, "thinp_percent must be between 0 and 100"),
+        (95, 0, "thinp_metapercent must be between 0 and 100"),
+        (95, 100, "thinp_metapercent must be between 0 and 100"),
+        (95, 6, "exceed 100"),
+    ],
+)
 def test_split_layout_refuses_bad_percentages(pct, metapct, message):
     with pytest.raises(ValueError, match=message):
         split_layout(libdm.Sectors(1 << 20), libdm.Sectors(128), pct, metapct)
@@ -181,7 +204,8 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
         mi, di = witness.info(tmeta), witness.info(tdata)
         assert witness.table(pool.name) == [
             f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
-            f"{di['major']}:{di['minor']} 128 0 0"]
+            f"{di['major']}:{di['minor']} 128 0 0"
+        ]
         # The linear devices hold the loops (sysfs), and the metadata is a real pool's.
         info = witness.info(pool.name)
         for loopdev, piece in ((data, di), (meta, mi)):
@@ -190,7 +214,8 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
         assert witness.transaction_id(pool.name) == 0
         dev = pool.create_thin("vol", "16M")
         assert witness.table(dev.dm_name) == [
-            f"0 {16 * MiB // 512} thin {info['major']}:{info['minor']} 0"]
+            f"0 {16 * MiB // 512} thin {info['major']}:{info['minor']} 0"
+        ]
         assert witness.thin_ids(pool.name) == {0}
         write_pattern(dev.path, 0xA5, length=4 * MiB)
         assert read_at(dev.path, 0, 4 * MiB) == b"\xa5" * (4 * MiB)
@@ -211,21 +236,32 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
 @kernel
 def test_create_with_block_size_and_options(dm_name, tmp_path, two_loops):
     data, meta = two_loops
-    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state",
-                             block_size="512K", low_water_mark=3,
-                             features=["skip_block_zeroing"])
+    pool = libdm.Pool.create(
+        dm_name("pool"),
+        data,
+        meta,
+        state_dir=tmp_path / "state",
+        block_size="512K",
+        low_water_mark=3,
+        features=["skip_block_zeroing"],
+    )
     try:
         mi, di = witness.info(f"{pool.name}-tmeta"), witness.info(f"{pool.name}-tdata")
         assert witness.table(pool.name) == [
             f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
-            f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"]
+            f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"
+        ]
     finally:
         pool.close()
 
 
 SIGNATURES = {
-    "ext4": (lambda dev: run("mkfs.ext4", "-q", "-F", dev), "TYPE", "ext4",
-             "an ext2/ext3/ext4 filesystem"),
+    "ext4": (
+        lambda dev: run("mkfs.ext4", "-q", "-F", dev),
+        "TYPE",
+        "ext4",
+        "an ext2/ext3/ext4 filesystem",
+    ),
     "xfs": (lambda dev: run("mkfs.xfs", "-q", "-f", dev), "TYPE", "xfs", "an XFS filesystem"),
     "swap": (lambda dev: run("mkswap", dev), "TYPE", "swap", "a swap area"),
     "gpt": (make_gpt, "PTTYPE", "gpt", "a GPT partition table"),
@@ -265,8 +301,9 @@ def test_create_refuses_a_metadata_device_with_a_signature(dm_name, tmp_path, tw
     data, meta = two_loops
     run("mkfs.ext4", "-q", "-F", meta)
     name, state = dm_name("pool"), tmp_path / "state"
-    with pytest.raises(libdm.DeviceNotBlankError,
-                       match=f"{meta} holds an ext2/ext3/ext4 filesystem"):
+    with pytest.raises(
+        libdm.DeviceNotBlankError, match=f"{meta} holds an ext2/ext3/ext4 filesystem"
+    ):
         libdm.Pool.create(name, data, meta, state_dir=state)
     assert_nothing_created(name, state)
     assert blkid(meta, "TYPE") == "ext4"
@@ -279,7 +316,7 @@ def test_old_pool_metadata_is_a_signature_and_force_starts_afresh(dm_name, tmp_p
     first = libdm.Pool.create(name, data, meta, state_dir=state)
     first.create_thin("old", "4M")
     first.destroy(remove_files=True)
-    assert "<device dev_id=\"0\"" in run("thin_dump", meta)  # old metadata is there
+    assert '<device dev_id="0"' in run("thin_dump", meta)  # old metadata is there
     with pytest.raises(libdm.DeviceNotBlankError, match=f"{meta} holds thin-pool metadata"):
         libdm.Pool.create(name, data, meta, state_dir=state)
     assert_nothing_created(name, state)
@@ -313,8 +350,7 @@ def test_create_refuses_a_mounted_device(dm_name, tmp_path, two_loops, force):
 
 @kernel
 @pytest.mark.parametrize("which", ["data", "metadata"])
-def test_create_refuses_a_device_held_by_another_dm_device(dm_name, tmp_path, two_loops,
-                                                           which):
+def test_create_refuses_a_device_held_by_another_dm_device(dm_name, tmp_path, two_loops, which):
     data, meta = two_loops
     held = data if which == "data" else meta
     linear = dm_name("holder")
@@ -357,7 +393,7 @@ def test_create_refuses_paths_that_are_not_usable_devices(dm_name, tmp_path, two
 def test_create_refuses_the_same_device_under_another_node(dm_name, tmp_path, two_loops):
     # Another device node with the same device number is the same disk:
     # metadata and data would overwrite each other.
-    data, meta = two_loops
+    data, _meta = two_loops
     alias = tmp_path / "alias"
     st = os.stat(data)
     try:
@@ -377,8 +413,9 @@ def test_create_refuses_the_same_device_under_another_node(dm_name, tmp_path, tw
 def test_block_pool_reopens_after_teardown(dm_name, tmp_path, two_loops):
     data, meta = two_loops
     name, state = dm_name("pool"), tmp_path / "state"
-    pool = libdm.Pool.create(name, data, meta, state_dir=state, block_size="128K",
-                             features=["skip_block_zeroing"])
+    pool = libdm.Pool.create(
+        name, data, meta, state_dir=state, block_size="128K", features=["skip_block_zeroing"]
+    )
     a = pool.create_thin("a", "32M")
     b = pool.create_thin("b", "8M")
     write_pattern(a.path, 0x11, length=8 * MiB)
@@ -415,21 +452,25 @@ def test_create_on_device_splits_it_with_linear_pieces(dm_name, tmp_path):
     assert total == 1 << 20
     write_at(device, 0, b"\xee" * 4096)  # no known signature, but not zero
     name, state = dm_name("pool"), tmp_path / "state"
-    pool = libdm.Pool.create_on_device(name, device, thinp_percent=95, thinp_metapercent=1,
-                                       state_dir=state)
+    pool = libdm.Pool.create_on_device(
+        name, device, thinp_percent=95, thinp_metapercent=1, state_dir=state
+    )
     try:
         assert pool.kind == "block"
         _, meta_len, data_start, data_len = expected_split(total, 128, 95, 1)
         assert (meta_len, data_start, data_len) == (10480, 10496, 996096)
         assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} 0"]
         assert witness.table(f"{name}-tdata") == [
-            f"0 {data_len} linear {devno(device)} {data_start}"]
+            f"0 {data_len} linear {devno(device)} {data_start}"
+        ]
         tmeta, tdata = witness.info(f"{name}-tmeta"), witness.info(f"{name}-tdata")
         assert witness.table(name) == [
             f"0 {data_len} thin-pool {tmeta['major']}:{tmeta['minor']} "
-            f"{tdata['major']}:{tdata['minor']} 128 0 0"]
+            f"{tdata['major']}:{tdata['minor']} 128 0 0"
+        ]
         assert sorted(os.listdir(f"/sys/block/{os.path.basename(device)}/holders")) == sorted(
-            [f"dm-{tmeta['minor']}", f"dm-{tdata['minor']}"])
+            [f"dm-{tmeta['minor']}", f"dm-{tdata['minor']}"]
+        )
         dev = pool.create_thin("vol", "64M")
         assert witness.thin_ids(name) == {0}  # thin_dump reads the metadata piece
         write_pattern(dev.path, 0x5A, length=2 * MiB)
@@ -453,14 +494,21 @@ def test_create_on_device_with_other_percentages_and_block_size(dm_name, tmp_pat
     device = attach(tmp_path, "disk.img", 300 * MiB)
     total = sectors_of(device)
     name = dm_name("pool")
-    pool = libdm.Pool.create_on_device(name, device, thinp_percent=97, thinp_metapercent=3,
-                                       state_dir=tmp_path / "state", block_size="128K")
+    pool = libdm.Pool.create_on_device(
+        name,
+        device,
+        thinp_percent=97,
+        thinp_metapercent=3,
+        state_dir=tmp_path / "state",
+        block_size="128K",
+    )
     try:
         _, meta_len, data_start, data_len = expected_split(total, 256, 97, 3)
         assert data_start + data_len <= total
         assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} 0"]
         assert witness.table(f"{name}-tdata") == [
-            f"0 {data_len} linear {devno(device)} {data_start}"]
+            f"0 {data_len} linear {devno(device)} {data_start}"
+        ]
         assert witness.table(name)[0].split()[1] == str(data_len)
         assert witness.table(name)[0].split()[5] == "256"
     finally:
@@ -533,8 +581,12 @@ def make_pool_by_hand(dm_name, tmp_path, extra="0 0"):
     meta = attach(tmp_path, "meta.img", 8 * MiB)
     write_at(meta, 0, bytes(4096))
     name = dm_name("pool")
-    witness.dmsetup("create", name, "--table",
-                    f"0 {128 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 {extra}")
+    witness.dmsetup(
+        "create",
+        name,
+        "--table",
+        f"0 {128 * MiB // 512} thin-pool {devno(meta)} {devno(data)} 128 {extra}",
+    )
     return name
 
 
@@ -548,7 +600,8 @@ def test_adopt_an_unused_pool(dm_name, tmp_path):
     info = witness.info(name)
     dev = pool.create_thin("vol", "16M")
     assert witness.table(dev.dm_name) == [
-        f"0 {16 * MiB // 512} thin {info['major']}:{info['minor']} 0"]
+        f"0 {16 * MiB // 512} thin {info['major']}:{info['minor']} 0"
+    ]
     assert witness.thin_ids(name) == {0}
     assert witness.transaction_id(name) == 1
     write_pattern(dev.path, 0x42)
@@ -585,8 +638,11 @@ def test_adopt_refuses_a_pool_with_data_in_use(dm_name, tmp_path):
     info = witness.info(name)
     thin = dm_name("thin")
     witness.dmsetup("create", thin, "--table", f"0 8192 thin {info['major']}:{info['minor']} 0")
-    write_pattern(witness.devnode(f"{witness.info(thin)['major']}:{witness.info(thin)['minor']}"),
-                  1, length=65536)
+    write_pattern(
+        witness.devnode(f"{witness.info(thin)['major']}:{witness.info(thin)['minor']}"),
+        1,
+        length=65536,
+    )
     witness.dmsetup("remove", thin)
     used = witness.pool_status(name)[2].split("/")[0]
     assert int(used) > 0 and witness.transaction_id(name) == 0

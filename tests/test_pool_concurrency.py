@@ -7,12 +7,11 @@ import sys
 import threading
 
 import pytest
+import reliability
+import witness
 
 import libdm
 from libdm.thin.store import Store
-
-import reliability
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -54,9 +53,15 @@ def check_consistent(pool):
 def test_processes_racing_on_one_pool(dm_name, tmp_path):
     directory = tmp_path / "pool"
     libdm.Pool.create_loop(dm_name("pool"), directory, data_size="256M").close()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(directory), f"p{n}", "12"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for n in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(directory), f"p{n}", "12"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
     survivors = set()
     for proc in procs:
         out, err = proc.communicate(timeout=600)

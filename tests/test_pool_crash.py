@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import reliability
+import witness
+from children import run_child
 
 import libdm
 from libdm.thin import crash
 from libdm.thin.store import Store
-
-import reliability
-from children import run_child
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -69,7 +68,9 @@ def test_every_crash_point_is_covered():
     from test_pool_trust import CASES as GROWTH_CASES
 
     covered = {point for _, point in CASES + GROWTH_CASES} | {
-        "pool:created", "resize_device:recorded"}  # the last in test_thin_resize.py
+        "pool:created",
+        "resize_device:recorded",
+    }  # the last in test_thin_resize.py
     assert covered == set(crash.POINTS)
 
 
@@ -90,7 +91,8 @@ def test_crash_at_each_step_leaves_nothing_inconsistent(dm_name, tmp_path, chang
             assert names in ({"victim"}, set())
         else:
             assert "new" in names or witness.thin_ids(pool.name) == (
-                {0} if change == "snapshot" else set())
+                {0} if change == "snapshot" else set()
+            )
         # The pool still works after recovery.
         pool.create_thin("after", "4M")
         assert_consistent(pool)
@@ -102,13 +104,11 @@ def test_crash_at_each_step_leaves_nothing_inconsistent(dm_name, tmp_path, chang
 def test_crash_after_the_pool_device_is_made(dm_name, tmp_path):
     directory = tmp_path / "pool"
     name = dm_name("pool")
-    code = (
-        "import libdm\n"
-        f"libdm.Pool.create_loop({name!r}, {str(directory)!r}, data_size='64M')\n"
-    )
+    code = f"import libdm\nlibdm.Pool.create_loop({name!r}, {str(directory)!r}, data_size='64M')\n"
     env = dict(os.environ, LIBDM_CRASH_AT="pool:created")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     pool = libdm.Pool.open(directory)
     try:
@@ -154,16 +154,20 @@ def test_a_half_made_device_is_made_again(dm_name, tmp_path):
 def test_only_the_testing_package_arms_crash_points():
     # Production code never reads LIBDM_CRASH_AT: a process without the
     # harness's bootstrap on PYTHONPATH is not armed by it.
-    code = ("from libdm.thin import crash\n"
-            "crash.point('create:intent')\n"
-            "print('alive', crash._armed)\n")
+    code = (
+        "from libdm.thin import crash\n"
+        "crash.point('create:intent')\n"
+        "print('alive', crash._armed)\n"
+    )
     bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     bare["LIBDM_CRASH_AT"] = "create:intent"
-    proc = subprocess.run([sys.executable, "-c", code], env=bare, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=bare, capture_output=True, text=True, timeout=60
+    )
     assert proc.stdout == "alive None\n", proc.stderr
     # With the bootstrap (as every child of this test session has), it is.
     armed = dict(os.environ, LIBDM_CRASH_AT="create:intent")
-    proc = subprocess.run([sys.executable, "-c", code], env=armed, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=armed, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == -signal.SIGKILL

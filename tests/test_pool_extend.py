@@ -3,11 +3,10 @@
 import subprocess
 
 import pytest
+import witness
+from blockio import attach, devno, read_at, write_at
 
 import libdm
-
-from blockio import attach, devno, read_at, write_at
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -18,22 +17,25 @@ MiB = 1 << 20
 def block_pool(dm_name, tmp_path):
     data = attach(tmp_path, "data.img", 64 * MiB)
     meta = attach(tmp_path, "meta.img", 4 * MiB)
-    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state",
-                             min_free_space=0)
+    pool = libdm.Pool.create(
+        dm_name("pool"), data, meta, state_dir=tmp_path / "state", min_free_space=0
+    )
     yield pool, data, meta
     pool.close()
 
 
 def test_extend_with_a_second_device_while_written(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, data, _meta = block_pool
     vol = pool.create_thin("vol", "256M")
     write_at(vol.path, 0, b"\x01" * (60 * MiB))  # nearly fills the 64 MiB pool
     extra = attach(tmp_path, "extra.img", 128 * MiB)
     st = pool.extend(extra)
     assert int(st.total_data) == (192 * MiB) // (64 << 10)
     tdata = witness.table(f"{pool.name}-tdata")
-    assert tdata == [f"0 {64 * MiB // 512} linear {devno(data)} 0",
-                     f"{64 * MiB // 512} {128 * MiB // 512} linear {devno(extra)} 0"]
+    assert tdata == [
+        f"0 {64 * MiB // 512} linear {devno(data)} 0",
+        f"{64 * MiB // 512} {128 * MiB // 512} linear {devno(extra)} 0",
+    ]
     assert witness.table(pool.name)[0].split()[1] == str(192 * MiB // 512)
     # Write past the old end: the new blocks come from the new device.
     write_at(vol.path, 60 * MiB, b"\x02" * (100 * MiB))
@@ -56,18 +58,19 @@ def test_extend_with_a_second_device_while_written(block_pool, tmp_path):
 
 
 def test_extend_metadata_with_a_region(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, _data, _meta = block_pool
     spare = attach(tmp_path, "spare.img", 64 * MiB)
     before = int(witness.pool_status(pool.name)[1].split("/")[1])
     pool.extend(spare, metadata=True, start="8M", length="4M")
     after = int(witness.pool_status(pool.name)[1].split("/")[1])
     assert (before, after) == (1024, 2048)  # 4 KiB metadata blocks
     assert witness.table(f"{pool.name}-tmeta")[1] == (
-        f"{4 * MiB // 512} {4 * MiB // 512} linear {devno(spare)} {8 * MiB // 512}")
+        f"{4 * MiB // 512} {4 * MiB // 512} linear {devno(spare)} {8 * MiB // 512}"
+    )
 
 
 def test_extend_refuses_bad_devices_and_changes_nothing(block_pool, tmp_path, dm_name):
-    pool, data, meta = block_pool
+    pool, data, _meta = block_pool
     table = witness.table(f"{pool.name}-tdata")
     with pytest.raises(ValueError, match="already part of pool"):
         pool.extend(data)
@@ -96,18 +99,17 @@ def test_loop_pools_grow_with_resize_not_extend(dm_name, tmp_path):
 
 
 def test_refresh_picks_up_a_grown_device(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, data, _meta = block_pool
     with open(tmp_path / "data.img", "r+b") as fh:
         fh.truncate(96 * MiB)
     subprocess.run(["losetup", "-c", data], check=True)
     st = pool.refresh()
     assert int(st.total_data) == (96 * MiB) // (64 << 10)
-    assert witness.table(f"{pool.name}-tdata") == [
-        f"0 {96 * MiB // 512} linear {devno(data)} 0"]
+    assert witness.table(f"{pool.name}-tdata") == [f"0 {96 * MiB // 512} linear {devno(data)} 0"]
 
 
 def test_extend_pins_earlier_segments(block_pool, tmp_path):
-    pool, data, meta = block_pool
+    pool, data, _meta = block_pool
     extra = attach(tmp_path, "extra.img", 32 * MiB)
     pool.extend(extra)
     before = witness.table(f"{pool.name}-tdata")

@@ -5,18 +5,18 @@ import os
 import threading
 
 import pytest
+import witness
 
 import libdm
-
-import witness
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
 def pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M",
-                               metadata_size="2M")
+    p = libdm.Pool.create_loop(
+        dm_name("pool"), tmp_path / "pool", data_size="64M", metadata_size="2M"
+    )
     yield p
     p.close()
 
@@ -91,8 +91,7 @@ def test_shrink_is_refused_and_nothing_changes(pool):
 
 
 def test_resize_brings_an_out_of_space_pool_back(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="16M",
-                               min_free_space=0)
+    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="16M", min_free_space=0)
     try:
         dev = p.create_thin("vol", "64M")
         done = []

@@ -14,12 +14,11 @@ import subprocess
 import time
 
 import pytest
+import witness
+from blockio import write_pattern
 
 import libdm
 from libdm.thin.store import Store
-
-from blockio import write_pattern
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -35,8 +34,13 @@ def pool(dm_name, tmp_path):
 
 @pytest.fixture
 def strict_pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="128M",
-                               deferred_removal=False, deferred_deletion=False)
+    p = libdm.Pool.create_loop(
+        dm_name("pool"),
+        tmp_path / "pool",
+        data_size="128M",
+        deferred_removal=False,
+        deferred_deletion=False,
+    )
     yield p
     p.close()
 
@@ -192,7 +196,8 @@ def test_delete_of_a_busy_device_is_queued_then_retried(pool, tmp_path, how, ret
             assert witness.thin_ids(pool.name) == {0, 2}
         assert retried.info().transaction_id == witness.transaction_id(pool.name)
         assert sorted(d.name for d in retried.devices()) == sorted(
-            ["keep", "other"] + (["more"] if retry_by == "create_thin" else []))
+            ["keep", "other"] + (["more"] if retry_by == "create_thin" else [])
+        )
     finally:
         if retried is not pool:
             retried.close()
@@ -276,13 +281,16 @@ def test_a_queued_delete_waits_while_the_pool_is_read_only(pool):
     assert pool.info().deferred_deleted_count == 1
     table = witness.table(pool.name)[0].split()
     witness.dmsetup("suspend", pool.name)
-    witness.dmsetup("reload", pool.name, "--table", " ".join(table[:7] + ["1", "read_only"]))
+    witness.dmsetup("reload", pool.name, "--table", " ".join([*table[:7], "1", "read_only"]))
     witness.dmsetup("resume", pool.name)
     # A read-only pool refuses changes with the reason and what to run
     # (the kernel refuses every message now, the queued delete included:
     # it must wait, not turn into a bare EOPNOTSUPP).
-    for attempt in (lambda: pool.create_thin("x", "1M"), lambda: keep.snapshot("s"),
-                    lambda: keep.delete()):
+    for attempt in (
+        lambda: pool.create_thin("x", "1M"),
+        lambda: keep.snapshot("s"),
+        lambda: keep.delete(),
+    ):
         with pytest.raises(libdm.PoolReadOnlyError, match="thin_repair"):
             attempt()
     assert keep.active
@@ -345,8 +353,13 @@ def test_delete_of_a_busy_device_fails_without_deferred_deletion(strict_pool):
 
 
 def test_deferred_removal_without_deferred_deletion(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M",
-                               deferred_removal=True, deferred_deletion=False)
+    p = libdm.Pool.create_loop(
+        dm_name("pool"),
+        tmp_path / "pool",
+        data_size="64M",
+        deferred_removal=True,
+        deferred_deletion=False,
+    )
     try:
         dev = p.create_thin("vol", "8M")
         fd = os.open(busy(dev).path, os.O_RDONLY)

@@ -12,14 +12,13 @@ import signal
 import subprocess
 
 import pytest
+import witness
+from blockio import MiB, attach, read_at, write_at, write_pattern
+from children import run_child
 
 import libdm
 from libdm.thin import capacity
 from libdm.thin.store import Store
-
-from blockio import MiB, attach, read_at, write_at, write_pattern
-from children import run_child
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -50,9 +49,11 @@ GROWTH = {
     "low water mark": "p.set_low_water_mark(7)\n",
 }
 POINTS = ("grow:intent", "grow:backing", "grow:loaded", "grow:resumed")
-CASES = [("resize data", point) for point in POINTS + ("grow:truncated",)] + [
-    ("resize metadata", "grow:truncated")] + [
-    (change, "grow:loaded") for change in GROWTH if change != "resize data"]
+CASES = (
+    [("resize data", point) for point in (*POINTS, "grow:truncated")]
+    + [("resize metadata", "grow:truncated")]
+    + [(change, "grow:loaded") for change in GROWTH if change != "resize data"]
+)
 
 
 @pytest.mark.parametrize("change, point", CASES)
@@ -100,7 +101,7 @@ def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path)
     pool.create_thin("vol", "8M")
     live = witness.table(pool.name)[0]
     pool.close()
-    start, length, rest = live.split(" ", 2)
+    _start, length, rest = live.split(" ", 2)
     witness.dmsetup("suspend", "--noflush", pool.name)
     witness.dmsetup("reload", pool.name, "--table", f"0 {int(length) // 2} {rest}")
     assert witness.info(pool.name)["attr"][:3] == "LIs"
@@ -115,11 +116,11 @@ def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path)
 
 # -- data the metadata cannot map ------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", ["15T", "4T"])
 def test_growing_data_past_what_the_metadata_maps_is_refused_first(dm_name, tmp_path, size):
     directory = tmp_path / "pool"
-    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
-                                  metadata_size="2M")
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", metadata_size="2M")
     try:
         dev = pool.create_thin("vol", "8M")
         write_pattern(dev.path, 0x33)
@@ -143,8 +144,7 @@ def test_growing_data_past_what_the_metadata_maps_is_refused_first(dm_name, tmp_
 
 def test_resize_with_the_metadata_it_needs_grows_the_metadata_first(dm_name, tmp_path):
     directory = tmp_path / "pool"
-    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
-                                  metadata_size="2M")
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", metadata_size="2M")
     try:
         with pytest.raises(libdm.PoolFullError) as err:
             pool.resize(data_size="4T")
@@ -165,8 +165,7 @@ def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(dm_name, tmp_path, mo
     # come back exactly as it was, not suspended, read-write, checked.
     monkeypatch.setattr(capacity, "blocks_needed", lambda old, new: 0)
     directory = tmp_path / "pool"
-    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
-                                  metadata_size="2M")
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", metadata_size="2M")
     try:
         dev = pool.create_thin("vol", "8M")
         write_pattern(dev.path, 0x77)
@@ -191,11 +190,12 @@ def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(dm_name, tmp_path, mo
 
 # -- sizes the kernel cannot map ---------------------------------------------------------
 
-@pytest.mark.parametrize("size", ["16777216T", 2 ** 63, 2 ** 63 * 512])
+
+@pytest.mark.parametrize("size", ["16777216T", 2**63, 2**63 * 512])
 def test_a_size_past_the_kernels_limit_is_refused_before_any_change(dm_name, tmp_path, size):
     pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
     try:
-        with pytest.raises(ValueError, match="too large|limit"):
+        with pytest.raises(ValueError, match=r"too large|limit"):
             pool.create_thin("huge", size)
         assert pool.devices() == []
         assert witness.thin_ids(pool.name) == set()
@@ -221,8 +221,13 @@ def test_a_table_the_kernel_refuses_is_undone(dm_name, tmp_path, monkeypatch):
 
     pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
     try:
-        monkeypatch.setattr(type(pool), "_thin_table", lambda self, row, devno: [
-            Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")])
+        monkeypatch.setattr(
+            type(pool),
+            "_thin_table",
+            lambda self, row, devno: [
+                Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")
+            ],
+        )
         with pytest.raises(libdm.DMError):
             pool.create_thin("refused", "4M")
         monkeypatch.undo()
@@ -270,6 +275,7 @@ def test_a_device_the_kernel_refuses_does_not_keep_the_others_down(dm_name, tmp_
 
 # -- metadata that must not be formatted over --------------------------------------------
 
+
 def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
     directory = tmp_path / "pool"
     name = dm_name("pool")
@@ -284,19 +290,29 @@ def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
     assert "blank" in str(err.value)
     # The message carries what thin_repair needs to know of the pool.
     flags = str(err.value).split("thin_repair -i ")[1].split(" -o ")[0].split()[1:]
-    assert flags == ["--transaction-id", "3", "--data-block-size", "128",
-                     "--nr-data-blocks", "1024"]
+    assert flags == [
+        "--transaction-id",
+        "3",
+        "--data-block-size",
+        "128",
+        "--nr-data-blocks",
+        "1024",
+    ]
     assert witness.info(name) is None  # no table was loaded
     # Nothing was formatted: thin_repair still finds all three devices.
     # (Through loop devices: the tools open with O_DIRECT.)
-    source = subprocess.run(["losetup", "--find", "--show", "--read-only", str(meta)],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    source = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(meta)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     target = attach(tmp_path, "repaired", os.stat(meta).st_size)
-    proc = subprocess.run(["thin_repair", "-i", source, *flags, "-o", target],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["thin_repair", "-i", source, *flags, "-o", target], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
-    out = subprocess.run(["thin_dump", target], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["thin_dump", target], capture_output=True, text=True, check=True).stdout
     assert out.count("<device dev_id=") == 3
 
 

@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-
 import reliability
 
 pytestmark = pytest.mark.host
@@ -15,8 +14,7 @@ STEPS = os.path.join(os.path.dirname(__file__), "power_cut_steps.py")
 
 
 def step(run_in_kernel, name, directory, pool_name):
-    result = run_in_kernel([sys.executable, STEPS, name, str(directory), pool_name],
-                           timeout=300)
+    result = run_in_kernel([sys.executable, STEPS, name, str(directory), pool_name], timeout=300)
     assert result.returncode == 0, result.stderr + result.console[-2000:]
     with open(directory / "result.json") as fh:
         return json.load(fh)
@@ -46,5 +44,6 @@ def test_power_cut_keeps_synced_data_and_lineage(run_in_kernel, tmp_path):
         assert final["devices"][name]["sha256"] == seen["sha256"], name
     assert final["devices"]["layer2"]["parent"] == "layer1"
     assert sum(1 for d in final["devices"] if d.startswith("extra")) == cycles
-    reliability.record("power cuts", power_cuts=cycles + 1, losses=0,
-                       devices_checked=len(final["devices"]))
+    reliability.record(
+        "power cuts", power_cuts=cycles + 1, losses=0, devices_checked=len(final["devices"])
+    )

@@ -19,12 +19,11 @@ import subprocess
 import sys
 
 import pytest
+import reliability
+import witness
 
 import libdm
 from libdm.thin import crash
-
-import reliability
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -44,10 +43,10 @@ OPERATIONS = {
     "write": 5,
 }
 
-CHURN = """
+CHURN = f"""
 import os, random, sys, libdm
 directory, seed, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ops = {ops!r}
+ops = {OPERATIONS!r}
 rnd = random.Random(seed)
 pool = libdm.Pool.open(directory)
 print("ready", flush=True)
@@ -103,7 +102,7 @@ while True:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-""".format(ops=OPERATIONS)
+"""
 
 CREATE = """
 import sys, libdm
@@ -114,8 +113,13 @@ libdm.Pool.create_loop(sys.argv[1], sys.argv[2], data_size="64M", min_free_space
 def run_killed(argv, env, rnd, ready=True):
     """Run a child, kill it at a random moment unless it dies first.
     Returns (killed by us, its stderr)."""
-    proc = subprocess.Popen([sys.executable, "-c", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if ready:
         line = proc.stdout.readline().strip()
         if line != "ready":
@@ -147,8 +151,7 @@ def test_random_kills(dm_name, tmp_path):
     trials = reliability.scale(12, 300)
     rnd = random.Random(20261127)
     directory = tmp_path / "pool"
-    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M",
-                           min_free_space=0).close()
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", min_free_space=0).close()
     log = tmp_path / "reached.log"
     problems, leaks, wedged = [], 0, 0
     points_fired, points_armed = set(), set()
@@ -162,8 +165,9 @@ def test_random_kills(dm_name, tmp_path):
             if rnd.random() < 0.5:
                 point = "pool:created"
                 env["LIBDM_CRASH_AT"] = point
-            code, by_us, stderr = run_killed([CREATE, dm_name(f"new{trial}"), str(target)],
-                                             env, rnd, ready=False)
+            code, by_us, stderr = run_killed(
+                [CREATE, dm_name(f"new{trial}"), str(target)], env, rnd, ready=False
+            )
             with open(log, "a") as fh:
                 fh.write("create_pool\n")
         else:
@@ -172,7 +176,8 @@ def test_random_kills(dm_name, tmp_path):
                 point = rnd.choice([p for p in crash.POINTS if p != "pool:created"])
                 env["LIBDM_CRASH_AT"] = f"{point}@{rnd.randint(1, 3)}"
             code, by_us, stderr = run_killed(
-                [CHURN, str(directory), str(trial), str(log)], env, rnd)
+                [CHURN, str(directory), str(trial), str(log)], env, rnd
+            )
             assert code == -signal.SIGKILL, stderr  # killed, never failed
         if point is not None:
             points_armed.add(point)
@@ -180,9 +185,12 @@ def test_random_kills(dm_name, tmp_path):
                 points_fired.add(point)
         if not os.path.exists(target / "state.db"):
             continue  # creation killed before the store existed: nothing to open
-        how = (f"trial {trial} (seed {trial}, "
-               + (f"LIBDM_CRASH_AT={env['LIBDM_CRASH_AT']}, " if point else "")
-               + ("killed at a random time" if by_us else "killed at the point") + ")")
+        how = (
+            f"trial {trial} (seed {trial}, "
+            + (f"LIBDM_CRASH_AT={env['LIBDM_CRASH_AT']}, " if point else "")
+            + ("killed at a random time" if by_us else "killed at the point")
+            + ")"
+        )
         pool = libdm.Pool.open(target)
         try:
             found, is_wedged = trial_problems(target, how)
@@ -203,11 +211,20 @@ def test_random_kills(dm_name, tmp_path):
         reached = set(fh.read().split())
     wanted = set(OPERATIONS) | {"create_pool"}
     gaps = reliability.gaps(wanted, reached) + reliability.gaps(crash.POINTS, points_fired)
-    reliability.record("random kills", trials=trials, crash_points=len(points_fired),
-                       disagreements=len(problems), leaked_ids=leaks, wedged=wedged,
-                       operations=sorted(reached), crash_points_reached=sorted(points_fired),
-                       gaps=gaps)
-    print(f"\nrandom kills: operations reached {sorted(reached)}; crash points fired "
-          f"{sorted(points_fired)}; gaps {gaps}")
+    reliability.record(
+        "random kills",
+        trials=trials,
+        crash_points=len(points_fired),
+        disagreements=len(problems),
+        leaked_ids=leaks,
+        wedged=wedged,
+        operations=sorted(reached),
+        crash_points_reached=sorted(points_fired),
+        gaps=gaps,
+    )
+    print(
+        f"\nrandom kills: operations reached {sorted(reached)}; crash points fired "
+        f"{sorted(points_fired)}; gaps {gaps}"
+    )
     assert problems == []
     assert leaks == 0

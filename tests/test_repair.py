@@ -11,11 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import witness
+from blockio import MiB, read_at, write_at, write_pattern
 
 import libdm
-
-from blockio import MiB, read_at, write_at, write_pattern
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -33,13 +32,18 @@ def through_flakey(path, dm_name, byte):
     """Rewrite the superblock of the metadata file ``path`` through a
     dm-flakey device that corrupts byte ``byte`` (1-based) of every write,
     as a failing disk would."""
-    loop = subprocess.run(["losetup", "--find", "--show", str(path)], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     name = dm_name("flakey")
     try:
         sectors = os.stat(path).st_size // 512
-        witness.dmsetup("create", name, "--table",
-                        f"0 {sectors} flakey {loop} 0 0 1 5 corrupt_bio_byte {byte} w 255 0")
+        witness.dmsetup(
+            "create",
+            name,
+            "--table",
+            f"0 {sectors} flakey {loop} 0 0 1 5 corrupt_bio_byte {byte} w 255 0",
+        )
         witness.dmsetup("mknodes", name)
         block = mmap.mmap(-1, 4096)
         fd = os.open(loop, os.O_RDONLY | os.O_DIRECT)
@@ -57,8 +61,9 @@ def through_flakey(path, dm_name, byte):
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
-@pytest.mark.parametrize("how", ["zeroed superblock", "bad superblock checksum",
-                                 "dm-flakey corrupted the superblock"])
+@pytest.mark.parametrize(
+    "how", ["zeroed superblock", "bad superblock checksum", "dm-flakey corrupted the superblock"]
+)
 def test_repair_brings_every_device_back(dm_name, tmp_path, how):
     directory = tmp_path / "pool"
     name = dm_name("pool")
@@ -80,9 +85,11 @@ def test_repair_brings_every_device_back(dm_name, tmp_path, how):
         assert os.path.basename(damaged).startswith("metadata.damaged-")
         with open(damaged, "rb") as fh:
             head = fh.read(40)
-        assert {"zeroed superblock": head == bytes(40),
-                "bad superblock checksum": head[:4] == b"\xde\xad\xbe\xef",
-                "dm-flakey corrupted the superblock": head[32] == 0xFF}[how]
+        assert {
+            "zeroed superblock": head == bytes(40),
+            "bad superblock checksum": head[:4] == b"\xde\xad\xbe\xef",
+            "dm-flakey corrupted the superblock": head[32] == 0xFF,
+        }[how]
         assert witness.thin_ids(name) == {0, 1, 2}
         assert witness.transaction_id(name) == 3
         for n in range(2):
@@ -140,8 +147,11 @@ def test_pool_repair_at_a_shell(dm_name, tmp_path):
     directory = tmp_path / "pool"
     meta = used_pool(dm_name("pool"), directory)
     write_at(meta, 0, bytes(4096))
-    proc = subprocess.run([sys.executable, "-m", "libdm", "pool", "repair", "--pool",
-                           str(directory)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "libdm", "pool", "repair", "--pool", str(directory)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "metadata repaired" in proc.stdout
     pool = libdm.Pool.load(directory)

@@ -11,9 +11,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
 
-import libdm  # noqa: E402
-from libdm.snapshotter.client import KIND_NAMES, Client  # noqa: E402
-from snapshotter_util import Plugin, make_pool, write_config  # noqa: E402
+from snapshotter_util import Plugin, make_pool, write_config
+
+import libdm
+from libdm.snapshotter.client import KIND_NAMES, Client
 
 pytestmark = pytest.mark.kernel
 
@@ -26,9 +27,11 @@ def served(tmp_path_factory):
     name = f"libdmtest-snap-{os.getpid()}"
     pool = make_pool(tmp / "pool", name, "1G")
     # The pool's monitor runs in the plugin, as configured by default.
-    config = write_config(tmp / "config.toml", base_image_size="64M",
-                          monitor={"threshold": 85, "percent": 25, "interval": 1.0,
-                                   "max_data_size": "2G"})
+    config = write_config(
+        tmp / "config.toml",
+        base_image_size="64M",
+        monitor={"threshold": 85, "percent": 25, "interval": 1.0, "max_data_size": "2G"},
+    )
     plugin = Plugin(tmp / "pool", tmp / "snap.sock", config, log=tmp / "plugin.log").start()
     client = Client(str(tmp / "snap.sock"), namespace="t")
     try:
@@ -50,7 +53,7 @@ def mount(mounts, target):
     argv = ["mount", "-t", m.type]
     if m.options:
         argv += ["-o", ",".join(m.options)]
-    subprocess.run(argv + [m.source, str(target)], check=True, capture_output=True)
+    subprocess.run([*argv, m.source, str(target)], check=True, capture_output=True)
 
 
 def umount(target):
@@ -77,8 +80,9 @@ def test_layers_are_thin_snapshots_and_mounts_are_stable(served):
     assert code(e) == grpc.StatusCode.NOT_FOUND
     # The committed device is inactive; it lives on as a thin device of the pool.
     devices = {d.name: d for d in libdm.Pool.load(pool.directory).devices()}
-    committed = [d for d in devices.values() if d.name.startswith(PREFIX)
-                 and d.name != PREFIX + "base"]
+    committed = [
+        d for d in devices.values() if d.name.startswith(PREFIX) and d.name != PREFIX + "base"
+    ]
     assert len(committed) == 1 and not committed[0].active
     assert committed[0].parent.name == PREFIX + "base"
 
@@ -261,10 +265,17 @@ def test_xfs_async_remove_and_discard(tmp_path):
     device goes in the background) and discard_blocks."""
     name = f"libdmtest-snapx-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "1G")
-    config = write_config(tmp_path / "c.toml", base_image_size="300M", fs_type="xfs",
-                          async_remove=True, discard_blocks=True, monitor={"enabled": False})
-    plugin = Plugin(tmp_path / "pool", tmp_path / "x.sock", config,
-                    log=tmp_path / "plugin.log").start()
+    config = write_config(
+        tmp_path / "c.toml",
+        base_image_size="300M",
+        fs_type="xfs",
+        async_remove=True,
+        discard_blocks=True,
+        monitor={"enabled": False},
+    )
+    plugin = Plugin(
+        tmp_path / "pool", tmp_path / "x.sock", config, log=tmp_path / "plugin.log"
+    ).start()
     c = Client(str(tmp_path / "x.sock"))
     try:
         mounts = c.prepare("x-a")
@@ -288,7 +299,9 @@ def test_xfs_async_remove_and_discard(tmp_path):
                 return {d.name for d in p.devices()} == {PREFIX + "base"}
             finally:
                 p.close()
+
         from snapshotter_util import wait_for
+
         assert wait_for(gone, timeout=60)
     finally:
         c.close()
@@ -300,9 +313,23 @@ def test_xfs_async_remove_and_discard(tmp_path):
 def test_bad_config_is_refused(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('fs_type = "btrfs"\n')
-    proc = subprocess.run([sys.executable, "-m", "libdm.snapshotter", "serve", "--pool",
-                           str(tmp_path), "--socket", str(tmp_path / "s.sock"), "--config",
-                           str(config)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "libdm.snapshotter",
+            "serve",
+            "--pool",
+            str(tmp_path),
+            "--socket",
+            str(tmp_path / "s.sock"),
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "fs_type must be ext4 or xfs" in proc.stderr
     assert not (tmp_path / "s.sock").exists()
 
@@ -313,10 +340,14 @@ def test_a_filling_pool_grows_instead_of_failing_writes(tmp_path):
     name = f"libdmtest-snapgrow-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "96M")
     before = int(pool.status().total_data)
-    config = write_config(tmp_path / "c.toml", base_image_size="256M",
-                          monitor={"threshold": 60, "percent": 50, "interval": 0.5})
-    plugin = Plugin(tmp_path / "pool", tmp_path / "g.sock", config,
-                    log=tmp_path / "plugin.log").start()
+    config = write_config(
+        tmp_path / "c.toml",
+        base_image_size="256M",
+        monitor={"threshold": 60, "percent": 50, "interval": 0.5},
+    )
+    plugin = Plugin(
+        tmp_path / "pool", tmp_path / "g.sock", config, log=tmp_path / "plugin.log"
+    ).start()
     c = Client(str(tmp_path / "g.sock"))
     try:
         mounts = c.prepare("g-a")
@@ -349,10 +380,24 @@ def test_libdm_snapshotter_serve_stops_cleanly_on_sigterm(tmp_path):
     pool = make_pool(tmp_path / "pool", name, "256M")
     sock = tmp_path / "cli.sock"
     config = write_config(tmp_path / "c.toml", base_image_size="32M", monitor={"enabled": False})
-    proc = subprocess.Popen([sys.executable, "-m", "libdm", "snapshotter", "serve", "--pool",
-                             str(tmp_path / "pool"), "--socket", str(sock), "--config",
-                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "libdm",
+            "snapshotter",
+            "serve",
+            "--pool",
+            str(tmp_path / "pool"),
+            "--socket",
+            str(sock),
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("serving on")
         with Client(str(sock)) as c:

@@ -16,20 +16,35 @@ def test_generated_modules_match_the_proto_files(tmp_path):
 
     protos = sorted(f for f in os.listdir(os.path.join(ROOT, API)) if f.endswith(".proto"))
     assert protos == ["mount.proto", "snapshots.proto"]
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
-                    *[os.path.join(API, p) for p in protos]], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            f"--python_out={tmp_path}",
+            *[os.path.join(API, p) for p in protos],
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     for p in protos:
         module = p.replace(".proto", "_pb2.py")
-        with open(os.path.join(tmp_path, API, module)) as fresh, \
-                open(os.path.join(ROOT, API, module)) as committed:
+        with (
+            open(os.path.join(tmp_path, API, module)) as fresh,
+            open(os.path.join(ROOT, API, module)) as committed,
+        ):
             assert fresh.read() == committed.read(), (
                 f"{module} is stale: regenerate with python -m grpc_tools.protoc -I. "
-                f"--python_out=. {API}/*.proto")
+                f"--python_out=. {API}/*.proto"
+            )
 
 
 def test_import_libdm_does_not_import_grpc():
-    code = ("import sys, libdm, libdm.cli, libdm.cli.snapshotter_cmds; libdm.Pool; "
-            "assert 'grpc' not in sys.modules and 'google.protobuf' not in sys.modules")
+    code = (
+        "import sys, libdm, libdm.cli, libdm.cli.snapshotter_cmds; libdm.Pool; "
+        "assert 'grpc' not in sys.modules and 'google.protobuf' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -40,7 +55,8 @@ def test_only_the_snapshotter_package_imports_grpc():
             continue
         for f in files:
             if f.endswith(".py"):
-                text = open(os.path.join(dirpath, f)).read()
+                with open(os.path.join(dirpath, f)) as fh:
+                    text = fh.read()
                 if "import grpc" in text or "google.protobuf" in text:
                     offenders.append(os.path.join(dirpath, f))
     assert offenders == []

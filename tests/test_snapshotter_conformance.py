@@ -19,8 +19,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
 
-from build_conformance import build  # noqa: E402
-from snapshotter_util import Plugin, make_pool, unmount_below, write_config  # noqa: E402
+from build_conformance import build
+from snapshotter_util import Plugin, make_pool, unmount_below, write_config
 
 pytestmark = pytest.mark.kernel
 
@@ -29,20 +29,28 @@ def test_containerd_conformance_suite(tmp_path):
     binary = build()  # cached; .ci/setup.sh builds it on the host
     name = f"libdmtest-conf-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "4G")
-    config = write_config(tmp_path / "config.toml", base_image_size="64M",
-                          monitor={"enabled": False})
-    plugin = Plugin(tmp_path / "pool", tmp_path / "snap.sock", config,
-                    log=tmp_path / "plugin.log").start()
+    config = write_config(
+        tmp_path / "config.toml", base_image_size="64M", monitor={"enabled": False}
+    )
+    plugin = Plugin(
+        tmp_path / "pool", tmp_path / "snap.sock", config, log=tmp_path / "plugin.log"
+    ).start()
     scratch = None
     try:
         # The suite's scratch files (a flat copy of every layer, compared with
         # the mounted snapshot after each step) on the kernel's own tmpfs:
         # on the host filesystem its 128-layer test took 124 s instead of 93 s.
         scratch = tempfile.mkdtemp(prefix="libdm-conformance-", dir="/dev/shm")
-        env = dict(os.environ, LIBDM_SNAPSHOTTER_SOCKET=str(tmp_path / "snap.sock"),
-                   TMPDIR=scratch)
-        proc = subprocess.run([binary, "-test.v", "-test.parallel=1", "-test.timeout=40m"],
-                              env=env, capture_output=True, text=True, timeout=2700)
+        env = dict(
+            os.environ, LIBDM_SNAPSHOTTER_SOCKET=str(tmp_path / "snap.sock"), TMPDIR=scratch
+        )
+        proc = subprocess.run(
+            [binary, "-test.v", "-test.parallel=1", "-test.timeout=40m"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=2700,
+        )
         out = proc.stdout + proc.stderr
         (tmp_path / "conformance.log").write_text(out)
         passed = re.findall(r"--- PASS: TestConformance/(\S+)", out)

@@ -22,9 +22,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
 
-import libdm  # noqa: E402
-from build_conformance import build_probe  # noqa: E402
-from snapshotter_util import Plugin, make_pool, unmount_below, wait_for, write_config  # noqa: E402
+from build_conformance import build_probe
+from snapshotter_util import Plugin, make_pool, unmount_below, wait_for, write_config
+
+import libdm
 
 pytestmark = pytest.mark.kernel
 
@@ -32,19 +33,38 @@ IMAGE = "docker.io/library/libdmtest:latest"
 
 # (path, content or None for a directory, mode, uid, gid); "->x" is a symlink.
 LAYERS = [
-    [("etc", None, 0o755, 0, 0), ("etc/hostname", b"one\n", 0o644, 0, 0),
-     ("dir", None, 0o755, 0, 0), ("dir/a", b"a\n", 0o644, 0, 0), ("dir/b", b"b\n", 0o600, 0, 0),
-     ("opq", None, 0o755, 0, 0), ("opq/x", b"x\n", 0o644, 0, 0), ("opq/y", b"y\n", 0o644, 0, 0),
-     ("keep", b"kept\n", 0o644, 0, 0), ("tool", b"#!/bin/sh\n", 0o4755, 1000, 1000),
-     ("link", "->keep", 0o777, 0, 0), ("gone", None, 0o755, 0, 0),
-     ("gone/deep", b"d\n", 0o644, 0, 0)],
-    [("dir", None, 0o755, 0, 0), ("dir/.wh.a", b"", 0o644, 0, 0),
-     ("opq", None, 0o711, 0, 0), ("opq/.wh..wh..opq", b"", 0o644, 0, 0),
-     ("opq/z", b"z\n", 0o644, 0, 0), (".wh.keep", b"", 0o644, 0, 0),
-     ("moved", b"kept\n", 0o644, 0, 0), (".wh.gone", b"", 0o644, 0, 0)],
-    [("etc", None, 0o755, 0, 0), ("etc/hostname", b"three\n", 0o640, 0, 42),
-     ("dir", None, 0o755, 0, 0), ("dir/c", b"c\n", 0o644, 7, 8),
-     ("gone", None, 0o700, 0, 0)],
+    [
+        ("etc", None, 0o755, 0, 0),
+        ("etc/hostname", b"one\n", 0o644, 0, 0),
+        ("dir", None, 0o755, 0, 0),
+        ("dir/a", b"a\n", 0o644, 0, 0),
+        ("dir/b", b"b\n", 0o600, 0, 0),
+        ("opq", None, 0o755, 0, 0),
+        ("opq/x", b"x\n", 0o644, 0, 0),
+        ("opq/y", b"y\n", 0o644, 0, 0),
+        ("keep", b"kept\n", 0o644, 0, 0),
+        ("tool", b"#!/bin/sh\n", 0o4755, 1000, 1000),
+        ("link", "->keep", 0o777, 0, 0),
+        ("gone", None, 0o755, 0, 0),
+        ("gone/deep", b"d\n", 0o644, 0, 0),
+    ],
+    [
+        ("dir", None, 0o755, 0, 0),
+        ("dir/.wh.a", b"", 0o644, 0, 0),
+        ("opq", None, 0o711, 0, 0),
+        ("opq/.wh..wh..opq", b"", 0o644, 0, 0),
+        ("opq/z", b"z\n", 0o644, 0, 0),
+        (".wh.keep", b"", 0o644, 0, 0),
+        ("moved", b"kept\n", 0o644, 0, 0),
+        (".wh.gone", b"", 0o644, 0, 0),
+    ],
+    [
+        ("etc", None, 0o755, 0, 0),
+        ("etc/hostname", b"three\n", 0o640, 0, 42),
+        ("dir", None, 0o755, 0, 0),
+        ("dir/c", b"c\n", 0o644, 7, 8),
+        ("gone", None, 0o700, 0, 0),
+    ],
 ]
 
 
@@ -75,7 +95,7 @@ def build_oci_image(path, probe):
     ``probe`` as /probe in the top layer; returns the layers' chain ids."""
     blobs = {}
     with open(probe, "rb") as fh:
-        layers_spec = LAYERS[:-1] + [LAYERS[-1] + [("probe", fh.read(), 0o755, 0, 0)]]
+        layers_spec = [*LAYERS[:-1], LAYERS[-1] + [("probe", fh.read(), 493, 0, 0)]]
 
     def add(data):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -87,26 +107,55 @@ def build_oci_image(path, probe):
         raw = _layer_tar(entries)
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         gz = gzip.compress(raw, mtime=0)
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                       "digest": add(gz), "size": len(gz)})
-    config = json.dumps({"architecture": _arch(), "os": "linux",
-                         "config": {"Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": add(config), "size": len(config)},
-        "layers": layers}).encode()
-    index = json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": add(manifest), "size": len(manifest),
-        "platform": {"architecture": _arch(), "os": "linux"},
-        "annotations": {"io.containerd.image.name": IMAGE,
-                        "org.opencontainers.image.ref.name": "latest"}}]}).encode()
+        layers.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": add(gz),
+                "size": len(gz),
+            }
+        )
+    config = json.dumps(
+        {
+            "architecture": _arch(),
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": add(config),
+                "size": len(config),
+            },
+            "layers": layers,
+        }
+    ).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": add(manifest),
+                    "size": len(manifest),
+                    "platform": {"architecture": _arch(), "os": "linux"},
+                    "annotations": {
+                        "io.containerd.image.name": IMAGE,
+                        "org.opencontainers.image.ref.name": "latest",
+                    },
+                }
+            ],
+        }
+    ).encode()
     with tarfile.open(path, "w") as tar:
-        for name, data in ([("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
-                            ("index.json", index)]
-                           + [(f"blobs/sha256/{d[7:]}", b) for d, b in blobs.items()]):
+        for name, data in [
+            ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+            ("index.json", index),
+        ] + [(f"blobs/sha256/{d[7:]}", b) for d, b in blobs.items()]:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
@@ -122,8 +171,8 @@ class Containerd:
         self.address = str(tmp / "c.sock")
         config = tmp / "containerd.toml"
         config.write_text(f"""version = 2
-root = "{tmp / 'root'}"
-state = "{tmp / 'state'}"
+root = "{tmp / "root"}"
+state = "{tmp / "state"}"
 disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
                     "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
                     "io.containerd.snapshotter.v1.devmapper"]
@@ -135,26 +184,48 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
   type = "snapshot"
   address = "{plugin_socket}"
 """)
-        self.log = open(tmp / "containerd.log", "ab")
-        self.proc = subprocess.Popen(["containerd", "--config", str(config)],
-                                     stdout=self.log, stderr=self.log)
+        self.log = open(tmp / "containerd.log", "ab")  # noqa: SIM115 (containerd's)
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", str(config)], stdout=self.log, stderr=self.log
+        )
         if not wait_for(lambda: os.path.exists(self.address), timeout=60):
             self.stop()
-            raise RuntimeError("containerd did not start: " +
-                               (tmp / "containerd.log").read_text()[-3000:])
+            raise RuntimeError(
+                "containerd did not start: " + (tmp / "containerd.log").read_text()[-3000:]
+            )
 
     def ctr(self, *args, check=True):
-        proc = subprocess.run(["ctr", "--address", self.address, "--namespace", "libdmtest",
-                               *args], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            ["ctr", "--address", self.address, "--namespace", "libdmtest", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"ctr {' '.join(args)}: {proc.returncode}\n{proc.stdout}"
-                                 f"{proc.stderr}")
+            raise AssertionError(
+                f"ctr {' '.join(args)}: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+            )
         return proc.stdout
 
     def reaches_plugin(self):
-        return subprocess.run(["ctr", "--address", self.address, "--namespace", "libdmtest",
-                               "snapshots", "--snapshotter", "libdm", "ls"],
-                              capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run(
+                [
+                    "ctr",
+                    "--address",
+                    self.address,
+                    "--namespace",
+                    "libdmtest",
+                    "snapshots",
+                    "--snapshotter",
+                    "libdm",
+                    "ls",
+                ],
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
 
     def stop(self):
         if self.proc.poll() is None:
@@ -169,13 +240,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
 def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
     assert shutil.which("containerd") and shutil.which("ctr"), (
-        "containerd and ctr are needed (bash .ci/setup.sh installs Debian's containerd)")
+        "containerd and ctr are needed (bash .ci/setup.sh installs Debian's containerd)"
+    )
     name = f"libdmtest-ctd-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "1G")
-    config = write_config(tmp_path / "snap.toml", base_image_size="64M",
-                          monitor={"enabled": False})
-    plugin = Plugin(tmp_path / "pool", tmp_path / "s.sock", config,
-                    log=tmp_path / "plugin.log").start()
+    config = write_config(
+        tmp_path / "snap.toml", base_image_size="64M", monitor={"enabled": False}
+    )
+    plugin = Plugin(
+        tmp_path / "pool", tmp_path / "s.sock", config, log=tmp_path / "plugin.log"
+    ).start()
     ctd = None
     try:
         chain = build_oci_image(tmp_path / "image.tar", build_probe())
@@ -187,8 +261,9 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
             assert chain_id in listed, listed
         # Every layer is a committed thin device, inactive, a snapshot of the one below.
         devices = {d.name: d for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
-        layers = [d for d in devices.values() if d.name.startswith("ctrd-") and d.name !=
-                  "ctrd-base"]
+        layers = [
+            d for d in devices.values() if d.name.startswith("ctrd-") and d.name != "ctrd-base"
+        ]
         assert len(layers) == len(LAYERS) and not any(d.active for d in layers)
 
         out = ctd.ctr("snapshots", "--snapshotter", "libdm", "view", "--mounts", "v1", chain[-1])
@@ -196,8 +271,18 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
         assert len(mounts) == 1 and "ro" in mounts[0]["options"]
         target = tmp_path / "view"
         target.mkdir()
-        subprocess.run(["mount", "-t", mounts[0]["type"], "-o", ",".join(mounts[0]["options"]),
-                        mounts[0]["source"], str(target)], check=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                mounts[0]["type"],
+                "-o",
+                ",".join(mounts[0]["options"]),
+                mounts[0]["source"],
+                str(target),
+            ],
+            check=True,
+        )
         try:
             check_tree(target)
         finally:
@@ -208,8 +293,10 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
         # Removing the image: containerd's garbage collector removes every
         # layer (and the view, which nothing holds) through the plugin.
         ctd.ctr("images", "rm", "--sync", IMAGE)
-        assert wait_for(lambda: ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
-                        .strip().count("\n") == 0, timeout=60)
+        assert wait_for(
+            lambda: ctd.ctr("snapshots", "--snapshotter", "libdm", "ls").strip().count("\n") == 0,
+            timeout=60,
+        )
         left = {d.name for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
         assert left == {"ctrd-base"}
     finally:
@@ -250,8 +337,9 @@ def run_a_container(ctd, tmp_path):
     out = ctd.ctr("run", "--snapshotter", "libdm", IMAGE, "probe1", "/probe")
     assert 'hostname-file="three\\n" dir=[b c] uid=0' in out, out
     # The container's own snapshot holds what its process wrote.
-    line = ctd.ctr("snapshots", "--snapshotter", "libdm", "mounts", str(tmp_path / "c"),
-                   "probe1").strip()
+    line = ctd.ctr(
+        "snapshots", "--snapshotter", "libdm", "mounts", str(tmp_path / "c"), "probe1"
+    ).strip()
     argv = line.split()
     if argv[-1] == "-o":  # no options: writable
         argv.pop()
@@ -278,10 +366,12 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
 
     name = f"libdmtest-ctdk-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "1G")
-    config = write_config(tmp_path / "snap.toml", base_image_size="64M",
-                          monitor={"enabled": False})
-    plugin = Plugin(tmp_path / "pool", tmp_path / "s.sock", config,
-                    log=tmp_path / "plugin.log").start()
+    config = write_config(
+        tmp_path / "snap.toml", base_image_size="64M", monitor={"enabled": False}
+    )
+    plugin = Plugin(
+        tmp_path / "pool", tmp_path / "s.sock", config, log=tmp_path / "plugin.log"
+    ).start()
     ctd = None
     rng = random.Random(5)
     kills = reliability.scale(2, 8)
@@ -290,9 +380,21 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
         ctd = Containerd(tmp_path, tmp_path / "s.sock")
         for _ in range(kills):
             importing = subprocess.Popen(
-                ["ctr", "--address", ctd.address, "--namespace", "libdmtest", "images",
-                 "import", "--snapshotter", "libdm", str(tmp_path / "image.tar")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    "ctr",
+                    "--address",
+                    ctd.address,
+                    "--namespace",
+                    "libdmtest",
+                    "images",
+                    "import",
+                    "--snapshotter",
+                    "libdm",
+                    str(tmp_path / "image.tar"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(rng.uniform(0.0, 1.5))
             plugin.kill()
             importing.wait(timeout=300)
@@ -313,8 +415,10 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
         assert sum(kind == "committed" for _, _, kind, _ in ours) >= len(chain), ours
         assert all(state == "ready" for _, _, _, state in ours), ours
         ctd.ctr("images", "rm", "--sync", IMAGE)
-        assert wait_for(lambda: not ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
-                        .strip().count("\n"), timeout=60)
+        assert wait_for(
+            lambda: not ctd.ctr("snapshots", "--snapshotter", "libdm", "ls").strip().count("\n"),
+            timeout=60,
+        )
         assert wait_for(lambda: plugin_rows(tmp_path / "pool") == [], timeout=60)
         left = {d.name for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
         assert left == {"ctrd-base"}

@@ -20,16 +20,25 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
 
-import reliability  # noqa: E402
-from snapshotter_util import Plugin, PluginDied, make_pool, unmount_below, write_config  # noqa: E402
+import reliability
+from snapshotter_util import Plugin, PluginDied, make_pool, unmount_below, write_config
 
 PREFIX = "ctrd-"
 POINTS = (
-    "snapshotter:prepare:row", "snapshotter:prepare:device",
-    "snapshotter:commit:flushed", "snapshotter:commit:recorded",
-    "snapshotter:remove:marked", "snapshotter:remove:deleted",
-    "create:intent", "create:message", "create:transaction", "create:recorded",
-    "delete:deactivated", "delete:intent", "delete:message", "delete:transaction",
+    "snapshotter:prepare:row",
+    "snapshotter:prepare:device",
+    "snapshotter:commit:flushed",
+    "snapshotter:commit:recorded",
+    "snapshotter:remove:marked",
+    "snapshotter:remove:deleted",
+    "create:intent",
+    "create:message",
+    "create:transaction",
+    "create:recorded",
+    "delete:deactivated",
+    "delete:intent",
+    "delete:message",
+    "delete:transaction",
 )
 
 
@@ -44,9 +53,13 @@ class Model:
         self.counter = 0
 
     def to_json(self):
-        return {"committed": self.committed, "parents": self.parents,
-                "active": sorted(self.active), "uncertain": self.uncertain,
-                "counter": self.counter}
+        return {
+            "committed": self.committed,
+            "parents": self.parents,
+            "active": sorted(self.active),
+            "uncertain": self.uncertain,
+            "counter": self.counter,
+        }
 
     @classmethod
     def from_json(cls, data):
@@ -65,8 +78,9 @@ def mount_and_write(mounts, target, text):
     os.makedirs(target, exist_ok=True)
     m = mounts[0]
     opts = ["-o", ",".join(m.options)] if m.options else []
-    subprocess.run(["mount", "-t", m.type, *opts, m.source, target], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mount", "-t", m.type, *opts, m.source, target], check=True, capture_output=True
+    )
     try:
         with open(os.path.join(target, "marker"), "w") as fh:
             fh.write(text)
@@ -105,7 +119,7 @@ def workload(client, model, rng, mnt, *, max_ops=40, write=True):
             else:
                 model.counter += 1
                 key = f"s{model.counter}-a"
-                parent = rng.choice([""] + sorted(model.committed))
+                parent = rng.choice(["", *sorted(model.committed)])
                 model.uncertain = ["prepare", key, parent]
                 mounts = client.prepare(key, parent)
                 model.active.add(key)
@@ -193,8 +207,11 @@ def check_contents(client, model, mnt):
         mounts = client.view(f"check-{name}", name)
         os.makedirs(mnt, exist_ok=True)
         m = mounts[0]
-        subprocess.run(["mount", "-t", m.type, "-o", ",".join(m.options), m.source, mnt],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", m.type, "-o", ",".join(m.options), m.source, mnt],
+            check=True,
+            capture_output=True,
+        )
         try:
             with open(os.path.join(mnt, "marker")) as fh:
                 assert fh.read() == text, name
@@ -212,8 +229,9 @@ def test_kills_during_prepare_commit_and_remove(tmp_path):
     pool_dir = tmp_path / "pool"
     pool = make_pool(pool_dir, pool_name, "2G")
     pool.close()
-    config = write_config(tmp_path / "config.toml", base_image_size="32M",
-                          monitor={"enabled": False})
+    config = write_config(
+        tmp_path / "config.toml", base_image_size="32M", monitor={"enabled": False}
+    )
     sock = str(tmp_path / "snap.sock")
     mnt = str(tmp_path / "mnt")
     model = Model()
@@ -263,8 +281,14 @@ def test_kills_during_prepare_commit_and_remove(tmp_path):
         finally:
             client.close()
             plugin.stop()
-        reliability.record("snapshotter kills", kills=kills, snapshots_checked=rows,
-                           losses=0, leaked_devices=0, by_point=by_point)
+        reliability.record(
+            "snapshotter kills",
+            kills=kills,
+            snapshots_checked=rows,
+            losses=0,
+            leaked_devices=0,
+            by_point=by_point,
+        )
     finally:
         unmount_below(tmp_path)
         import libdm
@@ -283,14 +307,20 @@ def test_power_cuts_with_the_plugin_serving(run_in_kernel, tmp_path):
     pool_name = f"libdmtest-snapcut-{os.getpid()}"
     for cycle in range(cuts + 1):
         step = "check" if cycle == cuts else "work"
-        result = run_in_kernel([sys.executable, STEP, step, str(tmp_path), pool_name,
-                                str(cycle)], timeout=600)
+        result = run_in_kernel(
+            [sys.executable, STEP, step, str(tmp_path), pool_name, str(cycle)], timeout=600
+        )
         assert result.returncode == 0, result.stderr[-4000:] + result.console[-2000:]
     with open(tmp_path / "state.json") as fh:
         state = json.load(fh)
     assert state["checked"] == cuts + 1
-    reliability.record("snapshotter power cuts", power_cuts=cuts, losses=0, leaked_devices=0,
-                       committed=len(state["model"]["committed"]))
+    reliability.record(
+        "snapshotter power cuts",
+        power_cuts=cuts,
+        losses=0,
+        leaked_devices=0,
+        committed=len(state["model"]["committed"]),
+    )
 
 
 def _step(step, directory, pool_name, cycle):
@@ -343,8 +373,9 @@ def _step(step, directory, pool_name, cycle):
 def write_config_path(directory):
     from pathlib import Path
 
-    return write_config(Path(directory) / "config.toml", base_image_size="32M",
-                        monitor={"enabled": False})
+    return write_config(
+        Path(directory) / "config.toml", base_image_size="32M", monitor={"enabled": False}
+    )
 
 
 def _save(path, state, model):

@@ -8,14 +8,14 @@ import pytest
 
 pytestmark = pytest.mark.kernel
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "examples", "containerd_layers.py")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "containerd_layers.py"
+)
 
 
 def test_containerd_layers_example():
     before = sorted(os.listdir("/dev/mapper"))
-    proc = subprocess.run([sys.executable, EXAMPLE], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, EXAMPLE], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "/app/run: v2" in out and "/etc/motd: hello from layer 3" in out

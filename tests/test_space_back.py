@@ -12,11 +12,10 @@ import os
 import subprocess
 
 import pytest
+import witness
+from blockio import MiB, write_pattern
 
 import libdm
-
-from blockio import MiB, write_pattern
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -25,8 +24,9 @@ pytestmark = pytest.mark.kernel
 def tmpfs(tmp_path):
     where = tmp_path / "tmpfs"
     where.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(where)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(where)], check=True
+    )
     yield where
     subprocess.run(["umount", "-l", str(where)], check=False)
 

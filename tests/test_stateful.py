@@ -32,6 +32,7 @@ one kill at one call each (xfail strict while they are open).
 """
 
 import collections
+import contextlib
 import copy
 import json
 import os
@@ -44,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import reliability
+import witness
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -55,9 +58,6 @@ from hypothesis.stateful import (
 
 import libdm
 from libdm.thin import crash
-
-import reliability
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -85,12 +85,15 @@ CHILD_TIMEOUT = 120.0  # a child that takes longer is hung: the pool is wedged
 # points each of them can reach.
 POINTS_FOR = {
     "create_pool": ("pool:created",),
-    "create_thin": ("create:intent", "create:message", "create:transaction",
-                    "create:recorded"),
-    "snapshot": ("create:intent", "snapshot:suspended", "create:message",
-                 "create:transaction", "create:recorded"),
-    "delete": ("delete:deactivated", "delete:intent", "delete:message",
-               "delete:transaction"),
+    "create_thin": ("create:intent", "create:message", "create:transaction", "create:recorded"),
+    "snapshot": (
+        "create:intent",
+        "snapshot:suspended",
+        "create:message",
+        "create:transaction",
+        "create:recorded",
+    ),
+    "delete": ("delete:deactivated", "delete:intent", "delete:message", "delete:transaction"),
     "resize_thin": ("resize_device:recorded",),
     "activate": (),
     "deactivate": (),
@@ -101,9 +104,12 @@ POINTS_FOR = {
     "reopen": (),
     "restart": (),
 }
-BLOCK_POINTS_FOR = dict(POINTS_FOR, create_block_pool=("pool:created",),
-                        extend=("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"))
-OPERATIONS = tuple(POINTS_FOR) + ("write",)
+BLOCK_POINTS_FOR = dict(
+    POINTS_FOR,
+    create_block_pool=("pool:created",),
+    extend=("grow:intent", "grow:backing", "grow:loaded", "grow:resumed"),
+)
+OPERATIONS = (*tuple(POINTS_FOR), "write")
 
 # The operations themselves, run in this process or, to be killed, in a
 # child (the same source, so both run exactly the same calls).
@@ -150,7 +156,9 @@ def apply(pool, op, a):
     return None
 '''
 
-CHILD = OPS_SOURCE + r'''
+CHILD = (
+    OPS_SOURCE
+    + r"""
 import json, sys
 import libdm
 req = json.loads(sys.argv[1])
@@ -166,7 +174,8 @@ except Exception as exc:
     out = {"ok": False, "type": type(exc).__name__, "message": str(exc),
            "where": traceback.format_exc().strip().splitlines()[-3:-1]}
 print(json.dumps(out), flush=True)
-'''
+"""
+)
 
 _ops = {}
 exec(OPS_SOURCE, _ops)
@@ -248,10 +257,17 @@ class Stats:
 
 
 # How often each kind of step is picked.
-WEIGHTS = (("write", 16), ("overwrite", 8), ("create_thin", 14), ("snapshot", 12),
-           ("delete", 10), ("resize_thin", 6), ("activate_or_deactivate", 8),
-           ("grow_or_tune", 20),
-           ("reopen_or_restart", 8))
+WEIGHTS = (
+    ("write", 16),
+    ("overwrite", 8),
+    ("create_thin", 14),
+    ("snapshot", 12),
+    ("delete", 10),
+    ("resize_thin", 6),
+    ("activate_or_deactivate", 8),
+    ("grow_or_tune", 20),
+    ("reopen_or_restart", 8),
+)
 
 CONTEXT = {}  # dm_name factory, work directory and Stats, set by the test
 
@@ -266,8 +282,11 @@ class LoopPoolMachine(RuleBasedStateMachine):
         self.stats = CONTEXT["stats"]
         self.stats.examples += 1
         n = self.stats.examples
-        print(f"[{time.strftime('%H:%M:%S')}] {type(self).__name__} example {n}: "
-              f"{self.stats.steps} steps, {self.stats.kills} kills so far", flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {type(self).__name__} example {n}: "
+            f"{self.stats.steps} steps, {self.stats.kills} kills so far",
+            flush=True,
+        )
         self.name = CONTEXT["dm_name"](f"s{n}")
         self.directory = str(CONTEXT["workdir"] / f"s{n}")
         self.pool = None
@@ -298,8 +317,9 @@ class LoopPoolMachine(RuleBasedStateMachine):
         thread.join(CHILD_TIMEOUT)
         if thread.is_alive():
             self.stats.wedged += 1
-            raise witness.PoolWedged(f"pool wedged: {op}({args}) did not return within "
-                                     f"{CHILD_TIMEOUT:g} s")
+            raise witness.PoolWedged(
+                f"pool wedged: {op}({args}) did not return within {CHILD_TIMEOUT:g} s"
+            )
         return out
 
     def _child(self, op, args, point=None, nth=1, delay=None):
@@ -310,10 +330,14 @@ class LoopPoolMachine(RuleBasedStateMachine):
         env.pop("LIBDM_CRASH_AT", None)
         if point is not None:
             env["LIBDM_CRASH_AT"] = f"{point}@{nth}"
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"op": op,
-                                                                           "args": args})],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps({"op": op, "args": args})],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         ready = proc.stdout.readline()
         if ready.strip() != "ready":
             proc.kill()
@@ -331,14 +355,17 @@ class LoopPoolMachine(RuleBasedStateMachine):
         except subprocess.TimeoutExpired:
             proc.kill()
             self.stats.wedged += 1
-            raise witness.PoolWedged(f"pool wedged: {op}({args}) in a child process did not "
-                                     f"finish within {CHILD_TIMEOUT:g} s") from None
+            raise witness.PoolWedged(
+                f"pool wedged: {op}({args}) in a child process did not "
+                f"finish within {CHILD_TIMEOUT:g} s"
+            ) from None
         if proc.returncode == -signal.SIGKILL:
             return None
         lines = out.strip().splitlines()
         if proc.returncode != 0 or not lines:
-            raise StepFailed(f"the child for {op}({args}) exited with {proc.returncode}: "
-                             f"{err.strip()[-2000:]}")
+            raise StepFailed(
+                f"the child for {op}({args}) exited with {proc.returncode}: {err.strip()[-2000:]}"
+            )
         return json.loads(lines[-1])
 
     def _perform(self, op, args, mode, point_choice, nth, delay_ms, *, child=False):
@@ -361,19 +388,35 @@ class LoopPoolMachine(RuleBasedStateMachine):
         else:
             how = "in this process"
             result = self._inline(op, args)
-        self.log.append(f"{op}({_short(args)}) {how}: "
-                        f"{'KILLED' if result is None else _short(result)}")
+        self.log.append(
+            f"{op}({_short(args)}) {how}: {'KILLED' if result is None else _short(result)}"
+        )
         if result is None:
             self.stats.kills += 1
             self.stats.killed_ops[op] += 1
             reopened = self._child("open", self._args())
             if reopened is None or not reopened["ok"]:
-                raise StepFailed(f"Pool.open in a fresh process after {op} was killed "
-                                 f"({how}) failed: {_short(reopened)}")
+                raise StepFailed(
+                    f"Pool.open in a fresh process after {op} was killed "
+                    f"({how}) failed: {_short(reopened)}"
+                )
         return result, how
 
-    def _step(self, op, args, candidates, error, mode=0, point_choice=0, nth=1, delay_ms=0,
-              *, child=False, loose=(), check_result=None):
+    def _step(
+        self,
+        op,
+        args,
+        candidates,
+        error,
+        mode=0,
+        point_choice=0,
+        nth=1,
+        delay_ms=0,
+        *,
+        child=False,
+        loose=(),
+        check_result=None,
+    ):
         """Run ``op``; ``candidates`` are the model states it may leave
         (the first: nothing happened, the last: all of it), ``error`` the
         exception type name the model expects (then only the first state
@@ -384,14 +427,14 @@ class LoopPoolMachine(RuleBasedStateMachine):
             allowed = candidates
         elif error is not None:
             if result["ok"] or result["type"] != error:
-                self._fail(f"{op}({_short(args)}) {how}: expected {error}, got "
-                           f"{_short(result)}")
+                self._fail(f"{op}({_short(args)}) {how}: expected {error}, got {_short(result)}")
             allowed = candidates[:1]
             loose = ()
         else:
             if not result["ok"]:
-                self._fail(f"{op}({_short(args)}) {how} raised {result['type']}: "
-                           f"{result['message']}")
+                self._fail(
+                    f"{op}({_short(args)}) {how} raised {result['type']}: {result['message']}"
+                )
             if check_result is not None:
                 check_result(result["value"])
             allowed = candidates[-1:]
@@ -402,8 +445,10 @@ class LoopPoolMachine(RuleBasedStateMachine):
 
     def _fail(self, message):
         self.stats.failures.append(message)
-        raise StepFailed(message + f"\nsteps of this example (LIBDM_STATEFUL_SEED="
-                         f"{CONTEXT.get('seed')}):\n  " + "\n  ".join(self.log))
+        raise StepFailed(
+            message + f"\nsteps of this example (LIBDM_STATEFUL_SEED="
+            f"{CONTEXT.get('seed')}):\n  " + "\n  ".join(self.log)
+        )
 
     def _settle(self, allowed, loose, what):
         """After a step: the pool is healthy, the three witnesses agree, the
@@ -423,8 +468,7 @@ class LoopPoolMachine(RuleBasedStateMachine):
         found = witness.pool_disagreements(self.directory, snapshot=snap)
         if found:
             self.stats.disagreements += len(found)
-            self._fail(f"after {what}: store, kernel and thin_dump disagree: "
-                       + "; ".join(found))
+            self._fail(f"after {what}: store, kernel and thin_dump disagree: " + "; ".join(found))
         observed = self._observe(snap)
         diffs = []
         for i, cand in enumerate(allowed):
@@ -435,9 +479,10 @@ class LoopPoolMachine(RuleBasedStateMachine):
             diffs.append(f"outcome {i} of {len(allowed)}: " + "; ".join(d))
         else:
             self.stats.disagreements += 1
-            self._fail(f"after {what}: the pool matches no allowed outcome (a change that "
-                       f"is not all-or-nothing, or a wrong result):\n    "
-                       + "\n    ".join(diffs))
+            self._fail(
+                f"after {what}: the pool matches no allowed outcome (a change that "
+                f"is not all-or-nothing, or a wrong result):\n    " + "\n    ".join(diffs)
+            )
         for name, dev in self.model.devices.items():
             row = observed["devices"][name]
             dev.active = bool(row["active"])
@@ -448,15 +493,23 @@ class LoopPoolMachine(RuleBasedStateMachine):
         state = witness.store_state(self.directory)
         table = witness.parse_pool_table(snap["tables"][self.name][0])
         status = witness.parse_pool_status(snap["statuses"][self.name][0])
-        return {"devices": {r["name"]: r for r in state["devices"]}, "txid": state["txid"],
-                "config": state["pool"]["config"], "table": table, "status": status,
-                "live": set(snap["infos"]), "files": self._backing_sizes(snap)}
+        return {
+            "devices": {r["name"]: r for r in state["devices"]},
+            "txid": state["txid"],
+            "config": state["pool"]["config"],
+            "table": table,
+            "status": status,
+            "live": set(snap["infos"]),
+            "files": self._backing_sizes(snap),
+        }
 
     def _backing_sizes(self, snap):
         """{"data": bytes, "metadata": bytes} of what backs the pool: here
         its files."""
-        return {what: os.stat(os.path.join(self.directory, what)).st_size
-                for what in ("data", "metadata")}
+        return {
+            what: os.stat(os.path.join(self.directory, what)).st_size
+            for what in ("data", "metadata")
+        }
 
     def _diff(self, model, seen, loose):
         diffs = []
@@ -475,24 +528,32 @@ class LoopPoolMachine(RuleBasedStateMachine):
                 diffs.append(f"{name}: thin id {row['thin_id']}, was {dev.thin_id}")
             live = f"{self.name}-{name}" in seen["live"]
             if name not in loose and (bool(row["active"]) != dev.active or live != dev.active):
-                diffs.append(f"{name}: store active={row['active']}, live={live}, "
-                             f"model active={dev.active}")
+                diffs.append(
+                    f"{name}: store active={row['active']}, live={live}, model active={dev.active}"
+                )
         if seen["txid"] != model.txid or seen["status"]["txid"] != model.txid:
-            diffs.append(f"transaction id: store {seen['txid']}, kernel "
-                         f"{seen['status']['txid']}, model {model.txid}")
+            diffs.append(
+                f"transaction id: store {seen['txid']}, kernel "
+                f"{seen['status']['txid']}, model {model.txid}"
+            )
         if seen["files"]["data"] != model.data_size:
             diffs.append(f"data file {seen['files']['data']} bytes, model {model.data_size}")
         if seen["files"]["metadata"] != model.meta_size:
-            diffs.append(f"metadata file {seen['files']['metadata']} bytes, model "
-                         f"{model.meta_size}")
+            diffs.append(
+                f"metadata file {seen['files']['metadata']} bytes, model {model.meta_size}"
+            )
         if seen["table"]["length"] != model.data_sectors:
-            diffs.append(f"pool table {seen['table']['length']} sectors, model "
-                         f"{model.data_sectors}")
+            diffs.append(
+                f"pool table {seen['table']['length']} sectors, model {model.data_sectors}"
+            )
         if seen["status"]["total_meta"] != model.meta_blocks:
-            diffs.append(f"{seen['status']['total_meta']} metadata blocks, model "
-                         f"{model.meta_blocks}")
-        for what, have in (("table", seen["table"]["low_water_mark"]),
-                           ("store", seen["config"]["low_water_mark"])):
+            diffs.append(
+                f"{seen['status']['total_meta']} metadata blocks, model {model.meta_blocks}"
+            )
+        for what, have in (
+            ("table", seen["table"]["low_water_mark"]),
+            ("store", seen["config"]["low_water_mark"]),
+        ):
             if have != model.lwm:
                 diffs.append(f"low water mark {have} in the {what}, model {model.lwm}")
         return diffs
@@ -515,14 +576,16 @@ class LoopPoolMachine(RuleBasedStateMachine):
                     self._fail(f"after {what}: {exc}")
                 for i in range(count):
                     page = first + i
-                    got = data[i * PAGE:(i + 1) * PAGE]
+                    got = data[i * PAGE : (i + 1) * PAGE]
                     tag = dev.pages.get(page)
                     want = bytes(PAGE) if tag is None else pattern(tag)
                     if got != want:
                         self.stats.losses += 1
-                        self._fail(f"after {what}: {name} page {page} holds "
-                                   f"{describe_page(got)}, expected "
-                                   f"{'zeros' if tag is None else f'write #{tag}'}")
+                        self._fail(
+                            f"after {what}: {name} page {page} holds "
+                            f"{describe_page(got)}, expected "
+                            f"{'zeros' if tag is None else f'write #{tag}'}"
+                        )
 
     def teardown(self):
         if self.pool is None:
@@ -534,10 +597,9 @@ class LoopPoolMachine(RuleBasedStateMachine):
             # A wedged pool: resume it so the harness can remove it.
             for dm in (self.name,):
                 witness.dmsetup("resume", dm, check=False)
-            try:
+            # On failure the test's cleanup removes what is left.
+            with contextlib.suppress(Exception):
                 libdm.Pool.load(self.directory).destroy(remove_files=True)
-            except Exception:
-                pass  # the test's cleanup removes what is left
         finally:
             self.pool.close()
 
@@ -575,8 +637,8 @@ class LoopPoolMachine(RuleBasedStateMachine):
         devices = self.model.devices
         possible = {
             "write": self.writes < MAX_WRITES and any(d.active for d in devices.values()),
-            "overwrite": self.writes < MAX_WRITES and any(d.active and d.pages
-                                                          for d in devices.values()),
+            "overwrite": self.writes < MAX_WRITES
+            and any(d.active and d.pages for d in devices.values()),
             "create_thin": len(devices) < MAX_DEVICES,
             "snapshot": 0 < len(devices) < MAX_DEVICES,
             "delete": bool(devices),
@@ -589,62 +651,103 @@ class LoopPoolMachine(RuleBasedStateMachine):
         # hard to their first values, which would favour the first kinds.
         names = [n for n, w in WEIGHTS for _ in range(w)]
         pick = rnd.randrange(len(names))
-        op = next(names[(pick + i) % len(names)] for i in range(len(names))
-                  if possible[names[(pick + i) % len(names)]])
+        op = next(
+            names[(pick + i) % len(names)]
+            for i in range(len(names))
+            if possible[names[(pick + i) % len(names)]]
+        )
         if op == "write":
-            self.write(data, self.rnd.choice([1, 3, 16]),
-                       self.rnd.randint(0, 10 ** 6))
+            self.write(data, self.rnd.choice([1, 3, 16]), self.rnd.randint(0, 10**6))
         elif op == "overwrite":
             self.overwrite(data, self.rnd.choice([1, 2, 16]))
         elif op == "create_thin":
-            self.create_thin(data, self.rnd.choice([4 * MiB, 8 * MiB]),
-                             self.rnd.randint(0, 9), mode, point, delay)
+            self.create_thin(
+                data,
+                self.rnd.choice([4 * MiB, 8 * MiB]),
+                self.rnd.randint(0, 9),
+                mode,
+                point,
+                delay,
+            )
         elif op == "snapshot":
             self.snapshot(data, mode, point, delay)
         elif op == "delete":
             self.delete(data, mode, point, delay)
         elif op == "resize_thin":
-            self.resize_thin(data, self.rnd.choice(list(
-                [BLOCK, PAGE, MiB, 0, -BLOCK, -MiB])),
-                (self.rnd.random() < 0.5), mode, point, delay)
+            self.resize_thin(
+                data,
+                self.rnd.choice([BLOCK, PAGE, MiB, 0, -BLOCK, -MiB]),
+                (self.rnd.random() < 0.5),
+                mode,
+                point,
+                delay,
+            )
         elif op == "activate_or_deactivate":
-            self.activate_or_deactivate(data, (self.rnd.random() < 0.5), mode,
-                                        delay)
+            self.activate_or_deactivate(data, (self.rnd.random() < 0.5), mode, delay)
         elif op == "grow_or_tune":
-            self.grow_or_tune(data, self.rnd.choice(list(
-                ["resize", "refresh", "set_low_water_mark", "monitor"])),
-                mode, point % 4, nth, delay)
+            self.grow_or_tune(
+                data,
+                self.rnd.choice(["resize", "refresh", "set_low_water_mark", "monitor"]),
+                mode,
+                point % 4,
+                nth,
+                delay,
+            )
         else:
             self.reopen_or_restart((self.rnd.random() < 0.5), mode, delay * 3)
 
     def create_thin(self, data, size, taken, mode, point, delay):
         before = self.model.copy()
         if taken == 9 and before.devices:
-            name = self.rnd.choice((sorted(before.devices)))
-            self._step("create_thin", self._args(name=name, size=size), [before],
-                       "DeviceExistsError", mode, point, 1, delay)
+            name = self.rnd.choice(sorted(before.devices))
+            self._step(
+                "create_thin",
+                self._args(name=name, size=size),
+                [before],
+                "DeviceExistsError",
+                mode,
+                point,
+                1,
+                delay,
+            )
             return
         name = self._new_name()
         after = before.copy()
         after.devices[name] = Dev(size, None, True)
         after.txid += 1
-        self._step("create_thin", self._args(name=name, size=size), [before, after], None,
-                   mode, point, 1, delay)
+        self._step(
+            "create_thin",
+            self._args(name=name, size=size),
+            [before, after],
+            None,
+            mode,
+            point,
+            1,
+            delay,
+        )
 
     def snapshot(self, data, mode, point, delay):
         before = self.model.copy()
-        origin = self.rnd.choice((sorted(before.devices)))
+        origin = self.rnd.choice(sorted(before.devices))
         name = self._new_name()
         after = before.copy()
         src = after.devices[origin]
         after.devices[name] = Dev(src.size, origin, True, dict(src.pages))
         after.txid += 1
-        self._step("snapshot", self._args(origin=origin, name=name), [before, after], None,
-                   mode, point, 1, delay)
+        self._step(
+            "snapshot",
+            self._args(origin=origin, name=name),
+            [before, after],
+            None,
+            mode,
+            point,
+            1,
+            delay,
+        )
 
     def delete(self, data, mode, point, delay):
         before = self.model.copy()
-        name = self.rnd.choice((sorted(before.devices)))
+        name = self.rnd.choice(sorted(before.devices))
         # An origin may go before its snapshots (as the kernel and LVM allow):
         # they become roots and keep their data.
         after = before.copy()
@@ -655,15 +758,24 @@ class LoopPoolMachine(RuleBasedStateMachine):
         after.txid += 1
         # A delete killed before its intent was recorded has already
         # deactivated the device: it is still there, active or not.
-        self._step("delete", self._args(name=name), [before, after], None, mode, point, 1,
-                   delay, loose=(name,))
+        self._step(
+            "delete",
+            self._args(name=name),
+            [before, after],
+            None,
+            mode,
+            point,
+            1,
+            delay,
+            loose=(name,),
+        )
 
     def resize_thin(self, data, by, force, mode, point, delay):
         """ThinDevice.resize: grow, or shrink (force) to whole data blocks.
         What a shrink cuts off is discarded when the device is live, so it
         reads as zeros if the device grows again."""
         before = self.model.copy()
-        name = self.rnd.choice((sorted(before.devices)))
+        name = self.rnd.choice(sorted(before.devices))
         old = before.devices[name].size
         new = old + by if by >= 0 else max(BLOCK, (old + by) // BLOCK * BLOCK)
         if new > 16 * MiB:
@@ -689,29 +801,49 @@ class LoopPoolMachine(RuleBasedStateMachine):
 
     def activate_or_deactivate(self, data, active, mode, delay):
         before = self.model.copy()
-        name = self.rnd.choice((sorted(before.devices)))
+        name = self.rnd.choice(sorted(before.devices))
         after = before.copy()
         after.devices[name].active = active
-        self._step("activate" if active else "deactivate", self._args(name=name),
-                   [before, after], None, mode, 0, 1, delay, loose=(name,))
+        self._step(
+            "activate" if active else "deactivate",
+            self._args(name=name),
+            [before, after],
+            None,
+            mode,
+            0,
+            1,
+            delay,
+            loose=(name,),
+        )
 
     def grow_or_tune(self, data, which, mode, point, nth, delay):
         """resize (data, metadata), refresh, set_low_water_mark or one
         monitor growth step: the pool reloads of every kind."""
         if which == "resize":
-            self.resize(self.rnd.choice(list(
-                [None, 0, BLOCK, 3 * BLOCK + PAGE, 8 * MiB + 512, -BLOCK])),
-                self.rnd.choice([None, 0, PAGE, 1 * MiB, 512, -PAGE]), mode, point, nth,
-                delay)
+            self.resize(
+                self.rnd.choice([None, 0, BLOCK, 3 * BLOCK + PAGE, 8 * MiB + 512, -BLOCK]),
+                self.rnd.choice([None, 0, PAGE, 1 * MiB, 512, -PAGE]),
+                mode,
+                point,
+                nth,
+                delay,
+            )
         elif which == "refresh":
             self.refresh(mode, point, delay)
         elif which == "set_low_water_mark":
-            self.set_low_water_mark(self.rnd.choice([0, 1, 7, 100, 1023, 5000, -1]), mode,
-                                    point, delay)
+            self.set_low_water_mark(
+                self.rnd.choice([0, 1, 7, 100, 1023, 5000, -1]), mode, point, delay
+            )
         else:
-            self.monitor_growth(self.rnd.choice([1, 2, 5, 50, 90]),
-                                self.rnd.choice([1, 10, 25]),
-                                self.rnd.choice([5, 10, 20, 99]), mode, point, nth, delay)
+            self.monitor_growth(
+                self.rnd.choice([1, 2, 5, 50, 90]),
+                self.rnd.choice([1, 10, 25]),
+                self.rnd.choice([5, 10, 20, 99]),
+                mode,
+                point,
+                nth,
+                delay,
+            )
 
     def resize(self, grow_data, grow_meta, mode, point, nth, delay):
         before = self.model.copy()
@@ -721,7 +853,8 @@ class LoopPoolMachine(RuleBasedStateMachine):
             data = meta = None  # keep the files small: a resize to the same sizes
         args = self._args(data=data, meta=meta)
         if (data is not None and data < before.data_size) or (
-                meta is not None and meta < before.meta_size):
+            meta is not None and meta < before.meta_size
+        ):
             self._step("resize", args, [before], "ValueError", mode, point, nth, delay)
             return
         after = before.copy()
@@ -740,13 +873,29 @@ class LoopPoolMachine(RuleBasedStateMachine):
     def set_low_water_mark(self, blocks, mode, point, delay):
         before = self.model.copy()
         if blocks < 0:
-            self._step("set_low_water_mark", self._args(blocks=blocks), [before],
-                       "ValueError", mode, point, 1, delay)
+            self._step(
+                "set_low_water_mark",
+                self._args(blocks=blocks),
+                [before],
+                "ValueError",
+                mode,
+                point,
+                1,
+                delay,
+            )
             return
         after = before.copy()
         after.lwm = blocks
-        self._step("set_low_water_mark", self._args(blocks=blocks), [before, after], None,
-                   mode, point, 1, delay)
+        self._step(
+            "set_low_water_mark",
+            self._args(blocks=blocks),
+            [before, after],
+            None,
+            mode,
+            point,
+            1,
+            delay,
+        )
 
     def monitor_growth(self, threshold, percent, meta_threshold, mode, point, nth, delay):
         """One check of an autoextend monitor (Monitor.check), predicted from
@@ -779,13 +928,16 @@ class LoopPoolMachine(RuleBasedStateMachine):
 
         def check_result(value):
             if value != expected:
-                self._fail(f"monitor check returned {value}, expected {expected} (usage "
-                           f"{status['used_data']}/{status['total_data']} data, "
-                           f"{status['used_meta']}/{status['total_meta']} metadata)")
+                self._fail(
+                    f"monitor check returned {value}, expected {expected} (usage "
+                    f"{status['used_data']}/{status['total_data']} data, "
+                    f"{status['used_meta']}/{status['total_meta']} metadata)"
+                )
 
         args = self._args(threshold=threshold, percent=percent, meta_threshold=meta_threshold)
-        self._step("monitor", args, states, None, mode, point, nth, delay,
-                   check_result=check_result)
+        self._step(
+            "monitor", args, states, None, mode, point, nth, delay, check_result=check_result
+        )
 
     def reopen_or_restart(self, restart, mode, delay):
         if restart:
@@ -824,7 +976,7 @@ class LoopPoolMachine(RuleBasedStateMachine):
         names = sorted(n for n, d in self.model.devices.items() if d.active and d.pages)
         name = self.rnd.choice(list(names))
         dev = self.model.devices[name]
-        first = self.rnd.choice((sorted(dev.pages)))
+        first = self.rnd.choice(sorted(dev.pages))
         self._write(name, min(first, dev.size // PAGE - pages), pages)
 
     def _write(self, name, first, pages):
@@ -876,36 +1028,55 @@ def _run_machine(machine, steps, kills, per_example, operations, points_for):
             rounds += 1
             assert rounds <= MAX_ROUNDS, (
                 f"{rounds - 1} rounds made only {stats.steps} steps and {stats.kills} kills "
-                f"(wanted {steps} and {kills})")
+                f"(wanted {steps} and {kills})"
+            )
             left = max(steps - stats.steps, per_example)
             examples = max(1, -(-left * 10 // (per_example * 8)))
-            run_state_machine_as_test(machine, settings=settings(
-                max_examples=examples, stateful_step_count=per_example, deadline=None,
-                database=None, suppress_health_check=list(HealthCheck), print_blob=True,
-                # No shrinking: a timed kill does not replay exactly, and every
-                # example costs seconds; the failure message lists the steps.
-                phases=(Phase.explicit, Phase.generate)))
+            run_state_machine_as_test(
+                machine,
+                settings=settings(
+                    max_examples=examples,
+                    stateful_step_count=per_example,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                    print_blob=True,
+                    # No shrinking: a timed kill does not replay exactly, and every
+                    # example costs seconds; the failure message lists the steps.
+                    phases=(Phase.explicit, Phase.generate),
+                ),
+            )
     finally:
         reached = set(stats.points)
         wanted = {p for points in points_for.values() for p in points}
         ops = sorted(stats.ops)
         reliability.record(
-            "stateful", steps=stats.steps, kills=stats.kills, examples=stats.examples,
-            losses=stats.losses, disagreements=stats.disagreements, wedged=stats.wedged,
-            operations=ops, killed_operations=sorted(stats.killed_ops),
+            "stateful",
+            steps=stats.steps,
+            kills=stats.kills,
+            examples=stats.examples,
+            losses=stats.losses,
+            disagreements=stats.disagreements,
+            wedged=stats.wedged,
+            operations=ops,
+            killed_operations=sorted(stats.killed_ops),
             crash_points_reached=sorted(reached),
-            gaps=reliability.gaps(operations, ops) + reliability.gaps(wanted, reached))
-        print(f"\n{machine.__name__}: {stats.steps} steps in {stats.examples} examples, "
-              f"{stats.kills} kills; operations {dict(stats.ops)}; killed "
-              f"{dict(stats.killed_ops)}; crash points fired {dict(stats.points)}; "
-              f"never fired: {sorted(wanted - reached)}")
+            gaps=reliability.gaps(operations, ops) + reliability.gaps(wanted, reached),
+        )
+        print(
+            f"\n{machine.__name__}: {stats.steps} steps in {stats.examples} examples, "
+            f"{stats.kills} kills; operations {dict(stats.ops)}; killed "
+            f"{dict(stats.killed_ops)}; crash points fired {dict(stats.points)}; "
+            f"never fired: {sorted(wanted - reached)}"
+        )
     assert set(crash.POINTS) >= wanted
 
 
 def test_stateful_loop_pool(dm_name, tmp_path):
     CONTEXT.update(dm_name=dm_name, workdir=tmp_path, stats=Stats())
-    _run_machine(LoopPoolMachine, TOTAL_STEPS, TOTAL_KILLS, STEPS_PER_EXAMPLE, OPERATIONS,
-                 POINTS_FOR)
+    _run_machine(
+        LoopPoolMachine, TOTAL_STEPS, TOTAL_KILLS, STEPS_PER_EXAMPLE, OPERATIONS, POINTS_FOR
+    )
 
 
 class BlockPoolMachine(LoopPoolMachine):
@@ -920,20 +1091,26 @@ class BlockPoolMachine(LoopPoolMachine):
         self.loops = []
 
     def _losetup(self, size):
-        path = os.path.join(str(CONTEXT["workdir"]), f"{os.path.basename(self.directory)}-"
-                            f"{len(self.loops)}")
+        path = os.path.join(
+            str(CONTEXT["workdir"]), f"{os.path.basename(self.directory)}-{len(self.loops)}"
+        )
         with open(path, "wb") as fh:
             fh.truncate(size)
-        dev = subprocess.run(["losetup", "--find", "--show", path], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", path], capture_output=True, text=True, check=True
+        ).stdout.strip()
         self.loops.append(dev)
         return dev
 
     def _backing_sizes(self, snap):
         """The lengths of ``-tdata`` and ``-tmeta`` (dmsetup)."""
-        return {what: sum(int(line.split()[1]) for line in
-                          snap["tables"].get(f"{self.name}-{piece}", [])) * 512
-                for what, piece in (("data", "tdata"), ("metadata", "tmeta"))}
+        return {
+            what: sum(
+                int(line.split()[1]) for line in snap["tables"].get(f"{self.name}-{piece}", [])
+            )
+            * 512
+            for what, piece in (("data", "tdata"), ("metadata", "tmeta"))
+        }
 
     def teardown(self):
         try:
@@ -948,8 +1125,14 @@ class BlockPoolMachine(LoopPoolMachine):
         data, meta = self._losetup(DATA_SIZE), self._losetup(4 * MiB)
         self.model.meta_size = 4 * MiB
         args = self._args(name=self.name, data=data, meta=meta)
-        self._step("create_block_pool", args, [self.model.copy()], None,
-                   mode=KILL_MODE if kill == 4 else 0, child=kill == 4)
+        self._step(
+            "create_block_pool",
+            args,
+            [self.model.copy()],
+            None,
+            mode=KILL_MODE if kill == 4 else 0,
+            child=kill == 4,
+        )
         self.pool = libdm.Pool.load(self.directory)
 
     def grow_or_tune(self, data, which, mode, point, nth, delay):
@@ -958,13 +1141,26 @@ class BlockPoolMachine(LoopPoolMachine):
         if which == "monitor":
             which = "extend"
         if which == "extend":
-            self.extend((self.rnd.random() < 0.5),
-                        self.rnd.choice([8 * MiB, 8 * MiB + 512, BLOCK]), mode, point, nth,
-                        delay)
+            self.extend(
+                (self.rnd.random() < 0.5),
+                self.rnd.choice([8 * MiB, 8 * MiB + 512, BLOCK]),
+                mode,
+                point,
+                nth,
+                delay,
+            )
         elif which == "resize":
             before = self.model.copy()
-            self._step("resize", self._args(data=before.data_size + BLOCK, meta=None),
-                       [before], "ValueError", mode, point, nth, delay)
+            self._step(
+                "resize",
+                self._args(data=before.data_size + BLOCK, meta=None),
+                [before],
+                "ValueError",
+                mode,
+                point,
+                nth,
+                delay,
+            )
         else:
             super().grow_or_tune(data, which, mode, point, nth, delay)
 
@@ -979,15 +1175,32 @@ class BlockPoolMachine(LoopPoolMachine):
             after.meta_size += size
         else:
             after.data_size += size
-        self._step("extend", self._args(device=device, metadata=metadata), [before, after],
-                   None, mode, point, nth, delay)
+        self._step(
+            "extend",
+            self._args(device=device, metadata=metadata),
+            [before, after],
+            None,
+            mode,
+            point,
+            nth,
+            delay,
+        )
 
 
 def test_stateful_block_pool(dm_name, tmp_path):
     CONTEXT.update(dm_name=dm_name, workdir=tmp_path, stats=Stats())
-    _run_machine(BlockPoolMachine, BLOCK_STEPS, BLOCK_KILLS, STEPS_PER_EXAMPLE,
-                 tuple(op for op in OPERATIONS if op not in ("create_pool", "monitor"))
-                 + ("create_block_pool", "extend"), BLOCK_POINTS_FOR)
+    _run_machine(
+        BlockPoolMachine,
+        BLOCK_STEPS,
+        BLOCK_KILLS,
+        STEPS_PER_EXAMPLE,
+        (
+            *tuple(op for op in OPERATIONS if op not in ("create_pool", "monitor")),
+            "create_block_pool",
+            "extend",
+        ),
+        BLOCK_POINTS_FOR,
+    )
 
 
 def test_the_invariants_can_fail(dm_name, tmp_path):
@@ -995,8 +1208,9 @@ def test_the_invariants_can_fail(dm_name, tmp_path):
     check that cannot fail checks nothing."""
     import libdm.dm.ops as ops
 
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE,
-                                  min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE, min_free_space=0
+    )
     try:
         dev = pool.create_thin("v", "4M")
         assert witness.pool_problems(pool) == []
@@ -1044,8 +1258,7 @@ def test_the_invariants_can_fail(dm_name, tmp_path):
         assert any("not live" in p for p in witness.pool_problems(pool))
         assert any("active=1" in d for d in witness.pool_disagreements(pool))
         ops.message(pool.name, "create_thin 77")
-        assert any("leaked thin ids" in d and "77" in d
-                   for d in witness.pool_disagreements(pool))
+        assert any("leaked thin ids" in d and "77" in d for d in witness.pool_disagreements(pool))
         ops.message(pool.name, "delete 77")
         dev.activate()
         assert witness.pool_problems(pool) == []
@@ -1061,7 +1274,7 @@ def test_the_invariants_can_fail(dm_name, tmp_path):
 # the defect is open: once it is fixed they pass, strict xfail fails, and
 # the mark must go.
 
-KILL_AT_CALL = r'''
+KILL_AT_CALL = r"""
 import os, signal, sys
 import libdm
 from libdm.dm import loop, ops
@@ -1077,7 +1290,7 @@ def die(*args, **kwargs):
 setattr({"loop": loop, "ops": ops}[module], name, die)
 pool = libdm.Pool.load(sys.argv[1])
 exec(sys.argv[3])
-'''
+"""
 
 
 class KnownDefect(AssertionError):
@@ -1085,14 +1298,28 @@ class KnownDefect(AssertionError):
 
 
 def _kill_at_call(directory, call, code):
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_CALL, str(directory), call, code],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_CALL, str(directory), call, code],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
     assert proc.returncode == -signal.SIGKILL, (
         f"the child was not killed at {call} (the library no longer calls it there?): "
-        f"exit {proc.returncode}, {proc.stderr[-2000:]}")
-    reopen = subprocess.run([sys.executable, "-c", CHILD, json.dumps(
-        {"op": "open", "args": {"directory": str(directory)}})], input="go\n",
-        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        f"exit {proc.returncode}, {proc.stderr[-2000:]}"
+    )
+    reopen = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            json.dumps({"op": "open", "args": {"directory": str(directory)}}),
+        ],
+        input="go\n",
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
     result = json.loads(reopen.stdout.strip().splitlines()[-1])
     if not result["ok"]:
         raise KnownDefect(f"Pool.open after a kill at {call} failed: {result}")
@@ -1101,11 +1328,17 @@ def _kill_at_call(directory, call, code):
 
 
 # Found by the random trials; fixed: kept as a regression test.
-@pytest.mark.parametrize("code", ["pool.resize(data_size=80 << 20)",
-                                  "pool.resize(metadata_size=4 << 20)"])
+@pytest.mark.parametrize(
+    "code", ["pool.resize(data_size=80 << 20)", "pool.resize(metadata_size=4 << 20)"]
+)
 def test_resize_killed_before_the_loop_capacity_refresh(dm_name, tmp_path, code):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE,
-                                  metadata_size=META_SIZE, min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"),
+        tmp_path / "pool",
+        data_size=DATA_SIZE,
+        metadata_size=META_SIZE,
+        min_free_space=0,
+    )
     try:
         _kill_at_call(pool.directory, "loop.refresh_capacity", code)
         problems = witness.pool_problems(pool) + witness.pool_disagreements(pool)
@@ -1119,20 +1352,40 @@ def test_delete_killed_after_its_discard_is_finished_or_keeps_the_data(dm_name, 
     # Found by the stateful test (a kill at a random time during a delete):
     # the blocks were discarded before the delete's intent was recorded, so
     # Pool.open kept a device that read zeros.  The intent now comes first.
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE,
-                                  min_free_space=0)
+    pool = libdm.Pool.create_loop(
+        dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE, min_free_space=0
+    )
     try:
         dev = pool.create_thin("v", "4M")
         witness.write_direct(dev.path, 0, pattern(7))
         env = dict(os.environ, LIBDM_CRASH_AT="delete:deactivated")
-        proc = subprocess.run([sys.executable, "-c", KILL_AT_CALL.replace(
-            'setattr({"loop": loop, "ops": ops}[module], name, die)', ""),
-            str(pool.directory), "ops.info", "pool.device('v').delete()"],
-            env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                KILL_AT_CALL.replace('setattr({"loop": loop, "ops": ops}[module], name, die)', ""),
+                str(pool.directory),
+                "ops.info",
+                "pool.device('v').delete()",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-        reopen = subprocess.run([sys.executable, "-c", CHILD, json.dumps(
-            {"op": "open", "args": {"directory": str(pool.directory)}})], input="go\n",
-            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        reopen = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                json.dumps({"op": "open", "args": {"directory": str(pool.directory)}}),
+            ],
+            input="go\n",
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT,
+        )
         assert json.loads(reopen.stdout.strip().splitlines()[-1])["ok"], reopen.stdout
         assert witness.pool_problems(pool) + witness.pool_disagreements(pool) == []
         state = witness.store_state(pool.directory)
@@ -1142,7 +1395,9 @@ def test_delete_killed_after_its_discard_is_finished_or_keeps_the_data(dm_name, 
             pool.device("v").activate()
         got = witness.read_direct(dev.path, 0, PAGE)
         if got != pattern(7):
-            raise KnownDefect(f"the delete was not done, and the device kept reads "
-                              f"{describe_page(got)} where write #7 was")
+            raise KnownDefect(
+                f"the delete was not done, and the device kept reads "
+                f"{describe_page(got)} where write #7 was"
+            )
     finally:
         pool.close()

@@ -11,14 +11,17 @@ def test_target_formats_like_a_table_line():
     assert str(Target(0, 8, "zero")) == "0 8 zero"
 
 
-@pytest.mark.parametrize("line", ["0 2048 linear 7:0 0", "0 8 zero",
-                                  "0 409600 thin-pool 7:1 7:0 128 0 1 skip_block_zeroing"])
+@pytest.mark.parametrize(
+    "line",
+    ["0 2048 linear 7:0 0", "0 8 zero", "0 409600 thin-pool 7:1 7:0 128 0 1 skip_block_zeroing"],
+)
 def test_target_round_trips_through_its_string(line):
     assert str(Target.parse(line)) == line
 
 
-@pytest.mark.parametrize("line, field", [("x 8 zero", "start"), ("0 -8 zero", "length"),
-                                         ("0 8", "at least")])
+@pytest.mark.parametrize(
+    "line, field", [("x 8 zero", "start"), ("0 -8 zero", "length"), ("0 8", "at least")]
+)
 def test_parse_names_the_bad_field(line, field):
     with pytest.raises(ValueError, match=field):
         Target.parse(line)
@@ -49,4 +52,6 @@ def test_table_rejects_non_int_sectors():
 
 def test_table_accepts_plain_tuples():
     assert check_table([(0, 8, "zero", ""), (8, 8, "error")]) == (
-        Target(0, 8, "zero"), Target(8, 8, "error"))
+        Target(0, 8, "zero"),
+        Target(8, 8, "error"),
+    )

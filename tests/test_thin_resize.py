@@ -8,13 +8,12 @@ import os
 import signal
 
 import pytest
+import witness
+from blockio import MiB, read_at, write_pattern
+from children import run_child
 
 import libdm
 from libdm.thin.store import Store
-
-from blockio import MiB, read_at, write_pattern
-from children import run_child
-import witness
 
 pytestmark = pytest.mark.kernel
 
@@ -96,8 +95,9 @@ def test_a_kill_between_record_and_reload_is_corrected_by_open(dm_name, tmp_path
     pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="128M")
     dev = pool.create_thin("vol", "16M")
     pool.close()
-    proc = run_child(directory, "p.device('vol').resize('48M')\n",
-                     crash_at="resize_device:recorded")
+    proc = run_child(
+        directory, "p.device('vol').resize('48M')\n", crash_at="resize_device:recorded"
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert length(dev.dm_name) == 16 * MiB // 512  # the kernel never saw it
     pool = libdm.Pool.open(directory)
@@ -138,6 +138,5 @@ def test_xfs_nospace_max_retries_is_applied_at_mount(pool):
         with open(knob) as fh:
             assert fh.read().strip() == "3"
     pool.configure(xfs_nospace_max_retries=-1)  # xfs's own default again
-    with dev.mount():
-        with open(knob) as fh:
-            assert fh.read().strip() == "-1"
+    with dev.mount(), open(knob) as fh:
+        assert fh.read().strip() == "-1"

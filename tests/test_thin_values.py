@@ -38,11 +38,12 @@ TABLE_LINES = ["7:0 7:1 128 16 0", "7:0 7:1 128 16 2 no_discard_passdown error_i
 
 # -- units -----------------------------------------------------------------
 
+
 def test_units_do_not_mix():
     with pytest.raises(TypeError, match="cannot add Sectors and Bytes"):
         Sectors(1) + Bytes(512)
     with pytest.raises(TypeError, match="compare"):
-        Sectors(1) < DataBlocks(2)
+        _ = Sectors(1) < DataBlocks(2)
     assert Sectors(1) != Bytes(1)
     assert Sectors(8) + 8 == Sectors(16) and isinstance(Sectors(8) + 8, Sectors)
 
@@ -64,27 +65,46 @@ def test_units_print_as_bare_numbers():
     assert repr(Sectors(5)) == "Sectors(5)"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4096", 4096), ("64K", 65536), ("64k", 65536), ("512M", 512 << 20),
-    ("10G", 10 << 30), ("1.5G", 3 << 29), ("2048s", 1 << 20), ("1T", 1 << 40),
-    (" 8 MiB ", 8 << 20), (1024, 1024), (Sectors(2), 1024),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4096", 4096),
+        ("64K", 65536),
+        ("64k", 65536),
+        ("512M", 512 << 20),
+        ("10G", 10 << 30),
+        ("1.5G", 3 << 29),
+        ("2048s", 1 << 20),
+        ("1T", 1 << 40),
+        (" 8 MiB ", 8 << 20),
+        (1024, 1024),
+        (Sectors(2), 1024),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == Bytes(expected)
 
 
-@pytest.mark.parametrize("bad, rule", [
-    ("100", "whole number of 512-byte sectors"), (100, "whole number"),
-    ("", "not a size"), ("10X", "not a size"), ("-5G", "not a size"),
-    ("0", "positive"), (0, "positive"), ("1.0000001K", "whole number of bytes"),
-])
+@pytest.mark.parametrize(
+    "bad, rule",
+    [
+        ("100", "whole number of 512-byte sectors"),
+        (100, "whole number"),
+        ("", "not a size"),
+        ("10X", "not a size"),
+        ("-5G", "not a size"),
+        ("0", "positive"),
+        (0, "positive"),
+        ("1.0000001K", "whole number of bytes"),
+    ],
+)
 def test_parse_size_refuses(bad, rule):
     with pytest.raises(ValueError, match=rule):
         parse_size(bad, what="data_size")
 
 
 def test_parse_size_names_the_argument_and_refuses_other_types():
-    with pytest.raises(ValueError, match="^data_size"):
+    with pytest.raises(ValueError, match=r"^data_size"):
         parse_size("lots", what="data_size")
     with pytest.raises(TypeError):
         parse_size(1.5)
@@ -96,16 +116,16 @@ def test_parse_size_names_the_argument_and_refuses_other_types():
 
 # Python's int() and re's \d take any Unicode digit; a size must not.
 NON_ASCII_SIZES = [
-    "\u0661\u0660M",            # Arabic-Indic ten
-    "\uff11\uff10G",            # fullwidth ten
-    "\u0967\u0966",             # Devanagari ten
-    "1\u0660M",                 # an ASCII digit, then an Arabic-Indic one
-    "10\u00a0M",                # no-break space
-    "\u200310M",                # em space
-    "10M\u2028",                # line separator
-    "10M\u3000",                # ideographic space
-    "10\u1d0d",                 # a letter that looks like M
-    "\U0001d7cf\U0001d7ceM",    # mathematical bold ten
+    "\u0661\u0660M",  # Arabic-Indic ten
+    "\uff11\uff10G",  # fullwidth ten
+    "\u0967\u0966",  # Devanagari ten
+    "1\u0660M",  # an ASCII digit, then an Arabic-Indic one
+    "10\u00a0M",  # no-break space
+    "\u200310M",  # em space
+    "10M\u2028",  # line separator
+    "10M\u3000",  # ideographic space
+    "10\u1d0d",  # a letter that looks like M
+    "\U0001d7cf\U0001d7ceM",  # mathematical bold ten
 ]
 
 
@@ -117,11 +137,40 @@ def test_parse_size_takes_only_ascii(text):
     assert message.startswith(f"data_size {text!r} is not a size")
 
 
-@pytest.mark.parametrize("text", [
-    "1e3", "1E3", "1e3M", "+5M", "-1", "- 1", "1_000", "0x10", "0b1", "0o7", "1,5G",
-    ".5G", "5.G", "1..5G", "1.5.5G", "10MM", "10 M B", "10M 5", "inf", "nan", "NaN",
-    "1e999", "10\x00", "\x0010M", "10\x1cM", "10\x85M", "10/2M", "(10)", "10K-",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1e3",
+        "1E3",
+        "1e3M",
+        "+5M",
+        "-1",
+        "- 1",
+        "1_000",
+        "0x10",
+        "0b1",
+        "0o7",
+        "1,5G",
+        ".5G",
+        "5.G",
+        "1..5G",
+        "1.5.5G",
+        "10MM",
+        "10 M B",
+        "10M 5",
+        "inf",
+        "nan",
+        "NaN",
+        "1e999",
+        "10\x00",
+        "\x0010M",
+        "10\x1cM",
+        "10\x85M",
+        "10/2M",
+        "(10)",
+        "10K-",
+    ],
+)
 def test_parse_size_refuses_hostile_ascii(text):
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
@@ -140,11 +189,24 @@ def test_parse_size_largest():
     assert parse_size("8191.5P") == Bytes(16383 << 49)
 
 
-@pytest.mark.parametrize("value", [
-    f"{1 << 54}s", str(1 << 63), 1 << 63, "8192P", "8388608T", str(2 ** 63 * 512),
-    f"{2 ** 63}s", 2 ** 200, "1" + "0" * 30 + "P", "9" * 5000, "9" * 100_000 + "M",
-    Sectors(1 << 54), Bytes(1 << 70),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"{1 << 54}s",
+        str(1 << 63),
+        1 << 63,
+        "8192P",
+        "8388608T",
+        str(2**63 * 512),
+        f"{2**63}s",
+        2**200,
+        "1" + "0" * 30 + "P",
+        "9" * 5000,
+        "9" * 100_000 + "M",
+        Sectors(1 << 54),
+        Bytes(1 << 70),
+    ],
+)
 def test_parse_size_too_large_is_a_value_error_saying_so(value):
     with pytest.raises(ValueError, match="too large") as caught:
         parse_size(value, what="data_size")
@@ -172,6 +234,7 @@ def test_format_size():
 
 # -- tables ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("line", TABLE_LINES)
 def test_pool_params_round_trip_kernel_tables(line):
     params = ThinPoolParams.parse(line + " ")  # the kernel leaves a trailing space
@@ -179,11 +242,23 @@ def test_pool_params_round_trip_kernel_tables(line):
 
 
 def test_pool_params_all_features_in_kernel_order():
-    params = ThinPoolParams("7:0", "7:1", Sectors(256), DataBlocks(10),
-                            {"error_if_no_space", "skip_block_zeroing", "read_only",
-                             "ignore_discard", "no_discard_passdown"})
-    assert str(params) == ("7:0 7:1 256 10 5 skip_block_zeroing ignore_discard "
-                           "no_discard_passdown read_only error_if_no_space")
+    params = ThinPoolParams(
+        "7:0",
+        "7:1",
+        Sectors(256),
+        DataBlocks(10),
+        {
+            "error_if_no_space",
+            "skip_block_zeroing",
+            "read_only",
+            "ignore_discard",
+            "no_discard_passdown",
+        },
+    )
+    assert str(params) == (
+        "7:0 7:1 256 10 5 skip_block_zeroing ignore_discard "
+        "no_discard_passdown read_only error_if_no_space"
+    )
     assert ThinPoolParams.parse(str(params)) == params
 
 
@@ -198,15 +273,18 @@ def test_block_size_extremes_are_accepted():
     assert check_block_size(2097152) == Sectors(2097152)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("7:0 7:1 x 0 0", "field 3 (data block size)"),
-    ("7:0 7:1 128 y 0", "field 4 (low water mark)"),
-    ("7:0 7:1 128 0 z", "field 5 (feature count)"),
-    ("7:0 7:1 128 0 2 read_only", "says 2 feature args but 1 follow"),
-    ("7:0 7:1 128", "need metadata dev"),
-    ("7:0 7:1 128 0 1 bogus", "unknown thin-pool feature bogus"),
-    ("/dev/loop0 7:1 128 0 0", "metadata device"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("7:0 7:1 x 0 0", "field 3 (data block size)"),
+        ("7:0 7:1 128 y 0", "field 4 (low water mark)"),
+        ("7:0 7:1 128 0 z", "field 5 (feature count)"),
+        ("7:0 7:1 128 0 2 read_only", "says 2 feature args but 1 follow"),
+        ("7:0 7:1 128", "need metadata dev"),
+        ("7:0 7:1 128 0 1 bogus", "unknown thin-pool feature bogus"),
+        ("/dev/loop0 7:1 128 0 0", "metadata device"),
+    ],
+)
 def test_pool_params_errors_name_the_field(text, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         ThinPoolParams.parse(text)
@@ -224,6 +302,7 @@ def test_thin_params_round_trip():
 
 
 # -- status ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("line", POOL_LINES)
 def test_pool_status_round_trips_kernel_lines(line):
@@ -250,23 +329,28 @@ def test_pool_status_fail_and_error():
 
 
 def test_pool_status_needs_check_and_read_only():
-    st = parse_pool_status("3 300/2048 10/1024 - ro no_discard_passdown queue_if_no_space needs_check 512")
+    st = parse_pool_status(
+        "3 300/2048 10/1024 - ro no_discard_passdown queue_if_no_space needs_check 512"
+    )
     assert st.mode == "ro" and st.needs_check
 
 
-@pytest.mark.parametrize("line, field", [
-    ("x 1/2 3/4 - rw discard_passdown queue_if_no_space -", "field 1 (transaction id)"),
-    ("0 1-2 3/4 - rw discard_passdown queue_if_no_space -", "field 2 (metadata used/total)"),
-    ("0 1/2 3/x - rw discard_passdown queue_if_no_space -", "field 3 (data used/total)"),
-    ("0 1/2 3/4 q rw discard_passdown queue_if_no_space -", "field 4 (held metadata root)"),
-    ("0 1/2 3/4 - rx discard_passdown queue_if_no_space -", "field 5 (mode)"),
-    ("0 1/2 3/4 - rw discard queue_if_no_space -", "field 6 (discard mode)"),
-    ("0 1/2 3/4 - rw discard_passdown queue -", "field 7 (no-space policy)"),
-    ("0 1/2 3/4 - rw discard_passdown queue_if_no_space y", "field 8 (needs_check)"),
-    ("0 1/2 3/4 - rw discard_passdown queue_if_no_space - z", "field 9"),
-    ("0 1/2 3/4 - rw", "field 6 (discard mode) is missing"),
-    ("", "field 1 (transaction id) is missing"),
-])
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ("x 1/2 3/4 - rw discard_passdown queue_if_no_space -", "field 1 (transaction id)"),
+        ("0 1-2 3/4 - rw discard_passdown queue_if_no_space -", "field 2 (metadata used/total)"),
+        ("0 1/2 3/x - rw discard_passdown queue_if_no_space -", "field 3 (data used/total)"),
+        ("0 1/2 3/4 q rw discard_passdown queue_if_no_space -", "field 4 (held metadata root)"),
+        ("0 1/2 3/4 - rx discard_passdown queue_if_no_space -", "field 5 (mode)"),
+        ("0 1/2 3/4 - rw discard queue_if_no_space -", "field 6 (discard mode)"),
+        ("0 1/2 3/4 - rw discard_passdown queue -", "field 7 (no-space policy)"),
+        ("0 1/2 3/4 - rw discard_passdown queue_if_no_space y", "field 8 (needs_check)"),
+        ("0 1/2 3/4 - rw discard_passdown queue_if_no_space - z", "field 9"),
+        ("0 1/2 3/4 - rw", "field 6 (discard mode) is missing"),
+        ("", "field 1 (transaction id) is missing"),
+    ],
+)
 def test_pool_status_errors_name_the_field(line, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         parse_pool_status(line)

@@ -24,11 +24,25 @@ CYCLES = 10
 
 # Debian's udev package (systemd-udevd) and the device-mapper rules that
 # dmsetup ships; without 95-dm-notify.rules every udev wait would hang.
-UDEVD = next((p for p in ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
-              if os.access(p, os.X_OK)), None)
-NOTIFY_RULES = next((p for p in ("/usr/lib/udev/rules.d/95-dm-notify.rules",
-                                 "/lib/udev/rules.d/95-dm-notify.rules")
-                     if os.path.exists(p)), None)
+UDEVD = next(
+    (
+        p
+        for p in ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
+        if os.access(p, os.X_OK)
+    ),
+    None,
+)
+NOTIFY_RULES = next(
+    (
+        p
+        for p in (
+            "/usr/lib/udev/rules.d/95-dm-notify.rules",
+            "/lib/udev/rules.d/95-dm-notify.rules",
+        )
+        if os.path.exists(p)
+    ),
+    None,
+)
 
 
 def semaphores():
@@ -38,8 +52,14 @@ def semaphores():
 
 def points_at(seen, minor):
     """The node is udev's symlink to the right dm-N block device."""
-    return (seen is not None and seen["symlink"] and seen["target"] == f"../dm-{minor}"
-            and seen["block"] and seen["rdev"] is not None and seen["rdev"][1] == minor)
+    return (
+        seen is not None
+        and seen["symlink"]
+        and seen["target"] == f"../dm-{minor}"
+        and seen["block"]
+        and seen["rdev"] is not None
+        and seen["rdev"][1] == minor
+    )
 
 
 def boot_with_udevd(run_in_kernel, out):
@@ -49,7 +69,8 @@ def boot_with_udevd(run_in_kernel, out):
         "mkdir -p /run/udev"
         f" && {shlex.quote(UDEVD)} --daemon --resolve-names=never"
         " && udevadm control --ping && udevadm settle"
-        f" && exec {shlex.quote(sys.executable)} {shlex.quote(STEPS)} {shlex.quote(str(out))} {CYCLES}"
+        f" && exec {shlex.quote(sys.executable)} {shlex.quote(STEPS)}"
+        f" {shlex.quote(str(out))} {CYCLES}"
     )
     result = run_in_kernel(["sh", "-c", script], timeout=300)
     assert result.returncode == 0, result.stderr + result.console[-2000:]
@@ -110,8 +131,11 @@ def test_udev_makes_the_nodes_and_every_cookie_is_waited_on(udev_findings):
     assert bad["error"] == "DMError" and bad["errno"] == errno.ENXIO, bad  # 9:99 is missing
     assert not bad["exists"] and bad["node"] is None, bad
     # Only the refused load is logged: nothing about nodes, cookies or semaphores.
-    assert not [w for w in bad["warnings"]
-                if any(word in w.lower() for word in ("udev", "cookie", "semaphore", "node"))], bad
+    assert not [
+        w
+        for w in bad["warnings"]
+        if any(word in w.lower() for word in ("udev", "cookie", "semaphore", "node"))
+    ], bad
     assert bad["sems_after"] == bad["sems_before"] == found["sems_start"], bad
     assert found["sems_end"] == found["sems_start"]
 
@@ -125,9 +149,11 @@ def test_udev_makes_the_nodes_and_every_cookie_is_waited_on(udev_findings):
     assert leak["sems_cleaned"] == leak["sems_before"], leak
     assert leak["node_removed"] is None and leak["sems_after"] == leak["sems_before"], leak
     assert found["mapper_left"] == ["control"]
-    print(f"\nudev: semaphores {found['sems_start']} -> {found['sems_end']} "
-          f"(leak demo {leak['sems_before']} -> {leak['sems_leaked']} -> {leak['sems_cleaned']}); "
-          f"{CYCLES} cycles in {found['cycles_s']:.2f} s; kernel {result.duration:.1f} s")
+    print(
+        f"\nudev: semaphores {found['sems_start']} -> {found['sems_end']} "
+        f"(leak demo {leak['sems_before']} -> {leak['sems_leaked']} -> {leak['sems_cleaned']}); "
+        f"{CYCLES} cycles in {found['cycles_s']:.2f} s; kernel {result.duration:.1f} s"
+    )
 
 
 @pytest.mark.host

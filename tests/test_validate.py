@@ -52,23 +52,31 @@ def test_allowed_characters_pass():
     assert validate.check_name("LVM-vg_01.thin#2+x:y=z@w") == "LVM-vg_01.thin#2+x:y=z@w"
 
 
-@pytest.mark.parametrize("bad, rule", [("a\nb", "newline"), ("a\rb", "newline"),
-                                       ("a\x1bb", "control")])
+@pytest.mark.parametrize(
+    "bad, rule", [("a\nb", "newline"), ("a\rb", "newline"), ("a\x1bb", "control")]
+)
 def test_params_with_newlines_or_control_chars_are_refused(bad, rule):
     with pytest.raises(ValueError, match=rule):
         validate.check_params(bad)
 
 
-@pytest.mark.parametrize("bad, rule", [("", "empty"), ("   ", "empty"),
-                                       ("create_thin 1\ndelete 1", "newline"),
-                                       ("x\x00", "control")])
+@pytest.mark.parametrize(
+    "bad, rule",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("create_thin 1\ndelete 1", "newline"),
+        ("x\x00", "control"),
+    ],
+)
 def test_bad_messages_are_refused(bad, rule):
     with pytest.raises(ValueError, match=rule):
         validate.check_message(bad)
 
 
-@pytest.mark.parametrize("bad, rule", [("", "one word"), ("thin pool", "one word"),
-                                       ("a" * 16, "longer than 15")])
+@pytest.mark.parametrize(
+    "bad, rule", [("", "one word"), ("thin pool", "one word"), ("a" * 16, "longer than 15")]
+)
 def test_bad_target_types_are_refused(bad, rule):
     with pytest.raises(ValueError, match=rule):
         validate.check_target_type(bad)

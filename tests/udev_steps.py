@@ -38,8 +38,12 @@ def node(name):
     if not os.path.lexists(path):
         return None
     link = os.path.islink(path)
-    seen = {"symlink": link, "target": os.readlink(path) if link else None,
-            "block": False, "rdev": None}
+    seen = {
+        "symlink": link,
+        "target": os.readlink(path) if link else None,
+        "block": False,
+        "rdev": None,
+    }
     try:
         st = os.stat(path)  # follows the link
     except FileNotFoundError:
@@ -151,8 +155,9 @@ def leak():
     subprocess.run(["udevadm", "settle"], check=True)
     seen["node"] = node(name)
     seen["sems_leaked"] = semaphores()
-    proc = subprocess.run(["dmsetup", "udevcomplete_all", "-y", "0"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["dmsetup", "udevcomplete_all", "-y", "0"], capture_output=True, text=True
+    )
     seen["udevcomplete_all"] = proc.returncode
     seen["sems_cleaned"] = semaphores()
     libdm.remove(name)
@@ -194,9 +199,11 @@ def interrupted():
 def main(out, count=10):
     supported = libdm.udev_sync_supported()
     if not supported:
-        print("udev_steps: udev synchronisation is not supported here "
-              f"(/run/udev/control exists: {os.path.exists('/run/udev/control')})",
-              file=sys.stderr)
+        print(
+            "udev_steps: udev synchronisation is not supported here "
+            f"(/run/udev/control exists: {os.path.exists('/run/udev/control')})",
+            file=sys.stderr,
+        )
         return 1
     warnings = Warnings()
     logging.getLogger("libdm").addHandler(warnings)

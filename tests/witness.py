@@ -10,9 +10,7 @@ import subprocess
 
 def dmsetup(*args, check=True):
     """Run dmsetup and return its stdout."""
-    proc = subprocess.run(
-        ["dmsetup", *args], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"dmsetup {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -30,8 +28,14 @@ def status(name):
 def info(name):
     """dmsetup's view of one device as a dict, or None if it does not exist."""
     out = dmsetup(
-        "info", "-c", "--noheadings", "--separator", "|",
-        "-o", "name,uuid,major,minor,attr,open,segments,events", name,
+        "info",
+        "-c",
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "name,uuid,major,minor,attr,open,segments,events",
+        name,
         check=False,
     ).strip()
     if not out or "|" not in out:
@@ -104,8 +108,9 @@ def thin_ids(pool_name, meta=None):
         meta, _ = pool_devices(pool_name)
     dmsetup("message", pool_name, "0", "reserve_metadata_snap")
     try:
-        out = subprocess.run(["thin_dump", "-m", meta], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["thin_dump", "-m", meta], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         dmsetup("message", pool_name, "0", "release_metadata_snap")
     return {int(m) for m in re.findall(r'<device dev_id="(\d+)"', out)}
@@ -180,16 +185,30 @@ def statuses():
 
 def infos():
     """Every device's ``dmsetup info`` columns: name -> dict (see :func:`info`)."""
-    out = dmsetup("info", "-c", "--noheadings", "--separator", "|",
-                  "-o", "name,uuid,major,minor,attr,open,segments,events").strip()
+    out = dmsetup(
+        "info",
+        "-c",
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "name,uuid,major,minor,attr,open,segments,events",
+    ).strip()
     result = {}
     if not out or "|" not in out:
         return result
     for line in out.splitlines():
         name_, uuid, major, minor, attr, open_, segments, events = line.split("|")
-        result[name_] = {"name": name_, "uuid": uuid, "major": int(major),
-                         "minor": int(minor), "attr": attr, "open": int(open_),
-                         "segments": int(segments), "events": int(events)}
+        result[name_] = {
+            "name": name_,
+            "uuid": uuid,
+            "major": int(major),
+            "minor": int(minor),
+            "attr": attr,
+            "open": int(open_),
+            "segments": int(segments),
+            "events": int(events),
+        }
     return result
 
 
@@ -223,8 +242,10 @@ def read_direct(path, offset=0, length=4096, timeout=READ_TIMEOUT):
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise PoolWedged(f"pool wedged: reading {length} bytes at {offset} of {path} did not "
-                         f"finish within {timeout:g} s")
+        raise PoolWedged(
+            f"pool wedged: reading {length} bytes at {offset} of {path} did not "
+            f"finish within {timeout:g} s"
+        )
     if "error" in result:
         raise result["error"]
     return result["data"]
@@ -258,8 +279,10 @@ def write_direct(path, offset, data, timeout=READ_TIMEOUT):
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise PoolWedged(f"pool wedged: writing {len(data)} bytes at {offset} of {path} did "
-                         f"not finish within {timeout:g} s")
+        raise PoolWedged(
+            f"pool wedged: writing {len(data)} bytes at {offset} of {path} did "
+            f"not finish within {timeout:g} s"
+        )
     if "error" in result:
         raise result["error"]
 
@@ -272,9 +295,14 @@ def store_state(directory):
 
     store = Store(directory)
     try:
-        return {"pool": store.pool(), "devices": store.devices(), "intents": store.intents(),
-                "deferred": store.deferred_deletes(), "foreign": store.foreign_ids(),
-                "txid": store.transaction_id()}
+        return {
+            "pool": store.pool(),
+            "devices": store.devices(),
+            "intents": store.intents(),
+            "deferred": store.deferred_deletes(),
+            "foreign": store.foreign_ids(),
+            "txid": store.transaction_id(),
+        }
     finally:
         store.close()
 
@@ -296,8 +324,14 @@ def parse_pool_table(line):
     """``0 LEN thin-pool META DATA BS LWM N feat...`` -> dict."""
     f = line.split()
     count = int(f[7])
-    return {"length": int(f[1]), "meta": f[3], "data": f[4], "block_size": int(f[5]),
-            "low_water_mark": int(f[6]), "features": sorted(f[8:8 + count])}
+    return {
+        "length": int(f[1]),
+        "meta": f[3],
+        "data": f[4],
+        "block_size": int(f[5]),
+        "low_water_mark": int(f[6]),
+        "features": sorted(f[8 : 8 + count]),
+    }
 
 
 def parse_pool_status(line):
@@ -308,8 +342,16 @@ def parse_pool_status(line):
         return {"failed": f[3] if len(f) > 3 else "?"}
     um, tm = (int(x) for x in f[4].split("/"))
     ud, td = (int(x) for x in f[5].split("/"))
-    return {"failed": None, "txid": int(f[3]), "used_meta": um, "total_meta": tm,
-            "used_data": ud, "total_data": td, "mode": f[7], "needs_check": f[10] == "needs_check"}
+    return {
+        "failed": None,
+        "txid": int(f[3]),
+        "used_meta": um,
+        "total_meta": tm,
+        "used_data": ud,
+        "total_data": td,
+        "mode": f[7],
+        "needs_check": f[10] == "needs_check",
+    }
 
 
 def kernel_snapshot():
@@ -318,8 +360,9 @@ def kernel_snapshot():
     return {"infos": infos(), "tables": tables(), "statuses": statuses()}
 
 
-def pool_problems(directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False,
-                  allow_full=False, snapshot=None):
+def pool_problems(
+    directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False, allow_full=False, snapshot=None
+):
     """Everything wrong with the pool at ``directory`` (a path or a Pool),
     as readable strings, checked against dmsetup, sysfs and stat:
 
@@ -360,11 +403,15 @@ def pool_problems(directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False
     attr = pinfo["attr"]
     suspended = attr[2:3] == "s" or sysfs(name, "suspended") == "1"
     if suspended:
-        problems.append(f"pool {name} is suspended (dmsetup attr {attr}, sysfs "
-                        f"suspended={sysfs(name, 'suspended')})")
+        problems.append(
+            f"pool {name} is suspended (dmsetup attr {attr}, sysfs "
+            f"suspended={sysfs(name, 'suspended')})"
+        )
     if attr[1:2] == "I":
-        problems.append(f"pool {name} has an inactive table loaded (dmsetup attr {attr}): "
-                        f"a reload was never resumed or cleared")
+        problems.append(
+            f"pool {name} has an inactive table loaded (dmsetup attr {attr}): "
+            f"a reload was never resumed or cleared"
+        )
     if attr[0:1] != "L":
         problems.append(f"pool {name} has no live table (dmsetup attr {attr})")
     st = parse_pool_status(status_all[name][0])
@@ -383,14 +430,19 @@ def pool_problems(directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False
     if tab["block_size"] != bs:
         problems.append(f"pool {name}: table block size {tab['block_size']}, stored {bs}")
     if tab["low_water_mark"] != config["low_water_mark"]:
-        problems.append(f"pool {name}: table low water mark {tab['low_water_mark']}, "
-                        f"stored {config['low_water_mark']}")
+        problems.append(
+            f"pool {name}: table low water mark {tab['low_water_mark']}, "
+            f"stored {config['low_water_mark']}"
+        )
     if tab["features"] != sorted(config["features"]):
-        problems.append(f"pool {name}: table features {tab['features']}, stored "
-                        f"{sorted(config['features'])}")
+        problems.append(
+            f"pool {name}: table features {tab['features']}, stored {sorted(config['features'])}"
+        )
     if st["total_data"] * bs != tab["length"]:
-        problems.append(f"pool {name}: the kernel counts {st['total_data']} data blocks, "
-                        f"the table is {tab['length']} sectors long")
+        problems.append(
+            f"pool {name}: the kernel counts {st['total_data']} data blocks, "
+            f"the table is {tab['length']} sectors long"
+        )
     if row["kind"] == "loop":
         problems += _loop_problems(directory, name, config, tab, st)
     elif row["kind"] == "block":
@@ -421,7 +473,7 @@ def pool_problems(directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False
         try:
             read_direct(f"/dev/mapper/{dm_name}", 0, 4096, timeout=read_timeout)
         except PoolWedged as exc:
-            raise PoolWedged("; ".join(problems + [str(exc)])) from None
+            raise PoolWedged("; ".join([*problems, str(exc)])) from None
         except OSError as exc:
             problems.append(f"reading {dm_name} failed: {exc}")
     return problems
@@ -430,38 +482,53 @@ def pool_problems(directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False
 def _loop_problems(directory, name, config, tab, st):
     problems = []
     bs = config["block_size"]
-    files = {"data": os.path.join(directory, config.get("data_file", "data")),
-             "metadata": os.path.join(directory, config.get("metadata_file", "metadata"))}
+    files = {
+        "data": os.path.join(directory, config.get("data_file", "data")),
+        "metadata": os.path.join(directory, config.get("metadata_file", "metadata")),
+    }
     sizes = {what: os.stat(path).st_size for what, path in files.items()}
     for what, devno in (("data", tab["data"]), ("metadata", tab["meta"])):
         backing = _sysfs_dev(devno, "loop/backing_file")
         if backing is None or os.path.realpath(backing) != os.path.realpath(files[what]):
-            problems.append(f"pool {name}: its {what} device {devno} is over {backing}, "
-                            f"not {files[what]}")
+            problems.append(
+                f"pool {name}: its {what} device {devno} is over {backing}, not {files[what]}"
+            )
             continue
         capacity = int(_sysfs_dev(devno, "size")) * 512
         if capacity != sizes[what] // 512 * 512:
-            problems.append(f"pool {name}: the {what} loop device {devno} holds {capacity} "
-                            f"bytes, its file {sizes[what]} (capacity not refreshed)")
+            problems.append(
+                f"pool {name}: the {what} loop device {devno} holds {capacity} "
+                f"bytes, its file {sizes[what]} (capacity not refreshed)"
+            )
         stored = config.get(f"{what}_size")
         if stored != sizes[what]:
-            problems.append(f"pool {name}: the stored {what}_size is {stored}, the {what} "
-                            f"file is {sizes[what]} bytes")
+            problems.append(
+                f"pool {name}: the stored {what}_size is {stored}, the {what} "
+                f"file is {sizes[what]} bytes"
+            )
     whole = sizes["data"] // 512 // bs * bs
     if tab["length"] != whole:
-        problems.append(f"pool {name}: the table's data length is {tab['length']} sectors, "
-                        f"the data file holds {whole} sectors of whole data blocks "
-                        f"({sizes['data']} bytes)")
+        problems.append(
+            f"pool {name}: the table's data length is {tab['length']} sectors, "
+            f"the data file holds {whole} sectors of whole data blocks "
+            f"({sizes['data']} bytes)"
+        )
     if sizes["data"] < tab["length"] * 512:
-        problems.append(f"pool {name}: the data file ({sizes['data']} bytes) is smaller "
-                        f"than the table ({tab['length']} sectors)")
+        problems.append(
+            f"pool {name}: the data file ({sizes['data']} bytes) is smaller "
+            f"than the table ({tab['length']} sectors)"
+        )
     want_meta = min(sizes["metadata"] // 4096, MAX_METADATA_BLOCKS)
     if st["total_meta"] != want_meta:
-        problems.append(f"pool {name}: the kernel uses {st['total_meta']} metadata blocks, "
-                        f"the metadata file holds {want_meta} ({sizes['metadata']} bytes)")
+        problems.append(
+            f"pool {name}: the kernel uses {st['total_meta']} metadata blocks, "
+            f"the metadata file holds {want_meta} ({sizes['metadata']} bytes)"
+        )
     if sizes["metadata"] < st["total_meta"] * 4096:
-        problems.append(f"pool {name}: the metadata file ({sizes['metadata']} bytes) is "
-                        f"smaller than the kernel's {st['total_meta']} metadata blocks")
+        problems.append(
+            f"pool {name}: the metadata file ({sizes['metadata']} bytes) is "
+            f"smaller than the kernel's {st['total_meta']} metadata blocks"
+        )
     return problems
 
 
@@ -481,9 +548,10 @@ def _segments_table(segments):
 def _block_problems(name, config, tab, st, info_all, table_all):
     problems = []
     bs = config["block_size"]
-    for what, piece, key, devno in (("data", f"{name}-tdata", "data_segments", tab["data"]),
-                                    ("metadata", f"{name}-tmeta", "meta_segments",
-                                     tab["meta"])):
+    for what, piece, key, devno in (
+        ("data", f"{name}-tdata", "data_segments", tab["data"]),
+        ("metadata", f"{name}-tmeta", "meta_segments", tab["meta"]),
+    ):
         pinfo = info_all.get(piece)
         if pinfo is None:
             problems.append(f"pool {name}: its {what} piece {piece} is not live")
@@ -491,19 +559,24 @@ def _block_problems(name, config, tab, st, info_all, table_all):
         if f"{pinfo['major']}:{pinfo['minor']}" != devno:
             problems.append(f"pool {name}: the table's {what} device is {devno}, not {piece}")
         if pinfo["attr"][1:3] != "--":
-            problems.append(f"{piece} is suspended or has an inactive table "
-                            f"(dmsetup attr {pinfo['attr']})")
+            problems.append(
+                f"{piece} is suspended or has an inactive table (dmsetup attr {pinfo['attr']})"
+            )
         want, total = _segments_table(config[key])
         live = [" ".join(line.split()) for line in table_all.get(piece, [])]
         if live != want:
             problems.append(f"{piece}: table {live}, the stored segments give {want}")
         if what == "data" and tab["length"] != total // bs * bs:
-            problems.append(f"pool {name}: the table's data length is {tab['length']} "
-                            f"sectors, the stored segments hold {total // bs * bs} sectors "
-                            f"of whole data blocks")
+            problems.append(
+                f"pool {name}: the table's data length is {tab['length']} "
+                f"sectors, the stored segments hold {total // bs * bs} sectors "
+                f"of whole data blocks"
+            )
         if what == "metadata" and st["total_meta"] != min(total // 8, MAX_METADATA_BLOCKS):
-            problems.append(f"pool {name}: the kernel uses {st['total_meta']} metadata "
-                            f"blocks, the metadata segments hold {total // 8}")
+            problems.append(
+                f"pool {name}: the kernel uses {st['total_meta']} metadata "
+                f"blocks, the metadata segments hold {total // 8}"
+            )
     return problems
 
 
@@ -521,7 +594,7 @@ def pool_disagreements(directory, snapshot=None):
     snap = snapshot if snapshot is not None else kernel_snapshot()
     st = parse_pool_status(snap["statuses"][name][0])
     if st["failed"]:
-        return found + [f"pool {name} has failed"]
+        return [*found, f"pool {name} has failed"]
     if state["txid"] != st["txid"]:
         found.append(f"transaction id: store {state['txid']}, kernel {st['txid']}")
     recorded = {r["thin_id"] for r in state["devices"]}
@@ -539,8 +612,10 @@ def pool_disagreements(directory, snapshot=None):
         dm_name = f"{name}-{row['name']}"
         known.add(dm_name)
         if bool(row["active"]) != (dm_name in live):
-            found.append(f"{row['name']}: store active={row['active']} but {dm_name} is "
-                         f"{'live' if dm_name in live else 'absent'}")
+            found.append(
+                f"{row['name']}: store active={row['active']} but {dm_name} is "
+                f"{'live' if dm_name in live else 'absent'}"
+            )
     pieces = {f"{name}-tdata", f"{name}-tmeta"}
     strays = {n for n in live if n.startswith(f"{name}-")} - known - pieces
     if strays:

@@ -8,6 +8,7 @@ from the program.
 """
 
 import os
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.statemachine import StringList
@@ -30,7 +31,7 @@ def reference_lines(underline="~"):
     lines = _literal(parser.format_help())
     for name, sub in parser.commands.items():
         title = f"libdm {name}"
-        lines += [title, underline * len(title), ""] + _literal(sub.format_help())
+        lines += [title, underline * len(title), "", *_literal(sub.format_help())]
     return lines
 
 
@@ -38,7 +39,7 @@ class LibdmCli(SphinxDirective):
     """``.. libdm-cli::`` (no arguments): the generated command reference."""
 
     has_content = False
-    option_spec = {}
+    option_spec: ClassVar[dict] = {}
 
     def run(self):
         import libdm.cli

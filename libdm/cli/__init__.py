@@ -26,7 +26,7 @@ import traceback
 from libdm.cli.common import CommandError, error_text
 from libdm.cli.parser import UsageError, build_parser
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,7 +38,7 @@ _UNREADABLE_STATE = (json.JSONDecodeError, sqlite3.DatabaseError)
 
 def _usage_line(exc):
     prog = exc.prog
-    where = prog[len("libdm "):] if prog.startswith("libdm ") else ""
+    where = prog[len("libdm ") :] if prog.startswith("libdm ") else ""
     hint = f" (see '{prog} --help')"
     return f"libdm: {where + ': ' if where else ''}{exc}{hint}"
 
@@ -48,8 +48,10 @@ def _bug_line(args, exc, debug):
     (``TypeError``, ``AttributeError``, ``KeyError``...): a bug in libdm,
     not the user's doing, whatever its type."""
     hint = "" if debug else "; run with --debug for the traceback"
-    return (f"libdm: {_what(args)}: unexpected {type(exc).__name__}: {error_text(exc)} "
-            f"(a bug in libdm, please report it{hint})")
+    return (
+        f"libdm: {_what(args)}: unexpected {type(exc).__name__}: {error_text(exc)} "
+        f"(a bug in libdm, please report it{hint})"
+    )
 
 
 def _what(args):
@@ -66,8 +68,9 @@ def _what(args):
 def _configure_logging(debug):
     """Log to stderr: everything with ``--debug``, else the monitor's steps."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
     logger = logging.getLogger("libdm")
     monitor = logging.getLogger("libdm.monitor")
     saved = (logger.level, monitor.level)
@@ -134,8 +137,7 @@ def main(argv=None):
     finally:
         restore()
     if debug:
-        traceback.print_exception(type(failure), failure, failure.__traceback__,
-                                  file=sys.stderr)
+        traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
     print(line, file=sys.stderr)
     return code
 

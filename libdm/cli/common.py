@@ -8,8 +8,15 @@ import libdm
 from libdm.cli import output
 from libdm.cli.parser import POOL_ENV, UsageError
 
-__all__ = ["CommandError", "emit", "wants_json", "pool_directory", "load_pool", "error_text",
-           "in_cli_words"]
+__all__ = [
+    "CommandError",
+    "emit",
+    "error_text",
+    "in_cli_words",
+    "load_pool",
+    "pool_directory",
+    "wants_json",
+]
 
 
 class CommandError(Exception):
@@ -41,8 +48,9 @@ def pool_directory(args):
     """
     directory = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
     if not directory:
-        raise UsageError(f"no pool given: use --pool DIR or set {POOL_ENV}",
-                         f"libdm {args.command}")
+        raise UsageError(
+            f"no pool given: use --pool DIR or set {POOL_ENV}", f"libdm {args.command}"
+        )
     return directory
 
 
@@ -63,8 +71,10 @@ def load_pool(args, *, live=True):
     pool = libdm.Pool.load(directory)
     if live and not libdm.exists(pool.name):
         pool.close()
-        raise CommandError(f"pool {pool.name!r} is not active (after a reboot, "
-                           f"activate it with: libdm pool open {directory})")
+        raise CommandError(
+            f"pool {pool.name!r} is not active (after a reboot, "
+            f"activate it with: libdm pool open {directory})"
+        )
     return pool
 
 
@@ -81,9 +91,9 @@ def in_cli_words(exc, *replacements):
 def _kernel_reason(lines):
     for line in lines:
         if line.startswith("kernel:"):
-            reason = line[len("kernel:"):].strip()
+            reason = line[len("kernel:") :].strip()
             prefix = "device-mapper: "
-            return reason[len(prefix):] if reason.startswith(prefix) else reason
+            return reason[len(prefix) :] if reason.startswith(prefix) else reason
     return None
 
 

@@ -14,7 +14,7 @@ from libdm.cli import output
 from libdm.cli.common import emit, in_cli_words, wants_json
 from libdm.cli.parser import POOL_ENV, command, count
 
-__all__ = ["register", "read_table", "info_pairs", "dependency_forest"]
+__all__ = ["dependency_forest", "info_pairs", "read_table", "register"]
 
 
 # -- tables --------------------------------------------------------------------
@@ -22,12 +22,18 @@ __all__ = ["register", "read_table", "info_pairs", "dependency_forest"]
 
 def _add_table_args(parser):
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--table", action="append", metavar="LINE",
-                       help="a table line '<start> <length> <type> [params]' (repeat it "
-                            "for several targets)")
-    group.add_argument("--table-file", metavar="FILE",
-                       help="read the table from FILE ('-' for stdin), one target a line; "
-                            "blank lines and lines starting with # are skipped")
+    group.add_argument(
+        "--table",
+        action="append",
+        metavar="LINE",
+        help="a table line '<start> <length> <type> [params]' (repeat it for several targets)",
+    )
+    group.add_argument(
+        "--table-file",
+        metavar="FILE",
+        help="read the table from FILE ('-' for stdin), one target a line; "
+        "blank lines and lines starting with # are skipped",
+    )
     parser.add_argument("--readonly", action="store_true", help="load the table read-only")
 
 
@@ -93,7 +99,7 @@ def cmd_remove(args):
     try:
         libdm.remove(args.name, deferred=args.deferred, retries=args.retries)
     except libdm.DeviceBusyError as exc:
-        raise in_cli_words(exc, ("remove(deferred=True)", "libdm remove --deferred"))
+        raise in_cli_words(exc, ("remove(deferred=True)", "libdm remove --deferred")) from exc
 
 
 def info_pairs(info):
@@ -101,8 +107,11 @@ def info_pairs(info):
     state = "SUSPENDED" if info.suspended else "ACTIVE"
     if info.read_only:
         state += " (READ-ONLY)"
-    tables = " & ".join(t for t, present in (("LIVE", info.live_table),
-                                              ("INACTIVE", info.inactive_table)) if present)
+    tables = " & ".join(
+        t
+        for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table))
+        if present
+    )
     items = [
         ("Name", info.name),
         ("State", state),
@@ -181,17 +190,26 @@ def dependency_forest(entries, deps_of, pool_notes=None):
     def node(devno, path):
         entry = by_devno.get(devno)
         if entry is None:
-            return {"name": _block_name(*devno), "major": devno[0], "minor": devno[1],
-                    "dm": False, "deps": []}
+            return {
+                "name": _block_name(*devno),
+                "major": devno[0],
+                "minor": devno[1],
+                "dm": False,
+                "deps": [],
+            }
         out = {"name": entry.name, "major": entry.major, "minor": entry.minor, "dm": True}
         if entry.name in pool_notes:
             out["pool"] = pool_notes[entry.name]
-        out["deps"] = [] if devno in path else [
-            node(d, path | {devno}) for d in sorted(uses.get(entry.name, ()))]
+        out["deps"] = (
+            []
+            if devno in path
+            else [node(d, path | {devno}) for d in sorted(uses.get(entry.name, ()))]
+        )
         return out
 
-    return [node((e.major, e.minor), frozenset()) for e in entries
-            if (e.major, e.minor) not in used]
+    return [
+        node((e.major, e.minor), frozenset()) for e in entries if (e.major, e.minor) not in used
+    ]
 
 
 def _note_text(note):
@@ -223,8 +241,11 @@ def cmd_ls(args):
     notes = _pool_notes(args)
     if args.tree:
         forest = dependency_forest(entries, libdm.deps, notes)
-        emit(args, forest, lambda: output.tree(forest, _node_label, lambda n: n["deps"])
-             or "No devices found")
+        emit(
+            args,
+            forest,
+            lambda: output.tree(forest, _node_label, lambda n: n["deps"]) or "No devices found",
+        )
         return
     data = []
     for e in entries:
@@ -235,8 +256,9 @@ def cmd_ls(args):
     if wants_json(args):
         emit(args, data, None)
         return
-    rows = [[e.name, f"({e.major}:{e.minor})", _note_text(notes.get(e.name)).strip()]
-            for e in entries]
+    rows = [
+        [e.name, f"({e.major}:{e.minor})", _note_text(notes.get(e.name)).strip()] for e in entries
+    ]
     emit(args, data, output.columns(rows) or "No devices found")
 
 
@@ -249,9 +271,17 @@ def cmd_version(args):
         "driver": ".".join(map(str, libdm.driver_version())),
         "libdm": libdm.__version__,
     }
-    emit(args, data, lambda: output.pairs([("Library version", data["library"]),
-                                           ("Driver version", data["driver"]),
-                                           ("libdm version", data["libdm"])]))
+    emit(
+        args,
+        data,
+        lambda: output.pairs(
+            [
+                ("Library version", data["library"]),
+                ("Driver version", data["driver"]),
+                ("libdm version", data["libdm"]),
+            ]
+        ),
+    )
 
 
 def cmd_targets(args):
@@ -264,81 +294,153 @@ def cmd_targets(args):
 
 
 def register(sub):
-    p = command(sub, "create", cmd_create,
-                help="create a device from a table, load it and resume it",
-                description="Create a device, load its table and make it live. Prints "
-                            "the device's path.",
-                example=['libdm create zeros --table "0 2097152 zero"',
-                         "libdm create stack --table-file stack.table --uuid STACK-1"])
+    p = command(
+        sub,
+        "create",
+        cmd_create,
+        help="create a device from a table, load it and resume it",
+        description="Create a device, load its table and make it live. Prints the device's path.",
+        example=[
+            'libdm create zeros --table "0 2097152 zero"',
+            "libdm create stack --table-file stack.table --uuid STACK-1",
+        ],
+    )
     p.add_argument("name", metavar="NAME", help="the device name")
     _add_table_args(p)
     p.add_argument("--uuid", metavar="UUID", help="give the device this uuid")
 
-    p = command(sub, "reload", cmd_reload,
-                help="load a new inactive table (live at the next resume)",
-                example=['libdm reload zeros --table "0 4194304 zero"',
-                         "libdm resume zeros"])
+    p = command(
+        sub,
+        "reload",
+        cmd_reload,
+        help="load a new inactive table (live at the next resume)",
+        example=['libdm reload zeros --table "0 4194304 zero"', "libdm resume zeros"],
+    )
     p.add_argument("name", metavar="NAME", help="the device name")
     _add_table_args(p)
 
-    p = command(sub, "suspend", cmd_suspend, help="suspend I/O on a device",
-                example="libdm suspend --noflush images-pool")
+    p = command(
+        sub,
+        "suspend",
+        cmd_suspend,
+        help="suspend I/O on a device",
+        example="libdm suspend --noflush images-pool",
+    )
     p.add_argument("name", metavar="NAME", help="the device name")
-    p.add_argument("--noflush", action="store_true",
-                   help="keep queued I/O queued instead of flushing it (a full pool)")
-    p.add_argument("--nolockfs", action="store_true",
-                   help="do not freeze a filesystem on the device first")
+    p.add_argument(
+        "--noflush",
+        action="store_true",
+        help="keep queued I/O queued instead of flushing it (a full pool)",
+    )
+    p.add_argument(
+        "--nolockfs", action="store_true", help="do not freeze a filesystem on the device first"
+    )
 
-    p = command(sub, "resume", cmd_resume,
-                help="resume a device, making an inactive table live",
-                example="libdm resume zeros")
-    p.add_argument("name", metavar="NAME", help="the device name")
-
-    p = command(sub, "remove", cmd_remove, help="remove a device",
-                example=["libdm remove zeros", "libdm remove --deferred busy-device"])
-    p.add_argument("name", metavar="NAME", help="the device name")
-    p.add_argument("--deferred", action="store_true",
-                   help="if busy, remove it when its last user closes it")
-    p.add_argument("--retries", type=count, default=5, metavar="N",
-                   help="extra attempts while the device is busy (default 5)")
-
-    p = command(sub, "info", cmd_info, json=True, help="show a device's state",
-                example=["libdm info zeros", "libdm info --json zeros"])
-    p.add_argument("name", metavar="NAME", help="the device name")
-
-    p = command(sub, "table", cmd_table, json=True, help="show a device's table",
-                example=["libdm table zeros", "libdm table --inactive zeros"])
-    p.add_argument("name", metavar="NAME", help="the device name")
-    p.add_argument("--inactive", action="store_true",
-                   help="the loaded table that is not live yet")
-
-    p = command(sub, "status", cmd_status, json=True,
-                help="show the status of a device's targets",
-                example="libdm status images")
+    p = command(
+        sub,
+        "resume",
+        cmd_resume,
+        help="resume a device, making an inactive table live",
+        example="libdm resume zeros",
+    )
     p.add_argument("name", metavar="NAME", help="the device name")
 
-    p = command(sub, "message", cmd_message,
-                help="send a message to a device's target and print any answer",
-                example="libdm message images 0 reserve_metadata_snap")
+    p = command(
+        sub,
+        "remove",
+        cmd_remove,
+        help="remove a device",
+        example=["libdm remove zeros", "libdm remove --deferred busy-device"],
+    )
     p.add_argument("name", metavar="NAME", help="the device name")
-    p.add_argument("sector", metavar="SECTOR", type=count,
-                   help="the sector whose target gets the message (usually 0)")
+    p.add_argument(
+        "--deferred", action="store_true", help="if busy, remove it when its last user closes it"
+    )
+    p.add_argument(
+        "--retries",
+        type=count,
+        default=5,
+        metavar="N",
+        help="extra attempts while the device is busy (default 5)",
+    )
+
+    p = command(
+        sub,
+        "info",
+        cmd_info,
+        json=True,
+        help="show a device's state",
+        example=["libdm info zeros", "libdm info --json zeros"],
+    )
+    p.add_argument("name", metavar="NAME", help="the device name")
+
+    p = command(
+        sub,
+        "table",
+        cmd_table,
+        json=True,
+        help="show a device's table",
+        example=["libdm table zeros", "libdm table --inactive zeros"],
+    )
+    p.add_argument("name", metavar="NAME", help="the device name")
+    p.add_argument("--inactive", action="store_true", help="the loaded table that is not live yet")
+
+    p = command(
+        sub,
+        "status",
+        cmd_status,
+        json=True,
+        help="show the status of a device's targets",
+        example="libdm status images",
+    )
+    p.add_argument("name", metavar="NAME", help="the device name")
+
+    p = command(
+        sub,
+        "message",
+        cmd_message,
+        help="send a message to a device's target and print any answer",
+        example="libdm message images 0 reserve_metadata_snap",
+    )
+    p.add_argument("name", metavar="NAME", help="the device name")
+    p.add_argument(
+        "sector",
+        metavar="SECTOR",
+        type=count,
+        help="the sector whose target gets the message (usually 0)",
+    )
     p.add_argument("message", metavar="MESSAGE", nargs="+", help="the message's words")
 
-    p = command(sub, "ls", cmd_ls, json=True, pool=True,
-                help="list devices, or draw what uses what with --tree",
-                description="List the device-mapper devices. With --tree, each device is "
-                            "drawn with the devices it uses below it, as dmsetup ls --tree "
-                            "does. Given a pool (--pool DIR or $LIBDM_POOL), its devices "
-                            "are labelled with their pool name, thin id and snapshot "
-                            "lineage.",
-                example=["libdm ls", "libdm ls --tree --pool /var/lib/images"])
+    p = command(
+        sub,
+        "ls",
+        cmd_ls,
+        json=True,
+        pool=True,
+        help="list devices, or draw what uses what with --tree",
+        description="List the device-mapper devices. With --tree, each device is "
+        "drawn with the devices it uses below it, as dmsetup ls --tree "
+        "does. Given a pool (--pool DIR or $LIBDM_POOL), its devices "
+        "are labelled with their pool name, thin id and snapshot "
+        "lineage.",
+        example=["libdm ls", "libdm ls --tree --pool /var/lib/images"],
+    )
     p.add_argument("--tree", action="store_true", help="draw the dependency tree")
 
-    command(sub, "version", cmd_version, json=True,
-            help="show the libdevmapper, driver and libdm versions",
-            example="libdm version --json")
+    command(
+        sub,
+        "version",
+        cmd_version,
+        json=True,
+        help="show the libdevmapper, driver and libdm versions",
+        example="libdm version --json",
+    )
 
-    command(sub, "targets", cmd_targets, json=True,
-            help="list the target types the kernel has loaded",
-            example="libdm targets")
+    command(
+        sub,
+        "targets",
+        cmd_targets,
+        json=True,
+        help="list the target types the kernel has loaded",
+        example="libdm targets",
+    )

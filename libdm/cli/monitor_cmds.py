@@ -27,8 +27,10 @@ def cmd_serve(args):
     loggers[0].setLevel(logging.DEBUG if args.debug else logging.INFO)
     loggers[1].setLevel(logging.NOTSET)
     service = MonitorService(args.config_dir, rescan=args.rescan, interval=args.interval)
-    saved = {signum: signal.signal(signum, lambda *_: service.stop())
-             for signum in (signal.SIGTERM, signal.SIGINT)}
+    saved = {
+        signum: signal.signal(signum, lambda *_: service.stop())
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         service.run()
     finally:
@@ -42,8 +44,12 @@ def cmd_serve(args):
 def cmd_register(args):
     from libdm.thin import registry
 
-    reg = registry.Registration(pool_directory(args), threshold=args.threshold,
-                                percent=args.percent, **growth_options(args))
+    reg = registry.Registration(
+        pool_directory(args),
+        threshold=args.threshold,
+        percent=args.percent,
+        **growth_options(args),
+    )
     print(registry.register(reg, args.config_dir))
 
 
@@ -59,47 +65,101 @@ def cmd_ls(args):
     rows = []
     for path, reg in registry.registrations(args.config_dir).items():
         state = registry.watch_state(reg.pool) or {}
-        rows.append({"pool": reg.pool, "file": path, "threshold": reg.threshold,
-                     "percent": reg.percent, "watched": bool(state.get("watched"))})
-    emit(args, rows, lambda: output.columns(
-        ([r["pool"], f"{r['threshold']}%", f"{r['percent']}%",
-          "yes" if r["watched"] else "no"] for r in rows),
-        ["POOL", "THRESHOLD", "GROW BY", "WATCHED"]))
+        rows.append(
+            {
+                "pool": reg.pool,
+                "file": path,
+                "threshold": reg.threshold,
+                "percent": reg.percent,
+                "watched": bool(state.get("watched")),
+            }
+        )
+    emit(
+        args,
+        rows,
+        lambda: output.columns(
+            (
+                [
+                    r["pool"],
+                    f"{r['threshold']}%",
+                    f"{r['percent']}%",
+                    "yes" if r["watched"] else "no",
+                ]
+                for r in rows
+            ),
+            ["POOL", "THRESHOLD", "GROW BY", "WATCHED"],
+        ),
+    )
 
 
 def _config_dir(p):
-    p.add_argument("--config-dir", metavar="DIR", default=None,
-                   help="the registrations (default $LIBDM_MONITOR_DIR or "
-                        "/etc/libdm/monitor.d)")
+    p.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        default=None,
+        help="the registrations (default $LIBDM_MONITOR_DIR or /etc/libdm/monitor.d)",
+    )
 
 
 def register(sub):
-    p = command(sub, "serve", cmd_serve, path="monitor",
-                help="watch every registered pool and grow them before they fill",
-                description="Run the monitor service in the foreground until SIGTERM: every "
-                            "pool registered in the configuration directory gets an "
-                            "autoextend monitor; pools registered or removed meanwhile are "
-                            "picked up. Logs carry syslog priorities under systemd.",
-                example="libdm monitor serve --config-dir /etc/libdm/monitor.d")
+    p = command(
+        sub,
+        "serve",
+        cmd_serve,
+        path="monitor",
+        help="watch every registered pool and grow them before they fill",
+        description="Run the monitor service in the foreground until SIGTERM: every "
+        "pool registered in the configuration directory gets an "
+        "autoextend monitor; pools registered or removed meanwhile are "
+        "picked up. Logs carry syslog priorities under systemd.",
+        example="libdm monitor serve --config-dir /etc/libdm/monitor.d",
+    )
     _config_dir(p)
-    p.add_argument("--rescan", metavar="SECONDS", type=positive_seconds, default=5.0,
-                   help="how often to look for new or removed registrations (default 5)")
-    p.add_argument("--interval", metavar="SECONDS", type=positive_seconds, default=10.0,
-                   help="each monitor's status check when no event comes (default 10)")
+    p.add_argument(
+        "--rescan",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=5.0,
+        help="how often to look for new or removed registrations (default 5)",
+    )
+    p.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=10.0,
+        help="each monitor's status check when no event comes (default 10)",
+    )
 
-    p = command(sub, "register", cmd_register, pool=True, path="monitor",
-                help="have the monitor service watch a pool (prints the file written)",
-                example="libdm monitor register --pool /var/lib/images --threshold 80 "
-                        "--percent 20")
+    p = command(
+        sub,
+        "register",
+        cmd_register,
+        pool=True,
+        path="monitor",
+        help="have the monitor service watch a pool (prints the file written)",
+        example="libdm monitor register --pool /var/lib/images --threshold 80 --percent 20",
+    )
     _config_dir(p)
     growth_arguments(p)
 
-    p = command(sub, "unregister", cmd_unregister, pool=True, path="monitor",
-                help="stop the monitor service watching a pool",
-                example="libdm monitor unregister --pool /var/lib/images")
+    p = command(
+        sub,
+        "unregister",
+        cmd_unregister,
+        pool=True,
+        path="monitor",
+        help="stop the monitor service watching a pool",
+        example="libdm monitor unregister --pool /var/lib/images",
+    )
     _config_dir(p)
 
-    p = command(sub, "ls", cmd_ls, json=True, path="monitor",
-                help="list the registered pools and whether the service watches them",
-                example="libdm monitor ls")
+    p = command(
+        sub,
+        "ls",
+        cmd_ls,
+        json=True,
+        path="monitor",
+        help="list the registered pools and whether the service watches them",
+        example="libdm monitor ls",
+    )
     _config_dir(p)

@@ -9,7 +9,7 @@ import json
 
 from libdm.thin.units import format_size
 
-__all__ = ["to_jsonable", "dumps", "columns", "pairs", "tree", "size_text", "percent"]
+__all__ = ["columns", "dumps", "pairs", "percent", "size_text", "to_jsonable", "tree"]
 
 
 def to_jsonable(value):
@@ -54,8 +54,10 @@ def columns(rows, headers=None, right=()):
     table += [[str(cell) for cell in row] for row in rows]
     if not table:
         return ""
-    widths = [max(len(row[i]) for row in table if i < len(row))
-              for i in range(max(len(row) for row in table))]
+    widths = [
+        max(len(row[i]) for row in table if i < len(row))
+        for i in range(max(len(row) for row in table))
+    ]
     lines = []
     for row in table:
         cells = []

@@ -12,7 +12,7 @@ import textwrap
 
 from libdm.thin.units import parse_size
 
-__all__ = ["UsageError", "build_parser", "command", "size", "POOL_ENV"]
+__all__ = ["POOL_ENV", "UsageError", "build_parser", "command", "size"]
 
 #: The environment variable naming the pool when ``--pool`` is not given.
 POOL_ENV = "LIBDM_POOL"
@@ -64,8 +64,11 @@ class _Formatter(argparse.HelpFormatter):
 
         def flush():
             if prose:
-                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
-                                         subsequent_indent=indent))
+                out.append(
+                    textwrap.fill(
+                        " ".join(prose), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
                 prose.clear()
 
         for line in text.splitlines():
@@ -132,22 +135,37 @@ class _Builder:
         self.width = width
         self.commands = {}
         self.debug = Parser(add_help=False)
-        self.debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                                help="show tracebacks and libdevmapper's log")
+        self.debug.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and libdevmapper's log",
+        )
         self.json = Parser(add_help=False)
-        self.json.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                               help="print JSON on stdout")
+        self.json.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON on stdout"
+        )
         self.pool = Parser(add_help=False)
-        self.pool.add_argument("--pool", metavar="DIR", default=argparse.SUPPRESS,
-                               help=f"the pool's state directory (default: ${POOL_ENV})")
+        self.pool.add_argument(
+            "--pool",
+            metavar="DIR",
+            default=argparse.SUPPRESS,
+            help=f"the pool's state directory (default: ${POOL_ENV})",
+        )
 
     def group(self, subparsers, name, help, description, examples):
         epilog = "Example:\n" + "".join(f"  {line}\n" for line in examples)
         parser = subparsers.add_parser(
-            name, help=help, description=description, parents=[self.debug],
-            formatter_class=_formatter(self.width), epilog=epilog)
-        sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest=f"{name}_command",
-                                    parser_class=Parser)
+            name,
+            help=help,
+            description=description,
+            parents=[self.debug],
+            formatter_class=_formatter(self.width),
+            epilog=epilog,
+        )
+        sub = parser.add_subparsers(
+            title="commands", metavar="COMMAND", dest=f"{name}_command", parser_class=Parser
+        )
         sub.required = True
         self.commands[name] = parser
         return parser, sub
@@ -156,8 +174,9 @@ class _Builder:
 _builder = None
 
 
-def command(subparsers, name, func, *, help, example, description=None, json=False,
-            pool=False, path=""):
+def command(
+    subparsers, name, func, *, help, example, description=None, json=False, pool=False, path=""
+):
     """Declare one subcommand.
 
     Args:
@@ -179,8 +198,13 @@ def command(subparsers, name, func, *, help, example, description=None, json=Fal
     examples = [example] if isinstance(example, str) else list(example)
     epilog = "Example:\n" + "".join(f"  {line}\n" for line in examples)
     parser = subparsers.add_parser(
-        name, help=help, description=description or help[0].upper() + help[1:] + ".",
-        epilog=epilog, parents=parents, formatter_class=_formatter(b.width))
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=epilog,
+        parents=parents,
+        formatter_class=_formatter(b.width),
+    )
     full = f"{path} {name}".strip()
     parser.set_defaults(func=func, command=full)
     b.commands[full] = parser
@@ -204,35 +228,57 @@ def build_parser(width=None):
         width = min(max(os.get_terminal_size(2).columns if os.isatty(2) else 80, 60), 100) - 2
     _builder = _Builder(width)
     try:
-        parser = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                        formatter_class=_formatter(width))
-        parser.add_argument("--debug", action="store_true", default=False,
-                            help="show tracebacks and libdevmapper's log")
-        parser.add_argument("--json", action="store_true", default=False,
-                            help="print JSON on stdout (read commands)")
-        parser.add_argument("--pool", metavar="DIR", default=None,
-                            help=f"the pool's state directory (default: ${POOL_ENV})")
-        sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="group",
-                                    parser_class=Parser)
+        parser = Parser(
+            prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_formatter(width)
+        )
+        parser.add_argument(
+            "--debug",
+            action="store_true",
+            default=False,
+            help="show tracebacks and libdevmapper's log",
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=False,
+            help="print JSON on stdout (read commands)",
+        )
+        parser.add_argument(
+            "--pool",
+            metavar="DIR",
+            default=None,
+            help=f"the pool's state directory (default: ${POOL_ENV})",
+        )
+        sub = parser.add_subparsers(
+            title="commands", metavar="COMMAND", dest="group", parser_class=Parser
+        )
         sub.required = True
         device_cmds.register(sub)
         _, pool_sub = _builder.group(
-            sub, "pool", "thin pools: create, inspect, grow, watch, destroy",
+            sub,
+            "pool",
+            "thin pools: create, inspect, grow, watch, destroy",
             "Commands on a libdm thin pool, named by its state directory "
             f"(--pool DIR or ${POOL_ENV}).",
-            ["libdm pool info --pool /var/lib/images"])
+            ["libdm pool info --pool /var/lib/images"],
+        )
         pool_cmds.register(pool_sub)
         _, thin_sub = _builder.group(
-            sub, "thin", "thin devices and snapshots in a pool",
+            sub,
+            "thin",
+            "thin devices and snapshots in a pool",
             "Commands on the thin devices and snapshots of a libdm pool "
             f"(--pool DIR or ${POOL_ENV}).",
-            ["LIBDM_POOL=/var/lib/images libdm thin ls --tree"])
+            ["LIBDM_POOL=/var/lib/images libdm thin ls --tree"],
+        )
         thin_cmds.register(thin_sub)
         _, monitor_sub = _builder.group(
-            sub, "monitor", "the service that watches every registered pool (dmeventd's part)",
+            sub,
+            "monitor",
+            "the service that watches every registered pool (dmeventd's part)",
             "Commands for the monitor service and its registrations.",
-            ["libdm monitor register --pool /var/lib/images",
-             "libdm monitor serve"])
+            ["libdm monitor register --pool /var/lib/images", "libdm monitor serve"],
+        )
         monitor_cmds.register(monitor_sub)
         snapshotter_cmds.register(sub)
         parser.commands = _builder.commands

@@ -16,7 +16,7 @@ from libdm.cli import output
 from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
 from libdm.cli.parser import UsageError, command, count, percentage, positive_seconds, size
 
-__all__ = ["register", "info_json", "status_json", "status_pairs"]
+__all__ = ["info_json", "register", "status_json", "status_pairs"]
 
 logger = logging.getLogger("libdm.monitor")
 
@@ -25,8 +25,9 @@ logger = logging.getLogger("libdm.monitor")
 
 
 def _refuse(args, mode, *names):
-    given = [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in
-             (None, False)]
+    given = [
+        n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in (None, False)
+    ]
     if given:
         raise UsageError(f"{', '.join(given)} cannot be used with {mode}", "libdm pool create")
 
@@ -44,33 +45,65 @@ def cmd_create(args):
     try:
         _create(args)
     except libdm.DeviceNotBlankError as exc:
-        raise in_cli_words(exc, FORCE)
+        raise in_cli_words(exc, FORCE) from exc
 
 
 def _create(args):
-    options = {"block_size": args.block_size, "min_free_space": args.min_free_space,
-               "features": args.feature, "deferred_removal": not args.no_deferred_removal,
-               "deferred_deletion": not args.no_deferred_deletion}
+    options = {
+        "block_size": args.block_size,
+        "min_free_space": args.min_free_space,
+        "features": args.feature,
+        "deferred_removal": not args.no_deferred_removal,
+        "deferred_deletion": not args.no_deferred_deletion,
+    }
     if args.loop is not None:
-        _refuse(args, "--loop", "--metadata", "--state-dir", "--thinp-percent",
-                "--thinp-metapercent", "--force")
+        _refuse(
+            args,
+            "--loop",
+            "--metadata",
+            "--state-dir",
+            "--thinp-percent",
+            "--thinp-metapercent",
+            "--force",
+        )
         _require(args, "--loop", "--data-size")
-        pool = libdm.Pool.create_loop(args.name, args.loop, data_size=args.data_size,
-                                      metadata_size=args.metadata_size, **options)
+        pool = libdm.Pool.create_loop(
+            args.name,
+            args.loop,
+            data_size=args.data_size,
+            metadata_size=args.metadata_size,
+            **options,
+        )
     elif args.device is not None:
         _refuse(args, "--device", "--metadata", "--data-size", "--metadata-size")
         _require(args, "--device", "--state-dir")
         pool = libdm.Pool.create_on_device(
-            args.name, args.device,
+            args.name,
+            args.device,
             95 if args.thinp_percent is None else args.thinp_percent,
             1 if args.thinp_metapercent is None else args.thinp_metapercent,
-            args.force, state_dir=args.state_dir, **options)
+            args.force,
+            state_dir=args.state_dir,
+            **options,
+        )
     else:
-        _refuse(args, "--data", "--data-size", "--metadata-size", "--thinp-percent",
-                "--thinp-metapercent")
+        _refuse(
+            args,
+            "--data",
+            "--data-size",
+            "--metadata-size",
+            "--thinp-percent",
+            "--thinp-metapercent",
+        )
         _require(args, "--data", "--metadata", "--state-dir")
-        pool = libdm.Pool.create(args.name, args.data, args.metadata,
-                                 state_dir=args.state_dir, force=args.force, **options)
+        pool = libdm.Pool.create(
+            args.name,
+            args.data,
+            args.metadata,
+            state_dir=args.state_dir,
+            force=args.force,
+            **options,
+        )
     with pool:
         print(pool.path)
 
@@ -97,19 +130,26 @@ def cmd_open(args):
     with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
         devices = pool.devices()
         active = sum(d.active for d in devices)
-        print(f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, "
-              f"{active} active")
+        print(
+            f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, {active} active"
+        )
         for name, why in sorted(pool.unavailable.items()):
-            print(f"libdm: device {name} could not be activated: {why}; delete it with: "
-                  f"libdm thin delete {name} --pool {directory}", file=sys.stderr)
+            print(
+                f"libdm: device {name} could not be activated: {why}; delete it with: "
+                f"libdm thin delete {name} --pool {directory}",
+                file=sys.stderr,
+            )
     return 1 if pool.unavailable else 0
 
 
 def cmd_adopt(args):
-    pool = libdm.Pool.adopt(args.pool_device, state_dir=args.state_dir,
-                            min_free_space=args.min_free_space,
-                            deferred_removal=not args.no_deferred_removal,
-                            deferred_deletion=not args.no_deferred_deletion)
+    pool = libdm.Pool.adopt(
+        args.pool_device,
+        state_dir=args.state_dir,
+        min_free_space=args.min_free_space,
+        deferred_removal=not args.no_deferred_removal,
+        deferred_deletion=not args.no_deferred_deletion,
+    )
     with pool:
         print(pool.path)
 
@@ -132,8 +172,9 @@ def info_json(report):
     data = report.as_dict()
     data["bytes"] = {
         "pool_blocksize": int(report.pool_blocksize),
-        "base_device_size": (None if report.base_device_size is None
-                             else int(report.base_device_size)),
+        "base_device_size": (
+            None if report.base_device_size is None else int(report.base_device_size)
+        ),
         "data_used": int(report.data_used),
         "data_total": int(report.data_total),
         "data_available": int(report.data_available),
@@ -177,8 +218,9 @@ def status_json(st, block_size):
         "discard": st.discard,
         "no_space": st.no_space,
         "needs_check": st.needs_check,
-        "metadata_low_water_blocks": (None if st.meta_low_water is None
-                                      else int(st.meta_low_water)),
+        "metadata_low_water_blocks": (
+            None if st.meta_low_water is None else int(st.meta_low_water)
+        ),
         "line": str(st),
     }
 
@@ -186,14 +228,21 @@ def status_json(st, block_size):
 def status_pairs(data):
     """(label, value) lines of :func:`status_json`'s result, for people."""
     if data["failed"]:
-        return [("State", f"{data['state']} (the pool has failed: check and repair its "
-                          f"metadata with thin_check and thin_repair)")]
+        return [
+            (
+                "State",
+                f"{data['state']} (the pool has failed: check and repair its "
+                f"metadata with thin_check and thin_repair)",
+            )
+        ]
 
     def usage(part, unit):
         used, total = data[f"used_{part}_bytes"], data[f"total_{part}_bytes"]
-        return (f"{output.size_text(used)} of {output.size_text(total)} used "
-                f"({output.percent(used, total)}); {data[f'used_{part}_blocks']} of "
-                f"{data[f'total_{part}_blocks']} {unit}")
+        return (
+            f"{output.size_text(used)} of {output.size_text(total)} used "
+            f"({output.percent(used, total)}); {data[f'used_{part}_blocks']} of "
+            f"{data[f'total_{part}_blocks']} {unit}"
+        )
 
     return [
         ("Transaction id", data["transaction_id"]),
@@ -224,8 +273,7 @@ def _sizes_line(pool):
 
 def cmd_resize(args):
     if args.size is None and args.metadata_size is None:
-        raise UsageError("give the new data SIZE, --metadata-size, or both",
-                         "libdm pool resize")
+        raise UsageError("give the new data SIZE, --metadata-size, or both", "libdm pool resize")
     with load_pool(args) as pool:
         # Metadata first, as Pool.resize does, each step shown on a terminal.
         if args.metadata_size is not None:
@@ -258,10 +306,15 @@ def cmd_extend(args):
     with load_pool(args) as pool:
         try:
             with _step(f"extending pool {pool.name} onto {args.device}"):
-                pool.extend(args.device, metadata=args.metadata, force=args.force,
-                            start=args.start, length=args.length)
+                pool.extend(
+                    args.device,
+                    metadata=args.metadata,
+                    force=args.force,
+                    start=args.start,
+                    length=args.length,
+                )
         except libdm.DeviceNotBlankError as exc:
-            raise in_cli_words(exc, FORCE)
+            raise in_cli_words(exc, FORCE) from exc
         print(_sizes_line(pool))
 
 
@@ -277,15 +330,28 @@ def cmd_trim(args):
 
 
 def cmd_set(args):
-    settings = {key: getattr(args, key) for key in
-                ("base_size", "discard_on_delete", "deferred_removal", "deferred_deletion",
-                 "xfs_nospace_max_retries")}
-    settings = {key: value if not isinstance(value, str) else value == "on"
-                for key, value in settings.items() if value is not None}
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "base_size",
+            "discard_on_delete",
+            "deferred_removal",
+            "deferred_deletion",
+            "xfs_nospace_max_retries",
+        )
+    }
+    settings = {
+        key: value if not isinstance(value, str) else value == "on"
+        for key, value in settings.items()
+        if value is not None
+    }
     if not settings:
-        raise UsageError("give at least one setting (--base-size, --discard-on-delete, "
-                         "--deferred-removal, --deferred-deletion, "
-                         "--xfs-nospace-max-retries)", "libdm pool set")
+        raise UsageError(
+            "give at least one setting (--base-size, --discard-on-delete, "
+            "--deferred-removal, --deferred-deletion, "
+            "--xfs-nospace-max-retries)",
+            "libdm pool set",
+        )
     with load_pool(args) as pool:
         pool.configure(**settings)
 
@@ -319,12 +385,18 @@ def cmd_monitor(args):
     with load_pool(args) as pool:
         monitor = pool.monitor(args.threshold, args.percent, **options)
         with _stopped_by_signals(monitor.stop):
-            logger.info("pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
-                        pool.name, args.percent, args.threshold, args.interval)
+            logger.info(
+                "pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
+                pool.name,
+                args.percent,
+                args.threshold,
+                args.interval,
+            )
             history = monitor.run(iterations=args.iterations)
         grown = sum(step.ok for step in history)
-        logger.info("pool %s: stopped; %d growth steps, %d failed", pool.name, grown,
-                    len(history) - grown)
+        logger.info(
+            "pool %s: stopped; %d growth steps, %d failed", pool.name, grown, len(history) - grown
+        )
 
 
 # -- the parsers ----------------------------------------------------------------------
@@ -333,22 +405,49 @@ def cmd_monitor(args):
 def growth_arguments(p):
     """The monitor's growth settings, for ``pool monitor`` and ``monitor
     register``."""
-    p.add_argument("--threshold", metavar="PCT", type=percentage, default=80,
-                   help="percent used at which to grow (default 80)")
-    p.add_argument("--percent", metavar="PCT", type=count, default=20,
-                   help="growth in percent of the current size (default 20)")
-    p.add_argument("--metadata-threshold", metavar="PCT", type=percentage,
-                   help="percent of metadata used at which to grow it (default: --threshold)")
-    p.add_argument("--max-data-size", metavar="SIZE", type=size,
-                   help="never grow the data beyond this")
-    p.add_argument("--max-metadata-size", metavar="SIZE", type=size,
-                   help="never grow the metadata beyond this")
-    p.add_argument("--reserve", metavar="SIZE", type=size,
-                   help="free space to keep on the filesystem holding a loop pool's "
-                        "files (default 64M)")
-    p.add_argument("--spare", metavar="DEV", action="append", default=[],
-                   help="a block device a block pool may be extended onto, for data or "
-                        "metadata (repeatable, used in order)")
+    p.add_argument(
+        "--threshold",
+        metavar="PCT",
+        type=percentage,
+        default=80,
+        help="percent used at which to grow (default 80)",
+    )
+    p.add_argument(
+        "--percent",
+        metavar="PCT",
+        type=count,
+        default=20,
+        help="growth in percent of the current size (default 20)",
+    )
+    p.add_argument(
+        "--metadata-threshold",
+        metavar="PCT",
+        type=percentage,
+        help="percent of metadata used at which to grow it (default: --threshold)",
+    )
+    p.add_argument(
+        "--max-data-size", metavar="SIZE", type=size, help="never grow the data beyond this"
+    )
+    p.add_argument(
+        "--max-metadata-size",
+        metavar="SIZE",
+        type=size,
+        help="never grow the metadata beyond this",
+    )
+    p.add_argument(
+        "--reserve",
+        metavar="SIZE",
+        type=size,
+        help="free space to keep on the filesystem holding a loop pool's files (default 64M)",
+    )
+    p.add_argument(
+        "--spare",
+        metavar="DEV",
+        action="append",
+        default=[],
+        help="a block device a block pool may be extended onto, for data or "
+        "metadata (repeatable, used in order)",
+    )
 
 
 def growth_options(args):
@@ -363,173 +462,342 @@ def growth_options(args):
 
 
 def _deferred_flags(p):
-    p.add_argument("--no-deferred-removal", action="store_true",
-                   help="fail with EBUSY instead of removing a busy device later")
-    p.add_argument("--no-deferred-deletion", action="store_true",
-                   help="fail with EBUSY instead of queueing a delete that meets a busy "
-                        "device")
+    p.add_argument(
+        "--no-deferred-removal",
+        action="store_true",
+        help="fail with EBUSY instead of removing a busy device later",
+    )
+    p.add_argument(
+        "--no-deferred-deletion",
+        action="store_true",
+        help="fail with EBUSY instead of queueing a delete that meets a busy device",
+    )
 
 
 def register(sub):
-    p = command(sub, "create", cmd_create, path="pool",
-                help="create a pool on loop files, one device, or two devices",
-                description="Create a thin pool and activate it; prints the pool device's "
-                            "path. Three kinds: sparse loop files in a directory (--loop, "
-                            "for testing), one raw block device split into metadata and "
-                            "data (--device), or a data and a metadata device (--data and "
-                            "--metadata). A device that carries a filesystem or another "
-                            "signature is refused without --force.",
-                example=["libdm pool create images --loop /var/lib/images --data-size 100G",
-                         "libdm pool create images --device /dev/xvdf "
-                         "--state-dir /var/lib/libdm/images",
-                         "libdm pool create images --data /dev/sdb1 --metadata /dev/sdc1 "
-                         "--state-dir /var/lib/libdm/images"])
+    p = command(
+        sub,
+        "create",
+        cmd_create,
+        path="pool",
+        help="create a pool on loop files, one device, or two devices",
+        description="Create a thin pool and activate it; prints the pool device's "
+        "path. Three kinds: sparse loop files in a directory (--loop, "
+        "for testing), one raw block device split into metadata and "
+        "data (--device), or a data and a metadata device (--data and "
+        "--metadata). A device that carries a filesystem or another "
+        "signature is refused without --force.",
+        example=[
+            "libdm pool create images --loop /var/lib/images --data-size 100G",
+            "libdm pool create images --device /dev/xvdf --state-dir /var/lib/libdm/images",
+            "libdm pool create images --data /dev/sdb1 --metadata /dev/sdc1 "
+            "--state-dir /var/lib/libdm/images",
+        ],
+    )
     p.add_argument("name", metavar="NAME", help="the pool's device-mapper name")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--loop", metavar="DIR",
-                      help="sparse data and metadata files in DIR, the state directory")
+    mode.add_argument(
+        "--loop", metavar="DIR", help="sparse data and metadata files in DIR, the state directory"
+    )
     mode.add_argument("--device", metavar="DEV", help="one block device to split")
     mode.add_argument("--data", metavar="DEV", help="the data block device")
     p.add_argument("--metadata", metavar="DEV", help="the metadata block device (with --data)")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="the state directory (with --device or --data)")
-    p.add_argument("--data-size", metavar="SIZE", type=size,
-                   help="size of the data file (with --loop)")
-    p.add_argument("--metadata-size", metavar="SIZE", type=size,
-                   help="size of the metadata file (with --loop; default 48 bytes per "
-                        "data block, at least 2M)")
-    p.add_argument("--thinp-percent", metavar="PCT", type=percentage,
-                   help="percent of the device for data (with --device; default 95)")
-    p.add_argument("--thinp-metapercent", metavar="PCT", type=percentage,
-                   help="percent of the device for metadata (with --device; default 1)")
-    p.add_argument("--block-size", metavar="SIZE", type=size, default="64K",
-                   help="data block size, 64K to 1G in steps of 64K (default 64K)")
-    p.add_argument("--min-free-space", metavar="PCT", type=percentage, default=10,
-                   help="percent of space that must stay free for new devices (default 10)")
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="the state directory (with --device or --data)"
+    )
+    p.add_argument(
+        "--data-size", metavar="SIZE", type=size, help="size of the data file (with --loop)"
+    )
+    p.add_argument(
+        "--metadata-size",
+        metavar="SIZE",
+        type=size,
+        help="size of the metadata file (with --loop; default 48 bytes per "
+        "data block, at least 2M)",
+    )
+    p.add_argument(
+        "--thinp-percent",
+        metavar="PCT",
+        type=percentage,
+        help="percent of the device for data (with --device; default 95)",
+    )
+    p.add_argument(
+        "--thinp-metapercent",
+        metavar="PCT",
+        type=percentage,
+        help="percent of the device for metadata (with --device; default 1)",
+    )
+    p.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        type=size,
+        default="64K",
+        help="data block size, 64K to 1G in steps of 64K (default 64K)",
+    )
+    p.add_argument(
+        "--min-free-space",
+        metavar="PCT",
+        type=percentage,
+        default=10,
+        help="percent of space that must stay free for new devices (default 10)",
+    )
     _deferred_flags(p)
-    p.add_argument("--feature", metavar="F", action="append", default=[],
-                   help="a thin-pool feature: skip_block_zeroing, ignore_discard, "
-                        "no_discard_passdown, read_only or error_if_no_space (repeatable)")
-    p.add_argument("--force", action="store_true",
-                   help="use block devices that carry a signature (their data is lost)")
+    p.add_argument(
+        "--feature",
+        metavar="F",
+        action="append",
+        default=[],
+        help="a thin-pool feature: skip_block_zeroing, ignore_discard, "
+        "no_discard_passdown, read_only or error_if_no_space (repeatable)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use block devices that carry a signature (their data is lost)",
+    )
 
-    command(sub, "info", cmd_info, pool=True, json=True, path="pool",
-            help="show the pool report (docker info's devicemapper fields)",
-            example=["libdm pool info --pool /var/lib/images",
-                     "libdm pool info --json --pool /var/lib/images"])
+    command(
+        sub,
+        "info",
+        cmd_info,
+        pool=True,
+        json=True,
+        path="pool",
+        help="show the pool report (docker info's devicemapper fields)",
+        example=[
+            "libdm pool info --pool /var/lib/images",
+            "libdm pool info --json --pool /var/lib/images",
+        ],
+    )
 
-    command(sub, "status", cmd_status, pool=True, json=True, path="pool",
-            help="show the kernel's status of the pool: usage, mode, needs_check",
-            example="libdm pool status --pool /var/lib/images")
+    command(
+        sub,
+        "status",
+        cmd_status,
+        pool=True,
+        json=True,
+        path="pool",
+        help="show the kernel's status of the pool: usage, mode, needs_check",
+        example="libdm pool status --pool /var/lib/images",
+    )
 
-    p = command(sub, "resize", cmd_resize, pool=True, path="pool",
-                help="grow a loop pool's data and/or metadata files online",
-                description="Grow a loop pool's data file to SIZE and/or its metadata "
-                            "file to --metadata-size, online (like device_tool resize). "
-                            "Pools never shrink.",
-                example=["libdm pool resize 200G --pool /var/lib/images",
-                         "libdm pool resize --metadata-size 1G --pool /var/lib/images"])
-    p.add_argument("size", metavar="SIZE", type=size, nargs="?",
-                   help="the new data size")
+    p = command(
+        sub,
+        "resize",
+        cmd_resize,
+        pool=True,
+        path="pool",
+        help="grow a loop pool's data and/or metadata files online",
+        description="Grow a loop pool's data file to SIZE and/or its metadata "
+        "file to --metadata-size, online (like device_tool resize). "
+        "Pools never shrink.",
+        example=[
+            "libdm pool resize 200G --pool /var/lib/images",
+            "libdm pool resize --metadata-size 1G --pool /var/lib/images",
+        ],
+    )
+    p.add_argument("size", metavar="SIZE", type=size, nargs="?", help="the new data size")
     p.add_argument("--metadata-size", metavar="SIZE", type=size, help="the new metadata size")
 
-    p = command(sub, "extend", cmd_extend, pool=True, path="pool",
-                help="grow a block pool's data onto another block device",
-                description="Add a block device to a block pool's data, online (as "
-                            "vgextend and lvextend did for LVM pools).",
-                example="libdm pool extend /dev/xvdg --pool /var/lib/libdm/images")
+    p = command(
+        sub,
+        "extend",
+        cmd_extend,
+        pool=True,
+        path="pool",
+        help="grow a block pool's data onto another block device",
+        description="Add a block device to a block pool's data, online (as "
+        "vgextend and lvextend did for LVM pools).",
+        example="libdm pool extend /dev/xvdg --pool /var/lib/libdm/images",
+    )
     p.add_argument("device", metavar="DEV", help="the block device to add")
-    p.add_argument("--metadata", action="store_true",
-                   help="grow the metadata instead of the data")
-    p.add_argument("--start", metavar="SIZE", type=size,
-                   help="use a region of DEV starting here (default: its start)")
-    p.add_argument("--length", metavar="SIZE", type=size,
-                   help="the region's length (default: to the end of DEV)")
-    p.add_argument("--force", action="store_true",
-                   help="use a device that carries a signature (its data is lost)")
+    p.add_argument("--metadata", action="store_true", help="grow the metadata instead of the data")
+    p.add_argument(
+        "--start",
+        metavar="SIZE",
+        type=size,
+        help="use a region of DEV starting here (default: its start)",
+    )
+    p.add_argument(
+        "--length",
+        metavar="SIZE",
+        type=size,
+        help="the region's length (default: to the end of DEV)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a device that carries a signature (its data is lost)",
+    )
 
-    p = command(sub, "repair", cmd_repair, pool=True, path="pool",
-                help="repair a loop pool's metadata with thin_repair (lvconvert --repair)",
-                description="Take the pool down (none of its devices may be open), "
-                            "repair its metadata into a spare with thin_repair, check it "
-                            "with thin_check, swap it in keeping the damaged copy, and "
-                            "bring the pool and its active devices back.",
-                example="libdm pool repair --pool /var/lib/images")
-    p.add_argument("--partial", action="store_true",
-                   help="accept a repair that lost some devices")
+    p = command(
+        sub,
+        "repair",
+        cmd_repair,
+        pool=True,
+        path="pool",
+        help="repair a loop pool's metadata with thin_repair (lvconvert --repair)",
+        description="Take the pool down (none of its devices may be open), "
+        "repair its metadata into a spare with thin_repair, check it "
+        "with thin_check, swap it in keeping the damaged copy, and "
+        "bring the pool and its active devices back.",
+        example="libdm pool repair --pool /var/lib/images",
+    )
+    p.add_argument("--partial", action="store_true", help="accept a repair that lost some devices")
 
-    command(sub, "trim", cmd_trim, pool=True, path="pool",
-            help="give back what the filesystems on the pool's devices freed (fstrim)",
-            example="libdm pool trim --pool /var/lib/images")
+    command(
+        sub,
+        "trim",
+        cmd_trim,
+        pool=True,
+        path="pool",
+        help="give back what the filesystems on the pool's devices freed (fstrim)",
+        example="libdm pool trim --pool /var/lib/images",
+    )
 
-    p = command(sub, "set", cmd_set, pool=True, path="pool",
-                help="change the pool's settings: base size, discard on delete, deferred "
-                     "removal and deletion",
-                example=["libdm pool set --base-size 20G --pool /var/lib/images",
-                         "libdm pool set --discard-on-delete on"])
-    p.add_argument("--base-size", metavar="SIZE", type=size,
-                   help="the size of devices created without one (dm.basesize)")
-    p.add_argument("--discard-on-delete", choices=("on", "off"),
-                   help="discard a device's blocks before deleting it (dm.blkdiscard)")
-    p.add_argument("--deferred-removal", choices=("on", "off"),
-                   help="remove a busy device when its last user closes it")
-    p.add_argument("--deferred-deletion", choices=("on", "off"),
-                   help="queue a delete that meets a busy device, and retry it later")
-    p.add_argument("--xfs-nospace-max-retries", metavar="N", type=int,
-                   help="how often xfs retries a metadata write at ENOSPC (-1: forever)")
+    p = command(
+        sub,
+        "set",
+        cmd_set,
+        pool=True,
+        path="pool",
+        help="change the pool's settings: base size, discard on delete, deferred "
+        "removal and deletion",
+        example=[
+            "libdm pool set --base-size 20G --pool /var/lib/images",
+            "libdm pool set --discard-on-delete on",
+        ],
+    )
+    p.add_argument(
+        "--base-size",
+        metavar="SIZE",
+        type=size,
+        help="the size of devices created without one (dm.basesize)",
+    )
+    p.add_argument(
+        "--discard-on-delete",
+        choices=("on", "off"),
+        help="discard a device's blocks before deleting it (dm.blkdiscard)",
+    )
+    p.add_argument(
+        "--deferred-removal",
+        choices=("on", "off"),
+        help="remove a busy device when its last user closes it",
+    )
+    p.add_argument(
+        "--deferred-deletion",
+        choices=("on", "off"),
+        help="queue a delete that meets a busy device, and retry it later",
+    )
+    p.add_argument(
+        "--xfs-nospace-max-retries",
+        metavar="N",
+        type=int,
+        help="how often xfs retries a metadata write at ENOSPC (-1: forever)",
+    )
 
-    command(sub, "refresh", cmd_refresh, pool=True, path="pool",
-            help="reload the pool to use devices that grew outside libdm",
-            description="Reload a block pool so it uses all of its devices' current "
-                        "size, after they were grown by other means (an LVM volume "
-                        "extended, a cloud disk resized).",
-            example="libdm pool refresh --pool /var/lib/libdm/images")
+    command(
+        sub,
+        "refresh",
+        cmd_refresh,
+        pool=True,
+        path="pool",
+        help="reload the pool to use devices that grew outside libdm",
+        description="Reload a block pool so it uses all of its devices' current "
+        "size, after they were grown by other means (an LVM volume "
+        "extended, a cloud disk resized).",
+        example="libdm pool refresh --pool /var/lib/libdm/images",
+    )
 
-    p = command(sub, "monitor", cmd_monitor, pool=True, path="pool",
-                help="watch the pool and grow it before it fills (runs in the foreground)",
-                description="Watch the pool and grow its data or metadata by --percent "
-                            "when its use reaches --threshold: loop pools by growing "
-                            "their files, block pools onto the --spare devices. Runs in "
-                            "the foreground, logging each step on stderr, until SIGTERM "
-                            "or SIGINT (which stop it once the current wait ends, at most "
-                            "--interval seconds later).",
-                example="libdm pool monitor --threshold 80 --percent 20 "
-                        "--pool /var/lib/images")
+    p = command(
+        sub,
+        "monitor",
+        cmd_monitor,
+        pool=True,
+        path="pool",
+        help="watch the pool and grow it before it fills (runs in the foreground)",
+        description="Watch the pool and grow its data or metadata by --percent "
+        "when its use reaches --threshold: loop pools by growing "
+        "their files, block pools onto the --spare devices. Runs in "
+        "the foreground, logging each step on stderr, until SIGTERM "
+        "or SIGINT (which stop it once the current wait ends, at most "
+        "--interval seconds later).",
+        example="libdm pool monitor --threshold 80 --percent 20 --pool /var/lib/images",
+    )
     growth_arguments(p)
-    p.add_argument("--interval", metavar="SECONDS", type=positive_seconds, default=10.0,
-                   help="seconds between checks when no event comes (default 10)")
-    p.add_argument("--iterations", metavar="N", type=count,
-                   help="stop after N wake-ups (default: run until stopped)")
+    p.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=10.0,
+        help="seconds between checks when no event comes (default 10)",
+    )
+    p.add_argument(
+        "--iterations",
+        metavar="N",
+        type=count,
+        help="stop after N wake-ups (default: run until stopped)",
+    )
 
-    p = command(sub, "open", cmd_open, path="pool",
-                help="activate a pool from its state directory (after a reboot)",
-                description="Activate a pool from its state directory after a reboot: "
-                            "re-attach its files, load its table, settle any change a "
-                            "crash interrupted and re-activate its active devices. On a "
-                            "live pool, check it against its stored state.",
-                example="libdm pool open /var/lib/images")
-    p.add_argument("directory", metavar="DIR", nargs="?",
-                   help="the pool's state directory (default $LIBDM_POOL)")
+    p = command(
+        sub,
+        "open",
+        cmd_open,
+        path="pool",
+        help="activate a pool from its state directory (after a reboot)",
+        description="Activate a pool from its state directory after a reboot: "
+        "re-attach its files, load its table, settle any change a "
+        "crash interrupted and re-activate its active devices. On a "
+        "live pool, check it against its stored state.",
+        example="libdm pool open /var/lib/images",
+    )
+    p.add_argument(
+        "directory",
+        metavar="DIR",
+        nargs="?",
+        help="the pool's state directory (default $LIBDM_POOL)",
+    )
 
-    p = command(sub, "adopt", cmd_adopt, path="pool",
-                help="take over an existing, unused thin-pool device (dm.thinpooldev)",
-                description="Keep libdm's state for an existing thin-pool device that "
-                            "someone else made (an LVM thin pool, say); it must be "
-                            "unused. libdm never removes its devices.",
-                example="libdm pool adopt vg-thinpool-tpool --state-dir /var/lib/libdm/pool")
-    p.add_argument("pool_device", metavar="POOLDEV",
-                   help="the thin-pool device-mapper device's name")
-    p.add_argument("--state-dir", metavar="DIR", required=True,
-                   help="where to keep libdm's state for it")
-    p.add_argument("--min-free-space", metavar="PCT", type=percentage, default=10,
-                   help="percent of space that must stay free for new devices (default 10)")
+    p = command(
+        sub,
+        "adopt",
+        cmd_adopt,
+        path="pool",
+        help="take over an existing, unused thin-pool device (dm.thinpooldev)",
+        description="Keep libdm's state for an existing thin-pool device that "
+        "someone else made (an LVM thin pool, say); it must be "
+        "unused. libdm never removes its devices.",
+        example="libdm pool adopt vg-thinpool-tpool --state-dir /var/lib/libdm/pool",
+    )
+    p.add_argument(
+        "pool_device", metavar="POOLDEV", help="the thin-pool device-mapper device's name"
+    )
+    p.add_argument(
+        "--state-dir", metavar="DIR", required=True, help="where to keep libdm's state for it"
+    )
+    p.add_argument(
+        "--min-free-space",
+        metavar="PCT",
+        type=percentage,
+        default=10,
+        help="percent of space that must stay free for new devices (default 10)",
+    )
     _deferred_flags(p)
 
-    p = command(sub, "destroy", cmd_destroy, pool=True, path="pool",
-                help="remove the pool's devices and the pool",
-                description="Remove every thin device, the pool device and what backs "
-                            "it. Without --remove-files the pool can be brought back with "
-                            "'libdm pool open'.",
-                example="libdm pool destroy --remove-files --pool /var/lib/images")
-    p.add_argument("--remove-files", action="store_true",
-                   help="also delete a loop pool's files and the state store")
+    p = command(
+        sub,
+        "destroy",
+        cmd_destroy,
+        pool=True,
+        path="pool",
+        help="remove the pool's devices and the pool",
+        description="Remove every thin device, the pool device and what backs "
+        "it. Without --remove-files the pool can be brought back with "
+        "'libdm pool open'.",
+        example="libdm pool destroy --remove-files --pool /var/lib/images",
+    )
+    p.add_argument(
+        "--remove-files",
+        action="store_true",
+        help="also delete a loop pool's files and the state store",
+    )

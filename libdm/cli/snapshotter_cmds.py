@@ -13,7 +13,7 @@ import sys
 
 from libdm.cli.parser import POOL_ENV, UsageError, command
 
-__all__ = ["register", "cmd_serve", "main"]
+__all__ = ["cmd_serve", "main", "register"]
 
 
 def cmd_serve(args):
@@ -21,22 +21,38 @@ def cmd_serve(args):
     try:
         from libdm.snapshotter import load_config, serve
     except ImportError as exc:
-        raise UsageError(f"the snapshotter needs grpcio and protobuf (pip install "
-                         f"'libdm[containerd]'): {exc}", "libdm snapshotter serve") from None
+        raise UsageError(
+            f"the snapshotter needs grpcio and protobuf (pip install 'libdm[containerd]'): {exc}",
+            "libdm snapshotter serve",
+        ) from None
     config = load_config(args.config, pool=pool_dir)
     if not config.pool:
-        raise UsageError(f"no pool given: use --pool DIR, set {POOL_ENV}, or pool = in the "
-                         f"config", "libdm snapshotter serve")
-    serve(config.pool, args.socket, config,
-          ready=lambda server: print(f"serving on {server.socket_path}", flush=True))
+        raise UsageError(
+            f"no pool given: use --pool DIR, set {POOL_ENV}, or pool = in the config",
+            "libdm snapshotter serve",
+        )
+    serve(
+        config.pool,
+        args.socket,
+        config,
+        ready=lambda server: print(f"serving on {server.socket_path}", flush=True),
+    )
     return 0
 
 
 def _arguments(p):
-    p.add_argument("--socket", metavar="PATH", required=True,
-                   help="the unix socket to serve on (containerd's proxy plugin address)")
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="a TOML file of snapshotter settings (see docs/containerd.rst)")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        required=True,
+        help="the unix socket to serve on (containerd's proxy plugin address)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="a TOML file of snapshotter settings (see docs/containerd.rst)",
+    )
 
 
 def register(sub):
@@ -45,15 +61,24 @@ def register(sub):
     from libdm.cli import parser
 
     _, group = parser._builder.group(
-        sub, "snapshotter", "containerd's snapshotter plugin on a pool",
+        sub,
+        "snapshotter",
+        "containerd's snapshotter plugin on a pool",
         "The containerd snapshotter plugin (libdm.snapshotter): containerd's snapshots "
         "gRPC service on a unix socket, every layer a thin snapshot in a libdm pool "
         "(needs the containerd extra: pip install 'libdm[containerd]').",
-        ["libdm snapshotter serve --pool /var/lib/images --socket /run/libdm/snapshotter.sock"])
-    p = command(group, "serve", cmd_serve, pool=True, path="snapshotter",
-                help="serve containerd's snapshots API on a unix socket until SIGTERM",
-                example="libdm snapshotter serve --pool /var/lib/images "
-                        "--socket /run/libdm/snapshotter.sock")
+        ["libdm snapshotter serve --pool /var/lib/images --socket /run/libdm/snapshotter.sock"],
+    )
+    p = command(
+        group,
+        "serve",
+        cmd_serve,
+        pool=True,
+        path="snapshotter",
+        help="serve containerd's snapshots API on a unix socket until SIGTERM",
+        example="libdm snapshotter serve --pool /var/lib/images "
+        "--socket /run/libdm/snapshotter.sock",
+    )
     _arguments(p)
     return p
 
@@ -64,12 +89,18 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket")
-    p.add_argument("--pool", metavar="DIR", default=None,
-                   help=f"the pool's state directory (default: ${POOL_ENV})")
+    p.add_argument(
+        "--pool",
+        metavar="DIR",
+        default=None,
+        help=f"the pool's state directory (default: ${POOL_ENV})",
+    )
     _arguments(p)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return cmd_serve(args)
     except UsageError as exc:

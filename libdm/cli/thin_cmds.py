@@ -5,7 +5,7 @@ from libdm.cli import output
 from libdm.cli.common import emit, load_pool
 from libdm.cli.parser import command, size
 
-__all__ = ["register", "device_rows", "lineage_forest", "pool_notes"]
+__all__ = ["device_rows", "lineage_forest", "pool_notes", "register"]
 
 
 def cmd_create(args):
@@ -25,8 +25,9 @@ def cmd_delete(args):
 
 def cmd_resize(args):
     with load_pool(args) as pool:
-        dev = pool.resize_device(args.name, args.size, force=args.force,
-                                 grow_filesystem=args.grow_filesystem)
+        dev = pool.resize_device(
+            args.name, args.size, force=args.force, grow_filesystem=args.grow_filesystem
+        )
         print(f"{dev.name}: {output.size_text(dev.size)}")
 
 
@@ -45,15 +46,18 @@ def device_rows(pool):
     """Every device of ``pool`` as a dict: name, thin_id, size (bytes),
     parent, active, dm_name and path."""
     devices = pool.devices()
-    return [{
-        "name": d.name,
-        "thin_id": d.thin_id,
-        "size": int(d.size),
-        "parent": d.parent.name if d.parent is not None else None,
-        "active": d.active,
-        "dm_name": d.dm_name,
-        "path": d.path,
-    } for d in devices]
+    return [
+        {
+            "name": d.name,
+            "thin_id": d.thin_id,
+            "size": int(d.size),
+            "parent": d.parent.name if d.parent is not None else None,
+            "active": d.active,
+            "dm_name": d.dm_name,
+            "path": d.path,
+        }
+        for d in devices
+    ]
 
 
 def lineage_forest(rows):
@@ -82,11 +86,21 @@ def pool_notes(pool):
     device-mapper name, for ``libdm ls``: the pool device, its split
     pieces, and each thin device with its thin id and snapshot lineage
     (``"lineage"``: its origin, the origin's origin, ...)."""
-    notes = {pool.name: {"pool": pool.name, "directory": pool.directory, "role": "pool",
-                         "summary": f"libdm pool {pool.directory}"}}
+    notes = {
+        pool.name: {
+            "pool": pool.name,
+            "directory": pool.directory,
+            "role": "pool",
+            "summary": f"libdm pool {pool.directory}",
+        }
+    }
     for piece, role in (("tmeta", "metadata"), ("tdata", "data")):
-        notes[f"{pool.name}-{piece}"] = {"pool": pool.name, "directory": pool.directory,
-                                         "role": role, "summary": f"{role} of pool {pool.name}"}
+        notes[f"{pool.name}-{piece}"] = {
+            "pool": pool.name,
+            "directory": pool.directory,
+            "role": role,
+            "summary": f"{role} of pool {pool.name}",
+        }
     rows = device_rows(pool)
     by_name = {row["name"]: row for row in rows}
     for row in rows:
@@ -94,17 +108,28 @@ def pool_notes(pool):
         summary = f"{row['name']}, thin id {row['thin_id']}"
         if chain:
             summary += ", snapshot of " + " < ".join(chain)
-        notes[row["dm_name"]] = {"pool": pool.name, "directory": pool.directory,
-                                 "role": "snapshot" if chain else "thin",
-                                 "device": row["name"], "thin_id": row["thin_id"],
-                                 "origin": row["parent"], "lineage": chain,
-                                 "summary": summary}
+        notes[row["dm_name"]] = {
+            "pool": pool.name,
+            "directory": pool.directory,
+            "role": "snapshot" if chain else "thin",
+            "device": row["name"],
+            "thin_id": row["thin_id"],
+            "origin": row["parent"],
+            "lineage": chain,
+            "summary": summary,
+        }
     return notes
 
 
 def _row_cells(row):
-    return [row["name"], row["thin_id"], output.size_text(row["size"]),
-            row["parent"] or "-", "yes" if row["active"] else "no", row["path"]]
+    return [
+        row["name"],
+        row["thin_id"],
+        output.size_text(row["size"]),
+        row["parent"] or "-",
+        "yes" if row["active"] else "no",
+        row["path"],
+    ]
 
 
 def _tree_label(node):
@@ -119,58 +144,118 @@ def cmd_ls(args):
         forest = lineage_forest(rows)
         emit(args, forest, lambda: output.tree(forest, _tree_label, lambda n: n["children"]))
         return
-    emit(args, rows, lambda: output.columns(
-        map(_row_cells, rows), ["NAME", "ID", "SIZE", "PARENT", "ACTIVE", "PATH"],
-        right=(1, 2)))
+    emit(
+        args,
+        rows,
+        lambda: output.columns(
+            map(_row_cells, rows), ["NAME", "ID", "SIZE", "PARENT", "ACTIVE", "PATH"], right=(1, 2)
+        ),
+    )
 
 
 def register(sub):
-    p = command(sub, "create", cmd_create, pool=True, path="thin",
-                help="create a thin device and activate it (prints its path)",
-                example="libdm thin create base 10G --pool /var/lib/images")
+    p = command(
+        sub,
+        "create",
+        cmd_create,
+        pool=True,
+        path="thin",
+        help="create a thin device and activate it (prints its path)",
+        example="libdm thin create base 10G --pool /var/lib/images",
+    )
     p.add_argument("name", metavar="NAME", help="its name within the pool")
-    p.add_argument("size", metavar="SIZE", type=size, nargs="?",
-                   help="its size, e.g. 10G (default: the pool's base size)")
+    p.add_argument(
+        "size",
+        metavar="SIZE",
+        type=size,
+        nargs="?",
+        help="its size, e.g. 10G (default: the pool's base size)",
+    )
 
-    p = command(sub, "snapshot", cmd_snapshot, pool=True, path="thin",
-                help="snapshot a thin device and activate the snapshot (prints its path)",
-                example="libdm thin snapshot base layer1 --pool /var/lib/images")
+    p = command(
+        sub,
+        "snapshot",
+        cmd_snapshot,
+        pool=True,
+        path="thin",
+        help="snapshot a thin device and activate the snapshot (prints its path)",
+        example="libdm thin snapshot base layer1 --pool /var/lib/images",
+    )
     p.add_argument("origin", metavar="ORIGIN", help="the device to snapshot")
     p.add_argument("name", metavar="NAME", help="the snapshot's name")
 
-    p = command(sub, "delete", cmd_delete, pool=True, path="thin",
-                help="deactivate a thin device and delete it from the pool",
-                example="libdm thin delete layer1 --pool /var/lib/images")
-    p.add_argument("name", metavar="NAME",
-                   help="the device (its snapshots keep their data)")
+    p = command(
+        sub,
+        "delete",
+        cmd_delete,
+        pool=True,
+        path="thin",
+        help="deactivate a thin device and delete it from the pool",
+        example="libdm thin delete layer1 --pool /var/lib/images",
+    )
+    p.add_argument("name", metavar="NAME", help="the device (its snapshots keep their data)")
 
-    p = command(sub, "resize", cmd_resize, pool=True, path="thin",
-                help="grow (or with --force shrink) a thin device, online",
-                description="Change a thin device's size online, as lvextend does for a "
-                            "thin volume.  Shrinking needs --force and a device nobody "
-                            "holds open; what lies past the new end is discarded.",
-                example=["libdm thin resize vol 20G --pool /var/lib/images",
-                         "libdm thin resize vol 20G --grow-filesystem"])
+    p = command(
+        sub,
+        "resize",
+        cmd_resize,
+        pool=True,
+        path="thin",
+        help="grow (or with --force shrink) a thin device, online",
+        description="Change a thin device's size online, as lvextend does for a "
+        "thin volume.  Shrinking needs --force and a device nobody "
+        "holds open; what lies past the new end is discarded.",
+        example=[
+            "libdm thin resize vol 20G --pool /var/lib/images",
+            "libdm thin resize vol 20G --grow-filesystem",
+        ],
+    )
     p.add_argument("name", metavar="NAME", help="the device")
     p.add_argument("size", metavar="SIZE", type=size, help="its new size, e.g. 20G")
-    p.add_argument("--grow-filesystem", action="store_true",
-                   help="grow the ext4 or xfs filesystem on it too, mounted or not")
-    p.add_argument("--force", action="store_true",
-                   help="allow shrinking (what lies past the new end is lost)")
+    p.add_argument(
+        "--grow-filesystem",
+        action="store_true",
+        help="grow the ext4 or xfs filesystem on it too, mounted or not",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="allow shrinking (what lies past the new end is lost)"
+    )
 
-    p = command(sub, "activate", cmd_activate, pool=True, path="thin",
-                help="make a thin device usable at its path (prints the path)",
-                example="libdm thin activate base --pool /var/lib/images")
+    p = command(
+        sub,
+        "activate",
+        cmd_activate,
+        pool=True,
+        path="thin",
+        help="make a thin device usable at its path (prints the path)",
+        example="libdm thin activate base --pool /var/lib/images",
+    )
     p.add_argument("name", metavar="NAME", help="the device")
 
-    p = command(sub, "deactivate", cmd_deactivate, pool=True, path="thin",
-                help="remove a thin device's device-mapper device, keeping its data",
-                example="libdm thin deactivate base --pool /var/lib/images")
+    p = command(
+        sub,
+        "deactivate",
+        cmd_deactivate,
+        pool=True,
+        path="thin",
+        help="remove a thin device's device-mapper device, keeping its data",
+        example="libdm thin deactivate base --pool /var/lib/images",
+    )
     p.add_argument("name", metavar="NAME", help="the device")
 
-    p = command(sub, "ls", cmd_ls, pool=True, json=True, path="thin",
-                help="list the pool's thin devices, or their snapshot lineage with --tree",
-                example=["libdm thin ls --pool /var/lib/images",
-                         "LIBDM_POOL=/var/lib/images libdm thin ls --tree"])
-    p.add_argument("--tree", action="store_true",
-                   help="draw each snapshot below the device it was taken of")
+    p = command(
+        sub,
+        "ls",
+        cmd_ls,
+        pool=True,
+        json=True,
+        path="thin",
+        help="list the pool's thin devices, or their snapshot lineage with --tree",
+        example=[
+            "libdm thin ls --pool /var/lib/images",
+            "LIBDM_POOL=/var/lib/images libdm thin ls --tree",
+        ],
+    )
+    p.add_argument(
+        "--tree", action="store_true", help="draw each snapshot below the device it was taken of"
+    )

@@ -8,26 +8,43 @@ from libdm._lazy import exports
 
 _TABLE = {
     "libdm.dm.errors": (
-        "DMError", "DeviceBusyError", "DeviceExistsError", "KernelSupportError",
-        "NoSuchDeviceError", "PermissionDeniedError",
+        "DMError",
+        "DeviceBusyError",
+        "DeviceExistsError",
+        "KernelSupportError",
+        "NoSuchDeviceError",
+        "PermissionDeniedError",
     ),
-    "libdm.dm.events": (
-        "wait_event",
-    ),
+    "libdm.dm.events": ("wait_event",),
     "libdm.dm.info": (
-        "DeviceEntry", "DeviceInfo", "TargetVersion",
+        "DeviceEntry",
+        "DeviceInfo",
+        "TargetVersion",
     ),
     "libdm.dm.ops": (
-        "cancel_deferred_remove", "create", "deps", "device_path", "driver_version", "exists",
-        "info", "library_version", "list_devices", "message", "mknodes", "reload", "remove",
-        "rename", "resume", "set_uuid", "status", "suspend", "table", "target_versions",
+        "cancel_deferred_remove",
+        "create",
+        "deps",
+        "device_path",
+        "driver_version",
+        "exists",
+        "info",
+        "library_version",
+        "list_devices",
+        "message",
+        "mknodes",
+        "reload",
+        "remove",
+        "rename",
+        "resume",
+        "set_uuid",
+        "status",
+        "suspend",
+        "table",
+        "target_versions",
     ),
-    "libdm.dm.target": (
-        "Target",
-    ),
-    "libdm.dm.udev": (
-        "udev_sync_supported",
-    ),
+    "libdm.dm.target": ("Target",),
+    "libdm.dm.udev": ("udev_sync_supported",),
 }
 __all__ = [name for names in _TABLE.values() for name in names]
 __getattr__, __dir__ = exports(__name__, _TABLE)

@@ -14,7 +14,7 @@ import struct
 
 from libdm.dm.errors import DeviceBusyError
 
-__all__ = ["BlockDevice", "open_block_device", "signatures", "size_bytes", "check_unused"]
+__all__ = ["BlockDevice", "check_unused", "open_block_device", "signatures", "size_bytes"]
 
 BLKGETSIZE64 = 0x80081272
 BLKFLSBUF = 0x1261
@@ -45,7 +45,7 @@ class BlockDevice:
         size: its size in bytes.
     """
 
-    __slots__ = ("path", "major", "minor", "size")
+    __slots__ = ("major", "minor", "path", "size")
 
     def __init__(self, path, major, minor, size):
         self.path, self.major, self.minor, self.size = path, major, minor, size
@@ -93,11 +93,11 @@ def signatures(path):
         os.close(fd)
     found = []
     for offset, magic, what in _MAGICS:
-        if head[offset:offset + len(magic)] == magic and what not in found:
+        if head[offset : offset + len(magic)] == magic and what not in found:
             found.append(what)
     # LVM2 writes its label in one of the first four sectors.
     for sector in range(4):
-        label = head[sector * 512:sector * 512 + 32]
+        label = head[sector * 512 : sector * 512 + 32]
         if label[:8] == b"LABELONE" and label[24:32] == b"LVM2 001":
             found.append("an LVM2 physical volume label")
             break
@@ -122,9 +122,7 @@ def check_unused(path):
             raise
         holders = _holders(path)
         why = f"held by {', '.join(holders)}" if holders else "mounted or opened exclusively"
-        raise DeviceBusyError(
-            errno.EBUSY, f"{path} is in use ({why})", "check", path
-        ) from None
+        raise DeviceBusyError(errno.EBUSY, f"{path} is in use ({why})", "check", path) from None
     os.close(fd)
 
 

@@ -11,11 +11,11 @@ import os
 
 __all__ = [
     "DMError",
-    "NoSuchDeviceError",
     "DeviceBusyError",
     "DeviceExistsError",
-    "PermissionDeniedError",
     "KernelSupportError",
+    "NoSuchDeviceError",
+    "PermissionDeniedError",
     "error_for",
 ]
 

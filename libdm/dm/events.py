@@ -34,8 +34,9 @@ def _control_fd():
             try:
                 _control["fd"] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
-                raise error_for(exc.errno, "wait_event", None,
-                                message=f"cannot open {path}: {exc.strerror}") from exc
+                raise error_for(
+                    exc.errno, "wait_event", None, message=f"cannot open {path}: {exc.strerror}"
+                ) from exc
             _control["pid"] = os.getpid()
         return _control["fd"]
 
@@ -78,8 +79,12 @@ def wait_event(name, event_nr=None, timeout=None, *, wake_fd=None):
     while True:
         if lib.libdm_arm_poll(fd) != 0:
             err = errno.EINVAL
-            raise error_for(err, "wait_event", name,
-                            message="the driver cannot arm event polling (needs 4.37+)")
+            raise error_for(
+                err,
+                "wait_event",
+                name,
+                message="the driver cannot arm event polling (needs 4.37+)",
+            )
         current = info(name).event_nr
         if current != event_nr:
             return current

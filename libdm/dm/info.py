@@ -1,9 +1,9 @@
 """Values describing devices, as read back from the kernel."""
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
-__all__ = ["DeviceInfo", "DeviceEntry", "TargetVersion"]
+__all__ = ["DeviceEntry", "DeviceInfo", "TargetVersion"]
 
 
 class DeviceInfo(NamedTuple):
@@ -25,7 +25,7 @@ class DeviceInfo(NamedTuple):
     """
 
     name: str
-    uuid: Optional[str]
+    uuid: str | None
     major: int
     minor: int
     suspended: bool

@@ -20,7 +20,7 @@ import logging
 
 from libdm.dm._lib import ffi, lib
 
-__all__ = ["logger", "capture", "sync_level", "LEVELS"]
+__all__ = ["LEVELS", "capture", "logger", "sync_level"]
 
 logger = logging.getLogger("libdm")
 logger.addHandler(logging.NullHandler())

@@ -38,6 +38,7 @@ block); a handle that is garbage-collected open is closed then, with a
 :class:`ResourceWarning`, as for files.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -106,8 +107,22 @@ def _pack_info(*, file_name=b"", flags=0, offset=0, sizelimit=0):
 def _unpack_info(buf):
     """A ``struct loop_info64`` as a dict of its fields (names without
     ``lo_``; ``file_name`` as bytes up to the first NUL)."""
-    (device, inode, rdevice, offset, sizelimit, number, encrypt_type, encrypt_key_size, flags,
-     file_name, crypt_name, _key, _init0, _init1) = _INFO.unpack(buf)
+    (
+        device,
+        inode,
+        rdevice,
+        offset,
+        sizelimit,
+        number,
+        encrypt_type,
+        encrypt_key_size,
+        flags,
+        file_name,
+        crypt_name,
+        _key,
+        _init0,
+        _init1,
+    ) = _INFO.unpack(buf)
     return {
         "device": device,
         "inode": inode,
@@ -146,10 +161,8 @@ def _ioctl(fd, request, arg, what, filename):
 
 
 def _close(fd):
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 # -- the handle -------------------------------------------------------------
@@ -178,8 +191,17 @@ class LoopDevice:
     """
 
     __slots__ = (
-        "path", "number", "major", "minor", "backing_file", "size", "read_only", "autoclear",
-        "direct_io", "_backing_id", "_fd",
+        "_backing_id",
+        "_fd",
+        "autoclear",
+        "backing_file",
+        "direct_io",
+        "major",
+        "minor",
+        "number",
+        "path",
+        "read_only",
+        "size",
     )
 
     def __init__(self, fd, number):
@@ -230,7 +252,9 @@ class LoopDevice:
 
     def __del__(self):
         if getattr(self, "_fd", -1) >= 0:
-            warnings.warn(f"unclosed loop device handle {self!r}", ResourceWarning, source=self)
+            warnings.warn(
+                f"unclosed loop device handle {self!r}", ResourceWarning, stacklevel=2, source=self
+            )
             self.close()
 
     def __str__(self):
@@ -242,7 +266,9 @@ class LoopDevice:
     def __repr__(self):
         state = "closed" if self.closed else "open"
         flags = "".join(
-            f" {name}" for name in ("read_only", "autoclear", "direct_io") if getattr(self, name, False)
+            f" {name}"
+            for name in ("read_only", "autoclear", "direct_io")
+            if getattr(self, name, False)
         )
         return (
             f"<LoopDevice {self.path} ({self.devno}) backing_file={self.backing_file!r} "
@@ -320,7 +346,8 @@ def _open_control():
         if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
             raise OSError(
                 exc.errno,
-                "the loop driver is not loaded (no usable loop-control device; run `modprobe loop`)",
+                "the loop driver is not loaded"
+                " (no usable loop-control device; run `modprobe loop`)",
                 _CONTROL,
             ) from None
         raise
@@ -393,16 +420,15 @@ def _configure(lfd, bfd, name, flags, direct_io, path):
         _clear_quietly(lfd)
         raise OSError(
             errno.EINVAL,
-            "direct I/O is not possible on this backing file (its filesystem or alignment does not allow it)",
+            "direct I/O is not possible on this backing file"
+            " (its filesystem or alignment does not allow it)",
             path,
         )
 
 
 def _clear_quietly(lfd):
-    try:
+    with contextlib.suppress(OSError):
         fcntl.ioctl(lfd, LOOP_CLR_FD)
-    except OSError:
-        pass
 
 
 # -- the API ---------------------------------------------------------------
@@ -476,7 +502,8 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False, follow_sym
                     if os.path.exists(f"{_SYS_BLOCK}/loop{number}"):
                         raise OSError(
                             errno.ENOENT,
-                            "the loop device exists but has no device node (is devtmpfs mounted on /dev?)",
+                            "the loop device exists but has no device node"
+                            " (is devtmpfs mounted on /dev?)",
                             dev_path,
                         ) from None
                     continue  # removed meanwhile
@@ -506,7 +533,8 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False, follow_sym
                     raise
             raise OSError(
                 errno.EBUSY,
-                f"no free loop device could be bound: {ATTACH_ATTEMPTS} attempts found the device busy "
+                f"no free loop device could be bound: {ATTACH_ATTEMPTS} attempts"
+                " found the device busy "
                 "(bound by others first, or held open exclusively)",
                 name,
             )
@@ -560,7 +588,11 @@ def find(path, *, follow_symlinks=True):
                 if exc.errno == errno.ENXIO:
                     continue  # detached meanwhile (finally closes fd)
                 raise
-            if (info["device"], info["inode"]) == key and info["offset"] == 0 and info["sizelimit"] == 0:
+            if (
+                (info["device"], info["inode"]) == key
+                and info["offset"] == 0
+                and info["sizelimit"] == 0
+            ):
                 device, fd = LoopDevice(fd, number), -1
                 return device
         finally:
@@ -581,8 +613,9 @@ def _may_be(shown, name, key):
     return (st.st_dev, st.st_ino) == key
 
 
-def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False,
-                   follow_symlinks=True):
+def attach_or_find(
+    path, *, read_only=False, autoclear=True, direct_io=False, follow_symlinks=True
+):
     """The file's existing loop device, or a new one: :func:`find`, then
     :func:`attach` if there is none.
 
@@ -610,8 +643,13 @@ def attach_or_find(path, *, read_only=False, autoclear=True, direct_io=False,
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = find(name, follow_symlinks=follow_symlinks)
         if found is None:
-            return attach(name, read_only=read_only, autoclear=autoclear, direct_io=direct_io,
-                          follow_symlinks=follow_symlinks)
+            return attach(
+                name,
+                read_only=read_only,
+                autoclear=autoclear,
+                direct_io=direct_io,
+                follow_symlinks=follow_symlinks,
+            )
         if found.read_only != bool(read_only):
             found.close()
             state = "read-only" if found.read_only else "writable"

@@ -16,35 +16,35 @@ import logging
 import os
 import time
 
+from libdm.dm import task as _task
 from libdm.dm._lib import ffi, lib
 from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
 from libdm.dm.info import DeviceEntry, TargetVersion
 from libdm.dm.target import check_table
-from libdm.dm import task as _task
 from libdm.dm.task import Task, dm_dir
 from libdm.dm.validate import check_message, check_name, check_uuid
 
 __all__ = [
-    "create",
-    "reload",
-    "suspend",
-    "resume",
-    "remove",
     "cancel_deferred_remove",
-    "info",
-    "exists",
-    "table",
-    "status",
-    "message",
-    "list_devices",
+    "create",
     "deps",
-    "rename",
-    "set_uuid",
-    "library_version",
-    "driver_version",
-    "target_versions",
-    "mknodes",
     "device_path",
+    "driver_version",
+    "exists",
+    "info",
+    "library_version",
+    "list_devices",
+    "message",
+    "mknodes",
+    "reload",
+    "remove",
+    "rename",
+    "resume",
+    "set_uuid",
+    "status",
+    "suspend",
+    "table",
+    "target_versions",
 ]
 
 logger = logging.getLogger("libdm")
@@ -144,7 +144,9 @@ def _load(name, table, read_only, operation):
                     exc.errno,
                     f"{os.strerror(exc.errno)} (a device the table refers to is "
                     f"missing or cannot be opened)",
-                    exc.operation, exc.device, exc.log_lines,
+                    exc.operation,
+                    exc.device,
+                    exc.log_lines,
                 ) from None
             raise
 

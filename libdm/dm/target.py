@@ -38,17 +38,14 @@ class Target(NamedTuple):
         """
         fields = line.strip().split(None, 3)
         if len(fields) < 3:
-            raise ValueError(
-                f"table line {line!r} needs at least start, length and type"
-            )
+            raise ValueError(f"table line {line!r} needs at least start, length and type")
         for pos, field in enumerate(("start", "length")):
             if not (fields[pos].isascii() and fields[pos].isdigit()):
                 raise ValueError(
                     f"table line {line!r}: {field} {fields[pos]!r} is not a "
                     f"whole number of sectors"
                 )
-        return cls(int(fields[0]), int(fields[1]), fields[2],
-                   fields[3] if len(fields) > 3 else "")
+        return cls(int(fields[0]), int(fields[1]), fields[2], fields[3] if len(fields) > 3 else "")
 
 
 #: The kernel's limit: a table ends by this sector (its end in bytes must
@@ -91,6 +88,8 @@ def check_table(targets):
         check_params(t.params)
         expected = t.start + t.length
     if expected > MAX_SECTORS:
-        raise ValueError(f"the table ends at sector {expected}, past the kernel's limit of "
-                         f"{MAX_SECTORS} sectors (8 EiB)")
+        raise ValueError(
+            f"the table ends at sector {expected}, past the kernel's limit of "
+            f"{MAX_SECTORS} sectors (8 EiB)"
+        )
     return table

@@ -15,15 +15,16 @@ import time
 from libdm.dm import kmsg, log
 from libdm.dm._lib import ffi, lib
 from libdm.dm.errors import (
-    KernelSupportError,
     NEEDS_ROOT,
+    KernelSupportError,
     PermissionDeniedError,
     error_for,
 )
 from libdm.dm.info import DeviceInfo
 from libdm.dm.target import Target
 
-__all__ = ["Task", "LOCK", "dm_dir"]
+__all__ = ["LOCK", "Task", "dm_dir"]
+
 
 class _LibraryLock:
     """The process-wide lock every libdevmapper task runs under (re-entrant;
@@ -45,7 +46,6 @@ lib.libdm_lock_init()
 # A fork while another thread held the lock would leave the child's copy
 # locked forever: the child starts with a fresh one.
 os.register_at_fork(after_in_child=lib.libdm_lock_init)
-
 
 
 def dm_dir():
@@ -75,7 +75,7 @@ class Task:
         MemoryError: libdevmapper could not allocate the task.
     """
 
-    __slots__ = ("_dmt", "operation", "device", "target_types")
+    __slots__ = ("_dmt", "device", "operation", "target_types")
 
     def __init__(self, kind, operation, name=None):
         self.operation = operation
@@ -185,7 +185,10 @@ class Task:
                 ok = lib.libdm_run_with_cookie(self._dmt, _udev_flags(), no_cookie)
                 if no_cookie[0]:
                     raise error_for(
-                        0, self.operation, self.device, lines,
+                        0,
+                        self.operation,
+                        self.device,
+                        lines,
                         message="could not set a udev cookie (out of SysV semaphores?)",
                     )
             else:
@@ -278,9 +281,7 @@ class Task:
         if names == ffi.NULL or names.dev == 0:
             return out
         while True:
-            out.append(
-                (ffi.string(names.name).decode(), os.major(names.dev), os.minor(names.dev))
-            )
+            out.append((ffi.string(names.name).decode(), os.major(names.dev), os.minor(names.dev)))
             if not names.next:
                 return out
             names = ffi.cast("struct dm_names *", ffi.cast("char *", names) + names.next)
@@ -290,8 +291,7 @@ class Task:
         deps = lib.dm_task_get_deps(self._dmt)
         if deps == ffi.NULL:
             return []
-        return [(os.major(deps.device[i]), os.minor(deps.device[i]))
-                for i in range(deps.count)]
+        return [(os.major(deps.device[i]), os.minor(deps.device[i])) for i in range(deps.count)]
 
     def versions(self):
         """(name, (major, minor, patch)) for each target type of a
@@ -346,8 +346,7 @@ def _control_failure(operation, device, lines, fallback=None):
         )
     os.close(fd)
     if fallback is not None:
-        return fallback(f"libdevmapper could not create a {operation} task: "
-                        + "; ".join(lines))
+        return fallback(f"libdevmapper could not create a {operation} task: " + "; ".join(lines))
     return error_for(0, operation, device, lines)
 
 

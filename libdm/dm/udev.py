@@ -15,7 +15,7 @@ after :func:`~libdm.create` returns either way.
 from libdm.dm import task as _task
 from libdm.dm._lib import lib
 
-__all__ = ["udev_sync_supported", "set_udev_sync"]
+__all__ = ["set_udev_sync", "udev_sync_supported"]
 
 
 def udev_sync_supported():

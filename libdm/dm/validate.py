@@ -9,13 +9,13 @@ import string
 
 __all__ = [
     "MAX_NAME_BYTES",
-    "MAX_UUID_BYTES",
     "MAX_TARGET_TYPE_BYTES",
-    "check_name",
-    "check_uuid",
-    "check_target_type",
-    "check_params",
+    "MAX_UUID_BYTES",
     "check_message",
+    "check_name",
+    "check_params",
+    "check_target_type",
+    "check_uuid",
 ]
 
 # DM_NAME_LEN, DM_UUID_LEN and DM_MAX_TYPE_NAME include the trailing NUL.
@@ -42,9 +42,7 @@ def _check_identifier(value, what, limit):
         if ch.isspace():
             raise ValueError(f"device {what} {value!r} must not contain whitespace")
         if ord(ch) < 32 or ord(ch) == 127:
-            raise ValueError(
-                f"device {what} {value!r} must not contain control characters"
-            )
+            raise ValueError(f"device {what} {value!r} must not contain control characters")
         if ord(ch) > 127:
             raise ValueError(f"device {what} {value!r} must be ASCII")
         if ch not in _ALLOWED:
@@ -53,9 +51,7 @@ def _check_identifier(value, what, limit):
                 f"and '#+-.:=@_' are allowed"
             )
     if len(value) > limit:
-        raise ValueError(
-            f"device {what} is {len(value)} bytes long; at most {limit} are allowed"
-        )
+        raise ValueError(f"device {what} is {len(value)} bytes long; at most {limit} are allowed")
     return value
 
 
@@ -95,9 +91,7 @@ def check_target_type(ttype):
     if not ttype or any(ch.isspace() for ch in ttype):
         raise ValueError(f"target type {ttype!r} must be one word")
     if len(ttype.encode()) > MAX_TARGET_TYPE_BYTES:
-        raise ValueError(
-            f"target type {ttype!r} is longer than {MAX_TARGET_TYPE_BYTES} bytes"
-        )
+        raise ValueError(f"target type {ttype!r} is longer than {MAX_TARGET_TYPE_BYTES} bytes")
     return ttype
 
 

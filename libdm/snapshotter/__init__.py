@@ -20,8 +20,18 @@ from libdm.snapshotter.core import (
     Snapshotter,
 )
 
-__all__ = ["Config", "MonitorConfig", "load_config", "Snapshotter", "SnapshotError",
-           "NotFound", "AlreadyExists", "FailedPrecondition", "InvalidArgument", "serve"]
+__all__ = [
+    "AlreadyExists",
+    "Config",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "MonitorConfig",
+    "NotFound",
+    "SnapshotError",
+    "Snapshotter",
+    "load_config",
+    "serve",
+]
 
 
 def serve(pool_dir, socket_path, config, **kwargs):

@@ -6,12 +6,16 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from libdm.snapshotter.api import snapshots_pb2 as pb
-from libdm.snapshotter.service import NAMESPACE_KEY, SERVICE, _SIGNATURES
+from libdm.snapshotter.service import _SIGNATURES, NAMESPACE_KEY, SERVICE
 
-__all__ = ["Client", "KIND_NAMES"]
+__all__ = ["KIND_NAMES", "Client"]
 
-KIND_NAMES = {pb.VIEW: "view", pb.ACTIVE: "active", pb.COMMITTED: "committed",
-              pb.UNKNOWN: "unknown"}
+KIND_NAMES = {
+    pb.VIEW: "view",
+    pb.ACTIVE: "active",
+    pb.COMMITTED: "committed",
+    pb.UNKNOWN: "unknown",
+}
 
 
 class Client:
@@ -26,8 +30,11 @@ class Client:
         self._calls = {}
         for name, (req, resp, streaming) in _SIGNATURES.items():
             make = self.channel.unary_stream if streaming else self.channel.unary_unary
-            self._calls[name] = make(f"/{SERVICE}/{name}", request_serializer=req.SerializeToString,
-                                     response_deserializer=resp.FromString)
+            self._calls[name] = make(
+                f"/{SERVICE}/{name}",
+                request_serializer=req.SerializeToString,
+                response_deserializer=resp.FromString,
+            )
 
     def close(self):
         self.channel.close()
@@ -40,8 +47,9 @@ class Client:
 
     def _call(self, _method, **fields):
         req = _SIGNATURES[_method][0](snapshotter=self.snapshotter, **fields)
-        return self._calls[_method](req, timeout=self.timeout,
-                                 metadata=((NAMESPACE_KEY, self.namespace),))
+        return self._calls[_method](
+            req, timeout=self.timeout, metadata=((NAMESPACE_KEY, self.namespace),)
+        )
 
     def wait_ready(self, timeout=30):
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
@@ -80,4 +88,3 @@ class Client:
 
     def cleanup(self):
         self._call("Cleanup")
-

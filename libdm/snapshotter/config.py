@@ -26,7 +26,6 @@ setting (``root_path``, ``base_image_size``, ``fs_type``, ``fs_options``,
 
 import dataclasses
 import shlex
-import sys
 
 from libdm.thin.units import parse_size
 
@@ -91,8 +90,11 @@ def _typed(cls, table, where):
                 raise ValueError("[monitor] must be a table")
             values[name] = _typed(MonitorConfig, value, "monitor.")
             continue
-        kind = f.type if isinstance(f.type, type) else {"str": str, "bool": bool, "int": int,
-                                                            "float": float}[f.type]
+        kind = (
+            f.type
+            if isinstance(f.type, type)
+            else {"str": str, "bool": bool, "int": int, "float": float}[f.type]
+        )
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -112,8 +114,6 @@ def load_config(path=None, **overrides):
     """
     table = {}
     if path is not None:
-        if sys.version_info < (3, 11):
-            raise RuntimeError("reading a TOML config needs Python 3.11 (tomllib)")
         import tomllib
 
         with open(path, "rb") as fh:

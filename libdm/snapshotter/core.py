@@ -32,12 +32,26 @@ from libdm.thin.units import parse_size
 
 #: Where ``LIBDM_CRASH_AT`` can stop the snapshotter (see libdm.thin.crash),
 #: besides the pool's own points.
-CRASH_POINTS = ("snapshotter:prepare:row", "snapshotter:prepare:device",
-                "snapshotter:commit:flushed", "snapshotter:commit:recorded",
-                "snapshotter:remove:marked", "snapshotter:remove:deleted")
+CRASH_POINTS = (
+    "snapshotter:prepare:row",
+    "snapshotter:prepare:device",
+    "snapshotter:commit:flushed",
+    "snapshotter:commit:recorded",
+    "snapshotter:remove:marked",
+    "snapshotter:remove:deleted",
+)
 
-__all__ = ["CRASH_POINTS", "Snapshotter", "SnapshotError", "NotFound", "AlreadyExists", "FailedPrecondition",
-           "InvalidArgument", "Info", "Mount"]
+__all__ = [
+    "CRASH_POINTS",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "Info",
+    "InvalidArgument",
+    "Mount",
+    "NotFound",
+    "SnapshotError",
+    "Snapshotter",
+]
 
 logger = logging.getLogger("libdm.snapshotter")
 
@@ -70,7 +84,7 @@ class InvalidArgument(SnapshotError):
 class Info:
     """A snapshot as containerd sees it."""
 
-    __slots__ = ("name", "parent", "kind", "created", "updated", "labels")
+    __slots__ = ("created", "kind", "labels", "name", "parent", "updated")
 
     def __init__(self, name, parent, kind, created, updated, labels):
         self.name, self.parent, self.kind = name, parent, kind
@@ -81,14 +95,18 @@ class Info:
 
 
 class Mount:
-    __slots__ = ("type", "source", "target", "options")
+    __slots__ = ("options", "source", "target", "type")
 
     def __init__(self, type, source, options, target=""):
         self.type, self.source, self.options, self.target = type, source, list(options), target
 
     def __eq__(self, other):
-        return (isinstance(other, Mount) and (self.type, self.source, self.options, self.target)
-                == (other.type, other.source, other.options, other.target))
+        return isinstance(other, Mount) and (
+            self.type,
+            self.source,
+            self.options,
+            self.target,
+        ) == (other.type, other.source, other.options, other.target)
 
     def __repr__(self):
         return f"<Mount {self.type} {self.source} {','.join(self.options)}>"
@@ -114,8 +132,10 @@ def _check_labels(labels):
         if not k:
             raise InvalidArgument("label key must not be empty")
         if len(k) + len(v) > MAX_LABELS_SIZE:
-            raise InvalidArgument(f"label key and value greater than maximum size "
-                                  f"({MAX_LABELS_SIZE} bytes), key: {k[:64]}")
+            raise InvalidArgument(
+                f"label key and value greater than maximum size "
+                f"({MAX_LABELS_SIZE} bytes), key: {k[:64]}"
+            )
 
 
 class Snapshotter:
@@ -145,8 +165,9 @@ class Snapshotter:
             self.recover()
             self._ensure_base()
         if config.async_remove:
-            self._worker = threading.Thread(target=self._remove_worker, daemon=True,
-                                            name="libdm-snapshotter-remove")
+            self._worker = threading.Thread(
+                target=self._remove_worker, daemon=True, name="libdm-snapshotter-remove"
+            )
             self._worker.start()
 
     def close(self):
@@ -165,9 +186,12 @@ class Snapshotter:
             # Every layer has the base's filesystem, whatever the config says now.
             self.fs_type = made["fs_type"]
             if made["fs_type"] != self.config.fs_type:
-                logger.warning("snapshotter: the base device has %s, not the configured %s; "
-                               "layers stay %s", made["fs_type"], self.config.fs_type,
-                               made["fs_type"])
+                logger.warning(
+                    "snapshotter: the base device has %s, not the configured %s; layers stay %s",
+                    made["fs_type"],
+                    self.config.fs_type,
+                    made["fs_type"],
+                )
             return
         self.fs_type = self.config.fs_type
         # Made before and interrupted (say, mid-mkfs): make it again.
@@ -218,8 +242,9 @@ class Snapshotter:
         parent = ""
         if row["parent_id"] is not None:
             parent = self.store.by_id(row["parent_id"])["key"] or ""
-        return Info(row["key"], parent, row["kind"], row["created"], row["updated"],
-                    st.labels_of(row))
+        return Info(
+            row["key"], parent, row["kind"], row["created"], row["updated"], st.labels_of(row)
+        )
 
     def _mounts(self, row):
         options = []
@@ -227,8 +252,9 @@ class Snapshotter:
             options.append("nouuid")  # every layer has the base's filesystem UUID
         if row["kind"] == st.VIEW:
             options.append("ro")
-        return [Mount(self.fs_type, ops.device_path(self.pool.device_dm_name(
-            row["device"])), options)]
+        return [
+            Mount(self.fs_type, ops.device_path(self.pool.device_dm_name(row["device"])), options)
+        ]
 
     # -- containerd's operations -------------------------------------------------------------
 
@@ -273,9 +299,10 @@ class Snapshotter:
     def _undo_create(self, row_id, device):
         try:
             self._delete_device(device)
-        except Exception as exc:  # noqa: BLE001 - recover() retries it
-            logger.error("snapshotter: could not delete %s after a failed prepare: %s",
-                         device, exc)
+        except Exception as exc:
+            logger.error(
+                "snapshotter: could not delete %s after a failed prepare: %s", device, exc
+            )
             return
         with self.store.transaction() as s:
             s.execute("DELETE FROM snapshots WHERE id=?", (row_id,))
@@ -309,9 +336,11 @@ class Snapshotter:
             mapped = self._mapped(row["device"])
             now = time.time()
             with self.store.transaction() as s:
-                s.execute("UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
-                          "updated=?, mapped=? WHERE id=?",
-                          (name, st.json.dumps(labels or {}), now, now, mapped, row["id"]))
+                s.execute(
+                    "UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
+                    "updated=?, mapped=? WHERE id=?",
+                    (name, st.json.dumps(labels or {}), now, now, mapped, row["id"]),
+                )
             crash.point("snapshotter:commit:recorded")
             # Committed: the device is only read through its children now.
             self._deactivate(row["device"])
@@ -338,8 +367,10 @@ class Snapshotter:
             if self.store.children(row["id"]):
                 raise FailedPrecondition("cannot remove snapshot with child")
             with self.store.transaction() as s:
-                s.execute("UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
-                          (time.time(), row["id"]))
+                s.execute(
+                    "UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
+                    (time.time(), row["id"]),
+                )
             # The key is free now; the device goes below, or in the background.
             crash.point("snapshotter:remove:marked")
             if self.config.async_remove:
@@ -347,11 +378,12 @@ class Snapshotter:
                 return
             try:
                 self._finish_removals()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 # The snapshot is removed; its device is deleted by the next
                 # removal, Cleanup or restart.
-                logger.error("snapshotter: deleting the device of %r failed, will retry: %s",
-                             key, exc)
+                logger.error(
+                    "snapshotter: deleting the device of %r failed, will retry: %s", key, exc
+                )
 
     def stat(self, ns, key):
         with self._lock:
@@ -365,7 +397,7 @@ class Snapshotter:
             if paths:
                 for path in paths:
                     if path.startswith("labels."):
-                        k = path[len("labels."):]
+                        k = path[len("labels.") :]
                         if new.get(k):
                             labels[k] = new[k]
                         else:
@@ -373,15 +405,18 @@ class Snapshotter:
                     elif path == "labels":
                         labels = new
                     else:
-                        raise InvalidArgument(f"cannot update {path!r} field on snapshot "
-                                              f"{info.name!r}")
+                        raise InvalidArgument(
+                            f"cannot update {path!r} field on snapshot {info.name!r}"
+                        )
             else:
                 labels = new
             labels = {k: v for k, v in labels.items() if v}
             _check_labels(labels)
             with self.store.transaction() as s:
-                s.execute("UPDATE snapshots SET labels=?, updated=? WHERE id=?",
-                          (st.json.dumps(labels), time.time(), row["id"]))
+                s.execute(
+                    "UPDATE snapshots SET labels=?, updated=? WHERE id=?",
+                    (st.json.dumps(labels), time.time(), row["id"]),
+                )
             return self._info(self.store.by_id(row["id"]))
 
     def walk(self, ns, filters=()):
@@ -393,6 +428,7 @@ class Snapshotter:
             infos = [self._info(r) for r in self.store.all(ns)]
         out = []
         for info in infos:
+
             def fields(path, info=info):
                 head = path[0]
                 if head == "kind":
@@ -405,6 +441,7 @@ class Snapshotter:
                     key = ".".join(path[1:])
                     return (info.labels[key], True) if key in info.labels else ("", False)
                 return "", False
+
             if match(fields):
                 out.append(info)
         return out
@@ -432,8 +469,9 @@ class Snapshotter:
                 self._flush(row["device"])  # the pool commits its metadata on a flush
             owned = self._delta_bytes(origin, row["device"])
             if owned is None:
-                mapped = row["mapped"] if row["kind"] == st.COMMITTED else \
-                    self._mapped(row["device"])
+                mapped = (
+                    row["mapped"] if row["kind"] == st.COMMITTED else self._mapped(row["device"])
+                )
                 return max(0, mapped - base), 0
             if row["kind"] == st.COMMITTED:
                 with self.store.transaction() as s:
@@ -449,17 +487,24 @@ class Snapshotter:
             second = self.pool.device(device).thin_id
             meta = _metadata_device(self.pool.name)
             with self.pool.metadata_snap():
-                proc = subprocess.run(["thin_delta", "-m", "--snap1", str(first), "--snap2",
-                                       str(second), meta], capture_output=True, text=True,
-                                      timeout=60)
+                proc = subprocess.run(
+                    ["thin_delta", "-m", "--snap1", str(first), "--snap2", str(second), meta],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             logger.debug("snapshotter: thin_delta unavailable: %s", exc)
             return None
         if proc.returncode != 0:
             logger.debug("snapshotter: thin_delta failed: %s", proc.stderr.strip())
             return None
-        blocks = sum(int(n) for n in re.findall(
-            r'<(?:different|right_only) begin="\d+" length="(\d+)"', proc.stdout))
+        blocks = sum(
+            int(n)
+            for n in re.findall(
+                r'<(?:different|right_only) begin="\d+" length="(\d+)"', proc.stdout
+            )
+        )
         return blocks * int(self.pool.block_size.bytes())
 
     def cleanup(self):
@@ -500,8 +545,9 @@ class Snapshotter:
                 rows = self.store.all(state="removing")
                 done = False
                 for row in rows:
-                    if self.store.execute("SELECT 1 FROM snapshots WHERE parent_id=?",
-                                          (row["id"],)).fetchone():
+                    if self.store.execute(
+                        "SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)
+                    ).fetchone():
                         continue
                     self._delete_device(row["device"])
                     crash.point("snapshotter:remove:deleted")
@@ -520,7 +566,7 @@ class Snapshotter:
                 return
             try:
                 self._finish_removals()
-            except Exception:  # noqa: BLE001 - keep serving; retried on the next removal
+            except Exception:
                 logger.exception("snapshotter: background removal failed")
 
     def recover(self):
@@ -558,5 +604,9 @@ class Snapshotter:
                     if row["kind"] == st.COMMITTED and self.pool.device(row["device"]).active:
                         self._deactivate(row["device"])
                 else:
-                    logger.error("snapshotter: snapshot %r (namespace %s) has lost its device "
-                                 "%s", row["key"], row["namespace"], row["device"])
+                    logger.error(
+                        "snapshotter: snapshot %r (namespace %s) has lost its device %s",
+                        row["key"],
+                        row["namespace"],
+                        row["device"],
+                    )

@@ -10,7 +10,7 @@ expression) and a value, quoted or bare.
 
 import re
 
-__all__ = ["parse_filters", "FilterError"]
+__all__ = ["FilterError", "parse_filters"]
 
 
 class FilterError(ValueError):
@@ -58,7 +58,7 @@ def _selector(text, i):
         i += 1
     op = value = None
     if text.startswith(("==", "!=", "~="), i):
-        op = text[i:i + 2]
+        op = text[i : i + 2]
         i += 2
         while i < len(text) and text[i].isspace():
             i += 1

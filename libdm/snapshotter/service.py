@@ -9,6 +9,7 @@ own error kinds.  The namespace is the ``containerd-namespace`` gRPC
 metadata of the call (``default`` when absent).
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +20,8 @@ import grpc
 from google.protobuf import empty_pb2
 
 from libdm.snapshotter import core
-from libdm.snapshotter.api import mount_pb2, snapshots_pb2 as pb
+from libdm.snapshotter.api import mount_pb2
+from libdm.snapshotter.api import snapshots_pb2 as pb
 
 __all__ = ["SERVICE", "Server", "serve"]
 
@@ -45,13 +47,14 @@ def _namespace(context):
 
 
 def _mounts(mounts):
-    return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
-            for m in mounts]
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
+        for m in mounts
+    ]
 
 
 def _info(info):
-    msg = pb.Info(name=info.name, parent=info.parent, kind=_KINDS[info.kind],
-                  labels=info.labels)
+    msg = pb.Info(name=info.name, parent=info.parent, kind=_KINDS[info.kind], labels=info.labels)
     msg.created_at.FromNanoseconds(int(info.created * 1e9))
     msg.updated_at.FromNanoseconds(int(info.updated * 1e9))
     return msg
@@ -62,12 +65,14 @@ class _Methods:
         self.sn = snapshotter
 
     def Prepare(self, req, ctx):
-        return pb.PrepareSnapshotResponse(mounts=_mounts(
-            self.sn.prepare(_namespace(ctx), req.key, req.parent, dict(req.labels))))
+        return pb.PrepareSnapshotResponse(
+            mounts=_mounts(self.sn.prepare(_namespace(ctx), req.key, req.parent, dict(req.labels)))
+        )
 
     def View(self, req, ctx):
-        return pb.ViewSnapshotResponse(mounts=_mounts(
-            self.sn.view(_namespace(ctx), req.key, req.parent, dict(req.labels))))
+        return pb.ViewSnapshotResponse(
+            mounts=_mounts(self.sn.view(_namespace(ctx), req.key, req.parent, dict(req.labels)))
+        )
 
     def Mounts(self, req, ctx):
         return pb.MountsResponse(mounts=_mounts(self.sn.mounts(_namespace(ctx), req.key)))
@@ -86,13 +91,12 @@ class _Methods:
     def Update(self, req, ctx):
         info = core.Info(req.info.name, req.info.parent, None, 0, 0, dict(req.info.labels))
         paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
-        return pb.UpdateSnapshotResponse(info=_info(self.sn.update(_namespace(ctx), info,
-                                                                   paths)))
+        return pb.UpdateSnapshotResponse(info=_info(self.sn.update(_namespace(ctx), info, paths)))
 
     def List(self, req, ctx):
         infos = self.sn.walk(_namespace(ctx), list(req.filters))
         for start in range(0, len(infos), 100):
-            yield pb.ListSnapshotsResponse(info=[_info(i) for i in infos[start:start + 100]])
+            yield pb.ListSnapshotsResponse(info=[_info(i) for i in infos[start : start + 100]])
 
     def Usage(self, req, ctx):
         size, inodes = self.sn.usage(_namespace(ctx), req.key)
@@ -127,17 +131,20 @@ def _guarded(name, fn, streaming):
         ctx.abort(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
 
     if streaming:
+
         def handler(req, ctx):
             try:
                 yield from fn(req, ctx)
-            except Exception as exc:  # noqa: BLE001 - becomes a gRPC status
+            except Exception as exc:
                 abort(ctx, exc)
     else:
+
         def handler(req, ctx):
             try:
                 return fn(req, ctx)
-            except Exception as exc:  # noqa: BLE001 - becomes a gRPC status
+            except Exception as exc:
                 abort(ctx, exc)
+
     return handler
 
 
@@ -147,10 +154,14 @@ def handler_for(snapshotter):
     table = {}
     for name, (req, resp, streaming) in _SIGNATURES.items():
         fn = _guarded(name, getattr(methods, name), streaming)
-        make = (grpc.unary_stream_rpc_method_handler if streaming
-                else grpc.unary_unary_rpc_method_handler)
-        table[name] = make(fn, request_deserializer=req.FromString,
-                           response_serializer=resp.SerializeToString)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        table[name] = make(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
     return grpc.method_handlers_generic_handler(SERVICE, table)
 
 
@@ -178,10 +189,8 @@ class Server:
 
     def stop(self, grace=5):
         self._server.stop(grace).wait()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
 
     def wait(self):
         self._server.wait_for_termination()
@@ -202,13 +211,20 @@ def serve(pool_dir, socket_path, config, *, ready=None):
         try:
             m = config.monitor
             if m.enabled:
-                monitor = Monitor(pool, m.threshold, m.percent,
-                                  metadata_threshold=m.metadata_threshold, interval=m.interval,
-                                  max_data_size=m.max_data_size or None).start()
+                monitor = Monitor(
+                    pool,
+                    m.threshold,
+                    m.percent,
+                    metadata_threshold=m.metadata_threshold,
+                    interval=m.interval,
+                    max_data_size=m.max_data_size or None,
+                ).start()
             server = Server(snapshotter, socket_path)
             stop = threading.Event()
-            previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                        for sig in (signal.SIGTERM, signal.SIGINT)}
+            previous = {
+                sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)
+            }
             try:
                 logger.info("snapshotter: serving pool %s on %s", pool.name, socket_path)
                 if ready is not None:

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 
-__all__ = ["MetaStore", "ACTIVE", "VIEW", "COMMITTED"]
+__all__ = ["ACTIVE", "COMMITTED", "VIEW", "MetaStore"]
 
 VIEW, ACTIVE, COMMITTED = "view", "active", "committed"
 
@@ -67,8 +67,7 @@ class MetaStore:
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -90,23 +89,27 @@ class MetaStore:
     # -- reads -----------------------------------------------------------------------
 
     def get(self, namespace, key):
-        return self.execute("SELECT * FROM snapshots WHERE namespace=? AND key=?",
-                            (namespace, key)).fetchone()
+        return self.execute(
+            "SELECT * FROM snapshots WHERE namespace=? AND key=?", (namespace, key)
+        ).fetchone()
 
     def by_id(self, row_id):
         return self.execute("SELECT * FROM snapshots WHERE id=?", (row_id,)).fetchone()
 
     def children(self, row_id):
         """Rows that still count as children (not being removed)."""
-        return self.execute("SELECT * FROM snapshots WHERE parent_id=? AND state!='removing'",
-                            (row_id,)).fetchall()
+        return self.execute(
+            "SELECT * FROM snapshots WHERE parent_id=? AND state!='removing'", (row_id,)
+        ).fetchall()
 
     def all(self, namespace=None, state="ready"):
         if namespace is None:
-            return self.execute("SELECT * FROM snapshots WHERE state=? ORDER BY id",
-                                (state,)).fetchall()
-        return self.execute("SELECT * FROM snapshots WHERE namespace=? AND state=? ORDER BY id",
-                            (namespace, state)).fetchall()
+            return self.execute(
+                "SELECT * FROM snapshots WHERE state=? ORDER BY id", (state,)
+            ).fetchall()
+        return self.execute(
+            "SELECT * FROM snapshots WHERE namespace=? AND state=? ORDER BY id", (namespace, state)
+        ).fetchall()
 
     def rows(self):
         return self.execute("SELECT * FROM snapshots ORDER BY id").fetchall()
@@ -118,16 +121,26 @@ class MetaStore:
     # -- writes (inside a transaction) ------------------------------------------------
 
     def set_meta(self, name, value):
-        self.execute("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)",
-                     (name, json.dumps(value)))
+        self.execute(
+            "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, json.dumps(value))
+        )
 
     def insert(self, namespace, key, kind, parent_id, labels, device_prefix):
         now = time.time()
         cur = self.execute(
             "INSERT INTO snapshots(namespace, key, kind, parent_id, device, state, labels, "
             "created, updated) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?)",
-            (namespace, key, kind, parent_id, f"{device_prefix}new-{time.monotonic_ns()}",
-             json.dumps(labels or {}), now, now))
+            (
+                namespace,
+                key,
+                kind,
+                parent_id,
+                f"{device_prefix}new-{time.monotonic_ns()}",
+                json.dumps(labels or {}),
+                now,
+                now,
+            ),
+        )
         row_id = cur.lastrowid
         device = f"{device_prefix}{row_id}"
         self.execute("UPDATE snapshots SET device=? WHERE id=?", (device, row_id))

@@ -43,8 +43,11 @@ def _run(args):
 def _check(args):
     ok = False
     host = kernel.host_has_device_mapper()
-    print(f"host device-mapper: {'usable' if host else 'not usable'} "
-          f"(euid {os.geteuid()}, /dev/mapper/control {'present' if os.path.exists('/dev/mapper/control') else 'absent'})")
+    print(
+        f"host device-mapper: {'usable' if host else 'not usable'} "
+        f"(euid {os.geteuid()}, /dev/mapper/control "
+        f"{'present' if os.path.exists('/dev/mapper/control') else 'absent'})"
+    )
     ok |= host
     try:
         info = kernel.find_kernel()
@@ -69,7 +72,9 @@ def _present_modules(directory):
     # Built-in modules need no file.
     try:
         with open(os.path.join(directory, "modules.builtin")) as f:
-            names |= {line.strip().rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_") for line in f}
+            names |= {
+                line.strip().rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_") for line in f
+            }
     except OSError:
         pass
     return names
@@ -77,11 +82,19 @@ def _present_modules(directory):
 
 def main(argv=None):
     """Entry point of ``python -m libdm.testing``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m libdm.testing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m libdm.testing", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="run a command where device-mapper exists")
-    run.add_argument("--uml", action="store_true", help="always use a UML kernel, even if the host has device-mapper")
-    run.add_argument("--timeout", type=float, default=None, help="kill the kernel after this many seconds")
+    run.add_argument(
+        "--uml",
+        action="store_true",
+        help="always use a UML kernel, even if the host has device-mapper",
+    )
+    run.add_argument(
+        "--timeout", type=float, default=None, help="kill the kernel after this many seconds"
+    )
     run.add_argument("--mem", default="1G", help="kernel memory (default 1G)")
     run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("check", help="say what device-mapper kernels are available")

@@ -51,8 +51,11 @@ def removal_order(names, devno_of, deps_of):
         cycle, which the kernel does not allow, come last in name order.
     """
     by_devno = {tuple(devno_of[n]): n for n in names}
-    uses = {n: {by_devno[tuple(d)] for d in deps_of.get(n, ()) if tuple(d) in by_devno} - {n} for n in names}
-    users = {n: 0 for n in names}
+    uses = {
+        n: {by_devno[tuple(d)] for d in deps_of.get(n, ()) if tuple(d) in by_devno} - {n}
+        for n in names
+    }
+    users = dict.fromkeys(names, 0)
     for n in names:
         for used in uses[n]:
             users[used] += 1
@@ -84,7 +87,13 @@ def _mountinfo():
             continue
         major, minor = fields[2].split(":")
         # The kernel escapes space, tab, newline and backslash as \ooo.
-        point = fields[4].encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
+        point = (
+            fields[4]
+            .encode()
+            .decode("unicode_escape")
+            .encode("latin-1")
+            .decode("utf-8", "replace")
+        )
         yield point, (int(major), int(minor))
 
 
@@ -120,7 +129,9 @@ def unmount(*, under=None, devices=()):
     """
     devices = {tuple(d) for d in devices}
     points = [
-        p for p, dev in _mountinfo() if dev in devices or (under is not None and _below(p, os.fspath(under)))
+        p
+        for p, dev in _mountinfo()
+        if dev in devices or (under is not None and _below(p, os.fspath(under)))
     ]
     done, failures = [], []
     for point in reversed(points):

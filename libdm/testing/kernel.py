@@ -21,6 +21,7 @@ recover.
 """
 
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -33,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import IO, Union
 
 __all__ = [
     "DEFAULT_BINARY",
@@ -69,7 +71,9 @@ IN_KERNEL_ENV = "LIBDM_TESTING_IN_KERNEL"
 # below one of these is hidden inside the kernel, so the private work
 # directory must not live there.
 _SHADOWED = ("/run", "/dev", "/proc", "/sys")
-_INSTALL_HINT = "install Debian's user-mode-linux and kmod packages (apt-get install user-mode-linux kmod)"
+_INSTALL_HINT = (
+    "install Debian's user-mode-linux and kmod packages (apt-get install user-mode-linux kmod)"
+)
 _AVX512_FEATURES = ("AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL")
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -97,7 +101,9 @@ class KernelError(Exception):
         if tail:
             text += "\n--- last lines of the kernel console ---\n" + tail
         if self.result is not None and self.result.stderr.strip():
-            text += "\n--- last lines of the command's stderr ---\n" + _tail(self.result.stderr, 25)
+            text += "\n--- last lines of the command's stderr ---\n" + _tail(
+                self.result.stderr, 25
+            )
         return text
 
 
@@ -143,7 +149,7 @@ class KernelResult:
         duration: wall-clock seconds from starting the kernel to its exit.
     """
 
-    command: Tuple[str, ...]
+    command: tuple[str, ...]
     returncode: int
     stdout: str
     stderr: str
@@ -154,7 +160,9 @@ class KernelResult:
         """Raise :class:`subprocess.CalledProcessError` if the exit status
         is not zero."""
         if self.returncode:
-            raise subprocess.CalledProcessError(self.returncode, list(self.command), self.stdout, self.stderr)
+            raise subprocess.CalledProcessError(
+                self.returncode, list(self.command), self.stdout, self.stderr
+            )
 
 
 def _tail(text, lines):
@@ -210,7 +218,9 @@ def find_kernel(binary=None, modules_root=None, *, need_modprobe=True):
     binary = binary or os.environ.get("LIBDM_UML_BINARY") or DEFAULT_BINARY
     modules_root = modules_root or os.environ.get("LIBDM_UML_MODULES") or DEFAULT_MODULES_ROOT
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
-        raise KernelUnavailable(f"no UML kernel at {binary}: {_INSTALL_HINT}, or set LIBDM_UML_BINARY")
+        raise KernelUnavailable(
+            f"no UML kernel at {binary}: {_INSTALL_HINT}, or set LIBDM_UML_BINARY"
+        )
     try:
         proc = subprocess.run(
             [binary, "--version"],
@@ -223,10 +233,14 @@ def find_kernel(binary=None, modules_root=None, *, need_modprobe=True):
         raise KernelUnavailable(f"{binary} --version failed: {exc}") from exc
     version = proc.stdout.strip()
     if proc.returncode != 0 or not version or len(version.split()) != 1:
-        raise KernelUnavailable(f"{binary} --version printed no release (exit status {proc.returncode})")
+        raise KernelUnavailable(
+            f"{binary} --version printed no release (exit status {proc.returncode})"
+        )
     modules_dir = os.path.join(modules_root, version)
     if not os.path.isdir(modules_dir):
-        raise KernelUnavailable(f"no modules for UML kernel {version} in {modules_dir}: {_INSTALL_HINT}")
+        raise KernelUnavailable(
+            f"no modules for UML kernel {version} in {modules_dir}: {_INSTALL_HINT}"
+        )
     if need_modprobe and not shutil.which("modprobe", path=_SYSTEM_PATH):
         raise KernelUnavailable(f"modprobe not found: {_INSTALL_HINT}")
     return KernelInfo(binary, version, modules_dir)
@@ -241,8 +255,9 @@ def _xstate_shim():
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xstate_shim.c")
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                         "libdm-testing")
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "libdm-testing"
+    )
     lib = os.path.join(cache, f"xstate_shim-{digest}.so")
     if os.path.exists(lib):
         return lib
@@ -251,8 +266,11 @@ def _xstate_shim():
         return None
     os.makedirs(cache, exist_ok=True)
     tmp = f"{lib}.{os.getpid()}.tmp"
-    proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, source, "-ldl"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-o", tmp, source, "-ldl"],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise KernelUnavailable(f"could not build the UML XSAVE shim: {proc.stderr.strip()}")
     os.replace(tmp, lib)
@@ -279,7 +297,9 @@ def _private_dir():
         if not hidden and not any(c.isspace() for c in real):
             return real
         os.rmdir(path)
-    raise KernelUnavailable("no temporary directory visible inside the kernel (TMPDIR is under /run?)")
+    raise KernelUnavailable(
+        "no temporary directory visible inside the kernel (TMPDIR is under /run?)"
+    )
 
 
 def _command_env(env):
@@ -324,8 +344,9 @@ echo {helper} > /proc/sys/kernel/modprobe || failed="$failed (autoloading)"
 """
 
 
-def _init_script(workdir, modules_dir, modules, command, cwd, env, sync_before_halt,
-                 autoload_modprobe=None):
+def _init_script(
+    workdir, modules_dir, modules, command, cwd, env, sync_before_halt, autoload_modprobe=None
+):
     q = shlex.quote
     assignments = " ".join(q(f"{k}={v}") for k, v in sorted(env.items()))
     argv = " ".join(q(os.fspath(a)) for a in command)
@@ -423,7 +444,9 @@ class KernelProcess:
             self._tails = [_Tail(self.path("stdout"), out), _Tail(self.path("stderr"), err)]
         # The watchdog enforces the timeout even when nobody polls, and
         # copies output to the caller while streaming.
-        self._watchdog = threading.Thread(target=self._watch, name="libdm-uml-watchdog", daemon=True)
+        self._watchdog = threading.Thread(
+            target=self._watch, name="libdm-uml-watchdog", daemon=True
+        )
         self._watchdog.start()
 
     def path(self, name):
@@ -457,10 +480,8 @@ class KernelProcess:
         if it has exited."""
         with self._lock:
             if self._proc.returncode is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def wait(self, timeout=None):
         """Wait for the kernel to exit and return the command's result.
@@ -508,19 +529,26 @@ class KernelProcess:
         if status:
             return partial
         if self._timed_out:
-            raise KernelTimeout(f"test kernel killed when its timeout ({self._timeout} s) expired", console, partial)
+            raise KernelTimeout(
+                f"test kernel killed when its timeout ({self._timeout} s) expired",
+                console,
+                partial,
+            )
         failed = self._read("modules-failed").split()
         if failed:
             raise KernelUnavailable(
-                f"module(s) {', '.join(failed)} did not load in UML kernel {self.info.version}", console
+                f"module(s) {', '.join(failed)} did not load in UML kernel {self.info.version}",
+                console,
             )
         if not os.path.exists(self.path("started")):
             raise KernelUnavailable(
-                f"UML kernel {self.info.binary} exited (status {self._proc.returncode}) before running the command",
+                f"UML kernel {self.info.binary} exited (status {self._proc.returncode})"
+                " before running the command",
                 console,
             )
         raise KernelCrashed(
-            f"test kernel stopped before the command finished (kernel exit status {self._proc.returncode})",
+            "test kernel stopped before the command finished"
+            f" (kernel exit status {self._proc.returncode})",
             console,
             partial,
         )
@@ -543,15 +571,15 @@ def start(
     command: Sequence[Union[str, "os.PathLike[str]"]],
     *,
     cwd=None,
-    env: Optional[Mapping[str, str]] = None,
+    env: Mapping[str, str] | None = None,
     modules: Sequence[str] = DEFAULT_MODULES,
     mem: str = "1G",
     kernel_args: Sequence[str] = (),
-    timeout: Optional[float] = 600.0,
-    stream: Union[bool, Tuple[IO[str], IO[str]]] = False,
+    timeout: float | None = 600.0,
+    stream: bool | tuple[IO[str], IO[str]] = False,
     sync_before_halt: bool = False,
-    binary: Optional[str] = None,
-    modules_root: Optional[str] = None,
+    binary: str | None = None,
+    modules_root: str | None = None,
     autoload: bool = False,
 ) -> KernelProcess:
     """Boot a test kernel running ``command`` and return at once.
@@ -577,8 +605,18 @@ def start(
         cmd_env = _command_env(env)
         cmd_env["PWD"] = cwd
         with open(init, "w") as f:
-            f.write(_init_script(workdir, info.modules_dir, modules, command, cwd, cmd_env,
-                                 sync_before_halt, modprobe))
+            f.write(
+                _init_script(
+                    workdir,
+                    info.modules_dir,
+                    modules,
+                    command,
+                    cwd,
+                    cmd_env,
+                    sync_before_halt,
+                    modprobe,
+                )
+            )
         os.chmod(init, 0o700)
         argv = [
             info.binary,
@@ -619,15 +657,15 @@ def run(
     command: Sequence[Union[str, "os.PathLike[str]"]],
     *,
     cwd=None,
-    env: Optional[Mapping[str, str]] = None,
+    env: Mapping[str, str] | None = None,
     modules: Sequence[str] = DEFAULT_MODULES,
     mem: str = "1G",
     kernel_args: Sequence[str] = (),
-    timeout: Optional[float] = 600.0,
-    stream: Union[bool, Tuple[IO[str], IO[str]]] = False,
+    timeout: float | None = 600.0,
+    stream: bool | tuple[IO[str], IO[str]] = False,
     sync_before_halt: bool = False,
-    binary: Optional[str] = None,
-    modules_root: Optional[str] = None,
+    binary: str | None = None,
+    modules_root: str | None = None,
     autoload: bool = False,
 ) -> KernelResult:
     """Boot a UML kernel, run one command inside it as root, power it off.

@@ -42,7 +42,9 @@ from libdm.testing import kernel as _kernel
 #: Set for the inner session: the host file its reports go to.
 REPORTS_ENV = "LIBDM_TESTING_REPORTS"
 
-_HOW_TO_GET = "or run as root on a kernel with device-mapper; python -m libdm.testing check tells more"
+_HOW_TO_GET = (
+    "or run as root on a kernel with device-mapper; python -m libdm.testing check tells more"
+)
 _DM_NAME_MAX = 127  # DM_NAME_LEN - 1
 
 _session_token = secrets.token_hex(3)
@@ -87,15 +89,19 @@ def arm_child_processes():
     ``LIBDM_CRASH_AT`` in its environment is armed (see libdm.thin.crash)."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if BOOT_DIR not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([BOOT_DIR] + paths)
+        os.environ["PYTHONPATH"] = os.pathsep.join([BOOT_DIR, *paths])
 
 
 def pytest_configure(config):
     arm_child_processes()
     config.addinivalue_line("markers", "kernel: needs a real kernel device-mapper, as root")
-    config.addinivalue_line("markers", "host: boots test kernels itself, so it runs on the host only")
+    config.addinivalue_line(
+        "markers", "host: boots test kernels itself, so it runs on the host only"
+    )
     if config.option.dm_kernel not in ("auto", "host", "uml"):
-        raise pytest.UsageError(f"--dm-kernel must be auto, host or uml, not {config.option.dm_kernel!r}")
+        raise pytest.UsageError(
+            f"--dm-kernel must be auto, host or uml, not {config.option.dm_kernel!r}"
+        )
     config.pluginmanager.register(_Harness(config), "libdm-harness")
 
 
@@ -187,7 +193,15 @@ class _KernelSession:
                 argv.append("--source=" + ",".join(self.coverage["source"]))
             if self.coverage["branch"]:
                 argv.append("--branch")
-        argv += ["-m", "pytest", "-p", __name__, "-p", "no:cacheprovider", f"--rootdir={config.rootpath}"]
+        argv += [
+            "-m",
+            "pytest",
+            "-p",
+            __name__,
+            "-p",
+            "no:cacheprovider",
+            f"--rootdir={config.rootpath}",
+        ]
         if config.inipath:
             argv += ["-c", str(config.inipath)]
         if config.pluginmanager.has_plugin("_cov"):
@@ -229,7 +243,9 @@ class _KernelSession:
 
     def _receive(self):
         for data in self.reports.read():
-            report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+            report = self.config.hook.pytest_report_from_serializable(
+                config=self.config, data=data
+            )
             if report is not None:
                 if isinstance(report.longrepr, list):
                     # A skip's (path, lineno, reason): JSON made it a list.
@@ -267,8 +283,8 @@ class _KernelSession:
             return
         self.exit_status = self.result.returncode
         self.failure = (
-            f"the test kernel's pytest exited with status {self.exit_status} without reporting this test"
-            + self.output_tail()
+            f"the test kernel's pytest exited with status {self.exit_status}"
+            " without reporting this test" + self.output_tail()
         )
 
     def output_tail(self):
@@ -304,7 +320,9 @@ def _missing_reports(item, received, reason):
 
     def phase(when, fails):
         func = (lambda: pytest.fail(reason, pytrace=False)) if fails else (lambda: None)
-        return pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(func, when=when))
+        return pytest.TestReport.from_item_and_call(
+            item, pytest.CallInfo.from_call(func, when=when)
+        )
 
     reports = []
     if "setup" not in by_when:
@@ -322,7 +340,11 @@ class _Harness:
     def __init__(self, config):
         self.config = config
         self.inner = os.environ.pop(REPORTS_ENV, None)  # nested sessions must not inherit it
-        self.reports_file = open(self.inner, "a", buffering=1) if self.inner else None
+        self.reports_file = (
+            open(self.inner, "a", buffering=1)  # noqa: SIM115 (open for the session)
+            if self.inner
+            else None
+        )
         self._where = None
         self.special = {}  # item -> "remote" or the reason it fails without running
         self.next_local = {}
@@ -344,8 +366,11 @@ class _Harness:
                 elif self.inner:
                     self._where = (None, "no usable device-mapper inside the test kernel")
                 else:
-                    self._where = (None, "--dm-kernel=host, but this host has no usable device-mapper "
-                                   "(needs root and /dev/mapper/control)")
+                    self._where = (
+                        None,
+                        "--dm-kernel=host, but this host has no usable device-mapper "
+                        "(needs root and /dev/mapper/control)",
+                    )
             else:
                 try:
                     self._where = ("uml", _kernel.find_kernel(self.config.option.dm_kernel_binary))
@@ -374,7 +399,9 @@ class _Harness:
     def pytest_collection_modifyitems(self, config, items):
         for item in items:
             if item.get_closest_marker("kernel") and item.get_closest_marker("host"):
-                raise pytest.UsageError(f"{item.nodeid}: a test cannot be marked both kernel and host")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: a test cannot be marked both kernel and host"
+                )
 
     # -- the run --------------------------------------------------------
 
@@ -402,9 +429,15 @@ class _Harness:
         if where is None:
             for item in kernel_items:
                 if _ci() or self.inner:
-                    self.special[item] = f"no device-mapper kernel (CI=true, so this fails): {detail}"
+                    self.special[item] = (
+                        f"no device-mapper kernel (CI=true, so this fails): {detail}"
+                    )
                 else:
-                    item.add_marker(pytest.mark.skip(reason=f"no device-mapper kernel: {detail}; {_HOW_TO_GET}"))
+                    item.add_marker(
+                        pytest.mark.skip(
+                            reason=f"no device-mapper kernel: {detail}; {_HOW_TO_GET}"
+                        )
+                    )
         else:
             for item in kernel_items:
                 self.special[item] = "remote"
@@ -447,7 +480,9 @@ class _Harness:
         self.session.replayed.add(item.nodeid)
         if received and received[-1].when == "teardown":
             return
-        for report in _missing_reports(item, received, self.session.failure or "the test kernel stopped"):
+        for report in _missing_reports(
+            item, received, self.session.failure or "the test kernel stopped"
+        ):
             item.ihook.pytest_runtest_logreport(report=report)
 
     def pytest_terminal_summary(self, terminalreporter):
@@ -462,9 +497,12 @@ class _Harness:
             terminalreporter.write_line(f"exited with status {s.exit_status}{s.output_tail()}")
         elif terminalreporter.verbosity >= 0:
             ran = "" if s.result is None else f" in {s.result.duration:.1f} s, boot included"
-            status = "" if s.exit_status is None else f"; its pytest exited with status {s.exit_status}"
+            status = (
+                "" if s.exit_status is None else f"; its pytest exited with status {s.exit_status}"
+            )
             terminalreporter.write_line(
-                f"libdm: {len(s.nodeids)} kernel test(s) ran inside UML kernel {s.info.version}{ran}{status}"
+                f"libdm: {len(s.nodeids)} kernel test(s) ran inside UML kernel"
+                f" {s.info.version}{ran}{status}"
             )
 
     # -- the inner session --------------------------------------------------
@@ -540,7 +578,10 @@ def _libdm_kernel_cleanup(request):
     tmp_path = request.getfixturevalue("tmp_path")
     yield
     failures = []
-    for step in (lambda: _cleanup.unmount(under=tmp_path), lambda: _cleanup.detach_loops(tmp_path)):
+    for step in (
+        lambda: _cleanup.unmount(under=tmp_path),
+        lambda: _cleanup.detach_loops(tmp_path),
+    ):
         try:
             step()
         except _cleanup.CleanupError as exc:

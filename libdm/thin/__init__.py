@@ -7,13 +7,23 @@ _TABLE = {
     "libdm.thin.device": ("ThinDevice", "Snapshot"),
     "libdm.thin.report": ("PoolInfo",),
     "libdm.thin.errors": (
-        "PoolError", "PoolFullError", "PoolReadOnlyError", "PoolFailedError",
-        "PoolLockedError", "StateError", "DeviceNotBlankError",
+        "PoolError",
+        "PoolFullError",
+        "PoolReadOnlyError",
+        "PoolFailedError",
+        "PoolLockedError",
+        "StateError",
+        "DeviceNotBlankError",
     ),
     "libdm.thin.status": ("ThinPoolStatus", "ThinPoolFailed", "ThinStatus", "ThinFailed"),
     "libdm.thin.table": ("ThinPoolParams", "ThinParams"),
     "libdm.thin.units": (
-        "Bytes", "Sectors", "DataBlocks", "MetaBlocks", "parse_size", "format_size",
+        "Bytes",
+        "Sectors",
+        "DataBlocks",
+        "MetaBlocks",
+        "parse_size",
+        "format_size",
     ),
 }
 __all__ = [name for names in _TABLE.values() for name in names]

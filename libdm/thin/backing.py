@@ -18,18 +18,25 @@ LVM volume, another device-mapper device).
 
 import os
 
-from libdm.dm import loop
-from libdm.dm import ops
-from libdm.dm.errors import NoSuchDeviceError
+from libdm.dm import loop, ops
 from libdm.dm.blockdev import open_block_device
+from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.target import Target
 from libdm.thin import crash
 from libdm.thin.errors import StateError
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
-__all__ = ["LoopBacking", "LinearBacking", "AdoptedBacking", "from_config", "record_devices",
-           "segment_changes", "split_layout", "default_metadata_size"]
+__all__ = [
+    "AdoptedBacking",
+    "LinearBacking",
+    "LoopBacking",
+    "default_metadata_size",
+    "from_config",
+    "record_devices",
+    "segment_changes",
+    "split_layout",
+]
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
@@ -122,8 +129,12 @@ class LoopBacking:
         """
         st = self.statedir.check_file(name, operation, f"{name} file")
         if st is None:
-            raise StateError(f"the pool's {name} file {self.statedir.join(name)} is missing; "
-                             f"libdm will not bring the pool up without it", operation, None)
+            raise StateError(
+                f"the pool's {name} file {self.statedir.join(name)} is missing; "
+                f"libdm will not bring the pool up without it",
+                operation,
+                None,
+            )
         return self._identify(name, st, operation)
 
     def _identify(self, name, st, operation):
@@ -137,7 +148,10 @@ class LoopBacking:
                 f"the pool's {name} file {self.statedir.join(name)} was replaced: it is "
                 f"inode {st.st_ino} on device {st.st_dev}, the pool made inode {recorded} "
                 f"on the directory's device {home}; libdm will not attach another file in "
-                f"its place", operation, None)
+                f"its place",
+                operation,
+                None,
+            )
         return st
 
     def attach(self):
@@ -157,8 +171,10 @@ class LoopBacking:
 
     def sizes(self):
         """(data, metadata) file sizes in ``Bytes``."""
-        return (Bytes(self._check(DATA_FILE, "resize").st_size),
-                Bytes(self._check(METADATA_FILE, "resize").st_size))
+        return (
+            Bytes(self._check(DATA_FILE, "resize").st_size),
+            Bytes(self._check(METADATA_FILE, "resize").st_size),
+        )
 
     def grow(self, data_size=None, metadata_size=None):
         """Grow the files to the given ``Bytes`` (``None``: unchanged) and
@@ -169,15 +185,18 @@ class LoopBacking:
                 off blocks the pool has handed out).
             StateError: a file is missing, a symlink or was replaced.
         """
-        wanted = [(name, size) for name, size in ((DATA_FILE, data_size),
-                                                  (METADATA_FILE, metadata_size))
-                  if size is not None]
+        wanted = [
+            (name, size)
+            for name, size in ((DATA_FILE, data_size), (METADATA_FILE, metadata_size))
+            if size is not None
+        ]
         for name, size in wanted:
             current = self._check(name, "resize").st_size
             if int(size) < current:
                 raise ValueError(
                     f"{name} cannot shrink: it is {format_size(Bytes(current))}, asked "
-                    f"{format_size(size)} (a thin pool only grows)")
+                    f"{format_size(size)} (a thin pool only grows)"
+                )
         for name, size in wanted:
             self._set_file_size(name, int(size))
 
@@ -233,8 +252,9 @@ class LinearBacking:
 
     kind = "block"
 
-    def __init__(self, pool_name, meta_segments, data_segments, meta_devices=None,
-                 data_devices=None):
+    def __init__(
+        self, pool_name, meta_segments, data_segments, meta_devices=None, data_devices=None
+    ):
         self.pool_name = pool_name
         self.meta_segments = [list(seg) for seg in meta_segments]
         self.data_segments = [list(seg) for seg in data_segments]
@@ -247,13 +267,20 @@ class LinearBacking:
         """A backing for a new pool, recording each segment's device and its
         size now, so that a later open can tell another device under the
         same name (see :meth:`table`)."""
-        return cls(pool_name, meta_segments, data_segments,
-                   record_devices(meta_segments), record_devices(data_segments))
+        return cls(
+            pool_name,
+            meta_segments,
+            data_segments,
+            record_devices(meta_segments),
+            record_devices(data_segments),
+        )
 
     def config(self):
         config = {"meta_segments": self.meta_segments, "data_segments": self.data_segments}
-        for key, devices in (("meta_segment_devices", self.meta_devices),
-                             ("data_segment_devices", self.data_devices)):
+        for key, devices in (
+            ("meta_segment_devices", self.meta_devices),
+            ("data_segment_devices", self.data_devices),
+        ):
             if devices is not None:
                 config[key] = devices
         return config
@@ -289,8 +316,10 @@ class LinearBacking:
             if length is None:
                 length = size - start
             if start < 0 or length <= 0 or start + length > size:
-                raise ValueError(f"segment {path} sectors {start}+{length} does not fit on "
-                                 f"the device ({size} sectors)")
+                raise ValueError(
+                    f"segment {path} sectors {start}+{length} does not fit on "
+                    f"the device ({size} sectors)"
+                )
             out.append(Target(at, int(length), "linear", f"{dev.devno} {int(start)}"))
             at += int(length)
         return out
@@ -299,8 +328,9 @@ class LinearBacking:
         made = []
         try:
             for name, segments, devices in (
-                    (self.meta_name, self.meta_segments, self.meta_devices),
-                    (self.data_name, self.data_segments, self.data_devices)):
+                (self.meta_name, self.meta_segments, self.meta_devices),
+                (self.data_name, self.data_segments, self.data_devices),
+            ):
                 table = self.table(segments, devices)
                 if not exists_live(name):
                     ops.create(name, table)
@@ -312,7 +342,8 @@ class LinearBacking:
                 if not _grows(live, table):
                     raise ValueError(
                         f"{name} is live with table {'; '.join(map(str, live))}, which the "
-                        f"pool's stored segments ({'; '.join(map(str, table))}) do not extend")
+                        f"pool's stored segments ({'; '.join(map(str, table))}) do not extend"
+                    )
                 # The store already names the new segments (an extend or a
                 # grown device interrupted before the reload): roll forward.
                 ops.reload(name, table)
@@ -327,9 +358,12 @@ class LinearBacking:
     def describe(self):
         def text(segments):
             return " + ".join(
-                f"{path}" if start == 0 and length is None else
-                f"{path} (sectors {start}+{'end' if length is None else length})"
-                for path, start, length in segments)
+                f"{path}"
+                if start == 0 and length is None
+                else f"{path} (sectors {start}+{'end' if length is None else length})"
+                for path, start, length in segments
+            )
+
         return {"Data file": text(self.data_segments), "Metadata file": text(self.meta_segments)}
 
     def teardown(self):
@@ -367,12 +401,16 @@ def _check_recorded(path, size, recorded):
         raise StateError(
             f"the pool's stored segment names {path}, but the device recorded for it is "
             f"{recorded['path']}; libdm will not use a device the pool was not made on",
-            "open", None)
+            "open",
+            None,
+        )
     if size < recorded["size"]:
         raise StateError(
             f"{path} is {size} bytes, but the pool recorded {recorded['size']} bytes for it: "
             f"it is not the device the pool was made on (or it shrank); libdm will not use it",
-            "open", None)
+            "open",
+            None,
+        )
 
 
 def _grows(live, table):
@@ -380,11 +418,12 @@ def _grows(live, table):
     the end (a longer last segment, or more segments)."""
     if len(table) < len(live):
         return False
-    for old, new in zip(live, table):
+    for old, new in zip(live, table, strict=False):
         if (old.start, old.type) != (new.start, new.type) or old.params != new.params:
             return False
-    return all(new.length >= old.length for old, new in zip(live, table)) and (
-        all(new.length == old.length for old, new in zip(live[:-1], table[:-1])))
+    return all(new.length >= old.length for old, new in zip(live, table, strict=False)) and (
+        all(new.length == old.length for old, new in zip(live[:-1], table[:-1], strict=False))
+    )
 
 
 class _Mapped:
@@ -472,14 +511,18 @@ def from_config(kind, statedir, pool_name, config):
     store_path = statedir.join(DB_NAME)
 
     def damaged(field, why):
-        return StateError(f"the pool state in {store_path} is damaged: the "
-                          f"{kind!r} pool's field {field!r} {why}; nothing was changed",
-                          "open", None)
+        return StateError(
+            f"the pool state in {store_path} is damaged: the "
+            f"{kind!r} pool's field {field!r} {why}; nothing was changed",
+            "open",
+            None,
+        )
 
     if kind == "loop":
         inodes = config.get("file_inodes")
-        if inodes is not None and not (isinstance(inodes, dict) and all(
-                isinstance(v, int) for v in inodes.values())):
+        if inodes is not None and not (
+            isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())
+        ):
             raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
         return LoopBacking(statedir, inodes)
     if kind == "block":
@@ -493,14 +536,21 @@ def from_config(kind, statedir, pool_name, config):
             why = _bad_devices(config.get(field))
             if why:
                 raise damaged(field, why)
-        return LinearBacking(pool_name, sides["meta_segments"], sides["data_segments"],
-                             config.get("meta_segment_devices"),
-                             config.get("data_segment_devices"))
+        return LinearBacking(
+            pool_name,
+            sides["meta_segments"],
+            sides["data_segments"],
+            config.get("meta_segment_devices"),
+            config.get("data_segment_devices"),
+        )
     if kind == "adopted":
         return AdoptedBacking()
-    raise StateError(f"the pool state in {store_path} is damaged: its field "
-                     f"'kind' is {kind!r}, not a pool kind libdm knows (loop, block, adopted)",
-                     "open", None)
+    raise StateError(
+        f"the pool state in {store_path} is damaged: its field "
+        f"'kind' is {kind!r}, not a pool kind libdm knows (loop, block, adopted)",
+        "open",
+        None,
+    )
 
 
 def _bad_segments(segments):
@@ -508,8 +558,13 @@ def _bad_segments(segments):
     if not isinstance(segments, list) or not segments:
         return "is missing" if segments is None else f"is {segments!r}, not a list of segments"
     for seg in segments:
-        if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str)
-                and _count(seg[1]) and (seg[2] is None or _count(seg[2]))):
+        if not (
+            isinstance(seg, list)
+            and len(seg) == 3
+            and isinstance(seg[0], str)
+            and _count(seg[1])
+            and (seg[2] is None or _count(seg[2]))
+        ):
             return f"holds {seg!r}, not [path, start sector, length or null]"
     return None
 
@@ -519,8 +574,9 @@ def _bad_devices(devices):
     if devices is None:
         return None
     if isinstance(devices, list) and all(
-            isinstance(d, dict) and isinstance(d.get("path"), str) and _count(d.get("size"))
-            for d in devices):
+        isinstance(d, dict) and isinstance(d.get("path"), str) and _count(d.get("size"))
+        for d in devices
+    ):
         return None
     return f"is {devices!r}, not a list of {{path, size}} records"
 

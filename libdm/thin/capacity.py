@@ -22,8 +22,15 @@ side of more.
 
 from libdm.thin.units import Bytes
 
-__all__ = ["ENTRIES_PER_BITMAP", "METADATA_BLOCK", "MAX_METADATA_BLOCKS", "blocks_needed",
-           "reserve", "fits", "metadata_size_needed"]
+__all__ = [
+    "ENTRIES_PER_BITMAP",
+    "MAX_METADATA_BLOCKS",
+    "METADATA_BLOCK",
+    "blocks_needed",
+    "fits",
+    "metadata_size_needed",
+    "reserve",
+]
 
 METADATA_BLOCK = 4096
 #: Data blocks one space-map bitmap block covers: 2 bits each after a

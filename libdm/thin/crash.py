@@ -14,24 +14,24 @@ comparison.  The points are listed in :data:`POINTS`.
 import os
 import signal
 
-__all__ = ["POINTS", "point", "arm", "disarm"]
+__all__ = ["POINTS", "arm", "disarm", "point"]
 
 POINTS = (
-    "create:intent",       # intent recorded, nothing sent
-    "create:message",      # create_thin / create_snap sent
+    "create:intent",  # intent recorded, nothing sent
+    "create:message",  # create_thin / create_snap sent
     "create:transaction",  # set_transaction_id sent and committed
-    "create:recorded",     # store updated, device not yet active
+    "create:recorded",  # store updated, device not yet active
     "snapshot:suspended",  # origin suspended, create_snap not sent
-    "delete:intent",       # intent recorded, nothing discarded or removed
+    "delete:intent",  # intent recorded, nothing discarded or removed
     "delete:deactivated",  # blocks discarded, thin device removed, id not deleted
     "delete:message",
     "delete:transaction",
-    "pool:created",        # pool device loaded, store not yet written
-    "grow:intent",         # growth intent recorded, nothing changed yet
-    "grow:truncated",      # a loop file grown, its loop device not yet told
-    "grow:backing",        # files grown or segments recorded, pool not suspended
-    "grow:loaded",         # pool suspended with the new table loaded, not resumed
-    "grow:resumed",        # pool resumed on the new table, outcome not recorded
+    "pool:created",  # pool device loaded, store not yet written
+    "grow:intent",  # growth intent recorded, nothing changed yet
+    "grow:truncated",  # a loop file grown, its loop device not yet told
+    "grow:backing",  # files grown or segments recorded, pool not suspended
+    "grow:loaded",  # pool suspended with the new table loaded, not resumed
+    "grow:resumed",  # pool resumed on the new table, outcome not recorded
     "resize_device:recorded",  # a thin device's new size stored, table not reloaded
 )
 

@@ -12,18 +12,18 @@ from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
 from libdm.thin.errors import REPAIR_HINT, DeviceNotBlankError, PoolFailedError, StateError
-from libdm.thin.status import parse_pool_status
 from libdm.thin.statedir import StateDir
+from libdm.thin.status import parse_pool_status
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
 from libdm.thin.units import Bytes, parse_size
 
-__all__ = ["PoolCreation", "LOCK_NAME", "DEFAULT_BLOCK_SIZE", "DEFAULT_MIN_FREE_SPACE"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_MIN_FREE_SPACE", "LOCK_NAME", "PoolCreation"]
 
 LOCK_NAME = "lock"
 #: The names of a pool's files, its store first: a directory holding any
 #: of them is not claimed for a new pool.
-POOL_FILES = STORE_FILES + (LOCK_NAME, backings.DATA_FILE, backings.METADATA_FILE)
+POOL_FILES = (*STORE_FILES, LOCK_NAME, backings.DATA_FILE, backings.METADATA_FILE)
 DEFAULT_BLOCK_SIZE = "64K"
 DEFAULT_MIN_FREE_SPACE = 10
 
@@ -32,8 +32,15 @@ class PoolCreation:
     """The constructors of :class:`~libdm.Pool`."""
 
     @classmethod
-    def create_loop(cls, name, directory, data_size="100G", metadata_size=None,
-                    block_size=DEFAULT_BLOCK_SIZE, **options):
+    def create_loop(
+        cls,
+        name,
+        directory,
+        data_size="100G",
+        metadata_size=None,
+        block_size=DEFAULT_BLOCK_SIZE,
+        **options,
+    ):
         """Create a pool on sparse files in ``directory`` (loop mode).
 
         The files ``data`` and ``metadata`` are created sparse, attached to
@@ -74,8 +81,11 @@ class PoolCreation:
         data = parse_size(data_size, what="data_size")
         if data < bs.bytes():
             raise ValueError(f"data_size {data_size!r} is smaller than one data block")
-        meta = (backings.default_metadata_size(data, bs) if metadata_size is None
-                else parse_size(metadata_size, what="metadata_size"))
+        meta = (
+            backings.default_metadata_size(data, bs)
+            if metadata_size is None
+            else parse_size(metadata_size, what="metadata_size")
+        )
         if meta < Bytes(2 << 20):
             raise ValueError(f"metadata_size {metadata_size!r} is below the 2 MiB minimum")
         cls._refuse_existing(name)
@@ -89,8 +99,17 @@ class PoolCreation:
         return cls._create(name, directory, make, bs, config, options)
 
     @classmethod
-    def create(cls, name, data_device, metadata_device, *, state_dir,
-               block_size=DEFAULT_BLOCK_SIZE, force=False, **options):
+    def create(
+        cls,
+        name,
+        data_device,
+        metadata_device,
+        *,
+        state_dir,
+        block_size=DEFAULT_BLOCK_SIZE,
+        force=False,
+        **options,
+    ):
         """Create a pool on two block devices (direct mode).
 
         Both devices are checked first: each must be a block device that is
@@ -137,14 +156,18 @@ class PoolCreation:
         cls._refuse_existing(name)
         if os.path.realpath(data_device) == os.path.realpath(metadata_device):
             raise ValueError("data_device and metadata_device must be different devices")
-        meta, data = (cls._check_device(path, force, "create")
-                      for path in (metadata_device, data_device))
+        meta, data = (
+            cls._check_device(path, force, "create") for path in (metadata_device, data_device)
+        )
         if meta.devno == data.devno:
-            raise ValueError(f"data_device and metadata_device must be different devices "
-                             f"({data_device} and {metadata_device} are both {data.devno})")
+            raise ValueError(
+                f"data_device and metadata_device must be different devices "
+                f"({data_device} and {metadata_device} are both {data.devno})"
+            )
         cls._refuse_pieces(name, "create")
-        backing = backings.LinearBacking.new(name, [[metadata_device, 0, None]],
-                                             [[data_device, 0, None]])
+        backing = backings.LinearBacking.new(
+            name, [[metadata_device, 0, None]], [[data_device, 0, None]]
+        )
 
         def make(_statedir):
             _zero_head(metadata_device)
@@ -153,8 +176,18 @@ class PoolCreation:
         return cls._create(name, state_dir, make, bs, {}, options)
 
     @classmethod
-    def create_on_device(cls, name, device, thinp_percent=95, thinp_metapercent=1,
-                         force=False, *, state_dir, block_size=DEFAULT_BLOCK_SIZE, **options):
+    def create_on_device(
+        cls,
+        name,
+        device,
+        thinp_percent=95,
+        thinp_metapercent=1,
+        force=False,
+        *,
+        state_dir,
+        block_size=DEFAULT_BLOCK_SIZE,
+        **options,
+    ):
         """Create a pool on one raw block device, split into metadata and data
         by two linear devices, ``<name>-tmeta`` and ``<name>-tdata``.
 
@@ -185,11 +218,13 @@ class PoolCreation:
         cls._refuse_existing(name)
         cls._refuse_pieces(name, "create_on_device")
         dev = cls._check_device(device, force, "create_on_device")
-        layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent,
-                                       thinp_metapercent)
+        layout = backings.split_layout(
+            Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent
+        )
         meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
-        backing = backings.LinearBacking.new(name, [[device, meta_start, meta_len]],
-                                             [[device, data_start, data_len]])
+        backing = backings.LinearBacking.new(
+            name, [[device, meta_start, meta_len]], [[device, data_start, data_len]]
+        )
 
         def make(_statedir):
             _zero_head(device, offset=int(layout[0].bytes()))
@@ -227,32 +262,46 @@ class PoolCreation:
         check_name(pool_device_name)
         table = ops.table(pool_device_name)
         if len(table) != 1 or table[0].type != "thin-pool":
-            raise ValueError(f"{pool_device_name} is not a thin-pool device "
-                             f"(its table is {', '.join(str(t) for t in table) or 'empty'})")
+            raise ValueError(
+                f"{pool_device_name} is not a thin-pool device "
+                f"(its table is {', '.join(str(t) for t in table) or 'empty'})"
+            )
         params = ThinPoolParams.parse(table[0].params)
         st = parse_pool_status(ops.status(pool_device_name)[0].params)
         if st.failed:
-            raise PoolFailedError(f"pool {pool_device_name} has failed ({st}); {REPAIR_HINT}",
-                                  "adopt", pool_device_name)
+            raise PoolFailedError(
+                f"pool {pool_device_name} has failed ({st}); {REPAIR_HINT}",
+                "adopt",
+                pool_device_name,
+            )
         if st.transaction_id != 0 or st.used_data != 0:
             raise StateError(
                 f"pool {pool_device_name} is in use (transaction id {st.transaction_id}, "
                 f"{int(st.used_data)} data blocks used); libdm adopts only unused pools, "
                 f"so that it never disturbs another owner's transactions",
-                "adopt", pool_device_name,
+                "adopt",
+                pool_device_name,
             )
         uuid = ops.info(pool_device_name).uuid or ""
         options = dict(options)
         options.setdefault("low_water_mark", int(params.low_water_mark))
         options.setdefault("features", sorted(params.features))
-        return cls._create(pool_device_name, state_dir, lambda _: backings.AdoptedBacking(),
-                           params.block_size, {}, options, uuid=uuid)
+        return cls._create(
+            pool_device_name,
+            state_dir,
+            lambda _: backings.AdoptedBacking(),
+            params.block_size,
+            {},
+            options,
+            uuid=uuid,
+        )
 
     @staticmethod
     def _refuse_existing(name):
         if ops.exists(name):
-            raise DeviceExistsError(errno.EEXIST, f"a device named {name!r} exists already",
-                                    "create", name)
+            raise DeviceExistsError(
+                errno.EEXIST, f"a device named {name!r} exists already", "create", name
+            )
 
     @staticmethod
     def _refuse_pieces(name, operation):
@@ -260,8 +309,12 @@ class PoolCreation:
         for piece in (f"{name}-tmeta", f"{name}-tdata"):
             check_name(piece)
             if ops.exists(piece):
-                raise error_for(errno.EEXIST, operation, piece,
-                                message=f"a device named {piece!r} exists already")
+                raise error_for(
+                    errno.EEXIST,
+                    operation,
+                    piece,
+                    message=f"a device named {piece!r} exists already",
+                )
 
     @staticmethod
     def _check_device(path, force, operation):
@@ -275,7 +328,8 @@ class PoolCreation:
             raise DeviceNotBlankError(
                 f"{path} holds {' and '.join(found)}; pass force=True to use it anyway "
                 f"(its contents will be lost)",
-                operation, path,
+                operation,
+                path,
             )
         return dev
 
@@ -297,8 +351,12 @@ class PoolCreation:
             config["made_directory"] = statedir.made
             # The pool row goes in before the device exists: a crash from
             # here on leaves a pool that Pool.open finishes bringing up.
-            store.init_pool(name, uuid if uuid is not None else
-                            f"LIBDM-POOL-{uuidlib.uuid4().hex}", backing.kind, config)
+            store.init_pool(
+                name,
+                uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
+                backing.kind,
+                config,
+            )
             pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
             with pool._changing("create"):
                 if backing.kind != "adopted":
@@ -336,23 +394,24 @@ def _pool_options(block_size, options):
     features = sorted(set(options.pop("features", ())))
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
-        raise ValueError(f"unknown thin-pool feature {', '.join(unknown)}; "
-                         f"known: {', '.join(FEATURES)}")
+        raise ValueError(
+            f"unknown thin-pool feature {', '.join(unknown)}; known: {', '.join(FEATURES)}"
+        )
     lwm = int(options.pop("low_water_mark", 0))
     min_free = options.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
     if not 0 <= min_free < 100:
         raise ValueError(f"min_free_space must be a percentage from 0 to 99, got {min_free}")
-    config = dict(
-        block_size=int(block_size),
-        low_water_mark=lwm,
-        features=features,
-        min_free_space=min_free,
-        deferred_removal=bool(options.pop("deferred_removal", True)),
-        deferred_deletion=bool(options.pop("deferred_deletion", True)),
-        base_device=None,
-        token=uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
-        lock_timeout=lock_timeout,
-    )
+    config = {
+        "block_size": int(block_size),
+        "low_water_mark": lwm,
+        "features": features,
+        "min_free_space": min_free,
+        "deferred_removal": bool(options.pop("deferred_removal", True)),
+        "deferred_deletion": bool(options.pop("deferred_deletion", True)),
+        "base_device": None,
+        "token": uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
+        "lock_timeout": lock_timeout,
+    }
     if options:
         raise TypeError(f"unknown option {', '.join(sorted(options))}")
     return config

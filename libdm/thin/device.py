@@ -12,7 +12,7 @@ from libdm.dm.errors import error_for
 from libdm.thin.status import parse_thin_status
 from libdm.thin.units import Sectors
 
-__all__ = ["ThinDevice", "Snapshot"]
+__all__ = ["Snapshot", "ThinDevice"]
 
 
 class ThinDevice:
@@ -36,12 +36,18 @@ class ThinDevice:
         self._parent_name = row["parent"]
 
     def __repr__(self):
-        return (f"<{type(self).__name__} {self.name!r} id={self.thin_id} "
-                f"size={int(self.size)} pool={self.pool.name!r}>")
+        return (
+            f"<{type(self).__name__} {self.name!r} id={self.thin_id} "
+            f"size={int(self.size)} pool={self.pool.name!r}>"
+        )
 
     def __eq__(self, other):
-        return (isinstance(other, ThinDevice) and other.pool.name == self.pool.name
-                and other.thin_id == self.thin_id and other.name == self.name)
+        return (
+            isinstance(other, ThinDevice)
+            and other.pool.name == self.pool.name
+            and other.thin_id == self.thin_id
+            and other.name == self.name
+        )
 
     def __hash__(self):
         return hash((self.pool.name, self.thin_id))
@@ -132,8 +138,9 @@ class ThinDevice:
             PoolReadOnlyError, PoolFailedError: the pool refuses to grow it.
             RuntimeError: the filesystem tool failed (the device has grown).
         """
-        return self.pool.resize_device(self.name, size, force=force,
-                                       grow_filesystem=grow_filesystem)
+        return self.pool.resize_device(
+            self.name, size, force=force, grow_filesystem=grow_filesystem
+        )
 
     def snapshot(self, name):
         """Take a snapshot of this device (suspending it around the message
@@ -200,8 +207,12 @@ class ThinDevice:
         """
         from libdm.thin import fs
 
-        return fs.mounted(self.path, target, options=options,
-                          xfs_nospace_max_retries=self.pool.xfs_nospace_max_retries)
+        return fs.mounted(
+            self.path,
+            target,
+            options=options,
+            xfs_nospace_max_retries=self.pool.xfs_nospace_max_retries,
+        )
 
 
 class Snapshot(ThinDevice):

@@ -9,13 +9,13 @@ import errno
 from libdm.dm.errors import DMError
 
 __all__ = [
-    "PoolError",
-    "PoolFullError",
-    "PoolReadOnlyError",
-    "PoolFailedError",
-    "PoolLockedError",
-    "StateError",
     "DeviceNotBlankError",
+    "PoolError",
+    "PoolFailedError",
+    "PoolFullError",
+    "PoolLockedError",
+    "PoolReadOnlyError",
+    "StateError",
 ]
 
 REPAIR_HINT = (

@@ -7,8 +7,15 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["make_filesystem", "mounted", "FILESYSTEMS", "grow_filesystem", "trim",
-           "filesystem_type", "set_xfs_nospace_max_retries"]
+__all__ = [
+    "FILESYSTEMS",
+    "filesystem_type",
+    "grow_filesystem",
+    "make_filesystem",
+    "mounted",
+    "set_xfs_nospace_max_retries",
+    "trim",
+]
 
 # Discard is skipped at mkfs time: a new thin device is already unmapped,
 # and discarding it would only cost time.
@@ -28,18 +35,21 @@ def make_filesystem(path, fstype, *, label=None, options=()):
         RuntimeError: mkfs failed; its output is in the message.
     """
     if fstype not in FILESYSTEMS:
-        raise ValueError(f"filesystem {fstype!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
+        raise ValueError(
+            f"filesystem {fstype!r} is not supported; use one of {', '.join(FILESYSTEMS)}"
+        )
     argv = list(FILESYSTEMS[fstype])
     if shutil.which(argv[0]) is None:
         package = "e2fsprogs" if fstype == "ext4" else "xfsprogs"
         raise FileNotFoundError(f"{argv[0]} is not installed (package {package})")
     if label is not None:
         argv += ["-L", label]
-    argv += list(options) + [os.fspath(path)]
+    argv += [*list(options), os.fspath(path)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+        )
 
 
 @contextlib.contextmanager
@@ -78,8 +88,11 @@ def mounted(path, target=None, *, options=None, xfs_nospace_max_retries=None):
 
 def filesystem_type(path):
     """The filesystem ``blkid`` finds on ``path``, or ``None``."""
-    proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", os.fspath(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", os.fspath(path)],
+        capture_output=True,
+        text=True,
+    )
     return proc.stdout.strip() or None
 
 
@@ -109,14 +122,18 @@ def grow_filesystem(path):
     """
     fstype = filesystem_type(path)
     if fstype not in ("ext4", "xfs"):
-        raise ValueError(f"{path} holds {'no filesystem' if fstype is None else fstype}: "
-                         f"only ext4 and xfs can be grown")
+        raise ValueError(
+            f"{path} holds {'no filesystem' if fstype is None else fstype}: "
+            f"only ext4 and xfs can be grown"
+        )
 
     def run(argv):
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout).strip()}")
+            raise RuntimeError(
+                f"{' '.join(argv)} failed ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
 
     where = mount_point(path)
     if fstype == "ext4":
@@ -160,8 +177,7 @@ def xfs_error_path(path, *parts):
     block device ``path``."""
     rdev = os.stat(path).st_rdev
     with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/uevent") as fh:
-        name = next(line.split("=", 1)[1].strip() for line in fh
-                    if line.startswith("DEVNAME="))
+        name = next(line.split("=", 1)[1].strip() for line in fh if line.startswith("DEVNAME="))
     return os.path.join("/sys/fs/xfs", os.path.basename(name), "error", *parts)
 
 

@@ -28,6 +28,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from libdm.dm import ops
+from libdm.dm.blockdev import open_block_device
 from libdm.dm.errors import DMError
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
@@ -39,7 +40,6 @@ from libdm.thin.errors import (
     PoolReadOnlyError,
     StateError,
 )
-from libdm.dm.blockdev import open_block_device
 from libdm.thin.units import Bytes, Sectors, format_size, parse_size
 
 __all__ = ["Growth", "GrowthIntent"]
@@ -100,8 +100,10 @@ class Growth:
             DMError: the kernel refused; the pool is back as it was.
         """
         if self.kind != "loop":
-            raise ValueError(f"pool {self.name!r} is on {self.kind} devices: grow it with "
-                             f"extend(device), or grow its devices and call refresh()")
+            raise ValueError(
+                f"pool {self.name!r} is on {self.kind} devices: grow it with "
+                f"extend(device), or grow its devices and call refresh()"
+            )
         data = None if data_size is None else parse_size(data_size, what="data_size")
         meta = None if metadata_size is None else parse_size(metadata_size, what="metadata_size")
         with self._changing("resize"):
@@ -111,11 +113,15 @@ class Growth:
                 if want is not None and want < now:
                     raise ValueError(
                         f"{what} cannot shrink: it is {format_size(now)}, asked "
-                        f"{format_size(want)} (a thin pool only grows)")
+                        f"{format_size(want)} (a thin pool only grows)"
+                    )
             if data is not None and data > data_now:
                 # Refused before anything changes, metadata growth included.
-                self._check_capacity("resize", dict(self._config, data_size=int(data)),
-                                     extra_metadata=None if meta is None else meta - meta_now)
+                self._check_capacity(
+                    "resize",
+                    dict(self._config, data_size=int(data)),
+                    extra_metadata=None if meta is None else meta - meta_now,
+                )
             # The kernel grows data before metadata on a resume: metadata first.
             if meta is not None and meta > meta_now:
                 self._grow("resize", metadata_size=int(meta))
@@ -177,11 +183,19 @@ class Growth:
             PoolFailedError, PoolReadOnlyError: the pool cannot grow.
         """
         if self.kind != "block":
-            raise ValueError(f"pool {self.name!r} is a {self.kind} pool: "
-                             + ("grow it with resize()" if self.kind == "loop"
-                                else "its devices are not libdm's"))
-        first = None if start is None else (
-            0 if start in (0, "0") else int(parse_size(start, what="start").sectors()))
+            raise ValueError(
+                f"pool {self.name!r} is a {self.kind} pool: "
+                + (
+                    "grow it with resize()"
+                    if self.kind == "loop"
+                    else "its devices are not libdm's"
+                )
+            )
+        first = (
+            None
+            if start is None
+            else (0 if start in (0, "0") else int(parse_size(start, what="start").sectors()))
+        )
         count = None if length is None else int(parse_size(length, what="length").sectors())
         with self._changing("extend"):
             self._check_growable("extend")
@@ -191,33 +205,42 @@ class Growth:
                 size = open_block_device(device).size // 512
                 end = max(stop for _, stop in used)
                 if first is None and -(-end // 8) * 8 >= size:
-                    raise ValueError(f"{device} is already part of pool {self.name!r} and "
-                                     f"has no free part left")
+                    raise ValueError(
+                        f"{device} is already part of pool {self.name!r} and has no free part left"
+                    )
                 first = -(-end // 8) * 8 if first is None else first
-                clash = [(a, b) for a, b in used
-                         if first < b and a < (first + count if count else size)]
+                clash = [
+                    (a, b) for a, b in used if first < b and a < (first + count if count else size)
+                ]
                 if clash:
                     raise ValueError(
                         f"{device} is already part of pool {self.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
-                        f"at sector {-(-end // 8) * 8}")
+                        f"at sector {-(-end // 8) * 8}"
+                    )
             else:
                 size = self._check_device(device, force, "extend").size // 512
                 first = first or 0
-            if first + (count if count is not None else 1) > size or (count is not None
-                                                                      and count <= 0):
-                raise ValueError(f"region {first}+{count} sectors does not fit on {device} "
-                                 f"({size} sectors)")
+            if first + (count if count is not None else 1) > size or (
+                count is not None and count <= 0
+            ):
+                raise ValueError(
+                    f"region {first}+{count} sectors does not fit on {device} ({size} sectors)"
+                )
             side = "meta_segments" if metadata else "data_segments"
             # Segments before the new one are pinned to their current length:
             # if one of them grew later, everything after it would shift.
-            segments = [[path, start, length] for path, start, length
-                        in (t for t in self._config[side])]
-            for seg, target in zip(segments, self._backing.table(segments)):
+            segments = [
+                [path, start, length] for path, start, length in (t for t in self._config[side])
+            ]
+            for seg, target in zip(segments, self._backing.table(segments), strict=False):
                 seg[2] = int(target.length)
             last = segments[-1]
-            if used and os.stat(last[0]).st_rdev == os.stat(device).st_rdev \
-                    and last[1] + last[2] == first:
+            if (
+                used
+                and os.stat(last[0]).st_rdev == os.stat(device).st_rdev
+                and last[1] + last[2] == first
+            ):
                 # Right after the last segment: that segment just grows.
                 last[2] += (size - first) if count is None else count
             else:
@@ -235,7 +258,8 @@ class Growth:
         out = []
         for side in ("meta_segments", "data_segments"):
             segments = self._config[side]
-            for (path, start, _), target in zip(segments, self._backing.table(segments)):
+            targets = self._backing.table(segments)
+            for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
                     out.append((start, start + int(target.length)))
         return out
@@ -296,12 +320,16 @@ class Growth:
     def _check_growable(self, operation):
         st = self.status()
         if st.failed:
-            raise PoolFailedError(f"pool {self.name!r} has failed ({st.state}); {REPAIR_HINT}",
-                                  operation, self.name)
+            raise PoolFailedError(
+                f"pool {self.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, self.name
+            )
         if st.needs_check:
-            raise PoolReadOnlyError(f"pool {self.name!r} needs its metadata checked "
-                                    f"(needs_check) and cannot grow; {REPAIR_HINT}",
-                                    operation, self.name)
+            raise PoolReadOnlyError(
+                f"pool {self.name!r} needs its metadata checked "
+                f"(needs_check) and cannot grow; {REPAIR_HINT}",
+                operation,
+                self.name,
+            )
 
     # -- the growth protocol ---------------------------------------------------------
 
@@ -309,8 +337,9 @@ class Growth:
         """Reload the pool on its configuration with ``changes`` applied,
         journalled (see the module doc)."""
         if self.kind == "adopted":
-            raise ValueError(f"pool {self.name!r} was adopted: its devices and table are not "
-                             f"libdm's to change")
+            raise ValueError(
+                f"pool {self.name!r} was adopted: its devices and table are not libdm's to change"
+            )
         old = dict(self._config)
         new = dict(old, **changes)
         self._check_capacity(operation, new)
@@ -366,8 +395,9 @@ class Growth:
         intent stays, so Pool.open tries again)."""
         old = intent.old
         self._use_config(old)
-        tables = {name: [Target.parse(line) for line in lines]
-                  for name, lines in intent.tables.items()}
+        tables = {
+            name: [Target.parse(line) for line in lines] for name, lines in intent.tables.items()
+        }
         try:
             if self.name in tables:
                 # The pool first, onto its old (shorter) table; then what
@@ -387,7 +417,9 @@ class Growth:
             raise StateError(
                 f"{operation} of pool {self.name!r} failed ({cause}) and so did putting the "
                 f"pool back ({exc}); libdm pool open {self.directory} finishes or undoes it",
-                operation, self.name) from exc
+                operation,
+                self.name,
+            ) from exc
         finally:
             self._resume_if_suspended()
         with self._store.transaction():
@@ -420,14 +452,20 @@ class Growth:
         st = self.status()
         if st.failed or not st.needs_check:
             return
-        busy = [row["name"] for row in self._store.active_devices()
-                if ops.exists(self.device_dm_name(row["name"]))
-                and ops.info(self.device_dm_name(row["name"])).open_count]
+        busy = [
+            row["name"]
+            for row in self._store.active_devices()
+            if ops.exists(self.device_dm_name(row["name"]))
+            and ops.info(self.device_dm_name(row["name"])).open_count
+        ]
         if busy or self.kind == "adopted":
             raise PoolReadOnlyError(
                 f"the kernel refused the change and flagged pool {self.name!r} needs_check "
                 f"(read-only); close {', '.join(busy) or 'its devices'} and run "
-                f"libdm pool open {self.directory} to check and clear it", operation, self.name)
+                f"libdm pool open {self.directory} to check and clear it",
+                operation,
+                self.name,
+            )
         for row in self._store.active_devices():
             dm_name = self.device_dm_name(row["name"])
             if ops.exists(dm_name):
@@ -447,12 +485,17 @@ class Growth:
             else:
                 self._use_config(intent.new)
                 if self.kind == "loop":
-                    self._backing.grow(Bytes(intent.new["data_size"]),
-                                       Bytes(intent.new["metadata_size"]))
+                    self._backing.grow(
+                        Bytes(intent.new["data_size"]), Bytes(intent.new["metadata_size"])
+                    )
                 self._activate_pool(operation)
         except (DMError, OSError, ValueError) as exc:
-            logger.warning("pool %s: could not finish the interrupted %s (%s); rolling back",
-                           self.name, intent.operation, exc)
+            logger.warning(
+                "pool %s: could not finish the interrupted %s (%s); rolling back",
+                self.name,
+                intent.operation,
+                exc,
+            )
             if backings.exists_live(self.name):
                 self._roll_back_growth(intent, operation, exc)
             else:
@@ -474,8 +517,9 @@ class Growth:
         needed = capacity.blocks_needed(old_blocks, new_blocks)
         if not needed:
             return
-        total = int(st.total_meta) + (0 if not extra_metadata
-                                      else int(extra_metadata) // capacity.METADATA_BLOCK)
+        total = int(st.total_meta) + (
+            0 if not extra_metadata else int(extra_metadata) // capacity.METADATA_BLOCK
+        )
         used = int(st.used_meta)
         if capacity.fits(used, total, needed):
             return
@@ -486,16 +530,24 @@ class Growth:
             raise PoolFullError(
                 f"pool {self.name!r} cannot map {size} of data with {int(self.block_size)}-"
                 f"sector blocks: that takes more than the 16 GiB of metadata the kernel can "
-                f"use", operation, self.name)
-        how = (f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
-               f"(libdm pool resize --metadata-size {format_size(want)})"
-               if self.kind == "loop" else "extend(device, metadata=True) grows it")
+                f"use",
+                operation,
+                self.name,
+            )
+        how = (
+            f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
+            f"(libdm pool resize --metadata-size {format_size(want)})"
+            if self.kind == "loop"
+            else "extend(device, metadata=True) grows it"
+        )
         raise PoolFullError(
             f"growing the data of pool {self.name!r} to {size} needs {needed} more metadata "
             f"blocks, more than its {have} of metadata has free ({used} of {total} blocks used, "
             f"the kernel's reserve included): the kernel would refuse it or leave the pool "
             f"read-only; the metadata must be at least {format_size(want)}: {how}",
-            operation, self.name)
+            operation,
+            self.name,
+        )
 
     def _data_sectors(self, config):
         """The data device's size in sectors under ``config``."""

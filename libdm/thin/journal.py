@@ -24,7 +24,6 @@ points (:mod:`libdm.thin.crash`) let tests stop the process at each step.
 import enum
 import errno
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from libdm.dm import ops
 from libdm.dm.errors import DeviceBusyError, DMError
@@ -32,7 +31,7 @@ from libdm.thin import crash
 from libdm.thin.errors import PoolFullError, StateError
 from libdm.thin.table import MAX_THIN_ID
 
-__all__ = ["Op", "Intent", "Transaction", "Journal"]
+__all__ = ["Intent", "Journal", "Op", "Transaction"]
 
 
 class Op(enum.Enum):
@@ -62,9 +61,9 @@ class Intent:
     txid: int
     thin_id: int
     name: str
-    size: Optional[int] = None
-    parent: Optional[str] = None
-    origin_id: Optional[int] = None
+    size: int | None = None
+    parent: str | None = None
+    origin_id: int | None = None
 
     @classmethod
     def from_row(cls, row):
@@ -76,10 +75,21 @@ class Intent:
         try:
             op = Op(row["op"])
         except ValueError:
-            raise StateError(f"the journal holds an unknown operation {row['op']!r} "
-                             f"(transaction {row['txid']})", "open", None) from None
-        return cls(op, row["txid"], row["thin_id"], row["name"], row["size"], row["parent"],
-                   row["origin_id"])
+            raise StateError(
+                f"the journal holds an unknown operation {row['op']!r} "
+                f"(transaction {row['txid']})",
+                "open",
+                None,
+            ) from None
+        return cls(
+            op,
+            row["txid"],
+            row["thin_id"],
+            row["name"],
+            row["size"],
+            row["parent"],
+            row["origin_id"],
+        )
 
     def row(self):
         """The store's columns for this intent."""
@@ -112,10 +122,18 @@ class Transaction:
             if thin_id is None:
                 thin_id = store.allocate_id(MAX_THIN_ID)
                 if thin_id is None:
-                    raise PoolFullError(f"pool {pool.name!r} has no free thin device id left",
-                                        op.value, pool.name)
-            intent = Intent(op, store.transaction_id() + 1, thin_id, name,
-                            None if size is None else int(size), parent, origin_id)
+                    raise PoolFullError(
+                        f"pool {pool.name!r} has no free thin device id left", op.value, pool.name
+                    )
+            intent = Intent(
+                op,
+                store.transaction_id() + 1,
+                thin_id,
+                name,
+                None if size is None else int(size),
+                parent,
+                origin_id,
+            )
             store.add_intent(**intent.row())
         crash.point(f"{op.crash_prefix}:intent")
         return cls(pool, intent)
@@ -167,8 +185,9 @@ class Transaction:
             if intent.op.creates:
                 # Active, as a create records it: the outcome lost may be one
                 # whose device the caller was already using.
-                store.add_device(intent.name, intent.thin_id, intent.size, intent.parent,
-                                 active=True)
+                store.add_device(
+                    intent.name, intent.thin_id, intent.size, intent.parent, active=True
+                )
             else:
                 row = store.device(intent.name)
                 if row is not None and row["thin_id"] == intent.thin_id:
@@ -188,9 +207,12 @@ class Transaction:
         pool, intent = self.pool, self.intent
         stored = pool._store.transaction_id()
         if intent.txid != stored + 1:
-            raise StateError(f"the journal of pool {pool.name!r} holds an intent for "
-                             f"transaction {intent.txid}, but the store is at {stored}",
-                             operation, pool.name)
+            raise StateError(
+                f"the journal of pool {pool.name!r} holds an intent for "
+                f"transaction {intent.txid}, but the store is at {stored}",
+                operation,
+                pool.name,
+            )
         if kernel_txid == intent.txid:
             self.record_outcome()
             return kernel_txid
@@ -198,7 +220,10 @@ class Transaction:
             raise StateError(
                 f"pool {pool.name!r} is at transaction {kernel_txid} in the kernel but "
                 f"{stored} in the store (with a change to {intent.txid} in flight); "
-                f"another program may have changed the pool", operation, pool.name)
+                f"another program may have changed the pool",
+                operation,
+                pool.name,
+            )
         # The transaction id never moved.  A create may still have reached
         # the kernel: delete the id so it cannot leak.  A delete is
         # finished: its data may already be discarded, so the device must
@@ -238,7 +263,9 @@ class Journal:
             raise StateError(
                 f"pool {self.name!r} is at transaction {kernel} in the kernel but {stored} "
                 f"in the store; another program changed the pool, so libdm will not touch it",
-                operation, self.name)
+                operation,
+                self.name,
+            )
 
     def _delete_thin_id(self, thin_id):
         """Send ``delete``; an id the kernel does not hold is fine."""
@@ -308,8 +335,7 @@ class Journal:
         """Create a thin id through the journal (see the module doc)."""
         op = Op(op)
         while True:
-            txn = Transaction.open(self, op, name, size=size, parent=parent,
-                                   origin_id=origin_id)
+            txn = Transaction.open(self, op, name, size=size, parent=parent, origin_id=origin_id)
             thin_id = txn.intent.thin_id
             try:
                 if op is Op.CREATE_THIN:

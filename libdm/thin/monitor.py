@@ -21,18 +21,18 @@ Every step is logged on the ``libdm.monitor`` logger and kept in
 and ``max_metadata_size`` are hard limits.
 """
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from libdm.dm.errors import DMError
 from libdm.dm.events import wait_event
 from libdm.thin.units import Bytes, format_size, parse_size
 
-__all__ = ["Monitor", "GrowthStep"]
+__all__ = ["GrowthStep", "Monitor"]
 
 logger = logging.getLogger("libdm.monitor")
 
@@ -54,7 +54,7 @@ class GrowthStep:
     used_percent: float
     old_size: Bytes
     new_size: Bytes
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def ok(self):
@@ -87,9 +87,20 @@ class Monitor:
 
     MAX_BACKOFF = 300.0
 
-    def __init__(self, pool, threshold=80, percent=20, *, metadata_threshold=None,
-                 interval=10.0, max_data_size=None, max_metadata_size=None, reserve="64M",
-                 spares=(), grow=None):
+    def __init__(
+        self,
+        pool,
+        threshold=80,
+        percent=20,
+        *,
+        metadata_threshold=None,
+        interval=10.0,
+        max_data_size=None,
+        max_metadata_size=None,
+        reserve="64M",
+        spares=(),
+        grow=None,
+    ):
         for what, value in (("threshold", threshold), ("metadata_threshold", metadata_threshold)):
             if value is not None and not 0 < value < 100:
                 raise ValueError(f"{what} must be a percentage between 1 and 99, got {value}")
@@ -101,8 +112,9 @@ class Monitor:
         self.metadata_threshold = threshold if metadata_threshold is None else metadata_threshold
         self.interval = interval
         self.max_data_size = None if max_data_size is None else parse_size(max_data_size)
-        self.max_metadata_size = (None if max_metadata_size is None
-                                  else parse_size(max_metadata_size))
+        self.max_metadata_size = (
+            None if max_metadata_size is None else parse_size(max_metadata_size)
+        )
         self.reserve = parse_size(reserve, what="reserve")
         self.spares = list(spares)
         self.grow_callback = grow
@@ -119,10 +131,8 @@ class Monitor:
         """Ask :meth:`run` to return, ending a wait in progress at once (safe
         from another thread or a signal handler)."""
         self._stop.set()
-        try:
+        with contextlib.suppress(BlockingIOError):  # already woken
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already woken
 
     def start(self):
         """Run in a daemon thread; returns this monitor.  ``with
@@ -130,8 +140,9 @@ class Monitor:
         self._stop.clear()
         self._drain_wake()
         self._error = None
-        self._thread = threading.Thread(target=self._run_in_thread, daemon=True,
-                                        name=f"libdm-monitor-{self.pool.name}")
+        self._thread = threading.Thread(
+            target=self._run_in_thread, daemon=True, name=f"libdm-monitor-{self.pool.name}"
+        )
         self._thread.start()
         return self
 
@@ -176,11 +187,10 @@ class Monitor:
             timeout = self.interval
             if self._retry_at:
                 timeout = max(0.0, min(timeout, self._retry_at - time.monotonic()))
-            try:
-                seen = wait_event(self.pool.name, seen, timeout=max(timeout, 0.01),
-                                  wake_fd=self._wake_r)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                seen = wait_event(
+                    self.pool.name, seen, timeout=max(timeout, 0.01), wake_fd=self._wake_r
+                )
         self._drain_wake()
         return self.history
 
@@ -201,8 +211,11 @@ class Monitor:
             return []
         st = self.pool.status()
         if st.failed:
-            return [self._record("data", 100.0, Bytes(0), Bytes(0),
-                                 f"the pool has failed ({st.state})")]
+            return [
+                self._record(
+                    "data", 100.0, Bytes(0), Bytes(0), f"the pool has failed ({st.state})"
+                )
+            ]
         steps = []
         data_pct = 100.0 * int(st.used_data) / max(int(st.total_data), 1)
         if data_pct >= self.threshold:
@@ -241,8 +254,9 @@ class Monitor:
         if limit is not None and want > limit:
             want = Bytes(int(limit) // unit * unit)
         if want <= old:
-            return self._record(part, used_pct, old, old,
-                                f"at its hard limit of {format_size(limit)}")
+            return self._record(
+                part, used_pct, old, old, f"at its hard limit of {format_size(limit)}"
+            )
         try:
             new = self._apply(part, old, want)
         except (DMError, OSError, ValueError) as exc:
@@ -258,13 +272,14 @@ class Monitor:
         if pool.kind == "loop":
             want = self._clamp_to_filesystem(part, old, want)
             if want <= old:
-                raise OSError(f"the filesystem holding {pool.directory} has no room beyond "
-                              f"its {format_size(self.reserve)} reserve")
+                raise OSError(
+                    f"the filesystem holding {pool.directory} has no room beyond "
+                    f"its {format_size(self.reserve)} reserve"
+                )
             if part == "data":
                 # Re-armed in the same reload: one suspend per step, not two.
                 blocks = int(want) // int(pool.block_size.bytes())
-                pool.resize(data_size=want,
-                            low_water_mark=blocks * (100 - self.threshold) // 100)
+                pool.resize(data_size=want, low_water_mark=blocks * (100 - self.threshold) // 100)
             else:
                 pool.resize(metadata_size=want)
         elif pool.kind == "block" and (self.spares or pool.free_regions()):
@@ -279,15 +294,17 @@ class Monitor:
                 sectors = min(int(free), -(-(int(want) - int(old)) // 512)) // unit * unit
                 if sectors <= 0:
                     raise OSError(f"the free region of {path} is smaller than one block")
-                pool.extend(path, metadata=metadata, start=int(start.bytes()),
-                            length=sectors * 512)
+                pool.extend(
+                    path, metadata=metadata, start=int(start.bytes()), length=sectors * 512
+                )
         elif self.grow_callback is not None:
             if not self.grow_callback(pool, part, old, want):
                 raise OSError(f"the grow callback did not grow the {part}")
             pool.refresh()
         else:
-            raise OSError(f"no way to grow the {part} of pool {pool.name!r}: give spares "
-                          f"or a grow callback")
+            raise OSError(
+                f"no way to grow the {part} of pool {pool.name!r}: give spares or a grow callback"
+            )
         data, meta = self._sizes()
         return data if part == "data" else meta
 
@@ -305,9 +322,20 @@ class Monitor:
         step = GrowthStep(time.time(), part, round(used_pct, 1), Bytes(old), Bytes(new), error)
         self.history.append(step)
         if error is None:
-            logger.info("pool %s: %s %.1f%% used, grown from %s to %s", self.pool.name, part,
-                        used_pct, format_size(old), format_size(new))
+            logger.info(
+                "pool %s: %s %.1f%% used, grown from %s to %s",
+                self.pool.name,
+                part,
+                used_pct,
+                format_size(old),
+                format_size(new),
+            )
         else:
-            logger.error("pool %s: %s %.1f%% used, could not grow: %s", self.pool.name, part,
-                         used_pct, error)
+            logger.error(
+                "pool %s: %s %.1f%% used, could not grow: %s",
+                self.pool.name,
+                part,
+                used_pct,
+                error,
+            )
         return step

@@ -58,9 +58,10 @@ THIN_SUPERBLOCK_MAGIC = 27022010
 
 def _thin_check_failure(meta_path):
     """Run thin_check on an inactive pool's metadata (clearing the
-    needs_check flag when it is clean); return its complaint or ``None``.  Skipped (``None``) where thin-provisioning-tools is not
-    installed, and for metadata never written (all zeros: a pool whose
-    creation stopped before the kernel formatted it)."""
+    needs_check flag when it is clean); return its complaint or ``None``.
+    Skipped (``None``) where thin-provisioning-tools is not installed,
+    and for metadata never written (all zeros: a pool whose creation
+    stopped before the kernel formatted it)."""
     tool = shutil.which("thin_check")
     if tool is None:
         return None
@@ -72,8 +73,9 @@ def _thin_check_failure(meta_path):
         os.close(fd)
     # As LVM does by default: metadata that checks clean gets its
     # needs_check flag cleared, or the kernel would keep the pool read-only.
-    proc = subprocess.run([tool, "-q", "--clear-needs-check-flag", meta_path],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [tool, "-q", "--clear-needs-check-flag", meta_path], capture_output=True, text=True
+    )
     if proc.returncode == 0:
         return None
     return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
@@ -135,7 +137,8 @@ class Pool(PoolCreation, Journal, Growth):
         self._lock_fd = -1
         try:
             self._lock_fd = self._store.statedir.open_file(
-                LOCK_NAME, os.O_RDWR, "open", "lock file", create=True)
+                LOCK_NAME, os.O_RDWR, "open", "lock file", create=True
+            )
             self._load()
         except BaseException:
             if self._lock_fd >= 0:
@@ -151,8 +154,9 @@ class Pool(PoolCreation, Journal, Growth):
         self.uuid = row["uuid"]
         self.kind = row["kind"]
         self._config = row["config"]
-        self._backing = backings.from_config(self.kind, self._store.statedir, self.name,
-                                             self._config)
+        self._backing = backings.from_config(
+            self.kind, self._store.statedir, self.name, self._config
+        )
 
     @classmethod
     def load(cls, directory, *, lock_timeout=30.0):
@@ -244,7 +248,8 @@ class Pool(PoolCreation, Journal, Growth):
                     raise PoolLockedError(
                         f"another process has been changing pool {self.name!r} for more "
                         f"than {self.lock_timeout} s (lock {self.directory}/{LOCK_NAME})",
-                        operation, self.name,
+                        operation,
+                        self.name,
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
@@ -279,14 +284,22 @@ class Pool(PoolCreation, Journal, Growth):
         return f"{info.major}:{info.minor}"
 
     def _expected_params(self, devs):
-        return ThinPoolParams(devs.meta.devno, devs.data.devno, self.block_size,
-                              DataBlocks(self._config["low_water_mark"]),
-                              frozenset(self._config["features"]))
+        return ThinPoolParams(
+            devs.meta.devno,
+            devs.data.devno,
+            self.block_size,
+            DataBlocks(self._config["low_water_mark"]),
+            frozenset(self._config["features"]),
+        )
 
     def _table_for(self, devs):
-        length = Sectors(devs.data.size // 512).data_blocks(self.block_size).sectors(self.block_size)
+        length = (
+            Sectors(devs.data.size // 512).data_blocks(self.block_size).sectors(self.block_size)
+        )
         if length == 0:
-            raise ValueError(f"the data device of pool {self.name!r} is smaller than one data block")
+            raise ValueError(
+                f"the data device of pool {self.name!r} is smaller than one data block"
+            )
         return [Target(0, int(length), "thin-pool", str(self._expected_params(devs)))]
 
     def _activate_pool(self, operation):
@@ -298,7 +311,10 @@ class Pool(PoolCreation, Journal, Growth):
         if self.kind == "adopted":
             raise StateError(
                 f"adopted pool {self.name!r} is not live; libdm does not own its devices, "
-                f"so whoever made it must activate it", operation, self.name)
+                f"so whoever made it must activate it",
+                operation,
+                self.name,
+            )
         with self._backing.attach() as devs:
             if operation == "open":
                 self._check_superblock(devs.meta.path, operation)
@@ -306,7 +322,10 @@ class Pool(PoolCreation, Journal, Growth):
                 if complaint is not None:
                     raise PoolFailedError(
                         f"thin_check found damaged metadata on {devs.meta.path}: {complaint}; "
-                        f"repair it with thin_repair before opening the pool", operation, self.name)
+                        f"repair it with thin_repair before opening the pool",
+                        operation,
+                        self.name,
+                    )
             ops.create(self.name, self._table_for(devs), uuid=self.uuid)
 
     def _settle_live_pool(self, operation):
@@ -320,19 +339,26 @@ class Pool(PoolCreation, Journal, Growth):
             return
         if self.kind == "adopted":
             state = "suspended" if info.suspended else "carrying an inactive table"
-            raise StateError(f"adopted pool {self.name!r} is {state}; its owner must resume "
-                             f"it (dmsetup resume {self.name})", operation, self.name)
+            raise StateError(
+                f"adopted pool {self.name!r} is {state}; its owner must resume "
+                f"it (dmsetup resume {self.name})",
+                operation,
+                self.name,
+            )
         if info.inactive_table:
-            logger.warning("pool %s: dropping a table loaded by an interrupted change",
-                           self.name)
+            logger.warning("pool %s: dropping a table loaded by an interrupted change", self.name)
             ops.reload(self.name, ops.table(self.name))
         logger.warning("pool %s: resuming it after an interrupted change", self.name)
         ops.resume(self.name)
 
     def _ever_used(self):
         """True if the store shows the pool held a device at some time."""
-        return bool(self._store.transaction_id() or self._store.count_devices()
-                    or self._store.intents() or self._store.deferred_deletes())
+        return bool(
+            self._store.transaction_id()
+            or self._store.count_devices()
+            or self._store.intents()
+            or self._store.deferred_deletes()
+        )
 
     def _check_superblock(self, meta_path, operation):
         """Refuse metadata whose superblock is blank or foreign before any
@@ -343,55 +369,81 @@ class Pool(PoolCreation, Journal, Growth):
         try:
             head = os.pread(fd, 4096, 0)
         except OSError as exc:
-            raise PoolFailedError(f"cannot read the metadata of pool {self.name!r} on "
-                                  f"{meta_path}: {exc}; {REPAIR_HINT}", operation,
-                                  self.name) from exc
+            raise PoolFailedError(
+                f"cannot read the metadata of pool {self.name!r} on "
+                f"{meta_path}: {exc}; {REPAIR_HINT}",
+                operation,
+                self.name,
+            ) from exc
         finally:
             os.close(fd)
-        repair = (f"recover it with thin_repair -i {meta_path} -o <a new file or device of "
-                  f"the same size>, check that with thin_check, and put it in place of "
-                  f"{meta_path}")
+        repair = (
+            f"recover it with thin_repair -i {meta_path} -o <a new file or device of "
+            f"the same size>, check that with thin_check, and put it in place of "
+            f"{meta_path}"
+        )
         if not any(head):
             if not self._ever_used():
                 return
             # What the blank superblock lost, thin_repair must be told.
             blocks = self._data_sectors(self._config) // int(self.block_size)
             repair = repair.replace(
-                " -o <", f" --transaction-id {self._store.transaction_id()} --data-block-size "
-                f"{int(self.block_size)} --nr-data-blocks {blocks} -o <")
+                " -o <",
+                f" --transaction-id {self._store.transaction_id()} --data-block-size "
+                f"{int(self.block_size)} --nr-data-blocks {blocks} -o <",
+            )
             raise PoolFailedError(
                 f"the metadata superblock of pool {self.name!r} on {meta_path} is blank, but "
                 f"the store records transaction {self._store.transaction_id()} and "
                 f"{self._store.count_devices()} devices: loading the pool would format "
-                f"empty metadata over it; {repair}", operation, self.name)
+                f"empty metadata over it; {repair}",
+                operation,
+                self.name,
+            )
         if len(head) < 40 or int.from_bytes(head[32:40], "little") != THIN_SUPERBLOCK_MAGIC:
             raise PoolFailedError(
                 f"{meta_path} holds no thin-pool metadata superblock (bad magic); {repair}",
-                operation, self.name)
+                operation,
+                self.name,
+            )
 
     def _verify_live_pool(self, operation):
         live = ops.table(self.name)
         if len(live) != 1 or live[0].type != "thin-pool":
-            raise StateError(f"device {self.name!r} is not a thin pool (table: "
-                             f"{'; '.join(map(str, live)) or 'none'})", operation, self.name)
+            raise StateError(
+                f"device {self.name!r} is not a thin pool (table: "
+                f"{'; '.join(map(str, live)) or 'none'})",
+                operation,
+                self.name,
+            )
         got = ThinPoolParams.parse(live[0].params)
         diffs = []
         if got.block_size != self.block_size:
-            diffs.append(f"block size {int(got.block_size)} sectors, stored {int(self.block_size)}")
+            diffs.append(
+                f"block size {int(got.block_size)} sectors, stored {int(self.block_size)}"
+            )
         if sorted(got.features) != sorted(self._config["features"]):
             diffs.append(f"features {sorted(got.features)}, stored {self._config['features']}")
         if int(got.low_water_mark) != self._config["low_water_mark"]:
-            diffs.append(f"low water mark {int(got.low_water_mark)}, "
-                         f"stored {self._config['low_water_mark']}")
+            diffs.append(
+                f"low water mark {int(got.low_water_mark)}, "
+                f"stored {self._config['low_water_mark']}"
+            )
         if self.kind != "adopted":
             with self._backing.attach() as devs:
-                for what, have, want in (("metadata device", got.metadata_dev, devs.meta.devno),
-                                         ("data device", got.data_dev, devs.data.devno)):
+                for what, have, want in (
+                    ("metadata device", got.metadata_dev, devs.meta.devno),
+                    ("data device", got.data_dev, devs.data.devno),
+                ):
                     if have != want:
                         diffs.append(f"{what} {have}, expected {want}")
         if diffs:
-            raise StateError(f"the live table of pool {self.name!r} differs from its stored "
-                             f"configuration: {'; '.join(diffs)}", operation, self.name)
+            raise StateError(
+                f"the live table of pool {self.name!r} differs from its stored "
+                f"configuration: {'; '.join(diffs)}",
+                operation,
+                self.name,
+            )
 
     def status(self):
         """The pool's status from the kernel (committing its metadata): a
@@ -406,26 +458,40 @@ class Pool(PoolCreation, Journal, Growth):
     def _writable_status(self, operation):
         st = self.status()
         if st.failed:
-            raise PoolFailedError(f"pool {self.name!r} has failed (the kernel reports "
-                                  f"{st.state}); {REPAIR_HINT}", operation, self.name)
+            raise PoolFailedError(
+                f"pool {self.name!r} has failed (the kernel reports {st.state}); {REPAIR_HINT}",
+                operation,
+                self.name,
+            )
         if st.needs_check:
-            raise PoolReadOnlyError(f"pool {self.name!r} needs its metadata checked "
-                                    f"(needs_check); {REPAIR_HINT}", operation, self.name)
+            raise PoolReadOnlyError(
+                f"pool {self.name!r} needs its metadata checked (needs_check); {REPAIR_HINT}",
+                operation,
+                self.name,
+            )
         if st.mode == "ro":
-            raise PoolReadOnlyError(f"pool {self.name!r} is read-only (a metadata error or "
-                                    f"no metadata space); {REPAIR_HINT}", operation, self.name)
+            raise PoolReadOnlyError(
+                f"pool {self.name!r} is read-only (a metadata error or "
+                f"no metadata space); {REPAIR_HINT}",
+                operation,
+                self.name,
+            )
         return st
 
     def _check_free_space(self, st, operation):
         pct = self.min_free_space
-        for what, free, total in (("data", st.free_data, st.total_data),
-                                  ("metadata", st.free_meta, st.total_meta)):
+        for what, free, total in (
+            ("data", st.free_data, st.total_data),
+            ("metadata", st.free_meta, st.total_meta),
+        ):
             if int(free) * 100 < int(total) * pct:
                 raise PoolFullError(
                     f"pool {self.name!r} has {int(free)} of {int(total)} {what} blocks free "
                     f"({100 * int(free) / max(int(total), 1):.1f}%), below its minimum free "
                     f"space of {pct}%; grow the pool or delete devices",
-                    operation, self.name)
+                    operation,
+                    self.name,
+                )
 
     # -- bringing a pool up ------------------------------------------------------------
 
@@ -438,7 +504,7 @@ class Pool(PoolCreation, Journal, Growth):
         for entry in ops.list_devices():
             if not entry.name.startswith(prefix):
                 continue
-            row = self._store.device(entry.name[len(prefix):])
+            row = self._store.device(entry.name[len(prefix) :])
             if row is not None and not row["active"]:
                 with self._store.transaction():
                     self._store.set_active(row["name"], True)
@@ -471,8 +537,14 @@ class Pool(PoolCreation, Journal, Growth):
                 self.unavailable[row["name"]] = str(exc)
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s; delete it "
-                    "with: libdm thin delete --pool %s %s", self.name, row["name"],
-                    row["thin_id"], exc, self.directory, row["name"])
+                    "with: libdm thin delete --pool %s %s",
+                    self.name,
+                    row["name"],
+                    row["thin_id"],
+                    exc,
+                    self.directory,
+                    row["name"],
+                )
 
     # -- devices ----------------------------------------------------------------------
 
@@ -486,8 +558,9 @@ class Pool(PoolCreation, Journal, Growth):
         try:
             check_name(dm_name)
         except ValueError as exc:
-            raise ValueError(f"device name {name!r} is too long for pool {self.name!r}: "
-                             f"{exc}") from None
+            raise ValueError(
+                f"device name {name!r} is too long for pool {self.name!r}: {exc}"
+            ) from None
         return dm_name
 
     def _wrap(self, row):
@@ -501,8 +574,12 @@ class Pool(PoolCreation, Journal, Growth):
         """
         row = self._store.device(name)
         if row is None:
-            raise error_for(errno.ENXIO, operation, name,
-                            message=f"pool {self.name!r} has no device named {name!r}")
+            raise error_for(
+                errno.ENXIO,
+                operation,
+                name,
+                message=f"pool {self.name!r} has no device named {name!r}",
+            )
         return row
 
     def device(self, name):
@@ -571,8 +648,12 @@ class Pool(PoolCreation, Journal, Growth):
             try:
                 self.delete_device(name, _discard=False)  # it never held data
             except DMError as undo:
-                logger.error("pool %s: could not delete %s after its activation failed: %s",
-                             self.name, name, undo)
+                logger.error(
+                    "pool %s: could not delete %s after its activation failed: %s",
+                    self.name,
+                    name,
+                    undo,
+                )
             raise exc
 
     def _before_change(self, operation, name, dm_name):
@@ -581,11 +662,19 @@ class Pool(PoolCreation, Journal, Growth):
         st = self.status()  # after the retry: what it freed counts
         self._check_free_space(st, operation)
         if self._store.device(name) is not None:
-            raise DeviceExistsError(errno.EEXIST, f"pool {self.name!r} already has a device "
-                                    f"named {name!r}", operation, name)
+            raise DeviceExistsError(
+                errno.EEXIST,
+                f"pool {self.name!r} already has a device named {name!r}",
+                operation,
+                name,
+            )
         if ops.exists(dm_name):
-            raise DeviceExistsError(errno.EEXIST, f"a device-mapper device named {dm_name!r} "
-                                    f"exists already", operation, dm_name)
+            raise DeviceExistsError(
+                errno.EEXIST,
+                f"a device-mapper device named {dm_name!r} exists already",
+                operation,
+                dm_name,
+            )
 
     def activate_device(self, name):
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
@@ -601,17 +690,28 @@ class Pool(PoolCreation, Journal, Growth):
         table = self._thin_table(row, self._devno())
         if backings.exists_live(dm_name):
             live = ops.table(dm_name)
-            if len(live) == 1 and live[0]._replace(length=table[0].length) == table[0] \
-                    and live != table:
+            if (
+                len(live) == 1
+                and live[0]._replace(length=table[0].length) == table[0]
+                and live != table
+            ):
                 # A resize killed between its record and its reload.
-                logger.warning("pool %s: %s resized to its recorded %s sectors", self.name,
-                               dm_name, table[0].length)
+                logger.warning(
+                    "pool %s: %s resized to its recorded %s sectors",
+                    self.name,
+                    dm_name,
+                    table[0].length,
+                )
                 ops.reload(dm_name, table)
                 ops.resume(dm_name)
                 live = table
             if live != table:
-                raise StateError(f"{dm_name} exists with table {'; '.join(map(str, live))}, "
-                                 f"expected {table[0]}", operation, dm_name)
+                raise StateError(
+                    f"{dm_name} exists with table {'; '.join(map(str, live))}, "
+                    f"expected {table[0]}",
+                    operation,
+                    dm_name,
+                )
             info = ops.info(dm_name)
             if info.deferred_remove:
                 # Wanted again while a deferred removal is pending (Docker's
@@ -628,8 +728,7 @@ class Pool(PoolCreation, Journal, Growth):
             if info.suspended:
                 ops.resume(dm_name)
         else:
-            ops.create(dm_name, table,
-                       uuid=f"LIBDM-THIN-{self._config['token']}-{row['thin_id']}")
+            ops.create(dm_name, table, uuid=f"LIBDM-THIN-{self._config['token']}-{row['thin_id']}")
         if not row["active"]:
             with self._store.transaction():
                 self._store.set_active(row["name"], True)
@@ -650,11 +749,15 @@ class Pool(PoolCreation, Journal, Growth):
                     raise ValueError(
                         f"{name!r} would shrink from {format_size(old.bytes())} to "
                         f"{format_size(size.bytes())}, cutting off whatever is stored past "
-                        f"the new end; pass force=True (--force) if that is meant")
+                        f"the new end; pass force=True (--force) if that is meant"
+                    )
                 if live and ops.info(dm_name).open_count:
-                    raise DeviceBusyError(errno.EBUSY, f"{dm_name} is in use; a device is "
-                                          f"shrunk only when nothing has it open",
-                                          "resize_device", dm_name)
+                    raise DeviceBusyError(
+                        errno.EBUSY,
+                        f"{dm_name} is in use; a device is shrunk only when nothing has it open",
+                        "resize_device",
+                        dm_name,
+                    )
                 if live:
                     # Give the cut-off blocks back to the pool first.
                     _discard(ops.device_path(dm_name), size.bytes(), (old - size).bytes())
@@ -703,8 +806,15 @@ class Pool(PoolCreation, Journal, Growth):
 
     # -- settings -----------------------------------------------------------------------
 
-    def configure(self, *, base_size=None, discard_on_delete=None, deferred_removal=None,
-                  deferred_deletion=None, xfs_nospace_max_retries=None):
+    def configure(
+        self,
+        *,
+        base_size=None,
+        discard_on_delete=None,
+        deferred_removal=None,
+        deferred_deletion=None,
+        xfs_nospace_max_retries=None,
+    ):
         """Change the pool's settings; ``None`` leaves one as it is.
 
         Args:
@@ -724,9 +834,11 @@ class Pool(PoolCreation, Journal, Growth):
         changes = {}
         if base_size is not None:
             changes["base_size"] = int(parse_size(base_size, what="base_size"))
-        for key, value in (("discard_on_delete", discard_on_delete),
-                           ("deferred_removal", deferred_removal),
-                           ("deferred_deletion", deferred_deletion)):
+        for key, value in (
+            ("discard_on_delete", discard_on_delete),
+            ("deferred_removal", deferred_removal),
+            ("deferred_deletion", deferred_deletion),
+        ):
             if value is not None:
                 changes[key] = bool(value)
         if xfs_nospace_max_retries is not None:
@@ -766,8 +878,10 @@ class Pool(PoolCreation, Journal, Growth):
         from libdm.thin import repair
 
         if self.kind != "loop":
-            raise ValueError(f"pool {self.name!r} is a {self.kind} pool: libdm repairs loop "
-                             f"pools' metadata only, for now")
+            raise ValueError(
+                f"pool {self.name!r} is a {self.kind} pool: libdm repairs loop "
+                f"pools' metadata only, for now"
+            )
         with self._changing("repair"):
             damaged = repair.repair_loop_pool(self, partial)
             self._bring_up("repair")
@@ -804,20 +918,25 @@ class Pool(PoolCreation, Journal, Growth):
                 ops.create(dm_name, self._thin_table(row, self._devno()))
             except (DMError, ValueError) as exc:
                 # Giving space back is a courtesy: the delete goes on.
-                logger.warning("pool %s: %s not discarded before its delete: %s", self.name,
-                               dm_name, exc)
+                logger.warning(
+                    "pool %s: %s not discarded before its delete: %s", self.name, dm_name, exc
+                )
                 return
             made = True
         try:
             if ops.info(dm_name).open_count:
-                logger.info("pool %s: %s is open, so its blocks are not discarded before "
-                            "its delete", self.name, dm_name)
+                logger.info(
+                    "pool %s: %s is open, so its blocks are not discarded before its delete",
+                    self.name,
+                    dm_name,
+                )
                 return
             try:
                 _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
             except OSError as exc:  # the delete goes on: its data goes anyway
-                logger.warning("pool %s: discarding %s before its delete failed: %s",
-                               self.name, dm_name, exc)
+                logger.warning(
+                    "pool %s: discarding %s before its delete failed: %s", self.name, dm_name, exc
+                )
         finally:
             if made:
                 ops.remove(dm_name)

@@ -18,12 +18,18 @@ whether the pool is watched right now.
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from libdm.thin.errors import StateError
 
-__all__ = ["Registration", "config_dir", "status_path", "register", "unregister",
-           "registrations", "watch_state"]
+__all__ = [
+    "Registration",
+    "config_dir",
+    "register",
+    "registrations",
+    "status_path",
+    "unregister",
+    "watch_state",
+]
 
 CONFIG_ENV = "LIBDM_MONITOR_DIR"
 RUN_ENV = "LIBDM_RUN_DIR"
@@ -45,10 +51,10 @@ class Registration:
     pool: str
     threshold: int = 80
     percent: int = 20
-    metadata_threshold: Optional[int] = None
-    max_data_size: Optional[int] = None
-    max_metadata_size: Optional[int] = None
-    reserve: Optional[int] = None
+    metadata_threshold: int | None = None
+    max_data_size: int | None = None
+    max_metadata_size: int | None = None
+    reserve: int | None = None
     spares: list = field(default_factory=list)
 
     def monitor_options(self):
@@ -80,8 +86,9 @@ def register(registration, directory=None):
     """
     directory = directory or config_dir()
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    registration = Registration(**dict(asdict(registration),
-                                       pool=os.path.abspath(registration.pool)))
+    registration = Registration(
+        **dict(asdict(registration), pool=os.path.abspath(registration.pool))
+    )
     path = _file_for(registration.pool, directory)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "x") as fh:
@@ -130,8 +137,9 @@ def registrations(directory=None):
                 data = tomllib.load(fh)
             out[path] = Registration(**data)
         except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
-            raise StateError(f"the monitor registration {path} is not valid: {exc}",
-                             "monitor", None) from None
+            raise StateError(
+                f"the monitor registration {path} is not valid: {exc}", "monitor", None
+            ) from None
     return out
 
 
@@ -156,6 +164,9 @@ def watch_state(pool_dir):
     if registered is None and watched is None:
         return None
     settings = watched or asdict(registered)
-    return {"watched": watched is not None and watched.get("running", False),
-            "registered": registered is not None,
-            "threshold": settings.get("threshold"), "percent": settings.get("percent")}
+    return {
+        "watched": watched is not None and watched.get("running", False),
+        "registered": registered is not None,
+        "threshold": settings.get("threshold"),
+        "percent": settings.get("percent"),
+    }

@@ -11,8 +11,9 @@ were active come back.
 
 A blank or damaged superblock may have lost the transaction id, the data
 block size and the number of data blocks; when thin_repair asks for
-them, it is given them from the pool's store.  The tools open their devices with O_DIRECT, so both metadata
-copies are reached through loop devices.
+them, it is given them from the pool's store.  The tools open their
+devices with O_DIRECT, so both metadata copies are reached through loop
+devices.
 """
 
 import errno
@@ -26,7 +27,7 @@ from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
 from libdm.thin.errors import PoolFailedError
 
-__all__ = ["repair_loop_pool", "finish_swap"]
+__all__ = ["finish_swap", "repair_loop_pool"]
 
 SPARE = "metadata.repair"
 
@@ -37,7 +38,10 @@ def _run(argv, what, pool):
         raise PoolFailedError(
             f"{what} failed on the metadata of pool {pool.name!r}: "
             f"{(proc.stderr or proc.stdout).strip() or f'exit status {proc.returncode}'}; "
-            f"nothing was swapped in", "repair", pool.name)
+            f"nothing was swapped in",
+            "repair",
+            pool.name,
+        )
     return proc.stdout
 
 
@@ -51,8 +55,12 @@ def _take_down(pool):
     live = [name for name in names if ops.exists(name)]
     busy = [name for name in live if ops.info(name).open_count]
     if busy:
-        raise DeviceBusyError(errno.EBUSY, f"{', '.join(busy)} are in use: close them before "
-                              f"the pool's metadata is repaired", "repair", pool.name)
+        raise DeviceBusyError(
+            errno.EBUSY,
+            f"{', '.join(busy)} are in use: close them before the pool's metadata is repaired",
+            "repair",
+            pool.name,
+        )
     for name in live:
         ops.remove(name)
     if ops.exists(pool.name):
@@ -76,8 +84,9 @@ def repair_loop_pool(pool, partial=False):
     """
     for tool in ("thin_repair", "thin_check"):
         if shutil.which(tool) is None:
-            raise FileNotFoundError(errno.ENOENT, f"{tool} is not installed "
-                                    f"(package thin-provisioning-tools)", tool)
+            raise FileNotFoundError(
+                errno.ENOENT, f"{tool} is not installed (package thin-provisioning-tools)", tool
+            )
     statedir = pool._store.statedir
     _take_down(pool)
     size = pool._backing.sizes()[1]  # checked: the pool's own file, no symlink
@@ -89,19 +98,24 @@ def repair_loop_pool(pool, partial=False):
         os.close(fd)
     spare = statedir.join(SPARE)
     try:
-        with loop.attach(pool._backing.metadata_file, read_only=True,
-                         follow_symlinks=False) as source, \
-                loop.attach(spare, follow_symlinks=False) as target:
+        with (
+            loop.attach(
+                pool._backing.metadata_file, read_only=True, follow_symlinks=False
+            ) as source,
+            loop.attach(spare, follow_symlinks=False) as target,
+        ):
             try:
-                _run(["thin_repair", "-i", source.path, "-o", target.path], "thin_repair",
-                     pool)
+                _run(["thin_repair", "-i", source.path, "-o", target.path], "thin_repair", pool)
             except PoolFailedError as exc:
                 if "provided on the command line" not in str(exc):
                     raise
                 # The superblock lost fields thin_repair cannot guess: the
                 # store has them.
-                _run(["thin_repair", "-i", source.path, *_lost_fields(pool), "-o",
-                      target.path], "thin_repair", pool)
+                _run(
+                    ["thin_repair", "-i", source.path, *_lost_fields(pool), "-o", target.path],
+                    "thin_repair",
+                    pool,
+                )
             _run(["thin_check", target.path], "thin_check of the repaired copy", pool)
             _check_recovered(pool, target.path, partial)
     except BaseException:
@@ -128,8 +142,9 @@ def finish_swap(pool):
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
         if current is not None and current.st_ino != pool._config["file_inodes"]["metadata"]:
-            os.rename("metadata", record["damaged"], src_dir_fd=statedir.fd,
-                      dst_dir_fd=statedir.fd)
+            os.rename(
+                "metadata", record["damaged"], src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd
+            )
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
     pool._update_config(repair=None)
@@ -137,8 +152,12 @@ def finish_swap(pool):
 
 def _check_recovered(pool, path, partial):
     """Refuse a repaired copy that lacks thin devices the store records."""
-    found = {int(m) for m in re.findall(r'<device dev_id="(\d+)"',
-                                        _run(["thin_dump", path], "thin_dump", pool))}
+    found = {
+        int(m)
+        for m in re.findall(
+            r'<device dev_id="(\d+)"', _run(["thin_dump", path], "thin_dump", pool)
+        )
+    }
     store = pool._store
     wanted = {row["thin_id"]: row["name"] for row in store.devices()}
     wanted.update({row["thin_id"]: row["name"] for row in store.deferred_deletes()})
@@ -148,7 +167,9 @@ def _check_recovered(pool, path, partial):
             f"thin_repair recovered {len(wanted) - len(missing)} of the {len(wanted)} devices "
             f"of pool {pool.name!r}; lost: {', '.join(missing)}; nothing was swapped in "
             f"(repair(partial=True), or --partial, accepts what it recovered)",
-            "repair", pool.name)
+            "repair",
+            pool.name,
+        )
 
 
 def _lost_fields(pool):
@@ -156,5 +177,11 @@ def _lost_fields(pool):
     store: the transaction id, the data block size and the number of data
     blocks."""
     blocks = pool._data_sectors(pool._config) // int(pool.block_size)
-    return ["--transaction-id", str(pool._store.transaction_id()),
-            "--data-block-size", str(int(pool.block_size)), "--nr-data-blocks", str(blocks)]
+    return [
+        "--transaction-id",
+        str(pool._store.transaction_id()),
+        "--data-block-size",
+        str(int(pool.block_size)),
+        "--nr-data-blocks",
+        str(blocks),
+    ]

@@ -2,13 +2,12 @@
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from libdm.dm import ops
 from libdm.dm.udev import udev_sync_supported
 from libdm.thin.units import Bytes, format_size
 
-__all__ = ["PoolInfo", "pool_info", "backing_filesystem"]
+__all__ = ["PoolInfo", "backing_filesystem", "pool_info"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class PoolInfo:
 
     pool_name: str
     pool_blocksize: Bytes
-    base_device_size: Optional[Bytes]
+    base_device_size: Bytes | None
     backing_filesystem: str
     data_file: str
     metadata_file: str
@@ -43,9 +42,9 @@ class PoolInfo:
     devices: int
     state: str
     # Loop pools only: the files behind the loop devices, and their filesystem.
-    data_loop_file: Optional[str] = None
-    metadata_loop_file: Optional[str] = None
-    loop_files_filesystem: Optional[str] = None
+    data_loop_file: str | None = None
+    metadata_loop_file: str | None = None
+    loop_files_filesystem: str | None = None
     # Whether the monitor service watches the pool (libdm.thin.registry).
     monitored: str = "no"
 
@@ -57,32 +56,38 @@ class PoolInfo:
         }
         if self.base_device_size is not None:
             out["Base Device Size"] = format_size(self.base_device_size)
-        out.update({
-            "Backing Filesystem": self.backing_filesystem,
-            "Data file": self.data_file,
-            "Metadata file": self.metadata_file,
-        })
+        out.update(
+            {
+                "Backing Filesystem": self.backing_filesystem,
+                "Data file": self.data_file,
+                "Metadata file": self.metadata_file,
+            }
+        )
         if self.data_loop_file is not None:
-            out.update({
-                "Data loop file": self.data_loop_file,
-                "Metadata loop file": self.metadata_loop_file,
-                "Loop Files Filesystem": self.loop_files_filesystem,
-            })
-        out.update({
-            "Data Space Used": format_size(self.data_used),
-            "Data Space Total": format_size(self.data_total),
-            "Data Space Available": format_size(self.data_available),
-            "Metadata Space Used": format_size(self.metadata_used),
-            "Metadata Space Total": format_size(self.metadata_total),
-            "Metadata Space Available": format_size(self.metadata_available),
-            "Thin Pool Minimum Free Space": format_size(self.min_free_space),
-            "Udev Sync Supported": str(self.udev_sync_supported).lower(),
-            "Deferred Removal Enabled": str(self.deferred_removal).lower(),
-            "Deferred Deletion Enabled": str(self.deferred_deletion).lower(),
-            "Deferred Deleted Device Count": str(self.deferred_deleted_count),
-            "Library Version": self.library_version,
-            "Monitored": self.monitored,
-        })
+            out.update(
+                {
+                    "Data loop file": self.data_loop_file,
+                    "Metadata loop file": self.metadata_loop_file,
+                    "Loop Files Filesystem": self.loop_files_filesystem,
+                }
+            )
+        out.update(
+            {
+                "Data Space Used": format_size(self.data_used),
+                "Data Space Total": format_size(self.data_total),
+                "Data Space Available": format_size(self.data_available),
+                "Metadata Space Used": format_size(self.metadata_used),
+                "Metadata Space Total": format_size(self.metadata_total),
+                "Metadata Space Available": format_size(self.metadata_available),
+                "Thin Pool Minimum Free Space": format_size(self.min_free_space),
+                "Udev Sync Supported": str(self.udev_sync_supported).lower(),
+                "Deferred Removal Enabled": str(self.deferred_removal).lower(),
+                "Deferred Deletion Enabled": str(self.deferred_deletion).lower(),
+                "Deferred Deleted Device Count": str(self.deferred_deleted_count),
+                "Library Version": self.library_version,
+                "Monitored": self.monitored,
+            }
+        )
         return out
 
     def __str__(self):

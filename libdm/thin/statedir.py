@@ -15,6 +15,7 @@ directory itself, new files), so that a failed creation removes exactly
 that and nothing else.
 """
 
+import contextlib
 import errno
 import os
 import stat
@@ -63,11 +64,15 @@ class StateDir:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except PermissionError:
             raise PermissionDeniedError(
-                errno.EACCES, f"cannot open the pool state in {path}: {NEEDS_ROOT}",
-                operation, None) from None
+                errno.EACCES,
+                f"cannot open the pool state in {path}: {NEEDS_ROOT}",
+                operation,
+                None,
+            ) from None
         except (FileNotFoundError, NotADirectoryError):
-            raise StateError(f"no pool state in {path} (no such directory)",
-                             operation, None) from None
+            raise StateError(
+                f"no pool state in {path} (no such directory)", operation, None
+            ) from None
         return cls._checked(path, fd, False, operation)
 
     @classmethod
@@ -120,7 +125,10 @@ class StateDir:
                 f"the state directory {self.path} is owned by {_user(st.st_uid)} with mode "
                 f"{stat.S_IMODE(st.st_mode):o}; libdm uses only a directory owned by "
                 f"{_user(euid)} that no one else can write (whoever can write it controls "
-                f"the pool and the disks it names)", operation, None)
+                f"the pool and the disks it names)",
+                operation,
+                None,
+            )
 
     def _foreign(self, st):
         return self._owner is not None and st.st_uid != self._owner
@@ -137,9 +145,11 @@ class StateDir:
         if names[0] in found:
             message = f"{self.path} holds a pool already ({paths})"
         else:
-            message = (f"{self.path} holds files named like a pool's but no pool state: "
-                       f"{paths}; libdm will not use or delete them: move them away or "
-                       f"choose another directory")
+            message = (
+                f"{self.path} holds files named like a pool's but no pool state: "
+                f"{paths}; libdm will not use or delete them: move them away or "
+                f"choose another directory"
+            )
         raise DeviceExistsError(errno.EEXIST, message, operation, self.path)
 
     # -- files ------------------------------------------------------------------------
@@ -175,8 +185,9 @@ class StateDir:
             why = f"is owned by {_user(st.st_uid)}"
         else:
             return
-        raise StateError(f"the pool's {what} {self.join(name)} {why}; libdm refuses to use it",
-                         operation, None)
+        raise StateError(
+            f"the pool's {what} {self.join(name)} {why}; libdm refuses to use it", operation, None
+        )
 
     def make_file(self, name, operation="create", what="file"):
         """Create ``name`` (mode 0600, never through a symlink) and record it.
@@ -188,11 +199,19 @@ class StateDir:
             DeviceExistsError: something of that name is there already.
         """
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=self.fd)
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self.fd,
+            )
         except FileExistsError:
-            raise DeviceExistsError(errno.EEXIST, f"the pool's {what} {self.join(name)} "
-                                    f"exists already", operation, self.join(name)) from None
+            raise DeviceExistsError(
+                errno.EEXIST,
+                f"the pool's {what} {self.join(name)} exists already",
+                operation,
+                self.join(name),
+            ) from None
         except OSError as exc:
             raise self._open_error(name, exc, operation, what) from None
         self.created.append(name)
@@ -229,8 +248,11 @@ class StateDir:
 
     def _open_error(self, name, exc, operation, what):
         if exc.errno == errno.ELOOP:
-            return StateError(f"the pool's {what} {self.join(name)} is a symbolic link; "
-                              f"libdm refuses to use it", operation, None)
+            return StateError(
+                f"the pool's {what} {self.join(name)} is a symbolic link; libdm refuses to use it",
+                operation,
+                None,
+            )
         if exc.errno == errno.ENOENT:
             return StateError(f"the pool's {what} {self.join(name)} is missing", operation, None)
         if exc.errno == errno.EROFS:
@@ -240,10 +262,8 @@ class StateDir:
 
     def unlink(self, name):
         """Remove ``name`` if it is there (never what a symlink points to)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
-        except FileNotFoundError:
-            pass
 
     def remove_created(self):
         """Remove the files this object created, and the directory if it
@@ -262,10 +282,9 @@ class StateDir:
         os.close(self.fd)
         self.fd = -1
         if remove_made and self.made:
-            try:
+            # OSError: not empty, someone put something there meanwhile
+            with contextlib.suppress(OSError):
                 os.rmdir(self.path)
-            except OSError:
-                pass  # not empty: someone put something there meanwhile
 
 
 def _make_directory(path, operation):
@@ -303,9 +322,12 @@ def _fs_type(fd):
 
 
 def _read_only(path, operation):
-    return PoolReadOnlyError(f"the state directory {path} is on a read-only filesystem; "
-                             f"libdm must write there to use the pool (nothing was changed)",
-                             operation, None)
+    return PoolReadOnlyError(
+        f"the state directory {path} is on a read-only filesystem; "
+        f"libdm must write there to use the pool (nothing was changed)",
+        operation,
+        None,
+    )
 
 
 def _user(uid):

@@ -6,15 +6,14 @@ to :class:`ThinPoolFailed`; a thin device's to :class:`ThinFailed`.
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 from libdm.thin.units import DataBlocks, MetaBlocks, Sectors
 
 __all__ = [
-    "ThinPoolStatus",
-    "ThinPoolFailed",
-    "ThinStatus",
     "ThinFailed",
+    "ThinPoolFailed",
+    "ThinPoolStatus",
+    "ThinStatus",
     "parse_pool_status",
     "parse_thin_status",
 ]
@@ -61,12 +60,12 @@ class ThinPoolStatus:
     total_meta: MetaBlocks
     used_data: DataBlocks
     total_data: DataBlocks
-    held_root: Optional[int]
+    held_root: int | None
     mode: str
     discard: str
     no_space: str
     needs_check: bool
-    meta_low_water: Optional[MetaBlocks] = None
+    meta_low_water: MetaBlocks | None = None
 
     failed = False
 
@@ -98,14 +97,14 @@ def _field(fields, pos, what, text):
     try:
         return fields[pos]
     except IndexError:
-        raise ValueError(f"thin-pool status {text!r}: field {pos + 1} ({what}) is missing") from None
+        raise ValueError(
+            f"thin-pool status {text!r}: field {pos + 1} ({what}) is missing"
+        ) from None
 
 
 def _number(value, pos, what, text, kind="status"):
     if not (value.isascii() and value.isdigit()):
-        raise ValueError(
-            f"{kind} {text!r}: field {pos + 1} ({what}) is {value!r}, not a number"
-        )
+        raise ValueError(f"{kind} {text!r}: field {pos + 1} ({what}) is {value!r}, not a number")
     return int(value)
 
 
@@ -148,23 +147,37 @@ def parse_pool_status(text):
     f = stripped.split()
     if len(f) > 9:
         raise ValueError(f"thin-pool status {text!r}: {len(f)} fields, at most 9 expected")
-    tid = _number(_field(f, 0, "transaction id", text), 0, "transaction id", text,
-                  "thin-pool status")
+    tid = _number(
+        _field(f, 0, "transaction id", text), 0, "transaction id", text, "thin-pool status"
+    )
     used_meta, total_meta = _ratio(f, 1, "metadata used/total", text, MetaBlocks)
     used_data, total_data = _ratio(f, 2, "data used/total", text, DataBlocks)
     held = _field(f, 3, "held metadata root", text)
-    held_root = None if held == "-" else _number(held, 3, "held metadata root", text,
-                                                 "thin-pool status")
+    held_root = (
+        None if held == "-" else _number(held, 3, "held metadata root", text, "thin-pool status")
+    )
     mode = _choice(f, 4, "mode", text, MODES)
     discard = _choice(f, 5, "discard mode", text, DISCARDS)
     no_space = _choice(f, 6, "no-space policy", text, NO_SPACE)
     needs_check = _choice(f, 7, "needs_check", text, ("needs_check", "-")) == "needs_check"
     meta_lwm = None
     if len(f) > 8:
-        meta_lwm = MetaBlocks(_number(f[8], 8, "metadata low water mark", text,
-                                      "thin-pool status"))
-    return ThinPoolStatus(tid, used_meta, total_meta, used_data, total_data, held_root,
-                          mode, discard, no_space, needs_check, meta_lwm)
+        meta_lwm = MetaBlocks(
+            _number(f[8], 8, "metadata low water mark", text, "thin-pool status")
+        )
+    return ThinPoolStatus(
+        tid,
+        used_meta,
+        total_meta,
+        used_data,
+        total_data,
+        held_root,
+        mode,
+        discard,
+        no_space,
+        needs_check,
+        meta_lwm,
+    )
 
 
 @dataclass(frozen=True)
@@ -190,7 +203,7 @@ class ThinStatus:
     """
 
     mapped: Sectors
-    highest_mapped: Optional[Sectors]
+    highest_mapped: Sectors | None
 
     failed = False
 
@@ -219,6 +232,7 @@ def parse_thin_status(text):
             f"thin status {text!r}: expected '<mapped sectors> <highest mapped sector>'"
         )
     mapped = _number(f[0], 0, "mapped sectors", text, "thin status")
-    highest = None if f[1] == "-" else _number(f[1], 1, "highest mapped sector", text,
-                                               "thin status")
+    highest = (
+        None if f[1] == "-" else _number(f[1], 1, "highest mapped sector", text, "thin status")
+    )
     return ThinStatus(Sectors(mapped), None if highest is None else Sectors(highest))

@@ -30,13 +30,13 @@ from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
 from libdm.thin.errors import StateError
 from libdm.thin.statedir import StateDir
 
-__all__ = ["Store", "DB_NAME", "COMPANIONS", "STORE_FILES", "SCHEMA_VERSION"]
+__all__ = ["COMPANIONS", "DB_NAME", "SCHEMA_VERSION", "STORE_FILES", "Store"]
 
 DB_NAME = "state.db"
 #: The files SQLite keeps beside the database (``state.db-wal`` ...).
 COMPANIONS = ("-wal", "-shm", "-journal")
 #: The store's files, the database first.
-STORE_FILES = (DB_NAME,) + tuple(DB_NAME + suffix for suffix in COMPANIONS)
+STORE_FILES = (DB_NAME, *tuple(DB_NAME + suffix for suffix in COMPANIONS))
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -104,8 +104,9 @@ class Store:
         if isinstance(directory, StateDir):
             statedir = directory
         else:
-            statedir = (StateDir.claim(directory, STORE_FILES) if create
-                        else StateDir.open(directory))
+            statedir = (
+                StateDir.claim(directory, STORE_FILES) if create else StateDir.open(directory)
+            )
         try:
             self._open(statedir, create)
         except BaseException:
@@ -121,16 +122,18 @@ class Store:
         if create:
             os.close(statedir.make_file(DB_NAME, operation, "state store"))
         elif statedir.check_file(DB_NAME, operation, "state store") is None:
-            raise StateError(f"no pool state in {self.directory} ({DB_NAME} is missing)",
-                             operation, None)
+            raise StateError(
+                f"no pool state in {self.directory} ({DB_NAME} is missing)", operation, None
+            )
         # SQLite opens these by name, following symlinks: check them first.
         for name in STORE_FILES[1:]:
             statedir.check_file(name, operation, "state store")
         if not os.access(self.path, os.R_OK | os.W_OK):
             self._refuse_permission()
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                      check_same_thread=False)
+            self.db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -148,26 +151,28 @@ class Store:
             raise StateError(
                 f"the pool state in {self.path} is unreadable ({exc}); nothing was "
                 f"changed or deleted — restore it from a backup or inspect it with sqlite3",
-                "open", None,
+                "open",
+                None,
             ) from exc
 
     def _refuse_permission(self):
         raise PermissionDeniedError(
-            errno.EACCES, f"cannot open the pool state in {self.directory}: {NEEDS_ROOT}",
-            "open", None,
+            errno.EACCES,
+            f"cannot open the pool state in {self.directory}: {NEEDS_ROOT}",
+            "open",
+            None,
         )
 
     def _check_schema(self):
-        row = self.db.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             raise sqlite3.DatabaseError("no schema version")
         if int(row[0]) > SCHEMA_VERSION:
             raise StateError(
                 f"the pool state in {self.path} was written by a newer libdm "
                 f"(schema {row[0]}, this one knows {SCHEMA_VERSION})",
-                "open", None,
+                "open",
+                None,
             )
 
     def close_db(self):
@@ -224,7 +229,8 @@ class Store:
         if row is None:
             raise StateError(
                 f"{self.path} records no pool (its creation was interrupted)",
-                "open", None,
+                "open",
+                None,
             )
         out = dict(row)
         out["config"] = self._decode_config(out["config"])
@@ -241,8 +247,9 @@ class Store:
             if field not in config:
                 raise self.damaged(field, "is missing")
             if not _is(config[field], types):
-                raise self.damaged(field, f"is {config[field]!r}, not "
-                                          f"{' or '.join(t.__name__ for t in types)}")
+                raise self.damaged(
+                    field, f"is {config[field]!r}, not {' or '.join(t.__name__ for t in types)}"
+                )
         return config
 
     def damaged(self, field, why):
@@ -250,12 +257,14 @@ class Store:
         return StateError(
             f"the pool state in {self.path} is damaged: its field {field!r} {why}; nothing "
             f"was changed — restore it from a backup or inspect it with sqlite3",
-            "open", None,
+            "open",
+            None,
         )
 
     def set_config(self, config):
-        self.db.execute("UPDATE pool SET config = ? WHERE id = 1",
-                        (json.dumps(config, sort_keys=True),))
+        self.db.execute(
+            "UPDATE pool SET config = ? WHERE id = 1", (json.dumps(config, sort_keys=True),)
+        )
 
     def transaction_id(self):
         return self.db.execute("SELECT transaction_id FROM pool WHERE id = 1").fetchone()[0]
@@ -277,12 +286,18 @@ class Store:
         return [dict(r) for r in self.db.execute("SELECT * FROM devices ORDER BY name")]
 
     def active_devices(self):
-        return [dict(r) for r in self.db.execute(
-            "SELECT * FROM devices WHERE active = 1 ORDER BY thin_id")]
+        return [
+            dict(r)
+            for r in self.db.execute("SELECT * FROM devices WHERE active = 1 ORDER BY thin_id")
+        ]
 
     def children(self, name):
-        return [r[0] for r in self.db.execute(
-            "SELECT name FROM devices WHERE parent = ? ORDER BY name", (name,))]
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT name FROM devices WHERE parent = ? ORDER BY name", (name,)
+            )
+        ]
 
     def count_devices(self):
         return self.db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
@@ -300,8 +315,7 @@ class Store:
         self.db.execute("UPDATE devices SET parent = NULL WHERE parent = ?", (name,))
 
     def set_active(self, name, active):
-        self.db.execute("UPDATE devices SET active = ? WHERE name = ?",
-                        (1 if active else 0, name))
+        self.db.execute("UPDATE devices SET active = ? WHERE name = ?", (1 if active else 0, name))
 
     def set_size(self, name, size):
         self.db.execute("UPDATE devices SET size = ? WHERE name = ?", (int(size), name))
@@ -316,13 +330,16 @@ class Store:
     def id_in_use(self, thin_id):
         """True if the id is held by a device, an intent, a deferred delete
         or is known to be held by the kernel alone."""
-        return self.db.execute(
-            "SELECT EXISTS(SELECT 1 FROM devices WHERE thin_id = ?1)"
-            " OR EXISTS(SELECT 1 FROM intents WHERE thin_id = ?1)"
-            " OR EXISTS(SELECT 1 FROM deferred_deletes WHERE thin_id = ?1)"
-            " OR EXISTS(SELECT 1 FROM foreign_ids WHERE thin_id = ?1)",
-            (thin_id,),
-        ).fetchone()[0] == 1
+        return (
+            self.db.execute(
+                "SELECT EXISTS(SELECT 1 FROM devices WHERE thin_id = ?1)"
+                " OR EXISTS(SELECT 1 FROM intents WHERE thin_id = ?1)"
+                " OR EXISTS(SELECT 1 FROM deferred_deletes WHERE thin_id = ?1)"
+                " OR EXISTS(SELECT 1 FROM foreign_ids WHERE thin_id = ?1)",
+                (thin_id,),
+            ).fetchone()[0]
+            == 1
+        )
 
     def allocate_id(self, limit):
         """Take the lowest free thin id (call inside a transaction).
@@ -394,12 +411,15 @@ class Store:
     # -- deferred deletes ------------------------------------------------------
 
     def queue_delete(self, thin_id, name):
-        self.db.execute("INSERT OR REPLACE INTO deferred_deletes (thin_id, name) VALUES (?, ?)",
-                        (thin_id, name))
+        self.db.execute(
+            "INSERT OR REPLACE INTO deferred_deletes (thin_id, name) VALUES (?, ?)",
+            (thin_id, name),
+        )
 
     def deferred_deletes(self):
-        return [dict(r) for r in self.db.execute(
-            "SELECT * FROM deferred_deletes ORDER BY thin_id")]
+        return [
+            dict(r) for r in self.db.execute("SELECT * FROM deferred_deletes ORDER BY thin_id")
+        ]
 
     def drop_deferred_delete(self, thin_id):
         self.db.execute("DELETE FROM deferred_deletes WHERE thin_id = ?", (thin_id,))

@@ -13,11 +13,11 @@ from libdm.thin.units import DataBlocks, Sectors
 
 __all__ = [
     "FEATURES",
-    "MIN_BLOCK_SIZE",
     "MAX_BLOCK_SIZE",
     "MAX_THIN_ID",
-    "ThinPoolParams",
+    "MIN_BLOCK_SIZE",
     "ThinParams",
+    "ThinPoolParams",
     "check_block_size",
     "check_thin_id",
 ]
@@ -99,7 +99,7 @@ class ThinPoolParams:
     metadata_dev: str
     data_dev: str
     block_size: Sectors
-    low_water_mark: DataBlocks = DataBlocks(0)
+    low_water_mark: DataBlocks = DataBlocks(0)  # noqa: RUF009 (immutable)
     features: frozenset = field(default_factory=frozenset)
 
     def __post_init__(self):
@@ -120,8 +120,14 @@ class ThinPoolParams:
     def __str__(self):
         feats = [f for f in FEATURES if f in self.features]
         return " ".join(
-            [self.metadata_dev, self.data_dev, str(self.block_size),
-             str(self.low_water_mark), str(len(feats)), *feats]
+            [
+                self.metadata_dev,
+                self.data_dev,
+                str(self.block_size),
+                str(self.low_water_mark),
+                str(len(feats)),
+                *feats,
+            ]
         )
 
     @classmethod
@@ -145,8 +151,7 @@ class ThinPoolParams:
             raise ValueError(
                 f"{text!r}: field 5 says {count} feature args but {len(feats)} follow"
             )
-        return cls(fields[0], fields[1], Sectors(block_size), DataBlocks(lwm),
-                   frozenset(feats))
+        return cls(fields[0], fields[1], Sectors(block_size), DataBlocks(lwm), frozenset(feats))
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""

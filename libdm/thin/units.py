@@ -14,15 +14,15 @@ All conversion between units lives here.
 import re
 
 __all__ = [
+    "MAX_SIZE",
+    "META_BLOCK_SIZE",
+    "SECTOR_SIZE",
     "Bytes",
-    "Sectors",
     "DataBlocks",
     "MetaBlocks",
-    "SECTOR_SIZE",
-    "META_BLOCK_SIZE",
-    "MAX_SIZE",
-    "parse_size",
+    "Sectors",
     "format_size",
+    "parse_size",
 ]
 
 SECTOR_SIZE = 512
@@ -44,8 +44,7 @@ class _Unit(int):
     def _other(self, other, op):
         if isinstance(other, _Unit) and type(other) is not type(self):
             raise TypeError(
-                f"cannot {op} {type(self).__name__} and {type(other).__name__}: "
-                f"convert one first"
+                f"cannot {op} {type(self).__name__} and {type(other).__name__}: convert one first"
             )
         if isinstance(other, bool) or not isinstance(other, int):
             return NotImplemented
@@ -174,12 +173,23 @@ def _require(value, cls, what):
 
 
 _SUFFIXES = {
-    "": 1, "B": 1,
-    "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
-    "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-    "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
-    "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40,
-    "P": 1 << 50, "PB": 1 << 50, "PIB": 1 << 50,
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+    "T": 1 << 40,
+    "TB": 1 << 40,
+    "TIB": 1 << 40,
+    "P": 1 << 50,
+    "PB": 1 << 50,
+    "PIB": 1 << 50,
     "S": SECTOR_SIZE,  # sectors, as in LVM's "s" suffix
 }
 _SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z", re.ASCII)
@@ -208,7 +218,7 @@ def _not_a_size(value, what):
         odd = next(c for c in value if not c.isascii())
         return ValueError(
             f"{what} {_shown(value)} is not a size: it has the non-ASCII character "
-            f"{ascii(odd)}; use ASCII digits 0-9, e.g. '512M'"
+            f"{odd!a}; use ASCII digits 0-9, e.g. '512M'"
         )
     return ValueError(
         f"{what} {_shown(value)} is not a size: use bytes or a number with "

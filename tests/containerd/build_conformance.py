@@ -23,9 +23,11 @@ CACHE = os.path.join(ROOT, ".venv", "cache", "libdm-conformance")
 
 
 def binary_path():
-    version = subprocess.run(["dpkg-query", "-W", "-f=${Version}",
-                              "golang-github-containerd-containerd-dev"],
-                             capture_output=True, text=True).stdout
+    version = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "golang-github-containerd-containerd-dev"],
+        capture_output=True,
+        text=True,
+    ).stdout
     with open(WRAPPER, "rb") as fh:
         key = hashlib.sha256(fh.read() + version.encode()).hexdigest()[:16]
     return os.path.join(CACHE, f"conformance-{key}.test")
@@ -39,9 +41,11 @@ def build():
     """
     go = shutil.which("go")
     if not go or not os.path.isdir(os.path.join(SRC, "snapshots", "testsuite")):
-        raise RuntimeError("containerd's conformance suite needs golang-go and "
-                           "golang-github-containerd-containerd-dev (bash .ci/setup.sh "
-                           "installs them)")
+        raise RuntimeError(
+            "containerd's conformance suite needs golang-go and "
+            "golang-github-containerd-containerd-dev (bash .ci/setup.sh "
+            "installs them)"
+        )
     binary = binary_path()
     if os.path.exists(binary):
         return binary
@@ -49,13 +53,24 @@ def build():
     pkg = os.path.join(build_dir, "src", "libdmconformance")
     os.makedirs(pkg, exist_ok=True)
     shutil.copy(WRAPPER, pkg)
-    env = dict(os.environ, GO111MODULE="off", GOPATH=f"{build_dir}:/usr/share/gocode",
-               CGO_ENABLED="0", GOCACHE=os.path.join(build_dir, "gocache"), GOFLAGS="")
-    proc = subprocess.run([go, "test", "-c", "-o", binary + ".tmp", "libdmconformance"],
-                          cwd=pkg, env=env, capture_output=True, text=True, timeout=1800)
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPATH=f"{build_dir}:/usr/share/gocode",
+        CGO_ENABLED="0",
+        GOCACHE=os.path.join(build_dir, "gocache"),
+        GOFLAGS="",
+    )
+    proc = subprocess.run(
+        [go, "test", "-c", "-o", binary + ".tmp", "libdmconformance"],
+        cwd=pkg,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
-        raise RuntimeError("building the conformance suite failed:\n" + proc.stdout +
-                           proc.stderr)
+        raise RuntimeError("building the conformance suite failed:\n" + proc.stdout + proc.stderr)
     os.rename(binary + ".tmp", binary)
     return binary
 
@@ -74,11 +89,22 @@ def build_probe():
         raise RuntimeError("the container probe needs golang-go (bash .ci/setup.sh installs it)")
     build_dir = os.path.join(CACHE, "build")
     os.makedirs(build_dir, exist_ok=True)
-    env = dict(os.environ, GO111MODULE="off", GOPATH=build_dir, CGO_ENABLED="0",
-               GOCACHE=os.path.join(build_dir, "gocache"), GOFLAGS="")
-    proc = subprocess.run([go, "build", "-o", binary + ".tmp", "."],
-                          cwd=os.path.dirname(source), env=env, capture_output=True, text=True,
-                          timeout=1800)
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPATH=build_dir,
+        CGO_ENABLED="0",
+        GOCACHE=os.path.join(build_dir, "gocache"),
+        GOFLAGS="",
+    )
+    proc = subprocess.run(
+        [go, "build", "-o", binary + ".tmp", "."],
+        cwd=os.path.dirname(source),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError("building the probe failed:\n" + proc.stdout + proc.stderr)
     os.rename(binary + ".tmp", binary)

@@ -52,13 +52,22 @@ class Plugin:
         self.proc = None
 
     def start(self, wait=True):
-        argv = [sys.executable, "-m", "libdm.snapshotter", "serve", "--pool", self.pool_dir,
-                "--socket", self.socket_path]
+        argv = [
+            sys.executable,
+            "-m",
+            "libdm.snapshotter",
+            "serve",
+            "--pool",
+            self.pool_dir,
+            "--socket",
+            self.socket_path,
+        ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=out)
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=out
+        )
         if out is not subprocess.DEVNULL:
             out.close()
         if wait:
@@ -102,6 +111,7 @@ def unmount_below(directory):
     directory = os.path.realpath(str(directory))
     with open("/proc/self/mounts") as fh:
         points = [line.split()[1].replace("\\040", " ") for line in fh]
-    for point in sorted((p for p in points if p.startswith(directory + "/")),
-                        key=len, reverse=True):
+    for point in sorted(
+        (p for p in points if p.startswith(directory + "/")), key=len, reverse=True
+    ):
         subprocess.run(["umount", "-l", point], capture_output=True)

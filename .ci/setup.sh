@@ -42,4 +42,4 @@ if [ ${#ctd[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${ctd[@]}" >/dev/null
 fi
 .venv/bin/python -m pip install -q -e ".[containerd,containerd-dev]"
-.venv/bin/python tests/containerd/build_conformance.py >/dev/null  # containerd's conformance suite, cached
+.venv/bin/python tests/support/containerd/build_conformance.py >/dev/null  # containerd's conformance suite, cached

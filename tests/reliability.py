@@ -1,37 +1,8 @@
-"""Figures for the reliability report (see tests/reliability_report.py).
+"""Moved to :mod:`support.reliability`; this alias goes once no test imports
+``reliability`` directly."""
 
-Tests call :func:`record` with what they did; the figures go to the file
-named by ``LIBDM_RELIABILITY_LOG`` when the report command runs them, and
-nowhere otherwise.  Numbers are added up over a suite's records; lists
-(the operations and crash points a randomized suite reached, and its
-``gaps``, what it never reached) are merged.  :func:`scale` picks the reduced count the everyday
-test command uses, or the full one the report asks for with
-``LIBDM_RELIABILITY=full``.
-"""
+import sys
 
-import json
-import os
+from support import reliability
 
-
-def full():
-    return os.environ.get("LIBDM_RELIABILITY") == "full"
-
-
-def scale(reduced, complete):
-    return complete if full() else reduced
-
-
-def gaps(wanted, reached):
-    """What of ``wanted`` was never ``reached``, sorted: a randomized suite
-    names these so the report can say what its figures do not cover."""
-    return sorted(set(wanted) - set(reached))
-
-
-def record(suite, **figures):
-    path = os.environ.get("LIBDM_RELIABILITY_LOG")
-    if not path:
-        return
-    with open(path, "a") as fh:
-        fh.write(json.dumps({"suite": suite, **figures}) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+sys.modules[__name__] = reliability

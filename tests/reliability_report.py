@@ -3,7 +3,7 @@ real kernel and print (and write to docs/reliability.md) what they did.
 
     .venv/bin/python tests/reliability_report.py [--reduced] [--no-write]
 
-The figures come from the tests themselves (see tests/reliability.py):
+The figures come from the tests themselves (see tests/support/reliability.py):
 each suite records what it did only after its checks passed, so a failing
 check shows up as a failed test below the table, never as a good figure
 (the stateful test records what it found even when it fails: its losses,

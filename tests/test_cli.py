@@ -20,8 +20,8 @@ import time
 from collections import namedtuple
 
 import pytest
-import witness
-from blockio import attach, devno
+from support import witness
+from support.blockio import attach, devno
 
 import libdm
 from libdm import cli

@@ -8,7 +8,7 @@ import sys
 import threading
 
 import pytest
-import witness
+from support import witness
 
 import libdm
 from libdm import Target

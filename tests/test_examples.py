@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-import witness
+from support import witness
 
 kernel = pytest.mark.kernel
 

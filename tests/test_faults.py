@@ -8,8 +8,7 @@ import os
 import subprocess
 
 import pytest
-import reliability
-import witness
+from support import reliability, witness
 
 import libdm
 from libdm.thin.store import Store

@@ -5,8 +5,8 @@ import errno
 import os
 
 import pytest
-import witness
-from blockio import read_at
+from support import witness
+from support.blockio import read_at
 
 import libdm
 from libdm.thin.store import Store
@@ -84,7 +84,7 @@ def test_min_free_space_refuses_before_the_pool_is_full(dm_name, tmp_path):
 
 
 def test_a_failed_pool_cannot_be_resized(dm_name, tmp_path):
-    from blockio import attach, devno
+    from support.blockio import attach, devno
 
     meta = attach(tmp_path, "meta.img", 8 * MiB)
     data = attach(tmp_path, "data.img", 64 * MiB)

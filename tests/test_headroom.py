@@ -8,8 +8,8 @@ the pool's status.
 """
 
 import pytest
-import witness
-from blockio import MiB, attach, devno, read_at, write_pattern
+from support import witness
+from support.blockio import MiB, attach, devno, read_at, write_pattern
 
 import libdm
 

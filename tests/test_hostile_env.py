@@ -19,8 +19,8 @@ import subprocess
 import time
 
 import pytest
-import witness
-from blockio import MiB, attach, read_at, write_pattern
+from support import witness
+from support.blockio import MiB, attach, read_at, write_pattern
 
 import libdm
 from libdm.thin.store import Store

@@ -4,9 +4,9 @@ never another exception, and what is accepted round-trips."""
 import string
 
 import pytest
-import reliability
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import reliability
 
 import libdm
 from libdm.dm import validate

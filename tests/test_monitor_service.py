@@ -15,8 +15,8 @@ import sys
 import time
 
 import pytest
-import witness
-from blockio import MiB, write_pattern
+from support import witness
+from support.blockio import MiB, write_pattern
 
 import libdm
 

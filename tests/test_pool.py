@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import witness
-from blockio import read_at, write_pattern
+from support import witness
+from support.blockio import read_at, write_pattern
 
 import libdm
 from libdm.thin.store import Store

@@ -13,8 +13,8 @@ import uuid as uuidlib
 import zlib
 
 import pytest
-import witness
-from blockio import attach, devno, read_at, write_at, write_pattern
+from support import witness
+from support.blockio import attach, devno, read_at, write_at, write_pattern
 
 import libdm
 from libdm.thin.backing import split_layout

@@ -7,8 +7,7 @@ import sys
 import threading
 
 import pytest
-import reliability
-import witness
+from support import reliability, witness
 
 import libdm
 from libdm.thin.store import Store

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import reliability
-import witness
-from children import run_child
+from support import reliability, witness
+from support.children import run_child
 
 import libdm
 from libdm.thin import crash

@@ -3,8 +3,8 @@
 import subprocess
 
 import pytest
-import witness
-from blockio import attach, devno, read_at, write_at
+from support import witness
+from support.blockio import attach, devno, read_at, write_at
 
 import libdm
 

@@ -5,7 +5,7 @@ import os
 import threading
 
 import pytest
-import witness
+from support import witness
 
 import libdm
 

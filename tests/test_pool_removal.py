@@ -14,8 +14,8 @@ import subprocess
 import time
 
 import pytest
-import witness
-from blockio import write_pattern
+from support import witness
+from support.blockio import write_pattern
 
 import libdm
 from libdm.thin.store import Store

@@ -12,9 +12,9 @@ import signal
 import subprocess
 
 import pytest
-import witness
-from blockio import MiB, attach, read_at, write_at, write_pattern
-from children import run_child
+from support import witness
+from support.blockio import MiB, attach, read_at, write_at, write_pattern
+from support.children import run_child
 
 import libdm
 from libdm.thin import capacity

@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-import reliability
+from support import reliability
 
 pytestmark = pytest.mark.host
 

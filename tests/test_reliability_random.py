@@ -19,8 +19,7 @@ import subprocess
 import sys
 
 import pytest
-import reliability
-import witness
+from support import reliability, witness
 
 import libdm
 from libdm.thin import crash

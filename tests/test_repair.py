@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import witness
-from blockio import MiB, read_at, write_at, write_pattern
+from support import witness
+from support.blockio import MiB, read_at, write_at, write_pattern
 
 import libdm
 

@@ -8,10 +8,7 @@ import sys
 
 import grpc
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
-
-from snapshotter_util import Plugin, make_pool, write_config
+from support.containerd.snapshotter_util import Plugin, make_pool, write_config
 
 import libdm
 from libdm.snapshotter.client import KIND_NAMES, Client
@@ -300,7 +297,7 @@ def test_xfs_async_remove_and_discard(tmp_path):
             finally:
                 p.close()
 
-        from snapshotter_util import wait_for
+        from support.containerd.snapshotter_util import wait_for
 
         assert wait_for(gone, timeout=60)
     finally:

@@ -2,7 +2,7 @@
 containerd's Go source, Debian's golang-github-containerd-containerd-dev)
 against the libdm plugin's socket, in the test kernel.
 
-The suite is built once in GOPATH mode (tests/containerd/conformance_test.go
+The suite is built once in GOPATH mode (tests/support/containerd/conformance_test.go
 and build_conformance.py; no module proxy) and cached under .venv/cache.
 Every test of the suite must pass; upstream skips Rename for every
 snapshotter.
@@ -12,15 +12,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
-
-from build_conformance import build
-from snapshotter_util import Plugin, make_pool, unmount_below, write_config
+from support.containerd.build_conformance import build
+from support.containerd.snapshotter_util import Plugin, make_pool, unmount_below, write_config
 
 pytestmark = pytest.mark.kernel
 

@@ -14,16 +14,18 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
-
-from build_conformance import build_probe
-from snapshotter_util import Plugin, make_pool, unmount_below, wait_for, write_config
+from support.containerd.build_conformance import build_probe
+from support.containerd.snapshotter_util import (
+    Plugin,
+    make_pool,
+    unmount_below,
+    wait_for,
+    write_config,
+)
 
 import libdm
 
@@ -362,7 +364,7 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
     holds nothing but its base device."""
     import random
 
-    import reliability
+    from support import reliability
 
     name = f"libdmtest-ctdk-{os.getpid()}"
     pool = make_pool(tmp_path / "pool", name, "1G")

@@ -17,11 +17,14 @@ import threading
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "containerd"))
-
-import reliability
-from snapshotter_util import Plugin, PluginDied, make_pool, unmount_below, write_config
+from support import reliability
+from support.containerd.snapshotter_util import (
+    Plugin,
+    PluginDied,
+    make_pool,
+    unmount_below,
+    write_config,
+)
 
 PREFIX = "ctrd-"
 POINTS = (

@@ -12,8 +12,8 @@ import os
 import subprocess
 
 import pytest
-import witness
-from blockio import MiB, write_pattern
+from support import witness
+from support.blockio import MiB, write_pattern
 
 import libdm
 

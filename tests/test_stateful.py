@@ -45,8 +45,6 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-import reliability
-import witness
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -55,6 +53,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import reliability, witness
 
 import libdm
 from libdm.thin import crash

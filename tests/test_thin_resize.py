@@ -8,9 +8,9 @@ import os
 import signal
 
 import pytest
-import witness
-from blockio import MiB, read_at, write_pattern
-from children import run_child
+from support import witness
+from support.blockio import MiB, read_at, write_pattern
+from support.children import run_child
 
 import libdm
 from libdm.thin.store import Store

@@ -5,7 +5,7 @@ the hash of the wrapper and the containerd source's version.
 
 Also builds probe/main.go, the static program tests run in a container.
 
-``python tests/containerd/build_conformance.py`` prints the suite's path
+``python tests/support/containerd/build_conformance.py`` prints the suite's path
 (.ci/setup.sh runs it, on the host: inside a test kernel the same build
 takes minutes)."""
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 SRC = "/usr/share/gocode/src/github.com/containerd/containerd"
 WRAPPER = os.path.join(HERE, "conformance_test.go")
 CACHE = os.path.join(ROOT, ".venv", "cache", "libdm-conformance")

@@ -9,7 +9,10 @@ import time
 
 import libdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository: the tests directory's parent.
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
 
 
 def make_pool(directory, name, data_size="2G"):

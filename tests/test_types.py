@@ -1,0 +1,132 @@
+"""The unit types are distinct to a type checker, not only at run time.
+
+mypy --strict is run on two small snippets: one with the forms a unit
+allows (a unit plus an int, times an int, a unit over the same unit), which
+must check clean, and one where every line marked ``# error`` mixes units
+and must be reported on exactly that line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import libdm
+
+pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy)")
+
+ALLOWED = """
+from libdm.thin.units import Bytes, DataBlocks, MetaBlocks, Sectors, parse_size
+
+def takes_sectors(s: Sectors) -> Sectors:
+    return s
+
+a: Sectors = Sectors(8) + 8
+b: Sectors = 8 + Sectors(8)
+c: Sectors = Sectors(8) * 2
+d: Sectors = 2 * Sectors(8)
+e: int = Sectors(8) // Sectors(2)
+f: Sectors = Sectors(8) // 2
+g: Sectors = Sectors(8) - Sectors(2) - 1
+h: bool = Sectors(1) < Sectors(2) and Sectors(1) <= 2 and Sectors(1) == Sectors(1)
+i: int = int(Bytes(512)) + 1
+j: Sectors = takes_sectors(Bytes(4096).sectors())
+k: DataBlocks = Sectors(1024).data_blocks(Sectors(128))
+m: Bytes = MetaBlocks(2).bytes() + parse_size("1M")
+n: str = f"{Sectors(8)} {Bytes(512):>6}"
+o: list[int] = list(range(Sectors(4)))
+p: Sectors = max(Sectors(1), Sectors(2))
+q: Sectors = Sectors(Sectors(3)) % 2
+"""
+
+REJECTED = """
+from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
+
+def takes_sectors(s: Sectors) -> Sectors:
+    return s
+
+def takes_int(n: int) -> int:
+    return n
+
+Sectors(1) + Bytes(512)  # error
+Bytes(512) - Sectors(1)  # error
+Sectors(1) < Bytes(512)  # error
+Sectors(1) >= DataBlocks(1)  # error
+Sectors(1) == Bytes(512)  # error
+Sectors(1) != Bytes(512)  # error
+Sectors(1) // Bytes(512)  # error
+Sectors(1) * Sectors(2)  # error
+takes_sectors(Bytes(512))  # error
+takes_sectors(512)  # error
+takes_int(Sectors(1))  # error
+x: int = Bytes(1)  # error
+Sectors(Bytes(512))  # error
+parse_size(DataBlocks(1))  # error
+Sectors(1).data_blocks(Bytes(512))  # error
+format_size(Sectors(1))  # error
+"""
+
+
+def _run_mypy(tmp_path: Path, **modules: str) -> list[str]:
+    """mypy --strict's error lines for MODULES (name -> source)."""
+    for name, source in modules.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n")
+    env = dict(os.environ)
+    # From a source tree, point mypy at it; an installed libdm is found by
+    # --python-executable (it ships py.typed).
+    root = Path(libdm.__file__).resolve().parent.parent
+    if root != Path(sysconfig.get_paths()["purelib"]).resolve():
+        env["MYPYPATH"] = str(root)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--python-executable",
+            sys.executable,
+            "--no-error-summary",
+            "--hide-error-context",
+            *(f"{name}.py" for name in modules),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if ": error:" in line]
+
+
+def test_units_are_distinct_types(tmp_path: Path) -> None:
+    errors = _run_mypy(tmp_path, allowed=ALLOWED, rejected=REJECTED)
+    allowed_errors = [e for e in errors if e.startswith("allowed.py:")]
+    assert allowed_errors == [], "\n".join(allowed_errors)
+
+    source = textwrap.dedent(REJECTED).splitlines()
+    marked = {n for n, line in enumerate(source, 1) if line.endswith("# error")}
+    reported: set[int] = set()
+    for e in errors:
+        m = re.match(r"rejected\.py:(\d+): error:", e)
+        if m:
+            reported.add(int(m.group(1)))
+    unmarked = [
+        e for e in errors if e.startswith("rejected.py:") and int(e.split(":")[1]) not in marked
+    ]
+    assert not unmarked, "\n".join(unmarked)
+    missed = sorted(marked - reported)
+    assert not missed, "mypy accepted mixed units on: " + "; ".join(source[n - 1] for n in missed)

@@ -10,6 +10,8 @@ device-mapper) and exits 0 when device-mapper can be had one way or the
 other.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import subprocess
@@ -22,25 +24,26 @@ from libdm.testing import kernel
 NO_KERNEL = 125
 
 
-def _run(args):
+def _run(args: argparse.Namespace) -> int:
     if not args.command:
         print("libdm.testing run: no command given", file=sys.stderr)
         return 2
+    command: list[str] = args.command
     if not args.uml and kernel.host_has_device_mapper():
         try:
-            return subprocess.call(args.command)
+            return subprocess.call(command)
         except OSError as exc:
-            print(f"libdm.testing run: {args.command[0]}: {exc.strerror}", file=sys.stderr)
+            print(f"libdm.testing run: {command[0]}: {exc.strerror}", file=sys.stderr)
             return 127
     try:
-        result = kernel.run(args.command, stream=True, timeout=args.timeout, mem=args.mem)
+        result = kernel.run(command, stream=True, timeout=args.timeout, mem=args.mem)
     except kernel.KernelError as exc:
         print(f"libdm.testing run: no kernel: {exc.reason}", file=sys.stderr)
         return NO_KERNEL
     return result.returncode
 
 
-def _check(args):
+def _check(args: argparse.Namespace) -> int:
     ok = False
     host = kernel.host_has_device_mapper()
     print(
@@ -63,12 +66,12 @@ def _check(args):
     return 0 if ok else 1
 
 
-def _present_modules(directory):
-    names = set()
+def _present_modules(directory: str) -> set[str]:
+    names: set[str] = set()
     for _, _, files in os.walk(directory):
-        for f in files:
-            if ".ko" in f:
-                names.add(f.split(".ko")[0].replace("-", "_"))
+        for file in files:
+            if ".ko" in file:
+                names.add(file.split(".ko")[0].replace("-", "_"))
     # Built-in modules need no file.
     try:
         with open(os.path.join(directory, "modules.builtin")) as f:
@@ -80,10 +83,10 @@ def _present_modules(directory):
     return names
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m libdm.testing``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m libdm.testing", description=__doc__.split("\n\n")[0]
+        prog="python -m libdm.testing", description=(__doc__ or "").split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="run a command where device-mapper exists")

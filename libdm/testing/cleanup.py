@@ -6,11 +6,15 @@ removed through libdm itself; loop devices are detached with the
 ``LOOP_CLR_FD`` ioctl; nothing here runs dmsetup or losetup.
 """
 
+from __future__ import annotations
+
 import ctypes
 import errno
 import fcntl
 import glob
 import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 __all__ = [
     "CleanupError",
@@ -31,12 +35,20 @@ class CleanupError(Exception):
         failures: one line per object that stayed, saying why.
     """
 
-    def __init__(self, failures):
+    def __init__(self, failures: Iterable[str]) -> None:
         self.failures = list(failures)
         super().__init__("cleanup left objects behind:\n  " + "\n  ".join(self.failures))
 
 
-def removal_order(names, devno_of, deps_of):
+#: A device number, (major, minor).
+DevNo = tuple[int, int]
+
+
+def removal_order(
+    names: list[str],
+    devno_of: Mapping[str, Iterable[int]],
+    deps_of: Mapping[str, Iterable[Iterable[int]]],
+) -> list[str]:
     """Order devices so that each comes before every device it uses.
 
     Args:
@@ -50,7 +62,7 @@ def removal_order(names, devno_of, deps_of):
         hold (its pool), ties broken by name.  Names caught in a dependency
         cycle, which the kernel does not allow, come last in name order.
     """
-    by_devno = {tuple(devno_of[n]): n for n in names}
+    by_devno: dict[tuple[int, ...], str] = {tuple(devno_of[n]): n for n in names}
     uses = {
         n: {by_devno[tuple(d)] for d in deps_of.get(n, ()) if tuple(d) in by_devno} - {n}
         for n in names
@@ -59,7 +71,7 @@ def removal_order(names, devno_of, deps_of):
     for n in names:
         for used in uses[n]:
             users[used] += 1
-    order = []
+    order: list[str] = []
     ready = sorted(n for n in names if users[n] == 0)
     while ready:
         n = ready.pop(0)
@@ -73,7 +85,7 @@ def removal_order(names, devno_of, deps_of):
     return order
 
 
-def _mountinfo():
+def _mountinfo() -> Iterator[tuple[str, DevNo]]:
     """Yield (mount point, (major, minor)) from /proc/self/mountinfo, in
     mount order."""
     try:
@@ -97,7 +109,7 @@ def _mountinfo():
         yield point, (int(major), int(minor))
 
 
-def _umount(path):
+def _umount(path: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(os.fsencode(path), 0) == 0:
         return
@@ -108,12 +120,14 @@ def _umount(path):
     raise OSError(err, os.strerror(err), path)
 
 
-def _below(path, directory):
+def _below(path: str, directory: str) -> bool:
     directory = directory.rstrip("/") or "/"
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def unmount(*, under=None, devices=()):
+def unmount(
+    *, under: str | os.PathLike[str] | None = None, devices: Iterable[Iterable[int]] = ()
+) -> list[str]:
     """Unmount filesystems mounted below a directory or from given devices,
     deepest (latest) first; a busy one is detached lazily.
 
@@ -127,13 +141,14 @@ def unmount(*, under=None, devices=()):
     Raises:
         CleanupError: some could not be unmounted.
     """
-    devices = {tuple(d) for d in devices}
+    wanted = {tuple(d) for d in devices}
     points = [
         p
         for p, dev in _mountinfo()
-        if dev in devices or (under is not None and _below(p, os.fspath(under)))
+        if dev in wanted or (under is not None and _below(p, os.fspath(under)))
     ]
-    done, failures = [], []
+    done: list[str] = []
+    failures: list[str] = []
     for point in reversed(points):
         try:
             _umount(point)
@@ -145,7 +160,7 @@ def unmount(*, under=None, devices=()):
     return done
 
 
-def cleanup_devices(prefix, *, dm=None):
+def cleanup_devices(prefix: str, *, dm: Any = None) -> list[str]:
     """Remove every device-mapper device whose name starts with ``prefix``.
 
     Filesystems mounted from those devices are unmounted first.  Then
@@ -177,8 +192,8 @@ def cleanup_devices(prefix, *, dm=None):
     if not entries:
         return []
     devno_of = {e.name: (e.major, e.minor) for e in entries}
-    failures = []
-    deps_of = {}
+    failures: list[str] = []
+    deps_of: dict[str, Iterable[Iterable[int]]] = {}
     for name in devno_of:
         try:
             deps_of[name] = dm.deps(name)
@@ -198,7 +213,7 @@ def cleanup_devices(prefix, *, dm=None):
                 dm.resume(name)
         except Exception:
             pass  # removal below reports what matters
-    removed = []
+    removed: list[str] = []
     for name in order:
         try:
             dm.remove(name, retries=5)
@@ -212,7 +227,7 @@ def cleanup_devices(prefix, *, dm=None):
     return removed
 
 
-def detach_loops(under):
+def detach_loops(under: str | os.PathLike[str]) -> list[str]:
     """Detach every loop device whose backing file lies below a directory.
 
     Args:
@@ -226,8 +241,9 @@ def detach_loops(under):
     Raises:
         CleanupError: some could not be detached.
     """
-    under = os.fspath(under)
-    done, failures = [], []
+    directory = os.fspath(under)
+    done: list[str] = []
+    failures: list[str] = []
     for backing in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
         try:
             with open(backing) as f:
@@ -236,7 +252,7 @@ def detach_loops(under):
             continue  # detached meanwhile
         if path.endswith(" (deleted)"):
             path = path[: -len(" (deleted)")]
-        if not _below(path, under):
+        if not _below(path, directory):
             continue
         dev = "/dev/" + backing.split("/")[3]
         try:

@@ -20,6 +20,8 @@ power cut.  Booting again on the same backing files is how crash tests
 recover.
 """
 
+from __future__ import annotations
+
 import codecs
 import contextlib
 import dataclasses
@@ -34,8 +36,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import IO, Union
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import IO, TypeAlias
+
+#: What a command line is made of.
+Arg: TypeAlias = "str | os.PathLike[str]"
+#: Where streamed output goes: a text stream, or a function returning one
+#: (looked up at each write, so that pytest's capture is followed).
+Sink: TypeAlias = "IO[str] | Callable[[], IO[str]]"
 
 __all__ = [
     "DEFAULT_BINARY",
@@ -89,13 +98,13 @@ class KernelError(Exception):
             produced before the failure, or ``None`` if it never started.
     """
 
-    def __init__(self, reason, console="", result=None):
+    def __init__(self, reason: str, console: str = "", result: KernelResult | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.console = console
         self.result = result
 
-    def __str__(self):
+    def __str__(self) -> str:
         text = self.reason
         tail = _tail(self.console, 25)
         if tail:
@@ -156,7 +165,7 @@ class KernelResult:
     console: str
     duration: float
 
-    def check_returncode(self):
+    def check_returncode(self) -> None:
         """Raise :class:`subprocess.CalledProcessError` if the exit status
         is not zero."""
         if self.returncode:
@@ -165,17 +174,17 @@ class KernelResult:
             )
 
 
-def _tail(text, lines):
+def _tail(text: str, lines: int) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if text else ""
 
 
-def in_test_kernel():
+def in_test_kernel() -> bool:
     """Return True when this process runs inside a kernel started by this
     module (such commands get ``LIBDM_TESTING_IN_KERNEL=1``)."""
     return os.environ.get(IN_KERNEL_ENV) == "1"
 
 
-def host_has_device_mapper():
+def host_has_device_mapper() -> bool:
     """Return True if device-mapper can be used directly here: running as
     root, and ``/dev/mapper/control`` is a character device that opens.
 
@@ -195,7 +204,9 @@ def host_has_device_mapper():
     return True
 
 
-def find_kernel(binary=None, modules_root=None, *, need_modprobe=True):
+def find_kernel(
+    binary: str | None = None, modules_root: str | None = None, *, need_modprobe: bool = True
+) -> KernelInfo:
     """Locate a usable UML kernel and its modules.
 
     Args:
@@ -246,7 +257,7 @@ def find_kernel(binary=None, modules_root=None, *, need_modprobe=True):
     return KernelInfo(binary, version, modules_dir)
 
 
-def _xstate_shim():
+def _xstate_shim() -> str | None:
     """The preload library that lets UML run on a host whose XSAVE area is
     larger than the one UML was built for (AVX-512, AMX; see
     ``xstate_shim.c``): built once per source version into a cache
@@ -277,7 +288,7 @@ def _xstate_shim():
     return lib
 
 
-def _kernel_env():
+def _kernel_env() -> dict[str, str]:
     """The UML process's own environment: the XSAVE shim preloaded."""
     env = dict(os.environ)
     shim = _xstate_shim()
@@ -286,7 +297,7 @@ def _kernel_env():
     return env
 
 
-def _private_dir():
+def _private_dir() -> str:
     """Make the private work directory: somewhere the kernel sees too (not
     under a directory the init script mounts over) and whose path has no
     whitespace (it goes on the kernel command line)."""
@@ -302,30 +313,35 @@ def _private_dir():
     )
 
 
-def _command_env(env):
+def _command_env(env: Mapping[str, str] | None) -> dict[str, str]:
     """The command's environment: ``env`` (default: this process's), with
     the directory of the running Python first on PATH so that ``python``
     and the virtualenv's scripts resolve to real binaries rather than to
     slow shims, and the in-kernel marker set."""
-    env = dict(os.environ if env is None else env)
+    result = dict(os.environ if env is None else env)
     bindir = os.path.dirname(sys.executable)
-    path = env.get("PATH") or _SYSTEM_PATH
+    path = result.get("PATH") or _SYSTEM_PATH
     parts = path.split(os.pathsep)
     if bindir and parts[0] != bindir:
-        env["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
+        result["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
     else:
-        env["PATH"] = path
-    env[IN_KERNEL_ENV] = "1"
+        result["PATH"] = path
+    result[IN_KERNEL_ENV] = "1"
     # UML switches only the legacy FP/SSE/AVX state between the threads of
     # a process: keep glibc's string functions off the AVX-512 registers.
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    tunables = [t for t in result.get("GLIBC_TUNABLES", "").split(":") if t]
     if not any(t.startswith("glibc.cpu.hwcaps=") for t in tunables):
         tunables.append("glibc.cpu.hwcaps=" + ",".join(f"-{f}" for f in _AVX512_FEATURES))
-    env["GLIBC_TUNABLES"] = ":".join(tunables)
-    return env
+    result["GLIBC_TUNABLES"] = ":".join(tunables)
+    return result
 
 
-def _autoload_lines(modprobe):
+def _std_streams() -> tuple[Sink, Sink]:
+    """This process's stdout and stderr, looked up at each write."""
+    return (lambda: sys.stdout), (lambda: sys.stderr)
+
+
+def _autoload_lines(modprobe: str) -> str:
     """Init-script lines that let the kernel load modules on demand.
 
     The kernel's ``request_module`` (opening a block device of an unknown
@@ -345,11 +361,18 @@ echo {helper} > /proc/sys/kernel/modprobe || failed="$failed (autoloading)"
 
 
 def _init_script(
-    workdir, modules_dir, modules, command, cwd, env, sync_before_halt, autoload_modprobe=None
-):
+    workdir: str,
+    modules_dir: str,
+    modules: Sequence[str],
+    command: Sequence[str],
+    cwd: str,
+    env: Mapping[str, str],
+    sync_before_halt: bool,
+    autoload_modprobe: str | None = None,
+) -> str:
     q = shlex.quote
     assignments = " ".join(q(f"{k}={v}") for k, v in sorted(env.items()))
-    argv = " ".join(q(os.fspath(a)) for a in command)
+    argv = " ".join(q(a) for a in command)
     mods = " ".join(q(m) for m in modules)
     halt = "sync; halt -f" if sync_before_halt else "halt -f -n || halt -f"
     autoload = _autoload_lines(autoload_modprobe) if autoload_modprobe else ""
@@ -384,7 +407,7 @@ done
     stop
 fi
 : > "$W/started"
-( cd {q(os.fspath(cwd))} && exec env -i {assignments} {argv} ) \\
+( cd {q(cwd)} && exec env -i {assignments} {argv} ) \\
     < /dev/null > "$W/stdout" 2> "$W/stderr"
 echo $? > "$W/status.new" && mv "$W/status.new" "$W/status"
 stop
@@ -394,13 +417,13 @@ stop
 class _Tail:
     """Copy what is appended to a host file to a text stream."""
 
-    def __init__(self, path, sink):
+    def __init__(self, path: str, sink: Sink) -> None:
         self.path = path
         self.sink = sink
         self.offset = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def pump(self, final=False):
+    def pump(self, final: bool = False) -> None:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -427,7 +450,16 @@ class KernelProcess:
         info: the :class:`KernelInfo` booted.
     """
 
-    def __init__(self, command, info, workdir, proc, deadline, stream, timeout):
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        info: KernelInfo,
+        workdir: str,
+        proc: subprocess.Popen[bytes],
+        deadline: float | None,
+        stream: bool | tuple[Sink, Sink],
+        timeout: float | None,
+    ) -> None:
         self.command = command
         self.info = info
         self.workdir = workdir
@@ -435,12 +467,13 @@ class KernelProcess:
         self._deadline = deadline
         self._timeout = timeout
         self._began = time.monotonic()
-        self._ended = None
+        self._ended: float | None = None
         self._timed_out = False
         self._lock = threading.Lock()
-        self._tails = []
-        if stream:
-            out, err = (lambda: sys.stdout, lambda: sys.stderr) if stream is True else stream
+        self._tails: list[_Tail] = []
+        sinks = _std_streams() if stream is True else stream or None
+        if sinks is not None:
+            out, err = sinks
             self._tails = [_Tail(self.path("stdout"), out), _Tail(self.path("stderr"), err)]
         # The watchdog enforces the timeout even when nobody polls, and
         # copies output to the caller while streaming.
@@ -449,11 +482,11 @@ class KernelProcess:
         )
         self._watchdog.start()
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         """Return the host path of a file in the private directory."""
         return os.path.join(self.workdir, name)
 
-    def _watch(self):
+    def _watch(self) -> None:
         interval = 0.05 if self._tails else 0.1
         while True:
             try:
@@ -470,12 +503,12 @@ class KernelProcess:
         for t in self._tails:
             t.pump(final=True)
 
-    def poll(self):
+    def poll(self) -> bool:
         """Return True once the kernel has exited (and streamed output is
         flushed)."""
         return not self._watchdog.is_alive()
 
-    def kill(self):
+    def kill(self) -> None:
         """Kill the kernel at once (all its host processes).  Does nothing
         if it has exited."""
         with self._lock:
@@ -483,7 +516,7 @@ class KernelProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._proc.pid, signal.SIGKILL)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> KernelResult:
         """Wait for the kernel to exit and return the command's result.
 
         Args:
@@ -508,14 +541,14 @@ class KernelProcess:
             self._watchdog.join()
         return self._result()
 
-    def _read(self, name):
+    def _read(self, name: str) -> str:
         try:
             with open(self.path(name), "rb") as f:
                 return f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
 
-    def _result(self):
+    def _result(self) -> KernelResult:
         console = self._read("console")
         status = self._read("status").strip()
         partial = KernelResult(
@@ -553,30 +586,35 @@ class KernelProcess:
             partial,
         )
 
-    def close(self):
+    def close(self) -> None:
         """Kill the kernel if it still runs and remove the private
         directory.  Safe to call twice."""
         self.kill()
         self._watchdog.join()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self) -> KernelProcess:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
 def start(
-    command: Sequence[Union[str, "os.PathLike[str]"]],
+    command: Sequence[Arg],
     *,
-    cwd=None,
+    cwd: Arg | None = None,
     env: Mapping[str, str] | None = None,
     modules: Sequence[str] = DEFAULT_MODULES,
     mem: str = "1G",
     kernel_args: Sequence[str] = (),
     timeout: float | None = 600.0,
-    stream: bool | tuple[IO[str], IO[str]] = False,
+    stream: bool | tuple[Sink, Sink] = False,
     sync_before_halt: bool = False,
     binary: str | None = None,
     modules_root: str | None = None,
@@ -593,25 +631,25 @@ def start(
     """
     if isinstance(command, (str, bytes)):
         raise TypeError("command must be a sequence of arguments, e.g. ['sh', '-c', '...']")
-    command = tuple(os.fspath(a) for a in command)
-    if not command:
+    argv_command = tuple(os.fspath(a) for a in command)
+    if not argv_command:
         raise ValueError("command is empty")
     info = find_kernel(binary, modules_root, need_modprobe=bool(modules) or autoload)
     modprobe = shutil.which("modprobe", path=_SYSTEM_PATH) if autoload else None
-    cwd = os.path.abspath(os.fspath(cwd) if cwd is not None else os.getcwd())
+    directory = os.path.abspath(os.fspath(cwd) if cwd is not None else os.getcwd())
     workdir = _private_dir()
     try:
         init = os.path.join(workdir, "init")
         cmd_env = _command_env(env)
-        cmd_env["PWD"] = cwd
+        cmd_env["PWD"] = directory
         with open(init, "w") as f:
             f.write(
                 _init_script(
                     workdir,
                     info.modules_dir,
                     modules,
-                    command,
-                    cwd,
+                    argv_command,
+                    directory,
                     cmd_env,
                     sync_before_halt,
                     modprobe,
@@ -650,19 +688,19 @@ def start(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     deadline = None if timeout is None else time.monotonic() + timeout
-    return KernelProcess(command, info, workdir, proc, deadline, stream, timeout)
+    return KernelProcess(argv_command, info, workdir, proc, deadline, stream, timeout)
 
 
 def run(
-    command: Sequence[Union[str, "os.PathLike[str]"]],
+    command: Sequence[Arg],
     *,
-    cwd=None,
+    cwd: Arg | None = None,
     env: Mapping[str, str] | None = None,
     modules: Sequence[str] = DEFAULT_MODULES,
     mem: str = "1G",
     kernel_args: Sequence[str] = (),
     timeout: float | None = 600.0,
-    stream: bool | tuple[IO[str], IO[str]] = False,
+    stream: bool | tuple[Sink, Sink] = False,
     sync_before_halt: bool = False,
     binary: str | None = None,
     modules_root: str | None = None,

@@ -26,6 +26,9 @@ inner session runs under coverage too, writing a parallel data file next
 to this session's, which pytest-cov combines into its report.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import itertools
 import json
 import os
@@ -33,6 +36,8 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, Literal, NoReturn
 
 import pytest
 
@@ -51,11 +56,11 @@ _session_token = secrets.token_hex(3)
 _test_counter = itertools.count(1)
 
 
-def _ci():
+def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("libdm", "libdm device-mapper test kernel")
     group.addoption(
         "--dm-kernel",
@@ -83,7 +88,7 @@ def pytest_addoption(parser):
 BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot")
 
 
-def arm_child_processes():
+def arm_child_processes() -> None:
     """Put the crash-point bootstrap (``boot/sitecustomize.py``) first on
     ``PYTHONPATH``, so that a child process a test starts with
     ``LIBDM_CRASH_AT`` in its environment is armed (see libdm.thin.crash)."""
@@ -92,11 +97,17 @@ def arm_child_processes():
         os.environ["PYTHONPATH"] = os.pathsep.join([BOOT_DIR, *paths])
 
 
-def pytest_configure(config):
+def pytest_configure(config: pytest.Config) -> None:
     arm_child_processes()
-    config.addinivalue_line("markers", "kernel: needs a real kernel device-mapper, as root")
+    # The markers are declared here, once, for every suite that loads the plugin.
     config.addinivalue_line(
-        "markers", "host: boots test kernels itself, so it runs on the host only"
+        "markers",
+        "kernel: needs a real kernel device-mapper, as root"
+        " (runs inside the test kernel when the host has none)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "host: boots test kernels itself, so it runs on the host, never inside a test kernel",
     )
     if config.option.dm_kernel not in ("auto", "host", "uml"):
         raise pytest.UsageError(
@@ -105,19 +116,57 @@ def pytest_configure(config):
     config.pluginmanager.register(_Harness(config), "libdm-harness")
 
 
-def _harness(config):
-    return config.pluginmanager.get_plugin("libdm-harness")
+def _harness(config: pytest.Config) -> _Harness:
+    harness = config.pluginmanager.get_plugin("libdm-harness")
+    assert isinstance(harness, _Harness)
+    return harness
+
+
+def _interpreter_flags() -> list[str]:
+    """The flags this Python runs with that decide what it imports, for a
+    Python started the same way (``-P``: no working directory or script
+    directory on ``sys.path``, so a source tree there cannot shadow the
+    installed package)."""
+    if sys.flags.isolated:
+        return ["-I"]
+    flags = []
+    if sys.flags.safe_path:
+        flags.append("-P")
+    if sys.flags.ignore_environment:
+        flags.append("-E")
+    if sys.flags.no_user_site:
+        flags.append("-s")
+    return flags
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """Where kernel tests run: on this host, in a UML kernel, or nowhere."""
+
+    kind: Literal["host", "uml"] | None  # None: no kernel can be had
+    kernel: _kernel.KernelInfo | None = None  # the UML kernel
+    reason: str = ""  # why no kernel can be had
+
+
+@dataclasses.dataclass(frozen=True)
+class _Coverage:
+    """pytest-cov's settings in this session, for the inner session."""
+
+    data_file: str
+    rcfile: str | None
+    source: list[str] | None
+    branch: bool
 
 
 class _Reports:
     """Reads the JSON lines the inner session appends to a host file."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.offset = 0
         self.partial = b""
 
-    def read(self):
+    def read(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -133,24 +182,30 @@ class _Reports:
 class _KernelSession:
     """The one test kernel of a session and the reports it sends back."""
 
-    def __init__(self, config, items, info):
+    def __init__(
+        self, config: pytest.Config, items: list[pytest.Item], info: _kernel.KernelInfo
+    ) -> None:
         self.config = config
         self.info = info
         self.nodeids = [item.nodeid for item in items]
-        self.pending = {}  # nodeid -> reports received, not yet replayed
-        self.replayed = set()
-        self.kernel = None
-        self.failure = None  # why unreported tests fail, once known
-        self.exit_status = None
-        self.result = None
-        self.workdir = None
-        self.coverage = None
+        # nodeid -> reports received, not yet replayed
+        self.pending: dict[str, list[pytest.TestReport]] = {}
+        self.replayed: set[str] = set()
+        self.kernel: _kernel.KernelProcess | None = None
+        self.failure: str | None = None  # why unreported tests fail, once known
+        self.exit_status: int | None = None
+        self.result: _kernel.KernelResult | None = None
+        self.workdir: str | None = None
+        self.coverage: _Coverage | None = None
+        self.reports = _Reports(os.devnull)
         try:
             self.workdir = _kernel._private_dir()
             self.reports = _Reports(os.path.join(self.workdir, "reports.jsonl"))
             self.kernel = _kernel.start(
-                self._command(),
-                cwd=str(config.rootpath),
+                self._command(self.workdir),
+                # The outer session's working directory: a child process a
+                # test starts sees the same one in both sessions.
+                cwd=str(config.invocation_params.dir),
                 env=self._env(),
                 mem=config.option.dm_kernel_mem,
                 timeout=config.option.dm_kernel_timeout,
@@ -160,7 +215,7 @@ class _KernelSession:
         except (_kernel.KernelError, OSError) as exc:
             self.failure = f"no test kernel: {exc}"
 
-    def _coverage(self):
+    def _coverage(self) -> _Coverage | None:
         """Coverage settings of pytest-cov in this session, or None."""
         plugin = self.config.pluginmanager.get_plugin("_cov")
         controller = getattr(plugin, "cov_controller", None)
@@ -168,30 +223,31 @@ class _KernelSession:
         if cov is None:
             return None
         topdir = getattr(controller, "topdir", None) or os.getcwd()
-        return {
-            "data_file": os.path.join(topdir, cov.get_option("run:data_file")),
-            "rcfile": getattr(cov.config, "config_file", None),
-            "source": cov.get_option("run:source"),
-            "branch": cov.get_option("run:branch"),
-        }
+        return _Coverage(
+            data_file=os.path.join(topdir, cov.get_option("run:data_file")),
+            rcfile=getattr(cov.config, "config_file", None),
+            source=cov.get_option("run:source"),
+            branch=bool(cov.get_option("run:branch")),
+        )
 
-    def _command(self):
+    def _command(self, workdir: str) -> list[str]:
         config = self.config
-        argv = [sys.executable]
+        # The same interpreter, with the same import isolation.
+        argv = [sys.executable, *_interpreter_flags()]
         self.coverage = self._coverage()
         if self.coverage:
             argv += ["-m", "coverage", "run", "--parallel-mode"]
-            rcfile = self.coverage["rcfile"]
+            rcfile = self.coverage.rcfile
             if not rcfile:
                 # This session read no configuration; the inner one must
                 # not find one either (data measured differently, say with
                 # and without branches, cannot be combined).
-                rcfile = os.path.join(self.workdir, "coveragerc")
+                rcfile = os.path.join(workdir, "coveragerc")
                 open(rcfile, "w").close()
             argv.append(f"--rcfile={rcfile}")
-            if self.coverage["source"]:
-                argv.append("--source=" + ",".join(self.coverage["source"]))
-            if self.coverage["branch"]:
+            if self.coverage.source:
+                argv.append("--source=" + ",".join(self.coverage.source))
+            if self.coverage.branch:
                 argv.append("--branch")
         argv += [
             "-m",
@@ -228,9 +284,13 @@ class _KernelSession:
             argv.append("--showlocals")
         if config.option.runxfail:
             argv.append("--runxfail")
-        return argv + self.nodeids
+        if config.invocation_params.dir == config.rootpath:
+            return argv + self.nodeids
+        # Node ids are relative to the rootdir, arguments to the working
+        # directory.
+        return argv + [os.path.join(config.rootpath, nodeid) for nodeid in self.nodeids]
 
-    def _env(self):
+    def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         # Selection and options are passed explicitly; the outer addopts
         # (say --cov) must not apply twice.
@@ -238,21 +298,23 @@ class _KernelSession:
             env.pop(name, None)
         env[REPORTS_ENV] = self.reports.path
         if self.coverage:
-            env["COVERAGE_FILE"] = self.coverage["data_file"]
+            env["COVERAGE_FILE"] = self.coverage.data_file
         return env
 
-    def _receive(self):
+    def _receive(self) -> None:
         for data in self.reports.read():
             report = self.config.hook.pytest_report_from_serializable(
                 config=self.config, data=data
             )
-            if report is not None:
-                if isinstance(report.longrepr, list):
+            if isinstance(report, pytest.TestReport):
+                longrepr: object = report.longrepr
+                if isinstance(longrepr, list):
                     # A skip's (path, lineno, reason): JSON made it a list.
-                    report.longrepr = tuple(report.longrepr)
+                    path, lineno, reason = longrepr
+                    report.longrepr = (str(path), int(lineno), str(reason))
                 self.pending.setdefault(report.nodeid, []).append(report)
 
-    def reports_for(self, nodeid):
+    def reports_for(self, nodeid: str) -> Iterator[pytest.TestReport]:
         """Yield this test's reports as they arrive; stop after its
         teardown report, or when the kernel has gone (then
         :attr:`failure` says why)."""
@@ -271,7 +333,7 @@ class _KernelSession:
                 return
             time.sleep(0.05)
 
-    def _conclude(self):
+    def _conclude(self) -> None:
         """The kernel has exited: learn its result, and why unreported
         tests fail.  Idempotent."""
         if self.kernel is None or self.result is not None or self.failure is not None:
@@ -287,7 +349,7 @@ class _KernelSession:
             " without reporting this test" + self.output_tail()
         )
 
-    def output_tail(self):
+    def output_tail(self) -> str:
         """The end of the inner pytest's stdout and stderr, as text."""
         if self.result is None:
             return ""
@@ -296,7 +358,7 @@ class _KernelSession:
             f"\n--- its stderr (tail) ---\n{_kernel._tail(self.result.stderr, 15)}"
         )
 
-    def finish(self, wait):
+    def finish(self, wait: bool) -> None:
         """Wait for the kernel to exit (when every test was replayed, so
         the inner coverage data is complete) or kill it; clean up."""
         try:
@@ -312,19 +374,24 @@ class _KernelSession:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _missing_reports(item, received, reason):
+def _missing_reports(
+    item: pytest.Item, received: list[pytest.TestReport], reason: str
+) -> list[pytest.TestReport]:
     """Reports completing a test whose run stopped after ``received``
     (reports already logged): the first phase that is missing fails with
     ``reason``; a test that never started passes setup and fails in call."""
     by_when = {report.when: report for report in received}
 
-    def phase(when, fails):
-        func = (lambda: pytest.fail(reason, pytrace=False)) if fails else (lambda: None)
+    def phase(when: Literal["setup", "call", "teardown"], fails: bool) -> pytest.TestReport:
+        def func() -> None:
+            if fails:
+                pytest.fail(reason, pytrace=False)
+
         return pytest.TestReport.from_item_and_call(
             item, pytest.CallInfo.from_call(func, when=when)
         )
 
-    reports = []
+    reports: list[pytest.TestReport] = []
     if "setup" not in by_when:
         reports.append(phase("setup", False))
     if "call" not in by_when and ("setup" not in by_when or by_when["setup"].passed):
@@ -337,7 +404,7 @@ def _missing_reports(item, received, reason):
 class _Harness:
     """Per-session state: where kernel tests run, and the kernel session."""
 
-    def __init__(self, config):
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.inner = os.environ.pop(REPORTS_ENV, None)  # nested sessions must not inherit it
         self.reports_file = (
@@ -345,58 +412,69 @@ class _Harness:
             if self.inner
             else None
         )
-        self._where = None
-        self.special = {}  # item -> "remote" or the reason it fails without running
-        self.next_local = {}
-        self.session = None
+        self._where: _Where | None = None
+        # item -> "remote" or the reason it fails without running
+        self.special: dict[pytest.Item, str] = {}
+        self.next_local: dict[pytest.Item, pytest.Item | None] = {}
+        self.session: _KernelSession | None = None
         self.remote_count = 0
 
     # -- where kernel tests run ------------------------------------------
 
-    def where(self):
-        """("host"|"uml"|None, detail): None means no kernel can be had,
-        and detail is why."""
+    def where(self) -> _Where:
+        """Where kernel tests run (decided once per session)."""
         if self._where is None:
             mode = "host" if self.inner else self.config.option.dm_kernel
             if mode == "auto":
                 mode = "host" if _kernel.host_has_device_mapper() else "uml"
             if mode == "host":
                 if _kernel.host_has_device_mapper():
-                    self._where = ("host", None)
+                    self._where = _Where("host")
                 elif self.inner:
-                    self._where = (None, "no usable device-mapper inside the test kernel")
+                    self._where = _Where(
+                        None, reason="no usable device-mapper inside the test kernel"
+                    )
                 else:
-                    self._where = (
+                    self._where = _Where(
                         None,
-                        "--dm-kernel=host, but this host has no usable device-mapper "
+                        reason="--dm-kernel=host, but this host has no usable device-mapper "
                         "(needs root and /dev/mapper/control)",
                     )
             else:
                 try:
-                    self._where = ("uml", _kernel.find_kernel(self.config.option.dm_kernel_binary))
+                    found = _kernel.find_kernel(self.config.option.dm_kernel_binary)
                 except _kernel.KernelUnavailable as exc:
-                    self._where = (None, str(exc))
+                    self._where = _Where(None, reason=str(exc))
+                else:
+                    self._where = _Where("uml", kernel=found)
         return self._where
 
-    def no_kernel(self, reason):
+    def no_kernel(self, reason: str) -> NoReturn:
         """Skip the running test for lack of a kernel, or fail it on CI."""
         if _ci() or self.inner:
             pytest.fail(f"no device-mapper kernel: {reason}", pytrace=False)
         pytest.skip(f"no device-mapper kernel: {reason}; {_HOW_TO_GET}")
 
-    def pytest_report_header(self, config):
+    def pytest_report_header(self, config: pytest.Config) -> str:
         if self.inner:
             return "libdm: inner session inside a test kernel"
-        where, detail = self.where()
-        if where == "host":
+        where = self.where()
+        if where.kind == "host":
             return "libdm: kernel tests run on this host's device-mapper"
-        if where == "uml":
-            return f"libdm: kernel tests run inside UML kernel {detail.version} ({detail.binary})"
-        return f"libdm: kernel tests cannot run: {detail}" + (" (CI: they fail)" if _ci() else "")
+        if where.kernel is not None:
+            return (
+                f"libdm: kernel tests run inside UML kernel {where.kernel.version}"
+                f" ({where.kernel.binary})"
+            )
+        return f"libdm: kernel tests cannot run: {where.reason}" + (
+            " (CI: they fail)" if _ci() else ""
+        )
 
     # -- collection ---------------------------------------------------------
 
-    def pytest_collection_modifyitems(self, config, items):
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
         for item in items:
             if item.get_closest_marker("kernel") and item.get_closest_marker("host"):
                 raise pytest.UsageError(
@@ -406,7 +484,7 @@ class _Harness:
     # -- the run --------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True, trylast=True)
-    def pytest_runtestloop(self, session):
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
         # trylast: the innermost wrapper, so the kernel is done (and its
         # coverage data saved) before pytest-cov's wrapper combines data.
         runs = not (session.config.option.collectonly or session.testsfailed)
@@ -419,23 +497,23 @@ class _Harness:
                 everything = all(n in self.session.replayed for n in self.session.nodeids)
                 self.session.finish(wait=everything)
 
-    def _plan(self, session):
+    def _plan(self, session: pytest.Session) -> None:
         kernel_items = [item for item in session.items if item.get_closest_marker("kernel")]
         if not kernel_items:
             return
-        where, detail = self.where()
-        if where == "host":
+        where = self.where()
+        if where.kind == "host":
             return  # run here, like any test
-        if where is None:
+        if where.kernel is None:
             for item in kernel_items:
                 if _ci() or self.inner:
                     self.special[item] = (
-                        f"no device-mapper kernel (CI=true, so this fails): {detail}"
+                        f"no device-mapper kernel (CI=true, so this fails): {where.reason}"
                     )
                 else:
                     item.add_marker(
                         pytest.mark.skip(
-                            reason=f"no device-mapper kernel: {detail}; {_HOW_TO_GET}"
+                            reason=f"no device-mapper kernel: {where.reason}; {_HOW_TO_GET}"
                         )
                     )
         else:
@@ -443,16 +521,18 @@ class _Harness:
                 self.special[item] = "remote"
             self.remote_count = len(kernel_items)
         if self.special:
-            following = None
+            following: pytest.Item | None = None
             for item in reversed(session.items):
                 self.next_local[item] = following
                 if item not in self.special:
                     following = item
-        if self.remote_count:
-            self.session = _KernelSession(session.config, kernel_items, detail)
+        if self.remote_count and where.kernel is not None:
+            self.session = _KernelSession(session.config, kernel_items, where.kernel)
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item, nextitem):
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
         if not self.special:
             return None
         from _pytest.runner import runtestprotocol
@@ -472,8 +552,9 @@ class _Harness:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _replay(self, item):
-        received = []
+    def _replay(self, item: pytest.Item) -> None:
+        assert self.session is not None
+        received: list[pytest.TestReport] = []
         for report in self.session.reports_for(item.nodeid):
             received.append(report)
             item.ihook.pytest_runtest_logreport(report=report)
@@ -485,7 +566,7 @@ class _Harness:
         ):
             item.ihook.pytest_runtest_logreport(report=report)
 
-    def pytest_terminal_summary(self, terminalreporter):
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         s = self.session
         if s is None:
             return
@@ -507,17 +588,17 @@ class _Harness:
 
     # -- the inner session --------------------------------------------------
 
-    def pytest_runtest_logreport(self, report):
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.reports_file is None:
             return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         self.reports_file.write(json.dumps(data, default=repr) + "\n")
 
-    def pytest_runtest_setup(self, item):
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self.inner and item.get_closest_marker("host"):
             pytest.skip("host tests boot kernels themselves; they run on the host only")
 
-    def pytest_unconfigure(self, config):
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.reports_file is not None:
             self.reports_file.close()
 
@@ -526,7 +607,7 @@ class _Harness:
 
 
 @pytest.fixture
-def dm_prefix():
+def dm_prefix() -> Iterator[str]:
     """A device-name prefix unique to this test: ``libdmtest-<session
     token>-<n>-``.
 
@@ -542,7 +623,7 @@ def dm_prefix():
 
 
 @pytest.fixture
-def dm_name(dm_prefix):
+def dm_name(dm_prefix: str) -> Callable[..., str]:
     """A factory of unique device names under this test's :func:`dm_prefix`.
 
     ``dm_name("pool")`` returns ``"libdmtest-<token>-<n>-pool"``; asking
@@ -550,9 +631,9 @@ def dm_name(dm_prefix):
     ValueError for an empty suffix, one with ``/``, or a name longer than
     device-mapper's 127 characters.  The devices are removed after the test.
     """
-    given = set()
+    given: set[str] = set()
 
-    def make(suffix="dev"):
+    def make(suffix: str = "dev") -> str:
         if not suffix or "/" in suffix:
             raise ValueError(f"bad device name suffix {suffix!r}")
         name, n = dm_prefix + suffix, 1
@@ -568,7 +649,7 @@ def dm_name(dm_prefix):
 
 
 @pytest.fixture(autouse=True)
-def _libdm_kernel_cleanup(request):
+def _libdm_kernel_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
     # For kernel tests only: after the test (and after dm_prefix removed its
     # devices), unmount what is mounted below tmp_path and detach loop
     # devices backed by files below it.
@@ -577,11 +658,12 @@ def _libdm_kernel_cleanup(request):
         return
     tmp_path = request.getfixturevalue("tmp_path")
     yield
-    failures = []
-    for step in (
+    failures: list[str] = []
+    steps: list[Callable[[], object]] = [
         lambda: _cleanup.unmount(under=tmp_path),
         lambda: _cleanup.detach_loops(tmp_path),
-    ):
+    ]
+    for step in steps:
         try:
             step()
         except _cleanup.CleanupError as exc:
@@ -591,7 +673,7 @@ def _libdm_kernel_cleanup(request):
 
 
 @pytest.fixture
-def uml_kernel(request):
+def uml_kernel(request: pytest.FixtureRequest) -> _kernel.KernelInfo:
     """The :class:`~libdm.testing.kernel.KernelInfo` of the UML kernel
     that ``--dm-kernel-binary`` (or the default) names, for ``host``
     tests that boot kernels themselves.  Without one the test is skipped
@@ -604,7 +686,9 @@ def uml_kernel(request):
 
 
 @pytest.fixture
-def run_in_kernel(request, uml_kernel):
+def run_in_kernel(
+    request: pytest.FixtureRequest, uml_kernel: _kernel.KernelInfo
+) -> Callable[..., _kernel.KernelResult]:
     """A function running one command in a fresh UML kernel, for
     ``host``-marked tests that boot kernels themselves (power cuts: run
     again on the same backing files).
@@ -618,7 +702,7 @@ def run_in_kernel(request, uml_kernel):
     """
     option = request.config.option
 
-    def run(command, **kwargs):
+    def run(command: Sequence[_kernel.Arg], **kwargs: Any) -> _kernel.KernelResult:
         kwargs.setdefault("binary", uml_kernel.binary)
         kwargs.setdefault("mem", option.dm_kernel_mem)
         return _kernel.run(command, **kwargs)

@@ -10,6 +10,11 @@ and protobuf); nothing else in libdm imports gRPC.  :mod:`.core` holds
 the semantics and needs neither.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from libdm.snapshotter.config import Config, MonitorConfig, load_config
 from libdm.snapshotter.core import (
     AlreadyExists,
@@ -19,6 +24,9 @@ from libdm.snapshotter.core import (
     SnapshotError,
     Snapshotter,
 )
+
+if TYPE_CHECKING:
+    from libdm.snapshotter.service import Server
 
 __all__ = [
     "AlreadyExists",
@@ -34,8 +42,14 @@ __all__ = [
 ]
 
 
-def serve(pool_dir, socket_path, config, **kwargs):
+def serve(
+    pool_dir: str,
+    socket_path: str,
+    config: Config,
+    *,
+    ready: Callable[[Server], object] | None = None,
+) -> None:
     """Serve the snapshotter until SIGTERM (see :func:`.service.serve`)."""
     from libdm.snapshotter.service import serve as _serve
 
-    return _serve(pool_dir, socket_path, config, **kwargs)
+    _serve(pool_dir, socket_path, config, ready=ready)

@@ -25,7 +25,10 @@ setting (``root_path``, ``base_image_size``, ``fs_type``, ``fs_options``,
 """
 
 import dataclasses
+import os
 import shlex
+from collections.abc import Mapping
+from typing import TypeVar
 
 from libdm.thin.units import parse_size
 
@@ -54,7 +57,12 @@ class Config:
     device_prefix: str = "ctrd-"
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
 
-    def validate(self):
+    def validate(self) -> "Config":
+        """This config, once every value is checked.
+
+        Raises:
+            ValueError: the first bad value, named.
+        """
         if self.fs_type not in ("ext4", "xfs"):
             raise ValueError(f"fs_type must be ext4 or xfs, not {self.fs_type!r}")
         parse_size(self.base_image_size, what="base_image_size")
@@ -74,13 +82,18 @@ class Config:
         return self
 
     @property
-    def mkfs_options(self):
+    def mkfs_options(self) -> list[str]:
+        """``fs_options`` as mkfs's arguments (split as a shell would)."""
         return shlex.split(self.fs_options)
 
 
-def _typed(cls, table, where):
+_Section = TypeVar("_Section", Config, MonitorConfig)
+_KINDS: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
+
+
+def _typed(cls: type[_Section], table: Mapping[str, object], where: str) -> _Section:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
+    values: dict[str, object] = {}
     for name, value in table.items():
         if name not in fields:
             raise ValueError(f"unknown setting {where}{name!r}")
@@ -90,21 +103,17 @@ def _typed(cls, table, where):
                 raise ValueError("[monitor] must be a table")
             values[name] = _typed(MonitorConfig, value, "monitor.")
             continue
-        kind = (
-            f.type
-            if isinstance(f.type, type)
-            else {"str": str, "bool": bool, "int": int, "float": float}[f.type]
-        )
+        kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
             raise ValueError(f"setting {where}{name} must be a {kind.__name__}, not {value!r}")
         values[name] = value
-    return cls(**values)
+    return cls(**values)  # type: ignore[arg-type]  # each value was checked against its field
 
 
-def load_config(path=None, **overrides):
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
     """Read the TOML file at ``path`` (none: defaults), apply the non-None
     ``overrides`` and validate.
 
@@ -112,7 +121,7 @@ def load_config(path=None, **overrides):
         ValueError: an unknown setting, a wrong type, a bad value.
         OSError: the file cannot be read.
     """
-    table = {}
+    table: dict[str, object] = {}
     if path is not None:
         import tomllib
 

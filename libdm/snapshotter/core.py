@@ -13,6 +13,9 @@ metadata store and deactivates its device (the device and its data stay:
 children are snapshots of it).
 """
 
+from __future__ import annotations
+
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -21,14 +24,20 @@ import re
 import struct
 import subprocess
 import threading
-import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from libdm.dm import ops
 from libdm.dm.errors import DMError, NoSuchDeviceError
 from libdm.snapshotter import store as st
 from libdm.snapshotter.filters import FilterError, parse_filters
+from libdm.snapshotter.store import Kind
 from libdm.thin import crash
-from libdm.thin.units import parse_size
+from libdm.thin.units import Bytes, parse_size
+
+if TYPE_CHECKING:
+    from libdm.snapshotter.config import Config
+    from libdm.thin.pool import Pool
 
 #: Where ``LIBDM_CRASH_AT`` can stop the snapshotter (see libdm.thin.crash),
 #: besides the pool's own points.
@@ -47,6 +56,7 @@ __all__ = [
     "FailedPrecondition",
     "Info",
     "InvalidArgument",
+    "Kind",
     "Mount",
     "NotFound",
     "SnapshotError",
@@ -62,6 +72,8 @@ BLKGETSIZE64 = 0x80081272
 
 
 class SnapshotError(Exception):
+    """An error with one of containerd's codes (its gRPC status code's name)."""
+
     code = "UNKNOWN"
 
 
@@ -81,43 +93,45 @@ class InvalidArgument(SnapshotError):
     code = "INVALID_ARGUMENT"
 
 
+@dataclasses.dataclass(slots=True, repr=False)
 class Info:
     """A snapshot as containerd sees it."""
 
-    __slots__ = ("created", "kind", "labels", "name", "parent", "updated")
+    name: str
+    #: The parent's name, "" for none.
+    parent: str
+    kind: Kind
+    #: Seconds since the epoch.
+    created: float
+    updated: float
+    labels: dict[str, str]
 
-    def __init__(self, name, parent, kind, created, updated, labels):
-        self.name, self.parent, self.kind = name, parent, kind
-        self.created, self.updated, self.labels = created, updated, labels
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Info {self.name!r} {self.kind} parent={self.parent!r}>"
 
 
+@dataclasses.dataclass(slots=True, repr=False)
 class Mount:
-    __slots__ = ("options", "source", "target", "type")
+    """A mount containerd makes of a snapshot: ``mount -t TYPE -o OPTIONS SOURCE``."""
 
-    def __init__(self, type, source, options, target=""):
-        self.type, self.source, self.options, self.target = type, source, list(options), target
+    type: str
+    source: str
+    options: list[str]
+    target: str = ""
 
-    def __eq__(self, other):
-        return isinstance(other, Mount) and (
-            self.type,
-            self.source,
-            self.options,
-            self.target,
-        ) == (other.type, other.source, other.options, other.target)
+    def __post_init__(self) -> None:
+        self.options = list(self.options)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Mount {self.type} {self.source} {','.join(self.options)}>"
 
 
-def _metadata_device(pool_name):
+def _metadata_device(pool_name: str) -> str:
     """A path to the pool's metadata device, from its live table (the
     kernel's own node under /dev: loop<N> or dm-<N>, which devtmpfs makes
     with or without udev)."""
     table = ops.table(pool_name)
-    devno = table[0].params.split()[0]
+    devno: str = table[0].params.split()[0]
     if devno.startswith("/"):
         return devno
     with open(f"/sys/dev/block/{devno}/uevent") as fh:
@@ -127,7 +141,7 @@ def _metadata_device(pool_name):
     raise OSError(f"no device name for {devno}")
 
 
-def _check_labels(labels):
+def _check_labels(labels: Mapping[str, str] | None) -> None:
     for k, v in (labels or {}).items():
         if not k:
             raise InvalidArgument("label key must not be empty")
@@ -149,7 +163,7 @@ class Snapshotter:
     undone, and devices that no snapshot owns are deleted.
     """
 
-    def __init__(self, pool, config):
+    def __init__(self, pool: Pool, config: Config) -> None:
         self.pool = pool
         self.config = config
         root = config.root_path or pool.directory
@@ -157,10 +171,12 @@ class Snapshotter:
         self.store = st.MetaStore(os.path.join(root, DB_NAME))
         self.prefix = config.device_prefix
         self.base_name = f"{self.prefix}base"
+        #: The filesystem every layer has: the base device's.
+        self.fs_type = config.fs_type
         self._lock = threading.RLock()
         self._removals = threading.Event()
-        self._closing = False
-        self._worker = None
+        self._closing = threading.Event()
+        self._worker: threading.Thread | None = None
         with self._lock:
             self.recover()
             self._ensure_base()
@@ -170,8 +186,8 @@ class Snapshotter:
             )
             self._worker.start()
 
-    def close(self):
-        self._closing = True
+    def close(self) -> None:
+        self._closing.set()
         self._removals.set()
         if self._worker is not None:
             self._worker.join(timeout=60)
@@ -180,17 +196,17 @@ class Snapshotter:
 
     # -- the base device ----------------------------------------------------------------
 
-    def _ensure_base(self):
-        made = self.store.meta("base_ready")
-        if made:
+    def _ensure_base(self) -> None:
+        made = self.store.base()
+        if made is not None:
             # Every layer has the base's filesystem, whatever the config says now.
-            self.fs_type = made["fs_type"]
-            if made["fs_type"] != self.config.fs_type:
+            self.fs_type = made.fs_type
+            if made.fs_type != self.config.fs_type:
                 logger.warning(
                     "snapshotter: the base device has %s, not the configured %s; layers stay %s",
-                    made["fs_type"],
+                    made.fs_type,
                     self.config.fs_type,
-                    made["fs_type"],
+                    made.fs_type,
                 )
             return
         self.fs_type = self.config.fs_type
@@ -209,62 +225,65 @@ class Snapshotter:
         mapped = self._mapped(self.base_name)
         self.pool.deactivate_device(self.base_name)
         with self.store.transaction() as s:
-            s.set_meta("base_ready", {"fs_type": self.config.fs_type, "size": int(size)})
-            s.set_meta("base_mapped", mapped)
+            s.set_base(self.config.fs_type, size, mapped)
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _pool_has(self, name):
+    def _pool_has(self, name: str) -> bool:
         try:
             self.pool.device(name)
         except NoSuchDeviceError:
             return False
         return True
 
-    def _pool_devices(self):
+    def _pool_devices(self) -> list[str]:
         """Names of the pool's devices that this snapshotter makes."""
         return [d.name for d in self.pool.devices() if d.name.startswith(self.prefix)]
 
-    def _mapped(self, device):
+    def _mapped(self, device: str) -> Bytes:
         try:
             status = self.pool.device(device).status()
         except DMError:
-            return 0
-        return 0 if status.failed else int(status.mapped.bytes())
+            return Bytes(0)
+        return Bytes(0) if status.failed else Bytes(status.mapped.bytes())
 
-    def _row(self, ns, key):
+    def _row(self, ns: str, key: str) -> st.Row:
         row = self.store.get(ns, key)
-        if row is None or row["state"] != "ready":
+        if row is None or row.state != st.State.READY:
             raise NotFound(f"snapshot {key} does not exist")
         return row
 
-    def _info(self, row):
+    def _info(self, row: st.Row) -> Info:
         parent = ""
-        if row["parent_id"] is not None:
-            parent = self.store.by_id(row["parent_id"])["key"] or ""
-        return Info(
-            row["key"], parent, row["kind"], row["created"], row["updated"], st.labels_of(row)
-        )
+        if row.parent_id is not None:
+            parent = self.store.by_id(row.parent_id).key or ""
+        return Info(row.key or "", parent, row.kind, row.created, row.updated, dict(row.labels))
 
-    def _mounts(self, row):
+    def _mounts(self, row: st.Row) -> list[Mount]:
         options = []
         if self.fs_type == "xfs":
             options.append("nouuid")  # every layer has the base's filesystem UUID
-        if row["kind"] == st.VIEW:
+        if row.kind == Kind.VIEW:
             options.append("ro")
         return [
-            Mount(self.fs_type, ops.device_path(self.pool.device_dm_name(row["device"])), options)
+            Mount(self.fs_type, ops.device_path(self.pool.device_dm_name(row.device)), options)
         ]
 
     # -- containerd's operations -------------------------------------------------------------
 
-    def prepare(self, ns, key, parent="", labels=None):
-        return self._create(ns, st.ACTIVE, key, parent, labels)
+    def prepare(
+        self, ns: str, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(ns, Kind.ACTIVE, key, parent, labels)
 
-    def view(self, ns, key, parent="", labels=None):
-        return self._create(ns, st.VIEW, key, parent, labels)
+    def view(
+        self, ns: str, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(ns, Kind.VIEW, key, parent, labels)
 
-    def _create(self, ns, kind, key, parent, labels):
+    def _create(
+        self, ns: str, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         _check_labels(labels)
@@ -274,11 +293,11 @@ class Snapshotter:
                 origin = self.base_name
                 if parent:
                     prow = s.get(ns, parent)
-                    if prow is None or prow["state"] != "ready":
+                    if prow is None or prow.state != st.State.READY:
                         raise NotFound(f"missing parent {parent!r} bucket: not found")
-                    if prow["kind"] != st.COMMITTED:
+                    if prow.kind != Kind.COMMITTED:
                         raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
-                    parent_id, origin = prow["id"], prow["device"]
+                    parent_id, origin = prow.id, prow.device
                 if s.get(ns, key) is not None:
                     raise AlreadyExists(f"snapshot {key}: already exists")
                 row_id, device = s.insert(ns, key, kind, parent_id, labels, self.prefix)
@@ -293,10 +312,10 @@ class Snapshotter:
                 raise
             crash.point("snapshotter:prepare:device")
             with self.store.transaction() as s:
-                s.execute("UPDATE snapshots SET state='ready' WHERE id=?", (row_id,))
+                s.mark_ready(row_id)
             return self._mounts(self.store.by_id(row_id))
 
-    def _undo_create(self, row_id, device):
+    def _undo_create(self, row_id: int, device: str) -> None:
         try:
             self._delete_device(device)
         except Exception as exc:
@@ -305,19 +324,21 @@ class Snapshotter:
             )
             return
         with self.store.transaction() as s:
-            s.execute("DELETE FROM snapshots WHERE id=?", (row_id,))
+            s.delete(row_id)
 
-    def mounts(self, ns, key):
+    def mounts(self, ns: str, key: str) -> list[Mount]:
         with self._lock:
             row = self._row(ns, key)
-            if row["kind"] == st.COMMITTED:
+            if row.kind == Kind.COMMITTED:
                 raise FailedPrecondition(f"requested snapshot {key} not active or view")
-            dev = self.pool.device(row["device"])
+            dev = self.pool.device(row.device)
             if not dev.active:
                 dev.activate()
             return self._mounts(row)
 
-    def commit(self, ns, name, key, labels=None):
+    def commit(
+        self, ns: str, name: str, key: str, labels: Mapping[str, str] | None = None
+    ) -> None:
         if not name:
             raise InvalidArgument("committed snapshot name must not be empty")
         _check_labels(labels)
@@ -325,27 +346,22 @@ class Snapshotter:
             if self.store.get(ns, name) is not None:
                 raise AlreadyExists(f"committed snapshot {name}: already exists")
             row = self.store.get(ns, key)
-            if row is None or row["state"] != "ready":
+            if row is None or row.state != st.State.READY:
                 raise NotFound(f"failed to get active snapshot {key!r}: not found")
-            if row["kind"] != st.ACTIVE:
+            if row.kind != Kind.ACTIVE:
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
             # What was written to the layer reaches the pool's disk before the
             # layer is committed: a power cut cannot lose a committed layer's data.
-            self._flush(row["device"])
+            self._flush(row.device)
             crash.point("snapshotter:commit:flushed")
-            mapped = self._mapped(row["device"])
-            now = time.time()
+            mapped = self._mapped(row.device)
             with self.store.transaction() as s:
-                s.execute(
-                    "UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
-                    "updated=?, mapped=? WHERE id=?",
-                    (name, st.json.dumps(labels or {}), now, now, mapped, row["id"]),
-                )
+                s.commit(row.id, name, labels, mapped)
             crash.point("snapshotter:commit:recorded")
             # Committed: the device is only read through its children now.
-            self._deactivate(row["device"])
+            self._deactivate(row.device)
 
-    def _flush(self, device):
+    def _flush(self, device: str) -> None:
         dev = self.pool.device(device)
         if not dev.active:
             return
@@ -355,22 +371,19 @@ class Snapshotter:
         finally:
             os.close(fd)
 
-    def _deactivate(self, device):
+    def _deactivate(self, device: str) -> None:
         try:
             self.pool.deactivate_device(device)
         except DMError as exc:
             logger.warning("snapshotter: could not deactivate %s: %s", device, exc)
 
-    def remove(self, ns, key):
+    def remove(self, ns: str, key: str) -> None:
         with self._lock:
             row = self._row(ns, key)
-            if self.store.children(row["id"]):
+            if self.store.children(row.id):
                 raise FailedPrecondition("cannot remove snapshot with child")
             with self.store.transaction() as s:
-                s.execute(
-                    "UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
-                    (time.time(), row["id"]),
-                )
+                s.mark_removing(row.id)
             # The key is free now; the device goes below, or in the background.
             crash.point("snapshotter:remove:marked")
             if self.config.async_remove:
@@ -385,14 +398,17 @@ class Snapshotter:
                     "snapshotter: deleting the device of %r failed, will retry: %s", key, exc
                 )
 
-    def stat(self, ns, key):
+    def stat(self, ns: str, key: str) -> Info:
         with self._lock:
             return self._info(self._row(ns, key))
 
-    def update(self, ns, info, paths=()):
+    def update(self, ns: str, info: Info, paths: Sequence[str] = ()) -> Info:
+        """Change the labels of snapshot ``info.name`` (its only field that
+        can change): all of them to ``info.labels``, or those the field
+        ``paths`` name (``labels``, ``labels.<key>``)."""
         with self._lock:
             row = self._row(ns, info.name)
-            labels = st.labels_of(row)
+            labels = dict(row.labels)
             new = dict(info.labels or {})
             if paths:
                 for path in paths:
@@ -413,13 +429,10 @@ class Snapshotter:
             labels = {k: v for k, v in labels.items() if v}
             _check_labels(labels)
             with self.store.transaction() as s:
-                s.execute(
-                    "UPDATE snapshots SET labels=?, updated=? WHERE id=?",
-                    (st.json.dumps(labels), time.time(), row["id"]),
-                )
-            return self._info(self.store.by_id(row["id"]))
+                s.set_labels(row.id, labels)
+            return self._info(self.store.by_id(row.id))
 
-    def walk(self, ns, filters=()):
+    def walk(self, ns: str, filters: Sequence[str] = ()) -> list[Info]:
         try:
             match = parse_filters(filters)
         except FilterError as exc:
@@ -429,10 +442,10 @@ class Snapshotter:
         out = []
         for info in infos:
 
-            def fields(path, info=info):
+            def fields(path: Sequence[str], info: Info = info) -> tuple[str, bool]:
                 head = path[0]
                 if head == "kind":
-                    return info.kind, True
+                    return info.kind.value, True
                 if head == "name":
                     return info.name, True
                 if head == "parent":
@@ -446,7 +459,7 @@ class Snapshotter:
                 out.append(info)
         return out
 
-    def usage(self, ns, key):
+    def usage(self, ns: str, key: str) -> tuple[Bytes, int]:
         """(bytes, inodes) the snapshot owns beyond its parent: the data
         blocks where its thin device differs from its origin's (the base
         device or the parent layer), as ``thin_delta`` reads them from the
@@ -457,28 +470,26 @@ class Snapshotter:
         misses blocks a layer rewrote).  Inodes are not counted (0)."""
         with self._lock:
             row = self._row(ns, key)
-            cached = self.store.meta(f"owned:{row['id']}")
+            cached = self.store.owned(row.id)
             if cached is not None:
                 return cached, 0
-            if row["parent_id"] is None:
-                origin, base = self.base_name, self.store.meta("base_mapped", 0)
+            if row.parent_id is None:
+                origin, base = self.base_name, self.store.base_mapped()
             else:
-                parent = self.store.by_id(row["parent_id"])
-                origin, base = parent["device"], parent["mapped"]
-            if row["kind"] != st.COMMITTED:
-                self._flush(row["device"])  # the pool commits its metadata on a flush
-            owned = self._delta_bytes(origin, row["device"])
+                parent = self.store.by_id(row.parent_id)
+                origin, base = parent.device, parent.mapped
+            if row.kind != Kind.COMMITTED:
+                self._flush(row.device)  # the pool commits its metadata on a flush
+            owned = self._delta_bytes(origin, row.device)
             if owned is None:
-                mapped = (
-                    row["mapped"] if row["kind"] == st.COMMITTED else self._mapped(row["device"])
-                )
-                return max(0, mapped - base), 0
-            if row["kind"] == st.COMMITTED:
+                mapped = row.mapped if row.kind == Kind.COMMITTED else self._mapped(row.device)
+                return Bytes(max(0, int(mapped) - int(base))), 0
+            if row.kind == Kind.COMMITTED:
                 with self.store.transaction() as s:
-                    s.set_meta(f"owned:{row['id']}", owned)
+                    s.set_owned(row.id, owned)
             return owned, 0
 
-    def _delta_bytes(self, origin, device):
+    def _delta_bytes(self, origin: str, device: str) -> Bytes | None:
         """Bytes of data blocks where ``device`` differs from ``origin``
         (thin_delta on a metadata snapshot), or None when that cannot be
         read."""
@@ -505,9 +516,9 @@ class Snapshotter:
                 r'<(?:different|right_only) begin="\d+" length="(\d+)"', proc.stdout
             )
         )
-        return blocks * int(self.pool.block_size.bytes())
+        return Bytes(blocks * int(self.pool.block_size.bytes()))
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         """Delete what crashes left: devices no snapshot owns, removals and
         creations that did not finish."""
         with self._lock:
@@ -515,14 +526,14 @@ class Snapshotter:
 
     # -- removal and recovery ----------------------------------------------------------------
 
-    def _delete_device(self, device):
+    def _delete_device(self, device: str) -> None:
         if not self._pool_has(device):
             return
         if self.config.discard_blocks:
             self._discard(device)
         self.pool.delete_device(device)
 
-    def _discard(self, device):
+    def _discard(self, device: str) -> None:
         dev = self.pool.device(device)
         if not dev.active:
             dev.activate()
@@ -537,39 +548,36 @@ class Snapshotter:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
                 logger.warning("snapshotter: discard of %s failed: %s", device, exc)
 
-    def _finish_removals(self):
+    def _finish_removals(self) -> None:
         """Delete the devices of rows being removed, children first (a
         thin device with snapshots in the pool cannot be deleted)."""
         with self._lock:
             while True:
-                rows = self.store.all(state="removing")
+                rows = self.store.all(state=st.State.REMOVING)
                 done = False
                 for row in rows:
-                    if self.store.execute(
-                        "SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)
-                    ).fetchone():
+                    if self.store.has_rows_below(row.id):
                         continue
-                    self._delete_device(row["device"])
+                    self._delete_device(row.device)
                     crash.point("snapshotter:remove:deleted")
                     with self.store.transaction() as s:
-                        s.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
-                        s.execute("DELETE FROM meta WHERE name=?", (f"owned:{row['id']}",))
+                        s.delete(row.id)
                     done = True
                 if not done:
                     return
 
-    def _remove_worker(self):
-        while not self._closing:
+    def _remove_worker(self) -> None:
+        while not self._closing.is_set():
             self._removals.wait()
             self._removals.clear()
-            if self._closing:
+            if self._closing.is_set():
                 return
             try:
                 self._finish_removals()
             except Exception:
                 logger.exception("snapshotter: background removal failed")
 
-    def recover(self):
+    def recover(self) -> None:
         """Bring the two stores into agreement after a crash.
 
         Rows still ``creating`` are rolled back (the device is deleted if
@@ -578,14 +586,14 @@ class Snapshotter:
         snapshotter that no row names are deleted (children first).
         """
         with self._lock:
-            creating = self.store.all(state="creating")
-            for row in sorted(creating, key=lambda r: -r["id"]):
-                self._delete_device(row["device"])
+            creating = self.store.all(state=st.State.CREATING)
+            for row in sorted(creating, key=lambda r: -r.id):
+                self._delete_device(row.device)
                 with self.store.transaction() as s:
-                    s.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+                    s.delete(row.id)
             self._finish_removals()
-            owned = {r["device"] for r in self.store.rows()}
-            if self.store.meta("base_ready"):
+            owned = {r.device for r in self.store.rows()}
+            if self.store.base() is not None:
                 owned.add(self.base_name)
             leaked = [n for n in self._pool_devices() if n not in owned]
             while leaked:
@@ -600,13 +608,13 @@ class Snapshotter:
                 if not progress:
                     break
             for row in self.store.all():
-                if self._pool_has(row["device"]):
-                    if row["kind"] == st.COMMITTED and self.pool.device(row["device"]).active:
-                        self._deactivate(row["device"])
+                if self._pool_has(row.device):
+                    if row.kind == Kind.COMMITTED and self.pool.device(row.device).active:
+                        self._deactivate(row.device)
                 else:
                     logger.error(
                         "snapshotter: snapshot %r (namespace %s) has lost its device %s",
-                        row["key"],
-                        row["namespace"],
-                        row["device"],
+                        row.key,
+                        row.namespace,
+                        row.device,
                     )

@@ -8,20 +8,40 @@ field is present) or followed by ``==``, ``!=`` or ``~=`` (a regular
 expression) and a value, quoted or bare.
 """
 
-import re
+from __future__ import annotations
 
-__all__ = ["FilterError", "parse_filters"]
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+__all__ = ["FieldLookup", "FilterError", "Matcher", "parse_filters"]
+
+#: ``fields(path)``: the value of the field at ``path`` (``["labels",
+#: "a.b"]``) and whether the snapshot has that field.
+FieldLookup = Callable[[Sequence[str]], tuple[str, bool]]
+#: ``match(fields)``: whether a snapshot, seen through ``fields``, is listed.
+Matcher = Callable[[FieldLookup], bool]
 
 
 class FilterError(ValueError):
-    pass
+    """A filter that does not parse; the message quotes it."""
+
+
+class _Selector(NamedTuple):
+    """One selector: a field path, then, unless it tests presence alone,
+    an operator and the value (a compiled expression for ``~=``)."""
+
+    path: list[str]
+    op: str | None
+    value: str | None
+    pattern: re.Pattern[str] | None
 
 
 _BARE_FIELD = re.compile(r"[A-Za-z0-9_\-]+")
 _BARE_VALUE = re.compile(r"[^,\s\"'/]+")
 
 
-def _quoted(text, i):
+def _quoted(text: str, i: int) -> tuple[str, int]:
     quote = text[i]
     out = []
     i += 1
@@ -39,7 +59,7 @@ def _quoted(text, i):
     raise FilterError(f"unterminated quote in filter {text!r}")
 
 
-def _selector(text, i):
+def _selector(text: str, i: int) -> tuple[_Selector, int]:
     path = []
     while True:
         if i < len(text) and text[i] in "\"'":
@@ -56,7 +76,9 @@ def _selector(text, i):
         break
     while i < len(text) and text[i].isspace():
         i += 1
-    op = value = None
+    op: str | None = None
+    value: str | None = None
+    pattern: re.Pattern[str] | None = None
     if text.startswith(("==", "!=", "~="), i):
         op = text[i : i + 2]
         i += 2
@@ -71,15 +93,15 @@ def _selector(text, i):
             value, i = m.group(0), m.end()
         if op == "~=":
             try:
-                value = re.compile(value)
+                pattern = re.compile(value)
             except re.error as exc:
                 raise FilterError(f"bad regular expression in filter {text!r}: {exc}") from None
     while i < len(text) and text[i].isspace():
         i += 1
-    return (path, op, value), i
+    return _Selector(path, op, value, pattern), i
 
 
-def _parse_one(text):
+def _parse_one(text: str) -> list[_Selector]:
     selectors = []
     i = 0
     while True:
@@ -94,7 +116,7 @@ def _parse_one(text):
         i += 1
 
 
-def parse_filters(filters):
+def parse_filters(filters: Iterable[str]) -> Matcher:
     """A predicate ``match(fields)`` for a list of filter strings, where
     ``fields(path)`` gives ``(value, present)``.  No filters (or only empty
     ones) match everything.
@@ -106,8 +128,8 @@ def parse_filters(filters):
     if not parsed:
         return lambda fields: True
 
-    def matches(selectors, fields):
-        for path, op, value in selectors:
+    def matches(selectors: list[_Selector], fields: FieldLookup) -> bool:
+        for path, op, value, pattern in selectors:
             got, present = fields(path)
             if op is None:
                 if not present:
@@ -118,7 +140,7 @@ def parse_filters(filters):
             elif op == "!=":
                 if present and got == value:
                     return False
-            elif not present or not value.search(got):
+            elif not present or pattern is None or not pattern.search(got):
                 return False
         return True
 

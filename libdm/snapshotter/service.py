@@ -9,19 +9,29 @@ own error kinds.  The namespace is the ``containerd-namespace`` gRPC
 metadata of the call (``default`` when absent).
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from types import FrameType
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import grpc
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 
 from libdm.snapshotter import core
 from libdm.snapshotter.api import mount_pb2
 from libdm.snapshotter.api import snapshots_pb2 as pb
+from libdm.snapshotter.store import Kind
+
+if TYPE_CHECKING:
+    from libdm.snapshotter.config import Config
 
 __all__ = ["SERVICE", "Server", "serve"]
 
@@ -30,8 +40,14 @@ logger = logging.getLogger("libdm.snapshotter")
 SERVICE = "containerd.services.snapshots.v1.Snapshots"
 NAMESPACE_KEY = "containerd-namespace"
 
-_KINDS = {core.st.VIEW: pb.VIEW, core.st.ACTIVE: pb.ACTIVE, core.st.COMMITTED: pb.COMMITTED}
-_CODES = {
+_KINDS: dict[Kind, pb.Kind] = {
+    Kind.UNKNOWN: pb.UNKNOWN,
+    Kind.VIEW: pb.VIEW,
+    Kind.ACTIVE: pb.ACTIVE,
+    Kind.COMMITTED: pb.COMMITTED,
+}
+_KIND_OF: dict[int, Kind] = {wire: kind for kind, wire in _KINDS.items()}
+_CODES: dict[str, grpc.StatusCode] = {
     "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
@@ -39,21 +55,21 @@ _CODES = {
 }
 
 
-def _namespace(context):
+def _namespace(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == NAMESPACE_KEY:
-            return value
+            return str(value)
     return "default"
 
 
-def _mounts(mounts):
+def _mounts(mounts: Iterable[core.Mount]) -> list[mount_pb2.Mount]:
     return [
         mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
         for m in mounts
     ]
 
 
-def _info(info):
+def _info(info: core.Info) -> pb.Info:
     msg = pb.Info(name=info.name, parent=info.parent, kind=_KINDS[info.kind], labels=info.labels)
     msg.created_at.FromNanoseconds(int(info.created * 1e9))
     msg.updated_at.FromNanoseconds(int(info.updated * 1e9))
@@ -61,94 +77,134 @@ def _info(info):
 
 
 class _Methods:
-    def __init__(self, snapshotter):
+    """The service's methods, named as in the .proto file."""
+
+    def __init__(self, snapshotter: core.Snapshotter) -> None:
         self.sn = snapshotter
 
-    def Prepare(self, req, ctx):
+    def Prepare(
+        self, req: pb.PrepareSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> pb.PrepareSnapshotResponse:
         return pb.PrepareSnapshotResponse(
             mounts=_mounts(self.sn.prepare(_namespace(ctx), req.key, req.parent, dict(req.labels)))
         )
 
-    def View(self, req, ctx):
+    def View(
+        self, req: pb.ViewSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> pb.ViewSnapshotResponse:
         return pb.ViewSnapshotResponse(
             mounts=_mounts(self.sn.view(_namespace(ctx), req.key, req.parent, dict(req.labels)))
         )
 
-    def Mounts(self, req, ctx):
+    def Mounts(self, req: pb.MountsRequest, ctx: grpc.ServicerContext) -> pb.MountsResponse:
         return pb.MountsResponse(mounts=_mounts(self.sn.mounts(_namespace(ctx), req.key)))
 
-    def Commit(self, req, ctx):
+    def Commit(self, req: pb.CommitSnapshotRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
         self.sn.commit(_namespace(ctx), req.name, req.key, dict(req.labels))
         return empty_pb2.Empty()
 
-    def Remove(self, req, ctx):
+    def Remove(self, req: pb.RemoveSnapshotRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
         self.sn.remove(_namespace(ctx), req.key)
         return empty_pb2.Empty()
 
-    def Stat(self, req, ctx):
+    def Stat(
+        self, req: pb.StatSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> pb.StatSnapshotResponse:
         return pb.StatSnapshotResponse(info=_info(self.sn.stat(_namespace(ctx), req.key)))
 
-    def Update(self, req, ctx):
-        info = core.Info(req.info.name, req.info.parent, None, 0, 0, dict(req.info.labels))
+    def Update(
+        self, req: pb.UpdateSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> pb.UpdateSnapshotResponse:
+        info = core.Info(
+            req.info.name,
+            req.info.parent,
+            _KIND_OF.get(req.info.kind, Kind.UNKNOWN),
+            0,
+            0,
+            dict(req.info.labels),
+        )
         paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
         return pb.UpdateSnapshotResponse(info=_info(self.sn.update(_namespace(ctx), info, paths)))
 
-    def List(self, req, ctx):
+    def List(
+        self, req: pb.ListSnapshotsRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[pb.ListSnapshotsResponse]:
         infos = self.sn.walk(_namespace(ctx), list(req.filters))
         for start in range(0, len(infos), 100):
             yield pb.ListSnapshotsResponse(info=[_info(i) for i in infos[start : start + 100]])
 
-    def Usage(self, req, ctx):
+    def Usage(self, req: pb.UsageRequest, ctx: grpc.ServicerContext) -> pb.UsageResponse:
         size, inodes = self.sn.usage(_namespace(ctx), req.key)
-        return pb.UsageResponse(size=size, inodes=inodes)
+        return pb.UsageResponse(size=int(size), inodes=inodes)
 
-    def Cleanup(self, req, ctx):
+    def Cleanup(self, req: pb.CleanupRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
         self.sn.cleanup()
         return empty_pb2.Empty()
 
 
-_SIGNATURES = {
-    "Prepare": (pb.PrepareSnapshotRequest, pb.PrepareSnapshotResponse, False),
-    "View": (pb.ViewSnapshotRequest, pb.ViewSnapshotResponse, False),
-    "Mounts": (pb.MountsRequest, pb.MountsResponse, False),
-    "Commit": (pb.CommitSnapshotRequest, empty_pb2.Empty, False),
-    "Remove": (pb.RemoveSnapshotRequest, empty_pb2.Empty, False),
-    "Stat": (pb.StatSnapshotRequest, pb.StatSnapshotResponse, False),
-    "Update": (pb.UpdateSnapshotRequest, pb.UpdateSnapshotResponse, False),
-    "List": (pb.ListSnapshotsRequest, pb.ListSnapshotsResponse, True),
-    "Usage": (pb.UsageRequest, pb.UsageResponse, False),
-    "Cleanup": (pb.CleanupRequest, empty_pb2.Empty, False),
+class _Signature(NamedTuple):
+    """A method's request and response messages, and whether it streams
+    its responses."""
+
+    request: type[Message]
+    response: type[Message]
+    streaming: bool
+
+
+_SIGNATURES: dict[str, _Signature] = {
+    "Prepare": _Signature(pb.PrepareSnapshotRequest, pb.PrepareSnapshotResponse, False),
+    "View": _Signature(pb.ViewSnapshotRequest, pb.ViewSnapshotResponse, False),
+    "Mounts": _Signature(pb.MountsRequest, pb.MountsResponse, False),
+    "Commit": _Signature(pb.CommitSnapshotRequest, empty_pb2.Empty, False),
+    "Remove": _Signature(pb.RemoveSnapshotRequest, empty_pb2.Empty, False),
+    "Stat": _Signature(pb.StatSnapshotRequest, pb.StatSnapshotResponse, False),
+    "Update": _Signature(pb.UpdateSnapshotRequest, pb.UpdateSnapshotResponse, False),
+    "List": _Signature(pb.ListSnapshotsRequest, pb.ListSnapshotsResponse, True),
+    "Usage": _Signature(pb.UsageRequest, pb.UsageResponse, False),
+    "Cleanup": _Signature(pb.CleanupRequest, empty_pb2.Empty, False),
 }
 
+#: A method of :class:`_Methods`, seen from gRPC: a request and the call's
+#: context in; a response, or for a streaming method an iterator of them, out.
+_Handler = Callable[[Message, grpc.ServicerContext], object]
 
-def _guarded(name, fn, streaming):
-    def abort(ctx, exc):
-        if isinstance(exc, core.SnapshotError):
-            ctx.abort(_CODES.get(exc.code, grpc.StatusCode.UNKNOWN), str(exc))
-        if isinstance(exc, ValueError):
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        logger.exception("snapshotter: %s failed", name)
-        ctx.abort(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
 
+def _abort(ctx: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
+    """End the call with the status for ``exc``: containerd's code for a
+    :class:`~.core.SnapshotError`, INVALID_ARGUMENT for a ValueError, and
+    UNKNOWN (logged with its traceback) for anything else."""
+    if isinstance(exc, core.SnapshotError):
+        ctx.abort(_CODES.get(exc.code, grpc.StatusCode.UNKNOWN), str(exc))
+    if isinstance(exc, ValueError):
+        ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    logger.exception("snapshotter: %s failed", name)
+    ctx.abort(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+    raise AssertionError("grpc's ServicerContext.abort returned")  # it always raises
+
+
+def _guarded(name: str, fn: _Handler, streaming: bool) -> _Handler:
     if streaming:
 
-        def handler(req, ctx):
+        def stream(req: Message, ctx: grpc.ServicerContext) -> Iterator[Message]:
             try:
-                yield from fn(req, ctx)
+                responses = fn(req, ctx)
+                assert isinstance(responses, Iterator)
+                yield from responses
             except Exception as exc:
-                abort(ctx, exc)
-    else:
+                _abort(ctx, name, exc)
 
-        def handler(req, ctx):
-            try:
-                return fn(req, ctx)
-            except Exception as exc:
-                abort(ctx, exc)
+        return stream
 
-    return handler
+    def unary(req: Message, ctx: grpc.ServicerContext) -> object:
+        try:
+            return fn(req, ctx)
+        except Exception as exc:
+            _abort(ctx, name, exc)
+
+    return unary
 
 
-def handler_for(snapshotter):
+def handler_for(snapshotter: core.Snapshotter) -> grpc.GenericRpcHandler:
     """The gRPC generic handler serving ``snapshotter``."""
     methods = _Methods(snapshotter)
     table = {}
@@ -168,7 +224,9 @@ def handler_for(snapshotter):
 class Server:
     """The snapshotter served on a unix socket (mode 0600)."""
 
-    def __init__(self, snapshotter, socket_path, *, workers=8):
+    def __init__(
+        self, snapshotter: core.Snapshotter, socket_path: str, *, workers: int = 8
+    ) -> None:
         self.snapshotter = snapshotter
         self.socket_path = os.path.abspath(socket_path)
         if os.path.exists(self.socket_path):
@@ -187,16 +245,22 @@ class Server:
         finally:
             os.umask(old)
 
-    def stop(self, grace=5):
+    def stop(self, grace: float = 5) -> None:
         self._server.stop(grace).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
-    def wait(self):
+    def wait(self) -> None:
         self._server.wait_for_termination()
 
 
-def serve(pool_dir, socket_path, config, *, ready=None):
+def serve(
+    pool_dir: str,
+    socket_path: str,
+    config: Config,
+    *,
+    ready: Callable[[Server], object] | None = None,
+) -> None:
     """Open the pool, recover, serve until SIGTERM or SIGINT, then stop
     cleanly (calls in progress finish, the socket is removed, the pool
     and the store are closed).  ``ready(server)`` is called once the
@@ -205,7 +269,7 @@ def serve(pool_dir, socket_path, config, *, ready=None):
     from libdm.thin.monitor import Monitor
 
     pool = libdm.Pool.open(pool_dir)
-    monitor = None
+    monitor: Monitor | None = None
     try:
         snapshotter = core.Snapshotter(pool, config)
         try:
@@ -221,9 +285,12 @@ def serve(pool_dir, socket_path, config, *, ready=None):
                 ).start()
             server = Server(snapshotter, socket_path)
             stop = threading.Event()
+
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                stop.set()
+
             previous = {
-                sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)
+                sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
             }
             try:
                 logger.info("snapshotter: serving pool %s on %s", pool.name, socket_path)

@@ -22,15 +22,53 @@ A committed snapshot is a ``ready`` row whose kind changed in one SQLite
 transaction, so a commit is atomic on its own.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import enum
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
+from types import TracebackType
 
-__all__ = ["ACTIVE", "COMMITTED", "VIEW", "MetaStore"]
+from libdm.thin.units import Bytes
 
-VIEW, ACTIVE, COMMITTED = "view", "active", "committed"
+__all__ = [
+    "ACTIVE",
+    "COMMITTED",
+    "VIEW",
+    "BaseDevice",
+    "Kind",
+    "MetaStore",
+    "Row",
+    "State",
+]
+
+
+class Kind(enum.StrEnum):
+    """A snapshot's kind, as containerd names it (``snapshots.Kind``)."""
+
+    #: What an Update request's info carries: Update reads only its name
+    #: and labels.  No stored snapshot has this kind.
+    UNKNOWN = "unknown"
+    VIEW = "view"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+
+
+VIEW, ACTIVE, COMMITTED = Kind.VIEW, Kind.ACTIVE, Kind.COMMITTED
+
+
+class State(enum.StrEnum):
+    """Where a row is in its life (see the module's text)."""
+
+    CREATING = "creating"
+    READY = "ready"
+    REMOVING = "removing"
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -56,6 +94,60 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+def _labels(text: str, where: str) -> dict[str, str]:
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"snapshotter.db: {where}: labels are not a table of strings: {text!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    """One snapshot's row of ``snapshotter.db``."""
+
+    id: int
+    namespace: str
+    #: The key (the name, once committed); None while the row is removed.
+    key: str | None
+    kind: Kind
+    parent_id: int | None
+    #: The thin device's name in the pool.
+    device: str
+    state: State
+    labels: dict[str, str]
+    created: float
+    updated: float
+    #: The bytes the device mapped when it was committed (0 before).
+    mapped: Bytes
+
+    @classmethod
+    def from_sql(cls, r: sqlite3.Row) -> Row:
+        return cls(
+            id=r["id"],
+            namespace=r["namespace"],
+            key=r["key"],
+            kind=Kind(r["kind"]),
+            parent_id=r["parent_id"],
+            device=r["device"],
+            state=State(r["state"]),
+            labels=_labels(r["labels"], f"snapshot {r['id']}"),
+            created=r["created"],
+            updated=r["updated"],
+            mapped=Bytes(r["mapped"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BaseDevice:
+    """What the store records of the base device, once it is made."""
+
+    #: The filesystem on it, and so on every layer.
+    fs_type: str
+    size: Bytes
+
+
 class MetaStore:
     """The snapshotter's SQLite database (``snapshotter.db``).
 
@@ -63,7 +155,7 @@ class MetaStore:
     returned is on disk.  Used under the snapshotter's lock only.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
@@ -75,88 +167,190 @@ class MetaStore:
         self._lock = threading.RLock()
         self._db.executescript(SCHEMA)
 
-    def close(self):
+    def close(self) -> None:
         self._db.close()
 
     # -- transactions -------------------------------------------------------------
 
-    def transaction(self):
+    def transaction(self) -> _Transaction:
+        """``with store.transaction() as s:``: the writes in the block are
+        one SQLite transaction, committed when the block ends normally and
+        rolled back when it raises."""
         return _Transaction(self)
 
-    def execute(self, sql, args=()):
-        return self._db.execute(sql, args)
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[Row]:
+        return [Row.from_sql(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def _row(self, sql: str, args: tuple[object, ...]) -> Row | None:
+        r = self._db.execute(sql, args).fetchone()
+        return None if r is None else Row.from_sql(r)
 
     # -- reads -----------------------------------------------------------------------
 
-    def get(self, namespace, key):
-        return self.execute(
-            "SELECT * FROM snapshots WHERE namespace=? AND key=?", (namespace, key)
-        ).fetchone()
+    def get(self, namespace: str, key: str) -> Row | None:
+        return self._row("SELECT * FROM snapshots WHERE namespace=? AND key=?", (namespace, key))
 
-    def by_id(self, row_id):
-        return self.execute("SELECT * FROM snapshots WHERE id=?", (row_id,)).fetchone()
+    def by_id(self, row_id: int) -> Row:
+        row = self._row("SELECT * FROM snapshots WHERE id=?", (row_id,))
+        if row is None:
+            raise LookupError(f"snapshotter.db has no snapshot {row_id}")
+        return row
 
-    def children(self, row_id):
+    def children(self, row_id: int) -> list[Row]:
         """Rows that still count as children (not being removed)."""
-        return self.execute(
+        return self._rows(
             "SELECT * FROM snapshots WHERE parent_id=? AND state!='removing'", (row_id,)
-        ).fetchall()
+        )
 
-    def all(self, namespace=None, state="ready"):
+    def has_rows_below(self, row_id: int) -> bool:
+        """Whether any row, in any state, names ``row_id`` as its parent."""
+        return (
+            self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row_id,)).fetchone()
+            is not None
+        )
+
+    def all(self, namespace: str | None = None, state: State = State.READY) -> list[Row]:
         if namespace is None:
-            return self.execute(
-                "SELECT * FROM snapshots WHERE state=? ORDER BY id", (state,)
-            ).fetchall()
-        return self.execute(
-            "SELECT * FROM snapshots WHERE namespace=? AND state=? ORDER BY id", (namespace, state)
-        ).fetchall()
+            return self._rows("SELECT * FROM snapshots WHERE state=? ORDER BY id", (state.value,))
+        return self._rows(
+            "SELECT * FROM snapshots WHERE namespace=? AND state=? ORDER BY id",
+            (namespace, state.value),
+        )
 
-    def rows(self):
-        return self.execute("SELECT * FROM snapshots ORDER BY id").fetchall()
+    def rows(self) -> list[Row]:
+        return self._rows("SELECT * FROM snapshots ORDER BY id")
 
-    def meta(self, name, default=None):
-        row = self.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
-        return default if row is None else json.loads(row["value"])
+    def _meta(self, name: str) -> object:
+        """The JSON value of meta ``name``, None when there is none."""
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def _meta_bytes(self, name: str) -> Bytes | None:
+        value = self._meta(name)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"snapshotter.db: meta {name} is not a number of bytes: {value!r}")
+        return Bytes(value)
+
+    def base(self) -> BaseDevice | None:
+        """The base device, None until it is made."""
+        value = self._meta("base_ready")
+        if not value:
+            return None
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("fs_type"), str)
+            or not isinstance(value.get("size"), int)
+        ):
+            raise ValueError(f"snapshotter.db: meta base_ready is not what was written: {value!r}")
+        return BaseDevice(value["fs_type"], Bytes(value["size"]))
+
+    def base_mapped(self) -> Bytes:
+        """The bytes the base device maps (0 before it is made)."""
+        return self._meta_bytes("base_mapped") or Bytes(0)
+
+    def owned(self, row_id: int) -> Bytes | None:
+        """The bytes committed snapshot ``row_id`` owns, once computed."""
+        return self._meta_bytes(f"owned:{row_id}")
 
     # -- writes (inside a transaction) ------------------------------------------------
 
-    def set_meta(self, name, value):
-        self.execute(
+    def _set_meta(self, name: str, value: object) -> None:
+        self._db.execute(
             "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, json.dumps(value))
         )
 
-    def insert(self, namespace, key, kind, parent_id, labels, device_prefix):
+    def set_base(self, fs_type: str, size: Bytes, mapped: Bytes) -> None:
+        self._set_meta("base_ready", {"fs_type": fs_type, "size": int(size)})
+        self._set_meta("base_mapped", int(mapped))
+
+    def set_owned(self, row_id: int, owned: Bytes) -> None:
+        self._set_meta(f"owned:{row_id}", int(owned))
+
+    def insert(
+        self,
+        namespace: str,
+        key: str,
+        kind: Kind,
+        parent_id: int | None,
+        labels: Mapping[str, str] | None,
+        device_prefix: str,
+    ) -> tuple[int, str]:
+        """Add a ``creating`` row; returns its id and its device's name."""
         now = time.time()
-        cur = self.execute(
+        cur = self._db.execute(
             "INSERT INTO snapshots(namespace, key, kind, parent_id, device, state, labels, "
             "created, updated) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?)",
             (
                 namespace,
                 key,
-                kind,
+                kind.value,
                 parent_id,
                 f"{device_prefix}new-{time.monotonic_ns()}",
-                json.dumps(labels or {}),
+                json.dumps(dict(labels or {})),
                 now,
                 now,
             ),
         )
         row_id = cur.lastrowid
+        assert row_id is not None  # an INSERT sets it
         device = f"{device_prefix}{row_id}"
-        self.execute("UPDATE snapshots SET device=? WHERE id=?", (device, row_id))
+        self._db.execute("UPDATE snapshots SET device=? WHERE id=?", (device, row_id))
         return row_id, device
+
+    def mark_ready(self, row_id: int) -> None:
+        self._db.execute("UPDATE snapshots SET state='ready' WHERE id=?", (row_id,))
+
+    def commit(
+        self, row_id: int, name: str, labels: Mapping[str, str] | None, mapped: Bytes
+    ) -> None:
+        """Make active snapshot ``row_id`` the committed snapshot ``name``."""
+        now = time.time()
+        self._db.execute(
+            "UPDATE snapshots SET key=?, kind='committed', labels=?, created=?, "
+            "updated=?, mapped=? WHERE id=?",
+            (name, json.dumps(dict(labels or {})), now, now, int(mapped), row_id),
+        )
+
+    def set_labels(self, row_id: int, labels: Mapping[str, str]) -> None:
+        self._db.execute(
+            "UPDATE snapshots SET labels=?, updated=? WHERE id=?",
+            (json.dumps(dict(labels)), time.time(), row_id),
+        )
+
+    def mark_removing(self, row_id: int) -> None:
+        """Free the row's key; its device is deleted afterwards."""
+        self._db.execute(
+            "UPDATE snapshots SET state='removing', key=NULL, updated=? WHERE id=?",
+            (time.time(), row_id),
+        )
+
+    def delete(self, row_id: int) -> None:
+        """Forget row ``row_id`` (its device is gone) and what was kept of it."""
+        self._db.execute("DELETE FROM snapshots WHERE id=?", (row_id,))
+        self._db.execute("DELETE FROM meta WHERE name=?", (f"owned:{row_id}",))
 
 
 class _Transaction:
-    def __init__(self, store):
+    def __init__(self, store: MetaStore) -> None:
         self.store = store
 
-    def __enter__(self):
+    def __enter__(self) -> MetaStore:
         self.store._lock.acquire()
-        self.store._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._lock.release()
+            raise
         return self.store
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if exc_type is None:
                 self.store._db.execute("COMMIT")
@@ -164,8 +358,3 @@ class _Transaction:
                 self.store._db.execute("ROLLBACK")
         finally:
             self.store._lock.release()
-        return False
-
-
-def labels_of(row):
-    return json.loads(row["labels"])

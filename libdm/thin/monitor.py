@@ -21,18 +21,33 @@ Every step is logged on the ``libdm.monitor`` logger and kept in
 and ``max_metadata_size`` are hard limits.
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.dm.events import wait_event
 from libdm.thin.units import Bytes, format_size, parse_size
 
-__all__ = ["GrowthStep", "Monitor"]
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
+
+__all__ = ["GrowCallback", "GrowthStep", "Monitor", "Part"]
+
+#: The part of a pool a step grows.
+Part = Literal["data", "metadata"]
+
+#: ``grow(pool, part, old_size, wanted_size) -> bool``: see :class:`Monitor`.
+GrowCallback = Callable[["Pool", Part, Bytes, Bytes], bool]
 
 logger = logging.getLogger("libdm.monitor")
 
@@ -50,14 +65,15 @@ class GrowthStep:
     """
 
     when: float
-    part: str
+    part: Part
     used_percent: float
     old_size: Bytes
     new_size: Bytes
     error: str | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
+        """True if the step grew the part."""
         return self.error is None
 
 
@@ -85,22 +101,25 @@ class Monitor:
         ValueError: thresholds or percent out of range, bad sizes.
     """
 
-    MAX_BACKOFF = 300.0
+    #: Seconds before the first retry after a failed step; each further
+    #: failure doubles the wait, up to :attr:`MAX_BACKOFF`.
+    FIRST_BACKOFF: ClassVar[float] = 1.0
+    MAX_BACKOFF: ClassVar[float] = 300.0
 
     def __init__(
         self,
-        pool,
-        threshold=80,
-        percent=20,
+        pool: Pool,
+        threshold: int = 80,
+        percent: int = 20,
         *,
-        metadata_threshold=None,
-        interval=10.0,
-        max_data_size=None,
-        max_metadata_size=None,
-        reserve="64M",
-        spares=(),
-        grow=None,
-    ):
+        metadata_threshold: int | None = None,
+        interval: float = 10.0,
+        max_data_size: int | str | None = None,
+        max_metadata_size: int | str | None = None,
+        reserve: int | str = "64M",
+        spares: Iterable[str] = (),
+        grow: GrowCallback | None = None,
+    ) -> None:
         for what, value in (("threshold", threshold), ("metadata_threshold", metadata_threshold)):
             if value is not None and not 0 < value < 100:
                 raise ValueError(f"{what} must be a percentage between 1 and 99, got {value}")
@@ -116,25 +135,28 @@ class Monitor:
             None if max_metadata_size is None else parse_size(max_metadata_size)
         )
         self.reserve = parse_size(reserve, what="reserve")
-        self.spares = list(spares)
+        self.spares: list[str] = list(spares)
         self.grow_callback = grow
-        self.history = []
-        self._backoff = 0.0
-        self._retry_at = 0.0
+        self.history: list[GrowthStep] = []
+        self._backoff = Backoff(self.FIRST_BACKOFF, self.MAX_BACKOFF)
+        # After a failed step: the monotonic time before which no step is tried.
+        self._retry_at: float | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._stop = threading.Event()
         # stop() writes here so a wait in progress ends at once.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- running -----------------------------------------------------------------
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask :meth:`run` to return, ending a wait in progress at once (safe
         from another thread or a signal handler)."""
         self._stop.set()
         with contextlib.suppress(BlockingIOError):  # already woken
             os.write(self._wake_w, b"x")
 
-    def start(self):
+    def start(self) -> Monitor:
         """Run in a daemon thread; returns this monitor.  ``with
         pool.monitor(...):`` does the same and stops it at the end."""
         self._stop.clear()
@@ -146,46 +168,55 @@ class Monitor:
         self._thread.start()
         return self
 
-    def _run_in_thread(self):
+    @property
+    def running(self) -> bool:
+        """True while a :meth:`start`-ed monitor's thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run_in_thread(self) -> None:
         try:
             self.run()
         except BaseException as exc:  # re-raised by join()
             self._error = exc
 
-    def join(self, timeout=None):
+    def join(self, timeout: float | None = None) -> None:
         """Stop a :meth:`start`-ed monitor and wait for it.
 
         Raises:
             The exception that ended the monitor's thread, if any.
         """
         self.stop()
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            thread.join(timeout)
-        if getattr(self, "_error", None) is not None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._error is not None:
             raise self._error
 
-    def __enter__(self):
+    def __enter__(self) -> Monitor:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
         self.join()
         return False
 
-    def run(self, *, iterations=None):
+    def run(self, *, iterations: int | None = None) -> list[GrowthStep]:
         """Watch until :meth:`stop` (or for ``iterations`` wake-ups).
 
         Returns:
             :attr:`history`.
         """
         self._arm()
-        seen = None
+        seen: int | None = None
         n = 0
         while not self._stop.is_set() and (iterations is None or n < iterations):
             n += 1
             self.check()
             timeout = self.interval
-            if self._retry_at:
+            if self._retry_at is not None:
                 timeout = max(0.0, min(timeout, self._retry_at - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 seen = wait_event(
@@ -194,21 +225,21 @@ class Monitor:
         self._drain_wake()
         return self.history
 
-    def _drain_wake(self):
+    def _drain_wake(self) -> None:
         try:
             while os.read(self._wake_r, 64):
                 pass
         except BlockingIOError:
             pass
 
-    def check(self):
+    def check(self) -> list[GrowthStep]:
         """Read the status once and grow what crossed its threshold.
 
         Returns:
             The :class:`GrowthStep` values of this check (maybe none).
         """
-        if self._retry_at and time.monotonic() < self._retry_at:
-            return []
+        if self._retry_at is not None and time.monotonic() < self._retry_at:
+            return []  # backing off after a failed step
         st = self.pool.status()
         if st.failed:
             return [
@@ -216,7 +247,7 @@ class Monitor:
                     "data", 100.0, Bytes(0), Bytes(0), f"the pool has failed ({st.state})"
                 )
             ]
-        steps = []
+        steps: list[GrowthStep] = []
         data_pct = 100.0 * int(st.used_data) / max(int(st.total_data), 1)
         if data_pct >= self.threshold:
             steps.append(self._grow("data", data_pct))
@@ -225,26 +256,26 @@ class Monitor:
             steps.append(self._grow("metadata", meta_pct))
         failed = [s for s in steps if not s.ok]
         if failed:
-            self._backoff = min(max(self._backoff * 2, 1.0), self.MAX_BACKOFF)
-            self._retry_at = time.monotonic() + self._backoff
+            self._retry_at = time.monotonic() + self._backoff.next_delay()
         elif steps:
-            self._backoff, self._retry_at = 0.0, 0.0
+            self._backoff.reset()
+            self._retry_at = None
         return steps
 
     # -- growing -------------------------------------------------------------------
 
-    def _arm(self):
+    def _arm(self) -> None:
         """Low water mark = the free blocks left at the threshold."""
         st = self.pool.status()
         if not st.failed:
             self.pool.set_low_water_mark(int(st.total_data) * (100 - self.threshold) // 100)
 
-    def _sizes(self):
+    def _sizes(self) -> tuple[Bytes, Bytes]:
         data = self.pool.data_size()
         meta = Bytes(int(self.pool.status().total_meta.bytes()))
         return data, meta
 
-    def _grow(self, part, used_pct):
+    def _grow(self, part: Part, used_pct: float) -> GrowthStep:
         data, meta = self._sizes()
         old = data if part == "data" else meta
         limit = self.max_data_size if part == "data" else self.max_metadata_size
@@ -254,9 +285,12 @@ class Monitor:
         if limit is not None and want > limit:
             want = Bytes(int(limit) // unit * unit)
         if want <= old:
-            return self._record(
-                part, used_pct, old, old, f"at its hard limit of {format_size(limit)}"
+            why = (
+                "no room to grow"
+                if limit is None
+                else f"at its hard limit of {format_size(limit)}"
             )
+            return self._record(part, used_pct, old, old, why)
         try:
             new = self._apply(part, old, want)
         except (DMError, OSError, ValueError) as exc:
@@ -267,7 +301,7 @@ class Monitor:
             self._arm()  # a loop pool's resize re-armed it already
         return self._record(part, used_pct, old, new, None)
 
-    def _apply(self, part, old, want):
+    def _apply(self, part: Part, old: Bytes, want: Bytes) -> Bytes:
         pool = self.pool
         if pool.kind == "loop":
             want = self._clamp_to_filesystem(part, old, want)
@@ -279,9 +313,11 @@ class Monitor:
             if part == "data":
                 # Re-armed in the same reload: one suspend per step, not two.
                 blocks = int(want) // int(pool.block_size.bytes())
-                pool.resize(data_size=want, low_water_mark=blocks * (100 - self.threshold) // 100)
+                pool.resize(
+                    data_size=int(want), low_water_mark=blocks * (100 - self.threshold) // 100
+                )
             else:
-                pool.resize(metadata_size=want)
+                pool.resize(metadata_size=int(want))
         elif pool.kind == "block" and (self.spares or pool.free_regions()):
             # As LVM's autoextend takes from the volume group: a spare
             # device, else the free tail of one the pool sits on.
@@ -308,7 +344,7 @@ class Monitor:
         data, meta = self._sizes()
         return data if part == "data" else meta
 
-    def _clamp_to_filesystem(self, part, old, want):
+    def _clamp_to_filesystem(self, part: Part, old: Bytes, want: Bytes) -> Bytes:
         """A sparse file may only grow as far as the filesystem can fill it."""
         path = os.path.join(self.pool.directory, "data" if part == "data" else "metadata")
         vfs = os.statvfs(self.pool.directory)
@@ -318,7 +354,9 @@ class Monitor:
         unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
         return Bytes(min(int(want), room // unit * unit))
 
-    def _record(self, part, used_pct, old, new, error):
+    def _record(
+        self, part: Part, used_pct: float, old: Bytes, new: Bytes, error: str | None
+    ) -> GrowthStep:
         step = GrowthStep(time.time(), part, round(used_pct, 1), Bytes(old), Bytes(new), error)
         self.history.append(step)
         if error is None:

@@ -14,6 +14,8 @@ each line carries its syslog priority, so the journal shows warnings and
 errors as such (see :func:`journal_handler`).
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
 import logging
@@ -21,16 +23,21 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 from libdm.dm.errors import DMError
 from libdm.thin import registry
 from libdm.thin.errors import StateError
 
+if TYPE_CHECKING:
+    from libdm.thin.monitor import Monitor
+    from libdm.thin.pool import Pool
+
 __all__ = ["MonitorService", "journal_handler"]
 
 logger = logging.getLogger("libdm.service")
 
-_PRIORITY = {
+_PRIORITY: dict[int, int] = {
     logging.DEBUG: 7,
     logging.INFO: 6,
     logging.WARNING: 4,
@@ -43,15 +50,15 @@ class _JournalFormatter(logging.Formatter):
     """``<priority>message``: the journal files the line at that priority
     and adds the time and the unit itself."""
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         level = max((lvl for lvl in _PRIORITY if lvl <= record.levelno), default=logging.DEBUG)
         return f"<{_PRIORITY[level]}>{super().format(record)}"
 
 
-def journal_handler(stream=None):
+def journal_handler(stream: TextIO | None = None) -> logging.Handler:
     """A logging handler for a service: syslog priority prefixes when
     stderr goes to the journal, a plain timestamped line otherwise."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
@@ -62,19 +69,27 @@ def journal_handler(stream=None):
 class _Watch:
     """One pool being watched: its registration, pool object and monitor."""
 
-    def __init__(self, registration, pool, monitor):
+    def __init__(self, registration: registry.Registration, pool: Pool, monitor: Monitor) -> None:
         self.registration, self.pool, self.monitor = registration, pool, monitor
 
-    def alive(self):
-        thread = getattr(self.monitor, "_thread", None)
-        return thread is not None and thread.is_alive()
+    def alive(self) -> bool:
+        return self.monitor.running
 
-    def stop(self):
+    def stop(self) -> None:
         try:
             self.monitor.join(timeout=30)
         except Exception as exc:  # the thread's own error, already logged
             logger.debug("pool %s: monitor ended with %s", self.pool.name, exc)
         self.pool.close()
+
+
+class _PoolStatus(NamedTuple):
+    """A pool's entry in the status file (``libdm pool info`` reads it)."""
+
+    name: str | None
+    running: bool
+    threshold: int
+    percent: int
 
 
 class MonitorService:
@@ -89,19 +104,26 @@ class MonitorService:
         interval: each monitor's status-check interval (seconds).
     """
 
-    def __init__(self, config_dir=None, status_path=None, *, rescan=5.0, interval=10.0):
+    def __init__(
+        self,
+        config_dir: str | None = None,
+        status_path: str | None = None,
+        *,
+        rescan: float = 5.0,
+        interval: float = 10.0,
+    ) -> None:
         self.config_dir = config_dir or registry.config_dir()
         self.status_path = status_path or registry.status_path()
         self.rescan_interval = rescan
         self.interval = interval
-        self.watches = {}  # pool directory -> _Watch
+        self.watches: dict[str, _Watch] = {}  # by pool directory
         self._stop = threading.Event()
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask :meth:`run` to return (safe from a signal handler)."""
         self._stop.set()
 
-    def run(self):
+    def run(self) -> None:
         """Scan, watch and report until :meth:`stop`; then stop every
         monitor and remove the status file."""
         logger.info("libdm monitor: watching pools registered in %s", self.config_dir)
@@ -116,7 +138,7 @@ class MonitorService:
                 os.unlink(self.status_path)
             logger.info("libdm monitor: stopped")
 
-    def scan(self):
+    def scan(self) -> None:
         """One pass: start, restart and stop monitors to match the
         registrations, then write the status file."""
         try:
@@ -137,7 +159,7 @@ class MonitorService:
                 self._watch(registration)
         self._write_status(wanted)
 
-    def _watch(self, registration):
+    def _watch(self, registration: registry.Registration) -> None:
         from libdm.thin.pool import Pool
 
         try:
@@ -154,8 +176,7 @@ class MonitorService:
             pool.close()
             return
         try:
-            monitor = pool.monitor(interval=self.interval, **registration.monitor_options())
-            monitor.start()
+            monitor = registration.monitor(pool, interval=self.interval).start()
         except (DMError, OSError, ValueError) as exc:
             logger.error("pool %s: cannot be watched: %s", pool.name, exc)
             pool.close()
@@ -168,21 +189,21 @@ class MonitorService:
             registration.threshold,
         )
 
-    def _unwatch(self, pool_dir, why):
+    def _unwatch(self, pool_dir: str, why: str) -> None:
         watch = self.watches.pop(pool_dir)
         logger.info("pool %s: no longer watched (%s)", watch.pool.name, why)
         watch.stop()
 
-    def _write_status(self, wanted):
+    def _write_status(self, wanted: dict[str, registry.Registration]) -> None:
         pools = {}
         for pool_dir, registration in wanted.items():
             watch = self.watches.get(pool_dir)
-            pools[pool_dir] = {
-                "name": watch.pool.name if watch else None,
-                "running": bool(watch and watch.alive()),
-                "threshold": registration.threshold,
-                "percent": registration.percent,
-            }
+            pools[pool_dir] = _PoolStatus(
+                name=None if watch is None else watch.pool.name,
+                running=watch is not None and watch.alive(),
+                threshold=registration.threshold,
+                percent=registration.percent,
+            )._asdict()
         os.makedirs(os.path.dirname(self.status_path), mode=0o755, exist_ok=True)
         tmp = f"{self.status_path}.tmp"
         with open(tmp, "w") as fh:

@@ -64,14 +64,14 @@ def cmd_ls(args):
 
     rows = []
     for path, reg in registry.registrations(args.config_dir).items():
-        state = registry.watch_state(reg.pool) or {}
+        state = registry.watch_state(reg.pool)
         rows.append(
             {
                 "pool": reg.pool,
                 "file": path,
                 "threshold": reg.threshold,
                 "percent": reg.percent,
-                "watched": bool(state.get("watched")),
+                "watched": state is not None and state.watched,
             }
         )
     emit(

@@ -16,7 +16,12 @@ LVM volume, another device-mapper device).
   libdm does not own its devices.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, TypeAlias
 
 from libdm.dm import loop, ops
 from libdm.dm.blockdev import open_block_device
@@ -27,10 +32,17 @@ from libdm.thin.errors import StateError
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
+if TYPE_CHECKING:
+    from libdm.thin.statedir import StateDir
+
 __all__ = [
     "AdoptedBacking",
+    "Backing",
+    "Description",
     "LinearBacking",
     "LoopBacking",
+    "RecordedDevice",
+    "Segment",
     "default_metadata_size",
     "from_config",
     "record_devices",
@@ -42,7 +54,78 @@ DATA_FILE = "data"
 METADATA_FILE = "metadata"
 
 
-def exists_live(name):
+class Segment(NamedTuple):
+    """A region of a block device, in sectors, as a linear table maps it.
+
+    Stored in the pool's state as the JSON list ``[path, start, length]``.
+
+    Attributes:
+        path: the block device.
+        start: its first sector.
+        length: its number of sectors, or ``None`` for "to the end of the
+            device" (so a device that grows is picked up by a refresh).
+    """
+
+    path: str
+    start: Sectors
+    length: Sectors | None
+
+    @classmethod
+    def of(cls, value: Sequence[Any]) -> Segment:
+        """A segment from its stored ``[path, start, length]`` (checked by
+        :func:`from_config`) or from another segment."""
+        path, start, length = value
+        return cls(str(path), Sectors(start), None if length is None else Sectors(length))
+
+    def to_json(self) -> list[str | int | None]:
+        """The stored form, ``[path, start, length]``."""
+        return [self.path, int(self.start), None if self.length is None else int(self.length)]
+
+
+class RecordedDevice(NamedTuple):
+    """What a pool records of a segment's device when it starts using it,
+    so that a later open can tell another device under the same path.
+
+    Stored as the JSON object ``{"path": ..., "size": ...}``.
+    """
+
+    path: str
+    size: Bytes
+
+    @classmethod
+    def of(cls, value: Mapping[str, Any]) -> RecordedDevice:
+        """From the stored form (checked by :func:`from_config`)."""
+        return cls(str(value["path"]), Bytes(value["size"]))
+
+    def to_json(self) -> dict[str, str | int]:
+        """The stored form, ``{"path": ..., "size": ...}``."""
+        return {"path": self.path, "size": int(self.size)}
+
+
+class Description(NamedTuple):
+    """What the pool report says of a backing (``docker info``'s ``Data
+    file`` and ``Metadata file``)."""
+
+    data_file: str
+    metadata_file: str
+
+
+class _Device(Protocol):
+    """One of the pool's two devices, as its table names it."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def devno(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def exists_live(name: str) -> bool:
     """True if device ``name`` exists with a live table.
 
     A device without one is what a create killed between its create and
@@ -66,13 +149,18 @@ class _Devices:
     Loop handles are closed on exit; by then the pool holds the loops.
     """
 
-    def __init__(self, meta, data, handles=()):
-        self.meta, self.data, self._handles = meta, data, handles
+    def __init__(self, meta: _Device, data: _Device, handles: Iterable[_Closable] = ()) -> None:
+        self.meta, self.data, self._handles = meta, data, tuple(handles)
 
-    def __enter__(self):
+    def __enter__(self) -> _Devices:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
         for h in self._handles:
             h.close()
         return False
@@ -89,25 +177,26 @@ class LoopBacking:
     than attached.  Stores written before that record skip the check.
     """
 
-    kind = "loop"
+    kind: ClassVar[Literal["loop"]] = "loop"
 
-    def __init__(self, statedir, inodes=None):
+    def __init__(self, statedir: StateDir, inodes: Mapping[str, int] | None = None) -> None:
         self.statedir = statedir
         self.directory = statedir.path
         self.data_file = statedir.join(DATA_FILE)
         self.metadata_file = statedir.join(METADATA_FILE)
-        self.inodes = inodes
+        self.inodes: dict[str, int] | None = None if inodes is None else dict(inodes)
 
-    def config(self):
-        config = {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
+    def config(self) -> dict[str, Any]:
+        """The backing's fields of the pool's stored configuration."""
+        config: dict[str, Any] = {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
         if self.inodes is not None:
             config["file_inodes"] = dict(self.inodes)
         return config
 
-    def make(self, data_size, metadata_size):
+    def make(self, data_size: Bytes, metadata_size: Bytes) -> None:
         """Create both sparse files (refusing any that exists); zero the
         first 4 KiB of metadata; record their inodes."""
-        inodes = {}
+        inodes: dict[str, int] = {}
         for name, size in ((DATA_FILE, data_size), (METADATA_FILE, metadata_size)):
             fd = self.statedir.make_file(name, "create", f"{name} file")
             try:
@@ -120,7 +209,7 @@ class LoopBacking:
                 os.close(fd)
         self.inodes = inodes
 
-    def _check(self, name, operation="open"):
+    def _check(self, name: str, operation: str = "open") -> os.stat_result:
         """The stat of the pool's file ``name`` (see :meth:`_identify`).
 
         Raises:
@@ -137,7 +226,7 @@ class LoopBacking:
             )
         return self._identify(name, st, operation)
 
-    def _identify(self, name, st, operation):
+    def _identify(self, name: str, st: os.stat_result, operation: str) -> os.stat_result:
         """``st`` if it is the file the pool made: its recorded inode, on the
         directory's filesystem.  The device number itself is not recorded:
         it may change across reboots (dm-N, NVMe and loop numbering)."""
@@ -154,7 +243,7 @@ class LoopBacking:
             )
         return st
 
-    def attach(self):
+    def attach(self) -> _Devices:
         """Loop devices for both files, checked first (see :meth:`_check`)."""
         for name in (METADATA_FILE, DATA_FILE):
             self._check(name)
@@ -166,17 +255,18 @@ class LoopBacking:
             raise
         return _Devices(meta, data, (meta, data))
 
-    def describe(self):
-        return {"Data file": self.data_file, "Metadata file": self.metadata_file}
+    def describe(self) -> Description:
+        """The files, for the pool report."""
+        return Description(self.data_file, self.metadata_file)
 
-    def sizes(self):
+    def sizes(self) -> tuple[Bytes, Bytes]:
         """(data, metadata) file sizes in ``Bytes``."""
         return (
             Bytes(self._check(DATA_FILE, "resize").st_size),
             Bytes(self._check(METADATA_FILE, "resize").st_size),
         )
 
-    def grow(self, data_size=None, metadata_size=None):
+    def grow(self, data_size: Bytes | None = None, metadata_size: Bytes | None = None) -> None:
         """Grow the files to the given ``Bytes`` (``None``: unchanged) and
         make their loop devices follow (LOOP_SET_CAPACITY).
 
@@ -200,7 +290,7 @@ class LoopBacking:
         for name, size in wanted:
             self._set_file_size(name, int(size))
 
-    def undo_growth(self, data_size, metadata_size):
+    def undo_growth(self, data_size: Bytes, metadata_size: Bytes) -> None:
         """Shrink the files back to the sizes they had before a growth that
         was rolled back (the caller has checked that the kernel maps no
         more than these sizes), and make their loop devices follow."""
@@ -208,7 +298,7 @@ class LoopBacking:
             if self._check(name, "resize").st_size > int(size):
                 self._set_file_size(name, int(size))
 
-    def _set_file_size(self, name, size):
+    def _set_file_size(self, name: str, size: int) -> None:
         fd = self.statedir.open_file(name, os.O_WRONLY, "resize", f"{name} file")
         try:
             if size != self._identify(name, os.fstat(fd), "resize").st_size:
@@ -225,15 +315,16 @@ class LoopBacking:
                 if dev.size != size // 512 * 512:
                     loop.refresh_capacity(dev)
 
-    def teardown(self):
+    def teardown(self) -> None:
         """Nothing: the loops are autoclear and go with the pool."""
 
-    def remove_files(self):
+    def remove_files(self) -> None:
         """Remove the pool's two files (never what a symlink points to)."""
         for name in (DATA_FILE, METADATA_FILE):
             self.statedir.unlink(name)
 
-    def backing_filesystem_dir(self):
+    def backing_filesystem_dir(self) -> str | None:
+        """The directory whose filesystem holds the pool's files."""
         return self.directory
 
 
@@ -241,29 +332,40 @@ class LinearBacking:
     """Block devices under ``<pool>-tmeta`` and ``<pool>-tdata`` linear
     devices, as LVM builds its thin pools.
 
-    Each side is a list of *segments* ``[path, start, length]`` (sectors;
-    a length of ``None`` means "to the end of the device", so a device that
-    grows is picked up by a refresh).  The linear devices concatenate them
+    Each side is a list of :class:`Segment` ``(path, start, length)``
+    (sectors; a length of ``None`` means "to the end of the device", so a
+    device that grows is picked up by a refresh).  The linear devices concatenate them
     in order, so the pool's data device can be extended online by
     appending a segment: the pool keeps the same data device while that
     device grows, which the kernel allows (it refuses to swap a live
     pool's data device for another).
     """
 
-    kind = "block"
+    kind: ClassVar[Literal["block"]] = "block"
 
     def __init__(
-        self, pool_name, meta_segments, data_segments, meta_devices=None, data_devices=None
-    ):
+        self,
+        pool_name: str,
+        meta_segments: Iterable[Sequence[Any]],
+        data_segments: Iterable[Sequence[Any]],
+        meta_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
+        data_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
+    ) -> None:
         self.pool_name = pool_name
-        self.meta_segments = [list(seg) for seg in meta_segments]
-        self.data_segments = [list(seg) for seg in data_segments]
-        self.meta_devices, self.data_devices = meta_devices, data_devices
+        self.meta_segments = [Segment.of(seg) for seg in meta_segments]
+        self.data_segments = [Segment.of(seg) for seg in data_segments]
+        self.meta_devices = _recorded(meta_devices)
+        self.data_devices = _recorded(data_devices)
         self.meta_name = f"{pool_name}-tmeta"
         self.data_name = f"{pool_name}-tdata"
 
     @classmethod
-    def new(cls, pool_name, meta_segments, data_segments):
+    def new(
+        cls,
+        pool_name: str,
+        meta_segments: Sequence[Sequence[Any]],
+        data_segments: Sequence[Sequence[Any]],
+    ) -> LinearBacking:
         """A backing for a new pool, recording each segment's device and its
         size now, so that a later open can tell another device under the
         same name (see :meth:`table`)."""
@@ -275,30 +377,37 @@ class LinearBacking:
             record_devices(data_segments),
         )
 
-    def config(self):
-        config = {"meta_segments": self.meta_segments, "data_segments": self.data_segments}
+    def config(self) -> dict[str, Any]:
+        """The backing's fields of the pool's stored configuration (JSON)."""
+        config: dict[str, Any] = {
+            "meta_segments": [seg.to_json() for seg in self.meta_segments],
+            "data_segments": [seg.to_json() for seg in self.data_segments],
+        }
         for key, devices in (
             ("meta_segment_devices", self.meta_devices),
             ("data_segment_devices", self.data_devices),
         ):
             if devices is not None:
-                config[key] = devices
+                config[key] = [dev.to_json() for dev in devices]
         return config
 
-    def paths(self):
+    def paths(self) -> list[str]:
         """Every device path the pool uses."""
-        return [seg[0] for seg in self.meta_segments + self.data_segments]
+        return [seg.path for seg in self.meta_segments + self.data_segments]
 
     @staticmethod
-    def table(segments, devices=None):
+    def table(
+        segments: Iterable[Sequence[Any]], devices: Sequence[RecordedDevice] | None = None
+    ) -> list[Target]:
         """The linear table for ``segments``: starts by sector math.
 
         Args:
-            segments: ``[path, start, length]`` lists.
-            devices: what was recorded of the segments' devices (``{"path",
-                "size"}`` per segment, in order), or ``None``.  A segment
-                with no record (an old store, or one added later) is only
-                checked to fit.
+            segments: :class:`Segment` values (or their stored
+                ``[path, start, length]`` lists).
+            devices: what was recorded of the segments' devices (one
+                :class:`RecordedDevice` per segment, in order), or ``None``.
+                A segment with no record (an old store, or one added later)
+                is only checked to fit.
 
         Raises:
             StateError: a segment's device is not the recorded one (another
@@ -307,25 +416,34 @@ class LinearBacking:
                 :meth:`~libdm.Pool.refresh` allows.
             ValueError: a segment that does not fit on its device.
         """
-        out, at = [], 0
-        for index, (path, start, length) in enumerate(segments):
+        out: list[Target] = []
+        at = 0
+        for index, seg in enumerate(segments):
+            path, first, length = Segment.of(seg)
             dev = open_block_device(path)
             if devices is not None and index < len(devices):
                 _check_recorded(path, dev.size, devices[index])
             size = dev.size // 512
-            if length is None:
-                length = size - start
-            if start < 0 or length <= 0 or start + length > size:
+            start = int(first)
+            count = size - start if length is None else int(length)
+            if start < 0 or count <= 0 or start + count > size:
                 raise ValueError(
-                    f"segment {path} sectors {start}+{length} does not fit on "
+                    f"segment {path} sectors {start}+{count} does not fit on "
                     f"the device ({size} sectors)"
                 )
-            out.append(Target(at, int(length), "linear", f"{dev.devno} {int(start)}"))
-            at += int(length)
+            out.append(Target(at, count, "linear", f"{dev.devno} {start}"))
+            at += count
         return out
 
-    def attach(self):
-        made = []
+    def attach(self) -> _Devices:
+        """Create (or roll forward) the ``-tmeta`` and ``-tdata`` devices.
+
+        Raises:
+            ValueError: a live device whose table the stored segments do
+                not extend, or a segment that does not fit.
+            StateError: a segment's device is not the recorded one.
+        """
+        made: list[str] = []
         try:
             for name, segments, devices in (
                 (self.meta_name, self.meta_segments, self.meta_devices),
@@ -355,8 +473,10 @@ class LinearBacking:
             raise
         return _Devices(_mapped(self.meta_name), _mapped(self.data_name))
 
-    def describe(self):
-        def text(segments):
+    def describe(self) -> Description:
+        """The segments of each side, for the pool report."""
+
+        def text(segments: list[Segment]) -> str:
             return " + ".join(
                 f"{path}"
                 if start == 0 and length is None
@@ -364,56 +484,77 @@ class LinearBacking:
                 for path, start, length in segments
             )
 
-        return {"Data file": text(self.data_segments), "Metadata file": text(self.meta_segments)}
+        return Description(text(self.data_segments), text(self.meta_segments))
 
-    def teardown(self):
+    def teardown(self) -> None:
+        """Remove the ``-tdata`` and ``-tmeta`` devices."""
         for name in (self.data_name, self.meta_name):
             if ops.exists(name):
                 ops.remove(name)
 
-    def backing_filesystem_dir(self):
+    def backing_filesystem_dir(self) -> str | None:
+        """None: the pool sits on block devices, not in files."""
         return None
 
 
-def record_devices(segments):
+def _recorded(
+    devices: Iterable[RecordedDevice | Mapping[str, Any]] | None,
+) -> list[RecordedDevice] | None:
+    if devices is None:
+        return None
+    return [d if isinstance(d, RecordedDevice) else RecordedDevice.of(d) for d in devices]
+
+
+def record_devices(segments: Iterable[Sequence[Any]]) -> list[RecordedDevice]:
     """What to record of each segment's device: its path and size (bytes)."""
-    return [{"path": path, "size": open_block_device(path).size} for path, _, _ in segments]
+    out = []
+    for seg in segments:
+        path = Segment.of(seg).path
+        out.append(RecordedDevice(path, Bytes(open_block_device(path).size)))
+    return out
 
 
-def segment_changes(config, side, segments):
+def segment_changes(
+    config: Mapping[str, Any],
+    side: Literal["meta_segments", "data_segments"],
+    segments: Sequence[Sequence[Any]],
+) -> dict[str, Any]:
     """The configuration changes that make ``segments`` (the pool's, then
     one more) its ``side`` (``"meta_segments"`` or ``"data_segments"``),
     recording the new segment's device where the others are recorded.
 
+    Returns:
+        The changed fields, in their stored (JSON) form.
+
     Raises:
         OSError: the new segment's device cannot be opened.
     """
-    changes = {side: segments}
+    changes: dict[str, Any] = {side: [Segment.of(seg).to_json() for seg in segments]}
     key = side.replace("_segments", "_segment_devices")
     recorded = config.get(key)
     if recorded is not None and len(recorded) == len(segments) - 1:
-        changes[key] = recorded + record_devices(segments[-1:])
+        changes[key] = list(recorded) + [d.to_json() for d in record_devices(segments[-1:])]
     return changes
 
 
-def _check_recorded(path, size, recorded):
-    if recorded["path"] != path:
+def _check_recorded(path: str, size: int, recorded: RecordedDevice) -> None:
+    if recorded.path != path:
         raise StateError(
             f"the pool's stored segment names {path}, but the device recorded for it is "
-            f"{recorded['path']}; libdm will not use a device the pool was not made on",
+            f"{recorded.path}; libdm will not use a device the pool was not made on",
             "open",
             None,
         )
-    if size < recorded["size"]:
+    if size < int(recorded.size):
         raise StateError(
-            f"{path} is {size} bytes, but the pool recorded {recorded['size']} bytes for it: "
+            f"{path} is {size} bytes, but the pool recorded {recorded.size} bytes for it: "
             f"it is not the device the pool was made on (or it shrank); libdm will not use it",
             "open",
             None,
         )
 
 
-def _grows(live, table):
+def _grows(live: Sequence[Target], table: Sequence[Target]) -> bool:
     """True if ``table`` keeps every live segment in place and only adds to
     the end (a longer last segment, or more segments)."""
     if len(table) < len(live):
@@ -429,18 +570,20 @@ def _grows(live, table):
 class _Mapped:
     """A device-mapper device as the pool table needs it."""
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         info = ops.info(name)
         self.path = ops.device_path(name)
         self.devno = f"{info.major}:{info.minor}"
         self.size = sum(t.length for t in ops.table(name)) * 512
 
 
-def _mapped(name):
+def _mapped(name: str) -> _Mapped:
     return _Mapped(name)
 
 
-def split_layout(device_sectors, block_size, thinp_percent, thinp_metapercent):
+def split_layout(
+    device_sectors: Sectors, block_size: Sectors, thinp_percent: int, thinp_metapercent: int
+) -> tuple[Sectors, Sectors, Sectors, Sectors]:
     """Sector math for one device split into metadata then data.
 
     Metadata takes ``thinp_metapercent`` of the device (at least 2 MiB,
@@ -477,25 +620,39 @@ def split_layout(device_sectors, block_size, thinp_percent, thinp_metapercent):
 class AdoptedBacking:
     """An existing thin-pool device that libdm provisions from but does not own."""
 
-    kind = "adopted"
+    kind: ClassVar[Literal["adopted"]] = "adopted"
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
+        """No fields: libdm records nothing of the pool's devices."""
         return {}
 
-    def attach(self):
+    def attach(self) -> _Devices:
+        """Refused: the devices are not libdm's.
+
+        Raises:
+            RuntimeError: always.
+        """
         raise RuntimeError("an adopted pool's devices are not libdm's to attach")
 
-    def describe(self):
-        return {"Data file": "", "Metadata file": ""}
+    def describe(self) -> Description:
+        """Nothing to say: the devices are not libdm's."""
+        return Description("", "")
 
-    def teardown(self):
+    def teardown(self) -> None:
         """Nothing: the pool's devices belong to whoever made it."""
 
-    def backing_filesystem_dir(self):
+    def backing_filesystem_dir(self) -> str | None:
+        """None: libdm does not know what holds the devices."""
         return None
 
 
-def from_config(kind, statedir, pool_name, config):
+#: Any of the backings; ``kind`` tells which.
+Backing: TypeAlias = LoopBacking | LinearBacking | AdoptedBacking
+
+
+def from_config(
+    kind: str, statedir: StateDir, pool_name: str, config: Mapping[str, Any]
+) -> Backing:
     """Rebuild the backing recorded in a pool's state.
 
     Args:
@@ -510,7 +667,7 @@ def from_config(kind, statedir, pool_name, config):
     """
     store_path = statedir.join(DB_NAME)
 
-    def damaged(field, why):
+    def damaged(field: str, why: str) -> StateError:
         return StateError(
             f"the pool state in {store_path} is damaged: the "
             f"{kind!r} pool's field {field!r} {why}; nothing was changed",
@@ -526,7 +683,7 @@ def from_config(kind, statedir, pool_name, config):
             raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
         return LoopBacking(statedir, inodes)
     if kind == "block":
-        sides = {}
+        sides: dict[str, list[Any]] = {}
         for field in ("meta_segments", "data_segments"):
             why = _bad_segments(config.get(field))
             if why:
@@ -553,7 +710,7 @@ def from_config(kind, statedir, pool_name, config):
     )
 
 
-def _bad_segments(segments):
+def _bad_segments(segments: object) -> str | None:
     """Why ``segments`` is not a list of ``[path, start, length]``, or None."""
     if not isinstance(segments, list) or not segments:
         return "is missing" if segments is None else f"is {segments!r}, not a list of segments"
@@ -569,7 +726,7 @@ def _bad_segments(segments):
     return None
 
 
-def _bad_devices(devices):
+def _bad_devices(devices: object) -> str | None:
     """Why ``devices`` is not None nor a list of ``{"path", "size"}``, or None."""
     if devices is None:
         return None
@@ -581,11 +738,11 @@ def _bad_devices(devices):
     return f"is {devices!r}, not a list of {{path, size}} records"
 
 
-def _count(value):
+def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def default_metadata_size(data_size, block_size):
+def default_metadata_size(data_size: Bytes, block_size: Sectors) -> Bytes:
     """The kernel's guideline: 48 bytes per data block, at least 2 MiB, at
     most the 16 GiB the pool can use; rounded up to 4 KiB.
 

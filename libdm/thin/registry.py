@@ -15,14 +15,24 @@ it is watching to a status file (``/run/libdm/monitor.json``, or
 whether the pool is watched right now.
 """
 
+from __future__ import annotations
+
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 from libdm.thin.errors import StateError
 
+if TYPE_CHECKING:
+    from libdm.thin.monitor import Monitor
+    from libdm.thin.pool import Pool
+
 __all__ = [
+    "MonitorOptions",
     "Registration",
+    "WatchState",
     "config_dir",
     "register",
     "registrations",
@@ -35,12 +45,26 @@ CONFIG_ENV = "LIBDM_MONITOR_DIR"
 RUN_ENV = "LIBDM_RUN_DIR"
 
 
-def config_dir():
+def config_dir() -> str:
+    """The registrations' directory: ``$LIBDM_MONITOR_DIR`` or ``/etc/libdm/monitor.d``."""
     return os.environ.get(CONFIG_ENV) or "/etc/libdm/monitor.d"
 
 
-def status_path():
+def status_path() -> str:
+    """The service's status file: in ``$LIBDM_RUN_DIR`` or ``/run/libdm``."""
     return os.path.join(os.environ.get(RUN_ENV) or "/run/libdm", "monitor.json")
+
+
+class MonitorOptions(TypedDict, total=False):
+    """Keyword arguments for ``pool.monitor(...)`` (see :class:`~libdm.thin.monitor.Monitor`)."""
+
+    threshold: int
+    percent: int
+    metadata_threshold: int
+    max_data_size: int
+    max_metadata_size: int
+    reserve: int
+    spares: list[str]
 
 
 @dataclass(frozen=True)
@@ -55,15 +79,70 @@ class Registration:
     max_data_size: int | None = None
     max_metadata_size: int | None = None
     reserve: int | None = None
-    spares: list = field(default_factory=list)
+    spares: list[str] = field(default_factory=list)
 
-    def monitor_options(self):
+    @classmethod
+    def from_toml(cls, data: Mapping[str, Any]) -> Registration:
+        """The registration a parsed TOML file holds.
+
+        Raises:
+            ValueError: a missing or unknown key, or a value of the wrong
+                type (named).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        pool = data.get("pool")
+        if not isinstance(pool, str) or not pool:
+            raise ValueError(f"'pool' is {pool!r}, not a pool directory")
+        spares = data.get("spares", [])
+        if not isinstance(spares, list) or not all(isinstance(s, str) for s in spares):
+            raise ValueError(f"'spares' is {spares!r}, not a list of device paths")
+        return cls(
+            pool,
+            threshold=_whole(data, "threshold", cls.threshold),
+            percent=_whole(data, "percent", cls.percent),
+            metadata_threshold=_whole(data, "metadata_threshold", None),
+            max_data_size=_whole(data, "max_data_size", None),
+            max_metadata_size=_whole(data, "max_metadata_size", None),
+            reserve=_whole(data, "reserve", None),
+            spares=list(spares),
+        )
+
+    def monitor_options(self) -> MonitorOptions:
         """Keyword arguments for ``pool.monitor(...)``."""
-        out = {k: v for k, v in asdict(self).items() if k != "pool" and v is not None}
+        out = MonitorOptions(threshold=self.threshold, percent=self.percent)
+        if self.metadata_threshold is not None:
+            out["metadata_threshold"] = self.metadata_threshold
+        if self.max_data_size is not None:
+            out["max_data_size"] = self.max_data_size
+        if self.max_metadata_size is not None:
+            out["max_metadata_size"] = self.max_metadata_size
+        if self.reserve is not None:
+            out["reserve"] = self.reserve
         out["spares"] = list(self.spares)
         return out
 
-    def to_toml(self):
+    def monitor(self, pool: Pool, *, interval: float = 10.0) -> Monitor:
+        """A :class:`~libdm.thin.monitor.Monitor` of ``pool`` with these
+        settings (not started)."""
+        from libdm.thin.monitor import Monitor
+
+        return Monitor(
+            pool,
+            self.threshold,
+            self.percent,
+            metadata_threshold=self.metadata_threshold,
+            interval=interval,
+            max_data_size=self.max_data_size,
+            max_metadata_size=self.max_metadata_size,
+            reserve="64M" if self.reserve is None else self.reserve,
+            spares=self.spares,
+        )
+
+    def to_toml(self) -> str:
+        """The registration's file."""
         lines = ["# registered with: libdm monitor register"]
         for key, value in asdict(self).items():
             if value is None or value == []:
@@ -72,12 +151,24 @@ class Registration:
         return "\n".join(lines) + "\n"
 
 
-def _file_for(pool_dir, directory):
+@overload
+def _whole(data: Mapping[str, Any], key: str, default: int) -> int: ...
+@overload
+def _whole(data: Mapping[str, Any], key: str, default: None) -> int | None: ...
+def _whole(data: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    """``data[key]``, checked to be a whole number, or ``default`` if absent."""
+    value = data.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key!r} is {value!r}, not a whole number")
+    return value
+
+
+def _file_for(pool_dir: str, directory: str) -> str:
     name = os.path.abspath(pool_dir).strip("/").replace("/", "-") or "root"
     return os.path.join(directory, f"{name}.toml")
 
 
-def register(registration, directory=None):
+def register(registration: Registration, directory: str | None = None) -> str:
     """Write ``registration``'s file (replacing an earlier one for the same
     pool); a running service picks it up at its next scan.
 
@@ -86,9 +177,7 @@ def register(registration, directory=None):
     """
     directory = directory or config_dir()
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    registration = Registration(
-        **dict(asdict(registration), pool=os.path.abspath(registration.pool))
-    )
+    registration = replace(registration, pool=os.path.abspath(registration.pool))
     path = _file_for(registration.pool, directory)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "x") as fh:
@@ -99,8 +188,11 @@ def register(registration, directory=None):
     return path
 
 
-def unregister(pool_dir, directory=None):
+def unregister(pool_dir: str, directory: str | None = None) -> str:
     """Remove the pool's registration.
+
+    Returns:
+        The removed file's path.
 
     Raises:
         FileNotFoundError: the pool is not registered.
@@ -114,14 +206,14 @@ def unregister(pool_dir, directory=None):
     raise FileNotFoundError(f"pool {wanted} is not registered in {directory}")
 
 
-def registrations(directory=None):
+def registrations(directory: str | None = None) -> dict[str, Registration]:
     """Every registration in the directory, ``{file: Registration}``.
 
     Raises:
         StateError: a file that is not a valid registration (named).
     """
     directory = directory or config_dir()
-    out = {}
+    out: dict[str, Registration] = {}
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -135,38 +227,61 @@ def registrations(directory=None):
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-            out[path] = Registration(**data)
-        except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
+            out[path] = Registration.from_toml(data)
+        except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
             raise StateError(
                 f"the monitor registration {path} is not valid: {exc}", "monitor", None
             ) from None
     return out
 
 
-def watch_state(pool_dir):
-    """How the monitor service watches ``pool_dir``: a dict with
-    ``"watched"`` (True while a running service watches it),
-    ``"registered"``, and the thresholds, or ``None`` if it is not
-    registered and not watched."""
+@dataclass(frozen=True)
+class WatchState:
+    """How the monitor service watches a pool (see :func:`watch_state`).
+
+    Attributes:
+        watched: True while a running service watches it.
+        registered: True if a registration names it.
+        threshold, percent: the settings it is (or would be) watched with.
+    """
+
+    watched: bool
+    registered: bool
+    threshold: int | None
+    percent: int | None
+
+
+def watch_state(pool_dir: str) -> WatchState | None:
+    """How the monitor service watches ``pool_dir``, or ``None`` if it is
+    not registered and not watched."""
     wanted = os.path.abspath(pool_dir)
     try:
         registered = next((r for r in registrations().values() if r.pool == wanted), None)
     except StateError:
         registered = None
-    watched = None
+    watched = _watched(wanted)
+    if watched is not None:
+        running = watched.get("running") is True
+        threshold, percent = watched.get("threshold"), watched.get("percent")
+        return WatchState(
+            watched=running,
+            registered=registered is not None,
+            threshold=threshold if isinstance(threshold, int) else None,
+            percent=percent if isinstance(percent, int) else None,
+        )
+    if registered is None:
+        return None
+    return WatchState(False, True, registered.threshold, registered.percent)
+
+
+def _watched(pool_dir: str) -> dict[str, Any] | None:
+    """What a running service's status file says of ``pool_dir``, or
+    ``None`` (no service running, or it does not watch the pool)."""
     try:
         with open(status_path()) as fh:
             status = json.load(fh)
         os.kill(status["pid"], 0)
-        watched = status["pools"].get(wanted)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if registered is None and watched is None:
+        entry = status["pools"].get(pool_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    settings = watched or asdict(registered)
-    return {
-        "watched": watched is not None and watched.get("running", False),
-        "registered": registered is not None,
-        "threshold": settings.get("threshold"),
-        "percent": settings.get("percent"),
-    }
+    return entry if isinstance(entry, dict) else None

@@ -1,11 +1,18 @@
 """The pool report: the fields of ``docker info``'s devicemapper listing."""
 
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from libdm.dm import ops
 from libdm.dm.udev import udev_sync_supported
 from libdm.thin.units import Bytes, format_size
+
+if TYPE_CHECKING:
+    from libdm.thin.device import ThinDevice
+    from libdm.thin.pool import Pool
 
 __all__ = ["PoolInfo", "backing_filesystem", "pool_info"]
 
@@ -48,7 +55,7 @@ class PoolInfo:
     # Whether the monitor service watches the pool (libdm.thin.registry).
     monitored: str = "no"
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, str]:
         """The report as ``{label: text}`` in ``docker info``'s order."""
         out = {
             "Pool Name": self.pool_name,
@@ -67,8 +74,8 @@ class PoolInfo:
             out.update(
                 {
                     "Data loop file": self.data_loop_file,
-                    "Metadata loop file": self.metadata_loop_file,
-                    "Loop Files Filesystem": self.loop_files_filesystem,
+                    "Metadata loop file": self.metadata_loop_file or "",
+                    "Loop Files Filesystem": self.loop_files_filesystem or "",
                 }
             )
         out.update(
@@ -90,11 +97,11 @@ class PoolInfo:
         )
         return out
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "\n".join(f" {k}: {v}" for k, v in self.as_dict().items())
 
 
-def backing_filesystem(path):
+def backing_filesystem(path: str) -> str:
     """The type of the filesystem holding ``path`` (from /proc/self/mounts),
     or ``""``."""
     path = os.path.realpath(path)
@@ -114,7 +121,7 @@ def backing_filesystem(path):
     return fstype
 
 
-def _loop_device(path):
+def _loop_device(path: str) -> str:
     """The loop device a file is attached to, or ``""``."""
     from libdm.dm import loop
 
@@ -125,7 +132,7 @@ def _loop_device(path):
         return dev.path
 
 
-def _base_filesystem(base):
+def _base_filesystem(base: ThinDevice | None) -> str:
     """Docker's Backing Filesystem: the filesystem on the base device
     (``""`` without an active base device or a filesystem on it)."""
     if base is None or not base.active:
@@ -135,19 +142,19 @@ def _base_filesystem(base):
     return fs.filesystem_type(base.path) or ""
 
 
-def _monitored(pool):
+def _monitored(pool: Pool) -> str:
     from libdm.thin import registry
 
     state = registry.watch_state(pool.directory)
     if state is None:
         return "no"
-    how = f"grow by {state['percent']}% at {state['threshold']}% used"
-    if state["watched"]:
+    how = f"grow by {state.percent}% at {state.threshold}% used"
+    if state.watched:
         return f"yes, by libdm monitor ({how})"
     return f"registered ({how}), but the monitor service is not watching it"
 
 
-def pool_info(pool):
+def pool_info(pool: Pool) -> PoolInfo:
     """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store."""
     st = pool.status()
     block = pool.block_size.bytes()
@@ -162,20 +169,19 @@ def pool_info(pool):
         state = "needs_check" if st.needs_check else st.mode
     avail_d, avail_m = total_d - used_d, total_m - used_m
     fs_dir = pool._backing.backing_filesystem_dir()
-    files_fstype = None
+    files_fstype: str | None = None
     if fs_dir is not None:
         vfs = os.statvfs(fs_dir)
         fs_free = Bytes(vfs.f_bavail * vfs.f_frsize)
         avail_d, avail_m = min(avail_d, fs_free), min(avail_m, fs_free)
         files_fstype = backing_filesystem(fs_dir)
     base = pool.base_device
-    described = pool._backing.describe()
-    data_file, meta_file = described["Data file"], described["Metadata file"]
-    loop_files = (None, None)
+    data_file, meta_file = pool._backing.describe()
+    data_loop_file = meta_loop_file = None
     if pool.kind == "loop":
         # As docker info: the files are the loop files, the devices the loops.
-        loop_files = (data_file, meta_file)
-        data_file, meta_file = (_loop_device(path) for path in loop_files)
+        data_loop_file, meta_loop_file = data_file, meta_file
+        data_file, meta_file = _loop_device(data_file), _loop_device(meta_file)
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,
@@ -183,8 +189,8 @@ def pool_info(pool):
         backing_filesystem=_base_filesystem(base),
         data_file=data_file,
         metadata_file=meta_file,
-        data_loop_file=loop_files[0],
-        metadata_loop_file=loop_files[1],
+        data_loop_file=data_loop_file,
+        metadata_loop_file=meta_loop_file,
         loop_files_filesystem=files_fstype,
         monitored=_monitored(pool),
         data_used=used_d,

@@ -1,11 +1,17 @@
 """Filesystems on thin devices: mkfs and mount (running mkfs and mount is
 fine; device-mapper work is never done through a tool)."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator
+from typing import TypeAlias
+
+StrPath: TypeAlias = str | os.PathLike[str]
 
 __all__ = [
     "FILESYSTEMS",
@@ -19,13 +25,15 @@ __all__ = [
 
 # Discard is skipped at mkfs time: a new thin device is already unmapped,
 # and discarding it would only cost time.
-FILESYSTEMS = {
+FILESYSTEMS: dict[str, list[str]] = {
     "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"],
     "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
 }
 
 
-def make_filesystem(path, fstype, *, label=None, options=()):
+def make_filesystem(
+    path: StrPath, fstype: str, *, label: str | None = None, options: Iterable[str] = ()
+) -> None:
     """Run mkfs for ``fstype`` (ext4 or xfs) on ``path``.
 
     Raises:
@@ -53,7 +61,13 @@ def make_filesystem(path, fstype, *, label=None, options=()):
 
 
 @contextlib.contextmanager
-def mounted(path, target=None, *, options=None, xfs_nospace_max_retries=None):
+def mounted(
+    path: StrPath,
+    target: StrPath | None = None,
+    *,
+    options: str | None = None,
+    xfs_nospace_max_retries: int | None = None,
+) -> Iterator[str]:
     """Mount ``path`` on ``target`` (a fresh temporary directory when
     ``None``) for the ``with`` block, then unmount it (and remove the
     temporary directory).
@@ -67,26 +81,26 @@ def mounted(path, target=None, *, options=None, xfs_nospace_max_retries=None):
         RuntimeError: mount or umount failed; the message has their output.
     """
     made = target is None
-    target = tempfile.mkdtemp(prefix="libdm-mnt-") if made else os.fspath(target)
-    argv = ["mount"] + (["-o", options] if options else []) + [os.fspath(path), target]
+    where = tempfile.mkdtemp(prefix="libdm-mnt-") if target is None else os.fspath(target)
+    argv = ["mount"] + (["-o", options] if options else []) + [os.fspath(path), where]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         if made:
-            os.rmdir(target)
-        raise RuntimeError(f"mount {path} on {target} failed: {proc.stderr.strip()}")
+            os.rmdir(where)
+        raise RuntimeError(f"mount {path} on {where} failed: {proc.stderr.strip()}")
     try:
         if xfs_nospace_max_retries is not None and filesystem_type(path) == "xfs":
             set_xfs_nospace_max_retries(path, xfs_nospace_max_retries)
-        yield target
+        yield where
     finally:
-        proc = subprocess.run(["umount", target], capture_output=True, text=True)
+        proc = subprocess.run(["umount", where], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"umount {target} failed: {proc.stderr.strip()}")
+            raise RuntimeError(f"umount {where} failed: {proc.stderr.strip()}")
         if made:
-            os.rmdir(target)
+            os.rmdir(where)
 
 
-def filesystem_type(path):
+def filesystem_type(path: StrPath) -> str | None:
     """The filesystem ``blkid`` finds on ``path``, or ``None``."""
     proc = subprocess.run(
         ["blkid", "-p", "-o", "value", "-s", "TYPE", os.fspath(path)],
@@ -96,7 +110,7 @@ def filesystem_type(path):
     return proc.stdout.strip() or None
 
 
-def mount_point(path):
+def mount_point(path: StrPath) -> str | None:
     """Where the block device ``path`` is mounted, or ``None``."""
     rdev = os.stat(path).st_rdev
     with open("/proc/self/mountinfo") as fh:
@@ -108,7 +122,7 @@ def mount_point(path):
     return None
 
 
-def grow_filesystem(path):
+def grow_filesystem(path: StrPath) -> str:
     """Grow the ext4 or xfs filesystem on ``path`` to fill the device,
     mounted or not (``resize2fs``; ``xfs_growfs``, which needs a mount, on
     a temporary one if needed).
@@ -121,13 +135,13 @@ def grow_filesystem(path):
         RuntimeError: the tool failed; its output is in the message.
     """
     fstype = filesystem_type(path)
-    if fstype not in ("ext4", "xfs"):
+    if fstype is None or fstype not in ("ext4", "xfs"):
         raise ValueError(
             f"{path} holds {'no filesystem' if fstype is None else fstype}: "
             f"only ext4 and xfs can be grown"
         )
 
-    def run(argv):
+    def run(argv: list[str]) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
@@ -151,7 +165,7 @@ def grow_filesystem(path):
 _FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range)
 
 
-def trim(mount_point):
+def trim(mount_point: StrPath) -> int:
     """Discard the free space of the filesystem mounted at ``mount_point``
     (what ``fstrim`` does).
 
@@ -169,10 +183,11 @@ def trim(mount_point):
         out = fcntl.ioctl(fd, _FITRIM, struct.pack("QQQ", 0, (1 << 64) - 1, 0))
     finally:
         os.close(fd)
-    return struct.unpack("QQQ", out)[1]
+    trimmed: int = struct.unpack("QQQ", out)[1]
+    return trimmed
 
 
-def xfs_error_path(path, *parts):
+def xfs_error_path(path: StrPath, *parts: str) -> str:
     """/sys/fs/xfs/<dm-N>/error/... for the xfs filesystem mounted from the
     block device ``path``."""
     rdev = os.stat(path).st_rdev
@@ -181,7 +196,7 @@ def xfs_error_path(path, *parts):
     return os.path.join("/sys/fs/xfs", os.path.basename(name), "error", *parts)
 
 
-def set_xfs_nospace_max_retries(path, retries):
+def set_xfs_nospace_max_retries(path: StrPath, retries: int) -> None:
     """Set how often the mounted xfs on ``path`` retries a metadata write
     that met ENOSPC (-1: forever, xfs's default).
 

@@ -16,23 +16,30 @@ devices with O_DIRECT, so both metadata copies are reached through loop
 devices.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import re
 import shutil
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
+from libdm.thin.backing import LoopBacking
 from libdm.thin.errors import PoolFailedError
+
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
 
 __all__ = ["finish_swap", "repair_loop_pool"]
 
 SPARE = "metadata.repair"
 
 
-def _run(argv, what, pool):
+def _run(argv: list[str], what: str, pool: Pool) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise PoolFailedError(
@@ -45,7 +52,7 @@ def _run(argv, what, pool):
     return proc.stdout
 
 
-def _take_down(pool):
+def _take_down(pool: Pool) -> None:
     """Remove the pool's thin devices and the pool device.
 
     Raises:
@@ -67,7 +74,7 @@ def _take_down(pool):
         ops.remove(pool.name)
 
 
-def repair_loop_pool(pool, partial=False):
+def repair_loop_pool(pool: Pool, partial: bool = False) -> str:
     """Repair a loop pool's metadata file (see the module doc).  Unless
     ``partial``, the repaired copy must hold every thin device the store
     records, or nothing is swapped in.
@@ -81,7 +88,11 @@ def repair_loop_pool(pool, partial=False):
             their words), or the repaired copy lacks devices; nothing was
             swapped in.
         FileNotFoundError: thin-provisioning-tools is not installed.
+        ValueError: not a loop pool.
     """
+    backing = pool._backing
+    if not isinstance(backing, LoopBacking):
+        raise ValueError(f"pool {pool.name!r} is a {pool.kind} pool, not a loop pool")
     for tool in ("thin_repair", "thin_check"):
         if shutil.which(tool) is None:
             raise FileNotFoundError(
@@ -89,7 +100,7 @@ def repair_loop_pool(pool, partial=False):
             )
     statedir = pool._store.statedir
     _take_down(pool)
-    size = pool._backing.sizes()[1]  # checked: the pool's own file, no symlink
+    size = backing.sizes()[1]  # checked: the pool's own file, no symlink
     statedir.unlink(SPARE)  # a spare a crashed repair left is libdm's own
     fd = statedir.make_file(SPARE, "repair", "spare metadata file")
     try:
@@ -99,9 +110,7 @@ def repair_loop_pool(pool, partial=False):
     spare = statedir.join(SPARE)
     try:
         with (
-            loop.attach(
-                pool._backing.metadata_file, read_only=True, follow_symlinks=False
-            ) as source,
+            loop.attach(backing.metadata_file, read_only=True, follow_symlinks=False) as source,
             loop.attach(spare, follow_symlinks=False) as target,
         ):
             try:
@@ -124,14 +133,22 @@ def repair_loop_pool(pool, partial=False):
     damaged = f"metadata.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     # The swap is recorded first, so a crash amid the renames is finished
     # by Pool.open (finish_swap) rather than leaving a file it refuses.
+    spare_st = statedir.lstat(SPARE)
+    if spare_st is None:
+        raise PoolFailedError(
+            f"the repaired copy {spare} of pool {pool.name!r}'s metadata vanished before "
+            f"it was swapped in; nothing was swapped in",
+            "repair",
+            pool.name,
+        )
     inodes = dict(pool._config.get("file_inodes") or {})
-    inodes["metadata"] = statedir.lstat(SPARE).st_ino
+    inodes["metadata"] = spare_st.st_ino
     pool._update_config(file_inodes=inodes, repair={"damaged": damaged})
     finish_swap(pool)
     return damaged
 
 
-def finish_swap(pool):
+def finish_swap(pool: Pool) -> None:
     """Put a repaired spare in place of the damaged metadata, as recorded
     by :func:`repair_loop_pool`; idempotent (Pool.open calls it after a
     crash amid the renames)."""
@@ -150,7 +167,7 @@ def finish_swap(pool):
     pool._update_config(repair=None)
 
 
-def _check_recovered(pool, path, partial):
+def _check_recovered(pool: Pool, path: str, partial: bool) -> None:
     """Refuse a repaired copy that lacks thin devices the store records."""
     found = {
         int(m)
@@ -172,7 +189,7 @@ def _check_recovered(pool, path, partial):
         )
 
 
-def _lost_fields(pool):
+def _lost_fields(pool: Pool) -> list[str]:
     """thin_repair's flags for what a damaged superblock lost, from the
     store: the transaction id, the data block size and the number of data
     blocks."""

@@ -15,10 +15,13 @@ directory itself, new files), so that a failed creation removes exactly
 that and nothing else.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import os
 import stat
+from collections.abc import Sequence
 
 from libdm.dm.errors import NEEDS_ROOT, DeviceExistsError, PermissionDeniedError
 from libdm.thin.errors import PoolReadOnlyError, StateError
@@ -38,19 +41,19 @@ class StateDir:
         created: names of the files this object created.
     """
 
-    def __init__(self, path, fd, made=False):
+    def __init__(self, path: str, fd: int, made: bool = False) -> None:
         self.path, self.fd, self.made = path, fd, made
-        self.created = []
+        self.created: list[str] = []
         # On hostfs (a User-Mode Linux kernel's view of its host's files)
         # owners are the host's: root in the kernel sees the files of the
         # host user running it as that user's.  The host enforces access
         # there, so only modes and symlinks are checked.
-        self._owner = None if _fs_type(fd) == "hostfs" else os.geteuid()
+        self._owner: int | None = None if _fs_type(fd) == "hostfs" else os.geteuid()
 
     # -- getting one --------------------------------------------------------------
 
     @classmethod
-    def open(cls, path, operation="open"):
+    def open(cls, path: str | os.PathLike[str], operation: str = "open") -> StateDir:
         """Open a pool's existing state directory.
 
         Raises:
@@ -76,7 +79,9 @@ class StateDir:
         return cls._checked(path, fd, False, operation)
 
     @classmethod
-    def claim(cls, path, names, operation="create"):
+    def claim(
+        cls, path: str | os.PathLike[str], names: Sequence[str], operation: str = "create"
+    ) -> StateDir:
         """The state directory of a new pool: made (mode 0700) if missing;
         an existing one is used as it is, never chmod'ed, and must hold
         nothing called as one of ``names`` (the pool's files; the first is
@@ -107,7 +112,7 @@ class StateDir:
         return statedir
 
     @classmethod
-    def _checked(cls, path, fd, made, operation):
+    def _checked(cls, path: str, fd: int, made: bool, operation: str) -> StateDir:
         statedir = cls(path, fd, made)
         try:
             statedir._check_private(operation)
@@ -117,7 +122,7 @@ class StateDir:
             raise
         return statedir
 
-    def _check_private(self, operation):
+    def _check_private(self, operation: str) -> None:
         st = os.fstat(self.fd)
         euid = os.geteuid()
         if self._foreign(st) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -130,14 +135,14 @@ class StateDir:
                 None,
             )
 
-    def _foreign(self, st):
+    def _foreign(self, st: os.stat_result) -> bool:
         return self._owner is not None and st.st_uid != self._owner
 
-    def _check_writable(self, operation):
+    def _check_writable(self, operation: str) -> None:
         if os.statvfs(self.fd).f_flag & os.ST_RDONLY:
             raise _read_only(self.path, operation)
 
-    def _refuse_pool_files(self, names, operation):
+    def _refuse_pool_files(self, names: Sequence[str], operation: str) -> None:
         found = [name for name in names if self.lstat(name) is not None]
         if not found:
             return
@@ -154,17 +159,21 @@ class StateDir:
 
     # -- files ------------------------------------------------------------------------
 
-    def join(self, name):
+    def join(self, name: str) -> str:
+        """The path of ``name`` in the directory (for messages and loop
+        devices; files are opened through :attr:`fd`)."""
         return os.path.join(self.path, name)
 
-    def lstat(self, name):
+    def lstat(self, name: str) -> os.stat_result | None:
         """The entry's own stat (a symlink is not followed), or ``None``."""
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
-    def check_file(self, name, operation="open", what="file"):
+    def check_file(
+        self, name: str, operation: str = "open", what: str = "file"
+    ) -> os.stat_result | None:
         """The stat of ``name`` if it is a regular file owned by the caller,
         ``None`` if it does not exist.
 
@@ -176,7 +185,7 @@ class StateDir:
             self._check_own_file(name, st, operation, what)
         return st
 
-    def _check_own_file(self, name, st, operation, what):
+    def _check_own_file(self, name: str, st: os.stat_result, operation: str, what: str) -> None:
         if stat.S_ISLNK(st.st_mode):
             why = "is a symbolic link"
         elif not stat.S_ISREG(st.st_mode):
@@ -189,7 +198,7 @@ class StateDir:
             f"the pool's {what} {self.join(name)} {why}; libdm refuses to use it", operation, None
         )
 
-    def make_file(self, name, operation="create", what="file"):
+    def make_file(self, name: str, operation: str = "create", what: str = "file") -> int:
         """Create ``name`` (mode 0600, never through a symlink) and record it.
 
         Returns:
@@ -218,7 +227,14 @@ class StateDir:
         os.fchmod(fd, 0o600)  # whatever the umask
         return fd
 
-    def open_file(self, name, flags, operation="open", what="file", create=False):
+    def open_file(
+        self,
+        name: str,
+        flags: int,
+        operation: str = "open",
+        what: str = "file",
+        create: bool = False,
+    ) -> int:
         """Open ``name`` in the directory, never through a symlink; with
         ``create``, make it (see :meth:`make_file`) if it is missing.
 
@@ -246,7 +262,7 @@ class StateDir:
             raise
         return fd
 
-    def _open_error(self, name, exc, operation, what):
+    def _open_error(self, name: str, exc: OSError, operation: str, what: str) -> OSError:
         if exc.errno == errno.ELOOP:
             return StateError(
                 f"the pool's {what} {self.join(name)} is a symbolic link; libdm refuses to use it",
@@ -260,19 +276,19 @@ class StateDir:
         exc.filename = exc.filename if exc.filename else self.join(name)
         return exc
 
-    def unlink(self, name):
+    def unlink(self, name: str) -> None:
         """Remove ``name`` if it is there (never what a symlink points to)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
 
-    def remove_created(self):
+    def remove_created(self) -> None:
         """Remove the files this object created, and the directory if it
         made it and it is empty now."""
         for name in reversed(self.created):
             self.unlink(name)
         self.created = []
 
-    def close(self, remove_made=False):
+    def close(self, remove_made: bool = False) -> None:
         """Close the directory; with ``remove_made``, remove what this
         object made (files, then the directory if empty)."""
         if self.fd < 0:
@@ -287,7 +303,7 @@ class StateDir:
                 os.rmdir(self.path)
 
 
-def _make_directory(path, operation):
+def _make_directory(path: str, operation: str) -> bool:
     """Make ``path`` (mode 0700, parents as needed); True if made, False
     if it existed."""
     try:
@@ -305,7 +321,7 @@ def _make_directory(path, operation):
         raise
 
 
-def _fs_type(fd):
+def _fs_type(fd: int) -> str | None:
     """The type of the filesystem holding ``fd`` (from the mount table), or
     ``None`` if it cannot be told."""
     st = os.fstat(fd)
@@ -321,7 +337,7 @@ def _fs_type(fd):
     return None
 
 
-def _read_only(path, operation):
+def _read_only(path: str, operation: str) -> PoolReadOnlyError:
     return PoolReadOnlyError(
         f"the state directory {path} is on a read-only filesystem; "
         f"libdm must write there to use the pool (nothing was changed)",
@@ -330,7 +346,7 @@ def _read_only(path, operation):
     )
 
 
-def _user(uid):
+def _user(uid: int) -> str:
     try:
         import pwd
 

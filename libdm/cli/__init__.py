@@ -17,14 +17,18 @@ the line says so.  An error is one line on stderr,
 libdevmapper's log.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import logging
 import sqlite3
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 
 from libdm.cli.common import CommandError, error_text
-from libdm.cli.parser import UsageError, build_parser
+from libdm.cli.parser import CommandFunc, UsageError, build_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -36,14 +40,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _UNREADABLE_STATE = (json.JSONDecodeError, sqlite3.DatabaseError)
 
 
-def _usage_line(exc):
+def _usage_line(exc: UsageError) -> str:
     prog = exc.prog
     where = prog[len("libdm ") :] if prog.startswith("libdm ") else ""
     hint = f" (see '{prog} --help')"
     return f"libdm: {where + ': ' if where else ''}{exc}{hint}"
 
 
-def _bug_line(args, exc, debug):
+def _bug_line(args: argparse.Namespace, exc: BaseException, debug: bool) -> str:
     """The one line for an exception libdm never raises on purpose
     (``TypeError``, ``AttributeError``, ``KeyError``...): a bug in libdm,
     not the user's doing, whatever its type."""
@@ -54,10 +58,10 @@ def _bug_line(args, exc, debug):
     )
 
 
-def _what(args):
+def _what(args: argparse.Namespace) -> str:
     """What the command was about, for the error line: ``remove vol1``,
     ``thin snapshot base layer1``."""
-    words = [args.command]
+    words: list[str] = [args.command]
     for attr in ("origin", "name", "directory", "device"):
         value = getattr(args, attr, None)
         if isinstance(value, str):
@@ -65,7 +69,7 @@ def _what(args):
     return " ".join(words)
 
 
-def _configure_logging(debug):
+def _configure_logging(debug: bool) -> Callable[[], None]:
     """Log to stderr: everything with ``--debug``, else the monitor's steps."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -82,7 +86,7 @@ def _configure_logging(debug):
         monitor.addHandler(handler)
     used = logger if debug else monitor
 
-    def restore():
+    def restore() -> None:
         used.removeHandler(handler)
         logger.setLevel(saved[0])
         monitor.setLevel(saved[1])
@@ -90,7 +94,7 @@ def _configure_logging(debug):
     return restore
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``libdm`` command.
 
     Args:
@@ -108,11 +112,14 @@ def main(argv=None):
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    debug = args.debug
+    debug: bool = args.debug
     restore = _configure_logging(debug)
-    failure = None
+    failure: BaseException
+    code: int
+    line: str
     try:
-        status = args.func(args)
+        func: CommandFunc = args.func
+        status = func(args)
         sys.stdout.flush()
         return EXIT_OK if status is None else status
     except BrokenPipeError:
@@ -142,7 +149,7 @@ def main(argv=None):
     return code
 
 
-def _silence_stdout():
+def _silence_stdout() -> None:
     import os
 
     try:

@@ -1,12 +1,20 @@
 """What the command modules share: printing, naming the pool, opening it."""
 
+from __future__ import annotations
+
+import argparse
 import errno
 import os
 import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 import libdm
 from libdm.cli import output
 from libdm.cli.parser import POOL_ENV, UsageError
+
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
 
 __all__ = [
     "CommandError",
@@ -24,11 +32,14 @@ class CommandError(Exception):
     not an ``OSError`` of its own."""
 
 
-def wants_json(args):
+_Error = TypeVar("_Error", bound=BaseException)
+
+
+def wants_json(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "json", False))
 
 
-def emit(args, data, text):
+def emit(args: argparse.Namespace, data: object, text: str | Callable[[], str] | None) -> None:
     """Print ``data`` as JSON with ``--json``, else ``text`` (or the
     result of calling it) for people."""
     if wants_json(args):
@@ -40,13 +51,13 @@ def emit(args, data, text):
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
-def pool_directory(args):
+def pool_directory(args: argparse.Namespace) -> str:
     """The pool's state directory: ``--pool``, else ``$LIBDM_POOL``.
 
     Raises:
         UsageError: neither is given.
     """
-    directory = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    directory: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
     if not directory:
         raise UsageError(
             f"no pool given: use --pool DIR or set {POOL_ENV}", f"libdm {args.command}"
@@ -54,7 +65,7 @@ def pool_directory(args):
     return directory
 
 
-def load_pool(args, *, live=True):
+def load_pool(args: argparse.Namespace, *, live: bool = True) -> Pool:
     """The pool named by ``args`` (:class:`libdm.Pool` on its state
     directory; nothing is activated).
 
@@ -68,7 +79,7 @@ def load_pool(args, *, live=True):
         CommandError: ``live`` and the pool device is not active.
     """
     directory = pool_directory(args)
-    pool = libdm.Pool.load(directory)
+    pool: Pool = libdm.Pool.load(directory)
     if live and not libdm.exists(pool.name):
         pool.close()
         raise CommandError(
@@ -78,7 +89,7 @@ def load_pool(args, *, live=True):
     return pool
 
 
-def in_cli_words(exc, *replacements):
+def in_cli_words(exc: _Error, *replacements: tuple[str, str]) -> _Error:
     """Reword the library's advice for the shell: each ``(old, new)`` of
     ``replacements`` is replaced in an ``OSError``'s message (``force=True``
     becomes ``--force``).  Returns ``exc``, to be re-raised."""
@@ -88,7 +99,7 @@ def in_cli_words(exc, *replacements):
     return exc
 
 
-def _kernel_reason(lines):
+def _kernel_reason(lines: Iterable[str]) -> str | None:
     for line in lines:
         if line.startswith("kernel:"):
             reason = line[len("kernel:") :].strip()
@@ -97,7 +108,7 @@ def _kernel_reason(lines):
     return None
 
 
-def error_text(exc):
+def error_text(exc: BaseException) -> str:
     """One line saying what went wrong, for ``libdm: <what>: <this>``.
 
     A :class:`libdm.DMError` gives its message, its errno's name and the

@@ -6,21 +6,46 @@ Each one calls the device operation of the same name (``libdm.create``,
 ``<start> <length> <type> [params]``.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NotRequired, TypeAlias, TypedDict
 
 import libdm
 from libdm.cli import output
 from libdm.cli.common import emit, in_cli_words, wants_json
-from libdm.cli.parser import POOL_ENV, command, count
+from libdm.cli.parser import POOL_ENV, Subparsers, command, count
 
-__all__ = ["dependency_forest", "info_pairs", "read_table", "register"]
+if TYPE_CHECKING:
+    from libdm.cli.thin_cmds import PoolNote
+    from libdm.dm.info import DeviceEntry, DeviceInfo
+    from libdm.dm.target import Target
+
+__all__ = ["DeviceNode", "dependency_forest", "info_pairs", "read_table", "register"]
+
+#: A block device's (major, minor).
+Devno: TypeAlias = tuple[int, int]
+
+
+class DeviceNode(TypedDict):
+    """A device in :func:`dependency_forest`, as ``libdm ls --tree --json``
+    prints it."""
+
+    name: str | None
+    major: int
+    minor: int
+    dm: bool
+    pool: NotRequired[PoolNote]
+    deps: list[DeviceNode]
 
 
 # -- tables --------------------------------------------------------------------
 
 
-def _add_table_args(parser):
+def _add_table_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument(
         "--table",
@@ -37,7 +62,7 @@ def _add_table_args(parser):
     parser.add_argument("--readonly", action="store_true", help="load the table read-only")
 
 
-def read_table(lines):
+def read_table(lines: Iterable[str]) -> list[Target]:
     """Parse table text into ``libdm.Target`` values with ``Target.parse``.
 
     Args:
@@ -47,7 +72,7 @@ def read_table(lines):
     Raises:
         ValueError: a line that does not parse, or no target at all.
     """
-    targets = []
+    targets: list[Target] = []
     for chunk in lines:
         for line in chunk.splitlines():
             line = line.strip()
@@ -58,7 +83,7 @@ def read_table(lines):
     return targets
 
 
-def _table_of(args):
+def _table_of(args: argparse.Namespace) -> list[Target]:
     if args.table_file is None:
         return read_table(args.table)
     if args.table_file == "-":
@@ -67,42 +92,42 @@ def _table_of(args):
         return read_table([fh.read()])
 
 
-def _targets_json(targets):
+def _targets_json(targets: Iterable[Target]) -> list[dict[str, object]]:
     return [t._asdict() for t in targets]
 
 
-def _targets_text(targets):
+def _targets_text(targets: Iterable[Target]) -> str:
     return "".join(f"{t}\n" for t in targets)
 
 
 # -- the commands ----------------------------------------------------------------
 
 
-def cmd_create(args):
+def cmd_create(args: argparse.Namespace) -> None:
     libdm.create(args.name, _table_of(args), uuid=args.uuid, read_only=args.readonly)
     print(libdm.device_path(args.name))
 
 
-def cmd_reload(args):
+def cmd_reload(args: argparse.Namespace) -> None:
     libdm.reload(args.name, _table_of(args), read_only=args.readonly)
 
 
-def cmd_suspend(args):
+def cmd_suspend(args: argparse.Namespace) -> None:
     libdm.suspend(args.name, flush=not args.noflush, lockfs=not args.nolockfs)
 
 
-def cmd_resume(args):
+def cmd_resume(args: argparse.Namespace) -> None:
     libdm.resume(args.name)
 
 
-def cmd_remove(args):
+def cmd_remove(args: argparse.Namespace) -> None:
     try:
         libdm.remove(args.name, deferred=args.deferred, retries=args.retries)
     except libdm.DeviceBusyError as exc:
         raise in_cli_words(exc, ("remove(deferred=True)", "libdm remove --deferred")) from exc
 
 
-def info_pairs(info):
+def info_pairs(info: DeviceInfo) -> list[tuple[str, object]]:
     """``dmsetup info``-style (label, value) pairs of a ``DeviceInfo``."""
     state = "SUSPENDED" if info.suspended else "ACTIVE"
     if info.read_only:
@@ -112,7 +137,7 @@ def info_pairs(info):
         for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table))
         if present
     )
-    items = [
+    items: list[tuple[str, object]] = [
         ("Name", info.name),
         ("State", state),
         ("Tables present", tables or "None"),
@@ -129,23 +154,23 @@ def info_pairs(info):
     return items
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> None:
     info = libdm.info(args.name)
     data = dict(info._asdict(), devname=info.devname, path=libdm.device_path(info.name))
     emit(args, data, lambda: output.pairs(info_pairs(info)))
 
 
-def cmd_table(args):
+def cmd_table(args: argparse.Namespace) -> None:
     targets = libdm.table(args.name, inactive=args.inactive)
     emit(args, _targets_json(targets), lambda: _targets_text(targets))
 
 
-def cmd_status(args):
+def cmd_status(args: argparse.Namespace) -> None:
     targets = libdm.status(args.name)
     emit(args, _targets_json(targets), lambda: _targets_text(targets))
 
 
-def cmd_message(args):
+def cmd_message(args: argparse.Namespace) -> None:
     answer = libdm.message(args.name, " ".join(args.message), sector=args.sector)
     if answer:
         print(answer.rstrip("\n"))
@@ -154,7 +179,7 @@ def cmd_message(args):
 # -- ls and its tree --------------------------------------------------------------
 
 
-def _block_name(major, minor):
+def _block_name(major: int, minor: int) -> str | None:
     """The kernel's name of a block device (``loop0``), or None."""
     try:
         with open(f"/sys/dev/block/{major}:{minor}/uevent", encoding="utf-8") as fh:
@@ -166,7 +191,11 @@ def _block_name(major, minor):
     return None
 
 
-def dependency_forest(entries, deps_of, pool_notes=None):
+def dependency_forest(
+    entries: Sequence[DeviceEntry],
+    deps_of: Callable[[str], Iterable[Devno]],
+    pool_notes: dict[str, PoolNote] | None = None,
+) -> list[DeviceNode]:
     """The device-mapper devices as a forest, ``dmsetup ls --tree`` style:
     each device with the devices it uses below it; the roots are the
     devices no other device uses.
@@ -184,10 +213,10 @@ def dependency_forest(entries, deps_of, pool_notes=None):
     """
     pool_notes = pool_notes or {}
     by_devno = {(e.major, e.minor): e for e in entries}
-    uses = {e.name: [tuple(d) for d in deps_of(e.name)] for e in entries}
+    uses = {e.name: [(major, minor) for major, minor in deps_of(e.name)] for e in entries}
     used = {devno for devnos in uses.values() for devno in devnos}
 
-    def node(devno, path):
+    def node(devno: Devno, path: frozenset[Devno]) -> DeviceNode:
         entry = by_devno.get(devno)
         if entry is None:
             return {
@@ -197,28 +226,37 @@ def dependency_forest(entries, deps_of, pool_notes=None):
                 "dm": False,
                 "deps": [],
             }
-        out = {"name": entry.name, "major": entry.major, "minor": entry.minor, "dm": True}
-        if entry.name in pool_notes:
-            out["pool"] = pool_notes[entry.name]
-        out["deps"] = (
+        deps = (
             []
             if devno in path
             else [node(d, path | {devno}) for d in sorted(uses.get(entry.name, ()))]
         )
-        return out
+        name, major, minor = entry.name, entry.major, entry.minor
+        if name in pool_notes:
+            # "pool" before "deps": the JSON keeps its order.
+            note = pool_notes[name]
+            return {
+                "name": name,
+                "major": major,
+                "minor": minor,
+                "dm": True,
+                "pool": note,
+                "deps": deps,
+            }
+        return {"name": name, "major": major, "minor": minor, "dm": True, "deps": deps}
 
     return [
         node((e.major, e.minor), frozenset()) for e in entries if (e.major, e.minor) not in used
     ]
 
 
-def _note_text(note):
+def _note_text(note: PoolNote | None) -> str:
     if note is None:
         return ""
     return f"  [{note['summary']}]"
 
 
-def _node_label(node):
+def _node_label(node: DeviceNode) -> str:
     devno = f"({node['major']}:{node['minor']})"
     name = node["name"]
     if not node["dm"]:
@@ -226,8 +264,8 @@ def _node_label(node):
     return f"{name} {devno}{_note_text(node.get('pool'))}"
 
 
-def _pool_notes(args):
-    directory = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+def _pool_notes(args: argparse.Namespace) -> dict[str, PoolNote]:
+    directory: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
     if not directory:
         return {}
     from libdm.cli.thin_cmds import pool_notes
@@ -236,7 +274,7 @@ def _pool_notes(args):
         return pool_notes(pool)
 
 
-def cmd_ls(args):
+def cmd_ls(args: argparse.Namespace) -> None:
     entries = libdm.list_devices()
     notes = _pool_notes(args)
     if args.tree:
@@ -247,7 +285,7 @@ def cmd_ls(args):
             lambda: output.tree(forest, _node_label, lambda n: n["deps"]) or "No devices found",
         )
         return
-    data = []
+    data: list[dict[str, object]] = []
     for e in entries:
         item = e._asdict()
         if e.name in notes:
@@ -265,7 +303,7 @@ def cmd_ls(args):
 # -- versions -------------------------------------------------------------------
 
 
-def cmd_version(args):
+def cmd_version(args: argparse.Namespace) -> None:
     data = {
         "library": libdm.library_version(),
         "driver": ".".join(map(str, libdm.driver_version())),
@@ -284,7 +322,7 @@ def cmd_version(args):
     )
 
 
-def cmd_targets(args):
+def cmd_targets(args: argparse.Namespace) -> None:
     found = libdm.target_versions()
     data = [{"name": t.name, "version": ".".join(map(str, t.version))} for t in found]
     emit(args, data, lambda: output.columns([[d["name"], "v" + d["version"]] for d in data]))
@@ -293,7 +331,7 @@ def cmd_targets(args):
 # -- the parsers ------------------------------------------------------------------
 
 
-def register(sub):
+def register(sub: Subparsers) -> None:
     p = command(
         sub,
         "create",

@@ -4,15 +4,33 @@ Nothing here touches device-mapper; every function takes plain values and
 returns text, so the formatting is tested without a kernel.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
+from collections.abc import Callable, Container, Iterable
+from typing import TypeAlias, TypeVar
 
 from libdm.thin.units import format_size
 
-__all__ = ["columns", "dumps", "pairs", "percent", "size_text", "to_jsonable", "tree"]
+__all__ = [
+    "JSON",
+    "columns",
+    "dumps",
+    "pairs",
+    "percent",
+    "size_text",
+    "to_jsonable",
+    "tree",
+]
+
+#: A value ``json`` can write, as :func:`to_jsonable` returns it.
+JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
+
+_Node = TypeVar("_Node")
 
 
-def to_jsonable(value):
+def to_jsonable(value: object) -> JSON:
     """Turn library values into what ``json`` can write.
 
     Named tuples become objects, dataclasses too, unit ints (``Bytes``,
@@ -33,12 +51,16 @@ def to_jsonable(value):
     return str(value)
 
 
-def dumps(value):
+def dumps(value: object) -> str:
     """Indented JSON text (sorted as given, not by key), ending in a newline."""
     return json.dumps(to_jsonable(value), indent=2) + "\n"
 
 
-def columns(rows, headers=None, right=()):
+def columns(
+    rows: Iterable[Iterable[object]],
+    headers: Iterable[object] | None = None,
+    right: Container[int] = (),
+) -> str:
     """Rows of cells as aligned text, two spaces between columns.
 
     Args:
@@ -60,14 +82,14 @@ def columns(rows, headers=None, right=()):
     ]
     lines = []
     for row in table:
-        cells = []
+        cells: list[str] = []
         for i, cell in enumerate(row):
             cells.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
 
 
-def pairs(items):
+def pairs(items: Iterable[tuple[str, object]]) -> str:
     """``label: value`` lines with the values aligned, as ``dmsetup info``."""
     items = list(items)
     if not items:
@@ -76,7 +98,11 @@ def pairs(items):
     return "".join(f"{label + ':':<{width}} {value}".rstrip() + "\n" for label, value in items)
 
 
-def tree(roots, label, children):
+def tree(
+    roots: Iterable[_Node],
+    label: Callable[[_Node], str],
+    children: Callable[[_Node], Iterable[_Node]],
+) -> str:
     """Draw a forest with box-drawing lines, like ``dmsetup ls --tree``.
 
     Args:
@@ -89,16 +115,16 @@ def tree(roots, label, children):
         roots).  A node met again below itself (a cycle) is drawn once more
         and not descended into.
     """
-    lines = []
+    lines: list[str] = []
 
-    def walk(node, prefix, last, top, seen):
+    def walk(node: _Node, prefix: str, last: bool, top: bool, seen: frozenset[object]) -> None:
         if top:
             lines.append(label(node))
             inner = ""
         else:
             lines.append(prefix + ("└─" if last else "├─") + label(node))
             inner = prefix + ("  " if last else "│ ")
-        key = id(node) if not isinstance(node, (str, int, tuple)) else node
+        key: object = id(node) if not isinstance(node, (str, int, tuple)) else node
         if key in seen:
             return
         kids = list(children(node))
@@ -110,11 +136,11 @@ def tree(roots, label, children):
     return "".join(line + "\n" for line in lines)
 
 
-def size_text(value):
+def size_text(value: int | None) -> str:
     """A size for people (``format_size``), or ``-`` for none."""
     return "-" if value is None else format_size(value)
 
 
-def percent(used, total):
+def percent(used: int, total: int) -> str:
     """``used`` of ``total`` as a percentage with one decimal."""
     return f"{100.0 * int(used) / int(total):.1f}%" if int(total) else "-"

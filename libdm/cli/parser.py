@@ -6,13 +6,29 @@ parser in ``parser.commands`` (``{"pool create": parser, ...}``), which is
 how the documentation renders each one's ``--help``.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import textwrap
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeAlias
 
 from libdm.thin.units import parse_size
 
-__all__ = ["POOL_ENV", "UsageError", "build_parser", "command", "size"]
+if TYPE_CHECKING:
+    from libdm.thin.units import Bytes
+
+__all__ = [
+    "POOL_ENV",
+    "CommandFunc",
+    "Parser",
+    "Subparsers",
+    "UsageError",
+    "build_parser",
+    "command",
+    "size",
+]
 
 #: The environment variable naming the pool when ``--pool`` is not given.
 POOL_ENV = "LIBDM_POOL"
@@ -41,7 +57,7 @@ Example:
 class UsageError(Exception):
     """Bad command-line usage: exit status 2, the message on one line."""
 
-    def __init__(self, message, prog=PROG):
+    def __init__(self, message: str, prog: str = PROG) -> None:
         super().__init__(message)
         self.prog = prog
 
@@ -49,9 +65,15 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors raise :class:`UsageError` instead of
     printing the usage and exiting, so that ``main`` reports them on one
-    line like every other error."""
+    line like every other error.
 
-    def error(self, message):
+    The top-level parser also has ``commands``: each command's full name
+    mapped to its subparser (set by :func:`build_parser`).
+    """
+
+    commands: dict[str, Parser]
+
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.prog)
 
 
@@ -59,10 +81,11 @@ class _Formatter(argparse.HelpFormatter):
     """Wraps descriptions and epilogs as prose, but keeps indented lines
     (the examples) as they are."""
 
-    def _fill_text(self, text, width, indent):
-        out, prose = [], []
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
 
-        def flush():
+        def flush() -> None:
             if prose:
                 out.append(
                     textwrap.fill(
@@ -84,14 +107,27 @@ class _Formatter(argparse.HelpFormatter):
         return "\n".join(out)
 
 
-def _formatter(width):
-    def make(prog):
+class _FormatterClass(Protocol):
+    """What argparse's ``formatter_class`` is called as."""
+
+    def __call__(self, *, prog: str) -> argparse.HelpFormatter: ...
+
+
+#: The subparsers of a group (``add_subparsers`` with ``parser_class=Parser``).
+Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
+
+#: A command's function: ``func(args)``, returning its exit status (None: 0).
+CommandFunc: TypeAlias = Callable[[argparse.Namespace], int | None]
+
+
+def _formatter(width: int) -> _FormatterClass:
+    def make(prog: str) -> argparse.HelpFormatter:
         return _Formatter(prog, width=width, max_help_position=30)
 
     return make
 
 
-def size(text):
+def size(text: str) -> Bytes:
     """An argparse type: a size such as ``10G`` as ``Bytes``."""
     try:
         return parse_size(text)
@@ -99,7 +135,7 @@ def size(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def percentage(text):
+def percentage(text: str) -> int:
     """An argparse type: a whole percentage (0..100)."""
     try:
         value = int(text)
@@ -110,14 +146,14 @@ def percentage(text):
     return value
 
 
-def count(text):
+def count(text: str) -> int:
     """An argparse type: a whole number >= 0."""
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return int(text)
 
 
-def positive_seconds(text):
+def positive_seconds(text: str) -> float:
     """An argparse type: a positive number of seconds."""
     try:
         value = float(text)
@@ -131,9 +167,9 @@ def positive_seconds(text):
 class _Builder:
     """What :func:`command` needs while the parser is being built."""
 
-    def __init__(self, width):
+    def __init__(self, width: int) -> None:
         self.width = width
-        self.commands = {}
+        self.commands: dict[str, Parser] = {}
         self.debug = Parser(add_help=False)
         self.debug.add_argument(
             "--debug",
@@ -153,7 +189,14 @@ class _Builder:
             help=f"the pool's state directory (default: ${POOL_ENV})",
         )
 
-    def group(self, subparsers, name, help, description, examples):
+    def group(
+        self,
+        subparsers: Subparsers,
+        name: str,
+        help: str,
+        description: str,
+        examples: Sequence[str],
+    ) -> tuple[Parser, Subparsers]:
         epilog = "Example:\n" + "".join(f"  {line}\n" for line in examples)
         parser = subparsers.add_parser(
             name,
@@ -171,12 +214,28 @@ class _Builder:
         return parser, sub
 
 
-_builder = None
+_builder: _Builder | None = None
+
+
+def _current() -> _Builder:
+    """The builder of the parser being built."""
+    if _builder is None:
+        raise RuntimeError("commands are declared only while build_parser() runs")
+    return _builder
 
 
 def command(
-    subparsers, name, func, *, help, example, description=None, json=False, pool=False, path=""
-):
+    subparsers: Subparsers,
+    name: str,
+    func: CommandFunc,
+    *,
+    help: str,
+    example: str | Sequence[str],
+    description: str | None = None,
+    json: bool = False,
+    pool: bool = False,
+    path: str = "",
+) -> Parser:
     """Declare one subcommand.
 
     Args:
@@ -193,7 +252,7 @@ def command(
     Returns:
         The new subparser, to add the command's own arguments to.
     """
-    b = _builder
+    b = _current()
     parents = [b.debug] + ([b.json] if json else []) + ([b.pool] if pool else [])
     examples = [example] if isinstance(example, str) else list(example)
     epilog = "Example:\n" + "".join(f"  {line}\n" for line in examples)
@@ -211,7 +270,7 @@ def command(
     return parser
 
 
-def build_parser(width=None):
+def build_parser(width: int | None = None) -> Parser:
     """The ``libdm`` argument parser.
 
     Args:

@@ -5,18 +5,46 @@ A pool is named by its state directory: ``--pool DIR``, or the
 ``LIBDM_POOL`` environment variable.
 """
 
+from __future__ import annotations
+
+import argparse
 import contextlib
 import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Literal, NotRequired, TypedDict
 
 import libdm
 from libdm.cli import output
 from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
-from libdm.cli.parser import UsageError, command, count, percentage, positive_seconds, size
+from libdm.cli.parser import (
+    Subparsers,
+    UsageError,
+    command,
+    count,
+    percentage,
+    positive_seconds,
+    size,
+)
 
-__all__ = ["info_json", "register", "status_json", "status_pairs"]
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
+    from libdm.thin.report import PoolInfo
+    from libdm.thin.status import ThinPoolFailed, ThinPoolStatus
+    from libdm.thin.units import Bytes
+
+__all__ = [
+    "FailedStatusJson",
+    "GrowthOptions",
+    "StatusJson",
+    "info_json",
+    "register",
+    "status_json",
+    "status_pairs",
+]
 
 logger = logging.getLogger("libdm.monitor")
 
@@ -24,7 +52,7 @@ logger = logging.getLogger("libdm.monitor")
 # -- create and open ---------------------------------------------------------------
 
 
-def _refuse(args, mode, *names):
+def _refuse(args: argparse.Namespace, mode: str, *names: str) -> None:
     given = [
         n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in (None, False)
     ]
@@ -32,7 +60,7 @@ def _refuse(args, mode, *names):
         raise UsageError(f"{', '.join(given)} cannot be used with {mode}", "libdm pool create")
 
 
-def _require(args, mode, *names):
+def _require(args: argparse.Namespace, mode: str, *names: str) -> None:
     for n in names:
         if getattr(args, n.lstrip("-").replace("-", "_")) is None:
             raise UsageError(f"{mode} needs {n}", "libdm pool create")
@@ -41,15 +69,25 @@ def _require(args, mode, *names):
 FORCE = ("pass force=True", "pass --force")
 
 
-def cmd_create(args):
+class _CreateOptions(TypedDict):
+    """The options every ``Pool.create*`` takes from ``pool create``."""
+
+    block_size: Bytes
+    min_free_space: int
+    features: list[str]
+    deferred_removal: bool
+    deferred_deletion: bool
+
+
+def cmd_create(args: argparse.Namespace) -> None:
     try:
         _create(args)
     except libdm.DeviceNotBlankError as exc:
         raise in_cli_words(exc, FORCE) from exc
 
 
-def _create(args):
-    options = {
+def _create(args: argparse.Namespace) -> None:
+    options: _CreateOptions = {
         "block_size": args.block_size,
         "min_free_space": args.min_free_space,
         "features": args.feature,
@@ -67,7 +105,7 @@ def _create(args):
             "--force",
         )
         _require(args, "--loop", "--data-size")
-        pool = libdm.Pool.create_loop(
+        pool: Pool = libdm.Pool.create_loop(
             args.name,
             args.loop,
             data_size=args.data_size,
@@ -108,14 +146,14 @@ def _create(args):
         print(pool.path)
 
 
-def _counter(what):
+def _counter(what: str) -> Callable[[int, int], None] | None:
     """``progress(done, total)`` drawing ``what: done/total`` on a terminal
     (stderr), or ``None`` when stderr is not one."""
     if not sys.stderr.isatty():
         return None
     step = {"last": 0.0}
 
-    def progress(done, total):
+    def progress(done: int, total: int) -> None:
         now = time.monotonic()
         if done == total or now - step["last"] >= 0.1:
             step["last"] = now
@@ -125,8 +163,8 @@ def _counter(what):
     return progress
 
 
-def cmd_open(args):
-    directory = args.directory or pool_directory(args)
+def cmd_open(args: argparse.Namespace) -> int:
+    directory: str = args.directory or pool_directory(args)
     with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
         devices = pool.devices()
         active = sum(d.active for d in devices)
@@ -142,8 +180,8 @@ def cmd_open(args):
     return 1 if pool.unavailable else 0
 
 
-def cmd_adopt(args):
-    pool = libdm.Pool.adopt(
+def cmd_adopt(args: argparse.Namespace) -> None:
+    pool: Pool = libdm.Pool.adopt(
         args.pool_device,
         state_dir=args.state_dir,
         min_free_space=args.min_free_space,
@@ -154,7 +192,7 @@ def cmd_adopt(args):
         print(pool.path)
 
 
-def cmd_destroy(args):
+def cmd_destroy(args: argparse.Namespace) -> None:
     pool = load_pool(args, live=False)
     try:
         pool.destroy(remove_files=args.remove_files)
@@ -166,10 +204,10 @@ def cmd_destroy(args):
 # -- reading --------------------------------------------------------------------------
 
 
-def info_json(report):
+def info_json(report: PoolInfo) -> dict[str, object]:
     """``PoolInfo.as_dict()`` plus the raw numbers: sizes in bytes under
     ``"bytes"``, and the transaction id, device count and state."""
-    data = report.as_dict()
+    data: dict[str, object] = dict(report.as_dict())
     data["bytes"] = {
         "pool_blocksize": int(report.pool_blocksize),
         "base_device_size": (
@@ -189,16 +227,51 @@ def info_json(report):
     return data
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         report = pool.info()
     emit(args, info_json(report), lambda: str(report))
 
 
-def status_json(st, block_size):
+class FailedStatusJson(TypedDict):
+    """:func:`status_json` of a failed pool."""
+
+    failed: Literal[True]
+    state: str
+    line: str
+
+
+class StatusJson(TypedDict):
+    """:func:`status_json` of a working pool (``libdm pool status --json``)."""
+
+    failed: Literal[False]
+    transaction_id: int
+    used_data_blocks: int
+    total_data_blocks: int
+    used_metadata_blocks: int
+    total_metadata_blocks: int
+    data_block_size: int
+    used_data_bytes: int
+    total_data_bytes: int
+    used_metadata_bytes: int
+    total_metadata_bytes: int
+    held_root: int | None
+    mode: str
+    discard: str
+    no_space: str
+    needs_check: bool
+    metadata_low_water_blocks: int | None
+    line: str
+
+
+def status_json(
+    st: ThinPoolStatus | ThinPoolFailed, block_size: Bytes
+) -> StatusJson | FailedStatusJson:
     """A pool status as JSON-ready values: the kernel's fields, the same
     sizes in bytes, and the kernel's ``line`` as it printed it."""
-    if st.failed:
+    from libdm.thin.status import ThinPoolFailed
+
+    if isinstance(st, ThinPoolFailed):
         return {"failed": True, "state": st.state, "line": str(st)}
     block = int(block_size)
     return {
@@ -225,7 +298,7 @@ def status_json(st, block_size):
     }
 
 
-def status_pairs(data):
+def status_pairs(data: StatusJson | FailedStatusJson) -> list[tuple[str, object]]:
     """(label, value) lines of :func:`status_json`'s result, for people."""
     if data["failed"]:
         return [
@@ -236,18 +309,35 @@ def status_pairs(data):
             )
         ]
 
-    def usage(part, unit):
-        used, total = data[f"used_{part}_bytes"], data[f"total_{part}_bytes"]
+    def usage(used: int, total: int, used_blocks: int, total_blocks: int, unit: str) -> str:
         return (
             f"{output.size_text(used)} of {output.size_text(total)} used "
-            f"({output.percent(used, total)}); {data[f'used_{part}_blocks']} of "
-            f"{data[f'total_{part}_blocks']} {unit}"
+            f"({output.percent(used, total)}); {used_blocks} of {total_blocks} {unit}"
         )
 
+    data_unit = f"blocks of {output.size_text(data['data_block_size'])}"
     return [
         ("Transaction id", data["transaction_id"]),
-        ("Data", usage("data", f"blocks of {output.size_text(data['data_block_size'])}")),
-        ("Metadata", usage("metadata", "blocks of 4 KiB")),
+        (
+            "Data",
+            usage(
+                data["used_data_bytes"],
+                data["total_data_bytes"],
+                data["used_data_blocks"],
+                data["total_data_blocks"],
+                data_unit,
+            ),
+        ),
+        (
+            "Metadata",
+            usage(
+                data["used_metadata_bytes"],
+                data["total_metadata_bytes"],
+                data["used_metadata_blocks"],
+                data["total_metadata_blocks"],
+                "blocks of 4 KiB",
+            ),
+        ),
         ("Mode", data["mode"]),
         ("Discards", data["discard"]),
         ("When full", data["no_space"]),
@@ -256,7 +346,7 @@ def status_pairs(data):
     ]
 
 
-def cmd_status(args):
+def cmd_status(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         data = status_json(pool.status(), pool.block_size.bytes())
     emit(args, data, lambda: output.pairs(status_pairs(data)))
@@ -265,13 +355,15 @@ def cmd_status(args):
 # -- growing ------------------------------------------------------------------------
 
 
-def _sizes_line(pool):
+def _sizes_line(pool: Pool) -> str:
+    from libdm.thin.status import ThinPoolFailed
+
     st = pool.status()
-    meta = "?" if st.failed else output.size_text(st.total_meta.bytes())
+    meta = "?" if isinstance(st, ThinPoolFailed) else output.size_text(st.total_meta.bytes())
     return f"pool {pool.name}: data {output.size_text(pool.data_size())}, metadata {meta}"
 
 
-def cmd_resize(args):
+def cmd_resize(args: argparse.Namespace) -> None:
     if args.size is None and args.metadata_size is None:
         raise UsageError("give the new data SIZE, --metadata-size, or both", "libdm pool resize")
     with load_pool(args) as pool:
@@ -286,7 +378,7 @@ def cmd_resize(args):
 
 
 @contextlib.contextmanager
-def _step(what):
+def _step(what: str) -> Iterator[None]:
     """On a terminal (stderr), ``what...`` and then how long it took: the
     kernel's work on a big pool can take a while, with nothing to count."""
     if not sys.stderr.isatty():
@@ -302,7 +394,7 @@ def _step(what):
     print(f" done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def cmd_extend(args):
+def cmd_extend(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         try:
             with _step(f"extending pool {pool.name} onto {args.device}"):
@@ -318,18 +410,18 @@ def cmd_extend(args):
         print(_sizes_line(pool))
 
 
-def cmd_repair(args):
+def cmd_repair(args: argparse.Namespace) -> None:
     with load_pool(args, live=False) as pool:
         damaged = pool.repair(partial=args.partial)
         print(f"pool {pool.name}: metadata repaired; the damaged copy is {damaged}")
 
 
-def cmd_trim(args):
+def cmd_trim(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         print(f"pool {pool.name}: {output.size_text(pool.trim())} trimmed")
 
 
-def cmd_set(args):
+def cmd_set(args: argparse.Namespace) -> None:
     settings = {
         key: getattr(args, key)
         for key in (
@@ -356,23 +448,21 @@ def cmd_set(args):
         pool.configure(**settings)
 
 
-def cmd_refresh(args):
+def cmd_refresh(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         pool.refresh()
         print(_sizes_line(pool))
 
 
 @contextlib.contextmanager
-def _stopped_by_signals(stop):
+def _stopped_by_signals(stop: Callable[[], None]) -> Iterator[None]:
     """Call ``stop()`` on SIGTERM and SIGINT while in the block."""
-    saved = {}
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> None:
         logger.info("%s received: stopping after the current wait", signal.Signals(signum).name)
         stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        saved[signum] = signal.signal(signum, handler)
+    saved = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -380,10 +470,11 @@ def _stopped_by_signals(stop):
             signal.signal(signum, old)
 
 
-def cmd_monitor(args):
-    options = dict(growth_options(args), interval=args.interval)
+def cmd_monitor(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
-        monitor = pool.monitor(args.threshold, args.percent, **options)
+        monitor = pool.monitor(
+            args.threshold, args.percent, **growth_options(args), interval=args.interval
+        )
         with _stopped_by_signals(monitor.stop):
             logger.info(
                 "pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
@@ -402,7 +493,7 @@ def cmd_monitor(args):
 # -- the parsers ----------------------------------------------------------------------
 
 
-def growth_arguments(p):
+def growth_arguments(p: argparse.ArgumentParser) -> None:
     """The monitor's growth settings, for ``pool monitor`` and ``monitor
     register``."""
     p.add_argument(
@@ -450,18 +541,33 @@ def growth_arguments(p):
     )
 
 
-def growth_options(args):
+class GrowthOptions(TypedDict):
+    """:func:`growth_options`: ``pool.monitor()``'s keyword options, as
+    ``Registration`` takes them too."""
+
+    spares: list[str]
+    metadata_threshold: NotRequired[int]
+    max_data_size: NotRequired[int]
+    max_metadata_size: NotRequired[int]
+    reserve: NotRequired[int]
+
+
+def growth_options(args: argparse.Namespace) -> GrowthOptions:
     """``pool.monitor()`` keyword options from :func:`growth_arguments`'
     (beyond threshold and percent), sizes as ints."""
-    options = {"spares": list(args.spare)}
-    for key in ("metadata_threshold", "max_data_size", "max_metadata_size", "reserve"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value if key == "metadata_threshold" else int(value)
+    options: GrowthOptions = {"spares": list(args.spare)}
+    if args.metadata_threshold is not None:
+        options["metadata_threshold"] = args.metadata_threshold
+    if args.max_data_size is not None:
+        options["max_data_size"] = int(args.max_data_size)
+    if args.max_metadata_size is not None:
+        options["max_metadata_size"] = int(args.max_metadata_size)
+    if args.reserve is not None:
+        options["reserve"] = int(args.reserve)
     return options
 
 
-def _deferred_flags(p):
+def _deferred_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-deferred-removal",
         action="store_true",
@@ -474,7 +580,7 @@ def _deferred_flags(p):
     )
 
 
-def register(sub):
+def register(sub: Subparsers) -> None:
     p = command(
         sub,
         "create",

@@ -6,18 +6,21 @@ gRPC is imported only when the command runs, so the rest of the command
 line works without the ``containerd`` extra.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
-from libdm.cli.parser import POOL_ENV, UsageError, command
+from libdm.cli.parser import POOL_ENV, Parser, Subparsers, UsageError, command
 
 __all__ = ["cmd_serve", "main", "register"]
 
 
-def cmd_serve(args):
-    pool_dir = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+def cmd_serve(args: argparse.Namespace) -> int:
+    pool_dir: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
     try:
         from libdm.snapshotter import load_config, serve
     except ImportError as exc:
@@ -40,7 +43,7 @@ def cmd_serve(args):
     return 0
 
 
-def _arguments(p):
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--socket",
         metavar="PATH",
@@ -55,12 +58,12 @@ def _arguments(p):
     )
 
 
-def register(sub):
+def register(sub: Subparsers) -> Parser:
     """Add the ``snapshotter`` group and its ``serve`` command to the
     top-level subparsers ``sub``."""
     from libdm.cli import parser
 
-    _, group = parser._builder.group(
+    _, group = parser._current().group(
         sub,
         "snapshotter",
         "containerd's snapshotter plugin on a pool",
@@ -83,7 +86,7 @@ def register(sub):
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m libdm.snapshotter serve --pool DIR --socket PATH [--config FILE]``."""
     parser = argparse.ArgumentParser(prog="python -m libdm.snapshotter")
     parser.add_argument("--debug", action="store_true")

@@ -1,29 +1,76 @@
 """Thin commands: create, snapshot, delete, activate, deactivate and list
 the thin devices of a pool (``libdm.Pool``'s device methods)."""
 
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, NotRequired, TypedDict
+
 from libdm.cli import output
 from libdm.cli.common import emit, load_pool
-from libdm.cli.parser import command, size
+from libdm.cli.parser import Subparsers, command, size
 
-__all__ = ["device_rows", "lineage_forest", "pool_notes", "register"]
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
+
+__all__ = [
+    "DeviceRow",
+    "LineageNode",
+    "PoolNote",
+    "device_rows",
+    "lineage_forest",
+    "pool_notes",
+    "register",
+]
 
 
-def cmd_create(args):
+class DeviceRow(TypedDict):
+    """One thin device, as ``libdm thin ls --json`` prints it."""
+
+    name: str
+    thin_id: int
+    size: int
+    parent: str | None
+    active: bool
+    dm_name: str
+    path: str
+
+
+class LineageNode(DeviceRow):
+    """A device in :func:`lineage_forest`, with the snapshots taken of it."""
+
+    children: list[LineageNode]
+
+
+class PoolNote(TypedDict):
+    """What ``libdm ls`` says about a device-mapper device of a pool."""
+
+    pool: str
+    directory: str
+    role: str
+    summary: str
+    device: NotRequired[str]
+    thin_id: NotRequired[int]
+    origin: NotRequired[str | None]
+    lineage: NotRequired[list[str]]
+
+
+def cmd_create(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         print(pool.create_thin(args.name, args.size).path)
 
 
-def cmd_snapshot(args):
+def cmd_snapshot(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         print(pool.snapshot_device(args.origin, args.name).path)
 
 
-def cmd_delete(args):
+def cmd_delete(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         pool.delete_device(args.name)
 
 
-def cmd_resize(args):
+def cmd_resize(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         dev = pool.resize_device(
             args.name, args.size, force=args.force, grow_filesystem=args.grow_filesystem
@@ -31,18 +78,18 @@ def cmd_resize(args):
         print(f"{dev.name}: {output.size_text(dev.size)}")
 
 
-def cmd_activate(args):
+def cmd_activate(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         pool.activate_device(args.name)
         print(pool.device(args.name).path)
 
 
-def cmd_deactivate(args):
+def cmd_deactivate(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         pool.deactivate_device(args.name)
 
 
-def device_rows(pool):
+def device_rows(pool: Pool) -> list[DeviceRow]:
     """Every device of ``pool`` as a dict: name, thin_id, size (bytes),
     parent, active, dm_name and path."""
     devices = pool.devices()
@@ -60,19 +107,20 @@ def device_rows(pool):
     ]
 
 
-def lineage_forest(rows):
+def lineage_forest(rows: list[DeviceRow]) -> list[LineageNode]:
     """The rows of :func:`device_rows` as a forest of snapshots: each
     device with ``"children"``, the snapshots taken of it."""
-    nodes = {row["name"]: dict(row, children=[]) for row in rows}
-    roots = []
+    nodes: dict[str, LineageNode] = {row["name"]: {**row, "children": []} for row in rows}
+    roots: list[LineageNode] = []
     for row in rows:
         parent = nodes.get(row["parent"]) if row["parent"] is not None else None
         (parent["children"] if parent is not None else roots).append(nodes[row["name"]])
     return roots
 
 
-def _lineage(row, by_name):
-    chain, seen = [], {row["name"]}
+def _lineage(row: DeviceRow, by_name: dict[str, DeviceRow]) -> list[str]:
+    chain: list[str] = []
+    seen = {row["name"]}
     parent = row["parent"]
     while parent is not None and parent not in seen:
         chain.append(parent)
@@ -81,12 +129,12 @@ def _lineage(row, by_name):
     return chain
 
 
-def pool_notes(pool):
+def pool_notes(pool: Pool) -> dict[str, PoolNote]:
     """Facts about the device-mapper devices that belong to ``pool``, by
     device-mapper name, for ``libdm ls``: the pool device, its split
     pieces, and each thin device with its thin id and snapshot lineage
     (``"lineage"``: its origin, the origin's origin, ...)."""
-    notes = {
+    notes: dict[str, PoolNote] = {
         pool.name: {
             "pool": pool.name,
             "directory": pool.directory,
@@ -121,7 +169,7 @@ def pool_notes(pool):
     return notes
 
 
-def _row_cells(row):
+def _row_cells(row: DeviceRow) -> list[object]:
     return [
         row["name"],
         row["thin_id"],
@@ -132,12 +180,12 @@ def _row_cells(row):
     ]
 
 
-def _tree_label(node):
+def _tree_label(node: LineageNode) -> str:
     state = "active" if node["active"] else "inactive"
     return f"{node['name']}  (id {node['thin_id']}, {output.size_text(node['size'])}, {state})"
 
 
-def cmd_ls(args):
+def cmd_ls(args: argparse.Namespace) -> None:
     with load_pool(args, live=False) as pool:
         rows = device_rows(pool)
     if args.tree:
@@ -153,7 +201,7 @@ def cmd_ls(args):
     )
 
 
-def register(sub):
+def register(sub: Subparsers) -> None:
     p = command(
         sub,
         "create",

@@ -23,20 +23,20 @@ def test_generated_modules_match_the_proto_files(tmp_path):
             "grpc_tools.protoc",
             "-I.",
             f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
             *[os.path.join(API, p) for p in protos],
         ],
         cwd=ROOT,
         check=True,
     )
-    for p in protos:
-        module = p.replace(".proto", "_pb2.py")
+    for module in [p.replace(".proto", ext) for p in protos for ext in ("_pb2.py", "_pb2.pyi")]:
         with (
             open(os.path.join(tmp_path, API, module)) as fresh,
             open(os.path.join(ROOT, API, module)) as committed,
         ):
             assert fresh.read() == committed.read(), (
                 f"{module} is stale: regenerate with python -m grpc_tools.protoc -I. "
-                f"--python_out=. {API}/*.proto"
+                f"--python_out=. --pyi_out=. {API}/*.proto"
             )
 
 

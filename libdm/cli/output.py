@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Container, Iterable
-from typing import TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from libdm.thin.units import format_size
+
+if TYPE_CHECKING:
+    from libdm.thin.units import Bytes
 
 __all__ = [
     "JSON",
@@ -136,7 +139,7 @@ def tree(
     return "".join(line + "\n" for line in lines)
 
 
-def size_text(value: int | None) -> str:
+def size_text(value: Bytes | int | None) -> str:
     """A size for people (``format_size``), or ``-`` for none."""
     return "-" if value is None else format_size(value)
 

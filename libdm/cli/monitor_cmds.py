@@ -2,18 +2,32 @@
 (``libdm monitor serve``, as dmeventd does for LVM) and the registrations
 it reads (``register``, ``unregister``, ``ls``)."""
 
+from __future__ import annotations
+
+import argparse
 import logging
 import signal
+from typing import TypedDict
 
 from libdm.cli import output
 from libdm.cli.common import emit, pool_directory
-from libdm.cli.parser import command, positive_seconds
+from libdm.cli.parser import Subparsers, command, positive_seconds
 from libdm.cli.pool_cmds import growth_arguments, growth_options
 
 __all__ = ["register"]
 
 
-def cmd_serve(args):
+class _Registered(TypedDict):
+    """One registration, as ``libdm monitor ls --json`` prints it."""
+
+    pool: str
+    file: str
+    threshold: int
+    percent: int
+    watched: bool
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
     from libdm.service import MonitorService, journal_handler
 
     # A service logs every libdm line once, in the journal's format: the
@@ -41,7 +55,7 @@ def cmd_serve(args):
             lg.setLevel(level)
 
 
-def cmd_register(args):
+def cmd_register(args: argparse.Namespace) -> None:
     from libdm.thin import registry
 
     reg = registry.Registration(
@@ -53,16 +67,16 @@ def cmd_register(args):
     print(registry.register(reg, args.config_dir))
 
 
-def cmd_unregister(args):
+def cmd_unregister(args: argparse.Namespace) -> None:
     from libdm.thin import registry
 
     print(registry.unregister(pool_directory(args), args.config_dir))
 
 
-def cmd_ls(args):
+def cmd_ls(args: argparse.Namespace) -> None:
     from libdm.thin import registry
 
-    rows = []
+    rows: list[_Registered] = []
     for path, reg in registry.registrations(args.config_dir).items():
         state = registry.watch_state(reg.pool)
         rows.append(
@@ -92,7 +106,7 @@ def cmd_ls(args):
     )
 
 
-def _config_dir(p):
+def _config_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config-dir",
         metavar="DIR",
@@ -101,7 +115,7 @@ def _config_dir(p):
     )
 
 
-def register(sub):
+def register(sub: Subparsers) -> None:
     p = command(
         sub,
         "serve",

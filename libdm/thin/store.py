@@ -1,15 +1,16 @@
-"""The pool's state store: one SQLite database per pool.
+"""The pool's state store: a SQLite checkpoint and a log in front of it.
 
 It lives in the pool's state directory (private: see ``statedir.py``) as
-``state.db`` (mode 0600), in WAL mode with ``synchronous=FULL``, so a
-record committed before a kernel message survives a power cut.  It holds:
+``state.db`` (mode 0600, SQLite, WAL mode, ``synchronous=FULL``) and,
+while the store is open, ``state.db-log`` (see ``storelog.py``).  It
+holds:
 
 * ``pool``: one row of configuration (devices, block size, features, low
   water mark, options) and the last committed transaction id;
 * ``devices``: every thin device (name, thin id, size in sectors, parent,
   whether it should be active);
 * ``intents``: the journal of a change in flight.  An intent is written
-  before the kernel is asked, and removed in the same SQLite transaction
+  before the kernel is asked, and removed in the same store transaction
   that records the outcome, so after a crash ``Pool.open`` knows exactly
   which change may be half done (see ``journal.py``);
 * ``deferred_deletes``: thin ids whose delete met EBUSY, retried later;
@@ -17,27 +18,71 @@ record committed before a kernel message survives a power cut.  It holds:
   (the lowest free id is reused; ids the kernel holds without a record
   here are never handed out).
 
-Every query touches O(1) rows by key, never the whole table, so a pool of
-10,000 devices costs no more per operation than a pool of 10.
+How a change is stored: every table is held in memory, indexed, and a
+store transaction is one record appended to the log: one ``pwrite``, and
+one ``fdatasync`` when it must be durable (an intent must be on disk
+before the kernel is told; an outcome may be lost to a power cut, since
+``Pool.open`` rolls it forward from its intent, and the next synced
+record makes it durable too).  Reads cost no system call but one
+``stat`` of the log, which tells whether another process appended to it.
+The log is folded into ``state.db`` (one SQLite transaction) by the last
+process to close the store, by a process that finds it past
+:data:`LOG_LIMIT` while it is the only one with the store open, and by
+the next open after a crash, which first replays it (a torn tail, the
+unsynced end of a write a crash interrupted, fails its checksum and is
+ignored).  ``state.db`` is otherwise never written, so between uses it
+is the whole state, and can be inspected and repaired with ``sqlite3``.
+
+Schema versions: 1 (every change a SQLite transaction), 2 (the log;
+``meta`` records ``log_seq``, the last log record folded, and
+``store_id``, which the log's header repeats).  An older store is
+upgraded in place when it is opened (:data:`MIGRATIONS`); a newer one is
+refused.
 """
 
+from __future__ import annotations
+
 import errno
+import heapq
 import json
 import os
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, NamedTuple
 
 from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
+from libdm.thin import storelog
 from libdm.thin.errors import StateError
 from libdm.thin.statedir import StateDir
+from libdm.thin.storelog import HEADER_SIZE, LOG_NAME, LogFile
 
-__all__ = ["COMPANIONS", "DB_NAME", "SCHEMA_VERSION", "STORE_FILES", "Store"]
+__all__ = [
+    "COMPANIONS",
+    "DB_NAME",
+    "LOG_LIMIT",
+    "LOG_NAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "STORE_FILES",
+    "Migration",
+    "Store",
+]
+
+#: A row as the store returns it: column name -> value (a fresh dict).
+Row = dict[str, Any]
 
 DB_NAME = "state.db"
 #: The files SQLite keeps beside the database (``state.db-wal`` ...).
 COMPANIONS = ("-wal", "-shm", "-journal")
 #: The store's files, the database first.
-STORE_FILES = (DB_NAME, *tuple(DB_NAME + suffix for suffix in COMPANIONS))
-SCHEMA_VERSION = 1
+STORE_FILES = (DB_NAME, *tuple(DB_NAME + suffix for suffix in COMPANIONS), LOG_NAME)
+SCHEMA_VERSION = 2
+#: The log is folded into state.db when it grows past this many bytes
+#: (and this process is the only one with the store open).
+LOG_LIMIT = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -81,8 +126,133 @@ CREATE TABLE IF NOT EXISTS deferred_deletes (
 """
 
 
+# -- migrations ----------------------------------------------------------------------
+
+
+class Migration(NamedTuple):
+    """One step of the schema: ``apply`` brings a database at version
+    ``version - 1`` to ``version`` (inside the caller's transaction)."""
+
+    version: int
+    what: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+def _to_2(db: sqlite3.Connection) -> None:
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('log_seq', '0')")
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (os.urandom(16).hex(),))
+
+
+#: Every migration, in order; the last one's version is SCHEMA_VERSION.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "the log in front of state.db: meta.log_seq and meta.store_id", _to_2),
+)
+
+
+# -- the tables in memory --------------------------------------------------------------
+#
+# A change is (table, key, value): the row's new value, or None to delete
+# it.  The log's records are lists of changes, JSON-encoded as
+# [table, key, value]; a row's value is a list of its columns, in the
+# order of _COLUMNS.
+
+_COLUMNS: dict[str, tuple[str, ...]] = {
+    "pool": ("name", "uuid", "kind", "config", "transaction_id"),
+    "devices": ("thin_id", "size", "parent", "active", "created"),
+    "intents": ("op", "thin_id", "name", "size", "parent", "origin_id"),
+    "deferred_deletes": ("name", "queued"),
+    "meta": ("value",),
+    "free_ids": (),
+    "foreign_ids": (),
+}
+_KEYS = {
+    "pool": "id",
+    "devices": "name",
+    "intents": "txid",
+    "deferred_deletes": "thin_id",
+    "meta": "key",
+    "free_ids": "thin_id",
+    "foreign_ids": "thin_id",
+}
+
+Key = int | str
+Change = tuple[str, Key, "list[Any] | None"]
+
+
+class _Tables:
+    """Every table of the store, in memory, with the indexes the reads use."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[Key, list[Any]]] = {table: {} for table in _COLUMNS}
+        self.by_id: dict[int, str] = {}  # thin id -> device name
+        self.children: dict[str, set[str]] = {}  # parent -> snapshot names
+        self.intent_ids: dict[int, int] = {}  # thin id -> intents holding it
+        self.free_heap: list[int] = []  # free_ids, lazily pruned
+
+    def get(self, table: str, key: Key) -> list[Any] | None:
+        return self.rows[table].get(key)
+
+    def put(self, table: str, key: Key, value: list[Any] | None) -> list[Any] | None:
+        """Set (or with ``None`` delete) one row; returns the old one."""
+        rows = self.rows[table]
+        old = rows.get(key)
+        if old is not None:
+            self._unindex(table, key, old)
+        if value is None:
+            rows.pop(key, None)
+        else:
+            rows[key] = value
+            self._index(table, key, value)
+        return old
+
+    def _index(self, table: str, key: Key, value: list[Any]) -> None:
+        if table == "devices":
+            assert isinstance(key, str)
+            self.by_id[value[0]] = key
+            if value[2] is not None:
+                self.children.setdefault(value[2], set()).add(key)
+        elif table == "intents":
+            self.intent_ids[value[1]] = self.intent_ids.get(value[1], 0) + 1
+        elif table == "free_ids":
+            assert isinstance(key, int)
+            heapq.heappush(self.free_heap, key)
+
+    def _unindex(self, table: str, key: Key, old: list[Any]) -> None:
+        if table == "devices":
+            if self.by_id.get(old[0]) == key:
+                del self.by_id[old[0]]
+            if old[2] is not None:
+                names = self.children.get(old[2])
+                if names is not None:
+                    names.discard(str(key))
+                    if not names:
+                        del self.children[old[2]]
+        elif table == "intents":
+            left = self.intent_ids.get(old[1], 0) - 1
+            if left > 0:
+                self.intent_ids[old[1]] = left
+            else:
+                self.intent_ids.pop(old[1], None)
+
+    def min_free(self) -> int | None:
+        heap, free = self.free_heap, self.rows["free_ids"]
+        while heap and heap[0] not in free:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+
+def _row(table: str, key: Key, value: list[Any]) -> Row:
+    row: Row = {_KEYS[table]: key}
+    row.update(zip(_COLUMNS[table], value, strict=True))
+    return row
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class Store:
-    """The state database of one pool.
+    """The state store of one pool.
 
     Args:
         directory: the pool's state directory: a path, or a
@@ -91,22 +261,43 @@ class Store:
         create: make the database (and, given a path, the directory);
             otherwise a missing database is a ``StateError``.
 
+    Attributes:
+        db: the SQLite connection to ``state.db`` (the checkpoint; the
+            current state is the store's, in memory and in the log).
+
     Raises:
         StateError: the database is missing (``create=False``), corrupt,
             truncated, from a newer libdm, or not a regular file of the
-            caller's (a symlink is refused); the directory is not private
-            (see :class:`~libdm.thin.statedir.StateDir`).  Nothing is
-            deleted or chmod'ed.
+            caller's (a symlink is refused); its log is damaged or
+            another store's; the directory is not private (see
+            :class:`~libdm.thin.statedir.StateDir`).  Nothing is deleted
+            or chmod'ed.
         PoolReadOnlyError: the directory is on a read-only filesystem.
+
+    Several processes may have one store open.  Changes must be
+    serialised by the caller (the pool's lock); each read and each
+    transaction first takes in the changes other processes made.  A
+    ``Store`` may be shared by threads.
     """
 
-    def __init__(self, directory, *, create=False):
+    db: sqlite3.Connection
+
+    def __init__(self, directory: str | os.PathLike[str] | StateDir, *, create: bool = False):
         if isinstance(directory, StateDir):
             statedir = directory
         else:
             statedir = (
                 StateDir.claim(directory, STORE_FILES) if create else StateDir.open(directory)
             )
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]] = []
+        self._durable = False
+        self._log: LogFile | None = None
+        self._pid = os.getpid()
+        self._tables = _Tables()
+        self._unfolded: list[list[Change]] = []
+        self._fold_tried = 0
         try:
             self._open(statedir, create)
         except BaseException:
@@ -115,9 +306,10 @@ class Store:
             raise
         self.statedir = statedir
 
-    def _open(self, statedir, create):
+    def _open(self, statedir: StateDir, create: bool) -> None:
         self.directory = statedir.path
         self.path = statedir.join(DB_NAME)
+        self.statedir = statedir
         operation = "create" if create else "open"
         if create:
             os.close(statedir.make_file(DB_NAME, operation, "state store"))
@@ -144,18 +336,28 @@ class Store:
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                _to_2(self.db)
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             if hasattr(self, "db"):
                 self.db.close()
-            raise StateError(
-                f"the pool state in {self.path} is unreadable ({exc}); nothing was "
-                f"changed or deleted — restore it from a backup or inspect it with sqlite3",
-                "open",
-                None,
-            ) from exc
+            raise self._unreadable(exc) from exc
+        try:
+            self._load(operation)
+        except BaseException:
+            self._release_log(fold=False)
+            self.db.close()
+            raise
 
-    def _refuse_permission(self):
+    def _unreadable(self, exc: Exception) -> StateError:
+        return StateError(
+            f"the pool state in {self.path} is unreadable ({exc}); nothing was "
+            f"changed or deleted — restore it from a backup or inspect it with sqlite3",
+            "open",
+            None,
+        )
+
+    def _refuse_permission(self) -> None:
         raise PermissionDeniedError(
             errno.EACCES,
             f"cannot open the pool state in {self.directory}: {NEEDS_ROOT}",
@@ -163,61 +365,395 @@ class Store:
             None,
         )
 
-    def _check_schema(self):
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            raise sqlite3.DatabaseError("no schema version")
-        if int(row[0]) > SCHEMA_VERSION:
+    def _check_schema(self) -> None:
+        found = self._schema_version()
+        if found > SCHEMA_VERSION:
             raise StateError(
                 f"the pool state in {self.path} was written by a newer libdm "
-                f"(schema {row[0]}, this one knows {SCHEMA_VERSION})",
+                f"(schema {found}, this one knows {SCHEMA_VERSION})",
                 "open",
                 None,
             )
+        if found < SCHEMA_VERSION:
+            self._migrate()
 
-    def close_db(self):
-        """Close the database only (the directory stays open)."""
-        self.db.close()
+    def _schema_version(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise sqlite3.DatabaseError("no schema version")
+        try:
+            return int(row[0])
+        except ValueError:
+            raise sqlite3.DatabaseError(f"schema version {row[0]!r}") from None
 
-    def close(self, remove_made=False):
-        """Close the database and the directory.
+    def _migrate(self) -> None:
+        """Bring an older schema up to SCHEMA_VERSION, in one transaction
+        (another process may be doing the same: the second finds it done)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            found = self._schema_version()
+            for step in MIGRATIONS:
+                if step.version > found:
+                    step.apply(self.db)
+                    found = step.version
+            self.db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(found),)
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- loading and following the log ---------------------------------------------
+
+    def _load(self, operation: str) -> None:
+        """Hold the log, read state.db, replay the log after it."""
+        self._log = LogFile.acquire(self.statedir, operation)
+        self._reload()
+
+    def _reload(self) -> None:
+        """Everything again: state.db, then the log (held shared)."""
+        assert self._log is not None
+        tables = _Tables()
+        try:
+            self.db.execute("BEGIN")
+            try:
+                meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+                for row in self.db.execute(
+                    "SELECT name, uuid, kind, config, transaction_id FROM pool WHERE id = 1"
+                ):
+                    tables.put("pool", 1, list(row))
+                for row in self.db.execute(
+                    "SELECT name, thin_id, size, parent, active, created FROM devices"
+                ):
+                    tables.put("devices", row[0], list(row)[1:])
+                for row in self.db.execute(
+                    "SELECT txid, op, thin_id, name, size, parent, origin_id FROM intents"
+                ):
+                    tables.put("intents", row[0], list(row)[1:])
+                for row in self.db.execute("SELECT thin_id, name, queued FROM deferred_deletes"):
+                    tables.put("deferred_deletes", row[0], list(row)[1:])
+                for table in ("free_ids", "foreign_ids"):
+                    for row in self.db.execute(f"SELECT thin_id FROM {table}"):
+                        tables.put(table, row[0], [])
+            finally:
+                self.db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise self._unreadable(exc) from exc
+        for key, value in meta.items():
+            tables.put("meta", key, [value])
+        try:
+            self._db_seq = int(meta["log_seq"])
+            self._store_id = bytes.fromhex(meta["store_id"])
+            if len(self._store_id) != 16:
+                raise ValueError("not 16 bytes")
+        except (KeyError, ValueError) as exc:
+            raise self.damaged("meta", f"has no valid log_seq and store_id ({exc})") from None
+        self._tables = tables
+        self._seq = self._db_seq
+        self._unfolded = []
+        self._log_end = HEADER_SIZE
+        self._log_ino = self._log.ino
+        size = self._log.size()
+        data = self._log.read_from(0, size)
+        if not self._log.check_header(data, self._store_id):
+            if size > HEADER_SIZE and any(data):
+                raise self._log.damaged("its header is incomplete but records follow it")
+            self._log.write_header(self._store_id)
+            self._log_size = HEADER_SIZE if size <= HEADER_SIZE else size
+            return
+        self._log_size = size
+        records = storelog.decode(data[HEADER_SIZE:], None, HEADER_SIZE)
+        first = next(records, None)
+        if first is None:
+            return
+        if first[1].seq > self._db_seq + 1:
+            raise self._log.damaged(
+                f"its first record is number {first[1].seq} but state.db ends at "
+                f"{self._db_seq} (was state.db replaced by an older copy?)"
+            )
+        # Records up to state.db's log_seq were folded already (a crash
+        # between the fold and the log's truncation leaves them).
+        for end, record in (first, *records):
+            if record.seq <= self._db_seq:
+                self._seq = record.seq
+                self._log_end = end
+            else:
+                self._apply(end, record)
+
+    def _apply(self, end: int, record: storelog.Record) -> None:
+        """Apply one record read from the log, ending at offset ``end``."""
+        try:
+            changes = _decode_changes(record.payload)
+        except ValueError as exc:
+            assert self._log is not None
+            raise self._log.damaged(f"record {record.seq} is not valid ({exc})") from None
+        for table, key, value in changes:
+            self._tables.put(table, key, value)
+        self._unfolded.append(changes)
+        self._seq = record.seq
+        self._log_end = end
+
+    def _read_tail(self, size: int) -> None:
+        """Apply the records from the last one read to byte ``size``."""
+        assert self._log is not None
+        data = self._log.read_from(self._log_end, size)
+        for end, record in storelog.decode(data, self._seq + 1, self._log_end):
+            self._apply(end, record)
+
+    def _refresh(self) -> None:
+        """Take in what other processes appended since the last look."""
+        if self._depth or self._log is None:
+            return
+        st = self._log.stat()
+        if st is not None and st.st_ino == self._log_ino and st.st_size == self._log_end:
+            return
+        if st is None or st.st_ino != self._log_ino or st.st_size < self._log_end:
+            # Folded and removed or truncated: by a process that found this
+            # one gone (a fork's close, or the shared hold lost for a moment).
+            self._log.close()
+            self._log = LogFile.acquire(self.statedir, "open")
+            self._reload()
+            return
+        self._log_size = st.st_size
+        self._read_tail(st.st_size)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close_db(self) -> None:
+        """Close the database and the log (the directory stays open)."""
+        with self._lock:
+            self._release_log(fold=True)
+            self.db.close()
+
+    def close(self, remove_made: bool = False) -> None:
+        """Close the store and the directory.
 
         Args:
             remove_made: remove what this store's directory object made
-                (a failed creation): the database and its SQLite files if
-                it made the database, the other files it made, and the
-                directory if it made it and it is empty.
+                (a failed creation): the database, its log and its SQLite
+                files if it made the database, the other files it made,
+                and the directory if it made it and it is empty.
         """
-        self.db.close()
-        if remove_made and DB_NAME in self.statedir.created:
-            for name in STORE_FILES:
-                self.statedir.unlink(name)
-        self.statedir.close(remove_made=remove_made)
+        with self._lock:
+            self._release_log(fold=not remove_made)
+            self.db.close()
+            if remove_made and DB_NAME in self.statedir.created:
+                for name in STORE_FILES:
+                    self.statedir.unlink(name)
+            self.statedir.close(remove_made=remove_made)
 
-    # -- transactions --------------------------------------------------------
+    def __del__(self) -> None:
+        # A store dropped without close: let go of the log (no fold).
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
 
-    def transaction(self, durable=True):
+    def _release_log(self, fold: bool) -> None:
+        """Close the log; if no other process has it open, fold it into
+        state.db first (with ``fold``) and remove it."""
+        log, self._log = self._log, None
+        if log is None:
+            return
+        try:
+            if os.getpid() != self._pid or self._depth:
+                return  # a fork's copy, or closed mid-transaction: leave it
+            if not log.try_exclusive():
+                return
+            self._log = log
+            try:
+                if fold:
+                    self._catch_up()
+                    self._fold()
+                    log.remove()
+                elif log.size() <= HEADER_SIZE and (log.made or self._header_only(log)):
+                    log.remove()  # a failed open's, holding no record
+            finally:
+                self._log = None
+        finally:
+            log.close()
+
+    def _header_only(self, log: LogFile) -> bool:
+        store_id = getattr(self, "_store_id", None)
+        return store_id is not None and log.read_from(0, HEADER_SIZE) == storelog.header(store_id)
+
+    def _catch_up(self) -> None:
+        """Read the log's tail (held exclusively: nothing is in flight)."""
+        assert self._log is not None
+        size = self._log_size = self._log.size()
+        if size > self._log_end:
+            self._read_tail(size)
+
+    def _fold(self) -> None:
+        """Write the log's changes into state.db in one durable SQLite
+        transaction (the log is held exclusively)."""
+        if not self._unfolded:
+            return
+        net: dict[tuple[str, Key], list[Any] | None] = {}
+        for changes in self._unfolded:
+            for table, key, value in changes:
+                net.pop((table, key), None)  # keep the order of last writes
+                net[(table, key)] = value
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for (table, key), value in net.items():
+                    if value is None:
+                        self.db.execute(f"DELETE FROM {table} WHERE {_KEYS[table]} = ?", (key,))
+                for (table, key), value in net.items():
+                    if value is not None:
+                        columns = (_KEYS[table], *_COLUMNS[table])
+                        self.db.execute(
+                            f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+                            f"VALUES ({', '.join('?' * len(columns))})",
+                            (key, *value),
+                        )
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('log_seq', ?)", (str(self._seq),)
+                )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"could not write the pool state log into {self.path} ({exc}); the log "
+                f"{self.statedir.join(LOG_NAME)} keeps the changes",
+                "close",
+                None,
+            ) from exc
+        self._db_seq = self._seq
+        self._unfolded = []
+
+    def _compact(self) -> None:
+        """Past LOG_LIMIT: fold and empty the log if this process is the
+        only one with the store open (else try again later)."""
+        assert self._log is not None
+        if self._log_end - self._fold_tried < LOG_LIMIT // 4:
+            return
+        self._fold_tried = self._log_end
+        if self._log.try_exclusive():
+            try:
+                self._catch_up()
+                self._fold()
+                self._log.truncate(HEADER_SIZE)
+                self._log_end = self._log_size = HEADER_SIZE
+                self._fold_tried = 0
+            finally:
+                self._log.reshare()
+        else:
+            self._log.reshare()
+
+    # -- transactions ------------------------------------------------------------------
+
+    def transaction(self, durable: bool = True) -> _Transaction:
         """``with store.transaction():`` — one atomic change.
 
-        ``durable=False`` skips the fsync at commit (WAL ``synchronous=
-        NORMAL``): the change survives a killed process but may be lost to a
-        power cut.  The journal uses it for *outcomes* only: their intent
-        was made durable first, so a lost outcome is re-derived from the
-        intent by ``Pool.open``.  The next durable commit makes it durable
-        too (the WAL is written in order).
+        ``durable=False`` skips the ``fdatasync`` at commit: the change
+        survives a killed process but may be lost to a power cut.  The
+        journal uses it for *outcomes* only: their intent was made durable
+        first, so a lost outcome is re-derived from the intent by
+        ``Pool.open``.  The next durable commit makes it durable too (the
+        log is written in order).  A transaction inside another joins it
+        (the outer one says whether it is durable).
         """
-        return _Transaction(self.db, durable)
+        return _Transaction(self, durable)
+
+    def _begin(self, durable: bool) -> None:
+        self._lock.acquire()
+        try:
+            if self._depth == 0:
+                self._refresh()
+                self._changes = []
+                self._durable = durable  # the outermost transaction's
+            self._depth += 1
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _end(self, failed: bool) -> None:
+        try:
+            self._depth -= 1
+            if self._depth:
+                return
+            changes, self._changes = self._changes, []
+            if failed:
+                self._undo(changes)
+                return
+            if changes:
+                try:
+                    self._append([(t, k, new) for t, k, _old, new in changes], self._durable)
+                except BaseException:
+                    self._undo(changes)
+                    raise
+        finally:
+            self._lock.release()
+
+    def _undo(self, changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]]) -> None:
+        for table, key, old, _new in reversed(changes):
+            self._tables.put(table, key, old)
+
+    def _append(self, changes: list[Change], durable: bool) -> None:
+        log = self._log
+        if log is None:
+            raise ValueError(f"the pool state in {self.path} is closed")
+        if self._log_size > self._log_end:
+            # The torn tail of a write a crash interrupted (the caller holds
+            # the pool's lock: no write is in flight): cut it off.
+            log.truncate(self._log_end)
+        seq = self._seq + 1
+        data = storelog.encode(seq, json.dumps(changes, separators=(",", ":")).encode())
+        try:
+            log.append(data, self._log_end, durable)
+        except BaseException:
+            self._log_size = self._log_end + len(data)  # maybe partly written
+            raise
+        self._seq = seq
+        self._log_end = self._log_size = self._log_end + len(data)
+        self._unfolded.append(changes)
+        if self._log_end > LOG_LIMIT:
+            self._compact()
+
+    def _put(self, table: str, key: Key, value: list[Any] | None) -> None:
+        """Change one row, inside the current transaction (or in one of
+        its own, as SQLite's autocommit did)."""
+        if self._depth == 0:
+            with self.transaction():
+                self._put(table, key, value)
+            return
+        old = self._tables.put(table, key, value)
+        self._changes.append((table, key, old, value))
+
+    def _get(self, table: str, key: Key) -> list[Any] | None:
+        with self._lock:
+            self._refresh()
+            return self._tables.get(table, key)
 
     # -- pool ----------------------------------------------------------------
 
-    def init_pool(self, name, uuid, kind, config, transaction_id=0):
+    def init_pool(
+        self, name: str, uuid: str, kind: str, config: dict[str, Any], transaction_id: int = 0
+    ) -> None:
         with self.transaction():
-            self.db.execute(
-                "INSERT INTO pool VALUES (1, ?, ?, ?, ?, ?)",
-                (name, uuid, kind, json.dumps(config, sort_keys=True), transaction_id),
+            if self._tables.get("pool", 1) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: pool.id")
+            self._put(
+                "pool",
+                1,
+                [name, uuid, kind, json.dumps(config, sort_keys=True), int(transaction_id)],
             )
 
-    def pool(self):
+    def _pool_row(self) -> list[Any]:
+        row = self._get("pool", 1)
+        if row is None:
+            raise StateError(
+                f"{self.path} records no pool (its creation was interrupted)",
+                "open",
+                None,
+            )
+        return row
+
+    def pool(self) -> Row:
         """The pool row as a dict with ``config`` decoded.
 
         Raises:
@@ -225,18 +761,11 @@ class Store:
                 config that is not a JSON object with the fields every pool
                 has (the file and the field are named).
         """
-        row = self.db.execute("SELECT * FROM pool WHERE id = 1").fetchone()
-        if row is None:
-            raise StateError(
-                f"{self.path} records no pool (its creation was interrupted)",
-                "open",
-                None,
-            )
-        out = dict(row)
+        out = _row("pool", 1, self._pool_row())
         out["config"] = self._decode_config(out["config"])
         return out
 
-    def _decode_config(self, text):
+    def _decode_config(self, text: Any) -> dict[str, Any]:
         try:
             config = json.loads(text)
         except (TypeError, ValueError) as exc:
@@ -252,7 +781,7 @@ class Store:
                 )
         return config
 
-    def damaged(self, field, why):
+    def damaged(self, field: str, why: str) -> StateError:
         """The ``StateError`` for a stored field ``field`` that ``why``."""
         return StateError(
             f"the pool state in {self.path} is damaged: its field {field!r} {why}; nothing "
@@ -261,135 +790,183 @@ class Store:
             None,
         )
 
-    def set_config(self, config):
-        self.db.execute(
-            "UPDATE pool SET config = ? WHERE id = 1", (json.dumps(config, sort_keys=True),)
-        )
+    def set_config(self, config: dict[str, Any]) -> None:
+        with self.transaction():
+            row = self._tables.get("pool", 1)
+            if row is not None:
+                self._put("pool", 1, [*row[:3], json.dumps(config, sort_keys=True), row[4]])
 
-    def transaction_id(self):
-        return self.db.execute("SELECT transaction_id FROM pool WHERE id = 1").fetchone()[0]
+    def transaction_id(self) -> int:
+        value: int = self._pool_row()[4]
+        return value
 
-    def set_transaction_id(self, txid):
-        self.db.execute("UPDATE pool SET transaction_id = ? WHERE id = 1", (txid,))
+    def set_transaction_id(self, txid: int) -> None:
+        with self.transaction():
+            row = self._tables.get("pool", 1)
+            if row is not None:
+                self._put("pool", 1, [*row[:4], int(txid)])
 
     # -- devices ---------------------------------------------------------------
 
-    def device(self, name):
-        row = self.db.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone()
-        return dict(row) if row else None
+    def device(self, name: str) -> Row | None:
+        row = self._get("devices", name)
+        return None if row is None else _row("devices", name, row)
 
-    def device_by_id(self, thin_id):
-        row = self.db.execute("SELECT * FROM devices WHERE thin_id = ?", (thin_id,)).fetchone()
-        return dict(row) if row else None
+    def device_by_id(self, thin_id: int) -> Row | None:
+        with self._lock:
+            self._refresh()
+            name = self._tables.by_id.get(thin_id)
+            return None if name is None else self.device(name)
 
-    def devices(self):
-        return [dict(r) for r in self.db.execute("SELECT * FROM devices ORDER BY name")]
+    def devices(self) -> list[Row]:
+        with self._lock:
+            self._refresh()
+            rows = self._tables.rows["devices"]
+            return [_row("devices", name, rows[name]) for name in sorted(rows, key=str)]
 
-    def active_devices(self):
-        return [
-            dict(r)
-            for r in self.db.execute("SELECT * FROM devices WHERE active = 1 ORDER BY thin_id")
-        ]
+    def active_devices(self) -> list[Row]:
+        with self._lock:
+            self._refresh()
+            active = [(v[0], k, v) for k, v in self._tables.rows["devices"].items() if v[3]]
+            return [_row("devices", name, value) for _id, name, value in sorted(active)]
 
-    def children(self, name):
-        return [
-            r[0]
-            for r in self.db.execute(
-                "SELECT name FROM devices WHERE parent = ? ORDER BY name", (name,)
-            )
-        ]
+    def children(self, name: str) -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(self._tables.children.get(name, ()))
 
-    def count_devices(self):
-        return self.db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+    def count_devices(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._tables.rows["devices"])
 
-    def add_device(self, name, thin_id, size, parent, active=False):
-        self.db.execute(
-            "INSERT INTO devices (name, thin_id, size, parent, active) VALUES (?, ?, ?, ?, ?)",
-            (name, thin_id, int(size), parent, 1 if active else 0),
-        )
+    def add_device(
+        self, name: str, thin_id: int, size: int, parent: str | None, active: bool = False
+    ) -> None:
+        with self.transaction():
+            if self._tables.get("devices", name) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: devices.name")
+            if thin_id in self._tables.by_id:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: devices.thin_id")
+            self._put("devices", name, [thin_id, int(size), parent, 1 if active else 0, _now()])
 
-    def drop_device(self, name):
+    def drop_device(self, name: str) -> None:
         """Forget device ``name``; its snapshots become roots (their origin
         is gone, and their data stays theirs)."""
-        self.db.execute("DELETE FROM devices WHERE name = ?", (name,))
-        self.db.execute("UPDATE devices SET parent = NULL WHERE parent = ?", (name,))
+        with self.transaction():
+            self._put("devices", name, None)
+            for child in sorted(self._tables.children.get(name, ())):
+                row = self._tables.get("devices", child)
+                assert row is not None
+                self._put("devices", child, [row[0], row[1], None, row[3], row[4]])
 
-    def set_active(self, name, active):
-        self.db.execute("UPDATE devices SET active = ? WHERE name = ?", (1 if active else 0, name))
+    def set_active(self, name: str, active: bool) -> None:
+        self._update_device(name, 3, 1 if active else 0)
 
-    def set_size(self, name, size):
-        self.db.execute("UPDATE devices SET size = ? WHERE name = ?", (int(size), name))
+    def set_size(self, name: str, size: int) -> None:
+        self._update_device(name, 1, int(size))
+
+    def _update_device(self, name: str, column: int, value: int) -> None:
+        with self.transaction():
+            row = self._tables.get("devices", name)
+            if row is not None and row[column] != value:
+                new = list(row)
+                new[column] = value
+                self._put("devices", name, new)
 
     # -- thin ids --------------------------------------------------------------
     #
     # Every id below ``next_id`` is held by a device, an intent, a deferred
     # delete or the kernel alone (``foreign_ids``), or is in ``free_ids``.
-    # So the lowest free id is MIN(free_ids) or else ``next_id``: one
-    # indexed lookup, whatever the number of devices.
+    # So the lowest free id is the least of free_ids or else ``next_id``.
 
-    def id_in_use(self, thin_id):
+    def id_in_use(self, thin_id: int) -> bool:
         """True if the id is held by a device, an intent, a deferred delete
         or is known to be held by the kernel alone."""
-        return (
-            self.db.execute(
-                "SELECT EXISTS(SELECT 1 FROM devices WHERE thin_id = ?1)"
-                " OR EXISTS(SELECT 1 FROM intents WHERE thin_id = ?1)"
-                " OR EXISTS(SELECT 1 FROM deferred_deletes WHERE thin_id = ?1)"
-                " OR EXISTS(SELECT 1 FROM foreign_ids WHERE thin_id = ?1)",
-                (thin_id,),
-            ).fetchone()[0]
-            == 1
-        )
+        with self._lock:
+            self._refresh()
+            tables = self._tables
+            return (
+                thin_id in tables.by_id
+                or thin_id in tables.intent_ids
+                or thin_id in tables.rows["deferred_deletes"]
+                or thin_id in tables.rows["foreign_ids"]
+            )
 
-    def allocate_id(self, limit):
+    def allocate_id(self, limit: int) -> int | None:
         """Take the lowest free thin id (call inside a transaction).
 
         Returns:
             The id, or ``None`` when every id up to ``limit`` is taken.
         """
-        row = self.db.execute("SELECT MIN(thin_id) FROM free_ids").fetchone()
-        if row[0] is not None:
-            self.db.execute("DELETE FROM free_ids WHERE thin_id = ?", (row[0],))
-            return row[0]
-        nxt = int(self._meta("next_id", "0"))
-        while nxt <= limit and self.id_in_use(nxt):
-            nxt += 1
-        if nxt > limit:
-            return None
-        self._set_meta("next_id", str(nxt + 1))
-        return nxt
+        with self.transaction():
+            lowest = self._tables.min_free()
+            if lowest is not None:
+                self._put("free_ids", lowest, None)
+                return lowest
+            nxt = int(self._meta("next_id", "0") or 0)
+            while nxt <= limit and self.id_in_use(nxt):
+                nxt += 1
+            if nxt > limit:
+                return None
+            self._set_meta("next_id", str(nxt + 1))
+            return nxt
 
-    def release_id(self, thin_id):
+    def release_id(self, thin_id: int) -> None:
         """Give an id back for reuse (call inside a transaction)."""
-        self.db.execute("INSERT OR IGNORE INTO free_ids VALUES (?)", (thin_id,))
+        with self.transaction():
+            if self._tables.get("free_ids", thin_id) is None:
+                self._put("free_ids", thin_id, [])
 
-    def mark_foreign(self, thin_id):
+    def mark_foreign(self, thin_id: int) -> None:
         """Record that the kernel holds an id this store never made."""
-        self.db.execute("INSERT OR IGNORE INTO foreign_ids VALUES (?)", (thin_id,))
+        with self.transaction():
+            if self._tables.get("foreign_ids", thin_id) is None:
+                self._put("foreign_ids", thin_id, [])
 
-    def foreign_ids(self):
-        return [r[0] for r in self.db.execute("SELECT thin_id FROM foreign_ids ORDER BY 1")]
+    def foreign_ids(self) -> list[int]:
+        with self._lock:
+            self._refresh()
+            return sorted(int(k) for k in self._tables.rows["foreign_ids"])
 
-    def _meta(self, key, default=None):
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else row[0]
+    def _meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._get("meta", key)
+        return default if row is None else str(row[0])
 
-    def _set_meta(self, key, value):
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    def _set_meta(self, key: str, value: str) -> None:
+        self._put("meta", key, [value])
 
     # -- intents ---------------------------------------------------------------
 
-    def add_intent(self, txid, op, thin_id, name, size=None, parent=None, origin_id=None):
-        self.db.execute(
-            "INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (txid, op, thin_id, name, None if size is None else int(size), parent, origin_id),
-        )
+    def add_intent(
+        self,
+        txid: int,
+        op: str,
+        thin_id: int,
+        name: str,
+        size: int | None = None,
+        parent: str | None = None,
+        origin_id: int | None = None,
+    ) -> None:
+        with self.transaction():
+            if self._tables.get("intents", txid) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: intents.txid")
+            self._put(
+                "intents",
+                txid,
+                [op, thin_id, name, None if size is None else int(size), parent, origin_id],
+            )
 
-    def intents(self):
-        return [dict(r) for r in self.db.execute("SELECT * FROM intents ORDER BY txid")]
+    def intents(self) -> list[Row]:
+        with self._lock:
+            self._refresh()
+            rows = self._tables.rows["intents"]
+            return [_row("intents", txid, rows[txid]) for txid in sorted(rows, key=int)]
 
-    def drop_intent(self, txid):
-        self.db.execute("DELETE FROM intents WHERE txid = ?", (txid,))
+    def drop_intent(self, txid: int) -> None:
+        with self.transaction():
+            if self._tables.get("intents", txid) is not None:
+                self._put("intents", txid, None)
 
     # -- growth ----------------------------------------------------------------
     #
@@ -397,36 +974,43 @@ class Store:
     # and no transaction id, so its intent is a JSON record of its own: the
     # configuration before and after, and the tables to roll back to.
 
-    def growth_intent(self):
+    def growth_intent(self) -> dict[str, Any] | None:
         """The growth in flight, a dict, or ``None``."""
         text = self._meta("growth_intent")
-        return None if text is None else json.loads(text)
+        if text is None:
+            return None
+        record: dict[str, Any] = json.loads(text)
+        return record
 
-    def set_growth_intent(self, intent):
-        self._set_meta("growth_intent", json.dumps(intent, sort_keys=True))
+    def set_growth_intent(self, intent: dict[str, Any]) -> None:
+        with self.transaction():
+            self._set_meta("growth_intent", json.dumps(intent, sort_keys=True))
 
-    def drop_growth_intent(self):
-        self.db.execute("DELETE FROM meta WHERE key = 'growth_intent'")
+    def drop_growth_intent(self) -> None:
+        with self.transaction():
+            if self._tables.get("meta", "growth_intent") is not None:
+                self._put("meta", "growth_intent", None)
 
     # -- deferred deletes ------------------------------------------------------
 
-    def queue_delete(self, thin_id, name):
-        self.db.execute(
-            "INSERT OR REPLACE INTO deferred_deletes (thin_id, name) VALUES (?, ?)",
-            (thin_id, name),
-        )
+    def queue_delete(self, thin_id: int, name: str) -> None:
+        with self.transaction():
+            self._put("deferred_deletes", thin_id, [name, _now()])
 
-    def deferred_deletes(self):
-        return [
-            dict(r) for r in self.db.execute("SELECT * FROM deferred_deletes ORDER BY thin_id")
-        ]
+    def deferred_deletes(self) -> list[Row]:
+        with self._lock:
+            self._refresh()
+            rows = self._tables.rows["deferred_deletes"]
+            return [_row("deferred_deletes", k, rows[k]) for k in sorted(rows, key=int)]
 
-    def drop_deferred_delete(self, thin_id):
-        self.db.execute("DELETE FROM deferred_deletes WHERE thin_id = ?", (thin_id,))
+    def drop_deferred_delete(self, thin_id: int) -> None:
+        with self.transaction():
+            if self._tables.get("deferred_deletes", thin_id) is not None:
+                self._put("deferred_deletes", thin_id, None)
 
 
 # The configuration fields every pool has, and their JSON types.
-_CONFIG_FIELDS = {
+_CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
     "block_size": (int,),
     "low_water_mark": (int,),
     "features": (list,),
@@ -437,31 +1021,50 @@ _CONFIG_FIELDS = {
 }
 
 
-def _is(value, types):
+def _is(value: object, types: tuple[type, ...]) -> bool:
     """isinstance, except that a bool is no number here."""
     return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+def _decode_changes(payload: bytes) -> list[Change]:
+    """A record's changes, checked against the tables' shapes.
 
-    def __init__(self, db, durable=True):
-        self.db = db
+    Raises:
+        ValueError: not a list of [table, key, row or null].
+    """
+    items = json.loads(payload)
+    if not isinstance(items, list):
+        raise ValueError("not a list")
+    out: list[Change] = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and item[0] in _COLUMNS):
+            raise ValueError(f"not a change: {str(item)[:60]}")
+        table, key, value = item
+        if not isinstance(key, int | str) or isinstance(key, bool):
+            raise ValueError(f"bad key {key!r}")
+        if value is not None and not (
+            isinstance(value, list) and len(value) == len(_COLUMNS[table])
+        ):
+            raise ValueError(f"bad row for {table}: {str(value)[:60]}")
+        out.append((table, key, value))
+    return out
+
+
+class _Transaction:
+    """The store's lock and one log record; undone in memory on an exception."""
+
+    def __init__(self, store: Store, durable: bool = True) -> None:
+        self.store = store
         self.durable = durable
 
-    def __enter__(self):
-        if not self.durable:
-            self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+    def __enter__(self) -> Store:
+        self.store._begin(self.durable)
+        return self.store
 
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self.db.execute("COMMIT")
-            else:
-                self.db.execute("ROLLBACK")
-        finally:
-            if not self.durable:
-                self.db.execute("PRAGMA synchronous=FULL")
-        return False
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.store._end(exc_type is not None)

@@ -1,0 +1,175 @@
+"""System calls per store change: the store traffic of a thin create,
+snapshot and delete, replayed against a :class:`~libdm.thin.store.Store`
+alone (the same calls in the same order as the pool makes them, with no
+kernel), counted with ``strace -f -c``.
+
+As a test it checks that the store's part of an operation stays a handful
+of system calls (a count, not a time).  As a script it prints the table
+that docs/store.rst quotes::
+
+    python tests/test_store_syscalls.py
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from libdm.thin.store import Store
+
+CONFIG = {
+    "block_size": 128,
+    "low_water_mark": 0,
+    "features": [],
+    "min_free_space": 10,
+    "deferred_removal": True,
+    "deferred_deletion": True,
+    "token": "t",
+}
+MAX_THIN_ID = 2**24 - 1
+
+
+def create(store: Store, name: str) -> None:
+    """The store calls of ``Pool.create_thin`` (the lock taken, the
+    deferred deletes retried, the name checked, the intent, the outcome,
+    the device read back by its activation)."""
+    store.pool()
+    store.deferred_deletes()
+    assert store.device(name) is None
+    with store.transaction():
+        thin_id = store.allocate_id(MAX_THIN_ID)
+        assert thin_id is not None
+        txid = store.transaction_id() + 1
+        store.add_intent(txid, "create_thin", thin_id, name, 2048)
+    with store.transaction(durable=False):
+        store.add_device(name, thin_id, 2048, None, active=True)
+        store.set_transaction_id(txid)
+        store.drop_intent(txid)
+    store.device(name)
+    store.device(name)
+
+
+def snapshot(store: Store, origin: str, name: str) -> None:
+    """The store calls of ``Pool.snapshot_device``."""
+    store.pool()
+    row = store.device(origin)
+    assert row is not None
+    store.deferred_deletes()
+    assert store.device(name) is None
+    with store.transaction():
+        thin_id = store.allocate_id(MAX_THIN_ID)
+        assert thin_id is not None
+        txid = store.transaction_id() + 1
+        store.add_intent(txid, "create_snap", thin_id, name, row["size"], origin, row["thin_id"])
+    with store.transaction(durable=False):
+        store.add_device(name, thin_id, row["size"], origin, active=True)
+        store.set_transaction_id(txid)
+        store.drop_intent(txid)
+    store.device(name)
+    store.device(name)
+
+
+def delete(store: Store, name: str) -> None:
+    """The store calls of ``Pool.delete_device``."""
+    store.pool()
+    row = store.device(name)
+    assert row is not None
+    store.deferred_deletes()
+    with store.transaction():
+        txid = store.transaction_id() + 1
+        store.add_intent(txid, "delete", row["thin_id"], name)
+    with store.transaction():
+        store.set_active(name, False)
+    with store.transaction(durable=False):
+        again = store.device(name)
+        assert again is not None
+        store.drop_device(name)
+        store.drop_deferred_delete(row["thin_id"])
+        store.release_id(row["thin_id"])
+        store.set_transaction_id(txid)
+        store.drop_intent(txid)
+
+
+def run(directory: str, rounds: int, only: str) -> None:
+    """``rounds`` of one kind of operation on a store in ``directory``."""
+    store = Store(directory)
+    try:
+        for i in range(rounds):
+            if only == "create":
+                create(store, f"c{i}")
+            elif only == "snapshot":
+                snapshot(store, "origin", f"s{i}")
+            else:
+                delete(store, f"d{i}")
+    finally:
+        store.close()
+
+
+def prepare(directory: str, rounds: int) -> None:
+    store = Store(directory, create=True)
+    try:
+        store.init_pool("p", "LIBDM-POOL-x", "loop", CONFIG)
+        create(store, "origin")
+        for i in range(rounds):
+            create(store, f"d{i}")
+    finally:
+        store.close()
+
+
+def count(rounds: int, only: str) -> collections.Counter[str]:
+    """System calls of ``rounds`` operations (strace -f -c), by name."""
+    base = tempfile.mkdtemp(prefix="store-syscalls-")
+    try:
+        directory = os.path.join(base, "state")
+        prepare(directory, rounds)
+        out = os.path.join(base, "strace.txt")
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = (
+            f"import sys; sys.path.insert(0, {here!r}); import test_store_syscalls as t; "
+            f"t.run({directory!r}, {rounds}, {only!r})"
+        )
+        subprocess.run(
+            ["strace", "-f", "-c", "-o", out, sys.executable, "-c", code],
+            check=True,
+            env=dict(os.environ, PYTHONPATH=os.path.dirname(here)),
+        )
+        calls: collections.Counter[str] = collections.Counter()
+        with open(out) as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+                    calls[fields[-1]] += int(fields[3])
+        return calls
+    finally:
+        shutil.rmtree(base)
+
+
+def per_operation(only: str, n: int = 20) -> dict[str, float]:
+    """System calls per operation: (n + 1 operations - 1 operation) / n."""
+    one, many = count(1, only), count(n + 1, only)
+    return {k: (many[k] - one[k]) / n for k in many if many[k] - one[k] > 0}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("only", ["create", "snapshot", "delete"])
+def test_a_store_change_is_a_handful_of_system_calls(only: str) -> None:
+    calls = per_operation(only, 10)
+    assert sum(calls.values()) <= 12, calls
+    assert calls.get("fdatasync", 0) + calls.get("fsync", 0) <= 2, calls
+
+
+def main() -> None:
+    for only in ("create", "snapshot", "delete"):
+        calls = per_operation(only)
+        detail = ", ".join(f"{k} {v:g}" for k, v in sorted(calls.items(), key=lambda x: -x[1]))
+        print(f"{only}: {sum(calls.values()):g} ({detail})")
+
+
+if __name__ == "__main__":
+    main()

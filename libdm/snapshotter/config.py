@@ -28,7 +28,7 @@ import dataclasses
 import os
 import shlex
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from libdm.thin.units import parse_size
 
@@ -57,7 +57,7 @@ class Config:
     device_prefix: str = "ctrd-"
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Self:
         """This config, once every value is checked.
 
         Raises:

@@ -6,6 +6,8 @@ device) and that it carries no filesystem, partition table, LVM, LUKS or
 thin-pool signature, so that data is never overwritten by mistake.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import os
@@ -42,24 +44,24 @@ class BlockDevice:
     Attributes:
         path: the path given.
         major, minor: its device number.
-        size: its size in bytes.
+        size: its size in bytes (a plain ``int``).
     """
 
     __slots__ = ("major", "minor", "path", "size")
 
-    def __init__(self, path, major, minor, size):
+    def __init__(self, path: str, major: int, minor: int, size: int) -> None:
         self.path, self.major, self.minor, self.size = path, major, minor, size
 
     @property
-    def devno(self):
+    def devno(self) -> str:
         """``"major:minor"``, as device-mapper tables name devices."""
         return f"{self.major}:{self.minor}"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BlockDevice({self.path!r}, {self.devno}, {self.size} bytes)"
 
 
-def open_block_device(path):
+def open_block_device(path: str) -> BlockDevice:
     """Resolve ``path`` to a :class:`BlockDevice`.
 
     Raises:
@@ -72,17 +74,18 @@ def open_block_device(path):
     return BlockDevice(path, os.major(st.st_rdev), os.minor(st.st_rdev), size_bytes(path))
 
 
-def size_bytes(path):
+def size_bytes(path: str) -> int:
     """The size of a block device in bytes (BLKGETSIZE64)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
     finally:
         os.close(fd)
-    return struct.unpack("Q", buf)[0]
+    size: int = struct.unpack("Q", buf)[0]
+    return size
 
 
-def signatures(path):
+def signatures(path: str) -> list[str]:
     """The signatures found at the start of a device or file, as phrases
     such as ``"an ext2/ext3/ext4 filesystem"``; empty when it looks blank.
     """
@@ -91,7 +94,7 @@ def signatures(path):
         head = os.pread(fd, _READ, 0)
     finally:
         os.close(fd)
-    found = []
+    found: list[str] = []
     for offset, magic, what in _MAGICS:
         if head[offset : offset + len(magic)] == magic and what not in found:
             found.append(what)
@@ -107,7 +110,7 @@ def signatures(path):
     return found
 
 
-def check_unused(path):
+def check_unused(path: str) -> None:
     """Raise unless the block device can be opened exclusively, i.e. is not
     mounted, held by device-mapper/md, or opened exclusively elsewhere.
 
@@ -126,7 +129,7 @@ def check_unused(path):
     os.close(fd)
 
 
-def _holders(path):
+def _holders(path: str) -> list[str]:
     st = os.stat(path)
     base = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/holders"
     try:

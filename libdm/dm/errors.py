@@ -6,8 +6,12 @@ matching builtin where there is one, so callers can write
 ``os`` and ``pathlib``.
 """
 
+from __future__ import annotations
+
 import errno as _errno
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = [
     "DMError",
@@ -33,13 +37,24 @@ class DMError(OSError):
             kernel's device-mapper messages) captured while the task ran.
     """
 
-    def __init__(self, err, message, operation, device=None, log_lines=()):
+    # Set by OSError.__init__ from its two arguments.
+    errno: int
+    strerror: str
+
+    def __init__(
+        self,
+        err: int,
+        message: str,
+        operation: str,
+        device: str | None = None,
+        log_lines: Iterable[str] = (),
+    ) -> None:
         super().__init__(err, message)
         self.operation = operation
         self.device = device
-        self.log_lines = tuple(log_lines)
+        self.log_lines: tuple[str, ...] = tuple(log_lines)
 
-    def __str__(self):
+    def __str__(self) -> str:
         where = f" on {self.device!r}" if self.device is not None else ""
         code = f"[Errno {self.errno}] " if self.errno else ""
         text = f"{self.operation}{where} failed: {code}{self.strerror}"
@@ -47,12 +62,27 @@ class DMError(OSError):
             text += "\n  " + "\n  ".join(self.log_lines)
         return text
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., DMError], tuple[Any, ...]]:
         # OSError pickles as (errno, strerror); keep our extra fields too.
+        # Rebuilt through DMError.__init__, since subclasses (the thin-pool
+        # errors) take other arguments.
         return (
-            type(self),
-            (self.errno, self.strerror, self.operation, self.device, self.log_lines),
+            _rebuild,
+            (type(self), self.errno, self.strerror, self.operation, self.device, self.log_lines),
         )
+
+
+def _rebuild(
+    cls: type[DMError],
+    err: int,
+    message: str,
+    operation: str,
+    device: str | None,
+    log_lines: tuple[str, ...],
+) -> DMError:
+    exc = cls.__new__(cls)
+    DMError.__init__(exc, err, message, operation, device, log_lines)
+    return exc
 
 
 class NoSuchDeviceError(DMError, FileNotFoundError):
@@ -76,7 +106,7 @@ class KernelSupportError(DMError):
     type whose module is not loaded."""
 
 
-_BY_ERRNO = {
+_BY_ERRNO: dict[int, type[DMError]] = {
     # ENXIO is the driver's "no device of that name" (a table load can also
     # answer it for a device *in the table*: ops._load tells them apart).
     # ENODEV is not here: it only means a device in a table could not be
@@ -92,7 +122,13 @@ _BY_ERRNO = {
 NEEDS_ROOT = "device-mapper needs CAP_SYS_ADMIN: run as root"
 
 
-def error_for(err, operation, device=None, log_lines=(), message=None):
+def error_for(
+    err: int,
+    operation: str,
+    device: str | None = None,
+    log_lines: Iterable[str] = (),
+    message: str | None = None,
+) -> DMError:
     """Build the right DMError subclass for an errno.
 
     Args:

@@ -8,6 +8,8 @@ and the device's event counter then says whether it was ours.  Arming
 before reading the counter means no event can slip between the two.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import select
@@ -22,26 +24,44 @@ from libdm.dm.validate import check_name
 
 __all__ = ["wait_event"]
 
-_control = {"fd": None, "pid": None}
+
+class _Control:
+    """The control fd of this process, and which process opened it."""
+
+    fd: int | None = None
+    pid: int | None = None
+
+
+_control = _Control()
 _control_lock = threading.Lock()
 
 
-def _control_fd():
+def _control_fd() -> int:
     # One fd per process; a forked child must open its own.
     with _control_lock:
-        if _control["fd"] is None or _control["pid"] != os.getpid():
+        fd = _control.fd
+        if fd is None or _control.pid != os.getpid():
             path = os.path.join(dm_dir(), "control")
             try:
-                _control["fd"] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = _control.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise error_for(
-                    exc.errno, "wait_event", None, message=f"cannot open {path}: {exc.strerror}"
+                    exc.errno or 0,
+                    "wait_event",
+                    None,
+                    message=f"cannot open {path}: {exc.strerror}",
                 ) from exc
-            _control["pid"] = os.getpid()
-        return _control["fd"]
+            _control.pid = os.getpid()
+        return fd
 
 
-def wait_event(name, event_nr=None, timeout=None, *, wake_fd=None):
+def wait_event(
+    name: str,
+    event_nr: int | None = None,
+    timeout: float | None = None,
+    *,
+    wake_fd: int | None = None,
+) -> int:
     """Wait until device ``name``'s event counter moves past ``event_nr``.
 
     A thin pool raises an event when free space falls below its low water

@@ -1,5 +1,7 @@
 """Values describing devices, as read back from the kernel."""
 
+from __future__ import annotations
+
 import os
 from typing import NamedTuple
 
@@ -38,12 +40,12 @@ class DeviceInfo(NamedTuple):
     deferred_remove: bool
 
     @property
-    def devno(self):
+    def devno(self) -> int:
         """The device number as one ``dev_t`` (see ``os.makedev``)."""
         return os.makedev(self.major, self.minor)
 
     @property
-    def devname(self):
+    def devname(self) -> str:
         """The kernel's name for the device, e.g. ``"dm-3"``."""
         return f"dm-{self.minor}"
 
@@ -60,4 +62,4 @@ class TargetVersion(NamedTuple):
     """A target type registered in the kernel, with its version."""
 
     name: str
-    version: tuple
+    version: tuple[int, int, int]

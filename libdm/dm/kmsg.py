@@ -8,6 +8,8 @@ success path, and silently gives up where the log is not readable
 (``dmesg_restrict``, no ``/dev/kmsg``).
 """
 
+from __future__ import annotations
+
 import errno
 import os
 
@@ -23,7 +25,7 @@ SLACK_US = 50_000
 _last_seq = -1
 
 
-def device_mapper_messages(since_us, limit=8):
+def device_mapper_messages(since_us: int, limit: int = 8) -> list[str]:
     """Return the kernel's device-mapper messages logged at or after
     ``since_us`` (CLOCK_MONOTONIC microseconds, less a small slack) and not
     returned before, newest last, at most ``limit`` of them."""
@@ -32,7 +34,7 @@ def device_mapper_messages(since_us, limit=8):
         fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return []
-    found = []
+    found: list[str] = []
     try:
         while True:
             try:

@@ -16,9 +16,15 @@ otherwise.  Nothing is printed to stderr by the library itself: the
 ``libdm`` logger has a ``NullHandler``.
 """
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING, Literal
 
 from libdm.dm._lib import ffi, lib
+
+if TYPE_CHECKING:
+    from libdm.dm._lib import CData
 
 __all__ = ["LEVELS", "capture", "logger", "sync_level"]
 
@@ -27,7 +33,7 @@ logger.addHandler(logging.NullHandler())
 
 # libdevmapper's private levels (lib/log.h) -> logging levels.
 _FATAL, _ERR, _WARN, _NOTICE, _INFO, _DEBUG = 2, 3, 4, 5, 6, 7
-LEVELS = {
+LEVELS: dict[int, int] = {
     _FATAL: logging.CRITICAL,
     _ERR: logging.ERROR,
     _WARN: logging.WARNING,
@@ -38,12 +44,12 @@ LEVELS = {
 
 # The lines of the task now running.  Tasks run one at a time under the
 # library lock (see task.py), so one list is enough.
-_capture = None
+_capture: list[str] | None = None
 _forward_level = _WARN
 
 
 @ffi.def_extern()
-def libdm_py_log(level, file, line, dm_errno_or_class, msg):
+def libdm_py_log(level: int, file: CData, line: int, dm_errno_or_class: int, msg: CData) -> None:
     text = ffi.string(msg).decode("utf-8", "replace")
     if _capture is not None and level <= _WARN:
         _capture.append(text)
@@ -69,20 +75,24 @@ class capture:
     library lock.
     """
 
-    def __enter__(self):
+    def __init__(self) -> None:
+        self._outer: list[str] | None = None
+        self.lines: list[str] = []
+
+    def __enter__(self) -> list[str]:
         global _capture
         self._outer = _capture
         self.lines = []
         _capture = self.lines
         return self.lines
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         global _capture
         _capture = self._outer
         return False
 
 
-def sync_level():
+def sync_level() -> None:
     """Forward debug messages from C only while someone listens for them."""
     global _forward_level
     wanted = _DEBUG if logger.isEnabledFor(logging.DEBUG) else _WARN

@@ -38,6 +38,8 @@ block); a handle that is garbage-collected open is closed then, with a
 :class:`ResourceWarning`, as for files.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
@@ -45,6 +47,7 @@ import os
 import stat
 import struct
 import warnings
+from typing import Self, TypedDict
 
 __all__ = [
     "LoopDevice",
@@ -90,11 +93,33 @@ _CONTROL = "/dev/loop-control"
 _SYS_BLOCK = "/sys/block"
 _SYS_DEV_BLOCK = "/sys/dev/block"
 #: How many free devices :func:`attach` tries when others take them first.
-ATTACH_ATTEMPTS = 16
+ATTACH_ATTEMPTS: int = 16
 _DELETED = " (deleted)"
 
 
-def _pack_info(*, file_name=b"", flags=0, offset=0, sizelimit=0):
+#: A path as os functions take it.
+StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+class _LoopInfo(TypedDict):
+    """A ``struct loop_info64``'s fields (names without ``lo_``)."""
+
+    device: int
+    inode: int
+    rdevice: int
+    offset: int
+    sizelimit: int
+    number: int
+    encrypt_type: int
+    encrypt_key_size: int
+    flags: int
+    file_name: bytes
+    crypt_name: bytes
+
+
+def _pack_info(
+    *, file_name: bytes = b"", flags: int = 0, offset: int = 0, sizelimit: int = 0
+) -> bytes:
     """A ``struct loop_info64`` for LOOP_SET_STATUS64 / LOOP_CONFIGURE.
 
     ``file_name`` (bytes) is cut to 63 bytes: the kernel keeps 64 with a
@@ -104,7 +129,7 @@ def _pack_info(*, file_name=b"", flags=0, offset=0, sizelimit=0):
     return _INFO.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
 
 
-def _unpack_info(buf):
+def _unpack_info(buf: bytes | bytearray) -> _LoopInfo:
     """A ``struct loop_info64`` as a dict of its fields (names without
     ``lo_``; ``file_name`` as bytes up to the first NUL)."""
     (
@@ -138,7 +163,7 @@ def _unpack_info(buf):
     }
 
 
-def _pack_config(fd, info, block_size=0):
+def _pack_config(fd: int, info: bytes, block_size: int = 0) -> bytes:
     """A ``struct loop_config`` for LOOP_CONFIGURE (``info`` from
     :func:`_pack_info`)."""
     return struct.pack("=2I", fd, block_size) + info + bytes(8 * 8)
@@ -147,20 +172,29 @@ def _pack_config(fd, info, block_size=0):
 # -- errors -----------------------------------------------------------------
 
 
-def _error(err, what, filename):
+def _error(err: int | None, what: str, filename: str) -> OSError:
     # OSError(errno, ...) returns the matching subclass
     # (FileNotFoundError, PermissionError, ...).
+    err = err or 0
     return OSError(err, f"{what}: {os.strerror(err)}", filename)
 
 
-def _ioctl(fd, request, arg, what, filename):
+def _ioctl(fd: int, request: int, arg: int | bytes | bytearray, what: str, filename: str) -> int:
+    """The ioctl's int result (0 for a bytes ``arg``; a bytearray one is
+    filled in place), or OSError naming ``what`` and ``filename``."""
     try:
+        if isinstance(arg, bytearray):
+            result: int = fcntl.ioctl(fd, request, arg, True)
+            return result
+        if isinstance(arg, bytes):
+            fcntl.ioctl(fd, request, arg)
+            return 0
         return fcntl.ioctl(fd, request, arg)
     except OSError as exc:
         raise _error(exc.errno, what, filename) from None
 
 
-def _close(fd):
+def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
 
@@ -204,7 +238,7 @@ class LoopDevice:
         "size",
     )
 
-    def __init__(self, fd, number):
+    def __init__(self, fd: int, number: int) -> None:
         # Takes ownership of fd, an open descriptor of /dev/loop<number>,
         # once this returns; if it raises, the caller still owns fd.
         self._fd = -1
@@ -219,21 +253,21 @@ class LoopDevice:
         self.direct_io = bool(flags & LO_FLAGS_DIRECT_IO)
         self._backing_id = (info["device"], info["inode"])
         shown = _sys_backing_file(number)
-        self.backing_file = shown if shown is not None else os.fsdecode(info["file_name"])
-        self.size = _size(fd, self.path)
+        self.backing_file: str = shown if shown is not None else os.fsdecode(info["file_name"])
+        self.size: int = _size(fd, self.path)
         self._fd = fd
 
     @property
-    def devno(self):
+    def devno(self) -> str:
         """``"major:minor"``, as device-mapper tables name devices."""
         return f"{self.major}:{self.minor}"
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True once this handle was closed (the device may still exist)."""
         return self._fd < 0
 
-    def close(self):
+    def close(self) -> None:
         """Close the handle; closing twice is harmless.
 
         With autoclear, if nothing else holds the device open (no mount,
@@ -244,26 +278,26 @@ class LoopDevice:
         if fd >= 0:
             os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             warnings.warn(
                 f"unclosed loop device handle {self!r}", ResourceWarning, stacklevel=2, source=self
             )
             self.close()
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.path
 
-    def __fspath__(self):
+    def __fspath__(self) -> str:
         return self.path
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         flags = "".join(
             f" {name}"
@@ -279,19 +313,20 @@ class LoopDevice:
 # -- helpers ---------------------------------------------------------------
 
 
-def _get_status(fd, path):
+def _get_status(fd: int, path: str) -> _LoopInfo:
     buf = bytearray(_INFO.size)
     _ioctl(fd, LOOP_GET_STATUS64, buf, "LOOP_GET_STATUS64", path)
     return _unpack_info(buf)
 
 
-def _size(fd, path):
+def _size(fd: int, path: str) -> int:
     buf = bytearray(_SIZE64.size)
     _ioctl(fd, BLKGETSIZE64, buf, "BLKGETSIZE64", path)
-    return _SIZE64.unpack(buf)[0]
+    size: int = _SIZE64.unpack(buf)[0]
+    return size
 
 
-def _sys_backing_file(number):
+def _sys_backing_file(number: int) -> str | None:
     """The backing file the kernel shows for loop<number>, or None when it
     is not attached."""
     try:
@@ -304,16 +339,16 @@ def _sys_backing_file(number):
     return os.fsdecode(data)
 
 
-def _loop_numbers():
+def _loop_numbers() -> list[int]:
     """Numbers of the loop devices that exist, ascending."""
-    numbers = []
+    numbers: list[int] = []
     for entry in os.listdir(_SYS_BLOCK):
         if entry.startswith("loop") and entry[4:].isdigit():
             numbers.append(int(entry[4:]))
     return sorted(numbers)
 
 
-def _backing_path(path, follow_symlinks=True):
+def _backing_path(path: StrPath, follow_symlinks: bool = True) -> tuple[str, os.stat_result]:
     """The resolved path of a backing file and its stat; the file must
     exist and be a regular file.  With ``follow_symlinks=False`` the last
     component must not be a symlink (OSError(ELOOP)); the directories
@@ -333,13 +368,13 @@ def _backing_path(path, follow_symlinks=True):
     return name, st
 
 
-def _open_backing(name, flags, follow_symlinks):
+def _open_backing(name: str, flags: int, follow_symlinks: bool) -> int:
     """Open the backing file ``name``; without ``follow_symlinks``, never
     through a symlink put there since it was looked at."""
     return os.open(name, flags | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW))
 
 
-def _open_control():
+def _open_control() -> int:
     try:
         return os.open(_CONTROL, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -353,7 +388,7 @@ def _open_control():
         raise
 
 
-def _open_device(device):
+def _open_device(device: LoopDevice | StrPath) -> tuple[int, bool, int, str]:
     """(fd, owned, number, path) of a loop device given as a handle or a
     path.  An open handle's own descriptor is used (owned False); else the
     path is opened (owned True: the caller closes fd)."""
@@ -361,10 +396,11 @@ def _open_device(device):
         if not device.closed:
             return device._fd, False, device.number, device.path
         path = device.path
-    elif isinstance(device, (str, bytes, os.PathLike)):
-        path = os.fsdecode(os.fspath(device))
     else:
-        raise TypeError(f"expected a LoopDevice or a device path, not {type(device).__name__}")
+        given: object = device
+        if not isinstance(given, str | bytes | os.PathLike):
+            raise TypeError(f"expected a LoopDevice or a device path, not {type(given).__name__}")
+        path = os.fsdecode(os.fspath(device))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -376,7 +412,7 @@ def _open_device(device):
     return fd, True, _number_of(st.st_rdev), path
 
 
-def _number_of(rdev):
+def _number_of(rdev: int) -> int:
     """N of the loop device with this device number (the minor is N only
     when the loop module's max_part is 0)."""
     link = f"{_SYS_DEV_BLOCK}/{os.major(rdev)}:{os.minor(rdev)}"
@@ -386,7 +422,7 @@ def _number_of(rdev):
     return os.minor(rdev)
 
 
-def _configure(lfd, bfd, name, flags, direct_io, path):
+def _configure(lfd: int, bfd: int, name: str, flags: int, direct_io: bool, path: str) -> None:
     """Bind bfd to the loop device lfd with the given flags: LOOP_CONFIGURE,
     or LOOP_SET_FD + LOOP_SET_STATUS64 (+ LOOP_SET_DIRECT_IO) where the
     kernel lacks it (before 5.8).  EBUSY (bound meanwhile) is raised as
@@ -426,7 +462,7 @@ def _configure(lfd, bfd, name, flags, direct_io, path):
         )
 
 
-def _clear_quietly(lfd):
+def _clear_quietly(lfd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(lfd, LOOP_CLR_FD)
 
@@ -434,7 +470,14 @@ def _clear_quietly(lfd):
 # -- the API ---------------------------------------------------------------
 
 
-def attach(path, *, read_only=False, autoclear=True, direct_io=False, follow_symlinks=True):
+def attach(
+    path: StrPath,
+    *,
+    read_only: bool = False,
+    autoclear: bool = True,
+    direct_io: bool = False,
+    follow_symlinks: bool = True,
+) -> LoopDevice:
     """Attach a regular file to a free loop device.
 
     Takes a free device from ``/dev/loop-control`` (LOOP_CTL_GET_FREE) and
@@ -544,7 +587,7 @@ def attach(path, *, read_only=False, autoclear=True, direct_io=False, follow_sym
         os.close(bfd)
 
 
-def find(path, *, follow_symlinks=True):
+def find(path: StrPath, *, follow_symlinks: bool = True) -> LoopDevice | None:
     """The loop device the file is attached to, if it is.
 
     Every bound loop device is examined (``/sys/block/loopN/loop``); the
@@ -601,7 +644,7 @@ def find(path, *, follow_symlinks=True):
     return None
 
 
-def _may_be(shown, name, key):
+def _may_be(shown: str, name: str, key: tuple[int, int]) -> bool:
     """The fast filter of :func:`find`: False only when the kernel's name
     for the backing file names a different existing file."""
     if shown == name or shown.endswith(_DELETED):
@@ -614,8 +657,13 @@ def _may_be(shown, name, key):
 
 
 def attach_or_find(
-    path, *, read_only=False, autoclear=True, direct_io=False, follow_symlinks=True
-):
+    path: StrPath,
+    *,
+    read_only: bool = False,
+    autoclear: bool = True,
+    direct_io: bool = False,
+    follow_symlinks: bool = True,
+) -> LoopDevice:
     """The file's existing loop device, or a new one: :func:`find`, then
     :func:`attach` if there is none.
 
@@ -659,7 +707,7 @@ def attach_or_find(
         os.close(lock)  # releases the flock
 
 
-def detach(device):
+def detach(device: LoopDevice | StrPath) -> bool:
     """Detach a loop device from its backing file (LOOP_CLR_FD).
 
     If nobody else has the device open it is detached at once.  If
@@ -702,7 +750,7 @@ def detach(device):
     return _sys_backing_file(number) is None
 
 
-def refresh_capacity(device):
+def refresh_capacity(device: LoopDevice | StrPath) -> int:
     """Make the device's size follow its backing file's (LOOP_SET_CAPACITY),
     after the file grew or shrank.
 

@@ -10,18 +10,22 @@ the library lock (see :mod:`libdm.dm.task`) and raises a
 Units: every start, length and sector is in 512-byte sectors.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import logging
 import os
-import time
+from collections.abc import Iterable, Iterator
 
+from libdm._backoff import Backoff
 from libdm.dm import task as _task
 from libdm.dm._lib import ffi, lib
 from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
-from libdm.dm.info import DeviceEntry, TargetVersion
-from libdm.dm.target import check_table
+from libdm.dm.info import DeviceEntry, DeviceInfo, TargetVersion
+from libdm.dm.target import Target, TargetLike, check_table
 from libdm.dm.task import Task, dm_dir
+from libdm.dm.units import Sectors
 from libdm.dm.validate import check_message, check_name, check_uuid
 
 __all__ = [
@@ -50,7 +54,7 @@ __all__ = [
 logger = logging.getLogger("libdm")
 
 
-def device_path(name):
+def device_path(name: str) -> str:
     """The node path of a device, e.g. ``/dev/mapper/<name>``.
 
     Raises:
@@ -59,7 +63,13 @@ def device_path(name):
     return os.path.join(dm_dir(), check_name(name))
 
 
-def create(name, targets, *, uuid=None, read_only=False):
+def create(
+    name: str,
+    targets: Iterable[TargetLike],
+    *,
+    uuid: str | None = None,
+    read_only: bool = False,
+) -> DeviceInfo:
     """Create a device, load its table and resume it, in three ioctls.
 
     If loading or resuming fails, the half-made device is removed again
@@ -99,14 +109,14 @@ def create(name, targets, *, uuid=None, read_only=False):
         _load(name, table, read_only, "create")
         with Task(lib.DM_DEVICE_RESUME, "create", name) as t:
             t.run(udev=True)
-            return t.info()
+            return _info_of(t, name, "create")
     except BaseException as exc:
         _undo_create(name, exc)
         raise
 
 
 @contextlib.contextmanager
-def _taken_as_exists(text):
+def _taken_as_exists(text: str) -> Iterator[None]:
     # The kernel answers EBUSY, not EEXIST, when a name or uuid is taken.
     try:
         yield
@@ -116,7 +126,7 @@ def _taken_as_exists(text):
         ) from None
 
 
-def _undo_create(name, exc):
+def _undo_create(name: str, exc: BaseException) -> None:
     try:
         remove(name, retries=3)
     except DMError as undo:
@@ -126,7 +136,7 @@ def _undo_create(name, exc):
             exc.log_lines += (note,)
 
 
-def _load(name, table, read_only, operation):
+def _load(name: str, table: tuple[Target, ...], read_only: bool, operation: str) -> None:
     with Task(lib.DM_DEVICE_RELOAD, operation, name) as t:
         if read_only:
             t.set_read_only()
@@ -151,7 +161,7 @@ def _load(name, table, read_only, operation):
             raise
 
 
-def reload(name, targets, *, read_only=False):
+def reload(name: str, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
     """Load a new (inactive) table; it becomes live at the next resume.
 
     Args:
@@ -169,7 +179,7 @@ def reload(name, targets, *, read_only=False):
     _load(name, check_table(targets), read_only, "reload")
 
 
-def suspend(name, *, flush=True, lockfs=True):
+def suspend(name: str, *, flush: bool = True, lockfs: bool = True) -> None:
     """Suspend I/O on a device.
 
     Args:
@@ -195,7 +205,7 @@ def suspend(name, *, flush=True, lockfs=True):
         t.run()
 
 
-def resume(name):
+def resume(name: str) -> DeviceInfo:
     """Resume a device, making an inactive table live if one is loaded.
 
     Returns:
@@ -209,10 +219,21 @@ def resume(name):
     check_name(name)
     with Task(lib.DM_DEVICE_RESUME, "resume", name) as t:
         t.run(udev=True)
-        return t.info()
+        return _info_of(t, name, "resume")
 
 
-def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
+def _info_of(t: Task, name: str, operation: str) -> DeviceInfo:
+    # After a successful create or resume the device exists, unless
+    # something removed it in between.
+    result = t.info()
+    if result is None:
+        raise error_for(errno.ENXIO, operation, name)
+    return result
+
+
+def remove(
+    name: str, *, deferred: bool = False, retries: int = 5, retry_delay: float = 0.1
+) -> None:
     """Remove a device.
 
     A busy device (EBUSY: open, mounted, or briefly held by udev or
@@ -226,8 +247,8 @@ def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
         name: the device name.
         deferred: request deferred removal instead of retrying.
         retries: extra attempts on EBUSY (0 for a single try).
-        retry_delay: first wait between attempts, in seconds (doubles each
-            time, at most 2 s).
+        retry_delay: first wait between attempts, in seconds (> 0; doubles
+            each time, up to 2 s or ``retry_delay`` if that is longer).
 
     Raises:
         NoSuchDeviceError: no such device.
@@ -238,8 +259,9 @@ def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
     check_name(name)
     if retries < 0:
         raise ValueError("retries must be >= 0")
-    delay = retry_delay
-    began = None  # the clock is read only once a retry is needed
+    if not retry_delay > 0:
+        raise ValueError(f"retry_delay must be a positive number of seconds, not {retry_delay!r}")
+    backoff = Backoff(retry_delay, max(retry_delay, 2.0))
     for attempt in range(retries + 1):
         try:
             with Task(lib.DM_DEVICE_REMOVE, "remove", name) as t:
@@ -248,21 +270,20 @@ def remove(name, *, deferred=False, retries=5, retry_delay=0.1):
                 t.run(udev=True)
             return
         except DeviceBusyError as exc:
-            if began is None:
-                began = time.monotonic()
             if deferred or attempt == retries:
                 if attempt:
                     exc.strerror = (
                         f"{exc.strerror} (still busy after {attempt + 1} attempts "
-                        f"over {time.monotonic() - began:.1f} s; remove(deferred=True) "
+                        f"over {backoff.elapsed():.1f} s; remove(deferred=True) "
                         f"removes it when its last user closes it)"
                     )
                 raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            # The backoff's clock starts at the first busy answer, so a
+            # remove that succeeds at once never reads it.
+            backoff.wait()
 
 
-def cancel_deferred_remove(name):
+def cancel_deferred_remove(name: str) -> None:
     """Cancel a pending deferred removal (message ``@cancel_deferred_remove``).
 
     Raises:
@@ -273,7 +294,7 @@ def cancel_deferred_remove(name):
     message(name, "@cancel_deferred_remove")
 
 
-def info(name):
+def info(name: str) -> DeviceInfo:
     """Return a device's :class:`~libdm.DeviceInfo` (``dmsetup info``).
 
     Raises:
@@ -288,7 +309,7 @@ def info(name):
     return result
 
 
-def exists(name):
+def exists(name: str) -> bool:
     """True if a device of that name exists.
 
     Returns:
@@ -304,7 +325,7 @@ def exists(name):
         return t.exists()
 
 
-def table(name, *, inactive=False):
+def table(name: str, *, inactive: bool = False) -> list[Target]:
     """Return a device's table as a list of :class:`~libdm.Target`.
 
     Args:
@@ -322,7 +343,7 @@ def table(name, *, inactive=False):
         return t.targets()
 
 
-def status(name, *, flush=True):
+def status(name: str, *, flush: bool = True) -> list[Target]:
     """Return a device's status lines; ``params`` holds each target's
     status string (for a thin pool, its transaction id, usage, mode...).
 
@@ -346,7 +367,7 @@ def status(name, *, flush=True):
         return t.targets()
 
 
-def message(name, text, *, sector=0):
+def message(name: str, text: str, *, sector: Sectors | int = 0) -> str | None:
     """Send a message to the target at ``sector`` and return its answer.
 
     Args:
@@ -368,7 +389,8 @@ def message(name, text, *, sector=0):
     """
     check_name(name)
     check_message(text)
-    if not isinstance(sector, int) or sector < 0:
+    given: object = sector
+    if not isinstance(given, int) or given < 0:
         raise ValueError("sector must be a non-negative int")
     with Task(lib.DM_DEVICE_TARGET_MSG, "message", name) as t:
         t.set_sector(sector)
@@ -377,7 +399,7 @@ def message(name, text, *, sector=0):
         return t.message_response() or None
 
 
-def list_devices():
+def list_devices() -> list[DeviceEntry]:
     """Return every device-mapper device, sorted by name.
 
     Returns:
@@ -392,7 +414,7 @@ def list_devices():
         return sorted(DeviceEntry(*n) for n in t.names())
 
 
-def deps(name):
+def deps(name: str) -> list[tuple[int, int]]:
     """Return the (major, minor) numbers of the devices ``name`` uses.
 
     Raises:
@@ -404,7 +426,7 @@ def deps(name):
         return t.deps()
 
 
-def rename(name, new_name):
+def rename(name: str, new_name: str) -> None:
     """Rename a device; its node follows.
 
     Raises:
@@ -421,7 +443,7 @@ def rename(name, new_name):
             t.run(udev=True)
 
 
-def set_uuid(name, uuid):
+def set_uuid(name: str, uuid: str) -> None:
     """Give a device that has no uuid one (the kernel never changes a set uuid).
 
     Raises:
@@ -439,7 +461,7 @@ def set_uuid(name, uuid):
             t.run(udev=True)
 
 
-def library_version():
+def library_version() -> str:
     """libdevmapper's version (the library's; no ioctl is made).
 
     Returns:
@@ -450,7 +472,7 @@ def library_version():
     return ffi.string(buf).decode()
 
 
-def driver_version():
+def driver_version() -> tuple[int, ...]:
     """The kernel driver's version as a tuple of ints, e.g. ``(4, 47, 0)``.
 
     Raises:
@@ -460,10 +482,12 @@ def driver_version():
     with Task(lib.DM_DEVICE_VERSION, "version") as t:
         t.run()
         text = t.driver_version()
+    if text is None:
+        raise error_for(0, "version", message="the driver did not report its version")
     return tuple(int(part) for part in text.split("."))
 
 
-def target_versions():
+def target_versions() -> list[TargetVersion]:
     """The target types the kernel has loaded.
 
     Returns:
@@ -478,7 +502,7 @@ def target_versions():
         return sorted(TargetVersion(n, v) for n, v in t.versions())
 
 
-def mknodes(name=None):
+def mknodes(name: str | None = None) -> None:
     """Make sure ``/dev/mapper`` matches the kernel: create missing nodes
     and drop stale ones, for one device or (``name=None``) all of them.
 

@@ -8,9 +8,13 @@ re-entrant so a failure can be diagnosed with further tasks while it is
 held.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal, Self
 
 from libdm.dm import kmsg, log
 from libdm.dm._lib import ffi, lib
@@ -22,6 +26,10 @@ from libdm.dm.errors import (
 )
 from libdm.dm.info import DeviceInfo
 from libdm.dm.target import Target
+from libdm.dm.units import Sectors
+
+if TYPE_CHECKING:
+    from libdm.dm._lib import CData
 
 __all__ = ["LOCK", "Task", "dm_dir"]
 
@@ -32,11 +40,11 @@ class _LibraryLock:
 
     __slots__ = ()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         lib.libdm_lock()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         lib.libdm_unlock()
         return False
 
@@ -48,7 +56,7 @@ lib.libdm_lock_init()
 os.register_at_fork(after_in_child=lib.libdm_lock_init)
 
 
-def dm_dir():
+def dm_dir() -> str:
     """The directory holding device-mapper nodes, normally ``/dev/mapper``."""
     return ffi.string(lib.dm_dir()).decode()
 
@@ -56,10 +64,10 @@ def dm_dir():
 # Kernel messages about a failed ioctl are logged during it, so those from
 # just before the failure was seen belong to it.  Reading the clock only on
 # failure keeps a syscall off the success path.
-KMSG_WINDOW_US = 250_000
+KMSG_WINDOW_US: int = 250_000
 
 
-def _now_us():
+def _now_us() -> int:
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
 
 
@@ -77,33 +85,33 @@ class Task:
 
     __slots__ = ("_dmt", "device", "operation", "target_types")
 
-    def __init__(self, kind, operation, name=None):
+    def __init__(self, kind: int, operation: str, name: str | None = None) -> None:
         self.operation = operation
         self.device = name
-        self.target_types = ()
+        self.target_types: tuple[str, ...] = ()
         # libdevmapper checks the driver's version when it makes the first
         # task, so a missing driver or a non-root caller shows up here.
         with LOCK, log.capture() as lines:
-            self._dmt = lib.dm_task_create(kind)
+            self._dmt: CData | None = lib.dm_task_create(kind)
         if self._dmt == ffi.NULL:
             self._dmt = None
             raise _control_failure(operation, name, lines, fallback=MemoryError)
         if name is not None:
             self._set(lib.dm_task_set_name(self._dmt, name.encode()), "name")
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.destroy()
         return False
 
-    def destroy(self):
+    def destroy(self) -> None:
         if self._dmt is not None:
             lib.dm_task_destroy(self._dmt)
             self._dmt = None
 
-    def _set(self, ok, what):
+    def _set(self, ok: int, what: str) -> None:
         # Setters fail only on bad input libdevmapper catches itself (it has
         # logged why) or on allocation failure.
         if not ok:
@@ -111,51 +119,51 @@ class Task:
 
     # -- building ----------------------------------------------------------
 
-    def set_uuid(self, uuid):
+    def set_uuid(self, uuid: str) -> None:
         self._set(lib.dm_task_set_uuid(self._dmt, uuid.encode()), "uuid")
 
-    def set_newname(self, newname):
+    def set_newname(self, newname: str) -> None:
         self._set(lib.dm_task_set_newname(self._dmt, newname.encode()), "new name")
 
-    def set_newuuid(self, newuuid):
+    def set_newuuid(self, newuuid: str) -> None:
         self._set(lib.dm_task_set_newuuid(self._dmt, newuuid.encode()), "new uuid")
 
-    def set_read_only(self):
+    def set_read_only(self) -> None:
         self._set(lib.dm_task_set_ro(self._dmt), "read-only flag")
 
-    def set_sector(self, sector):
-        self._set(lib.dm_task_set_sector(self._dmt, sector), "sector")
+    def set_sector(self, sector: Sectors | int) -> None:
+        self._set(lib.dm_task_set_sector(self._dmt, int(sector)), "sector")
 
-    def set_message(self, message):
+    def set_message(self, message: str) -> None:
         self._set(lib.dm_task_set_message(self._dmt, message.encode()), "message")
 
-    def set_event_nr(self, event_nr):
+    def set_event_nr(self, event_nr: int) -> None:
         self._set(lib.dm_task_set_event_nr(self._dmt, event_nr), "event number")
 
-    def set_add_node(self, on_create):
+    def set_add_node(self, on_create: bool) -> None:
         mode = lib.DM_ADD_NODE_ON_CREATE if on_create else lib.DM_ADD_NODE_ON_RESUME
         self._set(lib.dm_task_set_add_node(self._dmt, mode), "add-node mode")
 
-    def no_flush(self):
+    def no_flush(self) -> None:
         self._set(lib.dm_task_no_flush(self._dmt), "no-flush flag")
 
-    def skip_lockfs(self):
+    def skip_lockfs(self) -> None:
         self._set(lib.dm_task_skip_lockfs(self._dmt), "skip-lockfs flag")
 
-    def no_open_count(self):
+    def no_open_count(self) -> None:
         self._set(lib.dm_task_no_open_count(self._dmt), "no-open-count flag")
 
-    def query_inactive_table(self):
+    def query_inactive_table(self) -> None:
         self._set(lib.dm_task_query_inactive_table(self._dmt), "inactive-table flag")
 
-    def deferred_remove(self):
+    def deferred_remove(self) -> None:
         self._set(lib.dm_task_deferred_remove(self._dmt), "deferred-remove flag")
 
-    def add_targets(self, table):
+    def add_targets(self, table: Sequence[Target]) -> None:
         for t in table:
             self._set(
                 lib.dm_task_add_target(
-                    self._dmt, t.start, t.length, t.type.encode(), t.params.encode()
+                    self._dmt, int(t.start), int(t.length), t.type.encode(), t.params.encode()
                 ),
                 f"target {t}",
             )
@@ -163,7 +171,7 @@ class Task:
 
     # -- running -----------------------------------------------------------
 
-    def run(self, udev=False):
+    def run(self, udev: bool = False) -> None:
         """Run the task once.
 
         Args:
@@ -198,7 +206,7 @@ class Task:
             err = lib.dm_task_get_errno(self._dmt)
             raise self._failure(err, lines)
 
-    def _failure(self, err, lines):
+    def _failure(self, err: int, lines: Iterable[str]) -> Exception:
         lines = list(lines) + kmsg.device_mapper_messages(_now_us() - KMSG_WINDOW_US)
         if err == 0:
             return _control_failure(self.operation, self.device, lines)
@@ -218,16 +226,16 @@ class Task:
 
     # -- reading -----------------------------------------------------------
 
-    def info(self):
+    def info(self) -> DeviceInfo | None:
         """The device's info after the run, or ``None`` if it does not exist."""
         dmi = ffi.new("struct dm_info *")
         if not lib.dm_task_get_info(self._dmt, dmi) or not dmi.exists:
             return None
         name = lib.dm_task_get_name(self._dmt)
-        uuid = lib.dm_task_get_uuid(self._dmt)
-        uuid = ffi.string(uuid).decode() if uuid != ffi.NULL else ""
+        c_uuid = lib.dm_task_get_uuid(self._dmt)
+        uuid = ffi.string(c_uuid).decode() if c_uuid != ffi.NULL else ""
         return DeviceInfo(
-            name=ffi.string(name).decode() if name != ffi.NULL else self.device,
+            name=ffi.string(name).decode() if name != ffi.NULL else (self.device or ""),
             uuid=uuid or None,
             major=dmi.major,
             minor=dmi.minor,
@@ -241,14 +249,14 @@ class Task:
             deferred_remove=bool(dmi.deferred_remove),
         )
 
-    def exists(self):
+    def exists(self) -> bool:
         """After a run: whether the device existed (cheaper than :meth:`info`)."""
         dmi = ffi.new("struct dm_info *")
         return bool(lib.dm_task_get_info(self._dmt, dmi) and dmi.exists)
 
-    def targets(self):
+    def targets(self) -> list[Target]:
         """The table or status lines the run returned, as ``Target`` values."""
-        out = []
+        out: list[Target] = []
         start = ffi.new("uint64_t *")
         length = ffi.new("uint64_t *")
         ttype = ffi.new("char **")
@@ -259,8 +267,8 @@ class Task:
             if ttype[0] != ffi.NULL:
                 out.append(
                     Target(
-                        start[0],
-                        length[0],
+                        Sectors(start[0]),
+                        Sectors(length[0]),
                         ffi.string(ttype[0]).decode(),
                         ffi.string(params[0]).decode() if params[0] != ffi.NULL else "",
                     )
@@ -268,16 +276,16 @@ class Task:
             if nxt == ffi.NULL:
                 return out
 
-    def message_response(self):
+    def message_response(self) -> str | None:
         text = lib.dm_task_get_message_response(self._dmt)
         if text == ffi.NULL:
             return None
         return ffi.string(text).decode()
 
-    def names(self):
+    def names(self) -> list[tuple[str, int, int]]:
         """(name, major, minor) for each device of a LIST task."""
         names = lib.dm_task_get_names(self._dmt)
-        out = []
+        out: list[tuple[str, int, int]] = []
         if names == ffi.NULL or names.dev == 0:
             return out
         while True:
@@ -286,34 +294,34 @@ class Task:
                 return out
             names = ffi.cast("struct dm_names *", ffi.cast("char *", names) + names.next)
 
-    def deps(self):
+    def deps(self) -> list[tuple[int, int]]:
         """(major, minor) of each device a DEPS task's device uses."""
         deps = lib.dm_task_get_deps(self._dmt)
         if deps == ffi.NULL:
             return []
         return [(os.major(deps.device[i]), os.minor(deps.device[i])) for i in range(deps.count)]
 
-    def versions(self):
+    def versions(self) -> list[tuple[str, tuple[int, int, int]]]:
         """(name, (major, minor, patch)) for each target type of a
         LIST_VERSIONS task."""
-        out = []
+        out: list[tuple[str, tuple[int, int, int]]] = []
         v = lib.dm_task_get_versions(self._dmt)
         if v == ffi.NULL:
             return out
         while True:
-            out.append((ffi.string(v.name).decode(), tuple(v.version)))
+            out.append((ffi.string(v.name).decode(), (v.version[0], v.version[1], v.version[2])))
             if not v.next:
                 return out
             v = ffi.cast("struct dm_versions *", ffi.cast("char *", v) + v.next)
 
-    def driver_version(self):
+    def driver_version(self) -> str | None:
         buf = ffi.new("char[64]")
         if not lib.dm_task_get_driver_version(self._dmt, buf, 64):
             return None
         return ffi.string(buf).decode()
 
 
-def _udev_flags():
+def _udev_flags() -> int:
     # Where udev synchronises, nodes are udev's alone (as dmsetup does it):
     # a fallback node made by libdevmapper would shadow udev's symlink.
     # Where it does not (containers, test kernels), libdevmapper's fallback
@@ -323,7 +331,12 @@ def _udev_flags():
     return 0
 
 
-def _control_failure(operation, device, lines, fallback=None):
+def _control_failure(
+    operation: str,
+    device: str | None,
+    lines: Sequence[str],
+    fallback: type[Exception] | None = None,
+) -> Exception:
     """Explain a failure that never reached the kernel (errno 0).
 
     ``fallback`` is the exception class to use when the control device
@@ -333,11 +346,11 @@ def _control_failure(operation, device, lines, fallback=None):
         fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
     except PermissionError as exc:
         return PermissionDeniedError(
-            exc.errno, f"cannot open {control}: {NEEDS_ROOT}", operation, device, lines
+            exc.errno or 0, f"cannot open {control}: {NEEDS_ROOT}", operation, device, lines
         )
     except OSError as exc:
         return KernelSupportError(
-            exc.errno,
+            exc.errno or 0,
             f"the kernel has no device-mapper driver ({control}: {exc.strerror}); "
             f"load module dm-mod (modprobe dm-mod)",
             operation,
@@ -350,7 +363,7 @@ def _control_failure(operation, device, lines, fallback=None):
     return error_for(0, operation, device, lines)
 
 
-def _missing_target_types(types):
+def _missing_target_types(types: Iterable[str]) -> list[str]:
     """Target types of a failed load that the kernel does not know."""
     try:
         with Task(lib.DM_DEVICE_LIST_VERSIONS, "targets") as t:

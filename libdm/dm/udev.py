@@ -12,13 +12,15 @@ removes the nodes itself when the wait is called, so the node exists right
 after :func:`~libdm.create` returns either way.
 """
 
+from __future__ import annotations
+
 from libdm.dm import task as _task
 from libdm.dm._lib import lib
 
 __all__ = ["set_udev_sync", "udev_sync_supported"]
 
 
-def udev_sync_supported():
+def udev_sync_supported() -> bool:
     """True when libdevmapper synchronises with a running udev (cookies are
     real SysV semaphores); False where udev does not run or the library
     was built without udev support."""
@@ -26,7 +28,7 @@ def udev_sync_supported():
         return bool(lib.dm_cookie_supported()) and bool(lib.dm_udev_get_sync_support())
 
 
-def set_udev_sync(enabled):
+def set_udev_sync(enabled: bool) -> None:
     """Turn udev synchronisation on or off for this process.
 
     Turning it off makes libdevmapper manage ``/dev/mapper`` nodes itself

@@ -33,7 +33,7 @@ run-time checks stay for callers without a checker.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Self, overload
+from typing import TYPE_CHECKING, Self, TypeAlias, overload
 
 __all__ = [
     "MAX_SIZE",
@@ -43,6 +43,7 @@ __all__ = [
     "DataBlocks",
     "MetaBlocks",
     "Sectors",
+    "SizeLike",
     "format_size",
     "parse_size",
 ]
@@ -313,7 +314,13 @@ def _parse_size_text(value: str, what: str) -> Bytes:
     return Bytes(numerator // denominator)
 
 
-def parse_size(value: int | str | Bytes | Sectors, *, what: str = "size") -> Bytes:
+#: What :func:`parse_size` takes: bytes as an ``int`` or ``Bytes``,
+#: ``Sectors``, or a string such as ``"10G"``.  For parameters that take a
+#: size from a user.
+SizeLike: TypeAlias = int | str | Bytes | Sectors
+
+
+def parse_size(value: SizeLike, *, what: str = "size") -> Bytes:
     """Turn ``value`` into ``Bytes``.
 
     Accepts an int (bytes), ``Bytes``, ``Sectors``, or a string such as

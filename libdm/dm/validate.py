@@ -5,6 +5,8 @@ input never reaches the kernel (where it would fail with a bare EINVAL, or
 worse, be mangled by libdevmapper into a different name).
 """
 
+from __future__ import annotations
+
 import string
 
 __all__ = [
@@ -19,9 +21,9 @@ __all__ = [
 ]
 
 # DM_NAME_LEN, DM_UUID_LEN and DM_MAX_TYPE_NAME include the trailing NUL.
-MAX_NAME_BYTES = 127
-MAX_UUID_BYTES = 128
-MAX_TARGET_TYPE_BYTES = 15
+MAX_NAME_BYTES: int = 127
+MAX_UUID_BYTES: int = 128
+MAX_TARGET_TYPE_BYTES: int = 15
 
 # udev's and libdevmapper's whitelist.  Any other character would be
 # hex-mangled by libdevmapper, so the kernel would hold a different name
@@ -29,7 +31,7 @@ MAX_TARGET_TYPE_BYTES = 15
 _ALLOWED = frozenset(string.ascii_letters + string.digits + "#+-.:=@_")
 
 
-def _check_identifier(value, what, limit):
+def _check_identifier(value: object, what: str, limit: int) -> str:
     if not isinstance(value, str):
         raise TypeError(f"device {what} must be a str, not {type(value).__name__}")
     if value == "":
@@ -55,7 +57,7 @@ def _check_identifier(value, what, limit):
     return value
 
 
-def check_name(name):
+def check_name(name: str) -> str:
     """Return ``name`` if it is a valid device-mapper device name.
 
     Raises:
@@ -67,13 +69,13 @@ def check_name(name):
     return _check_identifier(name, "name", MAX_NAME_BYTES)
 
 
-def check_uuid(uuid):
+def check_uuid(uuid: str) -> str:
     """Return ``uuid`` if it is a valid device-mapper uuid (same rules as
     :func:`check_name`, at most 128 bytes)."""
     return _check_identifier(uuid, "uuid", MAX_UUID_BYTES)
 
 
-def _check_line(value, what):
+def _check_line(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     for ch in value:
@@ -84,10 +86,10 @@ def _check_line(value, what):
     return value
 
 
-def check_target_type(ttype):
+def check_target_type(ttype: str) -> str:
     """Return ``ttype`` if it is a plausible target type name (non-empty,
     no whitespace or control characters, at most 15 bytes)."""
-    _check_line(ttype, "target type")
+    ttype = _check_line(ttype, "target type")
     if not ttype or any(ch.isspace() for ch in ttype):
         raise ValueError(f"target type {ttype!r} must be one word")
     if len(ttype.encode()) > MAX_TARGET_TYPE_BYTES:
@@ -95,15 +97,15 @@ def check_target_type(ttype):
     return ttype
 
 
-def check_params(params):
+def check_params(params: str) -> str:
     """Return ``params`` if it holds no newline or control character."""
     return _check_line(params, "target params")
 
 
-def check_message(message):
+def check_message(message: str) -> str:
     """Return ``message`` if it is non-empty and holds no newline or
     control character."""
-    _check_line(message, "message")
+    message = _check_line(message, "message")
     if not message.strip():
         raise ValueError("message must not be empty")
     return message

@@ -20,7 +20,9 @@ to 400 GiB left the pool read-write, 450 GiB filled the metadata and
 side of more.
 """
 
-from libdm.thin.units import Bytes
+from __future__ import annotations
+
+from libdm.thin.units import Bytes, DataBlocks, MetaBlocks
 
 __all__ = [
     "ENTRIES_PER_BITMAP",
@@ -32,12 +34,12 @@ __all__ = [
     "reserve",
 ]
 
-METADATA_BLOCK = 4096
+METADATA_BLOCK: int = 4096
 #: Data blocks one space-map bitmap block covers: 2 bits each after a
 #: 16-byte header.
-ENTRIES_PER_BITMAP = (METADATA_BLOCK - 16) * 4
+ENTRIES_PER_BITMAP: int = (METADATA_BLOCK - 16) * 4
 #: The most metadata the kernel uses: 255 * 2^14 blocks of 4 KiB (16 GiB).
-MAX_METADATA_BLOCKS = 255 * (1 << 14)
+MAX_METADATA_BLOCKS: int = 255 * (1 << 14)
 # Index btree entries (8-byte key, 16-byte value) per node, counted half
 # full, as nodes are after a split.
 _INDEX_ENTRIES_PER_NODE = (METADATA_BLOCK - 32) // 24 // 2
@@ -45,11 +47,11 @@ _INDEX_ENTRIES_PER_NODE = (METADATA_BLOCK - 32) // 24 // 2
 _PATH_BLOCKS = 8
 
 
-def _bitmaps(blocks):
+def _bitmaps(blocks: DataBlocks | MetaBlocks | int) -> int:
     return -(-int(blocks) // ENTRIES_PER_BITMAP)
 
 
-def blocks_needed(old_blocks, new_blocks):
+def blocks_needed(old_blocks: DataBlocks | int, new_blocks: DataBlocks | int) -> int:
     """Metadata blocks the kernel takes to grow the data space map from
     ``old_blocks`` to ``new_blocks`` data blocks (0 for no growth)."""
     added = _bitmaps(new_blocks) - _bitmaps(old_blocks)
@@ -58,20 +60,27 @@ def blocks_needed(old_blocks, new_blocks):
     return added + -(-added // _INDEX_ENTRIES_PER_NODE) + _PATH_BLOCKS
 
 
-def reserve(total_blocks):
+def reserve(total_blocks: MetaBlocks | int) -> int:
     """The metadata blocks the kernel keeps in reserve for a metadata
     device of ``total_blocks``; the pool status counts them as used."""
     return min(4096, int(total_blocks) // 10)
 
 
-def fits(used_blocks, total_blocks, needed):
+def fits(
+    used_blocks: MetaBlocks | int, total_blocks: MetaBlocks | int, needed: MetaBlocks | int
+) -> bool:
     """True if ``needed`` more metadata blocks fit in what the pool status
     shows free (``used_blocks`` of ``total_blocks``, the reserve counted
     as used): the pool stays read-write after the growth."""
     return int(used_blocks) + int(needed) <= int(total_blocks)
 
 
-def metadata_size_needed(used_blocks, total_blocks, old_data_blocks, new_data_blocks):
+def metadata_size_needed(
+    used_blocks: MetaBlocks | int,
+    total_blocks: MetaBlocks | int,
+    old_data_blocks: DataBlocks | int,
+    new_data_blocks: DataBlocks | int,
+) -> Bytes | None:
     """The smallest metadata size (``Bytes``, a whole MiB) that maps
     ``new_data_blocks`` with a quarter of the growth's cost to spare, given
     the pool status's ``used_blocks`` of ``total_blocks`` now; ``None`` if

@@ -4,7 +4,10 @@ They carry an errno a shell user would recognise (ENOSPC for a full pool,
 EROFS for a read-only one...) and say what to do next.
 """
 
+from __future__ import annotations
+
 import errno
+from collections.abc import Iterable
 
 from libdm.dm.errors import DMError
 
@@ -27,28 +30,35 @@ REPAIR_HINT = (
 class PoolError(DMError):
     """A thin-pool operation was refused or failed."""
 
-    def __init__(self, err, message, operation, device=None, log_lines=()):
+    def __init__(
+        self,
+        err: int,
+        message: str,
+        operation: str,
+        device: str | None = None,
+        log_lines: Iterable[str] = (),
+    ) -> None:
         super().__init__(err, message, operation, device, log_lines)
 
 
 class PoolFullError(PoolError):
     """Free data or metadata space is below the pool's minimum (ENOSPC)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.ENOSPC, message, operation, device)
 
 
 class PoolReadOnlyError(PoolError):
     """The pool is read-only or its metadata needs checking (EROFS)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EROFS, message, operation, device)
 
 
 class PoolFailedError(PoolError):
     """The kernel reports the pool as Fail or Error (EIO)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EIO, message, operation, device)
 
 
@@ -56,7 +66,7 @@ class PoolLockedError(PoolError):
     """Another process is changing the pool and did not finish in time
     (EWOULDBLOCK)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EWOULDBLOCK, message, operation, device)
 
 
@@ -64,7 +74,7 @@ class StateError(PoolError):
     """The state store is missing, unreadable, or disagrees with the kernel
     in a way libdm will not resolve on its own (EUCLEAN)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EUCLEAN, message, operation, device)
 
 
@@ -72,5 +82,5 @@ class DeviceNotBlankError(PoolError):
     """A block device holds a filesystem, partition table or LVM signature
     and ``force`` was not given (ENOTEMPTY)."""
 
-    def __init__(self, message, operation, device=None):
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.ENOTEMPTY, message, operation, device)

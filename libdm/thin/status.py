@@ -5,22 +5,28 @@ held.  A pool whose status is the bare word ``Fail`` or ``Error`` parses
 to :class:`ThinPoolFailed`; a thin device's to :class:`ThinFailed`.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeAlias, TypeVar
 
 from libdm.thin.units import DataBlocks, MetaBlocks, Sectors
 
 __all__ = [
+    "PoolStatus",
     "ThinFailed",
     "ThinPoolFailed",
     "ThinPoolStatus",
     "ThinStatus",
+    "ThinTargetStatus",
     "parse_pool_status",
     "parse_thin_status",
 ]
 
-MODES = ("rw", "ro", "out_of_data_space")
-DISCARDS = ("discard_passdown", "no_discard_passdown", "ignore_discard")
-NO_SPACE = ("error_if_no_space", "queue_if_no_space")
+MODES: tuple[str, ...] = ("rw", "ro", "out_of_data_space")
+DISCARDS: tuple[str, ...] = ("discard_passdown", "no_discard_passdown", "ignore_discard")
+NO_SPACE: tuple[str, ...] = ("error_if_no_space", "queue_if_no_space")
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,10 @@ class ThinPoolFailed:
 
     state: str
 
-    failed = True
+    #: Tells the two apart: ``if status.failed:`` narrows the type too.
+    failed: ClassVar[Literal[True]] = True
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.state
 
 
@@ -67,17 +74,19 @@ class ThinPoolStatus:
     needs_check: bool
     meta_low_water: MetaBlocks | None = None
 
-    failed = False
+    failed: ClassVar[Literal[False]] = False
 
     @property
-    def free_data(self):
+    def free_data(self) -> DataBlocks:
+        """Data blocks not yet allocated."""
         return self.total_data - self.used_data
 
     @property
-    def free_meta(self):
+    def free_meta(self) -> MetaBlocks:
+        """Metadata blocks free (the kernel's reserve counts as used)."""
         return self.total_meta - self.used_meta
 
-    def __str__(self):
+    def __str__(self) -> str:
         parts = [
             str(self.transaction_id),
             f"{self.used_meta}/{self.total_meta}",
@@ -93,7 +102,13 @@ class ThinPoolStatus:
         return " ".join(parts)
 
 
-def _field(fields, pos, what, text):
+#: What :func:`parse_pool_status` returns.
+PoolStatus: TypeAlias = ThinPoolStatus | ThinPoolFailed
+
+_U = TypeVar("_U", DataBlocks, MetaBlocks)
+
+
+def _field(fields: Sequence[str], pos: int, what: str, text: str) -> str:
     try:
         return fields[pos]
     except IndexError:
@@ -102,13 +117,13 @@ def _field(fields, pos, what, text):
         ) from None
 
 
-def _number(value, pos, what, text, kind="status"):
+def _number(value: str, pos: int, what: str, text: str, kind: str = "status") -> int:
     if not (value.isascii() and value.isdigit()):
         raise ValueError(f"{kind} {text!r}: field {pos + 1} ({what}) is {value!r}, not a number")
     return int(value)
 
 
-def _ratio(fields, pos, what, text, unit):
+def _ratio(fields: Sequence[str], pos: int, what: str, text: str, unit: type[_U]) -> tuple[_U, _U]:
     value = _field(fields, pos, what, text)
     used, sep, total = value.partition("/")
     if not sep or not (used + total).isascii() or not used.isdigit() or not total.isdigit():
@@ -119,7 +134,7 @@ def _ratio(fields, pos, what, text, unit):
     return unit(int(used)), unit(int(total))
 
 
-def _choice(fields, pos, what, text, choices):
+def _choice(fields: Sequence[str], pos: int, what: str, text: str, choices: Sequence[str]) -> str:
     value = _field(fields, pos, what, text)
     if value not in choices:
         raise ValueError(
@@ -129,7 +144,7 @@ def _choice(fields, pos, what, text, choices):
     return value
 
 
-def parse_pool_status(text):
+def parse_pool_status(text: str) -> PoolStatus:
     """Parse a thin-pool status line.
 
     Returns:
@@ -139,7 +154,8 @@ def parse_pool_status(text):
     Raises:
         ValueError: naming the field that did not parse.
     """
-    if not isinstance(text, str):
+    given: object = text
+    if not isinstance(given, str):
         raise TypeError("thin-pool status must be a str")
     stripped = text.strip()
     if stripped in ("Fail", "Error"):
@@ -186,9 +202,9 @@ class ThinFailed:
 
     state: str
 
-    failed = True
+    failed: ClassVar[Literal[True]] = True
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.state
 
 
@@ -205,14 +221,18 @@ class ThinStatus:
     mapped: Sectors
     highest_mapped: Sectors | None
 
-    failed = False
+    failed: ClassVar[Literal[False]] = False
 
-    def __str__(self):
+    def __str__(self) -> str:
         high = "-" if self.highest_mapped is None else str(self.highest_mapped)
         return f"{self.mapped} {high}"
 
 
-def parse_thin_status(text):
+#: What :func:`parse_thin_status` returns.
+ThinTargetStatus: TypeAlias = ThinStatus | ThinFailed
+
+
+def parse_thin_status(text: str) -> ThinTargetStatus:
     """Parse a thin target's status line.
 
     Returns:
@@ -221,7 +241,8 @@ def parse_thin_status(text):
     Raises:
         ValueError: naming the field that did not parse.
     """
-    if not isinstance(text, str):
+    given: object = text
+    if not isinstance(given, str):
         raise TypeError("thin status must be a str")
     stripped = text.strip()
     if stripped in ("Fail", "Error"):

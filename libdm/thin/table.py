@@ -6,10 +6,14 @@ loaded the two are equal.  Devices are given as ``major:minor``, which is
 how the kernel reports them (a path would come back as numbers).
 """
 
-import re
-from dataclasses import dataclass, field
+from __future__ import annotations
 
-from libdm.thin.units import DataBlocks, Sectors
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
+
+from libdm.thin.units import Bytes, DataBlocks, MetaBlocks, Sectors
 
 __all__ = [
     "FEATURES",
@@ -23,7 +27,7 @@ __all__ = [
 ]
 
 # In the order the kernel prints them.
-FEATURES = (
+FEATURES: tuple[str, ...] = (
     "skip_block_zeroing",
     "ignore_discard",
     "no_discard_passdown",
@@ -32,18 +36,24 @@ FEATURES = (
 )
 MIN_BLOCK_SIZE = Sectors(128)  # 64 KiB
 MAX_BLOCK_SIZE = Sectors(2097152)  # 1 GiB
-MAX_THIN_ID = (1 << 24) - 1
+MAX_THIN_ID: int = (1 << 24) - 1
 
 _DEVNO = re.compile(r"\d+:\d+\Z")
 
 
-def check_block_size(block_size):
+def check_block_size(block_size: Sectors | int) -> Sectors:
     """Return ``block_size`` as ``Sectors`` if the kernel accepts it: 128 to
     2097152 sectors (64 KiB to 1 GiB), a multiple of 128.
 
     Raises:
         ValueError: out of range or not a multiple of 128, with the rule.
+        TypeError: another unit (``Bytes``: convert with ``.sectors()``).
     """
+    given: object = block_size
+    if isinstance(given, Bytes | DataBlocks | MetaBlocks):
+        raise TypeError(
+            f"data block size must be Sectors, not {type(given).__name__}: convert it first"
+        )
     bs = Sectors(block_size)
     if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs % 128:
         raise ValueError(
@@ -53,26 +63,27 @@ def check_block_size(block_size):
     return bs
 
 
-def check_thin_id(thin_id):
+def check_thin_id(thin_id: int) -> int:
     """Return ``thin_id`` if it is a valid 24-bit thin device id.
 
     Raises:
         ValueError: negative or above 2^24 - 1.
     """
-    if isinstance(thin_id, bool) or not isinstance(thin_id, int):
-        raise TypeError(f"thin id must be an int, not {type(thin_id).__name__}")
+    given: object = thin_id
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise TypeError(f"thin id must be an int, not {type(given).__name__}")
     if not 0 <= thin_id <= MAX_THIN_ID:
         raise ValueError(f"thin id {thin_id} is outside 0..{MAX_THIN_ID} (24 bits)")
     return thin_id
 
 
-def _check_dev(value, what):
+def _check_dev(value: object, what: str) -> str:
     if not isinstance(value, str) or not _DEVNO.match(value):
         raise ValueError(f"{what} {value!r} must be a device number 'major:minor'")
     return value
 
 
-def _int_field(fields, pos, what, text):
+def _int_field(fields: list[str], pos: int, what: str, text: str) -> int:
     try:
         value = fields[pos]
     except IndexError:
@@ -100,16 +111,17 @@ class ThinPoolParams:
     data_dev: str
     block_size: Sectors
     low_water_mark: DataBlocks = DataBlocks(0)  # noqa: RUF009 (immutable)
-    features: frozenset = field(default_factory=frozenset)
+    features: frozenset[str] = field(default_factory=frozenset)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_dev(self.metadata_dev, "metadata device")
         _check_dev(self.data_dev, "data device")
         object.__setattr__(self, "block_size", check_block_size(self.block_size))
         if int(self.low_water_mark) < 0:
             raise ValueError("low water mark must be >= 0 data blocks")
         object.__setattr__(self, "low_water_mark", DataBlocks(self.low_water_mark))
-        features = frozenset(self.features)
+        given: Iterable[str] = self.features  # any iterable of names, kept as a frozenset
+        features = frozenset(given)
         unknown = sorted(features - set(FEATURES))
         if unknown:
             raise ValueError(
@@ -117,7 +129,7 @@ class ThinPoolParams:
             )
         object.__setattr__(self, "features", features)
 
-    def __str__(self):
+    def __str__(self) -> str:
         feats = [f for f in FEATURES if f in self.features]
         return " ".join(
             [
@@ -131,7 +143,7 @@ class ThinPoolParams:
         )
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: str) -> ThinPoolParams:
         """Parse thin-pool params as the kernel prints them in a table.
 
         Raises:
@@ -153,9 +165,9 @@ class ThinPoolParams:
             )
         return cls(fields[0], fields[1], Sectors(block_size), DataBlocks(lwm), frozenset(feats))
 
-    def replace(self, **changes):
+    def replace(self, **changes: Unpack[_PoolParamChanges]) -> ThinPoolParams:
         """A copy with some fields changed (validated again)."""
-        values = {
+        values: _PoolParamFields = {
             "metadata_dev": self.metadata_dev,
             "data_dev": self.data_dev,
             "block_size": self.block_size,
@@ -164,6 +176,22 @@ class ThinPoolParams:
         }
         values.update(changes)
         return ThinPoolParams(**values)
+
+
+class _PoolParamChanges(TypedDict, total=False):
+    metadata_dev: str
+    data_dev: str
+    block_size: Sectors
+    low_water_mark: DataBlocks
+    features: frozenset[str]
+
+
+class _PoolParamFields(TypedDict):
+    metadata_dev: str
+    data_dev: str
+    block_size: Sectors
+    low_water_mark: DataBlocks
+    features: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -179,22 +207,22 @@ class ThinParams:
 
     pool_dev: str
     thin_id: int
-    external_origin: str = None
+    external_origin: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_dev(self.pool_dev, "pool device")
         check_thin_id(self.thin_id)
         if self.external_origin is not None:
             _check_dev(self.external_origin, "external origin")
 
-    def __str__(self):
+    def __str__(self) -> str:
         parts = [self.pool_dev, str(self.thin_id)]
         if self.external_origin is not None:
             parts.append(self.external_origin)
         return " ".join(parts)
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: str) -> ThinParams:
         """Parse thin params from a table.
 
         Raises:

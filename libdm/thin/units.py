@@ -12,6 +12,7 @@ from libdm.dm.units import (
     DataBlocks,
     MetaBlocks,
     Sectors,
+    SizeLike,
     format_size,
     parse_size,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DataBlocks",
     "MetaBlocks",
     "Sectors",
+    "SizeLike",
     "format_size",
     "parse_size",
 ]

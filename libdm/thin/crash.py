@@ -11,6 +11,8 @@ environment.  The testing package arms child processes from the
 comparison.  The points are listed in :data:`POINTS`.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 
@@ -35,11 +37,11 @@ POINTS = (
     "resize_device:recorded",  # a thin device's new size stored, table not reloaded
 )
 
-_armed = None  # (point, n) once armed
-_seen = {}
+_armed: tuple[str, int] | None = None  # (point, n) once armed
+_seen: dict[str, int] = {}
 
 
-def arm(spec):
+def arm(spec: str) -> None:
     """Arm the point ``spec`` names: ``"<point>"`` or ``"<point>@<n>"``
     (any name a caller of :func:`point` uses: the pool's :data:`POINTS`,
     or the snapshotter's).
@@ -56,12 +58,12 @@ def arm(spec):
     _seen.clear()
 
 
-def disarm():
+def disarm() -> None:
     global _armed
     _armed = None
 
 
-def point(name):
+def point(name: str) -> None:
     """Die here (SIGKILL) if a test armed this point."""
     if _armed is None or _armed[0] != name:
         return

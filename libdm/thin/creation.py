@@ -1,26 +1,50 @@
 """Making new pools: on loop files, block devices, a split device, or by
-adopting an existing thin-pool device (a mixin of :class:`~libdm.Pool`)."""
+adopting an existing thin-pool device.
+
+The functions here are :class:`~libdm.Pool`'s constructors
+(``Pool.create_loop`` and the others are these, as class methods): each
+takes the class it makes first.
+"""
+
+from __future__ import annotations
 
 import errno
 import os
 import uuid as uuidlib
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from libdm.dm import ops
-from libdm.dm.blockdev import check_unused, open_block_device, signatures
+from libdm.dm.blockdev import BlockDevice, check_unused, open_block_device, signatures
 from libdm.dm.errors import DeviceExistsError, error_for
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
+from libdm.thin.config import PoolConfig
 from libdm.thin.errors import REPAIR_HINT, DeviceNotBlankError, PoolFailedError, StateError
+from libdm.thin.lock import LOCK_NAME
 from libdm.thin.statedir import StateDir
-from libdm.thin.status import parse_pool_status
+from libdm.thin.status import ThinPoolFailed, parse_pool_status
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
-from libdm.thin.units import Bytes, parse_size
+from libdm.thin.units import Bytes, Sectors, parse_size
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_MIN_FREE_SPACE", "LOCK_NAME", "PoolCreation"]
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
 
-LOCK_NAME = "lock"
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_MIN_FREE_SPACE",
+    "LOCK_NAME",
+    "adopt",
+    "check_device",
+    "create",
+    "create_loop",
+    "create_on_device",
+]
+
+Size = int | str
+Backing = backings.LoopBacking | backings.LinearBacking | backings.AdoptedBacking
 #: The names of a pool's files, its store first: a directory holding any
 #: of them is not claimed for a new pool.
 POOL_FILES = (*STORE_FILES, LOCK_NAME, backings.DATA_FILE, backings.METADATA_FILE)
@@ -28,396 +52,419 @@ DEFAULT_BLOCK_SIZE = "64K"
 DEFAULT_MIN_FREE_SPACE = 10
 
 
-class PoolCreation:
-    """The constructors of :class:`~libdm.Pool`."""
+def create_loop(
+    cls: type[Pool],
+    /,
+    name: str,
+    directory: str | os.PathLike[str],
+    data_size: Size = "100G",
+    metadata_size: Size | None = None,
+    block_size: Size = DEFAULT_BLOCK_SIZE,
+    **options: Any,
+) -> Pool:
+    """Create a pool on sparse files in ``directory`` (loop mode).
 
-    @classmethod
-    def create_loop(
-        cls,
-        name,
-        directory,
-        data_size="100G",
-        metadata_size=None,
-        block_size=DEFAULT_BLOCK_SIZE,
-        **options,
-    ):
-        """Create a pool on sparse files in ``directory`` (loop mode).
+    The files ``data`` and ``metadata`` are created sparse, attached to
+    loop devices with the loop ioctls, and the first 4 KiB of metadata
+    is zeroed.  ``directory`` becomes the pool's state directory.
 
-        The files ``data`` and ``metadata`` are created sparse, attached to
-        loop devices with the loop ioctls, and the first 4 KiB of metadata
-        is zeroed.  ``directory`` becomes the pool's state directory.
+    Args:
+        name: the pool's device-mapper name.
+        directory: created (mode 0700) if missing.  An existing one is
+            used as it is (never chmod'ed): it must be owned by the
+            caller, writable by no one else, and hold no pool or
+            pool-named files (``state.db``, ``lock``, ``data``,
+            ``metadata``...).
+        data_size: bytes or a string such as ``"10G"``.
+        metadata_size: bytes or a string; by default 48 bytes per data
+            block, at least 2 MiB, at most 16 GiB.
+        block_size: the data block size, bytes or a string (64 KiB to
+            1 GiB, a multiple of 64 KiB); fixed for the pool's life.
+        options: keyword options, see :meth:`create` (``low_water_mark``,
+            ``features``, ``min_free_space``, ``deferred_removal``,
+            ``deferred_deletion``, ``lock_timeout``).
 
-        Args:
-            name: the pool's device-mapper name.
-            directory: created (mode 0700) if missing.  An existing one is
-                used as it is (never chmod'ed): it must be owned by the
-                caller, writable by no one else, and hold no pool or
-                pool-named files (``state.db``, ``lock``, ``data``,
-                ``metadata``...).
-            data_size: bytes or a string such as ``"10G"``.
-            metadata_size: bytes or a string; by default 48 bytes per data
-                block, at least 2 MiB, at most 16 GiB.
-            block_size: the data block size, bytes or a string (64 KiB to
-                1 GiB, a multiple of 64 KiB); fixed for the pool's life.
-            options: keyword options, see :meth:`create` (``low_water_mark``,
-                ``features``, ``min_free_space``, ``deferred_removal``,
-                ``deferred_deletion``, ``lock_timeout``).
+    Returns:
+        The new, active :class:`Pool`.
 
-        Returns:
-            The new, active :class:`Pool`.
+    Raises:
+        ValueError: a bad name, size or option.
+        DeviceExistsError: a device of that name exists, or the
+            directory holds a pool or pool-named files (named).
+        StateError: the directory is another user's or others can
+            write it.
+        PoolReadOnlyError: the directory is on a read-only filesystem.
+        DMError: the kernel refused; nothing this call made is left
+            behind, and nothing else is touched.
+    """
+    check_name(name)
+    bs = check_block_size(parse_size(block_size, what="block_size").sectors())
+    data = parse_size(data_size, what="data_size")
+    if data < bs.bytes():
+        raise ValueError(f"data_size {data_size!r} is smaller than one data block")
+    meta = (
+        backings.default_metadata_size(data, bs)
+        if metadata_size is None
+        else parse_size(metadata_size, what="metadata_size")
+    )
+    if meta < Bytes(2 << 20):
+        raise ValueError(f"metadata_size {metadata_size!r} is below the 2 MiB minimum")
+    _refuse_existing(name)
+    config: dict[str, Any] = {"data_size": int(data), "metadata_size": int(meta)}
 
-        Raises:
-            ValueError: a bad name, size or option.
-            DeviceExistsError: a device of that name exists, or the
-                directory holds a pool or pool-named files (named).
-            StateError: the directory is another user's or others can
-                write it.
-            PoolReadOnlyError: the directory is on a read-only filesystem.
-            DMError: the kernel refused; nothing this call made is left
-                behind, and nothing else is touched.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        data = parse_size(data_size, what="data_size")
-        if data < bs.bytes():
-            raise ValueError(f"data_size {data_size!r} is smaller than one data block")
-        meta = (
-            backings.default_metadata_size(data, bs)
-            if metadata_size is None
-            else parse_size(metadata_size, what="metadata_size")
+    def make(statedir: StateDir) -> Backing:
+        backing = backings.LoopBacking(statedir)
+        backing.make(data, meta)
+        return backing
+
+    return _create(cls, name, directory, make, bs, config, options)
+
+
+def create(
+    cls: type[Pool],
+    /,
+    name: str,
+    data_device: str,
+    metadata_device: str,
+    *,
+    state_dir: str | os.PathLike[str],
+    block_size: Size = DEFAULT_BLOCK_SIZE,
+    force: bool = False,
+    **options: Any,
+) -> Pool:
+    """Create a pool on two block devices (direct mode).
+
+    Both devices are checked first: each must be a block device that is
+    not in use, and without ``force`` must carry no filesystem,
+    partition table, LVM, LUKS or thin-pool signature.  The first 4 KiB
+    of the metadata device is zeroed.  As LVM does, the pool sits on
+    linear devices ``<name>-tmeta`` and ``<name>-tdata`` over them, so
+    it can be extended online later (:meth:`extend`).
+
+    Args:
+        name: the pool's device-mapper name.
+        data_device, metadata_device: block device paths.
+        state_dir: the pool's state directory, as ``directory`` of
+            :meth:`create_loop`.
+        block_size: data block size, bytes or a string (64K..1G).
+        force: use devices that carry signatures (their data is lost).
+        low_water_mark: free data blocks below which the pool raises
+            an event (default 0: never).
+        features: thin-pool feature args, a subset of
+            ``skip_block_zeroing``, ``ignore_discard``,
+            ``no_discard_passdown``, ``read_only``, ``error_if_no_space``.
+        min_free_space: percent of data and metadata that must stay
+            free for new devices and snapshots (default 10, as
+            ``dm.min_free_space``).
+        deferred_removal: remove busy devices when their last user
+            closes them (default True).
+        deferred_deletion: queue deletes that meet EBUSY and retry them
+            later (default True).
+        lock_timeout: seconds a change waits for another process.
+
+    Returns:
+        The new, active :class:`Pool`.
+
+    Raises:
+        ValueError: a path that is not a block device, a bad option.
+        DeviceNotBlankError: a device carries a signature (named) and
+            ``force`` is False.
+        DeviceBusyError: a device is in use.
+        DeviceExistsError: the name or the state directory is taken.
+        StateError, PoolReadOnlyError: as for :meth:`create_loop`.
+    """
+    check_name(name)
+    bs = check_block_size(parse_size(block_size, what="block_size").sectors())
+    _refuse_existing(name)
+    if os.path.realpath(data_device) == os.path.realpath(metadata_device):
+        raise ValueError("data_device and metadata_device must be different devices")
+    meta, data = (check_device(path, force, "create") for path in (metadata_device, data_device))
+    if meta.devno == data.devno:
+        raise ValueError(
+            f"data_device and metadata_device must be different devices "
+            f"({data_device} and {metadata_device} are both {data.devno})"
         )
-        if meta < Bytes(2 << 20):
-            raise ValueError(f"metadata_size {metadata_size!r} is below the 2 MiB minimum")
-        cls._refuse_existing(name)
-        config = {"data_size": int(data), "metadata_size": int(meta)}
+    _refuse_pieces(name, "create")
+    backing = backings.LinearBacking.new(
+        name, [[metadata_device, 0, None]], [[data_device, 0, None]]
+    )
 
-        def make(statedir):
-            backing = backings.LoopBacking(statedir)
-            backing.make(data, meta)
-            return backing
+    def make(_statedir: StateDir) -> Backing:
+        _zero_head(metadata_device)
+        return backing
 
-        return cls._create(name, directory, make, bs, config, options)
+    return _create(cls, name, state_dir, make, bs, {}, options)
 
-    @classmethod
-    def create(
-        cls,
-        name,
-        data_device,
-        metadata_device,
-        *,
-        state_dir,
-        block_size=DEFAULT_BLOCK_SIZE,
-        force=False,
-        **options,
-    ):
-        """Create a pool on two block devices (direct mode).
 
-        Both devices are checked first: each must be a block device that is
-        not in use, and without ``force`` must carry no filesystem,
-        partition table, LVM, LUKS or thin-pool signature.  The first 4 KiB
-        of the metadata device is zeroed.  As LVM does, the pool sits on
-        linear devices ``<name>-tmeta`` and ``<name>-tdata`` over them, so
-        it can be extended online later (:meth:`extend`).
+def create_on_device(
+    cls: type[Pool],
+    /,
+    name: str,
+    device: str,
+    thinp_percent: int = 95,
+    thinp_metapercent: int = 1,
+    force: bool = False,
+    *,
+    state_dir: str | os.PathLike[str],
+    block_size: Size = DEFAULT_BLOCK_SIZE,
+    **options: Any,
+) -> Pool:
+    """Create a pool on one raw block device, split into metadata and data
+    by two linear devices, ``<name>-tmeta`` and ``<name>-tdata``.
 
-        Args:
-            name: the pool's device-mapper name.
-            data_device, metadata_device: block device paths.
-            state_dir: the pool's state directory, as ``directory`` of
-                :meth:`create_loop`.
-            block_size: data block size, bytes or a string (64K..1G).
-            force: use devices that carry signatures (their data is lost).
-            low_water_mark: free data blocks below which the pool raises
-                an event (default 0: never).
-            features: thin-pool feature args, a subset of
-                ``skip_block_zeroing``, ``ignore_discard``,
-                ``no_discard_passdown``, ``read_only``, ``error_if_no_space``.
-            min_free_space: percent of data and metadata that must stay
-                free for new devices and snapshots (default 10, as
-                ``dm.min_free_space``).
-            deferred_removal: remove busy devices when their last user
-                closes them (default True).
-            deferred_deletion: queue deletes that meet EBUSY and retry them
-                later (default True).
-            lock_timeout: seconds a change waits for another process.
+    Metadata takes ``thinp_metapercent`` percent of the device (at
+    least 2 MiB) from its start; data follows, aligned to a data block,
+    and takes ``thinp_percent`` percent rounded down to whole blocks.
+    The rest is left free for growing later.
 
-        Returns:
-            The new, active :class:`Pool`.
+    Args:
+        name: the pool's device-mapper name.
+        device: the block device path.
+        thinp_percent: percent of the device for data (as the guide's
+            ``dm.thinp_percent``).
+        thinp_metapercent: percent for metadata (``dm.thinp_metapercent``).
+        force: use a device that carries a signature.
+        state_dir, block_size: as for :meth:`create`; so are the other
+            keyword options.
 
-        Raises:
-            ValueError: a path that is not a block device, a bad option.
-            DeviceNotBlankError: a device carries a signature (named) and
-                ``force`` is False.
-            DeviceBusyError: a device is in use.
-            DeviceExistsError: the name or the state directory is taken.
-            StateError, PoolReadOnlyError: as for :meth:`create_loop`.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        cls._refuse_existing(name)
-        if os.path.realpath(data_device) == os.path.realpath(metadata_device):
-            raise ValueError("data_device and metadata_device must be different devices")
-        meta, data = (
-            cls._check_device(path, force, "create") for path in (metadata_device, data_device)
+    Returns:
+        The new, active :class:`Pool`.
+
+    Raises:
+        As :meth:`create`; ValueError also for percentages that do not
+        fit or a device too small.
+    """
+    check_name(name)
+    bs = check_block_size(parse_size(block_size, what="block_size").sectors())
+    _refuse_existing(name)
+    _refuse_pieces(name, "create_on_device")
+    dev = check_device(device, force, "create_on_device")
+    layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent)
+    meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
+    backing = backings.LinearBacking.new(
+        name, [[device, meta_start, meta_len]], [[device, data_start, data_len]]
+    )
+
+    def make(_statedir: StateDir) -> Backing:
+        _zero_head(device, offset=int(layout[0].bytes()))
+        return backing
+
+    return _create(cls, name, state_dir, make, bs, {}, options)
+
+
+def adopt(
+    cls: type[Pool], /, pool_device_name: str, *, state_dir: str | os.PathLike[str], **options: Any
+) -> Pool:
+    """Take over an existing, unused thin-pool device (``dm.thinpooldev``).
+
+    As Docker required, the pool must be unused: transaction id 0 and
+    no data blocks used.  Its table (block size, low water mark,
+    features) is read from the kernel; libdm does not own its devices,
+    so :meth:`destroy` never removes them and :meth:`open` needs the
+    pool device to be live.
+
+    Args:
+        pool_device_name: the thin-pool device-mapper device's name.
+        state_dir: where to keep libdm's state for it.
+        options: keyword options ``min_free_space``, ``deferred_removal``,
+            ``deferred_deletion``, ``lock_timeout``.
+
+    Returns:
+        The adopted :class:`Pool`.
+
+    Raises:
+        NoSuchDeviceError: no such device.
+        ValueError: it is not a thin-pool device.
+        PoolError: it is in use (transaction id or data in use), failed
+            or read-only.
+        DeviceExistsError, StateError, PoolReadOnlyError: the state
+            directory, as for :meth:`create_loop`.
+    """
+    check_name(pool_device_name)
+    table = ops.table(pool_device_name)
+    if len(table) != 1 or table[0].type != "thin-pool":
+        raise ValueError(
+            f"{pool_device_name} is not a thin-pool device "
+            f"(its table is {', '.join(str(t) for t in table) or 'empty'})"
         )
-        if meta.devno == data.devno:
-            raise ValueError(
-                f"data_device and metadata_device must be different devices "
-                f"({data_device} and {metadata_device} are both {data.devno})"
-            )
-        cls._refuse_pieces(name, "create")
-        backing = backings.LinearBacking.new(
-            name, [[metadata_device, 0, None]], [[data_device, 0, None]]
-        )
-
-        def make(_statedir):
-            _zero_head(metadata_device)
-            return backing
-
-        return cls._create(name, state_dir, make, bs, {}, options)
-
-    @classmethod
-    def create_on_device(
-        cls,
-        name,
-        device,
-        thinp_percent=95,
-        thinp_metapercent=1,
-        force=False,
-        *,
-        state_dir,
-        block_size=DEFAULT_BLOCK_SIZE,
-        **options,
-    ):
-        """Create a pool on one raw block device, split into metadata and data
-        by two linear devices, ``<name>-tmeta`` and ``<name>-tdata``.
-
-        Metadata takes ``thinp_metapercent`` percent of the device (at
-        least 2 MiB) from its start; data follows, aligned to a data block,
-        and takes ``thinp_percent`` percent rounded down to whole blocks.
-        The rest is left free for growing later.
-
-        Args:
-            name: the pool's device-mapper name.
-            device: the block device path.
-            thinp_percent: percent of the device for data (as the guide's
-                ``dm.thinp_percent``).
-            thinp_metapercent: percent for metadata (``dm.thinp_metapercent``).
-            force: use a device that carries a signature.
-            state_dir, block_size: as for :meth:`create`; so are the other
-                keyword options.
-
-        Returns:
-            The new, active :class:`Pool`.
-
-        Raises:
-            As :meth:`create`; ValueError also for percentages that do not
-            fit or a device too small.
-        """
-        check_name(name)
-        bs = check_block_size(parse_size(block_size, what="block_size").sectors())
-        cls._refuse_existing(name)
-        cls._refuse_pieces(name, "create_on_device")
-        dev = cls._check_device(device, force, "create_on_device")
-        layout = backings.split_layout(
-            Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent
-        )
-        meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
-        backing = backings.LinearBacking.new(
-            name, [[device, meta_start, meta_len]], [[device, data_start, data_len]]
-        )
-
-        def make(_statedir):
-            _zero_head(device, offset=int(layout[0].bytes()))
-            return backing
-
-        return cls._create(name, state_dir, make, bs, {}, options)
-
-    @classmethod
-    def adopt(cls, pool_device_name, *, state_dir, **options):
-        """Take over an existing, unused thin-pool device (``dm.thinpooldev``).
-
-        As Docker required, the pool must be unused: transaction id 0 and
-        no data blocks used.  Its table (block size, low water mark,
-        features) is read from the kernel; libdm does not own its devices,
-        so :meth:`destroy` never removes them and :meth:`open` needs the
-        pool device to be live.
-
-        Args:
-            pool_device_name: the thin-pool device-mapper device's name.
-            state_dir: where to keep libdm's state for it.
-            options: keyword options ``min_free_space``, ``deferred_removal``,
-                ``deferred_deletion``, ``lock_timeout``.
-
-        Returns:
-            The adopted :class:`Pool`.
-
-        Raises:
-            NoSuchDeviceError: no such device.
-            ValueError: it is not a thin-pool device.
-            PoolError: it is in use (transaction id or data in use), failed
-                or read-only.
-            DeviceExistsError, StateError, PoolReadOnlyError: the state
-                directory, as for :meth:`create_loop`.
-        """
-        check_name(pool_device_name)
-        table = ops.table(pool_device_name)
-        if len(table) != 1 or table[0].type != "thin-pool":
-            raise ValueError(
-                f"{pool_device_name} is not a thin-pool device "
-                f"(its table is {', '.join(str(t) for t in table) or 'empty'})"
-            )
-        params = ThinPoolParams.parse(table[0].params)
-        st = parse_pool_status(ops.status(pool_device_name)[0].params)
-        if st.failed:
-            raise PoolFailedError(
-                f"pool {pool_device_name} has failed ({st}); {REPAIR_HINT}",
-                "adopt",
-                pool_device_name,
-            )
-        if st.transaction_id != 0 or st.used_data != 0:
-            raise StateError(
-                f"pool {pool_device_name} is in use (transaction id {st.transaction_id}, "
-                f"{int(st.used_data)} data blocks used); libdm adopts only unused pools, "
-                f"so that it never disturbs another owner's transactions",
-                "adopt",
-                pool_device_name,
-            )
-        uuid = ops.info(pool_device_name).uuid or ""
-        options = dict(options)
-        options.setdefault("low_water_mark", int(params.low_water_mark))
-        options.setdefault("features", sorted(params.features))
-        return cls._create(
+    params = ThinPoolParams.parse(table[0].params)
+    st = parse_pool_status(ops.status(pool_device_name)[0].params)
+    if st.failed:
+        raise PoolFailedError(
+            f"pool {pool_device_name} has failed ({st}); {REPAIR_HINT}",
+            "adopt",
             pool_device_name,
-            state_dir,
-            lambda _: backings.AdoptedBacking(),
-            params.block_size,
-            {},
-            options,
-            uuid=uuid,
+        )
+    if st.transaction_id != 0 or st.used_data != 0:
+        raise StateError(
+            f"pool {pool_device_name} is in use (transaction id {st.transaction_id}, "
+            f"{int(st.used_data)} data blocks used); libdm adopts only unused pools, "
+            f"so that it never disturbs another owner's transactions",
+            "adopt",
+            pool_device_name,
+        )
+    uuid = ops.info(pool_device_name).uuid or ""
+    options = dict(options)
+    options.setdefault("low_water_mark", int(params.low_water_mark))
+    options.setdefault("features", sorted(params.features))
+    return _create(
+        cls,
+        pool_device_name,
+        state_dir,
+        lambda _: backings.AdoptedBacking(),
+        params.block_size,
+        {},
+        options,
+        uuid=uuid,
+    )
+
+
+def _refuse_existing(name: str) -> None:
+    if ops.exists(name):
+        raise DeviceExistsError(
+            errno.EEXIST, f"a device named {name!r} exists already", "create", name
         )
 
-    @staticmethod
-    def _refuse_existing(name):
-        if ops.exists(name):
-            raise DeviceExistsError(
-                errno.EEXIST, f"a device named {name!r} exists already", "create", name
-            )
 
-    @staticmethod
-    def _refuse_pieces(name, operation):
-        """The linear pieces ``<name>-tmeta`` / ``-tdata`` must be free names."""
-        for piece in (f"{name}-tmeta", f"{name}-tdata"):
-            check_name(piece)
-            if ops.exists(piece):
-                raise error_for(
-                    errno.EEXIST,
-                    operation,
-                    piece,
-                    message=f"a device named {piece!r} exists already",
-                )
-
-    @staticmethod
-    def _check_device(path, force, operation):
-        try:
-            dev = open_block_device(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such block device", path) from None
-        check_unused(path)
-        found = signatures(path)
-        if found and not force:
-            raise DeviceNotBlankError(
-                f"{path} holds {' and '.join(found)}; pass force=True to use it anyway "
-                f"(its contents will be lost)",
+def _refuse_pieces(name: str, operation: str) -> None:
+    """The linear pieces ``<name>-tmeta`` / ``-tdata`` must be free names."""
+    for piece in (f"{name}-tmeta", f"{name}-tdata"):
+        check_name(piece)
+        if ops.exists(piece):
+            raise error_for(
+                errno.EEXIST,
                 operation,
-                path,
+                piece,
+                message=f"a device named {piece!r} exists already",
             )
-        return dev
-
-    @classmethod
-    def _create(cls, name, directory, make, block_size, config, options, uuid=None):
-        """Make a pool: check the options, claim the state directory
-        (:meth:`StateDir.claim`), create the store, ``make(statedir)`` the
-        backing, record it all, and bring the pool up.  On failure, exactly
-        what this call made is removed."""
-        config = dict(config, **_pool_options(block_size, options))
-        lock_timeout = config.pop("lock_timeout")
-        statedir = StateDir.claim(directory, POOL_FILES)
-        store = backing = pool = None
-        try:
-            store = Store(statedir, create=True)
-            backing = make(statedir)
-            config.update(backing.config())
-            # Whether destroy(remove_files=True) may remove the directory.
-            config["made_directory"] = statedir.made
-            # The pool row goes in before the device exists: a crash from
-            # here on leaves a pool that Pool.open finishes bringing up.
-            store.init_pool(
-                name,
-                uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
-                backing.kind,
-                config,
-            )
-            pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
-            with pool._changing("create"):
-                if backing.kind != "adopted":
-                    pool._activate_pool("create")
-                crash.point("pool:created")
-                st = pool.status()
-                if not st.failed:
-                    with store.transaction():
-                        store.set_transaction_id(st.transaction_id)
-            return pool
-        except BaseException:
-            if pool is not None and backing.kind != "adopted" and ops.exists(name):
-                ops.remove(name)
-            if backing is not None:
-                backing.teardown()
-            if pool is not None:
-                os.close(pool._lock_fd)
-            if store is not None:
-                store.close(remove_made=True)
-            else:
-                statedir.close(remove_made=True)
-            raise
 
 
-def _pool_options(block_size, options):
-    """The stored configuration from a constructor's keyword options (and
-    ``lock_timeout``, which is not stored).
+def check_device(path: str, force: bool, operation: str) -> BlockDevice:
+    """A block device a pool may be made on (or extended by): not in use,
+    and without ``force`` carrying no signature.
+
+    Raises:
+        FileNotFoundError, ValueError: no such block device.
+        DeviceBusyError: in use.
+        DeviceNotBlankError: a signature (named), without ``force``.
+    """
+    try:
+        dev = open_block_device(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such block device", path) from None
+    check_unused(path)
+    found = signatures(path)
+    if found and not force:
+        raise DeviceNotBlankError(
+            f"{path} holds {' and '.join(found)}; pass force=True to use it anyway "
+            f"(its contents will be lost)",
+            operation,
+            path,
+        )
+    return dev
+
+
+def _create(
+    cls: type[Pool],
+    /,
+    name: str,
+    directory: str | os.PathLike[str],
+    make: Callable[[StateDir], Backing],
+    block_size: Sectors,
+    config: Mapping[str, Any],
+    options: Mapping[str, Any],
+    uuid: str | None = None,
+) -> Pool:
+    """Make a pool: check the options, claim the state directory
+    (:meth:`StateDir.claim`), create the store, ``make(statedir)`` the
+    backing, record it all, and bring the pool up.  On failure, exactly
+    what this call made is removed."""
+    record, lock_timeout = _pool_options(block_size, options)
+    record.update(config)
+    statedir = StateDir.claim(directory, POOL_FILES)
+    store: Store | None = None
+    backing: Backing | None = None
+    pool: Pool | None = None
+    try:
+        store = Store(statedir, create=True)
+        backing = make(statedir)
+        record.update(backing.config())
+        # Whether destroy(remove_files=True) may remove the directory.
+        record["made_directory"] = statedir.made
+        PoolConfig.from_record(record, "the new configuration")  # refuses what it cannot read
+        # The pool row goes in before the device exists: a crash from
+        # here on leaves a pool that Pool.open finishes bringing up.
+        store.init_pool(
+            name,
+            uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
+            backing.kind,
+            record,
+        )
+        pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
+        with pool._changing("create"):
+            if not isinstance(backing, backings.AdoptedBacking):
+                pool._activate_pool("create")
+            crash.point("pool:created")
+            st = pool.status()
+            if not isinstance(st, ThinPoolFailed):
+                with store.transaction():
+                    store.set_transaction_id(st.transaction_id)
+        return pool
+    except BaseException:
+        if (
+            pool is not None
+            and backing is not None
+            and not isinstance(backing, backings.AdoptedBacking)
+            and ops.exists(name)
+        ):
+            ops.remove(name)
+        if backing is not None:
+            backing.teardown()
+        if pool is not None:
+            pool._lock.close()
+        if store is not None:
+            store.close(remove_made=True)
+        else:
+            statedir.close(remove_made=True)
+        raise
+
+
+def _pool_options(block_size: Sectors, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    """The stored configuration from a constructor's keyword options, and
+    ``lock_timeout`` (which is not stored).
 
     Raises:
         ValueError: a bad feature or ``min_free_space``.
         TypeError: an unknown option.
     """
-    options = dict(options)
-    lock_timeout = options.pop("lock_timeout", 30.0)
-    features = sorted(set(options.pop("features", ())))
+    left = dict(options)
+    lock_timeout = float(left.pop("lock_timeout", 30.0))
+    features: list[str] = sorted(set(left.pop("features", ())))
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise ValueError(
             f"unknown thin-pool feature {', '.join(unknown)}; known: {', '.join(FEATURES)}"
         )
-    lwm = int(options.pop("low_water_mark", 0))
-    min_free = options.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
+    lwm = int(left.pop("low_water_mark", 0))
+    min_free = left.pop("min_free_space", DEFAULT_MIN_FREE_SPACE)
     if not 0 <= min_free < 100:
         raise ValueError(f"min_free_space must be a percentage from 0 to 99, got {min_free}")
-    config = {
+    record: dict[str, Any] = {
         "block_size": int(block_size),
         "low_water_mark": lwm,
         "features": features,
         "min_free_space": min_free,
-        "deferred_removal": bool(options.pop("deferred_removal", True)),
-        "deferred_deletion": bool(options.pop("deferred_deletion", True)),
+        "deferred_removal": bool(left.pop("deferred_removal", True)),
+        "deferred_deletion": bool(left.pop("deferred_deletion", True)),
         "base_device": None,
         "token": uuidlib.uuid4().hex,  # names this pool's thin devices' uuids
-        "lock_timeout": lock_timeout,
     }
-    if options:
-        raise TypeError(f"unknown option {', '.join(sorted(options))}")
-    return config
+    if left:
+        raise TypeError(f"unknown option {', '.join(sorted(left))}")
+    return record, lock_timeout
 
 
-def _zero_head(path, offset=0, length=4096):
+def _zero_head(path: str, offset: int = 0, length: int = 4096) -> None:
     """Zero ``length`` bytes at ``offset`` of a device (new metadata must
     start zeroed, or the kernel may take stale bytes for a superblock)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

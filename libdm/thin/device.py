@@ -5,12 +5,20 @@ the device-mapper device that makes it usable.  Its methods delegate to
 the pool, which serialises every change (see ``Pool``).
 """
 
+from __future__ import annotations
+
 import errno
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from libdm.dm import ops
 from libdm.dm.errors import error_for
-from libdm.thin.status import parse_thin_status
-from libdm.thin.units import Sectors
+from libdm.thin.status import ThinFailed, ThinStatus, parse_thin_status
+from libdm.thin.units import Bytes, Sectors
+
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
 
 __all__ = ["Snapshot", "ThinDevice"]
 
@@ -28,20 +36,20 @@ class ThinDevice:
         path: the block device path, ``/dev/mapper/<pool>-<name>``.
     """
 
-    def __init__(self, pool, row):
+    def __init__(self, pool: Pool, row: Mapping[str, Any]) -> None:
         self.pool = pool
-        self.name = row["name"]
-        self.thin_id = row["thin_id"]
-        self.size = Sectors(row["size"]).bytes()
-        self._parent_name = row["parent"]
+        self.name: str = row["name"]
+        self.thin_id: int = row["thin_id"]
+        self.size: Bytes = Sectors(row["size"]).bytes()
+        self._parent_name: str | None = row["parent"]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self.name!r} id={self.thin_id} "
             f"size={int(self.size)} pool={self.pool.name!r}>"
         )
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, ThinDevice)
             and other.pool.name == self.pool.name
@@ -49,37 +57,37 @@ class ThinDevice:
             and other.name == self.name
         )
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.pool.name, self.thin_id))
 
-    def __fspath__(self):
+    def __fspath__(self) -> str:
         return self.path
 
     @property
-    def dm_name(self):
+    def dm_name(self) -> str:
         return self.pool.device_dm_name(self.name)
 
     @property
-    def path(self):
+    def path(self) -> str:
         return ops.device_path(self.dm_name)
 
     @property
-    def parent(self):
+    def parent(self) -> ThinDevice | None:
         """The device this one is a snapshot of, or ``None``."""
         if self._parent_name is None:
             return None
         return self.pool.device(self._parent_name)
 
-    def children(self):
+    def children(self) -> list[ThinDevice]:
         """The snapshots taken of this device, sorted by name."""
         return self.pool.children(self.name)
 
     @property
-    def active(self):
+    def active(self) -> bool:
         """True when its device-mapper device exists."""
         return ops.exists(self.dm_name)
 
-    def activate(self):
+    def activate(self) -> ThinDevice:
         """Make the device usable at :attr:`path` (idempotent).
 
         Raises:
@@ -90,7 +98,7 @@ class ThinDevice:
         self.pool.activate_device(self.name)
         return self
 
-    def deactivate(self):
+    def deactivate(self) -> None:
         """Remove the device-mapper device; data stays in the pool.
 
         With the pool's deferred removal (the default), a busy device is
@@ -101,7 +109,7 @@ class ThinDevice:
         """
         self.pool.deactivate_device(self.name)
 
-    def delete(self):
+    def delete(self) -> None:
         """Deactivate the device and delete it from the pool.
 
         An origin can be deleted while it has snapshots: they keep their
@@ -115,7 +123,9 @@ class ThinDevice:
         """
         self.pool.delete_device(self.name)
 
-    def resize(self, size, *, force=False, grow_filesystem=False):
+    def resize(
+        self, size: int | str, *, force: bool = False, grow_filesystem: bool = False
+    ) -> ThinDevice:
         """Change the device's size, online (the libdm ``lvextend`` of a
         thin volume).  Growing reloads its table with the new length;
         shrinking is refused unless ``force`` and nothing has the device
@@ -142,7 +152,7 @@ class ThinDevice:
             self.name, size, force=force, grow_filesystem=grow_filesystem
         )
 
-    def snapshot(self, name):
+    def snapshot(self, name: str) -> ThinDevice:
         """Take a snapshot of this device (suspending it around the message
         when it is active) and activate it.
 
@@ -159,7 +169,7 @@ class ThinDevice:
         """
         return self.pool.snapshot_device(self.name, name)
 
-    def status(self):
+    def status(self) -> ThinStatus | ThinFailed:
         """The kernel's status of the active device: a
         :class:`~libdm.thin.status.ThinStatus` (mapped sectors, highest
         mapped sector) or ``ThinFailed``.
@@ -167,9 +177,12 @@ class ThinDevice:
         Raises:
             NoSuchDeviceError: the device is not active.
         """
-        return parse_thin_status(ops.status(self.dm_name)[0].params)
+        status: ThinStatus | ThinFailed = parse_thin_status(ops.status(self.dm_name)[0].params)
+        return status
 
-    def format(self, fstype="ext4", *, label=None, options=()):
+    def format(
+        self, fstype: str = "ext4", *, label: str | None = None, options: Iterable[str] = ()
+    ) -> ThinDevice:
         """Make a filesystem on the device (runs ``mkfs.<fstype>``).
 
         Args:
@@ -192,7 +205,9 @@ class ThinDevice:
         fs.make_filesystem(self.path, fstype, label=label, options=options)
         return self
 
-    def mount(self, target=None, *, options=None):
+    def mount(
+        self, target: str | None = None, *, options: str | None = None
+    ) -> AbstractContextManager[str]:
         """A context manager that mounts the device and unmounts it after.
 
         An xfs filesystem gets the pool's ``xfs_nospace_max_retries`` (see
@@ -220,5 +235,5 @@ class Snapshot(ThinDevice):
     also called :attr:`origin`)."""
 
     @property
-    def origin(self):
+    def origin(self) -> ThinDevice | None:
         return self.parent

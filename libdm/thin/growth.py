@@ -10,7 +10,8 @@ both grow, the metadata goes first, in a reload of its own).  Thin
 devices stay active throughout; their I/O waits while the pool is
 suspended.
 
-Every growth is journalled like a change of thin ids: an intent naming
+Every growth goes through the journal's one :class:`~libdm.thin.journal.Transaction`,
+like a change of thin ids: an intent naming
 the configuration before and after, and the live tables to return to, is
 committed first; then the backing grows (files, or a segment recorded),
 the pool is suspended, reloaded and resumed; then the new configuration
@@ -23,9 +24,11 @@ any of it, a data growth that the metadata cannot map is refused (see
 the pool read-only and flagged ``needs_check``.
 """
 
+from __future__ import annotations
+
 import logging
 import os
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from libdm.dm import ops
 from libdm.dm.blockdev import open_block_device
@@ -33,6 +36,7 @@ from libdm.dm.errors import DMError
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import capacity, crash
+from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.errors import (
     REPAIR_HINT,
     PoolFailedError,
@@ -40,75 +44,53 @@ from libdm.thin.errors import (
     PoolReadOnlyError,
     StateError,
 )
-from libdm.thin.units import Bytes, Sectors, format_size, parse_size
+from libdm.thin.journal import GrowthIntent, Transaction
+from libdm.thin.pooldev import PoolStatus
+from libdm.thin.status import ThinPoolFailed
+from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
+
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
 
 __all__ = ["Growth", "GrowthIntent"]
 
 logger = logging.getLogger("libdm")
 
-
-@dataclass(frozen=True)
-class GrowthIntent:
-    """A growth in flight, as the store records it before the first step.
-
-    Attributes:
-        operation: the call (``resize``, ``extend``, ``refresh``,
-            ``set_low_water_mark``).
-        old: the pool's configuration before it.
-        new: the configuration it brings.
-        tables: the live tables (text lines) of the pool and its linear
-            pieces before it, to roll back to.
-    """
-
-    operation: str
-    old: dict
-    new: dict
-    tables: dict
-
-    @classmethod
-    def from_record(cls, record):
-        return cls(record["operation"], record["old"], record["new"], record["tables"])
+Region = tuple[str, Sectors, Sectors]
 
 
 class Growth:
-    """Resizing for :class:`~libdm.Pool` (a mixin)."""
+    """The pool's growth part: resize, refresh, extend, and the low water
+    mark, each journalled (see the module doc).  The public methods are
+    the pool's (:meth:`Pool.resize <libdm.Pool.resize>` and the others
+    document them); the caller holds nothing, each takes the pool's lock.
 
-    def resize(self, data_size=None, metadata_size=None, *, low_water_mark=None):
-        """Grow a loop pool's data and/or metadata online, like the guide's
-        ``device_tool resize``.
+    Args:
+        pool: the pool it grows.
+    """
 
-        Args:
-            data_size: the new data size, bytes or a string such as
-                ``"200G"``; ``None`` leaves it.
-            metadata_size: the new metadata size; ``None`` leaves it.
-            low_water_mark: a new low water mark (data blocks) to load in
-                the same reload as the data growth (the monitor's re-arm,
-                without a second suspend); ``None`` leaves it.
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
 
-        Returns:
-            The pool's status after the resize.
-
-        Raises:
-            ValueError: a size below the current one (pools never shrink),
-                a bad size, or a pool that is not on loop files (use
-                :meth:`extend` or :meth:`refresh`).
-            PoolFullError: the metadata is too small to map that much data
-                (the message says how much metadata it takes; give
-                ``metadata_size`` too, and the metadata grows first).
-            PoolFailedError, PoolReadOnlyError: the pool failed or needs
-                checking (``needs_check``); the kernel refuses to grow it.
-            DMError: the kernel refused; the pool is back as it was.
-        """
-        if self.kind != "loop":
+    def resize(
+        self,
+        data_size: int | str | None = None,
+        metadata_size: int | str | None = None,
+        *,
+        low_water_mark: int | None = None,
+    ) -> PoolStatus:
+        pool = self.pool
+        backing = pool._backing
+        if not isinstance(backing, backings.LoopBacking):
             raise ValueError(
-                f"pool {self.name!r} is on {self.kind} devices: grow it with "
+                f"pool {pool.name!r} is on {pool.kind} devices: grow it with "
                 f"extend(device), or grow its devices and call refresh()"
             )
         data = None if data_size is None else parse_size(data_size, what="data_size")
         meta = None if metadata_size is None else parse_size(metadata_size, what="metadata_size")
-        with self._changing("resize"):
-            self._check_growable("resize")
-            data_now, meta_now = self._backing.sizes()
+        with pool._changing("resize"):
+            self.check_growable("resize")
+            data_now, meta_now = backing.sizes()
             for what, want, now in (("data", data, data_now), ("metadata", meta, meta_now)):
                 if want is not None and want < now:
                     raise ValueError(
@@ -117,77 +99,47 @@ class Growth:
                     )
             if data is not None and data > data_now:
                 # Refused before anything changes, metadata growth included.
-                self._check_capacity(
+                self.check_capacity(
                     "resize",
-                    dict(self._config, data_size=int(data)),
-                    extra_metadata=None if meta is None else meta - meta_now,
+                    pool.config.with_record({"data_size": int(data)}),
+                    extra_metadata=None if meta is None else Bytes(meta - meta_now),
                 )
             # The kernel grows data before metadata on a resume: metadata first.
             if meta is not None and meta > meta_now:
-                self._grow("resize", metadata_size=int(meta))
+                self.grow("resize", {"metadata_size": int(meta)})
             if data is not None and data > data_now:
-                lwm = {} if low_water_mark is None else {"low_water_mark": int(low_water_mark)}
-                self._grow("resize", data_size=int(data), **lwm)
-            return self.status()
+                changes: dict[str, Any] = {"data_size": int(data)}
+                if low_water_mark is not None:
+                    changes["low_water_mark"] = int(low_water_mark)
+                self.grow("resize", changes)
+            return pool.status()
 
-    def refresh(self):
-        """Reload the pool so it uses all of its devices' current size (after
-        they were grown outside libdm, e.g. an LVM volume extended).
+    def refresh(self) -> PoolStatus:
+        pool = self.pool
+        with pool._changing("refresh"):
+            self.check_growable("refresh")
+            self.grow("refresh", {})
+            return pool.status()
 
-        Returns:
-            The pool's status after the reload.
+    def extend(
+        self,
+        device: str,
+        *,
+        metadata: bool = False,
+        force: bool = False,
+        start: int | str | None = None,
+        length: int | str | None = None,
+    ) -> PoolStatus:
+        from libdm.thin.creation import check_device
 
-        Raises:
-            PoolFullError: the metadata cannot map the grown data.
-            PoolFailedError, PoolReadOnlyError: as for :meth:`resize`.
-        """
-        with self._changing("refresh"):
-            self._check_growable("refresh")
-            self._grow("refresh")
-            return self.status()
-
-    def extend(self, device, *, metadata=False, force=False, start=None, length=None):
-        """Add a block device (or a region of one) to a block pool's data
-        (or, with ``metadata=True``, its metadata), online: the libdm
-        equivalent of the guide's ``vgextend`` + ``lvextend``.
-
-        The new segment is appended to ``<pool>-tdata`` (``-tmeta``), so
-        the pool keeps its devices while they grow; its position in the
-        concatenation is sector math.  The device passes the same checks
-        as at creation (not in use; no signature unless ``force``).  The
-        new segment is recorded before the kernel sees it, so a crash
-        midway is finished by :meth:`open`.
-
-        A device the pool already sits on (a split device's headroom, see
-        :meth:`free_regions`) can give its free part: by default the
-        region starts after the last sector the pool uses there, and one
-        that directly follows the side's last segment lengthens it.
-
-        Args:
-            device: the block device path.
-            metadata: grow the metadata instead of the data.
-            force: use a device that carries a signature.
-            start: where the region starts on the device, bytes or a string
-                (default 0, or the free tail of a device the pool uses).
-            length: the region's length, bytes or a string (default: to the
-                end of the device).
-
-        Returns:
-            The pool's status after the extension.
-
-        Raises:
-            ValueError: a loop or adopted pool (use :meth:`resize`), a
-                region the pool uses already (named), a region that does not
-                fit.
-            DeviceNotBlankError, DeviceBusyError: as for :meth:`create`.
-            PoolFailedError, PoolReadOnlyError: the pool cannot grow.
-        """
-        if self.kind != "block":
+        pool = self.pool
+        backing = pool._backing
+        if not isinstance(backing, backings.LinearBacking):
             raise ValueError(
-                f"pool {self.name!r} is a {self.kind} pool: "
+                f"pool {pool.name!r} is a {pool.kind} pool: "
                 + (
                     "grow it with resize()"
-                    if self.kind == "loop"
+                    if pool.kind == PoolKind.LOOP
                     else "its devices are not libdm's"
                 )
             )
@@ -197,16 +149,16 @@ class Growth:
             else (0 if start in (0, "0") else int(parse_size(start, what="start").sectors()))
         )
         count = None if length is None else int(parse_size(length, what="length").sectors())
-        with self._changing("extend"):
-            self._check_growable("extend")
-            used = self._used_regions(os.stat(device).st_rdev)
+        with pool._changing("extend"):
+            self.check_growable("extend")
+            used = self.used_regions(os.stat(device).st_rdev)
             if used:
                 # A device the pool already sits on: only its free part.
                 size = open_block_device(device).size // 512
                 end = max(stop for _, stop in used)
                 if first is None and -(-end // 8) * 8 >= size:
                     raise ValueError(
-                        f"{device} is already part of pool {self.name!r} and has no free part left"
+                        f"{device} is already part of pool {pool.name!r} and has no free part left"
                     )
                 first = -(-end // 8) * 8 if first is None else first
                 clash = [
@@ -214,12 +166,12 @@ class Growth:
                 ]
                 if clash:
                     raise ValueError(
-                        f"{device} is already part of pool {self.name!r} in sectors "
+                        f"{device} is already part of pool {pool.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
                         f"at sector {-(-end // 8) * 8}"
                     )
             else:
-                size = self._check_device(device, force, "extend").size // 512
+                size = check_device(device, force, "extend").size // 512
                 first = first or 0
             if first + (count if count is not None else 1) > size or (
                 count is not None and count <= 0
@@ -227,13 +179,16 @@ class Growth:
                 raise ValueError(
                     f"region {first}+{count} sectors does not fit on {device} ({size} sectors)"
                 )
-            side = "meta_segments" if metadata else "data_segments"
+            side: Literal["meta_segments", "data_segments"] = (
+                "meta_segments" if metadata else "data_segments"
+            )
             # Segments before the new one are pinned to their current length:
             # if one of them grew later, everything after it would shift.
-            segments = [
-                [path, start, length] for path, start, length in (t for t in self._config[side])
+            segments: list[list[Any]] = [
+                [path, seg_start, seg_length]
+                for path, seg_start, seg_length in pool.config.backing[side]
             ]
-            for seg, target in zip(segments, self._backing.table(segments), strict=False):
+            for seg, target in zip(segments, backing.table(segments), strict=False):
                 seg[2] = int(target.length)
             last = segments[-1]
             if (
@@ -247,272 +202,248 @@ class Growth:
                 segments.append([device, first, count])
             # The devices are recorded as at creation (size, path), so a
             # forged or swapped device is refused at the next open.
-            self._grow("extend", **backings.segment_changes(self._config, side, segments))
-            return self.status()
+            self.grow("extend", backings.segment_changes(pool.config.to_record(), side, segments))
+            return pool.status()
 
-    def _used_regions(self, rdev):
+    def used_regions(self, rdev: int) -> list[tuple[int, int]]:
         """The ``(start, end)`` sectors the pool uses on the block device
         ``rdev``, from both sides' segments."""
-        if self.kind != "block":
+        pool = self.pool
+        backing = pool._backing
+        if not isinstance(backing, backings.LinearBacking):
             return []
         out = []
         for side in ("meta_segments", "data_segments"):
-            segments = self._config[side]
-            targets = self._backing.table(segments)
+            segments = pool.config.backing[side]
+            targets = backing.table(segments)
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
                     out.append((start, start + int(target.length)))
         return out
 
-    def free_regions(self):
-        """The free tails of the block devices the pool sits on: where
-        :meth:`extend` (and the monitor) can grow without another device,
-        such as what ``create_on_device(thinp_percent=...)`` left free.
-
-        Returns:
-            A list of ``(device path, start, length)``, in ``Sectors``,
-            largest first; empty for loop and adopted pools.
-        """
-        if self.kind != "block":
+    def free_regions(self) -> list[Region]:
+        backing = self.pool._backing
+        if not isinstance(backing, backings.LinearBacking):
             return []
-        seen, out = set(), []
-        for path in self._backing.paths():
+        seen: set[int] = set()
+        out: list[Region] = []
+        for path in backing.paths():
             rdev = os.stat(path).st_rdev
             if rdev in seen:
                 continue
             seen.add(rdev)
-            end = -(-max(stop for _, stop in self._used_regions(rdev)) // 8) * 8
+            end = -(-max(stop for _, stop in self.used_regions(rdev)) // 8) * 8
             size = open_block_device(path).size // 512
             if size > end:
                 out.append((path, Sectors(end), Sectors(size - end)))
         return sorted(out, key=lambda region: -int(region[2]))
 
-    def set_low_water_mark(self, blocks):
-        """Set the pool's low water mark: when free data blocks fall below
-        it the kernel raises one device-mapper event (see
-        :func:`libdm.wait_event`).  Stored, and applied by a reload.
-
-        Args:
-            blocks: free data blocks (``DataBlocks`` or int), 0 for never.
-        """
-        blocks = int(blocks)
-        if blocks < 0:
+    def set_low_water_mark(self, blocks: DataBlocks | int) -> None:
+        count = int(blocks)
+        if count < 0:
             raise ValueError("the low water mark must be >= 0 data blocks")
-        with self._changing("set_low_water_mark"):
-            if blocks == self._config["low_water_mark"]:
+        with self.pool._changing("set_low_water_mark"):
+            if count == int(self.pool.config.low_water_mark):
                 return
-            self._grow("set_low_water_mark", low_water_mark=blocks)
+            self.grow("set_low_water_mark", {"low_water_mark": count})
 
-    def monitor(self, threshold=80, percent=20, **options):
-        """An autoextend :class:`~libdm.thin.monitor.Monitor` for this pool
-        (``dm.thinp_autoextend_threshold`` / ``_percent``): not running yet;
-        call its ``run()``, ``start()``, or use it in a ``with`` block.
-
-        Args:
-            threshold: percent used at which to grow (default 80).
-            percent: growth in percent of the current size (default 20).
-            options: see :class:`~libdm.thin.monitor.Monitor`.
-        """
-        from libdm.thin.monitor import Monitor
-
-        return Monitor(self, threshold, percent, **options)
-
-    def _check_growable(self, operation):
-        st = self.status()
-        if st.failed:
+    def check_growable(self, operation: str) -> None:
+        pool = self.pool
+        st = pool.status()
+        if isinstance(st, ThinPoolFailed):
             raise PoolFailedError(
-                f"pool {self.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, self.name
+                f"pool {pool.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, pool.name
             )
         if st.needs_check:
             raise PoolReadOnlyError(
-                f"pool {self.name!r} needs its metadata checked "
+                f"pool {pool.name!r} needs its metadata checked "
                 f"(needs_check) and cannot grow; {REPAIR_HINT}",
                 operation,
-                self.name,
+                pool.name,
             )
 
     # -- the growth protocol ---------------------------------------------------------
 
-    def _grow(self, operation, **changes):
-        """Reload the pool on its configuration with ``changes`` applied,
-        journalled (see the module doc)."""
-        if self.kind == "adopted":
+    def grow(self, operation: str, changes: dict[str, Any]) -> None:
+        """Reload the pool on its configuration with ``changes`` (stored
+        fields) applied, through the journal (see the module doc)."""
+        pool = self.pool
+        if pool.kind == PoolKind.ADOPTED:
             raise ValueError(
-                f"pool {self.name!r} was adopted: its devices and table are not libdm's to change"
+                f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change"
             )
-        old = dict(self._config)
-        new = dict(old, **changes)
-        self._check_capacity(operation, new)
-        intent = GrowthIntent(operation, old, new, self._live_tables())
-        with self._store.transaction():
-            self._store.set_growth_intent(asdict(intent))
-        crash.point("grow:intent")
+        old = pool.config
+        new = old.with_record(changes)
+        self.check_capacity(operation, new)
+        txn = pool._journal.open_growth(GrowthIntent(operation, old, new, self.live_tables()))
         try:
-            self._apply_growth(new)
+            self.apply(new)
         except BaseException as exc:
-            self._roll_back_growth(intent, operation, exc)
+            self.roll_back(txn, operation, exc)
             raise
-        self._record_growth(new)
+        txn.commit()
 
-    def _live_tables(self):
+    def live_tables(self) -> dict[str, tuple[str, ...]]:
         """The live tables of the pool and its linear pieces, as text."""
-        names = [self.name]
-        if self.kind == "block":
-            names += [self._backing.meta_name, self._backing.data_name]
-        return {name: [str(t) for t in ops.table(name)] for name in names if ops.exists(name)}
+        pool = self.pool
+        names = [pool.name]
+        if isinstance(pool._backing, backings.LinearBacking):
+            names += [pool._backing.meta_name, pool._backing.data_name]
+        return {name: tuple(str(t) for t in ops.table(name)) for name in names if ops.exists(name)}
 
-    def _use_config(self, config):
-        self._config = config
-        self._backing = backings.from_config(self.kind, self._store.statedir, self.name, config)
-
-    def _apply_growth(self, config):
+    def apply(self, config: PoolConfig) -> None:
         """Bring the backing and the pool's table to ``config``; idempotent,
         so that Pool.open can finish a growth a kill interrupted."""
-        self._use_config(config)
-        if self.kind == "loop":
-            self._backing.grow(Bytes(config["data_size"]), Bytes(config["metadata_size"]))
+        pool = self.pool
+        pool._use_config(config)
+        if isinstance(pool._backing, backings.LoopBacking):
+            pool._backing.grow(config.data_size, config.metadata_size)
         crash.point("grow:backing")
         # Suspend first: growing a linear piece under the pool (attach) and
         # loading the longer pool table happen while its I/O waits.
-        ops.suspend(self.name, flush=False)
-        with self._backing.attach() as devs:
-            table = self._table_for(devs)
-        ops.reload(self.name, table)
+        ops.suspend(pool.name, flush=False)
+        with pool._backing.attach() as devs:
+            table = pool._table_for(devs)
+        ops.reload(pool.name, table)
         crash.point("grow:loaded")
-        ops.resume(self.name)
+        ops.resume(pool.name)
         crash.point("grow:resumed")
 
-    def _record_growth(self, config):
-        with self._store.transaction():
-            self._store.set_config(config)
-            self._store.drop_growth_intent()
-        self._use_config(config)
-
-    def _roll_back_growth(self, intent, operation, cause=None):
+    def roll_back(self, txn: Transaction, operation: str, cause: BaseException | None) -> None:
         """Put the pool back on the tables and sizes it had before the
-        growth, resumed, and drop the intent; the store's configuration
+        growth, resumed, and withdraw the intent; the store's configuration
         was never changed.  Raises StateError if that fails too (the
         intent stays, so Pool.open tries again)."""
+        pool = self.pool
+        intent = txn.intent
+        assert isinstance(intent, GrowthIntent)
         old = intent.old
-        self._use_config(old)
+        pool._use_config(old)
         tables = {
             name: [Target.parse(line) for line in lines] for name, lines in intent.tables.items()
         }
         try:
-            if self.name in tables:
+            if pool.name in tables:
                 # The pool first, onto its old (shorter) table; then what
                 # is under it may shrink back.
-                ops.suspend(self.name, flush=False)
-                ops.reload(self.name, tables[self.name])
-                ops.resume(self.name)
+                ops.suspend(pool.name, flush=False)
+                ops.reload(pool.name, tables[pool.name])
+                ops.resume(pool.name)
             for name, table in tables.items():
-                if name != self.name and ops.exists(name) and ops.table(name) != table:
+                if name != pool.name and ops.exists(name) and ops.table(name) != table:
                     ops.reload(name, table)
                     ops.suspend(name, flush=False)
                     ops.resume(name)
-            if self.kind == "loop":
-                self._shrink_files_back(old)
+            if pool.kind == PoolKind.LOOP:
+                self.shrink_files_back(old)
         except DMError as exc:
-            self._resume_if_suspended()
+            self.resume_if_suspended()
             raise StateError(
-                f"{operation} of pool {self.name!r} failed ({cause}) and so did putting the "
-                f"pool back ({exc}); libdm pool open {self.directory} finishes or undoes it",
+                f"{operation} of pool {pool.name!r} failed ({cause}) and so did putting the "
+                f"pool back ({exc}); libdm pool open {pool.directory} finishes or undoes it",
                 operation,
-                self.name,
+                pool.name,
             ) from exc
         finally:
-            self._resume_if_suspended()
-        with self._store.transaction():
-            self._store.drop_growth_intent()
-        logger.warning("pool %s: %s rolled back (%s)", self.name, operation, cause)
-        self._clear_needs_check_offline(operation)
+            self.resume_if_suspended()
+        txn.withdraw()
+        logger.warning("pool %s: %s rolled back (%s)", pool.name, operation, cause)
+        self.clear_needs_check_offline(operation)
 
-    def _resume_if_suspended(self):
+    def resume_if_suspended(self) -> None:
         try:
-            if ops.info(self.name).suspended:
-                ops.resume(self.name)
+            if ops.info(self.pool.name).suspended:
+                ops.resume(self.pool.name)
         except DMError:
             pass
 
-    def _shrink_files_back(self, old):
+    def shrink_files_back(self, old: PoolConfig) -> None:
         """Undo this growth's own file growth: only down to the recorded
         sizes, and only where the kernel maps no more than them."""
-        st = self.status()
-        if st.failed:
+        pool = self.pool
+        st = pool.status()
+        if isinstance(st, ThinPoolFailed) or not isinstance(pool._backing, backings.LoopBacking):
             return
-        data = int(st.total_data) * int(self.block_size.bytes())
+        data = int(st.total_data) * int(pool.block_size.bytes())
         meta = int(st.total_meta.bytes())
-        self._backing.undo_growth(max(old["data_size"], data), max(old["metadata_size"], meta))
+        pool._backing.undo_growth(
+            Bytes(max(int(old.data_size), data)), Bytes(max(int(old.metadata_size), meta))
+        )
 
-    def _clear_needs_check_offline(self, operation):
+    def clear_needs_check_offline(self, operation: str) -> None:
         """A resume the kernel refused may have flagged the metadata
         needs_check and made the pool read-only.  If none of its devices
         is open, take the pool down, let thin_check clear the flag, and
         bring it back; otherwise say what to do."""
-        st = self.status()
-        if st.failed or not st.needs_check:
+        pool = self.pool
+        st = pool.status()
+        if isinstance(st, ThinPoolFailed) or not st.needs_check:
             return
         busy = [
             row["name"]
-            for row in self._store.active_devices()
-            if ops.exists(self.device_dm_name(row["name"]))
-            and ops.info(self.device_dm_name(row["name"])).open_count
+            for row in pool._store.active_devices()
+            if ops.exists(pool.device_dm_name(row["name"]))
+            and ops.info(pool.device_dm_name(row["name"])).open_count
         ]
-        if busy or self.kind == "adopted":
+        if busy or pool.kind == PoolKind.ADOPTED:
             raise PoolReadOnlyError(
-                f"the kernel refused the change and flagged pool {self.name!r} needs_check "
+                f"the kernel refused the change and flagged pool {pool.name!r} needs_check "
                 f"(read-only); close {', '.join(busy) or 'its devices'} and run "
-                f"libdm pool open {self.directory} to check and clear it",
+                f"libdm pool open {pool.directory} to check and clear it",
                 operation,
-                self.name,
+                pool.name,
             )
-        for row in self._store.active_devices():
-            dm_name = self.device_dm_name(row["name"])
+        for row in pool._store.active_devices():
+            dm_name = pool.device_dm_name(row["name"])
             if ops.exists(dm_name):
                 ops.remove(dm_name)
-        ops.remove(self.name)
-        self._activate_pool("open")  # thin_check --clear-needs-check-flag first
-        for row in self._store.active_devices():
-            self._activate(row, operation)
+        ops.remove(pool.name)
+        pool._activate_pool("open")  # thin_check --clear-needs-check-flag first
+        for row in pool._store.active_devices():
+            pool._activate(row, operation)
 
-    def _finish_growth(self, intent, operation):
-        """Pool.open: finish a growth a kill interrupted (or roll it back
-        if it cannot be finished).  The pool may be down (a reboot), or
-        live and suspended, with or without the new table loaded."""
+    def finish(self, intent: GrowthIntent, operation: str) -> bool:
+        """Pool.open: finish a growth a kill interrupted (True), or roll it
+        back if it cannot be finished (False).  The pool may be down (a
+        reboot), or live and suspended, with or without the new table
+        loaded."""
+        pool = self.pool
+        txn = Transaction(pool._journal, intent)
         try:
-            if backings.exists_live(self.name):
-                self._apply_growth(intent.new)
+            if backings.exists_live(pool.name):
+                self.apply(intent.new)
             else:
-                self._use_config(intent.new)
-                if self.kind == "loop":
-                    self._backing.grow(
-                        Bytes(intent.new["data_size"]), Bytes(intent.new["metadata_size"])
-                    )
-                self._activate_pool(operation)
+                pool._use_config(intent.new)
+                if isinstance(pool._backing, backings.LoopBacking):
+                    pool._backing.grow(intent.new.data_size, intent.new.metadata_size)
+                pool._activate_pool(operation)
         except (DMError, OSError, ValueError) as exc:
             logger.warning(
                 "pool %s: could not finish the interrupted %s (%s); rolling back",
-                self.name,
+                pool.name,
                 intent.operation,
                 exc,
             )
-            if backings.exists_live(self.name):
-                self._roll_back_growth(intent, operation, exc)
+            if backings.exists_live(pool.name):
+                self.roll_back(txn, operation, exc)
             else:
-                self._use_config(intent.old)
-                with self._store.transaction():
-                    self._store.drop_growth_intent()
-            return
-        self._record_growth(intent.new)
+                pool._use_config(intent.old)
+                txn.withdraw()
+            return False
+        txn.commit()
+        return True
 
-    def _check_capacity(self, operation, config, extra_metadata=None):
+    def check_capacity(
+        self, operation: str, config: PoolConfig, extra_metadata: Bytes | None = None
+    ) -> None:
         """Refuse a data growth the metadata cannot map (PoolFullError with
-        the metadata size it takes).  ``extra_metadata``: ``Bytes`` the
-        metadata grows by first, in the same call."""
-        st = self.status()
-        if st.failed:
+        the metadata size it takes).  ``extra_metadata``: what the metadata
+        grows by first, in the same call."""
+        pool = self.pool
+        st = pool.status()
+        if isinstance(st, ThinPoolFailed):
             return
-        new_blocks = self._data_sectors(config) // int(self.block_size)
+        new_blocks = int(self.data_sectors(config)) // int(pool.block_size)
         old_blocks = int(st.total_data)
         needed = capacity.blocks_needed(old_blocks, new_blocks)
         if not needed:
@@ -524,44 +455,38 @@ class Growth:
         if capacity.fits(used, total, needed):
             return
         want = capacity.metadata_size_needed(used, int(st.total_meta), old_blocks, new_blocks)
-        size = format_size(Bytes(new_blocks * int(self.block_size.bytes())))
+        size = format_size(Bytes(new_blocks * int(pool.block_size.bytes())))
         have = format_size(Bytes(int(st.total_meta) * capacity.METADATA_BLOCK))
         if want is None:
             raise PoolFullError(
-                f"pool {self.name!r} cannot map {size} of data with {int(self.block_size)}-"
+                f"pool {pool.name!r} cannot map {size} of data with {int(pool.block_size)}-"
                 f"sector blocks: that takes more than the 16 GiB of metadata the kernel can "
                 f"use",
                 operation,
-                self.name,
+                pool.name,
             )
         how = (
             f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
             f"(libdm pool resize --metadata-size {format_size(want)})"
-            if self.kind == "loop"
+            if pool.kind == PoolKind.LOOP
             else "extend(device, metadata=True) grows it"
         )
         raise PoolFullError(
-            f"growing the data of pool {self.name!r} to {size} needs {needed} more metadata "
+            f"growing the data of pool {pool.name!r} to {size} needs {needed} more metadata "
             f"blocks, more than its {have} of metadata has free ({used} of {total} blocks used, "
             f"the kernel's reserve included): the kernel would refuse it or leave the pool "
             f"read-only; the metadata must be at least {format_size(want)}: {how}",
             operation,
-            self.name,
+            pool.name,
         )
 
-    def _data_sectors(self, config):
-        """The data device's size in sectors under ``config``."""
-        if self.kind == "loop":
-            return int(config["data_size"]) // 512
-        backing = backings.from_config(self.kind, self._store.statedir, self.name, config)
-        return sum(int(t.length) for t in backing.table(backing.data_segments))
-
-    def _update_config(self, **changes):
-        config = dict(self._config, **changes)
-        with self._store.transaction():
-            self._store.set_config(config)
-        self._use_config(config)
-
-    def data_size(self):
-        """The pool's data size in ``Bytes`` as the kernel sees it."""
-        return Bytes(int(ops.table(self.name)[0].length) * 512)
+    def data_sectors(self, config: PoolConfig) -> Sectors:
+        """The data device's size under ``config``."""
+        pool = self.pool
+        if pool.kind == PoolKind.LOOP:
+            return Sectors(int(config.data_size) // 512)
+        backing = backings.from_config(
+            pool.kind.value, pool._store.statedir, pool.name, config.to_record()
+        )
+        assert isinstance(backing, backings.LinearBacking)
+        return Sectors(sum(int(t.length) for t in backing.table(backing.data_segments)))

@@ -1,72 +1,88 @@
-"""The journal: how every change to a pool's thin ids is made crash-safe.
+"""The journal: how every change to a pool is made crash-safe.
 
 One :class:`Transaction` carries the protocol, with explicit verbs (as
 Docker's ``deviceset.go`` has open/close transaction):
 
-1. :meth:`Transaction.open`: under the state directory's lock, an
-   :class:`Intent` naming the change and its new transaction id is
-   committed to the store (durably);
-2. the caller sends the kernel its message (``create_thin``,
-   ``create_snap`` or ``delete``); if the kernel refuses it,
+1. :meth:`Journal.open`: under the state directory's lock, the change's
+   intent is committed to the store (durably): an :class:`Intent` naming
+   a change of thin ids and its new transaction id, or a
+   :class:`GrowthIntent` naming the configuration before and after;
+2. the caller makes the kernel change (``create_thin``, ``create_snap``,
+   ``delete``; or a growth's reload); if the kernel refuses it,
    :meth:`Transaction.withdraw` takes the intent back;
-3. :meth:`Transaction.commit`: ``set_transaction_id <old> <new>``, the
-   pool's metadata committed (a status read without no-flush), then the
-   outcome recorded and the intent dropped in one store transaction.
+3. :meth:`Transaction.commit`: for a change of thin ids,
+   ``set_transaction_id <old> <new>`` and the pool's metadata committed;
+   then the outcome recorded and the intent dropped in one store
+   transaction.
 
-After a crash at any point, :meth:`Transaction.recover` (called by
-``Pool.open`` for each intent left) compares the kernel's transaction id
-with the store's: the change reached the kernel (roll the store forward)
-or not (roll the kernel back: delete the thin id it may hold), so no thin
-id leaks and no record names a device that does not exist.  Named crash
-points (:mod:`libdm.thin.crash`) let tests stop the process at each step.
+After a crash at any point, :meth:`Journal.recover` (called by
+``Pool.open``, the one place a pool is reconciled) finishes or undoes
+what each intent left: a growth is finished (or rolled back) before the
+pool comes up; then the kernel's transaction id is compared with the
+store's: a change of thin ids reached the kernel (roll the store
+forward) or not (roll the kernel back: delete the thin id it may hold),
+so no thin id leaks and no record names a device that does not exist.
+Named crash points (:mod:`libdm.thin.crash`) let tests stop the process
+at each step.
 """
+
+from __future__ import annotations
 
 import enum
 import errno
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
 
-from libdm.dm import ops
 from libdm.dm.errors import DeviceBusyError, DMError
 from libdm.thin import crash
+from libdm.thin.config import PoolConfig
 from libdm.thin.errors import PoolFullError, StateError
+from libdm.thin.pooldev import PoolDevice, PoolStatus
+from libdm.thin.status import ThinPoolFailed
+from libdm.thin.store import Store
 from libdm.thin.table import MAX_THIN_ID
+from libdm.thin.units import Sectors
 
-__all__ = ["Intent", "Journal", "Op", "Transaction"]
+__all__ = ["GrowthIntent", "Intent", "Journal", "JournalHost", "Op", "Transaction"]
 
 
 class Op(enum.Enum):
-    """The changes of thin ids the journal knows."""
+    """The changes the journal knows."""
 
     CREATE_THIN = "create_thin"
     CREATE_SNAP = "create_snap"
     DELETE = "delete"
+    GROW = "grow"
 
     @property
-    def creates(self):
-        return self is not Op.DELETE
+    def creates(self) -> bool:
+        return self in (Op.CREATE_THIN, Op.CREATE_SNAP)
 
     @property
-    def crash_prefix(self):
-        """The family of its crash points: ``create:...`` or ``delete:...``."""
-        return "create" if self.creates else "delete"
+    def crash_prefix(self) -> str:
+        """The family of its crash points: ``create:...``, ``delete:...``, ``grow:...``."""
+        if self.creates:
+            return "create"
+        return "delete" if self is Op.DELETE else "grow"
 
 
 @dataclass(frozen=True)
 class Intent:
-    """A change in flight, as the store records it before the kernel
-    sees it.  ``size`` is in sectors; ``parent`` and ``origin_id`` name a
-    snapshot's origin."""
+    """A change of thin ids in flight, as the store records it before the
+    kernel sees it.  ``parent`` and ``origin_id`` name a snapshot's origin."""
 
     op: Op
     txid: int
     thin_id: int
     name: str
-    size: int | None = None
+    size: Sectors | None = None
     parent: str | None = None
     origin_id: int | None = None
 
     @classmethod
-    def from_row(cls, row):
+    def from_row(cls, row: Mapping[str, Any]) -> Intent:
         """The intent a store row holds.
 
         Raises:
@@ -75,77 +91,136 @@ class Intent:
         try:
             op = Op(row["op"])
         except ValueError:
+            op = Op.GROW
+        if op is Op.GROW:
             raise StateError(
                 f"the journal holds an unknown operation {row['op']!r} "
                 f"(transaction {row['txid']})",
                 "open",
                 None,
-            ) from None
+            )
+        size = row["size"]
         return cls(
             op,
             row["txid"],
             row["thin_id"],
             row["name"],
-            row["size"],
+            None if size is None else Sectors(size),
             row["parent"],
             row["origin_id"],
         )
 
-    def row(self):
+    def row(self) -> dict[str, Any]:
         """The store's columns for this intent."""
-        return dict(asdict(self), op=self.op.value)
+        return {
+            "txid": self.txid,
+            "op": self.op.value,
+            "thin_id": self.thin_id,
+            "name": self.name,
+            "size": None if self.size is None else int(self.size),
+            "parent": self.parent,
+            "origin_id": self.origin_id,
+        }
+
+
+@dataclass(frozen=True)
+class GrowthIntent:
+    """A growth in flight, as the store records it before the first step.
+
+    Attributes:
+        operation: the call (``resize``, ``extend``, ``refresh``,
+            ``set_low_water_mark``).
+        old: the pool's configuration before it.
+        new: the configuration it brings.
+        tables: the live tables (text lines) of the pool and its linear
+            pieces before it, to roll back to.
+    """
+
+    operation: str
+    old: PoolConfig
+    new: PoolConfig
+    tables: Mapping[str, tuple[str, ...]]
+
+    op = Op.GROW
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> GrowthIntent:
+        """Read a stored growth intent.
+
+        Raises:
+            StateError: a damaged record (the field is named).
+        """
+        where = "the growth intent in the pool state"
+        for field in ("operation", "old", "new", "tables"):
+            if field not in record:
+                raise StateError(
+                    f"{where} is damaged: its field {field!r} is missing", "open", None
+                )
+        tables = record["tables"]
+        if not isinstance(tables, Mapping) or not all(
+            isinstance(lines, list) and all(isinstance(line, str) for line in lines)
+            for lines in tables.values()
+        ):
+            raise StateError(
+                f"{where} is damaged: its field 'tables' is {tables!r}, not a map of "
+                f"device names to table lines",
+                "open",
+                None,
+            )
+        return cls(
+            str(record["operation"]),
+            PoolConfig.from_record(record["old"], f"{where} (old)"),
+            PoolConfig.from_record(record["new"], f"{where} (new)"),
+            MappingProxyType({name: tuple(lines) for name, lines in tables.items()}),
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "old": self.old.to_record(),
+            "new": self.new.to_record(),
+            "tables": {name: list(lines) for name, lines in self.tables.items()},
+        }
+
+
+class JournalHost(Protocol):
+    """What the journal needs of the pool, beyond its store and device."""
+
+    def _deactivate(self, name: str) -> None:
+        """Take thin device ``name``'s device-mapper device down (if up)."""
+
+    def _finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
+        """Bring the pool to ``intent.new`` (True), or back to ``intent.old``
+        (False, the kernel put back); the pool may be down."""
+        ...
+
+    def _use_config(self, config: PoolConfig) -> None:
+        """From now on, the pool runs on ``config``."""
 
 
 class Transaction:
-    """One change of thin ids through the journal (see the module doc).
+    """One change through the journal (see the module doc).
 
     Args:
-        pool: the :class:`~libdm.Pool`, whose lock the caller holds.
+        journal: the pool's journal, whose lock the caller holds.
         intent: the change.
     """
 
-    def __init__(self, pool, intent):
-        self.pool = pool
+    def __init__(self, journal: Journal, intent: Intent | GrowthIntent) -> None:
+        self.journal = journal
         self.intent = intent
 
-    @classmethod
-    def open(cls, pool, op, name, thin_id=None, size=None, parent=None, origin_id=None):
-        """Commit the intent of a change durably: step 1.  For a create
-        (``thin_id`` None) the lowest free thin id is taken in the same
-        store transaction.
-
-        Raises:
-            PoolFullError: no thin id is left.
-        """
-        store = pool._store
+    def withdraw(self, *, foreign: bool = False, queue: bool = False) -> None:
+        """The kernel refused the change (or it was undone): take the intent
+        back, in one store transaction.  A create gives its id back, or with
+        ``foreign`` (the kernel holds the id without a record here) never
+        hands it out again; a delete with ``queue`` frees the name now and
+        queues the id for a later attempt (deferred deletion)."""
+        store, intent = self.journal.store, self.intent
         with store.transaction():
-            if thin_id is None:
-                thin_id = store.allocate_id(MAX_THIN_ID)
-                if thin_id is None:
-                    raise PoolFullError(
-                        f"pool {pool.name!r} has no free thin device id left", op.value, pool.name
-                    )
-            intent = Intent(
-                op,
-                store.transaction_id() + 1,
-                thin_id,
-                name,
-                None if size is None else int(size),
-                parent,
-                origin_id,
-            )
-            store.add_intent(**intent.row())
-        crash.point(f"{op.crash_prefix}:intent")
-        return cls(pool, intent)
-
-    def withdraw(self, *, foreign=False, queue=False):
-        """The kernel refused the message: take the intent back, in one
-        store transaction.  A create gives its id back, or with ``foreign``
-        (the kernel holds the id without a record here) never hands it out
-        again; a delete with ``queue`` frees the name now and queues the id
-        for a later attempt (deferred deletion)."""
-        store, intent = self.pool._store, self.intent
-        with store.transaction():
+            if isinstance(intent, GrowthIntent):
+                store.drop_growth_intent()
+                return
             store.drop_intent(intent.txid)
             if intent.op.creates:
                 if foreign:
@@ -156,37 +231,46 @@ class Transaction:
                 store.drop_device(intent.name)
                 store.queue_delete(intent.thin_id, intent.name)
 
-    def commit(self):
-        """Steps 3: move the kernel's transaction id and record the
-        outcome.  If the kernel refuses the transaction id, a create's thin
-        id is deleted again and the intent withdrawn before the error is
-        raised (a delete's intent stays: Pool.open finishes it)."""
+    def commit(self) -> None:
+        """Step 3: move the kernel's transaction id (for a change of thin
+        ids) and record the outcome.  If the kernel refuses the transaction
+        id, a create's thin id is deleted again and the intent withdrawn
+        before the error is raised (a delete's intent stays: Pool.open
+        finishes it)."""
         intent = self.intent
-        crash.point(f"{intent.op.crash_prefix}:message")
-        try:
-            self.pool._set_transaction(intent.txid - 1, intent.txid)
-        except DMError:
-            if intent.op.creates:
-                try:
-                    self.pool._delete_thin_id(intent.thin_id)
-                finally:
-                    self.withdraw()
-            raise
-        crash.point(f"{intent.op.crash_prefix}:transaction")
+        if isinstance(intent, Intent):
+            crash.point(f"{intent.op.crash_prefix}:message")
+            try:
+                self.journal.device.set_transaction(intent.txid - 1, intent.txid)
+            except DMError:
+                if intent.op.creates:
+                    try:
+                        self.journal.device.delete_thin_id(intent.thin_id)
+                    finally:
+                        self.withdraw()
+                raise
+            crash.point(f"{intent.op.crash_prefix}:transaction")
         self.record_outcome()
 
-    def record_outcome(self):
-        """The kernel has the change: record it, move the store's
-        transaction id and drop the intent, in one commit (not fsynced:
-        the intent it replaces was, so a lost outcome is rolled forward
-        again by Pool.open)."""
-        store, intent = self.pool._store, self.intent
+    def record_outcome(self) -> None:
+        """The kernel has the change: record it and drop the intent in one
+        commit.  A change of thin ids moves the store's transaction id too,
+        in a commit that is not fsynced: the intent it replaces was, so a
+        lost outcome is rolled forward again by Pool.open."""
+        store, intent = self.journal.store, self.intent
+        if isinstance(intent, GrowthIntent):
+            with store.transaction():
+                store.set_config(intent.new.to_record())
+                store.drop_growth_intent()
+            self.journal.host._use_config(intent.new)
+            return
         with store.transaction(durable=False):
             if intent.op.creates:
                 # Active, as a create records it: the outcome lost may be one
                 # whose device the caller was already using.
+                assert intent.size is not None  # a create always has one
                 store.add_device(
-                    intent.name, intent.thin_id, intent.size, intent.parent, active=True
+                    intent.name, intent.thin_id, int(intent.size), intent.parent, active=True
                 )
             else:
                 row = store.device(intent.name)
@@ -197,41 +281,43 @@ class Transaction:
             store.set_transaction_id(intent.txid)
             store.drop_intent(intent.txid)
 
-    def recover(self, kernel_txid, operation):
-        """After a crash: finish the change if the kernel has it, undo it
-        if not.  Returns the kernel's transaction id afterwards.
+    def recover(self, kernel_txid: int, operation: str) -> int:
+        """After a crash: finish a change of thin ids if the kernel has it,
+        undo it if not.  Returns the kernel's transaction id afterwards.
 
         Raises:
             StateError: the kernel's transaction id fits neither case.
         """
-        pool, intent = self.pool, self.intent
-        stored = pool._store.transaction_id()
+        journal, intent = self.journal, self.intent
+        assert isinstance(intent, Intent)
+        name = journal.device.name
+        stored = int(journal.store.transaction_id())
         if intent.txid != stored + 1:
             raise StateError(
-                f"the journal of pool {pool.name!r} holds an intent for "
+                f"the journal of pool {name!r} holds an intent for "
                 f"transaction {intent.txid}, but the store is at {stored}",
                 operation,
-                pool.name,
+                name,
             )
         if kernel_txid == intent.txid:
             self.record_outcome()
             return kernel_txid
         if kernel_txid != stored:
             raise StateError(
-                f"pool {pool.name!r} is at transaction {kernel_txid} in the kernel but "
+                f"pool {name!r} is at transaction {kernel_txid} in the kernel but "
                 f"{stored} in the store (with a change to {intent.txid} in flight); "
                 f"another program may have changed the pool",
                 operation,
-                pool.name,
+                name,
             )
         # The transaction id never moved.  A create may still have reached
         # the kernel: delete the id so it cannot leak.  A delete is
         # finished: its data may already be discarded, so the device must
         # not come back (taken down first if the kill came before that).
         if not intent.op.creates:
-            pool._deactivate(intent.name)
+            journal.host._deactivate(intent.name)
         try:
-            pool._delete_thin_id(intent.thin_id)
+            journal.device.delete_thin_id(intent.thin_id)
         except DeviceBusyError:
             if intent.op.creates:
                 raise
@@ -245,103 +331,83 @@ class Transaction:
 
 
 class Journal:
-    """The transactional half of :class:`~libdm.Pool` (a mixin: it uses the
-    pool's ``name`` and ``_store``)."""
+    """The pool's journal: opens transactions, runs the changes of thin ids
+    through them, and reconciles what a crash left.
 
-    def _set_transaction(self, old, new):
-        ops.message(self.name, f"set_transaction_id {old} {new}")
-        # Reading status without no-flush commits the pool's metadata, so
-        # the change is durable before the store records its outcome.
-        ops.status(self.name)
+    Args:
+        store: the pool's state store.
+        device: the live pool device.
+        host: the pool (see :class:`JournalHost`).
+    """
 
-    def _reconcile(self, st, operation):
-        kernel = st.transaction_id
-        for row in self._store.intents():
-            kernel = Transaction(self, Intent.from_row(row)).recover(kernel, operation)
-        stored = self._store.transaction_id()
-        if kernel != stored:
-            raise StateError(
-                f"pool {self.name!r} is at transaction {kernel} in the kernel but {stored} "
-                f"in the store; another program changed the pool, so libdm will not touch it",
-                operation,
-                self.name,
-            )
+    def __init__(self, store: Store, device: PoolDevice, host: JournalHost) -> None:
+        self.store = store
+        self.device = device
+        self.host = host
 
-    def _delete_thin_id(self, thin_id):
-        """Send ``delete``; an id the kernel does not hold is fine."""
-        try:
-            ops.message(self.name, f"delete {thin_id}")
-        except DMError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
+    # -- step 1 ----------------------------------------------------------------------------
 
-    def _delete(self, row, discard):
-        """Delete a device through the journal: the intent first, then (with
-        ``discard``) its blocks discarded, its device taken down, the thin
-        id deleted.  From the intent on, a kill is finished by Pool.open:
-        a device whose data may be discarded must never come back.
-
-        Returns:
-            True if deleted; False if the kernel said busy and the id was
-            queued for a later attempt (deferred deletion).
+    def open(
+        self,
+        op: Op,
+        name: str,
+        thin_id: int | None = None,
+        size: Sectors | None = None,
+        parent: str | None = None,
+        origin_id: int | None = None,
+    ) -> Transaction:
+        """Commit the intent of a change of thin ids durably.  For a create
+        (``thin_id`` None) the lowest free thin id is taken, and the
+        transaction id read, in the same store transaction.
 
         Raises:
-            DeviceBusyError: busy, and the pool does not defer deletes.
+            PoolFullError: no thin id is left.
         """
-        name, thin_id = row["name"], row["thin_id"]
-        txn = Transaction.open(self, Op.DELETE, name, thin_id)
-        try:
-            # The discard skips a device that is open, and only an open one
-            # refuses to be taken down: a refusal here has lost nothing.
-            if discard:
-                self._discard_device(row)
-            self._deactivate(name)
-        except BaseException:
-            txn.withdraw()
-            raise
-        with self._store.transaction():
-            self._store.set_active(name, False)
-        crash.point("delete:deactivated")
-        try:
-            self._delete_thin_id(thin_id)
-        except DeviceBusyError:
-            # Still open (a deferred removal is pending): the name is freed
-            # now, the id when a later delete attempt succeeds.
-            txn.withdraw(queue=self.deferred_deletion)
-            if not self.deferred_deletion:
-                raise
-            return False
-        except DMError:
-            txn.withdraw()
-            raise
-        txn.commit()
-        return True
+        store = self.store
+        with store.transaction():
+            if thin_id is None:
+                thin_id = store.allocate_id(MAX_THIN_ID)
+                if thin_id is None:
+                    raise PoolFullError(
+                        f"pool {self.device.name!r} has no free thin device id left",
+                        op.value,
+                        self.device.name,
+                    )
+            intent = Intent(op, store.transaction_id() + 1, thin_id, name, size, parent, origin_id)
+            store.add_intent(**intent.row())
+        crash.point(f"{op.crash_prefix}:intent")
+        return Transaction(self, intent)
 
-    def _retry_deferred_deletes(self):
-        for row in self._store.deferred_deletes():
-            txn = Transaction.open(self, Op.DELETE, row["name"], row["thin_id"])
-            try:
-                self._delete_thin_id(row["thin_id"])
-            except DMError as exc:
-                # Still busy (retried later) or refused: the queue keeps the
-                # id, and no intent may outlive the attempt.
-                txn.withdraw()
-                if isinstance(exc, DeviceBusyError):
-                    continue
-                raise
-            txn.commit()
+    def open_growth(self, intent: GrowthIntent) -> Transaction:
+        """Commit a growth's intent durably."""
+        with self.store.transaction():
+            self.store.set_growth_intent(intent.to_record())
+        crash.point("grow:intent")
+        return Transaction(self, intent)
 
-    def _provision(self, op, name, size, parent, origin_id):
-        """Create a thin id through the journal (see the module doc)."""
-        op = Op(op)
+    # -- changes of thin ids ----------------------------------------------------------------
+
+    def provision(
+        self,
+        op: Op,
+        name: str,
+        size: Sectors,
+        parent: str | None = None,
+        origin_id: int | None = None,
+        origin_dm: str | None = None,
+    ) -> int:
+        """Create a thin id (``create_thin``, or ``create_snap`` of
+        ``origin_id``, suspending ``origin_dm`` around it); returns it."""
         while True:
-            txn = Transaction.open(self, op, name, size=size, parent=parent, origin_id=origin_id)
+            txn = self.open(op, name, size=size, parent=parent, origin_id=origin_id)
+            assert isinstance(txn.intent, Intent)
             thin_id = txn.intent.thin_id
             try:
                 if op is Op.CREATE_THIN:
-                    ops.message(self.name, f"create_thin {thin_id}")
+                    self.device.create_thin(thin_id)
                 else:
-                    self._create_snap(thin_id, parent, origin_id)
+                    assert origin_id is not None and origin_dm is not None
+                    self.device.create_snap(thin_id, origin_id, origin_dm)
             except DMError as exc:
                 # EEXIST: the kernel holds this id without our record of it;
                 # never hand it out, try the next one.
@@ -353,17 +419,110 @@ class Journal:
             crash.point("create:recorded")
             return thin_id
 
-    def _create_snap(self, thin_id, origin, origin_id):
-        origin_dm = self.device_dm_name(origin)
-        if not ops.exists(origin_dm):
-            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
-            return
-        # The kernel does not stop a snapshot of an origin with writes in
-        # flight, and such a snapshot is silently inconsistent: suspend
-        # the origin around the message, and always resume it.
-        ops.suspend(origin_dm)
+    def delete(
+        self,
+        name: str,
+        thin_id: int,
+        was_active: bool,
+        take_down: Callable[[], None],
+        deferred_deletion: bool,
+    ) -> bool:
+        """Delete a device: the intent first (recording it inactive in the
+        same commit), then ``take_down()`` (its blocks discarded and its
+        device removed), the thin id deleted.  From the intent on, a kill is
+        finished by Pool.open: a device whose data may be discarded must
+        never come back.
+
+        Returns:
+            True if deleted; False if the kernel said busy and the id was
+            queued for a later attempt (deferred deletion).
+
+        Raises:
+            DeviceBusyError: busy, and the pool does not defer deletes.
+        """
+        store = self.store
+        with store.transaction():
+            intent = Intent(Op.DELETE, store.transaction_id() + 1, thin_id, name)
+            store.add_intent(**intent.row())
+            store.set_active(name, False)
+        crash.point("delete:intent")
+        txn = Transaction(self, intent)
         try:
-            crash.point("snapshot:suspended")
-            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
-        finally:
-            ops.resume(origin_dm)
+            # The discard skips a device that is open, and only an open one
+            # refuses to be taken down: a refusal here has lost nothing.
+            take_down()
+        except BaseException:
+            with store.transaction():
+                store.drop_intent(intent.txid)
+                store.set_active(name, was_active)
+            raise
+        crash.point("delete:deactivated")
+        try:
+            self.device.delete_thin_id(thin_id)
+        except DeviceBusyError:
+            # Still open (a deferred removal is pending): the name is freed
+            # now, the id when a later delete attempt succeeds.
+            txn.withdraw(queue=deferred_deletion)
+            if not deferred_deletion:
+                raise
+            return False
+        except DMError:
+            txn.withdraw()
+            raise
+        txn.commit()
+        return True
+
+    def retry_deferred_deletes(self) -> int:
+        """Try the queued deletes again; returns how many succeeded."""
+        done = 0
+        for row in self.store.deferred_deletes():
+            txn = self.open(Op.DELETE, row["name"], row["thin_id"])
+            try:
+                self.device.delete_thin_id(row["thin_id"])
+            except DMError as exc:
+                # Still busy (retried later) or refused: the queue keeps the
+                # id, and no intent may outlive the attempt.
+                txn.withdraw()
+                if isinstance(exc, DeviceBusyError):
+                    continue
+                raise
+            txn.commit()
+            done += 1
+        return done
+
+    # -- after a crash ---------------------------------------------------------------------
+
+    def recover(self, operation: str, bring_up: Callable[[], PoolStatus]) -> PoolStatus:
+        """Reconcile the store with the kernel (Pool.open): finish or roll
+        back a growth, ``bring_up()`` the pool, then finish or undo each
+        change of thin ids in flight and retry the deferred deletes.
+
+        Returns:
+            The pool's status once up.
+
+        Raises:
+            StateError: a transaction id that neither the store nor its
+                journal explains.
+        """
+        record = self.store.growth_intent()
+        if record is not None:
+            self.host._finish_growth(GrowthIntent.from_record(record), operation)
+        st = bring_up()
+        if isinstance(st, ThinPoolFailed):
+            return st  # nothing can be activated; changes are refused with the reason
+        if st.mode == "rw" and not st.needs_check:
+            kernel = st.transaction_id
+            for row in self.store.intents():
+                kernel = Transaction(self, Intent.from_row(row)).recover(kernel, operation)
+            stored = self.store.transaction_id()
+            if kernel != stored:
+                name = self.device.name
+                raise StateError(
+                    f"pool {name!r} is at transaction {kernel} in the kernel but {stored} "
+                    f"in the store; another program changed the pool, so libdm will not "
+                    f"touch it",
+                    operation,
+                    name,
+                )
+            self.retry_deferred_deletes()
+        return st

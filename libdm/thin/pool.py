@@ -2,13 +2,18 @@
 
 A :class:`Pool` is a state directory (SQLite store + lock file, and for
 loop pools the data and metadata files) plus a live ``thin-pool``
-device-mapper device.  Its constructors live in :mod:`.creation`, and the
-crash-safe journal that every change to thin ids goes through in
-:mod:`.journal`.
+device-mapper device.  It is composed of parts, each with its own
+module: the store (:mod:`.store`), the lock (:mod:`.lock`), the live pool
+device (:mod:`.pooldev`), the backing (:mod:`.backing`), the journal that
+every change goes through (:mod:`.journal`), and growth (:mod:`.growth`);
+its configuration is a :class:`~libdm.thin.config.PoolConfig`, and its
+constructors live in :mod:`.creation`.
 
 Units: sizes are accepted as ``int`` bytes or strings such as ``"10G"``
 and must be whole 512-byte sectors; tables are in sectors.
 """
+
+from __future__ import annotations
 
 import contextlib
 import errno
@@ -18,32 +23,46 @@ import os
 import shutil
 import struct
 import subprocess
-import threading
-import time
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from libdm.dm import ops
-from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
+from libdm.dm.errors import (
+    DeviceBusyError,
+    DeviceExistsError,
+    DMError,
+    NoSuchDeviceError,
+    error_for,
+)
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
-from libdm.thin import crash
-from libdm.thin.creation import LOCK_NAME, PoolCreation
+from libdm.thin import crash, creation
+from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
     PoolFailedError,
     PoolFullError,
-    PoolLockedError,
     PoolReadOnlyError,
     StateError,
 )
-from libdm.thin.growth import Growth, GrowthIntent
-from libdm.thin.journal import Journal
-from libdm.thin.status import parse_pool_status
+from libdm.thin.growth import Growth, Region
+from libdm.thin.journal import GrowthIntent, Journal, Op
+from libdm.thin.lock import LOCK_NAME, PoolLock
+from libdm.thin.pooldev import PoolDevice, PoolStatus
+from libdm.thin.status import ThinPoolFailed, ThinPoolStatus
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
+
+if TYPE_CHECKING:
+    from libdm.thin.monitor import Monitor
+    from libdm.thin.report import PoolInfo
+
+Row = dict[str, Any]
+Backing = backings.LoopBacking | backings.LinearBacking | backings.AdoptedBacking
 
 __all__ = ["Pool"]
 
@@ -56,7 +75,7 @@ DEFAULT_BASE_SIZE = 10 << 30
 THIN_SUPERBLOCK_MAGIC = 27022010
 
 
-def _thin_check_failure(meta_path):
+def _thin_check_failure(meta_path: str) -> str | None:
     """Run thin_check on an inactive pool's metadata (clearing the
     needs_check flag when it is clean); return its complaint or ``None``.
     Skipped (``None``) where thin-provisioning-tools is not installed,
@@ -84,7 +103,7 @@ def _thin_check_failure(meta_path):
 _BLKDISCARD = 0x1277  # _IO(0x12, 119)
 
 
-def _discard(path, offset, length):
+def _discard(path: str, offset: Bytes, length: Bytes) -> None:
     """Discard ``length`` bytes at ``offset`` of a block device (BLKDISCARD),
     so a thin pool gets the blocks back."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -94,7 +113,7 @@ def _discard(path, offset, length):
         os.close(fd)
 
 
-class Pool(PoolCreation, Journal, Growth):
+class Pool:
     """A thin pool and its thin devices.
 
     Get one with :meth:`create_loop`, :meth:`create`,
@@ -114,11 +133,29 @@ class Pool(PoolCreation, Journal, Growth):
             are up; each is logged with the command that deletes it).
     """
 
-    unavailable = MappingProxyType({})
+    unavailable: Mapping[str, str] = MappingProxyType({})
+
+    name: str
+    uuid: str
+    kind: PoolKind
+    #: The pool's configuration, as stored.
+    config: PoolConfig
+    _backing: Backing
 
     # -- getting a pool --------------------------------------------------------
 
-    def __init__(self, directory, *, lock_timeout=30.0, _store=None):
+    create_loop = classmethod(creation.create_loop)
+    create = classmethod(creation.create)
+    create_on_device = classmethod(creation.create_on_device)
+    adopt = classmethod(creation.adopt)
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 30.0,
+        _store: Store | None = None,
+    ) -> None:
         """Read the pool's state (see :meth:`load`).  The state directory
         must be private and its files are never reached through a symlink
         (see :class:`~libdm.thin.statedir.StateDir`).
@@ -132,34 +169,50 @@ class Pool(PoolCreation, Journal, Growth):
         self.directory = os.path.abspath(directory)
         self.lock_timeout = lock_timeout
         self._store = _store if _store is not None else Store(self.directory)
-        self._thread_lock = threading.RLock()
-        self._depth = 0
-        self._lock_fd = -1
+        self._lock = PoolLock(-1, os.path.join(self.directory, LOCK_NAME))
         try:
-            self._lock_fd = self._store.statedir.open_file(
+            self._lock.fd = self._store.statedir.open_file(
                 LOCK_NAME, os.O_RDWR, "open", "lock file", create=True
             )
             self._load()
         except BaseException:
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+            self._lock.close()
             if _store is None:  # a creation cleans up its own store
                 self._store.close()
             raise
+        self._device = PoolDevice(self.name)
+        self._journal = Journal(self._store, self._device, self)
+        self._growth = Growth(self)
 
-    def _load(self):
+    def _load(self) -> None:
         row = self._store.pool()
+        where = f"the pool state in {self._store.path}"
         self.name = row["name"]
         self.uuid = row["uuid"]
-        self.kind = row["kind"]
-        self._config = row["config"]
+        self.kind = PoolKind.parse(row["kind"], where)
+        self._use_config(PoolConfig.from_record(row["config"], where))
+
+    def _use_config(self, config: PoolConfig) -> None:
+        """From now on, run on ``config`` (and the backing it records)."""
         self._backing = backings.from_config(
-            self.kind, self._store.statedir, self.name, self._config
+            self.kind.value, self._store.statedir, self.name, config.to_record()
         )
+        self.config = config
+
+    @property
+    def _config(self) -> dict[str, Any]:
+        """The stored configuration as its JSON record (a copy)."""
+        return self.config.to_record()
+
+    def _update_config(self, **changes: Any) -> None:
+        """Store the configuration with ``changes`` (stored fields) applied."""
+        config = self.config.with_record(changes)
+        with self._store.transaction():
+            self._store.set_config(config.to_record())
+        self._use_config(config)
 
     @classmethod
-    def load(cls, directory, *, lock_timeout=30.0):
+    def load(cls, directory: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> Pool:
         """Read a pool's state without touching any device: for reports and
         listings of a pool that may or may not be live (:meth:`open` makes
         it live).
@@ -171,7 +224,13 @@ class Pool(PoolCreation, Journal, Growth):
         return cls(directory, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, directory, *, lock_timeout=30.0, progress=None):
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 30.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Pool:
         """Open a pool from its state directory and make it live.
 
         Idempotent: on a pool that is already live it verifies the live
@@ -210,89 +269,56 @@ class Pool(PoolCreation, Journal, Growth):
             raise
         return pool
 
-    # -- creation helpers --------------------------------------------------------
-
     # -- locking -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _changing(self, operation):
+    def _changing(self, operation: str) -> contextlib.AbstractContextManager[None]:
         """Hold the pool for a change: this process's threads and other
-        processes wait (up to ``lock_timeout``)."""
-        with self._thread_lock:
-            if self._depth == 0:
-                self._acquire(operation)
-                try:
-                    self._load()  # another process may have changed the state
-                except BaseException:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                    raise
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        processes wait (up to ``lock_timeout``).  The state is read again
+        when the lock is taken: another process may have changed it."""
+        return self._lock.held(operation, self.name, self.lock_timeout, self._reload)
 
-    def _acquire(self, operation):
-        if self._lock_fd < 0:
-            raise ValueError(f"pool {self.name!r} is closed")
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise PoolLockedError(
-                        f"another process has been changing pool {self.name!r} for more "
-                        f"than {self.lock_timeout} s (lock {self.directory}/{LOCK_NAME})",
-                        operation,
-                        self.name,
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+    def _reload(self) -> None:
+        self._load()
+        self._device.forget()
 
     # -- the pool device -----------------------------------------------------------
 
     @property
-    def block_size(self):
+    def block_size(self) -> Sectors:
         """The data block size in ``Sectors``."""
-        return Sectors(self._config["block_size"])
+        return self.config.block_size
 
     @property
-    def min_free_space(self):
+    def min_free_space(self) -> float:
         """Percent of data and metadata kept free (``dm.min_free_space``)."""
-        return self._config["min_free_space"]
+        return self.config.min_free_space
 
     @property
-    def deferred_removal(self):
-        return self._config["deferred_removal"]
+    def deferred_removal(self) -> bool:
+        return self.config.deferred_removal
 
     @property
-    def deferred_deletion(self):
-        return self._config["deferred_deletion"]
+    def deferred_deletion(self) -> bool:
+        return self.config.deferred_deletion
 
     @property
-    def path(self):
+    def path(self) -> str:
         """The pool device's path, ``/dev/mapper/<name>``."""
         return ops.device_path(self.name)
 
-    def _devno(self):
-        info = ops.info(self.name)
-        return f"{info.major}:{info.minor}"
+    def _devno(self) -> str:
+        return self._device.devno()
 
-    def _expected_params(self, devs):
+    def _expected_params(self, devs: backings._Devices) -> ThinPoolParams:
         return ThinPoolParams(
             devs.meta.devno,
             devs.data.devno,
             self.block_size,
-            DataBlocks(self._config["low_water_mark"]),
-            frozenset(self._config["features"]),
+            self.config.low_water_mark,
+            self.config.features,
         )
 
-    def _table_for(self, devs):
+    def _table_for(self, devs: backings._Devices) -> list[Target]:
         length = (
             Sectors(devs.data.size // 512).data_blocks(self.block_size).sectors(self.block_size)
         )
@@ -302,13 +328,13 @@ class Pool(PoolCreation, Journal, Growth):
             )
         return [Target(0, int(length), "thin-pool", str(self._expected_params(devs)))]
 
-    def _activate_pool(self, operation):
+    def _activate_pool(self, operation: str) -> None:
         """Make the pool device live, or check the live one against the store."""
         if backings.exists_live(self.name):
             self._settle_live_pool(operation)
             self._verify_live_pool(operation)
             return
-        if self.kind == "adopted":
+        if self.kind == PoolKind.ADOPTED:
             raise StateError(
                 f"adopted pool {self.name!r} is not live; libdm does not own its devices, "
                 f"so whoever made it must activate it",
@@ -327,8 +353,9 @@ class Pool(PoolCreation, Journal, Growth):
                         self.name,
                     )
             ops.create(self.name, self._table_for(devs), uuid=self.uuid)
+        self._device.forget()
 
-    def _settle_live_pool(self, operation):
+    def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never
         resumed, by a process killed mid-change.  A growth's intent is
         finished before this (see :meth:`_finish_growth`); what is left
@@ -351,7 +378,7 @@ class Pool(PoolCreation, Journal, Growth):
         logger.warning("pool %s: resuming it after an interrupted change", self.name)
         ops.resume(self.name)
 
-    def _ever_used(self):
+    def _ever_used(self) -> bool:
         """True if the store shows the pool held a device at some time."""
         return bool(
             self._store.transaction_id()
@@ -360,7 +387,7 @@ class Pool(PoolCreation, Journal, Growth):
             or self._store.deferred_deletes()
         )
 
-    def _check_superblock(self, meta_path, operation):
+    def _check_superblock(self, meta_path: str, operation: str) -> None:
         """Refuse metadata whose superblock is blank or foreign before any
         table is loaded: given a blank superblock the kernel formats fresh,
         empty metadata, which is right only for a pool that never held a
@@ -386,7 +413,7 @@ class Pool(PoolCreation, Journal, Growth):
             if not self._ever_used():
                 return
             # What the blank superblock lost, thin_repair must be told.
-            blocks = self._data_sectors(self._config) // int(self.block_size)
+            blocks = int(self._data_sectors(self.config)) // int(self.block_size)
             repair = repair.replace(
                 " -o <",
                 f" --transaction-id {self._store.transaction_id()} --data-block-size "
@@ -407,7 +434,7 @@ class Pool(PoolCreation, Journal, Growth):
                 self.name,
             )
 
-    def _verify_live_pool(self, operation):
+    def _verify_live_pool(self, operation: str) -> None:
         live = ops.table(self.name)
         if len(live) != 1 or live[0].type != "thin-pool":
             raise StateError(
@@ -417,19 +444,19 @@ class Pool(PoolCreation, Journal, Growth):
                 self.name,
             )
         got = ThinPoolParams.parse(live[0].params)
-        diffs = []
+        diffs: list[str] = []
         if got.block_size != self.block_size:
             diffs.append(
                 f"block size {int(got.block_size)} sectors, stored {int(self.block_size)}"
             )
-        if sorted(got.features) != sorted(self._config["features"]):
-            diffs.append(f"features {sorted(got.features)}, stored {self._config['features']}")
-        if int(got.low_water_mark) != self._config["low_water_mark"]:
+        if sorted(got.features) != sorted(self.config.features):
+            diffs.append(f"features {sorted(got.features)}, stored {sorted(self.config.features)}")
+        if int(got.low_water_mark) != int(self.config.low_water_mark):
             diffs.append(
                 f"low water mark {int(got.low_water_mark)}, "
-                f"stored {self._config['low_water_mark']}"
+                f"stored {int(self.config.low_water_mark)}"
             )
-        if self.kind != "adopted":
+        if self.kind != PoolKind.ADOPTED:
             with self._backing.attach() as devs:
                 for what, have, want in (
                     ("metadata device", got.metadata_dev, devs.meta.devno),
@@ -445,7 +472,7 @@ class Pool(PoolCreation, Journal, Growth):
                 self.name,
             )
 
-    def status(self):
+    def status(self) -> PoolStatus:
         """The pool's status from the kernel (committing its metadata): a
         :class:`~libdm.thin.status.ThinPoolStatus`, or ``ThinPoolFailed``
         for ``Fail`` / ``Error``.
@@ -453,11 +480,11 @@ class Pool(PoolCreation, Journal, Growth):
         Raises:
             NoSuchDeviceError: the pool device is not live.
         """
-        return parse_pool_status(ops.status(self.name)[0].params)
+        return self._device.status()
 
-    def _writable_status(self, operation):
+    def _writable_status(self, operation: str) -> ThinPoolStatus:
         st = self.status()
-        if st.failed:
+        if isinstance(st, ThinPoolFailed):
             raise PoolFailedError(
                 f"pool {self.name!r} has failed (the kernel reports {st.state}); {REPAIR_HINT}",
                 operation,
@@ -478,7 +505,7 @@ class Pool(PoolCreation, Journal, Growth):
             )
         return st
 
-    def _check_free_space(self, st, operation):
+    def _check_free_space(self, st: ThinPoolStatus, operation: str) -> None:
         pct = self.min_free_space
         for what, free, total in (
             ("data", st.free_data, st.total_data),
@@ -495,46 +522,53 @@ class Pool(PoolCreation, Journal, Growth):
 
     # -- bringing a pool up ------------------------------------------------------------
 
-    def _adopt_live_devices(self):
+    def _adopt_live_devices(self) -> set[str]:
         """A device whose device-mapper device is live is active, whatever
         the store says: a process killed between activating it and
         recording that (or between recording a deactivation and doing it)
-        leaves the two apart, and the kernel is the truth here."""
+        leaves the two apart, and the kernel is the truth here.  Returns
+        the names of the pool's devices that have a device-mapper device."""
         prefix = f"{self.name}-"
+        present = set()
         for entry in ops.list_devices():
             if not entry.name.startswith(prefix):
                 continue
-            row = self._store.device(entry.name[len(prefix) :])
+            name = entry.name[len(prefix) :]
+            present.add(name)
+            row = self._store.device(name)
             if row is not None and not row["active"]:
                 with self._store.transaction():
                     self._store.set_active(row["name"], True)
+        return present
 
-    def _bring_up(self, operation, progress=None):
-        if self._config.get("repair"):
+    def _bring_up(
+        self, operation: str, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        if self.config.repair is not None:
             from libdm.thin import repair
 
             repair.finish_swap(self)
-        record = self._store.growth_intent()
-        if record is not None:
-            self._finish_growth(GrowthIntent.from_record(record), operation)
-        self._activate_pool(operation)
-        st = self.status()
-        if st.failed:
+
+        def up() -> PoolStatus:
+            self._activate_pool(operation)
+            return self.status()
+
+        # The one place a pool is reconciled with its journal.
+        st = self._journal.recover(operation, up)
+        if isinstance(st, ThinPoolFailed):
             return  # nothing can be activated; changes are refused with the reason
-        if st.mode == "rw" and not st.needs_check:
-            self._reconcile(st, operation)
-            self._retry_deferred_deletes()
-        self._adopt_live_devices()
-        self.unavailable = {}
+        present = self._adopt_live_devices()
+        unavailable: dict[str, str] = {}
+        self.unavailable = unavailable
         rows = self._store.active_devices()
         for done, row in enumerate(rows, 1):
             if progress is not None:
                 progress(done, len(rows))
             try:
-                self._activate(row, operation)
+                self._activate(row, operation, absent=row["name"] not in present)
             except (DMError, ValueError) as exc:
                 # One device the kernel refuses must not keep the others down.
-                self.unavailable[row["name"]] = str(exc)
+                unavailable[row["name"]] = str(exc)
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s; delete it "
                     "with: libdm thin delete --pool %s %s",
@@ -546,13 +580,18 @@ class Pool(PoolCreation, Journal, Growth):
                     row["name"],
                 )
 
+    # -- the journal's host (see libdm.thin.journal.JournalHost) -----------------------
+
+    def _finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
+        return self._growth.finish(intent, operation)
+
     # -- devices ----------------------------------------------------------------------
 
-    def device_dm_name(self, name):
+    def device_dm_name(self, name: str) -> str:
         """The device-mapper name of thin device ``name``: ``<pool>-<name>``."""
         return f"{self.name}-{name}"
 
-    def _check_device_name(self, name):
+    def _check_device_name(self, name: str) -> str:
         check_name(name)
         dm_name = self.device_dm_name(name)
         try:
@@ -563,16 +602,16 @@ class Pool(PoolCreation, Journal, Growth):
             ) from None
         return dm_name
 
-    def _wrap(self, row):
+    def _wrap(self, row: Row) -> ThinDevice:
         return (Snapshot if row["parent"] is not None else ThinDevice)(self, row)
 
-    def _row(self, name, operation):
+    def _row(self, name: str, operation: str) -> Row:
         """The store's record of device ``name``.
 
         Raises:
             NoSuchDeviceError: the pool has no such device.
         """
-        row = self._store.device(name)
+        row: Row | None = self._store.device(name)
         if row is None:
             raise error_for(
                 errno.ENXIO,
@@ -582,7 +621,7 @@ class Pool(PoolCreation, Journal, Growth):
             )
         return row
 
-    def device(self, name):
+    def device(self, name: str) -> ThinDevice:
         """The thin device or snapshot called ``name``.
 
         Raises:
@@ -591,15 +630,15 @@ class Pool(PoolCreation, Journal, Growth):
         row = self._row(name, "device")
         return self._wrap(row)
 
-    def devices(self):
+    def devices(self) -> list[ThinDevice]:
         """Every thin device and snapshot, sorted by name."""
         return [self._wrap(row) for row in self._store.devices()]
 
-    def children(self, name):
+    def children(self, name: str) -> list[ThinDevice]:
         """The snapshots taken of device ``name``."""
         return [self.device(child) for child in self._store.children(name)]
 
-    def create_thin(self, name, size=None):
+    def create_thin(self, name: str, size: int | str | None = None) -> ThinDevice:
         """Create a thin device and activate it.
 
         Args:
@@ -621,29 +660,42 @@ class Pool(PoolCreation, Journal, Growth):
                 record are deleted again before this is raised.
         """
         dm_name = self._check_device_name(name)
-        if size is None:
-            size = self.base_size
-        size = parse_size(size, what="size").sectors()  # refuses sizes past the kernel's limit
+        # parse_size refuses sizes past the kernel's limit
+        sectors = parse_size(self.base_size if size is None else size, what="size").sectors()
         with self._changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
-            self._provision("create_thin", name, size, None, None)
-            return self._activate_new(name, "create_thin")
+            thin_id = self._journal.provision(Op.CREATE_THIN, name, sectors)
+            return self._activate_new(name, thin_id, sectors, None, "create_thin")
 
-    def snapshot_device(self, origin, name):
+    def snapshot_device(self, origin: str, name: str) -> ThinDevice:
         """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
         dm_name = self._check_device_name(name)
         with self._changing("snapshot"):
             row = self._row(origin, "snapshot")
             self._before_change("snapshot", name, dm_name)
-            self._provision("create_snap", name, Sectors(row["size"]), origin, row["thin_id"])
-            return self._activate_new(name, "snapshot")
+            size = Sectors(row["size"])
+            thin_id = self._journal.provision(
+                Op.CREATE_SNAP, name, size, origin, row["thin_id"], self.device_dm_name(origin)
+            )
+            return self._activate_new(name, thin_id, size, origin, "snapshot")
 
-    def _activate_new(self, name, operation):
-        """Activate a device just provisioned; if the kernel refuses its
-        table, delete its thin id and record again (journalled, as any
-        delete) rather than leave a record no open can activate."""
+    def _activate_new(
+        self, name: str, thin_id: int, size: Sectors, parent: str | None, operation: str
+    ) -> ThinDevice:
+        """Activate a device just provisioned (its record is as the journal
+        wrote it; its device-mapper name was checked free under this lock);
+        if the kernel refuses its table, delete its thin id and record again
+        (journalled, as any delete) rather than leave a record no open can
+        activate."""
+        row: Row = {
+            "name": name,
+            "thin_id": thin_id,
+            "size": int(size),
+            "parent": parent,
+            "active": 1,
+        }
         try:
-            return self._activate(self._store.device(name), operation)
+            return self._activate(row, operation, absent=True)
         except Exception as exc:
             try:
                 self.delete_device(name, _discard=False)  # it never held data
@@ -656,10 +708,10 @@ class Pool(PoolCreation, Journal, Growth):
                 )
             raise exc
 
-    def _before_change(self, operation, name, dm_name):
-        self._writable_status(operation)
-        self._retry_deferred_deletes()
-        st = self.status()  # after the retry: what it freed counts
+    def _before_change(self, operation: str, name: str, dm_name: str) -> None:
+        st = self._writable_status(operation)
+        if self._journal.retry_deferred_deletes():
+            st = self._writable_status(operation)  # what the retry freed counts
         self._check_free_space(st, operation)
         if self._store.device(name) is not None:
             raise DeviceExistsError(
@@ -676,19 +728,28 @@ class Pool(PoolCreation, Journal, Growth):
                 dm_name,
             )
 
-    def activate_device(self, name):
+    def activate_device(self, name: str) -> None:
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
         with self._changing("activate"):
             row = self._row(name, "activate")
             self._activate(row, "activate")
 
-    def _thin_table(self, row, pool_devno):
+    def _thin_table(self, row: Row, pool_devno: str) -> list[Target]:
         return [Target(0, row["size"], "thin", str(ThinParams(pool_devno, row["thin_id"])))]
 
-    def _activate(self, row, operation):
+    def _activate(self, row: Row, operation: str, *, absent: bool = False) -> ThinDevice:
+        """Make device ``row`` live (or check the live one).  ``absent``:
+        the caller knows no device-mapper device of its name exists, so
+        none is looked for."""
         dm_name = self.device_dm_name(row["name"])
-        table = self._thin_table(row, self._devno())
-        if backings.exists_live(dm_name):
+        table = self._thin_table(row, self._device.devno())
+        uuid = f"LIBDM-THIN-{self.config.token}-{row['thin_id']}"
+        if absent:
+            try:
+                ops.create(dm_name, table, uuid=uuid)
+            except DeviceExistsError:
+                return self._activate(row, operation)  # made meanwhile: check it
+        elif backings.exists_live(dm_name):
             live = ops.table(dm_name)
             if (
                 len(live) == 1
@@ -728,27 +789,29 @@ class Pool(PoolCreation, Journal, Growth):
             if info.suspended:
                 ops.resume(dm_name)
         else:
-            ops.create(dm_name, table, uuid=f"LIBDM-THIN-{self._config['token']}-{row['thin_id']}")
+            ops.create(dm_name, table, uuid=uuid)
         if not row["active"]:
             with self._store.transaction():
                 self._store.set_active(row["name"], True)
-        return self.device(row["name"])
+        return self._wrap(dict(row, active=1))
 
-    def resize_device(self, name, size, *, force=False, grow_filesystem=False):
+    def resize_device(
+        self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
+    ) -> ThinDevice:
         """Resize device ``name`` (see :meth:`ThinDevice.resize`)."""
-        size = parse_size(size, what="size").sectors()
+        new = parse_size(size, what="size").sectors()
         with self._changing("resize_device"):
             row = self._row(name, "resize_device")
             old = Sectors(row["size"])
-            if size == old:
+            if new == old:
                 return self.device(name)
             dm_name = self.device_dm_name(name)
             live = ops.exists(dm_name)
-            if size < old:
+            if new < old:
                 if not force:
                     raise ValueError(
                         f"{name!r} would shrink from {format_size(old.bytes())} to "
-                        f"{format_size(size.bytes())}, cutting off whatever is stored past "
+                        f"{format_size(new.bytes())}, cutting off whatever is stored past "
                         f"the new end; pass force=True (--force) if that is meant"
                     )
                 if live and ops.info(dm_name).open_count:
@@ -760,25 +823,25 @@ class Pool(PoolCreation, Journal, Growth):
                     )
                 if live:
                     # Give the cut-off blocks back to the pool first.
-                    _discard(ops.device_path(dm_name), size.bytes(), (old - size).bytes())
+                    _discard(ops.device_path(dm_name), new.bytes(), (old - new).bytes())
             else:
                 self._writable_status("resize_device")
             # The store first: a kill before the reload leaves a live table
             # shorter or longer than the record, which activation corrects.
             with self._store.transaction():
-                self._store.set_size(name, size)
+                self._store.set_size(name, int(new))
             crash.point("resize_device:recorded")
             if live:
-                ops.reload(dm_name, self._thin_table(dict(row, size=int(size)), self._devno()))
+                ops.reload(dm_name, self._thin_table(dict(row, size=int(new)), self._devno()))
                 ops.resume(dm_name)
             device = self.device(name)
-            if grow_filesystem and size > old:
+            if grow_filesystem and new > old:
                 from libdm.thin import fs
 
                 fs.grow_filesystem(device.path)
             return device
 
-    def deactivate_device(self, name):
+    def deactivate_device(self, name: str) -> None:
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
         with self._changing("deactivate"):
             self._row(name, "deactivate")
@@ -786,12 +849,12 @@ class Pool(PoolCreation, Journal, Growth):
             with self._store.transaction():
                 self._store.set_active(name, False)
 
-    def _deactivate(self, name):
-        dm_name = self.device_dm_name(name)
-        if ops.exists(dm_name):
-            ops.remove(dm_name, deferred=self.deferred_removal)
+    def _deactivate(self, name: str) -> None:
+        """Take device ``name``'s device-mapper device down, if it is up."""
+        with contextlib.suppress(NoSuchDeviceError):
+            ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
-    def delete_device(self, name, *, _discard=True):
+    def delete_device(self, name: str, *, _discard: bool = True) -> None:
         """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
         with self._changing("delete"):
             row = self._row(name, "delete")
@@ -799,9 +862,18 @@ class Pool(PoolCreation, Journal, Growth):
             # allow: they share its blocks by reference count, and become
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
-            self._retry_deferred_deletes()
-            self._delete(row, discard=_discard and self.discard_on_delete)
-            if self._config.get("base_device") == name:
+            self._journal.retry_deferred_deletes()
+            discard = _discard and self.discard_on_delete
+
+            def take_down() -> None:
+                if discard:
+                    self._discard_device(row)
+                self._deactivate(name)
+
+            self._journal.delete(
+                name, row["thin_id"], bool(row["active"]), take_down, self.deferred_deletion
+            )
+            if self.config.base_device == name:
                 self._update_config(base_device=None)
 
     # -- settings -----------------------------------------------------------------------
@@ -809,12 +881,12 @@ class Pool(PoolCreation, Journal, Growth):
     def configure(
         self,
         *,
-        base_size=None,
-        discard_on_delete=None,
-        deferred_removal=None,
-        deferred_deletion=None,
-        xfs_nospace_max_retries=None,
-    ):
+        base_size: int | str | None = None,
+        discard_on_delete: bool | None = None,
+        deferred_removal: bool | None = None,
+        deferred_deletion: bool | None = None,
+        xfs_nospace_max_retries: int | None = None,
+    ) -> None:
         """Change the pool's settings; ``None`` leaves one as it is.
 
         Args:
@@ -831,7 +903,7 @@ class Pool(PoolCreation, Journal, Growth):
         Raises:
             ValueError: a bad size.
         """
-        changes = {}
+        changes: dict[str, Any] = {}
         if base_size is not None:
             changes["base_size"] = int(parse_size(base_size, what="base_size"))
         for key, value in (
@@ -851,7 +923,7 @@ class Pool(PoolCreation, Journal, Growth):
 
     # -- repair -------------------------------------------------------------------------
 
-    def repair(self, *, partial=False):
+    def repair(self, *, partial: bool = False) -> str:
         """Repair the pool's metadata, as ``lvconvert --repair`` does: take
         the pool down, let ``thin_repair`` write what it recovers into a
         spare, check that with ``thin_check``, swap it in (the damaged copy
@@ -877,7 +949,7 @@ class Pool(PoolCreation, Journal, Growth):
         """
         from libdm.thin import repair
 
-        if self.kind != "loop":
+        if self.kind != PoolKind.LOOP:
             raise ValueError(
                 f"pool {self.name!r} is a {self.kind} pool: libdm repairs loop "
                 f"pools' metadata only, for now"
@@ -890,41 +962,49 @@ class Pool(PoolCreation, Journal, Growth):
     # -- giving space back ---------------------------------------------------------------
 
     @property
-    def xfs_nospace_max_retries(self):
+    def xfs_nospace_max_retries(self) -> int | None:
         """How often xfs on the pool's devices retries a metadata write
         that met ENOSPC, applied by :meth:`ThinDevice.mount` (Docker's
         ``dm.xfs_nospace_max_retries``); ``None`` leaves xfs's default."""
-        value = self._config.get("xfs_nospace_max_retries")
+        value = self.config.xfs_nospace_max_retries
         return None if value is None or value == -1 else value
 
     @property
-    def discard_on_delete(self):
+    def discard_on_delete(self) -> bool:
         """Discard a device's blocks before deleting it (Docker's
         ``dm.blkdiscard``), so that the pool passes the discards down and a
         loop pool's data file gets its space back as holes.  On by default
         for loop pools, off for the others (see :meth:`configure`)."""
-        return bool(self._config.get("discard_on_delete", self.kind == "loop"))
+        value = self.config.discard_on_delete
+        return self.kind == PoolKind.LOOP if value is None else value
 
-    def _discard_device(self, row):
+    def _discard_device(self, row: Row) -> None:
         """Discard all of a device about to be deleted, unless something
         holds it open (its user's data must not vanish under it) or the
         pool ignores discards.  An inactive device is activated for it."""
-        if "ignore_discard" in self._config["features"]:
+        if "ignore_discard" in self.config.features:
             return
         dm_name = self.device_dm_name(row["name"])
-        made = False
-        if not backings.exists_live(dm_name):
+        try:
+            info = ops.info(dm_name)
+        except NoSuchDeviceError:
+            info = None
+        if info is not None and not info.live_table:
+            # What a create killed between its create and load leaves.
+            ops.remove(dm_name)
+            info = None
+        made = info is None
+        if info is None:
             try:
-                ops.create(dm_name, self._thin_table(row, self._devno()))
+                ops.create(dm_name, self._thin_table(row, self._device.devno()))
             except (DMError, ValueError) as exc:
                 # Giving space back is a courtesy: the delete goes on.
                 logger.warning(
                     "pool %s: %s not discarded before its delete: %s", self.name, dm_name, exc
                 )
                 return
-            made = True
         try:
-            if ops.info(dm_name).open_count:
+            if info is not None and info.open_count:
                 logger.info(
                     "pool %s: %s is open, so its blocks are not discarded before its delete",
                     self.name,
@@ -932,7 +1012,7 @@ class Pool(PoolCreation, Journal, Growth):
                 )
                 return
             try:
-                _discard(ops.device_path(dm_name), 0, Sectors(row["size"]).bytes())
+                _discard(ops.device_path(dm_name), Bytes(0), Sectors(row["size"]).bytes())
             except OSError as exc:  # the delete goes on: its data goes anyway
                 logger.warning(
                     "pool %s: discarding %s before its delete failed: %s", self.name, dm_name, exc
@@ -941,7 +1021,7 @@ class Pool(PoolCreation, Journal, Growth):
             if made:
                 ops.remove(dm_name)
 
-    def trim(self):
+    def trim(self) -> Bytes:
         """Give back the space the filesystems on the pool's devices have
         freed (``fstrim`` on every mounted one, with the FITRIM ioctl): the
         thin devices unmap it, and the pool passes the discards down to its
@@ -957,13 +1037,14 @@ class Pool(PoolCreation, Journal, Growth):
 
         total = 0
         for device in self.devices():
-            if device.active and fs.mount_point(device.path) is not None:
-                total += fs.trim(fs.mount_point(device.path))
+            point = fs.mount_point(device.path) if device.active else None
+            if point is not None:
+                total += int(fs.trim(point))
         return Bytes(total)
 
     # -- metadata snapshots ------------------------------------------------------------
 
-    def reserve_metadata_snap(self):
+    def reserve_metadata_snap(self) -> None:
         """Reserve a metadata snapshot, so ``thin_ls`` / ``thin_dump -m`` can
         read the live pool; release it with :meth:`release_metadata_snap`.
 
@@ -972,7 +1053,7 @@ class Pool(PoolCreation, Journal, Growth):
         """
         ops.message(self.name, "reserve_metadata_snap")
 
-    def release_metadata_snap(self):
+    def release_metadata_snap(self) -> None:
         """Release the reserved metadata snapshot.
 
         Raises:
@@ -981,7 +1062,7 @@ class Pool(PoolCreation, Journal, Growth):
         ops.message(self.name, "release_metadata_snap")
 
     @contextlib.contextmanager
-    def metadata_snap(self):
+    def metadata_snap(self) -> Iterator[Pool]:
         """``with pool.metadata_snap(): ...`` reserves a metadata snapshot
         for the block and always releases it."""
         self.reserve_metadata_snap()
@@ -993,20 +1074,21 @@ class Pool(PoolCreation, Journal, Growth):
     # -- base device -------------------------------------------------------------------
 
     @property
-    def base_size(self):
+    def base_size(self) -> Bytes:
         """The size of new devices created without one, in ``Bytes``
         (Docker's ``dm.basesize``; 10 GiB unless set by :meth:`configure`)."""
-        return Bytes(self._config.get("base_size", DEFAULT_BASE_SIZE))
+        size = self.config.base_size
+        return Bytes(DEFAULT_BASE_SIZE) if size is None else size
 
     @property
-    def base_device(self):
+    def base_device(self) -> ThinDevice | None:
         """The device set as base for layers (see :meth:`set_base_device`),
         or ``None``."""
-        name = self._config.get("base_device")
+        name = self.config.base_device
         row = None if name is None else self._store.device(name)
         return None if row is None else self._wrap(row)
 
-    def set_base_device(self, name):
+    def set_base_device(self, name: str | None) -> None:
         """Mark device ``name`` as the pool's base device (shown in
         :meth:`info` as Base Device Size), or clear it with ``None``.
 
@@ -1020,28 +1102,26 @@ class Pool(PoolCreation, Journal, Growth):
 
     # -- reporting and ending ----------------------------------------------------------
 
-    def info(self):
+    def info(self) -> PoolInfo:
         """The pool report, with the fields of ``docker info``'s listing
         (see :class:`~libdm.thin.report.PoolInfo`)."""
         from libdm.thin.report import pool_info
 
         return pool_info(self)
 
-    def close(self):
+    def close(self) -> None:
         """Release the state store and lock; the devices stay live."""
-        if self._lock_fd >= 0:
+        if not self._lock.closed:
             self._store.close()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._lock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
-        return False
 
-    def destroy(self, *, remove_files=False):
+    def destroy(self, *, remove_files: bool = False) -> None:
         """Remove every thin device, the pool device and what backs it.
 
         Thin devices are removed (waiting out short-lived openers), then
@@ -1062,11 +1142,12 @@ class Pool(PoolCreation, Journal, Growth):
                 dm_name = self.device_dm_name(row["name"])
                 if ops.exists(dm_name):
                     ops.remove(dm_name)
-            if self.kind != "adopted" and ops.exists(self.name):
+            if self.kind != PoolKind.ADOPTED and ops.exists(self.name):
                 ops.remove(self.name)
+            self._device.forget()
             self._backing.teardown()
             if remove_files:
-                if self.kind == "loop":
+                if isinstance(self._backing, backings.LoopBacking):
                     self._backing.remove_files()
                 self._store.close_db()
                 for name in STORE_FILES:
@@ -1075,12 +1156,157 @@ class Pool(PoolCreation, Journal, Growth):
             self.close()
             return
         statedir.unlink(LOCK_NAME)
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        self._lock.close()
         statedir.close()
-        if self._config.get("made_directory") is True:
+        if self.config.made_directory is True:
             with contextlib.suppress(OSError):
                 os.rmdir(self.directory)
 
-    def __repr__(self):
+    # -- growth (the growth part does it) ------------------------------------------------
+
+    def resize(
+        self,
+        data_size: int | str | None = None,
+        metadata_size: int | str | None = None,
+        *,
+        low_water_mark: int | None = None,
+    ) -> PoolStatus:
+        """Grow a loop pool's data and/or metadata online, like the guide's
+        ``device_tool resize``.
+
+        Args:
+            data_size: the new data size, bytes or a string such as
+                ``"200G"``; ``None`` leaves it.
+            metadata_size: the new metadata size; ``None`` leaves it.
+            low_water_mark: a new low water mark (data blocks) to load in
+                the same reload as the data growth (the monitor's re-arm,
+                without a second suspend); ``None`` leaves it.
+
+        Returns:
+            The pool's status after the resize.
+
+        Raises:
+            ValueError: a size below the current one (pools never shrink),
+                a bad size, or a pool that is not on loop files (use
+                :meth:`extend` or :meth:`refresh`).
+            PoolFullError: the metadata is too small to map that much data
+                (the message says how much metadata it takes; give
+                ``metadata_size`` too, and the metadata grows first).
+            PoolFailedError, PoolReadOnlyError: the pool failed or needs
+                checking (``needs_check``); the kernel refuses to grow it.
+            DMError: the kernel refused; the pool is back as it was.
+        """
+        return self._growth.resize(data_size, metadata_size, low_water_mark=low_water_mark)
+
+    def refresh(self) -> PoolStatus:
+        """Reload the pool so it uses all of its devices' current size (after
+        they were grown outside libdm, e.g. an LVM volume extended).
+
+        Returns:
+            The pool's status after the reload.
+
+        Raises:
+            PoolFullError: the metadata cannot map the grown data.
+            PoolFailedError, PoolReadOnlyError: as for :meth:`resize`.
+        """
+        return self._growth.refresh()
+
+    def extend(
+        self,
+        device: str,
+        *,
+        metadata: bool = False,
+        force: bool = False,
+        start: int | str | None = None,
+        length: int | str | None = None,
+    ) -> PoolStatus:
+        """Add a block device (or a region of one) to a block pool's data
+        (or, with ``metadata=True``, its metadata), online: the libdm
+        equivalent of the guide's ``vgextend`` + ``lvextend``.
+
+        The new segment is appended to ``<pool>-tdata`` (``-tmeta``), so
+        the pool keeps its devices while they grow; its position in the
+        concatenation is sector math.  The device passes the same checks
+        as at creation (not in use; no signature unless ``force``).  The
+        new segment is recorded before the kernel sees it, so a crash
+        midway is finished by :meth:`open`.
+
+        A device the pool already sits on (a split device's headroom, see
+        :meth:`free_regions`) can give its free part: by default the
+        region starts after the last sector the pool uses there, and one
+        that directly follows the side's last segment lengthens it.
+
+        Args:
+            device: the block device path.
+            metadata: grow the metadata instead of the data.
+            force: use a device that carries a signature.
+            start: where the region starts on the device, bytes or a string
+                (default 0, or the free tail of a device the pool uses).
+            length: the region's length, bytes or a string (default: to the
+                end of the device).
+
+        Returns:
+            The pool's status after the extension.
+
+        Raises:
+            ValueError: a loop or adopted pool (use :meth:`resize`), a
+                region the pool uses already (named), a region that does not
+                fit.
+            DeviceNotBlankError, DeviceBusyError: as for :meth:`create`.
+            PoolFailedError, PoolReadOnlyError: the pool cannot grow.
+        """
+        return self._growth.extend(
+            device, metadata=metadata, force=force, start=start, length=length
+        )
+
+    def free_regions(self) -> list[Region]:
+        """The free tails of the block devices the pool sits on: where
+        :meth:`extend` (and the monitor) can grow without another device,
+        such as what ``create_on_device(thinp_percent=...)`` left free.
+
+        Returns:
+            A list of ``(device path, start, length)``, in ``Sectors``,
+            largest first; empty for loop and adopted pools.
+        """
+        return self._growth.free_regions()
+
+    def set_low_water_mark(self, blocks: DataBlocks | int) -> None:
+        """Set the pool's low water mark: when free data blocks fall below
+        it the kernel raises one device-mapper event (see
+        :func:`libdm.wait_event`).  Stored, and applied by a reload.
+
+        Args:
+            blocks: free data blocks (``DataBlocks`` or int), 0 for never.
+        """
+        self._growth.set_low_water_mark(blocks)
+
+    def monitor(self, threshold: int = 80, percent: int = 20, **options: Any) -> Monitor:
+        """An autoextend :class:`~libdm.thin.monitor.Monitor` for this pool
+        (``dm.thinp_autoextend_threshold`` / ``_percent``): not running yet;
+        call its ``run()``, ``start()``, or use it in a ``with`` block.
+
+        Args:
+            threshold: percent used at which to grow (default 80).
+            percent: growth in percent of the current size (default 20).
+            options: see :class:`~libdm.thin.monitor.Monitor`.
+        """
+        from libdm.thin.monitor import Monitor
+
+        return Monitor(self, threshold, percent, **options)
+
+    def data_size(self) -> Bytes:
+        """The pool's data size in ``Bytes`` as the kernel sees it."""
+        return Bytes(int(ops.table(self.name)[0].length) * 512)
+
+    def _grow(self, operation: str, **changes: Any) -> None:
+        """Reload the pool with ``changes`` (stored fields), journalled."""
+        self._growth.grow(operation, changes)
+
+    def _data_sectors(self, config: PoolConfig | Mapping[str, Any]) -> Sectors:
+        """The data device's size under ``config`` (or its stored record)."""
+        if not isinstance(config, PoolConfig):
+            config = PoolConfig.from_record(config)
+        return self._growth.data_sectors(config)
+
+    def __repr__(self) -> str:
         return f"<Pool {self.name!r} ({self.kind}) at {self.directory}>"

@@ -1,0 +1,95 @@
+"""The live thin-pool device as the pool's other parts talk to it: its
+status, its messages, and its device number (cached for a change).
+
+Each method is one round trip to the kernel, or as few as it takes: the
+status task also gives the device number, which thin tables name and
+which cannot change while the pool device lives.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from libdm.dm import ops
+from libdm.dm._lib import lib
+from libdm.dm.errors import DMError, NoSuchDeviceError, error_for
+from libdm.dm.task import Task
+from libdm.thin import crash
+from libdm.thin.status import ThinPoolFailed, ThinPoolStatus, parse_pool_status
+
+__all__ = ["PoolDevice", "PoolStatus"]
+
+PoolStatus = ThinPoolStatus | ThinPoolFailed
+
+
+class PoolDevice:
+    """The ``thin-pool`` device-mapper device called ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._devno: str | None = None
+
+    def forget(self) -> None:
+        """Drop the cached device number (the device may be made anew)."""
+        self._devno = None
+
+    def status(self) -> PoolStatus:
+        """The kernel's status (committing the pool's metadata); also caches
+        the device number, from the same task.
+
+        Raises:
+            NoSuchDeviceError: the pool device is not live.
+        """
+        with Task(lib.DM_DEVICE_STATUS, "status", self.name) as task:
+            task.run()
+            info = task.info()
+            if info is None:
+                raise error_for(errno.ENXIO, "status", self.name)
+            targets = task.targets()
+        self._devno = f"{info.major}:{info.minor}"
+        status: PoolStatus = parse_pool_status(targets[0].params)
+        return status
+
+    def devno(self) -> str:
+        """``major:minor``, as thin tables name the pool."""
+        if self._devno is None:
+            info = ops.info(self.name)
+            self._devno = f"{info.major}:{info.minor}"
+        return self._devno
+
+    def message(self, text: str) -> None:
+        ops.message(self.name, text)
+
+    def set_transaction(self, old: int, new: int) -> None:
+        """Move the transaction id and commit the metadata: a status read
+        without no-flush commits it, so the change is durable before the
+        store records its outcome."""
+        ops.message(self.name, f"set_transaction_id {old} {new}")
+        self.status()
+
+    def create_thin(self, thin_id: int) -> None:
+        ops.message(self.name, f"create_thin {thin_id}")
+
+    def create_snap(self, thin_id: int, origin_id: int, origin_dm: str) -> None:
+        """Snapshot thin id ``origin_id``.  The kernel does not stop a
+        snapshot of an origin with writes in flight, and such a snapshot is
+        silently inconsistent: an active origin (``origin_dm``) is suspended
+        around the message, and always resumed."""
+        try:
+            ops.suspend(origin_dm)
+        except NoSuchDeviceError:
+            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
+            return
+        try:
+            crash.point("snapshot:suspended")
+            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
+        finally:
+            ops.resume(origin_dm)
+
+    def delete_thin_id(self, thin_id: int) -> None:
+        """Send ``delete``; an id the kernel does not hold is fine."""
+        try:
+            ops.message(self.name, f"delete {thin_id}")
+        except DMError as exc:
+            if exc.errno != errno.ENODATA:
+                raise

@@ -7,17 +7,19 @@ copied from the real signatures in ``libdevmapper.h``; compiling in API mode
 makes the C compiler check them against the installed header.
 """
 
+from __future__ import annotations
+
 import os
 import shlex
 import subprocess
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped]  # cffi ships no types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DECL_DIR = os.path.join(HERE, "libdm", "_decl")
 
 # Order matters: types before the functions that use them.
-FRAGMENTS = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h", "lock.h"]
+FRAGMENTS: list[str] = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h", "lock.h"]
 
 # libdevmapper's logger is variadic, which cffi cannot call back into
 # Python directly.  This shim formats each message in C and hands the
@@ -134,7 +136,7 @@ static int libdm_arm_poll(int fd)
 """
 
 
-def _pkg_config(*args):
+def _pkg_config(*args: str) -> list[str] | None:
     """Return pkg-config's words for devmapper, or None when unavailable."""
     try:
         out = subprocess.run(
@@ -148,7 +150,7 @@ def _pkg_config(*args):
     return shlex.split(out)
 
 
-def _build_options():
+def _build_options() -> dict[str, list[str]]:
     cflags = _pkg_config("--cflags") or []
     libs = _pkg_config("--libs")
     if libs is None:
@@ -161,7 +163,7 @@ def _build_options():
     }
 
 
-def read_declarations():
+def read_declarations() -> str:
     parts = []
     for name in FRAGMENTS:
         with open(os.path.join(DECL_DIR, name), encoding="utf-8") as fh:

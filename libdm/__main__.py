@@ -1,3 +1,5 @@
+"""``python -m libdm``: the command-line tool."""
+
 from libdm.cli import main
 
 raise SystemExit(main())

@@ -1,13 +1,19 @@
-"""The unit types are distinct to a type checker, not only at run time.
+"""What a type checker sees of libdm.
 
-mypy --strict is run on two small snippets: one with the forms a unit
-allows (a unit plus an int, times an int, a unit over the same unit), which
-must check clean, and one where every line marked ``# error`` mixes units
-and must be reported on exactly that line.
+* The unit types are distinct to a checker, not only at run time: mypy
+  --strict is run on two small snippets, one with the forms a unit allows
+  (a unit plus an int, times an int, a unit over the same unit), which must
+  check clean, and one where every line marked ``# error`` mixes units and
+  must be reported on exactly that line.
+* The binding's stub names what the compiled module has, with the same
+  parameter counts.
+* The names the packages import lazily are the names they show a checker.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import re
 import subprocess
@@ -19,8 +25,8 @@ from pathlib import Path
 import pytest
 
 import libdm
-
-pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy)")
+import libdm.dm
+import libdm.thin
 
 ALLOWED = """
 from libdm.thin.units import Bytes, DataBlocks, MetaBlocks, Sectors, parse_size
@@ -113,6 +119,7 @@ def _run_mypy(tmp_path: Path, **modules: str) -> list[str]:
 
 
 def test_units_are_distinct_types(tmp_path: Path) -> None:
+    pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy)")
     errors = _run_mypy(tmp_path, allowed=ALLOWED, rejected=REJECTED)
     allowed_errors = [e for e in errors if e.startswith("allowed.py:")]
     assert allowed_errors == [], "\n".join(allowed_errors)
@@ -130,3 +137,61 @@ def test_units_are_distinct_types(tmp_path: Path) -> None:
     assert not unmarked, "\n".join(unmarked)
     missed = sorted(marked - reported)
     assert not missed, "mypy accepted mixed units on: " + "; ".join(source[n - 1] for n in missed)
+
+
+# -- the binding's stub, and the names a checker sees in the packages --------
+
+STUB = Path(libdm.__file__).resolve().parent / "_libdevmapper.pyi"
+
+
+def _stub_lib() -> dict[str, int | None]:
+    """The stub's ``_Lib`` members: a function's parameter count, None for a constant."""
+    tree = ast.parse(STUB.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "_Lib"]
+    out: dict[str, int | None] = {}
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef):
+            out[node.name] = len(node.args.posonlyargs) + len(node.args.args)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = None
+    return out
+
+
+def test_binding_stub_matches_the_compiled_module() -> None:
+    from libdm.dm._lib import ffi, lib
+
+    compiled: dict[str, int | None] = {}
+    for name in dir(lib):
+        value = getattr(lib, name)
+        compiled[name] = None if isinstance(value, int) else len(ffi.typeof(value).args)
+    assert _stub_lib() == compiled
+
+
+def _checker_imports(package: str) -> dict[str, str]:
+    """{name: module} a package's ``if TYPE_CHECKING:`` block imports."""
+    module = importlib.import_module(package)
+    assert module.__file__ is not None
+    tree = ast.parse(Path(module.__file__).read_text())
+    out: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.module is not None
+                for alias in imp.names:
+                    assert alias.asname == alias.name, "re-export as 'from m import x as x'"
+                    out[alias.name] = imp.module
+    return out
+
+
+@pytest.mark.parametrize("package", ["libdm", "libdm.dm"])
+def test_lazy_names_are_visible_to_a_checker(package: str) -> None:
+    # __getattr__ imports the names at run time; a checker reads the
+    # TYPE_CHECKING imports instead, so the two must list the same names.
+    tables = {"libdm.dm": [libdm.dm._TABLE], "libdm": [libdm.dm._TABLE, libdm.thin._TABLE]}
+    lazy = {
+        name: module
+        for table in tables[package]
+        for module, names in table.items()
+        for name in names
+    }
+    assert _checker_imports(package) == lazy

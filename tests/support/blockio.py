@@ -1,13 +1,18 @@
 """Block I/O helpers for tests: loop devices attached by losetup (tests
 may run it; the library never does), and reads and writes at offsets."""
 
+from __future__ import annotations
+
 import os
 import subprocess
+from pathlib import Path
+
+StrPath = str | os.PathLike[str]
 
 MiB = 1 << 20
 
 
-def attach(tmp_path, name, size):
+def attach(tmp_path: Path, name: str, size: int) -> str:
     """A loop device (attached by losetup) over a new sparse file of
     ``size`` bytes in ``tmp_path``; the harness detaches it after the test."""
     path = tmp_path / name
@@ -18,13 +23,13 @@ def attach(tmp_path, name, size):
     ).stdout.strip()
 
 
-def devno(path):
+def devno(path: StrPath) -> str:
     """``major:minor`` of a device node."""
     st = os.stat(path)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
-def write_at(path, offset, data):
+def write_at(path: StrPath, offset: int, data: bytes) -> None:
     """Write ``data`` at ``offset`` and sync it."""
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -34,12 +39,13 @@ def write_at(path, offset, data):
         os.close(fd)
 
 
-def write_pattern(path, byte, offset=0, length=MiB):
+def write_pattern(path: StrPath, byte: int, offset: int = 0, length: int = MiB) -> None:
     """Fill ``length`` bytes at ``offset`` with ``byte`` and sync."""
     write_at(path, offset, bytes([byte]) * length)
 
 
-def read_at(path, offset=0, length=MiB):
+def read_at(path: StrPath, offset: int = 0, length: int = MiB) -> bytes:
+    """``length`` bytes at ``offset`` (fewer at the end of the device)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.pread(fd, length, offset)

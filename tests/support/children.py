@@ -3,12 +3,16 @@ pool and runs some code, optionally armed to SIGKILL itself at a named
 crash point (``LIBDM_CRASH_AT``, armed by the testing package's bootstrap;
 see libdm.thin.crash)."""
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
 
 
-def run_child(directory, code, crash_at=None):
+def run_child(
+    directory: str | os.PathLike[str], code: str, crash_at: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` with ``p`` the pool opened from ``directory``.
 
     Returns:

@@ -9,25 +9,34 @@ test command uses, or the full one the report asks for with
 ``LIBDM_RELIABILITY=full``.
 """
 
+from __future__ import annotations
+
 import json
 import os
+from collections.abc import Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def full():
+def full() -> bool:
+    """Whether the full counts were asked for (``LIBDM_RELIABILITY=full``)."""
     return os.environ.get("LIBDM_RELIABILITY") == "full"
 
 
-def scale(reduced, complete):
+def scale(reduced: T, complete: T) -> T:
+    """``complete`` when :func:`full`, else ``reduced``."""
     return complete if full() else reduced
 
 
-def gaps(wanted, reached):
+def gaps(wanted: Iterable[str], reached: Iterable[str]) -> list[str]:
     """What of ``wanted`` was never ``reached``, sorted: a randomized suite
     names these so the report can say what its figures do not cover."""
     return sorted(set(wanted) - set(reached))
 
 
-def record(suite, **figures):
+def record(suite: str, **figures: object) -> None:
+    """Append one record of ``suite``'s figures to ``LIBDM_RELIABILITY_LOG``, if set."""
     path = os.environ.get("LIBDM_RELIABILITY_LOG")
     if not path:
         return

@@ -4,11 +4,73 @@ Tests check what libdm did against these, never against libdm itself.
 (Tests may run dmsetup; the library never does.)
 """
 
+from __future__ import annotations
+
 import os
 import subprocess
+from collections.abc import Iterable, Mapping
+from typing import Any, Required, TypedDict
+
+StrPath = str | os.PathLike[str]
 
 
-def dmsetup(*args, check=True):
+class DeviceInfo(TypedDict):
+    """One device as ``dmsetup info -c`` shows it."""
+
+    name: str
+    uuid: str
+    major: int
+    minor: int
+    attr: str  # e.g. "L--w": live table, not suspended, writable
+    open: int
+    segments: int
+    events: int
+
+
+class PoolTable(TypedDict):
+    """A ``thin-pool`` table line, parsed."""
+
+    length: int
+    meta: str
+    data: str
+    block_size: int
+    low_water_mark: int
+    features: list[str]
+
+
+class PoolStatus(TypedDict, total=False):
+    """A ``thin-pool`` status line, parsed; only ``failed`` when it failed."""
+
+    failed: Required[str | None]
+    txid: int
+    used_meta: int
+    total_meta: int
+    used_data: int
+    total_data: int
+    mode: str
+    needs_check: bool
+
+
+class KernelSnapshot(TypedDict):
+    """Every device's info, table lines and status lines, by name."""
+
+    infos: dict[str, DeviceInfo]
+    tables: dict[str, list[str]]
+    statuses: dict[str, list[str]]
+
+
+class StoreState(TypedDict):
+    """What a pool's state store holds (rows as the store returns them)."""
+
+    pool: Any
+    devices: list[Any]
+    intents: list[Any]
+    deferred: list[Any]
+    foreign: Iterable[int]
+    txid: int
+
+
+def dmsetup(*args: str, check: bool = True) -> str:
     """Run dmsetup and return its stdout."""
     proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
@@ -16,16 +78,16 @@ def dmsetup(*args, check=True):
     return proc.stdout
 
 
-def table(name):
+def table(name: str) -> list[str]:
     """The device's table lines, as dmsetup prints them."""
     return [line.rstrip() for line in dmsetup("table", name).splitlines()]
 
 
-def status(name):
+def status(name: str) -> list[str]:
     return [line.rstrip() for line in dmsetup("status", name).splitlines()]
 
 
-def info(name):
+def info(name: str) -> DeviceInfo | None:
     """dmsetup's view of one device as a dict, or None if it does not exist."""
     out = dmsetup(
         "info",
@@ -46,14 +108,14 @@ def info(name):
         "uuid": uuid,
         "major": int(major),
         "minor": int(minor),
-        "attr": attr,  # e.g. "L--w": live table, not suspended, writable
+        "attr": attr,
         "open": int(open_),
         "segments": int(segments),
         "events": int(events),
     }
 
 
-def names():
+def names() -> set[str]:
     """Names of all device-mapper devices, per dmsetup."""
     out = dmsetup("ls").strip()
     if not out or out == "No devices found":
@@ -61,7 +123,7 @@ def names():
     return {line.split()[0] for line in out.splitlines()}
 
 
-def sysfs(name, attr):
+def sysfs(name: str, attr: str) -> str | None:
     """Read /sys/block/dm-N/dm/<attr> for device ``name`` (found by scanning)."""
     for entry in os.listdir("/sys/block"):
         if not entry.startswith("dm-"):
@@ -74,7 +136,8 @@ def sysfs(name, attr):
     return None
 
 
-def sysfs_names():
+def sysfs_names() -> set[str]:
+    """Names of all device-mapper devices, per sysfs."""
     out = set()
     for entry in os.listdir("/sys/block"):
         if entry.startswith("dm-"):
@@ -83,7 +146,7 @@ def sysfs_names():
     return out
 
 
-def devnode(devno):
+def devnode(devno: str) -> str:
     """/dev path of a block device given as 'major:minor' (via sysfs)."""
     with open(f"/sys/dev/block/{devno}/uevent") as fh:
         for line in fh:
@@ -92,13 +155,13 @@ def devnode(devno):
     raise AssertionError(f"no device node for {devno}")
 
 
-def pool_devices(pool_name):
+def pool_devices(pool_name: str) -> tuple[str, str]:
     """(metadata dev path, data dev path) from the pool's live table."""
     params = table(pool_name)[0].split()
     return devnode(params[3]), devnode(params[4])
 
 
-def thin_ids(pool_name, meta=None):
+def thin_ids(pool_name: str, meta: str | None = None) -> set[int]:
     """The thin device ids the pool's metadata holds, read by thin_dump from
     a metadata snapshot reserved here (not by libdm).  ``meta``: the
     metadata device's path, when the caller knows it."""
@@ -116,16 +179,17 @@ def thin_ids(pool_name, meta=None):
     return {int(m) for m in re.findall(r'<device dev_id="(\d+)"', out)}
 
 
-def pool_status(pool_name):
+def pool_status(pool_name: str) -> list[str]:
     """The pool's status fields as dmsetup prints them (after the target type)."""
     return status(pool_name)[0].split()[3:]
 
 
-def transaction_id(pool_name):
+def transaction_id(pool_name: str) -> int:
     return int(pool_status(pool_name)[0])
 
 
-def checksum(path, size=None):
+def checksum(path: StrPath, size: int | None = None) -> str:
+    """SHA-256 of the first ``size`` bytes (all, when None) of ``path``."""
     import hashlib
 
     h = hashlib.sha256()
@@ -156,10 +220,10 @@ class PoolWedged(AssertionError):
     """I/O to a pool's device did not finish within the time limit."""
 
 
-def _per_device(command):
+def _per_device(command: str) -> dict[str, list[str]]:
     """``dmsetup table`` / ``status`` of every device: name -> its lines."""
     out = dmsetup(command)
-    result = {}
+    result: dict[str, list[str]] = {}
     if out.strip() == "No devices found":
         return result
     for line in out.splitlines():
@@ -173,17 +237,17 @@ def _per_device(command):
     return result
 
 
-def tables():
+def tables() -> dict[str, list[str]]:
     """Every device's table lines, from one ``dmsetup table``."""
     return _per_device("table")
 
 
-def statuses():
+def statuses() -> dict[str, list[str]]:
     """Every device's status lines, from one ``dmsetup status``."""
     return _per_device("status")
 
 
-def infos():
+def infos() -> dict[str, DeviceInfo]:
     """Every device's ``dmsetup info`` columns: name -> dict (see :func:`info`)."""
     out = dmsetup(
         "info",
@@ -194,7 +258,7 @@ def infos():
         "-o",
         "name,uuid,major,minor,attr,open,segments,events",
     ).strip()
-    result = {}
+    result: dict[str, DeviceInfo] = {}
     if not out or "|" not in out:
         return result
     for line in out.splitlines():
@@ -212,7 +276,9 @@ def infos():
     return result
 
 
-def read_direct(path, offset=0, length=4096, timeout=READ_TIMEOUT):
+def read_direct(
+    path: StrPath, offset: int = 0, length: int = 4096, timeout: float = READ_TIMEOUT
+) -> bytes:
     """Read ``length`` bytes at ``offset`` of a block device with O_DIRECT
     (past the page cache), in a thread given ``timeout`` seconds.
 
@@ -224,19 +290,20 @@ def read_direct(path, offset=0, length=4096, timeout=READ_TIMEOUT):
     import mmap
     import threading
 
-    result = {}
+    data: list[bytes] = []
+    error: list[BaseException] = []
 
-    def run():
+    def run() -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
             try:
                 buf = mmap.mmap(-1, length)  # page aligned, as O_DIRECT wants
                 got = os.preadv(fd, [buf], offset)
-                result["data"] = bytes(buf[:got])
+                data.append(bytes(buf[:got]))
             finally:
                 os.close(fd)
         except BaseException as exc:  # handed to the caller
-            result["error"] = exc
+            error.append(exc)
 
     thread = threading.Thread(target=run, daemon=True, name=f"read {path}")
     thread.start()
@@ -246,20 +313,20 @@ def read_direct(path, offset=0, length=4096, timeout=READ_TIMEOUT):
             f"pool wedged: reading {length} bytes at {offset} of {path} did not "
             f"finish within {timeout:g} s"
         )
-    if "error" in result:
-        raise result["error"]
-    return result["data"]
+    if error:
+        raise error[0]
+    return data[0]
 
 
-def write_direct(path, offset, data, timeout=READ_TIMEOUT):
+def write_direct(path: StrPath, offset: int, data: bytes, timeout: float = READ_TIMEOUT) -> None:
     """Write ``data`` (a multiple of 4 KiB) at ``offset`` with O_DIRECT and
     fsync, in a thread given ``timeout`` seconds (PoolWedged otherwise)."""
     import mmap
     import threading
 
-    result = {}
+    error: list[BaseException] = []
 
-    def run():
+    def run() -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             try:
@@ -271,9 +338,8 @@ def write_direct(path, offset, data, timeout=READ_TIMEOUT):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            result["ok"] = True
-        except BaseException as exc:
-            result["error"] = exc
+        except BaseException as exc:  # handed to the caller
+            error.append(exc)
 
     thread = threading.Thread(target=run, daemon=True, name=f"write {path}")
     thread.start()
@@ -283,11 +349,11 @@ def write_direct(path, offset, data, timeout=READ_TIMEOUT):
             f"pool wedged: writing {len(data)} bytes at {offset} of {path} did "
             f"not finish within {timeout:g} s"
         )
-    if "error" in result:
-        raise result["error"]
+    if error:
+        raise error[0]
 
 
-def store_state(directory):
+def store_state(directory: StrPath) -> StoreState:
     """What the pool's state store holds, read (never written) through
     libdm's Store: ``pool`` (row, config decoded), ``devices``, ``intents``,
     ``deferred``, ``foreign`` and ``txid``."""
@@ -307,7 +373,7 @@ def store_state(directory):
         store.close()
 
 
-def _sysfs_dev(devno, attr):
+def _sysfs_dev(devno: str, attr: str) -> str | None:
     try:
         with open(f"/sys/dev/block/{devno}/{attr}") as fh:
             return fh.read().strip()
@@ -315,12 +381,19 @@ def _sysfs_dev(devno, attr):
         return None
 
 
-def _device_sectors(path):
+def _sysfs_sectors(devno: str) -> int:
+    size = _sysfs_dev(devno, "size")
+    if size is None:
+        raise AssertionError(f"no size in sysfs for block device {devno}")
+    return int(size)
+
+
+def _device_sectors(path: StrPath) -> int:
     st = os.stat(path)
-    return int(_sysfs_dev(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", "size"))
+    return _sysfs_sectors(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
 
 
-def parse_pool_table(line):
+def parse_pool_table(line: str) -> PoolTable:
     """``0 LEN thin-pool META DATA BS LWM N feat...`` -> dict."""
     f = line.split()
     count = int(f[7])
@@ -334,7 +407,7 @@ def parse_pool_table(line):
     }
 
 
-def parse_pool_status(line):
+def parse_pool_status(line: str) -> PoolStatus:
     """``0 LEN thin-pool TXID UM/TM UD/TD HELD MODE DISCARD QUEUE NEEDS_CHECK ...``
     -> dict, or ``{"failed": word}`` for Fail / Error."""
     f = line.split()
@@ -354,15 +427,20 @@ def parse_pool_status(line):
     }
 
 
-def kernel_snapshot():
+def kernel_snapshot() -> KernelSnapshot:
     """Every device's info, table and status (three dmsetup calls), to
     hand to :func:`pool_problems` and :func:`pool_disagreements`."""
     return {"infos": infos(), "tables": tables(), "statuses": statuses()}
 
 
 def pool_problems(
-    directory, *, read_timeout=READ_TIMEOUT, allow_read_only=False, allow_full=False, snapshot=None
-):
+    directory: StrPath | Any,
+    *,
+    read_timeout: float = READ_TIMEOUT,
+    allow_read_only: bool = False,
+    allow_full: bool = False,
+    snapshot: KernelSnapshot | None = None,
+) -> list[str]:
     """Everything wrong with the pool at ``directory`` (a path or a Pool),
     as readable strings, checked against dmsetup, sysfs and stat:
 
@@ -479,7 +557,9 @@ def pool_problems(
     return problems
 
 
-def _loop_problems(directory, name, config, tab, st):
+def _loop_problems(
+    directory: StrPath, name: str, config: Mapping[str, Any], tab: PoolTable, st: PoolStatus
+) -> list[str]:
     problems = []
     bs = config["block_size"]
     files = {
@@ -494,7 +574,7 @@ def _loop_problems(directory, name, config, tab, st):
                 f"pool {name}: its {what} device {devno} is over {backing}, not {files[what]}"
             )
             continue
-        capacity = int(_sysfs_dev(devno, "size")) * 512
+        capacity = _sysfs_sectors(devno) * 512
         if capacity != sizes[what] // 512 * 512:
             problems.append(
                 f"pool {name}: the {what} loop device {devno} holds {capacity} "
@@ -532,12 +612,15 @@ def _loop_problems(directory, name, config, tab, st):
     return problems
 
 
-def _segments_table(segments):
-    out, at = [], 0
+def _segments_table(
+    segments: Iterable[tuple[str, int, int | None]],
+) -> tuple[list[str], int]:
+    out: list[str] = []
+    at = 0
     for path, start, length in segments:
         st = os.stat(path)
         devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        size = int(_sysfs_dev(devno, "size"))
+        size = _sysfs_sectors(devno)
         if length is None:
             length = size - start
         out.append(f"{at} {length} linear {devno} {start}")
@@ -545,7 +628,14 @@ def _segments_table(segments):
     return out, at
 
 
-def _block_problems(name, config, tab, st, info_all, table_all):
+def _block_problems(
+    name: str,
+    config: Mapping[str, Any],
+    tab: PoolTable,
+    st: PoolStatus,
+    info_all: Mapping[str, DeviceInfo],
+    table_all: Mapping[str, list[str]],
+) -> list[str]:
     problems = []
     bs = config["block_size"]
     for what, piece, key, devno in (
@@ -580,7 +670,9 @@ def _block_problems(name, config, tab, st, info_all, table_all):
     return problems
 
 
-def pool_disagreements(directory, snapshot=None):
+def pool_disagreements(
+    directory: StrPath | Any, snapshot: KernelSnapshot | None = None
+) -> list[str]:
     """Every way the store, the kernel (dmsetup) and the on-disk thin ids
     (thin_dump of a reserved metadata snapshot) disagree: intents left
     over, transaction ids, leaked or phantom thin ids, active flags against
@@ -623,7 +715,7 @@ def pool_disagreements(directory, snapshot=None):
     return found
 
 
-def assert_pool_healthy(directory, **options):
+def assert_pool_healthy(directory: StrPath | Any, **options: Any) -> None:
     """Fail (AssertionError, or PoolWedged) unless :func:`pool_problems`
     finds nothing; same options."""
     problems = pool_problems(directory, **options)

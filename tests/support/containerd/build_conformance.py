@@ -9,6 +9,8 @@ Also builds probe/main.go, the static program tests run in a container.
 (.ci/setup.sh runs it, on the host: inside a test kernel the same build
 takes minutes)."""
 
+from __future__ import annotations
+
 import hashlib
 import os
 import shutil
@@ -22,7 +24,8 @@ WRAPPER = os.path.join(HERE, "conformance_test.go")
 CACHE = os.path.join(ROOT, ".venv", "cache", "libdm-conformance")
 
 
-def binary_path():
+def binary_path() -> str:
+    """Where the suite built from this wrapper and containerd version is cached."""
     version = subprocess.run(
         ["dpkg-query", "-W", "-f=${Version}", "golang-github-containerd-containerd-dev"],
         capture_output=True,
@@ -33,7 +36,7 @@ def binary_path():
     return os.path.join(CACHE, f"conformance-{key}.test")
 
 
-def build():
+def build() -> str:
     """The suite's test binary, built when missing or stale.
 
     Raises:
@@ -75,7 +78,7 @@ def build():
     return binary
 
 
-def build_probe():
+def build_probe() -> str:
     """probe/main.go, a static program a test runs as a container's
     process; cached like the suite."""
     source = os.path.join(HERE, "probe", "main.go")

@@ -1,13 +1,20 @@
 """Helpers for the snapshotter tests: a loop pool and the plugin served
 from it in a child process (the way containerd runs it)."""
 
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
 
 import libdm
+
+StrPath = str | os.PathLike[str]
 
 # The repository: the tests directory's parent.
 ROOT = os.path.dirname(
@@ -15,23 +22,27 @@ ROOT = os.path.dirname(
 )
 
 
-def make_pool(directory, name, data_size="2G"):
+def make_pool(directory: StrPath, name: str, data_size: str = "2G") -> libdm.Pool:
+    """A loop pool for a plugin to serve (the caller destroys it)."""
     return libdm.Pool.create_loop(name, str(directory), data_size=data_size)
 
 
-def write_config(path, **settings):
+def write_config(path: Path, **settings: object) -> Path:
+    """Write the plugin's TOML config: ``settings`` as keys, and a
+    ``monitor`` mapping as the ``[monitor]`` table."""
     lines = []
     monitor = settings.pop("monitor", None)
     for k, v in settings.items():
         lines.append(f"{k} = {_toml(v)}")
     if monitor:
         lines.append("[monitor]")
+        assert isinstance(monitor, Mapping), monitor
         lines += [f"{k} = {_toml(v)}" for k, v in monitor.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _toml(v):
+def _toml(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -40,7 +51,9 @@ def _toml(v):
 
 
 class PluginDied(RuntimeError):
-    def __init__(self, code, message):
+    """The plugin exited instead of serving; ``code`` is its exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -48,13 +61,25 @@ class PluginDied(RuntimeError):
 class Plugin:
     """``python -m libdm.snapshotter serve`` in a child process."""
 
-    def __init__(self, pool_dir, socket_path, config=None, env=None, log=None):
+    def __init__(
+        self,
+        pool_dir: StrPath,
+        socket_path: StrPath,
+        config: StrPath | None = None,
+        env: Mapping[str, str] | None = None,
+        log: StrPath | None = None,
+    ) -> None:
         self.pool_dir, self.socket_path, self.config = str(pool_dir), str(socket_path), config
         self.env = dict(os.environ, **(env or {}))
         self.log = log
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait=True):
+    def start(self, wait: bool = True) -> Plugin:
+        """Start the plugin; with ``wait``, until it says it is serving.
+
+        Raises:
+            PluginDied: it exited instead (with its log's tail, when logged).
+        """
         argv = [
             sys.executable,
             "-m",
@@ -67,17 +92,22 @@ class Plugin:
         ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        out: IO[bytes] | int = (
+            open(self.log, "ab")  # noqa: SIM115 (closed once the child has it)
+            if self.log
+            else subprocess.DEVNULL
+        )
+        proc = self.proc = subprocess.Popen(
             argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=out
         )
-        if out is not subprocess.DEVNULL:
+        if not isinstance(out, int):
             out.close()
+        assert proc.stdout is not None  # stdout=PIPE
         if wait:
-            line = self.proc.stdout.readline().decode()
+            line = proc.stdout.readline().decode()
             if not line.startswith("serving on"):
-                code = self.proc.wait(timeout=60)
-                self.proc.stdout.close()
+                code = proc.wait(timeout=60)
+                proc.stdout.close()
                 self.proc = None
                 tail = ""
                 if self.log:
@@ -86,30 +116,36 @@ class Plugin:
                 raise PluginDied(code, f"plugin did not start (exit {code}):\n{tail}")
         return self
 
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        if self.proc is None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        """Signal the plugin and wait for it; its exit status (None if not running)."""
+        proc = self.proc
+        if proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
-        self.proc.stdout.close()
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        code = proc.wait(timeout=timeout)
+        if proc.stdout is not None:
+            proc.stdout.close()
         self.proc = None
         return code
 
-    def kill(self):
+    def kill(self) -> int | None:
+        """SIGKILL the plugin and wait for it."""
         return self.stop(signal.SIGKILL)
 
 
-def wait_for(predicate, timeout=30, interval=0.05):
+def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed;
+    whether it became true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
-    return predicate()
+    return bool(predicate())
 
 
-def unmount_below(directory):
+def unmount_below(directory: StrPath) -> None:
     """Unmount whatever is mounted below ``directory`` (deepest first)."""
     directory = os.path.realpath(str(directory))
     with open("/proc/self/mounts") as fh:

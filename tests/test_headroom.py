@@ -85,16 +85,13 @@ def test_the_monitor_grows_data_and_metadata_into_the_tail(split_pool):
     assert pool.status().mode == "rw"
 
 
-def test_the_monitor_grows_metadata_onto_a_spare(dm_name, tmp_path):
+def test_the_monitor_grows_metadata_onto_a_spare(tmp_path, make_pool):
     data, meta = attach(tmp_path, "d", 64 * MiB), attach(tmp_path, "m", 4 * MiB)
     spare = attach(tmp_path, "s", 8 * MiB)
-    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state")
-    try:
-        monitor = pool.monitor(threshold=90, metadata_threshold=1, spares=[spare])
-        steps = monitor.check()
-        assert [(s.part, s.ok) for s in steps] == [("metadata", True)]
-        tmeta = witness.table(f"{pool.name}-tmeta")
-        assert tmeta[-1].split()[3] == devno(spare)
-        assert monitor.spares == []
-    finally:
-        pool.close()
+    pool = make_pool(data, meta)
+    monitor = pool.monitor(threshold=90, metadata_threshold=1, spares=[spare])
+    steps = monitor.check()
+    assert [(s.part, s.ok) for s in steps] == [("metadata", True)]
+    tmeta = witness.table(f"{pool.name}-tmeta")
+    assert tmeta[-1].split()[3] == devno(spare)
+    assert monitor.spares == []

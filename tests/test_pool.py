@@ -49,21 +49,17 @@ def test_create_loop_builds_sparse_files_and_a_pool(pool, tmp_path):
     assert st.transaction_id == 0 and int(st.total_data) == 4096
 
 
-def test_block_size_and_features_reach_the_table(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(
-        dm_name("pool"),
-        tmp_path / "p",
+def test_block_size_and_features_reach_the_table(tmp_path, make_pool):
+    p = make_pool(
+        directory=tmp_path / "p",
         data_size="64M",
         block_size="256K",
         low_water_mark=7,
         features=["error_if_no_space", "skip_block_zeroing"],
     )
-    try:
-        fields = witness.table(p.name)[0].split()[5:]
-        assert fields == ["512", "7", "2", "skip_block_zeroing", "error_if_no_space"]
-        assert p.status().no_space == "error_if_no_space"
-    finally:
-        p.close()
+    fields = witness.table(p.name)[0].split()[5:]
+    assert fields == ["512", "7", "2", "skip_block_zeroing", "error_if_no_space"]
+    assert p.status().no_space == "error_if_no_space"
 
 
 @pytest.mark.parametrize(
@@ -325,20 +321,17 @@ def test_a_second_process_waits_then_fails_clearly(pool):
     assert "PoolLockedError" in proc.stderr and "another process" in proc.stderr
 
 
-def test_min_free_space_refuses_new_devices(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="16M", min_free_space=50)
-    try:
-        dev = p.create_thin("vol", "16M")
-        write_pattern(dev.path, 1, length=9 << 20)  # 9 of 16 MiB: 43% free
-        with pytest.raises(libdm.PoolFullError) as caught:
-            p.create_thin("more", "1M")
-        assert "below its minimum free space of 50%" in str(caught.value)
-        assert "of 256 data blocks free" in str(caught.value)
-        with pytest.raises(libdm.PoolFullError):
-            dev.snapshot("snap")
-        assert witness.thin_ids(p.name) == {0}
-    finally:
-        p.close()
+def test_min_free_space_refuses_new_devices(tmp_path, make_pool):
+    p = make_pool(directory=tmp_path / "p", data_size="16M", min_free_space=50)
+    dev = p.create_thin("vol", "16M")
+    write_pattern(dev.path, 1, length=9 << 20)  # 9 of 16 MiB: 43% free
+    with pytest.raises(libdm.PoolFullError) as caught:
+        p.create_thin("more", "1M")
+    assert "below its minimum free space of 50%" in str(caught.value)
+    assert "of 256 data blocks free" in str(caught.value)
+    with pytest.raises(libdm.PoolFullError):
+        dev.snapshot("snap")
+    assert witness.thin_ids(p.name) == {0}
 
 
 def test_a_read_only_pool_refuses_changes_and_says_what_to_run(pool):

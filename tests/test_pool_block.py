@@ -234,25 +234,16 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
 
 
 @kernel
-def test_create_with_block_size_and_options(dm_name, tmp_path, two_loops):
+def test_create_with_block_size_and_options(two_loops, make_pool):
     data, meta = two_loops
-    pool = libdm.Pool.create(
-        dm_name("pool"),
-        data,
-        meta,
-        state_dir=tmp_path / "state",
-        block_size="512K",
-        low_water_mark=3,
-        features=["skip_block_zeroing"],
+    pool = make_pool(
+        data, meta, block_size="512K", low_water_mark=3, features=["skip_block_zeroing"]
     )
-    try:
-        mi, di = witness.info(f"{pool.name}-tmeta"), witness.info(f"{pool.name}-tdata")
-        assert witness.table(pool.name) == [
-            f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
-            f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"
-        ]
-    finally:
-        pool.close()
+    mi, di = witness.info(f"{pool.name}-tmeta"), witness.info(f"{pool.name}-tdata")
+    assert witness.table(pool.name) == [
+        f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
+        f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"
+    ]
 
 
 SIGNATURES = {

@@ -76,8 +76,8 @@ def test_processes_racing_on_one_pool(dm_name, tmp_path):
         pool.close()
 
 
-def test_threads_racing_on_one_pool_object(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="256M")
+def test_threads_racing_on_one_pool_object(make_pool):
+    pool = make_pool(data_size="256M")
     errors = []
 
     def work(tag):
@@ -94,27 +94,21 @@ def test_threads_racing_on_one_pool_object(dm_name, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    try:
-        assert errors == []
-        names = check_consistent(pool)
-        assert len(names) == 6 * 4
-        reliability.record("concurrency", operations=6 * 6, threads=6, lost_records=0)
-    finally:
-        pool.close()
+    assert errors == []
+    names = check_consistent(pool)
+    assert len(names) == 6 * 4
+    reliability.record("concurrency", operations=6 * 6, threads=6, lost_records=0)
 
 
-def test_a_pool_opened_in_two_processes_sees_the_others_changes(dm_name, tmp_path):
+def test_a_pool_opened_in_two_processes_sees_the_others_changes(tmp_path, make_pool):
     directory = tmp_path / "pool"
-    first = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
-    try:
-        code = f"import libdm\nlibdm.Pool.open({str(directory)!r}).create_thin('other', '1M')\n"
-        subprocess.run([sys.executable, "-c", code], check=True)
-        made = first.create_thin("mine", "1M")  # must not reuse the other's id
-        assert made.thin_id == 1
-        assert {d.name for d in first.devices()} == {"other", "mine"}
-        check_consistent(first)
-    finally:
-        first.close()
+    first = make_pool(directory=directory, data_size="64M")
+    code = f"import libdm\nlibdm.Pool.open({str(directory)!r}).create_thin('other', '1M')\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    made = first.create_thin("mine", "1M")  # must not reuse the other's id
+    assert made.thin_id == 1
+    assert {d.name for d in first.devices()} == {"other", "mine"}
+    check_consistent(first)
 
 
 def _as_nobody(fn):

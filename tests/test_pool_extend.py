@@ -89,13 +89,10 @@ def test_extend_refuses_bad_devices_and_changes_nothing(block_pool, tmp_path, dm
     assert libdm.Pool.open(pool.directory).close() is None  # the store still matches
 
 
-def test_loop_pools_grow_with_resize_not_extend(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="64M")
-    try:
-        with pytest.raises(ValueError, match="resize"):
-            pool.extend("/dev/null")
-    finally:
-        pool.close()
+def test_loop_pools_grow_with_resize_not_extend(tmp_path, make_pool):
+    pool = make_pool(directory=tmp_path / "p", data_size="64M")
+    with pytest.raises(ValueError, match="resize"):
+        pool.extend("/dev/null")
 
 
 def test_refresh_picks_up_a_grown_device(block_pool, tmp_path):

@@ -90,40 +90,37 @@ def test_shrink_is_refused_and_nothing_changes(pool):
     assert os.stat(os.path.join(pool.directory, "data")).st_size == 64 << 20
 
 
-def test_resize_brings_an_out_of_space_pool_back(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "p", data_size="16M", min_free_space=0)
-    try:
-        dev = p.create_thin("vol", "64M")
-        done = []
+def test_resize_brings_an_out_of_space_pool_back(tmp_path, make_pool):
+    p = make_pool(directory=tmp_path / "p", data_size="16M", min_free_space=0)
+    dev = p.create_thin("vol", "64M")
+    done = []
 
-        def fill():
-            # Queues in the kernel once the pool is full (queue_if_no_space)
-            # and completes after the resize.
-            fd = os.open(dev.path, os.O_WRONLY)
-            try:
-                for i in range(24):
-                    os.pwrite(fd, bytes([i]) * (1 << 20), i << 20)
-                os.fsync(fd)
-                done.append(True)
-            finally:
-                os.close(fd)
+    def fill():
+        # Queues in the kernel once the pool is full (queue_if_no_space)
+        # and completes after the resize.
+        fd = os.open(dev.path, os.O_WRONLY)
+        try:
+            for i in range(24):
+                os.pwrite(fd, bytes([i]) * (1 << 20), i << 20)
+            os.fsync(fd)
+            done.append(True)
+        finally:
+            os.close(fd)
 
-        t = threading.Thread(target=fill)
-        t.start()
-        for _ in range(600):
-            if p.status().mode == "out_of_data_space":
-                break
-            t.join(0.05)
-        assert p.status().mode == "out_of_data_space"
-        p.resize(data_size="64M")
-        t.join(120)
-        assert done == [True]
-        assert p.status().mode == "rw"
-        with open(dev.path, "rb") as fh:
-            fh.seek(23 << 20)
-            assert fh.read(1 << 20) == bytes([23]) * (1 << 20)
-    finally:
-        p.close()
+    t = threading.Thread(target=fill)
+    t.start()
+    for _ in range(600):
+        if p.status().mode == "out_of_data_space":
+            break
+        t.join(0.05)
+    assert p.status().mode == "out_of_data_space"
+    p.resize(data_size="64M")
+    t.join(120)
+    assert done == [True]
+    assert p.status().mode == "rw"
+    with open(dev.path, "rb") as fh:
+        fh.seek(23 << 20)
+        assert fh.read(1 << 20) == bytes([23]) * (1 << 20)
 
 
 def test_set_low_water_mark_reaches_the_table(pool):

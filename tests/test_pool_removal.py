@@ -352,31 +352,22 @@ def test_delete_of_a_busy_device_fails_without_deferred_deletion(strict_pool):
     assert witness.transaction_id(strict_pool.name) == tx + 1
 
 
-def test_deferred_removal_without_deferred_deletion(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(
-        dm_name("pool"),
-        tmp_path / "pool",
-        data_size="64M",
-        deferred_removal=True,
-        deferred_deletion=False,
-    )
+def test_deferred_removal_without_deferred_deletion(make_pool):
+    p = make_pool(data_size="64M", deferred_removal=True, deferred_deletion=False)
+    dev = p.create_thin("vol", "8M")
+    fd = os.open(busy(dev).path, os.O_RDONLY)
     try:
-        dev = p.create_thin("vol", "8M")
-        fd = os.open(busy(dev).path, os.O_RDONLY)
-        try:
-            with pytest.raises(libdm.DeviceBusyError):
-                dev.delete()
-            # The removal was deferred, the delete was not queued.
-            assert deferred_remove_pending(dev.dm_name)
-            assert [d.name for d in p.devices()] == ["vol"]
-            assert p.info().deferred_deleted_count == 0
-            assert witness.thin_ids(p.name) == {0}
-        finally:
-            os.close(fd)
-        wait_gone(dev)
-        assert not p.device("vol").active
-        p.device("vol").delete()
-        assert witness.thin_ids(p.name) == set()
-        assert p.devices() == []
+        with pytest.raises(libdm.DeviceBusyError):
+            dev.delete()
+        # The removal was deferred, the delete was not queued.
+        assert deferred_remove_pending(dev.dm_name)
+        assert [d.name for d in p.devices()] == ["vol"]
+        assert p.info().deferred_deleted_count == 0
+        assert witness.thin_ids(p.name) == {0}
     finally:
-        p.close()
+        os.close(fd)
+    wait_gone(dev)
+    assert not p.device("vol").active
+    p.device("vol").delete()
+    assert witness.thin_ids(p.name) == set()
+    assert p.devices() == []

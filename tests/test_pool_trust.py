@@ -142,107 +142,92 @@ def test_growing_data_past_what_the_metadata_maps_is_refused_first(dm_name, tmp_
         again.close()
 
 
-def test_resize_with_the_metadata_it_needs_grows_the_metadata_first(dm_name, tmp_path):
+def test_resize_with_the_metadata_it_needs_grows_the_metadata_first(tmp_path, make_pool):
     directory = tmp_path / "pool"
-    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", metadata_size="2M")
-    try:
-        with pytest.raises(libdm.PoolFullError) as err:
-            pool.resize(data_size="4T")
-        want = str(err.value).split("metadata must be at least ")[1].split(":")[0]
-        st = pool.resize(data_size="4T", metadata_size=want)
-        assert int(st.total_data) == (4 << 40) // (64 << 10)
-        assert st.mode == "rw" and not st.needs_check
-        assert os.stat(directory / "metadata").st_size == libdm.parse_size(want)
-        pool_is_healthy(pool.name, directory)
-        pool.create_thin("vol", "8M")
-    finally:
-        pool.close()
+    pool = make_pool(directory=directory, data_size="64M", metadata_size="2M")
+    with pytest.raises(libdm.PoolFullError) as err:
+        pool.resize(data_size="4T")
+    want = str(err.value).split("metadata must be at least ")[1].split(":")[0]
+    st = pool.resize(data_size="4T", metadata_size=want)
+    assert int(st.total_data) == (4 << 40) // (64 << 10)
+    assert st.mode == "rw" and not st.needs_check
+    assert os.stat(directory / "metadata").st_size == libdm.parse_size(want)
+    pool_is_healthy(pool.name, directory)
+    pool.create_thin("vol", "8M")
 
 
-def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(dm_name, tmp_path, monkeypatch):
+def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(tmp_path, monkeypatch, make_pool):
     # Past libdm's own check (switched off here), the kernel refuses the
     # resume with ENOSPC and flags the metadata needs_check: the pool must
     # come back exactly as it was, not suspended, read-write, checked.
     monkeypatch.setattr(capacity, "blocks_needed", lambda old, new: 0)
     directory = tmp_path / "pool"
-    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M", metadata_size="2M")
+    pool = make_pool(directory=directory, data_size="64M", metadata_size="2M")
+    dev = pool.create_thin("vol", "8M")
+    write_pattern(dev.path, 0x77)
+    before = witness.table(pool.name)
+    with pytest.raises(libdm.DMError) as err:
+        pool.resize(data_size="1T")
+    assert err.value.errno == 28  # ENOSPC, the kernel's own refusal
+    assert witness.table(pool.name) == before
+    assert os.stat(directory / "data").st_size == 64 * MiB
+    pool_is_healthy(pool.name, directory)
+    assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x77]) * MiB
+    store = Store(directory)
     try:
-        dev = pool.create_thin("vol", "8M")
-        write_pattern(dev.path, 0x77)
-        before = witness.table(pool.name)
-        with pytest.raises(libdm.DMError) as err:
-            pool.resize(data_size="1T")
-        assert err.value.errno == 28  # ENOSPC, the kernel's own refusal
-        assert witness.table(pool.name) == before
-        assert os.stat(directory / "data").st_size == 64 * MiB
-        pool_is_healthy(pool.name, directory)
-        assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x77]) * MiB
-        store = Store(directory)
-        try:
-            assert store.growth_intent() is None
-            assert store.pool()["config"]["data_size"] == 64 * MiB
-        finally:
-            store.close()
-        pool.create_thin("after", "4M")
+        assert store.growth_intent() is None
+        assert store.pool()["config"]["data_size"] == 64 * MiB
     finally:
-        pool.close()
+        store.close()
+    pool.create_thin("after", "4M")
 
 
 # -- sizes the kernel cannot map ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", ["16777216T", 2**63, 2**63 * 512])
-def test_a_size_past_the_kernels_limit_is_refused_before_any_change(dm_name, tmp_path, size):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
-    try:
-        with pytest.raises(ValueError, match=r"too large|limit"):
-            pool.create_thin("huge", size)
-        assert pool.devices() == []
-        assert witness.thin_ids(pool.name) == set()
-        assert witness.transaction_id(pool.name) == 0
-    finally:
-        pool.close()
+def test_a_size_past_the_kernels_limit_is_refused_before_any_change(size, make_pool):
+    pool = make_pool(data_size="64M")
+    with pytest.raises(ValueError, match=r"too large|limit"):
+        pool.create_thin("huge", size)
+    assert pool.devices() == []
+    assert witness.thin_ids(pool.name) == set()
+    assert witness.transaction_id(pool.name) == 0
 
 
-def test_the_largest_size_the_kernel_maps_works(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
-    try:
-        dev = pool.create_thin("big", libdm.dm.target.MAX_SECTORS * 512)
-        assert int(witness.table(dev.dm_name)[0].split()[1]) == libdm.dm.target.MAX_SECTORS
-    finally:
-        pool.close()
+def test_the_largest_size_the_kernel_maps_works(make_pool):
+    pool = make_pool(data_size="64M")
+    dev = pool.create_thin("big", libdm.dm.target.MAX_SECTORS * 512)
+    assert int(witness.table(dev.dm_name)[0].split()[1]) == libdm.dm.target.MAX_SECTORS
 
 
-def test_a_table_the_kernel_refuses_is_undone(dm_name, tmp_path, monkeypatch):
+def test_a_table_the_kernel_refuses_is_undone(monkeypatch, make_pool):
     # The kernel refuses a thin table (here one naming a thin id the
     # metadata does not hold): the new device's thin id and record go
     # again, through the journal, and the pool is as before.
     from libdm.dm.target import Target
 
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    pool = make_pool(data_size="64M")
+    monkeypatch.setattr(
+        type(pool),
+        "_thin_table",
+        lambda self, row, devno: [
+            Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")
+        ],
+    )
+    with pytest.raises(libdm.DMError):
+        pool.create_thin("refused", "4M")
+    monkeypatch.undo()
+    assert pool.devices() == []
+    assert witness.thin_ids(pool.name) == set()
+    store = Store(pool.directory)
     try:
-        monkeypatch.setattr(
-            type(pool),
-            "_thin_table",
-            lambda self, row, devno: [
-                Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")
-            ],
-        )
-        with pytest.raises(libdm.DMError):
-            pool.create_thin("refused", "4M")
-        monkeypatch.undo()
-        assert pool.devices() == []
-        assert witness.thin_ids(pool.name) == set()
-        store = Store(pool.directory)
-        try:
-            assert store.intents() == []
-            assert store.transaction_id() == witness.transaction_id(pool.name)
-        finally:
-            store.close()
-        pool.create_thin("ok", "4M")
-        assert witness.thin_ids(pool.name) == {0}
+        assert store.intents() == []
+        assert store.transaction_id() == witness.transaction_id(pool.name)
     finally:
-        pool.close()
+        store.close()
+    pool.create_thin("ok", "4M")
+    assert witness.thin_ids(pool.name) == {0}
 
 
 def test_a_device_the_kernel_refuses_does_not_keep_the_others_down(dm_name, tmp_path):

@@ -110,20 +110,17 @@ def test_repair_brings_every_device_back(dm_name, tmp_path, how):
         again.close()
 
 
-def test_repair_refuses_while_a_device_is_open(dm_name, tmp_path):
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+def test_repair_refuses_while_a_device_is_open(make_pool):
+    pool = make_pool(data_size="64M")
+    dev = pool.create_thin("vol", "4M")
+    fd = os.open(dev.path, os.O_RDONLY)
     try:
-        dev = pool.create_thin("vol", "4M")
-        fd = os.open(dev.path, os.O_RDONLY)
-        try:
-            with pytest.raises(libdm.DeviceBusyError, match="in use"):
-                pool.repair()
-        finally:
-            os.close(fd)
-        assert witness.info(dev.dm_name) is not None  # nothing was taken down
-        assert not [f for f in os.listdir(pool.directory) if f.startswith("metadata.")]
+        with pytest.raises(libdm.DeviceBusyError, match="in use"):
+            pool.repair()
     finally:
-        pool.close()
+        os.close(fd)
+    assert witness.info(dev.dm_name) is not None  # nothing was taken down
+    assert not [f for f in os.listdir(pool.directory) if f.startswith("metadata.")]
 
 
 def test_a_repair_thin_repair_cannot_do_changes_nothing(dm_name, tmp_path):

@@ -1202,67 +1202,62 @@ def test_stateful_block_pool(dm_name, tmp_path):
     )
 
 
-def test_the_invariants_can_fail(dm_name, tmp_path):
+def test_the_invariants_can_fail(make_pool):
     """The pool-level checks see each way a pool can be left broken: a
     check that cannot fail checks nothing."""
     import libdm.dm.ops as ops
 
-    pool = libdm.Pool.create_loop(
-        dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE, min_free_space=0
-    )
+    pool = make_pool(data_size=DATA_SIZE, min_free_space=0)
+    dev = pool.create_thin("v", "4M")
+    assert witness.pool_problems(pool) == []
+    assert witness.pool_disagreements(pool) == []
+    # Suspended: found without reading (a read would hang), and a read
+    # with a time limit says the pool is wedged.
+    ops.suspend(pool.name, flush=False)
     try:
-        dev = pool.create_thin("v", "4M")
-        assert witness.pool_problems(pool) == []
-        assert witness.pool_disagreements(pool) == []
-        # Suspended: found without reading (a read would hang), and a read
-        # with a time limit says the pool is wedged.
-        ops.suspend(pool.name, flush=False)
-        try:
-            problems = witness.pool_problems(pool)
-            assert any("is suspended" in p for p in problems), problems
-            with pytest.raises(witness.PoolWedged, match="pool wedged"):
-                witness.read_direct(dev.path, 0, 4096, timeout=2)
-        finally:
-            ops.resume(pool.name)
-        # An inactive table left loaded.
-        ops.reload(pool.name, ops.table(pool.name))
-        try:
-            problems = witness.pool_problems(pool)
-            assert any("inactive table" in p for p in problems), problems
-        finally:
-            witness.dmsetup("clear", pool.name)
-        # A data file grown behind the table's back, and a stored size that
-        # no longer matches it.
-        with open(os.path.join(pool.directory, "data"), "r+b") as fh:
-            fh.truncate(DATA_SIZE + BLOCK)
         problems = witness.pool_problems(pool)
-        assert any("whole data blocks" in p for p in problems), problems
-        assert any("stored data_size" in p for p in problems), problems
-        assert any("capacity not refreshed" in p for p in problems), problems
-        pool.resize(data_size=DATA_SIZE + 2 * BLOCK)
-        assert witness.pool_problems(pool) == []
-        # A low water mark the store does not know.
-        line = witness.table(pool.name)[0].split()
-        line[6] = "5"
-        witness.dmsetup("reload", pool.name, "--table", " ".join(line))
-        witness.dmsetup("suspend", "--noflush", pool.name)
-        witness.dmsetup("resume", pool.name)
-        problems = witness.pool_problems(pool)
-        assert any("low water mark 5" in p for p in problems), problems
-        pool.set_low_water_mark(5)
-        assert witness.pool_problems(pool) == []
-        # A device the store calls active that is gone, and a thin id the
-        # store does not know.
-        ops.remove(dev.dm_name)
-        assert any("not live" in p for p in witness.pool_problems(pool))
-        assert any("active=1" in d for d in witness.pool_disagreements(pool))
-        ops.message(pool.name, "create_thin 77")
-        assert any("leaked thin ids" in d and "77" in d for d in witness.pool_disagreements(pool))
-        ops.message(pool.name, "delete 77")
-        dev.activate()
-        assert witness.pool_problems(pool) == []
+        assert any("is suspended" in p for p in problems), problems
+        with pytest.raises(witness.PoolWedged, match="pool wedged"):
+            witness.read_direct(dev.path, 0, 4096, timeout=2)
     finally:
-        pool.close()
+        ops.resume(pool.name)
+    # An inactive table left loaded.
+    ops.reload(pool.name, ops.table(pool.name))
+    try:
+        problems = witness.pool_problems(pool)
+        assert any("inactive table" in p for p in problems), problems
+    finally:
+        witness.dmsetup("clear", pool.name)
+    # A data file grown behind the table's back, and a stored size that
+    # no longer matches it.
+    with open(os.path.join(pool.directory, "data"), "r+b") as fh:
+        fh.truncate(DATA_SIZE + BLOCK)
+    problems = witness.pool_problems(pool)
+    assert any("whole data blocks" in p for p in problems), problems
+    assert any("stored data_size" in p for p in problems), problems
+    assert any("capacity not refreshed" in p for p in problems), problems
+    pool.resize(data_size=DATA_SIZE + 2 * BLOCK)
+    assert witness.pool_problems(pool) == []
+    # A low water mark the store does not know.
+    line = witness.table(pool.name)[0].split()
+    line[6] = "5"
+    witness.dmsetup("reload", pool.name, "--table", " ".join(line))
+    witness.dmsetup("suspend", "--noflush", pool.name)
+    witness.dmsetup("resume", pool.name)
+    problems = witness.pool_problems(pool)
+    assert any("low water mark 5" in p for p in problems), problems
+    pool.set_low_water_mark(5)
+    assert witness.pool_problems(pool) == []
+    # A device the store calls active that is gone, and a thin id the
+    # store does not know.
+    ops.remove(dev.dm_name)
+    assert any("not live" in p for p in witness.pool_problems(pool))
+    assert any("active=1" in d for d in witness.pool_disagreements(pool))
+    ops.message(pool.name, "create_thin 77")
+    assert any("leaked thin ids" in d and "77" in d for d in witness.pool_disagreements(pool))
+    ops.message(pool.name, "delete 77")
+    dev.activate()
+    assert witness.pool_problems(pool) == []
 
 
 # -- defects the stateful and random tests found, reproduced exactly ----------------------
@@ -1330,73 +1325,59 @@ def _kill_at_call(directory, call, code):
 @pytest.mark.parametrize(
     "code", ["pool.resize(data_size=80 << 20)", "pool.resize(metadata_size=4 << 20)"]
 )
-def test_resize_killed_before_the_loop_capacity_refresh(dm_name, tmp_path, code):
-    pool = libdm.Pool.create_loop(
-        dm_name("pool"),
-        tmp_path / "pool",
-        data_size=DATA_SIZE,
-        metadata_size=META_SIZE,
-        min_free_space=0,
-    )
-    try:
-        _kill_at_call(pool.directory, "loop.refresh_capacity", code)
-        problems = witness.pool_problems(pool) + witness.pool_disagreements(pool)
-        if problems:
-            raise KnownDefect("; ".join(problems))
-    finally:
-        pool.close()
+def test_resize_killed_before_the_loop_capacity_refresh(code, make_pool):
+    pool = make_pool(data_size=DATA_SIZE, metadata_size=META_SIZE, min_free_space=0)
+    _kill_at_call(pool.directory, "loop.refresh_capacity", code)
+    problems = witness.pool_problems(pool) + witness.pool_disagreements(pool)
+    if problems:
+        raise KnownDefect("; ".join(problems))
 
 
-def test_delete_killed_after_its_discard_is_finished_or_keeps_the_data(dm_name, tmp_path):
+def test_delete_killed_after_its_discard_is_finished_or_keeps_the_data(make_pool):
     # Found by the stateful test (a kill at a random time during a delete):
     # the blocks were discarded before the delete's intent was recorded, so
     # Pool.open kept a device that read zeros.  The intent now comes first.
-    pool = libdm.Pool.create_loop(
-        dm_name("pool"), tmp_path / "pool", data_size=DATA_SIZE, min_free_space=0
+    pool = make_pool(data_size=DATA_SIZE, min_free_space=0)
+    dev = pool.create_thin("v", "4M")
+    witness.write_direct(dev.path, 0, pattern(7))
+    env = dict(os.environ, LIBDM_CRASH_AT="delete:deactivated")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILL_AT_CALL.replace('setattr({"loop": loop, "ops": ops}[module], name, die)', ""),
+            str(pool.directory),
+            "ops.info",
+            "pool.device('v').delete()",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
     )
-    try:
-        dev = pool.create_thin("v", "4M")
-        witness.write_direct(dev.path, 0, pattern(7))
-        env = dict(os.environ, LIBDM_CRASH_AT="delete:deactivated")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                KILL_AT_CALL.replace('setattr({"loop": loop, "ops": ops}[module], name, die)', ""),
-                str(pool.directory),
-                "ops.info",
-                "pool.device('v').delete()",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT,
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    reopen = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            json.dumps({"op": "open", "args": {"directory": str(pool.directory)}}),
+        ],
+        input="go\n",
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
+    assert json.loads(reopen.stdout.strip().splitlines()[-1])["ok"], reopen.stdout
+    assert witness.pool_problems(pool) + witness.pool_disagreements(pool) == []
+    state = witness.store_state(pool.directory)
+    if not any(d["name"] == "v" for d in state["devices"]):
+        return  # the delete was finished: all of it
+    if not any(d["name"] == "v" and d["active"] for d in state["devices"]):
+        pool.device("v").activate()
+    got = witness.read_direct(dev.path, 0, PAGE)
+    if got != pattern(7):
+        raise KnownDefect(
+            f"the delete was not done, and the device kept reads "
+            f"{describe_page(got)} where write #7 was"
         )
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-        reopen = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                CHILD,
-                json.dumps({"op": "open", "args": {"directory": str(pool.directory)}}),
-            ],
-            input="go\n",
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT,
-        )
-        assert json.loads(reopen.stdout.strip().splitlines()[-1])["ok"], reopen.stdout
-        assert witness.pool_problems(pool) + witness.pool_disagreements(pool) == []
-        state = witness.store_state(pool.directory)
-        if not any(d["name"] == "v" for d in state["devices"]):
-            return  # the delete was finished: all of it
-        if not any(d["name"] == "v" and d["active"] for d in state["devices"]):
-            pool.device("v").activate()
-        got = witness.read_direct(dev.path, 0, PAGE)
-        if got != pattern(7):
-            raise KnownDefect(
-                f"the delete was not done, and the device kept reads "
-                f"{describe_page(got)} where write #7 was"
-            )
-    finally:
-        pool.close()

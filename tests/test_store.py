@@ -407,3 +407,49 @@ def test_opening_and_closing_changes_nothing_on_disk(tmp_path: Path) -> None:
         store.close()
     assert (directory / DB_NAME).read_bytes() == before
     assert sorted(os.listdir(directory)) == [DB_NAME]
+
+
+def test_held_takes_in_other_changes_once_at_its_start(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    first = made(directory)
+    second = Store(directory)
+    try:
+        with second.transaction():
+            second.add_device("theirs", 1, 2048, None)
+        with first.held():
+            assert first.device("theirs") is not None
+            with first.transaction():
+                first.add_device("mine", 2, 2048, None)
+            assert [r["name"] for r in first.devices()] == ["mine", "theirs"]
+        assert second.device("mine") is not None
+    finally:
+        second.close()
+        first.close()
+
+
+def test_a_failed_write_is_taken_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "state"
+    store = made(directory)
+    try:
+        with store.transaction():
+            store.add_device("kept", 1, 2048, None)
+        size = (directory / LOG_NAME).stat().st_size
+
+        def no_space(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", no_space)
+        with pytest.raises(OSError), store.transaction():
+            store.add_device("lost", 2, 2048, None)
+        monkeypatch.undo()
+        assert store.device("lost") is None
+        assert (directory / LOG_NAME).stat().st_size == size
+        with store.transaction():
+            store.add_device("next", 2, 2048, None)
+    finally:
+        store.close()
+    again = Store(directory)
+    try:
+        assert [r["name"] for r in again.devices()] == ["kept", "next"]
+    finally:
+        again.close()

@@ -42,6 +42,7 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import json
@@ -49,7 +50,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -291,6 +292,7 @@ class Store:
             )
         self._lock = threading.RLock()
         self._depth = 0
+        self._held = 0
         self._changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]] = []
         self._durable = False
         self._log: LogFile | None = None
@@ -501,9 +503,25 @@ class Store:
         for end, record in storelog.decode(data, self._seq + 1, self._log_end):
             self._apply(end, record)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """``with store.held():`` around the store calls of a caller that
+        holds the pool's lock: other processes' changes are taken in once,
+        here, and the calls inside skip their check of the log (no other
+        process can change the store while the pool's lock is held).
+        Optional: without it each call checks for itself."""
+        with self._lock:
+            self._refresh()
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+
     def _refresh(self) -> None:
         """Take in what other processes appended since the last look."""
-        if self._depth or self._log is None:
+        if self._depth or self._held or self._log is None:
             return
         st = self._log.stat()
         if st is not None and st.st_ino == self._log_ino and st.st_size == self._log_end:
@@ -706,7 +724,12 @@ class Store:
         try:
             log.append(data, self._log_end, durable)
         except BaseException:
-            self._log_size = self._log_end + len(data)  # maybe partly written
+            # Maybe written in part, or not synced: take it back (the next
+            # append cuts it off if this cannot).
+            self._log_size = self._log_end + len(data)
+            with contextlib.suppress(OSError):
+                log.truncate(self._log_end)
+                self._log_size = self._log_end
             raise
         self._seq = seq
         self._log_end = self._log_size = self._log_end + len(data)
@@ -816,7 +839,8 @@ class Store:
         with self._lock:
             self._refresh()
             name = self._tables.by_id.get(thin_id)
-            return None if name is None else self.device(name)
+            row = None if name is None else self._tables.get("devices", name)
+            return None if name is None or row is None else _row("devices", name, row)
 
     def devices(self) -> list[Row]:
         with self._lock:

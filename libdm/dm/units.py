@@ -10,13 +10,16 @@ All conversion between units lives here.
 * ``DataBlocks``: a thin pool's data blocks (its block size is in sectors).
 * ``MetaBlocks``: 4 KiB blocks of thin-pool metadata.
 
+They live in layer 2 because a table line's start and length are already
+sectors; :mod:`libdm.thin.units` re-exports them.
+
 To a type checker the units are distinct too, and not ``int``: a checker
 accepts any ``int`` subclass where an ``int`` is expected, so
 ``Sectors(1) + Bytes(512)`` would type-check against ``int.__add__``.
 Instead, under ``TYPE_CHECKING`` the units derive from ``_Number``, a
 class declaring only what a unit keeps of ``int`` (``__int__``,
-``__index__``, hashing, formatting, the unit-less results of negation and
-true division), while at run time ``_Number`` *is* ``int``.  The
+``__index__``, ``__bool__``, the unit-less results of negation and true
+division), while at run time ``_Number`` *is* ``int``.  The
 arithmetic and comparisons are declared on ``_Unit`` with ``Self | int``,
 so a checker rejects ``Sectors + Bytes``, ``Sectors < Bytes``,
 ``Sectors == Bytes`` and a ``Bytes`` passed where ``Sectors`` is

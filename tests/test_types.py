@@ -183,11 +183,15 @@ def _checker_imports(package: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("package", ["libdm", "libdm.dm"])
+@pytest.mark.parametrize("package", ["libdm", "libdm.dm", "libdm.thin"])
 def test_lazy_names_are_visible_to_a_checker(package: str) -> None:
     # __getattr__ imports the names at run time; a checker reads the
     # TYPE_CHECKING imports instead, so the two must list the same names.
-    tables = {"libdm.dm": [libdm.dm._TABLE], "libdm": [libdm.dm._TABLE, libdm.thin._TABLE]}
+    tables = {
+        "libdm.dm": [libdm.dm._TABLE],
+        "libdm.thin": [libdm.thin._TABLE],
+        "libdm": [libdm.dm._TABLE, libdm.thin._TABLE],
+    }
     lazy = {
         name: module
         for table in tables[package]

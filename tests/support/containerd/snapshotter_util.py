@@ -16,11 +16,6 @@ import libdm
 
 StrPath = str | os.PathLike[str]
 
-# The repository: the tests directory's parent.
-ROOT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-)
-
 
 def make_pool(directory: StrPath, name: str, data_size: str = "2G") -> libdm.Pool:
     """A loop pool for a plugin to serve (the caller destroys it)."""
@@ -97,9 +92,9 @@ class Plugin:
             if self.log
             else subprocess.DEVNULL
         )
-        proc = self.proc = subprocess.Popen(
-            argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=out
-        )
+        # In the test's working directory (no cwd=): `-m` then finds the libdm
+        # the test imported, the installed one in the installed-package run.
+        proc = self.proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=out)
         if not isinstance(out, int):
             out.close()
         assert proc.stdout is not None  # stdout=PIPE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TypeAlias
 
 __all__ = [
     "DMError",
@@ -22,6 +22,11 @@ __all__ = [
     "PermissionDeniedError",
     "error_for",
 ]
+
+
+#: What a DMError pickles as: its class, errno, strerror, operation, device
+#: and log lines.
+_Pickled: TypeAlias = "tuple[type[DMError], int, str, str, str | None, tuple[str, ...]]"
 
 
 class DMError(OSError):
@@ -62,7 +67,7 @@ class DMError(OSError):
             text += "\n  " + "\n  ".join(self.log_lines)
         return text
 
-    def __reduce__(self) -> tuple[Callable[..., DMError], tuple[Any, ...]]:
+    def __reduce__(self) -> tuple[Callable[..., DMError], _Pickled]:
         # OSError pickles as (errno, strerror); keep our extra fields too.
         # Rebuilt through DMError.__init__, since subclasses (the thin-pool
         # errors) take other arguments.

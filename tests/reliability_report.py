@@ -17,6 +17,8 @@ crash points the randomized suites reached are listed, and those no suite
 reached are named as gaps.
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import datetime
@@ -96,7 +98,7 @@ BAD = ("disagreements", "leaked_ids", "losses", "crashes", "lost_records", "wedg
 COVERAGE = ("random kills", "stateful")
 
 
-def _counts_text(args):
+def _counts_text(args: argparse.Namespace) -> str:
     if args.full_only:
         return (
             f"full counts for {', '.join(f'`tests/{s}`' for s in args.full_only)}, "
@@ -105,7 +107,7 @@ def _counts_text(args):
     return f"{'reduced' if args.reduced else 'full'} counts"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--reduced", action="store_true", help="the everyday counts instead of the full ones"
@@ -131,7 +133,8 @@ def main(argv=None):
             if args.full_only
             else ([SUITES, "reduced" if args.reduced else "full"],)
         )
-        returncode, passed, failed, per_file = 0, 0, 0, collections.Counter()
+        returncode, passed, failed = 0, 0, 0
+        per_file: collections.Counter[str] = collections.Counter()
         for n, (suites, counts) in enumerate(runs):
             junit = os.path.join(tmp, f"junit{n}.xml")
             env = dict(os.environ, LIBDM_RELIABILITY_LOG=log)
@@ -153,10 +156,10 @@ def main(argv=None):
             run_passed, run_failed, run_files = _junit_counts(junit)
             passed, failed = passed + run_passed, failed + run_failed
             per_file.update(run_files)
-        proc = subprocess.CompletedProcess(cmd, returncode)
-        totals = collections.defaultdict(int)
-        lists = collections.defaultdict(set)
-        recorded = set()
+        proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess(cmd, returncode)
+        totals: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
+        lists: collections.defaultdict[tuple[str, str], set[str]] = collections.defaultdict(set)
+        recorded: set[str] = set()
         if os.path.exists(log):
             with open(log) as fh:
                 for line in fh:
@@ -168,7 +171,7 @@ def main(argv=None):
                             lists[(suite, key)].update(value)
                         else:
                             totals[(suite, key)] += value
-    not_run = []
+    not_run: list[str] = []
     for suite in SUITES:
         if not per_file.get(suite[:-3]):
             not_run.append(f"`tests/{suite}` did not run (no test of it in the results)")
@@ -205,7 +208,7 @@ def main(argv=None):
     lines += ["", "## Coverage of the randomized suites", ""]
     from libdm.thin import crash
 
-    reached_anywhere = set()
+    reached_anywhere: set[str] = set()
     for suite in COVERAGE:
         ops = sorted(lists[(suite, "operations")])
         points = sorted(lists[(suite, "crash_points_reached")])
@@ -233,18 +236,20 @@ def main(argv=None):
     return 0 if ok else 1
 
 
-def _junit_counts(path):
+def _junit_counts(path: str) -> tuple[int, int, collections.Counter[str]]:
     """(passed, failed, {test module: test cases run}) from the JUnit XML."""
     import xml.etree.ElementTree as ET
 
     if not os.path.exists(path):
-        return 0, 0, {}
-    suite = ET.parse(path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        return 0, 0, collections.Counter()
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        raise SystemExit(f"reliability report: no testsuite in {path}")
     total = int(suite.get("tests", 0))
     bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
     skipped = int(suite.get("skipped", 0))
-    per_file = collections.Counter()
+    per_file: collections.Counter[str] = collections.Counter()
     for case in suite.iter("testcase"):
         if case.find("skipped") is None:
             per_file[case.get("classname", "").rsplit(".", 1)[-1]] += 1

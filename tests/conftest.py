@@ -65,14 +65,14 @@ def make_pool(dm_name: Callable[[str], str], tmp_path: Path) -> Iterator[MakePoo
         directory: StrPath | None = None,
         **options: Any,
     ) -> libdm.Pool:
-        if (data is None) != (metadata is None):
-            raise TypeError("make_pool: give both a data and a metadata device, or neither")
-        if data is None:
+        if data is None and metadata is None:
             where = tmp_path / name if directory is None else directory
             pool = libdm.Pool.create_loop(dm_name(name), where, **options)
-        else:
+        elif data is not None and metadata is not None:
             state_dir = tmp_path / "state" if directory is None else directory
             pool = libdm.Pool.create(dm_name(name), data, metadata, state_dir=state_dir, **options)
+        else:
+            raise TypeError("make_pool: give both a data and a metadata device, or neither")
         made.append(pool)
         return pool
 

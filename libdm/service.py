@@ -6,8 +6,11 @@ It scans the configuration directory (:mod:`libdm.thin.registry`) every
 :class:`~libdm.thin.monitor.Monitor` thread, one unregistered has its
 monitor stopped, one whose registration changed is restarted with the new
 settings, and one that is not active yet (before ``libdm pool open`` after
-a reboot) or whose monitor died is retried at the next scan.  What it
-watches is written to a status file that ``libdm pool info`` reads.
+a reboot) or whose monitor died is retried at the next scan, then at
+doubling intervals up to :attr:`MonitorService.MAX_RETRY` seconds (with
+:class:`~libdm._backoff.Backoff`), so a pool left down does not fill the
+journal.  What it watches is written to a status file that ``libdm pool
+info`` reads.
 
 Logs go to the ``libdm`` loggers; under systemd (``JOURNAL_STREAM`` set)
 each line carries its syslog priority, so the journal shows warnings and
@@ -23,8 +26,9 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, NamedTuple, TextIO
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, TextIO
 
+from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.thin import registry
 from libdm.thin.errors import StateError
@@ -83,6 +87,17 @@ class _Watch:
         self.pool.close()
 
 
+class _Retry:
+    """A pool that could not be watched, or whose monitor stopped: when to
+    try it again, and with which registration (a new one starts afresh)."""
+
+    __slots__ = ("at", "backoff", "registration")
+
+    def __init__(self, registration: registry.Registration, backoff: Backoff) -> None:
+        self.registration, self.backoff = registration, backoff
+        self.at = 0.0  # time.monotonic()
+
+
 class _PoolStatus(NamedTuple):
     """A pool's entry in the status file (``libdm pool info`` reads it)."""
 
@@ -104,6 +119,10 @@ class MonitorService:
         interval: each monitor's status-check interval (seconds).
     """
 
+    #: The longest wait, in seconds, before a pool that could not be
+    #: watched (or whose monitor stopped) is tried again.
+    MAX_RETRY: ClassVar[float] = 60.0
+
     def __init__(
         self,
         config_dir: str | None = None,
@@ -117,6 +136,7 @@ class MonitorService:
         self.rescan_interval = rescan
         self.interval = interval
         self.watches: dict[str, _Watch] = {}  # by pool directory
+        self._retries: dict[str, _Retry] = {}  # by pool directory
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -141,6 +161,7 @@ class MonitorService:
     def scan(self) -> None:
         """One pass: start, restart and stop monitors to match the
         registrations, then write the status file."""
+        now = time.monotonic()
         try:
             wanted = {r.pool: r for r in registry.registrations(self.config_dir).values()}
         except StateError as exc:
@@ -153,20 +174,40 @@ class MonitorService:
             elif wanted[pool_dir] != watch.registration:
                 self._unwatch(pool_dir, "registration changed")
             elif not watch.alive():
-                self._unwatch(pool_dir, "its monitor stopped; starting it again")
+                self._unwatch(pool_dir, "its monitor stopped; will start it again")
+                self._failed(watch.registration, now)
+            else:
+                self._retries.pop(pool_dir, None)  # it ran for a whole scan
+        for pool_dir, retry in list(self._retries.items()):
+            if wanted.get(pool_dir) != retry.registration:
+                del self._retries[pool_dir]  # unregistered or changed
         for pool_dir, registration in wanted.items():
-            if pool_dir not in self.watches:
-                self._watch(registration)
+            waiting = self._retries.get(pool_dir)
+            if pool_dir in self.watches or (waiting is not None and now < waiting.at):
+                continue
+            if not self._watch(registration):
+                self._failed(registration, now)
         self._write_status(wanted)
 
-    def _watch(self, registration: registry.Registration) -> None:
+    def _failed(self, registration: registry.Registration, now: float) -> None:
+        """Try the pool again later: at the next scan, then at doubling
+        intervals up to :attr:`MAX_RETRY` seconds."""
+        retry = self._retries.get(registration.pool)
+        if retry is None:
+            first = max(self.rescan_interval, 0.01)
+            backoff = Backoff(first, max(first, self.MAX_RETRY))
+            retry = self._retries[registration.pool] = _Retry(registration, backoff)
+        retry.at = now + retry.backoff.next_delay()
+
+    def _watch(self, registration: registry.Registration) -> bool:
+        """Start watching the pool; False if it cannot be watched now."""
         from libdm.thin.pool import Pool
 
         try:
             pool = Pool.load(registration.pool)
         except (DMError, OSError) as exc:
             logger.warning("pool at %s: cannot be watched yet: %s", registration.pool, exc)
-            return
+            return False
         if not os.path.exists(pool.path):
             logger.warning(
                 "pool %s is not active (libdm pool open %s); will retry",
@@ -174,13 +215,13 @@ class MonitorService:
                 registration.pool,
             )
             pool.close()
-            return
+            return False
         try:
             monitor = registration.monitor(pool, interval=self.interval).start()
         except (DMError, OSError, ValueError) as exc:
             logger.error("pool %s: cannot be watched: %s", pool.name, exc)
             pool.close()
-            return
+            return False
         self.watches[registration.pool] = _Watch(registration, pool, monitor)
         logger.info(
             "pool %s: watching (grow by %d%% at %d%% used)",
@@ -188,6 +229,7 @@ class MonitorService:
             registration.percent,
             registration.threshold,
         )
+        return True
 
     def _unwatch(self, pool_dir: str, why: str) -> None:
         watch = self.watches.pop(pool_dir)

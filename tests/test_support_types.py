@@ -174,3 +174,42 @@ def test_a_failed_step_backs_off_and_the_wait_doubles(monkeypatch: pytest.Monkey
     finally:
         os.close(monitor._wake_r)
         os.close(monitor._wake_w)
+
+
+# -- the service's retries -------------------------------------------------------------
+
+
+def test_the_service_retries_a_pool_it_cannot_watch_less_and_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from libdm.service import MonitorService
+
+    now = [0.0]
+    monkeypatch.setattr("libdm.service.time.monotonic", lambda: now[0])
+    conf = str(tmp_path / "conf")
+    registry.register(registry.Registration(str(tmp_path / "nowhere")), conf)
+    service = MonitorService(conf, str(tmp_path / "run" / "monitor.json"), rescan=5.0)
+    tried = []
+    for second in range(0, 400, 5):
+        now[0] = float(second)
+        caplog.clear()
+        service.scan()
+        if any("cannot be watched yet" in r.getMessage() for r in caplog.records):
+            tried.append(second)
+    # At each scan at first, then 10, 20, 40 s apart, then once a minute.
+    assert tried == [0, 5, 15, 35, 75, 135, 195, 255, 315, 375]
+    with open(tmp_path / "run" / "monitor.json") as fh:
+        assert json.load(fh)["pools"] == {
+            str(tmp_path / "nowhere"): {
+                "name": None,
+                "running": False,
+                "threshold": 80,
+                "percent": 20,
+            }
+        }
+    # A changed registration is tried at once.
+    registry.register(registry.Registration(str(tmp_path / "nowhere"), threshold=50), conf)
+    now[0] += 1
+    caplog.clear()
+    service.scan()
+    assert any("cannot be watched yet" in r.getMessage() for r in caplog.records)

@@ -572,9 +572,9 @@ class _Mapped:
 
     def __init__(self, name: str) -> None:
         info = ops.info(name)
-        self.path = ops.device_path(name)
+        self.path: str = ops.device_path(name)
         self.devno = f"{info.major}:{info.minor}"
-        self.size = sum(t.length for t in ops.table(name)) * 512
+        self.size = sum(int(t.length) for t in ops.table(name)) * 512  # bytes
 
 
 def _mapped(name: str) -> _Mapped:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.dm.events import wait_event
+from libdm.thin.errors import PoolFailedError
 from libdm.thin.units import Bytes, format_size, parse_size
 
 if TYPE_CHECKING:
@@ -271,12 +272,21 @@ class Monitor:
             self.pool.set_low_water_mark(int(st.total_data) * (100 - self.threshold) // 100)
 
     def _sizes(self) -> tuple[Bytes, Bytes]:
-        data = self.pool.data_size()
-        meta = Bytes(int(self.pool.status().total_meta.bytes()))
-        return data, meta
+        """(data, metadata) sizes.
+
+        Raises:
+            PoolFailedError: the pool has failed.
+        """
+        st = self.pool.status()
+        if st.failed:
+            raise PoolFailedError(f"the pool has failed ({st.state})", "monitor", self.pool.name)
+        return self.pool.data_size(), Bytes(int(st.total_meta.bytes()))
 
     def _grow(self, part: Part, used_pct: float) -> GrowthStep:
-        data, meta = self._sizes()
+        try:
+            data, meta = self._sizes()
+        except PoolFailedError as exc:  # since check() read the status
+            return self._record(part, used_pct, Bytes(0), Bytes(0), str(exc))
         old = data if part == "data" else meta
         limit = self.max_data_size if part == "data" else self.max_metadata_size
         want = Bytes(int(old) + int(old) * self.percent // 100)

@@ -199,7 +199,7 @@ def pool_info(pool: Pool) -> PoolInfo:
         metadata_used=used_m,
         metadata_total=total_m,
         metadata_available=avail_m,
-        min_free_space=Bytes(int(total_d) * pool.min_free_space // 100),
+        min_free_space=Bytes(int(int(total_d) * pool.min_free_space // 100)),
         udev_sync_supported=udev_sync_supported(),
         deferred_removal=pool.deferred_removal,
         deferred_deletion=pool.deferred_deletion,

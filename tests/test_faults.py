@@ -19,7 +19,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def faulty_pool(dm_name, tmp_path):
+def faulty_pool(dm_name, tmp_path, make_pool):
     """A pool whose metadata and data devices are linear devices over loops,
     so the test can swap their tables for failing ones."""
     loops = {}
@@ -34,12 +34,7 @@ def faulty_pool(dm_name, tmp_path):
     sizes = {"meta": 8 * MiB // 512, "data": 64 * MiB // 512}
     for part, name in lower.items():
         libdm.create(name, [libdm.Target(0, sizes[part], "linear", f"{loops[part]} 0")])
-    pool = libdm.Pool.create(
-        dm_name("pool"),
-        libdm.device_path(lower["data"]),
-        libdm.device_path(lower["meta"]),
-        state_dir=tmp_path / "state",
-    )
+    pool = make_pool(libdm.device_path(lower["data"]), libdm.device_path(lower["meta"]))
     dev = pool.create_thin("vol", "16M")
     fd = os.open(dev.path, os.O_WRONLY)
     os.pwrite(fd, b"\x42" * MiB, 0)
@@ -57,8 +52,7 @@ def faulty_pool(dm_name, tmp_path):
         witness.dmsetup("reload", lower[part], "--table", table)
         witness.dmsetup("resume", lower[part])
 
-    yield pool, dev, lower, swap
-    pool.close()
+    return pool, dev, lower, swap
 
 
 def read_first_mib(path):

@@ -104,13 +104,12 @@ def assert_no_pool_devices(name):
 
 
 @pytest.fixture
-def loop_pool(dm_name, tmp_path):
+def loop_pool(make_pool):
     """A loop pool in ``tmp_path/pool`` with a thin device holding 0x11."""
-    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    pool = make_pool(data_size="64M")
     vol = pool.create_thin("vol", "8M")
     write_pattern(vol.path, 0x11)
-    yield pool
-    pool.close()
+    return pool
 
 
 def assert_pool_intact(pool):
@@ -453,14 +452,13 @@ def test_an_old_store_without_file_identities_still_opens(loop_pool):
 
 
 @pytest.fixture
-def block_pool(dm_name, tmp_path):
+def block_pool(tmp_path, make_pool):
     data = attach(tmp_path, "data.img", 64 * MiB)
     meta = attach(tmp_path, "meta.img", 4 * MiB)
-    pool = libdm.Pool.create(dm_name("pool"), data, meta, state_dir=tmp_path / "state")
+    pool = make_pool(data, meta)
     vol = pool.create_thin("vol", "8M")
     write_pattern(vol.path, 0x11)
-    yield pool, data, meta
-    pool.close()
+    return pool, data, meta
 
 
 @kernel

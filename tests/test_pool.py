@@ -20,10 +20,8 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
-def pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="256M")
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool(data_size="256M")
 
 
 def test_create_loop_builds_sparse_files_and_a_pool(pool, tmp_path):

@@ -14,14 +14,11 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def block_pool(dm_name, tmp_path):
+def block_pool(tmp_path, make_pool):
     data = attach(tmp_path, "data.img", 64 * MiB)
     meta = attach(tmp_path, "meta.img", 4 * MiB)
-    pool = libdm.Pool.create(
-        dm_name("pool"), data, meta, state_dir=tmp_path / "state", min_free_space=0
-    )
-    yield pool, data, meta
-    pool.close()
+    pool = make_pool(data, meta, min_free_space=0)
+    return pool, data, meta
 
 
 def test_extend_with_a_second_device_while_written(block_pool, tmp_path):

@@ -13,12 +13,8 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
-def pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(
-        dm_name("pool"), tmp_path / "pool", data_size="64M", metadata_size="2M"
-    )
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool(data_size="64M", metadata_size="2M")
 
 
 def sha(path):

@@ -26,23 +26,13 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="128M")
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool(data_size="128M")
 
 
 @pytest.fixture
-def strict_pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(
-        dm_name("pool"),
-        tmp_path / "pool",
-        data_size="128M",
-        deferred_removal=False,
-        deferred_deletion=False,
-    )
-    yield p
-    p.close()
+def strict_pool(make_pool):
+    return make_pool(data_size="128M", deferred_removal=False, deferred_deletion=False)
 
 
 def deferred_remove_pending(dm_name):

@@ -19,10 +19,8 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
-def pool(dm_name, tmp_path):
-    p = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="512M")
-    yield p
-    p.close()
+def pool(make_pool):
+    return make_pool(data_size="512M")
 
 
 def length(dm_name):

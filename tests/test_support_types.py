@@ -159,21 +159,29 @@ def test_a_failed_step_backs_off_and_the_wait_doubles(monkeypatch: pytest.Monkey
     monkeypatch.setattr("libdm.thin.monitor.time.monotonic", lambda: now[0])
     pool: Any = _FullPool()
     monitor = Monitor(pool, threshold=80)
-    try:
-        waits = []
-        for _ in range(12):
-            steps = monitor.check()
-            assert [(s.part, s.ok) for s in steps] == [("data", False)]
-            assert "no way to grow the data" in str(steps[0].error)
-            assert monitor._retry_at is not None
-            waits.append(monitor._retry_at - now[0])
-            assert monitor.check() == []  # backing off: the status is not even read
-            now[0] = monitor._retry_at
-        assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
-        assert [s.part for s in monitor.history] == ["data"] * 12
-    finally:
-        os.close(monitor._wake_r)
-        os.close(monitor._wake_w)
+    waits = []
+    for _ in range(12):
+        steps = monitor.check()
+        assert [(s.part, s.ok) for s in steps] == [("data", False)]
+        assert "no way to grow the data" in str(steps[0].error)
+        assert monitor._retry_at is not None
+        waits.append(monitor._retry_at - now[0])
+        reads = pool.statuses
+        assert monitor.check() == []  # backing off: the status is not even read
+        assert pool.statuses == reads
+        now[0] = monitor._retry_at
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+    assert [s.part for s in monitor.history] == ["data"] * 12
+
+
+def test_a_monitor_closes_its_wake_pipe_when_it_goes() -> None:
+    import gc
+
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        Monitor(_FullPool())  # type: ignore[arg-type]  # a stand-in pool
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 # -- the service's retries -------------------------------------------------------------

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -76,6 +77,11 @@ class GrowthStep:
     def ok(self) -> bool:
         """True if the step grew the part."""
         return self.error is None
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class Monitor:
@@ -145,8 +151,10 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        # stop() writes here so a wait in progress ends at once.
+        # stop() writes here so a wait in progress ends at once.  The pipe
+        # lives as long as the monitor: a service makes one per watch.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
 
     # -- running -----------------------------------------------------------------
 

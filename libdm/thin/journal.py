@@ -210,12 +210,15 @@ class Transaction:
         self.journal = journal
         self.intent = intent
 
-    def withdraw(self, *, foreign: bool = False, queue: bool = False) -> None:
+    def withdraw(
+        self, *, foreign: bool = False, queue: bool = False, active: bool | None = None
+    ) -> None:
         """The kernel refused the change (or it was undone): take the intent
         back, in one store transaction.  A create gives its id back, or with
         ``foreign`` (the kernel holds the id without a record here) never
         hands it out again; a delete with ``queue`` frees the name now and
-        queues the id for a later attempt (deferred deletion)."""
+        queues the id for a later attempt (deferred deletion), and with
+        ``active`` records the device active (or not) again."""
         store, intent = self.journal.store, self.intent
         with store.transaction():
             if isinstance(intent, GrowthIntent):
@@ -230,6 +233,8 @@ class Transaction:
             elif queue:
                 store.drop_device(intent.name)
                 store.queue_delete(intent.thin_id, intent.name)
+            elif active is not None:
+                store.set_active(intent.name, active)
 
     def commit(self) -> None:
         """Step 3: move the kernel's transaction id (for a change of thin
@@ -355,10 +360,14 @@ class Journal:
         size: Sectors | None = None,
         parent: str | None = None,
         origin_id: int | None = None,
+        *,
+        inactive: bool = False,
     ) -> Transaction:
         """Commit the intent of a change of thin ids durably.  For a create
         (``thin_id`` None) the lowest free thin id is taken, and the
-        transaction id read, in the same store transaction.
+        transaction id read, in the same store transaction; with
+        ``inactive`` (a delete about to take its device down) the device is
+        recorded inactive in it too.
 
         Raises:
             PoolFullError: no thin id is left.
@@ -375,6 +384,8 @@ class Journal:
                     )
             intent = Intent(op, store.transaction_id() + 1, thin_id, name, size, parent, origin_id)
             store.add_intent(**intent.row())
+            if inactive:
+                store.set_active(name, False)
         crash.point(f"{op.crash_prefix}:intent")
         return Transaction(self, intent)
 
@@ -440,21 +451,13 @@ class Journal:
         Raises:
             DeviceBusyError: busy, and the pool does not defer deletes.
         """
-        store = self.store
-        with store.transaction():
-            intent = Intent(Op.DELETE, store.transaction_id() + 1, thin_id, name)
-            store.add_intent(**intent.row())
-            store.set_active(name, False)
-        crash.point("delete:intent")
-        txn = Transaction(self, intent)
+        txn = self.open(Op.DELETE, name, thin_id, inactive=True)
         try:
             # The discard skips a device that is open, and only an open one
             # refuses to be taken down: a refusal here has lost nothing.
             take_down()
         except BaseException:
-            with store.transaction():
-                store.drop_intent(intent.txid)
-                store.set_active(name, was_active)
+            txn.withdraw(active=was_active)
             raise
         crash.point("delete:deactivated")
         try:

@@ -131,6 +131,8 @@ class Pool:
         unavailable: after :meth:`open`, the devices recorded active that
             the kernel would not activate, name -> the error (the others
             are up; each is logged with the command that deletes it).
+        config: its stored configuration, a ``PoolConfig`` (frozen; changed
+            through :meth:`configure` and the growth methods).
     """
 
     unavailable: Mapping[str, str] = MappingProxyType({})
@@ -138,7 +140,6 @@ class Pool:
     name: str
     uuid: str
     kind: PoolKind
-    #: The pool's configuration, as stored.
     config: PoolConfig
     _backing: Backing
 

@@ -129,17 +129,7 @@ class Registration:
         settings (not started)."""
         from libdm.thin.monitor import Monitor
 
-        return Monitor(
-            pool,
-            self.threshold,
-            self.percent,
-            metadata_threshold=self.metadata_threshold,
-            interval=interval,
-            max_data_size=self.max_data_size,
-            max_metadata_size=self.max_metadata_size,
-            reserve="64M" if self.reserve is None else self.reserve,
-            spares=self.spares,
-        )
+        return Monitor(pool, interval=interval, **self.monitor_options())
 
     def to_toml(self) -> str:
         """The registration's file."""

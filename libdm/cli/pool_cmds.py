@@ -72,7 +72,7 @@ FORCE = ("pass force=True", "pass --force")
 class _CreateOptions(TypedDict):
     """The options every ``Pool.create*`` takes from ``pool create``."""
 
-    block_size: Bytes
+    block_size: int  # bytes
     min_free_space: int
     features: list[str]
     deferred_removal: bool
@@ -88,7 +88,7 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 def _create(args: argparse.Namespace) -> None:
     options: _CreateOptions = {
-        "block_size": args.block_size,
+        "block_size": int(args.block_size),
         "min_free_space": args.min_free_space,
         "features": args.feature,
         "deferred_removal": not args.no_deferred_removal,

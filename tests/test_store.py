@@ -453,3 +453,46 @@ def test_a_failed_write_is_taken_back(tmp_path: Path, monkeypatch: pytest.Monkey
         assert [r["name"] for r in again.devices()] == ["kept", "next"]
     finally:
         again.close()
+
+
+def test_a_fold_interrupted_before_the_log_went_is_not_applied_twice(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    store = made(directory)
+    some_changes(store)
+    before = everything(store)
+    assert store._log is not None and store._log.try_exclusive()
+    store._fold()  # state.db has it all; killed before the log is removed
+    die(store)
+    again = Store(directory)
+    try:
+        assert everything(again) == before
+        with again.transaction():
+            again.add_device("after", 20, 2048, None)
+    finally:
+        die(again)  # killed again: the log holds folded and new records
+    final = Store(directory)
+    try:
+        assert final.device("after") is not None
+        assert final.count_devices() == before["count"] + 1
+    finally:
+        final.close()
+    assert sorted(os.listdir(directory)) == [DB_NAME]
+
+
+def test_the_configuration_reaches_state_db_at_once(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+
+    def stored() -> Any:
+        db = sqlite3.connect(directory / DB_NAME)
+        try:
+            return db.execute("SELECT config FROM pool").fetchone()
+        finally:
+            db.close()
+
+    store = made(directory)
+    try:
+        assert stored() is not None  # the new pool, while it is open
+        store.set_config(dict(CONFIG, low_water_mark=7))
+        assert '"low_water_mark": 7' in stored()[0]
+    finally:
+        store.close()

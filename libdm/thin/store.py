@@ -300,6 +300,7 @@ class Store:
         self._tables = _Tables()
         self._unfolded: list[list[Change]] = []
         self._fold_tried = 0
+        self._folded_config: str | None = None
         try:
             self._open(statedir, create)
         except BaseException:
@@ -452,6 +453,8 @@ class Store:
         except (KeyError, ValueError) as exc:
             raise self.damaged("meta", f"has no valid log_seq and store_id ({exc})") from None
         self._tables = tables
+        pool_row = tables.get("pool", 1)
+        self._folded_config = None if pool_row is None else pool_row[3]
         self._seq = self._db_seq
         self._unfolded = []
         self._log_end = HEADER_SIZE
@@ -478,10 +481,14 @@ class Store:
         # between the fold and the log's truncation leaves them).
         for end, record in (first, *records):
             if record.seq <= self._db_seq:
-                self._seq = record.seq
                 self._log_end = end
             else:
                 self._apply(end, record)
+        if self._log_end > HEADER_SIZE and self._seq == self._db_seq and record.seq != self._seq:
+            raise self._log.damaged(
+                f"its records end at number {record.seq} but state.db at {self._db_seq} "
+                f"(was state.db replaced by a newer copy?)"
+            )
 
     def _apply(self, end: int, record: storelog.Record) -> None:
         """Apply one record read from the log, ending at offset ``end``."""
@@ -642,12 +649,15 @@ class Store:
             ) from exc
         self._db_seq = self._seq
         self._unfolded = []
+        pool_row = self._tables.get("pool", 1)
+        self._folded_config = None if pool_row is None else pool_row[3]
 
-    def _compact(self) -> None:
-        """Past LOG_LIMIT: fold and empty the log if this process is the
-        only one with the store open (else try again later)."""
+    def _compact(self, now: bool = False) -> None:
+        """Past LOG_LIMIT (or ``now``): fold and empty the log if this
+        process is the only one with the store open (else try again
+        later)."""
         assert self._log is not None
-        if self._log_end - self._fold_tried < LOG_LIMIT // 4:
+        if not now and self._log_end - self._fold_tried < LOG_LIMIT // 4:
             return
         self._fold_tried = self._log_end
         if self._log.try_exclusive():
@@ -734,7 +744,14 @@ class Store:
         self._seq = seq
         self._log_end = self._log_size = self._log_end + len(data)
         self._unfolded.append(changes)
-        if self._log_end > LOG_LIMIT:
+        if any(
+            table == "pool" and value is not None and value[3] != self._folded_config
+            for table, _key, value in changes
+        ):
+            # The configuration changed (a new pool, a growth, a setting):
+            # rare, and read from state.db by tools, so written there now.
+            self._compact(now=True)
+        elif self._log_end > LOG_LIMIT:
             self._compact()
 
     def _put(self, table: str, key: Key, value: list[Any] | None) -> None:

@@ -10,9 +10,10 @@ both grow, the metadata goes first, in a reload of its own).  Thin
 devices stay active throughout; their I/O waits while the pool is
 suspended.
 
-Every growth goes through the journal's one :class:`~libdm.thin.journal.Transaction`,
-like a change of thin ids: an intent naming
-the configuration before and after, and the live tables to return to, is
+Every growth goes through the journal's one
+:class:`~libdm.thin.journal.Transaction`, as a change of thin ids does: an
+intent (a :class:`~libdm.thin.journal.GrowthIntent`) naming the
+configuration before and after, and the live tables to return to, is
 committed first; then the backing grows (files, or a segment recorded),
 the pool is suspended, reloaded and resumed; then the new configuration
 is recorded and the intent dropped in one commit.  A growth that fails

@@ -214,7 +214,7 @@ class Snapshotter:
         if self._pool_has(self.base_name):
             self.pool.delete_device(self.base_name)
         size = parse_size(self.config.base_image_size, what="base_image_size")
-        dev = self.pool.create_thin(self.base_name, size)
+        dev = self.pool.create_thin(self.base_name, int(size))
         dev.format(self.config.fs_type, options=self.config.mkfs_options)
         # An image's root has no lost+found (containerd's devmapper snapshotter
         # removes it from every new filesystem; here once, from the base).

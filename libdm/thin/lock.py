@@ -38,6 +38,12 @@ class PoolLock:
         self._depth = 0
 
     @property
+    def thread_lock(self) -> threading.RLock:
+        """The re-entrant lock this process's threads take turns on (held
+        for the whole of a change; other parts may share it)."""
+        return self._thread_lock
+
+    @property
     def closed(self) -> bool:
         return self.fd < 0
 

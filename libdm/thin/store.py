@@ -248,6 +248,10 @@ def _row(table: str, key: Key, value: list[Any]) -> Row:
     return row
 
 
+def _by_key(item: tuple[Key, list[Any]]) -> Key:
+    return item[0]
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -290,7 +294,7 @@ class Store:
             statedir = (
                 StateDir.claim(directory, STORE_FILES) if create else StateDir.open(directory)
             )
-        self._lock = threading.RLock()
+        self._lock: threading.RLock = threading.RLock()
         self._depth = 0
         self._held = 0
         self._changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]] = []
@@ -417,30 +421,23 @@ class Store:
     def _reload(self) -> None:
         """Everything again: state.db, then the log (held shared)."""
         assert self._log is not None
+        self._log_end = -1  # readers wait for the lock until this is done
         tables = _Tables()
         try:
-            self.db.execute("BEGIN")
+            cursor = self.db.cursor()
+            cursor.row_factory = None  # plain tuples: faster for every row
+            cursor.execute("BEGIN")
             try:
-                meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-                for row in self.db.execute(
-                    "SELECT name, uuid, kind, config, transaction_id FROM pool WHERE id = 1"
-                ):
-                    tables.put("pool", 1, list(row))
-                for row in self.db.execute(
-                    "SELECT name, thin_id, size, parent, active, created FROM devices"
-                ):
-                    tables.put("devices", row[0], list(row)[1:])
-                for row in self.db.execute(
-                    "SELECT txid, op, thin_id, name, size, parent, origin_id FROM intents"
-                ):
-                    tables.put("intents", row[0], list(row)[1:])
-                for row in self.db.execute("SELECT thin_id, name, queued FROM deferred_deletes"):
-                    tables.put("deferred_deletes", row[0], list(row)[1:])
-                for table in ("free_ids", "foreign_ids"):
-                    for row in self.db.execute(f"SELECT thin_id FROM {table}"):
-                        tables.put(table, row[0], [])
+                meta = dict(cursor.execute("SELECT key, value FROM meta").fetchall())
+                for table in _COLUMNS:
+                    if table == "meta":
+                        continue
+                    columns = ", ".join((_KEYS[table], *_COLUMNS[table]))
+                    where = " WHERE id = 1" if table == "pool" else ""
+                    for row in cursor.execute(f"SELECT {columns} FROM {table}{where}"):
+                        tables.put(table, row[0], list(row[1:]))
             finally:
-                self.db.execute("COMMIT")
+                cursor.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise self._unreadable(exc) from exc
         for key, value in meta.items():
@@ -517,23 +514,45 @@ class Store:
         here, and the calls inside skip their check of the log (no other
         process can change the store while the pool's lock is held).
         Optional: without it each call checks for itself."""
-        with self._lock:
-            self._refresh()
-            self._held += 1
+        self._refresh()
+        self._held += 1
         try:
             yield
         finally:
-            with self._lock:
-                self._held -= 1
+            self._held -= 1
+
+    def share_lock(self, lock: threading.RLock) -> None:
+        """Use ``lock`` (a re-entrant lock) instead of the store's own: a
+        pool passes the one it holds around its changes, so that the
+        store's transactions inside them take no lock of their own (on
+        CPython 3.11 each first acquisition reads the clock, a system
+        call where there is no vDSO, as in User-Mode Linux)."""
+        self._lock = lock
 
     def _refresh(self) -> None:
-        """Take in what other processes appended since the last look."""
-        if self._depth or self._held or self._log is None:
+        """Take in what other processes appended since the last look: a
+        ``stat`` of the log, and the store's lock only if it moved."""
+        log = self._log
+        if self._depth or self._held or log is None:
             return
-        st = self._log.stat()
+        st = log.stat()
         if st is not None and st.st_ino == self._log_ino and st.st_size == self._log_end:
             return
-        if st is None or st.st_ino != self._log_ino or st.st_size < self._log_end:
+        with self._lock:
+            if self._log is not None:
+                self._take_in(self._log.stat())
+
+    def _take_in(self, st: os.stat_result | None) -> None:
+        """Under the lock: follow the log from ``st``, its stat now."""
+        assert self._log is not None
+        if st is not None and st.st_ino == self._log_ino and st.st_size == self._log_end:
+            return
+        if (
+            st is None
+            or st.st_ino != self._log_ino
+            or st.st_size < self._log_end
+            or self._log_end < 0  # a reload that failed
+        ):
             # Folded and removed or truncated: by a process that found this
             # one gone (a fork's close, or the shared hold lost for a moment).
             self._log.close()
@@ -765,9 +784,8 @@ class Store:
         self._changes.append((table, key, old, value))
 
     def _get(self, table: str, key: Key) -> list[Any] | None:
-        with self._lock:
-            self._refresh()
-            return self._tables.get(table, key)
+        self._refresh()
+        return self._tables.get(table, key)
 
     # -- pool ----------------------------------------------------------------
 
@@ -853,33 +871,30 @@ class Store:
         return None if row is None else _row("devices", name, row)
 
     def device_by_id(self, thin_id: int) -> Row | None:
-        with self._lock:
-            self._refresh()
-            name = self._tables.by_id.get(thin_id)
-            row = None if name is None else self._tables.get("devices", name)
-            return None if name is None or row is None else _row("devices", name, row)
+        self._refresh()
+        tables = self._tables
+        name = tables.by_id.get(thin_id)
+        row = None if name is None else tables.get("devices", name)
+        return None if name is None or row is None else _row("devices", name, row)
 
     def devices(self) -> list[Row]:
-        with self._lock:
-            self._refresh()
-            rows = self._tables.rows["devices"]
-            return [_row("devices", name, rows[name]) for name in sorted(rows, key=str)]
+        self._refresh()
+        rows = sorted(self._tables.rows["devices"].items(), key=_by_key)
+        return [_row("devices", name, value) for name, value in rows]
 
     def active_devices(self) -> list[Row]:
-        with self._lock:
-            self._refresh()
-            active = [(v[0], k, v) for k, v in self._tables.rows["devices"].items() if v[3]]
-            return [_row("devices", name, value) for _id, name, value in sorted(active)]
+        self._refresh()
+        rows = list(self._tables.rows["devices"].items())
+        active = sorted((value[0], name, value) for name, value in rows if value[3])
+        return [_row("devices", name, value) for _id, name, value in active]
 
     def children(self, name: str) -> list[str]:
-        with self._lock:
-            self._refresh()
-            return sorted(self._tables.children.get(name, ()))
+        self._refresh()
+        return sorted(self._tables.children.get(name, ()))
 
     def count_devices(self) -> int:
-        with self._lock:
-            self._refresh()
-            return len(self._tables.rows["devices"])
+        self._refresh()
+        return len(self._tables.rows["devices"])
 
     def add_device(
         self, name: str, thin_id: int, size: int, parent: str | None, active: bool = False
@@ -924,15 +939,14 @@ class Store:
     def id_in_use(self, thin_id: int) -> bool:
         """True if the id is held by a device, an intent, a deferred delete
         or is known to be held by the kernel alone."""
-        with self._lock:
-            self._refresh()
-            tables = self._tables
-            return (
-                thin_id in tables.by_id
-                or thin_id in tables.intent_ids
-                or thin_id in tables.rows["deferred_deletes"]
-                or thin_id in tables.rows["foreign_ids"]
-            )
+        self._refresh()
+        tables = self._tables
+        return (
+            thin_id in tables.by_id
+            or thin_id in tables.intent_ids
+            or thin_id in tables.rows["deferred_deletes"]
+            or thin_id in tables.rows["foreign_ids"]
+        )
 
     def allocate_id(self, limit: int) -> int | None:
         """Take the lowest free thin id (call inside a transaction).
@@ -966,9 +980,8 @@ class Store:
                 self._put("foreign_ids", thin_id, [])
 
     def foreign_ids(self) -> list[int]:
-        with self._lock:
-            self._refresh()
-            return sorted(int(k) for k in self._tables.rows["foreign_ids"])
+        self._refresh()
+        return sorted(int(k) for k in list(self._tables.rows["foreign_ids"]))
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         row = self._get("meta", key)
@@ -999,10 +1012,9 @@ class Store:
             )
 
     def intents(self) -> list[Row]:
-        with self._lock:
-            self._refresh()
-            rows = self._tables.rows["intents"]
-            return [_row("intents", txid, rows[txid]) for txid in sorted(rows, key=int)]
+        self._refresh()
+        rows = sorted(self._tables.rows["intents"].items(), key=_by_key)
+        return [_row("intents", txid, value) for txid, value in rows]
 
     def drop_intent(self, txid: int) -> None:
         with self.transaction():
@@ -1039,10 +1051,9 @@ class Store:
             self._put("deferred_deletes", thin_id, [name, _now()])
 
     def deferred_deletes(self) -> list[Row]:
-        with self._lock:
-            self._refresh()
-            rows = self._tables.rows["deferred_deletes"]
-            return [_row("deferred_deletes", k, rows[k]) for k in sorted(rows, key=int)]
+        self._refresh()
+        rows = sorted(self._tables.rows["deferred_deletes"].items(), key=_by_key)
+        return [_row("deferred_deletes", key, value) for key, value in rows]
 
     def drop_deferred_delete(self, thin_id: int) -> None:
         with self.transaction():

@@ -121,9 +121,16 @@ class LogFile:
             StateError: the log is a symlink or not a regular file of the
                 caller's (named).
         """
-        while True:
-            made = statedir.lstat(LOG_NAME) is None
-            fd = statedir.open_file(LOG_NAME, os.O_RDWR, operation, "state store log", create=made)
+        for attempt in range(100):
+            try:
+                fd = statedir.open_file(
+                    LOG_NAME, os.O_RDWR, operation, "state store log", create=True
+                )
+            except StateError:
+                if attempt < 99 and statedir.lstat(LOG_NAME) is None:
+                    continue  # removed between its creation's refusal and the open
+                raise
+            made = LOG_NAME in statedir.created
             with contextlib.suppress(ValueError):
                 statedir.created.remove(LOG_NAME)  # its removal is the store's
             try:
@@ -138,6 +145,11 @@ class LogFile:
                     _sync_directory(statedir)
                 return cls(statedir, fd, st.st_ino, made)
             os.close(fd)  # folded and removed while we waited: again
+        raise StateError(
+            f"the pool state log {statedir.join(LOG_NAME)} kept being removed while it was opened",
+            operation,
+            None,
+        )
 
     def stat(self) -> os.stat_result | None:
         """The log's stat by name (``None`` if it was removed)."""

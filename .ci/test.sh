@@ -64,7 +64,10 @@ cd "$work/run"
 # tests/test_packaging.py read it (the latter checks this build's sdist
 # and wheel rather than building them again).
 export LIBDM_TEST_INSTALLED=$wheel
+# The session's test kernel runs every kernel test, 10 to 20 minutes on a
+# quiet machine: an hour before it is killed leaves room for a busy one
+# (the plugin's default is 30 minutes).  Arguments given later override it.
 status=0
 "$venv_python" -P -m pytest -c "$repo/pyproject.toml" --rootdir="$repo" \
-  --cov --cov-config="$repo/pyproject.toml" "${args[@]}" || status=$?
+  --cov --cov-config="$repo/pyproject.toml" --dm-kernel-timeout=3600 "${args[@]}" || status=$?
 exit $status

@@ -171,6 +171,7 @@ class Pool:
         self.lock_timeout = lock_timeout
         self._store = _store if _store is not None else Store(self.directory)
         self._lock = PoolLock(-1, os.path.join(self.directory, LOCK_NAME))
+        self._store.share_lock(self._lock._thread_lock)
         try:
             self._lock.fd = self._store.statedir.open_file(
                 LOCK_NAME, os.O_RDWR, "open", "lock file", create=True
@@ -272,11 +273,17 @@ class Pool:
 
     # -- locking -------------------------------------------------------------------
 
-    def _changing(self, operation: str) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _changing(self, operation: str) -> Iterator[None]:
         """Hold the pool for a change: this process's threads and other
         processes wait (up to ``lock_timeout``).  The state is read again
-        when the lock is taken: another process may have changed it."""
-        return self._lock.held(operation, self.name, self.lock_timeout, self._reload)
+        when the lock is taken: another process may have changed it (and
+        then, the lock held, no other process can: Store.held)."""
+        with (
+            self._lock.held(operation, self.name, self.lock_timeout, self._reload),
+            self._store.held(),
+        ):
+            yield
 
     def _reload(self) -> None:
         self._load()

@@ -496,3 +496,32 @@ def test_the_configuration_reaches_state_db_at_once(tmp_path: Path) -> None:
         assert '"low_water_mark": 7' in stored()[0]
     finally:
         store.close()
+
+
+def test_a_shared_lock_is_the_one_transactions_take(tmp_path: Path) -> None:
+    store = made(tmp_path / "state")
+    lock = threading.RLock()
+    store.share_lock(lock)
+    started = threading.Event()
+    done: list[str] = []
+
+    def writer() -> None:
+        started.set()
+        with store.transaction():
+            store.add_device("theirs", 2, 2048, None)
+        done.append("theirs")
+
+    try:
+        with lock:  # as a pool holding its lock around a change
+            with store.transaction():
+                store.add_device("mine", 1, 2048, None)
+            thread = threading.Thread(target=writer)
+            thread.start()
+            started.wait()
+            thread.join(0.2)
+            assert done == []  # waits for the lock the pool holds
+        thread.join()
+        assert done == ["theirs"]
+        assert [r["name"] for r in store.devices()] == ["mine", "theirs"]
+    finally:
+        store.close()

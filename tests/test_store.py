@@ -525,3 +525,24 @@ def test_a_shared_lock_is_the_one_transactions_take(tmp_path: Path) -> None:
         assert [r["name"] for r in store.devices()] == ["mine", "theirs"]
     finally:
         store.close()
+
+
+def test_a_fold_that_fails_leaves_the_change_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    store = made(directory)
+
+    def fails(self: Store) -> None:
+        raise libdm.StateError("state.db is full", "close")
+
+    monkeypatch.setattr(Store, "_fold", fails)
+    store.set_config(dict(CONFIG, low_water_mark=9))  # folded at once, were it not for this
+    assert store.pool()["config"]["low_water_mark"] == 9
+    monkeypatch.undo()
+    die(store)
+    again = Store(directory)
+    try:
+        assert again.pool()["config"]["low_water_mark"] == 9
+    finally:
+        again.close()

@@ -46,6 +46,7 @@ import contextlib
 import errno
 import heapq
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -71,6 +72,8 @@ __all__ = [
     "Migration",
     "Store",
 ]
+
+logger = logging.getLogger("libdm")
 
 #: A row as the store returns it: column name -> value (a fresh dict).
 Row = dict[str, Any]
@@ -567,8 +570,10 @@ class Store:
     def close_db(self) -> None:
         """Close the database and the log (the directory stays open)."""
         with self._lock:
-            self._release_log(fold=True)
-            self.db.close()
+            try:
+                self._release_log(fold=True)
+            finally:
+                self.db.close()
 
     def close(self, remove_made: bool = False) -> None:
         """Close the store and the directory.
@@ -580,12 +585,14 @@ class Store:
                 and the directory if it made it and it is empty.
         """
         with self._lock:
-            self._release_log(fold=not remove_made)
-            self.db.close()
-            if remove_made and DB_NAME in self.statedir.created:
-                for name in STORE_FILES:
-                    self.statedir.unlink(name)
-            self.statedir.close(remove_made=remove_made)
+            try:
+                self._release_log(fold=not remove_made)
+            finally:
+                self.db.close()
+                if remove_made and DB_NAME in self.statedir.created:
+                    for name in STORE_FILES:
+                        self.statedir.unlink(name)
+                self.statedir.close(remove_made=remove_made)
 
     def __del__(self) -> None:
         # A store dropped without close: let go of the log (no fold).
@@ -763,15 +770,18 @@ class Store:
         self._seq = seq
         self._log_end = self._log_size = self._log_end + len(data)
         self._unfolded.append(changes)
-        if any(
+        now = any(
             table == "pool" and value is not None and value[3] != self._folded_config
             for table, _key, value in changes
-        ):
-            # The configuration changed (a new pool, a growth, a setting):
-            # rare, and read from state.db by tools, so written there now.
-            self._compact(now=True)
-        elif self._log_end > LOG_LIMIT:
-            self._compact()
+        )
+        # now: the configuration changed (a new pool, a growth, a setting):
+        # rare, and read from state.db by tools, so written there at once.
+        if now or self._log_end > LOG_LIMIT:
+            try:
+                self._compact(now)
+            except (OSError, StateError) as exc:
+                # The change is in the log, which keeps it: folding is for later.
+                logger.warning("%s: the log stays unfolded for now: %s", self.path, exc)
 
     def _put(self, table: str, key: Key, value: list[Any] | None) -> None:
         """Change one row, inside the current transaction (or in one of

@@ -546,3 +546,44 @@ def test_a_fold_that_fails_leaves_the_change_in_the_log(
         assert again.pool()["config"]["low_water_mark"] == 9
     finally:
         again.close()
+
+
+def test_a_reader_left_alone_folds_what_a_writer_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "LOG_LIMIT", 4096)
+    directory = tmp_path / "state"
+    reader = made(directory)
+    writer = Store(directory)
+    for i in range(100):  # past the limit, never alone: nothing folded
+        with writer.transaction():
+            writer.add_device(f"d{i}", i, 2048, None)
+    writer.close()
+    assert (directory / LOG_NAME).stat().st_size > 4096
+    try:
+        assert reader.count_devices() == 100  # reads the log, then folds it
+        assert (directory / LOG_NAME).stat().st_size < 4096
+    finally:
+        reader.close()
+    again = Store(directory)
+    try:
+        assert again.count_devices() == 100
+    finally:
+        again.close()
+
+
+def test_an_open_after_a_crash_folds_the_log_it_finds(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    store = made(directory)
+    with store.transaction():
+        store.add_device("x", 1, 2048, None)
+    die(store)
+    again = Store(directory)
+    try:
+        db = sqlite3.connect(directory / DB_NAME)
+        try:
+            assert db.execute("SELECT name FROM devices").fetchall() == [("x",)]
+        finally:
+            db.close()
+    finally:
+        again.close()

@@ -417,9 +417,13 @@ class Store:
     # -- loading and following the log ---------------------------------------------
 
     def _load(self, operation: str) -> None:
-        """Hold the log, read state.db, replay the log after it."""
+        """Hold the log, read state.db, replay the log after it; a log
+        left with records (a crash, or processes that kept the store open
+        while others closed it) is folded now if this process is alone."""
         self._log = LogFile.acquire(self.statedir, operation)
         self._reload()
+        if self._unfolded:
+            self._maybe_compact(now=True)
 
     def _reload(self) -> None:
         """Everything again: state.db, then the log (held shared)."""
@@ -564,6 +568,8 @@ class Store:
             return
         self._log_size = st.st_size
         self._read_tail(st.st_size)
+        if self._log_end > LOG_LIMIT:
+            self._maybe_compact()  # a reader alone at last folds what others left
 
     # -- closing ------------------------------------------------------------------------
 
@@ -777,11 +783,15 @@ class Store:
         # now: the configuration changed (a new pool, a growth, a setting):
         # rare, and read from state.db by tools, so written there at once.
         if now or self._log_end > LOG_LIMIT:
-            try:
-                self._compact(now)
-            except (OSError, StateError) as exc:
-                # The change is in the log, which keeps it: folding is for later.
-                logger.warning("%s: the log stays unfolded for now: %s", self.path, exc)
+            self._maybe_compact(now)
+
+    def _maybe_compact(self, now: bool = False) -> None:
+        """:meth:`_compact`, whose failure leaves the log as it is (it
+        keeps every change: folding is for later)."""
+        try:
+            self._compact(now)
+        except (OSError, StateError) as exc:
+            logger.warning("%s: the log stays unfolded for now: %s", self.path, exc)
 
     def _put(self, table: str, key: Key, value: list[Any] | None) -> None:
         """Change one row, inside the current transaction (or in one of

@@ -171,7 +171,7 @@ class Pool:
         self.lock_timeout = lock_timeout
         self._store = _store if _store is not None else Store(self.directory)
         self._lock = PoolLock(-1, os.path.join(self.directory, LOCK_NAME))
-        self._store.share_lock(self._lock._thread_lock)
+        self._store.share_lock(self._lock.thread_lock)
         try:
             self._lock.fd = self._store.statedir.open_file(
                 LOCK_NAME, os.O_RDWR, "open", "lock file", create=True

@@ -251,6 +251,63 @@ def test_changes_survive_other_processes_opening_and_closing(tmp_path: Path) -> 
         assert missing == [], f"{len(missing)} of {done} finished changes lost"
 
 
+def _burst_writer(directory: str, report: int, stop: float) -> None:  # pragma: no cover
+    """Changes in blocks of 20 inside held() (the pool's lock), each block
+    reported when finished; then killed."""
+    store = Store(directory)
+    i = 0
+    while time.monotonic() < stop:
+        with store.held():
+            for _ in range(20):
+                with store.transaction(durable=False):
+                    store.add_device(f"d{i}", i, 2048, None)
+                i += 1
+        os.write(report, b"20\n")
+    os._exit(0)  # no close, no fold
+
+
+def _busy_reader(directory: str) -> None:  # pragma: no cover
+    """A monitor: reads, without a lock, over and over."""
+    store = Store(directory)
+    while True:
+        store.count_devices()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="past the fold threshold a lock-free reader tries to fold (Store._take_in) and "
+    "the writer tries after its appends (Store._append); each failed try_exclusive drops "
+    "the shared flock, so the other one folds and truncates the log under it, and the "
+    "writer, inside held(), goes on appending at its old offset past a hole of zeros "
+    "that ends the log for every other reader: its changes are lost",
+)
+def test_a_writer_and_a_reader_past_the_fold_threshold_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "LOG_LIMIT", 1024)  # both processes inherit it
+    ctx = multiprocessing.get_context("fork")
+    budget = time.monotonic() + float(os.environ.get("STORE_ADVERSARIAL_SECONDS", "30"))
+    round_ = 0
+    while time.monotonic() < budget:  # until a loss is seen, or the budget is spent
+        round_ += 1
+        directory = tmp_path / f"state{round_}"
+        made(directory).close()
+        reader = ctx.Process(target=_busy_reader, args=(str(directory),))
+        reader.start()
+        read, write = os.pipe()
+        writer = ctx.Process(
+            target=_burst_writer, args=(str(directory), write, time.monotonic() + 3)
+        )
+        writer.start()
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            done = sum(int(n) for n in fh.read().split())
+        writer.join()
+        reader.kill()
+        reader.join()
+        assert fresh_view(directory)["count"] == done
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a write taken back after its record was complete in the file (the fdatasync "
@@ -673,7 +730,9 @@ def _open_and_close(directory: str) -> None:  # pragma: no cover
 def _serve(conn: Connection, directory: str, lock_path: str) -> None:  # pragma: no cover
     """A process with the store open, doing what it is told.  Writes take
     the pool's lock (an flock of its own file), as Pool does."""
-    store_module.LOG_LIMIT = 4096  # fold attempts every few changes
+    # LOG_LIMIT stays as it is: past it, a reader and a writer at once lose
+    # changes (the xfail test above); the machine is to stay a stable check
+    # of everything else (folds at open, at close and of the configuration).
     store: Store | None = None
     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
 

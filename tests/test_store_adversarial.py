@@ -122,13 +122,6 @@ def in_child(work: Callable[[], Any]) -> Any:
 # -- defects -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed try_exclusive drops the shared flock (flock converts by unlocking); "
-    "another store folds and removes the log meanwhile, this one keeps the orphaned inode, "
-    "and its close folds its stale view and unlinks the new log by name: a third "
-    "store's committed change is lost",
-)
 def test_a_failed_fold_attempt_never_loses_another_stores_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,13 +161,6 @@ def die(store: Store) -> None:
     store.statedir.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the same dropped flock inside Store.held() (as Pool wraps every change): after "
-    "the failed fold attempt the other store folds and removes the log, and the next change "
-    "of the held block is appended to the removed file, where no other process or later "
-    "open finds it",
-)
 def test_a_change_after_a_failed_fold_attempt_in_a_held_block_is_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,12 +207,6 @@ def _opener(directory: str) -> None:  # pragma: no cover
         Store(directory).close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the dropped flock of a failed fold attempt, for real: separate processes, no "
-    "injected pause; a process that changes the store while others open and close it "
-    "appends to a log they removed, and its changes are lost",
-)
 def test_changes_survive_other_processes_opening_and_closing(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     budget = time.monotonic() + float(os.environ.get("STORE_ADVERSARIAL_SECONDS", "30"))
@@ -273,14 +253,6 @@ def _busy_reader(directory: str) -> None:  # pragma: no cover
         store.count_devices()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="past the fold threshold a lock-free reader tries to fold (Store._take_in) and "
-    "the writer tries after its appends (Store._append); each failed try_exclusive drops "
-    "the shared flock, so the other one folds and truncates the log under it, and the "
-    "writer, inside held(), goes on appending at its old offset past a hole of zeros "
-    "that ends the log for every other reader: its changes are lost",
-)
 def test_a_writer_and_a_reader_past_the_fold_threshold_lose_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -308,13 +280,6 @@ def test_a_writer_and_a_reader_past_the_fold_threshold_lose_nothing(
         assert fresh_view(directory)["count"] == done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write taken back after its record was complete in the file (the fdatasync "
-    "failed) was already applied by a lock-free reader; the next record has the same "
-    "length, so the reader's stat matches and it never sees the take-back: it keeps the "
-    "failed change, misses the next, and its close folds its view into state.db",
-)
 def test_a_write_taken_back_is_taken_back_for_readers_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -376,12 +341,6 @@ def test_a_failed_fold_of_a_configuration_leaves_memory_and_log_agreeing(
     assert fresh_view(directory)["low_water_mark"] == mine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storelog.LogFile.check_header treats any file shorter than the header as a log "
-    "whose creation was interrupted: Store._reload writes the header over a foreign file "
-    "named state.db-log and the close removes it",
-)
 @pytest.mark.parametrize(
     "content",
     [b"my notes\n", b"\0" * 12 + b"not a libdm header" * 2],
@@ -400,12 +359,6 @@ def test_a_short_foreign_file_named_like_the_log_is_refused_and_kept(
     assert (directory / LOG_NAME).read_bytes() == content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store._take_in closes the log before LogFile.acquire, and leaves the closed "
-    "object in self._log when acquire refuses: close() then fails on descriptor -1 "
-    "(ValueError) instead of closing or naming the log",
-)
 def test_a_store_whose_log_cannot_be_reopened_still_closes(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     store = made(directory)
@@ -414,7 +367,7 @@ def test_a_store_whose_log_cannot_be_reopened_still_closes(tmp_path: Path) -> No
     # Its shared hold lost (as after a fork's close), another store folds
     # and removes the log, and something that is no log takes the name.
     assert store._log is not None
-    fcntl.flock(store._log.fd, fcntl.LOCK_UN)
+    storelog._lock(store._log.fd, fcntl.F_UNLCK, wait=False)
     Store(directory).close()
     os.symlink(tmp_path / "nowhere", directory / LOG_NAME)
     with pytest.raises(libdm.StateError, match="symbolic link"):
@@ -556,9 +509,9 @@ def test_a_fold_that_fails_at_close_keeps_the_log(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Store._fold rolls back unconditionally: SQLite has already rolled back after "
-    "SQLITE_FULL, so ROLLBACK raises 'cannot rollback - no transaction is active' and that, "
-    "not the full disk, is the error the caller is shown",
+    reason="the failed ROLLBACK no longer hides the error, but SQLite reports the file "
+    "limit (EFBIG) as 'disk I/O error', and the store's message does not say what the "
+    "disk lacks",
 )
 def test_a_fold_that_fails_at_close_says_why(tmp_path: Path) -> None:
     _before, error = _close_on_a_full_disk(tmp_path / "state")
@@ -730,9 +683,7 @@ def _open_and_close(directory: str) -> None:  # pragma: no cover
 def _serve(conn: Connection, directory: str, lock_path: str) -> None:  # pragma: no cover
     """A process with the store open, doing what it is told.  Writes take
     the pool's lock (an flock of its own file), as Pool does."""
-    # LOG_LIMIT stays as it is: past it, a reader and a writer at once lose
-    # changes (the xfail test above); the machine is to stay a stable check
-    # of everything else (folds at open, at close and of the configuration).
+    # LOG_LIMIT stays as it is: the threshold has a test of its own above.
     store: Store | None = None
     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
 

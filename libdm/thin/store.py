@@ -307,6 +307,7 @@ class Store:
         self._tables = _Tables()
         self._unfolded: list[list[Change]] = []
         self._fold_tried = 0
+        self._unsynced = False
         self._folded_config: str | None = None
         try:
             self._open(statedir, create)
@@ -411,7 +412,8 @@ class Store:
             )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
 
     # -- loading and following the log ---------------------------------------------
@@ -562,7 +564,8 @@ class Store:
         ):
             # Folded and removed or truncated: by a process that found this
             # one gone (a fork's close, or the shared hold lost for a moment).
-            self._log.close()
+            log, self._log = self._log, None
+            log.close()
             self._log = LogFile.acquire(self.statedir, "open")
             self._reload()
             return
@@ -670,7 +673,8 @@ class Store:
                 )
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # SQLite may have rolled back itself
+                    self.db.execute("ROLLBACK")
                 raise
         except sqlite3.DatabaseError as exc:
             raise StateError(
@@ -745,9 +749,22 @@ class Store:
                     self._append([(t, k, new) for t, k, _old, new in changes], self._durable)
                 except BaseException:
                     self._undo(changes)
+                    if self._unsynced:
+                        self._unsynced = False
+                        self._take_back(changes)
                     raise
         finally:
             self._lock.release()
+
+    def _take_back(
+        self, changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]]
+    ) -> None:
+        """A record complete in the log failed to sync: another process
+        may have applied it already, so it is taken back by a record that
+        restores the old rows (synced, as far as the disk allows), not by
+        cutting it off."""
+        with contextlib.suppress(OSError):
+            self._append([(t, k, old) for t, k, old, _new in reversed(changes)], True)
 
     def _undo(self, changes: list[tuple[str, Key, list[Any] | None, list[Any] | None]]) -> None:
         for table, key, old, _new in reversed(changes):
@@ -763,9 +780,19 @@ class Store:
             log.truncate(self._log_end)
         seq = self._seq + 1
         data = storelog.encode(seq, json.dumps(changes, separators=(",", ":")).encode())
+        written = False
         try:
-            log.append(data, self._log_end, durable)
+            log.write(data, self._log_end)
+            written = True  # complete in the file: readers may apply it
+            if durable:
+                log.sync()
         except BaseException:
+            if written:  # kept, and taken back by the caller (_take_back)
+                self._unsynced = True
+                self._seq, self._log_end = seq, self._log_end + len(data)
+                self._log_size = self._log_end
+                self._unfolded.append(changes)
+                raise
             # Maybe written in part, or not synced: take it back (the next
             # append cuts it off if this cannot).
             self._log_size = self._log_end + len(data)

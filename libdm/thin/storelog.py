@@ -16,9 +16,10 @@ whose sequence number is not the next one ends the log: it is the torn
 tail of a write a crash or power cut interrupted (never synced, so never
 relied on), or a write still in progress in another process.
 
-Every process with the store open holds a shared ``flock`` on the log
-for as long as it is open.  Only a process that can take it exclusively,
-so that no other process has the store open, folds the log into
+Every process with the store open holds a shared lock on the log (an
+open-file-description lock, ``F_OFD_SETLK``) for as long as it is open.
+Only a process that can take it exclusively, so that no other process
+has the store open, folds the log into
 ``state.db`` and then truncates or removes it: while two processes have
 the store open the log only grows, so a process knows it has seen every
 change when the file's inode and size are the ones it last read (one
@@ -134,7 +135,7 @@ class LogFile:
             with contextlib.suppress(ValueError):
                 statedir.created.remove(LOG_NAME)  # its removal is the store's
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                _lock(fd, fcntl.F_RDLCK, wait=True)
                 st = os.fstat(fd)
                 named = statedir.lstat(LOG_NAME)
             except BaseException:
@@ -180,7 +181,10 @@ class LogFile:
                 damaged with records after it.
         """
         if len(data) < HEADER_SIZE:
-            return False
+            mine = header(store_id)[: len(data)]
+            if data == mine or not any(data):
+                return False  # a header whose write a crash cut short
+            raise self.damaged("it is too short to be a libdm store log, and not one cut short")
         magic, fmt, _reserved, owner = _HEAD.unpack_from(data, 0)
         (crc,) = struct.unpack_from("<I", data, _HEAD.size)
         if magic != MAGIC or crc != zlib.crc32(data[: _HEAD.size]):
@@ -215,9 +219,15 @@ class LogFile:
 
     def append(self, data: bytes, offset: int, durable: bool) -> None:
         """Write ``data`` at ``offset``; with ``durable``, fdatasync."""
-        self._pwrite(data, offset)
+        self.write(data, offset)
         if durable:
-            os.fdatasync(self.fd)
+            self.sync()
+
+    def write(self, data: bytes, offset: int) -> None:
+        self._pwrite(data, offset)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
 
     def _pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -231,17 +241,13 @@ class LogFile:
         os.ftruncate(self.fd, size)
 
     def try_exclusive(self) -> bool:
-        """Hold the log exclusively if no other process has it open.  On
-        False the shared hold may be gone (flock converts by unlocking
-        first): call :meth:`reshare`."""
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        """Hold the log exclusively if no other process has it open; on
+        False the shared hold stays as it was."""
+        return _lock(self.fd, fcntl.F_WRLCK, wait=False)
 
     def reshare(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        """Back from exclusive to shared (never refused)."""
+        _lock(self.fd, fcntl.F_RDLCK, wait=True)
 
     def remove(self) -> None:
         """Unlink the log (held exclusively: no one else has it open)."""
@@ -251,6 +257,22 @@ class LogFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _lock(fd: int, kind: int, wait: bool) -> bool:
+    """An open-file-description lock on the whole log (``F_OFD_SETLK``):
+    ``kind`` is ``fcntl.F_RDLCK``, ``F_WRLCK`` or ``F_UNLCK``.  Unlike
+    ``flock``, a conversion that is refused leaves the lock held as it
+    was, so a failed try for the exclusive lock never drops the shared
+    one.  True if set; False if refused (only without ``wait``)."""
+    request = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _sync_directory(statedir: StateDir) -> None:

@@ -174,6 +174,10 @@ def run(thin_ops_binary, directory, n=200, rounds=3, block=10, paths=None):
             data_size=DATA_SIZE,
             metadata_size=METADATA_SIZE,
         )
+        # Like for like: the C program and libdm-ops delete without first
+        # discarding the device's blocks, which libdm does by default on
+        # loop pools (discard_on_delete).
+        pool.configure(discard_on_delete=False)
         raw_c = benchlib.RawPool("bench-cp", os.path.join(directory, "c"))
         raw_ops = benchlib.RawPool("bench-op", os.path.join(directory, "ops"))
         c = benchlib.ThinOps(thin_ops_binary, raw_c.name)

@@ -187,6 +187,7 @@ class Pool:
         self._growth = Growth(self)
 
     def _load(self) -> None:
+        self._seen = self._store.sequence
         row = self._store.pool()
         where = f"the pool state in {self._store.path}"
         self.name = row["name"]
@@ -280,14 +281,18 @@ class Pool:
         when the lock is taken: another process may have changed it (and
         then, the lock held, no other process can: Store.held)."""
         with (
-            self._lock.held(operation, self.name, self.lock_timeout, self._reload),
+            self._lock.held(operation, self.name, self.lock_timeout, self._device.forget),
             self._store.held(),
         ):
-            yield
-
-    def _reload(self) -> None:
-        self._load()
-        self._device.forget()
+            # The store has taken in other processes' changes (held); the
+            # configuration is read again only if one of them changed it (a
+            # change of this process's own goes through _use_config).
+            if self._store.sequence != self._seen:
+                self._load()
+            try:
+                yield
+            finally:
+                self._seen = self._store.sequence
 
     # -- the pool device -----------------------------------------------------------
 

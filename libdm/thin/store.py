@@ -516,6 +516,14 @@ class Store:
         for end, record in storelog.decode(data, self._seq + 1, self._log_end):
             self._apply(end, record)
 
+    @property
+    def sequence(self) -> int:
+        """The number of the last change this store has taken in or made
+        (they never restart): equal numbers mean equal contents, so a pool
+        re-reads its configuration only when another process changed it."""
+        self._refresh()
+        return self._seq
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """``with store.held():`` around the store calls of a caller that

@@ -45,7 +45,8 @@ def test_import_libdm_does_not_import_grpc():
         "import sys, libdm, libdm.cli, libdm.cli.snapshotter_cmds; libdm.Pool; "
         "assert 'grpc' not in sys.modules and 'google.protobuf' not in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    # -P: the libdm under test, never the source tree in the working directory.
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
 
 
 def test_only_the_snapshotter_package_imports_grpc():

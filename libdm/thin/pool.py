@@ -121,7 +121,9 @@ class Pool:
     can be shared by threads; several processes may open the same pool,
     and their changes are serialised by an exclusive lock on the state
     directory (a change waits up to ``lock_timeout`` seconds for it, then
-    raises :class:`~libdm.PoolLockedError`).
+    raises :class:`~libdm.PoolLockedError`).  A child of ``fork()`` opens
+    the pool again: a change through its parent's ``Pool`` raises
+    :class:`~libdm.StateError`, as the two would share one lock.
 
     Attributes:
         name: the pool's device-mapper name.

@@ -51,6 +51,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -259,6 +260,20 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# Stores open in this process: a child of fork() must not write through
+# its parent's (they share the log's open file and its lock, so the parent
+# may fold and remove the log under the child's change).
+_open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Store:
     """The state store of one pool.
 
@@ -304,6 +319,8 @@ class Store:
         self._durable = False
         self._log: LogFile | None = None
         self._pid = os.getpid()
+        self._forked = False
+        _open_stores.add(self)
         self._tables = _Tables()
         self._unfolded: list[list[Change]] = []
         self._fold_tried = 0
@@ -782,6 +799,12 @@ class Store:
         log = self._log
         if log is None:
             raise ValueError(f"the pool state in {self.path} is closed")
+        if self._forked:
+            raise StateError(
+                f"the pool state in {self.path} was opened by process {self._pid} before a "
+                "fork(): open the pool again in this process to change it",
+                "change",
+            )
         if self._log_size > self._log_end:
             # The torn tail of a write a crash interrupted (the caller holds
             # the pool's lock: no write is in flight): cut it off.

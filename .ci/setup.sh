@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # user-mode-linux (a kernel run as a process) and kmod (modprobe).
 # Witnesses and tools the tests use: dmsetup, thin-provisioning-tools,
 # e2fsprogs, xfsprogs, util-linux (losetup, unshare), udev (udev-sync tests
-# start a udevd inside a test kernel; none is started on this machine).
+# start a udevd inside a test kernel; none is started on this machine), strace
+# (the store's system-call count).
 packages=(libdevmapper-dev gcc pkg-config user-mode-linux kmod dmsetup
-          thin-provisioning-tools e2fsprogs xfsprogs util-linux udev)
+          thin-provisioning-tools e2fsprogs xfsprogs util-linux udev strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,3 +56,40 @@ def test_mypy_strict() -> None:
     status = proc.returncode
     assert status == 0, _output(proc)
     assert "Success: no issues found" in proc.stdout, _output(proc)
+
+
+#: The last commit made before the commit-message rule (docs/contributing.rst,
+#: "Commits"); every commit after it follows the rule.
+_RULE_SINCE = "1aec340"
+
+
+def test_commit_messages() -> None:
+    """Each commit since the rule has a subject of at most 72 characters, a
+    blank line, and a body; a merge needs only the subject's limit."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(
+        os.path.join(ROOT, ".git")
+    ):
+        pytest.skip("not a git checkout: no history to check")
+    proc = subprocess.run(
+        ["git", "log", "--format=%H%x00%P%x00%B%x01", f"{_RULE_SINCE}..HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    problems = []
+    for entry in proc.stdout.split("\x01"):
+        entry = entry.strip("\n")
+        if not entry:
+            continue
+        sha, parents, message = entry.split("\x00", 2)
+        lines = message.strip("\n").split("\n")
+        subject = lines[0]
+        if len(subject) > 72:
+            problems.append(f"{sha[:10]}: subject of {len(subject)} characters: {subject!r}")
+        if len(parents.split()) > 1:
+            continue  # a merge: its branch's commits carry the bodies
+        if len(lines) < 3 or lines[1] != "" or not "".join(lines[2:]).strip():
+            problems.append(f"{sha[:10]}: no blank line and body after {subject!r}")
+    assert not problems, "\n".join(problems)

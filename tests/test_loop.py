@@ -425,6 +425,19 @@ def test_find_goes_by_inode_not_by_name(loops, tmp_path):
 
 
 @kernel
+def test_find_with_a_hint_checks_identity_and_falls_back(loops, tmp_path):
+    a = keep(loops, loop.attach(sparse(tmp_path / "a.img")))
+    b = keep(loops, loop.attach(sparse(tmp_path / "b.img")))
+    # The right hint, a hint naming the other file's loop, and a hint
+    # naming no loop device all find the device that holds the file.
+    for hint in (b.number, a.number, 1 << 19):
+        found = keep(loops, loop.find(tmp_path / "b.img", hint=hint))
+        assert found.number == b.number
+        assert losetup_devices()[found.path]["back-file"] == str(tmp_path / "b.img")
+    assert loop.find(sparse(tmp_path / "c.img"), hint=a.number) is None
+
+
+@kernel
 def test_find_skips_detached_devices(loops, tmp_path):
     img = sparse(tmp_path / "a.img")
     dev = loop.attach(img, autoclear=False)

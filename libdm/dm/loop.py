@@ -587,7 +587,9 @@ def attach(
         os.close(bfd)
 
 
-def find(path: StrPath, *, follow_symlinks: bool = True) -> LoopDevice | None:
+def find(
+    path: StrPath, *, follow_symlinks: bool = True, hint: int | None = None
+) -> LoopDevice | None:
     """The loop device the file is attached to, if it is.
 
     Every bound loop device is examined (``/sys/block/loopN/loop``); the
@@ -603,6 +605,12 @@ def find(path: StrPath, *, follow_symlinks: bool = True) -> LoopDevice | None:
     With ``follow_symlinks=False`` a ``path`` that is a symlink is refused
     (OSError(ELOOP)) rather than followed.
 
+    ``hint`` is the number of a loop device the caller believes holds the
+    file (a pool's table names its loops): it is asked first, by its
+    backing file's identity, and only if it does not hold the file are
+    the others examined.  A report then costs one device's ioctl rather
+    than a walk of every loop device.
+
     Returns:
         An open :class:`LoopDevice` handle, or None.
 
@@ -613,35 +621,50 @@ def find(path: StrPath, *, follow_symlinks: bool = True) -> LoopDevice | None:
     """
     name, st = _backing_path(path, follow_symlinks)
     key = (st.st_dev, st.st_ino)
+    if hint is not None:
+        device = _holding(hint, key)
+        if device is not None:
+            return device
     for number in _loop_numbers():
+        if number == hint:
+            continue
         shown = _sys_backing_file(number)
         if shown is None or not _may_be(shown, name, key):
             continue
-        dev_path = f"/dev/loop{number}"
-        try:
-            fd = os.open(dev_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENXIO):
-                continue  # removed meanwhile
-            raise
-        try:
-            try:
-                info = _get_status(fd, dev_path)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    continue  # detached meanwhile (finally closes fd)
-                raise
-            if (
-                (info["device"], info["inode"]) == key
-                and info["offset"] == 0
-                and info["sizelimit"] == 0
-            ):
-                device, fd = LoopDevice(fd, number), -1
-                return device
-        finally:
-            if fd >= 0:
-                _close(fd)
+        device = _holding(number, key)
+        if device is not None:
+            return device
     return None
+
+
+def _holding(number: int, key: tuple[int, int]) -> LoopDevice | None:
+    """An open handle on loop<number> if it holds the whole file whose
+    ``(st_dev, st_ino)`` is ``key`` (offset 0, no size limit), else None."""
+    dev_path = f"/dev/loop{number}"
+    try:
+        fd = os.open(dev_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return None  # removed meanwhile
+        raise
+    try:
+        try:
+            info = _get_status(fd, dev_path)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return None  # detached meanwhile (finally closes fd)
+            raise
+        if (
+            (info["device"], info["inode"]) == key
+            and info["offset"] == 0
+            and info["sizelimit"] == 0
+        ):
+            device, fd = LoopDevice(fd, number), -1
+            return device
+        return None
+    finally:
+        if fd >= 0:
+            _close(fd)
 
 
 def _may_be(shown: str, name: str, key: tuple[int, int]) -> bool:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from libdm.dm import ops
+from libdm.dm.errors import DMError
 from libdm.dm.udev import udev_sync_supported
+from libdm.thin.table import ThinPoolParams
 from libdm.thin.units import Bytes, format_size
 
 if TYPE_CHECKING:
@@ -121,11 +123,30 @@ def backing_filesystem(path: str) -> str:
     return fstype
 
 
-def _loop_device(path: str) -> str:
+def _loop_hints(pool_name: str) -> tuple[int | None, int | None]:
+    """The loop numbers the live pool's table names for its data and
+    metadata devices (``None`` where it names no loop device or is not
+    live): the report asks those loops first instead of every loop."""
+    from libdm.dm.loop import LOOP_MAJOR
+
+    try:
+        targets = ops.table(pool_name)
+        params = ThinPoolParams.parse(targets[0].params)
+    except (DMError, ValueError, IndexError):
+        return None, None
+
+    def number(devno: str) -> int | None:
+        major, _, minor = devno.partition(":")
+        return int(minor) if major == str(LOOP_MAJOR) and minor.isdigit() else None
+
+    return number(params.data_dev), number(params.metadata_dev)
+
+
+def _loop_device(path: str, hint: int | None) -> str:
     """The loop device a file is attached to, or ``""``."""
     from libdm.dm import loop
 
-    dev = loop.find(path, follow_symlinks=False)
+    dev = loop.find(path, follow_symlinks=False, hint=hint)
     if dev is None:
         return ""
     with dev:
@@ -181,7 +202,9 @@ def pool_info(pool: Pool) -> PoolInfo:
     if pool.kind == "loop":
         # As docker info: the files are the loop files, the devices the loops.
         data_loop_file, meta_loop_file = data_file, meta_file
-        data_file, meta_file = _loop_device(data_file), _loop_device(meta_file)
+        data_hint, meta_hint = _loop_hints(pool.name)
+        data_file = _loop_device(data_file, data_hint)
+        meta_file = _loop_device(meta_file, meta_hint)
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,

@@ -19,7 +19,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DECL_DIR = os.path.join(HERE, "libdm", "_decl")
 
 # Order matters: types before the functions that use them.
-FRAGMENTS: list[str] = ["types.h", "task.h", "udev.h", "library.h", "log.h", "events.h", "lock.h"]
+FRAGMENTS: list[str] = [
+    "types.h",
+    "task.h",
+    "udev.h",
+    "library.h",
+    "log.h",
+    "events.h",
+    "lock.h",
+    "blockdev.h",
+]
 
 # libdevmapper's logger is variadic, which cffi cannot call back into
 # Python directly.  This shim formats each message in C and hands the
@@ -30,6 +39,9 @@ C_SOURCE = r"""
 #include <stdio.h>
 #include <libdevmapper.h>
 #include <linux/dm-ioctl.h>  /* DM_NAME_LEN, DM_UUID_LEN, DM_MAX_TYPE_NAME */
+#include <linux/fs.h>        /* BLKGETSIZE64, BLKDISCARD, FITRIM */
+#include <linux/loop.h>      /* LOOP_*, LO_FLAGS_*, struct loop_info64 */
+#include <linux/major.h>     /* LOOP_MAJOR */
 
 static void libdm_py_log(int level, const char *file, int line,
                          int dm_errno_or_class, const char *msg);

@@ -4,13 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Build: libdevmapper-dev, gcc, pkg-config.  The real-kernel harness:
+# Build: libdevmapper-dev, linux-libc-dev (the kernel headers the binding
+# takes its block and loop ioctls from), gcc, pkg-config.  The real-kernel harness:
 # user-mode-linux (a kernel run as a process) and kmod (modprobe).
 # Witnesses and tools the tests use: dmsetup, thin-provisioning-tools,
 # e2fsprogs, xfsprogs, util-linux (losetup, unshare), udev (udev-sync tests
 # start a udevd inside a test kernel; none is started on this machine), strace
 # (the store's system-call count).
-packages=(libdevmapper-dev gcc pkg-config user-mode-linux kmod dmsetup
+packages=(libdevmapper-dev linux-libc-dev gcc pkg-config user-mode-linux kmod dmsetup
           thin-provisioning-tools e2fsprogs xfsprogs util-linux udev strace)
 missing=()
 for p in "${packages[@]}"; do

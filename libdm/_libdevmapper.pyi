@@ -15,6 +15,11 @@ class _FFI:
     def cast(self, cdecl: str, value: object, /) -> CData: ...
     def string(self, cdata: CData, maxlen: int = ..., /) -> bytes: ...
     def def_extern(self, name: str = ..., error: object = ...) -> Callable[[_F], _F]: ...
+    def sizeof(self, cdecl: str | CData, /) -> int: ...
+    def buffer(self, cdata: CData, size: int = ..., /) -> Any: ...
+    def from_buffer(self, cdecl: str, python_buffer: object, /) -> CData: ...
+    def memmove(self, dest: CData, src: object, n: int, /) -> None: ...
+    def addressof(self, cdata: CData, *fields: str) -> CData: ...
 
 class _Lib:
     # enum: task types
@@ -179,6 +184,25 @@ class _Lib:
     # events.h
     @staticmethod
     def libdm_arm_poll(fd: int, /) -> int: ...
+    # blockdev.h: the kernel's block and loop ioctls
+    BLKGETSIZE64: int
+    BLKDISCARD: int
+    FITRIM: int
+    LOOP_SET_FD: int
+    LOOP_CLR_FD: int
+    LOOP_SET_STATUS64: int
+    LOOP_GET_STATUS64: int
+    LOOP_SET_CAPACITY: int
+    LOOP_SET_DIRECT_IO: int
+    LOOP_CONFIGURE: int
+    LOOP_CTL_GET_FREE: int
+    LO_NAME_SIZE: int
+    LO_KEY_SIZE: int
+    LOOP_MAJOR: int
+    LO_FLAGS_READ_ONLY: int
+    LO_FLAGS_AUTOCLEAR: int
+    LO_FLAGS_PARTSCAN: int
+    LO_FLAGS_DIRECT_IO: int
 
 ffi: _FFI
 lib: _Lib

@@ -1,4 +1,10 @@
-"""Block devices the pool model is handed: size, number, signatures, use.
+"""Block devices: the kernel's block and loop ioctls, and the devices the
+pool model is handed (size, number, signatures, use).
+
+Every ioctl number and struct layout libdm uses (``linux/fs.h``,
+``linux/loop.h``) is here, taken from the kernel headers when the binding
+is compiled (``libdm/_decl/blockdev.h``): size, discard, flush, trim and
+the loop calls.  :mod:`libdm.dm.loop` builds loop devices on them.
 
 Before a device becomes part of a pool, libdm checks that it is not in
 use (an exclusive open fails while it is mounted or held by another
@@ -13,13 +19,151 @@ import fcntl
 import os
 import stat
 import struct
+from dataclasses import dataclass
 
+from libdm.dm._lib import ffi, lib
 from libdm.dm.errors import DeviceBusyError
 
-__all__ = ["BlockDevice", "check_unused", "open_block_device", "signatures", "size_bytes"]
+__all__ = [
+    "BlockDevice",
+    "LoopInfo",
+    "check_unused",
+    "discard",
+    "ioctl",
+    "open_block_device",
+    "os_error",
+    "signatures",
+    "size_bytes",
+    "size_of_fd",
+]
 
-BLKGETSIZE64 = 0x80081272
-BLKFLSBUF = 0x1261
+# -- kernel interface (from the headers, see libdm/_decl/blockdev.h) ----------
+
+BLKGETSIZE64: int = lib.BLKGETSIZE64
+BLKDISCARD: int = lib.BLKDISCARD
+FITRIM: int = lib.FITRIM
+
+LOOP_SET_FD: int = lib.LOOP_SET_FD
+LOOP_CLR_FD: int = lib.LOOP_CLR_FD
+LOOP_SET_STATUS64: int = lib.LOOP_SET_STATUS64
+LOOP_GET_STATUS64: int = lib.LOOP_GET_STATUS64
+LOOP_SET_CAPACITY: int = lib.LOOP_SET_CAPACITY
+LOOP_SET_DIRECT_IO: int = lib.LOOP_SET_DIRECT_IO
+LOOP_CONFIGURE: int = lib.LOOP_CONFIGURE
+LOOP_CTL_GET_FREE: int = lib.LOOP_CTL_GET_FREE
+LOOP_MAJOR: int = lib.LOOP_MAJOR
+
+LO_FLAGS_READ_ONLY: int = lib.LO_FLAGS_READ_ONLY
+LO_FLAGS_AUTOCLEAR: int = lib.LO_FLAGS_AUTOCLEAR
+LO_FLAGS_PARTSCAN: int = lib.LO_FLAGS_PARTSCAN
+LO_FLAGS_DIRECT_IO: int = lib.LO_FLAGS_DIRECT_IO
+LO_NAME_SIZE: int = lib.LO_NAME_SIZE
+
+LOOP_INFO_SIZE: int = ffi.sizeof("struct loop_info64")
+LOOP_CONFIG_SIZE: int = ffi.sizeof("struct loop_config")
+_U64 = struct.Struct("=Q")
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """The fields of a ``struct loop_info64`` libdm reads (names without
+    ``lo_``; ``file_name`` up to its first NUL)."""
+
+    device: int
+    inode: int
+    rdevice: int
+    offset: int
+    sizelimit: int
+    number: int
+    flags: int
+    file_name: bytes
+
+
+def pack_loop_info(
+    *, file_name: bytes = b"", flags: int = 0, offset: int = 0, sizelimit: int = 0
+) -> bytes:
+    """A ``struct loop_info64`` for LOOP_SET_STATUS64 / LOOP_CONFIGURE.
+
+    ``file_name`` is cut to ``LO_NAME_SIZE - 1`` bytes: the kernel keeps
+    the last byte for the terminating NUL.
+    """
+    info = ffi.new("struct loop_info64 *")
+    info.lo_offset, info.lo_sizelimit, info.lo_flags = offset, sizelimit, flags
+    name = file_name[: LO_NAME_SIZE - 1]
+    ffi.memmove(info.lo_file_name, name, len(name))
+    return bytes(ffi.buffer(info))
+
+
+def unpack_loop_info(buf: bytes | bytearray) -> LoopInfo:
+    """A ``struct loop_info64`` read back (see :class:`LoopInfo`)."""
+    info = ffi.from_buffer("struct loop_info64 *", buf)
+    return LoopInfo(
+        device=int(info.lo_device),
+        inode=int(info.lo_inode),
+        rdevice=int(info.lo_rdevice),
+        offset=int(info.lo_offset),
+        sizelimit=int(info.lo_sizelimit),
+        number=int(info.lo_number),
+        flags=int(info.lo_flags),
+        file_name=ffi.string(info.lo_file_name, LO_NAME_SIZE),
+    )
+
+
+def pack_loop_config(fd: int, info: bytes, block_size: int = 0) -> bytes:
+    """A ``struct loop_config`` for LOOP_CONFIGURE (``info`` from
+    :func:`pack_loop_info`)."""
+    config = ffi.new("struct loop_config *")
+    config.fd, config.block_size = fd, block_size
+    ffi.memmove(ffi.addressof(config, "info"), info, LOOP_INFO_SIZE)
+    return bytes(ffi.buffer(config))
+
+
+def ioctl(fd: int, request: int, arg: int | bytes | bytearray, what: str, filename: str) -> int:
+    """The ioctl's int result (0 for a bytes ``arg``; a bytearray one is
+    filled in place), or an OSError naming ``what`` and ``filename``."""
+    try:
+        if isinstance(arg, bytearray):
+            result: int = fcntl.ioctl(fd, request, arg, True)
+            return result
+        if isinstance(arg, bytes):
+            fcntl.ioctl(fd, request, arg)
+            return 0
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        raise os_error(exc.errno, what, filename) from None
+
+
+def os_error(err: int | None, what: str, filename: str) -> OSError:
+    """An OSError for a failed call ``what`` on ``filename``: the subclass
+    that matches ``err`` (PermissionError, FileNotFoundError, ...)."""
+    err = err or 0
+    return OSError(err, f"{what}: {os.strerror(err)}", filename)
+
+
+def loop_status(fd: int, path: str) -> LoopInfo:
+    """LOOP_GET_STATUS64 of the loop device open on ``fd``."""
+    buf = bytearray(LOOP_INFO_SIZE)
+    ioctl(fd, LOOP_GET_STATUS64, buf, "LOOP_GET_STATUS64", path)
+    return unpack_loop_info(buf)
+
+
+def size_of_fd(fd: int, path: str) -> int:
+    """The size in bytes of the block device open on ``fd`` (BLKGETSIZE64)."""
+    buf = bytearray(_U64.size)
+    ioctl(fd, BLKGETSIZE64, buf, "BLKGETSIZE64", path)
+    size: int = _U64.unpack(buf)[0]
+    return size
+
+
+def discard(path: str, offset: int, length: int) -> None:
+    """Discard ``length`` bytes at ``offset`` of a block device (BLKDISCARD):
+    on a thin device, the pool gets the blocks back."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        ioctl(fd, BLKDISCARD, _U64.pack(offset) + _U64.pack(length), "BLKDISCARD", path)
+    finally:
+        os.close(fd)
+
 
 # (offset, magic, what): checked in order; the first 128 KiB are read once.
 _MAGICS = (
@@ -78,11 +222,9 @@ def size_bytes(path: str) -> int:
     """The size of a block device in bytes (BLKGETSIZE64)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return size_of_fd(fd, path)
     finally:
         os.close(fd)
-    size: int = struct.unpack("Q", buf)[0]
-    return size
 
 
 def signatures(path: str) -> list[str]:

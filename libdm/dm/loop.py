@@ -45,9 +45,28 @@ import errno
 import fcntl
 import os
 import stat
-import struct
 import warnings
-from typing import Self, TypedDict
+from typing import Self
+
+from libdm.dm.blockdev import (
+    LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_DIRECT_IO,
+    LO_FLAGS_READ_ONLY,
+    LOOP_CLR_FD,
+    LOOP_CONFIGURE,
+    LOOP_CTL_GET_FREE,
+    LOOP_MAJOR,
+    LOOP_SET_CAPACITY,
+    LOOP_SET_DIRECT_IO,
+    LOOP_SET_FD,
+    LOOP_SET_STATUS64,
+    ioctl,
+    loop_status,
+    os_error,
+    pack_loop_config,
+    pack_loop_info,
+    size_of_fd,
+)
 
 __all__ = [
     "LoopDevice",
@@ -57,37 +76,6 @@ __all__ = [
     "find",
     "refresh_capacity",
 ]
-
-# -- kernel interface (linux/loop.h, linux/fs.h) ------------------------------
-
-LOOP_SET_FD = 0x4C00
-LOOP_CLR_FD = 0x4C01
-LOOP_SET_STATUS64 = 0x4C04
-LOOP_GET_STATUS64 = 0x4C05
-LOOP_SET_CAPACITY = 0x4C07
-LOOP_SET_DIRECT_IO = 0x4C08
-LOOP_CONFIGURE = 0x4C0A
-LOOP_CTL_GET_FREE = 0x4C82
-BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
-
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4
-LO_FLAGS_PARTSCAN = 8
-LO_FLAGS_DIRECT_IO = 16
-
-LO_NAME_SIZE = 64
-LO_KEY_SIZE = 32
-LOOP_MAJOR = 7
-
-# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset,
-# lo_sizelimit (u64); lo_number, lo_encrypt_type, lo_encrypt_key_size,
-# lo_flags (u32); lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]
-# (u8); lo_init[2] (u64).  Native byte order, no padding: 232 bytes.
-_INFO = struct.Struct("=5Q4I64s64s32s2Q")
-# struct loop_config: fd, block_size (u32); loop_info64 info;
-# __u64 __reserved[8].  304 bytes.
-_CONFIG = struct.Struct("=2I" + _INFO.format[1:] + "8Q")
-_SIZE64 = struct.Struct("=Q")
 
 _CONTROL = "/dev/loop-control"
 _SYS_BLOCK = "/sys/block"
@@ -101,97 +89,7 @@ _DELETED = " (deleted)"
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 
-class _LoopInfo(TypedDict):
-    """A ``struct loop_info64``'s fields (names without ``lo_``)."""
-
-    device: int
-    inode: int
-    rdevice: int
-    offset: int
-    sizelimit: int
-    number: int
-    encrypt_type: int
-    encrypt_key_size: int
-    flags: int
-    file_name: bytes
-    crypt_name: bytes
-
-
-def _pack_info(
-    *, file_name: bytes = b"", flags: int = 0, offset: int = 0, sizelimit: int = 0
-) -> bytes:
-    """A ``struct loop_info64`` for LOOP_SET_STATUS64 / LOOP_CONFIGURE.
-
-    ``file_name`` (bytes) is cut to 63 bytes: the kernel keeps 64 with a
-    terminating NUL.
-    """
-    name = file_name[: LO_NAME_SIZE - 1]
-    return _INFO.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
-
-
-def _unpack_info(buf: bytes | bytearray) -> _LoopInfo:
-    """A ``struct loop_info64`` as a dict of its fields (names without
-    ``lo_``; ``file_name`` as bytes up to the first NUL)."""
-    (
-        device,
-        inode,
-        rdevice,
-        offset,
-        sizelimit,
-        number,
-        encrypt_type,
-        encrypt_key_size,
-        flags,
-        file_name,
-        crypt_name,
-        _key,
-        _init0,
-        _init1,
-    ) = _INFO.unpack(buf)
-    return {
-        "device": device,
-        "inode": inode,
-        "rdevice": rdevice,
-        "offset": offset,
-        "sizelimit": sizelimit,
-        "number": number,
-        "encrypt_type": encrypt_type,
-        "encrypt_key_size": encrypt_key_size,
-        "flags": flags,
-        "file_name": file_name.split(b"\0", 1)[0],
-        "crypt_name": crypt_name.split(b"\0", 1)[0],
-    }
-
-
-def _pack_config(fd: int, info: bytes, block_size: int = 0) -> bytes:
-    """A ``struct loop_config`` for LOOP_CONFIGURE (``info`` from
-    :func:`_pack_info`)."""
-    return struct.pack("=2I", fd, block_size) + info + bytes(8 * 8)
-
-
 # -- errors -----------------------------------------------------------------
-
-
-def _error(err: int | None, what: str, filename: str) -> OSError:
-    # OSError(errno, ...) returns the matching subclass
-    # (FileNotFoundError, PermissionError, ...).
-    err = err or 0
-    return OSError(err, f"{what}: {os.strerror(err)}", filename)
-
-
-def _ioctl(fd: int, request: int, arg: int | bytes | bytearray, what: str, filename: str) -> int:
-    """The ioctl's int result (0 for a bytes ``arg``; a bytearray one is
-    filled in place), or OSError naming ``what`` and ``filename``."""
-    try:
-        if isinstance(arg, bytearray):
-            result: int = fcntl.ioctl(fd, request, arg, True)
-            return result
-        if isinstance(arg, bytes):
-            fcntl.ioctl(fd, request, arg)
-            return 0
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as exc:
-        raise _error(exc.errno, what, filename) from None
 
 
 def _close(fd: int) -> None:
@@ -246,15 +144,15 @@ class LoopDevice:
         self.path = f"/dev/loop{number}"
         st = os.fstat(fd)
         self.major, self.minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        info = _get_status(fd, self.path)
-        flags = info["flags"]
+        info = loop_status(fd, self.path)
+        flags = info.flags
         self.read_only = bool(flags & LO_FLAGS_READ_ONLY)
         self.autoclear = bool(flags & LO_FLAGS_AUTOCLEAR)
         self.direct_io = bool(flags & LO_FLAGS_DIRECT_IO)
-        self._backing_id = (info["device"], info["inode"])
+        self._backing_id = (info.device, info.inode)
         shown = _sys_backing_file(number)
-        self.backing_file: str = shown if shown is not None else os.fsdecode(info["file_name"])
-        self.size: int = _size(fd, self.path)
+        self.backing_file: str = shown if shown is not None else os.fsdecode(info.file_name)
+        self.size: int = size_of_fd(fd, self.path)
         self._fd = fd
 
     @property
@@ -311,19 +209,6 @@ class LoopDevice:
 
 
 # -- helpers ---------------------------------------------------------------
-
-
-def _get_status(fd: int, path: str) -> _LoopInfo:
-    buf = bytearray(_INFO.size)
-    _ioctl(fd, LOOP_GET_STATUS64, buf, "LOOP_GET_STATUS64", path)
-    return _unpack_info(buf)
-
-
-def _size(fd: int, path: str) -> int:
-    buf = bytearray(_SIZE64.size)
-    _ioctl(fd, BLKGETSIZE64, buf, "BLKGETSIZE64", path)
-    size: int = _SIZE64.unpack(buf)[0]
-    return size
 
 
 def _sys_backing_file(number: int) -> str | None:
@@ -427,9 +312,9 @@ def _configure(lfd: int, bfd: int, name: str, flags: int, direct_io: bool, path:
     or LOOP_SET_FD + LOOP_SET_STATUS64 (+ LOOP_SET_DIRECT_IO) where the
     kernel lacks it (before 5.8).  EBUSY (bound meanwhile) is raised as
     is, unwrapped, for the caller to retry."""
-    info = _pack_info(file_name=os.fsencode(name), flags=flags)
+    info = pack_loop_info(file_name=os.fsencode(name), flags=flags)
     try:
-        fcntl.ioctl(lfd, LOOP_CONFIGURE, _pack_config(bfd, info))
+        fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_loop_config(bfd, info))
         configured = True
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTTY):
@@ -440,17 +325,17 @@ def _configure(lfd: int, bfd: int, name: str, flags: int, direct_io: bool, path:
         try:
             # READ_ONLY is not settable here: the kernel made the device
             # read-only already if bfd or lfd is open read-only.
-            _ioctl(lfd, LOOP_SET_STATUS64, info, "LOOP_SET_STATUS64", path)
+            ioctl(lfd, LOOP_SET_STATUS64, info, "LOOP_SET_STATUS64", path)
             if direct_io:
                 try:
                     fcntl.ioctl(lfd, LOOP_SET_DIRECT_IO, 1)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
-                        raise _error(exc.errno, "LOOP_SET_DIRECT_IO", path) from None
+                        raise os_error(exc.errno, "LOOP_SET_DIRECT_IO", path) from None
         except BaseException:
             _clear_quietly(lfd)
             raise
-    if direct_io and not _get_status(lfd, path)["flags"] & LO_FLAGS_DIRECT_IO:
+    if direct_io and not loop_status(lfd, path).flags & LO_FLAGS_DIRECT_IO:
         # LOOP_CONFIGURE drops the flag silently, LOOP_SET_DIRECT_IO fails
         # with EINVAL: either way the kernel cannot.
         _clear_quietly(lfd)
@@ -537,7 +422,7 @@ def attach(
         ctl = _open_control()
         try:
             for _attempt in range(ATTACH_ATTEMPTS):
-                number = _ioctl(ctl, LOOP_CTL_GET_FREE, 0, "LOOP_CTL_GET_FREE", _CONTROL)
+                number = ioctl(ctl, LOOP_CTL_GET_FREE, 0, "LOOP_CTL_GET_FREE", _CONTROL)
                 dev_path = f"/dev/loop{number}"
                 try:
                     lfd = os.open(dev_path, mode | os.O_CLOEXEC)
@@ -561,7 +446,7 @@ def attach(
                     if exc.errno == errno.EBUSY:
                         continue  # another process bound it first
                     if exc.filename is None:
-                        raise _error(exc.errno, "binding the backing file", dev_path) from None
+                        raise os_error(exc.errno, "binding the backing file", dev_path) from None
                     raise
                 except BaseException:
                     os.close(lfd)
@@ -649,16 +534,12 @@ def _holding(number: int, key: tuple[int, int]) -> LoopDevice | None:
         raise
     try:
         try:
-            info = _get_status(fd, dev_path)
+            info = loop_status(fd, dev_path)
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 return None  # detached meanwhile (finally closes fd)
             raise
-        if (
-            (info["device"], info["inode"]) == key
-            and info["offset"] == 0
-            and info["sizelimit"] == 0
-        ):
+        if (info.device, info.inode) == key and info.offset == 0 and info.sizelimit == 0:
             device, fd = LoopDevice(fd, number), -1
             return device
         return None
@@ -761,10 +642,10 @@ def detach(device: LoopDevice | StrPath) -> bool:
         if owned and isinstance(device, LoopDevice):
             # A closed handle does not pin the binding: make sure it still
             # is the file the handle was made for.
-            info = _get_status(fd, path)
-            if (info["device"], info["inode"]) != device._backing_id:
+            info = loop_status(fd, path)
+            if (info.device, info.inode) != device._backing_id:
                 raise OSError(errno.ENXIO, "no longer attached to the file of this handle", path)
-        _ioctl(fd, LOOP_CLR_FD, 0, "LOOP_CLR_FD", path)
+        ioctl(fd, LOOP_CLR_FD, 0, "LOOP_CLR_FD", path)
     finally:
         if owned:
             os.close(fd)
@@ -791,8 +672,8 @@ def refresh_capacity(device: LoopDevice | StrPath) -> int:
     """
     fd, owned, _number, path = _open_device(device)
     try:
-        _ioctl(fd, LOOP_SET_CAPACITY, 0, "LOOP_SET_CAPACITY", path)
-        size = _size(fd, path)
+        ioctl(fd, LOOP_SET_CAPACITY, 0, "LOOP_SET_CAPACITY", path)
+        size = size_of_fd(fd, path)
     finally:
         if owned:
             os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -162,9 +163,6 @@ def grow_filesystem(path: StrPath) -> str:
     return fstype
 
 
-_FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range)
-
-
 def trim(mount_point: StrPath) -> int:
     """Discard the free space of the filesystem mounted at ``mount_point``
     (what ``fstrim`` does).
@@ -175,15 +173,18 @@ def trim(mount_point: StrPath) -> int:
     Raises:
         OSError: the filesystem does not support it, or refused.
     """
-    import fcntl
-    import struct
+    from libdm.dm.blockdev import FITRIM, ioctl
 
-    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = os.fspath(mount_point)
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        out = fcntl.ioctl(fd, _FITRIM, struct.pack("QQQ", 0, (1 << 64) - 1, 0))
+        # struct fstrim_range {start, len, minlen}: the whole filesystem;
+        # the kernel writes the bytes trimmed into len.
+        arg = bytearray(struct.pack("=3Q", 0, (1 << 64) - 1, 0))
+        ioctl(fd, FITRIM, arg, "FITRIM", os.fsdecode(where))
     finally:
         os.close(fd)
-    trimmed: int = struct.unpack("QQQ", out)[1]
+    trimmed: int = struct.unpack_from("=Q", arg, 8)[0]
     return trimmed
 
 

@@ -127,7 +127,7 @@ def _loop_hints(pool_name: str) -> tuple[int | None, int | None]:
     """The loop numbers the live pool's table names for its data and
     metadata devices (``None`` where it names no loop device or is not
     live): the report asks those loops first instead of every loop."""
-    from libdm.dm.loop import LOOP_MAJOR
+    from libdm.dm.blockdev import LOOP_MAJOR
 
     try:
         targets = ops.table(pool_name)

@@ -134,6 +134,7 @@ def test_every_command_is_there():
         "pool set",
         "pool repair",
         "pool adopt",
+        "pool hand-over",
         "thin",
         "thin create",
         "thin snapshot",

@@ -143,6 +143,8 @@ def _create(args: argparse.Namespace) -> None:
             **options,
         )
     with pool:
+        if args.for_docker:
+            pool.hand_over("docker")
         print(pool.path)
 
 
@@ -166,6 +168,11 @@ def _counter(what: str) -> Callable[[int, int], None] | None:
 def cmd_open(args: argparse.Namespace) -> int:
     directory: str = args.directory or pool_directory(args)
     with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
+        if pool.handed_to is not None:
+            print(
+                f"pool {pool.name} is active at {pool.path}; its thin devices are {pool.handed_to}'s"
+            )
+            return 0
         devices = pool.devices()
         active = sum(d.active for d in devices)
         print(
@@ -192,10 +199,16 @@ def cmd_adopt(args: argparse.Namespace) -> None:
         print(pool.path)
 
 
+def cmd_hand_over(args: argparse.Namespace) -> None:
+    with load_pool(args, live=False) as pool:
+        pool.hand_over(args.to)
+        print(f"pool {pool.name}: thin devices handed to {args.to}; libdm keeps the pool")
+
+
 def cmd_destroy(args: argparse.Namespace) -> None:
     pool = load_pool(args, live=False)
     try:
-        pool.destroy(remove_files=args.remove_files)
+        pool.destroy(remove_files=args.remove_files, force=args.force)
     except BaseException:
         pool.close()
         raise
@@ -661,6 +674,35 @@ def register(sub: Subparsers) -> None:
         action="store_true",
         help="use block devices that carry a signature (their data is lost)",
     )
+    p.add_argument(
+        "--for-docker",
+        action="store_true",
+        help="hand the pool's thin devices to Docker's devicemapper driver "
+        "(dm.thinpooldev); libdm keeps managing the pool (see 'pool hand-over')",
+    )
+
+    p = command(
+        sub,
+        "hand-over",
+        cmd_hand_over,
+        pool=True,
+        path="pool",
+        help="hand the pool's thin devices to another program (Docker's driver)",
+        description="Hand the thin devices of a pool without libdm devices to "
+        "another program, such as Docker's devicemapper driver "
+        "(--storage-opt dm.thinpooldev=/dev/mapper/NAME). libdm keeps the "
+        "pool: 'pool open' brings it up after a reboot without touching "
+        "a thin device or the transaction id, and it grows (resize, extend, "
+        "the monitor service) and reports as before; thin commands are "
+        "refused.",
+        example="libdm pool hand-over --to docker --pool /var/lib/images",
+    )
+    p.add_argument(
+        "--to",
+        metavar="PROGRAM",
+        default="docker",
+        help="the program that now owns the thin devices (default docker)",
+    )
 
     command(
         sub,
@@ -906,4 +948,9 @@ def register(sub: Subparsers) -> None:
         "--remove-files",
         action="store_true",
         help="also delete a loop pool's files and the state store",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the files of a pool handed to another program (its devices are lost)",
     )

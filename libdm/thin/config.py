@@ -87,6 +87,8 @@ class PoolConfig:
             a store written before that was recorded).
         repair: the damaged metadata copy a repair swapped out and has not
             finished with, or ``None``.
+        handed_to: the program the pool's thin devices were handed to (see
+            :meth:`~libdm.Pool.hand_over`), or ``None``: libdm's own.
         backing: the backing's own fields, as stored (see :data:`BACKING_FIELDS`).
         extra: stored fields this libdm does not know, kept as they are.
     """
@@ -104,6 +106,7 @@ class PoolConfig:
     xfs_nospace_max_retries: int | None = None
     made_directory: bool | None = None
     repair: str | None = None
+    handed_to: str | None = None
     backing: Mapping[str, Any] = field(default_factory=_empty)
     extra: Mapping[str, Any] = field(default_factory=_empty)
 
@@ -168,6 +171,7 @@ class PoolConfig:
             ("xfs_nospace_max_retries", self.xfs_nospace_max_retries),
             ("made_directory", self.made_directory),
             ("repair", None if self.repair is None else {"damaged": self.repair}),
+            ("handed_to", self.handed_to),
         ):
             if value is not None:
                 record[name] = value
@@ -249,6 +253,7 @@ class PoolConfig:
             xfs_nospace_max_retries=optional("xfs_nospace_max_retries", integer),
             made_directory=optional("made_directory", boolean),
             repair=None if repair is None else repair["damaged"],
+            handed_to=optional("handed_to", text),
             backing=MappingProxyType({k: v for k, v in record.items() if k in BACKING_FIELDS}),
             extra=MappingProxyType(
                 {k: v for k, v in record.items() if k not in BACKING_FIELDS and k not in _KNOWN}

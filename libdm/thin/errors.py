@@ -13,6 +13,7 @@ from libdm.dm.errors import DMError
 
 __all__ = [
     "DeviceNotBlankError",
+    "HandedOverError",
     "PoolError",
     "PoolFailedError",
     "PoolFullError",
@@ -76,6 +77,15 @@ class StateError(PoolError):
 
     def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EUCLEAN, message, operation, device)
+
+
+class HandedOverError(PoolError):
+    """The pool's thin devices were handed to another program (see
+    :meth:`~libdm.Pool.hand_over`): libdm manages the pool itself (growth,
+    monitoring, reports, reactivation) and never its thin devices (EPERM)."""
+
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
+        super().__init__(errno.EPERM, message, operation, device)
 
 
 class DeviceNotBlankError(PoolError):

@@ -495,10 +495,19 @@ class Journal:
 
     # -- after a crash ---------------------------------------------------------------------
 
-    def recover(self, operation: str, bring_up: Callable[[], PoolStatus]) -> PoolStatus:
+    def recover(
+        self,
+        operation: str,
+        bring_up: Callable[[], PoolStatus],
+        *,
+        thin_ids: bool = True,
+    ) -> PoolStatus:
         """Reconcile the store with the kernel (Pool.open): finish or roll
         back a growth, ``bring_up()`` the pool, then finish or undo each
         change of thin ids in flight and retry the deferred deletes.
+        Without ``thin_ids`` (a pool whose thin devices were handed to
+        another program) the thin ids and the transaction id are that
+        program's: only the growth is reconciled.
 
         Returns:
             The pool's status once up.
@@ -513,7 +522,7 @@ class Journal:
         st = bring_up()
         if isinstance(st, ThinPoolFailed):
             return st  # nothing can be activated; changes are refused with the reason
-        if st.mode == "rw" and not st.needs_check:
+        if thin_ids and st.mode == "rw" and not st.needs_check:
             kernel = st.transaction_id
             for row in self.store.intents():
                 kernel = Transaction(self, Intent.from_row(row)).recover(kernel, operation)

@@ -43,6 +43,7 @@ from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
+    HandedOverError,
     PoolFailedError,
     PoolFullError,
     PoolReadOnlyError,
@@ -394,9 +395,11 @@ class Pool:
         ops.resume(self.name)
 
     def _ever_used(self) -> bool:
-        """True if the store shows the pool held a device at some time."""
+        """True if the store shows the pool held a device at some time (a
+        pool handed to another program may hold any: it was used)."""
         return bool(
-            self._store.transaction_id()
+            self.config.handed_to is not None
+            or self._store.transaction_id()
             or self._store.count_devices()
             or self._store.intents()
             or self._store.deferred_deletes()
@@ -569,9 +572,12 @@ class Pool:
             return self.status()
 
         # The one place a pool is reconciled with its journal.
-        st = self._journal.recover(operation, up)
-        if isinstance(st, ThinPoolFailed):
-            return  # nothing can be activated; changes are refused with the reason
+        handed = self.config.handed_to is not None
+        st = self._journal.recover(operation, up, thin_ids=not handed)
+        if isinstance(st, ThinPoolFailed) or handed:
+            # Nothing to activate: a failed pool's changes are refused with
+            # the reason; a handed-over pool's thin devices are its user's.
+            return
         present = self._adopt_live_devices()
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
@@ -724,6 +730,7 @@ class Pool:
             raise exc
 
     def _before_change(self, operation: str, name: str, dm_name: str) -> None:
+        self._refuse_if_handed_over(operation)
         st = self._writable_status(operation)
         if self._journal.retry_deferred_deletes():
             st = self._writable_status(operation)  # what the retry freed counts
@@ -936,6 +943,81 @@ class Pool:
             with self._changing("configure"):
                 self._update_config(**changes)
 
+    # -- handing the thin devices to another program -------------------------------------
+
+    @property
+    def handed_to(self) -> str | None:
+        """The program this pool's thin devices were handed to (see
+        :meth:`hand_over`), or ``None`` while they are libdm's."""
+        return self.config.handed_to
+
+    def hand_over(self, to: str = "docker") -> None:
+        """Hand the pool's thin devices to another program, such as
+        Docker's devicemapper driver (``dm.thinpooldev``), and keep
+        managing the pool itself, as the guide has LVM do.
+
+        From then on the thin ids, the devices on them and the pool's
+        transaction id are that program's: libdm creates, deletes and
+        activates none, and :meth:`open` brings the pool up (its files
+        attached, its table loaded from the stored configuration, a growth
+        a crash interrupted finished) without touching a thin device or
+        checking the transaction id.  The pool still grows (:meth:`resize`,
+        :meth:`extend`, the monitor service) and reports (:meth:`info`).
+        A pool that libdm already holds devices in cannot be handed over;
+        one that another program has used already can (opening it was
+        refused because its transaction id moved: :meth:`load` it and
+        hand it over).  Idempotent for the same program.
+
+        Args:
+            to: the program's name, as reports show it.
+
+        Raises:
+            HandedOverError: the pool was handed to another program already.
+            StateError: libdm holds devices, changes in flight or deferred
+                deletes in the pool (named).
+            ValueError: a bad program name.
+        """
+        if not to or not all(c.isalnum() or c in "-_." for c in to) or not to.isascii():
+            raise ValueError(f"program name {to!r}: use letters, digits, '-', '_' or '.'")
+        with self._changing("hand_over"):
+            if self.config.handed_to == to:
+                return
+            if self.config.handed_to is not None:
+                raise HandedOverError(
+                    f"pool {self.name!r} was handed to {self.config.handed_to} already",
+                    "hand_over",
+                    self.name,
+                )
+            held = [
+                f"{what}: {', '.join(names)}"
+                for what, names in (
+                    ("devices", [row["name"] for row in self._store.devices()]),
+                    ("changes in flight", [row["name"] for row in self._store.intents()]),
+                    ("deferred deletes", [row["name"] for row in self._store.deferred_deletes()]),
+                )
+                if names
+            ]
+            if self._store.growth_intent() is not None:
+                held.append("a growth in flight (open the pool to finish it)")
+            if held:
+                raise StateError(
+                    f"pool {self.name!r} holds libdm's own {'; '.join(held)}; only a pool "
+                    f"without them can be handed to {to}",
+                    "hand_over",
+                    self.name,
+                )
+            self._update_config(handed_to=to)
+
+    def _refuse_if_handed_over(self, operation: str) -> None:
+        if self.config.handed_to is not None:
+            raise HandedOverError(
+                f"the thin devices of pool {self.name!r} were handed to "
+                f"{self.config.handed_to}; libdm manages only the pool itself (growth, "
+                f"monitoring, reports)",
+                operation,
+                self.name,
+            )
+
     # -- repair -------------------------------------------------------------------------
 
     def repair(self, *, partial: bool = False) -> str:
@@ -1136,7 +1218,7 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def destroy(self, *, remove_files: bool = False) -> None:
+    def destroy(self, *, remove_files: bool = False, force: bool = False) -> None:
         """Remove every thin device, the pool device and what backs it.
 
         Thin devices are removed (waiting out short-lived openers), then
@@ -1148,9 +1230,23 @@ class Pool:
         destroyed without it can be brought back with :meth:`open`.  An
         adopted pool's device is left alone.
 
+        A pool handed to another program (:meth:`hand_over`) holds that
+        program's devices, which libdm cannot see: removing its files
+        needs ``force``.
+
         Raises:
             DeviceBusyError: a thin device is still in use.
+            HandedOverError: ``remove_files`` on a handed-over pool
+                without ``force``.
         """
+        if remove_files and not force and self.config.handed_to is not None:
+            raise HandedOverError(
+                f"pool {self.name!r} holds the thin devices of {self.config.handed_to}, "
+                f"which removing its files would destroy; remove them through "
+                f"{self.config.handed_to} first, then destroy with force",
+                "destroy",
+                self.name,
+            )
         statedir = self._store.statedir
         with self._changing("destroy"):
             for row in self._store.devices():

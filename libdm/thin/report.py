@@ -56,6 +56,8 @@ class PoolInfo:
     loop_files_filesystem: str | None = None
     # Whether the monitor service watches the pool (libdm.thin.registry).
     monitored: str = "no"
+    # The program the pool's thin devices were handed to (Pool.hand_over).
+    handed_to: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         """The report as ``{label: text}`` in ``docker info``'s order."""
@@ -97,6 +99,8 @@ class PoolInfo:
                 "Monitored": self.monitored,
             }
         )
+        if self.handed_to is not None:
+            out["Thin Devices Handed To"] = self.handed_to
         return out
 
     def __str__(self) -> str:
@@ -216,6 +220,7 @@ def pool_info(pool: Pool) -> PoolInfo:
         metadata_loop_file=meta_loop_file,
         loop_files_filesystem=files_fstype,
         monitored=_monitored(pool),
+        handed_to=pool.handed_to,
         data_used=used_d,
         data_total=total_d,
         data_available=avail_d,

@@ -170,7 +170,8 @@ def cmd_open(args: argparse.Namespace) -> int:
     with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
         if pool.handed_to is not None:
             print(
-                f"pool {pool.name} is active at {pool.path}; its thin devices are {pool.handed_to}'s"
+                f"pool {pool.name} is active at {pool.path}; "
+                f"its thin devices are {pool.handed_to}'s"
             )
             return 0
         devices = pool.devices()

@@ -97,9 +97,7 @@ def test_a_handed_over_pool_is_managed_but_its_thin_devices_are_never_touched(ma
 
 
 @pytest.mark.kernel
-def test_the_monitor_grows_a_handed_over_pool_while_the_other_program_writes(
-    make_pool, dm_name
-):
+def test_the_monitor_grows_a_handed_over_pool_while_the_other_program_writes(make_pool, dm_name):
     pool = make_pool(data_size="64M")
     pool.hand_over("docker")
     other = dm_name("docker-1")

@@ -7,6 +7,8 @@ metadata snapshot), dmsetup, and the devices' contents.
 
 import mmap
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -26,6 +28,80 @@ def used_pool(name, directory):
     pool.device("vol2").deactivate()
     pool.destroy()  # a reboot: nothing live, files and store kept
     return directory / "metadata"
+
+
+def thin_tool(tool, path, *, check=True):
+    """A thin-provisioning-tools command's output on the metadata file
+    ``path``, read through a read-only loop device (the tools open with
+    O_DIRECT, which the kernel's host filesystem refuses)."""
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        proc = subprocess.run([tool, dev], capture_output=True, text=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{tool} {path}: {proc.stderr or proc.stdout}")
+    return proc
+
+
+def mapped_blocks(meta):
+    """thin id -> the blocks its mappings cover, counted in thin_dump's
+    XML of the metadata file ``meta`` (not from its device details)."""
+    counts = {}
+    dev = None
+    for line in thin_tool("thin_dump", meta).stdout.splitlines():
+        if m := re.search(r'<device dev_id="(\d+)"', line):
+            dev = int(m[1])
+            counts[dev] = 0
+        elif m := re.search(r'<range_mapping [^>]*length="(\d+)"', line):
+            counts[dev] += int(m[1])
+        elif "<single_mapping" in line:
+            counts[dev] += 1
+    return counts
+
+
+def mapping_leaf(meta, first_data_block, count):
+    """The metadata block that is the btree leaf mapping a device's
+    ``count`` blocks to data blocks ``first_data_block`` onwards (a leaf
+    whose header says: leaf, 8-byte values, ``count`` entries, and whose
+    values are exactly those mappings), found by scanning the file."""
+    with open(meta, "rb") as fh:
+        image = fh.read()
+    found = []
+    for block in range(1, len(image) // 4096):
+        node = image[block * 4096 : (block + 1) * 4096]
+        _csum, flags, blocknr, nr, max_entries, value_size = struct.unpack_from("<IIQIII", node)
+        if not (flags & 2 and blocknr == block and value_size == 8 and nr == count):
+            continue
+        keys = struct.unpack_from(f"<{nr}Q", node, 32)
+        values = struct.unpack_from(f"<{nr}Q", node, 32 + 8 * max_entries)
+        if keys == tuple(range(count)) and tuple(v >> 24 for v in values) == tuple(
+            range(first_data_block, first_data_block + count)
+        ):
+            found.append(block)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def damage_leaf_of(meta, thin_id):
+    """Damage the mapping leaf of device ``thin_id`` (see mapping_leaf);
+    return how many blocks it mapped."""
+    dump = thin_tool("thin_dump", meta).stdout
+    m = re.search(
+        rf'<device dev_id="{thin_id}"[^>]*>\s*<range_mapping origin_begin="0" '
+        rf'data_begin="(\d+)" length="(\d+)"',
+        dump,
+    )
+    first, count = int(m[1]), int(m[2])
+    block = mapping_leaf(meta, first, count)
+    write_at(meta, block * 4096 + 64, b"\xff" * 32)
+    assert thin_tool("thin_check", meta, check=False).returncode != 0
+    return count
 
 
 def through_flakey(path, dm_name, byte):
@@ -80,7 +156,9 @@ def test_repair_brings_every_device_back(dm_name, tmp_path, how):
 
     pool = libdm.Pool.load(directory)
     try:
-        damaged = pool.repair()
+        result = pool.repair()
+        damaged = result.damaged
+        assert result.swapped and not result.lost
         # The damaged copy is kept, the repaired one checks clean.
         assert os.path.basename(damaged).startswith("metadata.damaged-")
         with open(damaged, "rb") as fh:
@@ -132,12 +210,16 @@ def test_a_repair_thin_repair_cannot_do_changes_nothing(dm_name, tmp_path):
     try:
         with pytest.raises(libdm.PoolFailedError, match="nothing was swapped in") as err:
             pool.repair()
-        assert "lost: vol0, vol1, vol2" in str(err.value)
+        for n in range(3):
+            assert f"vol{n} (thin id {n}): missing from the repaired copy" in str(err.value)
     finally:
         pool.close()
     after = subprocess.run(["sha256sum", str(meta)], capture_output=True, text=True).stdout
     assert before == after
-    assert sorted(os.listdir(directory)) == ["data", "lock", "metadata", "state.db"]
+    # The repaired copy, empty as it is, is kept beside the damaged one.
+    names = sorted(os.listdir(directory))
+    assert names[:4] == ["data", "lock", "metadata", "metadata.repaired-" + names[3][18:]]
+    assert names[4:] == ["state.db"]
 
 
 def test_pool_repair_at_a_shell(dm_name, tmp_path):
@@ -154,5 +236,68 @@ def test_pool_repair_at_a_shell(dm_name, tmp_path):
     pool = libdm.Pool.load(directory)
     try:
         assert read_at(pool.device("vol0").path, 0, MiB) == bytes([0x30]) * MiB
+    finally:
+        pool.close()
+
+
+def test_a_lost_mapping_leaf_is_reported_and_nothing_swapped_in(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    meta = used_pool(name, directory)
+    before = mapped_blocks(meta)
+    lost = damage_leaf_of(meta, 0)
+    assert lost == before[0] > 0
+    damaged = witness.checksum(meta)
+    # At a shell: the loss is reported, the exit is non-zero, nothing changed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "libdm", "pool", "repair", "--pool", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert "metadata repaired" not in proc.stdout + proc.stderr
+    assert f"vol0 (thin id 0): {lost} mapped blocks before, 0 after" in proc.stderr
+    assert witness.checksum(meta) == damaged
+
+    pool = libdm.Pool.load(directory)
+    try:
+        with pytest.raises(libdm.MetadataLossError) as err:
+            pool.repair()
+    finally:
+        pool.close()
+    # In the library: a typed result per device, what the damaged copy
+    # mapped and what the repaired one does.
+    result = err.value.result
+    assert [(d.name, d.thin_id, d.before, d.after) for d in result.devices] == [
+        ("vol0", 0, before[0], 0),
+        ("vol1", 1, before[1], before[1]),
+        ("vol2", 2, before[2], before[2]),
+    ]
+    assert [d.name for d in result.lost] == ["vol0"]
+    assert not result.swapped
+    assert f"vol0 (thin id 0): {lost} mapped blocks before, 0 after" in str(err.value)
+    # Both copies are kept: the damaged one in place, the repaired one beside it.
+    assert witness.checksum(meta) == damaged
+    assert result.damaged == str(meta)
+    assert os.path.dirname(result.repaired) == str(directory)
+    assert os.path.basename(result.repaired).startswith("metadata.repaired-")
+    thin_tool("thin_check", result.repaired)
+    assert mapped_blocks(result.repaired) == {0: 0, 1: before[1], 2: before[2]}
+    assert witness.info(name) is None  # the pool stays down
+
+    # Accepting the loss swaps the repaired copy in; the exit still says so.
+    proc = subprocess.run(
+        [sys.executable, "-m", "libdm", "pool", "repair", "--partial", "--pool", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"vol0 (thin id 0): {lost} mapped blocks before, 0 after" in proc.stdout
+    kept = [f for f in os.listdir(directory) if f.startswith("metadata.damaged-")]
+    assert len(kept) == 1 and witness.checksum(directory / kept[0]) == damaged
+    assert mapped_blocks(meta) == {0: 0, 1: before[1], 2: before[2]}
+    pool = libdm.Pool.open(directory)
+    try:
+        assert read_at(pool.device("vol1").path, 0, MiB) == bytes([0x31]) * MiB
     finally:
         pool.close()

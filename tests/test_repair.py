@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from support import witness
-from support.blockio import MiB, read_at, write_at, write_pattern
+from support.blockio import MiB, attach, devno, read_at, write_at, write_pattern
 
 import libdm
 
@@ -30,12 +30,14 @@ def used_pool(name, directory):
     return directory / "metadata"
 
 
-def thin_tool(tool, path, *, check=True):
+def thin_tool(tool, path, *, check=True, offset=0, size=None):
     """A thin-provisioning-tools command's output on the metadata file
-    ``path``, read through a read-only loop device (the tools open with
-    O_DIRECT, which the kernel's host filesystem refuses)."""
+    ``path`` (``size`` bytes at ``offset``: all of it by default), read
+    through a read-only loop device (the tools open with O_DIRECT, which
+    the kernel's host filesystem refuses)."""
+    region = ["--offset", str(offset)] + ([] if size is None else ["--sizelimit", str(size)])
     dev = subprocess.run(
-        ["losetup", "--find", "--show", "--read-only", str(path)],
+        ["losetup", "--find", "--show", "--read-only", *region, str(path)],
         capture_output=True,
         text=True,
         check=True,
@@ -49,12 +51,12 @@ def thin_tool(tool, path, *, check=True):
     return proc
 
 
-def mapped_blocks(meta):
+def mapped_blocks(meta, offset=0, size=None):
     """thin id -> the blocks its mappings cover, counted in thin_dump's
     XML of the metadata file ``meta`` (not from its device details)."""
     counts = {}
     dev = None
-    for line in thin_tool("thin_dump", meta).stdout.splitlines():
+    for line in thin_tool("thin_dump", meta, offset=offset, size=size).stdout.splitlines():
         if m := re.search(r'<device dev_id="(\d+)"', line):
             dev = int(m[1])
             counts[dev] = 0
@@ -65,13 +67,14 @@ def mapped_blocks(meta):
     return counts
 
 
-def mapping_leaf(meta, first_data_block, count):
+def mapping_leaf(meta, first_data_block, count, offset=0, size=None):
     """The metadata block that is the btree leaf mapping a device's
     ``count`` blocks to data blocks ``first_data_block`` onwards (a leaf
     whose header says: leaf, 8-byte values, ``count`` entries, and whose
     values are exactly those mappings), found by scanning the file."""
     with open(meta, "rb") as fh:
-        image = fh.read()
+        fh.seek(offset)
+        image = fh.read(size if size is not None else -1)
     found = []
     for block in range(1, len(image) // 4096):
         node = image[block * 4096 : (block + 1) * 4096]
@@ -88,19 +91,20 @@ def mapping_leaf(meta, first_data_block, count):
     return found[0]
 
 
-def damage_leaf_of(meta, thin_id):
-    """Damage the mapping leaf of device ``thin_id`` (see mapping_leaf);
-    return how many blocks it mapped."""
-    dump = thin_tool("thin_dump", meta).stdout
+def damage_leaf_of(meta, thin_id, offset=0, size=None):
+    """Damage the mapping leaf of device ``thin_id`` (see mapping_leaf) in
+    the metadata ``size`` bytes at ``offset`` of file ``meta``; return how
+    many blocks it mapped."""
+    dump = thin_tool("thin_dump", meta, offset=offset, size=size).stdout
     m = re.search(
         rf'<device dev_id="{thin_id}"[^>]*>\s*<range_mapping origin_begin="0" '
         rf'data_begin="(\d+)" length="(\d+)"',
         dump,
     )
     first, count = int(m[1]), int(m[2])
-    block = mapping_leaf(meta, first, count)
-    write_at(meta, block * 4096 + 64, b"\xff" * 32)
-    assert thin_tool("thin_check", meta, check=False).returncode != 0
+    block = mapping_leaf(meta, first, count, offset, size)
+    write_at(meta, offset + block * 4096 + 64, b"\xff" * 32)
+    assert thin_tool("thin_check", meta, check=False, offset=offset, size=size).returncode
     return count
 
 
@@ -299,5 +303,72 @@ def test_a_lost_mapping_leaf_is_reported_and_nothing_swapped_in(dm_name, tmp_pat
     pool = libdm.Pool.open(directory)
     try:
         assert read_at(pool.device("vol1").path, 0, MiB) == bytes([0x31]) * MiB
+    finally:
+        pool.close()
+
+
+def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
+    """A pool on one split device: the spare comes from the device's free
+    part, becomes the metadata, and the damaged region stays reserved;
+    then a loss is reported and a spare device given is used."""
+    disk_file = tmp_path / "disk"
+    disk = attach(tmp_path, "disk", 256 * MiB)
+    state = tmp_path / "state"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_on_device(name, disk, thinp_percent=80, state_dir=state)
+    sums = {}
+    for n in range(3):
+        dev = pool.create_thin(f"vol{n}", "8M")
+        write_pattern(dev.path, 0x40 + n)
+        sums[f"vol{n}"] = witness.checksum(dev.path)
+    meta_start, meta_len = (int(v) for v in pool.config.backing["meta_segments"][0][1:])
+    pool.destroy()
+    write_at(disk_file, meta_start * 512, bytes(4096))  # a zeroed superblock
+    damaged = witness.checksum(disk_file, (meta_start + meta_len) * 512)
+    with pytest.raises(libdm.PoolFailedError):
+        libdm.Pool.open(state)
+
+    pool = libdm.Pool.load(state)
+    try:
+        result = pool.repair()
+        assert result.swapped and not result.lost
+        assert [d.name for d in result.devices] == ["vol0", "vol1", "vol2"]
+        # The repaired copy is on the device's free part, past the data.
+        (path, start, length), *rest = pool.config.backing["meta_segments"]
+        _, data_start, data_len = pool.config.backing["data_segments"][0]
+        assert not rest and path == disk and start >= data_start + data_len
+        assert length == meta_len
+        tmeta = witness.table(f"{name}-tmeta")
+        assert tmeta == [f"0 {meta_len} linear {devno(disk)} {start}"]
+        assert witness.thin_ids(name) == {0, 1, 2}
+        for n in range(3):
+            assert witness.checksum(pool.device(f"vol{n}").path) == sums[f"vol{n}"]
+        # The damaged copy is kept as it was, and reserved.
+        assert witness.checksum(disk_file, (meta_start + meta_len) * 512) == damaged
+        assert pool.config.backing["damaged_meta_segments"] == [[disk, meta_start, meta_len]]
+        assert f"{disk} sectors {meta_start}+{meta_len}" == result.damaged
+        pool.destroy()
+    finally:
+        pool.close()
+
+    # A mapping leaf of the repaired metadata: the loss is reported, and
+    # the spare device given keeps the repaired copy; nothing moved.
+    lost = damage_leaf_of(disk_file, 1, start * 512, meta_len * 512)
+    spare = attach(tmp_path, "spare", 8 * MiB)
+    pool = libdm.Pool.load(state)
+    try:
+        with pytest.raises(libdm.MetadataLossError) as err:
+            pool.repair(spare=spare)
+        result = err.value.result
+        assert [(d.name, d.before, d.after) for d in result.devices] == [
+            ("vol0", lost, lost),
+            ("vol1", lost, 0),
+            ("vol2", lost, lost),
+        ]
+        assert not result.swapped
+        assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]
+        assert pool.config.backing["spare_segments"] == [[spare, 0, meta_len]]
+        assert mapped_blocks(spare) == {0: lost, 1: 0, 2: lost}
+        assert witness.info(name) is None
     finally:
         pool.close()

@@ -45,6 +45,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -179,9 +180,14 @@ class MetadataLossError(PoolFailedError):
 def _run(argv: list[str], what: str, pool: Pool) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
+        status = (
+            f"killed by {signal.Signals(-proc.returncode).name}"
+            if proc.returncode < 0
+            else f"exit status {proc.returncode}"
+        )
         raise PoolFailedError(
             f"{what} failed on the metadata of pool {pool.name!r}: "
-            f"{(proc.stderr or proc.stdout).strip() or f'exit status {proc.returncode}'}; "
+            f"{(proc.stderr or proc.stdout).strip() or status}; "
             f"nothing was swapped in",
             "repair",
             pool.name,
@@ -270,15 +276,17 @@ def _repair_into(pool: Pool, source: str, target: str) -> tuple[DeviceRecovery, 
     result, and compare the two."""
     try:
         _run(["thin_repair", "-i", source, "-o", target], "thin_repair", pool)
-    except PoolFailedError as exc:
-        if "provided on the command line" not in str(exc):
-            raise
-        # The superblock lost fields thin_repair cannot guess: the store has them.
-        _run(
-            ["thin_repair", "-i", source, *_lost_fields(pool), "-o", target],
-            "thin_repair",
-            pool,
-        )
+    except PoolFailedError as first:
+        # The superblock may have lost fields thin_repair cannot guess (it
+        # asks for them, or with some damage crashes): the store has them.
+        try:
+            _run(
+                ["thin_repair", "-i", source, *_lost_fields(pool), "-o", target],
+                "thin_repair (given the superblock's fields from the store)",
+                pool,
+            )
+        except PoolFailedError as second:
+            raise second from first
     _run(["thin_check", target], "thin_check of the repaired copy", pool)
     return _compare(pool, source, target)
 
@@ -467,7 +475,7 @@ def _pick_spare(
             )
         chosen = [backings.Segment(spare, Sectors(0), length)]
     else:
-        fits = [r for r in pool._growth.free_regions() if r[2] >= length]
+        fits = [r for r in pool.free_regions() if r[2] >= length]
         if not fits:
             raise ValueError(
                 f"pool {pool.name!r} has no free region of {int(length)} sectors on its "

@@ -302,6 +302,7 @@ def test_a_lost_mapping_leaf_is_reported_and_nothing_swapped_in(dm_name, tmp_pat
     pool = libdm.Pool.open(directory)
     try:
         assert read_at(pool.device("vol1").path, 0, MiB) == bytes([0x31]) * MiB
+        witness.assert_pool_healthy(directory)
     finally:
         pool.close()
 
@@ -346,6 +347,9 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
         assert witness.checksum(disk_file, (meta_start + meta_len) * 512) == damaged
         assert pool.config.backing["damaged_meta_segments"] == [[disk, meta_start, meta_len]]
         assert f"{disk} sectors {meta_start}+{meta_len}" == result.damaged
+        # Nothing is offered for growth over either copy.
+        assert [r[1] for r in pool.free_regions()] == [start + meta_len]
+        witness.assert_pool_healthy(state)
         pool.destroy()
     finally:
         pool.close()

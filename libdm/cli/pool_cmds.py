@@ -423,14 +423,16 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"pool {pool.name}: the repaired metadata is in place, with losses:")
             for device in result.lost:
                 print(f"  {device.describe()}")
-            print(f"the damaged copy is {result.damaged}")
-            return 1
-        print(f"pool {pool.name}: metadata repaired; the damaged copy is {result.damaged}")
+        else:
+            print(f"pool {pool.name}: metadata repaired; the damaged copy is {result.damaged}")
         for device in result.unverified:
             print(
-                f"  not verified: {device.describe()} (the damaged copy's device details "
-                f"could not be read)"
+                f"  not verified: {device.describe()} (what it mapped before cannot be read "
+                f"from the damaged copy: check its contents)"
             )
+        if result.lost:
+            print(f"the damaged copy is {result.damaged}")
+            return 1
         return 0
 
 
@@ -772,7 +774,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument(
         "--partial",
         action="store_true",
-        help="swap in a repaired copy that lost mappings or devices (still exit 1)",
+        help="swap in a repaired copy that lost mappings or devices (then still exit 1), "
+        "or whose devices cannot be verified",
     )
     p.add_argument(
         "--spare",

@@ -951,9 +951,11 @@ class Pool:
         :mod:`libdm.thin.repair` for where the copies are kept.
 
         Args:
-            partial: swap in a repaired copy that lost mappings or devices
-                all the same (devices it lacks are reported by :meth:`open`
-                as unavailable, and can be deleted); the result names them.
+            partial: swap in a repaired copy that lost mappings or devices,
+                or whose devices cannot be verified (a damaged superblock
+                hides what they mapped before), all the same; devices it
+                lacks are reported by :meth:`open` as unavailable, and can
+                be deleted; the result names them.
             spare: a block pool only: the device to write the repaired copy
                 to, when the pool records no spare and its devices have no
                 free region as large as its metadata.  It becomes the
@@ -965,10 +967,10 @@ class Pool:
             blocks it mapped before and after, and where both copies are.
 
         Raises:
-            MetadataLossError: a device lost mappings, or is missing from
-                the repaired copy (its ``result`` says which and how many);
-                nothing was swapped in, both copies are kept and the pool
-                stays down.
+            MetadataLossError: a device lost mappings, is missing from the
+                repaired copy, or cannot be verified (its ``result`` says
+                which and how many); nothing was swapped in, both copies
+                are kept and the pool stays down.
             ValueError: an adopted pool; a block pool without room for a
                 spare and no ``spare`` given.
             DeviceBusyError: a device of the pool is open.

@@ -9,12 +9,13 @@ blocks each device mapped (read with ``thin_ls``, or with ``thin_dump
 copy's mappings are counted in its ``thin_dump``.  Every device the store
 records must be in the repaired copy with at least as many blocks mapped.
 
-* Nothing lost: the spare is swapped in and the damaged copy is kept.
-* A loss: nothing is swapped in.  The damaged metadata stays where it was,
-  the repaired copy is kept beside it, and :class:`MetadataLossError`
-  names each device and what it lost.  ``partial=True`` swaps the
-  repaired copy in all the same (the damaged copy is kept) and returns
-  the same report.
+* Every device whole: the spare is swapped in and the damaged copy is kept.
+* A loss, or a device whose count before cannot be read: nothing is
+  swapped in.  The damaged metadata stays where it was, the repaired copy
+  is kept beside it, and :class:`MetadataLossError` names each device and
+  what it lost (or that it cannot be verified).  ``partial=True`` swaps
+  the repaired copy in all the same (the damaged copy is kept) and
+  returns the same report.
 
 Where the copies live depends on the backing:
 
@@ -33,10 +34,13 @@ A blank or damaged superblock may have lost the transaction id, the data
 block size and the number of data blocks; when thin_repair asks for
 them, it is given them from the pool's store.  Such a superblock also
 hides the device details from the tools, so what the devices mapped
-before cannot be read: those devices are reported as not verified
-(:attr:`RepairResult.unverified`), never as repaired in silence.  The
-tools open their devices with O_DIRECT, so a loop pool's copies are
-reached through loop devices.
+before cannot be read, and thin_repair, which then looks for the trees
+by scanning, may well find an older generation of them: a device that
+came back mapping fewer blocks than it had is not told from a whole one.
+Those devices are reported as not verified
+(:attr:`RepairResult.unverified`) and nothing is swapped in without
+``partial``.  The tools open their devices with O_DIRECT, so a loop
+pool's copies are reached through loop devices.
 """
 
 from __future__ import annotations
@@ -151,6 +155,11 @@ class RepairResult:
         known to be lost, and none is known to be whole."""
         return tuple(d for d in self.devices if d.before is None and not d.lost)
 
+    @property
+    def whole(self) -> bool:
+        """True if every device came back with every block it mapped."""
+        return all(d.verified for d in self.devices)
+
 
 class MetadataLossError(PoolFailedError):
     """A repair could not recover every device's mappings (EIO).
@@ -163,12 +172,20 @@ class MetadataLossError(PoolFailedError):
 
     def __init__(self, result: RepairResult) -> None:
         self.result = result
+        what = []
+        if result.lost:
+            what.append(f"lost: {'; '.join(d.describe() for d in result.lost)}")
+        if result.unverified:
+            what.append(
+                f"not verified, as what they mapped before cannot be read from the damaged "
+                f"copy: {'; '.join(d.describe() for d in result.unverified)}"
+            )
         super().__init__(
-            f"thin_repair could not recover all the mappings of pool {result.pool!r}; lost: "
-            f"{'; '.join(d.describe() for d in result.lost)}; nothing was swapped in: the "
+            f"thin_repair could not recover all the mappings of pool {result.pool!r}, or "
+            f"cannot show it did; {'; '.join(what)}; nothing was swapped in: the "
             f"damaged metadata is still in place ({result.damaged}) and the repaired copy "
             f"is kept ({result.repaired}); repair(partial=True) (--partial) swaps it in, "
-            f"accepting the loss",
+            f"accepting what it holds",
             "repair",
             result.pool,
         )
@@ -335,7 +352,8 @@ def repair_pool(
     the pool's lock and brings the pool up afterwards.
 
     Raises:
-        MetadataLossError: a device lost mappings and not ``partial``.
+        MetadataLossError: a device lost mappings, or cannot be verified,
+            and not ``partial``.
         DeviceBusyError: a device of the pool is open.
         PoolFailedError: thin_repair or thin_check failed (the message has
             their words); nothing was swapped in.
@@ -354,7 +372,7 @@ def repair_pool(
         raise ValueError(
             f"pool {pool.name!r} was adopted: its metadata device is not libdm's to repair"
         )
-    if result.lost and not partial:
+    if not result.whole and not partial:
         raise MetadataLossError(result)
     return result
 
@@ -383,7 +401,7 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
         statedir.unlink(SPARE)  # nothing came of it
         raise
     stamp = _stamp()
-    if any(d.lost for d in devices) and not partial:
+    if not all(d.verified for d in devices) and not partial:
         # Both copies are kept: the damaged one stays the pool's metadata.
         repaired = f"metadata.repaired-{stamp}"
         os.rename(SPARE, repaired, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
@@ -526,7 +544,7 @@ def _repair_block(
     segments = _pick_spare(pool, backing, length, spare, force)
     with _spare_device(pool, segments) as target:
         devices = _repair_into(pool, source, target)
-    if any(d.lost for d in devices) and not partial:
+    if not all(d.verified for d in devices) and not partial:
         return RepairResult(pool.name, _describe(meta), _describe(segments), False, devices)
     # The pieces go down and the configuration names the spare as the
     # metadata in one store transaction; Pool.open builds them afresh.

@@ -274,10 +274,11 @@ def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
     return {thin_id: DataBlocks(n) for thin_id, n in counts.items()}
 
 
-def _compare(pool: Pool, damaged: str, repaired: str) -> tuple[DeviceRecovery, ...]:
-    """Per device the store records, what it mapped in the damaged copy
-    (``damaged``, a device path) and in the repaired one."""
-    before = recorded_counts(damaged)
+def _compare(
+    pool: Pool, repaired: str, before: dict[int, DataBlocks]
+) -> tuple[DeviceRecovery, ...]:
+    """Per device the store records, what it mapped before (``before``,
+    from the damaged copy) and in the repaired copy at ``repaired``."""
     after = mapped_counts(repaired, pool)
     store = pool._store
     wanted = {row["thin_id"]: row["name"] for row in store.devices()}
@@ -290,7 +291,12 @@ def _compare(pool: Pool, damaged: str, repaired: str) -> tuple[DeviceRecovery, .
 
 def _repair_into(pool: Pool, source: str, target: str) -> tuple[DeviceRecovery, ...]:
     """thin_repair ``source`` into ``target`` (device paths), check the
-    result, and compare the two."""
+    result, and compare the two.  A superblock whose checksum alone is
+    wrong is resealed instead (see :func:`_reseal`)."""
+    before = recorded_counts(source)
+    if not before and _reseal(source, target):
+        # What the kernel last committed, checked clean: nothing to recover.
+        return _compare(pool, target, recorded_counts(target))
     try:
         _run(["thin_repair", "-i", source, "-o", target], "thin_repair", pool)
     except PoolFailedError as first:
@@ -305,7 +311,70 @@ def _repair_into(pool: Pool, source: str, target: str) -> tuple[DeviceRecovery, 
         except PoolFailedError as second:
             raise second from first
     _run(["thin_check", target], "thin_check of the repaired copy", pool)
-    return _compare(pool, source, target)
+    return _compare(pool, target, before)
+
+
+#: What a thin-pool superblock's checksum is xored with (dm-thin-metadata.c).
+_SUPERBLOCK_CSUM_XOR = 160774
+_THIN_MAGIC = 27022010
+_BLOCK = 4096
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _crc32c(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """CRC-32C as the kernel's persistent-data library seeds and keeps it
+    (no final inversion)."""
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+def _reseal(source: str, target: str) -> bool:
+    """Copy the metadata at ``source`` to ``target`` with its superblock's
+    checksum recomputed, when that checksum is all that is wrong with it:
+    its magic number is right and the copy passes ``thin_check`` (so every
+    root it names and every tree under them is whole and checksummed).
+    The copy is then exactly what the kernel last committed, which
+    thin_repair, scanning for the trees, may not find.  Returns whether
+    ``target`` holds such a copy."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(src, _BLOCK, 0)
+        if len(head) < _BLOCK or int.from_bytes(head[32:40], "little") != _THIN_MAGIC:
+            return False
+        stored = int.from_bytes(head[:4], "little")
+        csum = _crc32c(head[4:]) ^ _SUPERBLOCK_CSUM_XOR
+        if stored == csum:
+            return False  # the damage is elsewhere: thin_repair's work
+        dst = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            offset = 0
+            while chunk := os.pread(src, 1 << 20, offset):
+                if offset == 0:
+                    chunk = csum.to_bytes(4, "little") + chunk[4:]
+                # Blocks never written are left: nothing reachable is in them.
+                if any(chunk):
+                    os.pwrite(dst, chunk, offset)
+                offset += len(chunk)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    proc = subprocess.run(["thin_check", "-q", target], capture_output=True)
+    return proc.returncode == 0
 
 
 # -- the common steps ---------------------------------------------------------------------

@@ -223,6 +223,27 @@ def test_repair_refuses_while_a_device_is_open(make_pool):
     assert not [f for f in os.listdir(pool.directory) if f.startswith("metadata.")]
 
 
+def test_repair_takes_down_only_the_pools_own_devices(dm_name, tmp_path):
+    """A device-mapper device someone else made under the name of one of
+    the pool's devices is left alone, and the repair refused."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    meta = used_pool(name, directory)
+    write_at(meta, 0, bytes(4096))
+    damaged = witness.checksum(meta)
+    witness.dmsetup("create", f"{name}-vol1", "--table", "0 2048 zero")
+    before = witness.dmsetup("table", f"{name}-vol1")
+    pool = libdm.Pool.load(directory)
+    try:
+        with pytest.raises(libdm.StateError, match=f"{name}-vol1.*is not pool"):
+            pool.repair()
+    finally:
+        pool.close()
+    assert witness.dmsetup("table", f"{name}-vol1") == before
+    assert witness.checksum(meta) == damaged
+    witness.dmsetup("remove", f"{name}-vol1")
+
+
 def test_a_repair_thin_repair_cannot_do_changes_nothing(dm_name, tmp_path):
     directory = tmp_path / "pool"
     meta = used_pool(dm_name("pool"), directory)

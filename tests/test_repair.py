@@ -443,6 +443,20 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
         assert witness.info(name) is None
     finally:
         pool.close()
+    # The same at a shell, and nothing moved.
+    proc = subprocess.run(
+        [sys.executable, "-m", "libdm", "pool", "repair", "--pool", str(state), "--spare", spare],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert f"vol1 (thin id 1): {lost} mapped blocks before, 0 after" in proc.stderr
+    assert f"is kept ({spare} sectors 0+{meta_len})" in proc.stderr
+    pool = libdm.Pool.load(state)
+    try:
+        assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]
+    finally:
+        pool.close()
 
 
 def test_metadata_damaged_anywhere_is_repaired_or_the_loss_reported(dm_name, tmp_path):

@@ -579,7 +579,9 @@ def _pick_spare(
     ``spare`` (a whole device, checked as :meth:`Pool.extend` checks one),
     or a free part of the devices the pool sits on."""
     recorded = backing.spare_segments
-    if recorded and spare is None:
+    if recorded and (spare is None or _same_device(spare, recorded[0].path)):
+        # The pool's own (it may hold an earlier repaired copy): no checks
+        # for another program's signature.
         have = sum(int(t.length) for t in backing.table(recorded))
         if have >= int(length):
             return recorded
@@ -605,6 +607,13 @@ def _pick_spare(
         chosen = [backings.Segment(path, start, length)]
     pool._update_config(spare_segments=[seg.to_json() for seg in chosen])
     return chosen
+
+
+def _same_device(a: str, b: str) -> bool:
+    try:
+        return os.stat(a).st_rdev == os.stat(b).st_rdev
+    except OSError:
+        return False
 
 
 @contextmanager

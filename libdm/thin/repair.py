@@ -31,16 +31,20 @@ Where the copies live depends on the backing:
   keeps the repaired copy.
 
 A blank or damaged superblock may have lost the transaction id, the data
-block size and the number of data blocks; when thin_repair asks for
-them, it is given them from the pool's store.  Such a superblock also
+block size and the number of data blocks; when thin_repair fails
+without them, it is given them from the pool's store.  Such a superblock also
 hides the device details from the tools, so what the devices mapped
 before cannot be read, and thin_repair, which then looks for the trees
 by scanning, may well find an older generation of them: a device that
 came back mapping fewer blocks than it had is not told from a whole one.
 Those devices are reported as not verified
 (:attr:`RepairResult.unverified`) and nothing is swapped in without
-``partial``.  The tools open their devices with O_DIRECT, so a loop
-pool's copies are reached through loop devices.
+``partial``.  A superblock whose checksum alone is wrong (its magic is
+right) is resealed instead of repaired: the damaged copy with the
+checksum recomputed goes to the spare and, once thin_check passes on it,
+is the repaired copy, verified against its own device details.  The
+tools open their devices with O_DIRECT, so a loop pool's copies are
+reached through loop devices.
 """
 
 from __future__ import annotations

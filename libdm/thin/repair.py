@@ -96,23 +96,31 @@ class DeviceRecovery:
             recorded them; ``None`` where they could not be read.
         after: the blocks the repaired copy maps for it; ``None`` when the
             repaired copy has no such device.
+        deleting: the device's delete is pending (queued, or interrupted
+            and finished when the pool comes up): what it lost does not
+            count.
     """
 
     name: str
     thin_id: int
     before: DataBlocks | None
     after: DataBlocks | None
+    deleting: bool = False
 
     @property
     def lost(self) -> bool:
         """True if the device is missing from the repaired copy, or maps
-        fewer blocks there than the damaged copy recorded."""
-        return self.after is None or (self.before is not None and self.after < self.before)
+        fewer blocks there than the damaged copy recorded (and it is not
+        being deleted)."""
+        return not self.deleting and (
+            self.after is None or (self.before is not None and self.after < self.before)
+        )
 
     @property
     def verified(self) -> bool:
-        """True if the device came back with every block it mapped."""
-        return self.before is not None and not self.lost
+        """True if the device came back with every block it mapped (or it
+        is being deleted)."""
+        return self.deleting or (self.before is not None and not self.lost)
 
     def describe(self) -> str:
         """One line: ``vol0 (thin id 0): 16 mapped blocks before, 0 after``."""
@@ -158,7 +166,7 @@ class RepairResult:
         """The devices whose count before the damage could not be read (a
         damaged superblock or details tree); none of their mappings is
         known to be lost, and none is known to be whole."""
-        return tuple(d for d in self.devices if d.before is None and not d.lost)
+        return tuple(d for d in self.devices if not d.verified and not d.lost)
 
     @property
     def whole(self) -> bool:
@@ -288,8 +296,11 @@ def _compare(
     store = pool._store
     wanted = {row["thin_id"]: row["name"] for row in store.devices()}
     wanted.update({row["thin_id"]: row["name"] for row in store.deferred_deletes()})
+    deleting = {row["thin_id"] for row in store.deferred_deletes()} | {
+        row["thin_id"] for row in store.intents() if row["op"] == "delete"
+    }
     return tuple(
-        DeviceRecovery(name, thin_id, before.get(thin_id), after.get(thin_id))
+        DeviceRecovery(name, thin_id, before.get(thin_id), after.get(thin_id), thin_id in deleting)
         for thin_id, name in sorted(wanted.items(), key=lambda item: item[1])
     )
 

@@ -99,6 +99,10 @@ class DeviceRecovery:
         deleting: the device's delete is pending (queued, or interrupted
             and finished when the pool comes up): what it lost does not
             count.
+        scanned: ``before`` was not read through the damaged copy's
+            superblock but found by ``thin_dump --repair`` scanning it (its
+            details tree is damaged), and may be an older generation's: it
+            can show a loss, never that the device is whole.
     """
 
     name: str
@@ -106,6 +110,7 @@ class DeviceRecovery:
     before: DataBlocks | None
     after: DataBlocks | None
     deleting: bool = False
+    scanned: bool = False
 
     @property
     def lost(self) -> bool:
@@ -120,11 +125,13 @@ class DeviceRecovery:
     def verified(self) -> bool:
         """True if the device came back with every block it mapped (or it
         is being deleted)."""
-        return self.deleting or (self.before is not None and not self.lost)
+        return self.deleting or (self.before is not None and not self.scanned and not self.lost)
 
     def describe(self) -> str:
         """One line: ``vol0 (thin id 0): 16 mapped blocks before, 0 after``."""
         before = "unknown" if self.before is None else str(int(self.before))
+        if self.scanned and self.before is not None:
+            before += " (found by a scan)"
         if self.after is None:
             return (
                 f"{self.name} (thin id {self.thin_id}): missing from the repaired copy "
@@ -229,11 +236,12 @@ _DEVICE = re.compile(r'<device dev_id="(\d+)"(?: mapped_blocks="(\d+)")?')
 _RANGE = re.compile(r'<range_mapping [^>]*length="(\d+)"')
 
 
-def recorded_counts(path: str) -> dict[int, DataBlocks]:
+def recorded_counts(path: str) -> tuple[dict[int, DataBlocks], bool]:
     """Thin id -> the blocks it mapped, as the device details of the
-    (damaged) metadata at ``path`` record them: ``thin_ls``, or where it
-    cannot read them ``thin_dump --repair``; the devices whose details
-    neither can read are left out."""
+    (damaged) metadata at ``path`` record them, and whether they were read
+    through its superblock (``thin_ls``): where they cannot be, ``thin_dump
+    --repair`` scans for them, and may find an older generation.  The
+    devices whose details neither can read are left out."""
     proc = subprocess.run(
         ["thin_ls", "--no-headers", "-o", "DEV,MAPPED_BLOCKS", path],
         capture_output=True,
@@ -245,7 +253,7 @@ def recorded_counts(path: str) -> dict[int, DataBlocks]:
             fields = line.split()
             if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
                 counts[int(fields[0])] = DataBlocks(int(fields[1]))
-        return counts
+        return counts, True
     proc = subprocess.run(
         ["thin_dump", "--repair", "--skip-mappings", path], capture_output=True, text=True
     )
@@ -253,7 +261,7 @@ def recorded_counts(path: str) -> dict[int, DataBlocks]:
         for m in _DEVICE.finditer(proc.stdout):
             if m[2] is not None:
                 counts[int(m[1])] = DataBlocks(int(m[2]))
-    return counts
+    return counts, False
 
 
 def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
@@ -288,10 +296,12 @@ def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
 
 
 def _compare(
-    pool: Pool, repaired: str, before: dict[int, DataBlocks]
+    pool: Pool, repaired: str, before: tuple[dict[int, DataBlocks], bool]
 ) -> tuple[DeviceRecovery, ...]:
     """Per device the store records, what it mapped before (``before``,
-    from the damaged copy) and in the repaired copy at ``repaired``."""
+    from the damaged copy: :func:`recorded_counts`) and in the repaired
+    copy at ``repaired``."""
+    counts, read = before
     after = mapped_counts(repaired, pool)
     store = pool._store
     wanted = {row["thin_id"]: row["name"] for row in store.devices()}
@@ -300,7 +310,14 @@ def _compare(
         row["thin_id"] for row in store.intents() if row["op"] == "delete"
     }
     return tuple(
-        DeviceRecovery(name, thin_id, before.get(thin_id), after.get(thin_id), thin_id in deleting)
+        DeviceRecovery(
+            name,
+            thin_id,
+            counts.get(thin_id),
+            after.get(thin_id),
+            deleting=thin_id in deleting,
+            scanned=not read,
+        )
         for thin_id, name in sorted(wanted.items(), key=lambda item: item[1])
     )
 
@@ -310,7 +327,7 @@ def _repair_into(pool: Pool, source: str, target: str) -> tuple[DeviceRecovery, 
     result, and compare the two.  A superblock whose checksum alone is
     wrong is resealed instead (see :func:`_reseal`)."""
     before = recorded_counts(source)
-    if not before and _reseal(source, target):
+    if not before[1] and _reseal(source, target):
         # What the kernel last committed, checked clean: nothing to recover.
         return _compare(pool, target, recorded_counts(target))
     try:

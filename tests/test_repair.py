@@ -1,8 +1,11 @@
 """Repairing a pool's metadata (lvconvert --repair's part): the devices
-come back with their data, the damaged copy is kept.
+come back with their data, or the repair names each device and what it
+lost (or that it cannot vouch for it) and swaps nothing in; both copies
+are kept either way.
 
-Witnesses: thin_check on the swapped-in metadata, thin_dump (through a
-metadata snapshot), dmsetup, and the devices' contents.
+Witnesses: thin_check, thin_dump and thin_ls on both copies (through
+read-only loop devices), the metadata's blocks read by hand to find what
+to damage, dmsetup, and the devices' contents by checksum.
 """
 
 import mmap
@@ -106,6 +109,28 @@ def damage_leaf_of(meta, thin_id, offset=0, size=None):
     write_at(meta, offset + block * 4096 + 64, b"\xff" * 32)
     assert thin_tool("thin_check", meta, check=False, offset=offset, size=size).returncode
     return len(pairs)
+
+
+def details_leaf(meta, counts):
+    """The metadata block that is the device details leaf recording
+    ``counts`` (thin id -> mapped blocks): a leaf by its header, with
+    24-byte values whose first field is the mapped blocks."""
+    with open(meta, "rb") as fh:
+        image = fh.read()
+    found = []
+    for block in range(1, len(image) // 4096):
+        node = image[block * 4096 : (block + 1) * 4096]
+        _csum, flags, blocknr, nr, max_entries, value_size = struct.unpack_from("<IIQIII", node)
+        if not (flags & 2 and blocknr == block and value_size == 24 and nr == len(counts)):
+            continue
+        keys = struct.unpack_from(f"<{nr}Q", node, 32)
+        mapped = [
+            struct.unpack_from("<Q", node, 32 + 8 * max_entries + 24 * i)[0] for i in range(nr)
+        ]
+        if dict(zip(keys, mapped, strict=True)) == counts:
+            found.append(block)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def through_flakey(path, dm_name, byte):
@@ -284,28 +309,6 @@ def test_a_device_whose_delete_was_interrupted_is_not_a_loss(dm_name, tmp_path):
         assert witness.thin_ids(name) == {0, 1}
     finally:
         pool.close()
-
-
-def details_leaf(meta, counts):
-    """The metadata block that is the device details leaf recording
-    ``counts`` (thin id -> mapped blocks): a leaf by its header, with
-    24-byte values whose first field is the mapped blocks."""
-    with open(meta, "rb") as fh:
-        image = fh.read()
-    found = []
-    for block in range(1, len(image) // 4096):
-        node = image[block * 4096 : (block + 1) * 4096]
-        _csum, flags, blocknr, nr, max_entries, value_size = struct.unpack_from("<IIQIII", node)
-        if not (flags & 2 and blocknr == block and value_size == 24 and nr == len(counts)):
-            continue
-        keys = struct.unpack_from(f"<{nr}Q", node, 32)
-        mapped = [
-            struct.unpack_from("<Q", node, 32 + 8 * max_entries + 24 * i)[0] for i in range(nr)
-        ]
-        if dict(zip(keys, mapped, strict=True)) == counts:
-            found.append(block)
-    assert len(found) == 1, found
-    return found[0]
 
 
 def test_a_damaged_details_tree_is_not_trusted_to_a_scan(dm_name, tmp_path):

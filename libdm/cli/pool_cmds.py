@@ -424,10 +424,30 @@ def cmd_extend(args: argparse.Namespace) -> None:
         print(_sizes_line(pool))
 
 
-def cmd_repair(args: argparse.Namespace) -> None:
+def cmd_repair(args: argparse.Namespace) -> int:
     with load_pool(args, live=False) as pool:
-        damaged = pool.repair(partial=args.partial)
-        print(f"pool {pool.name}: metadata repaired; the damaged copy is {damaged}")
+        try:
+            result = pool.repair(partial=args.partial, spare=args.spare, force=args.force)
+        except libdm.DeviceNotBlankError as exc:
+            raise in_cli_words(exc, FORCE) from exc
+        except libdm.MetadataLossError as exc:
+            raise in_cli_words(exc, ("repair(partial=True) (--partial)", "--partial")) from exc
+        if result.lost:
+            # Swapped in because --partial said so; still not a success.
+            print(f"pool {pool.name}: the repaired metadata is in place, with losses:")
+            for device in result.lost:
+                print(f"  {device.describe()}")
+        else:
+            print(f"pool {pool.name}: metadata repaired; the damaged copy is {result.damaged}")
+        for device in result.unverified:
+            print(
+                f"  not verified: {device.describe()} (what it mapped before cannot be read "
+                f"from the damaged copy: check its contents)"
+            )
+        if result.lost:
+            print(f"the damaged copy is {result.damaged}")
+            return 1
+        return 0
 
 
 def cmd_trim(args: argparse.Namespace) -> None:
@@ -785,14 +805,31 @@ def register(sub: Subparsers) -> None:
         cmd_repair,
         pool=True,
         path="pool",
-        help="repair a loop pool's metadata with thin_repair (lvconvert --repair)",
+        help="repair a pool's metadata with thin_repair (lvconvert --repair)",
         description="Take the pool down (none of its devices may be open), "
         "repair its metadata into a spare with thin_repair, check it "
-        "with thin_check, swap it in keeping the damaged copy, and "
-        "bring the pool and its active devices back.",
+        "with thin_check, and compare what each device maps before and "
+        "after. If nothing was lost, swap it in keeping the damaged copy "
+        "and bring the pool and its active devices back; otherwise name "
+        "each device and what it lost, keep both copies, and exit 1.",
         example="libdm pool repair --pool /var/lib/images",
     )
-    p.add_argument("--partial", action="store_true", help="accept a repair that lost some devices")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="swap in a repaired copy that lost mappings or devices (then still exit 1), "
+        "or whose devices cannot be verified",
+    )
+    p.add_argument(
+        "--spare",
+        metavar="DEV",
+        help="a block pool's device to repair into, when it has no free region for it",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a --spare device that carries a signature (its data is lost)",
+    )
 
     command(
         sub,

@@ -8,6 +8,7 @@ _TABLE = {
     "libdm.thin.pool": ("Pool",),
     "libdm.thin.device": ("ThinDevice", "Snapshot"),
     "libdm.thin.report": ("PoolInfo",),
+    "libdm.thin.repair": ("RepairResult", "DeviceRecovery", "MetadataLossError"),
     "libdm.thin.errors": (
         "PoolError",
         "PoolFullError",
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     from libdm.thin.errors import PoolReadOnlyError as PoolReadOnlyError
     from libdm.thin.errors import StateError as StateError
     from libdm.thin.pool import Pool as Pool
+    from libdm.thin.repair import DeviceRecovery as DeviceRecovery
+    from libdm.thin.repair import MetadataLossError as MetadataLossError
+    from libdm.thin.repair import RepairResult as RepairResult
     from libdm.thin.report import PoolInfo as PoolInfo
     from libdm.thin.status import ThinFailed as ThinFailed
     from libdm.thin.status import ThinPoolFailed as ThinPoolFailed

@@ -339,6 +339,12 @@ class LinearBacking:
     appending a segment: the pool keeps the same data device while that
     device grows, which the kernel allows (it refuses to swap a live
     pool's data device for another).
+
+    A repair (:mod:`libdm.thin.repair`) adds two more lists of segments,
+    both the pool's own and never allocated to anything else: the spare
+    its metadata is repaired into (``spare_segments``), and the metadata
+    segments earlier repairs swapped out, kept with the damaged copies
+    (``damaged_meta_segments``).
     """
 
     kind: ClassVar[Literal["block"]] = "block"
@@ -350,10 +356,14 @@ class LinearBacking:
         data_segments: Iterable[Sequence[Any]],
         meta_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
         data_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
+        spare_segments: Iterable[Sequence[Any]] | None = None,
+        damaged_meta_segments: Iterable[Sequence[Any]] | None = None,
     ) -> None:
         self.pool_name = pool_name
         self.meta_segments = [Segment.of(seg) for seg in meta_segments]
         self.data_segments = [Segment.of(seg) for seg in data_segments]
+        self.spare_segments = [Segment.of(seg) for seg in spare_segments or ()]
+        self.damaged_meta_segments = [Segment.of(seg) for seg in damaged_meta_segments or ()]
         self.meta_devices = _recorded(meta_devices)
         self.data_devices = _recorded(data_devices)
         self.meta_name = f"{pool_name}-tmeta"
@@ -389,6 +399,12 @@ class LinearBacking:
         ):
             if devices is not None:
                 config[key] = [dev.to_json() for dev in devices]
+        for key, segments in (
+            ("spare_segments", self.spare_segments),
+            ("damaged_meta_segments", self.damaged_meta_segments),
+        ):
+            if segments:
+                config[key] = [seg.to_json() for seg in segments]
         return config
 
     def paths(self) -> list[str]:
@@ -693,12 +709,19 @@ def from_config(
             why = _bad_devices(config.get(field))
             if why:
                 raise damaged(field, why)
+        for field in ("spare_segments", "damaged_meta_segments"):
+            if config.get(field):
+                why = _bad_segments(config[field])
+                if why:
+                    raise damaged(field, why)
         return LinearBacking(
             pool_name,
             sides["meta_segments"],
             sides["data_segments"],
             config.get("meta_segment_devices"),
             config.get("data_segment_devices"),
+            config.get("spare_segments"),
+            config.get("damaged_meta_segments"),
         )
     if kind == "adopted":
         return AdoptedBacking()

@@ -60,6 +60,8 @@ BACKING_FIELDS = frozenset(
         "data_segments",
         "meta_segment_devices",
         "data_segment_devices",
+        "spare_segments",
+        "damaged_meta_segments",
     }
 )
 

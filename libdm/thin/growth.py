@@ -214,8 +214,9 @@ class Growth:
         if not isinstance(backing, backings.LinearBacking):
             return []
         out = []
-        for side in ("meta_segments", "data_segments"):
-            segments = pool.config.backing[side]
+        # A repair's spare and the metadata it swapped out are the pool's too.
+        for side in ("meta_segments", "data_segments", "spare_segments", "damaged_meta_segments"):
+            segments = pool.config.backing.get(side) or []
             targets = backing.table(segments)
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:

@@ -60,6 +60,7 @@ from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
 
 if TYPE_CHECKING:
     from libdm.thin.monitor import Monitor
+    from libdm.thin.repair import RepairResult
     from libdm.thin.report import PoolInfo
 
 Row = dict[str, Any]
@@ -1020,41 +1021,50 @@ class Pool:
 
     # -- repair -------------------------------------------------------------------------
 
-    def repair(self, *, partial: bool = False) -> str:
+    def repair(
+        self, *, partial: bool = False, spare: str | None = None, force: bool = False
+    ) -> RepairResult:
         """Repair the pool's metadata, as ``lvconvert --repair`` does: take
         the pool down, let ``thin_repair`` write what it recovers into a
-        spare, check that with ``thin_check``, swap it in (the damaged copy
-        stays in the state directory as ``metadata.damaged-<UTC time>``),
-        and bring the pool and its active devices back up.
+        spare, check that with ``thin_check``, compare what each device
+        maps in the damaged copy and in the repaired one, and only if
+        nothing was lost swap the repaired copy in (the damaged copy is
+        kept) and bring the pool and its active devices back up.  See
+        :mod:`libdm.thin.repair` for where the copies are kept.
 
         Args:
-            partial: accept a repaired copy that lacks some of the devices
-                the store records (they are reported by :meth:`open` as
-                unavailable, and can be deleted); otherwise such a copy is
-                refused and nothing is swapped in.
+            partial: swap in a repaired copy that lost mappings or devices,
+                or whose devices cannot be verified (a damaged superblock
+                hides what they mapped before), all the same; devices it
+                lacks are reported by :meth:`open` as unavailable, and can
+                be deleted; the result names them.
+            spare: a block pool only: the device to write the repaired copy
+                to, when the pool records no spare and its devices have no
+                free region as large as its metadata.  It becomes the
+                pool's metadata device.
+            force: use a ``spare`` that carries a signature.
 
         Returns:
-            The damaged copy's path.
+            A :class:`~libdm.thin.repair.RepairResult`: per device, the
+            blocks it mapped before and after, and where both copies are.
 
         Raises:
-            ValueError: a pool that is not on loop files (repair a block
-                pool's metadata with thin_repair onto a spare device for now).
+            MetadataLossError: a device lost mappings, is missing from the
+                repaired copy, or cannot be verified (its ``result`` says
+                which and how many); nothing was swapped in, both copies
+                are kept and the pool stays down.
+            ValueError: an adopted pool; a block pool without room for a
+                spare and no ``spare`` given.
             DeviceBusyError: a device of the pool is open.
-            PoolFailedError: thin_repair or thin_check failed, or the
-                repaired copy lacks devices; nothing was swapped in and the
-                pool stays down.
+            PoolFailedError: thin_repair or thin_check failed; nothing was
+                swapped in and the pool stays down.
         """
         from libdm.thin import repair
 
-        if self.kind != PoolKind.LOOP:
-            raise ValueError(
-                f"pool {self.name!r} is a {self.kind} pool: libdm repairs loop "
-                f"pools' metadata only, for now"
-            )
         with self._changing("repair"):
-            damaged = repair.repair_loop_pool(self, partial)
+            result = repair.repair_pool(self, partial, spare, force)
             self._bring_up("repair")
-            return self._store.statedir.join(damaged)
+            return result
 
     # -- giving space back ---------------------------------------------------------------
 

@@ -1,0 +1,299 @@
+"""A change a kill (or a full state filesystem) interrupted is finished by
+whichever entry point changes the pool next, not only by ``Pool.open``:
+the library (a ``Pool`` however it was obtained, the one whose own change
+failed included), the CLI, the monitor service and the snapshotter.  Until
+then, a device whose delete is pending is neither listed nor activatable,
+and a pool left suspended is not reported writable.  Witnesses: dmsetup,
+sysfs and thin_dump, through :mod:`support.witness`.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from support import witness
+from support.blockio import MiB, write_pattern
+from support.children import run_child
+from test_pool_crash import assert_consistent
+
+import libdm
+from libdm.thin.store import Store
+
+pytestmark = pytest.mark.kernel
+
+SETUP = {"create": "", "delete": "p.create_thin('victim', '8M')\n"}
+CHANGE = {"create": "p.create_thin('new', '8M')\n", "delete": "p.device('victim').delete()\n"}
+KILLS = [
+    ("create", "create:intent"),
+    ("create", "create:transaction"),
+    ("delete", "delete:deactivated"),
+]
+
+
+def cli(*args, env=None):
+    """``python -m libdm ARGS`` as a process of its own."""
+    environ = {k: v for k, v in os.environ.items() if k != "LIBDM_POOL"}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "libdm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+
+
+def killed(directory, change, point):
+    """Run ``change`` in a child killed at ``point``."""
+    if SETUP[change]:
+        assert run_child(directory, SETUP[change]).returncode == 0
+    proc = run_child(directory, CHANGE[change], crash_at=point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # it really died there
+
+
+def pending(directory):
+    """The intents the store holds (read by a store of its own)."""
+    store = Store(directory)
+    try:
+        return store.intents(), store.growth_intent()
+    finally:
+        store.close()
+
+
+def check_outcome(pool, change, point):
+    """The interrupted change happened completely, or not at all, and the
+    three views (store, kernel, thin_dump) agree."""
+    assert_consistent(pool)
+    names = {d.name for d in pool.devices()}
+    if change == "delete":
+        # Past its discard, a delete must finish: its data may be gone.
+        assert "victim" not in names
+        assert pool.device_dm_name("victim") not in witness.names()
+    elif point == "create:transaction":
+        # The kernel had it: recorded, and active as a create leaves it.
+        assert "new" in names
+        assert pool.device_dm_name("new") in witness.names()
+    else:
+        assert "new" not in names
+
+
+@pytest.mark.parametrize("change, point", KILLS)
+@pytest.mark.parametrize("entry", ["library", "load", "cli"])
+def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, change, point):
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        killed(directory, change, point)
+        assert pending(directory)[0], "the kill left no intent to recover"
+        if entry == "library":
+            # A Pool this process had open all along.
+            dev = held.create_thin("after", "4M")
+            assert dev.active
+        elif entry == "load":
+            # Loaded as the CLI loads it: nothing activated, nothing recovered.
+            with libdm.Pool.load(directory) as pool:
+                pool.create_thin("after", "4M")
+        else:
+            proc = cli("thin", "create", "--pool", directory, "after", "4M")
+            assert proc.returncode == 0, proc.stderr
+            assert "Traceback" not in proc.stderr
+        assert pending(directory) == ([], None)
+        with libdm.Pool.load(directory) as pool:
+            check_outcome(pool, change, point)
+            assert "after" in {d.name for d in pool.devices()}
+    finally:
+        held.close()
+
+
+def test_a_device_whose_delete_is_pending_is_neither_listed_nor_activated(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()
+    killed(directory, "delete", "delete:deactivated")
+    listing = cli("thin", "ls", "--json", "--pool", directory)
+    assert listing.returncode == 0, listing.stderr
+    assert [row["name"] for row in json.loads(listing.stdout)] == []
+    with libdm.Pool.load(directory) as pool:
+        assert pool.devices() == []
+        with pytest.raises(libdm.NoSuchDeviceError):
+            pool.device("victim")
+    proc = cli("thin", "activate", "--pool", directory, "victim")
+    assert proc.returncode != 0, proc.stdout
+    assert "victim" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(name.endswith("-victim") for name in witness.names())
+    # Pool.open has nothing left to delete behind the user's back.
+    with libdm.Pool.open(directory) as pool:
+        assert_consistent(pool)
+        assert pool.devices() == []
+
+
+def test_the_pool_whose_own_change_failed_recovers(dm_name, tmp_path):
+    """A delete whose set_transaction_id the kernel refused leaves its
+    intent (a kill at the same point would too): the same Pool object
+    finishes it at its next change instead of refusing every change."""
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        pool.create_thin("victim", "8M")
+        # Another program moves the kernel's transaction id for a moment,
+        # so the delete's set_transaction_id is refused.
+        txid = witness.transaction_id(pool.name)
+        witness.dmsetup("message", pool.name, "0", f"set_transaction_id {txid} {txid + 7}")
+        with pytest.raises(libdm.DMError):
+            pool.delete_device("victim")
+        witness.dmsetup("message", pool.name, "0", f"set_transaction_id {txid + 7} {txid}")
+        assert pending(directory)[0]
+        pool.create_thin("after", "4M")
+        assert pending(directory) == ([], None)
+        assert {d.name for d in pool.devices()} == {"after"}
+        assert_consistent(pool)
+    finally:
+        pool.close()
+
+
+def test_a_pool_left_suspended_mid_resize_is_not_reported_writable(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    libdm.Pool.create_loop(name, directory, data_size="64M").close()
+    proc = run_child(directory, "p.resize(data_size='96M')\n", crash_at="grow:loaded")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert witness.sysfs(name, "suspended") == "1"
+    status = cli("pool", "status", "--json", "--pool", directory)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["mode"] != "rw"
+    human = cli("pool", "status", "--pool", directory)
+    assert human.returncode == 0, human.stderr
+    mode = [line for line in human.stdout.splitlines() if line.startswith("Mode")]
+    assert mode and "rw" not in mode[0] and "suspended" in mode[0], human.stdout
+    info = cli("pool", "info", "--json", "--pool", directory)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["state"] != "rw"
+    # The next change finishes the growth (the pool is resumed on it).
+    with libdm.Pool.load(directory) as pool:
+        pool.set_low_water_mark(16)
+        assert witness.sysfs(name, "suspended") == "0"
+        assert int(witness.table(name)[0].split()[1]) == 96 * MiB // 512
+        assert pool.config.data_size == 96 * MiB
+    assert pending(directory) == ([], None)
+
+
+def until(condition, what, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_restarting_monitor_finishes_an_interrupted_growth(dm_name, tmp_path, monkeypatch):
+    env = {
+        "LIBDM_MONITOR_DIR": str(tmp_path / "monitor.d"),
+        "LIBDM_RUN_DIR": str(tmp_path / "run"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    with libdm.Pool.create_loop(name, directory, data_size="64M", min_free_space=0) as pool:
+        dev = pool.create_thin("vol", "128M")
+        write_pattern(dev.path, 0x5A, length=40 * MiB)  # 62% of 64 MiB
+        before = witness.checksum(dev.path, 40 * MiB)
+    assert (
+        cli("monitor", "register", "--pool", directory, "--threshold", 50, env=env).returncode == 0
+    )
+    # The monitor that was growing it was killed with the pool suspended.
+    proc = run_child(directory, "p.resize(data_size='96M')\n", crash_at="grow:loaded")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert witness.sysfs(name, "suspended") == "1"
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "libdm",
+            "monitor",
+            "serve",
+            "--rescan",
+            "0.2",
+            "--interval",
+            "0.3",
+        ],
+        env=dict(os.environ, **env),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status_file = os.path.join(env["LIBDM_RUN_DIR"], "monitor.json")
+
+    def watching():
+        try:
+            with open(status_file) as fh:
+                return json.load(fh)["pools"][str(directory)]["running"]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    try:
+        until(watching, "the service to watch the pool")
+        until(lambda: witness.sysfs(name, "suspended") == "0", "the pool to be resumed")
+        time.sleep(1.5)  # a few of the monitor's checks
+        assert watching()
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert "cannot shrink" not in err, err
+    assert int(witness.table(name)[0].split()[1]) >= 96 * MiB // 512, err
+    assert pending(directory) == ([], None)
+    with libdm.Pool.open(directory) as pool:
+        assert pool.config.data_size >= 96 * MiB
+        assert witness.checksum(pool.device("vol").path, 40 * MiB) == before
+
+
+def test_the_snapshotter_finishes_a_change_another_process_left(dm_name, tmp_path):
+    from support.containerd.snapshotter_util import Plugin, write_config
+
+    from libdm.snapshotter.client import Client
+
+    directory = tmp_path / "pool"
+    libdm.Pool.create_loop(dm_name("pool"), directory, data_size="512M").close()
+    config = write_config(
+        tmp_path / "config.toml", base_image_size="32M", monitor={"enabled": False}
+    )
+    sock = str(tmp_path / "snap.sock")
+    plugin = Plugin(directory, sock, config, log=tmp_path / "plugin.log").start()
+    client = Client(sock, namespace="recovery", timeout=120)
+    try:
+        client.wait_ready()
+        # A CLI command killed while the snapshotter serves the pool.
+        killed(directory, "create", "create:intent")
+        assert pending(directory)[0]
+        client.prepare("a-1", "")
+        client.commit("a", "a-1")
+        client.prepare("b-1", "a")
+        assert pending(directory) == ([], None)
+        with libdm.Pool.load(directory) as pool:
+            assert_consistent(pool)
+            assert "new" not in {d.name for d in pool.devices()}
+    finally:
+        client.close()
+        plugin.stop()
+
+
+def test_open_leaves_nothing_live_when_it_refuses(dm_name, tmp_path):
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    with libdm.Pool.create_loop(name, directory, data_size="64M") as pool:
+        pool.create_thin("vol", "8M")
+        txid = witness.transaction_id(name)
+        # Another program moves the transaction id behind the store's back.
+        witness.dmsetup("message", name, "0", f"set_transaction_id {txid} {txid + 5}")
+        pool.destroy()
+    assert name not in witness.names()
+    with pytest.raises(libdm.StateError, match="another program"):
+        libdm.Pool.open(directory)
+    assert name not in witness.names()
+    assert not any(n.startswith(f"{name}-") for n in witness.names())
+    loops = subprocess.run(
+        ["losetup", "-j", str(directory / "data")], capture_output=True, text=True, check=True
+    ).stdout
+    assert loops == ""

@@ -7,6 +7,7 @@ and a pool left suspended is not reported writable.  Witnesses: dmsetup,
 sysfs and thin_dump, through :mod:`support.witness`.
 """
 
+import errno
 import json
 import os
 import signal
@@ -297,3 +298,74 @@ def test_open_leaves_nothing_live_when_it_refuses(dm_name, tmp_path):
         ["losetup", "-j", str(directory / "data")], capture_output=True, text=True, check=True
     ).stdout
     assert loops == ""
+
+
+def _attach(path, size):
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return subprocess.run(
+        ["losetup", "-f", "--show", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_a_full_state_filesystem_interrupts_nothing_for_good(dm_name, tmp_path):
+    """The state directory on a small tmpfs, filled up: a create whose
+    outcome cannot be recorded after the kernel made the device fails
+    with a libdm error naming the state, and once there is room again the
+    same Pool object records it (the device is there, active) and goes on."""
+    name = dm_name("pool")
+    data = _attach(tmp_path / "data.img", 256 * MiB)
+    meta = _attach(tmp_path / "meta.img", 16 * MiB)
+    small = tmp_path / "small"
+    small.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", small], check=True
+    )
+    pool = None
+    try:
+        pool = libdm.Pool.create(name, data, meta, state_dir=small / "state")
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, b"x" * 4096)
+            assert full.value.errno == errno.ENOSPC
+            size = os.fstat(fd).st_size
+            made = None
+            for i in range(64):
+                try:
+                    pool.create_thin(f"v{i}", "4M")
+                    continue
+                except Exception as exc:
+                    error = exc
+                if witness.transaction_id(name) != stored_txid(small / "state"):
+                    made = f"v{i}"
+                    break
+                # Refused before the kernel saw it: a little more room, again.
+                size -= 1024
+                os.ftruncate(fd, size)
+            assert made is not None, "no create met a full filesystem after the kernel's step"
+            assert isinstance(error, libdm.StateError), repr(error)
+            assert str(small / "state") in str(error) and made in str(error)
+            os.ftruncate(fd, 0)  # room again
+        finally:
+            os.close(fd)
+        pool.create_thin("after", "4M")
+        names = {d.name for d in pool.devices()}
+        assert {made, "after"} <= names
+        assert pool.device_dm_name(made) in witness.names()
+        assert pending(small / "state") == ([], None)
+        assert_consistent(pool)
+    finally:
+        if pool is not None:
+            pool.destroy()
+        subprocess.run(["umount", small], check=False)
+        subprocess.run(["losetup", "-d", data, meta], check=False)
+
+
+def stored_txid(directory):
+    store = Store(directory)
+    try:
+        return store.transaction_id()
+    finally:
+        store.close()

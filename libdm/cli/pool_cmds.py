@@ -359,8 +359,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         if suspended:
             # Say what resumes it.
             why = (
-                f"suspended (a growth was interrupted: the pool's next change, or "
-                f"libdm pool open {directory}, finishes it and resumes the pool)"
+                f"suspended (no I/O gets through; a growth a crash interrupted is "
+                f"finished, and the pool resumed, by its next change or by libdm pool "
+                f"open {directory})"
             )
             pairs = [(label, why if label == "Mode" else value) for label, value in pairs]
         return output.pairs(pairs)

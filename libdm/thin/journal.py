@@ -291,7 +291,11 @@ class Transaction:
             if isinstance(exc, DMError):
                 raise
             raise self.journal.unrecorded(
-                f"{_done(self.intent)}, but recording that failed", exc
+                f"{_done(self.intent)}, but recording that failed",
+                exc,
+                self.intent.operation
+                if isinstance(self.intent, GrowthIntent)
+                else self.intent.op.value,
             ) from exc
 
     def _record_outcome(self) -> None:
@@ -383,7 +387,7 @@ class Journal:
         self.device = device
         self.host = host
 
-    def unrecorded(self, what: str, exc: BaseException) -> StateError:
+    def unrecorded(self, what: str, exc: BaseException, operation: str) -> StateError:
         """The error for a store that could not record a step: what it is
         (with the store's path and the system's reason) and what finishes
         it."""
@@ -392,7 +396,7 @@ class Journal:
             f"{what} in the pool state ({self.store.path}: {reason}); once the state "
             f"directory's filesystem has room (or works) again, the pool's next change, "
             f"or libdm pool open {self.host.directory}, finishes it",
-            "journal",
+            operation,
             self.device.name,
         )
 
@@ -477,6 +481,7 @@ class Journal:
             raise self.unrecorded(
                 f"nothing was changed: the intent to {op.value} {name!r} could not be recorded",
                 exc,
+                op.value,
             ) from exc
 
     # -- changes of thin ids ----------------------------------------------------------------

@@ -280,24 +280,40 @@ def test_the_snapshotter_finishes_a_change_another_process_left(dm_name, tmp_pat
         plugin.stop()
 
 
-def test_open_leaves_nothing_live_when_it_refuses(dm_name, tmp_path):
+@pytest.mark.parametrize("kind", ["loop", "block"])
+def test_open_leaves_nothing_live_when_it_refuses(dm_name, tmp_path, kind):
     directory = tmp_path / "pool"
     name = dm_name("pool")
-    with libdm.Pool.create_loop(name, directory, data_size="64M") as pool:
-        pool.create_thin("vol", "8M")
-        txid = witness.transaction_id(name)
-        # Another program moves the transaction id behind the store's back.
-        witness.dmsetup("message", name, "0", f"set_transaction_id {txid} {txid + 5}")
-        pool.destroy()
-    assert name not in witness.names()
-    with pytest.raises(libdm.StateError, match="another program"):
-        libdm.Pool.open(directory)
-    assert name not in witness.names()
-    assert not any(n.startswith(f"{name}-") for n in witness.names())
-    loops = subprocess.run(
-        ["losetup", "-j", str(directory / "data")], capture_output=True, text=True, check=True
-    ).stdout
-    assert loops == ""
+    loops = []
+    if kind == "loop":
+        pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+        files = [directory / "data", directory / "metadata"]
+    else:
+        files = [tmp_path / "data.img", tmp_path / "meta.img"]
+        loops = [_attach(files[0], 128 * MiB), _attach(files[1], 16 * MiB)]
+        pool = libdm.Pool.create(name, loops[0], loops[1], state_dir=directory)
+    try:
+        with pool:
+            pool.create_thin("vol", "8M")
+            txid = witness.transaction_id(name)
+            # Another program moves the transaction id behind the store's back.
+            witness.dmsetup("message", name, "0", f"set_transaction_id {txid} {txid + 5}")
+            pool.destroy()
+        assert not any(n.startswith(name) for n in witness.names())
+        with pytest.raises(libdm.StateError, match="another program"):
+            libdm.Pool.open(directory)
+        # Nothing of the pool is left live: no pool, thin or linear device...
+        assert not any(n.startswith(name) for n in witness.names()), witness.names()
+        if kind == "loop":
+            # ...and no loop device over its files.
+            for path in files:
+                attached = subprocess.run(
+                    ["losetup", "-j", str(path)], capture_output=True, text=True, check=True
+                ).stdout
+                assert attached == "", attached
+    finally:
+        if loops:
+            subprocess.run(["losetup", "-d", *loops], check=False)
 
 
 def _attach(path, size):

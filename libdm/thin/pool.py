@@ -274,6 +274,7 @@ class Pool:
         try:
             with pool._changing("open"):
                 was_there = ops.exists(pool.name)
+                pieces_there = pool._pieces_live()
                 try:
                     pool._bring_up("open", progress)
                 except BaseException:
@@ -281,17 +282,25 @@ class Pool:
                     # transaction id another program moved, say) goes down
                     # again: nothing may use it.
                     if not was_there:
-                        pool._take_down_refused("open")
+                        pool._take_down_refused("open", keep_pieces=pieces_there)
                     raise
         except BaseException:
             pool.close()
             raise
         return pool
 
-    def _take_down_refused(self, operation: str) -> None:
+    def _pieces_live(self) -> bool:
+        """True if a linear piece under the pool (a block pool's) exists."""
+        backing = self._backing
+        return isinstance(backing, backings.LinearBacking) and any(
+            ops.exists(name) for name in (backing.meta_name, backing.data_name)
+        )
+
+    def _take_down_refused(self, operation: str, *, keep_pieces: bool) -> None:
         """Undo what a refused :meth:`open` made live: the thin devices and
         the pool device it created (each proved ours by the uuid libdm set
-        on it), then the loop devices or linear pieces under them.  A
+        on it), then the linear pieces under them unless ``keep_pieces``
+        (they were there before; loop devices detach by themselves).  A
         failure here is logged: the refusal is what the caller must see."""
         try:
             for row in self._store.devices():
@@ -301,7 +310,7 @@ class Pool:
             if self.kind != PoolKind.ADOPTED and self._made_here(self.name, self.uuid):
                 ops.remove(self.name)
             self._device.forget()
-            if self.kind != PoolKind.ADOPTED:
+            if self.kind != PoolKind.ADOPTED and not keep_pieces:
                 self._backing.teardown()
         except (DMError, OSError) as exc:
             logger.error(

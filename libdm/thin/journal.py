@@ -21,11 +21,12 @@ what each intent left.  It runs in one place, the pool's bring-up, which
 under the pool's lock (a change writes and settles its intent in one hold
 of the lock, so one found there was interrupted): whichever entry point
 changes the pool next settles it, and :meth:`Journal.open` refuses to
-write an intent over one still pending.  It a growth is finished (or rolled back) before the
-pool comes up; then the kernel's transaction id is compared with the
-store's: a change of thin ids reached the kernel (roll the store
-forward) or not (roll the kernel back: delete the thin id it may hold),
-so no thin id leaks and no record names a device that does not exist.
+write an intent over one still pending.  A growth is finished (or
+rolled back) before the pool comes up; then the kernel's transaction id
+is compared with the store's: a change of thin ids reached the kernel
+(roll the store forward) or not (roll the kernel back: delete the thin
+id it may hold), so no thin id leaks and no record names a device that
+does not exist.
 Named crash points (:mod:`libdm.thin.crash`) let tests stop the process
 at each step.
 """

@@ -250,7 +250,8 @@ def test_a_restarting_monitor_finishes_an_interrupted_growth(dm_name, tmp_path, 
         assert witness.checksum(pool.device("vol").path, 40 * MiB) == before
 
 
-def test_the_snapshotter_finishes_a_change_another_process_left(dm_name, tmp_path):
+@pytest.mark.parametrize("change, point", KILLS)
+def test_the_snapshotter_finishes_a_change_another_process_left(dm_name, tmp_path, change, point):
     from support.containerd.snapshotter_util import Plugin, write_config
 
     from libdm.snapshotter.client import Client
@@ -265,16 +266,15 @@ def test_the_snapshotter_finishes_a_change_another_process_left(dm_name, tmp_pat
     client = Client(sock, namespace="recovery", timeout=120)
     try:
         client.wait_ready()
-        # A CLI command killed while the snapshotter serves the pool.
-        killed(directory, "create", "create:intent")
+        # Another program's change killed while the snapshotter serves the pool.
+        killed(directory, change, point)
         assert pending(directory)[0]
         client.prepare("a-1", "")
         client.commit("a", "a-1")
         client.prepare("b-1", "a")
         assert pending(directory) == ([], None)
         with libdm.Pool.load(directory) as pool:
-            assert_consistent(pool)
-            assert "new" not in {d.name for d in pool.devices()}
+            check_outcome(pool, change, point)
     finally:
         client.close()
         plugin.stop()

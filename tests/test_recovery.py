@@ -16,6 +16,14 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 from support import witness
 from support.blockio import MiB, write_pattern
 from support.children import run_child
@@ -385,3 +393,131 @@ def stored_txid(directory):
         return store.transaction_id()
     finally:
         store.close()
+
+
+# -- a model: kills at every crash point of a change, then any entry point --------------
+
+POINTS_OF = {
+    "create": ("create:intent", "create:message", "create:transaction", "create:recorded"),
+    "delete": ("delete:intent", "delete:deactivated", "delete:message", "delete:transaction"),
+}
+ENTRIES = ("held", "load", "open", "cli")
+MACHINE = {}  # dm_name and tmp_path of the running test
+
+
+def settled_names(directory, pool_name):
+    """The devices the pool must hold once what a kill left is settled,
+    from the store's records and intents and the kernel's transaction id
+    (read by dmsetup): a create the kernel committed is kept, one it did
+    not is undone, and a delete is always finished."""
+    store = Store(directory)
+    try:
+        names = {row["name"] for row in store.devices()}
+        kernel = witness.transaction_id(pool_name)
+        for row in store.intents():
+            if row["op"] == "delete":
+                names.discard(row["name"])
+            elif row["txid"] == kernel:
+                names.add(row["name"])
+        return names
+    finally:
+        store.close()
+
+
+class EntryPointMachine(RuleBasedStateMachine):
+    """A change killed at a crash point in a child that loaded the pool as
+    the CLI does (its own recovery of an earlier kill may be where it
+    dies), then changes through any entry point: the pool settles to the
+    devices the model names, with store, kernel and thin_dump agreeing."""
+
+    def __init__(self):
+        super().__init__()
+        n = MACHINE["examples"] = MACHINE.get("examples", 0) + 1
+        self.name = MACHINE["dm_name"](f"m{n}")
+        self.directory = MACHINE["tmp_path"] / f"m{n}"
+        self.held = libdm.Pool.create_loop(
+            self.name, self.directory, data_size="128M", min_free_space=0
+        )
+        self.names = set()
+        self.counter = 0
+
+    def teardown(self):
+        self.held.destroy(remove_files=True)
+
+    def fresh(self, prefix):
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    @rule(kind=st.sampled_from(sorted(POINTS_OF)), data=st.data())
+    def kill_a_change(self, kind, data):
+        point = data.draw(st.sampled_from(POINTS_OF[kind]))
+        if kind == "delete" and self.names:
+            victim = data.draw(st.sampled_from(sorted(self.names)))
+            code = f"p.delete_device({victim!r})\n"
+        else:
+            code = f"p.create_thin({self.fresh('k')!r}, '4M')\n"
+        env = dict(os.environ, LIBDM_CRASH_AT=point)
+        script = f"import libdm\np = libdm.Pool.load({str(self.directory)!r})\n{code}"
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
+        self.names = settled_names(self.directory, self.name)
+
+    @rule(entry=st.sampled_from(ENTRIES), delete=st.booleans(), data=st.data())
+    def change_through(self, entry, delete, data):
+        if delete and self.names:
+            victim = data.draw(st.sampled_from(sorted(self.names)))
+            self.change(entry, "delete", victim)
+            self.names.discard(victim)
+        else:
+            name = self.fresh("e")
+            self.change(entry, "create", name)
+            self.names.add(name)
+        assert pending(self.directory) == ([], None)
+        with libdm.Pool.load(self.directory) as pool:
+            assert {d.name for d in pool.devices()} == self.names
+            assert_consistent(pool)
+
+    def change(self, entry, op, name):
+        if entry == "cli":
+            args = ("create", name, "4M") if op == "create" else ("delete", name)
+            proc = cli("thin", args[0], "--pool", self.directory, *args[1:])
+            assert proc.returncode == 0, proc.stderr
+            return
+        if entry == "held":
+            pool, owned = self.held, False
+        elif entry == "load":
+            pool, owned = libdm.Pool.load(self.directory), True
+        else:
+            pool, owned = libdm.Pool.open(self.directory), True
+        try:
+            if op == "create":
+                pool.create_thin(name, "4M")
+            else:
+                pool.delete_device(name)
+        finally:
+            if owned:
+                pool.close()
+
+    @invariant()
+    def nothing_pending_is_handed_out(self):
+        with libdm.Pool.load(self.directory) as pool:
+            listed = {d.name for d in pool.devices()}
+        intents, _ = pending(self.directory)
+        assert not listed & {row["name"] for row in intents if row["op"] == "delete"}
+
+
+def test_kills_then_any_entry_point(dm_name, tmp_path):
+    MACHINE.update(dm_name=dm_name, tmp_path=tmp_path, examples=0)
+    run_state_machine_as_test(
+        EntryPointMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("LIBDM_RECOVERY_EXAMPLES", "2")),
+            stateful_step_count=10,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=(Phase.explicit, Phase.generate),
+        ),
+    )

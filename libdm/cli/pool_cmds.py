@@ -279,10 +279,12 @@ class StatusJson(TypedDict):
 
 
 def status_json(
-    st: ThinPoolStatus | ThinPoolFailed, block_size: Bytes
+    st: ThinPoolStatus | ThinPoolFailed, block_size: Bytes, *, suspended: bool = False
 ) -> StatusJson | FailedStatusJson:
     """A pool status as JSON-ready values: the kernel's fields, the same
-    sizes in bytes, and the kernel's ``line`` as it printed it."""
+    sizes in bytes, and the kernel's ``line`` as it printed it.  The mode
+    of a ``suspended`` pool is ``"suspended"``: its status line still says
+    rw, but no I/O gets through."""
     from libdm.thin.status import ThinPoolFailed
 
     if isinstance(st, ThinPoolFailed):
@@ -301,7 +303,7 @@ def status_json(
         "used_metadata_bytes": int(st.used_meta.bytes()),
         "total_metadata_bytes": int(st.total_meta.bytes()),
         "held_root": st.held_root,
-        "mode": st.mode,
+        "mode": "suspended" if suspended else st.mode,
         "discard": st.discard,
         "no_space": st.no_space,
         "needs_check": st.needs_check,
@@ -362,8 +364,23 @@ def status_pairs(data: StatusJson | FailedStatusJson) -> list[tuple[str, object]
 
 def cmd_status(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
-        data = status_json(pool.status(), pool.block_size.bytes())
-    emit(args, data, lambda: output.pairs(status_pairs(data)))
+        suspended = pool.suspended
+        data = status_json(pool.status(), pool.block_size.bytes(), suspended=suspended)
+        directory = pool.directory
+
+    def text() -> str:
+        pairs = status_pairs(data)
+        if suspended:
+            # Say what resumes it.
+            why = (
+                f"suspended (no I/O gets through; a growth a crash interrupted is "
+                f"finished, and the pool resumed, by its next change or by libdm pool "
+                f"open {directory})"
+            )
+            pairs = [(label, why if label == "Mode" else value) for label, value in pairs]
+        return output.pairs(pairs)
+
+    emit(args, data, text)
 
 
 # -- growing ------------------------------------------------------------------------

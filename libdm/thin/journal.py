@@ -15,22 +15,29 @@ Docker's ``deviceset.go`` has open/close transaction):
    then the outcome recorded and the intent dropped in one store
    transaction.
 
-After a crash at any point, :meth:`Journal.recover` (called by
-``Pool.open``, the one place a pool is reconciled) finishes or undoes
-what each intent left: a growth is finished (or rolled back) before the
-pool comes up; then the kernel's transaction id is compared with the
-store's: a change of thin ids reached the kernel (roll the store
-forward) or not (roll the kernel back: delete the thin id it may hold),
-so no thin id leaks and no record names a device that does not exist.
+After a crash at any point, :meth:`Journal.recover` finishes or undoes
+what each intent left.  It runs in one place, the pool's bring-up, which
+``Pool.open`` calls and so does every change that finds an intent left
+under the pool's lock (a change writes and settles its intent in one hold
+of the lock, so one found there was interrupted): whichever entry point
+changes the pool next settles it, and :meth:`Journal.open` refuses to
+write an intent over one still pending.  A growth is finished (or
+rolled back) before the pool comes up; then the kernel's transaction id
+is compared with the store's: a change of thin ids reached the kernel
+(roll the store forward) or not (roll the kernel back: delete the thin
+id it may hold), so no thin id leaks and no record names a device that
+does not exist.
 Named crash points (:mod:`libdm.thin.crash`) let tests stop the process
 at each step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
-from collections.abc import Callable, Mapping
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -186,6 +193,9 @@ class GrowthIntent:
 class JournalHost(Protocol):
     """What the journal needs of the pool, beyond its store and device."""
 
+    #: The pool's state directory, for the command an error names.
+    directory: str
+
     def _deactivate(self, name: str) -> None:
         """Take thin device ``name``'s device-mapper device down (if up)."""
 
@@ -196,6 +206,14 @@ class JournalHost(Protocol):
 
     def _use_config(self, config: PoolConfig) -> None:
         """From now on, the pool runs on ``config``."""
+
+
+def _done(intent: Intent | GrowthIntent) -> str:
+    """What the kernel did for a change, for a message."""
+    if isinstance(intent, GrowthIntent):
+        return f"the {intent.operation} of the pool reached the kernel"
+    what = {Op.CREATE_THIN: "created", Op.CREATE_SNAP: "created snapshot", Op.DELETE: "deleted"}
+    return f"the kernel {what[intent.op]} {intent.name!r}"
 
 
 class Transaction:
@@ -240,8 +258,8 @@ class Transaction:
         """Step 3: move the kernel's transaction id (for a change of thin
         ids) and record the outcome.  If the kernel refuses the transaction
         id, a create's thin id is deleted again and the intent withdrawn
-        before the error is raised (a delete's intent stays: Pool.open
-        finishes it)."""
+        before the error is raised (a delete's intent stays: the pool's next
+        change, or Pool.open, finishes it)."""
         intent = self.intent
         if isinstance(intent, Intent):
             crash.point(f"{intent.op.crash_prefix}:message")
@@ -261,7 +279,27 @@ class Transaction:
         """The kernel has the change: record it and drop the intent in one
         commit.  A change of thin ids moves the store's transaction id too,
         in a commit that is not fsynced: the intent it replaces was, so a
-        lost outcome is rolled forward again by Pool.open."""
+        lost outcome is rolled forward again by Pool.open.
+
+        Raises:
+            StateError: the store could not record it (a full or failing
+                state filesystem); the intent stays, and the pool's next
+                change (or Pool.open) records the outcome.
+        """
+        try:
+            self._record_outcome()
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, DMError):
+                raise
+            raise self.journal.unrecorded(
+                f"{_done(self.intent)}, but recording that failed",
+                exc,
+                self.intent.operation
+                if isinstance(self.intent, GrowthIntent)
+                else self.intent.op.value,
+            ) from exc
+
+    def _record_outcome(self) -> None:
         store, intent = self.journal.store, self.intent
         if isinstance(intent, GrowthIntent):
             with store.transaction():
@@ -350,6 +388,35 @@ class Journal:
         self.device = device
         self.host = host
 
+    def unrecorded(self, what: str, exc: BaseException, operation: str) -> StateError:
+        """The error for a store that could not record a step: what it is
+        (with the store's path and the system's reason) and what finishes
+        it."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return StateError(
+            f"{what} in the pool state ({self.store.path}: {reason}); once the state "
+            f"directory's filesystem has room (or works) again, the pool's next change, "
+            f"or libdm pool open {self.host.directory}, finishes it",
+            operation,
+            self.device.name,
+        )
+
+    def _refuse_pending(self, op: Op) -> None:
+        """Refuse to write an intent over one left pending (the pool's bring-up
+        settles those first: one still here could not be settled)."""
+        left = [f"{row['op']} of {row['name']!r}" for row in self.store.intents()]
+        if self.store.growth_intent() is not None:
+            left.append("a growth of the pool")
+        if left:
+            name = self.device.name
+            raise StateError(
+                f"pool {name!r} holds a change that was interrupted ({', '.join(left)}) and "
+                f"could not be finished yet; run libdm pool open {self.host.directory} "
+                f"(it says what is in the way)",
+                op.value,
+                name,
+            )
+
     # -- step 1 ----------------------------------------------------------------------------
 
     def open(
@@ -373,7 +440,8 @@ class Journal:
             PoolFullError: no thin id is left.
         """
         store = self.store
-        with store.transaction():
+        self._refuse_pending(op)
+        with self._recording(op, name), store.transaction():
             if thin_id is None:
                 thin_id = store.allocate_id(MAX_THIN_ID)
                 if thin_id is None:
@@ -390,11 +458,32 @@ class Journal:
         return Transaction(self, intent)
 
     def open_growth(self, intent: GrowthIntent) -> Transaction:
-        """Commit a growth's intent durably."""
-        with self.store.transaction():
+        """Commit a growth's intent durably.
+
+        Raises:
+            StateError: a change left pending, or a store that could not
+                record the intent (nothing was changed).
+        """
+        self._refuse_pending(Op.GROW)
+        with self._recording(Op.GROW, self.device.name), self.store.transaction():
             self.store.set_growth_intent(intent.to_record())
         crash.point("grow:intent")
         return Transaction(self, intent)
+
+    @contextlib.contextmanager
+    def _recording(self, op: Op, name: str) -> Iterator[None]:
+        """Turn a store's failure to record an intent into a StateError
+        (nothing was changed yet)."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, DMError):
+                raise
+            raise self.unrecorded(
+                f"nothing was changed: the intent to {op.value} {name!r} could not be recorded",
+                exc,
+                op.value,
+            ) from exc
 
     # -- changes of thin ids ----------------------------------------------------------------
 
@@ -502,7 +591,7 @@ class Journal:
         *,
         thin_ids: bool = True,
     ) -> PoolStatus:
-        """Reconcile the store with the kernel (Pool.open): finish or roll
+        """Reconcile the store with the kernel (the pool's bring-up): finish or roll
         back a growth, ``bring_up()`` the pool, then finish or undo each
         change of thin ids in flight and retry the deferred deletes.
         Without ``thin_ids`` (a pool whose thin devices were handed to

@@ -73,6 +73,10 @@ logger = logging.getLogger("libdm")
 #: Docker's default ``dm.basesize``.
 DEFAULT_BASE_SIZE = 10 << 30
 
+#: Changes that settle the journal themselves (or must not wait for it):
+#: everything else first finishes what an interrupted change left.
+_OWN_RECOVERY = frozenset({"open", "create", "repair", "destroy"})
+
 #: The magic number of a thin-pool metadata superblock (at byte 32).
 THIN_SUPERBLOCK_MAGIC = 27022010
 
@@ -173,6 +177,7 @@ class Pool:
         """
         self.directory = os.path.abspath(directory)
         self.lock_timeout = lock_timeout
+        self._depth = 0  # nested _changing holds (under the lock)
         self._store = _store if _store is not None else Store(self.directory)
         self._lock = PoolLock(-1, os.path.join(self.directory, LOCK_NAME))
         self._store.share_lock(self._lock.thread_lock)
@@ -270,11 +275,60 @@ class Pool:
         pool = cls(directory, lock_timeout=lock_timeout)
         try:
             with pool._changing("open"):
-                pool._bring_up("open", progress)
+                was_there = ops.exists(pool.name)
+                pieces_there = pool._pieces_live()
+                try:
+                    pool._bring_up("open", progress)
+                except BaseException:
+                    # A pool this call made live and then refused (a
+                    # transaction id another program moved, say) goes down
+                    # again: nothing may use it.
+                    if not was_there:
+                        pool._take_down_refused("open", keep_pieces=pieces_there)
+                    raise
         except BaseException:
             pool.close()
             raise
         return pool
+
+    def _pieces_live(self) -> bool:
+        """True if a linear piece under the pool (a block pool's) exists."""
+        backing = self._backing
+        return isinstance(backing, backings.LinearBacking) and any(
+            ops.exists(name) for name in (backing.meta_name, backing.data_name)
+        )
+
+    def _take_down_refused(self, operation: str, *, keep_pieces: bool) -> None:
+        """Undo what a refused :meth:`open` made live: the thin devices and
+        the pool device it created (each proved ours by the uuid libdm set
+        on it), then the linear pieces under them unless ``keep_pieces``
+        (they were there before; loop devices detach by themselves).  A
+        failure here is logged: the refusal is what the caller must see."""
+        try:
+            for row in self._store.devices():
+                dm_name = self.device_dm_name(row["name"])
+                if self._made_here(dm_name, f"LIBDM-THIN-{self.config.token}-{row['thin_id']}"):
+                    ops.remove(dm_name)
+            if self.kind != PoolKind.ADOPTED and self._made_here(self.name, self.uuid):
+                ops.remove(self.name)
+            self._device.forget()
+            if self.kind != PoolKind.ADOPTED and not keep_pieces:
+                self._backing.teardown()
+        except (DMError, OSError) as exc:
+            logger.error(
+                "pool %s: refused at %s, and taking it down again failed: %s",
+                self.name,
+                operation,
+                exc,
+            )
+
+    @staticmethod
+    def _made_here(dm_name: str, uuid: str) -> bool:
+        """True if device ``dm_name`` exists with the uuid libdm gave it."""
+        try:
+            return ops.info(dm_name).uuid == uuid
+        except NoSuchDeviceError:
+            return False
 
     # -- locking -------------------------------------------------------------------
 
@@ -293,10 +347,57 @@ class Pool:
             # change of this process's own goes through _use_config).
             if self._store.sequence != self._seen:
                 self._load()
+            self._depth += 1
             try:
+                # Only the outermost change recovers: an inner one runs
+                # inside a change whose intent is legitimately open.
+                if self._depth == 1 and operation not in _OWN_RECOVERY:
+                    self._recover_interrupted(operation)
                 yield
             finally:
+                self._depth -= 1
                 self._seen = self._store.sequence
+
+    def _interrupted(self) -> str | None:
+        """What a change interrupted by a kill (or by an error past its
+        kernel step) left in the journal, said for people; ``None`` if
+        nothing.  Under the pool's lock, an intent is always such a
+        leftover: a change writes and settles its intent in one hold."""
+        parts = []
+        for row in self._store.intents():
+            parts.append(f"{str(row['op']).replace('_', ' ')} of {row['name']!r}")
+        record = self._store.growth_intent()
+        if record is not None:
+            parts.append(f"{record.get('operation', 'growth')} of the pool")
+        return ", ".join(parts) or None
+
+    def _recover_interrupted(self, operation: str) -> None:
+        """Before a change: finish or undo what an interrupted one left, as
+        :meth:`open` does (the one recovery path, :meth:`_bring_up`), so
+        that every entry point (a Pool however obtained, the CLI, the
+        monitor, the snapshotter) meets a settled pool.  A pool that is not
+        live is refused instead, saying what to run: bringing it up is
+        :meth:`open`'s job."""
+        what = self._interrupted()
+        if what is None:
+            return
+        if not backings.exists_live(self.name):
+            raise StateError(
+                f"pool {self.name!r} is not active and holds a change a crash "
+                f"interrupted ({what}); libdm pool open {self.directory} (Pool.open) "
+                f"finishes it",
+                operation,
+                self.name,
+            )
+        logger.warning(
+            "pool %s: finishing a change that was interrupted (%s) before %s",
+            self.name,
+            what,
+            operation,
+        )
+        # A pool that failed or is read-only keeps its intents: the journal
+        # then refuses changes of thin ids, saying so.
+        self._bring_up(operation)
 
     # -- the pool device -----------------------------------------------------------
 
@@ -501,6 +602,18 @@ class Pool:
         """
         return self._device.status()
 
+    @property
+    def suspended(self) -> bool:
+        """True while the pool device is suspended: a growth a kill
+        interrupted leaves it so, and the pool's next change (or
+        :meth:`open`) finishes the growth and resumes it.  Its status then
+        still says ``rw``, but every I/O to its devices waits.
+
+        Raises:
+            NoSuchDeviceError: the pool device is not live.
+        """
+        return ops.info(self.name).suspended
+
     def _writable_status(self, operation: str) -> ThinPoolStatus:
         st = self.status()
         if isinstance(st, ThinPoolFailed):
@@ -641,7 +754,21 @@ class Pool:
                 name,
                 message=f"pool {self.name!r} has no device named {name!r}",
             )
+        if name in self._deleting():
+            # Its data may be discarded already: never handed out again.
+            raise error_for(
+                errno.ENXIO,
+                operation,
+                name,
+                message=f"device {name!r} of pool {self.name!r} is being deleted (a delete "
+                f"was interrupted; the pool's next change, or libdm pool open "
+                f"{self.directory}, finishes it)",
+            )
         return row
+
+    def _deleting(self) -> set[str]:
+        """The devices whose delete an interrupted change left pending."""
+        return {row["name"] for row in self._store.intents() if row["op"] == Op.DELETE.value}
 
     def device(self, name: str) -> ThinDevice:
         """The thin device or snapshot called ``name``.
@@ -653,12 +780,17 @@ class Pool:
         return self._wrap(row)
 
     def devices(self) -> list[ThinDevice]:
-        """Every thin device and snapshot, sorted by name."""
-        return [self._wrap(row) for row in self._store.devices()]
+        """Every thin device and snapshot, sorted by name (not one whose
+        delete was interrupted: it is finished before the next change)."""
+        deleting = self._deleting()
+        return [self._wrap(row) for row in self._store.devices() if row["name"] not in deleting]
 
     def children(self, name: str) -> list[ThinDevice]:
         """The snapshots taken of device ``name``."""
-        return [self.device(child) for child in self._store.children(name)]
+        deleting = self._deleting()
+        return [
+            self.device(child) for child in self._store.children(name) if child not in deleting
+        ]
 
     def create_thin(self, name: str, size: int | str | None = None) -> ThinDevice:
         """Create a thin device and activate it.

@@ -191,7 +191,8 @@ def pool_info(pool: Pool) -> PoolInfo:
         used_d = Bytes(int(st.used_data) * int(block))
         total_d = Bytes(int(st.total_data) * int(block))
         used_m, total_m = st.used_meta.bytes(), st.total_meta.bytes()
-        state = "needs_check" if st.needs_check else st.mode
+        # A suspended pool's status still says rw, but no I/O gets through.
+        state = "needs_check" if st.needs_check else "suspended" if pool.suspended else st.mode
     avail_d, avail_m = total_d - used_d, total_m - used_m
     fs_dir = pool._backing.backing_filesystem_dir()
     files_fstype: str | None = None

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 
@@ -103,6 +104,13 @@ def test_a_user_device_named_like_the_snapshotters_survives(user_device, caplog)
         finally:
             snap.close()
     assert "ctrd-userdata" in caplog.text
+    # Listed for the user, by a command that changes nothing.
+    argv = [sys.executable, "-m", "libdm", "snapshotter", "foreign", "--pool", pool.directory]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ctrd-userdata\n", proc
+    proc = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == ["ctrd-userdata"], proc
+    assert kernel_view(pool, [dev.name]) == seen
 
 
 def test_a_second_root_path_on_the_pool_deletes_nothing_of_the_first(make_pool, tmp_path):
@@ -356,3 +364,53 @@ def test_serve_replaces_its_own_stale_socket(served_pool, tmp_path):
     finally:
         assert plugin.stop() == 0
     assert not path.exists()
+
+
+def test_a_database_of_an_older_version_keeps_its_devices(make_pool):
+    """Devices named before names carried the mark (``ctrd-base``,
+    ``ctrd-<n>``) stay the snapshotter's through its records; an
+    unfinished prepare's unmarked device is left alone, as it may be
+    anyone's."""
+    pool = make_pool(data_size="512M")
+    pool.create_thin("ctrd-base", "32M").deactivate()
+    layer = pool.snapshot_device("ctrd-base", "ctrd-1")
+    write_pattern(layer.path, 0x3C, offset=4 * MiB, length=MiB)
+    data = witness.checksum(layer.path)
+    layer.deactivate()
+    pool.create_thin("ctrd-2", "16M")  # a prepare's, interrupted: or the user's
+    db = sqlite3.connect(os.path.join(pool.directory, "snapshotter.db"))
+    db.executescript(SCHEMA)
+    db.executemany(
+        "INSERT INTO snapshots(id, namespace, key, kind, device, state, created, updated) "
+        "VALUES (?, 'ns', ?, ?, ?, ?, 0, 0)",
+        [(1, "old", "committed", "ctrd-1", "ready"), (2, "new-a", "active", "ctrd-2", "creating")],
+    )
+    db.execute(
+        "INSERT INTO meta VALUES ('base_ready', ?)",
+        (json.dumps({"fs_type": "ext4", "size": 32 * MiB}),),
+    )
+    db.commit()
+    db.close()
+    seen = kernel_view(pool, ["ctrd-base", "ctrd-1", "ctrd-2"])
+
+    snap = Snapshotter(pool, config())
+    try:
+        assert kernel_view(pool, ["ctrd-base", "ctrd-1", "ctrd-2"]) == seen
+        assert [i.name for i in snap.walk("ns")] == ["old"]
+        assert snap.foreign_devices() == ["ctrd-2"]
+        view = snap.view("ns", "v", "old")[0].source
+        assert witness.checksum(view) == data
+        assert pool.device(os.path.basename(view).removeprefix(pool.name + "-")).parent.name == (
+            "ctrd-1"
+        )
+        snap.remove("ns", "v")
+        snap.remove("ns", "old")  # its own by its records
+        names = {d.name for d in pool.devices()}
+        assert names == {"ctrd-base", "ctrd-2"}
+        fresh = snap.prepare("ns", "fresh")[0].source
+        assert snap.owner.marked(os.path.basename(fresh))
+        assert pool.device(os.path.basename(fresh).removeprefix(pool.name + "-")).parent.name == (
+            "ctrd-base"
+        )
+    finally:
+        snap.close()

@@ -33,6 +33,7 @@ from libdm.snapshotter import store as st
 from libdm.snapshotter.filters import FilterError, parse_filters
 from libdm.snapshotter.store import Kind
 from libdm.thin import crash
+from libdm.thin.errors import StateError
 from libdm.thin.owner import DeviceOwner
 from libdm.thin.statedir import StateDir
 from libdm.thin.units import Bytes, parse_size
@@ -63,6 +64,7 @@ __all__ = [
     "NotFound",
     "SnapshotError",
     "Snapshotter",
+    "foreign_devices",
 ]
 
 logger = logging.getLogger("libdm.snapshotter")
@@ -152,6 +154,50 @@ def _check_labels(labels: Mapping[str, str] | None) -> None:
                 f"label key and value greater than maximum size "
                 f"({MAX_LABELS_SIZE} bytes), key: {k[:64]}"
             )
+
+
+def _unrecorded(pool: Pool, store: st.MetaStore, prefix: str) -> tuple[list[str], list[str]]:
+    """The pool's devices that no row of the snapshotter's database names:
+    those with its mark (its leftovers), and those named with its prefix
+    but not made by it (someone else's)."""
+    recorded = {r.device for r in store.rows()}
+    made = store.base(f"{prefix}base")
+    if made is not None:
+        recorded.add(made.device)
+    token = store.owner_token()
+    owner = DeviceOwner(prefix, token) if token is not None else None
+    leftovers, foreign = [], []
+    for dev in pool.devices():
+        if dev.name in recorded:
+            continue
+        if owner is not None and owner.marked(dev.name):
+            leftovers.append(dev.name)
+        elif dev.name.startswith(prefix):
+            foreign.append(dev.name)
+    return leftovers, foreign
+
+
+def foreign_devices(pool: Pool, config: Config) -> list[str]:
+    """The devices of ``pool`` named with the snapshotter's prefix that the
+    snapshotter of ``config`` did not make, sorted: what it leaves alone
+    (see :meth:`Snapshotter.foreign_devices`).  Read without changing
+    anything: no database is made and nothing is recovered.
+
+    Raises:
+        StateError: no snapshotter database there, or one not to be trusted.
+    """
+    root = config.root_path or pool.directory
+    if not os.path.isdir(root):
+        raise StateError(f"no snapshotter database in {root} (no such directory)", st.OPERATION)
+    statedir = StateDir.open(root, operation=st.OPERATION)
+    try:
+        store = st.MetaStore(statedir, create=False)
+        try:
+            return sorted(_unrecorded(pool, store, config.device_prefix)[1])
+        finally:
+            store.close()
+    finally:
+        statedir.close()
 
 
 class Snapshotter:
@@ -286,22 +332,7 @@ class Snapshotter:
         return True
 
     def _unrecorded_devices(self) -> tuple[list[str], list[str]]:
-        """The pool's devices that no row of the database names: those
-        with this snapshotter's mark (its leftovers), and those named with
-        its prefix but not made by it (someone else's)."""
-        recorded = {r.device for r in self.store.rows()}
-        made = self.store.base(self._legacy_base)
-        if made is not None:
-            recorded.add(made.device)
-        leftovers, foreign = [], []
-        for dev in self.pool.devices():
-            if dev.name in recorded:
-                continue
-            if self.owner.marked(dev.name):
-                leftovers.append(dev.name)
-            elif dev.name.startswith(self.prefix):
-                foreign.append(dev.name)
-        return leftovers, foreign
+        return _unrecorded(self.pool, self.store, self.prefix)
 
     def foreign_devices(self) -> list[str]:
         """The pool's devices named with this snapshotter's prefix that it

@@ -282,7 +282,7 @@ class Server:
     """The snapshotter served on a unix socket (mode 0600).
 
     The path must be free, or hold a stale socket this snapshotter made
-    (recorded in its database when bound: path, device and inode), which
+    (recorded in its database when bound: path, inode and change time), which
     is replaced.  Anything else there is refused and left as it is (see
     :func:`probe_socket`).
 
@@ -298,7 +298,7 @@ class Server:
         stale = probe_socket(self.socket_path)
         if stale is not None:
             made = snapshotter.served_socket()
-            if made != SocketRecord(self.socket_path, stale.st_dev, stale.st_ino):
+            if made != SocketRecord.of(self.socket_path, stale):
                 raise _in_the_way(
                     self.socket_path,
                     "is a stale socket (no program answers on it) that this snapshotter "
@@ -315,7 +315,7 @@ class Server:
         finally:
             os.umask(old)
         st = os.lstat(self.socket_path)
-        self._bound = SocketRecord(self.socket_path, st.st_dev, st.st_ino)
+        self._bound = SocketRecord.of(self.socket_path, st)
         snapshotter.record_socket(self._bound)
 
     def stop(self, grace: float = 5) -> None:
@@ -325,7 +325,7 @@ class Server:
             st = os.lstat(self.socket_path)
         except FileNotFoundError:
             return
-        if (st.st_dev, st.st_ino) == (self._bound.dev, self._bound.ino):
+        if SocketRecord.of(self.socket_path, st) == self._bound:
             os.unlink(self.socket_path)
             self.snapshotter.record_socket(None)
 

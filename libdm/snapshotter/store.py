@@ -168,8 +168,14 @@ class SocketRecord:
     remove when it is found stale (no program answers on it)."""
 
     path: str
-    dev: int
+    #: Its inode and change time: what identifies it across a reboot
+    #: (a filesystem's device number can change from one boot to the next).
     ino: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> SocketRecord:
+        return cls(path, st.st_ino, st.st_ctime_ns)
 
 
 class MetaStore:
@@ -318,11 +324,11 @@ class MetaStore:
         if (
             not isinstance(value, dict)
             or not isinstance(value.get("path"), str)
-            or not isinstance(value.get("dev"), int)
             or not isinstance(value.get("ino"), int)
+            or not isinstance(value.get("ctime_ns"), int)
         ):
             raise ValueError(f"snapshotter.db: meta socket is not what was written: {value!r}")
-        return SocketRecord(value["path"], value["dev"], value["ino"])
+        return SocketRecord(value["path"], value["ino"], value["ctime_ns"])
 
     def base_mapped(self) -> Bytes:
         """The bytes the base device maps (0 before it is made)."""

@@ -32,6 +32,7 @@ from libdm.snapshotter.config import Config, MonitorConfig
 from libdm.snapshotter.core import Snapshotter
 from libdm.snapshotter.store import SCHEMA
 from libdm.thin.errors import StateError
+from libdm.thin.owner import DeviceOwner
 
 pytestmark = pytest.mark.kernel
 
@@ -72,6 +73,20 @@ def kernel_view(pool, names):
         )
         for name in names
     }
+
+
+def test_the_owner_mark_is_the_token_not_the_prefix():
+    owner = DeviceOwner.new("ctrd-")
+    other = DeviceOwner.new("ctrd-")
+    assert owner.token != other.token
+    assert owner.name("7") == f"ctrd-{owner.token}-7"
+    assert owner.marked(owner.name("base")) and owner.marked(f"new-{owner.token}-3")
+    for name in ("ctrd-userdata", "ctrd-base", "ctrd-7", other.name("7"), owner.token, ""):
+        assert not owner.marked(name), name
+    with pytest.raises(ValueError):
+        DeviceOwner("ctrd-", "XYZ")
+    with pytest.raises(ValueError):
+        owner.name("a-b")
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from support.containerd.snapshotter_util import Plugin, PluginDied, write_config
 
 from libdm.snapshotter.config import Config, MonitorConfig
 from libdm.snapshotter.core import Snapshotter
-from libdm.snapshotter.store import SCHEMA
+from libdm.snapshotter.store import SCHEMA, SocketRecord
 from libdm.thin.errors import StateError
 from libdm.thin.owner import DeviceOwner
 
@@ -429,3 +429,19 @@ def test_a_database_of_an_older_version_keeps_its_devices(make_pool):
         )
     finally:
         snap.close()
+
+
+def test_a_socket_left_by_a_kill_before_it_was_recorded_is_replaced(served_pool, tmp_path):
+    """Killed between its bind and recording the socket: what it had
+    recorded before the bind makes the stale socket its own."""
+    path = tmp_path / "snap.sock"
+    snap = Snapshotter(served_pool, config())
+    try:
+        snap.record_socket(SocketRecord.binding(str(path)))
+    finally:
+        snap.close()
+    Foreign(path).close()  # the socket the killed plugin had bound
+    _, log, plugin = serve(tmp_path, served_pool, path)
+    assert plugin is not None, log
+    assert plugin.stop() == 0
+    assert not path.exists()

@@ -298,7 +298,7 @@ class Server:
         stale = probe_socket(self.socket_path)
         if stale is not None:
             made = snapshotter.served_socket()
-            if made != SocketRecord.of(self.socket_path, stale):
+            if made is None or not made.made(self.socket_path, stale):
                 raise _in_the_way(
                     self.socket_path,
                     "is a stale socket (no program answers on it) that this snapshotter "
@@ -306,6 +306,7 @@ class Server:
                 )
             os.unlink(self.socket_path)  # its own, left by a run that did not stop
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        snapshotter.record_socket(SocketRecord.binding(self.socket_path))
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
         self._server.add_generic_rpc_handlers((handler_for(snapshotter),))
         old = os.umask(0o077)

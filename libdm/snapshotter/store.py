@@ -169,13 +169,32 @@ class SocketRecord:
 
     path: str
     #: Its inode and change time: what identifies it across a reboot
-    #: (a filesystem's device number can change from one boot to the next).
+    #: (a filesystem's device number can change from one boot to the
+    #: next).  Inode 0 (no file has it) while the socket is being bound:
+    #: ``ctime_ns`` is then a time before the bind.
     ino: int
     ctime_ns: int
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> SocketRecord:
+        """The record of the socket just bound at ``path``."""
         return cls(path, st.st_ino, st.st_ctime_ns)
+
+    @classmethod
+    def binding(cls, path: str) -> SocketRecord:
+        """The record written before binding at ``path``, so that a socket
+        left by a kill before the bind was recorded is known as the
+        snapshotter's (made after this time, at this path)."""
+        # A second before now: file times come from a coarser clock.
+        return cls(path, 0, time.time_ns() - 1_000_000_000)
+
+    def made(self, path: str, st: os.stat_result) -> bool:
+        """Whether the socket ``st`` at ``path`` is the one recorded."""
+        if path != self.path:
+            return False
+        if self.ino == 0:
+            return st.st_ctime_ns >= self.ctime_ns
+        return (st.st_ino, st.st_ctime_ns) == (self.ino, self.ctime_ns)
 
 
 class MetaStore:

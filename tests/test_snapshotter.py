@@ -8,7 +8,13 @@ import sys
 
 import grpc
 import pytest
-from support.containerd.snapshotter_util import Plugin, make_pool, write_config
+from support.containerd.snapshotter_util import (
+    Plugin,
+    base_device,
+    make_pool,
+    owner_token,
+    write_config,
+)
 
 import libdm
 from libdm.snapshotter.client import KIND_NAMES, Client
@@ -77,11 +83,10 @@ def test_layers_are_thin_snapshots_and_mounts_are_stable(served):
     assert code(e) == grpc.StatusCode.NOT_FOUND
     # The committed device is inactive; it lives on as a thin device of the pool.
     devices = {d.name: d for d in libdm.Pool.load(pool.directory).devices()}
-    committed = [
-        d for d in devices.values() if d.name.startswith(PREFIX) and d.name != PREFIX + "base"
-    ]
+    base = base_device(pool.directory)
+    committed = [d for d in devices.values() if d.name.startswith(PREFIX) and d.name != base]
     assert len(committed) == 1 and not committed[0].active
-    assert committed[0].parent.name == PREFIX + "base"
+    assert committed[0].parent.name == base
 
     view = c.view("l1-view", "l1")
     assert "ro" in view[0].options and c.mounts("l1-view") == view
@@ -229,20 +234,27 @@ def test_restart_keeps_everything_and_cleanup_removes_leftovers(served):
     c.commit("r-b", "r-a")
     c.prepare("r-c", "r-b")
     plugin.stop()
-    # A device of the snapshotter's that no snapshot owns (a crash's leftover).
+    base = base_device(pool.directory)
+    # A device of the snapshotter's that no snapshot owns (a crash's
+    # leftover: its name carries the snapshotter's mark), and the user's.
+    leftover = f"{PREFIX}{owner_token(pool.directory)}-stray"
     p = libdm.Pool.open(pool.directory)
-    p.snapshot_device(PREFIX + "base", PREFIX + "stray")
+    p.snapshot_device(base, leftover)
+    p.snapshot_device(base, PREFIX + "users")
     p.close()
     plugin.start()
     c.wait_ready()
     assert sorted(i.name for i in c.list()) == ["r-b", "r-c"]
     names = {d.name for d in libdm.Pool.load(pool.directory).devices()}
-    assert PREFIX + "stray" not in names
+    assert leftover not in names and PREFIX + "users" in names
     c.cleanup()
     c.remove("r-c")
     c.remove("r-b")
     left = {d.name for d in libdm.Pool.load(pool.directory).devices()}
-    assert left == {PREFIX + "base"}
+    assert left == {base, PREFIX + "users"}
+    p = libdm.Pool.open(pool.directory)
+    p.delete_device(PREFIX + "users")
+    p.close()
 
 
 def test_deep_chain(served):
@@ -293,7 +305,7 @@ def test_xfs_async_remove_and_discard(tmp_path):
         def gone():
             p = libdm.Pool.load(pool.directory)
             try:
-                return {d.name for d in p.devices()} == {PREFIX + "base"}
+                return {d.name for d in p.devices()} == {base_device(pool.directory)}
             finally:
                 p.close()
 
@@ -421,7 +433,7 @@ def test_a_refused_prepare_leaves_its_key_free(served):
     db = sqlite3.connect(f"file:{pool.directory}/snapshotter.db?mode=ro", uri=True)
     (seq,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='snapshots'").fetchone()
     db.close()
-    squatter = f"{pool.name}-{PREFIX}{seq + 1}"
+    squatter = f"{pool.name}-{PREFIX}{owner_token(pool.directory)}-{seq + 1}"
     libdm.create(squatter, [libdm.Target(0, 8, "zero")])
     try:
         with pytest.raises(grpc.RpcError):

@@ -21,6 +21,7 @@ import pytest
 from support.containerd.build_conformance import build_probe
 from support.containerd.snapshotter_util import (
     Plugin,
+    base_device,
     make_pool,
     unmount_below,
     wait_for,
@@ -263,9 +264,8 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
             assert chain_id in listed, listed
         # Every layer is a committed thin device, inactive, a snapshot of the one below.
         devices = {d.name: d for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
-        layers = [
-            d for d in devices.values() if d.name.startswith("ctrd-") and d.name != "ctrd-base"
-        ]
+        base = base_device(tmp_path / "pool")
+        layers = [d for d in devices.values() if d.name.startswith("ctrd-") and d.name != base]
         assert len(layers) == len(LAYERS) and not any(d.active for d in layers)
 
         out = ctd.ctr("snapshots", "--snapshotter", "libdm", "view", "--mounts", "v1", chain[-1])
@@ -300,7 +300,7 @@ def test_ctr_imports_an_image_onto_the_plugin(tmp_path):
             timeout=60,
         )
         left = {d.name for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
-        assert left == {"ctrd-base"}
+        assert left == {base_device(tmp_path / "pool")}
     finally:
         if ctd is not None:
             ctd.stop()
@@ -423,7 +423,7 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
         )
         assert wait_for(lambda: plugin_rows(tmp_path / "pool") == [], timeout=60)
         left = {d.name for d in libdm.Pool.load(str(tmp_path / "pool")).devices()}
-        assert left == {"ctrd-base"}
+        assert left == {base_device(tmp_path / "pool")}
         reliability.record("snapshotter kills under containerd", kills=kills, leaked_devices=0)
     finally:
         if ctd is not None:

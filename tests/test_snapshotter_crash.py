@@ -21,6 +21,7 @@ from support import reliability
 from support.containerd.snapshotter_util import (
     Plugin,
     PluginDied,
+    base_device,
     make_pool,
     unmount_below,
     write_config,
@@ -193,7 +194,7 @@ def check_agreement(client, model, pool_dir, pool_name):
         devices = {d.name for d in pool.devices() if d.name.startswith(PREFIX)}
     finally:
         pool.close()
-    owned = {device for _, _, device, _ in rows} | {PREFIX + "base"}
+    owned = {device for _, _, device, _ in rows} | {base_device(pool_dir)}
     assert devices == owned, f"leaked {devices - owned}, lost {owned - devices}"
     live = {d for d in os.listdir("/dev/mapper") if d.startswith(f"{pool_name}-{PREFIX}")}
     assert live <= {f"{pool_name}-{d}" for d in devices}, live

@@ -1,6 +1,7 @@
 """Snapshotter commands: ``libdm snapshotter serve`` runs the containerd
 snapshotter plugin (:mod:`libdm.snapshotter`) on a unix socket until
-SIGTERM or SIGINT.
+SIGTERM or SIGINT; ``libdm snapshotter foreign`` lists the devices named
+like its own that it did not make (and leaves alone).
 
 gRPC is imported only when the command runs, so the rest of the command
 line works without the ``containerd`` extra.
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 from libdm.cli.parser import POOL_ENV, Parser, Subparsers, UsageError, command
 
-__all__ = ["cmd_serve", "main", "register"]
+__all__ = ["cmd_foreign", "cmd_serve", "main", "register"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -43,6 +44,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_foreign(args: argparse.Namespace) -> int:
+    from libdm.cli.common import emit
+    from libdm.snapshotter.config import load_config
+    from libdm.snapshotter.core import foreign_devices
+    from libdm.thin.pool import Pool
+
+    pool_dir: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    config = load_config(args.config, pool=pool_dir)
+    if not config.pool:
+        raise UsageError(
+            f"no pool given: use --pool DIR, set {POOL_ENV}, or pool = in the config",
+            "libdm snapshotter foreign",
+        )
+    with Pool.load(config.pool) as pool:
+        names = foreign_devices(pool, config)
+    emit(args, names, "\n".join(names))
+    return 0
+
+
+def _config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="a TOML file of snapshotter settings (see docs/containerd.rst)",
+    )
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--socket",
@@ -50,12 +79,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="the unix socket to serve on (containerd's proxy plugin address)",
     )
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="a TOML file of snapshotter settings (see docs/containerd.rst)",
-    )
+    _config_argument(p)
 
 
 def register(sub: Subparsers) -> Parser:
@@ -83,6 +107,20 @@ def register(sub: Subparsers) -> Parser:
         "--socket /run/libdm/snapshotter.sock",
     )
     _arguments(p)
+    f = command(
+        group,
+        "foreign",
+        cmd_foreign,
+        pool=True,
+        json=True,
+        path="snapshotter",
+        help="list the pool's devices named like the snapshotter's that it did not make",
+        description="List the pool's devices named with the snapshotter's device prefix "
+        "that it did not make (the user's, another snapshotter's): it never deletes or "
+        "changes them, and logs them at every start and Cleanup.  Nothing is changed.",
+        example="libdm snapshotter foreign --pool /var/lib/images",
+    )
+    _config_argument(f)
     return p
 
 

@@ -3,13 +3,13 @@
 Keys (all optional except the pool, which ``--pool`` can give instead)::
 
     pool = "/var/lib/libdm/images"     # the libdm pool's state directory
-    root_path = ""                    # where snapshotter.db lives (default: the pool's directory)
+    root_path = ""                    # snapshotter.db's private directory (default: the pool's)
     base_image_size = "10G"           # size of the base device every layer starts from
     fs_type = "ext4"                  # or "xfs"
     fs_options = ""                   # extra mkfs arguments, e.g. "-b 4096"
     async_remove = false              # Remove returns before the device is deleted
     discard_blocks = false            # discard a device's blocks before deleting it
-    device_prefix = "ctrd-"           # thin device names in the pool: <prefix><id>, <prefix>base
+    device_prefix = "ctrd-"           # device names: <prefix><token>-<id>, <prefix><token>-base
 
     [monitor]                         # grow the pool before it fills (libdm.Monitor)
     enabled = true

@@ -33,6 +33,9 @@ from libdm.snapshotter import store as st
 from libdm.snapshotter.filters import FilterError, parse_filters
 from libdm.snapshotter.store import Kind
 from libdm.thin import crash
+from libdm.thin.errors import StateError
+from libdm.thin.owner import DeviceOwner
+from libdm.thin.statedir import StateDir
 from libdm.thin.units import Bytes, parse_size
 
 if TYPE_CHECKING:
@@ -61,11 +64,12 @@ __all__ = [
     "NotFound",
     "SnapshotError",
     "Snapshotter",
+    "foreign_devices",
 ]
 
 logger = logging.getLogger("libdm.snapshotter")
 
-DB_NAME = "snapshotter.db"
+DB_NAME = st.DB_NAME
 MAX_LABELS_SIZE = 4096  # containerd's limit for one label, key and value together
 BLKDISCARD = 0x1277
 BLKGETSIZE64 = 0x80081272
@@ -152,6 +156,50 @@ def _check_labels(labels: Mapping[str, str] | None) -> None:
             )
 
 
+def _unrecorded(pool: Pool, store: st.MetaStore, prefix: str) -> tuple[list[str], list[str]]:
+    """The pool's devices that no row of the snapshotter's database names:
+    those with its mark (its leftovers), and those named with its prefix
+    but not made by it (someone else's)."""
+    recorded = {r.device for r in store.rows()}
+    made = store.base(f"{prefix}base")
+    if made is not None:
+        recorded.add(made.device)
+    token = store.owner_token()
+    owner = DeviceOwner(prefix, token) if token is not None else None
+    leftovers, foreign = [], []
+    for dev in pool.devices():
+        if dev.name in recorded:
+            continue
+        if owner is not None and owner.marked(dev.name):
+            leftovers.append(dev.name)
+        elif dev.name.startswith(prefix):
+            foreign.append(dev.name)
+    return leftovers, foreign
+
+
+def foreign_devices(pool: Pool, config: Config) -> list[str]:
+    """The devices of ``pool`` named with the snapshotter's prefix that the
+    snapshotter of ``config`` did not make, sorted: what it leaves alone
+    (see :meth:`Snapshotter.foreign_devices`).  Read without changing
+    anything: no database is made and nothing is recovered.
+
+    Raises:
+        StateError: no snapshotter database there, or one not to be trusted.
+    """
+    root = config.root_path or pool.directory
+    if not os.path.isdir(root):
+        raise StateError(f"no snapshotter database in {root} (no such directory)", st.OPERATION)
+    statedir = StateDir.open(root, operation=st.OPERATION)
+    try:
+        store = st.MetaStore(statedir, create=False)
+        try:
+            return sorted(_unrecorded(pool, store, config.device_prefix)[1])
+        finally:
+            store.close()
+    finally:
+        statedir.close()
+
+
 class Snapshotter:
     """containerd snapshots on a libdm :class:`~libdm.Pool`.
 
@@ -160,17 +208,43 @@ class Snapshotter:
         config: a :class:`~libdm.snapshotter.config.Config`.
 
     Opening runs :meth:`recover`: interrupted changes are finished or
-    undone, and devices that no snapshot owns are deleted.
+    undone, and devices this snapshotter made that no snapshot owns are
+    deleted.  It acts only on devices it can prove it made: those its
+    database names, and those whose name carries its mark (its
+    :class:`~libdm.thin.owner.DeviceOwner` token).  Other devices named
+    with its prefix are reported (:meth:`foreign_devices`, and a warning)
+    and left alone.
+
+    Its ``root_path`` (by default the pool's directory) must be private as
+    the pool's state directory is (a missing one is made, mode 0700), and
+    its database a regular file of the caller's.
+
+    Raises:
+        StateError: ``root_path`` or ``snapshotter.db`` is not to be
+            trusted (named, and why); nothing was changed.
     """
 
     def __init__(self, pool: Pool, config: Config) -> None:
         self.pool = pool
         self.config = config
         root = config.root_path or pool.directory
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.store = st.MetaStore(os.path.join(root, DB_NAME))
-        self.prefix = config.device_prefix
-        self.base_name = f"{self.prefix}base"
+        # Whoever can write the database can make the snapshotter delete
+        # any device of the pool: the pool's state directory's rules.
+        self._statedir = StateDir.claim(root, (), operation=st.OPERATION)
+        try:
+            self.store = st.MetaStore(self._statedir)
+            try:
+                self.prefix = config.device_prefix
+                #: The mark of this snapshotter's devices.
+                self.owner: DeviceOwner = self.store.owner(self.prefix)
+                made = self.store.base(self._legacy_base)
+            except BaseException:
+                self.store.close()
+                raise
+        except BaseException:
+            self._statedir.close()
+            raise
+        self.base_name = made.device if made is not None else self.owner.name("base")
         #: The filesystem every layer has: the base device's.
         self.fs_type = config.fs_type
         self._lock = threading.RLock()
@@ -193,11 +267,30 @@ class Snapshotter:
             self._worker.join(timeout=60)
         with self._lock:
             self.store.close()
+            self._statedir.close()
+
+    # -- the socket it serves on ------------------------------------------------------
+
+    def served_socket(self) -> st.SocketRecord | None:
+        """The unix socket this snapshotter last bound (see
+        :class:`~libdm.snapshotter.service.Server`), None if none."""
+        with self._lock:
+            return self.store.socket()
+
+    def record_socket(self, record: st.SocketRecord | None) -> None:
+        """Record the socket just bound (None: the one recorded is gone)."""
+        with self._lock, self.store.transaction() as s:
+            s.set_socket(record)
 
     # -- the base device ----------------------------------------------------------------
 
+    @property
+    def _legacy_base(self) -> str:
+        """The base device's name before names carried the owner's mark."""
+        return f"{self.prefix}base"
+
     def _ensure_base(self) -> None:
-        made = self.store.base()
+        made = self.store.base(self._legacy_base)
         if made is not None:
             # Every layer has the base's filesystem, whatever the config says now.
             self.fs_type = made.fs_type
@@ -210,7 +303,9 @@ class Snapshotter:
                 )
             return
         self.fs_type = self.config.fs_type
-        # Made before and interrupted (say, mid-mkfs): make it again.
+        self.base_name = self.owner.name("base")
+        # Made before and interrupted (say, mid-mkfs): make it again (its
+        # name carries this snapshotter's mark: the device is its own).
         if self._pool_has(self.base_name):
             self.pool.delete_device(self.base_name)
         size = parse_size(self.config.base_image_size, what="base_image_size")
@@ -225,7 +320,7 @@ class Snapshotter:
         mapped = self._mapped(self.base_name)
         self.pool.deactivate_device(self.base_name)
         with self.store.transaction() as s:
-            s.set_base(self.config.fs_type, size, mapped)
+            s.set_base(self.config.fs_type, size, mapped, self.base_name)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -236,9 +331,15 @@ class Snapshotter:
             return False
         return True
 
-    def _pool_devices(self) -> list[str]:
-        """Names of the pool's devices that this snapshotter makes."""
-        return [d.name for d in self.pool.devices() if d.name.startswith(self.prefix)]
+    def _unrecorded_devices(self) -> tuple[list[str], list[str]]:
+        return _unrecorded(self.pool, self.store, self.prefix)
+
+    def foreign_devices(self) -> list[str]:
+        """The pool's devices named with this snapshotter's prefix that it
+        did not make (the user's, another snapshotter's), sorted: it never
+        deletes or changes them."""
+        with self._lock:
+            return sorted(self._unrecorded_devices()[1])
 
     def _mapped(self, device: str) -> Bytes:
         try:
@@ -300,7 +401,7 @@ class Snapshotter:
                     parent_id, origin = prow.id, prow.device
                 if s.get(ns, key) is not None:
                     raise AlreadyExists(f"snapshot {key}: already exists")
-                row_id, device = s.insert(ns, key, kind, parent_id, labels, self.prefix)
+                row_id, device = s.insert(ns, key, kind, parent_id, labels, self.owner)
             # The row is durable: a crash from here on is rolled back by recover().
             crash.point("snapshotter:prepare:row")
             try:
@@ -519,8 +620,8 @@ class Snapshotter:
         return Bytes(blocks * int(self.pool.block_size.bytes()))
 
     def cleanup(self) -> None:
-        """Delete what crashes left: devices no snapshot owns, removals and
-        creations that did not finish."""
+        """Delete what crashes left: devices of this snapshotter that no
+        snapshot owns, removals and creations that did not finish."""
         with self._lock:
             self.recover()
 
@@ -582,20 +683,36 @@ class Snapshotter:
 
         Rows still ``creating`` are rolled back (the device is deleted if
         the pool made it), rows ``removing`` are finished, committed
-        devices left active are deactivated, and devices of this
-        snapshotter that no row names are deleted (children first).
+        devices left active are deactivated, and devices with this
+        snapshotter's mark that no row names are deleted (children
+        first).  Devices named with its prefix but not made by it are
+        logged and left alone.
         """
         with self._lock:
             creating = self.store.all(state=st.State.CREATING)
             for row in sorted(creating, key=lambda r: -r.id):
-                self._delete_device(row.device)
+                if self.owner.marked(row.device) or not self._pool_has(row.device):
+                    self._delete_device(row.device)
+                else:
+                    # An older libdm's row, made before names carried the
+                    # mark: the device of that name may be anyone's.
+                    logger.warning(
+                        "snapshotter: not deleting %s for an unfinished prepare: its name "
+                        "does not carry this snapshotter's mark, so it may not be its own",
+                        row.device,
+                    )
                 with self.store.transaction() as s:
                     s.delete(row.id)
             self._finish_removals()
-            owned = {r.device for r in self.store.rows()}
-            if self.store.base() is not None:
-                owned.add(self.base_name)
-            leaked = [n for n in self._pool_devices() if n not in owned]
+            leaked, foreign = self._unrecorded_devices()
+            if foreign:
+                logger.warning(
+                    "snapshotter: leaving alone %d device(s) of pool %s named like its own "
+                    "but not made by it: %s",
+                    len(foreign),
+                    self.pool.name,
+                    ", ".join(sorted(foreign)),
+                )
             while leaked:
                 progress = False
                 for name in list(leaked):

@@ -11,10 +11,12 @@ metadata of the call (``default`` when absent).
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -25,15 +27,18 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from libdm.dm.errors import DeviceExistsError
 from libdm.snapshotter import core
 from libdm.snapshotter.api import mount_pb2
 from libdm.snapshotter.api import snapshots_pb2 as pb
-from libdm.snapshotter.store import Kind
+from libdm.snapshotter.store import Kind, SocketRecord
 
 if TYPE_CHECKING:
     from libdm.snapshotter.config import Config
 
-__all__ = ["SERVICE", "Server", "serve"]
+__all__ = ["SERVICE", "Server", "probe_socket", "serve"]
+
+SERVE = "snapshotter serve"
 
 logger = logging.getLogger("libdm.snapshotter")
 
@@ -221,21 +226,87 @@ def handler_for(snapshotter: core.Snapshotter) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, table)
 
 
+def _in_the_way(path: str, why: str, err: int = errno.EEXIST) -> DeviceExistsError:
+    return DeviceExistsError(
+        err,
+        f"{path} {why}; the snapshotter serves only on a free path or on a stale socket "
+        f"it made, and leaves anything else as it is: choose another --socket",
+        SERVE,
+        path,
+    )
+
+
+def probe_socket(path: str) -> os.stat_result | None:
+    """What is at ``path``, where the snapshotter is to serve: None for
+    nothing, the stat of a stale socket (a connection is refused: no
+    program listens on it any more).
+
+    Raises:
+        DeviceExistsError: anything else is there: a socket a program
+            answers on (or that cannot be probed), a file, a directory, a
+            symlink (named, and nothing is changed).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise _in_the_way(path, f"exists and is not a socket ({_file_kind(st)})")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return st
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = f"is a socket that cannot be probed ({exc.strerror or exc})"
+        raise _in_the_way(path, why) from None
+    finally:
+        probe.close()
+    raise _in_the_way(path, "is a socket another program answers on", errno.EADDRINUSE)
+
+
+def _file_kind(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory"
+    if stat.S_ISREG(st.st_mode):
+        return "a regular file"
+    return f"file type {stat.S_IFMT(st.st_mode):o}"
+
+
 class Server:
-    """The snapshotter served on a unix socket (mode 0600)."""
+    """The snapshotter served on a unix socket (mode 0600).
+
+    The path must be free, or hold a stale socket this snapshotter made
+    (recorded in its database when bound: path, inode and change time), which
+    is replaced.  Anything else there is refused and left as it is (see
+    :func:`probe_socket`).
+
+    Raises:
+        DeviceExistsError: something else is at ``socket_path``.
+    """
 
     def __init__(
         self, snapshotter: core.Snapshotter, socket_path: str, *, workers: int = 8
     ) -> None:
         self.snapshotter = snapshotter
         self.socket_path = os.path.abspath(socket_path)
-        if os.path.exists(self.socket_path):
-            import stat
-
-            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                raise FileExistsError(f"{self.socket_path} exists and is not a socket")
-            os.unlink(self.socket_path)  # a stale socket of an earlier run
+        stale = probe_socket(self.socket_path)
+        if stale is not None:
+            made = snapshotter.served_socket()
+            if made is None or not made.made(self.socket_path, stale):
+                raise _in_the_way(
+                    self.socket_path,
+                    "is a stale socket (no program answers on it) that this snapshotter "
+                    "did not make; remove it if nothing uses it",
+                )
+            os.unlink(self.socket_path)  # its own, left by a run that did not stop
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        snapshotter.record_socket(SocketRecord.binding(self.socket_path))
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
         self._server.add_generic_rpc_handlers((handler_for(snapshotter),))
         old = os.umask(0o077)
@@ -244,11 +315,20 @@ class Server:
             self._server.start()
         finally:
             os.umask(old)
+        st = os.lstat(self.socket_path)
+        self._bound = SocketRecord.of(self.socket_path, st)
+        snapshotter.record_socket(self._bound)
 
     def stop(self, grace: float = 5) -> None:
+        """Stop serving and remove the socket, if it is still the one bound."""
         self._server.stop(grace).wait()
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        if SocketRecord.of(self.socket_path, st) == self._bound:
             os.unlink(self.socket_path)
+            self.snapshotter.record_socket(None)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -268,6 +348,9 @@ def serve(
     import libdm
     from libdm.thin.monitor import Monitor
 
+    # Refused before anything changes: a socket another program answers
+    # on, or anything else that is not a socket.
+    probe_socket(os.path.abspath(socket_path))
     pool = libdm.Pool.open(pool_dir)
     monitor: Monitor | None = None
     try:

@@ -34,18 +34,29 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
+from libdm.thin.errors import StateError
+from libdm.thin.owner import DeviceOwner
+from libdm.thin.statedir import StateDir
 from libdm.thin.units import Bytes
 
 __all__ = [
     "ACTIVE",
     "COMMITTED",
+    "DB_NAME",
     "VIEW",
     "BaseDevice",
     "Kind",
     "MetaStore",
     "Row",
+    "SocketRecord",
     "State",
 ]
+
+DB_NAME = "snapshotter.db"
+#: The database and the files SQLite keeps beside it.
+DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
+OPERATION = "snapshotter"
+WHAT = "snapshotter database"
 
 
 class Kind(enum.StrEnum):
@@ -146,26 +157,81 @@ class BaseDevice:
     #: The filesystem on it, and so on every layer.
     fs_type: str
     size: Bytes
+    #: Its name in the pool (``<prefix>base`` when made before names
+    #: carried the owner's mark).
+    device: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SocketRecord:
+    """The unix socket the snapshotter last served on: the one it may
+    remove when it is found stale (no program answers on it)."""
+
+    path: str
+    #: Its inode and change time: what identifies it across a reboot
+    #: (a filesystem's device number can change from one boot to the
+    #: next).  Inode 0 (no file has it) while the socket is being bound:
+    #: ``ctime_ns`` is then a time before the bind.
+    ino: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> SocketRecord:
+        """The record of the socket just bound at ``path``."""
+        return cls(path, st.st_ino, st.st_ctime_ns)
+
+    @classmethod
+    def binding(cls, path: str) -> SocketRecord:
+        """The record written before binding at ``path``, so that a socket
+        left by a kill before the bind was recorded is known as the
+        snapshotter's (made after this time, at this path)."""
+        # A second before now: file times come from a coarser clock.
+        return cls(path, 0, time.time_ns() - 1_000_000_000)
+
+    def made(self, path: str, st: os.stat_result) -> bool:
+        """Whether the socket ``st`` at ``path`` is the one recorded."""
+        if path != self.path:
+            return False
+        if self.ino == 0:
+            return st.st_ctime_ns >= self.ctime_ns
+        return (st.st_ino, st.st_ctime_ns) == (self.ino, self.ctime_ns)
 
 
 class MetaStore:
-    """The snapshotter's SQLite database (``snapshotter.db``).
+    """The snapshotter's SQLite database (``snapshotter.db``) in its
+    ``root_path``, trusted on the pool state directory's terms: the
+    directory is the caller's and private, and the database's files are
+    regular files of the caller's, never reached through a symlink (see
+    :class:`~libdm.thin.statedir.StateDir`).
 
     Every change is one transaction with ``synchronous=FULL``: what a call
     returned is on disk.  Used under the snapshotter's lock only.
+
+    Raises:
+        StateError: the database or its directory fails those checks
+            (named, and why); nothing is read from it.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    def __init__(self, statedir: StateDir, *, create: bool = True) -> None:
+        self.path = statedir.join(DB_NAME)
+        if statedir.check_file(DB_NAME, OPERATION, WHAT) is None:
+            if not create:
+                raise StateError(f"no snapshotter database {self.path}", OPERATION, None)
+            os.close(statedir.make_file(DB_NAME, OPERATION, WHAT))
+        # SQLite opens these by name, following symlinks: check them first
+        # (in a private directory no one else can swap them afterwards).
+        for name in DB_FILES[1:]:
+            statedir.check_file(name, OPERATION, WHAT)
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
-        self._db.executescript(SCHEMA)
+        if create:
+            self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -233,8 +299,10 @@ class MetaStore:
             raise ValueError(f"snapshotter.db: meta {name} is not a number of bytes: {value!r}")
         return Bytes(value)
 
-    def base(self) -> BaseDevice | None:
-        """The base device, None until it is made."""
+    def base(self, legacy_name: str) -> BaseDevice | None:
+        """The base device, None until it is made; ``legacy_name`` is its
+        name when the database does not record one (made by an older
+        libdm)."""
         value = self._meta("base_ready")
         if not value:
             return None
@@ -242,9 +310,44 @@ class MetaStore:
             not isinstance(value, dict)
             or not isinstance(value.get("fs_type"), str)
             or not isinstance(value.get("size"), int)
+            or not isinstance(value.get("device", legacy_name), str)
         ):
             raise ValueError(f"snapshotter.db: meta base_ready is not what was written: {value!r}")
-        return BaseDevice(value["fs_type"], Bytes(value["size"]))
+        return BaseDevice(value["fs_type"], Bytes(value["size"]), value.get("device", legacy_name))
+
+    def owner_token(self) -> str | None:
+        """The token this snapshotter marks its devices' names with
+        (:class:`~libdm.thin.owner.DeviceOwner`), None before the first."""
+        value = self._meta("owner_token")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"snapshotter.db: meta owner_token is not a string: {value!r}")
+        return value
+
+    def owner(self, prefix: str) -> DeviceOwner:
+        """This snapshotter's :class:`DeviceOwner`: its token is drawn and
+        recorded (durably) the first time, before any device is made."""
+        token = self.owner_token()
+        if token is None:
+            with self.transaction() as s:
+                token = s.owner_token()
+                if token is None:
+                    token = DeviceOwner.new(prefix).token
+                    s._set_meta("owner_token", token)
+        return DeviceOwner(prefix, token)
+
+    def socket(self) -> SocketRecord | None:
+        """The socket the snapshotter last bound, None if none."""
+        value = self._meta("socket")
+        if value is None:
+            return None
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("path"), str)
+            or not isinstance(value.get("ino"), int)
+            or not isinstance(value.get("ctime_ns"), int)
+        ):
+            raise ValueError(f"snapshotter.db: meta socket is not what was written: {value!r}")
+        return SocketRecord(value["path"], value["ino"], value["ctime_ns"])
 
     def base_mapped(self) -> Bytes:
         """The bytes the base device maps (0 before it is made)."""
@@ -261,9 +364,15 @@ class MetaStore:
             "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, json.dumps(value))
         )
 
-    def set_base(self, fs_type: str, size: Bytes, mapped: Bytes) -> None:
-        self._set_meta("base_ready", {"fs_type": fs_type, "size": int(size)})
+    def set_base(self, fs_type: str, size: Bytes, mapped: Bytes, device: str) -> None:
+        self._set_meta("base_ready", {"fs_type": fs_type, "size": int(size), "device": device})
         self._set_meta("base_mapped", int(mapped))
+
+    def set_socket(self, record: SocketRecord | None) -> None:
+        if record is None:
+            self._db.execute("DELETE FROM meta WHERE name='socket'")
+        else:
+            self._set_meta("socket", dataclasses.asdict(record))
 
     def set_owned(self, row_id: int, owned: Bytes) -> None:
         self._set_meta(f"owned:{row_id}", int(owned))
@@ -275,9 +384,10 @@ class MetaStore:
         kind: Kind,
         parent_id: int | None,
         labels: Mapping[str, str] | None,
-        device_prefix: str,
+        owner: DeviceOwner,
     ) -> tuple[int, str]:
-        """Add a ``creating`` row; returns its id and its device's name."""
+        """Add a ``creating`` row; returns its id and its device's name
+        (``owner``'s, with its mark)."""
         now = time.time()
         cur = self._db.execute(
             "INSERT INTO snapshots(namespace, key, kind, parent_id, device, state, labels, "
@@ -287,7 +397,7 @@ class MetaStore:
                 key,
                 kind.value,
                 parent_id,
-                f"{device_prefix}new-{time.monotonic_ns()}",
+                owner.name(f"new{time.monotonic_ns()}"),
                 json.dumps(dict(labels or {})),
                 now,
                 now,
@@ -295,7 +405,7 @@ class MetaStore:
         )
         row_id = cur.lastrowid
         assert row_id is not None  # an INSERT sets it
-        device = f"{device_prefix}{row_id}"
+        device = owner.name(str(row_id))
         self._db.execute("UPDATE snapshots SET device=? WHERE id=?", (device, row_id))
         return row_id, device
 

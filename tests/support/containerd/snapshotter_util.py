@@ -149,3 +149,28 @@ def unmount_below(directory: StrPath) -> None:
         (p for p in points if p.startswith(directory + "/")), key=len, reverse=True
     ):
         subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def snapshotter_meta(root: StrPath, name: str) -> object:
+    """Meta value ``name`` of the snapshotter database in ``root`` (read-only)."""
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{root}/snapshotter.db?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else json.loads(row[0])
+
+
+def base_device(root: StrPath) -> str:
+    """The name of the base device the snapshotter in ``root`` made."""
+    value = snapshotter_meta(root, "base_ready")
+    assert isinstance(value, dict), value
+    return str(value["device"])
+
+
+def owner_token(root: StrPath) -> str:
+    """The token the snapshotter in ``root`` marks its devices' names with."""
+    return str(snapshotter_meta(root, "owner_token"))

@@ -77,6 +77,10 @@ COMPANIONS = ("-wal", "-shm", "-journal")
 #: 2 stores, removed by their upgrade (refused if planted).
 STORE_FILES = (DB_NAME, *tuple(DB_NAME + suffix for suffix in COMPANIONS), LOG_NAME)
 SCHEMA_VERSION = 3
+#: SQLite's codes for a -shm file it could not make or grow.
+_NO_ROOM_FOR_THE_INDEX = frozenset(
+    {"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_SHMOPEN", "SQLITE_IOERR_SHMMAP"}
+)
 #: SQLite checkpoints its WAL into state.db once it holds this many pages
 #: (4 KiB each), and cuts the file back to WAL_LIMIT bytes after one.
 CHECKPOINT_PAGES = 256
@@ -271,27 +275,48 @@ class Store:
         if not os.access(self.path, os.R_OK | os.W_OK):
             self._refuse_permission()
         try:
-            self.db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            # WAL mode is recorded in the file; setting it again is a read.
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-            self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            if create:
-                self.db.executescript(_SCHEMA)
-                self.db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
+            try:
+                self._connect(create, exclusive=False)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorname", None) not in _NO_ROOM_FOR_THE_INDEX:
+                    raise
+                # No room for state.db-shm (a full filesystem), so no other
+                # process has the store open: SQLite keeps the WAL's index
+                # in memory instead, holding the store for this process
+                # until it closes.  Reads work; a change needs room anyway.
+                self._close_quietly()
+                logger.warning(
+                    "%s: no room for the WAL's index (%s): this process holds the pool "
+                    "state alone until it closes",
+                    self.path,
+                    _what(exc),
                 )
-            self._check_schema()
+                self._connect(create, exclusive=True)
         except sqlite3.Error as exc:
             self._close_quietly()
             raise self._unreadable(exc) from exc
         except BaseException:
             self._close_quietly()
             raise
+
+    def _connect(self, create: bool, exclusive: bool) -> None:
+        self.db = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        if exclusive:
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        # WAL mode is recorded in the file; setting it again is a read.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        if create:
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        self._check_schema()
 
     def _close_quietly(self) -> None:
         db = getattr(self, "db", None)
@@ -303,6 +328,13 @@ class Store:
                 db.close()
 
     def _unreadable(self, exc: sqlite3.Error) -> StateError:
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+            return StateError(
+                f"cannot read the pool state in {self.path} ({_what(exc)}{self._room()}); "
+                f"nothing was changed or deleted",
+                "open",
+                None,
+            )
         return StateError(
             f"the pool state in {self.path} is unreadable ({_what(exc)}); nothing was "
             f"changed or deleted — restore it from a backup or inspect it with sqlite3",
@@ -310,10 +342,18 @@ class Store:
             None,
         )
 
+    def _room(self) -> str:
+        """``: its filesystem is full`` when it is, else nothing."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return ""
+        return ": its filesystem is full" if st.f_bavail == 0 else ""
+
     def _failed_write(self, exc: sqlite3.Error, what: str) -> StateError:
         return StateError(
-            f"could not {what} the pool state in {self.path} ({_what(exc)}); this change "
-            f"was not stored",
+            f"could not {what} the pool state in {self.path} ({_what(exc)}{self._room()}); "
+            f"this change was not stored",
             "change",
             None,
         )

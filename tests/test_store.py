@@ -406,3 +406,25 @@ def test_a_closed_store_refuses_by_name(tmp_path: Path) -> None:
     with pytest.raises(libdm.StateError, match="closed") as caught:
         store.devices()
     assert str(store.path) in str(caught.value)
+
+
+def test_an_os_error_opening_the_store_is_a_state_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk (EIO) under the state directory: the library says
+    which file and what failed, never a bare OSError."""
+    import errno
+
+    from libdm.thin.statedir import StateDir
+
+    directory = tmp_path / "state"
+    made(directory).close()
+
+    def failing(self: StateDir, name: str) -> None:
+        raise OSError(errno.EIO, "Input/output error", name)
+
+    monkeypatch.setattr(StateDir, "lstat", failing)
+    with pytest.raises(libdm.StateError) as caught:
+        Store(directory)
+    said = str(caught.value)
+    assert str(directory / DB_NAME) in said and "[EIO]" in said, said

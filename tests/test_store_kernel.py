@@ -241,9 +241,18 @@ def test_a_failing_state_filesystem_is_a_state_error_naming_the_store(
     except BaseException as exc:
         errors.append(exc)
     store.close()  # never raises for the checkpoint the disk refuses
+    # Nothing left in the page cache: an open reads the failed disk.
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+    try:
+        Store(directory).close()
+    except BaseException as exc:
+        errors.append(exc)
+    else:
+        raise AssertionError("a store on a failed disk opened")
     assert errors, "a change on a failed disk was reported stored"
     for exc in errors:
         assert isinstance(exc, libdm.StateError), repr(exc)
         said = str(exc)
-        assert str(directory / DB_NAME) in said, said
-        assert "SQLITE_IOERR" in said or "SQLITE_FULL" in said or "SQLITE_READONLY" in said, said
+        assert str(directory) in said, said
+        assert any(code in said for code in ("SQLITE_IOERR", "SQLITE_READONLY", "[EIO]")), said

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from libdm.dm.errors import NEEDS_ROOT, PermissionDeniedError
+from libdm.dm.errors import NEEDS_ROOT, DMError, PermissionDeniedError
 from libdm.thin import oldlog
 from libdm.thin.errors import StateError
 from libdm.thin.oldlog import LOG_NAME
@@ -232,12 +232,16 @@ class Store:
     db: sqlite3.Connection
 
     def __init__(self, directory: str | os.PathLike[str] | StateDir, *, create: bool = False):
+        operation = "create" if create else "open"
         if isinstance(directory, StateDir):
             statedir = directory
         else:
-            statedir = (
-                StateDir.claim(directory, STORE_FILES) if create else StateDir.open(directory)
-            )
+            try:
+                statedir = (
+                    StateDir.claim(directory, STORE_FILES) if create else StateDir.open(directory)
+                )
+            except OSError as exc:
+                raise _os_error(exc, os.path.abspath(directory), operation) from exc
         self._lock: threading.RLock = threading.RLock()
         self._depth = 0  # nested transaction() blocks
         self._held = 0  # nested held() blocks
@@ -252,9 +256,12 @@ class Store:
         _open_stores.add(self)
         try:
             self._open(statedir, create)
-        except BaseException:
+        except BaseException as exc:
             if statedir is not directory:
-                statedir.close(remove_made=True)
+                with contextlib.suppress(OSError):
+                    statedir.close(remove_made=True)
+            if isinstance(exc, OSError):
+                raise _os_error(exc, statedir.path, operation) from exc
             raise
         self.statedir = statedir
 
@@ -956,6 +963,22 @@ _CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
 def _is(value: object, types: tuple[type, ...]) -> bool:
     """isinstance, except that a bool is no number here."""
     return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _os_error(exc: OSError, directory: str, operation: str) -> OSError:
+    """libdm's own errors as they are; any other ``OSError`` (EIO from a
+    failing disk) as a ``StateError`` naming the state directory, the
+    file and what failed."""
+    if isinstance(exc, DMError):
+        return exc
+    where = os.path.join(directory, exc.filename) if isinstance(exc.filename, str) else directory
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return StateError(
+        f"cannot {operation} the pool state in {directory}: {exc.strerror or exc} "
+        f"[{code}] on {where}; nothing was changed",
+        operation,
+        None,
+    )
 
 
 def _keep_forever(db: sqlite3.Connection) -> None:

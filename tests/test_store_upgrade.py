@@ -265,3 +265,25 @@ def test_an_older_libdm_with_the_pool_open_holds_off_the_upgrade(tmp_path: Path)
         os.close(fd)
     Store(directory).close()
     assert not (directory / LOG_NAME).exists()
+
+
+@pytest.mark.parametrize("keep", [0, 20], ids=["empty", "header-cut-short"])
+def test_a_log_holding_no_record_is_removed_at_the_upgrade(tmp_path: Path, keep: int) -> None:
+    """A log whose header's write a crash cut short holds no change."""
+    directory = copy_of_v2(tmp_path)
+    (directory / LOG_NAME).write_bytes((DATA2 / LOG_NAME).read_bytes()[:keep])
+    before = rows_of(directory)
+    Store(directory).close()
+    assert not (directory / LOG_NAME).exists()
+    after = rows_of(directory)
+    assert after["devices"] == before["devices"] and schema_version(directory) == SCHEMA_VERSION
+
+
+def test_a_foreign_short_file_named_like_the_log_is_refused_and_kept(tmp_path: Path) -> None:
+    directory = copy_of_v2(tmp_path)
+    (directory / LOG_NAME).write_bytes(b"not a log of ours")
+    with pytest.raises(libdm.StateError) as caught:
+        Store(directory)
+    assert str(directory / LOG_NAME) in str(caught.value)
+    assert (directory / LOG_NAME).read_bytes() == b"not a log of ours"
+    assert schema_version(directory) == 2

@@ -109,7 +109,9 @@ def read(path: str, data: bytes, store_id: bytes, folded: int, columns: dict[str
             a record that is not a list of changes.
     """
     if len(data) < HEADER_SIZE:
-        if not any(data):
+        head = _HEAD.pack(MAGIC, FORMAT, 0, store_id)
+        mine = (head + struct.pack("<I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+        if not any(data) or data == mine[: len(data)]:
             return OldLog((), folded)  # a header whose write a crash cut short
         raise _damaged(path, "it is too short to be a libdm store log")
     magic, fmt, _reserved, owner = _HEAD.unpack_from(data, 0)

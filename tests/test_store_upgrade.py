@@ -46,7 +46,11 @@ def expected(data: Path = DATA) -> dict[str, Any]:
 
 
 def schema_version(directory: Path) -> int:
-    db = sqlite3.connect(directory / DB_NAME)
+    # A fixture is read as it is: a connection that may write would
+    # checkpoint and remove the SQLite files the fixture keeps.
+    fixture = directory in (DATA, DATA2)
+    where = f"file:{directory / DB_NAME}?mode=ro&immutable=1" if fixture else directory / DB_NAME
+    db = sqlite3.connect(where, uri=fixture)
     try:
         return int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
     finally:

@@ -256,3 +256,66 @@ def test_a_failing_state_filesystem_is_a_state_error_naming_the_store(
         said = str(exc)
         assert str(directory) in said, said
         assert any(code in said for code in ("SQLITE_IOERR", "SQLITE_READONLY", "[EIO]")), said
+
+
+# -- a pool written by the older libdm ----------------------------------------------------
+
+POOL_V2 = Path(__file__).resolve().parent / "data" / "pool-v2.tar.gz"
+
+
+@kernel
+def test_a_pool_with_an_unfolded_log_opens_upgraded_with_every_device(
+    dm_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A loop pool written by the libdm with the log (tests/data/
+    make_pool_v2.py: a process killed with it open left a create, a
+    snapshot and a delete in the log only), after a reboot: Pool.open
+    upgrades its store, removes the log, and every device is there with
+    its contents, as the kernel's metadata says (thin_dump)."""
+    import hashlib
+    import json
+    import shutil
+    import tarfile
+
+    with tarfile.open(POOL_V2) as tar:
+        tar.extractall(tmp_path, filter="data")
+    directory = tmp_path / "pool"
+    os.chmod(directory, 0o700)
+    expected = json.loads((directory / "expected.json").read_text())
+    os.unlink(directory / "expected.json")
+    assert (directory / "state.db-log").exists()
+    # The first open upgrades the store: the log checked, folded, removed.
+    Store(directory).close()
+    assert not (directory / "state.db-log").exists()
+    # The copy is the pool's restore: its own name here, and its files'
+    # identities are the copies' (the log's rows, folded now, named the
+    # originals).
+    name = dm_name("pool")
+    db = sqlite3.connect(directory / DB_NAME)
+    with db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            "3",
+        )
+        (text,) = db.execute("SELECT config FROM pool").fetchone()
+        config = json.loads(text)
+        config["file_inodes"] = {
+            key: os.stat(directory / config[f"{key}_file"]).st_ino for key in ("data", "metadata")
+        }
+        db.execute(
+            "UPDATE pool SET name = ?, config = ?", (name, json.dumps(config, sort_keys=True))
+        )
+    db.close()
+    pool = libdm.Pool.open(directory)
+    try:
+        assert {d.name: d.thin_id for d in pool.devices()} == {
+            device: row["thin_id"] for device, row in expected.items()
+        }
+        assert witness.thin_ids(name) == {row["thin_id"] for row in expected.values()}
+        for device, row in expected.items():
+            path = pool.device(device).activate().path
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            assert digest == row["sha256"], device
+        assert pool.device("snap").parent is not None
+    finally:
+        pool.destroy(remove_files=True)
+    shutil.rmtree(tmp_path / "pool", ignore_errors=True)

@@ -108,11 +108,16 @@ def main():
         # A reboot: the kernel's devices go, the files stay.
         for dm in [f"{NAME}-{d}" for d in expected] + [NAME]:
             subprocess.run(["dmsetup", "remove", "--retry", dm], check=True)
-        loops = subprocess.run(
-            ["losetup", "-j", os.path.join(directory, "data")], capture_output=True, text=True
-        ).stdout + subprocess.run(
-            ["losetup", "-j", os.path.join(directory, "metadata")], capture_output=True, text=True
-        ).stdout
+        loops = (
+            subprocess.run(
+                ["losetup", "-j", os.path.join(directory, "data")], capture_output=True, text=True
+            ).stdout
+            + subprocess.run(
+                ["losetup", "-j", os.path.join(directory, "metadata")],
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
         for line in loops.splitlines():
             subprocess.run(["losetup", "-d", line.split(":")[0]], check=True)
         with open(os.path.join(directory, "expected.json"), "w") as fh:

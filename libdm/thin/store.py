@@ -335,6 +335,13 @@ class Store:
                 db.close()
 
     def _unreadable(self, exc: sqlite3.Error) -> StateError:
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StateError(
+                f"the pool state in {self.path} is held by another process ({_what(exc)}); "
+                f"nothing was changed — try again when it is done",
+                "open",
+                None,
+            )
         if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
             return StateError(
                 f"cannot read the pool state in {self.path} ({_what(exc)}{self._room()}); "

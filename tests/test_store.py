@@ -1,24 +1,20 @@
-"""The state store on its own (no kernel): its log, crashes between a
-change and the close, torn tails, several stores open at once, folding."""
+"""The state store on its own (no kernel): SQLite in WAL mode, crashes
+between a change and the close, torn WAL tails, several stores open at
+once, threads, failed writes and checkpoints."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import libdm
-from libdm.thin import store as store_module
-from libdm.thin import storelog
 from libdm.thin.store import DB_NAME, LOG_NAME, Store
 
 CONFIG: dict[str, Any] = {
@@ -39,13 +35,7 @@ def made(directory: Path) -> Store:
     return store
 
 
-def die(store: Store) -> None:
-    """Let go of everything as a killed process does: no fold."""
-    assert store._log is not None
-    store._log.close()
-    store._log = None
-    store.db.close()
-    store.statedir.close()
+WAL = DB_NAME + "-wal"
 
 
 def everything(store: Store) -> dict[str, Any]:
@@ -83,25 +73,25 @@ def some_changes(store: Store) -> None:
         store.set_growth_intent({"operation": "refresh", "old": {}, "new": {}, "tables": {}})
 
 
-def test_changes_survive_a_close_and_the_log_goes(tmp_path: Path) -> None:
+def test_changes_survive_a_close_and_state_db_is_the_whole_state(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     store = made(directory)
     some_changes(store)
     before = everything(store)
-    assert (directory / LOG_NAME).exists()
     store.close()
-    assert sorted(os.listdir(directory)) == [DB_NAME]  # folded into state.db
+    # The last connection checkpointed its WAL into state.db and removed it.
+    assert sorted(os.listdir(directory)) == [DB_NAME]
     again = Store(directory)
     try:
         assert everything(again) == before
     finally:
         again.close()
-    # state.db alone holds it all, readable with sqlite3.
     db = sqlite3.connect(directory / DB_NAME)
     try:
         names = [r[0] for r in db.execute("SELECT name FROM devices ORDER BY name")]
         assert names == ["a", "a-snap", "b", "c"]
         assert db.execute("SELECT transaction_id FROM pool").fetchone()[0] == 4
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
 
@@ -112,7 +102,7 @@ def test_rows_are_what_the_sqlite_store_returned(tmp_path: Path) -> None:
         some_changes(store)
         row = store.device("a-snap")
         assert row is not None
-        assert set(row) == {"name", "thin_id", "size", "parent", "active", "created"}
+        assert list(row) == ["name", "thin_id", "size", "parent", "active", "created"]
         assert (row["thin_id"], row["size"], row["parent"], row["active"]) == (3, 2048, "a", 0)
         assert store.device_by_id(3) == row
         assert store.children("a") == ["a-snap"]
@@ -141,10 +131,15 @@ def test_rows_are_what_the_sqlite_store_returned(tmp_path: Path) -> None:
             store.drop_device("a")  # its snapshot becomes a root
         snap = store.device("a-snap")
         assert snap is not None and snap["parent"] is None
-        with pytest.raises(sqlite3.IntegrityError):
-            store.add_device("b", 99, 1, None)
-        with pytest.raises(sqlite3.IntegrityError):
-            store.add_device("new", 1, 1, None)  # b's thin id
+        before = everything(store)
+        # A row that breaks a constraint: a StateError naming the store
+        # and the constraint (never sqlite3's own), and nothing stored.
+        for args in (("b", 99, 1, None), ("new", 1, 1, None)):
+            with pytest.raises(libdm.StateError) as caught:
+                store.add_device(*args)
+            said = str(caught.value)
+            assert str(store.path) in said and "UNIQUE constraint failed" in said
+        assert everything(store) == before
     finally:
         store.close()
 
@@ -179,16 +174,16 @@ with store.transaction():
     store.set_transaction_id(10)
 with store.transaction(durable=False):
     store.add_device("y", 51, 2048, "x")
-os._exit(9)  # killed: no close, no fold
+os._exit(9)  # killed: no close, no checkpoint
 """
 
 
-def test_a_killed_process_leaves_a_log_that_the_next_open_replays(tmp_path: Path) -> None:
+def test_a_killed_process_leaves_a_wal_that_the_next_open_reads(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     made(directory).close()
     code = KILLED.format(directory=str(directory))
     assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 9
-    assert (directory / LOG_NAME).exists()
+    assert (directory / WAL).stat().st_size > 0
     store = Store(directory)
     try:
         assert [r["name"] for r in store.devices()] == ["x", "y"]
@@ -199,57 +194,44 @@ def test_a_killed_process_leaves_a_log_that_the_next_open_replays(tmp_path: Path
     assert sorted(os.listdir(directory)) == [DB_NAME]
 
 
-def test_a_torn_tail_is_ignored_and_written_over(tmp_path: Path) -> None:
+def test_a_torn_wal_tail_loses_only_the_change_it_held(tmp_path: Path) -> None:
+    """A power cut in the middle of the last commit's WAL write: the
+    commits before it stay, the torn one is not applied, and the store
+    goes on."""
     directory = tmp_path / "state"
-    store = made(directory)
-    with store.transaction():
-        store.add_device("kept", 1, 2048, None)
-    with store.transaction():
-        store.add_device("torn", 2, 2048, None)
-    log = directory / LOG_NAME
-    size = log.stat().st_size
-    # A copy of the log as a power cut may leave it: the last record cut short.
-    torn = log.read_bytes()[: size - 7]
-    die(store)
-    log.write_bytes(torn)
-    again = Store(directory)
+    made(directory).close()
+    code = KILLED.format(directory=str(directory))
+    assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 9
+    wal = directory / WAL
+    os.truncate(wal, wal.stat().st_size - 100)
+    store = Store(directory)
     try:
-        assert [r["name"] for r in again.devices()] == ["kept"]
-        with again.transaction():
-            again.add_device("after", 3, 2048, None)
-        assert [r["name"] for r in again.devices()] == ["after", "kept"]
+        assert [r["name"] for r in store.devices()] == ["x"]
+        with store.transaction():
+            store.add_device("after", 52, 2048, None)
+        assert [r["name"] for r in store.devices()] == ["after", "x"]
     finally:
-        again.close()
-    final = Store(directory)
-    try:
-        assert [r["name"] for r in final.devices()] == ["after", "kept"]
-    finally:
-        final.close()
+        store.close()
 
 
-def test_garbage_after_the_last_record_is_not_a_record(tmp_path: Path) -> None:
+def test_garbage_after_the_last_wal_frame_is_not_a_change(tmp_path: Path) -> None:
     directory = tmp_path / "state"
-    store = made(directory)
-    with store.transaction():
-        store.add_device("kept", 1, 2048, None)
-    log = directory / LOG_NAME
-    with open(log, "ab") as fh:
-        fh.write(os.urandom(300))
-    other = Store(directory)  # reads up to the garbage
+    made(directory).close()
+    code = KILLED.format(directory=str(directory))
+    assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 9
+    with open(directory / WAL, "ab") as fh:
+        fh.write(os.urandom(5000))
+    store = Store(directory)
     try:
-        assert [r["name"] for r in other.devices()] == ["kept"]
-        with store.transaction():  # cuts the garbage off, then appends
-            store.add_device("next", 2, 2048, None)
-        assert [r["name"] for r in other.devices()] == ["kept", "next"]
+        assert [r["name"] for r in store.devices()] == ["x", "y"]
     finally:
-        other.close()
         store.close()
 
 
 def test_two_stores_see_each_others_changes(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     first = made(directory)
-    second = Store(directory)  # its own open file: as another process
+    second = Store(directory)  # a connection of its own: as another process
     try:
         with first.transaction():
             thin_id = first.allocate_id(MAX)
@@ -261,8 +243,7 @@ def test_two_stores_see_each_others_changes(tmp_path: Path) -> None:
             assert thin_id == 1  # not the first's id
             second.add_device("two", thin_id, 2048, None)
         assert first.device("two") is not None
-        first.close()  # the second has it open: no fold, the log stays
-        assert (directory / LOG_NAME).exists()
+        first.close()
         with second.transaction():
             second.set_transaction_id(2)
     finally:
@@ -276,58 +257,26 @@ def test_two_stores_see_each_others_changes(tmp_path: Path) -> None:
         third.close()
 
 
-def test_a_store_reopens_a_log_folded_and_removed_behind_it(tmp_path: Path) -> None:
+def test_the_sequence_moves_with_every_change_of_anyone(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     first = made(directory)
-    with first.transaction():
-        first.add_device("one", 1, 2048, None)
-    # The first's shared hold is lost (as when a process forked and the
-    # child closed): another store folds and removes the log.
-    assert first._log is not None
-    storelog._lock(first._log.fd, fcntl.F_UNLCK, wait=False)
     second = Store(directory)
-    with second.transaction():
-        second.add_device("two", 2, 2048, None)
-    second.close()
-    assert not (directory / LOG_NAME).exists()
     try:
-        assert [r["name"] for r in first.devices()] == ["one", "two"]
+        seen = first.sequence
+        assert first.sequence == seen  # nothing changed
+        with second.transaction():
+            second.set_transaction_id(5)
+        moved = first.sequence
+        assert moved != seen
         with first.transaction():
-            first.add_device("three", 3, 2048, None)
+            first.set_transaction_id(6)
+        assert first.sequence != moved
+        mine = first.sequence
+        first.device("x")
+        assert first.sequence == mine
     finally:
+        second.close()
         first.close()
-    final = Store(directory)
-    try:
-        assert [r["name"] for r in final.devices()] == ["one", "three", "two"]
-    finally:
-        final.close()
-
-
-def test_a_long_log_is_folded_while_the_store_is_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "LOG_LIMIT", 4096)
-    directory = tmp_path / "state"
-    store = made(directory)
-    try:
-        for i in range(200):
-            with store.transaction():
-                store.add_device(f"d{i}", i, 2048, None)
-        assert (directory / LOG_NAME).stat().st_size <= 8192
-        db = sqlite3.connect(directory / DB_NAME)
-        try:
-            folded = db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
-        finally:
-            db.close()
-        assert 150 <= folded < 200
-        assert store.count_devices() == 200
-    finally:
-        store.close()
-    again = Store(directory)
-    try:
-        assert again.count_devices() == 200
-    finally:
-        again.close()
 
 
 def test_threads_share_a_store(tmp_path: Path) -> None:
@@ -356,46 +305,17 @@ def test_threads_share_a_store(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_log_of_another_store_is_refused_and_kept(tmp_path: Path) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    for directory in (one, two):
-        store = made(directory)
-        with store.transaction():
-            store.add_device("x", 1, 2048, None)
-        die(store)
-    foreign = (two / LOG_NAME).read_bytes()
-    (one / LOG_NAME).write_bytes(foreign)
-    with pytest.raises(libdm.StateError) as caught:
-        Store(one)
-    said = str(caught.value)
-    assert str(one / LOG_NAME) in said and "another state store" in said
-    assert (one / LOG_NAME).read_bytes() == foreign
-
-
-def test_a_newer_log_format_is_refused(tmp_path: Path) -> None:
-    directory = tmp_path / "state"
-    store = made(directory)
-    with store.transaction():
-        store.add_device("x", 1, 2048, None)
-    die(store)
-    log = directory / LOG_NAME
-    data = bytearray(log.read_bytes())
-    data[8:12] = (99).to_bytes(4, "little")
-    data[32:36] = struct.pack("<I", zlib.crc32(bytes(data[:32])))
-    log.write_bytes(bytes(data))
-    with pytest.raises(libdm.StateError, match="newer libdm"):
-        Store(directory)
-
-
-def test_a_symlinked_log_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [WAL, DB_NAME + "-shm", LOG_NAME])
+def test_a_symlinked_store_file_is_refused(tmp_path: Path, name: str) -> None:
     directory = tmp_path / "state"
     made(directory).close()
     target = tmp_path / "victim"
     target.write_bytes(b"x" * 100)
-    os.symlink(target, directory / LOG_NAME)
+    os.symlink(target, directory / name)
     with pytest.raises(libdm.StateError, match="symbolic link"):
         Store(directory)
     assert target.read_bytes() == b"x" * 100
+    assert os.path.islink(directory / name)
 
 
 def test_opening_and_closing_changes_nothing_on_disk(tmp_path: Path) -> None:
@@ -410,7 +330,7 @@ def test_opening_and_closing_changes_nothing_on_disk(tmp_path: Path) -> None:
     assert sorted(os.listdir(directory)) == [DB_NAME]
 
 
-def test_held_takes_in_other_changes_once_at_its_start(tmp_path: Path) -> None:
+def test_held_reads_in_one_transaction_and_writes_see_the_latest(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     first = made(directory)
     second = Store(directory)
@@ -419,74 +339,19 @@ def test_held_takes_in_other_changes_once_at_its_start(tmp_path: Path) -> None:
             second.add_device("theirs", 1, 2048, None)
         with first.held():
             assert first.device("theirs") is not None
+            assert first.db.in_transaction  # one read transaction for the block
             with first.transaction():
                 first.add_device("mine", 2, 2048, None)
             assert [r["name"] for r in first.devices()] == ["mine", "theirs"]
+        assert not first.db.in_transaction
         assert second.device("mine") is not None
     finally:
         second.close()
         first.close()
 
 
-def test_a_failed_write_is_taken_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    directory = tmp_path / "state"
-    store = made(directory)
-    try:
-        with store.transaction():
-            store.add_device("kept", 1, 2048, None)
-        size = (directory / LOG_NAME).stat().st_size
-
-        def no_space(fd: int) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(os, "fdatasync", no_space)
-        with pytest.raises(OSError), store.transaction():
-            store.add_device("lost", 2, 2048, None)
-        monkeypatch.undo()
-        assert store.device("lost") is None
-        # The record stays, taken back by the next (readers may have seen it).
-        assert (directory / LOG_NAME).stat().st_size > size
-        other = Store(directory)
-        try:
-            assert other.device("lost") is None
-        finally:
-            other.close()
-        with store.transaction():
-            store.add_device("next", 2, 2048, None)
-    finally:
-        store.close()
-    again = Store(directory)
-    try:
-        assert [r["name"] for r in again.devices()] == ["kept", "next"]
-    finally:
-        again.close()
-
-
-def test_a_fold_interrupted_before_the_log_went_is_not_applied_twice(tmp_path: Path) -> None:
-    directory = tmp_path / "state"
-    store = made(directory)
-    some_changes(store)
-    before = everything(store)
-    assert store._log is not None and store._log.try_exclusive()
-    store._fold()  # state.db has it all; killed before the log is removed
-    die(store)
-    again = Store(directory)
-    try:
-        assert everything(again) == before
-        with again.transaction():
-            again.add_device("after", 20, 2048, None)
-    finally:
-        die(again)  # killed again: the log holds folded and new records
-    final = Store(directory)
-    try:
-        assert final.device("after") is not None
-        assert final.count_devices() == before["count"] + 1
-    finally:
-        final.close()
-    assert sorted(os.listdir(directory)) == [DB_NAME]
-
-
-def test_the_configuration_reaches_state_db_at_once(tmp_path: Path) -> None:
+def test_the_configuration_is_in_state_db_at_once(tmp_path: Path) -> None:
+    """Tools read state.db with sqlite3 while the pool is open."""
     directory = tmp_path / "state"
 
     def stored() -> Any:
@@ -534,63 +399,32 @@ def test_a_shared_lock_is_the_one_transactions_take(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_fold_that_fails_leaves_the_change_in_the_log(
+def test_a_closed_store_refuses_by_name(tmp_path: Path) -> None:
+    store = made(tmp_path / "state")
+    store.close()
+    store.close()  # twice: nothing
+    with pytest.raises(libdm.StateError, match="closed") as caught:
+        store.devices()
+    assert str(store.path) in str(caught.value)
+
+
+def test_an_os_error_opening_the_store_is_a_state_error_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failing disk (EIO) under the state directory: the library says
+    which file and what failed, never a bare OSError."""
+    import errno
+
+    from libdm.thin.statedir import StateDir
+
     directory = tmp_path / "state"
-    store = made(directory)
+    made(directory).close()
 
-    def fails(self: Store) -> None:
-        raise libdm.StateError("state.db is full", "close")
+    def failing(self: StateDir, name: str) -> None:
+        raise OSError(errno.EIO, "Input/output error", name)
 
-    monkeypatch.setattr(Store, "_fold", fails)
-    store.set_config(dict(CONFIG, low_water_mark=9))  # folded at once, were it not for this
-    assert store.pool()["config"]["low_water_mark"] == 9
-    monkeypatch.undo()
-    die(store)
-    again = Store(directory)
-    try:
-        assert again.pool()["config"]["low_water_mark"] == 9
-    finally:
-        again.close()
-
-
-def test_a_reader_left_alone_folds_what_a_writer_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "LOG_LIMIT", 4096)
-    directory = tmp_path / "state"
-    reader = made(directory)
-    writer = Store(directory)
-    for i in range(100):  # past the limit, never alone: nothing folded
-        with writer.transaction():
-            writer.add_device(f"d{i}", i, 2048, None)
-    writer.close()
-    assert (directory / LOG_NAME).stat().st_size > 4096
-    try:
-        assert reader.count_devices() == 100  # reads the log, then folds it
-        assert (directory / LOG_NAME).stat().st_size < 4096
-    finally:
-        reader.close()
-    again = Store(directory)
-    try:
-        assert again.count_devices() == 100
-    finally:
-        again.close()
-
-
-def test_an_open_after_a_crash_folds_the_log_it_finds(tmp_path: Path) -> None:
-    directory = tmp_path / "state"
-    store = made(directory)
-    with store.transaction():
-        store.add_device("x", 1, 2048, None)
-    die(store)
-    again = Store(directory)
-    try:
-        db = sqlite3.connect(directory / DB_NAME)
-        try:
-            assert db.execute("SELECT name FROM devices").fetchall() == [("x",)]
-        finally:
-            db.close()
-    finally:
-        again.close()
+    monkeypatch.setattr(StateDir, "lstat", failing)
+    with pytest.raises(libdm.StateError) as caught:
+        Store(directory)
+    said = str(caught.value)
+    assert str(directory / DB_NAME) in said and "[EIO]" in said, said

@@ -3,8 +3,9 @@ snapshot and delete, replayed against a :class:`~libdm.thin.store.Store`
 alone (the same calls in the same order as the pool makes them, with no
 kernel), counted with ``strace -f -c``.
 
-As a test it checks that the store's part of an operation stays a handful
-of system calls (a count, not a time).  As a script it prints the table
+As a test it checks that the store's part of an operation stays what
+SQLite needs for it, so that a change that adds transactions or re-reads
+shows (a count, not a time).  As a script it prints the table
 that docs/store.rst quotes::
 
     python tests/test_store_syscalls.py
@@ -169,11 +170,16 @@ def per_operation(only: str, n: int = 20, held: bool = False) -> dict[str, float
 )
 @pytest.mark.parametrize("only", ["create", "snapshot", "delete"])
 def test_a_store_change_is_a_handful_of_system_calls(only: str) -> None:
+    # SQLite in WAL mode: 43-46 (its locks, two writes per changed page,
+    # one sync per durable commit), 37-42 with the reads of held() in one
+    # read transaction; a few more leave room for SQLite's versions.
     calls = per_operation(only, 10)
-    assert sum(calls.values()) <= 12, calls
-    assert calls.get("fdatasync", 0) + calls.get("fsync", 0) <= 2, calls
+    assert sum(calls.values()) <= 50, calls
+    syncs = calls.get("fdatasync", 0) + calls.get("fsync", 0)
+    assert syncs <= (2 if only == "delete" else 1), calls
     held = per_operation(only, 10, held=True)
-    assert sum(held.values()) <= 6, held
+    assert sum(held.values()) <= 45, held
+    assert sum(held.values()) < sum(calls.values()), (held, calls)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ _TABLE = {
         "PoolFailedError",
         "PoolLockedError",
         "StateError",
+        "ForeignDeviceError",
         "DeviceNotBlankError",
     ),
     "libdm.thin.status": ("ThinPoolStatus", "ThinPoolFailed", "ThinStatus", "ThinFailed"),
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from libdm.thin.device import Snapshot as Snapshot
     from libdm.thin.device import ThinDevice as ThinDevice
     from libdm.thin.errors import DeviceNotBlankError as DeviceNotBlankError
+    from libdm.thin.errors import ForeignDeviceError as ForeignDeviceError
     from libdm.thin.errors import PoolError as PoolError
     from libdm.thin.errors import PoolFailedError as PoolFailedError
     from libdm.thin.errors import PoolFullError as PoolFullError

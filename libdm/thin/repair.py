@@ -58,9 +58,9 @@ def _take_down(pool: Pool) -> None:
     Raises:
         DeviceBusyError: a thin device is open (named).
     """
-    names = [pool.device_dm_name(row["name"]) for row in pool._store.devices()]
-    live = [name for name in names if ops.exists(name)]
-    busy = [name for name in live if ops.info(name).open_count]
+    proven = pool._live_devices(pool._store.devices(), "repair")  # only the pool's own
+    live = [pool.device_dm_name(name) for name in proven]
+    busy = [pool.device_dm_name(name) for name, dev in proven.items() if dev.info.open_count]
     if busy:
         raise DeviceBusyError(
             errno.EBUSY,
@@ -70,7 +70,7 @@ def _take_down(pool: Pool) -> None:
         )
     for name in live:
         ops.remove(name)
-    if ops.exists(pool.name):
+    if pool._pool_is_live("repair"):
         ops.remove(pool.name)
 
 

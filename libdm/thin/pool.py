@@ -94,12 +94,19 @@ def _thin_check_failure(meta_path: str) -> str | None:
         os.close(fd)
     # As LVM does by default: metadata that checks clean gets its
     # needs_check flag cleared, or the kernel would keep the pool read-only.
+    # Not quiet (-q says nothing at all): its complaint is what it prints
+    # besides its progress ("examining ...") and its figures on stdout.
     proc = subprocess.run(
-        [tool, "-q", "--clear-needs-check-flag", meta_path], capture_output=True, text=True
+        [tool, "--clear-needs-check-flag", meta_path], capture_output=True, text=True
     )
     if proc.returncode == 0:
         return None
-    return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+    words = [
+        line.strip()
+        for line in proc.stderr.splitlines()
+        if line.strip() and not line.startswith("examining ")
+    ]
+    return "; ".join(words) or f"it exited with status {proc.returncode} and said nothing"
 
 
 _BLKDISCARD = 0x1277  # _IO(0x12, 119)
@@ -374,9 +381,14 @@ class Pool:
                 self._check_superblock(devs.meta.path, operation)
                 complaint = _thin_check_failure(devs.meta.path)
                 if complaint is not None:
+                    # Named by what lasts (the file, or the block devices),
+                    # not by the loop device attached for the check.
+                    where = self._backing.describe().metadata_file or devs.meta.path
                     raise PoolFailedError(
-                        f"thin_check found damaged metadata on {devs.meta.path}: {complaint}; "
-                        f"repair it with thin_repair before opening the pool",
+                        f"the metadata of pool {self.name!r} ({where}) is damaged; "
+                        f"thin_check says: {complaint}; repair it with Pool.repair() "
+                        f"(at a shell: libdm pool repair --pool {self.directory}), which "
+                        f"keeps the damaged copy",
                         operation,
                         self.name,
                     )

@@ -1228,16 +1228,18 @@ class Pool:
 
         Raises:
             DMError: one is reserved already (EINVAL), or the pool refuses.
+            ForeignDeviceError: the device of the pool's name is not its own.
         """
-        ops.message(self.name, "reserve_metadata_snap")
+        self._device.message("reserve_metadata_snap", "reserve_metadata_snap")
 
     def release_metadata_snap(self) -> None:
         """Release the reserved metadata snapshot.
 
         Raises:
             DMError: none is reserved (EINVAL).
+            ForeignDeviceError: the device of the pool's name is not its own.
         """
-        ops.message(self.name, "release_metadata_snap")
+        self._device.message("release_metadata_snap", "release_metadata_snap")
 
     @contextlib.contextmanager
     def metadata_snap(self) -> Iterator[Pool]:

@@ -72,7 +72,12 @@ class PoolDevice:
             self._devno = f"{info.major}:{info.minor}"
         return self._devno
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, operation: str | None = None) -> None:
+        """Send ``text``.  With ``operation`` (a call outside a change,
+        whose status has not proven the device), the device is proven the
+        pool's own first."""
+        if operation is not None:
+            self._proven(ops.info(self.name), operation)
         ops.message(self.name, text)
 
     def set_transaction(self, old: int, new: int) -> None:

@@ -17,9 +17,18 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from support import witness
 from support.blockio import MiB, attach, read_at, write_pattern
 
@@ -42,11 +51,14 @@ def seen(dm_name: str) -> Seen:
     info = witness.info(dm_name)
     assert info is not None, f"{dm_name} is gone"
     assert info["attr"][2] != "s", f"{dm_name} is left suspended"
+    table = witness.table(dm_name)
+    # A pool device's contents are its thin devices', checked through them.
+    pool = any(" thin-pool " in line for line in table)
     return Seen(
         info["uuid"],
         (info["major"], info["minor"]),
-        witness.table(dm_name),
-        witness.checksum(f"/dev/mapper/{dm_name}"),
+        table,
+        "" if pool else witness.checksum(f"/dev/mapper/{dm_name}"),
     )
 
 
@@ -325,3 +337,226 @@ def test_a_pool_of_the_same_name_from_another_directory_is_not_ours(make_pool, t
         assert witness.table(name) == pool_table
     finally:
         other.close()
+
+
+# -- a crowded namespace, at random ---------------------------------------------
+
+
+SLOTS = {"a": ("b-x", "b-y", "z"), "ab": ("x", "y", "w")}
+REFUSED = (libdm.ForeignDeviceError, libdm.DeviceExistsError)
+
+
+class CrowdedNamespace(RuleBasedStateMachine):
+    """Pools ``a`` and ``a-b`` whose device names collide (a's ``b-x`` and
+    a-b's ``x``), beside two devices made by someone else (``a-z`` with no
+    uuid, ``a-b-w`` with a foreign uuid), in names each pool also uses.
+    Each step is one pool's: create, activate, deactivate, delete, grow,
+    shrink, snapshot, or taking the pool down and opening it again.  After
+    it, every device the acting pool did not make is exactly as it was
+    (uuid, device number, table, contents), and every live device of a
+    pool holds what was written to it."""
+
+    context: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        ctx = self.context
+        base = ctx["dm_name"]("crowd")
+        root = ctx["tmp_path"] / base
+        root.mkdir()
+        self.base = base
+        self.root = root
+        self.dirs = {"a": root / "a", "ab": root / "ab"}
+        self.names = {"a": f"{base}-a", "ab": f"{base}-a-b"}
+        self.data: dict[tuple[str, str], int] = {}  # what each device's first 64 KiB holds
+        self.next_byte = 1
+        self.pools: dict[str, libdm.Pool | None] = {}
+        # The crowd to start from: a's b-x and z hold data and are
+        # inactive; then a-b's x takes the name a-b-x, and someone else
+        # takes a-z; a-b's w is inactive and someone else has a-b-w.
+        a = self.pools["a"] = self.make("a")
+        for name in ("b-x", "z"):
+            self.new_device("a", a, name)
+            a.device(name).deactivate()
+        ab = self.pools["ab"] = self.make("ab")
+        for name in ("x", "w"):
+            self.new_device("ab", ab, name)
+        ab.device("w").deactivate()
+        self.tokens = {key: pool.config.token for key, pool in self.pools.items() if pool}
+        self.uuids = {key: pool.uuid for key, pool in self.pools.items() if pool}
+        self.foreign = {f"{self.names['a']}-z": None, f"{self.names['ab']}-w": f"SOMEONE-{base}"}
+        for name, uuid in self.foreign.items():
+            foreign_linear(root, name, uuid=uuid, size=MiB)
+
+    def make(self, key: str) -> libdm.Pool:
+        return libdm.Pool.create_loop(self.names[key], self.dirs[key], data_size="64M")
+
+    def new_device(self, key: str, pool: libdm.Pool, name: str) -> None:
+        dev = pool.create_thin(name, "1M")
+        byte = self.next_byte
+        self.next_byte = self.next_byte % 250 + 1
+        write_pattern(dev.path, byte, 0, 1 << 16)
+        self.data[key, name] = byte
+
+    # -- the witnesses ---------------------------------------------------------
+
+    def owner(self, uuid: str) -> str | None:
+        for key in ("a", "ab"):
+            if uuid == self.uuids[key] or uuid.startswith(f"LIBDM-THIN-{self.tokens[key]}-"):
+                return key
+        return None
+
+    def everything(self) -> dict[str, Seen]:
+        """Every device of this example, from one dmsetup info and one
+        dmsetup table (a process each, slow in the test kernel)."""
+        infos, tables = witness.infos(), witness.tables()
+        out = {}
+        for name, info in infos.items():
+            if not name.startswith(f"{self.base}-"):
+                continue
+            assert info["attr"][2] != "s", f"{name} is left suspended"
+            table = tables.get(name, [])
+            pool = any(" thin-pool " in line for line in table)
+            out[name] = Seen(
+                info["uuid"],
+                (info["major"], info["minor"]),
+                table,
+                "" if pool else witness.checksum(f"/dev/mapper/{name}"),
+            )
+        return out
+
+    def step(self, key: str, action: Callable[[libdm.Pool], None]) -> None:
+        pool = self.pools[key]
+        assert pool is not None
+        before = self.everything()
+        try:
+            action(pool)
+        except REFUSED as exc:
+            assert exc.device is not None and exc.device in str(exc)
+        after = self.everything()
+        for name, was in before.items():
+            if self.owner(was.uuid) != key:
+                assert after.get(name) == was, f"{key} touched {name}"
+        for name, now in after.items():
+            assert name in before or self.owner(now.uuid) == key, f"{key} made {name}"
+
+    @invariant()
+    def live_devices_hold_their_data(self) -> None:
+        infos = witness.infos()
+        for (key, name), byte in self.data.items():
+            dm = f"{self.names[key]}-{name}"
+            info = infos.get(dm)
+            if info is not None and self.owner(info["uuid"]) == key:
+                assert read_at(f"/dev/mapper/{dm}", 0, 1 << 16) == bytes([byte]) * (1 << 16)
+
+    # -- the steps -------------------------------------------------------------
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2))
+    def create(self, which: str, slot: int) -> None:
+        key = which if self.pools[which] else ("ab" if which == "a" else "a")
+        name = SLOTS[key][slot]
+
+        def act(pool: libdm.Pool) -> None:
+            if (key, name) not in self.data:
+                self.new_device(key, pool, name)
+
+        self.step(key, act)
+
+    def on_existing(self, which: str, slot: int, act: Callable[[libdm.ThinDevice], object]):
+        key = which if self.pools[which] else ("ab" if which == "a" else "a")
+        name = SLOTS[key][slot]
+        if (key, name) not in self.data:
+            return
+        self.step(key, lambda pool: act(pool.device(name)))
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2))
+    def activate(self, which: str, slot: int) -> None:
+        self.on_existing(which, slot, lambda dev: dev.activate())
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2))
+    def deactivate(self, which: str, slot: int) -> None:
+        self.on_existing(which, slot, lambda dev: dev.deactivate())
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2), grow=st.booleans())
+    def resize(self, which: str, slot: int, grow: bool) -> None:
+        self.on_existing(
+            which, slot, lambda dev: dev.resize("2M" if grow else "512K", force=not grow)
+        )
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2))
+    def delete(self, which: str, slot: int) -> None:
+        key = which if self.pools[which] else ("ab" if which == "a" else "a")
+        name = SLOTS[key][slot]
+
+        def act(dev: libdm.ThinDevice) -> None:
+            dev.delete()
+            del self.data[key, name]
+
+        self.on_existing(which, slot, act)
+
+    @precondition(lambda self: any(self.pools.values()))
+    @rule(which=st.sampled_from(["a", "ab"]), slot=st.integers(0, 2), to=st.integers(0, 2))
+    def snapshot(self, which: str, slot: int, to: int) -> None:
+        key = which if self.pools[which] else ("ab" if which == "a" else "a")
+        name, origin = SLOTS[key][to], SLOTS[key][slot]
+        if (key, name) in self.data:
+            return
+
+        def act(dev: libdm.ThinDevice) -> None:
+            dev.snapshot(name)
+            self.data[key, name] = self.data[key, origin]
+
+        self.on_existing(which, slot, act)
+
+    @rule(which=st.sampled_from(["z", "w"]))
+    def someone_else_takes_or_frees_a_name(self, which: str) -> None:
+        """Someone else removes their device, or makes it again if the
+        name is free (nothing of libdm's may change)."""
+        name = next(n for n in self.foreign if n.endswith(f"-{which}"))
+        before = self.everything()
+        if name in before:
+            witness.dmsetup("remove", name)
+            del before[name]
+        elif witness.info(name) is None:
+            foreign_linear(self.root, name, uuid=self.foreign[name], size=MiB)
+        after = self.everything()
+        assert {n: v for n, v in after.items() if n != name} == before
+
+    @rule(which=st.sampled_from(["a", "ab"]))
+    def down_or_up(self, which: str) -> None:
+        pool = self.pools[which]
+        if pool is None:
+            self.pools[which] = libdm.Pool.load(self.dirs[which])
+            self.step(which, lambda loaded: self.reopen(which, loaded))
+        else:
+            self.step(which, lambda pool: pool.destroy())
+            self.pools[which] = None
+
+    def reopen(self, which: str, loaded: libdm.Pool) -> None:
+        loaded.close()
+        self.pools[which] = libdm.Pool.open(self.dirs[which])
+
+    def teardown(self) -> None:
+        for pool in self.pools.values():
+            if pool is not None:
+                pool.close()
+
+
+def test_a_crowded_namespace_at_random(dm_name, tmp_path):
+    CrowdedNamespace.context = {"dm_name": dm_name, "tmp_path": tmp_path}
+    run_state_machine_as_test(
+        CrowdedNamespace,
+        settings=settings(
+            max_examples=2,
+            stateful_step_count=15,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=(Phase.explicit, Phase.generate),
+        ),
+    )

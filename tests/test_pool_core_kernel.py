@@ -1,7 +1,9 @@
 """The pool's round trips to the kernel: each change makes only the
 device-mapper calls it needs (the guard's status gives the pool's device
-number too, a new device is created without looking for it first, and
-nothing is checked for existence before a remove or a suspend)."""
+number and uuid too, a new device is created without looking for it
+first, and a device is acted on only once its info and table prove it the
+pool's own, which costs an info and a table, and the info alone when no
+device has the name)."""
 
 import pytest
 
@@ -38,6 +40,8 @@ def test_create_snapshot_and_delete_make_only_the_calls_they_need(dm_name, tmp_p
         assert calls == [
             "status",
             "info",
+            "info",  # the origin is proven the pool's: info and table
+            "table",
             "suspend",
             "message",
             "resume",
@@ -49,15 +53,18 @@ def test_create_snapshot_and_delete_make_only_the_calls_they_need(dm_name, tmp_p
         ]
         calls.clear()
         pool.delete_device("snap")
-        # status (guard), info (open count before the discard), remove,
-        # delete, set_transaction_id, status (commit).
-        assert calls == ["status", "info", "remove", "message", "message", "status"]
+        # status (guard), info and table (proven the pool's; its open count
+        # before the discard), remove, delete, set_transaction_id, status
+        # (commit).
+        assert calls == ["status", "info", "table", "remove", "message", "message", "status"]
         pool.deactivate_device("vol")
         calls.clear()
         pool.snapshot_device("vol", "of-inactive")
-        # An inactive origin: the suspend is refused (no such device) and
-        # the message is sent without it.
-        assert calls[:5] == ["status", "info", "suspend", "message", "message"]
+        # status, info (the name is free), info (a name with a dash: is
+        # "<pool>-of" a libdm pool, whose namespace it would enter?); an
+        # inactive origin: its info says so, and the message is sent
+        # without a suspend (which would fail, and be logged as an error).
+        assert calls[:6] == ["status", "info", "info", "info", "message", "message"]
     finally:
         pool.destroy(remove_files=True)
 

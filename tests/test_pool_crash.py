@@ -138,9 +138,10 @@ def test_a_half_made_device_is_made_again(dm_name, tmp_path):
     pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
     dev = pool.create_thin("vol", "4M")
     table = witness.table(dev.dm_name)
+    uuid = witness.info(dev.dm_name)["uuid"]  # set by the create ioctl, before the load
     pool.close()
     witness.dmsetup("remove", dev.dm_name)
-    witness.dmsetup("create", dev.dm_name, "--notable")
+    witness.dmsetup("create", dev.dm_name, "--notable", "--uuid", uuid)
     assert witness.info(dev.dm_name)["attr"].startswith("-")  # no live table
     again = libdm.Pool.open(directory)
     try:

@@ -261,7 +261,7 @@ def test_repair_takes_down_only_the_pools_own_devices(dm_name, tmp_path):
     before = witness.dmsetup("table", f"{name}-vol1")
     pool = libdm.Pool.load(directory)
     try:
-        with pytest.raises(libdm.StateError, match=f"{name}-vol1.*is not pool"):
+        with pytest.raises(libdm.StateError, match=f"{name}-vol1.*is not device"):
             pool.repair()
     finally:
         pool.close()

@@ -79,6 +79,28 @@ def test_shrinking_needs_force_and_a_device_nobody_holds(pool):
     assert now <= used - (8 * MiB) // (64 << 10)
 
 
+def used_data_blocks(pool_name):
+    return int(witness.pool_status(pool_name)[2].split("/")[0])
+
+
+def test_shrinking_an_inactive_device_gives_the_cut_off_blocks_back(pool):
+    # The same result as for an active device (above): what lay past the
+    # new end is gone from the pool, and reads as zeros once grown back.
+    dev = pool.create_thin("vol", "64M")
+    write_pattern(dev.path, 0x01, offset=0, length=8 * MiB)
+    write_pattern(dev.path, 0x02, offset=40 * MiB, length=8 * MiB)
+    used = used_data_blocks(pool.name)
+    dev.deactivate()
+    pool.resize_device("vol", "16M", force=True)
+    assert witness.info(dev.dm_name) is None  # still inactive
+    assert used_data_blocks(pool.name) <= used - (8 * MiB) // (64 << 10)
+    pool.resize_device("vol", "64M")
+    dev = pool.device("vol").activate()
+    assert length(dev.dm_name) == 64 * MiB // 512
+    assert read_at(dev.path, 40 * MiB, 8 * MiB) == bytes(8 * MiB)
+    assert read_at(dev.path, 0, 8 * MiB) == b"\x01" * (8 * MiB)
+
+
 def test_an_inactive_device_is_resized_in_the_store(pool):
     dev = pool.create_thin("vol", "16M")
     dev.deactivate()

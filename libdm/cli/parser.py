@@ -135,6 +135,17 @@ def size(text: str) -> Bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def state_directory(text: str) -> str:
+    """An argparse type: ``--pool``'s directory, which may not be empty
+    (an empty one must not quietly mean ``$LIBDM_POOL``)."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            f"the directory is empty: give the pool's state directory, or leave "
+            f"--pool out to use ${POOL_ENV}"
+        )
+    return text
+
+
 def percentage(text: str) -> int:
     """An argparse type: a whole percentage (0..100)."""
     try:
@@ -185,6 +196,7 @@ class _Builder:
         self.pool.add_argument(
             "--pool",
             metavar="DIR",
+            type=state_directory,
             default=argparse.SUPPRESS,
             help=f"the pool's state directory (default: ${POOL_ENV})",
         )
@@ -305,6 +317,7 @@ def build_parser(width: int | None = None) -> Parser:
         parser.add_argument(
             "--pool",
             metavar="DIR",
+            type=state_directory,
             default=None,
             help=f"the pool's state directory (default: ${POOL_ENV})",
         )

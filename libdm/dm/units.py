@@ -250,6 +250,9 @@ _SUFFIXES: dict[str, int] = {
     "P": 1 << 50,
     "PB": 1 << 50,
     "PIB": 1 << 50,
+    "E": 1 << 60,
+    "EB": 1 << 60,
+    "EIB": 1 << 60,
     "S": SECTOR_SIZE,  # sectors, as in LVM's "s" suffix
 }
 _SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z", re.ASCII)
@@ -260,10 +263,10 @@ _SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*\Z", re.ASCII)
 MAX_SIZE: int = (((1 << 63) - 1) >> 9) * SECTOR_SIZE
 # Digits beyond these can only give a size past MAX_SIZE (whole part) or
 # a fraction of a byte (fraction part, trailing zeros dropped: a suffix
-# multiplies by at most 2**50).  Checked before int() so that a long
+# multiplies by at most 2**60).  Checked before int() so that a long
 # string costs nothing and never hits int()'s own digit limit.
 _MAX_WHOLE_DIGITS = len(str(MAX_SIZE))
-_MAX_FRACTION_DIGITS = 50
+_MAX_FRACTION_DIGITS = 60
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -282,7 +285,7 @@ def _not_a_size(value: str, what: str) -> ValueError:
         )
     return ValueError(
         f"{what} {_shown(value)} is not a size: use bytes or a number with "
-        f"K, M, G, T or s (sectors), e.g. '512M'"
+        f"K, M, G, T, P, E or s (sectors), e.g. '512M'"
     )
 
 
@@ -328,8 +331,8 @@ def parse_size(value: SizeLike, *, what: str = "size") -> Bytes:
 
     Accepts an int (bytes), ``Bytes``, ``Sectors``, or a string such as
     ``"4096"``, ``"64K"``, ``"512M"``, ``"10G"``, ``"1.5G"`` or ``"2048s"``
-    (sectors).  Suffixes are binary (K = 1024) and case-insensitive.
-    Strings are ASCII only: digits 0-9, an optional ``.`` fraction, an
+    (sectors).  Suffixes are binary (K = 1024; K, M, G, T, P and E) and
+    case-insensitive.  Strings are ASCII only: digits 0-9, an optional ``.`` fraction, an
     optional suffix, spaces around them.  No sign, exponent, underscore
     or non-ASCII digit.
 

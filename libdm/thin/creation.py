@@ -21,7 +21,13 @@ from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
 from libdm.thin.config import PoolConfig
-from libdm.thin.errors import REPAIR_HINT, DeviceNotBlankError, PoolFailedError, StateError
+from libdm.thin.errors import (
+    REPAIR_HINT,
+    DeviceNotBlankError,
+    ForeignDeviceError,
+    PoolFailedError,
+    StateError,
+)
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.statedir import StateDir
 from libdm.thin.status import ThinPoolFailed, parse_pool_status
@@ -415,7 +421,7 @@ def _create(
             pool is not None
             and backing is not None
             and not isinstance(backing, backings.AdoptedBacking)
-            and ops.exists(name)
+            and _made_live(pool)
         ):
             ops.remove(name)
         if backing is not None:
@@ -427,6 +433,15 @@ def _create(
         else:
             statedir.close(remove_made=True)
         raise
+
+
+def _made_live(pool: Pool) -> bool:
+    """True if the pool device this creation made is live (a device of its
+    name made by another, in the meantime, is not: it stays)."""
+    try:
+        return pool._pool_is_live("create")
+    except ForeignDeviceError:
+        return False
 
 
 def _pool_options(block_size: Sectors, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from libdm.dm import ops
 from libdm.dm.errors import error_for
+from libdm.thin.errors import ForeignDeviceError
 from libdm.thin.status import ThinFailed, ThinStatus, parse_thin_status
 from libdm.thin.units import Bytes, Sectors
 
@@ -84,8 +85,24 @@ class ThinDevice:
 
     @property
     def active(self) -> bool:
-        """True when its device-mapper device exists."""
-        return ops.exists(self.dm_name)
+        """True when its device-mapper device is live, and proven to be the
+        one the pool made (its uuid and table); a device of its name that
+        another pool or program made does not count."""
+        try:
+            return self.pool.live_device(self.name) is not None
+        except ForeignDeviceError:
+            return False
+
+    def _live_path(self, operation: str) -> str:
+        """:attr:`path`, once its device is proven live and the pool's.
+
+        Raises:
+            NoSuchDeviceError: the device is not active.
+            ForeignDeviceError: the device of its name is not the pool's.
+        """
+        if self.pool.live_device(self.name) is None:
+            raise error_for(errno.ENXIO, operation, self.dm_name)
+        return self.path
 
     def activate(self) -> ThinDevice:
         """Make the device usable at :attr:`path` (idempotent).
@@ -176,7 +193,9 @@ class ThinDevice:
 
         Raises:
             NoSuchDeviceError: the device is not active.
+            ForeignDeviceError: the device of its name is not the pool's.
         """
+        self._live_path("status")
         status: ThinStatus | ThinFailed = parse_thin_status(ops.status(self.dm_name)[0].params)
         return status
 
@@ -196,13 +215,12 @@ class ThinDevice:
         Raises:
             ValueError: an unsupported filesystem type.
             NoSuchDeviceError: the device is not active.
+            ForeignDeviceError: the device of its name is not the pool's.
             RuntimeError: mkfs failed (its output is in the message).
         """
         from libdm.thin import fs
 
-        if not self.active:
-            raise error_for(errno.ENXIO, "format", self.dm_name)
-        fs.make_filesystem(self.path, fstype, label=label, options=options)
+        fs.make_filesystem(self._live_path("format"), fstype, label=label, options=options)
         return self
 
     def mount(
@@ -219,11 +237,15 @@ class ThinDevice:
 
         Yields:
             The mount point's path.
+
+        Raises:
+            NoSuchDeviceError: the device is not active.
+            ForeignDeviceError: the device of its name is not the pool's.
         """
         from libdm.thin import fs
 
         return fs.mounted(
-            self.path,
+            self._live_path("mount"),
             target,
             options=options,
             xfs_nospace_max_retries=self.pool.xfs_nospace_max_retries,

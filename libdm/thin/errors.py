@@ -13,6 +13,7 @@ from libdm.dm.errors import DMError
 
 __all__ = [
     "DeviceNotBlankError",
+    "ForeignDeviceError",
     "HandedOverError",
     "PoolError",
     "PoolFailedError",
@@ -86,6 +87,13 @@ class HandedOverError(PoolError):
 
     def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EPERM, message, operation, device)
+
+
+class ForeignDeviceError(StateError):
+    """A device-mapper device has the name of one of the pool's devices (or
+    of the pool itself) but is not the one libdm made: its uuid or table
+    says it belongs to another pool or another program.  libdm leaves it
+    alone; the message names it and, where it can tell, its owner."""
 
 
 class DeviceNotBlankError(PoolError):

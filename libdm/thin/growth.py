@@ -381,12 +381,8 @@ class Growth:
         st = pool.status()
         if isinstance(st, ThinPoolFailed) or not st.needs_check:
             return
-        busy = [
-            row["name"]
-            for row in pool._store.active_devices()
-            if ops.exists(pool.device_dm_name(row["name"]))
-            and ops.info(pool.device_dm_name(row["name"])).open_count
-        ]
+        live = pool._live_devices(pool._store.active_devices(), operation)
+        busy = [name for name, proven in live.items() if proven.info.open_count]
         if busy or pool.kind == PoolKind.ADOPTED:
             raise PoolReadOnlyError(
                 f"the kernel refused the change and flagged pool {pool.name!r} needs_check "
@@ -395,10 +391,8 @@ class Growth:
                 operation,
                 pool.name,
             )
-        for row in pool._store.active_devices():
-            dm_name = pool.device_dm_name(row["name"])
-            if ops.exists(dm_name):
-                ops.remove(dm_name)
+        for name in live:
+            ops.remove(pool.device_dm_name(name))
         ops.remove(pool.name)
         pool._activate_pool("open")  # thin_check --clear-needs-check-flag first
         for row in pool._store.active_devices():
@@ -412,7 +406,7 @@ class Growth:
         pool = self.pool
         txn = Transaction(pool._journal, intent)
         try:
-            if backings.exists_live(pool.name):
+            if pool._pool_is_live(operation):
                 self.apply(intent.new)
             else:
                 pool._use_config(intent.new)
@@ -426,7 +420,7 @@ class Growth:
                 intent.operation,
                 exc,
             )
-            if backings.exists_live(pool.name):
+            if pool._pool_is_live(operation):
                 self.roll_back(txn, operation, exc)
             else:
                 pool._use_config(intent.old)

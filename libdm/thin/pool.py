@@ -23,7 +23,7 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +35,16 @@ from libdm.dm.errors import (
     NoSuchDeviceError,
     error_for,
 )
+from libdm.dm.info import DeviceInfo
 from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
-from libdm.thin import crash, creation
+from libdm.thin import crash, creation, ownership
 from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
+    ForeignDeviceError,
     HandedOverError,
     PoolFailedError,
     PoolFullError,
@@ -98,12 +100,19 @@ def _thin_check_failure(meta_path: str) -> str | None:
         os.close(fd)
     # As LVM does by default: metadata that checks clean gets its
     # needs_check flag cleared, or the kernel would keep the pool read-only.
+    # Not quiet (-q says nothing at all): its complaint is what it prints
+    # besides its progress ("examining ...") and its figures on stdout.
     proc = subprocess.run(
-        [tool, "-q", "--clear-needs-check-flag", meta_path], capture_output=True, text=True
+        [tool, "--clear-needs-check-flag", meta_path], capture_output=True, text=True
     )
     if proc.returncode == 0:
         return None
-    return (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+    words = [
+        line.strip()
+        for line in proc.stderr.splitlines()
+        if line.strip() and not line.startswith("examining ")
+    ]
+    return "; ".join(words) or f"it exited with status {proc.returncode} and said nothing"
 
 
 _BLKDISCARD = 0x1277  # _IO(0x12, 119)
@@ -191,7 +200,7 @@ class Pool:
             if _store is None:  # a creation cleans up its own store
                 self._store.close()
             raise
-        self._device = PoolDevice(self.name)
+        self._device = PoolDevice(self.name, self.uuid, self.directory)
         self._journal = Journal(self._store, self._device, self)
         self._growth = Growth(self)
 
@@ -446,9 +455,20 @@ class Pool:
             )
         return [Target(0, int(length), "thin-pool", str(self._expected_params(devs)))]
 
+    def _pool_is_live(self, operation: str) -> bool:
+        """True if the pool device is live.  A device of its name that is
+        not this pool's is refused (ForeignDeviceError); this pool's own
+        without a live table (a create killed before its load) is removed,
+        so the caller makes it afresh."""
+        live = ownership.live_pool(self.name, self.uuid, self.directory, operation)
+        if live is not None and not live.info.live_table:
+            ops.remove(self.name)
+            return False
+        return live is not None
+
     def _activate_pool(self, operation: str) -> None:
         """Make the pool device live, or check the live one against the store."""
-        if backings.exists_live(self.name):
+        if self._pool_is_live(operation):
             self._settle_live_pool(operation)
             self._verify_live_pool(operation)
             return
@@ -464,9 +484,14 @@ class Pool:
                 self._check_superblock(devs.meta.path, operation)
                 complaint = _thin_check_failure(devs.meta.path)
                 if complaint is not None:
+                    # Named by what lasts (the file, or the block devices),
+                    # not by the loop device attached for the check.
+                    where = self._backing.describe().metadata_file or devs.meta.path
                     raise PoolFailedError(
-                        f"thin_check found damaged metadata on {devs.meta.path}: {complaint}; "
-                        f"repair it with thin_repair before opening the pool",
+                        f"the metadata of pool {self.name!r} ({where}) is damaged; "
+                        f"thin_check says: {complaint}; repair it with Pool.repair() "
+                        f"(at a shell: libdm pool repair --pool {self.directory}), which "
+                        f"keeps the damaged copy",
                         operation,
                         self.name,
                     )
@@ -654,21 +679,32 @@ class Pool:
 
     # -- bringing a pool up ------------------------------------------------------------
 
-    def _adopt_live_devices(self) -> set[str]:
+    def _adopt_live_devices(self, operation: str) -> dict[str, ownership.Live]:
         """A device whose device-mapper device is live is active, whatever
         the store says: a process killed between activating it and
         recording that (or between recording a deactivation and doing it)
-        leaves the two apart, and the kernel is the truth here.  Returns
-        the names of the pool's devices that have a device-mapper device."""
+        leaves the two apart, and the kernel is the truth here.  Only a
+        device proven to be this pool's counts (another pool's or
+        program's device of the same name is logged and left alone).
+        Returns the pool's devices that are live, by name."""
         prefix = f"{self.name}-"
-        present = set()
+        present: dict[str, ownership.Live] = {}
         for entry in ops.list_devices():
             if not entry.name.startswith(prefix):
                 continue
-            name = entry.name[len(prefix) :]
-            present.add(name)
-            row = self._store.device(name)
-            if row is not None and not row["active"]:
+            row = self._store.device(entry.name[len(prefix) :])
+            if row is None:
+                continue
+            try:
+                live = self._live_or_gone(row, operation)
+            except ForeignDeviceError as exc:
+                if not row["active"]:  # an active one is reported by its activation
+                    logger.warning("pool %s: %s", self.name, exc.strerror)
+                continue
+            if live is None:
+                continue
+            present[row["name"]] = live
+            if not row["active"]:
                 with self._store.transaction():
                     self._store.set_active(row["name"], True)
         return present
@@ -692,7 +728,7 @@ class Pool:
             # Nothing to activate: a failed pool's changes are refused with
             # the reason; a handed-over pool's thin devices are its user's.
             return
-        present = self._adopt_live_devices()
+        present = self._adopt_live_devices(operation)
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
         rows = self._store.active_devices()
@@ -700,7 +736,18 @@ class Pool:
             if progress is not None:
                 progress(done, len(rows))
             try:
-                self._activate(row, operation, absent=row["name"] not in present)
+                live = present.get(row["name"])
+                self._activate(row, operation, absent=live is None, live=live)
+            except ForeignDeviceError as exc:
+                # Its name is another's: nothing to delete, the name must come free.
+                unavailable[row["name"]] = str(exc)
+                logger.error(
+                    "pool %s: device %s (thin id %s) could not be activated: %s",
+                    self.name,
+                    row["name"],
+                    row["thin_id"],
+                    exc,
+                )
             except (DMError, ValueError) as exc:
                 # One device the kernel refuses must not keep the others down.
                 unavailable[row["name"]] = str(exc)
@@ -827,9 +874,18 @@ class Pool:
         with self._changing("snapshot"):
             row = self._row(origin, "snapshot")
             self._before_change("snapshot", name, dm_name)
+            # Only a live origin is suspended around the message: asked
+            # first, so that no suspend of a missing device fails (and is
+            # logged), and no device of its name made by another is touched.
+            origin_live = self._live(row, "snapshot") is not None
             size = Sectors(row["size"])
             thin_id = self._journal.provision(
-                Op.CREATE_SNAP, name, size, origin, row["thin_id"], self.device_dm_name(origin)
+                Op.CREATE_SNAP,
+                name,
+                size,
+                origin,
+                row["thin_id"],
+                self.device_dm_name(origin) if origin_live else "",
             )
             return self._activate_new(name, thin_id, size, origin, "snapshot")
 
@@ -882,6 +938,19 @@ class Pool:
                 operation,
                 dm_name,
             )
+        # Pool "a"'s device "b-x" and pool "a-b"'s device "x" would share
+        # a name: refuse one inside a live libdm pool's namespace.
+        for cut in (i for i, char in enumerate(name) if char == "-"):
+            other = f"{self.name}-{name[:cut]}"
+            if ownership.libdm_pool_named(other):
+                raise DeviceExistsError(
+                    errno.EEXIST,
+                    f"device name {name!r} would make {dm_name!r}, the name of device "
+                    f"{name[cut + 1 :]!r} of libdm pool {other!r}; choose a name that "
+                    f"does not start with {name[: cut + 1]!r}",
+                    operation,
+                    dm_name,
+                )
 
     def activate_device(self, name: str) -> None:
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
@@ -892,24 +961,94 @@ class Pool:
     def _thin_table(self, row: Row, pool_devno: str) -> list[Target]:
         return [Target(0, row["size"], "thin", str(ThinParams(pool_devno, row["thin_id"])))]
 
-    def _activate(self, row: Row, operation: str, *, absent: bool = False) -> ThinDevice:
+    def _live(self, row: Row, operation: str) -> ownership.Live | None:
+        """The live device-mapper device of device ``row``, proven to be
+        the one this pool made (see :mod:`.ownership`), or ``None`` when no
+        device has its name.  Every operation on a device asks this first.
+
+        Raises:
+            ForeignDeviceError: a device of its name that is not this
+                pool's (named, with its owner); it is left alone.
+        """
+        try:
+            devno: str | None = self._device.devno()
+        except (NoSuchDeviceError, ForeignDeviceError):
+            devno = None  # the pool is not live, so none of its devices is
+        claim = ownership.ThinClaim(
+            self.name,
+            row["name"],
+            self.device_dm_name(row["name"]),
+            ownership.thin_uuid(self.config.token, row["thin_id"]),
+            row["thin_id"],
+            devno,
+        )
+        return ownership.live_thin(claim, operation)
+
+    def _live_or_gone(self, row: Row, operation: str) -> ownership.Live | None:
+        """:meth:`_live`, with this pool's own device that a create killed
+        before its load left without a table removed (``None`` then)."""
+        live = self._live(row, operation)
+        if live is not None and not live.info.live_table:
+            ops.remove(self.device_dm_name(row["name"]))
+            return None
+        return live
+
+    def _live_devices(self, rows: Iterable[Row], operation: str) -> dict[str, ownership.Live]:
+        """Those of ``rows`` whose device is live and proven this pool's,
+        by name: what taking the pool down removes.  A device of one of
+        their names made by another pool or program is logged and left
+        out (this pool's device is not live then)."""
+        live: dict[str, ownership.Live] = {}
+        for row in rows:
+            try:
+                proven = self._live(row, operation)
+            except ForeignDeviceError as exc:
+                logger.warning("pool %s: %s", self.name, exc.strerror)
+                continue
+            if proven is not None:
+                live[row["name"]] = proven
+        return live
+
+    def live_device(self, name: str) -> DeviceInfo | None:
+        """The info of device ``name``'s live device-mapper device, once
+        proven to be this pool's own (its uuid and table), or ``None`` when
+        none is live.
+
+        Raises:
+            NoSuchDeviceError: the pool has no such device.
+            ForeignDeviceError: a device-mapper device of its name that
+                this pool did not make (named, with its owner).
+        """
+        live = self._live(self._row(name, "info"), "info")
+        return None if live is None else live.info
+
+    def _activate(
+        self,
+        row: Row,
+        operation: str,
+        *,
+        absent: bool = False,
+        live: ownership.Live | None = None,
+    ) -> ThinDevice:
         """Make device ``row`` live (or check the live one).  ``absent``:
         the caller knows no device-mapper device of its name exists, so
-        none is looked for."""
+        none is looked for; ``live``: the caller has just proven it."""
         dm_name = self.device_dm_name(row["name"])
         table = self._thin_table(row, self._device.devno())
-        uuid = f"LIBDM-THIN-{self.config.token}-{row['thin_id']}"
+        uuid = ownership.thin_uuid(self.config.token, row["thin_id"])
+        if not absent and live is None:
+            live = self._live_or_gone(row, operation)
         if absent:
             try:
                 ops.create(dm_name, table, uuid=uuid)
             except DeviceExistsError:
                 return self._activate(row, operation)  # made meanwhile: check it
-        elif backings.exists_live(dm_name):
-            live = ops.table(dm_name)
+        elif live is not None:
+            info, live_table = live
             if (
-                len(live) == 1
-                and live[0]._replace(length=table[0].length) == table[0]
-                and live != table
+                len(live_table) == 1
+                and live_table[0]._replace(length=table[0].length) == table[0]
+                and live_table != table
             ):
                 # A resize killed between its record and its reload.
                 logger.warning(
@@ -920,15 +1059,14 @@ class Pool:
                 )
                 ops.reload(dm_name, table)
                 ops.resume(dm_name)
-                live = table
-            if live != table:
+                live_table = table
+            if live_table != table:
                 raise StateError(
-                    f"{dm_name} exists with table {'; '.join(map(str, live))}, "
+                    f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "
                     f"expected {table[0]}",
                     operation,
                     dm_name,
                 )
-            info = ops.info(dm_name)
             if info.deferred_remove:
                 # Wanted again while a deferred removal is pending (Docker's
                 # activateDeviceIfNeeded does the same): take the removal back.
@@ -961,7 +1099,8 @@ class Pool:
             if new == old:
                 return self.device(name)
             dm_name = self.device_dm_name(name)
-            live = ops.exists(dm_name)
+            proven = self._live_or_gone(row, "resize_device")
+            live = proven is not None
             if new < old:
                 if not force:
                     raise ValueError(
@@ -969,16 +1108,17 @@ class Pool:
                         f"{format_size(new.bytes())}, cutting off whatever is stored past "
                         f"the new end; pass force=True (--force) if that is meant"
                     )
-                if live and ops.info(dm_name).open_count:
+                if proven is not None and proven.info.open_count:
                     raise DeviceBusyError(
                         errno.EBUSY,
                         f"{dm_name} is in use; a device is shrunk only when nothing has it open",
                         "resize_device",
                         dm_name,
                     )
-                if live:
-                    # Give the cut-off blocks back to the pool first.
-                    _discard(ops.device_path(dm_name), new.bytes(), (old - new).bytes())
+                # Give the cut-off blocks back to the pool first, active or
+                # not: what lies past the new end must not come back if the
+                # device grows again.
+                self._discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
             else:
                 self._writable_status("resize_device")
             # The store first: a kill before the reload leaves a live table
@@ -999,15 +1139,27 @@ class Pool:
     def deactivate_device(self, name: str) -> None:
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
         with self._changing("deactivate"):
-            self._row(name, "deactivate")
+            self._live(self._row(name, "deactivate"), "deactivate")  # refuses another's
             self._deactivate(name)
             with self._store.transaction():
                 self._store.set_active(name, False)
 
     def _deactivate(self, name: str) -> None:
-        """Take device ``name``'s device-mapper device down, if it is up."""
-        with contextlib.suppress(NoSuchDeviceError):
-            ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
+        """Take device ``name``'s device-mapper device down, if it is up
+        and proven to be this pool's: a device of its name that another
+        pool or program made is logged and left alone (this pool's device
+        is not up then)."""
+        row = self._store.device(name)
+        if row is None:
+            return  # nothing recorded, nothing to prove
+        try:
+            live = self._live(row, "deactivate")
+        except ForeignDeviceError as exc:
+            logger.warning("pool %s: %s", self.name, exc.strerror)
+            return
+        if live is not None:
+            with contextlib.suppress(NoSuchDeviceError):
+                ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
     def delete_device(self, name: str, *, _discard: bool = True) -> None:
         """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
@@ -1017,13 +1169,18 @@ class Pool:
             # allow: they share its blocks by reference count, and become
             # roots of the lineage (Store.drop_device).
             self._writable_status("delete")
+            # Proven once, before anything changes: a device of its name
+            # made by another is refused, never discarded or removed.
+            live = self._live_or_gone(row, "delete")
             self._journal.retry_deferred_deletes()
             discard = _discard and self.discard_on_delete
 
             def take_down() -> None:
                 if discard:
-                    self._discard_device(row)
-                self._deactivate(name)
+                    self._discard_device(row, live)
+                if live is not None:
+                    with contextlib.suppress(NoSuchDeviceError):
+                        ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
             self._journal.delete(
                 name, row["thin_id"], bool(row["active"]), take_down, self.deferred_deletion
@@ -1217,48 +1374,54 @@ class Pool:
         value = self.config.discard_on_delete
         return self.kind == PoolKind.LOOP if value is None else value
 
-    def _discard_device(self, row: Row) -> None:
-        """Discard all of a device about to be deleted, unless something
-        holds it open (its user's data must not vanish under it) or the
-        pool ignores discards.  An inactive device is activated for it."""
+    def _discard_blocks(
+        self, row: Row, start: Bytes, length: Bytes, live: ownership.Live | None
+    ) -> None:
+        """Discard ``length`` bytes at ``start`` of device ``row``, so the
+        pool gets the blocks back, unless something holds it open (its
+        user's data must not vanish under it) or the pool ignores
+        discards.  ``live``: its device as the caller proved it
+        (:meth:`_live_or_gone`); an inactive device is activated for it,
+        under its own uuid, and removed again.
+
+        Raises:
+            DMError, OSError: the device could not be made or discarded.
+        """
         if "ignore_discard" in self.config.features:
             return
         dm_name = self.device_dm_name(row["name"])
+        if live is None:
+            ops.create(
+                dm_name,
+                self._thin_table(row, self._device.devno()),
+                uuid=ownership.thin_uuid(self.config.token, row["thin_id"]),
+            )
         try:
-            info = ops.info(dm_name)
-        except NoSuchDeviceError:
-            info = None
-        if info is not None and not info.live_table:
-            # What a create killed between its create and load leaves.
-            ops.remove(dm_name)
-            info = None
-        made = info is None
-        if info is None:
-            try:
-                ops.create(dm_name, self._thin_table(row, self._device.devno()))
-            except (DMError, ValueError) as exc:
-                # Giving space back is a courtesy: the delete goes on.
-                logger.warning(
-                    "pool %s: %s not discarded before its delete: %s", self.name, dm_name, exc
-                )
-                return
-        try:
-            if info is not None and info.open_count:
+            if live is not None and live.info.open_count:
                 logger.info(
-                    "pool %s: %s is open, so its blocks are not discarded before its delete",
+                    "pool %s: %s is open, so its blocks are not discarded",
                     self.name,
                     dm_name,
                 )
                 return
-            try:
-                _discard(ops.device_path(dm_name), Bytes(0), Sectors(row["size"]).bytes())
-            except OSError as exc:  # the delete goes on: its data goes anyway
-                logger.warning(
-                    "pool %s: discarding %s before its delete failed: %s", self.name, dm_name, exc
-                )
+            _discard(ops.device_path(dm_name), start, length)
         finally:
-            if made:
+            if live is None:
                 ops.remove(dm_name)
+
+    def _discard_device(self, row: Row, live: ownership.Live | None) -> None:
+        """Discard all of a device about to be deleted (see
+        :meth:`_discard_blocks`); giving space back is a courtesy, so a
+        failure is logged and the delete goes on (its data goes anyway)."""
+        try:
+            self._discard_blocks(row, Bytes(0), Sectors(row["size"]).bytes(), live)
+        except (DMError, OSError, ValueError) as exc:
+            logger.warning(
+                "pool %s: %s not discarded before its delete: %s",
+                self.name,
+                self.device_dm_name(row["name"]),
+                exc,
+            )
 
     def trim(self) -> Bytes:
         """Give back the space the filesystems on the pool's devices have
@@ -1289,16 +1452,18 @@ class Pool:
 
         Raises:
             DMError: one is reserved already (EINVAL), or the pool refuses.
+            ForeignDeviceError: the device of the pool's name is not its own.
         """
-        ops.message(self.name, "reserve_metadata_snap")
+        self._device.message("reserve_metadata_snap", "reserve_metadata_snap")
 
     def release_metadata_snap(self) -> None:
         """Release the reserved metadata snapshot.
 
         Raises:
             DMError: none is reserved (EINVAL).
+            ForeignDeviceError: the device of the pool's name is not its own.
         """
-        ops.message(self.name, "release_metadata_snap")
+        self._device.message("release_metadata_snap", "release_metadata_snap")
 
     @contextlib.contextmanager
     def metadata_snap(self) -> Iterator[Pool]:
@@ -1391,12 +1556,14 @@ class Pool:
             )
         statedir = self._store.statedir
         with self._changing("destroy"):
-            for row in self._store.devices():
-                dm_name = self.device_dm_name(row["name"])
-                if ops.exists(dm_name):
-                    ops.remove(dm_name)
-            if self.kind != PoolKind.ADOPTED and ops.exists(self.name):
-                ops.remove(self.name)
+            for name in self._live_devices(self._store.devices(), "destroy"):
+                ops.remove(self.device_dm_name(name))
+            if self.kind != PoolKind.ADOPTED:
+                try:
+                    if ownership.live_pool(self.name, self.uuid, self.directory, "destroy"):
+                        ops.remove(self.name)
+                except ForeignDeviceError as exc:
+                    logger.warning("pool %s: %s", self.name, exc.strerror)
             self._device.forget()
             self._backing.teardown()
             if remove_files:

@@ -3,7 +3,9 @@ status, its messages, and its device number (cached for a change).
 
 Each method is one round trip to the kernel, or as few as it takes: the
 status task also gives the device number, which thin tables name and
-which cannot change while the pool device lives.
+which cannot change while the pool device lives.  The uuid comes with
+the same answers, so the device is proven to be the pool's own (see
+:mod:`.ownership`) at no extra cost before a change uses it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import errno
 from libdm.dm import ops
 from libdm.dm._lib import lib
 from libdm.dm.errors import DMError, NoSuchDeviceError, error_for
+from libdm.dm.info import DeviceInfo
 from libdm.dm.task import Task
-from libdm.thin import crash
+from libdm.thin import crash, ownership
 from libdm.thin.status import ThinPoolFailed, ThinPoolStatus, parse_pool_status
 
 __all__ = ["PoolDevice", "PoolStatus"]
@@ -23,11 +26,21 @@ PoolStatus = ThinPoolStatus | ThinPoolFailed
 
 
 class PoolDevice:
-    """The ``thin-pool`` device-mapper device called ``name``."""
+    """The ``thin-pool`` device-mapper device called ``name``, whose uuid
+    is ``uuid``, of the pool whose state is in ``directory``."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uuid: str = "", directory: str = "") -> None:
         self.name = name
+        self.uuid = uuid
+        self.directory = directory
         self._devno: str | None = None
+
+    def _proven(self, info: DeviceInfo, operation: str) -> None:
+        """Refuse a device of the pool's name that is not the pool's."""
+        if (info.uuid or "") != (self.uuid or ""):
+            ownership.live_pool(self.name, self.uuid, self.directory, operation)
+            # It changed while it was looked at: nothing is proven.
+            raise error_for(errno.ENXIO, operation, self.name)
 
     def forget(self) -> None:
         """Drop the cached device number (the device may be made anew)."""
@@ -46,6 +59,7 @@ class PoolDevice:
             if info is None:
                 raise error_for(errno.ENXIO, "status", self.name)
             targets = task.targets()
+        self._proven(info, "status")
         self._devno = f"{info.major}:{info.minor}"
         status: PoolStatus = parse_pool_status(targets[0].params)
         return status
@@ -54,10 +68,16 @@ class PoolDevice:
         """``major:minor``, as thin tables name the pool."""
         if self._devno is None:
             info = ops.info(self.name)
+            self._proven(info, "status")
             self._devno = f"{info.major}:{info.minor}"
         return self._devno
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, operation: str | None = None) -> None:
+        """Send ``text``.  With ``operation`` (a call outside a change,
+        whose status has not proven the device), the device is proven the
+        pool's own first."""
+        if operation is not None:
+            self._proven(ops.info(self.name), operation)
         ops.message(self.name, text)
 
     def set_transaction(self, old: int, new: int) -> None:
@@ -73,8 +93,12 @@ class PoolDevice:
     def create_snap(self, thin_id: int, origin_id: int, origin_dm: str) -> None:
         """Snapshot thin id ``origin_id``.  The kernel does not stop a
         snapshot of an origin with writes in flight, and such a snapshot is
-        silently inconsistent: an active origin (``origin_dm``) is suspended
-        around the message, and always resumed."""
+        silently inconsistent: an active origin (``origin_dm``, its proven
+        live device; empty when it is not live) is suspended around the
+        message, and always resumed."""
+        if not origin_dm:
+            ops.message(self.name, f"create_snap {thin_id} {origin_id}")
+            return
         try:
             ops.suspend(origin_dm)
         except NoSuchDeviceError:

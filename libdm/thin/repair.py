@@ -65,7 +65,6 @@ from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
 from libdm.thin import backing as backings
 from libdm.thin.errors import PoolFailedError, StateError
-from libdm.thin.table import ThinParams
 from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
@@ -431,27 +430,16 @@ def _take_down(pool: Pool) -> None:
         StateError: a device of one of those names is not the pool's
             (named, with what it is); nothing was removed.
     """
-    rows = {pool.device_dm_name(row["name"]): row for row in pool._store.devices()}
-    live = [name for name in rows if ops.exists(name)]
-    pool_live = ops.exists(pool.name)
-    if pool_live and ops.info(pool.name).uuid != pool.uuid:
-        raise _not_ours(pool, pool.name, f"uuid {ops.info(pool.name).uuid!r}")
-    pool_devno = pool._devno() if pool_live else None
-    for name in live:
-        info = ops.info(name)
-        if info.uuid == f"LIBDM-THIN-{pool.config.token}-{rows[name]['thin_id']}":
-            continue
-        table = ops.table(name)
-        expected = None if pool_devno is None else ThinParams(pool_devno, rows[name]["thin_id"])
-        if not (
-            info.uuid is None
-            and len(table) == 1
-            and table[0].type == "thin"
-            and table[0].params == str(expected)
-        ):
-            shown = "; ".join(map(str, table)) or "no table"
-            raise _not_ours(pool, name, f"uuid {info.uuid!r}, table {shown}")
-    busy = [name for name in live if ops.info(name).open_count]
+    # Only the pool's own devices come down; a device of one of their names
+    # made by another pool or program refuses the repair (ForeignDeviceError,
+    # a StateError naming it) before anything is removed.
+    proven = {}
+    for row in pool._store.devices():
+        found = pool._live(row, "repair")
+        if found is not None:
+            proven[row["name"]] = found
+    live = [pool.device_dm_name(name) for name in proven]
+    busy = [pool.device_dm_name(name) for name, dev in proven.items() if dev.info.open_count]
     if busy:
         raise DeviceBusyError(
             errno.EBUSY,
@@ -461,17 +449,8 @@ def _take_down(pool: Pool) -> None:
         )
     for name in live:
         ops.remove(name)
-    if pool_live:
+    if pool._pool_is_live("repair"):
         ops.remove(pool.name)
-
-
-def _not_ours(pool: Pool, name: str, what: str) -> StateError:
-    return StateError(
-        f"device-mapper device {name!r} ({what}) is not pool {pool.name!r}'s; the repair "
-        f"takes down only the pool's own devices, and nothing was changed",
-        "repair",
-        name,
-    )
 
 
 def _stamp() -> str:

@@ -15,6 +15,7 @@ import pytest
 from support import witness
 from support.docker.plugin_util import Client, DockerPlugin, mounts_of
 
+import libdm
 from libdm.docker import CRASH_POINTS
 
 pytestmark = pytest.mark.kernel
@@ -239,10 +240,35 @@ def test_every_call(pool, plugin, tmp_path):
 
 
 def test_options(pool, plugin, tmp_path):
+    """Docker's dm.* options: the pool's settings are applied to the pool,
+    anything else is refused by name."""
     c = plugin.client
     err = c.call("GraphDriver.Init", Home=str(tmp_path), Opts=["dm.thinpooldev=/dev/x"])["Err"]
     assert "dm.thinpooldev" in err and "not one the libdm plugin takes" in err
     assert "dm.fs=btrfs" in c.call("GraphDriver.Init", Home="", Opts=["dm.fs=btrfs"])["Err"]
+    err = c.call("GraphDriver.Init", Home="", Opts=["dm.use_deferred_removal=maybe"])["Err"]
+    assert "not a boolean" in err
+    err = c.call("GraphDriver.Init", Home="", Opts=["dm.min_free_space=25%"])["Err"]
+    assert "the pool keeps 10% free" in err
+    c.ok(
+        "GraphDriver.Init",
+        Home="",
+        Opts=[
+            "dm.use_deferred_removal=false",
+            "dm.use_deferred_deletion=false",
+            "dm.min_free_space=10%",
+            "dm.xfs_nospace_max_retries=3",
+        ],
+    )
+    stored = libdm.Pool.load(pool.directory)
+    try:
+        assert stored.deferred_removal is False
+        assert stored.deferred_deletion is False
+        assert stored.xfs_nospace_max_retries == 3
+    finally:
+        stored.close()
+    status = dict(c.call("GraphDriver.Status")["Status"])
+    assert status["Deferred Removal Enabled"] == "false"
 
 
 def test_xfs_base(make_pool, tmp_path):

@@ -59,6 +59,23 @@ class DockerError(Exception):
     """A graph-driver call refused; the message goes back to Docker."""
 
 
+_TRUE = ("1", "t", "true")
+_FALSE = ("0", "f", "false")
+_OPTIONS = (
+    "dm.basesize, dm.fs, dm.mkfsarg, dm.mountopt, dm.use_deferred_removal, "
+    "dm.use_deferred_deletion, dm.blkdiscard, dm.xfs_nospace_max_retries, dm.min_free_space"
+)
+
+
+def _bool(key: str, value: str) -> bool:
+    """A boolean as Go's strconv.ParseBool reads it (Docker's options)."""
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise DockerError(f"{key}={value}: not a boolean (true or false)")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DriverOptions:
     """The ``dm.*`` storage options the plugin takes (Docker's names).
@@ -69,12 +86,23 @@ class DriverOptions:
         fs: ``ext4`` or ``xfs`` (``dm.fs``).
         mkfs_args: extra mkfs arguments (``dm.mkfsarg``, repeatable).
         mount_options: extra mount options (``dm.mountopt``).
+        deferred_removal, deferred_deletion, discard, xfs_nospace_max_retries:
+            the pool's settings (``dm.use_deferred_removal``,
+            ``dm.use_deferred_deletion``, ``dm.blkdiscard``,
+            ``dm.xfs_nospace_max_retries``); ``None`` leaves the pool's.
+        min_free_space: ``dm.min_free_space`` in percent: the pool's own
+            (set when it is made), which the option may only confirm.
     """
 
     base_size: Bytes = DEFAULT_BASE_SIZE
     fs: str = "ext4"
     mkfs_args: tuple[str, ...] = ()
     mount_options: str = ""
+    deferred_removal: bool | None = None
+    deferred_deletion: bool | None = None
+    discard: bool | None = None
+    xfs_nospace_max_retries: int | None = None
+    min_free_space: float | None = None
 
     @classmethod
     def parse(cls, options: Iterable[str], defaults: DriverOptions | None = None) -> DriverOptions:
@@ -83,9 +111,7 @@ class DriverOptions:
         Raises:
             DockerError: an unknown option or a bad value.
         """
-        base = defaults or cls()
-        size, fstype, mkfs, mount = base.base_size, base.fs, list(base.mkfs_args), ""
-        mount = base.mount_options
+        out = defaults or cls()
         for option in options:
             key, sep, value = option.partition("=")
             key = key.strip().lower()
@@ -93,7 +119,7 @@ class DriverOptions:
                 raise DockerError(f"storage option {option!r} has no value (use key=value)")
             if key == "dm.basesize":
                 try:
-                    size = parse_size(value, what="dm.basesize")
+                    out = dataclasses.replace(out, base_size=parse_size(value, what="dm.basesize"))
                 except ValueError as exc:
                     raise DockerError(str(exc)) from None
             elif key == "dm.fs":
@@ -101,17 +127,34 @@ class DriverOptions:
                     raise DockerError(
                         f"dm.fs={value}: the plugin makes {' or '.join(fs.FILESYSTEMS)}"
                     )
-                fstype = value
+                out = dataclasses.replace(out, fs=value)
             elif key == "dm.mkfsarg":
-                mkfs.append(value)
+                out = dataclasses.replace(out, mkfs_args=(*out.mkfs_args, value))
             elif key == "dm.mountopt":
-                mount = value
+                out = dataclasses.replace(out, mount_options=value)
+            elif key == "dm.use_deferred_removal":
+                out = dataclasses.replace(out, deferred_removal=_bool(key, value))
+            elif key == "dm.use_deferred_deletion":
+                out = dataclasses.replace(out, deferred_deletion=_bool(key, value))
+            elif key == "dm.blkdiscard":
+                out = dataclasses.replace(out, discard=_bool(key, value))
+            elif key == "dm.xfs_nospace_max_retries":
+                try:
+                    retries = int(value)
+                except ValueError:
+                    raise DockerError(f"{key}={value}: not a number") from None
+                out = dataclasses.replace(out, xfs_nospace_max_retries=retries)
+            elif key == "dm.min_free_space":
+                try:
+                    percent = float(value.strip().rstrip("%"))
+                except ValueError:
+                    raise DockerError(f"{key}={value}: not a percentage such as 10%") from None
+                out = dataclasses.replace(out, min_free_space=percent)
             else:
                 raise DockerError(
-                    f"storage option {key!r} is not one the libdm plugin takes "
-                    f"(dm.basesize, dm.fs, dm.mkfsarg, dm.mountopt)"
+                    f"storage option {key!r} is not one the libdm plugin takes ({_OPTIONS})"
                 )
-        return cls(size, fstype, tuple(mkfs), mount)
+        return out
 
 
 def _unescape(field: str) -> str:
@@ -198,6 +241,7 @@ class Driver:
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
         self.home = ""
         self._lock = threading.RLock()
+        self._configure_pool(self.options)
         self.recover()
 
     def close(self) -> None:
@@ -249,6 +293,27 @@ class Driver:
         if self._has_device(device):
             self.pool.delete_device(device)
 
+    def _configure_pool(self, options: DriverOptions) -> None:
+        """Apply the options that are the pool's settings."""
+        if (
+            options.min_free_space is not None
+            and abs(options.min_free_space - self.pool.min_free_space) > 1e-9
+        ):
+            raise DockerError(
+                f"dm.min_free_space={options.min_free_space:g}%: the pool keeps "
+                f"{self.pool.min_free_space:g}% free, which is set when the pool is made "
+                f"(libdm pool create --min-free-space)"
+            )
+        try:
+            self.pool.configure(
+                deferred_removal=options.deferred_removal,
+                deferred_deletion=options.deferred_deletion,
+                discard_on_delete=options.discard,
+                xfs_nospace_max_retries=options.xfs_nospace_max_retries,
+            )
+        except ValueError as exc:
+            raise DockerError(str(exc)) from None
+
     # -- the base device ----------------------------------------------------------------
 
     def _ensure_base(self) -> BaseInfo:
@@ -295,6 +360,7 @@ class Driver:
                     base.fs,
                     format_size(Bytes(base.size)),
                 )
+            self._configure_pool(parsed)
             self.options = parsed
             self.home = home
             if home:
@@ -413,23 +479,27 @@ class Driver:
                 self.store.set_refs(layer_id, row.refs - 1)
 
     def exists(self, layer_id: str) -> bool:
-        row = self.store.get(layer_id)
+        with self._lock:
+            row = self.store.get(layer_id)
         return row is not None and row.state in (LayerState.READY, LayerState.APPLYING)
 
     def status(self) -> list[tuple[str, str]]:
         """``GraphDriver.Status``: the pool's report, as ``docker info``
         shows Docker's devicemapper driver's."""
         info = self.pool.info().as_dict()
-        base = self.store.base()
+        with self._lock:
+            base = self.store.base()
+            rows = self.store.all()
         if base is not None:
             info["Base Device Size"] = format_size(Bytes(base.size))
             info["Backing Filesystem"] = base.fs
-        layers = sum(1 for r in self.store.all() if r.state == LayerState.READY)
+        layers = sum(1 for r in rows if r.state == LayerState.READY)
         return [*info.items(), ("Layers", str(layers))]
 
     def metadata(self, layer_id: str) -> dict[str, str]:
         """``GraphDriver.GetMetadata``: as Docker's devicemapper driver."""
-        row = self._row(layer_id)
+        with self._lock:
+            row = self._row(layer_id)
         dev = self.pool.device(row.device)
         return {
             "DeviceId": str(dev.thin_id),

@@ -416,3 +416,16 @@ def test_socket_in_the_way(pool, tmp_path):
     p.start()
     p.stop()
     assert not path.exists()
+
+
+def test_call_without_a_layer_is_refused(pool, plugin):
+    """dockerd's plugin client retries a call that died with the plugin by
+    sending the request again with its body already consumed: an empty
+    Create must make nothing (it once made a layer named "")."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    before = witness.thin_ids(pool.name)
+    for method in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):
+        assert "no layer id" in c.call(method)["Err"]
+    assert "no layer id" in c.apply_diff("", "", b"")["Err"]
+    assert witness.thin_ids(pool.name) == before

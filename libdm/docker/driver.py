@@ -220,6 +220,13 @@ def _umount_syscall(target: str) -> None:
         raise DockerError(f"umount {target}: {os.strerror(err)}")
 
 
+def _check_id(layer_id: str) -> None:
+    # dockerd's plugin client retries a call that failed in flight with its
+    # body already consumed: an empty request is that, never a layer.
+    if not layer_id:
+        raise DockerError("no layer id given (an empty request)")
+
+
 class Driver:
     """The graph driver on an open, live pool.
 
@@ -258,6 +265,7 @@ class Driver:
         return True
 
     def _row(self, layer_id: str) -> LayerRow:
+        _check_id(layer_id)
         row = self.store.get(layer_id)
         if row is None or row.state == LayerState.REMOVING or row.state == LayerState.CREATING:
             raise DockerError(f"layer {layer_id} does not exist")
@@ -373,6 +381,7 @@ class Driver:
         """``GraphDriver.Create`` and ``CreateReadWrite``: a snapshot of
         ``parent``'s device, or of the base for ``""``.  The ``size``
         storage option grows the device and its filesystem."""
+        _check_id(layer_id)
         size = self._size_option(storage_opt or {})
         with self._lock:
             base = self._ensure_base()

@@ -139,6 +139,21 @@ def test_dockerd_walk(docker_env, tmp_path):
     dockerd.docker("save", "-o", str(tmp_path / "saved.tar"), "libdmtest:latest")
     assert saved_layer_digests(tmp_path / "saved.tar") == loaded
 
+    # A legacy build of two steps: each runs a container and commits it
+    # (Diff of its layer, then Create and ApplyDiff of the new layer).
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(
+        "FROM libdmtest:latest\nRUN echo built > /built\nRUN rm /keep && mkdir /opq/new\n"
+    )
+    dockerd.docker("build", "--network", "none", "-t", "libdmtest:built", str(tmp_path / "ctx"))
+    built_run = ["run", "--rm", "--network", "none", "libdmtest:built", "sh", "-c"]
+    assert _run_lines(dockerd, *built_run, "cat /built; ls /opq; ls /keep 2>&1; true") == [
+        "built",
+        "new",
+        "z",
+        "ls: /keep: No such file or directory",
+    ]
+
     info = dockerd.docker("info").stdout
     for line in (
         f"Storage Driver: {DRIVER}",
@@ -152,22 +167,37 @@ def test_dockerd_walk(docker_env, tmp_path):
     dockerd.stop()
     dockerd.start()
     images = {line.split()[1] for line in _run_lines(dockerd, "images")[1:]}
-    assert images == {"latest", "committed"}
+    assert images == {"latest", "committed", "built"}
     assert _run_lines(dockerd, *committed_run, "cat", "/new") == ["hi"]
     assert _run_lines(dockerd, "diff", "c1")[0] == "C /dir"
 
     dockerd.docker("rm", "c1")
-    dockerd.docker("rmi", "libdmtest:committed", "libdmtest:latest")
+    dockerd.docker("rmi", "libdmtest:built", "libdmtest:committed", "libdmtest:latest")
     dockerd.stop()
     _only_base_left(pool)
 
 
-def test_plugin_killed_mid_load(docker_env, tmp_path):
-    """The plugin dies while dockerd's ``load`` is applying the second
-    layer (a crash point after the tar is unpacked, before the layer is
-    marked done): the load fails, the restarted plugin has deleted the
-    half-made layer, and the same load then succeeds."""
+def test_plugin_killed_mid_load_and_mid_run(docker_env, tmp_path):
+    """The plugin dies while dockerd's ``load`` applies the second layer
+    (a crash point after the tar is unpacked, before the layer is marked
+    done): the load fails, the restarted plugin has deleted the half-made
+    layer, and the same load then succeeds.  Then it dies while ``run``
+    makes the container's first layer (its device made, not yet recorded
+    done): the run fails, the restarted plugin has deleted that device, and
+    the same run succeeds.  Nothing leaks."""
     pool, plugin, dockerd = docker_env
+
+    def killed_during(*args):
+        """Run ``docker ARGS`` while the armed plugin kills itself; restart
+        the plugin as soon as it is dead (dockerd retries its calls for a
+        while), then the command must have failed."""
+        command = dockerd.docker_async(*args)
+        assert plugin.wait(timeout=120) == -9
+        del plugin.env["LIBDM_CRASH_AT"]
+        plugin.start()
+        out, _ = command.communicate(timeout=300)
+        assert command.returncode != 0, out
+
     plugin.stop()
     plugin.env["LIBDM_CRASH_AT"] = "docker:apply:unpacked@2"
     plugin.start()
@@ -176,16 +206,20 @@ def test_plugin_killed_mid_load(docker_env, tmp_path):
     loaded = save_archive(
         image, "libdmtest:kill", [busybox_layer(LOWER), layer_tar(UPPER), layer_tar(TOP)]
     )
-    failed = dockerd.docker("load", "-i", str(image), check=False)
-    assert failed.returncode != 0
-    assert plugin.wait(timeout=60) == -9
-    del plugin.env["LIBDM_CRASH_AT"]
-    plugin.start()
+    killed_during("load", "-i", str(image))
     assert _run_lines(dockerd, "load", "-i", str(image)) == ["Loaded image: libdmtest:kill"]
     dockerd.docker("save", "-o", str(tmp_path / "saved.tar"), "libdmtest:kill")
     assert saved_layer_digests(tmp_path / "saved.tar") == loaded
+
     run = ["run", "--rm", "--network", "none", "libdmtest:kill", "cat", "/motd"]
+    plugin.stop()
+    plugin.env["LIBDM_CRASH_AT"] = "docker:create:device"
+    plugin.start()
+    killed_during(*run)
     assert _run_lines(dockerd, *run) == ["top"]
+    dockerd.docker("container", "prune", "-f")
     dockerd.docker("rmi", "libdmtest:kill")
     dockerd.stop()
+    with open("/proc/self/mountinfo") as fh:
+        assert pool.directory not in fh.read()
     _only_base_left(pool)

@@ -183,6 +183,15 @@ class Dockerd:
             )
         return proc
 
+    def docker_async(self, *args: str) -> subprocess.Popen[str]:
+        """Start ``docker ARGS`` and return at once (its output piped)."""
+        return subprocess.Popen(
+            [DOCKER, "-H", f"unix://{self.sock}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def stop(self, timeout: float = 60) -> None:
         proc = self.proc
         if proc is None:

@@ -184,7 +184,8 @@ def test_plugin_killed_mid_load_and_mid_run(docker_env, tmp_path):
     layer, and the same load then succeeds.  Then it dies while ``run``
     makes the container's first layer (its device made, not yet recorded
     done): the run fails, the restarted plugin has deleted that device, and
-    the same run succeeds.  Nothing leaks."""
+    the same run succeeds.  Then dockerd itself is killed with a container
+    running, and the next dockerd removes it.  Nothing leaks."""
     pool, plugin, dockerd = docker_env
 
     def killed_during(*args):
@@ -217,6 +218,15 @@ def test_plugin_killed_mid_load_and_mid_run(docker_env, tmp_path):
     plugin.start()
     killed_during(*run)
     assert _run_lines(dockerd, *run) == ["top"]
+
+    # dockerd itself killed with a container running: the next dockerd
+    # removes the container and its layers although the first never Put them.
+    dockerd.docker(
+        "run", "-d", "--name", "bg", "--network", "none", "libdmtest:kill", "sleep", "600"
+    )
+    dockerd.kill()
+    dockerd.start()
+    dockerd.docker("rm", "-f", "bg")
     dockerd.docker("container", "prune", "-f")
     dockerd.docker("rmi", "libdmtest:kill")
     dockerd.stop()

@@ -429,3 +429,27 @@ def test_call_without_a_layer_is_refused(pool, plugin):
         assert "no layer id" in c.call(method)["Err"]
     assert "no layer id" in c.apply_diff("", "", b"")["Err"]
     assert witness.thin_ids(pool.name) == before
+
+
+def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):
+    """A dockerd killed with layers mounted never Puts them; the next
+    dockerd's Init starts the counts again (Docker's own driver counts in
+    memory), without mounting anything twice, and its Remove works."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="a", Parent="")
+    root = c.ok("GraphDriver.Get", ID="a")["Dir"]
+    c.ok("GraphDriver.Get", ID="a")
+    dev = "/dev/mapper/" + c.ok("GraphDriver.GetMetadata", ID="a")["Metadata"]["DeviceName"]
+    # dockerd is killed here; a new one starts.
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    assert c.ok("GraphDriver.Get", ID="a")["Dir"] == root
+    assert mounts_of(dev) == [root]
+    c.ok("GraphDriver.Put", ID="a")
+    assert not os.path.exists(dev) or mounts_of(dev) == []
+    c.ok("GraphDriver.Create", ID="b", Parent="")
+    c.ok("GraphDriver.Get", ID="b")
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Remove", ID="b")
+    c.ok("GraphDriver.Remove", ID="a")
+    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}

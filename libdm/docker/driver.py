@@ -352,7 +352,9 @@ class Driver:
 
     def init(self, home: str, options: Sequence[str]) -> None:
         """``GraphDriver.Init``: Docker's home for the driver and its
-        storage options (they set the base device, if it is not made yet)."""
+        storage options (they set the base device, if it is not made yet).
+        A dockerd sends it when it starts: the reference counts start
+        again."""
         with self._lock:
             parsed = DriverOptions.parse(options, self.options)
             base = self.store.base()
@@ -371,6 +373,13 @@ class Driver:
             self._configure_pool(parsed)
             self.options = parsed
             self.home = home
+            # A new dockerd: the references of one that was killed are
+            # void (Docker counts its own in memory).  Mounts stay until
+            # the last Put, a Remove or Cleanup.
+            with self.store.transaction():
+                for row in self.store.all():
+                    if row.refs:
+                        self.store.set_refs(row.id, 0)
             if home:
                 os.makedirs(home, mode=0o700, exist_ok=True)
             self._ensure_base()
@@ -465,7 +474,7 @@ class Driver:
         with self._lock:
             row = self._row(layer_id)
             target = self._mount_path(row)
-            if row.refs == 0 or target not in _mount_points():
+            if target not in _mount_points():
                 self._mount(row.device, target)
                 crash.point("docker:get:mounted")
             with self.store.transaction():

@@ -192,6 +192,13 @@ class Dockerd:
             text=True,
         )
 
+    def kill(self) -> None:
+        """SIGKILL dockerd (its containerd and containers stay, as they would)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
     def stop(self, timeout: float = 60) -> None:
         proc = self.proc
         if proc is None:

@@ -7,6 +7,7 @@ dmsetup and /proc/self/mountinfo."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -429,6 +430,10 @@ def test_call_without_a_layer_is_refused(pool, plugin):
         assert "no layer id" in c.call(method)["Err"]
     assert "no layer id" in c.apply_diff("", "", b"")["Err"]
     assert witness.thin_ids(pool.name) == before
+    # Diff answers with a tar: its refusal is an HTTP error with Err.
+    resp = c._post("/GraphDriver.Diff", b'{"ID": "nothing"}', {})
+    assert resp.status == 500
+    assert "nothing does not exist" in json.loads(resp.read())["Err"]
 
 
 def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):

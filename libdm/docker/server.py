@@ -89,6 +89,13 @@ class _LimitedReader(io.RawIOBase):
         return len(data)
 
 
+def _error_status(method: str) -> int:
+    """Diff answers with a tar, so its errors need an HTTP error status
+    (Docker's client then reads ``Err``); the JSON calls carry ``Err`` in
+    a 200 answer, as Docker's proxy reads it."""
+    return 500 if method == "GraphDriver.Diff" else 200
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _UnixServer
@@ -132,12 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (DockerError, OSError, ValueError) as exc:
             logger.warning("docker: %s failed: %s", method, exc)
             self._drain(body)
-            self._reply({"Err": str(exc)})
+            self._reply({"Err": str(exc)}, _error_status(method))
             return
         except Exception as exc:
             logger.exception("docker: %s failed", method)
             self._drain(body)
-            self._reply({"Err": f"{type(exc).__name__}: {exc}"})
+            self._reply({"Err": f"{type(exc).__name__}: {exc}"}, _error_status(method))
             return
         self._reply(reply)
 

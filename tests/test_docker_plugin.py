@@ -249,6 +249,9 @@ def test_options(pool, plugin, tmp_path):
     assert "dm.fs=btrfs" in c.call("GraphDriver.Init", Home="", Opts=["dm.fs=btrfs"])["Err"]
     err = c.call("GraphDriver.Init", Home="", Opts=["dm.use_deferred_removal=maybe"])["Err"]
     assert "not a boolean" in err
+    idmap = [{"ContainerID": 0, "HostID": 100000, "Size": 65536}]
+    err = c.call("GraphDriver.Init", Home="", Opts=[], UIDMaps=idmap, GIDMaps=idmap)["Err"]
+    assert "user namespace remapping" in err
     err = c.call("GraphDriver.Init", Home="", Opts=["dm.min_free_space=25%"])["Err"]
     assert "the pool keeps 10% free" in err
     c.ok(
@@ -457,4 +460,40 @@ def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):
     c.ok("GraphDriver.Init", Home="", Opts=[])
     c.ok("GraphDriver.Remove", ID="b")
     c.ok("GraphDriver.Remove", ID="a")
+    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}
+
+
+def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):
+    """A half-applied layer that cannot be undone yet (something holds its
+    mount) is kept and reported; the plugin serves anyway, and its next
+    start undoes it."""
+    import subprocess
+
+    sock, log = str(tmp_path / "s.sock"), str(tmp_path / "plugin.log")
+    p = DockerPlugin(
+        pool.directory, sock, log=log, env={"LIBDM_CRASH_AT": "docker:apply:unpacked"}
+    )
+    p.start()
+    c = p.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="half", Parent="")
+    with pytest.raises((ConnectionError, OSError, ValueError)):
+        c.apply_diff("half", "", LOWER)
+    assert p.wait(timeout=60) == -9
+    mount = os.path.join(pool.directory, "docker", "mnt", "docker-1")
+    holder = subprocess.Popen(["sleep", "600"], cwd=mount)
+    try:
+        p.env.pop("LIBDM_CRASH_AT")
+        p.start()
+        p.client.ok("GraphDriver.Init", Home="", Opts=[])
+        p.stop()
+        assert "could not undo layer half" in (tmp_path / "plugin.log").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    p.start()
+    try:
+        assert not p.client.call("GraphDriver.Exists", ID="half")["Exists"]
+    finally:
+        p.stop()
     assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}

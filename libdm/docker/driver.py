@@ -621,15 +621,24 @@ class Driver:
                     logger.warning(
                         "docker: undoing the unfinished %s of layer %s", row.state.value, row.id
                     )
-                    self._unmount(target)
-                    self._delete_device(row.device)
+                    try:
+                        self._unmount(target)
+                        self._delete_device(row.device)
+                    except (DMError, DockerError) as exc:
+                        # Kept, and tried again at the next start: one
+                        # stuck layer must not keep the plugin from serving.
+                        logger.error("docker: could not undo layer %s: %s", row.id, exc)
+                        continue
                     with self.store.transaction():
                         self.store.delete(row.id)
                 elif row.refs and target not in mounted:
                     with self.store.transaction():
                         self.store.set_refs(row.id, 0)
                 elif not row.refs and target in mounted:
-                    self._unmount(target)
+                    try:
+                        self._unmount(target)
+                    except DockerError as exc:
+                        logger.error("docker: %s stays mounted: %s", target, exc)
             known = {r.device for r in self.store.all()} | {BASE_NAME}
             for dev in self.pool.devices():
                 if dev.name.startswith(PREFIX) and dev.name not in known:

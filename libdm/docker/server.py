@@ -160,6 +160,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "Plugin.Activate":
             return {"Implements": ["GraphDriver"]}
         if method == "GraphDriver.Init":
+            if req.get("UIDMaps") or req.get("GIDMaps"):
+                raise DockerError(
+                    "the libdm plugin does not support user namespace remapping "
+                    "(dockerd --userns-remap)"
+                )
             driver.init(str(req.get("Home") or ""), [str(o) for o in req.get("Opts") or []])
             return {"Err": ""}
         if method in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):

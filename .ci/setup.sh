@@ -45,3 +45,20 @@ if [ ${#ctd[@]} -gt 0 ]; then
 fi
 .venv/bin/python -m pip install -q -e ".[containerd,containerd-dev]"
 .venv/bin/python tests/support/containerd/build_conformance.py >/dev/null  # containerd's conformance suite, cached
+
+# The Docker graph-driver plugin (libdm.docker): Debian's dockerd (20.10,
+# which loads graph-driver plugins) with busybox for offline images, and
+# what Docker's graphtest builds from: Docker's engine source (fetched by
+# build_graphtest.py as Debian's docker.io source package, through a private
+# apt configuration; dpkg-dev unpacks it) and its Go dependencies.
+dkr=()
+for p in docker.io busybox-static dpkg-dev golang-github-docker-docker-dev \
+         golang-github-vbatts-tar-split-dev golang-github-gotestyourself-gotest.tools-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || dkr+=("$p")
+done
+if [ ${#dkr[@]} -gt 0 ]; then
+  echo "setup: installing ${dkr[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${dkr[@]}" >/dev/null
+fi
+.venv/bin/python tests/support/docker/build_graphtest.py >/dev/null  # Docker's graphtest, cached

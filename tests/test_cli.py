@@ -148,7 +148,7 @@ def test_every_command_is_there():
         "monitor register",
         "monitor unregister",
         "monitor ls",
-    } | {c for c in COMMANDS if c.startswith("snapshotter")}
+    } | {c for c in COMMANDS if c.startswith(("snapshotter", "docker"))}
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])

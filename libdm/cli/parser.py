@@ -292,7 +292,14 @@ def build_parser(width: int | None = None) -> Parser:
         The parser; ``parser.commands`` maps each command's full name
         (``"create"``, ``"pool create"``...) to its subparser.
     """
-    from libdm.cli import device_cmds, monitor_cmds, pool_cmds, snapshotter_cmds, thin_cmds
+    from libdm.cli import (
+        device_cmds,
+        docker_cmds,
+        monitor_cmds,
+        pool_cmds,
+        snapshotter_cmds,
+        thin_cmds,
+    )
 
     global _builder
     if width is None:
@@ -353,6 +360,7 @@ def build_parser(width: int | None = None) -> Parser:
         )
         monitor_cmds.register(monitor_sub)
         snapshotter_cmds.register(sub)
+        docker_cmds.register(sub)
         parser.commands = _builder.commands
         return parser
     finally:

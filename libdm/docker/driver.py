@@ -1,0 +1,668 @@
+"""Docker's graph-driver calls on a libdm pool, without HTTP.
+
+Layout, as in Docker's guide for its devicemapper driver: a base thin
+device with a filesystem, made once; a layer without parent is a thin
+snapshot of the base, a layer with a parent a thin snapshot of the
+parent's device, and a container's layers (``CreateReadWrite``) the same.
+``Get`` mounts a layer once however often it is called (a reference count
+in the plugin's records), ``Put`` unmounts it at the last reference.
+
+The plugin's records (:mod:`libdm.docker.store`) are written before each
+device change, so a kill at any point leaves devices the plugin can prove
+it made: :meth:`Driver.recover` (run at every start) finishes or undoes
+what was cut short and never touches a device the records do not name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING
+
+from libdm.dm.errors import DMError, NoSuchDeviceError
+from libdm.docker import archive
+from libdm.docker.store import BaseInfo, LayerRow, LayerState, LayerStore
+from libdm.thin import crash, fs
+from libdm.thin.units import Bytes, format_size, parse_size
+
+if TYPE_CHECKING:
+    from libdm.thin.pool import Pool
+
+__all__ = ["CRASH_POINTS", "DockerError", "Driver", "DriverOptions"]
+
+logger = logging.getLogger("libdm.docker")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+PREFIX = "docker-"
+BASE_NAME = f"{PREFIX}base"
+DEFAULT_BASE_SIZE = Bytes(10 << 30)  # Docker's dm.basesize default
+
+#: Where ``LIBDM_CRASH_AT`` can stop the plugin (see libdm.thin.crash).
+CRASH_POINTS = (
+    "docker:create:row",
+    "docker:create:device",
+    "docker:apply:marked",
+    "docker:apply:unpacked",
+    "docker:remove:marked",
+    "docker:remove:deleted",
+    "docker:get:mounted",
+)
+
+
+class DockerError(Exception):
+    """A graph-driver call refused; the message goes back to Docker."""
+
+
+_TRUE = ("1", "t", "true")
+_FALSE = ("0", "f", "false")
+_OPTIONS = (
+    "dm.basesize, dm.fs, dm.mkfsarg, dm.mountopt, dm.use_deferred_removal, "
+    "dm.use_deferred_deletion, dm.blkdiscard, dm.xfs_nospace_max_retries, dm.min_free_space"
+)
+
+
+def _bool(key: str, value: str) -> bool:
+    """A boolean as Go's strconv.ParseBool reads it (Docker's options)."""
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise DockerError(f"{key}={value}: not a boolean (true or false)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """The ``dm.*`` storage options the plugin takes (Docker's names).
+
+    Attributes:
+        base_size: the base device's size (``dm.basesize``), hence every
+            layer's.
+        fs: ``ext4`` or ``xfs`` (``dm.fs``).
+        mkfs_args: extra mkfs arguments (``dm.mkfsarg``, repeatable).
+        mount_options: extra mount options (``dm.mountopt``).
+        deferred_removal, deferred_deletion, discard, xfs_nospace_max_retries:
+            the pool's settings (``dm.use_deferred_removal``,
+            ``dm.use_deferred_deletion``, ``dm.blkdiscard``,
+            ``dm.xfs_nospace_max_retries``); ``None`` leaves the pool's.
+        min_free_space: ``dm.min_free_space`` in percent: the pool's own
+            (set when it is made), which the option may only confirm.
+    """
+
+    base_size: Bytes = DEFAULT_BASE_SIZE
+    fs: str = "ext4"
+    mkfs_args: tuple[str, ...] = ()
+    mount_options: str = ""
+    deferred_removal: bool | None = None
+    deferred_deletion: bool | None = None
+    discard: bool | None = None
+    xfs_nospace_max_retries: int | None = None
+    min_free_space: float | None = None
+
+    @classmethod
+    def parse(cls, options: Iterable[str], defaults: DriverOptions | None = None) -> DriverOptions:
+        """Options as Docker passes them (``dm.basesize=20G``...).
+
+        Raises:
+            DockerError: an unknown option or a bad value.
+        """
+        out = defaults or cls()
+        for option in options:
+            key, sep, value = option.partition("=")
+            key = key.strip().lower()
+            if not sep:
+                raise DockerError(f"storage option {option!r} has no value (use key=value)")
+            if key == "dm.basesize":
+                try:
+                    out = dataclasses.replace(out, base_size=parse_size(value, what="dm.basesize"))
+                except ValueError as exc:
+                    raise DockerError(str(exc)) from None
+            elif key == "dm.fs":
+                if value not in fs.FILESYSTEMS:
+                    raise DockerError(
+                        f"dm.fs={value}: the plugin makes {' or '.join(fs.FILESYSTEMS)}"
+                    )
+                out = dataclasses.replace(out, fs=value)
+            elif key == "dm.mkfsarg":
+                out = dataclasses.replace(out, mkfs_args=(*out.mkfs_args, value))
+            elif key == "dm.mountopt":
+                out = dataclasses.replace(out, mount_options=value)
+            elif key == "dm.use_deferred_removal":
+                out = dataclasses.replace(out, deferred_removal=_bool(key, value))
+            elif key == "dm.use_deferred_deletion":
+                out = dataclasses.replace(out, deferred_deletion=_bool(key, value))
+            elif key == "dm.blkdiscard":
+                out = dataclasses.replace(out, discard=_bool(key, value))
+            elif key == "dm.xfs_nospace_max_retries":
+                try:
+                    retries = int(value)
+                except ValueError:
+                    raise DockerError(f"{key}={value}: not a number") from None
+                out = dataclasses.replace(out, xfs_nospace_max_retries=retries)
+            elif key == "dm.min_free_space":
+                try:
+                    percent = float(value.strip().rstrip("%"))
+                except ValueError:
+                    raise DockerError(f"{key}={value}: not a percentage such as 10%") from None
+                out = dataclasses.replace(out, min_free_space=percent)
+            else:
+                raise DockerError(
+                    f"storage option {key!r} is not one the libdm plugin takes ({_OPTIONS})"
+                )
+        return out
+
+
+def _unescape(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")).replace(
+        "\\134", "\\"
+    )
+
+
+def _mount_points() -> set[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return {_unescape(line.split()[4]) for line in fh}
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+# mount(8)'s names for the generic flags; the other options go to the filesystem.
+_MOUNT_FLAGS = {
+    "ro": 1,
+    "rw": 0,
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "sync": 16,
+    "dirsync": 128,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+    "lazytime": 1 << 25,
+}
+
+
+def _mount_syscall(source: str, target: str, fstype: str, options: str) -> None:
+    """mount(2) itself: a mount(8) process costs a fork and an exec, which
+    a User-Mode Linux kernel (and a busy Docker host) feels at every Get."""
+    flags, data = 0, []
+    for opt in filter(None, options.split(",")):
+        if opt in _MOUNT_FLAGS:
+            flags |= _MOUNT_FLAGS[opt]
+        else:
+            data.append(opt)
+    rc = _LIBC.mount(
+        source.encode(), target.encode(), fstype.encode(), flags, ",".join(data).encode()
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise DockerError(
+            f"mount {source} on {target} ({options or 'defaults'}): {os.strerror(err)}"
+        )
+
+
+def _umount_syscall(target: str) -> None:
+    if _LIBC.umount2(target.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise DockerError(f"umount {target}: {os.strerror(err)}")
+
+
+def _check_id(layer_id: str) -> None:
+    # dockerd's plugin client retries a call that failed in flight with its
+    # body already consumed: an empty request is that, never a layer.
+    if not layer_id:
+        raise DockerError("no layer id given (an empty request)")
+
+
+class Driver:
+    """The graph driver on an open, live pool.
+
+    Args:
+        pool: the :class:`~libdm.Pool`.
+        options: the base device's settings when it is made (later
+            ``Init`` options replace them until it is).
+        state_dir: the plugin's private directory (default
+            ``<pool directory>/docker``).
+    """
+
+    def __init__(
+        self, pool: Pool, options: DriverOptions | None = None, state_dir: str | None = None
+    ) -> None:
+        self.pool = pool
+        self.options = options or DriverOptions()
+        self.store = LayerStore(state_dir or os.path.join(pool.directory, "docker"), PREFIX)
+        self.mount_root = self.store.statedir.join("mnt")
+        os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
+        self.home = ""
+        self._lock = threading.RLock()
+        self._configure_pool(self.options)
+        self.recover()
+
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _has_device(self, name: str) -> bool:
+        try:
+            self.pool.device(name)
+        except NoSuchDeviceError:
+            return False
+        return True
+
+    def _row(self, layer_id: str) -> LayerRow:
+        _check_id(layer_id)
+        row = self.store.get(layer_id)
+        if row is None or row.state == LayerState.REMOVING or row.state == LayerState.CREATING:
+            raise DockerError(f"layer {layer_id} does not exist")
+        return row
+
+    def _mount_path(self, row: LayerRow) -> str:
+        return os.path.join(self.mount_root, row.device)
+
+    def _fs(self) -> str:
+        base = self.store.base()
+        return base.fs if base is not None else self.options.fs
+
+    def _mount_options(self) -> str:
+        opts = ["nouuid"] if self._fs() == "xfs" else []  # every layer has the base's UUID
+        if self.options.mount_options:
+            opts.append(self.options.mount_options)
+        return ",".join(opts)
+
+    def _mount(self, device: str, target: str) -> None:
+        dev = self.pool.device(device)
+        if not dev.active:
+            dev.activate()
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        _mount_syscall(dev.path, target, self._fs(), self._mount_options())
+
+    def _unmount(self, target: str) -> None:
+        if target in _mount_points():
+            _umount_syscall(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(target)
+
+    def _delete_device(self, device: str) -> None:
+        if self._has_device(device):
+            self.pool.delete_device(device)
+
+    def _configure_pool(self, options: DriverOptions) -> None:
+        """Apply the options that are the pool's settings."""
+        if (
+            options.min_free_space is not None
+            and abs(options.min_free_space - self.pool.min_free_space) > 1e-9
+        ):
+            raise DockerError(
+                f"dm.min_free_space={options.min_free_space:g}%: the pool keeps "
+                f"{self.pool.min_free_space:g}% free, which is set when the pool is made "
+                f"(libdm pool create --min-free-space)"
+            )
+        try:
+            self.pool.configure(
+                deferred_removal=options.deferred_removal,
+                deferred_deletion=options.deferred_deletion,
+                discard_on_delete=options.discard,
+                xfs_nospace_max_retries=options.xfs_nospace_max_retries,
+            )
+        except ValueError as exc:
+            raise DockerError(str(exc)) from None
+
+    # -- the base device ----------------------------------------------------------------
+
+    def _ensure_base(self) -> BaseInfo:
+        base = self.store.base()
+        if base is not None and base.ready:
+            return base
+        opts = self.options
+        made = BaseInfo(BASE_NAME, opts.fs, int(opts.base_size), False)
+        with self.store.transaction():
+            self.store.set_base(made)
+        if self._has_device(BASE_NAME):
+            self.pool.delete_device(BASE_NAME)  # an interrupted making of ours
+        dev = self.pool.create_thin(BASE_NAME, int(opts.base_size))
+        dev.format(opts.fs, options=opts.mkfs_args)
+        # A layer's root is empty and 0755 (mkfs.ext4 leaves lost+found).
+        with fs.mounted(dev.path, options="nouuid" if opts.fs == "xfs" else None) as root:
+            lost = os.path.join(root, "lost+found")
+            if os.path.isdir(lost):
+                os.rmdir(lost)
+            os.chmod(root, 0o755)
+        self.pool.deactivate_device(BASE_NAME)
+        made = dataclasses.replace(made, ready=True)
+        with self.store.transaction():
+            self.store.set_base(made)
+        return made
+
+    # -- Docker's calls -----------------------------------------------------------------
+
+    def init(self, home: str, options: Sequence[str]) -> None:
+        """``GraphDriver.Init``: Docker's home for the driver and its
+        storage options (they set the base device, if it is not made yet).
+        A dockerd sends it when it starts: the reference counts start
+        again."""
+        with self._lock:
+            parsed = DriverOptions.parse(options, self.options)
+            base = self.store.base()
+            if (
+                base is not None
+                and base.ready
+                and options
+                and (base.fs != parsed.fs or base.size != int(parsed.base_size))
+            ):
+                logger.warning(
+                    "docker: the base device has %s of %s; dm.fs/dm.basesize apply "
+                    "only to a new pool",
+                    base.fs,
+                    format_size(Bytes(base.size)),
+                )
+            self._configure_pool(parsed)
+            self.options = parsed
+            self.home = home
+            # A new dockerd: the references of one that was killed are
+            # void (Docker counts its own in memory).  Mounts stay until
+            # the last Put, a Remove or Cleanup.
+            with self.store.transaction():
+                for row in self.store.all():
+                    if row.refs:
+                        self.store.set_refs(row.id, 0)
+            if home:
+                os.makedirs(home, mode=0o700, exist_ok=True)
+            self._ensure_base()
+
+    def create(
+        self, layer_id: str, parent: str, storage_opt: Mapping[str, str] | None = None
+    ) -> None:
+        """``GraphDriver.Create`` and ``CreateReadWrite``: a snapshot of
+        ``parent``'s device, or of the base for ``""``.  The ``size``
+        storage option grows the device and its filesystem."""
+        _check_id(layer_id)
+        size = self._size_option(storage_opt or {})
+        with self._lock:
+            base = self._ensure_base()
+            if self.store.get(layer_id) is not None:
+                raise DockerError(f"layer {layer_id} already exists")
+            origin = base.device if not parent else self._row(parent).device
+            with self.store.transaction():
+                row = self.store.insert(layer_id, parent or None)
+            crash.point("docker:create:row")
+            try:
+                self.pool.snapshot_device(origin, row.device)
+                crash.point("docker:create:device")
+                if size is not None and size > base.size:
+                    self._grow(row.device, size)
+            except BaseException:
+                self._undo_create(row)
+                raise
+            with self.store.transaction():
+                self.store.set_state(layer_id, LayerState.READY)
+
+    def _size_option(self, storage_opt: Mapping[str, str]) -> int | None:
+        size = None
+        for key, value in storage_opt.items():
+            if key.lower() != "size":
+                raise DockerError(f"storage option {key!r} is not supported (only size)")
+            try:
+                size = int(parse_size(value, what="size"))
+            except ValueError as exc:
+                raise DockerError(str(exc)) from None
+        base = self.store.base()
+        if size is not None and base is not None and size < base.size:
+            raise DockerError(
+                f"a container's size cannot be smaller than the base device's "
+                f"{format_size(Bytes(base.size))}"
+            )
+        return size
+
+    def _grow(self, device: str, size: int) -> None:
+        self.pool.resize_device(device, size)
+        dev = self.pool.device(device)
+        # Online, on a mount of its own: offline, e2fsck would put a
+        # lost+found into the layer.
+        with tempfile.TemporaryDirectory(prefix="libdm-grow-") as where:
+            self._mount(device, where)
+            try:
+                fs.grow_filesystem(dev.path)
+            finally:
+                _umount_syscall(where)
+
+    def _undo_create(self, row: LayerRow) -> None:
+        try:
+            self._delete_device(row.device)
+        except Exception as exc:
+            logger.error("docker: could not delete %s after a failed create: %s", row.device, exc)
+            return
+        with self.store.transaction():
+            self.store.delete(row.id)
+
+    def remove(self, layer_id: str) -> None:
+        """``GraphDriver.Remove``: delete the layer's device (a layer that
+        does not exist is not an error, as with Docker's own drivers)."""
+        with self._lock:
+            row = self.store.get(layer_id)
+            if row is None:
+                return
+            if row.refs > 0:
+                raise DockerError(
+                    f"layer {layer_id} is mounted ({row.refs} Get calls without Put)"
+                )
+            self._unmount(self._mount_path(row))
+            with self.store.transaction():
+                self.store.set_state(layer_id, LayerState.REMOVING)
+            crash.point("docker:remove:marked")
+            self._delete_device(row.device)
+            crash.point("docker:remove:deleted")
+            with self.store.transaction():
+                self.store.delete(layer_id)
+
+    def get(self, layer_id: str, mount_label: str = "") -> str:
+        """``GraphDriver.Get``: the layer's mounted root."""
+        with self._lock:
+            row = self._row(layer_id)
+            target = self._mount_path(row)
+            if target not in _mount_points():
+                self._mount(row.device, target)
+                crash.point("docker:get:mounted")
+            with self.store.transaction():
+                self.store.set_refs(layer_id, row.refs + 1)
+            return target
+
+    def put(self, layer_id: str) -> None:
+        """``GraphDriver.Put``: drop a reference; the last unmounts."""
+        with self._lock:
+            row = self._row(layer_id)
+            if row.refs <= 0:
+                raise DockerError(f"layer {layer_id} is not mounted")
+            if row.refs == 1:
+                self._unmount(self._mount_path(row))
+                try:
+                    self.pool.deactivate_device(row.device)
+                except DMError as exc:
+                    logger.warning("docker: %s stays active: %s", row.device, exc)
+            with self.store.transaction():
+                self.store.set_refs(layer_id, row.refs - 1)
+
+    def exists(self, layer_id: str) -> bool:
+        with self._lock:
+            row = self.store.get(layer_id)
+        return row is not None and row.state in (LayerState.READY, LayerState.APPLYING)
+
+    def status(self) -> list[tuple[str, str]]:
+        """``GraphDriver.Status``: the pool's report, as ``docker info``
+        shows Docker's devicemapper driver's."""
+        info = self.pool.info().as_dict()
+        with self._lock:
+            base = self.store.base()
+            rows = self.store.all()
+        if base is not None:
+            info["Base Device Size"] = format_size(Bytes(base.size))
+            info["Backing Filesystem"] = base.fs
+        layers = sum(1 for r in rows if r.state == LayerState.READY)
+        return [*info.items(), ("Layers", str(layers))]
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        """``GraphDriver.GetMetadata``: as Docker's devicemapper driver."""
+        with self._lock:
+            row = self._row(layer_id)
+        dev = self.pool.device(row.device)
+        return {
+            "DeviceId": str(dev.thin_id),
+            "DeviceSize": str(int(dev.size)),
+            "DeviceName": dev.dm_name,
+        }
+
+    def cleanup(self) -> None:
+        """``GraphDriver.Cleanup`` (Docker stops): unmount every layer."""
+        with self._lock:
+            for row in self.store.all():
+                if row.refs or os.path.lexists(self._mount_path(row)):
+                    self._unmount(self._mount_path(row))
+                    with self.store.transaction():
+                        self.store.set_refs(row.id, 0)
+                    try:
+                        self.pool.deactivate_device(row.device)
+                    except DMError as exc:
+                        logger.warning("docker: %s stays active: %s", row.device, exc)
+
+    # -- the socket ---------------------------------------------------------------
+
+    def record_socket(self, path: str, dev: int, ino: int) -> None:
+        """Remember the socket the server made (its identity, for the next run)."""
+        with self._lock, self.store.transaction():
+            self.store.set_socket(path, dev, ino)
+
+    def made_socket(self, path: str, dev: int, ino: int) -> bool:
+        """Whether the socket at ``path`` is the one recorded."""
+        return self.store.socket() == (path, dev, ino)
+
+    # -- the tar work ---------------------------------------------------------------
+
+    def _held(self, layer_id: str) -> _Held:
+        return _Held(self, layer_id)
+
+    def changes(self, layer_id: str, parent: str) -> list[archive.Change]:
+        """``GraphDriver.Changes``: Docker's ``ChangesDirs`` of the two layers."""
+        with self._held(layer_id) as root:
+            if not parent:
+                return archive.changes(root, None)
+            with self._held(parent) as parent_root:
+                return archive.changes(root, parent_root)
+
+    def diff_size(self, layer_id: str, parent: str) -> int:
+        """``GraphDriver.DiffSize``: the bytes added or modified over ``parent``."""
+        with self._held(layer_id) as root:
+            if not parent:
+                return archive.changes_size(root, archive.changes(root, None))
+            with self._held(parent) as parent_root:
+                return archive.changes_size(root, archive.changes(root, parent_root))
+
+    def diff(self, layer_id: str, parent: str, out: IO[bytes]) -> None:
+        """``GraphDriver.Diff``: write the layer tar of the layer over ``parent``."""
+        with self._held(layer_id) as root:
+            if not parent:
+                archive.export_changes(root, None, out)
+                return
+            with self._held(parent) as parent_root:
+                archive.export_changes(root, parent_root, out)
+
+    def apply_diff(self, layer_id: str, parent: str, stream: IO[bytes]) -> int:
+        """``GraphDriver.ApplyDiff``: unpack a layer tar into the layer.
+
+        While it runs the layer is ``applying``: if the plugin is killed,
+        Docker's call has failed and Docker never took the layer, so
+        :meth:`recover` deletes it.
+        """
+        with self._lock:
+            row = self._row(layer_id)
+            with self.store.transaction():
+                self.store.set_state(layer_id, LayerState.APPLYING)
+        crash.point("docker:apply:marked")
+        with self._held(layer_id) as root:
+            size = archive.apply_layer(root, stream)
+            crash.point("docker:apply:unpacked")
+            _syncfs(root)  # the layer's data is on the pool before Docker records it
+        with self._lock, self.store.transaction():
+            self.store.set_state(row.id, LayerState.READY)
+        return size
+
+    # -- recovery -------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Bring the records and the pool into agreement after a kill:
+        layers whose creation, ApplyDiff or removal was cut short are
+        deleted (their devices are the plugin's: the records named them
+        before they were made), reference counts of mounts a reboot took
+        are reset.  Devices named like the plugin's that its records do
+        not name are reported and left alone."""
+        with self._lock:
+            mounted = _mount_points()
+            base = self.store.base()
+            if base is not None and not base.ready:
+                self._delete_device(base.device)
+                with self.store.transaction():
+                    self.store.set_base(None)
+            for row in self.store.all():
+                target = self._mount_path(row)
+                if row.state != LayerState.READY:
+                    logger.warning(
+                        "docker: undoing the unfinished %s of layer %s", row.state.value, row.id
+                    )
+                    try:
+                        self._unmount(target)
+                        self._delete_device(row.device)
+                    except (DMError, DockerError) as exc:
+                        # Kept, and tried again at the next start: one
+                        # stuck layer must not keep the plugin from serving.
+                        logger.error("docker: could not undo layer %s: %s", row.id, exc)
+                        continue
+                    with self.store.transaction():
+                        self.store.delete(row.id)
+                elif row.refs and target not in mounted:
+                    with self.store.transaction():
+                        self.store.set_refs(row.id, 0)
+                elif not row.refs and target in mounted:
+                    try:
+                        self._unmount(target)
+                    except DockerError as exc:
+                        logger.error("docker: %s stays mounted: %s", target, exc)
+            known = {r.device for r in self.store.all()} | {BASE_NAME}
+            for dev in self.pool.devices():
+                if dev.name.startswith(PREFIX) and dev.name not in known:
+                    logger.warning(
+                        "docker: %s is named like the plugin's devices but is not in its "
+                        "records; it is left alone",
+                        dev.name,
+                    )
+            for name in os.listdir(self.mount_root):
+                path = os.path.join(self.mount_root, name)
+                if name not in known and path not in mounted:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
+
+
+class _Held:
+    """A layer mounted for the plugin's own reading or writing (a ``Get``
+    and ``Put`` of its own)."""
+
+    def __init__(self, driver: Driver, layer_id: str) -> None:
+        self.driver, self.layer_id = driver, layer_id
+
+    def __enter__(self) -> str:
+        return self.driver.get(self.layer_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self.driver.put(self.layer_id)

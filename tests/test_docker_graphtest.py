@@ -1,0 +1,77 @@
+"""Docker's own graph-driver conformance functions (``graphtest`` from
+Debian's docker.io source: CreateEmpty, CreateBase, CreateSnap,
+DeepLayerRead with 50 layers, DiffApply, Changes) against the libdm
+plugin, reached through Docker's real plugin proxy, in the test kernel.
+
+The binary is built once in GOPATH mode (tests/support/docker/graphtest_test.go
+and build_graphtest.py; no module proxy) and cached under .venv/cache.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+from support import witness
+from support.docker.build_graphtest import build
+from support.docker.plugin_util import DockerPlugin
+
+pytestmark = pytest.mark.kernel
+
+FUNCTIONS = [
+    "Setup",
+    "CreateEmpty",
+    "CreateBase",
+    "CreateSnap",
+    "DeepLayerRead50",
+    "DiffApply10Files",
+    "Changes",
+    "Teardown",
+]
+
+
+def test_graphtest_through_dockers_proxy(make_pool, tmp_path):
+    binary = build()  # cached; .ci/setup.sh builds it on the host
+    pool = make_pool(data_size="4G")
+    # A plugin name of its own: Docker's proxy finds /run/docker/plugins/NAME.sock.
+    name = f"libdm-graphtest-{os.getpid()}"
+    sock = f"/run/docker/plugins/{name}.sock"
+    plugin = DockerPlugin(
+        pool.directory, sock, options=("dm.basesize=64M",), log=str(tmp_path / "plugin.log")
+    ).start()
+    try:
+        env = dict(os.environ, LIBDM_GRAPHTEST_PLUGIN=name, TMPDIR=str(tmp_path))
+        proc = subprocess.run(
+            [binary, "-test.v", "-test.timeout=20m"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+            cwd=tmp_path,
+        )
+        out = proc.stdout + proc.stderr
+        (tmp_path / "graphtest.log").write_text(out)
+        passed = re.findall(r"--- PASS: Test(\S+)", out)
+        assert proc.returncode == 0, out[-6000:]
+        assert passed == FUNCTIONS, out[-6000:]
+    finally:
+        plugin.stop()
+    # Every device in the pool is one the plugin records (graphtest leaves
+    # its deep layers), nothing is mounted after Docker's Cleanup, and once
+    # the plugin removes what is left, only the base remains.
+    with open("/proc/self/mountinfo") as fh:
+        assert pool.directory not in fh.read()
+    import sqlite3
+
+    db = sqlite3.connect(os.path.join(pool.directory, "docker", "docker.db"))
+    layers = [r[0] for r in db.execute("SELECT id FROM layers ORDER BY seq DESC")]
+    db.close()
+    base = pool.device("docker-base").thin_id
+    assert len(witness.thin_ids(pool.name)) == len(layers) + 1
+    plugin.start()
+    try:
+        for layer in layers:
+            plugin.client.ok("GraphDriver.Remove", ID=layer)
+    finally:
+        plugin.stop()
+    assert witness.thin_ids(pool.name) == {base}

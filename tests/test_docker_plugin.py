@@ -1,0 +1,499 @@
+"""The Docker graph-driver plugin (libdm.docker) served in a child
+process in the test kernel, driven through its HTTP protocol as Docker's
+proxy drives it: every call, chunked ApplyDiff bodies, reference-counted
+mounts, and kills at every step of a change, checked with thin_dump,
+dmsetup and /proc/self/mountinfo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+
+import pytest
+from support import witness
+from support.docker.plugin_util import Client, DockerPlugin, mounts_of
+
+import libdm
+from libdm.docker import CRASH_POINTS
+
+pytestmark = pytest.mark.kernel
+
+MTIME = 1700000000
+
+
+def _tar(entries) -> bytes:
+    """A layer tar: (name, kind, data/target, mode, uid, gid, xattrs)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data, mode, uid, gid, xattrs in entries:
+            info = tarfile.TarInfo(name)
+            info.mode, info.uid, info.gid, info.mtime = mode, uid, gid, MTIME
+            if xattrs:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+            elif kind == "link":
+                info.type, info.linkname = tarfile.LNKTYPE, data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+SPARSE = b"head" + bytes(4 << 20) + b"tail"
+LOWER = _tar(
+    [
+        ("etc", "dir", None, 0o755, 0, 0, None),
+        ("etc/hostname", "file", b"lower\n", 0o644, 0, 0, None),
+        ("dir", "dir", None, 0o755, 0, 0, None),
+        ("dir/a", "file", b"a\n", 0o644, 0, 0, None),
+        ("dir/b", "file", b"b\n", 0o600, 0, 0, None),
+        ("opq", "dir", None, 0o755, 0, 0, None),
+        ("opq/x", "file", b"x\n", 0o644, 0, 0, None),
+        ("opq/sub", "dir", None, 0o755, 0, 0, None),
+        ("opq/sub/y", "file", b"y\n", 0o644, 0, 0, None),
+        ("gone", "dir", None, 0o755, 0, 0, None),
+        ("gone/deep", "file", b"d\n", 0o644, 0, 0, None),
+        ("keep", "file", b"kept\n", 0o644, 0, 0, None),
+    ]
+)
+UPPER = _tar(
+    [
+        ("dir", "dir", None, 0o755, 0, 0, None),
+        ("dir/.wh.a", "file", b"", 0o644, 0, 0, None),
+        ("opq", "dir", None, 0o711, 0, 0, None),
+        ("opq/.wh..wh..opq", "file", b"", 0o644, 0, 0, None),
+        ("opq/z", "file", b"z\n", 0o644, 0, 0, None),
+        (".wh.gone", "file", b"", 0o644, 0, 0, None),
+        ("tool", "file", b"#!/bin/sh\n", 0o4755, 1000, 1001, {"user.origin": "layer"}),
+        ("tool2", "link", "tool", 0, 0, 0, None),
+        ("link", "sym", "/keep", 0o777, 0, 0, None),
+        ("sparse", "file", SPARSE, 0o640, 7, 8, None),
+        ("etc/hostname", "file", b"upper\n", 0o600, 0, 42, None),
+    ]
+)
+# What the two layers make, as (kind, mode, uid, gid, content digest or target).
+EXPECTED_UPPER = {
+    "etc": ("d", 0o755, 0, 0, None),
+    "etc/hostname": ("f", 0o600, 0, 42, b"upper\n"),
+    "dir": ("d", 0o755, 0, 0, None),
+    "dir/b": ("f", 0o600, 0, 0, b"b\n"),
+    "opq": ("d", 0o711, 0, 0, None),
+    "opq/z": ("f", 0o644, 0, 0, b"z\n"),
+    "keep": ("f", 0o644, 0, 0, b"kept\n"),
+    "tool": ("f", 0o4755, 1000, 1001, b"#!/bin/sh\n"),
+    "tool2": ("f", 0o4755, 1000, 1001, b"#!/bin/sh\n"),
+    "link": ("l", 0o777, 0, 0, "/keep"),
+    "sparse": ("f", 0o640, 7, 8, SPARSE),
+}
+
+
+def _snapshot(root: str) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                kind, content = "d", None
+            elif stat.S_ISLNK(st.st_mode):
+                kind, content = "l", os.readlink(path)
+            else:
+                with open(path, "rb") as fh:
+                    kind, content = "f", fh.read()
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content)
+    return out
+
+
+def _names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getnames()
+
+
+def _chunks(data: bytes, size: int = 7919):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.fixture
+def pool(make_pool):
+    return make_pool(data_size="2G")
+
+
+@pytest.fixture
+def plugin(pool, tmp_path):
+    p = DockerPlugin(pool.directory, str(tmp_path / "p.sock"), log=str(tmp_path / "plugin.log"))
+    p.start()
+    yield p
+    if p.proc is not None:
+        p.client.call("GraphDriver.Cleanup")
+        p.stop()
+
+
+def _layer_ids(pool) -> set[int]:
+    return witness.thin_ids(pool.name)
+
+
+def test_every_call(pool, plugin, tmp_path):
+    c = plugin.client
+    assert c.call("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+    c.ok("GraphDriver.Init", Home=str(tmp_path / "home"), Opts=[])
+    assert c.call("GraphDriver.Capabilities") == {"Capabilities": {"ReproducesExactDiffs": False}}
+    status = dict(c.call("GraphDriver.Status")["Status"])
+    assert status["Pool Name"] == pool.name
+    assert status["Base Device Size"] == "64 MiB"
+    assert status["Backing Filesystem"] == "ext4"
+
+    c.ok("GraphDriver.Create", ID="lower", Parent="")
+    assert c.apply_diff("lower", "", _chunks(LOWER)) == {"Err": "", "Size": 21}
+    c.ok("GraphDriver.Create", ID="upper", Parent="lower")
+    reply = c.apply_diff("upper", "lower", _chunks(UPPER))
+    assert reply == {"Err": "", "Size": 10 + 2 + len(SPARSE) + 6}
+    assert c.call("GraphDriver.Exists", ID="upper") == {"Exists": True}
+    assert c.call("GraphDriver.Exists", ID="nothing") == {"Exists": False}
+
+    # Two Gets, one mount; the last Put unmounts and deactivates.
+    meta = c.ok("GraphDriver.GetMetadata", ID="upper")["Metadata"]
+    root = c.ok("GraphDriver.Get", ID="upper")["Dir"]
+    assert c.ok("GraphDriver.Get", ID="upper")["Dir"] == root
+    dev = "/dev/mapper/" + meta["DeviceName"]
+    assert mounts_of(dev) == [root]
+    assert _snapshot(root) == EXPECTED_UPPER
+    st = os.stat(os.path.join(root, "sparse"))
+    assert st.st_blocks * 512 < 1 << 20, "the hole was written out"
+    assert (
+        os.stat(os.path.join(root, "tool")).st_ino == os.stat(os.path.join(root, "tool2")).st_ino
+    )
+    assert os.getxattr(os.path.join(root, "tool"), "user.origin") == b"layer"
+    assert os.stat(os.path.join(root, "etc/hostname")).st_mtime == MTIME
+    c.ok("GraphDriver.Put", ID="upper")
+    assert mounts_of(dev) == [root]
+    c.ok("GraphDriver.Put", ID="upper")
+    assert witness.info(meta["DeviceName"]) is None
+    assert c.call("GraphDriver.Put", ID="upper")["Err"]  # not mounted any more
+
+    # GetMetadata against thin_dump and dmsetup.
+    assert int(meta["DeviceId"]) in _layer_ids(pool)
+    assert meta["DeviceSize"] == str(64 << 20)
+
+    changes = c.ok("GraphDriver.Changes", ID="upper", Parent="lower")["Changes"]
+    assert sorted((ch["Path"], ch["Kind"]) for ch in changes) == sorted(
+        [
+            ("/dir", 0),
+            ("/dir/a", 2),
+            ("/etc", 0),
+            ("/etc/hostname", 0),
+            ("/gone", 2),
+            ("/link", 1),
+            ("/opq", 0),
+            ("/opq/sub", 2),
+            ("/opq/x", 2),
+            ("/opq/z", 1),
+            ("/sparse", 1),
+            ("/tool", 1),
+            ("/tool2", 1),
+        ]
+    )
+    size = c.ok("GraphDriver.DiffSize", ID="upper", Parent="lower")["Size"]
+    assert size == 6 + 5 + len(SPARSE) + 10 + 2  # hostname, link, sparse, tool (once), z
+
+    # Diff, applied on another snapshot of lower, makes the same tree.
+    diff = c.diff("upper", "lower")
+    names = _names(diff)
+    assert "dir/.wh.a" in names and ".wh.gone" in names and "opq/.wh.x" in names
+    c.ok("GraphDriver.Create", ID="copy", Parent="lower")
+    assert c.apply_diff("copy", "lower", diff)["Size"] == len(SPARSE) + 6 + 10 + 2
+    copy = c.ok("GraphDriver.Get", ID="copy")["Dir"]
+    assert _snapshot(copy) == EXPECTED_UPPER
+    c.ok("GraphDriver.Put", ID="copy")
+
+    # A full diff (no parent) is the whole tree.
+    assert {n.rstrip("/") for n in _names(c.diff("upper", ""))} == set(EXPECTED_UPPER)
+
+    # A container's layer with a size: the device and its filesystem grow.
+    c.ok("GraphDriver.CreateReadWrite", ID="ctr", Parent="upper", StorageOpt={"size": "128M"})
+    meta = c.ok("GraphDriver.GetMetadata", ID="ctr")["Metadata"]
+    assert meta["DeviceSize"] == str(128 << 20)
+    root = c.ok("GraphDriver.Get", ID="ctr")["Dir"]
+    sv = os.statvfs(root)
+    assert sv.f_blocks * sv.f_frsize > 100 << 20
+    c.ok("GraphDriver.Put", ID="ctr")
+    err = c.call("GraphDriver.CreateReadWrite", ID="small", Parent="", StorageOpt={"size": "8M"})
+    assert "smaller than" in err["Err"]
+    assert "already exists" in c.call("GraphDriver.Create", ID="ctr", Parent="")["Err"]
+    assert "does not exist" in c.call("GraphDriver.Create", ID="x", Parent="nope")["Err"]
+
+    for layer in ("ctr", "copy", "upper", "lower"):
+        c.ok("GraphDriver.Remove", ID=layer)
+    c.ok("GraphDriver.Remove", ID="lower")  # gone already: not an error
+    c.ok("GraphDriver.Cleanup")
+    assert _layer_ids(pool) == {pool.device("docker-base").thin_id}
+    assert not [n for n in witness.names() if n.startswith(pool.name + "-docker-")]
+
+
+def test_options(pool, plugin, tmp_path):
+    """Docker's dm.* options: the pool's settings are applied to the pool,
+    anything else is refused by name."""
+    c = plugin.client
+    err = c.call("GraphDriver.Init", Home=str(tmp_path), Opts=["dm.thinpooldev=/dev/x"])["Err"]
+    assert "dm.thinpooldev" in err and "not one the libdm plugin takes" in err
+    assert "dm.fs=btrfs" in c.call("GraphDriver.Init", Home="", Opts=["dm.fs=btrfs"])["Err"]
+    err = c.call("GraphDriver.Init", Home="", Opts=["dm.use_deferred_removal=maybe"])["Err"]
+    assert "not a boolean" in err
+    idmap = [{"ContainerID": 0, "HostID": 100000, "Size": 65536}]
+    err = c.call("GraphDriver.Init", Home="", Opts=[], UIDMaps=idmap, GIDMaps=idmap)["Err"]
+    assert "user namespace remapping" in err
+    err = c.call("GraphDriver.Init", Home="", Opts=["dm.min_free_space=25%"])["Err"]
+    assert "the pool keeps 10% free" in err
+    c.ok(
+        "GraphDriver.Init",
+        Home="",
+        Opts=[
+            "dm.use_deferred_removal=false",
+            "dm.use_deferred_deletion=false",
+            "dm.min_free_space=10%",
+            "dm.xfs_nospace_max_retries=3",
+        ],
+    )
+    stored = libdm.Pool.load(pool.directory)
+    try:
+        assert stored.deferred_removal is False
+        assert stored.deferred_deletion is False
+        assert stored.xfs_nospace_max_retries == 3
+    finally:
+        stored.close()
+    status = dict(c.call("GraphDriver.Status")["Status"])
+    assert status["Deferred Removal Enabled"] == "false"
+
+
+def test_xfs_base(make_pool, tmp_path):
+    pool = make_pool(data_size="2G")
+    p = DockerPlugin(
+        pool.directory, str(tmp_path / "x.sock"), options=("dm.fs=xfs", "dm.basesize=300M")
+    )
+    p.start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        c.ok("GraphDriver.Create", ID="a", Parent="")
+        c.ok("GraphDriver.Create", ID="b", Parent="a")
+        ra = c.ok("GraphDriver.Get", ID="a")["Dir"]
+        rb = c.ok("GraphDriver.Get", ID="b")["Dir"]  # same filesystem UUID, both mounted
+        assert os.listdir(ra) == os.listdir(rb) == []
+        assert witness.dmsetup("info", "-c", "--noheadings", "-o", "name").count("docker") >= 2
+        assert dict(c.call("GraphDriver.Status")["Status"])["Backing Filesystem"] == "xfs"
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+
+
+def _existing_thin_ids(client: Client, layers) -> set[int]:
+    out = set()
+    for layer in layers:
+        if client.call("GraphDriver.Exists", ID=layer)["Exists"]:
+            out.add(int(client.ok("GraphDriver.GetMetadata", ID=layer)["Metadata"]["DeviceId"]))
+    return out
+
+
+# The plugin's own points, and one of the pool's in a create and in a delete.
+KILL_POINTS = [*CRASH_POINTS, "create:message", "delete:intent"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_at_every_step(pool, tmp_path, point):
+    """Killed at a step of Create, ApplyDiff, Remove or Get, the restarted
+    plugin keeps every acknowledged layer with its data, has undone the
+    call in flight, and leaks no device."""
+    sock = str(tmp_path / "k.sock")
+    log = str(tmp_path / "plugin.log")
+    p = DockerPlugin(pool.directory, sock, log=log).start()
+    c = p.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="kept", Parent="")
+    c.apply_diff("kept", "", LOWER)
+    c.ok("GraphDriver.Create", ID="victim", Parent="kept")
+    p.stop()
+
+    p = DockerPlugin(pool.directory, sock, log=log, env={"LIBDM_CRASH_AT": point}).start()
+    c = p.client
+    if point.startswith(("docker:remove", "delete:")):
+        op = "remove"
+    elif point.startswith("docker:get"):
+        op = "get"
+    elif point.startswith("docker:apply"):
+        op = "apply"
+    else:
+        op = "create"
+    try:
+        if op == "remove":
+            c.call("GraphDriver.Remove", ID="victim")
+        elif op == "get":
+            c.call("GraphDriver.Get", ID="kept")
+        else:
+            c.call("GraphDriver.Create", ID="new", Parent="kept")
+            if op == "apply":
+                c.apply_diff("new", "kept", _chunks(UPPER))
+    except (ConnectionError, OSError, AssertionError, ValueError):
+        pass
+    assert p.wait(timeout=120) == -9, f"the plugin was not killed at {point}"
+
+    p = DockerPlugin(pool.directory, sock, log=log).start()
+    c = p.client
+    try:
+        root = c.ok("GraphDriver.Get", ID="kept")["Dir"]
+        assert _snapshot(root)["etc/hostname"][4] == b"lower\n"
+        c.ok("GraphDriver.Put", ID="kept")
+        if op == "get":
+            # The interrupted Get's mount was undone: one Get, one Put, unmounted.
+            meta = c.ok("GraphDriver.GetMetadata", ID="kept")["Metadata"]
+            assert witness.info(meta["DeviceName"]) is None
+        if op == "remove":
+            # Marked for removal before the kill: the removal is finished.
+            assert not c.call("GraphDriver.Exists", ID="victim")["Exists"]
+        else:
+            assert c.call("GraphDriver.Exists", ID="victim")["Exists"]
+        if op in ("create", "apply"):
+            assert not c.call("GraphDriver.Exists", ID="new")["Exists"]
+        # No device leaked: thin_dump holds the base and the live layers only.
+        live = _existing_thin_ids(c, ["kept", "victim", "new"])
+        assert witness.thin_ids(pool.name) == live | {pool.device("docker-base").thin_id}
+        # And the ids are free again.
+        c.ok("GraphDriver.Create", ID="new", Parent="kept")
+        c.ok("GraphDriver.Remove", ID="new")
+    finally:
+        c.call("GraphDriver.Cleanup")
+        p.stop()
+
+
+def test_foreign_devices_left_alone(pool, tmp_path):
+    """Devices the plugin did not make, named like its own or not, survive
+    its recovery and its removals."""
+    foreign = pool.create_thin("docker-999", "16M")
+    other = pool.create_thin("ctrd-1", "16M")
+    ids = {foreign.thin_id, other.thin_id}
+    p = DockerPlugin(pool.directory, str(tmp_path / "f.sock"), log=str(tmp_path / "l")).start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        c.ok("GraphDriver.Create", ID="a", Parent="")
+        c.ok("GraphDriver.Remove", ID="a")
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    p.start()
+    p.stop()
+    assert ids <= witness.thin_ids(pool.name)
+    assert "docker-999 is named like the plugin's devices" in (tmp_path / "l").read_text()
+
+
+def test_socket_in_the_way(pool, tmp_path):
+    """A socket the plugin did not make is not replaced; a file neither."""
+    import socket
+
+    path = tmp_path / "s.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # stale, but not the plugin's
+    p = DockerPlugin(pool.directory, str(path), log=str(tmp_path / "log"))
+    with pytest.raises(RuntimeError, match="did not make"):
+        p.start()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    os.unlink(path)
+    path.write_text("mine")
+    with pytest.raises(RuntimeError, match="is not a socket"):
+        p.start()
+    assert path.read_text() == "mine"
+    path.unlink()
+    # Its own stale socket (a kill leaves it) is replaced.
+    p.start()
+    p.kill()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    p.start()
+    p.stop()
+    assert not path.exists()
+
+
+def test_call_without_a_layer_is_refused(pool, plugin):
+    """dockerd's plugin client retries a call that died with the plugin by
+    sending the request again with its body already consumed: an empty
+    Create must make nothing (it once made a layer named "")."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    before = witness.thin_ids(pool.name)
+    for method in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):
+        assert "no layer id" in c.call(method)["Err"]
+    assert "no layer id" in c.apply_diff("", "", b"")["Err"]
+    assert witness.thin_ids(pool.name) == before
+    # Diff answers with a tar: its refusal is an HTTP error with Err.
+    resp = c._post("/GraphDriver.Diff", b'{"ID": "nothing"}', {})
+    assert resp.status == 500
+    assert "nothing does not exist" in json.loads(resp.read())["Err"]
+
+
+def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):
+    """A dockerd killed with layers mounted never Puts them; the next
+    dockerd's Init starts the counts again (Docker's own driver counts in
+    memory), without mounting anything twice, and its Remove works."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="a", Parent="")
+    root = c.ok("GraphDriver.Get", ID="a")["Dir"]
+    c.ok("GraphDriver.Get", ID="a")
+    dev = "/dev/mapper/" + c.ok("GraphDriver.GetMetadata", ID="a")["Metadata"]["DeviceName"]
+    # dockerd is killed here; a new one starts.
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    assert c.ok("GraphDriver.Get", ID="a")["Dir"] == root
+    assert mounts_of(dev) == [root]
+    c.ok("GraphDriver.Put", ID="a")
+    assert not os.path.exists(dev) or mounts_of(dev) == []
+    c.ok("GraphDriver.Create", ID="b", Parent="")
+    c.ok("GraphDriver.Get", ID="b")
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Remove", ID="b")
+    c.ok("GraphDriver.Remove", ID="a")
+    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}
+
+
+def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):
+    """A half-applied layer that cannot be undone yet (something holds its
+    mount) is kept and reported; the plugin serves anyway, and its next
+    start undoes it."""
+    import subprocess
+
+    sock, log = str(tmp_path / "s.sock"), str(tmp_path / "plugin.log")
+    p = DockerPlugin(
+        pool.directory, sock, log=log, env={"LIBDM_CRASH_AT": "docker:apply:unpacked"}
+    )
+    p.start()
+    c = p.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="half", Parent="")
+    with pytest.raises((ConnectionError, OSError, ValueError)):
+        c.apply_diff("half", "", LOWER)
+    assert p.wait(timeout=60) == -9
+    mount = os.path.join(pool.directory, "docker", "mnt", "docker-1")
+    holder = subprocess.Popen(["sleep", "600"], cwd=mount)
+    try:
+        p.env.pop("LIBDM_CRASH_AT")
+        p.start()
+        p.client.ok("GraphDriver.Init", Home="", Opts=[])
+        p.stop()
+        assert "could not undo layer half" in (tmp_path / "plugin.log").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    p.start()
+    try:
+        assert not p.client.call("GraphDriver.Exists", ID="half")["Exists"]
+    finally:
+        p.stop()
+    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}

@@ -289,7 +289,10 @@ class Transaction:
         try:
             self._record_outcome()
         except (OSError, sqlite3.Error) as exc:
-            if isinstance(exc, DMError):
+            # The store's own refusals (StateError) are wrapped too: they
+            # say what the store could not write, this says which change
+            # and what finishes it.  Other libdm errors pass as they are.
+            if isinstance(exc, DMError) and not isinstance(exc, StateError):
                 raise
             raise self.journal.unrecorded(
                 f"{_done(self.intent)}, but recording that failed",
@@ -477,7 +480,10 @@ class Journal:
         try:
             yield
         except (OSError, sqlite3.Error) as exc:
-            if isinstance(exc, DMError):
+            # The store's own refusals (StateError) are wrapped too: they
+            # say what the store could not write, this says which change
+            # and what finishes it.  Other libdm errors pass as they are.
+            if isinstance(exc, DMError) and not isinstance(exc, StateError):
                 raise
             raise self.unrecorded(
                 f"nothing was changed: the intent to {op.value} {name!r} could not be recorded",

@@ -16,6 +16,8 @@ from support import witness
 from support.docker.build_graphtest import build
 from support.docker.plugin_util import DockerPlugin
 
+import libdm
+
 pytestmark = pytest.mark.kernel
 
 FUNCTIONS = [
@@ -75,3 +77,58 @@ def test_graphtest_through_dockers_proxy(make_pool, tmp_path):
     finally:
         plugin.stop()
     assert witness.thin_ids(pool.name) == {base}
+
+
+def test_graphtest_on_dockers_devicemapper_driver_on_a_handed_over_pool(make_pool, tmp_path):
+    """The other column: Docker's own devicemapper driver, given a libdm
+    pool that was handed to it (dm.thinpooldev), as the guide's direct-lvm
+    setup with libdm in LVM's place.  Docker's judgement, then libdm's
+    part: the pool reopens although Docker moved its transaction id, and
+    grows with Docker's devices in it, which keep their data."""
+    binary = build()
+    pool = make_pool(data_size="2G")
+    pool.hand_over("docker")
+    options = ",".join(
+        (
+            f"dm.thinpooldev=/dev/mapper/{pool.name}",
+            "dm.override_udev_sync_check=true",
+            "dm.fs=ext4",
+            "dm.basesize=128M",
+        )
+    )
+    env = dict(
+        os.environ,
+        LIBDM_GRAPHTEST_DRIVER="devicemapper",
+        LIBDM_GRAPHTEST_OPTIONS=options,
+        TMPDIR=str(tmp_path),
+    )
+    proc = subprocess.run(
+        [binary, "-test.v", "-test.timeout=20m"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    (tmp_path / "graphtest.log").write_text(out)
+    passed = re.findall(r"--- PASS: Test(\S+)", out)
+    assert proc.returncode == 0, out[-6000:]
+    assert passed == FUNCTIONS, out[-6000:]
+    # Docker made its devices (graphtest leaves its deep layers) and moved
+    # the transaction id; libdm recorded none of them.
+    docker_ids = witness.thin_ids(pool.name)
+    txid = witness.transaction_id(pool.name)
+    assert len(docker_ids) > 50 and txid > 50
+    assert pool.devices() == []
+    again = libdm.Pool.open(pool.directory)
+    try:
+        used_before = witness.pool_status(pool.name)[2].split("/")[0]
+        again.resize("3G")
+        used, total = witness.pool_status(pool.name)[2].split("/")
+        assert int(total) * int(again.block_size.bytes()) == 3 << 30
+        assert used == used_before
+    finally:
+        again.close()
+    assert witness.thin_ids(pool.name) == docker_ids
+    assert witness.transaction_id(pool.name) == txid

@@ -147,7 +147,8 @@ def build() -> str:
         os.environ,
         GO111MODULE="off",
         GOPATH=f"{gopath}:/usr/share/gocode",
-        CGO_ENABLED="0",
+        # Docker's devicemapper driver, the second column, links libdevmapper.
+        CGO_ENABLED="1",
         GOCACHE=os.path.join(gopath, "gocache"),
         GOFLAGS="",
     )

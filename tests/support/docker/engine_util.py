@@ -121,10 +121,14 @@ def saved_layer_digests(path: Path) -> list[str]:
 
 class Dockerd:
     """dockerd with a private socket, exec-root, pidfile and data-root,
-    without the networking the kernel lacks, on ``driver``."""
+    without the networking the kernel lacks, on ``driver`` with its
+    storage ``options``."""
 
-    def __init__(self, workdir: Path, data_root: Path, driver: str) -> None:
+    def __init__(
+        self, workdir: Path, data_root: Path, driver: str, options: Sequence[str] = ()
+    ) -> None:
         self.workdir, self.data_root, self.driver = workdir, data_root, driver
+        self.options = tuple(options)  # --storage-opt each
         self.sock = f"/run/{driver}-dockerd.sock"
         self.log_path = workdir / "dockerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -135,6 +139,7 @@ class Dockerd:
             "--experimental",
             "--storage-driver",
             self.driver,
+            *(arg for opt in self.options for arg in ("--storage-opt", opt)),
             "-H",
             f"unix://{self.sock}",
             "--exec-root",

@@ -1,18 +1,24 @@
 // Docker's graph-driver conformance functions (daemon/graphdriver/graphtest)
 // run against a legacy graph-driver plugin through Docker's own plugin
-// proxy.  graphtest asks graphdriver.GetDriver for a driver by name with
-// no plugin getter and without experimental mode, so a built-in name is
-// registered here whose init asks for the plugin the way dockerd does.
+// proxy, or against Docker's own devicemapper driver.  graphtest asks
+// graphdriver.GetDriver for a driver by name with no plugin getter and
+// without experimental mode, so a built-in name is registered here whose
+// init asks for the plugin the way dockerd does.
 //
 // The plugin's name comes from LIBDM_GRAPHTEST_PLUGIN (default "libdm"):
-// a socket at /run/docker/plugins/<name>.sock.
+// a socket at /run/docker/plugins/<name>.sock.  LIBDM_GRAPHTEST_DRIVER
+// names another driver instead ("devicemapper", compiled in below), and
+// LIBDM_GRAPHTEST_OPTIONS gives the driver's options, comma-separated
+// (dm.thinpooldev=/dev/mapper/POOL,...).
 package libdmgraphtest
 
 import (
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/docker/docker/daemon/graphdriver"
+	_ "github.com/docker/docker/daemon/graphdriver/devmapper" // the other column
 	"github.com/docker/docker/daemon/graphdriver/graphtest"
 	"github.com/docker/docker/pkg/idtools"
 	"github.com/docker/docker/pkg/plugingetter"
@@ -20,7 +26,7 @@ import (
 	"github.com/docker/docker/pkg/reexec"
 )
 
-const driverName = "libdm-through-proxy"
+const proxyName = "libdm-through-proxy"
 
 // legacyPlugins resolves v1 plugins as dockerd's plugin store does for them.
 type legacyPlugins struct{}
@@ -58,7 +64,7 @@ func pluginName() string {
 
 func init() {
 	reexec.Init()
-	if err := graphdriver.Register(driverName, func(home string, options []string, uidMaps, gidMaps []idtools.IDMap) (graphdriver.Driver, error) {
+	if err := graphdriver.Register(proxyName, func(home string, options []string, uidMaps, gidMaps []idtools.IDMap) (graphdriver.Driver, error) {
 		return graphdriver.GetDriver(pluginName(), legacyPlugins{}, graphdriver.Options{
 			Root:                home,
 			DriverOptions:       options,
@@ -71,35 +77,51 @@ func init() {
 	}
 }
 
+// The driver under test: the plugin through the proxy, or the one named.
+func driverName() string {
+	if name := os.Getenv("LIBDM_GRAPHTEST_DRIVER"); name != "" {
+		return name
+	}
+	return proxyName
+}
+
+func driverOptions() []string {
+	if opts := os.Getenv("LIBDM_GRAPHTEST_OPTIONS"); opts != "" {
+		return strings.Split(opts, ",")
+	}
+	return nil
+}
+
 // The functions share one driver, as Docker's own driver tests do:
-// Setup first, Teardown last (go test runs them in this order).
+// Setup first (with the options), Teardown last (go test runs them in
+// this order).
 
 func TestSetup(t *testing.T) {
-	graphtest.GetDriver(t, driverName)
+	graphtest.GetDriver(t, driverName(), driverOptions()...)
 }
 
 func TestCreateEmpty(t *testing.T) {
-	graphtest.DriverTestCreateEmpty(t, driverName)
+	graphtest.DriverTestCreateEmpty(t, driverName())
 }
 
 func TestCreateBase(t *testing.T) {
-	graphtest.DriverTestCreateBase(t, driverName)
+	graphtest.DriverTestCreateBase(t, driverName())
 }
 
 func TestCreateSnap(t *testing.T) {
-	graphtest.DriverTestCreateSnap(t, driverName)
+	graphtest.DriverTestCreateSnap(t, driverName())
 }
 
 func TestDeepLayerRead50(t *testing.T) {
-	graphtest.DriverTestDeepLayerRead(t, 50, driverName)
+	graphtest.DriverTestDeepLayerRead(t, 50, driverName())
 }
 
 func TestDiffApply10Files(t *testing.T) {
-	graphtest.DriverTestDiffApply(t, 10, driverName)
+	graphtest.DriverTestDiffApply(t, 10, driverName())
 }
 
 func TestChanges(t *testing.T) {
-	graphtest.DriverTestChanges(t, driverName)
+	graphtest.DriverTestChanges(t, driverName())
 }
 
 func TestTeardown(t *testing.T) {

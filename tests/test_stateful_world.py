@@ -89,14 +89,15 @@ BLOCK = 64 * KiB
 DATA_SIZE = 64 * MiB
 META_SIZE = 4 * MiB
 STATE_FS_SIZE = 4 * MiB  # the tmpfs that holds the state directories
-FOREIGN_SIZE = 4 * MiB  # the other program's loop device
+FOREIGN_SIZE = 512 * KiB  # the other program's loop device
+FOREIGN_DM = 256  # sectors of each of its device-mapper devices
 MAX_DEVICES = 5  # per pool
 MAX_WRITES = 30  # per example
 MAX_SQUATTERS = 2
 
-TOTAL_STEPS = reliability.scale(40, 2000)
-TOTAL_KILLS = reliability.scale(6, 200)
-STEPS_PER_EXAMPLE = reliability.scale(20, 60)
+TOTAL_STEPS = reliability.scale(30, 2000)
+TOTAL_KILLS = reliability.scale(5, 200)
+STEPS_PER_EXAMPLE = reliability.scale(15, 60)
 MAX_EXAMPLES = 200
 CHILD_TIMEOUT = 120.0  # a step that takes longer is hung: the pool is wedged
 
@@ -350,7 +351,7 @@ class WorldMachine:
         self.pools: dict[str, WorldPool] = {}
         self.loops: list[str] = []  # every loop device made here
         self.foreign_dm: dict[str, dict] = {}  # other programs' devices
-        self.foreign_loops: dict[str, str] = {}  # loop device -> its file
+        self.foreign_loops: dict[str, tuple] = {}  # loop device -> (its file, size, sha)
         self.foreign_files: dict[str, tuple] = {}  # path -> (mode, uid, sha)
         self.parent_names: set[str] = set()
         self.squat_count = 0
@@ -361,6 +362,7 @@ class WorldMachine:
         self.ballast: str | None = None
         self.read_only = False
         self.kept_closed = False  # the library's kept pools closed for a step
+        self.dump = True  # check thin ids with thin_dump at the next settle
         self.pending: tuple[str, list[dict], set] | None = None  # after a kill
         self.log: list[str] = []
 
@@ -409,12 +411,14 @@ class WorldMachine:
             self.base / "other" / "disk", FOREIGN_SIZE, rnd.randbytes(FOREIGN_SIZE)
         )
         self.foreign_disk = disk
-        self.foreign_loops[disk] = str(self.base / "other" / "disk")
-        spare = self._losetup(self.base / "other" / "spare", MiB, rnd.randbytes(MiB))
-        self.foreign_loops[spare] = str(self.base / "other" / "spare")
+        self._foreign_loop(disk, self.base / "other" / "disk", FOREIGN_SIZE)
+        spare = self._losetup(self.base / "other" / "spare", 128 * KiB, rnd.randbytes(128 * KiB))
+        self._foreign_loop(spare, self.base / "other" / "spare", 128 * KiB)
         p, pb = f"{self.prefix}p", f"{self.prefix}p-b"
-        self._foreign_create(f"{p}-y", f"0 2048 linear {_devno(disk)} 0", "OTHERPROG-linear-y")
-        self._foreign_create(f"{pb}-z", "0 2048 zero", "OTHERPROG-zero-z")
+        self._foreign_create(
+            f"{p}-y", f"0 {FOREIGN_DM} linear {_devno(disk)} 0", "OTHERPROG-linear-y"
+        )
+        self._foreign_create(f"{pb}-z", f"0 {FOREIGN_DM} zero", "OTHERPROG-zero-z")
         # The two pools, on loop devices over files outside the state filesystem.
         for key, name in (("p", p), ("pb", pb)):
             pool = WorldPool(key, name, str(self.statefs / name[len(self.prefix) :]))
@@ -430,18 +434,21 @@ class WorldMachine:
         self.parent_names = set(os.listdir(self.statefs))
         for fname in files:
             path = str(self.statefs / fname)
-            self.foreign_files[path] = self._file_facts(path)
+            self.foreign_files[path] = self.file_facts(path)
         self.log.append(f"world: pools {p} and {pb}, foreign {sorted(self.foreign_dm)}")
-        self.world = self._foreign_world()
+        self.world = self.foreign_world()
 
-    def _foreign_create(self, name, table, uuid, size=MiB):
+    def _foreign_loop(self, dev, path, size):
+        self.foreign_loops[dev] = (str(path), size, sha(witness.read_direct(dev, 0, size)))
+
+    def _foreign_create(self, name, table, uuid, size=FOREIGN_DM * 512):
         witness.dmsetup("create", name, "--uuid", uuid, "--table", table)
         witness.dmsetup("mknodes", name)  # no udev in the test kernel
         self.foreign_dm[name] = {"uuid": uuid, "table": [table], "size": size}
         self.foreign_dm[name]["sha"] = sha(witness.read_direct(f"/dev/mapper/{name}", 0, size))
 
     @staticmethod
-    def _file_facts(path):
+    def file_facts(path):
         st = os.lstat(path)
         with open(path, "rb") as fh:
             return (oct(st.st_mode), st.st_uid, sha(fh.read()))
@@ -468,7 +475,7 @@ class WorldMachine:
 
     # -- the world outside a pool --------------------------------------------------------
 
-    def _foreign_world(self):
+    def foreign_world(self):
         """Everything the pools must leave alone, as it is now."""
         snap = witness.kernel_snapshot()
         dms = {
@@ -478,11 +485,11 @@ class WorldMachine:
         }
         return {"snap": snap, "dm": dms}
 
-    def _check_foreign(self, acting, before, what):
+    def check_foreign(self, acting, before, what):
         """Nothing that the pool ``acting`` did not make changed in ``what``
         (dmsetup's view from ``before``), and the other programs' devices,
         loop devices and files are byte for byte as they were."""
-        after = self._foreign_world()
+        after = self.foreign_world()
         touched = []
         owner = self.pools.get(acting)
         for name in sorted(set(before["dm"]) | set(after["dm"])):
@@ -508,15 +515,25 @@ class WorldMachine:
                     f"contents of {name} (another program's device): sha256 {facts['sha']} "
                     f"before, {got} after"
                 )
-        for dev, path in sorted(self.foreign_loops.items()):
+        for dev, (path, size, digest) in sorted(self.foreign_loops.items()):
             backing = _sysfs_text(f"/sys/block/{os.path.basename(dev)}/loop/backing_file")
             if backing != path:
                 touched.append(
                     f"loop device {dev} (another program's): over {backing}, was {path}"
                 )
+                continue
+            try:
+                got = sha(witness.read_direct(dev, 0, size, timeout=10))
+            except (OSError, witness.PoolWedged) as exc:
+                got = f"unreadable ({exc})"
+            if got != digest:
+                touched.append(
+                    f"contents of loop device {dev} (another program's): sha256 {digest} "
+                    f"before, {got} after"
+                )
         for path, facts in sorted(self.foreign_files.items()):
             try:
-                now = self._file_facts(path)
+                now = self.file_facts(path)
             except OSError as exc:
                 now = f"gone ({exc})"
             if now != facts:
@@ -831,14 +848,15 @@ class WorldMachine:
             found.append(f"transaction id: store {state['txid']}, kernel {st['txid']}")
         recorded = {r["thin_id"] for r in state["devices"]}
         queued = {r["thin_id"] for r in state["deferred"]}
-        meta = witness.devnode(witness.parse_pool_table(snap["tables"][pool.name][0])["meta"])
-        on_disk = witness.thin_ids(pool.name, meta=meta)
-        leaked = on_disk - recorded - queued - set(state["foreign"])
-        phantom = (recorded | queued) - on_disk
-        if leaked:
-            found.append(f"leaked thin ids (on disk, not in the store) {sorted(leaked)}")
-        if phantom:
-            found.append(f"records without a thin id on disk {sorted(phantom)}")
+        if self.dump:  # not after a write: it changes no thin id
+            meta = witness.devnode(witness.parse_pool_table(snap["tables"][pool.name][0])["meta"])
+            on_disk = witness.thin_ids(pool.name, meta=meta)
+            leaked = on_disk - recorded - queued - set(state["foreign"])
+            phantom = (recorded | queued) - on_disk
+            if leaked:
+                found.append(f"leaked thin ids (on disk, not in the store) {sorted(leaked)}")
+            if phantom:
+                found.append(f"records without a thin id on disk {sorted(phantom)}")
         ours = {
             info["uuid"]: name
             for name, info in snap["infos"].items()
@@ -861,9 +879,20 @@ class WorldMachine:
             )
         return found
 
-    def _check_pool(self, pool, candidates, loose, what, snap):
+    def _check_pool(self, pool, candidates, loose, what, snap, *, whole=True):
         """The pool is healthy, its witnesses agree, it is one of the
-        ``candidates`` (models: name -> Dev), and every page reads back."""
+        ``candidates`` (models: name -> Dev), and every page reads back.
+        Not ``whole``: only its store against its model and its pages (a
+        pool that did not act; its devices in the kernel are checked by
+        :meth:`check_foreign`)."""
+        if not whole:
+            rows, _ = self._observe(pool, snap)
+            d = self._diff(pool, candidates[0], rows, (), snap)
+            if d:
+                self.stats.disagreements += 1
+                self._fail(f"after {what}: pool {pool.name}, which did not act, changed: {d}")
+            self._check_content(pool, what)
+            return
         try:
             problems = witness.pool_problems(pool.directory, snapshot=snap)
         except witness.PoolWedged as exc:
@@ -927,13 +956,16 @@ class WorldMachine:
         """After a step whose result is known: nothing foreign changed, and
         every pool is whole (``acting`` is one of ``candidates``)."""
         self.stats.steps += 1
-        self.world = self._check_foreign(acting, before, what)
+        self.world = self.check_foreign(acting, before, what)
         snap = self.world["snap"]
-        for key, pool in self.pools.items():
-            if key == acting:
-                self._check_pool(pool, candidates, loose, what, snap)
-            else:
-                self._check_pool(pool, [pool.devices], (), what, snap)
+        try:
+            for key, pool in self.pools.items():
+                if key == acting:
+                    self._check_pool(pool, candidates, loose, what, snap)
+                else:
+                    self._check_pool(pool, [pool.devices], (), what, snap, whole=False)
+        finally:
+            self.dump = True
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -1025,7 +1057,7 @@ class WorldMachine:
         if op == "snapshot":
             loose.add(args["origin"])
         if out.killed:
-            self.world = self._check_foreign(pool.key, before_world, what)
+            self.world = self.check_foreign(pool.key, before_world, what)
             self.pending = (pool.key, [copy.deepcopy(before), after], loose)
             return out
         if not out.ok:
@@ -1042,7 +1074,7 @@ class WorldMachine:
                 )
             if hostile:
                 # The kernel may have made the change before the store failed.
-                self.world = self._check_foreign(pool.key, before_world, what)
+                self.world = self.check_foreign(pool.key, before_world, what)
                 self.pending = (pool.key, [copy.deepcopy(before), after], loose)
                 return out
             if expect == "ok":
@@ -1056,7 +1088,7 @@ class WorldMachine:
         if op == "ls":
             self._check_listing(pool, out.value, [before], what)
         if hostile:
-            self.world = self._check_foreign(pool.key, before_world, what)
+            self.world = self.check_foreign(pool.key, before_world, what)
             self.pending = (pool.key, [after], set())
             return out
         self._settle(pool.key, [after], (), what, before_world)
@@ -1248,7 +1280,7 @@ class WorldMachine:
         if not out.ok and not out.libdm:
             self.stats.bad_errors += 1
             self._fail(f"{self.log[-1]}\n  destroy failed with {out.error}: {out.text}")
-        self.world = self._check_foreign(pool.key, before_world, self.log[-1])
+        self.world = self.check_foreign(pool.key, before_world, self.log[-1])
         if not out.ok and not any(self._squatted(pool, n) for n in before):
             self._fail(f"{self.log[-1]}\n  destroy should have worked: {out.text}")
         opened = self._perform(pool, "open", {}, open_entry or self._entry(), None)
@@ -1293,6 +1325,7 @@ class WorldMachine:
             self._fail(str(exc))
         for i, t in enumerate(tags):
             dev.pages[first + i] = t
+        self.dump = False
         self._settle(key, [pool.devices], (), self.log[-1], self.world)
 
     def _squat(self, key=None, name=None):
@@ -1310,14 +1343,14 @@ class WorldMachine:
             key, name = self.rnd.choice(choices)
         dm = self.pools[key].dm(name)
         self.squat_count += 1
-        offset = 2048 * (1 + self.squat_count % 3)
+        offset = FOREIGN_DM * (1 + self.squat_count % 3)
         self._foreign_create(
             dm,
-            f"0 2048 linear {_devno(self.foreign_disk)} {offset}",
+            f"0 {FOREIGN_DM} linear {_devno(self.foreign_disk)} {offset}",
             f"OTHERPROG-squat-{self.squat_count}-{dm[-8:]}",
         )
         self.log.append(f"another program: dmsetup create {dm} (linear over {self.foreign_disk})")
-        self.world = self._foreign_world()
+        self.world = self.foreign_world()
         return True
 
     def _unsquat(self):
@@ -1330,7 +1363,7 @@ class WorldMachine:
             witness.dmsetup("remove", name, check=False)
         del self.foreign_dm[name]
         self.squat_count -= 1
-        self.world = self._foreign_world()
+        self.world = self.foreign_world()
 
     # -- a hostile state filesystem -------------------------------------------------------------
 
@@ -1590,5 +1623,86 @@ def test_world_example(script, dm_prefix, tmp_path):
     try:
         machine.build()
         machine.run_script(SCRIPTS[script])
+    finally:
+        machine.teardown()
+
+
+def test_the_world_checks_can_fail(dm_prefix, tmp_path):
+    """Each way a step could touch what its pool did not make is seen: a
+    check that cannot fail checks nothing."""
+    CONTEXT.update(
+        dm_prefix=dm_prefix,
+        workdir=tmp_path,
+        stats=Stats(),
+        rnd=random.Random(0),
+        seed="(checks)",
+        steps=10**9,
+        kills=10**9,
+    )
+    machine = WorldMachine()
+
+    def caught(change, *words):
+        before = machine.foreign_world()
+        change()
+        with pytest.raises(StepFailed) as info:
+            machine.check_foreign("p", before, "a test's change")
+        for word in words:
+            assert word in str(info.value), str(info.value)
+
+    try:
+        machine.build()
+        p, pb = machine.pools["p"], machine.pools["pb"]
+        # Nothing changed: nothing to say.
+        machine.check_foreign("p", machine.foreign_world(), "nothing")
+        notes = str(machine.statefs / "notes.txt")
+        caught(lambda: os.chmod(notes, 0o666), "notes.txt", "0o100644", "0o100666")
+        os.chmod(notes, 0o644)
+
+        def append():
+            with open(notes, "ab") as fh:
+                fh.write(b"x")
+
+        def add():
+            with open(machine.statefs / "new", "wb"):
+                pass
+
+        caught(append, "notes.txt")
+        machine.foreign_files[notes] = machine.file_facts(notes)
+        caught(add, "holds", "'new'")
+        os.unlink(machine.statefs / "new")
+        # Another program's device: its contents, its table, its presence.
+        linear = f"{p.name}-y"
+        caught(
+            lambda: witness.write_direct(f"/dev/mapper/{linear}", 0, bytes(PAGE)),
+            f"contents of {linear}",
+            f"contents of loop device {machine.foreign_disk}",
+        )
+        data = witness.read_direct(f"/dev/mapper/{linear}", 0, FOREIGN_DM * 512)
+        machine.foreign_dm[linear]["sha"] = sha(data)
+        path, size, _ = machine.foreign_loops[machine.foreign_disk]
+        machine.foreign_loops[machine.foreign_disk] = (
+            path,
+            size,
+            sha(witness.read_direct(machine.foreign_disk, 0, size)),
+        )
+        zero = f"{pb.name}-z"
+
+        def reload():
+            witness.dmsetup("reload", zero, "--table", f"0 {FOREIGN_DM // 2} zero")
+            witness.dmsetup("resume", zero)
+
+        caught(reload, f"device {zero} (another program's)", f"0 {FOREIGN_DM // 2} zero")
+        witness.dmsetup("reload", zero, "--table", f"0 {FOREIGN_DM} zero")
+        witness.dmsetup("resume", zero)
+        caught(lambda: witness.dmsetup("suspend", zero), "SUSPENDED")
+        witness.dmsetup("resume", zero)
+        # The other pool's device, seen by uuid as the other pool's.
+        pb.lib.create_thin("x", MiB)
+        witness.write_direct(f"/dev/mapper/{pb.dm('x')}", 0, pattern(1))
+        caught(lambda: witness.dmsetup("remove", pb.dm("x")), f"pool {pb.name}'s", "absent")
+        # The acting pool's own devices are its own business.
+        before = machine.foreign_world()
+        p.lib.create_thin("c", MiB)
+        machine.check_foreign("p", before, "p's own change")
     finally:
         machine.teardown()

@@ -95,9 +95,9 @@ MAX_DEVICES = 5  # per pool
 MAX_WRITES = 30  # per example
 MAX_SQUATTERS = 2
 
-TOTAL_STEPS = reliability.scale(30, 2000)
-TOTAL_KILLS = reliability.scale(5, 200)
-STEPS_PER_EXAMPLE = reliability.scale(15, 60)
+TOTAL_STEPS = reliability.scale(20, 2000)
+TOTAL_KILLS = reliability.scale(3, 200)
+STEPS_PER_EXAMPLE = reliability.scale(20, 60)
 MAX_EXAMPLES = 200
 CHILD_TIMEOUT = 120.0  # a step that takes longer is hung: the pool is wedged
 
@@ -126,6 +126,7 @@ POINTS_FOR = {
     "watch": (),
 }
 ENTRIES = ("library", "load", "cli", "monitor")
+THIN_ID_OPS = ("create_thin", "snapshot", "delete", "destroy", "open")
 
 # One operation on a pool, run in this process on the kept Pool or in a
 # child on a fresh Pool.load (the same source, so both make the same calls).
@@ -362,7 +363,7 @@ class WorldMachine:
         self.ballast: str | None = None
         self.read_only = False
         self.kept_closed = False  # the library's kept pools closed for a step
-        self.dump = True  # check thin ids with thin_dump at the next settle
+        self.dump = False  # check thin ids with thin_dump at the next settle
         self.pending: tuple[str, list[dict], set] | None = None  # after a kill
         self.log: list[str] = []
 
@@ -504,8 +505,8 @@ class WorldMachine:
                     f"{self._dm_text(old)}, after {self._dm_text(new)}"
                 )
         for name, facts in sorted(self.foreign_dm.items()):
-            if name not in after["dm"]:
-                continue  # reported above
+            if name not in after["dm"] or after["dm"][name][2]:
+                continue  # gone or suspended: reported above
             try:
                 got = sha(witness.read_direct(f"/dev/mapper/{name}", 0, facts["size"], timeout=10))
             except (OSError, witness.PoolWedged) as exc:
@@ -780,6 +781,8 @@ class WorldMachine:
         delay = kill[1] if kill and kill[0] == "delay" else None
         self.stats.ops[op] += 1
         self.stats.entries[entry] += 1
+        if kill or self.ballast or self.read_only or op in THIN_ID_OPS:
+            self.dump = True
         args = dict(args, directory=pool.directory)
         if entry == "library":
             out = self._library(pool, op, args)
@@ -848,7 +851,7 @@ class WorldMachine:
             found.append(f"transaction id: store {state['txid']}, kernel {st['txid']}")
         recorded = {r["thin_id"] for r in state["devices"]}
         queued = {r["thin_id"] for r in state["deferred"]}
-        if self.dump:  # not after a write: it changes no thin id
+        if self.dump:  # thin_dump costs seconds: only after a change of thin ids
             meta = witness.devnode(witness.parse_pool_table(snap["tables"][pool.name][0])["meta"])
             on_disk = witness.thin_ids(pool.name, meta=meta)
             leaked = on_disk - recorded - queued - set(state["foreign"])
@@ -965,7 +968,7 @@ class WorldMachine:
                 else:
                     self._check_pool(pool, [pool.devices], (), what, snap, whole=False)
         finally:
-            self.dump = True
+            self.dump = False
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -984,13 +987,15 @@ class WorldMachine:
         return self.rnd.choice(entries)
 
     def _kill(self, op, entry):
-        if entry == "library" or self.rnd.random() >= 0.3:
+        if entry == "library" or self.rnd.random() >= 0.4:
             return None
         points = POINTS_FOR.get(op, ())
-        if points and self.rnd.random() < 0.6:
+        if points and self.rnd.random() < 0.75:
             return ("point", f"{self.rnd.choice(points)}@1")
-        if entry == "cli" or entry == "monitor":
-            return ("delay", self.rnd.uniform(0.2, 3.0))
+        if entry == "cli":  # Python takes about a second to start here
+            return ("delay", self.rnd.uniform(1.0, 2.2))
+        if entry == "monitor":
+            return ("delay", self.rnd.uniform(0.5, 3.0))
         return ("delay", self.rnd.uniform(0.0, 0.08))
 
     def _expect(self, pool, op, args):
@@ -1215,9 +1220,9 @@ class WorldMachine:
             return
         rnd = self.rnd
         roll = rnd.random()
-        if roll < 0.05 and self.squat_count < MAX_SQUATTERS and self._squat():
+        if roll < 0.08 and self.squat_count < MAX_SQUATTERS and self._squat():
             return
-        if roll < 0.08 and self.squat_count:
+        if 0.08 <= roll < 0.10 and self.squat_count:
             self._unsquat()
             return
         if roll < 0.20:
@@ -1262,6 +1267,9 @@ class WorldMachine:
             return op, {"name": rnd.choice(names), "size": rnd.choice([MiB, 2 * MiB])}
         if op == "snapshot":
             return op, {"origin": rnd.choice(sorted(devs)), "name": rnd.choice(names)}
+        squatted = sorted(n for n in devs if self._squatted(pool, n))
+        if squatted and rnd.random() < 0.5:
+            devs = {n: devs[n] for n in squatted}  # where names collide
         if op == "resize_thin":
             name = rnd.choice(sorted(devs))
             old = devs[name].size
@@ -1325,7 +1333,6 @@ class WorldMachine:
             self._fail(str(exc))
         for i, t in enumerate(tags):
             dev.pages[first + i] = t
-        self.dump = False
         self._settle(key, [pool.devices], (), self.log[-1], self.world)
 
     def _squat(self, key=None, name=None):
@@ -1526,6 +1533,12 @@ SCRIPTS = {
         ("change", "pb", "create_thin", {"name": "x", "size": MiB}, "cli", None),
         ("write", "pb", "x", 0, 4),
         ("change", "p", "resize_thin", {"name": "b-x", "size": 2 * MiB}, "cli", None),
+    ],
+    "open-takes-another-pools-device-for-its-own": [
+        ("change", "p", "create_thin", {"name": "b-x", "size": MiB}, "cli", None),
+        ("change", "p", "deactivate", {"name": "b-x"}, "cli", None),
+        ("change", "pb", "create_thin", {"name": "x", "size": MiB}, "cli", None),
+        ("change", "p", "open", {}, "cli", None),
     ],
     # Another program's linear device under the name of P's inactive c.
     "delete-inactive-device-whose-name-another-program-took": [

@@ -111,12 +111,13 @@ ROWS = [
     (
         "stateful world",
         "hostile_full",
-        "steps run with the state filesystem full (ENOSPC), then given space back",
+        "times the state filesystem was filled (ENOSPC) for one to three steps, "
+        "then given space back",
     ),
     (
         "stateful world",
         "hostile_read_only",
-        "steps run with the state filesystem read-only, then made writable",
+        "times it was remounted read-only for one to three steps, then made writable again",
     ),
     ("stateful world", "losses", "written pages of a crowded host that did not read back"),
     (

@@ -1520,7 +1520,7 @@ def _run_world(steps, kills, per_example):
             wedged=stats.wedged,
             foreign_touched=stats.foreign_touched,
             bad_errors=stats.bad_errors,
-            hostile_full=stats.hostile["full"],
+            hostile_full=stats.hostile["full"] + stats.hostile["full-alone"],
             hostile_read_only=stats.hostile["read-only"],
             operations=sorted(stats.ops),
             entry_points=sorted(stats.entries),

@@ -576,7 +576,6 @@ class WorldMachine:
                 f"after {what}, {acting or 'nobody'} touched what it did not make:\n    "
                 + "\n    ".join(touched)
             )
-        # The other program's loop device's contents, by checksum.
         return after
 
     def _whose(self, info, name, snap):
@@ -635,16 +634,11 @@ class WorldMachine:
             pool.lib = None  # destroy closed it
         return out
 
-    def _spawn(self, argv, env, delay, stdin=subprocess.PIPE):
-        proc = subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
+    @staticmethod
+    def _spawn(argv, env, stdin=subprocess.PIPE):
+        return subprocess.Popen(
+            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
-        return proc
 
     def _finish(self, proc, what, delay):
         try:
@@ -671,9 +665,7 @@ class WorldMachine:
 
     def _load_child(self, pool, op, args, point, delay):
         proc = self._spawn(
-            [sys.executable, "-c", CHILD, json.dumps({"op": op, "args": args})],
-            self._env(point),
-            delay,
+            [sys.executable, "-c", CHILD, json.dumps({"op": op, "args": args})], self._env(point)
         )
         if proc.stdout.readline().strip() != "ready":
             proc.kill()
@@ -718,7 +710,7 @@ class WorldMachine:
 
     def _cli(self, pool, op, args, point, delay):
         proc = self._spawn(
-            self._cli_argv(pool, op, args), self._env(point), delay, stdin=subprocess.DEVNULL
+            self._cli_argv(pool, op, args), self._env(point), stdin=subprocess.DEVNULL
         )
         out, err = self._finish(proc, f"libdm {op} {args}", delay)
         if proc.returncode == -signal.SIGKILL:
@@ -774,7 +766,6 @@ class WorldMachine:
                 "0.2",
             ],
             env,
-            None,
             stdin=subprocess.DEVNULL,
         )
         started = time.monotonic()

@@ -134,6 +134,13 @@ POINTS_FOR = {
     "watch": (),
 }
 ENTRIES = ("library", "load", "cli", "monitor")
+# What an error on a hostile state filesystem must say (a store called
+# damaged, or a backup advised, when the filesystem is full misleads).
+HOSTILE_WORDS = {
+    "full": r"space|ENOSPC|full",
+    "full-alone": r"space|ENOSPC|full",
+    "read-only": r"read-only|EROFS",
+}
 THIN_ID_OPS = ("create_thin", "snapshot", "delete", "destroy", "open")
 
 # One operation on a pool, run in this process on the kept Pool or in a
@@ -1097,6 +1104,14 @@ class WorldMachine:
                 self._fail(
                     f"{what}\n  {op} failed with {out.error}, which is not a libdm error "
                     f"(a DMError, or an OSError naming its file): {out.text}"
+                )
+            said = HOSTILE_WORDS.get(hostile)
+            words = re.sub(r"/\S+", "", out.text)  # not a word of a path
+            if said and expect != "error" and not re.search(said, words, re.IGNORECASE):
+                self.stats.bad_errors += 1
+                self._fail(
+                    f"{what}\n  the error does not say what happened to the state "
+                    f"filesystem ({hostile}; no match for {said!r}): {out.text}"
                 )
             if hostile:
                 # The kernel may have made the change before the store failed.

@@ -38,7 +38,8 @@ Each example here builds a small host and runs random steps on it:
   pools) or remounted read-only, one to three steps run, and the space
   is given back: each step either does what it should or raises a libdm
   error (a ``DMError``, never ``sqlite3.*``, ``KeyError`` or an
-  ``OSError`` without a path), a listing works on a full filesystem, and
+  ``OSError`` without a path) that says what happened (no space, or a
+  read-only filesystem), a listing works on a full filesystem, and
   nothing is lost.  A failed step is settled like a kill.  Read-only
   needs the files this process holds open for writing closed, so the
   library's pools are closed for those steps (the library's steps then

@@ -1034,6 +1034,10 @@ class WorldMachine:
         after = copy.deepcopy(before)
         name = args.get("name")
         must, may_refuse = "ok", False
+        if op in ("delete", "resize_thin", "activate", "deactivate") and name not in before:
+            # A script's device whose create was refused (a name that can
+            # collide with another pool's): the pool has no such device.
+            return after, "error"
         if op == "create_thin":
             if self._taken(pool, name):
                 return after, "error"

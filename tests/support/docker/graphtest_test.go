@@ -13,9 +13,16 @@
 package libdmgraphtest
 
 import (
+	"archive/tar"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/docker/docker/daemon/graphdriver"
 	_ "github.com/docker/docker/daemon/graphdriver/devmapper" // the other column
@@ -126,4 +133,105 @@ func TestChanges(t *testing.T) {
 
 func TestTeardown(t *testing.T) {
 	graphtest.PutDriver(t)
+}
+
+// TestTimeCalls times each graph-driver call a layer and a container take,
+// for several drivers taking turns round by round (bench/docker.py reads
+// its last line).  It runs only when LIBDM_GRAPHTEST_TIMING gives the
+// number of rounds; LIBDM_GRAPHTEST_TIMING_DRIVERS lists the drivers as
+// NAME|OPTION,OPTION;... ("proxy" is the plugin through Docker's proxy).
+func TestTimeCalls(t *testing.T) {
+	rounds, _ := strconv.Atoi(os.Getenv("LIBDM_GRAPHTEST_TIMING"))
+	if rounds <= 0 {
+		t.Skip("LIBDM_GRAPHTEST_TIMING is not set")
+	}
+	type timedDriver struct {
+		name   string
+		driver graphdriver.Driver
+		parent string
+		layers []string
+	}
+	var drivers []*timedDriver
+	for _, spec := range strings.Split(os.Getenv("LIBDM_GRAPHTEST_TIMING_DRIVERS"), ";") {
+		name, opts, _ := strings.Cut(spec, "|")
+		registered := name
+		if name == "proxy" {
+			registered = proxyName
+		}
+		var options []string
+		if opts != "" {
+			options = strings.Split(opts, ",")
+		}
+		d, err := graphdriver.GetDriver(registered, nil, graphdriver.Options{Root: t.TempDir(), DriverOptions: options})
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		defer d.Cleanup()
+		drivers = append(drivers, &timedDriver{name: name, driver: d})
+	}
+	layer := layerTar(t, 2<<20)
+	times := map[string]map[string][]float64{}
+	for _, td := range drivers {
+		times[td.name] = map[string][]float64{}
+	}
+	for i := 0; i < rounds; i++ {
+		for _, td := range drivers {
+			d, parent := td.driver, td.parent
+			timed := func(call string, f func() error) {
+				start := time.Now()
+				if err := f(); err != nil {
+					t.Fatalf("%s %s: %v", td.name, call, err)
+				}
+				times[td.name][call] = append(times[td.name][call], time.Since(start).Seconds())
+			}
+			id := fmt.Sprintf("timing-%d-%d", time.Now().UnixNano(), i)
+			rw := id + "-rw"
+			timed("Create", func() error { return d.Create(id, parent, nil) })
+			timed("ApplyDiff", func() error {
+				_, err := d.ApplyDiff(id, parent, bytes.NewReader(layer))
+				return err
+			})
+			timed("CreateReadWrite", func() error { return d.CreateReadWrite(rw, id, nil) })
+			timed("Get", func() error {
+				_, err := d.Get(rw, "")
+				return err
+			})
+			timed("Put", func() error { return d.Put(rw) })
+			timed("Remove", func() error { return d.Remove(rw) })
+			td.layers = append(td.layers, id)
+			td.parent = id
+		}
+	}
+	for _, td := range drivers {
+		for i := len(td.layers) - 1; i >= 0; i-- {
+			if err := td.driver.Remove(td.layers[i]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	out, err := json.Marshal(times)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("LIBDM_TIMING %s\n", out)
+}
+
+// layerTar is a layer of one file of size bytes (random, so that nothing
+// on the way can compress or share it).
+func layerTar(t *testing.T, size int) []byte {
+	data := make([]byte, size)
+	rand.New(rand.NewSource(1)).Read(data)
+	var buf bytes.Buffer
+	w := tar.NewWriter(&buf)
+	hdr := &tar.Header{Name: "blob", Mode: 0o644, Size: int64(size), ModTime: time.Unix(1700000000, 0)}
+	if err := w.WriteHeader(hdr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }

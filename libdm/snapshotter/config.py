@@ -8,7 +8,7 @@ Keys (all optional except the pool, which ``--pool`` can give instead)::
     fs_type = "ext4"                  # or "xfs"
     fs_options = ""                   # extra mkfs arguments, e.g. "-b 4096"
     async_remove = false              # Remove returns before the device is deleted
-    discard_blocks = false            # discard a device's blocks before deleting it
+    discard_blocks = false            # true: discard before every delete; false: the pool's say
     device_prefix = "ctrd-"           # device names: <prefix><token>-<id>, <prefix><token>-base
 
     [monitor]                         # grow the pool before it fills (libdm.Monitor)

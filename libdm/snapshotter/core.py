@@ -16,12 +16,9 @@ children are snapshots of it).
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import logging
 import os
 import re
-import struct
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -71,8 +68,6 @@ logger = logging.getLogger("libdm.snapshotter")
 
 DB_NAME = st.DB_NAME
 MAX_LABELS_SIZE = 4096  # containerd's limit for one label, key and value together
-BLKDISCARD = 0x1277
-BLKGETSIZE64 = 0x80081272
 
 
 class SnapshotError(Exception):
@@ -630,24 +625,9 @@ class Snapshotter:
     def _delete_device(self, device: str) -> None:
         if not self._pool_has(device):
             return
-        if self.config.discard_blocks:
-            self._discard(device)
-        self.pool.delete_device(device)
-
-    def _discard(self, device: str) -> None:
-        dev = self.pool.device(device)
-        if not dev.active:
-            dev.activate()
-        try:
-            fd = os.open(dev.path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
-                fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", 0, size))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
-                logger.warning("snapshotter: discard of %s failed: %s", device, exc)
+        # discard_blocks forces a discard; otherwise the pool's own setting
+        # (discard_on_delete, on for loop pools) decides: one discard.
+        self.pool.delete_device(device, discard=True if self.config.discard_blocks else None)
 
     def _finish_removals(self) -> None:
         """Delete the devices of rows being removed, children first (a

@@ -24,7 +24,6 @@ __all__ = [
     "unmount",
 ]
 
-LOOP_CLR_FD = 0x4C01
 MNT_DETACH = 2
 
 
@@ -255,6 +254,8 @@ def detach_loops(under: str | os.PathLike[str]) -> list[str]:
         if not _below(path, directory):
             continue
         dev = "/dev/" + backing.split("/")[3]
+        from libdm.dm.blockdev import LOOP_CLR_FD
+
         try:
             fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
             try:

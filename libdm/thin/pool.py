@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from libdm.dm import ops
+from libdm.dm import blockdev, ops
 from libdm.dm.errors import (
     DeviceBusyError,
     DeviceExistsError,
@@ -113,19 +111,6 @@ def _thin_check_failure(meta_path: str) -> str | None:
         if line.strip() and not line.startswith("examining ")
     ]
     return "; ".join(words) or f"it exited with status {proc.returncode} and said nothing"
-
-
-_BLKDISCARD = 0x1277  # _IO(0x12, 119)
-
-
-def _discard(path: str, offset: Bytes, length: Bytes) -> None:
-    """Discard ``length`` bytes at ``offset`` of a block device (BLKDISCARD),
-    so a thin pool gets the blocks back."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, _BLKDISCARD, struct.pack("QQ", int(offset), int(length)))
-    finally:
-        os.close(fd)
 
 
 class Pool:
@@ -908,7 +893,7 @@ class Pool:
             return self._activate(row, operation, absent=True)
         except Exception as exc:
             try:
-                self.delete_device(name, _discard=False)  # it never held data
+                self.delete_device(name, discard=False)  # it never held data
             except DMError as undo:
                 logger.error(
                     "pool %s: could not delete %s after its activation failed: %s",
@@ -1161,8 +1146,13 @@ class Pool:
             with contextlib.suppress(NoSuchDeviceError):
                 ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
-    def delete_device(self, name: str, *, _discard: bool = True) -> None:
-        """Delete device ``name`` (see :meth:`ThinDevice.delete`)."""
+    def delete_device(self, name: str, *, discard: bool | None = None) -> None:
+        """Delete device ``name`` (see :meth:`ThinDevice.delete`).
+
+        Args:
+            discard: discard its blocks first; ``None`` (the default) as
+                :attr:`discard_on_delete` says.
+        """
         with self._changing("delete"):
             row = self._row(name, "delete")
             # An origin may go before its snapshots, as the kernel and LVM
@@ -1173,7 +1163,8 @@ class Pool:
             # made by another is refused, never discarded or removed.
             live = self._live_or_gone(row, "delete")
             self._journal.retry_deferred_deletes()
-            discard = _discard and self.discard_on_delete
+            if discard is None:
+                discard = self.discard_on_delete
 
             def take_down() -> None:
                 if discard:
@@ -1404,7 +1395,7 @@ class Pool:
                     dm_name,
                 )
                 return
-            _discard(ops.device_path(dm_name), start, length)
+            blockdev.discard(ops.device_path(dm_name), int(start), int(length))
         finally:
             if live is None:
                 ops.remove(dm_name)

@@ -10,6 +10,7 @@ to damage, dmsetup, and the devices' contents by checksum.
 
 import mmap
 import os
+import pathlib
 import random
 import re
 import signal
@@ -247,6 +248,34 @@ def test_repair_refuses_while_a_device_is_open(make_pool):
         os.close(fd)
     assert witness.info(dev.dm_name) is not None  # nothing was taken down
     assert not [f for f in os.listdir(pool.directory) if f.startswith("metadata.")]
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_spare_libdm_did_not_make_is_refused(make_pool, kind):
+    """A ``metadata.repair`` in the state directory that the pool did not
+    record as its spare (an admin's own thin_repair output, say) is
+    neither deleted nor written: the repair refuses, naming it, before
+    the pool is taken down."""
+    pool = make_pool(data_size="64M")
+    dev = pool.create_thin("vol", "4M")
+    write_pattern(dev.path, 0x41)
+    theirs = pathlib.Path(pool.directory, "metadata.repair")
+    if kind == "file":
+        theirs.write_bytes(b"an admin's own thin_repair output")
+    else:
+        theirs.mkdir()
+        (theirs / "notes").write_text("kept")
+    with pytest.raises(libdm.StateError, match=re.escape(str(theirs))):
+        pool.repair()
+    if kind == "file":
+        assert theirs.read_bytes() == b"an admin's own thin_repair output"
+    else:
+        assert (theirs / "notes").read_text() == "kept"
+    assert witness.info(pool.name) is not None  # nothing was taken down
+    assert witness.info(dev.dm_name) is not None
+    assert [f for f in os.listdir(pool.directory) if f.startswith("metadata.")] == [
+        "metadata.repair"
+    ]
 
 
 def test_repair_takes_down_only_the_pools_own_devices(dm_name, tmp_path):

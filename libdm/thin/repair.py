@@ -495,11 +495,16 @@ def repair_pool(
 def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> RepairResult:
     _check_tools()
     statedir = pool._store.statedir
+    if pool.config.repair is not None:
+        finish_swap(pool)  # a swap a crash interrupted: its spare is the metadata now
+    _clear_spare(pool)
     _take_down(pool)
     size = backing.sizes()[1]  # checked: the pool's own file, no symlink
-    statedir.unlink(SPARE)  # a spare a crashed repair left is libdm's own
     fd = statedir.make_file(SPARE, "repair", "spare metadata file")
     try:
+        # Recorded as the pool's own, so that only this file is ever
+        # removed as a spare a killed repair left.
+        _record_spare(pool, os.fstat(fd).st_ino)
         os.ftruncate(fd, int(size))
     finally:
         os.close(fd)
@@ -511,6 +516,7 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
             devices = _repair_into(pool, source.path, target.path)
     except BaseException:
         statedir.unlink(SPARE)  # nothing came of it
+        _record_spare(pool, None)
         raise
     stamp = _stamp()
     if not all(d.verified for d in devices) and not partial:
@@ -518,6 +524,7 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
         repaired = f"metadata.repaired-{stamp}"
         os.rename(SPARE, repaired, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
+        _record_spare(pool, None)
         return RepairResult(
             pool.name, backing.metadata_file, statedir.join(repaired), False, devices
         )
@@ -534,9 +541,46 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
         )
     inodes = dict(pool._config.get("file_inodes") or {})
     inodes["metadata"] = spare_st.st_ino
+    inodes.pop(SPARE, None)  # it is the metadata now
     pool._update_config(file_inodes=inodes, repair={"damaged": damaged})
     finish_swap(pool)
     return RepairResult(pool.name, statedir.join(damaged), backing.metadata_file, True, devices)
+
+
+def _record_spare(pool: Pool, inode: int | None) -> None:
+    """Record ``inode`` as the pool's spare file (``None``: it has none)."""
+    inodes = dict(pool._config.get("file_inodes") or {})
+    if inode is None:
+        inodes.pop(SPARE, None)
+    else:
+        inodes[SPARE] = inode
+    pool._update_config(file_inodes=inodes)
+
+
+def _clear_spare(pool: Pool) -> None:
+    """Remove the spare a killed repair left, if the pool recorded it as
+    its own.
+
+    Raises:
+        StateError: a ``metadata.repair`` the pool did not make (named):
+            nothing is removed or taken down.
+    """
+    statedir = pool._store.statedir
+    st = statedir.check_file(SPARE, "repair", "spare metadata file")
+    if st is None:
+        return
+    recorded = (pool._config.get("file_inodes") or {}).get(SPARE)
+    if st.st_ino != recorded:
+        raise StateError(
+            f"{statedir.join(SPARE)} is not a spare a repair of pool {pool.name!r} made "
+            f"(the pool records {'none' if recorded is None else f'inode {recorded}'}, it "
+            f"is inode {st.st_ino}); libdm will not remove or overwrite it: move it out "
+            f"of the pool's directory, then repair again",
+            "repair",
+            pool.name,
+        )
+    statedir.unlink(SPARE)
+    _record_spare(pool, None)
 
 
 def finish_swap(pool: Pool) -> None:

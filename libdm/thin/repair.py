@@ -69,6 +69,7 @@ from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
+    from libdm.thin.statedir import StateDir
 
 __all__ = [
     "DeviceRecovery",
@@ -521,14 +522,14 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
     stamp = _stamp()
     if not all(d.verified for d in devices) and not partial:
         # Both copies are kept: the damaged one stays the pool's metadata.
-        repaired = f"metadata.repaired-{stamp}"
-        os.rename(SPARE, repaired, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+        repaired = _link_anew(statedir, SPARE, f"metadata.repaired-{stamp}")
+        statedir.unlink(SPARE)
         os.fsync(statedir.fd)
         _record_spare(pool, None)
         return RepairResult(
             pool.name, backing.metadata_file, statedir.join(repaired), False, devices
         )
-    damaged = f"metadata.damaged-{stamp}"
+    damaged = _unused(statedir, f"metadata.damaged-{stamp}")
     # The swap is recorded first, so a crash amid the renames is finished
     # by Pool.open (finish_swap) rather than leaving a file it refuses.
     spare_st = statedir.lstat(SPARE)
@@ -545,6 +546,45 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
     pool._update_config(file_inodes=inodes, repair={"damaged": damaged})
     finish_swap(pool)
     return RepairResult(pool.name, statedir.join(damaged), backing.metadata_file, True, devices)
+
+
+def _unused(statedir: StateDir, base: str) -> str:
+    """``base``, or ``base.N`` with the first N that names nothing: copies
+    are named by the second, and two repairs may fall in one."""
+    name, n = base, 0
+    while statedir.lstat(name) is not None:
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def _link_anew(statedir: StateDir, source: str, base: str) -> str:
+    """Link ``source`` under a name nothing has (see :func:`_unused`):
+    unlike a rename, a link never replaces a copy kept earlier."""
+    name = _unused(statedir, base)
+    while True:
+        try:
+            os.link(source, name, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+            return name
+        except FileExistsError:
+            name = _unused(statedir, base)
+
+
+def _keep_damaged(statedir: StateDir, current: os.stat_result, name: str, pool: str) -> None:
+    """Link the damaged ``metadata`` (``current``) as ``name`` before the
+    repaired copy replaces it, never over anything else of that name."""
+    try:
+        os.link("metadata", name, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+    except FileExistsError:
+        st = statedir.lstat(name)
+        if st is None or st.st_ino != current.st_ino:  # not linked by a killed swap
+            raise StateError(
+                f"{statedir.join(name)}, where the damaged metadata of pool {pool!r} is to "
+                f"be kept, is taken by another file; libdm will not replace it: move it "
+                f"out of the pool's directory, then open the pool again",
+                "repair",
+                pool,
+            ) from None
 
 
 def _record_spare(pool: Pool, inode: int | None) -> None:
@@ -594,9 +634,7 @@ def finish_swap(pool: Pool) -> None:
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
         if current is not None and current.st_ino != pool._config["file_inodes"]["metadata"]:
-            os.rename(
-                "metadata", record["damaged"], src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd
-            )
+            _keep_damaged(statedir, current, record["damaged"], pool.name)
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
     pool._update_config(repair=None)

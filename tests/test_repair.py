@@ -521,6 +521,39 @@ def test_a_lost_mapping_leaf_is_reported_and_nothing_swapped_in(dm_name, tmp_pat
         pool.close()
 
 
+def test_a_handed_over_devices_loss_is_reported(dm_name, tmp_path):
+    """A pool handed to another program holds no device libdm records:
+    every thin id the damaged copy lists is compared all the same, and a
+    device that lost its mappings stops the swap."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    pool.hand_over("docker")
+    # The other program's device, made as Docker's driver makes one.
+    witness.dmsetup("message", name, "0", "create_thin 0")
+    witness.dmsetup("message", name, "0", "set_transaction_id 0 1")
+    theirs = dm_name("theirs")
+    witness.dmsetup("create", theirs, "--table", f"0 16384 thin {devno(pool.path)} 0")
+    witness.dmsetup("mknodes", theirs)
+    write_pattern(f"/dev/mapper/{theirs}", 0x5A, 0, 2 * MiB)
+    witness.dmsetup("remove", theirs)
+    pool.destroy()  # a reboot: nothing live, files and store kept
+    meta = directory / "metadata"
+    lost = damage_leaf_of(meta, 0)
+    damaged = witness.checksum(meta)
+    pool = libdm.Pool.load(directory)
+    try:
+        with pytest.raises(
+            libdm.MetadataLossError, match=f"thin id 0: {lost} mapped blocks before, 0 after"
+        ) as err:
+            pool.repair()
+    finally:
+        pool.close()
+    result = err.value.result
+    assert [(d.name, d.thin_id, d.before, d.after) for d in result.devices] == [("", 0, lost, 0)]
+    assert not result.swapped and witness.checksum(meta) == damaged
+
+
 def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
     """A pool on one split device: the spare comes from the device's free
     part, becomes the metadata, and the damaged region stays reserved;

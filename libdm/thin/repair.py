@@ -7,7 +7,9 @@ device maps is compared: the damaged copy's device details say how many
 blocks each device mapped (read with ``thin_ls``, or with ``thin_dump
 --repair`` when the details tree itself is damaged), and the repaired
 copy's mappings are counted in its ``thin_dump``.  Every device the store
-records must be in the repaired copy with at least as many blocks mapped.
+records or the damaged copy lists (a handed-over pool's devices are not
+libdm's, yet they count) must be in the repaired copy with at least as
+many blocks mapped.
 
 * Every device whole: the spare is swapped in and the damaged copy is kept.
 * A loss, or a device whose count before cannot be read: nothing is
@@ -90,7 +92,9 @@ class DeviceRecovery:
     """What one device mapped before and after a repair.
 
     Attributes:
-        name: the device's name in the pool (the store's).
+        name: the device's name in the pool (the store's); empty for a
+            thin id the store does not record (a handed-over pool's
+            devices are all its user's).
         thin_id: its thin id.
         before: the blocks it mapped, as the damaged copy's device details
             recorded them; ``None`` where they could not be read.
@@ -132,15 +136,10 @@ class DeviceRecovery:
         before = "unknown" if self.before is None else str(int(self.before))
         if self.scanned and self.before is not None:
             before += " (found by a scan)"
+        who = f"{self.name} (thin id {self.thin_id})" if self.name else f"thin id {self.thin_id}"
         if self.after is None:
-            return (
-                f"{self.name} (thin id {self.thin_id}): missing from the repaired copy "
-                f"({before} mapped blocks before)"
-            )
-        return (
-            f"{self.name} (thin id {self.thin_id}): {before} mapped blocks before, "
-            f"{int(self.after)} after"
-        )
+            return f"{who}: missing from the repaired copy ({before} mapped blocks before)"
+        return f"{who}: {before} mapped blocks before, {int(self.after)} after"
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,8 @@ class RepairResult:
         repaired: where the repaired copy is (the pool's metadata when it
             was swapped in).
         swapped: whether the repaired copy is now the pool's metadata.
-        devices: per device of the store, what it mapped before and after.
+        devices: per device (see :class:`DeviceRecovery`), what it mapped
+            before and after.
     """
 
     pool: str
@@ -298,9 +298,10 @@ def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
 def _compare(
     pool: Pool, repaired: str, before: tuple[dict[int, DataBlocks], bool]
 ) -> tuple[DeviceRecovery, ...]:
-    """Per device the store records, what it mapped before (``before``,
-    from the damaged copy: :func:`recorded_counts`) and in the repaired
-    copy at ``repaired``."""
+    """Per device, what it mapped before (``before``, from the damaged
+    copy: :func:`recorded_counts`) and in the repaired copy at
+    ``repaired``: every thin id the store records or either copy lists,
+    for a pool's devices need not be libdm's (a handed-over pool's)."""
     counts, read = before
     after = mapped_counts(repaired, pool)
     store = pool._store
@@ -309,6 +310,8 @@ def _compare(
     deleting = {row["thin_id"] for row in store.deferred_deletes()} | {
         row["thin_id"] for row in store.intents() if row["op"] == "delete"
     }
+    for thin_id in counts.keys() | after.keys():
+        wanted.setdefault(thin_id, "")
     return tuple(
         DeviceRecovery(
             name,
@@ -318,7 +321,10 @@ def _compare(
             deleting=thin_id in deleting,
             scanned=not read,
         )
-        for thin_id, name in sorted(wanted.items(), key=lambda item: item[1])
+        # The store's devices by name, then the others by thin id.
+        for thin_id, name in sorted(
+            wanted.items(), key=lambda item: (not item[1], item[1], item[0])
+        )
     )
 
 

@@ -10,6 +10,7 @@ to damage, dmsetup, and the devices' contents by checksum.
 
 import mmap
 import os
+import pathlib
 import random
 import re
 import signal
@@ -249,6 +250,64 @@ def test_repair_refuses_while_a_device_is_open(make_pool):
     assert not [f for f in os.listdir(pool.directory) if f.startswith("metadata.")]
 
 
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_spare_libdm_did_not_make_is_refused(make_pool, kind):
+    """A ``metadata.repair`` in the state directory that the pool did not
+    record as its spare (an admin's own thin_repair output, say) is
+    neither deleted nor written: the repair refuses, naming it, before
+    the pool is taken down."""
+    pool = make_pool(data_size="64M")
+    dev = pool.create_thin("vol", "4M")
+    write_pattern(dev.path, 0x41)
+    theirs = pathlib.Path(pool.directory, "metadata.repair")
+    if kind == "file":
+        theirs.write_bytes(b"an admin's own thin_repair output")
+    else:
+        theirs.mkdir()
+        (theirs / "notes").write_text("kept")
+    with pytest.raises(libdm.StateError, match=re.escape(str(theirs))):
+        pool.repair()
+    if kind == "file":
+        assert theirs.read_bytes() == b"an admin's own thin_repair output"
+    else:
+        assert (theirs / "notes").read_text() == "kept"
+    assert witness.info(pool.name) is not None  # nothing was taken down
+    assert witness.info(dev.dm_name) is not None
+    assert [f for f in os.listdir(pool.directory) if f.startswith("metadata.")] == [
+        "metadata.repair"
+    ]
+
+
+def test_repairs_in_one_second_keep_every_copy(dm_name, tmp_path, monkeypatch):
+    """Copies are named by the UTC second; repairs within one second
+    (the clock held still here) each keep their own copy."""
+    monkeypatch.setattr(libdm.thin.repair, "_stamp", lambda: "20260101T000000Z")
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    write_pattern(pool.create_thin("vol", "8M").path, 0x52)
+    pool.destroy()  # a reboot: nothing live, files and store kept
+    meta = directory / "metadata"
+    write_at(meta, 0, bytes(4096))
+    damaged = witness.checksum(meta)
+    pool = libdm.Pool.load(directory)
+    try:
+        repaired = []
+        for _ in range(2):  # not verified: kept beside the damaged copy
+            with pytest.raises(libdm.MetadataLossError) as err:
+                pool.repair()
+            repaired.append(err.value.result.repaired)
+        assert len(set(repaired)) == 2
+        sums = {witness.checksum(path) for path in repaired}
+        assert len(sums) == 1 and witness.checksum(meta) == damaged
+        kept = [pool.repair(partial=True).damaged for _ in range(2)]
+        assert len(set(kept)) == 2
+        assert witness.checksum(kept[0]) == damaged
+        thin_tool("thin_check", kept[1])  # the first repair's copy
+        assert read_at(pool.device("vol").path, 0, MiB) == bytes([0x52]) * MiB
+    finally:
+        pool.close()
+
+
 def test_repair_takes_down_only_the_pools_own_devices(dm_name, tmp_path):
     """A device-mapper device someone else made under the name of one of
     the pool's devices is left alone, and the repair refused."""
@@ -460,6 +519,39 @@ def test_a_lost_mapping_leaf_is_reported_and_nothing_swapped_in(dm_name, tmp_pat
         witness.assert_pool_healthy(directory)
     finally:
         pool.close()
+
+
+def test_a_handed_over_devices_loss_is_reported(dm_name, tmp_path):
+    """A pool handed to another program holds no device libdm records:
+    every thin id the damaged copy lists is compared all the same, and a
+    device that lost its mappings stops the swap."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    pool.hand_over("docker")
+    # The other program's device, made as Docker's driver makes one.
+    witness.dmsetup("message", name, "0", "create_thin 0")
+    witness.dmsetup("message", name, "0", "set_transaction_id 0 1")
+    theirs = dm_name("theirs")
+    witness.dmsetup("create", theirs, "--table", f"0 16384 thin {devno(pool.path)} 0")
+    witness.dmsetup("mknodes", theirs)
+    write_pattern(f"/dev/mapper/{theirs}", 0x5A, 0, 2 * MiB)
+    witness.dmsetup("remove", theirs)
+    pool.destroy()  # a reboot: nothing live, files and store kept
+    meta = directory / "metadata"
+    lost = damage_leaf_of(meta, 0)
+    damaged = witness.checksum(meta)
+    pool = libdm.Pool.load(directory)
+    try:
+        with pytest.raises(
+            libdm.MetadataLossError, match=f"thin id 0: {lost} mapped blocks before, 0 after"
+        ) as err:
+            pool.repair()
+    finally:
+        pool.close()
+    result = err.value.result
+    assert [(d.name, d.thin_id, d.before, d.after) for d in result.devices] == [("", 0, lost, 0)]
+    assert not result.swapped and witness.checksum(meta) == damaged
 
 
 def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):

@@ -7,7 +7,9 @@ device maps is compared: the damaged copy's device details say how many
 blocks each device mapped (read with ``thin_ls``, or with ``thin_dump
 --repair`` when the details tree itself is damaged), and the repaired
 copy's mappings are counted in its ``thin_dump``.  Every device the store
-records must be in the repaired copy with at least as many blocks mapped.
+records or the damaged copy lists (a handed-over pool's devices are not
+libdm's, yet they count) must be in the repaired copy with at least as
+many blocks mapped.
 
 * Every device whole: the spare is swapped in and the damaged copy is kept.
 * A loss, or a device whose count before cannot be read: nothing is
@@ -69,6 +71,7 @@ from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
+    from libdm.thin.statedir import StateDir
 
 __all__ = [
     "DeviceRecovery",
@@ -89,7 +92,9 @@ class DeviceRecovery:
     """What one device mapped before and after a repair.
 
     Attributes:
-        name: the device's name in the pool (the store's).
+        name: the device's name in the pool (the store's); empty for a
+            thin id the store does not record (a handed-over pool's
+            devices are all its user's).
         thin_id: its thin id.
         before: the blocks it mapped, as the damaged copy's device details
             recorded them; ``None`` where they could not be read.
@@ -131,15 +136,10 @@ class DeviceRecovery:
         before = "unknown" if self.before is None else str(int(self.before))
         if self.scanned and self.before is not None:
             before += " (found by a scan)"
+        who = f"{self.name} (thin id {self.thin_id})" if self.name else f"thin id {self.thin_id}"
         if self.after is None:
-            return (
-                f"{self.name} (thin id {self.thin_id}): missing from the repaired copy "
-                f"({before} mapped blocks before)"
-            )
-        return (
-            f"{self.name} (thin id {self.thin_id}): {before} mapped blocks before, "
-            f"{int(self.after)} after"
-        )
+            return f"{who}: missing from the repaired copy ({before} mapped blocks before)"
+        return f"{who}: {before} mapped blocks before, {int(self.after)} after"
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ class RepairResult:
         repaired: where the repaired copy is (the pool's metadata when it
             was swapped in).
         swapped: whether the repaired copy is now the pool's metadata.
-        devices: per device of the store, what it mapped before and after.
+        devices: per device (see :class:`DeviceRecovery`), what it mapped
+            before and after.
     """
 
     pool: str
@@ -297,9 +298,10 @@ def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
 def _compare(
     pool: Pool, repaired: str, before: tuple[dict[int, DataBlocks], bool]
 ) -> tuple[DeviceRecovery, ...]:
-    """Per device the store records, what it mapped before (``before``,
-    from the damaged copy: :func:`recorded_counts`) and in the repaired
-    copy at ``repaired``."""
+    """Per device, what it mapped before (``before``, from the damaged
+    copy: :func:`recorded_counts`) and in the repaired copy at
+    ``repaired``: every thin id the store records or either copy lists,
+    for a pool's devices need not be libdm's (a handed-over pool's)."""
     counts, read = before
     after = mapped_counts(repaired, pool)
     store = pool._store
@@ -308,6 +310,8 @@ def _compare(
     deleting = {row["thin_id"] for row in store.deferred_deletes()} | {
         row["thin_id"] for row in store.intents() if row["op"] == "delete"
     }
+    for thin_id in counts.keys() | after.keys():
+        wanted.setdefault(thin_id, "")
     return tuple(
         DeviceRecovery(
             name,
@@ -317,7 +321,10 @@ def _compare(
             deleting=thin_id in deleting,
             scanned=not read,
         )
-        for thin_id, name in sorted(wanted.items(), key=lambda item: item[1])
+        # The store's devices by name, then the others by thin id.
+        for thin_id, name in sorted(
+            wanted.items(), key=lambda item: (not item[1], item[1], item[0])
+        )
     )
 
 
@@ -495,11 +502,16 @@ def repair_pool(
 def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> RepairResult:
     _check_tools()
     statedir = pool._store.statedir
+    if pool.config.repair is not None:
+        finish_swap(pool)  # a swap a crash interrupted: its spare is the metadata now
+    _clear_spare(pool)
     _take_down(pool)
     size = backing.sizes()[1]  # checked: the pool's own file, no symlink
-    statedir.unlink(SPARE)  # a spare a crashed repair left is libdm's own
     fd = statedir.make_file(SPARE, "repair", "spare metadata file")
     try:
+        # Recorded as the pool's own, so that only this file is ever
+        # removed as a spare a killed repair left.
+        _record_spare(pool, os.fstat(fd).st_ino)
         os.ftruncate(fd, int(size))
     finally:
         os.close(fd)
@@ -511,17 +523,19 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
             devices = _repair_into(pool, source.path, target.path)
     except BaseException:
         statedir.unlink(SPARE)  # nothing came of it
+        _record_spare(pool, None)
         raise
     stamp = _stamp()
     if not all(d.verified for d in devices) and not partial:
         # Both copies are kept: the damaged one stays the pool's metadata.
-        repaired = f"metadata.repaired-{stamp}"
-        os.rename(SPARE, repaired, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+        repaired = _link_anew(statedir, SPARE, f"metadata.repaired-{stamp}")
+        statedir.unlink(SPARE)
         os.fsync(statedir.fd)
+        _record_spare(pool, None)
         return RepairResult(
             pool.name, backing.metadata_file, statedir.join(repaired), False, devices
         )
-    damaged = f"metadata.damaged-{stamp}"
+    damaged = _unused(statedir, f"metadata.damaged-{stamp}")
     # The swap is recorded first, so a crash amid the renames is finished
     # by Pool.open (finish_swap) rather than leaving a file it refuses.
     spare_st = statedir.lstat(SPARE)
@@ -534,9 +548,85 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
         )
     inodes = dict(pool._config.get("file_inodes") or {})
     inodes["metadata"] = spare_st.st_ino
+    inodes.pop(SPARE, None)  # it is the metadata now
     pool._update_config(file_inodes=inodes, repair={"damaged": damaged})
     finish_swap(pool)
     return RepairResult(pool.name, statedir.join(damaged), backing.metadata_file, True, devices)
+
+
+def _unused(statedir: StateDir, base: str) -> str:
+    """``base``, or ``base.N`` with the first N that names nothing: copies
+    are named by the second, and two repairs may fall in one."""
+    name, n = base, 0
+    while statedir.lstat(name) is not None:
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def _link_anew(statedir: StateDir, source: str, base: str) -> str:
+    """Link ``source`` under a name nothing has (see :func:`_unused`):
+    unlike a rename, a link never replaces a copy kept earlier."""
+    name = _unused(statedir, base)
+    while True:
+        try:
+            os.link(source, name, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+            return name
+        except FileExistsError:
+            name = _unused(statedir, base)
+
+
+def _keep_damaged(statedir: StateDir, current: os.stat_result, name: str, pool: str) -> None:
+    """Link the damaged ``metadata`` (``current``) as ``name`` before the
+    repaired copy replaces it, never over anything else of that name."""
+    try:
+        os.link("metadata", name, src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
+    except FileExistsError:
+        st = statedir.lstat(name)
+        if st is None or st.st_ino != current.st_ino:  # not linked by a killed swap
+            raise StateError(
+                f"{statedir.join(name)}, where the damaged metadata of pool {pool!r} is to "
+                f"be kept, is taken by another file; libdm will not replace it: move it "
+                f"out of the pool's directory, then open the pool again",
+                "repair",
+                pool,
+            ) from None
+
+
+def _record_spare(pool: Pool, inode: int | None) -> None:
+    """Record ``inode`` as the pool's spare file (``None``: it has none)."""
+    inodes = dict(pool._config.get("file_inodes") or {})
+    if inode is None:
+        inodes.pop(SPARE, None)
+    else:
+        inodes[SPARE] = inode
+    pool._update_config(file_inodes=inodes)
+
+
+def _clear_spare(pool: Pool) -> None:
+    """Remove the spare a killed repair left, if the pool recorded it as
+    its own.
+
+    Raises:
+        StateError: a ``metadata.repair`` the pool did not make (named):
+            nothing is removed or taken down.
+    """
+    statedir = pool._store.statedir
+    st = statedir.check_file(SPARE, "repair", "spare metadata file")
+    if st is None:
+        return
+    recorded = (pool._config.get("file_inodes") or {}).get(SPARE)
+    if st.st_ino != recorded:
+        raise StateError(
+            f"{statedir.join(SPARE)} is not a spare a repair of pool {pool.name!r} made "
+            f"(the pool records {'none' if recorded is None else f'inode {recorded}'}, it "
+            f"is inode {st.st_ino}); libdm will not remove or overwrite it: move it out "
+            f"of the pool's directory, then repair again",
+            "repair",
+            pool.name,
+        )
+    statedir.unlink(SPARE)
+    _record_spare(pool, None)
 
 
 def finish_swap(pool: Pool) -> None:
@@ -550,9 +640,7 @@ def finish_swap(pool: Pool) -> None:
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
         if current is not None and current.st_ino != pool._config["file_inodes"]["metadata"]:
-            os.rename(
-                "metadata", record["damaged"], src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd
-            )
+            _keep_damaged(statedir, current, record["damaged"], pool.name)
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
     pool._update_config(repair=None)

@@ -626,3 +626,62 @@ def test_recovery_leaves_an_unproven_device_of_an_unfinished_create(pool, tmp_pa
     db = _db(pool)
     assert db.execute("SELECT count(*) FROM layers").fetchone() == (0,)
     db.close()
+
+
+def test_records_of_an_older_plugin_keep_working(pool, tmp_path):
+    """A pool the plugin used before its names carried its mark: the base
+    device ``docker-base`` and layer ``docker-1`` its records name stay its
+    own (read, snapshotted, removed); new layers carry the mark."""
+    from libdm.thin import fs
+
+    log = tmp_path / "plugin.log"
+    p = DockerPlugin(pool.directory, str(tmp_path / "o.sock"), log=str(log))
+    p.start()  # the plugin's records, without a base yet
+    p.stop()
+    base = pool.create_thin("docker-base", "64M")
+    base.format("ext4")
+    with fs.mounted(base.path) as root:
+        os.rmdir(os.path.join(root, "lost+found"))
+        os.chmod(root, 0o755)
+    layer = pool.snapshot_device("docker-base", "docker-1")
+    with fs.mounted(layer.path) as root, open(os.path.join(root, "old"), "w") as fh:
+        fh.write("made by the older plugin\n")
+    pool.deactivate_device("docker-1")
+    pool.deactivate_device("docker-base")
+    db = _db(pool)
+    with db:
+        db.execute("DELETE FROM meta WHERE name='owner_token'")
+        db.execute(
+            "INSERT INTO meta(name, value) VALUES ('base', ?)",
+            (
+                json.dumps(
+                    {"device": "docker-base", "fs": "ext4", "size": 64 << 20, "ready": True}
+                ),
+            ),
+        )
+        db.execute(
+            "INSERT INTO layers(id, parent, device, state, created) "
+            "VALUES ('old', NULL, 'docker-1', 'ready', 0)"
+        )
+    db.close()
+    p.start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        root = c.ok("GraphDriver.Get", ID="old")["Dir"]
+        assert _snapshot(root)["old"][4] == b"made by the older plugin\n"
+        c.ok("GraphDriver.Put", ID="old")
+        c.ok("GraphDriver.Create", ID="new", Parent="old")
+        name = c.ok("GraphDriver.GetMetadata", ID="new")["Metadata"]["DeviceName"]
+        assert name.startswith(f"{pool.name}-docker-") and name != f"{pool.name}-docker-2"
+        root = c.ok("GraphDriver.Get", ID="new")["Dir"]
+        assert _snapshot(root)["old"][4] == b"made by the older plugin\n"
+        c.ok("GraphDriver.Put", ID="new")
+        c.ok("GraphDriver.Remove", ID="new")
+        c.ok("GraphDriver.Remove", ID="old")
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    assert base_device(pool) == "docker-base"
+    assert witness.thin_ids(pool.name) == {base.thin_id}
+    assert "left alone" not in log.read_text()

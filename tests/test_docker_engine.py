@@ -23,7 +23,7 @@ from support.docker.engine_util import (
     save_archive,
     saved_layer_digests,
 )
-from support.docker.plugin_util import DockerPlugin
+from support.docker.plugin_util import DockerPlugin, base_device
 
 pytestmark = pytest.mark.kernel
 
@@ -86,7 +86,7 @@ def _run_lines(dockerd, *args):
 def _only_base_left(pool):
     """The pool holds the plugin's base device and nothing else (thin_dump),
     and no layer device is active (dmsetup)."""
-    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}
+    assert witness.thin_ids(pool.name) == {pool.device(base_device(pool)).thin_id}
     assert not [n for n in witness.names() if n.startswith(pool.name + "-docker-")]
 
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from support import witness
 from support.docker.build_graphtest import build
-from support.docker.plugin_util import DockerPlugin
+from support.docker.plugin_util import DockerPlugin, base_device
 
 import libdm
 
@@ -68,7 +68,7 @@ def test_graphtest_through_dockers_proxy(make_pool, tmp_path):
     db = sqlite3.connect(os.path.join(pool.directory, "docker", "docker.db"))
     layers = [r[0] for r in db.execute("SELECT id FROM layers ORDER BY seq DESC")]
     db.close()
-    base = pool.device("docker-base").thin_id
+    base = pool.device(base_device(pool)).thin_id
     assert len(witness.thin_ids(pool.name)) == len(layers) + 1
     plugin.start()
     try:

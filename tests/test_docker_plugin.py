@@ -6,15 +6,17 @@ dmsetup and /proc/self/mountinfo."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import sqlite3
 import stat
 import tarfile
 
 import pytest
 from support import witness
-from support.docker.plugin_util import Client, DockerPlugin, mounts_of
+from support.docker.plugin_util import Client, DockerPlugin, base_device, mounts_of
 
 import libdm
 from libdm.docker import CRASH_POINTS
@@ -236,7 +238,7 @@ def test_every_call(pool, plugin, tmp_path):
         c.ok("GraphDriver.Remove", ID=layer)
     c.ok("GraphDriver.Remove", ID="lower")  # gone already: not an error
     c.ok("GraphDriver.Cleanup")
-    assert _layer_ids(pool) == {pool.device("docker-base").thin_id}
+    assert _layer_ids(pool) == {pool.device(base_device(pool)).thin_id}
     assert not [n for n in witness.names() if n.startswith(pool.name + "-docker-")]
 
 
@@ -365,7 +367,7 @@ def test_kill_at_every_step(pool, tmp_path, point):
             assert not c.call("GraphDriver.Exists", ID="new")["Exists"]
         # No device leaked: thin_dump holds the base and the live layers only.
         live = _existing_thin_ids(c, ["kept", "victim", "new"])
-        assert witness.thin_ids(pool.name) == live | {pool.device("docker-base").thin_id}
+        assert witness.thin_ids(pool.name) == live | {pool.device(base_device(pool)).thin_id}
         # And the ids are free again.
         c.ok("GraphDriver.Create", ID="new", Parent="kept")
         c.ok("GraphDriver.Remove", ID="new")
@@ -460,7 +462,7 @@ def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):
     c.ok("GraphDriver.Init", Home="", Opts=[])
     c.ok("GraphDriver.Remove", ID="b")
     c.ok("GraphDriver.Remove", ID="a")
-    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}
+    assert witness.thin_ids(pool.name) == {pool.device(base_device(pool)).thin_id}
 
 
 def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):
@@ -480,7 +482,9 @@ def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):
     with pytest.raises((ConnectionError, OSError, ValueError)):
         c.apply_diff("half", "", LOWER)
     assert p.wait(timeout=60) == -9
-    mount = os.path.join(pool.directory, "docker", "mnt", "docker-1")
+    mnt = os.path.join(pool.directory, "docker", "mnt")
+    [layer_dir] = os.listdir(mnt)  # the half-applied layer's mount
+    mount = os.path.join(mnt, layer_dir)
     holder = subprocess.Popen(["sleep", "600"], cwd=mount)
     try:
         p.env.pop("LIBDM_CRASH_AT")
@@ -496,4 +500,188 @@ def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):
         assert not p.client.call("GraphDriver.Exists", ID="half")["Exists"]
     finally:
         p.stop()
-    assert witness.thin_ids(pool.name) == {pool.device("docker-base").thin_id}
+    assert witness.thin_ids(pool.name) == {pool.device(base_device(pool)).thin_id}
+
+
+def _users_device(pool, name: str) -> tuple[int, str]:
+    """A device of the pool's user named like the plugin's, with 4 MiB of
+    random data: its thin id and the data's checksum."""
+    dev = pool.create_thin(name, "16M")
+    data = os.urandom(4 << 20)
+    with open(dev.path, "r+b") as fh:
+        fh.write(data)
+        os.fsync(fh.fileno())
+    return dev.thin_id, hashlib.sha256(data).hexdigest()
+
+
+def _checksum(pool, name: str) -> str:
+    path = "/dev/mapper/" + pool.device_dm_name(name)
+    if not os.path.exists(path):
+        pool.activate_device(name)
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read(4 << 20)).hexdigest()
+
+
+def _db(pool) -> sqlite3.Connection:
+    return sqlite3.connect(os.path.join(pool.directory, "docker", "docker.db"))
+
+
+def test_users_devices_named_like_the_plugins_are_left_alone(pool, tmp_path):
+    """The pool's user has devices called docker-base and docker-1 before
+    the plugin's first start: Init makes the plugin's own base and Create
+    its own layers beside them; the user's devices keep their data."""
+    base_id, base_sum = _users_device(pool, "docker-base")
+    one_id, one_sum = _users_device(pool, "docker-1")
+    log = tmp_path / "plugin.log"
+    p = DockerPlugin(pool.directory, str(tmp_path / "u.sock"), log=str(log)).start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        c.ok("GraphDriver.Create", ID="a", Parent="")
+        c.apply_diff("a", "", LOWER)
+        c.ok("GraphDriver.Create", ID="b", Parent="a")
+        root = c.ok("GraphDriver.Get", ID="b")["Dir"]
+        assert _snapshot(root)["etc/hostname"][4] == b"lower\n"
+        c.ok("GraphDriver.Put", ID="b")
+        layers = _existing_thin_ids(c, ["a", "b"])
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    base = base_device(pool)
+    assert base not in ("docker-base", "docker-1")
+    ids = witness.thin_ids(pool.name)
+    assert ids == layers | {base_id, one_id, pool.device(base).thin_id}
+    assert _checksum(pool, "docker-base") == base_sum
+    assert _checksum(pool, "docker-1") == one_sum
+    assert "docker-base is not in the plugin's records" in log.read_text()
+
+
+def _next_layer_device(pool) -> str:
+    """The name the plugin gives its next layer's device."""
+    db = _db(pool)
+    try:
+        token = db.execute("SELECT value FROM meta WHERE name='owner_token'").fetchone()
+        (seq,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name='layers'").fetchone() or (
+            0,
+        )
+    finally:
+        db.close()
+    mark = f"{json.loads(token[0])}-" if token else ""
+    return f"docker-{mark}{seq + 1}"
+
+
+def test_failed_create_leaves_the_device_in_the_way(pool, tmp_path):
+    """A device of the name the plugin picks for its next layer is in the
+    way: Create fails, made nothing, and its undo leaves that device and
+    its data alone; the next Create takes another name."""
+    p = DockerPlugin(pool.directory, str(tmp_path / "c.sock")).start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        c.ok("GraphDriver.Create", ID="first", Parent="")
+        c.ok("GraphDriver.Remove", ID="first")
+        squatter = _next_layer_device(pool)
+        squatter_id, squatter_sum = _users_device(pool, squatter)
+        err = c.call("GraphDriver.Create", ID="a", Parent="")["Err"]
+        assert f"already has a device named {squatter!r}" in err
+        assert not c.call("GraphDriver.Exists", ID="a")["Exists"]
+        assert squatter_id in witness.thin_ids(pool.name)
+        assert _checksum(pool, squatter) == squatter_sum
+        c.ok("GraphDriver.Create", ID="a", Parent="")
+        layers = _existing_thin_ids(c, ["a"])
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    assert witness.thin_ids(pool.name) == layers | {
+        squatter_id,
+        pool.device(base_device(pool)).thin_id,
+    }
+    assert _checksum(pool, squatter) == squatter_sum
+
+
+def test_recovery_leaves_an_unproven_device_of_an_unfinished_create(pool, tmp_path):
+    """Records of an older plugin (names without the mark) say a create of
+    docker-5 was cut short, but the device docker-5 is the user's, made
+    before: the start-up recovery drops the record and keeps the device."""
+    log = tmp_path / "plugin.log"
+    p = DockerPlugin(pool.directory, str(tmp_path / "r.sock"), log=str(log)).start()
+    p.client.ok("GraphDriver.Init", Home="", Opts=[])
+    p.stop()
+    users_id, users_sum = _users_device(pool, "docker-5")
+    db = _db(pool)
+    with db:
+        db.execute(
+            "INSERT INTO layers(id, parent, device, state, created) "
+            "VALUES ('half', NULL, 'docker-5', 'creating', 0)"
+        )
+    db.close()
+    p.start()
+    try:
+        assert not p.client.call("GraphDriver.Exists", ID="half")["Exists"]
+    finally:
+        p.stop()
+    assert witness.thin_ids(pool.name) == {users_id, pool.device(base_device(pool)).thin_id}
+    assert _checksum(pool, "docker-5") == users_sum
+    assert "not deleting docker-5" in log.read_text()
+    db = _db(pool)
+    assert db.execute("SELECT count(*) FROM layers").fetchone() == (0,)
+    db.close()
+
+
+def test_records_of_an_older_plugin_keep_working(pool, tmp_path):
+    """A pool the plugin used before its names carried its mark: the base
+    device ``docker-base`` and layer ``docker-1`` its records name stay its
+    own (read, snapshotted, removed); new layers carry the mark."""
+    from libdm.thin import fs
+
+    log = tmp_path / "plugin.log"
+    p = DockerPlugin(pool.directory, str(tmp_path / "o.sock"), log=str(log))
+    p.start()  # the plugin's records, without a base yet
+    p.stop()
+    base = pool.create_thin("docker-base", "64M")
+    base.format("ext4")
+    with fs.mounted(base.path) as root:
+        os.rmdir(os.path.join(root, "lost+found"))
+        os.chmod(root, 0o755)
+    layer = pool.snapshot_device("docker-base", "docker-1")
+    with fs.mounted(layer.path) as root, open(os.path.join(root, "old"), "w") as fh:
+        fh.write("made by the older plugin\n")
+    pool.deactivate_device("docker-1")
+    pool.deactivate_device("docker-base")
+    db = _db(pool)
+    with db:
+        db.execute("DELETE FROM meta WHERE name='owner_token'")
+        db.execute(
+            "INSERT INTO meta(name, value) VALUES ('base', ?)",
+            (
+                json.dumps(
+                    {"device": "docker-base", "fs": "ext4", "size": 64 << 20, "ready": True}
+                ),
+            ),
+        )
+        db.execute(
+            "INSERT INTO layers(id, parent, device, state, created) "
+            "VALUES ('old', NULL, 'docker-1', 'ready', 0)"
+        )
+    db.close()
+    p.start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        root = c.ok("GraphDriver.Get", ID="old")["Dir"]
+        assert _snapshot(root)["old"][4] == b"made by the older plugin\n"
+        c.ok("GraphDriver.Put", ID="old")
+        c.ok("GraphDriver.Create", ID="new", Parent="old")
+        name = c.ok("GraphDriver.GetMetadata", ID="new")["Metadata"]["DeviceName"]
+        assert name.startswith(f"{pool.name}-docker-") and name != f"{pool.name}-docker-2"
+        root = c.ok("GraphDriver.Get", ID="new")["Dir"]
+        assert _snapshot(root)["old"][4] == b"made by the older plugin\n"
+        c.ok("GraphDriver.Put", ID="new")
+        c.ok("GraphDriver.Remove", ID="new")
+        c.ok("GraphDriver.Remove", ID="old")
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    assert base_device(pool) == "docker-base"
+    assert witness.thin_ids(pool.name) == {base.thin_id}
+    assert "left alone" not in log.read_text()

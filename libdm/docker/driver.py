@@ -11,6 +11,10 @@ The plugin's records (:mod:`libdm.docker.store`) are written before each
 device change, so a kill at any point leaves devices the plugin can prove
 it made: :meth:`Driver.recover` (run at every start) finishes or undoes
 what was cut short and never touches a device the records do not name.
+A record that says a device is being made proves nothing by itself (a
+device of that name may have been there before): such a device is deleted
+only when its name carries the plugin's mark
+(:class:`~libdm.thin.owner.DeviceOwner`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
-from libdm.dm.errors import DMError, NoSuchDeviceError
+from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError
 from libdm.docker import archive
 from libdm.docker.store import BaseInfo, LayerRow, LayerState, LayerStore
 from libdm.thin import crash, fs
@@ -40,7 +44,9 @@ logger = logging.getLogger("libdm.docker")
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 PREFIX = "docker-"
-BASE_NAME = f"{PREFIX}base"
+#: The base device's name before names carried the plugin's mark: a
+#: device of this name is the plugin's only when its records say so.
+LEGACY_BASE_NAME = f"{PREFIX}base"
 DEFAULT_BASE_SIZE = Bytes(10 << 30)  # Docker's dm.basesize default
 
 #: Where ``LIBDM_CRASH_AT`` can stop the plugin (see libdm.thin.crash).
@@ -244,6 +250,7 @@ class Driver:
         self.pool = pool
         self.options = options or DriverOptions()
         self.store = LayerStore(state_dir or os.path.join(pool.directory, "docker"), PREFIX)
+        self.owner = self.store.owner
         self.mount_root = self.store.statedir.join("mnt")
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
         self.home = ""
@@ -301,6 +308,21 @@ class Driver:
         if self._has_device(device):
             self.pool.delete_device(device)
 
+    def _delete_if_marked(self, device: str, what: str) -> None:
+        """Delete ``device`` of a change cut short, if it is proven the
+        plugin's: its name carries the plugin's mark.  A record written
+        before names carried it proves nothing (a device of that name may
+        have been there before the record), so that device is left alone."""
+        if self.owner.marked(device):
+            self._delete_device(device)
+        elif self._has_device(device):
+            logger.warning(
+                "docker: not deleting %s for %s: its name does not carry the plugin's "
+                "mark, so it may not be the plugin's; it is left alone",
+                device,
+                what,
+            )
+
     def _configure_pool(self, options: DriverOptions) -> None:
         """Apply the options that are the pool's settings."""
         if (
@@ -329,12 +351,20 @@ class Driver:
         if base is not None and base.ready:
             return base
         opts = self.options
-        made = BaseInfo(BASE_NAME, opts.fs, int(opts.base_size), False)
+        name = self.owner.name("base")
+        if self._has_device(LEGACY_BASE_NAME):
+            logger.warning(
+                "docker: %s is not in the plugin's records; it is left alone, the base "
+                "device is %s",
+                LEGACY_BASE_NAME,
+                name,
+            )
+        made = BaseInfo(name, opts.fs, int(opts.base_size), False)
         with self.store.transaction():
             self.store.set_base(made)
-        if self._has_device(BASE_NAME):
-            self.pool.delete_device(BASE_NAME)  # an interrupted making of ours
-        dev = self.pool.create_thin(BASE_NAME, int(opts.base_size))
+        # Its name carries the plugin's mark: an interrupted making of its own.
+        self._delete_device(name)
+        dev = self.pool.create_thin(name, int(opts.base_size))
         dev.format(opts.fs, options=opts.mkfs_args)
         # A layer's root is empty and 0755 (mkfs.ext4 leaves lost+found).
         with fs.mounted(dev.path, options="nouuid" if opts.fs == "xfs" else None) as root:
@@ -342,7 +372,7 @@ class Driver:
             if os.path.isdir(lost):
                 os.rmdir(lost)
             os.chmod(root, 0o755)
-        self.pool.deactivate_device(BASE_NAME)
+        self.pool.deactivate_device(name)
         made = dataclasses.replace(made, ready=True)
         with self.store.transaction():
             self.store.set_base(made)
@@ -400,13 +430,22 @@ class Driver:
             with self.store.transaction():
                 row = self.store.insert(layer_id, parent or None)
             crash.point("docker:create:row")
+            made = False
             try:
                 self.pool.snapshot_device(origin, row.device)
+                made = True
                 crash.point("docker:create:device")
                 if size is not None and size > base.size:
                     self._grow(row.device, size)
+            except DeviceExistsError:
+                # The name is taken: this call made nothing, and the device
+                # in the way is not the plugin's to delete.
+                self._undo_create(row, made)
+                raise
             except BaseException:
-                self._undo_create(row)
+                # A failed snapshot undoes itself; one whose undo failed
+                # left a device with the plugin's mark, its own.
+                self._undo_create(row, made or self.owner.marked(row.device))
                 raise
             with self.store.transaction():
                 self.store.set_state(layer_id, LayerState.READY)
@@ -440,9 +479,12 @@ class Driver:
             finally:
                 _umount_syscall(where)
 
-    def _undo_create(self, row: LayerRow) -> None:
+    def _undo_create(self, row: LayerRow, made: bool) -> None:
+        """Forget a failed create, deleting its device if ``made`` (by
+        this call, or proven the plugin's)."""
         try:
-            self._delete_device(row.device)
+            if made:
+                self._delete_device(row.device)
         except Exception as exc:
             logger.error("docker: could not delete %s after a failed create: %s", row.device, exc)
             return
@@ -612,9 +654,10 @@ class Driver:
             mounted = _mount_points()
             base = self.store.base()
             if base is not None and not base.ready:
-                self._delete_device(base.device)
+                self._delete_if_marked(base.device, "an unfinished base device")
                 with self.store.transaction():
                     self.store.set_base(None)
+                base = None
             for row in self.store.all():
                 target = self._mount_path(row)
                 if row.state != LayerState.READY:
@@ -623,7 +666,14 @@ class Driver:
                     )
                     try:
                         self._unmount(target)
-                        self._delete_device(row.device)
+                        if row.state == LayerState.CREATING:
+                            # Its row was written before the device was made.
+                            self._delete_if_marked(
+                                row.device, f"the unfinished create of {row.id}"
+                            )
+                        else:
+                            # Ready once: the plugin made it.
+                            self._delete_device(row.device)
                     except (DMError, DockerError) as exc:
                         # Kept, and tried again at the next start: one
                         # stuck layer must not keep the plugin from serving.
@@ -639,7 +689,9 @@ class Driver:
                         self._unmount(target)
                     except DockerError as exc:
                         logger.error("docker: %s stays mounted: %s", target, exc)
-            known = {r.device for r in self.store.all()} | {BASE_NAME}
+            known = {r.device for r in self.store.all()}
+            if base is not None:
+                known.add(base.device)
             for dev in self.pool.devices():
                 if dev.name.startswith(PREFIX) and dev.name not in known:
                     logger.warning(

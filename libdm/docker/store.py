@@ -5,8 +5,12 @@ A SQLite database in a private directory (``<pool>/docker`` by default),
 written before every device change, so that after a kill the plugin knows
 exactly which devices it made: a row is added (``creating``) before its
 device is made, and a device is deleted only after its row says so
-(``removing``).  Device names come from a never-reused row number
-(``docker-17``), so a name is never given to two devices.
+(``removing``).  Device names carry the plugin's own mark, a random token
+drawn once and kept here (:class:`~libdm.thin.owner.DeviceOwner`), and a
+never-reused row number (``docker-<token>-17``), so a name is never given
+to two devices and never taken for a device someone else made.  Records
+written before names carried the mark name ``docker-<n>`` and
+``docker-base``; they stay as they are.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Iterator
 
 from libdm.thin.errors import StateError
+from libdm.thin.owner import DeviceOwner
 from libdm.thin.statedir import StateDir
 
 __all__ = ["BaseInfo", "LayerRow", "LayerState", "LayerStore"]
@@ -111,10 +116,34 @@ class LayerStore:
                     "docker plugin",
                     None,
                 )
+            #: The mark of the plugin's devices (drawn and recorded before
+            #: any device carries it).
+            self.owner = self._owner()
         except sqlite3.DatabaseError as exc:
             self.statedir.close()
             raise StateError(
                 f"the layer database {self.path} cannot be read: {exc}", "docker plugin", None
+            ) from None
+
+    def _owner(self) -> DeviceOwner:
+        token = self._meta("owner_token")
+        if token is None:
+            with self.transaction():
+                token = self._meta("owner_token")
+                if token is None:
+                    token = DeviceOwner.new(self.prefix).token
+                    self._set_meta("owner_token", token)
+        try:
+            if not isinstance(token, str):
+                raise ValueError(f"bad device owner token {token!r}")
+            return DeviceOwner(self.prefix, token)
+        except ValueError as exc:
+            self._db.close()
+            self.statedir.close()
+            raise StateError(
+                f"the layer database {self.path} is not what the plugin wrote: {exc}",
+                "docker plugin",
+                None,
             ) from None
 
     def close(self) -> None:
@@ -188,7 +217,7 @@ class LayerStore:
         )
         seq = cur.lastrowid
         assert seq is not None  # an INSERT sets it
-        device = f"{self.prefix}{seq}"
+        device = self.owner.name(str(seq))
         self._db.execute("UPDATE layers SET device=? WHERE seq=?", (device, seq))
         return LayerRow(seq, layer_id, parent, device, LayerState.CREATING, 0)
 

@@ -159,3 +159,21 @@ def mounts_of(device_path: str) -> list[str]:
             if os.makedev(major, minor) == rdev:
                 out.append(fields[4])
     return out
+
+
+def base_device(pool: Any) -> str:
+    """The name of the plugin's base device in ``pool``: the one its
+    records name (``docker-<token>-base``, or ``docker-base`` for records
+    older than the mark)."""
+    import sqlite3
+
+    db = sqlite3.connect(
+        f"file:{os.path.join(pool.directory, 'docker', 'docker.db')}?mode=ro", uri=True
+    )
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name='base'").fetchone()
+    finally:
+        db.close()
+    assert row is not None, "the plugin has no base device"
+    name: str = json.loads(row[0])["device"]
+    return name

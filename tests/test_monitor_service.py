@@ -172,3 +172,59 @@ def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_
         _, err = service.communicate(timeout=60)
     assert service.returncode == 0, err
     assert "is not active" in err
+
+
+def test_the_status_file_is_written_through_no_symlink_and_removed_only_if_its_own(
+    tmp_path, service_env
+):
+    from libdm.service import MonitorService
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's data\n")
+    (run / "monitor.json.tmp").symlink_to(victim)
+    status_path = run / "monitor.json"
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    service.scan()
+    assert victim.read_text() == "someone else's data\n"
+    assert os.readlink(run / "monitor.json.tmp") == str(victim)
+    assert not status_path.is_symlink()
+    assert json.loads(status_path.read_text())["pid"] == os.getpid()
+    # Once the service has stopped, its own status file is gone...
+    service.stop()
+    service.run()
+    assert not os.path.lexists(status_path)
+    assert sorted(os.listdir(run)) == ["monitor.json.tmp"]
+
+    # ...but not a file put in its place meanwhile.
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    status_path.unlink()
+    status_path.write_text("someone else's status\n")
+    service.stop()
+    service.run()
+    assert status_path.read_text() == "someone else's status\n"
+
+    # A symlink planted as the status file is neither replaced nor removed.
+    status_path.unlink()
+    status_path.symlink_to(victim)
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    service.stop()
+    service.run()
+    assert os.readlink(status_path) == str(victim)
+    assert victim.read_text() == "someone else's data\n"
+
+    # The status file of a service that died is replaced (a restart).
+    status_path.unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    status_path.write_text(json.dumps({"pid": dead.pid, "pools": {}}))
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    assert json.loads(status_path.read_text())["pid"] == os.getpid()
+    service.stop()
+    service.run()
+    assert not os.path.lexists(status_path)

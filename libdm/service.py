@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple, TextIO
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.thin import registry
-from libdm.thin.errors import StateError
 
 if TYPE_CHECKING:
     from libdm.thin.monitor import Monitor
@@ -139,6 +138,8 @@ class MonitorService:
         self.watches: dict[str, _Watch] = {}  # by pool directory
         self._retries: dict[str, _Retry] = {}  # by pool directory
         self._stop = threading.Event()
+        self._files: dict[str, registry.Registration] = {}  # as of the last scan
+        self._invalid: dict[str, str] = {}  # file: why, as reported
         # The status file this service wrote last, held open so that its
         # inode number cannot be given to another file: the service
         # replaces or removes only that one (or a dead service's).
@@ -167,11 +168,7 @@ class MonitorService:
         """One pass: start, restart and stop monitors to match the
         registrations, then write the status file."""
         now = time.monotonic()
-        try:
-            wanted = {r.pool: r for r in registry.registrations(self.config_dir).values()}
-        except StateError as exc:
-            logger.error("%s; keeping the pools watched as they are", exc)
-            wanted = {d: w.registration for d, w in self.watches.items()}
+        wanted = {r.pool: r for r in self._registrations().values()}
         for pool_dir in list(self.watches):
             watch = self.watches[pool_dir]
             if pool_dir not in wanted:
@@ -193,6 +190,25 @@ class MonitorService:
             if not self._watch(registration):
                 self._failed(registration, now)
         self._write_status(wanted)
+
+    def _registrations(self) -> dict[str, registry.Registration]:
+        """The valid registrations, ``{file: Registration}``.  A file that
+        is not valid is reported (once while it stays so) and skipped; if
+        it was valid at an earlier scan, its pool stays watched as it was
+        (a half-saved edit does not stop the watch)."""
+        found = registry.read(self.config_dir)
+        files = dict(found.valid)
+        reported: dict[str, str] = {}
+        for bad in found.invalid:
+            earlier = self._files.get(bad.path)
+            if earlier is not None:
+                files[bad.path] = earlier
+            if self._invalid.get(bad.path) != bad.reason:
+                kept = "" if earlier is None else f", pool {earlier.pool} stays watched as it was"
+                logger.error("%s; skipped%s", bad.reason, kept)
+            reported[bad.path] = bad.reason
+        self._files, self._invalid = files, reported
+        return files
 
     def _failed(self, registration: registry.Registration, now: float) -> None:
         """Try the pool again later: at the next scan, then at doubling

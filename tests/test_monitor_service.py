@@ -228,3 +228,44 @@ def test_the_status_file_is_written_through_no_symlink_and_removed_only_if_its_o
     service.stop()
     service.run()
     assert not os.path.lexists(status_path)
+
+
+def test_a_malformed_registration_is_reported_and_skipped(dm_name, tmp_path, service_env):
+    pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
+    pool.close()
+    assert (
+        libdm_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
+    )
+    bad = os.path.join(service_env["LIBDM_MONITOR_DIR"], "other.toml")
+    with open(bad, "w") as fh:  # a hand-edited file with a typo
+        fh.write('pool = "/var/lib/other"\nthreshold = 80\nspares = ["/dev/sdx"\n')
+    service = subprocess.Popen(
+        [sys.executable, "-m", "libdm", "monitor", "serve", "--rescan", "0.2"],
+        env=service_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        until(
+            lambda: status(service_env).get(str(tmp_path / "p"), {}).get("running"),
+            "the service to watch the pool",
+        )
+        listing = libdm_cli("monitor", "ls", "--json", env=service_env)
+        assert listing.returncode == 0, listing.stderr
+        rows = {r["file"]: r for r in json.loads(listing.stdout)}
+        assert rows[bad]["pool"] is None and not rows[bad]["watched"]
+        assert "not valid" in rows[bad]["invalid"]
+        assert [r["pool"] for r in rows.values() if r["invalid"] is None] == [str(tmp_path / "p")]
+        text = libdm_cli("monitor", "ls", env=service_env)
+        assert text.returncode == 0 and bad in text.stdout and "invalid" in text.stdout
+        gone = libdm_cli("monitor", "unregister", "--pool", tmp_path / "p", env=service_env)
+        assert gone.returncode == 0, gone.stderr
+        until(lambda: str(tmp_path / "p") not in status(service_env), "the pool to be dropped")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 0, err
+    reports = [line for line in err.splitlines() if bad in line]
+    assert len(reports) == 1 and reports[0].startswith("<3>"), err
+    assert "skipped" in reports[0]
+    assert os.path.exists(bad)

@@ -30,10 +30,13 @@ if TYPE_CHECKING:
     from libdm.thin.pool import Pool
 
 __all__ = [
+    "InvalidRegistration",
     "MonitorOptions",
     "Registration",
+    "Registrations",
     "WatchState",
     "config_dir",
+    "read",
     "register",
     "registrations",
     "status_path",
@@ -189,40 +192,78 @@ def unregister(pool_dir: str, directory: str | None = None) -> str:
     """
     directory = directory or config_dir()
     wanted = os.path.abspath(pool_dir)
-    for path, registration in registrations(directory).items():
+    for path, registration in read(directory).valid.items():
         if registration.pool == wanted:
             os.unlink(path)
             return path
     raise FileNotFoundError(f"pool {wanted} is not registered in {directory}")
 
 
-def registrations(directory: str | None = None) -> dict[str, Registration]:
-    """Every registration in the directory, ``{file: Registration}``.
+@dataclass(frozen=True)
+class InvalidRegistration:
+    """A file in the registrations' directory that is not a valid
+    registration.
 
-    Raises:
-        StateError: a file that is not a valid registration (named).
+    Attributes:
+        path: the file.
+        reason: what is wrong, naming the file.
     """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Registrations:
+    """What the registrations' directory holds (see :func:`read`).
+
+    Attributes:
+        valid: ``{file: Registration}``, in the order of the file names.
+        invalid: the files that could not be read as registrations.
+    """
+
+    valid: Mapping[str, Registration]
+    invalid: tuple[InvalidRegistration, ...]
+
+
+def read(directory: str | None = None) -> Registrations:
+    """Every file in the directory: the valid registrations, and the files
+    that are not (each with why), so that one bad file does not hide the
+    others."""
+    import tomllib  # Python 3.11; only the service and reports need it
+
     directory = directory or config_dir()
-    out: dict[str, Registration] = {}
+    valid: dict[str, Registration] = {}
+    invalid: list[InvalidRegistration] = []
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return out
+        return Registrations(valid, ())
     for name in names:
         if not name.endswith(".toml"):
             continue
         path = os.path.join(directory, name)
-        import tomllib  # Python 3.11; only the service and reports need it
-
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-            out[path] = Registration.from_toml(data)
+            valid[path] = Registration.from_toml(data)
         except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-            raise StateError(
-                f"the monitor registration {path} is not valid: {exc}", "monitor", None
-            ) from None
-    return out
+            reason = f"the monitor registration {path} is not valid: {exc}"
+            invalid.append(InvalidRegistration(path, reason))
+    return Registrations(valid, tuple(invalid))
+
+
+def registrations(directory: str | None = None) -> dict[str, Registration]:
+    """Every registration in the directory, ``{file: Registration}``.
+
+    Raises:
+        StateError: a file that is not a valid registration (named; use
+            :func:`read` to get the others all the same).
+    """
+    found = read(directory)
+    if found.invalid:
+        raise StateError(found.invalid[0].reason, "monitor", None)
+    return dict(found.valid)
 
 
 @dataclass(frozen=True)
@@ -245,10 +286,7 @@ def watch_state(pool_dir: str) -> WatchState | None:
     """How the monitor service watches ``pool_dir``, or ``None`` if it is
     not registered and not watched."""
     wanted = os.path.abspath(pool_dir)
-    try:
-        registered = next((r for r in registrations().values() if r.pool == wanted), None)
-    except StateError:
-        registered = None
+    registered = next((r for r in read().valid.values() if r.pool == wanted), None)
     watched = _watched(wanted)
     if watched is not None:
         running = watched.get("running") is True

@@ -269,3 +269,41 @@ def test_a_malformed_registration_is_reported_and_skipped(dm_name, tmp_path, ser
     assert len(reports) == 1 and reports[0].startswith("<3>"), err
     assert "skipped" in reports[0]
     assert os.path.exists(bad)
+
+
+def test_pools_whose_paths_differ_by_slash_or_dash_have_their_own_registration(
+    tmp_path, service_env
+):
+    conf = tmp_path / "monitor.d"
+    conf.mkdir()
+    # Registering touches no pool: paths with no '-' of their own, so that
+    # b's and c's files in the earlier format (every '/' replaced by '-')
+    # are named as a's and d's would be by that format.
+    a, b = "/libdmtest/var/lib/images", "/libdmtest/var/lib-images"
+    c = "/libdmtest/srv-data"
+    for pool, threshold in ((b, 70), (c, 75)):
+        old = conf / (pool.strip("/").replace("/", "-") + ".toml")
+        old.write_text(f'pool = "{pool}"\nthreshold = {threshold}\npercent = 10\n')
+
+    def listed():
+        out = libdm_cli("monitor", "ls", "--json", env=service_env)
+        assert out.returncode == 0, out.stderr
+        return sorted((r["pool"], r["threshold"]) for r in json.loads(out.stdout))
+
+    assert listed() == sorted([(b, 70), (c, 75)])
+    made = libdm_cli("monitor", "register", "--pool", a, env=service_env)
+    assert made.returncode == 0, made.stderr
+    assert listed() == sorted([(a, 80), (b, 70), (c, 75)])
+    # Registering b or c again replaces its file rather than adding a second.
+    for pool in (b, c):
+        again = libdm_cli(
+            "monitor", "register", "--pool", pool, "--threshold", 60, env=service_env
+        )
+        assert again.returncode == 0, again.stderr
+    assert listed() == sorted([(a, 80), (b, 60), (c, 60)])
+    assert len(os.listdir(conf)) == 3
+    for pool in (a, b, c):
+        gone = libdm_cli("monitor", "unregister", "--pool", pool, env=service_env)
+        assert gone.returncode == 0, gone.stderr
+        assert pool not in dict(listed())
+    assert os.listdir(conf) == []

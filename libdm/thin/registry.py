@@ -157,7 +157,14 @@ def _whole(data: Mapping[str, Any], key: str, default: int | None) -> int | None
 
 
 def _file_for(pool_dir: str, directory: str) -> str:
-    name = os.path.abspath(pool_dir).strip("/").replace("/", "-") or "root"
+    """The pool's registration file: its path with each '/' made '-',
+    after '%' and '-' are percent-encoded, so that distinct paths get
+    distinct names (``/var/lib-images`` is ``var-lib%2Dimages.toml``, not
+    ``/var/lib/images``'s ``var-lib-images.toml``).  A path with neither
+    keeps the name earlier versions gave it; their other files are still
+    read, as every file is read for the pool it names."""
+    path = os.path.abspath(pool_dir).strip("/")
+    name = path.replace("%", "%25").replace("-", "%2D").replace("/", "-") or "%2F"
     return os.path.join(directory, f"{name}.toml")
 
 
@@ -167,22 +174,51 @@ def register(registration: Registration, directory: str | None = None) -> str:
 
     Returns:
         The file's path.
+
+    Raises:
+        StateError: the file's name is taken by another pool's
+            registration (written by an earlier version) that cannot be
+            renamed to its own name.
     """
     directory = directory or config_dir()
     os.makedirs(directory, mode=0o755, exist_ok=True)
     registration = replace(registration, pool=os.path.abspath(registration.pool))
     path = _file_for(registration.pool, directory)
+    found = read(directory).valid
+    holder = found.get(path)
+    if holder is not None and holder.pool != registration.pool:
+        _rename_to_own_name(path, holder, directory)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "x") as fh:
         fh.write(registration.to_toml())
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    for other, earlier in found.items():
+        if other != path and earlier.pool == registration.pool:
+            os.unlink(other)  # this pool's file under an earlier version's name
     return path
 
 
+def _rename_to_own_name(path: str, holder: Registration, directory: str) -> None:
+    """Give another pool's registration, written under the name an earlier
+    version gave it, the name it has now (never replacing a file there)."""
+    own = _file_for(holder.pool, directory)
+    try:
+        os.link(path, own)
+    except FileExistsError:
+        raise StateError(
+            f"the monitor registration {path} is the one of pool {holder.pool}, "
+            f"written by an earlier libdm, and {own} is there as well; remove "
+            f"the one that is out of date (libdm monitor ls shows both)",
+            "monitor",
+            None,
+        ) from None
+    os.unlink(path)
+
+
 def unregister(pool_dir: str, directory: str | None = None) -> str:
-    """Remove the pool's registration.
+    """Remove the pool's registration (every file that names the pool).
 
     Returns:
         The removed file's path.
@@ -192,10 +228,11 @@ def unregister(pool_dir: str, directory: str | None = None) -> str:
     """
     directory = directory or config_dir()
     wanted = os.path.abspath(pool_dir)
-    for path, registration in read(directory).valid.items():
-        if registration.pool == wanted:
-            os.unlink(path)
-            return path
+    paths = [p for p, r in read(directory).valid.items() if r.pool == wanted]
+    for path in paths:  # more than one if an earlier version wrote one too
+        os.unlink(path)
+    if paths:
+        return paths[0]
     raise FileNotFoundError(f"pool {wanted} is not registered in {directory}")
 
 

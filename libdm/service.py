@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -31,7 +32,6 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple, TextIO
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.thin import registry
-from libdm.thin.errors import StateError
 
 if TYPE_CHECKING:
     from libdm.thin.monitor import Monitor
@@ -138,6 +138,13 @@ class MonitorService:
         self.watches: dict[str, _Watch] = {}  # by pool directory
         self._retries: dict[str, _Retry] = {}  # by pool directory
         self._stop = threading.Event()
+        self._files: dict[str, registry.Registration] = {}  # as of the last scan
+        self._invalid: dict[str, str] = {}  # file: why, as reported
+        # The status file this service wrote last, held open so that its
+        # inode number cannot be given to another file: the service
+        # replaces or removes only that one (or a dead service's).
+        self._status_fd: int | None = None
+        self._status_problem: str | None = None  # logged once, not per scan
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from a signal handler)."""
@@ -154,19 +161,14 @@ class MonitorService:
         finally:
             for pool_dir in list(self.watches):
                 self._unwatch(pool_dir, "service stopping")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.status_path)
+            self._remove_status()
             logger.info("libdm monitor: stopped")
 
     def scan(self) -> None:
         """One pass: start, restart and stop monitors to match the
         registrations, then write the status file."""
         now = time.monotonic()
-        try:
-            wanted = {r.pool: r for r in registry.registrations(self.config_dir).values()}
-        except StateError as exc:
-            logger.error("%s; keeping the pools watched as they are", exc)
-            wanted = {d: w.registration for d, w in self.watches.items()}
+        wanted = {r.pool: r for r in self._registrations().values()}
         for pool_dir in list(self.watches):
             watch = self.watches[pool_dir]
             if pool_dir not in wanted:
@@ -188,6 +190,25 @@ class MonitorService:
             if not self._watch(registration):
                 self._failed(registration, now)
         self._write_status(wanted)
+
+    def _registrations(self) -> dict[str, registry.Registration]:
+        """The valid registrations, ``{file: Registration}``.  A file that
+        is not valid is reported (once while it stays so) and skipped; if
+        it was valid at an earlier scan, its pool stays watched as it was
+        (a half-saved edit does not stop the watch)."""
+        found = registry.read(self.config_dir)
+        files = dict(found.valid)
+        reported: dict[str, str] = {}
+        for bad in found.invalid:
+            earlier = self._files.get(bad.path)
+            if earlier is not None:
+                files[bad.path] = earlier
+            if self._invalid.get(bad.path) != bad.reason:
+                kept = "" if earlier is None else f", pool {earlier.pool} stays watched as it was"
+                logger.error("%s; skipped%s", bad.reason, kept)
+            reported[bad.path] = bad.reason
+        self._files, self._invalid = files, reported
+        return files
 
     def _failed(self, registration: registry.Registration, now: float) -> None:
         """Try the pool again later: at the next scan, then at doubling
@@ -246,8 +267,111 @@ class MonitorService:
                 threshold=registration.threshold,
                 percent=registration.percent,
             )._asdict()
-        os.makedirs(os.path.dirname(self.status_path), mode=0o755, exist_ok=True)
-        tmp = f"{self.status_path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"pid": os.getpid(), "updated": time.time(), "pools": pools}, fh)
-        os.replace(tmp, self.status_path)
+        status = {"pid": os.getpid(), "updated": time.time(), "pools": pools}
+        try:
+            problem = self._put_status(json.dumps(status).encode())
+        except OSError as exc:
+            problem = f"cannot write the status file {self.status_path}: {exc}"
+        if problem is not None and problem != self._status_problem:
+            logger.error("%s; libdm pool info will not show what is watched", problem)
+        self._status_problem = problem
+
+    def _put_status(self, data: bytes) -> str | None:
+        """Write the status file through a new temporary file, never
+        following a symlink, replacing only a status file this service
+        (or a service no longer running) wrote; what is in the way, or
+        ``None`` if it was written."""
+        directory, name = os.path.split(self.status_path)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            current = _lstat(name, dir_fd)
+            if current is not None and not self._replaceable(name, current, dir_fd):
+                return (
+                    f"{self.status_path} is not a status file of this service or of one "
+                    f"that stopped; libdm leaves it as it is"
+                )
+            tmp = f"{name}.{os.getpid()}.tmp"
+            try:
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=dir_fd,
+                )
+            except FileExistsError:
+                return f"{os.path.join(directory, tmp)} is in the way; libdm did not make it"
+            try:
+                with memoryview(data) as rest:
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp, dir_fd=dir_fd)  # made here (O_EXCL): ours
+                raise
+            self._close_status()
+            self._status_fd = fd
+            return None
+        finally:
+            os.close(dir_fd)
+
+    def _replaceable(self, name: str, st: os.stat_result, dir_fd: int) -> bool:
+        """True if the status file is the one this service wrote last, or
+        one left by a service that is not running (a restart after a crash)."""
+        if self._is_own_status(st):
+            return True
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as fh:
+                pid = json.load(fh)["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True  # its service is gone
+        except OSError:
+            pass
+        return False
+
+    def _remove_status(self) -> None:
+        """Remove the status file if it is still the one this service wrote."""
+        if self._status_fd is None:
+            return
+        directory, name = os.path.split(self.status_path)
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self._close_status()
+            return
+        try:
+            st = _lstat(name, dir_fd)
+            if st is not None and self._is_own_status(st):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+            self._close_status()
+
+    def _is_own_status(self, st: os.stat_result) -> bool:
+        if self._status_fd is None:
+            return False
+        own = os.fstat(self._status_fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def _close_status(self) -> None:
+        if self._status_fd is not None:
+            os.close(self._status_fd)
+            self._status_fd = None
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None

@@ -172,3 +172,138 @@ def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_
         _, err = service.communicate(timeout=60)
     assert service.returncode == 0, err
     assert "is not active" in err
+
+
+def test_the_status_file_is_written_through_no_symlink_and_removed_only_if_its_own(
+    tmp_path, service_env
+):
+    from libdm.service import MonitorService
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's data\n")
+    (run / "monitor.json.tmp").symlink_to(victim)
+    status_path = run / "monitor.json"
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    service.scan()
+    assert victim.read_text() == "someone else's data\n"
+    assert os.readlink(run / "monitor.json.tmp") == str(victim)
+    assert not status_path.is_symlink()
+    assert json.loads(status_path.read_text())["pid"] == os.getpid()
+    # Once the service has stopped, its own status file is gone...
+    service.stop()
+    service.run()
+    assert not os.path.lexists(status_path)
+    assert sorted(os.listdir(run)) == ["monitor.json.tmp"]
+
+    # ...but not a file put in its place meanwhile.
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    status_path.unlink()
+    status_path.write_text("someone else's status\n")
+    service.stop()
+    service.run()
+    assert status_path.read_text() == "someone else's status\n"
+
+    # A symlink planted as the status file is neither replaced nor removed.
+    status_path.unlink()
+    status_path.symlink_to(victim)
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    service.stop()
+    service.run()
+    assert os.readlink(status_path) == str(victim)
+    assert victim.read_text() == "someone else's data\n"
+
+    # The status file of a service that died is replaced (a restart).
+    status_path.unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    status_path.write_text(json.dumps({"pid": dead.pid, "pools": {}}))
+    service = MonitorService(service_env["LIBDM_MONITOR_DIR"], str(status_path), rescan=60)
+    service.scan()
+    assert json.loads(status_path.read_text())["pid"] == os.getpid()
+    service.stop()
+    service.run()
+    assert not os.path.lexists(status_path)
+
+
+def test_a_malformed_registration_is_reported_and_skipped(dm_name, tmp_path, service_env):
+    pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
+    pool.close()
+    assert (
+        libdm_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
+    )
+    bad = os.path.join(service_env["LIBDM_MONITOR_DIR"], "other.toml")
+    with open(bad, "w") as fh:  # a hand-edited file with a typo
+        fh.write('pool = "/var/lib/other"\nthreshold = 80\nspares = ["/dev/sdx"\n')
+    service = subprocess.Popen(
+        [sys.executable, "-m", "libdm", "monitor", "serve", "--rescan", "0.2"],
+        env=service_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        until(
+            lambda: status(service_env).get(str(tmp_path / "p"), {}).get("running"),
+            "the service to watch the pool",
+        )
+        listing = libdm_cli("monitor", "ls", "--json", env=service_env)
+        assert listing.returncode == 0, listing.stderr
+        rows = {r["file"]: r for r in json.loads(listing.stdout)}
+        assert rows[bad]["pool"] is None and not rows[bad]["watched"]
+        assert "not valid" in rows[bad]["invalid"]
+        assert [r["pool"] for r in rows.values() if r["invalid"] is None] == [str(tmp_path / "p")]
+        text = libdm_cli("monitor", "ls", env=service_env)
+        assert text.returncode == 0 and bad in text.stdout and "invalid" in text.stdout
+        gone = libdm_cli("monitor", "unregister", "--pool", tmp_path / "p", env=service_env)
+        assert gone.returncode == 0, gone.stderr
+        until(lambda: str(tmp_path / "p") not in status(service_env), "the pool to be dropped")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 0, err
+    reports = [line for line in err.splitlines() if bad in line]
+    assert len(reports) == 1 and reports[0].startswith("<3>"), err
+    assert "skipped" in reports[0]
+    assert os.path.exists(bad)
+
+
+def test_pools_whose_paths_differ_by_slash_or_dash_have_their_own_registration(
+    tmp_path, service_env
+):
+    conf = tmp_path / "monitor.d"
+    conf.mkdir()
+    # Registering touches no pool: paths with no '-' of their own, so that
+    # b's and c's files in the earlier format (every '/' replaced by '-')
+    # are named as a's and d's would be by that format.
+    a, b = "/libdmtest/var/lib/images", "/libdmtest/var/lib-images"
+    c = "/libdmtest/srv-data"
+    for pool, threshold in ((b, 70), (c, 75)):
+        old = conf / (pool.strip("/").replace("/", "-") + ".toml")
+        old.write_text(f'pool = "{pool}"\nthreshold = {threshold}\npercent = 10\n')
+
+    def listed():
+        out = libdm_cli("monitor", "ls", "--json", env=service_env)
+        assert out.returncode == 0, out.stderr
+        return sorted((r["pool"], r["threshold"]) for r in json.loads(out.stdout))
+
+    assert listed() == sorted([(b, 70), (c, 75)])
+    made = libdm_cli("monitor", "register", "--pool", a, env=service_env)
+    assert made.returncode == 0, made.stderr
+    assert listed() == sorted([(a, 80), (b, 70), (c, 75)])
+    # Registering b or c again replaces its file rather than adding a second.
+    for pool in (b, c):
+        again = libdm_cli(
+            "monitor", "register", "--pool", pool, "--threshold", 60, env=service_env
+        )
+        assert again.returncode == 0, again.stderr
+    assert listed() == sorted([(a, 80), (b, 60), (c, 60)])
+    assert len(os.listdir(conf)) == 3
+    for pool in (a, b, c):
+        gone = libdm_cli("monitor", "unregister", "--pool", pool, env=service_env)
+        assert gone.returncode == 0, gone.stderr
+        assert pool not in dict(listed())
+    assert os.listdir(conf) == []

@@ -221,3 +221,28 @@ def test_the_service_retries_a_pool_it_cannot_watch_less_and_less_often(
     caplog.clear()
     service.scan()
     assert any("cannot be watched yet" in r.getMessage() for r in caplog.records)
+
+
+def test_a_registration_spoilt_while_watched_keeps_its_pool_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from libdm.service import MonitorService
+
+    conf = str(tmp_path / "conf")
+    path = registry.register(registry.Registration(str(tmp_path / "nowhere"), threshold=60), conf)
+    (tmp_path / "conf" / "typo.toml").write_text('pool = "/x"\nthreshold = \n')
+    service = MonitorService(conf, str(tmp_path / "run" / "monitor.json"), rescan=5.0)
+    found = registry.read(conf)
+    assert list(found.valid) == [path]
+    assert [bad.path for bad in found.invalid] == [str(tmp_path / "conf" / "typo.toml")]
+    service.scan()
+    with open(path, "w") as fh:  # a half-saved edit
+        fh.write('pool = "')
+    caplog.clear()
+    service.scan()
+    service.scan()
+    reports = [r.getMessage() for r in caplog.records if path in r.getMessage()]
+    assert len(reports) == 1 and "stays watched as it was" in reports[0], reports
+    with open(tmp_path / "run" / "monitor.json") as fh:
+        pools = json.load(fh)["pools"]
+    assert pools[str(tmp_path / "nowhere")]["threshold"] == 60

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from typing import TypedDict
 
 from libdm.cli import output
@@ -18,13 +19,15 @@ __all__ = ["register"]
 
 
 class _Registered(TypedDict):
-    """One registration, as ``libdm monitor ls --json`` prints it."""
+    """One registration, as ``libdm monitor ls --json`` prints it; a file
+    that is not a valid registration has ``invalid`` (why) and no pool."""
 
-    pool: str
+    pool: str | None
     file: str
-    threshold: int
-    percent: int
+    threshold: int | None
+    percent: int | None
     watched: bool
+    invalid: str | None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -76,8 +79,9 @@ def cmd_unregister(args: argparse.Namespace) -> None:
 def cmd_ls(args: argparse.Namespace) -> None:
     from libdm.thin import registry
 
+    found = registry.read(args.config_dir)
     rows: list[_Registered] = []
-    for path, reg in registry.registrations(args.config_dir).items():
+    for path, reg in found.valid.items():
         state = registry.watch_state(reg.pool)
         rows.append(
             {
@@ -86,14 +90,34 @@ def cmd_ls(args: argparse.Namespace) -> None:
                 "threshold": reg.threshold,
                 "percent": reg.percent,
                 "watched": state is not None and state.watched,
+                "invalid": None,
             }
         )
+    for bad in found.invalid:
+        rows.append(
+            {
+                "pool": None,
+                "file": bad.path,
+                "threshold": None,
+                "percent": None,
+                "watched": False,
+                "invalid": bad.reason,
+            }
+        )
+        print(f"libdm: {bad.reason}; the service skips it", file=sys.stderr)
     emit(
         args,
         rows,
         lambda: output.columns(
             (
                 [
+                    r["file"],
+                    "-",
+                    "-",
+                    "invalid",
+                ]
+                if r["pool"] is None
+                else [
                     r["pool"],
                     f"{r['threshold']}%",
                     f"{r['percent']}%",

@@ -30,10 +30,13 @@ if TYPE_CHECKING:
     from libdm.thin.pool import Pool
 
 __all__ = [
+    "InvalidRegistration",
     "MonitorOptions",
     "Registration",
+    "Registrations",
     "WatchState",
     "config_dir",
+    "read",
     "register",
     "registrations",
     "status_path",
@@ -154,7 +157,14 @@ def _whole(data: Mapping[str, Any], key: str, default: int | None) -> int | None
 
 
 def _file_for(pool_dir: str, directory: str) -> str:
-    name = os.path.abspath(pool_dir).strip("/").replace("/", "-") or "root"
+    """The pool's registration file: its path with each '/' made '-',
+    after '%' and '-' are percent-encoded, so that distinct paths get
+    distinct names (``/var/lib-images`` is ``var-lib%2Dimages.toml``, not
+    ``/var/lib/images``'s ``var-lib-images.toml``).  A path with neither
+    keeps the name earlier versions gave it; their other files are still
+    read, as every file is read for the pool it names."""
+    path = os.path.abspath(pool_dir).strip("/")
+    name = path.replace("%", "%25").replace("-", "%2D").replace("/", "-") or "%2F"
     return os.path.join(directory, f"{name}.toml")
 
 
@@ -164,22 +174,51 @@ def register(registration: Registration, directory: str | None = None) -> str:
 
     Returns:
         The file's path.
+
+    Raises:
+        StateError: the file's name is taken by another pool's
+            registration (written by an earlier version) that cannot be
+            renamed to its own name.
     """
     directory = directory or config_dir()
     os.makedirs(directory, mode=0o755, exist_ok=True)
     registration = replace(registration, pool=os.path.abspath(registration.pool))
     path = _file_for(registration.pool, directory)
+    found = read(directory).valid
+    holder = found.get(path)
+    if holder is not None and holder.pool != registration.pool:
+        _rename_to_own_name(path, holder, directory)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "x") as fh:
         fh.write(registration.to_toml())
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    for other, earlier in found.items():
+        if other != path and earlier.pool == registration.pool:
+            os.unlink(other)  # this pool's file under an earlier version's name
     return path
 
 
+def _rename_to_own_name(path: str, holder: Registration, directory: str) -> None:
+    """Give another pool's registration, written under the name an earlier
+    version gave it, the name it has now (never replacing a file there)."""
+    own = _file_for(holder.pool, directory)
+    try:
+        os.link(path, own)
+    except FileExistsError:
+        raise StateError(
+            f"the monitor registration {path} is the one of pool {holder.pool}, "
+            f"written by an earlier libdm, and {own} is there as well; remove "
+            f"the one that is out of date (libdm monitor ls shows both)",
+            "monitor",
+            None,
+        ) from None
+    os.unlink(path)
+
+
 def unregister(pool_dir: str, directory: str | None = None) -> str:
-    """Remove the pool's registration.
+    """Remove the pool's registration (every file that names the pool).
 
     Returns:
         The removed file's path.
@@ -189,40 +228,79 @@ def unregister(pool_dir: str, directory: str | None = None) -> str:
     """
     directory = directory or config_dir()
     wanted = os.path.abspath(pool_dir)
-    for path, registration in registrations(directory).items():
-        if registration.pool == wanted:
-            os.unlink(path)
-            return path
+    paths = [p for p, r in read(directory).valid.items() if r.pool == wanted]
+    for path in paths:  # more than one if an earlier version wrote one too
+        os.unlink(path)
+    if paths:
+        return paths[0]
     raise FileNotFoundError(f"pool {wanted} is not registered in {directory}")
+
+
+@dataclass(frozen=True)
+class InvalidRegistration:
+    """A file in the registrations' directory that is not a valid
+    registration.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong, naming the file.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Registrations:
+    """What the registrations' directory holds (see :func:`read`).
+
+    Attributes:
+        valid: ``{file: Registration}``, in the order of the file names.
+        invalid: the files that could not be read as registrations.
+    """
+
+    valid: Mapping[str, Registration]
+    invalid: tuple[InvalidRegistration, ...]
+
+
+def read(directory: str | None = None) -> Registrations:
+    """Every file in the directory: the valid registrations, and the files
+    that are not (each with why), so that one bad file does not hide the
+    others."""
+    import tomllib  # Python 3.11; only the service and reports need it
+
+    directory = directory or config_dir()
+    valid: dict[str, Registration] = {}
+    invalid: list[InvalidRegistration] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return Registrations(valid, ())
+    for name in names:
+        if not name.endswith(".toml"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+            valid[path] = Registration.from_toml(data)
+        except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+            reason = f"the monitor registration {path} is not valid: {exc}"
+            invalid.append(InvalidRegistration(path, reason))
+    return Registrations(valid, tuple(invalid))
 
 
 def registrations(directory: str | None = None) -> dict[str, Registration]:
     """Every registration in the directory, ``{file: Registration}``.
 
     Raises:
-        StateError: a file that is not a valid registration (named).
+        StateError: a file that is not a valid registration (named; use
+            :func:`read` to get the others all the same).
     """
-    directory = directory or config_dir()
-    out: dict[str, Registration] = {}
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return out
-    for name in names:
-        if not name.endswith(".toml"):
-            continue
-        path = os.path.join(directory, name)
-        import tomllib  # Python 3.11; only the service and reports need it
-
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-            out[path] = Registration.from_toml(data)
-        except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-            raise StateError(
-                f"the monitor registration {path} is not valid: {exc}", "monitor", None
-            ) from None
-    return out
+    found = read(directory)
+    if found.invalid:
+        raise StateError(found.invalid[0].reason, "monitor", None)
+    return dict(found.valid)
 
 
 @dataclass(frozen=True)
@@ -245,10 +323,7 @@ def watch_state(pool_dir: str) -> WatchState | None:
     """How the monitor service watches ``pool_dir``, or ``None`` if it is
     not registered and not watched."""
     wanted = os.path.abspath(pool_dir)
-    try:
-        registered = next((r for r in registrations().values() if r.pool == wanted), None)
-    except StateError:
-        registered = None
+    registered = next((r for r in read().valid.values() if r.pool == wanted), None)
     watched = _watched(wanted)
     if watched is not None:
         running = watched.get("running") is True

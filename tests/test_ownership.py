@@ -560,3 +560,24 @@ def test_a_crowded_namespace_at_random(dm_name, tmp_path):
             phases=(Phase.explicit, Phase.generate),
         ),
     )
+
+
+# -- the pool's own files --------------------------------------------------------
+
+
+@pytest.mark.parametrize("replaced", ["data", "metadata"])
+def test_destroy_remove_files_leaves_a_file_that_is_not_the_pools(make_pool, tmp_path, replaced):
+    pool = make_pool(name="p", data_size="64M")
+    directory = Path(pool.directory)
+    pool.destroy()
+    # Someone moves the pool's file away and puts another in its place.
+    os.rename(directory / replaced, tmp_path / f"{replaced}.moved")
+    theirs = directory / replaced
+    theirs.write_bytes(os.urandom(MiB))
+    theirs.chmod(0o600)
+    contents = theirs.read_bytes()
+    with pytest.raises(libdm.StateError) as caught:
+        libdm.Pool.load(directory).destroy(remove_files=True)
+    assert str(theirs) in str(caught.value) and "not the pool's" in str(caught.value)
+    assert theirs.read_bytes() == contents
+    assert directory.is_dir()

@@ -1536,6 +1536,9 @@ class Pool:
             DeviceBusyError: a thin device is still in use.
             HandedOverError: ``remove_files`` on a handed-over pool
                 without ``force``.
+            StateError: ``remove_files`` when a file in the place of a loop
+                pool's data or metadata file is not the one the pool made
+                (nothing is removed or taken down).
         """
         if remove_files and not force and self.config.handed_to is not None:
             raise HandedOverError(
@@ -1546,6 +1549,9 @@ class Pool:
                 self.name,
             )
         statedir = self._store.statedir
+        if remove_files and isinstance(self._backing, backings.LoopBacking):
+            # Before anything goes down: a refusal leaves the pool as it was.
+            self._backing.check_removable()
         with self._changing("destroy"):
             for name in self._live_devices(self._store.devices(), "destroy"):
                 ops.remove(self.device_dm_name(name))

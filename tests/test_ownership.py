@@ -581,3 +581,18 @@ def test_destroy_remove_files_leaves_a_file_that_is_not_the_pools(make_pool, tmp
     assert str(theirs) in str(caught.value) and "not the pool's" in str(caught.value)
     assert theirs.read_bytes() == contents
     assert directory.is_dir()
+
+
+def test_adopt_refuses_another_libdm_pool(make_pool, tmp_path):
+    owner = make_pool(name="p", data_size="64M")
+    before = seen(owner.name)
+    with pytest.raises(libdm.ForeignDeviceError) as caught:
+        libdm.Pool.adopt(owner.name, state_dir=tmp_path / "other")
+    message = str(caught.value)
+    assert owner.name in message and owner.uuid in message
+    assert os.path.realpath(owner.directory) in message  # the directory that owns it
+    assert not (tmp_path / "other").exists()
+    assert seen(owner.name) == before
+    # The owner's transactions are its own still.
+    owner.create_thin("x", "8M")
+    assert witness.info(f"{owner.name}-x") is not None

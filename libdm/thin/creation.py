@@ -29,6 +29,7 @@ from libdm.thin.errors import (
     StateError,
 )
 from libdm.thin.lock import LOCK_NAME
+from libdm.thin.ownership import POOL_UUID_PREFIX
 from libdm.thin.statedir import StateDir
 from libdm.thin.status import ThinPoolFailed, parse_pool_status
 from libdm.thin.store import STORE_FILES, Store
@@ -283,6 +284,8 @@ def adopt(
         ValueError: it is not a thin-pool device.
         PoolError: it is in use (transaction id or data in use), failed
             or read-only.
+        ForeignDeviceError: it is another libdm pool's device (named, and
+            its state directory for a loop pool).
         DeviceExistsError, StateError, PoolReadOnlyError: the state
             directory, as for :meth:`create_loop`.
     """
@@ -310,6 +313,18 @@ def adopt(
             pool_device_name,
         )
     uuid = ops.info(pool_device_name).uuid or ""
+    if uuid.startswith(POOL_UUID_PREFIX):
+        # Another libdm pool: its transaction ids are its owner's, which an
+        # adopter's first device would move.
+        home = _loop_pool_directory(params)
+        where = f"its state is in {home}" if home else "its state is in another directory"
+        raise ForeignDeviceError(
+            f"pool {pool_device_name} is the pool device of a libdm pool (uuid {uuid!r}; "
+            f"{where}); libdm adopts only pools other programs made: open that pool "
+            f"instead",
+            "adopt",
+            pool_device_name,
+        )
     options = dict(options)
     options.setdefault("low_water_mark", int(params.low_water_mark))
     options.setdefault("features", sorted(params.features))
@@ -323,6 +338,17 @@ def adopt(
         options,
         uuid=uuid,
     )
+
+
+def _loop_pool_directory(params: ThinPoolParams) -> str | None:
+    """The directory of a loop pool's data file (its state directory), as
+    the data loop device's sysfs entry says; ``None`` if not a loop."""
+    try:
+        with open(f"/sys/dev/block/{params.data_dev}/loop/backing_file") as f:
+            backing_file = f.read().strip()
+    except OSError:
+        return None
+    return os.path.dirname(backing_file) or None
 
 
 def _refuse_existing(name: str) -> None:

@@ -596,3 +596,16 @@ def test_adopt_refuses_another_libdm_pool(make_pool, tmp_path):
     # The owner's transactions are its own still.
     owner.create_thin("x", "8M")
     assert witness.info(f"{owner.name}-x") is not None
+
+
+def test_a_pool_named_control_is_refused(tmp_path):
+    # /dev/mapper/control is device-mapper's own control node, never a pool.
+    node = os.stat("/dev/mapper/control")
+    with pytest.raises(ValueError, match="/dev/mapper/control"):
+        libdm.Pool.create_loop("control", tmp_path / "p", data_size="64M")
+    assert not (tmp_path / "p").exists()
+    assert witness.info("control") is None
+    with pytest.raises(ValueError, match="/dev/mapper/control"):
+        libdm.Pool.adopt("control", state_dir=tmp_path / "adopted")
+    assert not (tmp_path / "adopted").exists()
+    assert os.stat("/dev/mapper/control").st_rdev == node.st_rdev

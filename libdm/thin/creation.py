@@ -104,7 +104,7 @@ def create_loop(
         DMError: the kernel refused; nothing this call made is left
             behind, and nothing else is touched.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     data = parse_size(data_size, what="data_size")
     if data < bs.bytes():
@@ -180,7 +180,7 @@ def create(
         DeviceExistsError: the name or the state directory is taken.
         StateError, PoolReadOnlyError: as for :meth:`create_loop`.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     _refuse_existing(name)
     if os.path.realpath(data_device) == os.path.realpath(metadata_device):
@@ -241,7 +241,7 @@ def create_on_device(
         As :meth:`create`; ValueError also for percentages that do not
         fit or a device too small.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     _refuse_existing(name)
     _refuse_pieces(name, "create_on_device")
@@ -289,7 +289,7 @@ def adopt(
         DeviceExistsError, StateError, PoolReadOnlyError: the state
             directory, as for :meth:`create_loop`.
     """
-    check_name(pool_device_name)
+    _check_pool_name(pool_device_name)
     table = ops.table(pool_device_name)
     if len(table) != 1 or table[0].type != "thin-pool":
         raise ValueError(
@@ -338,6 +338,21 @@ def adopt(
         options,
         uuid=uuid,
     )
+
+
+def _check_pool_name(name: str) -> None:
+    """A valid device-mapper name whose ``/dev/mapper`` path is the pool's.
+
+    Raises:
+        ValueError: not a valid name, or ``control`` (``/dev/mapper/control``
+            is device-mapper's own control node, not a device).
+    """
+    check_name(name)
+    if name == "control":
+        raise ValueError(
+            "a pool cannot be named 'control': /dev/mapper/control is device-mapper's "
+            "control node, so the pool's path would name another device"
+        )
 
 
 def _loop_pool_directory(params: ThinPoolParams) -> str | None:

@@ -42,6 +42,7 @@ from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
+    FilesystemError,
     ForeignDeviceError,
     HandedOverError,
     PoolFailedError,
@@ -1118,7 +1119,16 @@ class Pool:
             if grow_filesystem and new > old:
                 from libdm.thin import fs
 
-                fs.grow_filesystem(device.path)
+                try:
+                    fs.grow_filesystem(device.path)
+                except FilesystemError as exc:
+                    raise FilesystemError(
+                        f"device {name!r} grew from {format_size(old.bytes())} to "
+                        f"{format_size(new.bytes())}, but its filesystem did not: "
+                        f"{exc.strerror}",
+                        "resize_device",
+                        dm_name,
+                    ) from exc
             return device
 
     def deactivate_device(self, name: str) -> None:

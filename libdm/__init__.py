@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from libdm.thin.device import Snapshot as Snapshot
     from libdm.thin.device import ThinDevice as ThinDevice
     from libdm.thin.errors import DeviceNotBlankError as DeviceNotBlankError
+    from libdm.thin.errors import FilesystemError as FilesystemError
     from libdm.thin.errors import ForeignDeviceError as ForeignDeviceError
     from libdm.thin.errors import HandedOverError as HandedOverError
     from libdm.thin.errors import PoolError as PoolError

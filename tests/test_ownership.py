@@ -560,3 +560,52 @@ def test_a_crowded_namespace_at_random(dm_name, tmp_path):
             phases=(Phase.explicit, Phase.generate),
         ),
     )
+
+
+# -- the pool's own files --------------------------------------------------------
+
+
+@pytest.mark.parametrize("replaced", ["data", "metadata"])
+def test_destroy_remove_files_leaves_a_file_that_is_not_the_pools(make_pool, tmp_path, replaced):
+    pool = make_pool(name="p", data_size="64M")
+    directory = Path(pool.directory)
+    pool.destroy()
+    # Someone moves the pool's file away and puts another in its place.
+    os.rename(directory / replaced, tmp_path / f"{replaced}.moved")
+    theirs = directory / replaced
+    theirs.write_bytes(os.urandom(MiB))
+    theirs.chmod(0o600)
+    contents = theirs.read_bytes()
+    with pytest.raises(libdm.StateError) as caught:
+        libdm.Pool.load(directory).destroy(remove_files=True)
+    assert str(theirs) in str(caught.value) and "not the pool's" in str(caught.value)
+    assert theirs.read_bytes() == contents
+    assert directory.is_dir()
+
+
+def test_adopt_refuses_another_libdm_pool(make_pool, tmp_path):
+    owner = make_pool(name="p", data_size="64M")
+    before = seen(owner.name)
+    with pytest.raises(libdm.ForeignDeviceError) as caught:
+        libdm.Pool.adopt(owner.name, state_dir=tmp_path / "other")
+    message = str(caught.value)
+    assert owner.name in message and owner.uuid in message
+    assert os.path.realpath(owner.directory) in message  # the directory that owns it
+    assert not (tmp_path / "other").exists()
+    assert seen(owner.name) == before
+    # The owner's transactions are its own still.
+    owner.create_thin("x", "8M")
+    assert witness.info(f"{owner.name}-x") is not None
+
+
+def test_a_pool_named_control_is_refused(tmp_path):
+    # /dev/mapper/control is device-mapper's own control node, never a pool.
+    node = os.stat("/dev/mapper/control")
+    with pytest.raises(ValueError, match="/dev/mapper/control"):
+        libdm.Pool.create_loop("control", tmp_path / "p", data_size="64M")
+    assert not (tmp_path / "p").exists()
+    assert witness.info("control") is None
+    with pytest.raises(ValueError, match="/dev/mapper/control"):
+        libdm.Pool.adopt("control", state_dir=tmp_path / "adopted")
+    assert not (tmp_path / "adopted").exists()
+    assert os.stat("/dev/mapper/control").st_rdev == node.st_rdev

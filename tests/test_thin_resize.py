@@ -5,6 +5,7 @@ used data blocks from dmsetup status.
 """
 
 import os
+import re
 import signal
 
 import pytest
@@ -160,3 +161,31 @@ def test_xfs_nospace_max_retries_is_applied_at_mount(pool):
     pool.configure(xfs_nospace_max_retries=-1)  # xfs's own default again
     with dev.mount(), open(knob) as fh:
         assert fh.read().strip() == "-1"
+
+
+# -- filesystem tools that fail --------------------------------------------------
+
+
+def test_a_filesystem_that_cannot_grow_is_a_libdm_error_saying_the_device_grew(pool):
+    dev = pool.create_thin("vol", "32M").format("ext4")
+    with dev.mount(options="ro"):
+        with pytest.raises(libdm.FilesystemError) as caught:
+            dev.resize("64M", grow_filesystem=True)
+        message = str(caught.value)
+        assert isinstance(caught.value, libdm.DMError)
+        assert "resize2fs" in message and "64 MiB" in message and "grew" in message
+    assert length(dev.dm_name) == libdm.parse_size("64M") // 512
+    assert int(pool.device("vol").size) == libdm.parse_size("64M")
+
+
+def test_mkfs_and_mount_failures_are_libdm_errors(pool):
+    small = pool.create_thin("small", "4M")
+    with pytest.raises(libdm.FilesystemError, match=r"mkfs\.xfs") as caught:
+        small.format("xfs")
+    assert "too small" in str(caught.value)  # the tool's own output
+    blank = pool.create_thin("blank", "16M")
+    with (
+        pytest.raises(libdm.FilesystemError, match=re.escape(f"mount {blank.path}")),
+        blank.mount(),
+    ):
+        pass

@@ -318,8 +318,36 @@ class LoopBacking:
     def teardown(self) -> None:
         """Nothing: the loops are autoclear and go with the pool."""
 
+    def check_removable(self, operation: str = "destroy") -> None:
+        """Refuse before removing anything if a file in the place of the
+        pool's data or metadata file is not the one the pool made (see
+        :meth:`_identify`); missing files are fine.
+
+        Raises:
+            StateError: naming each such file; it is not removed.
+        """
+        foreign = []
+        for name in (DATA_FILE, METADATA_FILE):
+            try:
+                st = self.statedir.check_file(name, operation, f"{name} file")
+                if st is not None:
+                    self._identify(name, st, operation)
+            except StateError:
+                foreign.append(self.statedir.join(name))
+        if foreign:
+            raise StateError(
+                f"{' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not the "
+                f"pool's (another inode than the pool made, or not a regular file of the "
+                f"caller's); libdm removes only its own files, so it removed nothing: move "
+                f"{'it' if len(foreign) == 1 else 'them'} away and destroy again",
+                operation,
+                None,
+            )
+
     def remove_files(self) -> None:
-        """Remove the pool's two files (never what a symlink points to)."""
+        """Remove the pool's two files (never what a symlink points to),
+        only if both are the files the pool made (:meth:`check_removable`)."""
+        self.check_removable()
         for name in (DATA_FILE, METADATA_FILE):
             self.statedir.unlink(name)
 

@@ -29,6 +29,7 @@ from libdm.thin.errors import (
     StateError,
 )
 from libdm.thin.lock import LOCK_NAME
+from libdm.thin.ownership import POOL_UUID_PREFIX
 from libdm.thin.statedir import StateDir
 from libdm.thin.status import ThinPoolFailed, parse_pool_status
 from libdm.thin.store import STORE_FILES, Store
@@ -103,7 +104,7 @@ def create_loop(
         DMError: the kernel refused; nothing this call made is left
             behind, and nothing else is touched.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     data = parse_size(data_size, what="data_size")
     if data < bs.bytes():
@@ -179,7 +180,7 @@ def create(
         DeviceExistsError: the name or the state directory is taken.
         StateError, PoolReadOnlyError: as for :meth:`create_loop`.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     _refuse_existing(name)
     if os.path.realpath(data_device) == os.path.realpath(metadata_device):
@@ -240,7 +241,7 @@ def create_on_device(
         As :meth:`create`; ValueError also for percentages that do not
         fit or a device too small.
     """
-    check_name(name)
+    _check_pool_name(name)
     bs = check_block_size(parse_size(block_size, what="block_size").sectors())
     _refuse_existing(name)
     _refuse_pieces(name, "create_on_device")
@@ -283,10 +284,12 @@ def adopt(
         ValueError: it is not a thin-pool device.
         PoolError: it is in use (transaction id or data in use), failed
             or read-only.
+        ForeignDeviceError: it is another libdm pool's device (named, and
+            its state directory for a loop pool).
         DeviceExistsError, StateError, PoolReadOnlyError: the state
             directory, as for :meth:`create_loop`.
     """
-    check_name(pool_device_name)
+    _check_pool_name(pool_device_name)
     table = ops.table(pool_device_name)
     if len(table) != 1 or table[0].type != "thin-pool":
         raise ValueError(
@@ -310,6 +313,18 @@ def adopt(
             pool_device_name,
         )
     uuid = ops.info(pool_device_name).uuid or ""
+    if uuid.startswith(POOL_UUID_PREFIX):
+        # Another libdm pool: its transaction ids are its owner's, which an
+        # adopter's first device would move.
+        home = _loop_pool_directory(params)
+        where = f"its state is in {home}" if home else "its state is in another directory"
+        raise ForeignDeviceError(
+            f"pool {pool_device_name} is the pool device of a libdm pool (uuid {uuid!r}; "
+            f"{where}); libdm adopts only pools other programs made: open that pool "
+            f"instead",
+            "adopt",
+            pool_device_name,
+        )
     options = dict(options)
     options.setdefault("low_water_mark", int(params.low_water_mark))
     options.setdefault("features", sorted(params.features))
@@ -323,6 +338,32 @@ def adopt(
         options,
         uuid=uuid,
     )
+
+
+def _check_pool_name(name: str) -> None:
+    """A valid device-mapper name whose ``/dev/mapper`` path is the pool's.
+
+    Raises:
+        ValueError: not a valid name, or ``control`` (``/dev/mapper/control``
+            is device-mapper's own control node, not a device).
+    """
+    check_name(name)
+    if name == "control":
+        raise ValueError(
+            "a pool cannot be named 'control': /dev/mapper/control is device-mapper's "
+            "control node, so the pool's path would name another device"
+        )
+
+
+def _loop_pool_directory(params: ThinPoolParams) -> str | None:
+    """The directory of a loop pool's data file (its state directory), as
+    the data loop device's sysfs entry says; ``None`` if not a loop."""
+    try:
+        with open(f"/sys/dev/block/{params.data_dev}/loop/backing_file") as f:
+            backing_file = f.read().strip()
+    except OSError:
+        return None
+    return os.path.dirname(backing_file) or None
 
 
 def _refuse_existing(name: str) -> None:

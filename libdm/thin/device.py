@@ -163,7 +163,8 @@ class ThinDevice:
             ValueError: a bad size, or a shrink without ``force``.
             DeviceBusyError: a shrink of a device in use.
             PoolReadOnlyError, PoolFailedError: the pool refuses to grow it.
-            RuntimeError: the filesystem tool failed (the device has grown).
+            FilesystemError: the filesystem tool failed (the device has
+                grown; the message says so and has the tool's output).
         """
         return self.pool.resize_device(
             self.name, size, force=force, grow_filesystem=grow_filesystem
@@ -216,7 +217,7 @@ class ThinDevice:
             ValueError: an unsupported filesystem type.
             NoSuchDeviceError: the device is not active.
             ForeignDeviceError: the device of its name is not the pool's.
-            RuntimeError: mkfs failed (its output is in the message).
+            FilesystemError: mkfs failed (its output is in the message).
         """
         from libdm.thin import fs
 
@@ -241,6 +242,8 @@ class ThinDevice:
         Raises:
             NoSuchDeviceError: the device is not active.
             ForeignDeviceError: the device of its name is not the pool's.
+            FilesystemError: mount or umount failed (their output is in
+                the message).
         """
         from libdm.thin import fs
 

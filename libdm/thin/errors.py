@@ -13,6 +13,7 @@ from libdm.dm.errors import DMError
 
 __all__ = [
     "DeviceNotBlankError",
+    "FilesystemError",
     "ForeignDeviceError",
     "HandedOverError",
     "PoolError",
@@ -102,3 +103,12 @@ class DeviceNotBlankError(PoolError):
 
     def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.ENOTEMPTY, message, operation, device)
+
+
+class FilesystemError(PoolError):
+    """A filesystem tool (mkfs, mount, umount, resize2fs, xfs_growfs) failed
+    on a device; the message names the command and has its output.  No
+    errno: the kernel's device-mapper did not refuse anything."""
+
+    def __init__(self, message: str, operation: str, device: str | None = None) -> None:
+        super().__init__(0, message, operation, device)

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TypeAlias
 
+from libdm.thin.errors import FilesystemError
+
 StrPath: TypeAlias = str | os.PathLike[str]
 
 __all__ = [
@@ -41,7 +43,7 @@ def make_filesystem(
         ValueError: an unsupported ``fstype``.
         FileNotFoundError: the mkfs program is not installed (the message
             names the package).
-        RuntimeError: mkfs failed; its output is in the message.
+        FilesystemError: mkfs failed; its output is in the message.
     """
     if fstype not in FILESYSTEMS:
         raise ValueError(
@@ -56,9 +58,7 @@ def make_filesystem(
     argv += [*list(options), os.fspath(path)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
-        )
+        raise _failed(argv, proc, "format", path)
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ def mounted(
     hangs a full thin pool's users), set through sysfs once mounted.
 
     Raises:
-        RuntimeError: mount or umount failed; the message has their output.
+        FilesystemError: mount or umount failed; the message has their output.
     """
     made = target is None
     where = tempfile.mkdtemp(prefix="libdm-mnt-") if target is None else os.fspath(target)
@@ -88,17 +88,33 @@ def mounted(
     if proc.returncode != 0:
         if made:
             os.rmdir(where)
-        raise RuntimeError(f"mount {path} on {where} failed: {proc.stderr.strip()}")
+        raise _failed(argv, proc, "mount", path)
     try:
         if xfs_nospace_max_retries is not None and filesystem_type(path) == "xfs":
             set_xfs_nospace_max_retries(path, xfs_nospace_max_retries)
         yield where
     finally:
-        proc = subprocess.run(["umount", where], capture_output=True, text=True)
+        argv = ["umount", where]
+        proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"umount {where} failed: {proc.stderr.strip()}")
+            raise _failed(argv, proc, "umount", path)
         if made:
             os.rmdir(where)
+
+
+def _failed(
+    argv: list[str], proc: subprocess.CompletedProcess[str], operation: str, path: StrPath
+) -> FilesystemError:
+    """The error for a tool that failed: the command and its output, on one
+    line (the CLI shows a message's first line)."""
+    output = "; ".join(
+        line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()
+    )
+    return FilesystemError(
+        f"{' '.join(argv)} failed (exit status {proc.returncode}): {output or 'no output'}",
+        operation,
+        os.fspath(path),
+    )
 
 
 def filesystem_type(path: StrPath) -> str | None:
@@ -133,7 +149,7 @@ def grow_filesystem(path: StrPath) -> str:
 
     Raises:
         ValueError: no filesystem, or one that is not ext4 or xfs.
-        RuntimeError: the tool failed; its output is in the message.
+        FilesystemError: the tool failed; its output is in the message.
     """
     fstype = filesystem_type(path)
     if fstype is None or fstype not in ("ext4", "xfs"):
@@ -145,10 +161,7 @@ def grow_filesystem(path: StrPath) -> str:
     def run(argv: list[str]) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(argv)} failed ({proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()}"
-            )
+            raise _failed(argv, proc, "grow_filesystem", path)
 
     where = mount_point(path)
     if fstype == "ext4":

@@ -42,6 +42,7 @@ from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
+    FilesystemError,
     ForeignDeviceError,
     HandedOverError,
     PoolFailedError,
@@ -1118,7 +1119,16 @@ class Pool:
             if grow_filesystem and new > old:
                 from libdm.thin import fs
 
-                fs.grow_filesystem(device.path)
+                try:
+                    fs.grow_filesystem(device.path)
+                except FilesystemError as exc:
+                    raise FilesystemError(
+                        f"device {name!r} grew from {format_size(old.bytes())} to "
+                        f"{format_size(new.bytes())}, but its filesystem did not: "
+                        f"{exc.strerror}",
+                        "resize_device",
+                        dm_name,
+                    ) from exc
             return device
 
     def deactivate_device(self, name: str) -> None:
@@ -1536,6 +1546,9 @@ class Pool:
             DeviceBusyError: a thin device is still in use.
             HandedOverError: ``remove_files`` on a handed-over pool
                 without ``force``.
+            StateError: ``remove_files`` when a file in the place of a loop
+                pool's data or metadata file is not the one the pool made
+                (nothing is removed or taken down).
         """
         if remove_files and not force and self.config.handed_to is not None:
             raise HandedOverError(
@@ -1546,6 +1559,9 @@ class Pool:
                 self.name,
             )
         statedir = self._store.statedir
+        if remove_files and isinstance(self._backing, backings.LoopBacking):
+            # Before anything goes down: a refusal leaves the pool as it was.
+            self._backing.check_removable()
         with self._changing("destroy"):
             for name in self._live_devices(self._store.devices(), "destroy"):
                 ops.remove(self.device_dm_name(name))

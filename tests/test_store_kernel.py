@@ -319,3 +319,30 @@ def test_a_pool_with_an_unfolded_log_opens_upgraded_with_every_device(
     finally:
         pool.destroy(remove_files=True)
     shutil.rmtree(tmp_path / "pool", ignore_errors=True)
+
+
+@pytest.mark.kernel
+def test_a_creation_that_meets_a_full_filesystem_can_be_retried(dm_name, tmp_path):
+    """A pool created on a state filesystem too small for SQLite's files
+    fails with a libdm error and takes back everything it made, the WAL
+    and its index included, so that once there is room the same create
+    succeeds (it was refused as "files named like a pool's")."""
+    small = tmp_path / "small"
+    small.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", small], check=True
+    )
+    name = dm_name("pool")
+    try:
+        with pytest.raises(libdm.DMError):
+            libdm.Pool.create_loop(name, small / "p", data_size="64M")
+        left = sorted(os.listdir(small / "p")) if (small / "p").exists() else []
+        assert left == [], left
+        subprocess.run(["mount", "-o", "remount,size=16m", small], check=True)
+        pool = libdm.Pool.create_loop(name, small / "p", data_size="64M")
+        try:
+            assert name in witness.names()
+        finally:
+            pool.destroy(remove_files=True)
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)

@@ -257,6 +257,14 @@ class Store:
         try:
             self._open(statedir, create)
         except BaseException as exc:
+            if create and DB_NAME in statedir.created:
+                # A creation takes back what it made: the database and the
+                # files SQLite made beside it (the directory was claimed
+                # without any of them, so none is another's), or a retry
+                # would find "files named like a pool's" and refuse.
+                for name in STORE_FILES:
+                    with contextlib.suppress(OSError):
+                        statedir.unlink(name)
             if statedir is not directory:
                 with contextlib.suppress(OSError):
                     statedir.close(remove_made=True)

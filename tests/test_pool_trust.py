@@ -359,3 +359,18 @@ def test_a_kill_mid_extend_of_a_block_pool_is_finished_by_open(dm_name, tmp_path
         pool.create_thin("after", "4M")
     finally:
         pool.close()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", ["data", "metadata"])
+def test_a_file_cut_outside_libdm_is_named_at_open(make_pool, name):
+    """A loop pool's file truncated while the pool was down: open refuses
+    it naming the file and both sizes, instead of passing on the kernel's
+    notice about discard passdown as the reason."""
+    pool = make_pool(data_size="64M")
+    directory = pool.directory
+    pool.destroy()
+    path = os.path.join(directory, name)
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(libdm.StateError, match=f"{name} file .* is .*shorter than"):
+        libdm.Pool.open(directory)

@@ -179,8 +179,16 @@ class LoopBacking:
 
     kind: ClassVar[Literal["loop"]] = "loop"
 
-    def __init__(self, statedir: StateDir, inodes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        statedir: StateDir,
+        inodes: Mapping[str, int] | None = None,
+        sizes: Mapping[str, int] | None = None,
+    ) -> None:
         self.statedir = statedir
+        # The recorded sizes: a file found shorter was cut by someone else,
+        # and the pool's table would not fit it.
+        self.recorded_sizes: dict[str, int] = dict(sizes or {})
         self.directory = statedir.path
         self.data_file = statedir.join(DATA_FILE)
         self.metadata_file = statedir.join(METADATA_FILE)
@@ -244,9 +252,21 @@ class LoopBacking:
         return st
 
     def attach(self) -> _Devices:
-        """Loop devices for both files, checked first (see :meth:`_check`)."""
+        """Loop devices for both files, checked first (see :meth:`_check`),
+        and refused when shorter than recorded (cut outside libdm)."""
         for name in (METADATA_FILE, DATA_FILE):
-            self._check(name)
+            st = self._check(name)
+            recorded = self.recorded_sizes.get(name)
+            if recorded is not None and st.st_size < recorded:
+                raise StateError(
+                    f"the pool's {name} file {self.statedir.join(name)} is "
+                    f"{format_size(Bytes(st.st_size))}, shorter than the "
+                    f"{format_size(Bytes(recorded))} the pool recorded: it was cut outside "
+                    f"libdm, and the pool's blocks past its end are gone from it; libdm "
+                    f"will not attach it (restore the file from a backup)",
+                    "open",
+                    None,
+                )
         meta = loop.attach_or_find(self.metadata_file, follow_symlinks=False)
         try:
             data = loop.attach_or_find(self.data_file, follow_symlinks=False)
@@ -725,7 +745,12 @@ def from_config(
             isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())
         ):
             raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
-        return LoopBacking(statedir, inodes)
+        sizes = {
+            name: config[field]
+            for name, field in ((DATA_FILE, "data_size"), (METADATA_FILE, "metadata_size"))
+            if isinstance(config.get(field), int) and not isinstance(config.get(field), bool)
+        }
+        return LoopBacking(statedir, inodes, sizes)
     if kind == "block":
         sides: dict[str, list[Any]] = {}
         for field in ("meta_segments", "data_segments"):

@@ -189,3 +189,25 @@ def test_mkfs_and_mount_failures_are_libdm_errors(pool):
         blank.mount(),
     ):
         pass
+
+
+@pytest.mark.kernel
+def test_a_pool_that_ignores_discards_refuses_to_shrink(make_pool):
+    """Without discards the blocks past a cut stay mapped, and growing the
+    device again would bring their old data back: the shrink is refused,
+    and the device keeps its size (dmsetup) and its data."""
+    pool = make_pool(data_size="64M", features=["ignore_discard"])
+    dev = pool.create_thin("v", "32M")
+    data = os.urandom(1 << 20)
+    fd = os.open(dev.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 20 << 20)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(libdm.PoolError, match="ignore_discard"):
+        dev.resize("16M", force=True)
+    assert length(pool.device_dm_name("v")) == 32 * 2048
+    with open(dev.path, "rb") as fh:
+        fh.seek(20 << 20)
+        assert fh.read(1 << 20) == data

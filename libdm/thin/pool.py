@@ -45,6 +45,7 @@ from libdm.thin.errors import (
     FilesystemError,
     ForeignDeviceError,
     HandedOverError,
+    PoolError,
     PoolFailedError,
     PoolFullError,
     PoolReadOnlyError,
@@ -1093,6 +1094,18 @@ class Pool:
                         f"{name!r} would shrink from {format_size(old.bytes())} to "
                         f"{format_size(new.bytes())}, cutting off whatever is stored past "
                         f"the new end; pass force=True (--force) if that is meant"
+                    )
+                if "ignore_discard" in self.config.features:
+                    # The cut-off blocks cannot be discarded, so they would
+                    # read back, stale, if the device grew again.
+                    raise PoolError(
+                        errno.EOPNOTSUPP,
+                        f"{name!r} cannot shrink: pool {self.name!r} ignores discards "
+                        f"(feature ignore_discard), so the blocks past the new end could "
+                        f"not be given back, and their old data would return if the device "
+                        f"grew again",
+                        "resize_device",
+                        dm_name,
                     )
                 if proven is not None and proven.info.open_count:
                     raise DeviceBusyError(

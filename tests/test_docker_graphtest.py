@@ -32,6 +32,24 @@ FUNCTIONS = [
 ]
 
 
+def run_graphtest(binary: str, tmp_path, **env: str) -> None:
+    """Run every graphtest function with ``env`` added; each must pass,
+    in order (the output is kept in graphtest.log)."""
+    proc = subprocess.run(
+        [binary, "-test.v", "-test.timeout=20m"],
+        env=dict(os.environ, TMPDIR=str(tmp_path), **env),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    (tmp_path / "graphtest.log").write_text(out)
+    passed = re.findall(r"--- PASS: Test(\S+)", out)
+    assert proc.returncode == 0, out[-6000:]
+    assert passed == FUNCTIONS, out[-6000:]
+
+
 def test_graphtest_through_dockers_proxy(make_pool, tmp_path):
     binary = build()  # cached; .ci/setup.sh builds it on the host
     pool = make_pool(data_size="4G")
@@ -42,20 +60,7 @@ def test_graphtest_through_dockers_proxy(make_pool, tmp_path):
         pool.directory, sock, options=("dm.basesize=64M",), log=str(tmp_path / "plugin.log")
     ).start()
     try:
-        env = dict(os.environ, LIBDM_GRAPHTEST_PLUGIN=name, TMPDIR=str(tmp_path))
-        proc = subprocess.run(
-            [binary, "-test.v", "-test.timeout=20m"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1500,
-            cwd=tmp_path,
-        )
-        out = proc.stdout + proc.stderr
-        (tmp_path / "graphtest.log").write_text(out)
-        passed = re.findall(r"--- PASS: Test(\S+)", out)
-        assert proc.returncode == 0, out[-6000:]
-        assert passed == FUNCTIONS, out[-6000:]
+        run_graphtest(binary, tmp_path, LIBDM_GRAPHTEST_PLUGIN=name)
     finally:
         plugin.stop()
     # Every device in the pool is one the plugin records (graphtest leaves
@@ -96,25 +101,9 @@ def test_graphtest_on_dockers_devicemapper_driver_on_a_handed_over_pool(make_poo
             "dm.basesize=128M",
         )
     )
-    env = dict(
-        os.environ,
-        LIBDM_GRAPHTEST_DRIVER="devicemapper",
-        LIBDM_GRAPHTEST_OPTIONS=options,
-        TMPDIR=str(tmp_path),
+    run_graphtest(
+        binary, tmp_path, LIBDM_GRAPHTEST_DRIVER="devicemapper", LIBDM_GRAPHTEST_OPTIONS=options
     )
-    proc = subprocess.run(
-        [binary, "-test.v", "-test.timeout=20m"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        cwd=tmp_path,
-    )
-    out = proc.stdout + proc.stderr
-    (tmp_path / "graphtest.log").write_text(out)
-    passed = re.findall(r"--- PASS: Test(\S+)", out)
-    assert proc.returncode == 0, out[-6000:]
-    assert passed == FUNCTIONS, out[-6000:]
     # Docker made its devices (graphtest leaves its deep layers) and moved
     # the transaction id; libdm recorded none of them.
     docker_ids = witness.thin_ids(pool.name)

@@ -387,6 +387,81 @@ def test_a_full_state_filesystem_interrupts_nothing_for_good(dm_name, tmp_path):
         subprocess.run(["losetup", "-d", data, meta], check=False)
 
 
+def _fill(fd):
+    """Write to ``fd`` until its filesystem is full."""
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+
+
+def _recorded_active(directory, name):
+    store = Store(directory)
+    try:
+        row = store.device(name)
+        return None if row is None else bool(row["active"])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("change", ["deactivate", "activate"])
+def test_a_change_a_full_state_filesystem_refuses_leaves_the_kernel_as_recorded(
+    change, dm_name, tmp_path
+):
+    """Activation is not journalled: a deactivate (or activate) whose
+    record cannot be written takes its kernel step back, so that its
+    StateError means nothing changed, and kernel and records agree
+    without waiting for a recovery."""
+    name = dm_name("pool")
+    data = _attach(tmp_path / "data.img", 256 * MiB)
+    meta = _attach(tmp_path / "meta.img", 16 * MiB)
+    small = tmp_path / "small"
+    small.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", small], check=True
+    )
+    state = small / "state"
+    pool = None
+    try:
+        pool = libdm.Pool.create(name, data, meta, state_dir=state)
+        pool.create_thin("a", "4M")
+        dm = pool.device_dm_name("a")
+        want_live = change == "deactivate"
+        refused = None
+        for _ in range(8):
+            # Before each try, "a" as the change finds it.
+            if (dm in witness.names()) != want_live:
+                getattr(pool, "activate_device" if want_live else "deactivate_device")("a")
+            fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _fill(fd)
+                try:
+                    getattr(pool, f"{change}_device")("a")
+                except libdm.StateError as exc:
+                    refused = exc
+            finally:
+                os.close(fd)
+                os.unlink(small / "filler")
+            if refused is not None:
+                break
+            # SQLite found room in pages it already had: again, from the start.
+        assert refused is not None, f"no {change} met the full filesystem"
+        assert str(state) in str(refused)
+        assert (dm in witness.names()) == want_live, f"{change} was refused but done"
+        assert _recorded_active(state, "a") is want_live
+        # Room again: the change goes through, and kernel and records agree.
+        getattr(pool, f"{change}_device")("a")
+        assert (dm in witness.names()) != want_live
+        assert _recorded_active(state, "a") is not want_live
+        assert_consistent(pool)
+    finally:
+        if pool is not None:
+            pool.destroy()
+        subprocess.run(["umount", small], check=False)
+        subprocess.run(["losetup", "-d", data, meta], check=False)
+
+
 def stored_txid(directory):
     store = Store(directory)
     try:

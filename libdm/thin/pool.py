@@ -1070,10 +1070,37 @@ class Pool:
                 ops.resume(dm_name)
         else:
             ops.create(dm_name, table, uuid=uuid)
+            absent = True
         if not row["active"]:
-            with self._store.transaction():
-                self._store.set_active(row["name"], True)
+            try:
+                with self._store.transaction():
+                    self._store.set_active(row["name"], True)
+            except StateError:
+                # Not stored, so not done: the device this call made goes
+                # again, and the kernel keeps agreeing with the records.
+                if absent:
+                    self._undo_kernel_step(operation, dm_name, ops.remove, dm_name)
+                raise
         return self._wrap(dict(row, active=1))
+
+    def _undo_kernel_step(
+        self, operation: str, what: str, undo: Callable[..., object], *args: object
+    ) -> None:
+        """Take back a kernel step whose record could not be written (a
+        full or failing state filesystem), so that the error the caller
+        raises means "nothing changed".  A failure to undo is logged: the
+        next :meth:`open` settles the device from the records."""
+        try:
+            undo(*args)
+        except (DMError, StateError) as exc:
+            logger.error(
+                "pool %s: %s: could not take back the kernel step on %s after the "
+                "state could not be written (%s); libdm pool open settles it",
+                self.name,
+                operation,
+                what,
+                exc,
+            )
 
     def resize_device(
         self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
@@ -1147,10 +1174,19 @@ class Pool:
     def deactivate_device(self, name: str) -> None:
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
         with self._changing("deactivate"):
-            self._live(self._row(name, "deactivate"), "deactivate")  # refuses another's
+            row = self._row(name, "deactivate")
+            self._live(row, "deactivate")  # refuses another's
             self._deactivate(name)
-            with self._store.transaction():
-                self._store.set_active(name, False)
+            try:
+                with self._store.transaction():
+                    self._store.set_active(name, False)
+            except StateError:
+                # Not stored, so not done: the device comes back up (or its
+                # deferred removal is taken back) as its record still says.
+                self._undo_kernel_step(
+                    "deactivate", self.device_dm_name(name), self._activate, row, "deactivate"
+                )
+                raise
 
     def _deactivate(self, name: str) -> None:
         """Take device ``name``'s device-mapper device down, if it is up

@@ -128,6 +128,36 @@ def test_a_user_device_named_like_the_snapshotters_survives(user_device, caplog)
     assert kernel_view(pool, [dev.name]) == seen
 
 
+def test_a_device_with_the_snapshotters_token_in_its_name_is_not_its_own(make_pool):
+    """The user snapshots a layer with the CLI and names the copies after
+    it (``<layer>.bak``, ``keep-<layer>``, even ``<prefix><token>-99``): the
+    names carry the snapshotter's token, but its records do not name the
+    devices, so its restart and Cleanup leave them and their data alone."""
+    pool = make_pool(data_size="512M")
+    snap = Snapshotter(pool, config())
+    try:
+        layer = snap.prepare("ns", "a")[0].source
+        write_pattern(layer, 0x3C, offset=8 * MiB, length=2 * MiB)
+        snap.commit("ns", "c", "a")
+        device = next(r.device for r in snap.store.all() if r.key == "c")
+    finally:
+        snap.close()
+    owner_token = device.split("-")[-2]
+    copies = [f"{device}.bak", f"keep-{device}", f"ctrd-{owner_token}-99"]
+    for copy in copies:
+        pool.snapshot_device(device, copy)
+    seen = kernel_view(pool, copies)
+    sums = {c: witness.checksum(pool.device(c).activate().path) for c in copies}
+    snap = Snapshotter(pool, config())  # a restart
+    try:
+        snap.cleanup()
+        assert sorted(snap.foreign_devices()) == sorted(copies)
+    finally:
+        snap.close()
+    assert kernel_view(pool, copies) == seen
+    assert {c: witness.checksum(pool.device(c).path) for c in copies} == sums
+
+
 def test_a_second_root_path_on_the_pool_deletes_nothing_of_the_first(make_pool, tmp_path):
     pool = make_pool(data_size="512M")
     first = Snapshotter(pool, config(root_path=str(tmp_path / "first")))

@@ -151,25 +151,25 @@ def _check_labels(labels: Mapping[str, str] | None) -> None:
             )
 
 
-def _unrecorded(pool: Pool, store: st.MetaStore, prefix: str) -> tuple[list[str], list[str]]:
-    """The pool's devices that no row of the snapshotter's database names:
-    those with its mark (its leftovers), and those named with its prefix
-    but not made by it (someone else's)."""
+def _unrecorded(pool: Pool, store: st.MetaStore, prefix: str) -> list[str]:
+    """The pool's devices that no row of the snapshotter's database names
+    but that are named like its own: with its prefix, or carrying its
+    mark (its token) anywhere in their names.  None of them is proven its
+    own: a name is only a name (the user can copy the token into one), and
+    no step of the snapshotter leaves a device of its own unrecorded (a
+    Prepare records its row before the device is made; the base, made
+    before it is recorded, is found by its exact name, see _ensure_base)."""
     recorded = {r.device for r in store.rows()}
     made = store.base(f"{prefix}base")
     if made is not None:
         recorded.add(made.device)
     token = store.owner_token()
-    owner = DeviceOwner(prefix, token) if token is not None else None
-    leftovers, foreign = [], []
-    for dev in pool.devices():
-        if dev.name in recorded:
-            continue
-        if owner is not None and owner.marked(dev.name):
-            leftovers.append(dev.name)
-        elif dev.name.startswith(prefix):
-            foreign.append(dev.name)
-    return leftovers, foreign
+    return [
+        dev.name
+        for dev in pool.devices()
+        if dev.name not in recorded
+        and (dev.name.startswith(prefix) or (token is not None and token in dev.name))
+    ]
 
 
 def foreign_devices(pool: Pool, config: Config) -> list[str]:
@@ -188,7 +188,7 @@ def foreign_devices(pool: Pool, config: Config) -> list[str]:
     try:
         store = st.MetaStore(statedir, create=False)
         try:
-            return sorted(_unrecorded(pool, store, config.device_prefix)[1])
+            return sorted(_unrecorded(pool, store, config.device_prefix))
         finally:
             store.close()
     finally:
@@ -326,7 +326,7 @@ class Snapshotter:
             return False
         return True
 
-    def _unrecorded_devices(self) -> tuple[list[str], list[str]]:
+    def _unrecorded_devices(self) -> list[str]:
         return _unrecorded(self.pool, self.store, self.prefix)
 
     def foreign_devices(self) -> list[str]:
@@ -334,7 +334,7 @@ class Snapshotter:
         did not make (the user's, another snapshotter's), sorted: it never
         deletes or changes them."""
         with self._lock:
-            return sorted(self._unrecorded_devices()[1])
+            return sorted(self._unrecorded_devices())
 
     def _mapped(self, device: str) -> Bytes:
         try:
@@ -663,10 +663,9 @@ class Snapshotter:
 
         Rows still ``creating`` are rolled back (the device is deleted if
         the pool made it), rows ``removing`` are finished, committed
-        devices left active are deactivated, and devices with this
-        snapshotter's mark that no row names are deleted (children
-        first).  Devices named with its prefix but not made by it are
-        logged and left alone.
+        devices left active are deactivated.  Devices named like its own
+        (its prefix, its mark) that no row names are logged and left
+        alone: only its records prove a device its own.
         """
         with self._lock:
             creating = self.store.all(state=st.State.CREATING)
@@ -684,26 +683,15 @@ class Snapshotter:
                 with self.store.transaction() as s:
                     s.delete(row.id)
             self._finish_removals()
-            leaked, foreign = self._unrecorded_devices()
+            foreign = self._unrecorded_devices()
             if foreign:
                 logger.warning(
                     "snapshotter: leaving alone %d device(s) of pool %s named like its own "
-                    "but not made by it: %s",
+                    "that its database does not name: %s",
                     len(foreign),
                     self.pool.name,
                     ", ".join(sorted(foreign)),
                 )
-            while leaked:
-                progress = False
-                for name in list(leaked):
-                    if self.pool.children(name):
-                        continue
-                    logger.warning("snapshotter: deleting leftover device %s", name)
-                    self.pool.delete_device(name)
-                    leaked.remove(name)
-                    progress = True
-                if not progress:
-                    break
             for row in self.store.all():
                 if self._pool_has(row.device):
                     if row.kind == Kind.COMMITTED and self.pool.device(row.device).active:

@@ -261,6 +261,27 @@ def test_a_device_the_kernel_refuses_does_not_keep_the_others_down(dm_name, tmp_
 # -- metadata that must not be formatted over --------------------------------------------
 
 
+def test_a_bad_magic_is_named_by_the_file_and_the_repair_command(dm_name, tmp_path):
+    """The refusal names what lasts (the metadata file) and what to run,
+    not the loop device attached for the check, which is gone after it."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    write_pattern(pool.create_thin("vol", "8M").path, 0x41)
+    pool.destroy()  # a reboot: nothing live, files kept
+    meta = directory / "metadata"
+    write_at(meta, 32, b"\xff" * 8)  # the superblock's magic number
+    loops_before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    with pytest.raises(libdm.PoolFailedError, match="bad magic") as err:
+        libdm.Pool.open(directory)
+    said = str(err.value)
+    assert str(meta) in said and f"libdm pool repair --pool {directory}" in said, said
+    assert "/dev/loop" not in said, said
+    assert witness.info(name) is None
+    loops_after = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert loops_after == loops_before
+
+
 def test_open_refuses_a_zeroed_superblock_of_a_used_pool(dm_name, tmp_path):
     directory = tmp_path / "pool"
     name = dm_name("pool")

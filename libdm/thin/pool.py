@@ -536,10 +536,14 @@ class Pool:
             ) from exc
         finally:
             os.close(fd)
+        # Named by what lasts (the file, or the block device), not by the
+        # loop device attached for the check, which is gone afterwards.
+        where = self._backing.describe().metadata_file or meta_path
         repair = (
-            f"recover it with thin_repair -i {meta_path} -o <a new file or device of "
-            f"the same size>, check that with thin_check, and put it in place of "
-            f"{meta_path}"
+            f"Pool.repair() (at a shell: libdm pool repair --pool {self.directory}) tries "
+            f"to recover it and keeps the damaged copy; by hand: thin_repair -i {where} "
+            f"-o <a new file or device of the same size>, thin_check it, and put it in "
+            f"place of {where}"
         )
         if not any(head):
             if not self._ever_used():
@@ -552,7 +556,7 @@ class Pool:
                 f"{int(self.block_size)} --nr-data-blocks {blocks} -o <",
             )
             raise PoolFailedError(
-                f"the metadata superblock of pool {self.name!r} on {meta_path} is blank, but "
+                f"the metadata superblock of pool {self.name!r} on {where} is blank, but "
                 f"the store records transaction {self._store.transaction_id()} and "
                 f"{self._store.count_devices()} devices: loading the pool would format "
                 f"empty metadata over it; {repair}",
@@ -561,7 +565,8 @@ class Pool:
             )
         if len(head) < 40 or int.from_bytes(head[32:40], "little") != THIN_SUPERBLOCK_MAGIC:
             raise PoolFailedError(
-                f"{meta_path} holds no thin-pool metadata superblock (bad magic); {repair}",
+                f"the metadata of pool {self.name!r} ({where}) holds no thin-pool "
+                f"superblock (bad magic); {repair}",
                 operation,
                 self.name,
             )

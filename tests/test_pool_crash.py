@@ -67,6 +67,7 @@ def test_every_crash_point_is_covered():
     from test_pool_trust import CASES as GROWTH_CASES
 
     covered = {point for _, point in CASES + GROWTH_CASES} | {
+        "pool:made",
         "pool:created",
         "resize_device:recorded",
     }  # the last in test_thin_resize.py
@@ -115,6 +116,48 @@ def test_crash_after_the_pool_device_is_made(dm_name, tmp_path):
         assert_consistent(pool)
     finally:
         pool.close()
+
+
+def cli(*args, env=None):
+    """``python -m libdm ARGS`` as a process of its own."""
+    environ = {k: v for k, v in os.environ.items() if k != "LIBDM_POOL"}
+    environ.update(env or {})
+    argv = [sys.executable, "-m", "libdm", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=300)
+
+
+def test_a_creation_killed_before_its_record_is_taken_back_by_the_next(dm_name, tmp_path):
+    """Killed after its store and files were made, before it recorded the
+    pool: open says what to run, the same creation run again takes back
+    what was left (nothing in the kernel; the files it recorded making, by
+    inode) and makes the pool; a file put in their place is refused."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    create = ["pool", "create", name, "--loop", str(directory), "--data-size", "64M"]
+    proc = cli(*create, env={"LIBDM_CRASH_AT": "pool:made"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert witness.info(name) is None
+    proc = cli("pool", "open", directory)
+    assert proc.returncode == 1 and "run again takes back" in proc.stderr, proc.stderr
+    # A data file put there meanwhile (another file under the name) is
+    # not the one the creation made: refused, and kept.
+    data = directory / "data"
+    data.rename(directory / "moved")
+    data.write_bytes(b"precious")
+    proc = cli(*create)
+    assert proc.returncode == 1 and str(data) in proc.stderr, proc.stderr
+    assert data.read_bytes() == b"precious"
+    data.unlink()
+    (directory / "moved").rename(data)
+    # Its own file back: the creation runs again and takes back what was left.
+    proc = cli(*create)
+    assert proc.returncode == 0, proc.stderr
+    pool = libdm.Pool.open(directory)
+    try:
+        pool.create_thin("vol", "4M")
+        assert_consistent(pool)
+    finally:
+        pool.destroy(remove_files=True)
 
 
 def test_a_crash_loop_in_the_same_change_is_idempotent(dm_name, tmp_path):

@@ -28,6 +28,7 @@ POINTS = (
     "delete:deactivated",  # blocks discarded, thin device removed, id not deleted
     "delete:message",
     "delete:transaction",
+    "pool:made",  # store and backing files made, pool not yet recorded
     "pool:created",  # pool device loaded, store not yet written
     "grow:intent",  # growth intent recorded, nothing changed yet
     "grow:truncated",  # a loop file grown, its loop device not yet told

@@ -9,7 +9,9 @@ takes the class it makes first.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from libdm.thin.lock import LOCK_NAME
 from libdm.thin.ownership import POOL_UUID_PREFIX
 from libdm.thin.statedir import StateDir
 from libdm.thin.status import ThinPoolFailed, parse_pool_status
-from libdm.thin.store import STORE_FILES, Store
+from libdm.thin.store import DB_NAME, STORE_FILES, Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
 from libdm.thin.units import Bytes, Sectors, parse_size
 
@@ -54,6 +56,8 @@ Size = int | str
 Backing = backings.LoopBacking | backings.LinearBacking | backings.AdoptedBacking
 #: The names of a pool's files, its store first: a directory holding any
 #: of them is not claimed for a new pool.
+logger = logging.getLogger("libdm")
+
 POOL_FILES = (*STORE_FILES, LOCK_NAME, backings.DATA_FILE, backings.METADATA_FILE)
 DEFAULT_BLOCK_SIZE = "64K"
 DEFAULT_MIN_FREE_SPACE = 10
@@ -428,13 +432,28 @@ def _create(
     what this call made is removed."""
     record, lock_timeout = _pool_options(block_size, options)
     record.update(config)
+    _take_back_interrupted(directory)
     statedir = StateDir.claim(directory, POOL_FILES)
     store: Store | None = None
     backing: Backing | None = None
     pool: Pool | None = None
     try:
         store = Store(statedir, create=True)
+        if "data_size" in config and "metadata_size" in config:
+            # What a kill inside make() leaves is then known as its own.
+            with store.transaction():
+                store.record_making_files(
+                    {
+                        backings.DATA_FILE: int(config["data_size"]),
+                        backings.METADATA_FILE: int(config["metadata_size"]),
+                    }
+                )
         backing = make(statedir)
+        made_files = backing.config().get("file_inodes")
+        if made_files:
+            with store.transaction():
+                store.record_made_files(made_files)
+        crash.point("pool:made")
         record.update(backing.config())
         # Whether destroy(remove_files=True) may remove the directory.
         record["made_directory"] = statedir.made
@@ -474,6 +493,77 @@ def _create(
         else:
             statedir.close(remove_made=True)
         raise
+
+
+def _take_back_interrupted(directory: str | os.PathLike[str]) -> None:
+    """Take back what a creation killed before it recorded its pool left
+    in ``directory``: its store, which records no pool, and the loop files
+    it recorded making (by inode).  Nothing was made in the kernel then:
+    the pool row goes in before the pool device.
+
+    Raises:
+        DeviceExistsError: a pool file there that the store does not
+            prove the creation's (named); nothing is removed.
+    """
+    path = os.path.abspath(directory)
+    try:
+        os.stat(os.path.join(path, DB_NAME), follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    statedir = StateDir.open(path, operation="create")
+    try:
+        store = Store(statedir)
+        try:
+            if store.records_pool():
+                return  # a pool: the claim refuses it, saying so
+            made, making = store.made_files(), store.making_files()
+        finally:
+            store.close_db()
+        unproven = [
+            statedir.join(name)
+            for name in (backings.DATA_FILE, backings.METADATA_FILE)
+            if not _its_own(statedir, name, made.get(name), making.get(name))
+        ]
+        if unproven:
+            raise DeviceExistsError(
+                errno.EEXIST,
+                f"{path} holds the store of a pool creation that was interrupted, and "
+                f"files it does not record making: {', '.join(unproven)}; libdm will not "
+                f"remove them: move them away, then run the creation again",
+                "create",
+                path,
+            )
+        logger.warning(
+            "%s: taking back what an interrupted pool creation left (%s)",
+            path,
+            ", ".join(n for n in POOL_FILES if statedir.lstat(n) is not None),
+        )
+        for name in reversed(POOL_FILES):
+            statedir.unlink(name)
+    finally:
+        statedir.close()
+
+
+def _its_own(statedir: StateDir, name: str, inode: int | None, size: int | None) -> bool:
+    """Whether pool file ``name`` is absent or proven made by the
+    interrupted creation: the inode it recorded, or (killed before it
+    recorded one) a file of the size it recorded it would make (or still
+    empty), with nothing in it but the zeros a creation writes at its
+    head."""
+    st = statedir.lstat(name)
+    if st is None:
+        return True
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    if inode is not None:
+        return st.st_ino == inode
+    if size is None or st.st_size not in (0, size) or st.st_blocks * 512 > 8192:
+        return False
+    fd = statedir.open_file(name, os.O_RDONLY, "create", f"{name} file")
+    try:
+        return not any(os.pread(fd, 8192, 0))
+    finally:
+        os.close(fd)
 
 
 def _made_live(pool: Pool) -> bool:

@@ -44,7 +44,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -734,11 +734,37 @@ class Store:
             (name, uuid, kind, json.dumps(config, sort_keys=True), int(transaction_id)),
         )
 
+    def record_made_files(self, inodes: Mapping[str, int]) -> None:
+        """Record the inodes of the files a pool creation made, before it
+        records the pool: what proves them libdm's if it is killed."""
+        self._set_meta("made_files", json.dumps(dict(inodes), sort_keys=True))
+
+    def record_making_files(self, sizes: Mapping[str, int]) -> None:
+        """Record the files a pool creation is about to make (name to
+        size), before it makes them."""
+        self._set_meta("making_files", json.dumps(dict(sizes), sort_keys=True))
+
+    def making_files(self) -> dict[str, int]:
+        """The files a pool creation recorded it was about to make."""
+        value = self._meta("making_files")
+        return {} if value is None else {str(k): int(v) for k, v in json.loads(value).items()}
+
+    def made_files(self) -> dict[str, int]:
+        """The files a pool creation recorded making (name to inode)."""
+        value = self._meta("made_files")
+        return {} if value is None else {str(k): int(v) for k, v in json.loads(value).items()}
+
+    def records_pool(self) -> bool:
+        """Whether the store holds its pool's row: not when the creation
+        that made the store was killed before it recorded the pool."""
+        return self._one("SELECT 1 FROM pool WHERE id = 1") is not None
+
     def _pool_row(self) -> tuple[Any, ...]:
         row = self._one("SELECT * FROM pool WHERE id = 1")
         if row is None:
             raise StateError(
-                f"{self.path} records no pool (its creation was interrupted)",
+                f"{self.path} records no pool (its creation was interrupted); the same "
+                f"pool creation run again takes back what the interrupted one made",
                 "open",
                 None,
             )

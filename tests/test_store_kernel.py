@@ -346,3 +346,28 @@ def test_a_creation_that_meets_a_full_filesystem_can_be_retried(dm_name, tmp_pat
             pool.destroy(remove_files=True)
     finally:
         subprocess.run(["umount", "-l", small], check=False)
+
+
+@pytest.mark.kernel
+def test_open_of_a_damaged_store_leaves_nothing_live(dm_name, tmp_path):
+    """A page of the store damaged while the pool was down: open refuses,
+    saying nothing was changed, and that is true: the pool device and the
+    thin devices it brought up before it met the damage are down again,
+    and the loop devices detached, so nothing uses a pool whose records
+    cannot be read."""
+    name = dm_name("pool")
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M")
+    pool.create_thin("a", "8M").snapshot("s")
+    pool.destroy()  # down, files and store kept: a reboot
+    fd = os.open(directory / DB_NAME, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(4096), 4 * 4096)  # one page of the store
+    finally:
+        os.close(fd)
+    with pytest.raises(libdm.StateError, match="nothing was changed") as err:
+        libdm.Pool.open(directory)
+    assert "SQLITE_CORRUPT" in str(err.value)
+    assert not [n for n in witness.names() if n == name or n.startswith(f"{name}-")]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(directory) not in loops, loops

@@ -396,10 +396,13 @@ class Journal:
         (with the store's path and the system's reason) and what finishes
         it."""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if "SQLITE_CORRUPT" in reason or "SQLITE_NOTADB" in reason:
+            remedy = "once the state store is restored from a backup (or mended with sqlite3)"
+        else:
+            remedy = "once the state directory's filesystem has room (or works) again"
         return StateError(
-            f"{what} in the pool state ({self.store.path}: {reason}); once the state "
-            f"directory's filesystem has room (or works) again, the pool's next change, "
-            f"or libdm pool open {self.host.directory}, finishes it",
+            f"{what} in the pool state ({self.store.path}: {reason}); {remedy}, the pool's "
+            f"next change, or libdm pool open {self.host.directory}, finishes it",
             operation,
             self.device.name,
         )

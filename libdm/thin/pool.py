@@ -301,9 +301,27 @@ class Pool:
         (they were there before; loop devices detach by themselves).  A
         failure here is logged: the refusal is what the caller must see."""
         try:
-            for row in self._store.devices():
-                dm_name = self.device_dm_name(row["name"])
-                if self._made_here(dm_name, f"LIBDM-THIN-{self.config.token}-{row['thin_id']}"):
+            try:
+                made = [
+                    (
+                        self.device_dm_name(row["name"]),
+                        ownership.thin_uuid(self.config.token, row["thin_id"]),
+                    )
+                    for row in self._store.devices()
+                ]
+            except StateError:
+                # A store that cannot list its devices (damaged): the pool
+                # was not live before, so every live device with the uuid
+                # libdm gives this pool's devices was made here.
+                prefix = ownership.thin_uuid(self.config.token, 0)[:-1]
+                made = []
+                for entry in ops.list_devices():
+                    with contextlib.suppress(NoSuchDeviceError):
+                        uuid = ops.info(entry.name).uuid
+                        if uuid is not None and uuid.startswith(prefix):
+                            made.append((entry.name, uuid))
+            for dm_name, uuid in made:
+                if self._made_here(dm_name, uuid):
                     ops.remove(dm_name)
             if self.kind != PoolKind.ADOPTED and self._made_here(self.name, self.uuid):
                 ops.remove(self.name)

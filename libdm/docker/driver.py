@@ -255,6 +255,9 @@ class Driver:
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
         self.home = ""
         self._lock = threading.RLock()
+        #: The base device once made: it never changes after, so the
+        #: calls need not read it from the records each time.
+        self._base: BaseInfo | None = None
         self._configure_pool(self.options)
         self.recover()
 
@@ -282,7 +285,7 @@ class Driver:
         return os.path.join(self.mount_root, row.device)
 
     def _fs(self) -> str:
-        base = self.store.base()
+        base = self._base or self.store.base()
         return base.fs if base is not None else self.options.fs
 
     def _mount_options(self) -> str:
@@ -298,15 +301,28 @@ class Driver:
         os.makedirs(target, mode=0o755, exist_ok=True)
         _mount_syscall(dev.path, target, self._fs(), self._mount_options())
 
+    @staticmethod
+    def _is_mounted(target: str) -> bool:
+        # Without its directory it cannot be a mount point: one lstat
+        # instead of reading the mount table (Put removes the directory).
+        return os.path.lexists(target) and target in _mount_points()
+
     def _unmount(self, target: str) -> None:
+        if not os.path.lexists(target):
+            return
         if target in _mount_points():
             _umount_syscall(target)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(target)
 
     def _delete_device(self, device: str) -> None:
-        if self._has_device(device):
+        try:
             self.pool.delete_device(device)
+        except NoSuchDeviceError:
+            # Asked only now: the pool's records are read once on the
+            # usual path.  Another cause of the error is not hidden.
+            if self._has_device(device):
+                raise
 
     def _delete_if_marked(self, device: str, what: str) -> None:
         """Delete ``device`` of a change cut short, if it is proven the
@@ -347,8 +363,11 @@ class Driver:
     # -- the base device ----------------------------------------------------------------
 
     def _ensure_base(self) -> BaseInfo:
+        if self._base is not None:
+            return self._base
         base = self.store.base()
         if base is not None and base.ready:
+            self._base = base
             return base
         opts = self.options
         name = self.owner.name("base")
@@ -376,6 +395,7 @@ class Driver:
         made = dataclasses.replace(made, ready=True)
         with self.store.transaction():
             self.store.set_base(made)
+        self._base = made
         return made
 
     # -- Docker's calls -----------------------------------------------------------------
@@ -406,7 +426,7 @@ class Driver:
             # A new dockerd: the references of one that was killed are
             # void (Docker counts its own in memory).  Mounts stay until
             # the last Put, a Remove or Cleanup.
-            with self.store.transaction():
+            with self.store.transaction(durable=False):
                 for row in self.store.all():
                     if row.refs:
                         self.store.set_refs(row.id, 0)
@@ -424,10 +444,17 @@ class Driver:
         size = self._size_option(storage_opt or {})
         with self._lock:
             base = self._ensure_base()
-            if self.store.get(layer_id) is not None:
-                raise DockerError(f"layer {layer_id} already exists")
-            origin = base.device if not parent else self._row(parent).device
+            if size is not None and size < base.size:
+                raise DockerError(
+                    f"a container's size cannot be smaller than the base device's "
+                    f"{format_size(Bytes(base.size))}"
+                )
+            # The checks and the new row in one transaction: the records
+            # are locked once.
             with self.store.transaction():
+                if self.store.get(layer_id) is not None:
+                    raise DockerError(f"layer {layer_id} already exists")
+                origin = base.device if not parent else self._row(parent).device
                 row = self.store.insert(layer_id, parent or None)
             crash.point("docker:create:row")
             made = False
@@ -459,12 +486,6 @@ class Driver:
                 size = int(parse_size(value, what="size"))
             except ValueError as exc:
                 raise DockerError(str(exc)) from None
-        base = self.store.base()
-        if size is not None and base is not None and size < base.size:
-            raise DockerError(
-                f"a container's size cannot be smaller than the base device's "
-                f"{format_size(Bytes(base.size))}"
-            )
         return size
 
     def _grow(self, device: str, size: int) -> None:
@@ -508,7 +529,9 @@ class Driver:
             crash.point("docker:remove:marked")
             self._delete_device(row.device)
             crash.point("docker:remove:deleted")
-            with self.store.transaction():
+            # Lost to a power cut, the row is back as removing, its device
+            # gone: recovery deletes it.
+            with self.store.transaction(durable=False):
                 self.store.delete(layer_id)
 
     def get(self, layer_id: str, mount_label: str = "") -> str:
@@ -516,10 +539,10 @@ class Driver:
         with self._lock:
             row = self._row(layer_id)
             target = self._mount_path(row)
-            if target not in _mount_points():
+            if not self._is_mounted(target):
                 self._mount(row.device, target)
                 crash.point("docker:get:mounted")
-            with self.store.transaction():
+            with self.store.transaction(durable=False):
                 self.store.set_refs(layer_id, row.refs + 1)
             return target
 
@@ -535,7 +558,7 @@ class Driver:
                     self.pool.deactivate_device(row.device)
                 except DMError as exc:
                     logger.warning("docker: %s stays active: %s", row.device, exc)
-            with self.store.transaction():
+            with self.store.transaction(durable=False):
                 self.store.set_refs(layer_id, row.refs - 1)
 
     def exists(self, layer_id: str) -> bool:
@@ -573,7 +596,7 @@ class Driver:
             for row in self.store.all():
                 if row.refs or os.path.lexists(self._mount_path(row)):
                     self._unmount(self._mount_path(row))
-                    with self.store.transaction():
+                    with self.store.transaction(durable=False):
                         self.store.set_refs(row.id, 0)
                     try:
                         self.pool.deactivate_device(row.device)
@@ -682,7 +705,7 @@ class Driver:
                     with self.store.transaction():
                         self.store.delete(row.id)
                 elif row.refs and target not in mounted:
-                    with self.store.transaction():
+                    with self.store.transaction(durable=False):
                         self.store.set_refs(row.id, 0)
                 elif not row.refs and target in mounted:
                     try:

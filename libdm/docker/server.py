@@ -98,6 +98,9 @@ def _error_status(method: str) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: Answers are buffered and sent at the end of each call (the handler
+    #: flushes then): the headers and the JSON go in one write, not two.
+    wbufsize = 1 << 16
     server: _UnixServer
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -151,15 +151,35 @@ class LayerStore:
         self.statedir.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """One write transaction, its reads included.
+
+        Args:
+            durable: sync the commit to disk before returning (the default).
+                ``False`` leaves it in the kernel's cache: a kill of the
+                plugin keeps it (the write-ahead log is written), a power
+                cut may take it back, and the next durable commit syncs it
+                with its own (the log is written in order).  Only for
+                changes whose loss recovery makes good: reference counts
+                (no mount outlives a power cut, and the driver's recovery
+                resets the count of a layer that is not mounted) and the
+                row of a finished removal (a ``removing`` row whose device
+                is gone, which recovery deletes).
+        """
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as exc:
             raise StateError(
                 f"the layer database {self.path} failed: {exc}", "docker plugin", None

@@ -26,7 +26,8 @@ import time
 import pytest
 from support import witness
 from support.blockio import MiB, write_pattern
-from support.containerd.snapshotter_util import Plugin, PluginDied, write_config
+from support.children import PluginDied
+from support.containerd.snapshotter_util import Plugin, write_config
 
 from libdm.snapshotter.config import Config, MonitorConfig
 from libdm.snapshotter.core import Snapshotter

@@ -14,10 +14,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from support.tarball import MTIME, Entry, Kind, tar_bytes
+
 DOCKER = "/usr/bin/docker"  # another docker CLI may come first in PATH
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
-MTIME = 1700000000
 
 
 def prepare_kernel() -> None:
@@ -45,25 +46,17 @@ def layer_tar(entries: Sequence[tuple]) -> bytes:
     """A layer tar of (path, content, mode[, uid, gid]): content bytes,
     None for a directory, "->target" for a symbolic link, "=>target" for
     a hard link."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path, content, mode, *owner in entries:
-            info = tarfile.TarInfo(path)
-            info.mode, info.mtime = mode, MTIME
-            info.uid, info.gid = owner or (0, 0)
-            if content is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif isinstance(content, str) and content.startswith("->"):
-                info.type, info.linkname = tarfile.SYMTYPE, content[2:]
-                tar.addfile(info)
-            elif isinstance(content, str):
-                info.type, info.linkname = tarfile.LNKTYPE, content[2:]
-                tar.addfile(info)
-            else:
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
+
+    def entry(path: str, content: bytes | str | None, mode: int, *owner: int) -> Entry:
+        uid, gid = owner or (0, 0)
+        if content is None:
+            return Entry(path, "dir", None, mode, uid, gid)
+        if isinstance(content, str):
+            kind: Kind = "sym" if content.startswith("->") else "link"
+            return Entry(path, kind, content[2:], mode, uid, gid)
+        return Entry(path, "file", content, mode, uid, gid)
+
+    return tar_bytes(entry(*e) for e in entries)
 
 
 def busybox_layer(extra: Sequence[tuple] = ()) -> bytes:

@@ -608,20 +608,7 @@ def _corrupt(directory, column, value):
         ("", "config"),
         ("[]", "config"),
         ('{"low_water_mark": 0}', "block_size"),
-        (
-            json.dumps(
-                {
-                    "block_size": "big",
-                    "low_water_mark": 0,
-                    "features": [],
-                    "min_free_space": 10,
-                    "deferred_removal": True,
-                    "deferred_deletion": True,
-                    "token": "t",
-                }
-            ),
-            "block_size",
-        ),
+        (json.dumps(dict(store_support.CONFIG, block_size="big")), "block_size"),
     ],
 )
 def test_a_corrupt_stored_config_is_a_state_error(tmp_path, config, field):

@@ -10,10 +10,10 @@ import os
 import signal
 import subprocess
 import tarfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from support.poll import wait_for
 from support.tarball import MTIME, Entry, Kind, tar_bytes
 
 DOCKER = "/usr/bin/docker"  # another docker CLI may come first in PATH
@@ -153,14 +153,18 @@ class Dockerd:
         env = dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError("dockerd exited:\n" + self.log_tail())
-            if os.path.exists(self.sock) and self.docker("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.3)
-        raise RuntimeError("dockerd did not answer:\n" + self.log_tail())
+            return (
+                os.path.exists(self.sock) and self.docker("version", check=False).returncode == 0
+            )
+
+        if not wait_for(answers, timeout, interval=0.3):
+            raise RuntimeError("dockerd did not answer:\n" + self.log_tail())
+        return self
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")

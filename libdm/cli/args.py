@@ -125,7 +125,9 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
 CommandFunc: TypeAlias = Callable[[argparse.Namespace], int | None]
 
 
-def _formatter(width: int) -> _FormatterClass:
+def formatter(width: int) -> _FormatterClass:
+    """The help formatter of every libdm parser, at ``width`` columns."""
+
     def make(prog: str) -> argparse.HelpFormatter:
         return _Formatter(prog, width=width, max_help_position=30)
 
@@ -220,7 +222,7 @@ class _Builder:
             help=help,
             description=description,
             parents=[self.debug],
-            formatter_class=_formatter(self.width),
+            formatter_class=formatter(self.width),
             epilog=epilog,
         )
         sub = parser.add_subparsers(
@@ -251,11 +253,6 @@ def building(width: int) -> Iterator[dict[str, Parser]]:
         yield _builder.commands
     finally:
         _builder = None
-
-
-def formatter(width: int) -> _FormatterClass:
-    """The help formatter of every libdm parser, at ``width`` columns."""
-    return _formatter(width)
 
 
 def group(
@@ -308,7 +305,7 @@ def command(
         description=description or help[0].upper() + help[1:] + ".",
         epilog=epilog,
         parents=parents,
-        formatter_class=_formatter(b.width),
+        formatter_class=formatter(b.width),
     )
     full = f"{path} {name}".strip()
     parser.set_defaults(func=func, command=full)

@@ -80,3 +80,18 @@ def make_pool(dm_name: Callable[[str], str], tmp_path: Path) -> Iterator[MakePoo
     with contextlib.ExitStack() as closing:
         for pool in made:
             closing.callback(pool.close)  # run last-made first, every one even if one fails
+
+
+@pytest.fixture
+def no_libdm_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``LIBDM_POOL`` in the environment: the command names its pool."""
+    monkeypatch.delenv("LIBDM_POOL", raising=False)
+
+
+@pytest.fixture(params=["in-process", "subprocess"])
+def cli_run(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """The ``libdm`` command run each way: in this process, and as
+    ``python -m libdm`` (see support/cli.py)."""
+    from support.cli import run, sh
+
+    return run if request.param == "in-process" else sh

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 
 import pytest
+from support.tarball import tar_bytes
 
 from libdm.docker import archive
 from libdm.docker.archive import Change, ChangeKind, LayerError
@@ -20,25 +20,8 @@ ROOT = os.geteuid() == 0
 
 
 def _tar(*entries) -> io.BytesIO:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, data in entries:
-            info = tarfile.TarInfo(name)
-            info.mode, info.mtime = 0o755 if kind == "dir" else 0o644, 1700000000
-            if kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif kind == "sym":
-                info.type, info.linkname = tarfile.SYMTYPE, data
-                tar.addfile(info)
-            elif kind == "link":
-                info.type, info.linkname = tarfile.LNKTYPE, data
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    return buf
+    """A layer of ``(name, kind, data)`` entries, as a stream."""
+    return io.BytesIO(tar_bytes(entries))
 
 
 def test_symlinks_stay_inside(tmp_path):

@@ -20,37 +20,17 @@ import tarfile
 import pytest
 from support import witness
 from support.docker.plugin_util import Client, DockerPlugin, base_device, mounts_of
+from support.tarball import MTIME, tar_bytes
 
 import libdm
 from libdm.docker import CRASH_POINTS
 
 pytestmark = pytest.mark.kernel
 
-MTIME = 1700000000
-
 
 def _tar(entries) -> bytes:
     """A layer tar: (name, kind, data/target, mode, uid, gid, xattrs)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, data, mode, uid, gid, xattrs in entries:
-            info = tarfile.TarInfo(name)
-            info.mode, info.uid, info.gid, info.mtime = mode, uid, gid, MTIME
-            if xattrs:
-                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
-            if kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif kind == "sym":
-                info.type, info.linkname = tarfile.SYMTYPE, data
-                tar.addfile(info)
-            elif kind == "link":
-                info.type, info.linkname = tarfile.LNKTYPE, data
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_bytes(entries)
 
 
 SPARSE = b"head" + bytes(4 << 20) + b"tail"

@@ -100,6 +100,7 @@ def _layer_devices(pool_name: str) -> list[str]:
 
 def _build(work: Path, pool_name: str) -> dict[str, object]:
     from support.docker.engine_util import busybox_layer, layer_tar, save_archive
+    from support.poll import until
 
     import libdm
 
@@ -114,11 +115,12 @@ def _build(work: Path, pool_name: str) -> dict[str, object]:
     b_path, b_digests, big = _image_b(work)
     before = set(_layer_devices(pool_name))
     load = dockerd.docker_async("load", "-i", str(b_path))
-    deadline = time.monotonic() + 300
     # The cut comes once the plugin has made a device of the new image.
-    while not set(_layer_devices(pool_name)) - before and load.poll() is None:
-        assert time.monotonic() < deadline, "the load made no device"
-        time.sleep(0.05)
+    until(
+        lambda: set(_layer_devices(pool_name)) - before or load.poll() is not None,
+        "the load to make a device",
+        300,
+    )
     time.sleep(0.3)
     return {"load_running_at_cut": load.poll() is None, "b_digests": b_digests, "big": big}
 

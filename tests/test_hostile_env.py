@@ -19,6 +19,7 @@ import subprocess
 import time
 
 import pytest
+from support import store as store_support
 from support import witness
 from support.blockio import MiB, attach, read_at, write_pattern
 
@@ -583,25 +584,12 @@ def test_create_loop_on_a_read_only_filesystem_is_a_clear_error(dm_name, small_f
 
 
 _BASE = json.dumps(
-    {
-        "block_size": 128,
-        "low_water_mark": 0,
-        "features": [],
-        "min_free_space": 10,
-        "deferred_removal": True,
-        "deferred_deletion": True,
-        "base_device": None,
-        "token": "t",
-        "data_file": "data",
-        "metadata_file": "metadata",
-    }
+    dict(store_support.CONFIG, base_device=None, data_file="data", metadata_file="metadata")
 )
 
 
 def _store_with_pool(directory):
-    store = Store(directory, create=True)
-    store.init_pool("p", "LIBDM-POOL-x", "loop", json.loads(_BASE))
-    store.close()
+    store_support.made(directory, json.loads(_BASE)).close()
 
 
 def _corrupt(directory, column, value):
@@ -620,20 +608,7 @@ def _corrupt(directory, column, value):
         ("", "config"),
         ("[]", "config"),
         ('{"low_water_mark": 0}', "block_size"),
-        (
-            json.dumps(
-                {
-                    "block_size": "big",
-                    "low_water_mark": 0,
-                    "features": [],
-                    "min_free_space": 10,
-                    "deferred_removal": True,
-                    "deferred_deletion": True,
-                    "token": "t",
-                }
-            ),
-            "block_size",
-        ),
+        (json.dumps(dict(store_support.CONFIG, block_size="big")), "block_size"),
     ],
 )
 def test_a_corrupt_stored_config_is_a_state_error(tmp_path, config, field):

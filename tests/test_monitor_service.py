@@ -9,36 +9,17 @@ on sleeps.  Witnesses: dmsetup table/status of the pools.
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 from support import witness
 from support.blockio import MiB, write_pattern
+from support.cli import monitor_status, run_cli, start_monitor, stop_monitor
+from support.poll import until
 
 import libdm
 
 pytestmark = pytest.mark.kernel
-
-
-def until(condition, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def libdm_cli(*args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "libdm", *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture
@@ -56,11 +37,7 @@ def service_env(tmp_path, monkeypatch):
 
 
 def status(env):
-    try:
-        with open(os.path.join(env["LIBDM_RUN_DIR"], "monitor.json")) as fh:
-            return json.load(fh)["pools"]
-    except (OSError, ValueError):
-        return {}
+    return monitor_status(env["LIBDM_RUN_DIR"])
 
 
 def data_sectors(name):
@@ -73,27 +50,12 @@ def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_en
     b = libdm.Pool.create_loop(dm_name("b"), tmp_path / "b", data_size="64M")
     a.close(), b.close()
     assert (
-        libdm_cli(
+        run_cli(
             "monitor", "register", "--pool", tmp_path / "a", "--threshold", 50, env=service_env
         ).returncode
         == 0
     )
-    service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "libdm",
-            "monitor",
-            "serve",
-            "--rescan",
-            "0.2",
-            "--interval",
-            "0.5",
-        ],
-        env=service_env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    service = start_monitor(service_env, "--rescan", 0.2, "--interval", 0.5)
     try:
         until(
             lambda: status(service_env).get(str(tmp_path / "a"), {}).get("running"),
@@ -111,7 +73,7 @@ def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_en
 
         # A pool registered while the service runs is picked up...
         assert (
-            libdm_cli("monitor", "register", "--pool", tmp_path / "b", env=service_env).returncode
+            run_cli("monitor", "register", "--pool", tmp_path / "b", env=service_env).returncode
             == 0
         )
         until(
@@ -120,21 +82,18 @@ def test_the_service_watches_every_registered_pool(dm_name, tmp_path, service_en
         )
         # ...and one removed is dropped.
         assert (
-            libdm_cli(
-                "monitor", "unregister", "--pool", tmp_path / "a", env=service_env
-            ).returncode
+            run_cli("monitor", "unregister", "--pool", tmp_path / "a", env=service_env).returncode
             == 0
         )
         until(lambda: str(tmp_path / "a") not in status(service_env), "pool a to be dropped")
         with libdm.Pool.load(tmp_path / "a") as pool:
             assert pool.info().as_dict()["Monitored"] == "no"
-        listing = libdm_cli("monitor", "ls", "--json", env=service_env)
+        listing = run_cli("monitor", "ls", "--json", env=service_env)
         assert [(r["pool"], r["watched"]) for r in json.loads(listing.stdout)] == [
             (str(tmp_path / "b"), True)
         ]
     finally:
-        service.send_signal(signal.SIGTERM)
-        _, err = service.communicate(timeout=60)
+        err = stop_monitor(service)
     assert service.returncode == 0, err
     lines = err.splitlines()
     # Journal-ready: every line carries its syslog priority.
@@ -151,14 +110,9 @@ def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_
     pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
     pool.destroy()  # down, as before "libdm pool open" after a reboot
     assert (
-        libdm_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
+        run_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
     )
-    service = subprocess.Popen(
-        [sys.executable, "-m", "libdm", "monitor", "serve", "--rescan", "0.2"],
-        env=service_env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    service = start_monitor(service_env, "--rescan", 0.2)
     try:
         until(lambda: str(tmp_path / "p") in status(service_env), "a first scan")
         assert not status(service_env)[str(tmp_path / "p")]["running"]
@@ -168,8 +122,7 @@ def test_a_pool_not_active_yet_is_watched_once_it_is(dm_name, tmp_path, service_
             "the service to watch the pool once active",
         )
     finally:
-        service.send_signal(signal.SIGTERM)
-        _, err = service.communicate(timeout=60)
+        err = stop_monitor(service)
     assert service.returncode == 0, err
     assert "is not active" in err
 
@@ -234,36 +187,30 @@ def test_a_malformed_registration_is_reported_and_skipped(dm_name, tmp_path, ser
     pool = libdm.Pool.create_loop(dm_name("p"), tmp_path / "p", data_size="64M")
     pool.close()
     assert (
-        libdm_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
+        run_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env).returncode == 0
     )
     bad = os.path.join(service_env["LIBDM_MONITOR_DIR"], "other.toml")
     with open(bad, "w") as fh:  # a hand-edited file with a typo
         fh.write('pool = "/var/lib/other"\nthreshold = 80\nspares = ["/dev/sdx"\n')
-    service = subprocess.Popen(
-        [sys.executable, "-m", "libdm", "monitor", "serve", "--rescan", "0.2"],
-        env=service_env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    service = start_monitor(service_env, "--rescan", 0.2)
     try:
         until(
             lambda: status(service_env).get(str(tmp_path / "p"), {}).get("running"),
             "the service to watch the pool",
         )
-        listing = libdm_cli("monitor", "ls", "--json", env=service_env)
+        listing = run_cli("monitor", "ls", "--json", env=service_env)
         assert listing.returncode == 0, listing.stderr
         rows = {r["file"]: r for r in json.loads(listing.stdout)}
         assert rows[bad]["pool"] is None and not rows[bad]["watched"]
         assert "not valid" in rows[bad]["invalid"]
         assert [r["pool"] for r in rows.values() if r["invalid"] is None] == [str(tmp_path / "p")]
-        text = libdm_cli("monitor", "ls", env=service_env)
+        text = run_cli("monitor", "ls", env=service_env)
         assert text.returncode == 0 and bad in text.stdout and "invalid" in text.stdout
-        gone = libdm_cli("monitor", "unregister", "--pool", tmp_path / "p", env=service_env)
+        gone = run_cli("monitor", "unregister", "--pool", tmp_path / "p", env=service_env)
         assert gone.returncode == 0, gone.stderr
         until(lambda: str(tmp_path / "p") not in status(service_env), "the pool to be dropped")
     finally:
-        service.send_signal(signal.SIGTERM)
-        _, err = service.communicate(timeout=60)
+        err = stop_monitor(service)
     assert service.returncode == 0, err
     reports = [line for line in err.splitlines() if bad in line]
     assert len(reports) == 1 and reports[0].startswith("<3>"), err
@@ -286,24 +233,22 @@ def test_pools_whose_paths_differ_by_slash_or_dash_have_their_own_registration(
         old.write_text(f'pool = "{pool}"\nthreshold = {threshold}\npercent = 10\n')
 
     def listed():
-        out = libdm_cli("monitor", "ls", "--json", env=service_env)
+        out = run_cli("monitor", "ls", "--json", env=service_env)
         assert out.returncode == 0, out.stderr
         return sorted((r["pool"], r["threshold"]) for r in json.loads(out.stdout))
 
     assert listed() == sorted([(b, 70), (c, 75)])
-    made = libdm_cli("monitor", "register", "--pool", a, env=service_env)
+    made = run_cli("monitor", "register", "--pool", a, env=service_env)
     assert made.returncode == 0, made.stderr
     assert listed() == sorted([(a, 80), (b, 70), (c, 75)])
     # Registering b or c again replaces its file rather than adding a second.
     for pool in (b, c):
-        again = libdm_cli(
-            "monitor", "register", "--pool", pool, "--threshold", 60, env=service_env
-        )
+        again = run_cli("monitor", "register", "--pool", pool, "--threshold", 60, env=service_env)
         assert again.returncode == 0, again.stderr
     assert listed() == sorted([(a, 80), (b, 60), (c, 60)])
     assert len(os.listdir(conf)) == 3
     for pool in (a, b, c):
-        gone = libdm_cli("monitor", "unregister", "--pool", pool, env=service_env)
+        gone = run_cli("monitor", "unregister", "--pool", pool, env=service_env)
         assert gone.returncode == 0, gone.stderr
         assert pool not in dict(listed())
     assert os.listdir(conf) == []

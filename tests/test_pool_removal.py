@@ -11,11 +11,11 @@ transaction id from ``dmsetup status`` and the thin ids thin_dump reads.
 
 import os
 import subprocess
-import time
 
 import pytest
 from support import witness
 from support.blockio import write_pattern
+from support.poll import until
 
 import libdm
 from libdm.thin.store import Store
@@ -47,12 +47,12 @@ def wait_gone(dev, limit=30.0):
     sysfs node is gone too.  The name leaves the list before the table is
     destroyed (and the thin device closed in the pool); the sysfs node
     only after."""
-    deadline = time.monotonic() + limit
     sysfs = f"/sys/dev/block/{_devnos[dev.dm_name]}"
-    while dev.dm_name in witness.names() or os.path.exists(sysfs):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{dev.dm_name} still there {limit} s after its last close")
-        time.sleep(0.05)
+    until(
+        lambda: dev.dm_name not in witness.names() and not os.path.exists(sysfs),
+        f"{dev.dm_name} to go after its last close",
+        limit,
+    )
 
 
 _devnos = {}

@@ -27,6 +27,8 @@ from hypothesis.stateful import (
 from support import witness
 from support.blockio import MiB, write_pattern
 from support.children import run_child
+from support.cli import monitor_status, run_cli, start_monitor, stop_monitor
+from support.poll import until
 from test_pool_crash import assert_consistent
 
 import libdm
@@ -41,19 +43,6 @@ KILLS = [
     ("create", "create:transaction"),
     ("delete", "delete:deactivated"),
 ]
-
-
-def cli(*args, env=None):
-    """``python -m libdm ARGS`` as a process of its own."""
-    environ = {k: v for k, v in os.environ.items() if k != "LIBDM_POOL"}
-    environ.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "libdm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=300,
-    )
 
 
 def killed(directory, change, point):
@@ -107,7 +96,7 @@ def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, c
             with libdm.Pool.load(directory) as pool:
                 pool.create_thin("after", "4M")
         else:
-            proc = cli("thin", "create", "--pool", directory, "after", "4M")
+            proc = run_cli("thin", "create", "--pool", directory, "after", "4M")
             assert proc.returncode == 0, proc.stderr
             assert "Traceback" not in proc.stderr
         assert pending(directory) == ([], None)
@@ -122,14 +111,14 @@ def test_a_device_whose_delete_is_pending_is_neither_listed_nor_activated(dm_nam
     directory = tmp_path / "pool"
     libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()
     killed(directory, "delete", "delete:deactivated")
-    listing = cli("thin", "ls", "--json", "--pool", directory)
+    listing = run_cli("thin", "ls", "--json", "--pool", directory)
     assert listing.returncode == 0, listing.stderr
     assert [row["name"] for row in json.loads(listing.stdout)] == []
     with libdm.Pool.load(directory) as pool:
         assert pool.devices() == []
         with pytest.raises(libdm.NoSuchDeviceError):
             pool.device("victim")
-    proc = cli("thin", "activate", "--pool", directory, "victim")
+    proc = run_cli("thin", "activate", "--pool", directory, "victim")
     assert proc.returncode != 0, proc.stdout
     assert "victim" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(name.endswith("-victim") for name in witness.names())
@@ -170,14 +159,14 @@ def test_a_pool_left_suspended_mid_resize_is_not_reported_writable(dm_name, tmp_
     proc = run_child(directory, "p.resize(data_size='96M')\n", crash_at="grow:loaded")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert witness.sysfs(name, "suspended") == "1"
-    status = cli("pool", "status", "--json", "--pool", directory)
+    status = run_cli("pool", "status", "--json", "--pool", directory)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["mode"] != "rw"
-    human = cli("pool", "status", "--pool", directory)
+    human = run_cli("pool", "status", "--pool", directory)
     assert human.returncode == 0, human.stderr
     mode = [line for line in human.stdout.splitlines() if line.startswith("Mode")]
     assert mode and "rw" not in mode[0] and "suspended" in mode[0], human.stdout
-    info = cli("pool", "info", "--json", "--pool", directory)
+    info = run_cli("pool", "info", "--json", "--pool", directory)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["state"] != "rw"
     # The next change finishes the growth (the pool is resumed on it).
@@ -187,14 +176,6 @@ def test_a_pool_left_suspended_mid_resize_is_not_reported_writable(dm_name, tmp_
         assert int(witness.table(name)[0].split()[1]) == 96 * MiB // 512
         assert pool.config.data_size == 96 * MiB
     assert pending(directory) == ([], None)
-
-
-def until(condition, what, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_restarting_monitor_finishes_an_interrupted_growth(dm_name, tmp_path, monkeypatch):
@@ -211,45 +192,25 @@ def test_a_restarting_monitor_finishes_an_interrupted_growth(dm_name, tmp_path, 
         write_pattern(dev.path, 0x5A, length=40 * MiB)  # 62% of 64 MiB
         before = witness.checksum(dev.path, 40 * MiB)
     assert (
-        cli("monitor", "register", "--pool", directory, "--threshold", 50, env=env).returncode == 0
+        run_cli("monitor", "register", "--pool", directory, "--threshold", 50, env=env).returncode
+        == 0
     )
     # The monitor that was growing it was killed with the pool suspended.
     proc = run_child(directory, "p.resize(data_size='96M')\n", crash_at="grow:loaded")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert witness.sysfs(name, "suspended") == "1"
-    service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "libdm",
-            "monitor",
-            "serve",
-            "--rescan",
-            "0.2",
-            "--interval",
-            "0.3",
-        ],
-        env=dict(os.environ, **env),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    status_file = os.path.join(env["LIBDM_RUN_DIR"], "monitor.json")
+    service = start_monitor(env, "--rescan", 0.2, "--interval", 0.3)
 
     def watching():
-        try:
-            with open(status_file) as fh:
-                return json.load(fh)["pools"][str(directory)]["running"]
-        except (OSError, ValueError, KeyError):
-            return False
+        return monitor_status(env["LIBDM_RUN_DIR"]).get(str(directory), {}).get("running", False)
 
     try:
-        until(watching, "the service to watch the pool")
-        until(lambda: witness.sysfs(name, "suspended") == "0", "the pool to be resumed")
+        until(watching, "the service to watch the pool", 90)
+        until(lambda: witness.sysfs(name, "suspended") == "0", "the pool to be resumed", 90)
         time.sleep(1.5)  # a few of the monitor's checks
         assert watching()
     finally:
-        service.send_signal(signal.SIGTERM)
-        _, err = service.communicate(timeout=60)
+        err = stop_monitor(service)
     assert "cannot shrink" not in err, err
     assert int(witness.table(name)[0].split()[1]) >= 96 * MiB // 512, err
     assert pending(directory) == ([], None)
@@ -557,7 +518,7 @@ class EntryPointMachine(RuleBasedStateMachine):
     def change(self, entry, op, name):
         if entry == "cli":
             args = ("create", name, "4M") if op == "create" else ("delete", name)
-            proc = cli("thin", args[0], "--pool", self.directory, *args[1:])
+            proc = run_cli("thin", args[0], "--pool", self.directory, *args[1:])
             assert proc.returncode == 0, proc.stderr
             return
         if entry == "held":

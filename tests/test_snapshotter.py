@@ -312,7 +312,7 @@ def test_xfs_async_remove_and_discard(tmp_path):
             finally:
                 p.close()
 
-        from support.containerd.snapshotter_util import wait_for
+        from support.poll import wait_for
 
         assert wait_for(gone, timeout=60)
     finally:

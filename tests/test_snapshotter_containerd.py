@@ -24,9 +24,9 @@ from support.containerd.snapshotter_util import (
     base_device,
     make_pool,
     unmount_below,
-    wait_for,
     write_config,
 )
+from support.poll import wait_for
 
 import libdm
 

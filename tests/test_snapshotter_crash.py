@@ -18,9 +18,9 @@ import time
 
 import pytest
 from support import reliability
+from support.children import PluginDied
 from support.containerd.snapshotter_util import (
     Plugin,
-    PluginDied,
     base_device,
     make_pool,
     unmount_below,

@@ -21,12 +21,13 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from support import witness
 from support.blockio import MiB, write_pattern
-from support.containerd.snapshotter_util import Plugin, PluginDied, write_config
+from support.children import PluginDied
+from support.containerd.snapshotter_util import Plugin, write_config
+from support.poll import until
 
 from libdm.snapshotter.config import Config, MonitorConfig
 from libdm.snapshotter.core import Snapshotter
@@ -396,16 +397,17 @@ def test_serve_replaces_its_own_stale_socket(served_pool, tmp_path):
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
     _, log, plugin = serve(tmp_path, served_pool, path)
     assert plugin is not None, log
-    try:
-        deadline = time.monotonic() + 10
+
+    def connects():
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            while True:
-                try:
-                    c.connect(str(path))
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
+            try:
+                c.connect(str(path))
+            except OSError:
+                return False
+            return True
+
+    try:
+        until(connects, "the new plugin's socket to take a connection", 10)
     finally:
         assert plugin.stop() == 0
     assert not path.exists()

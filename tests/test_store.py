@@ -13,27 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.store import CONFIG, made
+from support.store import MAX_THIN_ID as MAX
 
 import libdm
 from libdm.thin.store import DB_NAME, LOG_NAME, Store
-
-CONFIG: dict[str, Any] = {
-    "block_size": 128,
-    "low_water_mark": 0,
-    "features": [],
-    "min_free_space": 10,
-    "deferred_removal": True,
-    "deferred_deletion": True,
-    "token": "t",
-}
-MAX = 2**24 - 1
-
-
-def made(directory: Path) -> Store:
-    store = Store(directory, create=True)
-    store.init_pool("p", "LIBDM-POOL-x", "loop", CONFIG)
-    return store
-
 
 WAL = DB_NAME + "-wal"
 

@@ -35,31 +35,17 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from support.store import CONFIG, made
+from support.store import MAX_THIN_ID as MAX
 
 import libdm
 from libdm.thin.errors import StateError
 from libdm.thin.store import DB_NAME, LOG_NAME, Store
 
-CONFIG: dict[str, Any] = {
-    "block_size": 128,
-    "low_water_mark": 0,
-    "features": [],
-    "min_free_space": 10,
-    "deferred_removal": True,
-    "deferred_deletion": True,
-    "token": "t",
-}
-MAX = 2**24 - 1
 V1 = Path(__file__).resolve().parent / "data" / "store-v1"
 
 #: What a store holds, as the tests compare it: no timestamps.
 View = dict[str, Any]
-
-
-def made(directory: Path) -> Store:
-    store = Store(directory, create=True)
-    store.init_pool("p", "LIBDM-POOL-x", "loop", CONFIG)
-    return store
 
 
 def view(store: Store) -> View:

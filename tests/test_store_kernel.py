@@ -23,6 +23,7 @@ from typing import NamedTuple
 import pytest
 from support import witness
 from support.blockio import attach
+from support.store import made
 
 import libdm
 from libdm.thin.store import DB_NAME, Store
@@ -205,21 +206,7 @@ def test_a_failing_state_filesystem_is_a_state_error_naming_the_store(
 ) -> None:
     mnt, fail = failing_fs
     directory = mnt / "state"
-    store = Store(directory, create=True)
-    store.init_pool(
-        "p",
-        "LIBDM-POOL-x",
-        "loop",
-        {
-            "block_size": 128,
-            "low_water_mark": 0,
-            "features": [],
-            "min_free_space": 10,
-            "deferred_removal": True,
-            "deferred_deletion": True,
-            "token": "t",
-        },
-    )
+    store = made(directory)
     store.add_device("kept", 1, 2048, None)
     fail()
     errors: list[BaseException] = []

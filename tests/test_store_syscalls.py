@@ -22,19 +22,10 @@ import sys
 import tempfile
 
 import pytest
+from support.store import MAX_THIN_ID, made
 
+from libdm.testing import in_ci
 from libdm.thin.store import Store
-
-CONFIG = {
-    "block_size": 128,
-    "low_water_mark": 0,
-    "features": [],
-    "min_free_space": 10,
-    "deferred_removal": True,
-    "deferred_deletion": True,
-    "token": "t",
-}
-MAX_THIN_ID = 2**24 - 1
 
 
 def create(store: Store, name: str) -> None:
@@ -117,9 +108,8 @@ def run(directory: str, rounds: int, only: str, held: bool = False) -> None:
 
 
 def prepare(directory: str, rounds: int) -> None:
-    store = Store(directory, create=True)
+    store = made(directory)
     try:
-        store.init_pool("p", "LIBDM-POOL-x", "loop", CONFIG)
         create(store, "origin")
         for i in range(rounds):
             create(store, f"d{i}")
@@ -165,9 +155,7 @@ def per_operation(only: str, n: int = 20, held: bool = False) -> dict[str, float
 
 
 # Under CI=true a missing strace fails the test (setup installs it); elsewhere it skips.
-@pytest.mark.skipif(
-    shutil.which("strace") is None and os.environ.get("CI") != "true", reason="needs strace"
-)
+@pytest.mark.skipif(shutil.which("strace") is None and not in_ci(), reason="needs strace")
 @pytest.mark.parametrize("only", ["create", "snapshot", "delete"])
 def test_a_store_change_is_a_handful_of_system_calls(only: str) -> None:
     # SQLite in WAL mode: 43-46 (its locks, two writes per changed page,

@@ -27,8 +27,9 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from libdm.cli.args import CommandFunc, UsageError
 from libdm.cli.common import CommandError, error_text
-from libdm.cli.parser import CommandFunc, UsageError, build_parser
+from libdm.cli.parser import build_parser
 
 __all__ = ["build_parser", "main"]
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 import libdm
 from libdm.cli import output
-from libdm.cli.parser import POOL_ENV, UsageError
+from libdm.cli.args import POOL_ENV, UsageError, given_pool
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
@@ -57,7 +56,7 @@ def pool_directory(args: argparse.Namespace) -> str:
     Raises:
         UsageError: neither is given.
     """
-    directory: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    directory = given_pool(args)
     if not directory:
         raise UsageError(
             f"no pool given: use --pool DIR or set {POOL_ENV}", f"libdm {args.command}"

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, NotRequired, TypeAlias, TypedDict
 
 import libdm
 from libdm.cli import output
+from libdm.cli.args import POOL_ENV, Subparsers, command, count
 from libdm.cli.common import emit, in_cli_words, wants_json
-from libdm.cli.parser import POOL_ENV, Subparsers, command, count
 
 if TYPE_CHECKING:
     from libdm.cli.thin_cmds import PoolNote

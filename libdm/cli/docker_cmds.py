@@ -4,12 +4,18 @@ plugin (:mod:`libdm.docker`) on a unix socket until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from collections.abc import Sequence
 
-from libdm.cli.parser import POOL_ENV, Parser, Subparsers, UsageError, command
+from libdm.cli.args import (
+    POOL_ENV,
+    Parser,
+    Subparsers,
+    UsageError,
+    command,
+    given_pool,
+    group,
+)
+from libdm.cli.serving import announce, standalone_main
 
 __all__ = ["cmd_serve", "main", "register"]
 
@@ -17,7 +23,7 @@ __all__ = ["cmd_serve", "main", "register"]
 def cmd_serve(args: argparse.Namespace) -> int:
     from libdm.docker import DockerError, DriverOptions, serve
 
-    pool_dir: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    pool_dir = given_pool(args)
     if not pool_dir:
         raise UsageError(f"no pool given: use --pool DIR or set {POOL_ENV}", "libdm docker serve")
     try:
@@ -28,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool_dir,
         args.socket,
         options,
-        ready=lambda server: print(f"serving on {server.socket_path}", flush=True),
+        ready=announce,
     )
     return 0
 
@@ -57,9 +63,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: Subparsers) -> Parser:
     """Add the ``docker`` group and its ``serve`` command to the
     top-level subparsers ``sub``."""
-    from libdm.cli import parser
-
-    _, group = parser._current().group(
+    serve_group = group(
         sub,
         "docker",
         "Docker's graph-driver plugin on a pool",
@@ -69,7 +73,7 @@ def register(sub: Subparsers) -> Parser:
         ["libdm docker serve --pool /var/lib/docker-pool"],
     )
     p = command(
-        group,
+        serve_group,
         "serve",
         cmd_serve,
         pool=True,
@@ -83,27 +87,11 @@ def register(sub: Subparsers) -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m libdm.docker serve --pool DIR [--socket PATH] [--storage-opt K=V]``."""
-    parser = argparse.ArgumentParser(prog="python -m libdm.docker")
-    parser.add_argument("--debug", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve Docker's graph-driver plugin protocol")
-    p.add_argument(
-        "--pool",
-        metavar="DIR",
-        default=None,
-        help=f"the pool's state directory (default: ${POOL_ENV})",
+    return standalone_main(
+        "python -m libdm.docker",
+        "docker",
+        "serve Docker's graph-driver plugin protocol",
+        _arguments,
+        cmd_serve,
+        argv,
     )
-    _arguments(p)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        return cmd_serve(args)
-    except UsageError as exc:
-        print(f"libdm docker: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"libdm docker: {exc}", file=sys.stderr)
-        return 1

@@ -11,9 +11,14 @@ import sys
 from typing import TypedDict
 
 from libdm.cli import output
+from libdm.cli.args import (
+    Subparsers,
+    command,
+    growth_arguments,
+    growth_options,
+    positive_seconds,
+)
 from libdm.cli.common import emit, pool_directory
-from libdm.cli.parser import Subparsers, command, positive_seconds
-from libdm.cli.pool_cmds import growth_arguments, growth_options
 
 __all__ = ["register"]
 

@@ -15,20 +15,25 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Literal, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import libdm
 from libdm.cli import output
-from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
-from libdm.cli.parser import (
+from libdm.cli.args import (
+    GrowthOptions,
     Subparsers,
     UsageError,
     command,
     count,
+    deferred_arguments,
+    growth_arguments,
+    growth_options,
+    min_free_space_argument,
     percentage,
     positive_seconds,
     size,
 )
+from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
@@ -544,93 +549,6 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 # -- the parsers ----------------------------------------------------------------------
 
 
-def growth_arguments(p: argparse.ArgumentParser) -> None:
-    """The monitor's growth settings, for ``pool monitor`` and ``monitor
-    register``."""
-    p.add_argument(
-        "--threshold",
-        metavar="PCT",
-        type=percentage,
-        default=80,
-        help="percent used at which to grow (default 80)",
-    )
-    p.add_argument(
-        "--percent",
-        metavar="PCT",
-        type=count,
-        default=20,
-        help="growth in percent of the current size (default 20)",
-    )
-    p.add_argument(
-        "--metadata-threshold",
-        metavar="PCT",
-        type=percentage,
-        help="percent of metadata used at which to grow it (default: --threshold)",
-    )
-    p.add_argument(
-        "--max-data-size", metavar="SIZE", type=size, help="never grow the data beyond this"
-    )
-    p.add_argument(
-        "--max-metadata-size",
-        metavar="SIZE",
-        type=size,
-        help="never grow the metadata beyond this",
-    )
-    p.add_argument(
-        "--reserve",
-        metavar="SIZE",
-        type=size,
-        help="free space to keep on the filesystem holding a loop pool's files (default 64M)",
-    )
-    p.add_argument(
-        "--spare",
-        metavar="DEV",
-        action="append",
-        default=[],
-        help="a block device a block pool may be extended onto, for data or "
-        "metadata (repeatable, used in order)",
-    )
-
-
-class GrowthOptions(TypedDict):
-    """:func:`growth_options`: ``pool.monitor()``'s keyword options, as
-    ``Registration`` takes them too."""
-
-    spares: list[str]
-    metadata_threshold: NotRequired[int]
-    max_data_size: NotRequired[int]
-    max_metadata_size: NotRequired[int]
-    reserve: NotRequired[int]
-
-
-def growth_options(args: argparse.Namespace) -> GrowthOptions:
-    """``pool.monitor()`` keyword options from :func:`growth_arguments`'
-    (beyond threshold and percent), sizes as ints."""
-    options: GrowthOptions = {"spares": list(args.spare)}
-    if args.metadata_threshold is not None:
-        options["metadata_threshold"] = args.metadata_threshold
-    if args.max_data_size is not None:
-        options["max_data_size"] = int(args.max_data_size)
-    if args.max_metadata_size is not None:
-        options["max_metadata_size"] = int(args.max_metadata_size)
-    if args.reserve is not None:
-        options["reserve"] = int(args.reserve)
-    return options
-
-
-def _deferred_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-deferred-removal",
-        action="store_true",
-        help="fail with EBUSY instead of removing a busy device later",
-    )
-    p.add_argument(
-        "--no-deferred-deletion",
-        action="store_true",
-        help="fail with EBUSY instead of queueing a delete that meets a busy device",
-    )
-
-
 def register(sub: Subparsers) -> None:
     p = command(
         sub,
@@ -691,14 +609,8 @@ def register(sub: Subparsers) -> None:
         default="64K",
         help="data block size, 64K to 1G in steps of 64K (default 64K)",
     )
-    p.add_argument(
-        "--min-free-space",
-        metavar="PCT",
-        type=percentage,
-        default=10,
-        help="percent of space that must stay free for new devices (default 10)",
-    )
-    _deferred_flags(p)
+    min_free_space_argument(p)
+    deferred_arguments(p)
     p.add_argument(
         "--feature",
         metavar="F",
@@ -978,14 +890,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument(
         "--state-dir", metavar="DIR", required=True, help="where to keep libdm's state for it"
     )
-    p.add_argument(
-        "--min-free-space",
-        metavar="PCT",
-        type=percentage,
-        default=10,
-        help="percent of space that must stay free for new devices (default 10)",
-    )
-    _deferred_flags(p)
+    min_free_space_argument(p)
+    deferred_arguments(p)
 
     p = command(
         sub,

@@ -10,18 +10,24 @@ line works without the ``containerd`` extra.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from collections.abc import Sequence
 
-from libdm.cli.parser import POOL_ENV, Parser, Subparsers, UsageError, command
+from libdm.cli.args import (
+    POOL_ENV,
+    Parser,
+    Subparsers,
+    UsageError,
+    command,
+    given_pool,
+    group,
+)
+from libdm.cli.serving import announce, standalone_main
 
 __all__ = ["cmd_foreign", "cmd_serve", "main", "register"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    pool_dir: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    pool_dir = given_pool(args)
     try:
         from libdm.snapshotter import load_config, serve
     except ImportError as exc:
@@ -39,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.pool,
         args.socket,
         config,
-        ready=lambda server: print(f"serving on {server.socket_path}", flush=True),
+        ready=announce,
     )
     return 0
 
@@ -50,7 +56,7 @@ def cmd_foreign(args: argparse.Namespace) -> int:
     from libdm.snapshotter.core import foreign_devices
     from libdm.thin.pool import Pool
 
-    pool_dir: str | None = getattr(args, "pool", None) or os.environ.get(POOL_ENV)
+    pool_dir = given_pool(args)
     config = load_config(args.config, pool=pool_dir)
     if not config.pool:
         raise UsageError(
@@ -85,9 +91,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: Subparsers) -> Parser:
     """Add the ``snapshotter`` group and its ``serve`` command to the
     top-level subparsers ``sub``."""
-    from libdm.cli import parser
-
-    _, group = parser._current().group(
+    serve_group = group(
         sub,
         "snapshotter",
         "containerd's snapshotter plugin on a pool",
@@ -97,7 +101,7 @@ def register(sub: Subparsers) -> Parser:
         ["libdm snapshotter serve --pool /var/lib/images --socket /run/libdm/snapshotter.sock"],
     )
     p = command(
-        group,
+        serve_group,
         "serve",
         cmd_serve,
         pool=True,
@@ -108,7 +112,7 @@ def register(sub: Subparsers) -> Parser:
     )
     _arguments(p)
     f = command(
-        group,
+        serve_group,
         "foreign",
         cmd_foreign,
         pool=True,
@@ -126,27 +130,11 @@ def register(sub: Subparsers) -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m libdm.snapshotter serve --pool DIR --socket PATH [--config FILE]``."""
-    parser = argparse.ArgumentParser(prog="python -m libdm.snapshotter")
-    parser.add_argument("--debug", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket")
-    p.add_argument(
-        "--pool",
-        metavar="DIR",
-        default=None,
-        help=f"the pool's state directory (default: ${POOL_ENV})",
+    return standalone_main(
+        "python -m libdm.snapshotter",
+        "snapshotter",
+        "serve containerd's snapshots API on a unix socket",
+        _arguments,
+        cmd_serve,
+        argv,
     )
-    _arguments(p)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        return cmd_serve(args)
-    except UsageError as exc:
-        print(f"libdm snapshotter: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"libdm snapshotter: {exc}", file=sys.stderr)
-        return 1

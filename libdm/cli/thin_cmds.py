@@ -7,8 +7,8 @@ import argparse
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from libdm.cli import output
+from libdm.cli.args import Subparsers, command, size
 from libdm.cli.common import emit, load_pool
-from libdm.cli.parser import Subparsers, command, size
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool

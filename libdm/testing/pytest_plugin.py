@@ -43,6 +43,7 @@ import pytest
 
 from libdm.testing import cleanup as _cleanup
 from libdm.testing import kernel as _kernel
+from libdm.testing.ci import in_ci
 
 #: Set for the inner session: the host file its reports go to.
 REPORTS_ENV = "LIBDM_TESTING_REPORTS"
@@ -54,10 +55,6 @@ _DM_NAME_MAX = 127  # DM_NAME_LEN - 1
 
 _session_token = secrets.token_hex(3)
 _test_counter = itertools.count(1)
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -451,7 +448,7 @@ class _Harness:
 
     def no_kernel(self, reason: str) -> NoReturn:
         """Skip the running test for lack of a kernel, or fail it on CI."""
-        if _ci() or self.inner:
+        if in_ci() or self.inner:
             pytest.fail(f"no device-mapper kernel: {reason}", pytrace=False)
         pytest.skip(f"no device-mapper kernel: {reason}; {_HOW_TO_GET}")
 
@@ -467,7 +464,7 @@ class _Harness:
                 f" ({where.kernel.binary})"
             )
         return f"libdm: kernel tests cannot run: {where.reason}" + (
-            " (CI: they fail)" if _ci() else ""
+            " (CI: they fail)" if in_ci() else ""
         )
 
     # -- collection ---------------------------------------------------------
@@ -506,7 +503,7 @@ class _Harness:
             return  # run here, like any test
         if where.kernel is None:
             for item in kernel_items:
-                if _ci() or self.inner:
+                if in_ci() or self.inner:
                     self.special[item] = (
                         f"no device-mapper kernel (CI=true, so this fails): {where.reason}"
                     )

@@ -1,13 +1,17 @@
 """A provisioning process for crash tests: a fresh Python that opens the
 pool and runs some code, optionally armed to SIGKILL itself at a named
 crash point (``LIBDM_CRASH_AT``, armed by the testing package's bootstrap;
-see libdm.thin.crash)."""
+see libdm.thin.crash); and a plugin's ``serve`` in a child process,
+started until it serves and stopped by a signal."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
+from typing import IO
 
 
 def run_child(
@@ -27,3 +31,62 @@ def run_child(
     return subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+class PluginDied(RuntimeError):
+    """A plugin exited instead of serving; ``code`` is its exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def start_plugin(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log: str | os.PathLike[str] | None,
+    wait: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a plugin's ``serve`` (its stderr appended to ``log``); with
+    ``wait``, until it prints that it is serving.
+
+    Raises:
+        PluginDied: it exited instead (with its log's tail, when logged).
+    """
+    out: IO[bytes] | int = (
+        open(log, "ab")  # noqa: SIM115 (closed once the child has it)
+        if log
+        else subprocess.DEVNULL
+    )
+    # In the test's working directory (no cwd=): `-m` then finds the libdm
+    # the test imported, the installed one in the installed-package run.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=out)
+    if not isinstance(out, int):
+        out.close()
+    assert proc.stdout is not None  # stdout=PIPE
+    if wait:
+        line = proc.stdout.readline().decode()
+        if not line.startswith("serving on"):
+            code = proc.wait(timeout=60)
+            proc.stdout.close()
+            tail = ""
+            if log:
+                with open(log, "rb") as fh:
+                    tail = fh.read()[-3000:].decode(errors="replace")
+            raise PluginDied(code, f"plugin did not start (exit {code}):\n{tail}")
+    return proc
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes] | None, sig: int | None = signal.SIGTERM, timeout: float = 60
+) -> int | None:
+    """Signal ``proc`` (unless it has exited, or ``sig`` is None) and wait
+    for it; its exit status, None for no process."""
+    if proc is None:
+        return None
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    code = proc.wait(timeout=timeout)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return code

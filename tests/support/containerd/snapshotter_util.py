@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 import libdm
+from support.children import start_plugin, stop_process
 
 StrPath = str | os.PathLike[str]
 
@@ -43,14 +42,6 @@ def _toml(v: object) -> str:
     if isinstance(v, (int, float)):
         return str(v)
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class PluginDied(RuntimeError):
-    """The plugin exited instead of serving; ``code`` is its exit status."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Plugin:
@@ -87,57 +78,18 @@ class Plugin:
         ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        out: IO[bytes] | int = (
-            open(self.log, "ab")  # noqa: SIM115 (closed once the child has it)
-            if self.log
-            else subprocess.DEVNULL
-        )
-        # In the test's working directory (no cwd=): `-m` then finds the libdm
-        # the test imported, the installed one in the installed-package run.
-        proc = self.proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=out)
-        if not isinstance(out, int):
-            out.close()
-        assert proc.stdout is not None  # stdout=PIPE
-        if wait:
-            line = proc.stdout.readline().decode()
-            if not line.startswith("serving on"):
-                code = proc.wait(timeout=60)
-                proc.stdout.close()
-                self.proc = None
-                tail = ""
-                if self.log:
-                    with open(self.log, "rb") as fh:
-                        tail = fh.read()[-3000:].decode(errors="replace")
-                raise PluginDied(code, f"plugin did not start (exit {code}):\n{tail}")
+        self.proc = start_plugin(argv, self.env, self.log, wait)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         """Signal the plugin and wait for it; its exit status (None if not running)."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        code = proc.wait(timeout=timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        code = stop_process(self.proc, sig, timeout)
         self.proc = None
         return code
 
     def kill(self) -> int | None:
         """SIGKILL the plugin and wait for it."""
         return self.stop(signal.SIGKILL)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds passed;
-    whether it became true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def unmount_below(directory: StrPath) -> None:

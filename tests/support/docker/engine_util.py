@@ -10,14 +10,15 @@ import os
 import signal
 import subprocess
 import tarfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from support.poll import wait_for
+from support.tarball import MTIME, Entry, Kind, tar_bytes
 
 DOCKER = "/usr/bin/docker"  # another docker CLI may come first in PATH
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
-MTIME = 1700000000
 
 
 def prepare_kernel() -> None:
@@ -45,25 +46,17 @@ def layer_tar(entries: Sequence[tuple]) -> bytes:
     """A layer tar of (path, content, mode[, uid, gid]): content bytes,
     None for a directory, "->target" for a symbolic link, "=>target" for
     a hard link."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path, content, mode, *owner in entries:
-            info = tarfile.TarInfo(path)
-            info.mode, info.mtime = mode, MTIME
-            info.uid, info.gid = owner or (0, 0)
-            if content is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif isinstance(content, str) and content.startswith("->"):
-                info.type, info.linkname = tarfile.SYMTYPE, content[2:]
-                tar.addfile(info)
-            elif isinstance(content, str):
-                info.type, info.linkname = tarfile.LNKTYPE, content[2:]
-                tar.addfile(info)
-            else:
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
+
+    def entry(path: str, content: bytes | str | None, mode: int, *owner: int) -> Entry:
+        uid, gid = owner or (0, 0)
+        if content is None:
+            return Entry(path, "dir", None, mode, uid, gid)
+        if isinstance(content, str):
+            kind: Kind = "sym" if content.startswith("->") else "link"
+            return Entry(path, kind, content[2:], mode, uid, gid)
+        return Entry(path, "file", content, mode, uid, gid)
+
+    return tar_bytes(entry(*e) for e in entries)
 
 
 def busybox_layer(extra: Sequence[tuple] = ()) -> bytes:
@@ -160,14 +153,18 @@ class Dockerd:
         env = dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError("dockerd exited:\n" + self.log_tail())
-            if os.path.exists(self.sock) and self.docker("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.3)
-        raise RuntimeError("dockerd did not answer:\n" + self.log_tail())
+            return (
+                os.path.exists(self.sock) and self.docker("version", check=False).returncode == 0
+            )
+
+        if not wait_for(answers, timeout, interval=0.3):
+            raise RuntimeError("dockerd did not answer:\n" + self.log_tail())
+        return self
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")

@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import Any
+
+from support.children import start_plugin, stop_process
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -95,26 +97,13 @@ class DockerPlugin:
         """Start the plugin and wait until it serves.
 
         Raises:
-            RuntimeError: it exited instead (with its log's tail).
+            PluginDied: it exited instead (with its log's tail).
         """
         argv = [sys.executable, "-m", "libdm.docker", "serve", "--pool", self.pool_dir]
         argv += ["--socket", self.socket_path]
         for option in self.options:
             argv += ["--storage-opt", option]
-        out: IO[bytes] | int = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        proc = self.proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=out)
-        if not isinstance(out, int):
-            out.close()
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        if not line.startswith("serving on"):
-            code = proc.wait(timeout=60)
-            self.proc = None
-            tail = ""
-            if self.log:
-                with open(self.log, "rb") as fh:
-                    tail = fh.read()[-3000:].decode(errors="replace")
-            raise RuntimeError(f"the plugin did not start (exit {code}):\n{tail}")
+        self.proc = start_plugin(argv, self.env, self.log)
         return self
 
     @property
@@ -122,14 +111,7 @@ class DockerPlugin:
         return Client(self.socket_path)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        code = proc.wait(timeout=timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        code = stop_process(self.proc, sig, timeout)
         self.proc = None
         return code
 
@@ -138,12 +120,7 @@ class DockerPlugin:
 
     def wait(self, timeout: float = 120) -> int | None:
         """Wait for the plugin to exit by itself (a crash point)."""
-        proc = self.proc
-        if proc is None:
-            return None
-        code = proc.wait(timeout=timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        code = stop_process(self.proc, None, timeout)
         self.proc = None
         return code
 

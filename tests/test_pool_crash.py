@@ -10,6 +10,7 @@ import sys
 import pytest
 from support import reliability, witness
 from support.children import run_child
+from support.cli import run_cli as cli
 
 import libdm
 from libdm.thin import crash
@@ -116,14 +117,6 @@ def test_crash_after_the_pool_device_is_made(dm_name, tmp_path):
         assert_consistent(pool)
     finally:
         pool.close()
-
-
-def cli(*args, env=None):
-    """``python -m libdm ARGS`` as a process of its own."""
-    environ = {k: v for k, v in os.environ.items() if k != "LIBDM_POOL"}
-    environ.update(env or {})
-    argv = [sys.executable, "-m", "libdm", *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=300)
 
 
 def test_a_creation_killed_before_its_record_is_taken_back_by_the_next(dm_name, tmp_path):

@@ -18,6 +18,7 @@ LVM volume, another device-mapper device).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -27,8 +28,8 @@ from libdm.dm import loop, ops
 from libdm.dm.blockdev import open_block_device
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.target import Target
-from libdm.thin import crash
-from libdm.thin.errors import StateError
+from libdm.thin import crash, ownership
+from libdm.thin.errors import ForeignDeviceError, StateError
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
@@ -49,6 +50,8 @@ __all__ = [
     "segment_changes",
     "split_layout",
 ]
+
+logger = logging.getLogger("libdm")
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
@@ -406,8 +409,11 @@ class LinearBacking:
         data_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
         spare_segments: Iterable[Sequence[Any]] | None = None,
         damaged_meta_segments: Iterable[Sequence[Any]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.pool_name = pool_name
+        # Names the uuids of the pieces (see ownership.piece_uuid).
+        self.token = token
         self.meta_segments = [Segment.of(seg) for seg in meta_segments]
         self.data_segments = [Segment.of(seg) for seg in data_segments]
         self.spare_segments = [Segment.of(seg) for seg in spare_segments or ()]
@@ -423,6 +429,7 @@ class LinearBacking:
         pool_name: str,
         meta_segments: Sequence[Sequence[Any]],
         data_segments: Sequence[Sequence[Any]],
+        token: str | None = None,
     ) -> LinearBacking:
         """A backing for a new pool, recording each segment's device and its
         size now, so that a later open can tell another device under the
@@ -433,6 +440,48 @@ class LinearBacking:
             data_segments,
             record_devices(meta_segments),
             record_devices(data_segments),
+            token=token,
+        )
+
+    def _pieces(
+        self,
+    ) -> list[tuple[str, str | None, list[Segment], list[RecordedDevice] | None]]:
+        """``(name, uuid, segments, recorded devices)`` of ``-tmeta`` then
+        ``-tdata``; the uuid is ``None`` for a backing built without the
+        pool's token."""
+        return [
+            (
+                name,
+                None if self.token is None else ownership.piece_uuid(self.token, piece),
+                segments,
+                devices,
+            )
+            for name, piece, segments, devices in (
+                (self.meta_name, "tmeta", self.meta_segments, self.meta_devices),
+                (self.data_name, "tdata", self.data_segments, self.data_devices),
+            )
+        ]
+
+    def _prove(
+        self,
+        name: str,
+        uuid: str | None,
+        table: Sequence[Target] | None,
+        operation: str,
+    ) -> ownership.Live | None:
+        """The live piece ``name`` once proven the pool's (see
+        :func:`~libdm.thin.ownership.live_piece`): ``table`` is what the
+        record maps (``None``: not known), which a piece made before pieces
+        had uuids must carry exactly.  Without a token (a backing built
+        outside a pool) only a piece with that exact table is accepted."""
+        devices = None if table is None else frozenset(t.params.split()[0] for t in table)
+        return ownership.live_piece(
+            name,
+            uuid or "",
+            self.pool_name,
+            operation,
+            devices=devices,
+            unmarked=table,
         )
 
     def config(self) -> dict[str, Any]:
@@ -509,16 +558,23 @@ class LinearBacking:
         """
         made: list[str] = []
         try:
-            for name, segments, devices in (
-                (self.meta_name, self.meta_segments, self.meta_devices),
-                (self.data_name, self.data_segments, self.data_devices),
-            ):
+            for name, uuid, segments, devices in self._pieces():
                 table = self.table(segments, devices)
-                if not exists_live(name):
-                    ops.create(name, table)
+                seen = self._prove(name, uuid, table, "open")
+                if seen is not None and not seen.info.live_table:
+                    # Ours (its uuid), left without a table by a killed create.
+                    ops.remove(name)
+                    seen = None
+                if seen is None:
+                    ops.create(name, table, uuid=uuid)
                     made.append(name)
                     continue
-                live = ops.table(name)
+                if uuid is not None and not seen.info.uuid:
+                    # Made before pieces had uuids, and its table is exactly
+                    # the recorded one: it gets the uuid it would have now.
+                    ops.set_uuid(name, uuid)
+                    logger.info("pool %s: gave linear piece %s its uuid", self.pool_name, name)
+                live = seen.table
                 if live == table:
                     continue
                 if not _grows(live, table):
@@ -550,10 +606,22 @@ class LinearBacking:
 
         return Description(text(self.data_segments), text(self.meta_segments))
 
-    def teardown(self) -> None:
-        """Remove the ``-tdata`` and ``-tmeta`` devices."""
-        for name in (self.data_name, self.meta_name):
-            if ops.exists(name):
+    def teardown(self, operation: str = "destroy") -> None:
+        """Remove the ``-tdata`` and ``-tmeta`` devices, each only once
+        proven the pool's (its uuid, or for a piece made before pieces had
+        uuids, exactly the recorded table).  A device of that name that is
+        not the pool's stays; a warning names it."""
+        for name, uuid, segments, devices in reversed(self._pieces()):
+            try:
+                table: list[Target] | None = self.table(segments, devices)
+            except (OSError, ValueError, StateError):
+                table = None  # a device gone: only the uuid can prove it
+            try:
+                seen = self._prove(name, uuid, table, operation)
+            except ForeignDeviceError as exc:
+                logger.warning("pool %s: %s", self.pool_name, exc.strerror)
+                continue
+            if seen is not None:
                 ops.remove(name)
 
     def backing_filesystem_dir(self) -> str | None:
@@ -775,6 +843,7 @@ def from_config(
             config.get("data_segment_devices"),
             config.get("spare_segments"),
             config.get("damaged_meta_segments"),
+            token=config.get("token") if isinstance(config.get("token"), str) else None,
         )
     if kind == "adopted":
         return AdoptedBacking()

@@ -192,15 +192,16 @@ def create(
             f"({data_device} and {metadata_device} are both {data.devno})"
         )
     _refuse_pieces(name, "create")
+    token = uuidlib.uuid4().hex  # names the pool's devices' uuids
     backing = backings.LinearBacking.new(
-        name, [[metadata_device, 0, None]], [[data_device, 0, None]]
+        name, [[metadata_device, 0, None]], [[data_device, 0, None]], token
     )
 
     def make(_statedir: StateDir) -> Backing:
         _zero_head(metadata_device)
         return backing
 
-    return _create(cls, name, state_dir, make, bs, {}, options)
+    return _create(cls, name, state_dir, make, bs, {"token": token}, options)
 
 
 def create_on_device(
@@ -248,15 +249,16 @@ def create_on_device(
     dev = check_device(device, force, "create_on_device")
     layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent)
     meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
+    token = uuidlib.uuid4().hex  # names the pool's devices' uuids
     backing = backings.LinearBacking.new(
-        name, [[device, meta_start, meta_len]], [[device, data_start, data_len]]
+        name, [[device, meta_start, meta_len]], [[device, data_start, data_len]], token
     )
 
     def make(_statedir: StateDir) -> Backing:
         _zero_head(device, offset=int(layout[0].bytes()))
         return backing
 
-    return _create(cls, name, state_dir, make, bs, {}, options)
+    return _create(cls, name, state_dir, make, bs, {"token": token}, options)
 
 
 def adopt(

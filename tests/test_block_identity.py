@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from support import witness
-from support.blockio import MiB, attach, devno, read_at, write_pattern
+from support.blockio import MiB, attach, devno, read_at, write_at, write_pattern
 
 import libdm
 
@@ -212,3 +212,47 @@ def test_a_pool_made_before_labels_still_opens(dm_name, tmp_path, monkeypatch, c
         assert witness.info(f"{pool.name}-tdata")["uuid"].startswith("LIBDM-PIECE-")
     finally:
         reopened.close()
+
+
+# -- (5) the repair spare: its label, not its path --------------------------------------------
+
+
+def test_a_recorded_spare_is_found_by_its_label_not_its_path(dm_name, tmp_path):
+    """A repair that found losses keeps its copy on the spare given, and
+    records it.  After a reboot in which another program's disk comes up
+    at the spare's path, the next repair never writes to that disk."""
+    data, meta = attach(tmp_path, "data.img", 64 * MiB), attach(tmp_path, "meta.img", 8 * MiB)
+    pool = libdm.Pool.create(dm_name("sp"), data, meta, state_dir=tmp_path / "st")
+    v = pool.create_thin("v", "16M")
+    write_pattern(v.path, 0x66, 0, 4 * MiB)
+    pool.close()
+    reboot(v.dm_name, pool.name)
+    # The superblock's tree roots, magic kept: thin_repair has to scan.
+    write_at(f"/dev/mapper/{pool.name}-tmeta", 320, b"\xff" * 16)
+    spare = attach(tmp_path, "spare.img", 8 * MiB)
+    down = libdm.Pool.load(tmp_path / "st")
+    try:
+        with pytest.raises(libdm.MetadataLossError):  # losses: nothing swapped in
+            down.repair(spare=spare)
+        assert [s[0] for s in down.config.backing["spare_segments"]] == [spare]
+    finally:
+        down.close()
+    names = [n for n in witness.names() if n.startswith(pool.name)]
+    reboot(*names)
+    detach(data, meta, spare)
+    with open(tmp_path / "theirs.img", "wb") as fh:
+        fh.write(os.urandom(8 * MiB))
+    order = {}
+    for what in ("data", "meta", "theirs", "spare"):
+        order[what] = reattach(tmp_path / f"{what}.img")
+    assert order["theirs"] == spare  # their disk at the recorded spare's path
+    theirs_sum = witness.checksum(order["theirs"])
+    down = libdm.Pool.load(tmp_path / "st")
+    try:
+        with pytest.raises(libdm.MetadataLossError):  # into the spare, found by its label
+            down.repair()
+        recorded = [s[0] for s in down.config.backing["spare_segments"]]
+    finally:
+        down.close()
+    assert witness.checksum(order["theirs"]) == theirs_sum, "their disk was written"
+    assert recorded == [order["spare"]]

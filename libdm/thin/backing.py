@@ -418,6 +418,7 @@ class LinearBacking:
         spare_segments: Iterable[Sequence[Any]] | None = None,
         damaged_meta_segments: Iterable[Sequence[Any]] | None = None,
         token: str | None = None,
+        spare_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
     ) -> None:
         self.pool_name = pool_name
         # Names the uuids of the pieces (see ownership.piece_uuid) and the
@@ -431,6 +432,8 @@ class LinearBacking:
         self.damaged_meta_segments = [Segment.of(seg) for seg in damaged_meta_segments or ()]
         self.meta_devices = _recorded(meta_devices)
         self.data_devices = _recorded(data_devices)
+        # What was recorded of the spare's devices (None: an older record).
+        self.spare_devices = _recorded(spare_devices)
         self.meta_name = f"{pool_name}-tmeta"
         self.data_name = f"{pool_name}-tdata"
 
@@ -504,6 +507,7 @@ class LinearBacking:
         for key, devices in (
             ("meta_segment_devices", self.meta_devices),
             ("data_segment_devices", self.data_devices),
+            ("spare_segment_devices", self.spare_devices),
         ):
             if devices is not None:
                 config[key] = [dev.to_json() for dev in devices]
@@ -606,6 +610,7 @@ class LinearBacking:
         for key, devices in (
             ("meta_segment_devices", self.meta_devices),
             ("data_segment_devices", self.data_devices),
+            ("spare_segment_devices", self.spare_devices),
         ):
             if devices is not None:
                 changes[key] = [
@@ -978,7 +983,7 @@ def from_config(
             if why:
                 raise damaged(field, why)
             sides[field] = config[field]
-        for field in ("meta_segment_devices", "data_segment_devices"):
+        for field in ("meta_segment_devices", "data_segment_devices", "spare_segment_devices"):
             why = _bad_devices(config.get(field))
             if why:
                 raise damaged(field, why)
@@ -996,6 +1001,7 @@ def from_config(
             config.get("spare_segments"),
             config.get("damaged_meta_segments"),
             token=config.get("token") if isinstance(config.get("token"), str) else None,
+            spare_devices=config.get("spare_segment_devices"),
         )
     if kind == "adopted":
         return AdoptedBacking()

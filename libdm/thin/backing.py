@@ -618,6 +618,16 @@ class LinearBacking:
                 ]
         return changes
 
+    def labelled_devices(self) -> list[RecordedDevice]:
+        """The recorded devices that carry the pool's label."""
+        return [
+            d
+            for d in (self.meta_devices or [])
+            + (self.data_devices or [])
+            + (self.spare_devices or [])
+            if d.label is not None
+        ]
+
     def unlabelled(self) -> list[str]:
         """The recorded devices that carry no label of the pool (a pool
         made before labels): known by their path and size only."""

@@ -238,6 +238,11 @@ class Growth:
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
                     out.append((start, start + int(target.length)))
+        # So is the first MiB of a device carrying the pool's label.
+        for record in backing.labelled_devices():
+            if os.path.exists(record.path) and os.stat(record.path).st_rdev == rdev:
+                out.append((0, int(RESERVED)))
+                break
         return out
 
     def free_regions(self) -> list[Region]:

@@ -420,8 +420,8 @@ def check_device(path: str, force: bool, operation: str) -> BlockDevice:
     label = read_label(path)
     if label is not None and not force:
         raise DeviceNotBlankError(
-            f"{path} is {label}; a libdm pool's device is not used by another unless "
-            f"forced (force=True, --force), which loses that pool's data",
+            f"{path} is {label}; pass force=True to use it anyway (that pool's data "
+            f"on it will be lost)",
             operation,
             path,
         )

@@ -57,12 +57,14 @@ from support import reliability, witness
 
 import libdm
 from libdm.thin import crash
+from libdm.thin.label import RESERVED
 
 pytestmark = pytest.mark.kernel
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4 * KiB
 BLOCK = 64 * KiB  # the pool's data block size
+LABEL = int(RESERVED.bytes())  # the start of a block pool's device its label keeps
 BLOCK_SECTORS = BLOCK // 512
 DATA_SIZE = 64 * MiB
 META_SIZE = 2 * MiB
@@ -1122,7 +1124,9 @@ class BlockPoolMachine(LoopPoolMachine):
     def create_pool(self):
         kill = 4 if CONTEXT["rnd"].random() < 0.15 else 0  # at pool:created
         data, meta = self._losetup(DATA_SIZE), self._losetup(4 * MiB)
-        self.model.meta_size = 4 * MiB
+        # Each device's first MiB holds the pool's label, not pool space.
+        self.model.data_size = DATA_SIZE - LABEL
+        self.model.meta_size = 4 * MiB - LABEL
         args = self._args(name=self.name, data=data, meta=meta)
         self._step(
             "create_block_pool",
@@ -1142,7 +1146,7 @@ class BlockPoolMachine(LoopPoolMachine):
         if which == "extend":
             self.extend(
                 (self.rnd.random() < 0.5),
-                self.rnd.choice([8 * MiB, 8 * MiB + 512, BLOCK]),
+                self.rnd.choice([8 * MiB, 8 * MiB + 512, LABEL + BLOCK]),
                 mode,
                 point,
                 nth,
@@ -1171,9 +1175,9 @@ class BlockPoolMachine(LoopPoolMachine):
         device = self._losetup(size)
         after = before.copy()
         if metadata:
-            after.meta_size += size
+            after.meta_size += size - LABEL
         else:
-            after.data_size += size
+            after.data_size += size - LABEL
         self._step(
             "extend",
             self._args(device=device, metadata=metadata),

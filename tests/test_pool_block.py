@@ -18,10 +18,12 @@ from support.blockio import attach, devno, read_at, write_at, write_pattern
 
 import libdm
 from libdm.thin.backing import split_layout
+from libdm.thin.label import RESERVED
 
 kernel = pytest.mark.kernel
 
 MiB = 1 << 20
+R = int(RESERVED)  # sectors before a labelled device's first mapped one
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -118,22 +120,22 @@ def assert_pool_on(name, meta, data):
         f"{mi['major']}:{mi['minor']}",
         f"{di['major']}:{di['minor']}",
     ]
-    assert witness.table(f"{name}-tmeta")[0].split()[3:] == [devno(meta), "0"]
-    assert witness.table(f"{name}-tdata")[0].split()[3:] == [devno(data), "0"]
+    assert witness.table(f"{name}-tmeta")[0].split()[3:] == [devno(meta), str(R)]
+    assert witness.table(f"{name}-tdata")[0].split()[3:] == [devno(data), str(R)]
 
 
 # -- split_layout: the sector math, checked against numbers computed here -----------------
 
 
-def expected_split(total, bs, pct, metapct):
+def expected_split(total, bs, pct, metapct, reserved=0):
     meta = max(total * metapct // 100, 4096)
     meta -= meta % 8
-    data_start = (meta + bs - 1) // bs * bs
+    data_start = (reserved + meta + bs - 1) // bs * bs
     data_len = total * pct // 100
     data_len -= data_len % bs
     while data_start + data_len > total:
         data_len -= bs
-    return 0, meta, data_start, data_len
+    return reserved, meta, data_start, data_len
 
 
 @pytest.mark.parametrize(
@@ -199,11 +201,14 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
         assert pool.kind == "block"
         # As LVM does: the pool sits on linear devices over the two given.
         tmeta, tdata = f"{pool.name}-tmeta", f"{pool.name}-tdata"
-        assert witness.table(tmeta) == [f"0 {16 * MiB // 512} linear {devno(meta)} 0"]
-        assert witness.table(tdata) == [f"0 {256 * MiB // 512} linear {devno(data)} 0"]
+        assert witness.table(tmeta) == [f"0 {16 * MiB // 512 - R} linear {devno(meta)} {R}"]
+        assert witness.table(tdata) == [f"0 {256 * MiB // 512 - R} linear {devno(data)} {R}"]
+        # Each device carries the pool's label in the sectors before.
+        for loopdev in (meta, data):
+            assert pool.config.token.encode() in read_at(loopdev, 0, 4096)
         mi, di = witness.info(tmeta), witness.info(tdata)
         assert witness.table(pool.name) == [
-            f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
+            f"0 {256 * MiB // 512 - R} thin-pool {mi['major']}:{mi['minor']} "
             f"{di['major']}:{di['minor']} 128 0 0"
         ]
         # The linear devices hold the loops (sysfs), and the metadata is a real pool's.
@@ -224,7 +229,7 @@ def test_create_on_two_block_devices(dm_name, tmp_path, two_loops):
         assert holds_block(tmp_path / "data.img", b"\xa5" * 65536)
         report = pool.info().as_dict()
         assert report["Data file"] == data and report["Metadata file"] == meta
-        assert report["Data Space Total"] == "256 MiB"
+        assert report["Data Space Total"] == "255 MiB"
     finally:
         pool.destroy(remove_files=True)
     assert not any(n.startswith(pool.name) for n in witness.names())
@@ -241,7 +246,7 @@ def test_create_with_block_size_and_options(two_loops, make_pool):
     )
     mi, di = witness.info(f"{pool.name}-tmeta"), witness.info(f"{pool.name}-tdata")
     assert witness.table(pool.name) == [
-        f"0 {256 * MiB // 512} thin-pool {mi['major']}:{mi['minor']} "
+        f"0 {256 * MiB // 512 - R} thin-pool {mi['major']}:{mi['minor']} "
         f"{di['major']}:{di['minor']} 1024 3 1 skip_block_zeroing"
     ]
 
@@ -307,8 +312,9 @@ def test_old_pool_metadata_is_a_signature_and_force_starts_afresh(dm_name, tmp_p
     first = libdm.Pool.create(name, data, meta, state_dir=state)
     first.create_thin("old", "4M")
     first.destroy(remove_files=True)
-    assert '<device dev_id="0"' in run("thin_dump", meta)  # old metadata is there
-    with pytest.raises(libdm.DeviceNotBlankError, match=f"{meta} holds thin-pool metadata"):
+    # The old metadata is there, after the label, which names the pool.
+    assert read_at(meta, R * 512 + 32, 8) == struct.pack("<Q", 27022010)
+    with pytest.raises(libdm.DeviceNotBlankError, match=f"{meta} is the meta device #0 of libdm"):
         libdm.Pool.create(name, data, meta, state_dir=state)
     assert_nothing_created(name, state)
     again = libdm.Pool.create(name, data, meta, state_dir=state, force=True)
@@ -448,9 +454,9 @@ def test_create_on_device_splits_it_with_linear_pieces(dm_name, tmp_path):
     )
     try:
         assert pool.kind == "block"
-        _, meta_len, data_start, data_len = expected_split(total, 128, 95, 1)
-        assert (meta_len, data_start, data_len) == (10480, 10496, 996096)
-        assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} 0"]
+        _, meta_len, data_start, data_len = expected_split(total, 128, 95, 1, R)
+        assert (meta_len, data_start, data_len) == (10480, 12544, 996096)
+        assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} {R}"]
         assert witness.table(f"{name}-tdata") == [
             f"0 {data_len} linear {devno(device)} {data_start}"
         ]
@@ -473,7 +479,7 @@ def test_create_on_device_splits_it_with_linear_pieces(dm_name, tmp_path):
         assert b"\x5a" * 65536 in tail
         report = pool.info().as_dict()
         assert report["Data file"] == f"{device} (sectors {data_start}+{data_len})"
-        assert report["Metadata file"] == f"{device} (sectors 0+{meta_len})"
+        assert report["Metadata file"] == f"{device} (sectors {R}+{meta_len})"
     finally:
         pool.destroy(remove_files=True)
     assert not any(n.startswith(name) for n in witness.names())
@@ -494,9 +500,9 @@ def test_create_on_device_with_other_percentages_and_block_size(dm_name, tmp_pat
         block_size="128K",
     )
     try:
-        _, meta_len, data_start, data_len = expected_split(total, 256, 97, 3)
+        _, meta_len, data_start, data_len = expected_split(total, 256, 97, 3, R)
         assert data_start + data_len <= total
-        assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} 0"]
+        assert witness.table(f"{name}-tmeta") == [f"0 {meta_len} linear {devno(device)} {R}"]
         assert witness.table(f"{name}-tdata") == [
             f"0 {data_len} linear {devno(device)} {data_start}"
         ]

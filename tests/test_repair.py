@@ -23,8 +23,11 @@ from support import witness
 from support.blockio import MiB, attach, devno, read_at, write_at, write_pattern
 
 import libdm
+from libdm.thin.label import RESERVED
 
 pytestmark = pytest.mark.kernel
+
+R = int(RESERVED)  # sectors before a labelled device's first mapped one
 
 
 def used_pool(name, directory):
@@ -632,8 +635,9 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
         ]
         assert not result.swapped
         assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]
-        assert pool.config.backing["spare_segments"] == [[spare, 0, meta_len]]
-        assert mapped_blocks(spare) == {0: lost, 1: 0, 2: lost}
+        # After the label that makes the spare the pool's own.
+        assert pool.config.backing["spare_segments"] == [[spare, R, meta_len]]
+        assert mapped_blocks(spare, R * 512, meta_len * 512) == {0: lost, 1: 0, 2: lost}
         assert witness.info(name) is None
     finally:
         pool.close()
@@ -645,7 +649,7 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
     )
     assert proc.returncode == 1, proc.stdout
     assert f"vol1 (thin id 1): {lost} mapped blocks before, 0 after" in proc.stderr
-    assert f"is kept ({spare} sectors 0+{meta_len})" in proc.stderr
+    assert f"is kept ({spare} sectors {R}+{meta_len})" in proc.stderr
     pool = libdm.Pool.load(state)
     try:
         assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]

@@ -30,11 +30,14 @@ __all__ = [
     "check_unused",
     "discard",
     "ioctl",
+    "list_block_devices",
     "open_block_device",
     "os_error",
+    "read_head",
     "signatures",
     "size_bytes",
     "size_of_fd",
+    "write_head",
 ]
 
 # -- kernel interface (from the headers, see libdm/_decl/blockdev.h) ----------
@@ -250,6 +253,44 @@ def signatures(path: str) -> list[str]:
     if head[510:512] == b"\x55\xaa" and any(head[446:510]) and not found:
         found.append("a DOS partition table (or FAT boot sector)")
     return found
+
+
+def read_head(path: str, length: int, offset: int = 0) -> bytes:
+    """``length`` bytes at ``offset`` of a device (fewer at its end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def write_head(path: str, data: bytes, offset: int = 0) -> None:
+    """Write ``data`` at ``offset`` of a device and sync it to the device."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.pwrite(fd, data, offset) != len(data):
+            raise os_error(errno.EIO, "short write", path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_block_devices() -> list[str]:
+    """The ``/dev`` nodes of the block devices sysfs lists
+    (``/sys/class/block``), those whose node exists."""
+    try:
+        names = sorted(os.listdir("/sys/class/block"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = f"/dev/{name}"
+        try:
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                out.append(path)
+        except OSError:
+            continue
+    return out
 
 
 def check_unused(path: str) -> None:

@@ -18,17 +18,19 @@ LVM volume, another device-mapper device).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, TypeAlias
 
 from libdm.dm import loop, ops
-from libdm.dm.blockdev import open_block_device
+from libdm.dm.blockdev import open_block_device, signatures
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.target import Target
-from libdm.thin import crash
-from libdm.thin.errors import StateError
+from libdm.thin import crash, ownership
+from libdm.thin.errors import ForeignDeviceError, StateError
+from libdm.thin.label import RESERVED, LabelRef, erase_label, find_labelled, read_label
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
@@ -49,6 +51,8 @@ __all__ = [
     "segment_changes",
     "split_layout",
 ]
+
+logger = logging.getLogger("libdm")
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
@@ -86,20 +90,27 @@ class RecordedDevice(NamedTuple):
     """What a pool records of a segment's device when it starts using it,
     so that a later open can tell another device under the same path.
 
-    Stored as the JSON object ``{"path": ..., "size": ...}``.
+    Stored as the JSON object ``{"path": ..., "size": ...}``, with
+    ``"label": {"role": ..., "index": ...}`` when the device carries the
+    pool's label (see :mod:`libdm.thin.label`); a device without one (a
+    pool made before labels) is known by its path and size only.
     """
 
     path: str
     size: Bytes
+    label: LabelRef | None = None
 
     @classmethod
     def of(cls, value: Mapping[str, Any]) -> RecordedDevice:
         """From the stored form (checked by :func:`from_config`)."""
-        return cls(str(value["path"]), Bytes(value["size"]))
+        return cls(str(value["path"]), Bytes(value["size"]), LabelRef.parse(value.get("label")))
 
-    def to_json(self) -> dict[str, str | int]:
-        """The stored form, ``{"path": ..., "size": ...}``."""
-        return {"path": self.path, "size": int(self.size)}
+    def to_json(self) -> dict[str, Any]:
+        """The stored form, ``{"path": ..., "size": ..., "label": ...}``."""
+        out: dict[str, Any] = {"path": self.path, "size": int(self.size)}
+        if self.label is not None:
+            out["label"] = self.label.to_json()
+        return out
 
 
 class Description(NamedTuple):
@@ -406,14 +417,23 @@ class LinearBacking:
         data_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
         spare_segments: Iterable[Sequence[Any]] | None = None,
         damaged_meta_segments: Iterable[Sequence[Any]] | None = None,
+        token: str | None = None,
+        spare_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
     ) -> None:
         self.pool_name = pool_name
+        # Names the uuids of the pieces (see ownership.piece_uuid) and the
+        # labels of its devices (see libdm.thin.label).
+        self.token = token
+        # Labelled devices found under another path than recorded.
+        self.moved: dict[str, str] = {}
         self.meta_segments = [Segment.of(seg) for seg in meta_segments]
         self.data_segments = [Segment.of(seg) for seg in data_segments]
         self.spare_segments = [Segment.of(seg) for seg in spare_segments or ()]
         self.damaged_meta_segments = [Segment.of(seg) for seg in damaged_meta_segments or ()]
         self.meta_devices = _recorded(meta_devices)
         self.data_devices = _recorded(data_devices)
+        # What was recorded of the spare's devices (None: an older record).
+        self.spare_devices = _recorded(spare_devices)
         self.meta_name = f"{pool_name}-tmeta"
         self.data_name = f"{pool_name}-tdata"
 
@@ -423,6 +443,7 @@ class LinearBacking:
         pool_name: str,
         meta_segments: Sequence[Sequence[Any]],
         data_segments: Sequence[Sequence[Any]],
+        token: str | None = None,
     ) -> LinearBacking:
         """A backing for a new pool, recording each segment's device and its
         size now, so that a later open can tell another device under the
@@ -431,8 +452,50 @@ class LinearBacking:
             pool_name,
             meta_segments,
             data_segments,
-            record_devices(meta_segments),
-            record_devices(data_segments),
+            record_devices(meta_segments, token),
+            record_devices(data_segments, token),
+            token=token,
+        )
+
+    def _pieces(
+        self,
+    ) -> list[tuple[str, str | None, list[Segment], list[RecordedDevice] | None]]:
+        """``(name, uuid, segments, recorded devices)`` of ``-tmeta`` then
+        ``-tdata``; the uuid is ``None`` for a backing built without the
+        pool's token."""
+        return [
+            (
+                name,
+                None if self.token is None else ownership.piece_uuid(self.token, piece),
+                segments,
+                devices,
+            )
+            for name, piece, segments, devices in (
+                (self.meta_name, "tmeta", self.meta_segments, self.meta_devices),
+                (self.data_name, "tdata", self.data_segments, self.data_devices),
+            )
+        ]
+
+    def _prove(
+        self,
+        name: str,
+        uuid: str | None,
+        table: Sequence[Target] | None,
+        operation: str,
+    ) -> ownership.Live | None:
+        """The live piece ``name`` once proven the pool's (see
+        :func:`~libdm.thin.ownership.live_piece`): ``table`` is what the
+        record maps (``None``: not known), which a piece made before pieces
+        had uuids must carry exactly.  Without a token (a backing built
+        outside a pool) only a piece with that exact table is accepted."""
+        devices = None if table is None else frozenset(t.params.split()[0] for t in table)
+        return ownership.live_piece(
+            name,
+            uuid or "",
+            self.pool_name,
+            operation,
+            devices=devices,
+            unmarked=table,
         )
 
     def config(self) -> dict[str, Any]:
@@ -444,6 +507,7 @@ class LinearBacking:
         for key, devices in (
             ("meta_segment_devices", self.meta_devices),
             ("data_segment_devices", self.data_devices),
+            ("spare_segment_devices", self.spare_devices),
         ):
             if devices is not None:
                 config[key] = [dev.to_json() for dev in devices]
@@ -461,7 +525,11 @@ class LinearBacking:
 
     @staticmethod
     def table(
-        segments: Iterable[Sequence[Any]], devices: Sequence[RecordedDevice] | None = None
+        segments: Iterable[Sequence[Any]],
+        devices: Sequence[RecordedDevice] | None = None,
+        *,
+        token: str | None = None,
+        moved: dict[str, str] | None = None,
     ) -> list[Target]:
         """The linear table for ``segments``: starts by sector math.
 
@@ -472,21 +540,36 @@ class LinearBacking:
                 :class:`RecordedDevice` per segment, in order), or ``None``.
                 A segment with no record (an old store, or one added later)
                 is only checked to fit.
+            token: the pool's token: a recorded device that carries the
+                pool's label is found by it (see :func:`identify`).
+            moved: filled with ``{recorded path: path found}`` for each
+                labelled device found under another path.
 
         Raises:
             StateError: a segment's device is not the recorded one (another
                 path, or smaller than recorded: another disk, or one that
                 shrank).  A device larger than recorded has grown, which
                 :meth:`~libdm.Pool.refresh` allows.
+            ForeignDeviceError: a labelled device is not at its recorded
+                path, and no block device carries its label.
             ValueError: a segment that does not fit on its device.
         """
         out: list[Target] = []
         at = 0
+        found: dict[str, str] = {} if moved is None else moved
         for index, seg in enumerate(segments):
             path, first, length = Segment.of(seg)
+            record = devices[index] if devices is not None and index < len(devices) else None
+            if record is not None and record.label is not None and token is not None:
+                if path not in found:
+                    at_path = identify(path, record, token)
+                    if at_path != path:
+                        found[path] = at_path
+                path = found.get(path, path)
+                record = record._replace(path=path)
             dev = open_block_device(path)
-            if devices is not None and index < len(devices):
-                _check_recorded(path, dev.size, devices[index])
+            if record is not None:
+                _check_recorded(path, dev.size, record)
             size = dev.size // 512
             start = int(first)
             count = size - start if length is None else int(length)
@@ -499,6 +582,71 @@ class LinearBacking:
             at += count
         return out
 
+    def mapped(
+        self, segments: Iterable[Sequence[Any]], devices: Sequence[RecordedDevice] | None
+    ) -> list[Target]:
+        """:meth:`table` of ``segments``, finding labelled devices by their
+        label (moves are kept in :attr:`moved`)."""
+        return self.table(segments, devices, token=self.token, moved=self.moved)
+
+    def relocation(self) -> dict[str, Any]:
+        """The configuration changes that record the labelled devices found
+        under new paths (:attr:`moved`) there; empty if none moved."""
+        if not self.moved:
+            return {}
+
+        def seg(s: Segment) -> list[str | int | None]:
+            return s._replace(path=self.moved.get(s.path, s.path)).to_json()
+
+        changes: dict[str, Any] = {}
+        for key, segments in (
+            ("meta_segments", self.meta_segments),
+            ("data_segments", self.data_segments),
+            ("spare_segments", self.spare_segments),
+            ("damaged_meta_segments", self.damaged_meta_segments),
+        ):
+            if segments:
+                changes[key] = [seg(s) for s in segments]
+        for key, devices in (
+            ("meta_segment_devices", self.meta_devices),
+            ("data_segment_devices", self.data_devices),
+            ("spare_segment_devices", self.spare_devices),
+        ):
+            if devices is not None:
+                changes[key] = [
+                    d._replace(path=self.moved.get(d.path, d.path)).to_json() for d in devices
+                ]
+        return changes
+
+    def labelled_devices(self) -> list[RecordedDevice]:
+        """The recorded devices that carry the pool's label."""
+        return [
+            d
+            for d in (self.meta_devices or [])
+            + (self.data_devices or [])
+            + (self.spare_devices or [])
+            if d.label is not None
+        ]
+
+    def unlabelled(self) -> list[str]:
+        """The recorded devices that carry no label of the pool (a pool
+        made before labels): known by their path and size only."""
+        return sorted(
+            {d.path for d in (self.meta_devices or []) + (self.data_devices or []) if not d.label}
+        )
+
+    def erase_labels(self) -> None:
+        """Zero the pool's labels on its devices (a pool destroyed with its
+        state, or whose creation failed); another pool's label stays."""
+        if self.token is None:
+            return
+        for d in (self.meta_devices or []) + (self.data_devices or []):
+            if d.label is not None:
+                try:
+                    erase_label(self.moved.get(d.path, d.path), self.token)
+                except OSError as exc:
+                    logger.warning("pool %s: label on %s kept: %s", self.pool_name, d.path, exc)
+
     def attach(self) -> _Devices:
         """Create (or roll forward) the ``-tmeta`` and ``-tdata`` devices.
 
@@ -509,16 +657,23 @@ class LinearBacking:
         """
         made: list[str] = []
         try:
-            for name, segments, devices in (
-                (self.meta_name, self.meta_segments, self.meta_devices),
-                (self.data_name, self.data_segments, self.data_devices),
-            ):
-                table = self.table(segments, devices)
-                if not exists_live(name):
-                    ops.create(name, table)
+            for name, uuid, segments, devices in self._pieces():
+                table = self.mapped(segments, devices)
+                seen = self._prove(name, uuid, table, "open")
+                if seen is not None and not seen.info.live_table:
+                    # Ours (its uuid), left without a table by a killed create.
+                    ops.remove(name)
+                    seen = None
+                if seen is None:
+                    ops.create(name, table, uuid=uuid)
                     made.append(name)
                     continue
-                live = ops.table(name)
+                if uuid is not None and not seen.info.uuid:
+                    # Made before pieces had uuids, and its table is exactly
+                    # the recorded one: it gets the uuid it would have now.
+                    ops.set_uuid(name, uuid)
+                    logger.info("pool %s: gave linear piece %s its uuid", self.pool_name, name)
+                live = seen.table
                 if live == table:
                     continue
                 if not _grows(live, table):
@@ -543,17 +698,29 @@ class LinearBacking:
         def text(segments: list[Segment]) -> str:
             return " + ".join(
                 f"{path}"
-                if start == 0 and length is None
+                if start in (0, RESERVED) and length is None  # a whole device
                 else f"{path} (sectors {start}+{'end' if length is None else length})"
                 for path, start, length in segments
             )
 
         return Description(text(self.data_segments), text(self.meta_segments))
 
-    def teardown(self) -> None:
-        """Remove the ``-tdata`` and ``-tmeta`` devices."""
-        for name in (self.data_name, self.meta_name):
-            if ops.exists(name):
+    def teardown(self, operation: str = "destroy") -> None:
+        """Remove the ``-tdata`` and ``-tmeta`` devices, each only once
+        proven the pool's (its uuid, or for a piece made before pieces had
+        uuids, exactly the recorded table).  A device of that name that is
+        not the pool's stays; a warning names it."""
+        for name, uuid, segments, devices in reversed(self._pieces()):
+            try:
+                table: list[Target] | None = self.mapped(segments, devices)
+            except (OSError, ValueError, StateError):
+                table = None  # a device gone: only the uuid can prove it
+            try:
+                seen = self._prove(name, uuid, table, operation)
+            except ForeignDeviceError as exc:
+                logger.warning("pool %s: %s", self.pool_name, exc.strerror)
+                continue
+            if seen is not None:
                 ops.remove(name)
 
     def backing_filesystem_dir(self) -> str | None:
@@ -569,12 +736,17 @@ def _recorded(
     return [d if isinstance(d, RecordedDevice) else RecordedDevice.of(d) for d in devices]
 
 
-def record_devices(segments: Iterable[Sequence[Any]]) -> list[RecordedDevice]:
-    """What to record of each segment's device: its path and size (bytes)."""
+def record_devices(
+    segments: Iterable[Sequence[Any]], token: str | None = None
+) -> list[RecordedDevice]:
+    """What to record of each segment's device: its path, its size (bytes)
+    and, when it carries the label of ``token``'s pool, that label."""
     out = []
     for seg in segments:
         path = Segment.of(seg).path
-        out.append(RecordedDevice(path, Bytes(open_block_device(path).size)))
+        found = read_label(path) if token is not None else None
+        ref = found.ref if found is not None and found.token == token else None
+        out.append(RecordedDevice(path, Bytes(open_block_device(path).size), ref))
     return out
 
 
@@ -596,8 +768,10 @@ def segment_changes(
     changes: dict[str, Any] = {side: [Segment.of(seg).to_json() for seg in segments]}
     key = side.replace("_segments", "_segment_devices")
     recorded = config.get(key)
+    token = config.get("token") if isinstance(config.get("token"), str) else None
     if recorded is not None and len(recorded) == len(segments) - 1:
-        changes[key] = list(recorded) + [d.to_json() for d in record_devices(segments[-1:])]
+        new = record_devices(segments[-1:], token)
+        changes[key] = list(recorded) + [d.to_json() for d in new]
     return changes
 
 
@@ -616,6 +790,60 @@ def _check_recorded(path: str, size: int, recorded: RecordedDevice) -> None:
             "open",
             None,
         )
+
+
+def identify(path: str, recorded: RecordedDevice, token: str) -> str:
+    """The path of the labelled device ``recorded`` names: ``path`` if the
+    device there carries the label the pool wrote on it, or else the one
+    block device that does (a reboot gave it another name; logged).
+
+    Raises:
+        ForeignDeviceError: no block device, or more than one, carries the
+            label; the message names what is at ``path``.
+    """
+    assert recorded.label is not None
+    try:
+        here = read_label(path)
+    except OSError as exc:
+        here, what = None, f"cannot be read ({exc.strerror or exc})"
+    else:
+        what = "" if here is None else str(here)
+    if here is not None and here.is_of(token, recorded.label):
+        return path
+    if not what:
+        found_sigs = _signatures(path)
+        what = f"holds {' and '.join(found_sigs)}" if found_sigs else "carries no libdm label"
+    else:
+        what = what if what.startswith("cannot") else f"is {what}"
+    elsewhere = find_labelled(token, recorded.label, int(recorded.size))
+    if len(elsewhere) == 1:
+        logger.warning(
+            "%s is not the pool's %s any more (it %s); the device carrying the pool's label "
+            "is now %s, which the pool uses",
+            path,
+            recorded.label,
+            what,
+            elsewhere[0],
+        )
+        return elsewhere[0]
+    where = (
+        f"several devices carry its label ({', '.join(elsewhere)}): copies of it"
+        if elsewhere
+        else "no block device carries its label"
+    )
+    raise ForeignDeviceError(
+        f"{path} is not the pool's {recorded.label}: it {what}, and {where}; libdm will not "
+        f"use another device in its place (attach the pool's device, or remove the copies)",
+        "open",
+        path,
+    )
+
+
+def _signatures(path: str) -> list[str]:
+    try:
+        return signatures(path)
+    except OSError:
+        return []
 
 
 def _grows(live: Sequence[Target], table: Sequence[Target]) -> bool:
@@ -646,11 +874,17 @@ def _mapped(name: str) -> _Mapped:
 
 
 def split_layout(
-    device_sectors: Sectors, block_size: Sectors, thinp_percent: int, thinp_metapercent: int
+    device_sectors: Sectors,
+    block_size: Sectors,
+    thinp_percent: int,
+    thinp_metapercent: int,
+    *,
+    reserved: Sectors | None = None,
 ) -> tuple[Sectors, Sectors, Sectors, Sectors]:
     """Sector math for one device split into metadata then data.
 
-    Metadata takes ``thinp_metapercent`` of the device (at least 2 MiB,
+    Metadata starts after the ``reserved`` sectors (the device's label)
+    and takes ``thinp_metapercent`` of the device (at least 2 MiB,
     rounded down to 4 KiB); data starts right after it, aligned up to a
     whole data block, and takes ``thinp_percent`` of the device rounded
     down to whole data blocks (and never past the end).
@@ -669,16 +903,17 @@ def split_layout(
             f"thinp_percent ({thinp_percent}) + thinp_metapercent ({thinp_metapercent}) exceed 100"
         )
     total = int(device_sectors)
+    meta_start = 0 if reserved is None else int(reserved)
     meta_len = max(total * thinp_metapercent // 100, 4096) // 8 * 8
     bs = int(block_size)
-    data_start = -(-meta_len // bs) * bs
+    data_start = -(-(meta_start + meta_len) // bs) * bs
     data_len = min(total * thinp_percent // 100, total - data_start) // bs * bs
     if data_len <= 0:
         raise ValueError(
             f"the device ({total} sectors) is too small for {meta_len} sectors of metadata "
             f"and at least one {bs}-sector data block"
         )
-    return Sectors(0), Sectors(meta_len), Sectors(data_start), Sectors(data_len)
+    return Sectors(meta_start), Sectors(meta_len), Sectors(data_start), Sectors(data_len)
 
 
 class AdoptedBacking:
@@ -758,7 +993,7 @@ def from_config(
             if why:
                 raise damaged(field, why)
             sides[field] = config[field]
-        for field in ("meta_segment_devices", "data_segment_devices"):
+        for field in ("meta_segment_devices", "data_segment_devices", "spare_segment_devices"):
             why = _bad_devices(config.get(field))
             if why:
                 raise damaged(field, why)
@@ -775,6 +1010,8 @@ def from_config(
             config.get("data_segment_devices"),
             config.get("spare_segments"),
             config.get("damaged_meta_segments"),
+            token=config.get("token") if isinstance(config.get("token"), str) else None,
+            spare_devices=config.get("spare_segment_devices"),
         )
     if kind == "adopted":
         return AdoptedBacking()
@@ -807,11 +1044,14 @@ def _bad_devices(devices: object) -> str | None:
     if devices is None:
         return None
     if isinstance(devices, list) and all(
-        isinstance(d, dict) and isinstance(d.get("path"), str) and _count(d.get("size"))
+        isinstance(d, dict)
+        and isinstance(d.get("path"), str)
+        and _count(d.get("size"))
+        and (d.get("label") is None or LabelRef.parse(d["label"]) is not None)
         for d in devices
     ):
         return None
-    return f"is {devices!r}, not a list of {{path, size}} records"
+    return f"is {devices!r}, not a list of {{path, size, label}} records"
 
 
 def _count(value: object) -> bool:

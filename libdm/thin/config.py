@@ -61,6 +61,7 @@ BACKING_FIELDS = frozenset(
         "meta_segment_devices",
         "data_segment_devices",
         "spare_segments",
+        "spare_segment_devices",
         "damaged_meta_segments",
     }
 )

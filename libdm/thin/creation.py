@@ -8,12 +8,13 @@ takes the class it makes first.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import uuid as uuidlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from libdm.dm import ops
@@ -30,6 +31,7 @@ from libdm.thin.errors import (
     PoolFailedError,
     StateError,
 )
+from libdm.thin.label import RESERVED, DeviceLabel, Role, erase_label, read_label, write_label
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.ownership import POOL_UUID_PREFIX
 from libdm.thin.statedir import StateDir
@@ -196,15 +198,22 @@ def create(
             f"({data_device} and {metadata_device} are both {data.devno})"
         )
     _refuse_pieces(name, "create")
-    backing = backings.LinearBacking.new(
-        name, [[metadata_device, 0, None]], [[data_device, 0, None]]
-    )
+    token = uuidlib.uuid4().hex  # names the pool's devices' uuids and labels
+    start = int(RESERVED)
 
-    def make(_statedir: StateDir) -> Backing:
-        _zero_head(metadata_device)
-        return backing
+    def make(statedir: StateDir) -> Backing:
+        try:
+            for path, role in ((metadata_device, Role.META), (data_device, Role.DATA)):
+                write_label(path, DeviceLabel(token, name, statedir.path, role, 0))
+            _zero_head(metadata_device, offset=int(RESERVED.bytes()))
+            return backings.LinearBacking.new(
+                name, [[metadata_device, start, None]], [[data_device, start, None]], token
+            )
+        except BaseException:
+            _erase_labels((metadata_device, data_device), token)
+            raise
 
-    return _create(cls, name, state_dir, make, bs, {}, options)
+    return _create(cls, name, state_dir, make, bs, {"token": token}, options)
 
 
 def create_on_device(
@@ -250,17 +259,24 @@ def create_on_device(
     _refuse_existing(name)
     _refuse_pieces(name, "create_on_device")
     dev = check_device(device, force, "create_on_device")
-    layout = backings.split_layout(Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent)
-    meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
-    backing = backings.LinearBacking.new(
-        name, [[device, meta_start, meta_len]], [[device, data_start, data_len]]
+    layout = backings.split_layout(
+        Bytes(dev.size).sectors(), bs, thinp_percent, thinp_metapercent, reserved=RESERVED
     )
+    meta_start, meta_len, data_start, data_len = (int(v) for v in layout)
+    token = uuidlib.uuid4().hex  # names the pool's devices' uuids and labels
 
-    def make(_statedir: StateDir) -> Backing:
-        _zero_head(device, offset=int(layout[0].bytes()))
-        return backing
+    def make(statedir: StateDir) -> Backing:
+        try:
+            write_label(device, DeviceLabel(token, name, statedir.path, Role.META, 0))
+            _zero_head(device, offset=int(layout[0].bytes()))
+            return backings.LinearBacking.new(
+                name, [[device, meta_start, meta_len]], [[device, data_start, data_len]], token
+            )
+        except BaseException:
+            _erase_labels((device,), token)
+            raise
 
-    return _create(cls, name, state_dir, make, bs, {}, options)
+    return _create(cls, name, state_dir, make, bs, {"token": token}, options)
 
 
 def adopt(
@@ -392,18 +408,27 @@ def _refuse_pieces(name: str, operation: str) -> None:
 
 def check_device(path: str, force: bool, operation: str) -> BlockDevice:
     """A block device a pool may be made on (or extended by): not in use,
-    and without ``force`` carrying no signature.
+    and without ``force`` carrying no signature and no libdm pool's label.
 
     Raises:
         FileNotFoundError, ValueError: no such block device.
         DeviceBusyError: in use.
-        DeviceNotBlankError: a signature (named), without ``force``.
+        DeviceNotBlankError: a signature or another pool's label (named),
+            without ``force``.
     """
     try:
         dev = open_block_device(path)
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "no such block device", path) from None
     check_unused(path)
+    label = read_label(path)
+    if label is not None and not force:
+        raise DeviceNotBlankError(
+            f"{path} is {label}; pass force=True to use it anyway (that pool's data "
+            f"on it will be lost)",
+            operation,
+            path,
+        )
     found = signatures(path)
     if found and not force:
         raise DeviceNotBlankError(
@@ -477,6 +502,8 @@ def _create(
                     store.set_transaction_id(st.transaction_id)
         return pool
     except BaseException:
+        if isinstance(backing, backings.LinearBacking):
+            backing.erase_labels()  # the devices are not this pool's after all
         if (
             pool is not None
             and backing is not None
@@ -608,6 +635,13 @@ def _pool_options(block_size: Sectors, options: Mapping[str, Any]) -> tuple[dict
     if left:
         raise TypeError(f"unknown option {', '.join(sorted(left))}")
     return record, lock_timeout
+
+
+def _erase_labels(paths: Iterable[str], token: str) -> None:
+    """Take back the labels a failed creation wrote (only its own)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            erase_label(path, token)
 
 
 def _zero_head(path: str, offset: int = 0, length: int = 4096) -> None:

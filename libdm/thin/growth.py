@@ -46,6 +46,7 @@ from libdm.thin.errors import (
     StateError,
 )
 from libdm.thin.journal import GrowthIntent, Transaction
+from libdm.thin.label import RESERVED, DeviceLabel, Role, erase_label, write_label
 from libdm.thin.pooldev import PoolStatus
 from libdm.thin.status import ThinPoolFailed
 from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
@@ -173,7 +174,10 @@ class Growth:
                     )
             else:
                 size = check_device(device, force, "extend").size // 512
-                first = first or 0
+                # A whole device gets the pool's label, and the pool maps it
+                # from after the label (see libdm.thin.label).
+                labelled = first is None or first >= int(RESERVED)
+                first = int(RESERVED) if first is None else first
             if first + (count if count is not None else 1) > size or (
                 count is not None and count <= 0
             ):
@@ -201,9 +205,22 @@ class Growth:
                 last[2] += (size - first) if count is None else count
             else:
                 segments.append([device, first, count])
-            # The devices are recorded as at creation (size, path), so a
-            # forged or swapped device is refused at the next open.
-            self.grow("extend", backings.segment_changes(pool.config.to_record(), side, segments))
+            label = None
+            if not used and labelled:
+                role = Role.META if metadata else Role.DATA
+                label = DeviceLabel(
+                    pool.config.token, pool.name, pool.directory, role, len(segments) - 1
+                )
+                write_label(device, label)
+            # The devices are recorded as at creation (size, path, label), so
+            # a forged or swapped device is refused at the next open.
+            try:
+                changes = backings.segment_changes(pool.config.to_record(), side, segments)
+                self.grow("extend", changes)
+            except BaseException:
+                if label is not None:
+                    erase_label(device, pool.config.token)
+                raise
             return pool.status()
 
     def used_regions(self, rdev: int) -> list[tuple[int, int]]:
@@ -221,6 +238,11 @@ class Growth:
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
                     out.append((start, start + int(target.length)))
+        # So is the first MiB of a device carrying the pool's label.
+        for record in backing.labelled_devices():
+            if os.path.exists(record.path) and os.stat(record.path).st_rdev == rdev:
+                out.append((0, int(RESERVED)))
+                break
         return out
 
     def free_regions(self) -> list[Region]:

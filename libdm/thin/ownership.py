@@ -5,11 +5,13 @@ device ``<pool>-x``, so pool ``a``'s device ``b-x`` and pool ``a-b``'s
 device ``x`` share a name, and any program may ``dmsetup create`` a
 device called like one of ours.  What libdm can prove is what it set: the
 uuid it gives each device when it creates it (``LIBDM-THIN-<token>-<id>``
-for a thin device, the pool's own uuid for the pool device) and, for a
-thin device, a table that maps this pool's thin id.
+for a thin device, the pool's own uuid for the pool device,
+``LIBDM-PIECE-<token>-tdata`` / ``-tmeta`` for a block pool's linear
+pieces) and, for a thin device, a table that maps this pool's thin id;
+for a piece, a linear table.
 
-Every operation on a device asks here first: :func:`live_thin` and
-:func:`live_pool` return the live device once proven, ``None`` when no
+Every operation on a device asks here first: :func:`live_thin`,
+:func:`live_pool` and :func:`live_piece` return the live device once proven, ``None`` when no
 device has the name, and otherwise raise
 :class:`~libdm.thin.errors.ForeignDeviceError` naming the device and,
 where it can be told, its owner.  Nothing here changes a device.
@@ -17,6 +19,7 @@ where it can be told, its owner.  Nothing here changes a device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,25 +31,35 @@ from libdm.thin.errors import ForeignDeviceError
 from libdm.thin.table import ThinParams
 
 __all__ = [
+    "PIECE_UUID_PREFIX",
     "POOL_UUID_PREFIX",
     "THIN_UUID_PREFIX",
     "Live",
     "ThinClaim",
     "libdm_pool_named",
+    "live_piece",
     "live_pool",
     "live_thin",
+    "piece_uuid",
     "thin_uuid",
 ]
 
 #: The uuids libdm gives the devices it makes.
 THIN_UUID_PREFIX = "LIBDM-THIN-"
 POOL_UUID_PREFIX = "LIBDM-POOL-"
+PIECE_UUID_PREFIX = "LIBDM-PIECE-"
 
 
 def thin_uuid(token: str, thin_id: int) -> str:
     """The uuid of thin id ``thin_id``'s device in the pool whose
     configuration holds ``token``."""
     return f"{THIN_UUID_PREFIX}{token}-{thin_id}"
+
+
+def piece_uuid(token: str, piece: str) -> str:
+    """The uuid of a block pool's linear piece ``piece`` (``"tmeta"`` or
+    ``"tdata"``) in the pool whose configuration holds ``token``."""
+    return f"{PIECE_UUID_PREFIX}{token}-{piece}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,55 @@ def live_pool(name: str, uuid: str, directory: str, operation: str) -> Live | No
     )
 
 
+def live_piece(
+    name: str,
+    uuid: str,
+    pool: str,
+    operation: str,
+    *,
+    devices: frozenset[str] | None = None,
+    unmarked: Sequence[Target] | None = None,
+) -> Live | None:
+    """The live device called ``name``, if it is the linear piece of pool
+    ``pool`` whose uuid is ``uuid``: that uuid, and a table (if it has one)
+    of linear targets over ``devices`` (``major:minor`` values; ``None``:
+    any device).
+
+    A piece made before pieces had uuids has none: one with no uuid whose
+    table is exactly ``unmarked`` (what the pool's record maps) is taken
+    as the pool's, and the caller gives it its uuid.
+
+    Returns:
+        Its info and table, or ``None`` when no device has that name.
+
+    Raises:
+        ForeignDeviceError: a device of that name the pool did not make.
+    """
+    seen = _look(name)
+    if seen is None:
+        return None
+    info, table = seen
+    found = info.uuid or ""
+    if found == uuid:
+        over = {t.params.split()[0] for t in table if t.type == "linear" and t.params}
+        if all(t.type == "linear" for t in table) and (devices is None or over <= devices):
+            return seen
+        owner = (
+            f"a device with this piece's uuid {uuid!r} whose table was changed outside "
+            f"libdm ({_shown(table)})"
+        )
+    elif not found and unmarked is not None and table and table == list(unmarked):
+        return seen
+    else:
+        owner = _owner(info, table)
+    raise ForeignDeviceError(
+        f"device-mapper device {name!r} is not a linear piece of pool {pool!r}: it is "
+        f"{owner}; libdm leaves it alone",
+        operation,
+        name,
+    )
+
+
 def libdm_pool_named(name: str) -> bool:
     """True if a live device called ``name`` is a libdm pool's device
     (a pool whose devices' names would start with ``name-``)."""
@@ -206,6 +268,8 @@ def _owner(info: DeviceInfo, table: list[Target]) -> str:
         return f"a device of another libdm pool (uuid {uuid!r})"
     if uuid.startswith(POOL_UUID_PREFIX):
         return f"the pool device of another libdm pool (uuid {uuid!r})"
+    if uuid.startswith(PIECE_UUID_PREFIX):
+        return f"a linear piece of another libdm pool (uuid {uuid!r})"
     if uuid:
         return f"{_kind(table)} with uuid {uuid!r}, not made by libdm"
     joined = "and" if not table else "with"  # "a device with no table and no uuid"

@@ -502,6 +502,24 @@ class Pool:
                     )
             ops.create(self.name, self._table_for(devs), uuid=self.uuid)
         self._device.forget()
+        self._record_moves(operation)
+
+    def _record_moves(self, operation: str) -> None:
+        """Record the block devices found by their label under new paths
+        there; at open, warn of devices known by path and size only."""
+        backing = self._backing
+        if not isinstance(backing, backings.LinearBacking):
+            return
+        if operation == "open" and backing.unlabelled():
+            logger.warning(
+                "pool %s: %s carry no libdm label (the pool was made before labels): "
+                "they are identified by path and size only",
+                self.name,
+                ", ".join(backing.unlabelled()),
+            )
+        changes = backing.relocation()
+        if changes:
+            self._update_config(**changes)
 
     def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never

@@ -67,6 +67,7 @@ from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
 from libdm.thin import backing as backings
 from libdm.thin.errors import PoolFailedError, StateError
+from libdm.thin.label import RESERVED, DeviceLabel, Role, write_label
 from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
@@ -679,21 +680,29 @@ def _pick_spare(
     or a free part of the devices the pool sits on."""
     recorded = backing.spare_segments
     if recorded and (spare is None or _same_device(spare, recorded[0].path)):
-        # The pool's own (it may hold an earlier repaired copy): no checks
-        # for another program's signature.
-        have = sum(int(t.length) for t in backing.table(recorded))
-        if have >= int(length):
-            return recorded
+        # The pool's own (it may hold an earlier repaired copy), once its
+        # device is proven the one the pool recorded: its label, or (an
+        # older record) one of the devices the pool sits on.
+        segments = _proven_spare(pool, backing, recorded, spare)
+        if segments is not None:
+            have = sum(int(t.length) for t in backing.table(segments))
+            if have >= int(length):
+                return segments
     if spare is not None:
         from libdm.thin.creation import check_device
 
         size = Sectors(check_device(spare, force, "repair").size // 512)
-        if size < length:
+        if size < Sectors(int(length) + int(RESERVED)):
             raise ValueError(
                 f"{spare} holds {int(size)} sectors, less than the {int(length)} sectors "
-                f"of pool {pool.name!r}'s metadata"
+                f"of pool {pool.name!r}'s metadata and the {int(RESERVED)} of its label"
             )
-        chosen = [backings.Segment(spare, Sectors(0), length)]
+        # The spare's label makes it the pool's own: no other program's
+        # device is ever taken for it after a reboot renames devices.
+        write_label(
+            spare, DeviceLabel(pool.config.token, pool.name, pool.directory, Role.SPARE, 0)
+        )
+        chosen = [backings.Segment(spare, RESERVED, length)]
     else:
         fits = [r for r in pool.free_regions() if r[2] >= length]
         if not fits:
@@ -704,8 +713,50 @@ def _pick_spare(
             )
         path, start, _ = fits[0]
         chosen = [backings.Segment(path, start, length)]
-    pool._update_config(spare_segments=[seg.to_json() for seg in chosen])
+    devices = backings.record_devices(chosen, pool.config.token)
+    pool._update_config(
+        spare_segments=[seg.to_json() for seg in chosen],
+        spare_segment_devices=[d.to_json() for d in devices],
+    )
     return chosen
+
+
+def _proven_spare(
+    pool: Pool,
+    backing: backings.LinearBacking,
+    recorded: list[backings.Segment],
+    spare: str | None,
+) -> list[backings.Segment] | None:
+    """The recorded spare's segments, at the paths where its devices are
+    now, once proven the pool's; ``None`` for an older record on a device
+    the pool does not sit on, when ``spare`` names a device to check anew.
+
+    Raises:
+        ForeignDeviceError: the recorded device is not the pool's spare
+            (its label), and no device carries its label.
+        StateError: an older record on a device the pool does not sit on,
+            and no ``spare`` given.
+    """
+    if backing.spare_devices is not None:
+        backing.mapped(recorded, backing.spare_devices)  # refuses another device
+        if backing.moved:
+            pool._update_config(**backing.relocation())
+            moved = backing.moved
+            return [seg._replace(path=moved.get(seg.path, seg.path)) for seg in recorded]
+        return recorded
+    own = {os.stat(path).st_rdev for path in backing.paths() if os.path.exists(path)}
+    if all(os.path.exists(s.path) and os.stat(s.path).st_rdev in own for s in recorded):
+        return recorded  # a free part of the pool's own devices
+    if spare is not None:
+        return None
+    raise StateError(
+        f"pool {pool.name!r}'s recorded spare {_describe(recorded)} was recorded by path "
+        f"only, on a device the pool does not otherwise use; libdm will not write over "
+        f"what is at that path now: give the spare device again (repair(spare=DEVICE), "
+        f"--spare DEVICE), which is checked as a new one",
+        "repair",
+        pool.name,
+    )
 
 
 def _same_device(a: str, b: str) -> bool:
@@ -761,12 +812,15 @@ def _repair_block(
     changes: dict[str, Any] = {
         "meta_segments": [seg.to_json() for seg in segments],
         "spare_segments": None,
+        "spare_segment_devices": None,
         "damaged_meta_segments": [
             seg.to_json() for seg in [*backing.damaged_meta_segments, *meta]
         ],
     }
     if backing.meta_devices is not None:
-        changes["meta_segment_devices"] = [d.to_json() for d in backings.record_devices(segments)]
+        changes["meta_segment_devices"] = [
+            d.to_json() for d in backings.record_devices(segments, pool.config.token)
+        ]
     pool._update_config(**changes)
     return RepairResult(pool.name, _describe(meta), _describe(segments), True, devices)
 

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 
 import libdm
 from libdm.thin import crash
+from libdm.thin.label import RESERVED
 from support import reliability, witness
 from support.pool_model import (
     BLOCK,
@@ -53,6 +54,8 @@ from support.pool_model import (
     pattern,
     short,
 )
+
+LABEL = int(RESERVED.bytes())  # the start of a block pool's device its label keeps
 
 
 class LoopPoolMachine(RuleBasedStateMachine):
@@ -883,7 +886,9 @@ class BlockPoolMachine(LoopPoolMachine):
     def create_pool(self):
         kill = 4 if CONTEXT["rnd"].random() < 0.15 else 0  # at pool:created
         data, meta = self._losetup(DATA_SIZE), self._losetup(4 * MiB)
-        self.model.meta_size = 4 * MiB
+        # Each device's first MiB holds the pool's label, not pool space.
+        self.model.data_size = DATA_SIZE - LABEL
+        self.model.meta_size = 4 * MiB - LABEL
         args = self._args(name=self.name, data=data, meta=meta)
         self._step(
             "create_block_pool",
@@ -903,7 +908,7 @@ class BlockPoolMachine(LoopPoolMachine):
         if which == "extend":
             self.extend(
                 (self.rnd.random() < 0.5),
-                self.rnd.choice([8 * MiB, 8 * MiB + 512, BLOCK]),
+                self.rnd.choice([8 * MiB, 8 * MiB + 512, LABEL + BLOCK]),
                 mode,
                 point,
                 nth,
@@ -932,9 +937,9 @@ class BlockPoolMachine(LoopPoolMachine):
         device = self._losetup(size)
         after = before.copy()
         if metadata:
-            after.meta_size += size
+            after.meta_size += size - LABEL
         else:
-            after.data_size += size
+            after.data_size += size - LABEL
         self._step(
             "extend",
             self._args(device=device, metadata=metadata),

@@ -252,7 +252,7 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
                 if base == OPAQUE:
                     _make_opaque(parent_path, unpacked)
                 else:
-                    _remove(os.path.join(parent_path, base[len(WHITEOUT_PREFIX) :]))
+                    _remove(_whiteout_target(root, parent_path, member.name, base))
                 continue
             path = os.path.join(parent_path, base) if rel else root
             if rel:
@@ -275,6 +275,26 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
     for path, member in dirs:
         os.utime(path, ns=_times(member))
     return size
+
+
+def _whiteout_target(root: str, parent_path: str, name: str, base: str) -> str:
+    """What the whiteout ``base`` (in ``parent_path``) removes: an entry
+    of that directory, never the directory itself or one above it.
+
+    Raises:
+        LayerError: the whiteout names ``.``, ``..`` or nothing.
+    """
+    target = base[len(WHITEOUT_PREFIX) :]
+    if target in ("", ".", "..") or "/" in target:
+        raise LayerError(
+            f"the layer entry {name!r} is a whiteout of {target!r}, which is not a "
+            f"name in its directory; nothing was removed"
+        )
+    path = os.path.join(parent_path, target)
+    # _resolve keeps parent_path inside root; this is the last word.
+    if os.path.commonpath([root, os.path.dirname(path)]) != os.path.normpath(root):
+        raise LayerError(f"the layer entry {name!r} leaves the layer")
+    return path
 
 
 def _make_opaque(directory: str, unpacked: set[str]) -> None:

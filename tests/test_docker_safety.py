@@ -8,8 +8,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
+import time
 
 import pytest
+from support import witness
 from support.docker.plugin_util import DockerPlugin
 
 pytestmark = pytest.mark.kernel
@@ -129,3 +132,61 @@ def test_directory_times_never_set_through_a_symlink(pool, plugin, tmp_path):
     root = c.ok("GraphDriver.Get", ID="l")["Dir"]
     assert os.readlink(os.path.join(root, "d")) == str(witness_file)
     c.ok("GraphDriver.Put", ID="l")
+
+
+def _slow_body(data: bytes, go: threading.Event):
+    yield data[:512]
+    go.wait(120)
+    yield data[512:]
+
+
+def test_a_second_plugin_on_the_pool_is_refused_before_recovery(pool, plugin, tmp_path):
+    """A second plugin on the same pool (another socket, or the same one)
+    once ran its start-up recovery and deleted the layer the first was
+    applying.  It is refused before it touches anything, naming the
+    first's pid, and the first's ApplyDiff completes."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="busy", Parent="")
+    data = _tar(("f", "file", b"x" * 4096), ("g", "file", b"y"))
+    go, replies = threading.Event(), []
+    applying = threading.Thread(
+        target=lambda: replies.append(c.apply_diff("busy", "", _slow_body(data, go)))
+    )
+    applying.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "applying" not in _states(pool):
+            assert time.monotonic() < deadline, "the ApplyDiff never started"
+            time.sleep(0.1)
+        ids = witness.thin_ids(pool.name)
+        assert plugin.proc is not None
+        for sock in (str(tmp_path / "other.sock"), plugin.socket_path):
+            second = DockerPlugin(pool.directory, sock, log=str(tmp_path / "second.log"))
+            with pytest.raises(RuntimeError, match=f"pid {plugin.proc.pid}"):
+                second.start()
+            assert witness.thin_ids(pool.name) == ids
+        assert "undoing" not in (tmp_path / "second.log").read_text()
+    finally:
+        go.set()
+        applying.join(120)
+    assert replies == [{"Err": "", "Size": 4097}]
+    root = c.ok("GraphDriver.Get", ID="busy")["Dir"]
+    assert _files(root) == {"f": b"x" * 4096, "g": b"y"}
+    c.ok("GraphDriver.Put", ID="busy")
+    # Once the first has stopped, the pool is served again.
+    plugin.stop()
+    plugin.start()
+    assert plugin.client.call("GraphDriver.Exists", ID="busy")["Exists"]
+
+
+def _states(pool) -> set[str]:
+    import sqlite3
+
+    db = sqlite3.connect(
+        f"file:{os.path.join(pool.directory, 'docker', 'docker.db')}?mode=ro", uri=True
+    )
+    try:
+        return {row[0] for row in db.execute("SELECT state FROM layers")}
+    finally:
+        db.close()

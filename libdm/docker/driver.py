@@ -242,10 +242,23 @@ class Driver:
             ``Init`` options replace them until it is).
         state_dir: the plugin's private directory (default
             ``<pool directory>/docker``).
+        recover_at_start: run :meth:`recover` now (a caller that has
+            checks of its own to make first runs it itself).
+
+    The driver holds the records' lock until :meth:`close`: one plugin
+    serves a pool at a time.
+
+    Raises:
+        PoolError: another plugin holds the records (named, with its pid).
     """
 
     def __init__(
-        self, pool: Pool, options: DriverOptions | None = None, state_dir: str | None = None
+        self,
+        pool: Pool,
+        options: DriverOptions | None = None,
+        state_dir: str | None = None,
+        *,
+        recover_at_start: bool = True,
     ) -> None:
         self.pool = pool
         self.options = options or DriverOptions()
@@ -255,8 +268,13 @@ class Driver:
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
         self.home = ""
         self._lock = threading.RLock()
-        self._configure_pool(self.options)
-        self.recover()
+        try:
+            self._configure_pool(self.options)
+            if recover_at_start:
+                self.recover()
+        except BaseException:
+            self.store.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -586,6 +604,7 @@ class Driver:
         """Remember the socket the server made (its identity, for the next run)."""
         with self._lock, self.store.transaction():
             self.store.set_socket(path, dev, ino)
+        self.store.set_holder(f"serving on {path}")
 
     def made_socket(self, path: str, dev: int, ino: int) -> bool:
         """Whether the socket at ``path`` is the one recorded."""

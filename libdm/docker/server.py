@@ -221,6 +221,37 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     driver: Driver
 
 
+def _stale_socket(driver: Driver, socket_path: str) -> bool:
+    """Whether ``socket_path`` is a socket an earlier run of the plugin
+    made that nobody answers on (False: nothing is there).
+
+    Raises:
+        FileExistsError: something else is in the way (named).
+    """
+    try:
+        st = os.lstat(socket_path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, f"{socket_path} exists and is not a socket; it is left alone"
+        )
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(socket_path)
+        except ConnectionRefusedError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, f"something already serves on {socket_path}")
+    if not driver.made_socket(socket_path, st.st_dev, st.st_ino):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{socket_path} is a socket this plugin did not make; it is left "
+            f"alone (remove it if it is stale)",
+        )
+    return True
+
+
 class Server:
     """The plugin served on ``socket_path`` (mode 0600).
 
@@ -251,30 +282,8 @@ class Server:
         self._thread.start()
 
     def _clear_stale(self) -> None:
-        try:
-            st = os.lstat(self.socket_path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(
-                errno.EEXIST, f"{self.socket_path} exists and is not a socket; it is left alone"
-            )
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(self.socket_path)
-            except ConnectionRefusedError:
-                pass
-            else:
-                raise FileExistsError(
-                    errno.EEXIST, f"something already serves on {self.socket_path}"
-                )
-        if not self.driver.made_socket(self.socket_path, st.st_dev, st.st_ino):
-            raise FileExistsError(
-                errno.EEXIST,
-                f"{self.socket_path} is a socket this plugin did not make; it is left "
-                f"alone (remove it if it is stale)",
-            )
-        os.unlink(self.socket_path)
+        if _stale_socket(self.driver, self.socket_path):
+            os.unlink(self.socket_path)
 
     def stop(self) -> None:
         """Stop serving (a call in progress finishes) and remove the socket."""
@@ -317,8 +326,12 @@ def serve(
 
     pool = libdm.Pool.open(pool_dir)
     try:
-        driver = Driver(pool, options)
+        # The plugin's lock is taken here, and the socket checked, before
+        # recovery changes anything another plugin may be working on.
+        driver = Driver(pool, options, recover_at_start=False)
         try:
+            _stale_socket(driver, socket_path)
+            driver.recover()
             server = Server(driver, socket_path)
             with _signals_stop() as stop:
                 logger.info("docker: serving pool %s on %s", pool.name, socket_path)

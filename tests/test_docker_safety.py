@@ -13,7 +13,9 @@ import time
 
 import pytest
 from support import witness
-from support.docker.plugin_util import DockerPlugin
+from support.docker.plugin_util import DockerPlugin, base_device
+
+from libdm.docker.driver import TEMP_MOUNT_POINTS
 
 pytestmark = pytest.mark.kernel
 
@@ -190,3 +192,54 @@ def _states(pool) -> set[str]:
         return {row[0] for row in db.execute("SELECT state FROM layers")}
     finally:
         db.close()
+
+
+def _short_mounts() -> list[str]:
+    """Mount points of the plugin's short mounts (and where they once were)."""
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    return [p for p in points if "/docker/tmp/" in p or "/libdm-grow-" in p or "/libdm-mnt-" in p]
+
+
+@pytest.mark.parametrize("point", TEMP_MOUNT_POINTS)
+def test_kill_inside_a_short_mount(pool, tmp_path, point):
+    """Killed while a container's size grow or the base device's first
+    preparation has the device mounted, the plugin once left the mount
+    behind: the device stayed open, its deletion failed at every start (or
+    every Init failed on the half-made base).  The restarted plugin
+    unmounts it first, undoes the call, and serves."""
+    sock, log = str(tmp_path / "k.sock"), tmp_path / "plugin.log"
+    p = DockerPlugin(pool.directory, sock, log=str(log), env={"LIBDM_CRASH_AT": point})
+    p.start()
+    c = p.client
+    try:
+        c.call("GraphDriver.Init", Home="", Opts=[])
+        c.call("GraphDriver.Create", ID="img", Parent="")
+        c.call("GraphDriver.CreateReadWrite", ID="c1", Parent="img", StorageOpt={"size": "96M"})
+    except (ConnectionError, OSError, AssertionError, ValueError):
+        pass
+    assert p.wait(timeout=120) == -9, f"the plugin was not killed at {point}"
+    assert len(_short_mounts()) == 1
+    p.env.pop("LIBDM_CRASH_AT")
+    p.start()
+    try:
+        assert _short_mounts() == []
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        if point == "docker:init:base-mounted":
+            c.ok("GraphDriver.Create", ID="img", Parent="")
+        assert not c.call("GraphDriver.Exists", ID="c1")["Exists"]
+        c.ok("GraphDriver.CreateReadWrite", ID="c1", Parent="img", StorageOpt={"size": "96M"})
+        root = c.ok("GraphDriver.Get", ID="c1")["Dir"]
+        assert os.statvfs(root).f_blocks * os.statvfs(root).f_frsize > 80 << 20
+        assert os.listdir(root) == []
+        c.ok("GraphDriver.Put", ID="c1")
+        ids = {
+            int(c.ok("GraphDriver.GetMetadata", ID=layer)["Metadata"]["DeviceId"])
+            for layer in ("img", "c1")
+        }
+        assert witness.thin_ids(pool.name) == ids | {pool.device(base_device(pool)).thin_id}
+        c.ok("GraphDriver.Cleanup")
+    finally:
+        p.stop()
+    assert "left by an interrupted call" in log.read_text()
+    assert _short_mounts() == []

@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
@@ -38,7 +38,7 @@ from libdm.thin.units import Bytes, format_size, parse_size
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
 
-__all__ = ["CRASH_POINTS", "DockerError", "Driver", "DriverOptions"]
+__all__ = ["CRASH_POINTS", "TEMP_MOUNT_POINTS", "DockerError", "Driver", "DriverOptions"]
 
 logger = logging.getLogger("libdm.docker")
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +58,12 @@ CRASH_POINTS = (
     "docker:remove:marked",
     "docker:remove:deleted",
     "docker:get:mounted",
+    "docker:create:grow-mounted",
+    "docker:init:base-mounted",
 )
+#: The points inside a short mount of the plugin's own (a size grow, the
+#: base device's first preparation), under its temporary mount directory.
+TEMP_MOUNT_POINTS = ("docker:create:grow-mounted", "docker:init:base-mounted")
 
 
 class DockerError(Exception):
@@ -174,6 +179,22 @@ def _mount_points() -> set[str]:
         return {_unescape(line.split()[4]) for line in fh}
 
 
+def _mounts_of(device_path: str) -> list[str]:
+    """Where the block device ``device_path`` is mounted."""
+    try:
+        rdev = os.stat(device_path).st_rdev
+    except FileNotFoundError:
+        return []
+    out = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == rdev:
+                out.append(_unescape(fields[4]))
+    return out
+
+
 def _syncfs(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -266,6 +287,10 @@ class Driver:
         self.owner = self.store.owner
         self.mount_root = self.store.statedir.join("mnt")
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
+        #: Short mounts of the plugin's own (``grow-<device>``,
+        #: ``base-<device>``): recovery unmounts what a kill left here.
+        self.temp_root = self.store.statedir.join("tmp")
+        os.makedirs(self.temp_root, mode=0o700, exist_ok=True)
         self.home = ""
         self._lock = threading.RLock()
         try:
@@ -323,8 +348,39 @@ class Driver:
             os.rmdir(target)
 
     def _delete_device(self, device: str) -> None:
-        if self._has_device(device):
+        if not self._has_device(device):
+            return
+        try:
             self.pool.delete_device(device)
+        except DMError as exc:
+            where = _mounts_of("/dev/mapper/" + self.pool.device_dm_name(device))
+            if exc.errno != errno.EBUSY or not where:
+                raise
+            raise DockerError(
+                f"{device} cannot be deleted: it is mounted on {', '.join(where)} "
+                f"(unmount it there first)"
+            ) from None
+
+    def _temp_mount_point(self, purpose: str, device: str) -> str:
+        path = os.path.join(self.temp_root, f"{purpose}-{device}")
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        return path
+
+    def _clear_temp_mounts(self) -> None:
+        """Unmount the short mounts a kill left (before their devices are
+        settled: a mount holds its device open)."""
+        mounted = _mount_points()
+        for name in sorted(os.listdir(self.temp_root)):
+            path = os.path.join(self.temp_root, name)
+            if path in mounted:
+                logger.warning("docker: unmounting %s, left by an interrupted call", path)
+                try:
+                    _umount_syscall(path)
+                except DockerError as exc:
+                    logger.error("docker: %s stays mounted: %s", path, exc)
+                    continue
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only ever empty: nothing is written there
 
     def _delete_if_marked(self, device: str, what: str) -> None:
         """Delete ``device`` of a change cut short, if it is proven the
@@ -385,11 +441,14 @@ class Driver:
         dev = self.pool.create_thin(name, int(opts.base_size))
         dev.format(opts.fs, options=opts.mkfs_args)
         # A layer's root is empty and 0755 (mkfs.ext4 leaves lost+found).
-        with fs.mounted(dev.path, options="nouuid" if opts.fs == "xfs" else None) as root:
+        where = self._temp_mount_point("base", name)
+        with fs.mounted(dev.path, where, options="nouuid" if opts.fs == "xfs" else None) as root:
+            crash.point("docker:init:base-mounted")
             lost = os.path.join(root, "lost+found")
             if os.path.isdir(lost):
                 os.rmdir(lost)
             os.chmod(root, 0o755)
+        os.rmdir(where)
         self.pool.deactivate_device(name)
         made = dataclasses.replace(made, ready=True)
         with self.store.transaction():
@@ -490,12 +549,14 @@ class Driver:
         dev = self.pool.device(device)
         # Online, on a mount of its own: offline, e2fsck would put a
         # lost+found into the layer.
-        with tempfile.TemporaryDirectory(prefix="libdm-grow-") as where:
-            self._mount(device, where)
-            try:
-                fs.grow_filesystem(dev.path)
-            finally:
-                _umount_syscall(where)
+        where = self._temp_mount_point("grow", device)
+        self._mount(device, where)
+        try:
+            crash.point("docker:create:grow-mounted")
+            fs.grow_filesystem(dev.path)
+        finally:
+            _umount_syscall(where)
+        os.rmdir(where)
 
     def _undo_create(self, row: LayerRow, made: bool) -> None:
         """Forget a failed create, deleting its device if ``made`` (by
@@ -670,6 +731,7 @@ class Driver:
         are reset.  Devices named like the plugin's that its records do
         not name are reported and left alone."""
         with self._lock:
+            self._clear_temp_mounts()
             mounted = _mount_points()
             base = self.store.base()
             if base is not None and not base.ready:

@@ -243,3 +243,28 @@ def test_kill_inside_a_short_mount(pool, tmp_path, point):
         p.stop()
     assert "left by an interrupted call" in log.read_text()
     assert _short_mounts() == []
+
+
+def test_a_second_dockerd_leaves_the_first_ones_layers_mounted(pool, plugin, tmp_path):
+    """A second dockerd (another home) once sent Init, which voided the
+    first one's counts, then Cleanup, which unmounted the layer under the
+    first one's container.  Its Init is refused (dockerd then stops without
+    a driver), naming the first's home and layer; the first one's layer
+    stays mounted with its data, and its Put works."""
+    c = plugin.client
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    c.ok("GraphDriver.Init", Home=first, Opts=[])
+    c.ok("GraphDriver.CreateReadWrite", ID="c1", Parent="")
+    root = c.ok("GraphDriver.Get", ID="c1")["Dir"]
+    with open(os.path.join(root, "data"), "w") as fh:
+        fh.write("the first dockerd's\n")
+    reply = c.call("GraphDriver.Init", Home=second, Opts=[])
+    assert first in reply["Err"] and "c1" in reply["Err"], reply
+    with open("/proc/self/mountinfo") as fh:
+        assert root in [line.split()[4] for line in fh]
+    assert _files(root) == {"data": b"the first dockerd's\n"}
+    # The first dockerd carries on; once it has put its layers back,
+    # another may take over.
+    c.ok("GraphDriver.Put", ID="c1")
+    c.ok("GraphDriver.Init", Home=first, Opts=[])
+    c.ok("GraphDriver.Init", Home=second, Opts=[])

@@ -477,6 +477,7 @@ class Driver:
                     base.fs,
                     format_size(Bytes(base.size)),
                 )
+            self._refuse_another_dockerd(home)
             self._configure_pool(parsed)
             self.options = parsed
             self.home = home
@@ -484,12 +485,31 @@ class Driver:
             # void (Docker counts its own in memory).  Mounts stay until
             # the last Put, a Remove or Cleanup.
             with self.store.transaction():
+                self.store.set_home(home)
                 for row in self.store.all():
                     if row.refs:
                         self.store.set_refs(row.id, 0)
             if home:
                 os.makedirs(home, mode=0o700, exist_ok=True)
             self._ensure_base()
+
+    def _refuse_another_dockerd(self, home: str) -> None:
+        """One dockerd uses the plugin: another's ``Init`` (another home)
+        would void the counts of the layers the first has mounted, and its
+        ``Cleanup`` unmount them under the first's containers."""
+        held = self.store.home()
+        if held is None or held == home:
+            return
+        mounted = _mount_points()
+        busy = [r.id for r in self.store.all() if r.refs or self._mount_path(r) in mounted]
+        if busy:
+            raise DockerError(
+                f"the plugin serves the dockerd with home {held or '(none)'}, which has "
+                f"{len(busy)} layer(s) mounted ({', '.join(sorted(busy)[:3])}"
+                f"{', ...' if len(busy) > 3 else ''}); one dockerd uses a plugin: stop that "
+                f"dockerd first (its Cleanup unmounts them), or serve another pool for "
+                f"this one"
+            )
 
     def create(
         self, layer_id: str, parent: str, storage_opt: Mapping[str, str] | None = None

@@ -240,6 +240,14 @@ class LayerStore:
         else:
             self._set_meta("base", dataclasses.asdict(base))
 
+    def home(self) -> str | None:
+        """The home of the dockerd that last sent ``Init`` (``None``: none yet)."""
+        value = self._meta("home")
+        return value if isinstance(value, str) else None
+
+    def set_home(self, home: str) -> None:
+        self._set_meta("home", home)
+
     def socket(self) -> tuple[str, int, int] | None:
         value = self._meta("socket")
         if not isinstance(value, list) or len(value) != 3:

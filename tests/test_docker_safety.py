@@ -5,6 +5,7 @@ own contents and times, thin_dump and /proc/self/mountinfo."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -268,3 +269,59 @@ def test_a_second_dockerd_leaves_the_first_ones_layers_mounted(pool, plugin, tmp
     c.ok("GraphDriver.Put", ID="c1")
     c.ok("GraphDriver.Init", Home=first, Opts=[])
     c.ok("GraphDriver.Init", Home=second, Opts=[])
+
+
+def _deep(root: str, depth: int, name: str = "d") -> None:
+    """Directories ``depth`` deep under ``root`` (made through descriptors:
+    the whole path may be longer than a path may be)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write(b"leaf\n")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_deep_trees_are_walked(pool, plugin):
+    """A container 1100 directories deep: Changes and DiffSize once failed
+    with RecursionError and Diff sent a cut tar; all three answer."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="img", Parent="")
+    c.ok("GraphDriver.CreateReadWrite", ID="deep", Parent="img")
+    root = c.ok("GraphDriver.Get", ID="deep")["Dir"]
+    _deep(root, 1100)
+    changes = c.ok("GraphDriver.Changes", ID="deep", Parent="img")["Changes"]
+    assert len(changes) == 1101
+    assert changes[-1] == {"Path": "/d" * 1100 + "/leaf", "Kind": 1}
+    assert c.ok("GraphDriver.DiffSize", ID="deep", Parent="img")["Size"] == len(b"leaf\n")
+    with tarfile.open(fileobj=io.BytesIO(c.diff("deep", "img"))) as tar:
+        names = tar.getnames()
+    assert len(names) == 1101 and names[-1] == "d/" * 1100 + "leaf"
+    c.ok("GraphDriver.Put", ID="deep")
+
+
+def test_a_diff_that_fails_midway_reaches_the_client_as_an_error(pool, plugin):
+    """A Diff that fails after its 200 (here a path longer than PATH_MAX)
+    once closed the connection cleanly, and dockerd took the cut tar for a
+    whole one; the body is cut inside its chunked encoding now."""
+    import http.client
+
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.CreateReadWrite", ID="long", Parent="")
+    root = c.ok("GraphDriver.Get", ID="long")["Dir"]
+    with open(os.path.join(root, "first"), "wb") as fh:
+        fh.write(b"f" * 100000)
+    _deep(root, 24, "x" * 200)
+    resp = c._post("/GraphDriver.Diff", b'{"ID": "long", "Parent": ""}', {})
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    c.ok("GraphDriver.Put", ID="long")

@@ -89,6 +89,26 @@ class _LimitedReader(io.RawIOBase):
         return len(data)
 
 
+class _ChunkedWriter(io.RawIOBase):
+    """An answer body sent with ``Transfer-Encoding: chunked``."""
+
+    def __init__(self, wfile: BinaryIO | io.BufferedIOBase) -> None:
+        self.wfile = wfile
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        if size:
+            self.wfile.write(b"%x\r\n" % size + bytes(data) + b"\r\n")
+        return size
+
+    def finish(self) -> None:
+        """The last chunk: the body is complete."""
+        self.wfile.write(b"0\r\n\r\n")
+
+
 def _error_status(method: str) -> int:
     """Diff answers with a tar, so its errors need an HTTP error status
     (Docker's client then reads ``Err``); the JSON calls carry ``Err`` in
@@ -204,16 +224,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise DockerError(
                 f"layer {layer if not driver.exists(layer) else parent} does not exist"
             )
-        # The tar is streamed: the answer ends when the connection closes.
+        # The tar is streamed in chunks: a failure after the 200 leaves out
+        # the last chunk, so the client reads a broken body, never a tar
+        # that merely looks short.
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        out = _ChunkedWriter(self.wfile)
         try:
-            driver.diff(layer, parent, self.wfile)  # type: ignore[arg-type]
+            driver.diff(layer, parent, out)  # type: ignore[arg-type]
         except Exception:
-            logger.exception("docker: Diff of %s failed mid-stream", layer)
+            logger.exception("docker: Diff of %s failed mid-stream; the answer is cut", layer)
+            return
+        out.finish()
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -325,3 +325,38 @@ def test_a_diff_that_fails_midway_reaches_the_client_as_an_error(pool, plugin):
     with pytest.raises(http.client.IncompleteRead):
         resp.read()
     c.ok("GraphDriver.Put", ID="long")
+
+
+def test_applydiff_that_fills_the_pool_says_so(make_pool, tmp_path):
+    """An ApplyDiff larger than the pool's free space once answered a bare
+    EIO or EROFS; it says the pool is full, how full, and what to run."""
+    small = make_pool(data_size="100M")
+    p = DockerPlugin(
+        small.directory,
+        str(tmp_path / "f.sock"),
+        options=("dm.basesize=512M",),
+        log=str(tmp_path / "plugin.log"),
+    ).start()
+    try:
+        c = p.client
+        c.ok("GraphDriver.Init", Home="", Opts=[])
+        c.ok("GraphDriver.Create", ID="big", Parent="")
+        size = 160 << 20
+
+        def body():
+            info = tarfile.TarInfo("big")
+            info.size = size
+            yield info.tobuf(format=tarfile.USTAR_FORMAT)
+            chunk = bytes(range(1, 256)) * 4112  # no zeros: every block is written
+            left = size
+            while left:
+                yield chunk[: min(left, len(chunk))]
+                left -= min(left, len(chunk))
+            yield bytes(1024)
+
+        err = c.apply_diff("big", "", body())["Err"]
+        assert "is full" in err and "libdm pool resize" in err, err
+        used, total = witness.pool_status(small.name)[2].split("/")
+        assert int(used) == int(total)  # dmsetup's word: the pool is full
+    finally:
+        p.stop()

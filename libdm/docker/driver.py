@@ -33,6 +33,7 @@ from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError
 from libdm.docker import archive
 from libdm.docker.store import BaseInfo, LayerRow, LayerState, LayerStore
 from libdm.thin import crash, fs
+from libdm.thin.status import ThinPoolFailed
 from libdm.thin.units import Bytes, format_size, parse_size
 
 if TYPE_CHECKING:
@@ -733,13 +734,41 @@ class Driver:
             with self.store.transaction():
                 self.store.set_state(layer_id, LayerState.APPLYING)
         crash.point("docker:apply:marked")
-        with self._held(layer_id) as root:
-            size = archive.apply_layer(root, stream)
-            crash.point("docker:apply:unpacked")
-            _syncfs(root)  # the layer's data is on the pool before Docker records it
+        try:
+            with self._held(layer_id) as root:
+                size = archive.apply_layer(root, stream)
+                crash.point("docker:apply:unpacked")
+                _syncfs(root)  # the layer's data is on the pool before Docker records it
+        except OSError as exc:
+            # A full pool fails the layer's writes with EIO, or the
+            # filesystem turns read-only: say that it is the pool.
+            full = self._pool_full()
+            if full is None:
+                raise
+            raise DockerError(f"ApplyDiff of layer {layer_id} failed ({exc}): {full}") from None
         with self._lock, self.store.transaction():
             self.store.set_state(row.id, LayerState.READY)
         return size
+
+    def _pool_full(self) -> str | None:
+        """What says the pool is out of space, or ``None`` if it is not."""
+        try:
+            st = self.pool.status()
+        except DMError:
+            return None
+        if isinstance(st, ThinPoolFailed):
+            return None
+        data_pct = 100 * int(st.used_data) / max(int(st.total_data), 1)
+        meta_pct = 100 * int(st.used_meta) / max(int(st.total_meta), 1)
+        if st.mode == "rw" and int(st.free_data) > 0 and data_pct < 99.9 and meta_pct < 99.9:
+            return None
+        return (
+            f"the pool {self.pool.name!r} is full: {data_pct:.1f}% of its data "
+            f"({int(st.used_data)} of {int(st.total_data)} blocks) and {meta_pct:.1f}% of "
+            f"its metadata used, mode {st.mode}; grow it (libdm pool resize, or libdm "
+            f"pool extend for a pool on block devices) or remove images and containers, "
+            f"then load or pull again (see libdm pool status)"
+        )
 
     # -- recovery -------------------------------------------------------------------
 

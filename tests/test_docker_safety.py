@@ -360,3 +360,78 @@ def test_applydiff_that_fills_the_pool_says_so(make_pool, tmp_path):
         assert int(used) == int(total)  # dmsetup's word: the pool is full
     finally:
         p.stop()
+
+
+def test_records_of_another_pool_are_refused(make_pool, tmp_path):
+    """Records a destroyed pool left in its directory once served a new
+    pool there: the old layers "existed", every Create failed on a base
+    that was gone.  Records are bound to the pool they were made on: a
+    plugin on another pool refuses them before it touches anything and
+    says what to do; with them moved away it serves afresh."""
+    old = make_pool(data_size="512M")
+    p = DockerPlugin(old.directory, str(tmp_path / "o.sock"), log=str(tmp_path / "old.log"))
+    p.start()
+    p.client.ok("GraphDriver.Init", Home="", Opts=[])
+    p.client.ok("GraphDriver.Create", ID="L1", Parent="")
+    p.stop()
+    old.destroy(remove_files=True)
+    new = make_pool(name="again", directory=old.directory, data_size="512M")
+    records = os.path.join(new.directory, "docker")
+    assert os.path.isdir(records)  # the plugin's, left by the destroy
+    before = witness.thin_ids(new.name)
+    log = tmp_path / "new.log"
+    q = DockerPlugin(new.directory, str(tmp_path / "n.sock"), log=str(log))
+    with pytest.raises(RuntimeError, match=f"made on another pool \\(uuid {old.uuid}\\)"):
+        q.start()
+    assert f"Move {records} away" in log.read_text()
+    assert witness.thin_ids(new.name) == before
+    os.rename(records, str(tmp_path / "moved-away"))
+    q.start()
+    try:
+        q.client.ok("GraphDriver.Init", Home="", Opts=[])
+        assert not q.client.call("GraphDriver.Exists", ID="L1")["Exists"]
+        q.client.ok("GraphDriver.Create", ID="L2", Parent="")
+    finally:
+        q.stop()
+
+
+def test_a_deleted_base_is_made_again(pool, plugin):
+    """The base device deleted outside the plugin once made every Create
+    fail for good.  It is made again (no layer needs it: a thin snapshot
+    keeps its blocks), and the layers keep their data."""
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="L1", Parent="")
+    assert not c.apply_diff("L1", "", _tar(("f", "file", b"kept\n")))["Err"]
+    plugin.stop()
+    base = base_device(pool)
+    pool.delete_device(base)
+    plugin.start()
+    c = plugin.client
+    c.ok("GraphDriver.Init", Home="", Opts=[])
+    c.ok("GraphDriver.Create", ID="L2", Parent="")
+    root = c.ok("GraphDriver.Get", ID="L2")["Dir"]
+    assert os.listdir(root) == []
+    c.ok("GraphDriver.Put", ID="L2")
+    root = c.ok("GraphDriver.Get", ID="L1")["Dir"]
+    assert _files(root) == {"f": b"kept\n"}
+    c.ok("GraphDriver.Put", ID="L1")
+    ids = {
+        int(c.ok("GraphDriver.GetMetadata", ID=layer)["Metadata"]["DeviceId"])
+        for layer in ("L1", "L2")
+    }
+    assert witness.thin_ids(pool.name) == ids | {pool.device(base_device(pool)).thin_id}
+
+
+def test_a_handed_over_pool_says_so(pool, tmp_path):
+    """On a pool handed to Docker's own driver, Init said the base device
+    was missing; it says the pool was handed over."""
+    pool.hand_over("docker")
+    p = DockerPlugin(pool.directory, str(tmp_path / "h.sock"), log=str(tmp_path / "h.log"))
+    p.start()
+    try:
+        err = p.client.call("GraphDriver.Init", Home="", Opts=[])["Err"]
+        assert "was handed over to docker" in err, err
+    finally:
+        p.stop()
+    assert witness.thin_ids(pool.name) == set()

@@ -295,6 +295,7 @@ class Driver:
         self.home = ""
         self._lock = threading.RLock()
         try:
+            self._bind_to_pool()
             self._configure_pool(self.options)
             if recover_at_start:
                 self.recover()
@@ -398,6 +399,33 @@ class Driver:
                 what,
             )
 
+    def _bind_to_pool(self) -> None:
+        """The records name devices of the pool they were made on: records
+        left by a pool that was destroyed (and made again in its directory)
+        name devices that are gone, so they are refused, never served."""
+        made_on = self.store.pool_uuid()
+        if made_on is None:
+            with self.store.transaction():
+                self.store.set_pool_uuid(self.pool.uuid)
+            return
+        if made_on != self.pool.uuid:
+            raise DockerError(
+                f"the plugin's records in {self.store.statedir.path} were made on another "
+                f"pool (uuid {made_on}), not on pool {self.pool.name!r} (uuid "
+                f"{self.pool.uuid}): that pool was destroyed, and its layers with it. Move "
+                f"{self.store.statedir.path} away to serve this pool afresh (Docker's images "
+                f"must then be pulled or loaded again)"
+            )
+
+    def _refuse_handed_over(self) -> None:
+        to = self.pool.handed_to
+        if to is not None:
+            raise DockerError(
+                f"pool {self.pool.name!r} was handed over to {to} (libdm pool hand-over): its "
+                f"thin devices are {to}'s, and the plugin makes none there; serve a pool of "
+                f"its own, or point {to} at this one"
+            )
+
     def _configure_pool(self, options: DriverOptions) -> None:
         """Apply the options that are the pool's settings."""
         if (
@@ -422,10 +450,24 @@ class Driver:
     # -- the base device ----------------------------------------------------------------
 
     def _ensure_base(self) -> BaseInfo:
+        self._refuse_handed_over()
         base = self.store.base()
         if base is not None and base.ready:
-            return base
-        opts = self.options
+            if self._has_device(base.device):
+                return base
+            # Deleted outside the plugin: no layer needs it (a thin
+            # snapshot keeps its blocks without its origin), so it is
+            # made again, with the settings it had.
+            logger.warning(
+                "docker: the base device %s is gone from pool %s; making it again",
+                base.device,
+                self.pool.name,
+            )
+            name = base.device if self.owner.marked(base.device) else self.owner.name("base")
+            return self._make_base(
+                name,
+                dataclasses.replace(self.options, fs=base.fs, base_size=Bytes(base.size)),
+            )
         name = self.owner.name("base")
         if self._has_device(LEGACY_BASE_NAME):
             logger.warning(
@@ -434,6 +476,9 @@ class Driver:
                 LEGACY_BASE_NAME,
                 name,
             )
+        return self._make_base(name, self.options)
+
+    def _make_base(self, name: str, opts: DriverOptions) -> BaseInfo:
         made = BaseInfo(name, opts.fs, int(opts.base_size), False)
         with self.store.transaction():
             self.store.set_base(made)

@@ -240,6 +240,15 @@ class LayerStore:
         else:
             self._set_meta("base", dataclasses.asdict(base))
 
+    def pool_uuid(self) -> str | None:
+        """The uuid of the pool the records were made on (``None``: not yet
+        recorded, records older than this check)."""
+        value = self._meta("pool_uuid")
+        return value if isinstance(value, str) else None
+
+    def set_pool_uuid(self, uuid: str) -> None:
+        self._set_meta("pool_uuid", uuid)
+
     def home(self) -> str | None:
         """The home of the dockerd that last sent ``Init`` (``None``: none yet)."""
         value = self._meta("home")

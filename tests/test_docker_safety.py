@@ -435,3 +435,32 @@ def test_a_handed_over_pool_says_so(pool, tmp_path):
     finally:
         p.stop()
     assert witness.thin_ids(pool.name) == set()
+
+
+def test_pool_destroy_names_the_busy_device_and_its_mount(pool, tmp_path):
+    """``pool destroy`` with a layer still mounted once said only "Device
+    or resource busy" with a Python call as advice; it names the device,
+    where it is mounted, and what to run."""
+    import subprocess
+    import sys
+
+    p = DockerPlugin(pool.directory, str(tmp_path / "d.sock"), log=str(tmp_path / "d.log"))
+    p.start()
+    p.client.ok("GraphDriver.Init", Home="", Opts=[])
+    p.client.ok("GraphDriver.Create", ID="L1", Parent="")
+    root = p.client.ok("GraphDriver.Get", ID="L1")["Dir"]
+    dm_name = p.client.ok("GraphDriver.GetMetadata", ID="L1")["Metadata"]["DeviceName"]
+    p.stop()  # mounted layers stay mounted for the dockerd using them
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "libdm", "pool", "destroy", "--pool", pool.directory],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0
+        assert dm_name in proc.stderr and f"mounted on {root}" in proc.stderr, proc.stderr
+        assert "libdm pool destroy again" in proc.stderr
+        assert "deferred=True" not in proc.stderr
+    finally:
+        subprocess.run(["umount", root], check=False)

@@ -36,6 +36,7 @@ from libdm.cli.args import (
 from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
 
 if TYPE_CHECKING:
+    from libdm.dm.errors import DeviceBusyError
     from libdm.thin.pool import Pool
     from libdm.thin.report import PoolInfo
     from libdm.thin.status import ThinPoolFailed, ThinPoolStatus
@@ -212,12 +213,59 @@ def cmd_hand_over(args: argparse.Namespace) -> None:
 
 
 def cmd_destroy(args: argparse.Namespace) -> None:
+    from libdm.dm.errors import DeviceBusyError
+
     pool = load_pool(args, live=False)
     try:
         pool.destroy(remove_files=args.remove_files, force=args.force)
+    except DeviceBusyError as exc:
+        pool.close()
+        raise _busy_in_destroy(exc) from None
     except BaseException:
         pool.close()
         raise
+
+
+def _busy_in_destroy(exc: DeviceBusyError) -> DeviceBusyError:
+    """The busy error of a destroy, naming the device and where it is
+    mounted, with what to do at the command line."""
+    from libdm.dm.errors import DeviceBusyError
+
+    if exc.device is None:
+        return exc
+    path = f"/dev/mapper/{exc.device}"
+    where = _mount_points_of(path)
+    held = (
+        f"it is mounted on {', '.join(where)}: unmount it there"
+        if where
+        else f"something holds it open (a process or another device: see fuser -vm {path} "
+        f"and dmsetup info {exc.device}): stop it"
+    )
+    return DeviceBusyError(
+        exc.errno,
+        f"the device {exc.device} is busy, so the pool is not destroyed; {held}, then run "
+        f"libdm pool destroy again",
+        "destroy",
+        exc.device,
+        exc.log_lines,
+    )
+
+
+def _mount_points_of(device_path: str) -> list[str]:
+    import os
+
+    try:
+        rdev = os.stat(device_path).st_rdev
+    except OSError:
+        return []
+    out = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == rdev:
+                out.append(fields[4].replace("\\040", " "))
+    return out
 
 
 # -- reading --------------------------------------------------------------------------

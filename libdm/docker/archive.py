@@ -236,7 +236,9 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
         tarfile.TarError: the stream is not a tar.
     """
     size = 0
-    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    # Each directory made, with its identity: its times are set last, on
+    # it only, whatever later entries put in its place or above it.
+    dirs: list[tuple[str, tuple[int, int], tarfile.TarInfo]] = []
     unpacked: set[str] = set()
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
@@ -252,7 +254,7 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
                 if base == OPAQUE:
                     _make_opaque(parent_path, unpacked)
                 else:
-                    _remove(os.path.join(parent_path, base[len(WHITEOUT_PREFIX) :]))
+                    _remove(_whiteout_target(root, parent_path, member.name, base))
                 continue
             path = os.path.join(parent_path, base) if rel else root
             if rel:
@@ -265,16 +267,57 @@ def apply_layer(root: str, stream: IO[bytes]) -> int:
                         _remove(path)
             _create(root, path, member, tar)
             if member.isdir():
-                dirs.append((path, member))
+                st = os.lstat(path)
+                dirs.append((path, (st.st_dev, st.st_ino), member))
             unpacked.add(path)
         # Read what follows the archive (Docker's layer store digests it all).
         fileobj = tar.fileobj
         while fileobj is not None and fileobj.read(_CHUNK):
             pass
     # Directory times last: creating entries in them changes them.
-    for path, member in dirs:
-        os.utime(path, ns=_times(member))
+    for path, identity, member in dirs:
+        _set_dir_times(path, identity, _times(member))
     return size
+
+
+def _set_dir_times(path: str, identity: tuple[int, int], times: tuple[int, int]) -> None:
+    """Set the times of the directory ``path`` if it is still the one
+    ``identity`` names: a later entry may have replaced it, or a directory
+    above it, with a symbolic link out of the layer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # replaced or removed by a later entry
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return  # a symbolic link now
+        raise
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == identity:
+            os.utime(fd, ns=times)
+    finally:
+        os.close(fd)
+
+
+def _whiteout_target(root: str, parent_path: str, name: str, base: str) -> str:
+    """What the whiteout ``base`` (in ``parent_path``) removes: an entry
+    of that directory, never the directory itself or one above it.
+
+    Raises:
+        LayerError: the whiteout names ``.``, ``..`` or nothing.
+    """
+    target = base[len(WHITEOUT_PREFIX) :]
+    if target in ("", ".", "..") or "/" in target:
+        raise LayerError(
+            f"the layer entry {name!r} is a whiteout of {target!r}, which is not a "
+            f"name in its directory; nothing was removed"
+        )
+    path = os.path.join(parent_path, target)
+    # _resolve keeps parent_path inside root; this is the last word.
+    if os.path.commonpath([root, os.path.dirname(path)]) != os.path.normpath(root):
+        raise LayerError(f"the layer entry {name!r} leaves the layer")
+    return path
 
 
 def _make_opaque(directory: str, unpacked: set[str]) -> None:
@@ -309,12 +352,18 @@ def _capability(path: str) -> bytes | None:
 
 
 def _tree(path: str) -> dict[str, _Node]:
+    # Iterative: a layer may nest directories deeper than Python recurses.
     out: dict[str, _Node] = {}
-    with os.scandir(path) as it:
-        for entry in it:
-            st = entry.stat(follow_symlinks=False)
-            children = _tree(entry.path) if stat.S_ISDIR(st.st_mode) else None
-            out[entry.name] = _Node(st, _capability(entry.path), children)
+    pending = [(path, out)]
+    while pending:
+        dirpath, children = pending.pop()
+        with os.scandir(dirpath) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                sub: dict[str, _Node] | None = {} if stat.S_ISDIR(st.st_mode) else None
+                children[entry.name] = _Node(st, _capability(entry.path), sub)
+                if sub is not None:
+                    pending.append((entry.path, sub))
     return out
 
 
@@ -333,6 +382,20 @@ def _differs(old: os.stat_result, new: os.stat_result) -> bool:
     return old.st_mtime_ns != new.st_mtime_ns or old.st_size != new.st_size
 
 
+@dataclasses.dataclass(slots=True)
+class _Listing:
+    """A directory whose changes are being listed (a frame of the walk)."""
+
+    path: str
+    has_node: bool
+    added: bool
+    at_entry: int
+    children: dict[str, _Node]
+    olds: dict[str, _Node]
+    names: list[str]
+    next: int = 0
+
+
 def _add_changes(
     path: str,
     new: _Node | None,
@@ -341,27 +404,54 @@ def _add_changes(
     added: bool,
     out: list[Change],
 ) -> None:
-    at_entry = len(out)
-    olds = dict(old_children or {})
-    for name in sorted(new_children):
-        child = new_children[name]
-        child_path = f"{path}/{name}"
-        old = olds.pop(name, None)
-        child_added = old is None
-        if old is None:
-            out.append(Change(child_path, ChangeKind.ADD))
-        elif _differs(old.st, child.st) or old.capability != child.capability:
-            out.append(Change(child_path, ChangeKind.MODIFY))
-            child_added = True
-        if child.children is not None:
-            old_grand = old.children if old is not None and old.children is not None else None
-            _add_changes(child_path, child, child.children, old_grand, child_added, out)
-    for name in sorted(olds):
-        out.append(Change(f"{path}/{name}", ChangeKind.DELETE))
-    # A directory with changes inside is listed too (its metadata travels
-    # with them), before them.
-    if len(out) > at_entry and new is not None and not added:
-        out.insert(at_entry, Change(path, ChangeKind.MODIFY))
+    # Iterative (a stack of listings): a layer may nest directories deeper
+    # than Python recurses.
+    stack = [
+        _Listing(
+            path,
+            new is not None,
+            added,
+            len(out),
+            new_children,
+            dict(old_children or {}),
+            sorted(new_children),
+        )
+    ]
+    while stack:
+        top = stack[-1]
+        if top.next < len(top.names):
+            name = top.names[top.next]
+            top.next += 1
+            child = top.children[name]
+            child_path = f"{top.path}/{name}"
+            old = top.olds.pop(name, None)
+            child_added = old is None
+            if old is None:
+                out.append(Change(child_path, ChangeKind.ADD))
+            elif _differs(old.st, child.st) or old.capability != child.capability:
+                out.append(Change(child_path, ChangeKind.MODIFY))
+                child_added = True
+            if child.children is not None:
+                old_grand = old.children if old is not None and old.children is not None else None
+                stack.append(
+                    _Listing(
+                        child_path,
+                        True,
+                        child_added,
+                        len(out),
+                        child.children,
+                        dict(old_grand or {}),
+                        sorted(child.children),
+                    )
+                )
+            continue
+        stack.pop()
+        for name in sorted(top.olds):
+            out.append(Change(f"{top.path}/{name}", ChangeKind.DELETE))
+        # A directory with changes inside is listed too (its metadata travels
+        # with them), before them.
+        if len(out) > top.at_entry and top.has_node and not top.added:
+            out.insert(top.at_entry, Change(top.path, ChangeKind.MODIFY))
 
 
 def changes(layer: str, parent: str | None) -> list[Change]:
@@ -464,15 +554,26 @@ class _Writer:
         self.tar.addfile(info)
 
 
-def _walk(root: str, rel: str = "") -> Iterator[str]:
+def _walk(root: str) -> Iterator[str]:
     """Every path under ``root`` (relative), in lexical order, parents first."""
-    with os.scandir(os.path.join(root, rel) if rel else root) as it:
-        names = sorted(entry.name for entry in it)
-    for name in names:
+    # Iterative: a layer may nest directories deeper than Python recurses.
+    stack: list[tuple[str, Iterator[str]]] = [("", iter(_sorted_names(root)))]
+    while stack:
+        rel, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
         child = posixpath.join(rel, name) if rel else name
         yield child
-        if stat.S_ISDIR(os.lstat(os.path.join(root, child)).st_mode):
-            yield from _walk(root, child)
+        path = os.path.join(root, child)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            stack.append((child, iter(_sorted_names(path))))
+
+
+def _sorted_names(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        return sorted(entry.name for entry in it)
 
 
 def export_changes(layer: str, parent: str | None, out: IO[bytes]) -> None:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
@@ -33,12 +33,13 @@ from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError
 from libdm.docker import archive
 from libdm.docker.store import BaseInfo, LayerRow, LayerState, LayerStore
 from libdm.thin import crash, fs
+from libdm.thin.status import ThinPoolFailed
 from libdm.thin.units import Bytes, format_size, parse_size
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
 
-__all__ = ["CRASH_POINTS", "DockerError", "Driver", "DriverOptions"]
+__all__ = ["CRASH_POINTS", "TEMP_MOUNT_POINTS", "DockerError", "Driver", "DriverOptions"]
 
 logger = logging.getLogger("libdm.docker")
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +59,12 @@ CRASH_POINTS = (
     "docker:remove:marked",
     "docker:remove:deleted",
     "docker:get:mounted",
+    "docker:create:grow-mounted",
+    "docker:init:base-mounted",
 )
+#: The points inside a short mount of the plugin's own (a size grow, the
+#: base device's first preparation), under its temporary mount directory.
+TEMP_MOUNT_POINTS = ("docker:create:grow-mounted", "docker:init:base-mounted")
 
 
 class DockerError(Exception):
@@ -174,6 +180,22 @@ def _mount_points() -> set[str]:
         return {_unescape(line.split()[4]) for line in fh}
 
 
+def _mounts_of(device_path: str) -> list[str]:
+    """Where the block device ``device_path`` is mounted."""
+    try:
+        rdev = os.stat(device_path).st_rdev
+    except FileNotFoundError:
+        return []
+    out = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == rdev:
+                out.append(_unescape(fields[4]))
+    return out
+
+
 def _syncfs(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -242,10 +264,23 @@ class Driver:
             ``Init`` options replace them until it is).
         state_dir: the plugin's private directory (default
             ``<pool directory>/docker``).
+        recover_at_start: run :meth:`recover` now (a caller that has
+            checks of its own to make first runs it itself).
+
+    The driver holds the records' lock until :meth:`close`: one plugin
+    serves a pool at a time.
+
+    Raises:
+        PoolError: another plugin holds the records (named, with its pid).
     """
 
     def __init__(
-        self, pool: Pool, options: DriverOptions | None = None, state_dir: str | None = None
+        self,
+        pool: Pool,
+        options: DriverOptions | None = None,
+        state_dir: str | None = None,
+        *,
+        recover_at_start: bool = True,
     ) -> None:
         self.pool = pool
         self.options = options or DriverOptions()
@@ -253,13 +288,23 @@ class Driver:
         self.owner = self.store.owner
         self.mount_root = self.store.statedir.join("mnt")
         os.makedirs(self.mount_root, mode=0o700, exist_ok=True)
+        #: Short mounts of the plugin's own (``grow-<device>``,
+        #: ``base-<device>``): recovery unmounts what a kill left here.
+        self.temp_root = self.store.statedir.join("tmp")
+        os.makedirs(self.temp_root, mode=0o700, exist_ok=True)
         self.home = ""
         self._lock = threading.RLock()
-        #: The base device once made: it never changes after, so the
-        #: calls need not read it from the records each time.
+        #: The base device once made and seen: the calls need not read it
+        #: from the records each time.
         self._base: BaseInfo | None = None
-        self._configure_pool(self.options)
-        self.recover()
+        try:
+            self._bind_to_pool()
+            self._configure_pool(self.options)
+            if recover_at_start:
+                self.recover()
+        except BaseException:
+            self.store.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -323,6 +368,35 @@ class Driver:
             # usual path.  Another cause of the error is not hidden.
             if self._has_device(device):
                 raise
+        except DMError as exc:
+            where = _mounts_of("/dev/mapper/" + self.pool.device_dm_name(device))
+            if exc.errno != errno.EBUSY or not where:
+                raise
+            raise DockerError(
+                f"{device} cannot be deleted: it is mounted on {', '.join(where)} "
+                f"(unmount it there first)"
+            ) from None
+
+    def _temp_mount_point(self, purpose: str, device: str) -> str:
+        path = os.path.join(self.temp_root, f"{purpose}-{device}")
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        return path
+
+    def _clear_temp_mounts(self) -> None:
+        """Unmount the short mounts a kill left (before their devices are
+        settled: a mount holds its device open)."""
+        mounted = _mount_points()
+        for name in sorted(os.listdir(self.temp_root)):
+            path = os.path.join(self.temp_root, name)
+            if path in mounted:
+                logger.warning("docker: unmounting %s, left by an interrupted call", path)
+                try:
+                    _umount_syscall(path)
+                except DockerError as exc:
+                    logger.error("docker: %s stays mounted: %s", path, exc)
+                    continue
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only ever empty: nothing is written there
 
     def _delete_if_marked(self, device: str, what: str) -> None:
         """Delete ``device`` of a change cut short, if it is proven the
@@ -337,6 +411,33 @@ class Driver:
                 "mark, so it may not be the plugin's; it is left alone",
                 device,
                 what,
+            )
+
+    def _bind_to_pool(self) -> None:
+        """The records name devices of the pool they were made on: records
+        left by a pool that was destroyed (and made again in its directory)
+        name devices that are gone, so they are refused, never served."""
+        made_on = self.store.pool_uuid()
+        if made_on is None:
+            with self.store.transaction():
+                self.store.set_pool_uuid(self.pool.uuid)
+            return
+        if made_on != self.pool.uuid:
+            raise DockerError(
+                f"the plugin's records in {self.store.statedir.path} were made on another "
+                f"pool (uuid {made_on}), not on pool {self.pool.name!r} (uuid "
+                f"{self.pool.uuid}): that pool was destroyed, and its layers with it. Move "
+                f"{self.store.statedir.path} away to serve this pool afresh (Docker's images "
+                f"must then be pulled or loaded again)"
+            )
+
+    def _refuse_handed_over(self) -> None:
+        to = self.pool.handed_to
+        if to is not None:
+            raise DockerError(
+                f"pool {self.pool.name!r} was handed over to {to} (libdm pool hand-over): its "
+                f"thin devices are {to}'s, and the plugin makes none there; serve a pool of "
+                f"its own, or point {to} at this one"
             )
 
     def _configure_pool(self, options: DriverOptions) -> None:
@@ -363,13 +464,26 @@ class Driver:
     # -- the base device ----------------------------------------------------------------
 
     def _ensure_base(self) -> BaseInfo:
-        if self._base is not None:
-            return self._base
-        base = self.store.base()
+        self._refuse_handed_over()
+        base = self._base or self.store.base()
         if base is not None and base.ready:
-            self._base = base
-            return base
-        opts = self.options
+            if self._has_device(base.device):
+                self._base = base
+                return base
+            self._base = None
+            # Deleted outside the plugin: no layer needs it (a thin
+            # snapshot keeps its blocks without its origin), so it is
+            # made again, with the settings it had.
+            logger.warning(
+                "docker: the base device %s is gone from pool %s; making it again",
+                base.device,
+                self.pool.name,
+            )
+            name = base.device if self.owner.marked(base.device) else self.owner.name("base")
+            return self._make_base(
+                name,
+                dataclasses.replace(self.options, fs=base.fs, base_size=Bytes(base.size)),
+            )
         name = self.owner.name("base")
         if self._has_device(LEGACY_BASE_NAME):
             logger.warning(
@@ -378,6 +492,9 @@ class Driver:
                 LEGACY_BASE_NAME,
                 name,
             )
+        return self._make_base(name, self.options)
+
+    def _make_base(self, name: str, opts: DriverOptions) -> BaseInfo:
         made = BaseInfo(name, opts.fs, int(opts.base_size), False)
         with self.store.transaction():
             self.store.set_base(made)
@@ -386,11 +503,14 @@ class Driver:
         dev = self.pool.create_thin(name, int(opts.base_size))
         dev.format(opts.fs, options=opts.mkfs_args)
         # A layer's root is empty and 0755 (mkfs.ext4 leaves lost+found).
-        with fs.mounted(dev.path, options="nouuid" if opts.fs == "xfs" else None) as root:
+        where = self._temp_mount_point("base", name)
+        with fs.mounted(dev.path, where, options="nouuid" if opts.fs == "xfs" else None) as root:
+            crash.point("docker:init:base-mounted")
             lost = os.path.join(root, "lost+found")
             if os.path.isdir(lost):
                 os.rmdir(lost)
             os.chmod(root, 0o755)
+        os.rmdir(where)
         self.pool.deactivate_device(name)
         made = dataclasses.replace(made, ready=True)
         with self.store.transaction():
@@ -420,6 +540,7 @@ class Driver:
                     base.fs,
                     format_size(Bytes(base.size)),
                 )
+            self._refuse_another_dockerd(home)
             self._configure_pool(parsed)
             self.options = parsed
             self.home = home
@@ -427,12 +548,31 @@ class Driver:
             # void (Docker counts its own in memory).  Mounts stay until
             # the last Put, a Remove or Cleanup.
             with self.store.transaction(durable=False):
+                self.store.set_home(home)
                 for row in self.store.all():
                     if row.refs:
                         self.store.set_refs(row.id, 0)
             if home:
                 os.makedirs(home, mode=0o700, exist_ok=True)
             self._ensure_base()
+
+    def _refuse_another_dockerd(self, home: str) -> None:
+        """One dockerd uses the plugin: another's ``Init`` (another home)
+        would void the counts of the layers the first has mounted, and its
+        ``Cleanup`` unmount them under the first's containers."""
+        held = self.store.home()
+        if held is None or held == home:
+            return
+        mounted = _mount_points()
+        busy = [r.id for r in self.store.all() if r.refs or self._mount_path(r) in mounted]
+        if busy:
+            raise DockerError(
+                f"the plugin serves the dockerd with home {held or '(none)'}, which has "
+                f"{len(busy)} layer(s) mounted ({', '.join(sorted(busy)[:3])}"
+                f"{', ...' if len(busy) > 3 else ''}); one dockerd uses a plugin: stop that "
+                f"dockerd first (its Cleanup unmounts them), or serve another pool for "
+                f"this one"
+            )
 
     def create(
         self, layer_id: str, parent: str, storage_opt: Mapping[str, str] | None = None
@@ -493,12 +633,14 @@ class Driver:
         dev = self.pool.device(device)
         # Online, on a mount of its own: offline, e2fsck would put a
         # lost+found into the layer.
-        with tempfile.TemporaryDirectory(prefix="libdm-grow-") as where:
-            self._mount(device, where)
-            try:
-                fs.grow_filesystem(dev.path)
-            finally:
-                _umount_syscall(where)
+        where = self._temp_mount_point("grow", device)
+        self._mount(device, where)
+        try:
+            crash.point("docker:create:grow-mounted")
+            fs.grow_filesystem(dev.path)
+        finally:
+            _umount_syscall(where)
+        os.rmdir(where)
 
     def _undo_create(self, row: LayerRow, made: bool) -> None:
         """Forget a failed create, deleting its device if ``made`` (by
@@ -609,6 +751,7 @@ class Driver:
         """Remember the socket the server made (its identity, for the next run)."""
         with self._lock, self.store.transaction():
             self.store.set_socket(path, dev, ino)
+        self.store.set_holder(f"serving on {path}")
 
     def made_socket(self, path: str, dev: int, ino: int) -> bool:
         """Whether the socket at ``path`` is the one recorded."""
@@ -656,13 +799,41 @@ class Driver:
             with self.store.transaction():
                 self.store.set_state(layer_id, LayerState.APPLYING)
         crash.point("docker:apply:marked")
-        with self._held(layer_id) as root:
-            size = archive.apply_layer(root, stream)
-            crash.point("docker:apply:unpacked")
-            _syncfs(root)  # the layer's data is on the pool before Docker records it
+        try:
+            with self._held(layer_id) as root:
+                size = archive.apply_layer(root, stream)
+                crash.point("docker:apply:unpacked")
+                _syncfs(root)  # the layer's data is on the pool before Docker records it
+        except OSError as exc:
+            # A full pool fails the layer's writes with EIO, or the
+            # filesystem turns read-only: say that it is the pool.
+            full = self._pool_full()
+            if full is None:
+                raise
+            raise DockerError(f"ApplyDiff of layer {layer_id} failed ({exc}): {full}") from None
         with self._lock, self.store.transaction():
             self.store.set_state(row.id, LayerState.READY)
         return size
+
+    def _pool_full(self) -> str | None:
+        """What says the pool is out of space, or ``None`` if it is not."""
+        try:
+            st = self.pool.status()
+        except DMError:
+            return None
+        if isinstance(st, ThinPoolFailed):
+            return None
+        data_pct = 100 * int(st.used_data) / max(int(st.total_data), 1)
+        meta_pct = 100 * int(st.used_meta) / max(int(st.total_meta), 1)
+        if st.mode == "rw" and int(st.free_data) > 0 and data_pct < 99.9 and meta_pct < 99.9:
+            return None
+        return (
+            f"the pool {self.pool.name!r} is full: {data_pct:.1f}% of its data "
+            f"({int(st.used_data)} of {int(st.total_data)} blocks) and {meta_pct:.1f}% of "
+            f"its metadata used, mode {st.mode}; grow it (libdm pool resize, or libdm "
+            f"pool extend for a pool on block devices) or remove images and containers, "
+            f"then load or pull again (see libdm pool status)"
+        )
 
     # -- recovery -------------------------------------------------------------------
 
@@ -674,6 +845,7 @@ class Driver:
         are reset.  Devices named like the plugin's that its records do
         not name are reported and left alone."""
         with self._lock:
+            self._clear_temp_mounts()
             mounted = _mount_points()
             base = self.store.base()
             if base is not None and not base.ready:

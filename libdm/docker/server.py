@@ -89,6 +89,26 @@ class _LimitedReader(io.RawIOBase):
         return len(data)
 
 
+class _ChunkedWriter(io.RawIOBase):
+    """An answer body sent with ``Transfer-Encoding: chunked``."""
+
+    def __init__(self, wfile: BinaryIO | io.BufferedIOBase) -> None:
+        self.wfile = wfile
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        if size:
+            self.wfile.write(b"%x\r\n" % size + bytes(data) + b"\r\n")
+        return size
+
+    def finish(self) -> None:
+        """The last chunk: the body is complete."""
+        self.wfile.write(b"0\r\n\r\n")
+
+
 def _error_status(method: str) -> int:
     """Diff answers with a tar, so its errors need an HTTP error status
     (Docker's client then reads ``Err``); the JSON calls carry ``Err`` in
@@ -207,21 +227,58 @@ class _Handler(BaseHTTPRequestHandler):
             raise DockerError(
                 f"layer {layer if not driver.exists(layer) else parent} does not exist"
             )
-        # The tar is streamed: the answer ends when the connection closes.
+        # The tar is streamed in chunks: a failure after the 200 leaves out
+        # the last chunk, so the client reads a broken body, never a tar
+        # that merely looks short.
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        out = _ChunkedWriter(self.wfile)
         try:
-            driver.diff(layer, parent, self.wfile)  # type: ignore[arg-type]
+            driver.diff(layer, parent, out)  # type: ignore[arg-type]
         except Exception:
-            logger.exception("docker: Diff of %s failed mid-stream", layer)
+            logger.exception("docker: Diff of %s failed mid-stream; the answer is cut", layer)
+            return
+        out.finish()
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     driver: Driver
+
+
+def _stale_socket(driver: Driver, socket_path: str) -> bool:
+    """Whether ``socket_path`` is a socket an earlier run of the plugin
+    made that nobody answers on (False: nothing is there).
+
+    Raises:
+        FileExistsError: something else is in the way (named).
+    """
+    try:
+        st = os.lstat(socket_path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, f"{socket_path} exists and is not a socket; it is left alone"
+        )
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(socket_path)
+        except ConnectionRefusedError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, f"something already serves on {socket_path}")
+    if not driver.made_socket(socket_path, st.st_dev, st.st_ino):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{socket_path} is a socket this plugin did not make; it is left "
+            f"alone (remove it if it is stale)",
+        )
+    return True
 
 
 class Server:
@@ -254,30 +311,8 @@ class Server:
         self._thread.start()
 
     def _clear_stale(self) -> None:
-        try:
-            st = os.lstat(self.socket_path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(
-                errno.EEXIST, f"{self.socket_path} exists and is not a socket; it is left alone"
-            )
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(self.socket_path)
-            except ConnectionRefusedError:
-                pass
-            else:
-                raise FileExistsError(
-                    errno.EEXIST, f"something already serves on {self.socket_path}"
-                )
-        if not self.driver.made_socket(self.socket_path, st.st_dev, st.st_ino):
-            raise FileExistsError(
-                errno.EEXIST,
-                f"{self.socket_path} is a socket this plugin did not make; it is left "
-                f"alone (remove it if it is stale)",
-            )
-        os.unlink(self.socket_path)
+        if _stale_socket(self.driver, self.socket_path):
+            os.unlink(self.socket_path)
 
     def stop(self) -> None:
         """Stop serving (a call in progress finishes) and remove the socket."""
@@ -320,8 +355,12 @@ def serve(
 
     pool = libdm.Pool.open(pool_dir)
     try:
-        driver = Driver(pool, options)
+        # The plugin's lock is taken here, and the socket checked, before
+        # recovery changes anything another plugin may be working on.
+        driver = Driver(pool, options, recover_at_start=False)
         try:
+            _stale_socket(driver, socket_path)
+            driver.recover()
             server = Server(driver, socket_path)
             with _signals_stop() as stop:
                 logger.info("docker: serving pool %s on %s", pool.name, socket_path)

@@ -18,19 +18,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
+import fcntl
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
 
-from libdm.thin.errors import StateError
+from libdm.thin.errors import PoolError, StateError
 from libdm.thin.owner import DeviceOwner
 from libdm.thin.statedir import StateDir
 
 __all__ = ["BaseInfo", "LayerRow", "LayerState", "LayerStore"]
 
 DB_NAME = "docker.db"
+#: Held (flock) by the one plugin that serves the records, from before its
+#: start-up recovery until it stops; it holds that plugin's pid and socket.
+LOCK_NAME = "plugin.lock"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -97,6 +102,7 @@ class LayerStore:
         with contextlib.suppress(FileExistsError):
             os.mkdir(directory, 0o700)
         self.statedir = StateDir.open(directory, "docker plugin")
+        self._lock_fd = self._take_lock()
         self.statedir.check_file(DB_NAME, "docker plugin", "layer database")
         self.path = self.statedir.join(DB_NAME)
         try:
@@ -120,6 +126,7 @@ class LayerStore:
             #: any device carries it).
             self.owner = self._owner()
         except sqlite3.DatabaseError as exc:
+            self._release_lock()
             self.statedir.close()
             raise StateError(
                 f"the layer database {self.path} cannot be read: {exc}", "docker plugin", None
@@ -139,6 +146,7 @@ class LayerStore:
             return DeviceOwner(self.prefix, token)
         except ValueError as exc:
             self._db.close()
+            self._release_lock()
             self.statedir.close()
             raise StateError(
                 f"the layer database {self.path} is not what the plugin wrote: {exc}",
@@ -146,8 +154,50 @@ class LayerStore:
                 None,
             ) from None
 
+    def _take_lock(self) -> int:
+        """The records' lock, taken without waiting.
+
+        Raises:
+            PoolError: another plugin holds it (EBUSY; named, with its pid).
+        """
+        fd = self.statedir.open_file(
+            LOCK_NAME, os.O_RDWR, "docker plugin", "plugin lock", create=True
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            self.statedir.close()
+            raise PoolError(
+                errno.EBUSY,
+                f"another Docker plugin serves this pool's layers ({holder}); its records "
+                f"in {self.statedir.path} are its own while it runs (stop it first, or "
+                f"serve another pool)",
+                "docker plugin",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            self.statedir.close()
+            raise
+        self._lock_fd = fd
+        self.set_holder("starting")
+        return fd
+
+    def set_holder(self, what: str) -> None:
+        """Say in the lock file who holds it (for a refused second plugin)."""
+        data = f"pid {os.getpid()}, {what}\n".encode()
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, data, 0)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
     def close(self) -> None:
         self._db.close()
+        self._release_lock()
         self.statedir.close()
 
     @contextlib.contextmanager
@@ -209,6 +259,23 @@ class LayerStore:
             self._db.execute("DELETE FROM meta WHERE name='base'")
         else:
             self._set_meta("base", dataclasses.asdict(base))
+
+    def pool_uuid(self) -> str | None:
+        """The uuid of the pool the records were made on (``None``: not yet
+        recorded, records older than this check)."""
+        value = self._meta("pool_uuid")
+        return value if isinstance(value, str) else None
+
+    def set_pool_uuid(self, uuid: str) -> None:
+        self._set_meta("pool_uuid", uuid)
+
+    def home(self) -> str | None:
+        """The home of the dockerd that last sent ``Init`` (``None``: none yet)."""
+        value = self._meta("home")
+        return value if isinstance(value, str) else None
+
+    def set_home(self, home: str) -> None:
+        self._set_meta("home", home)
 
     def socket(self) -> tuple[str, int, int] | None:
         value = self._meta("socket")

@@ -539,13 +539,16 @@ def _take_back_interrupted(directory: str | os.PathLike[str]) -> None:
         return
     statedir = StateDir.open(path, operation="create")
     try:
-        store = Store(statedir)
-        try:
-            if store.records_pool():
-                return  # a pool: the claim refuses it, saying so
-            made, making = store.made_files(), store.making_files()
-        finally:
-            store.close_db()
+        made: dict[str, int] = {}
+        making: dict[str, int] = {}
+        if not Store.blank(statedir):  # blank: killed before anything else was made
+            store = Store(statedir)
+            try:
+                if store.records_pool():
+                    return  # a pool: the claim refuses it, saying so
+                made, making = store.made_files(), store.making_files()
+            finally:
+                store.close_db()
         unproven = [
             statedir.join(name)
             for name in (backings.DATA_FILE, backings.METADATA_FILE)

@@ -326,10 +326,11 @@ class Store:
         self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         if create:
-            self.db.executescript(_SCHEMA)
-            self.db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+            # One transaction: a creation killed amid it leaves no table at
+            # all (see blank()), never half a schema.
+            self.db.executescript(
+                f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES "
+                f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
             )
         self._check_schema()
 
@@ -406,6 +407,8 @@ class Store:
             self._remove_old_log()
 
     def _schema_version(self) -> int:
+        if not self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise _interrupted_creation(self.path)
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             raise sqlite3.DatabaseError("no schema version")
@@ -762,13 +765,25 @@ class Store:
     def _pool_row(self) -> tuple[Any, ...]:
         row = self._one("SELECT * FROM pool WHERE id = 1")
         if row is None:
-            raise StateError(
-                f"{self.path} records no pool (its creation was interrupted); the same "
-                f"pool creation run again takes back what the interrupted one made",
-                "open",
-                None,
-            )
+            raise _interrupted_creation(self.path)
         return row
+
+    @staticmethod
+    def blank(statedir: StateDir) -> bool:
+        """Whether the directory's store holds no table at all: a creation
+        killed before it committed the store's schema (nothing was made
+        after that)."""
+        for name in STORE_FILES:
+            statedir.check_file(name, "create", "state store")  # SQLite follows symlinks
+        if statedir.lstat(DB_NAME) is None:
+            return False
+        db = sqlite3.connect(statedir.join(DB_NAME), timeout=30, isolation_level=None)
+        try:
+            return not db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.Error:
+            return False  # unreadable: not blank, and open says what it is
+        finally:
+            db.close()
 
     def pool(self) -> Row:
         """The pool row as a dict with ``config`` decoded.
@@ -1028,6 +1043,15 @@ def _keep_forever(db: sqlite3.Connection) -> None:
     import ctypes
 
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(db))
+
+
+def _interrupted_creation(path: str) -> StateError:
+    return StateError(
+        f"{path} records no pool (its creation was interrupted); the same pool "
+        f"creation run again takes back what the interrupted one made",
+        "open",
+        None,
+    )
 
 
 def _what(exc: sqlite3.Error) -> str:

@@ -233,8 +233,10 @@ def _busy_in_destroy(exc: DeviceBusyError) -> DeviceBusyError:
 
     if exc.device is None:
         return exc
+    from libdm.thin import fs
+
     path = f"/dev/mapper/{exc.device}"
-    where = _mount_points_of(path)
+    where = fs.mounts_of(path)
     held = (
         f"it is mounted on {', '.join(where)}: unmount it there"
         if where
@@ -249,23 +251,6 @@ def _busy_in_destroy(exc: DeviceBusyError) -> DeviceBusyError:
         exc.device,
         exc.log_lines,
     )
-
-
-def _mount_points_of(device_path: str) -> list[str]:
-    import os
-
-    try:
-        rdev = os.stat(device_path).st_rdev
-    except OSError:
-        return []
-    out = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            major, _, minor = fields[2].partition(":")
-            if os.makedev(int(major), int(minor)) == rdev:
-                out.append(fields[4].replace("\\040", " "))
-    return out
 
 
 # -- reading --------------------------------------------------------------------------

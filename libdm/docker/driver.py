@@ -169,33 +169,6 @@ class DriverOptions:
         return out
 
 
-def _unescape(field: str) -> str:
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")).replace(
-        "\\134", "\\"
-    )
-
-
-def _mount_points() -> set[str]:
-    with open("/proc/self/mountinfo") as fh:
-        return {_unescape(line.split()[4]) for line in fh}
-
-
-def _mounts_of(device_path: str) -> list[str]:
-    """Where the block device ``device_path`` is mounted."""
-    try:
-        rdev = os.stat(device_path).st_rdev
-    except FileNotFoundError:
-        return []
-    out = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            major, _, minor = fields[2].partition(":")
-            if os.makedev(int(major), int(minor)) == rdev:
-                out.append(_unescape(fields[4]))
-    return out
-
-
 def _syncfs(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -350,12 +323,12 @@ class Driver:
     def _is_mounted(target: str) -> bool:
         # Without its directory it cannot be a mount point: one lstat
         # instead of reading the mount table (Put removes the directory).
-        return os.path.lexists(target) and target in _mount_points()
+        return os.path.lexists(target) and target in fs.mount_points()
 
     def _unmount(self, target: str) -> None:
         if not os.path.lexists(target):
             return
-        if target in _mount_points():
+        if target in fs.mount_points():
             _umount_syscall(target)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(target)
@@ -369,7 +342,7 @@ class Driver:
             if self._has_device(device):
                 raise
         except DMError as exc:
-            where = _mounts_of("/dev/mapper/" + self.pool.device_dm_name(device))
+            where = fs.mounts_of("/dev/mapper/" + self.pool.device_dm_name(device))
             if exc.errno != errno.EBUSY or not where:
                 raise
             raise DockerError(
@@ -385,7 +358,7 @@ class Driver:
     def _clear_temp_mounts(self) -> None:
         """Unmount the short mounts a kill left (before their devices are
         settled: a mount holds its device open)."""
-        mounted = _mount_points()
+        mounted = fs.mount_points()
         for name in sorted(os.listdir(self.temp_root)):
             path = os.path.join(self.temp_root, name)
             if path in mounted:
@@ -563,7 +536,7 @@ class Driver:
         held = self.store.home()
         if held is None or held == home:
             return
-        mounted = _mount_points()
+        mounted = fs.mount_points()
         busy = [r.id for r in self.store.all() if r.refs or self._mount_path(r) in mounted]
         if busy:
             raise DockerError(
@@ -846,7 +819,7 @@ class Driver:
         not name are reported and left alone."""
         with self._lock:
             self._clear_temp_mounts()
-            mounted = _mount_points()
+            mounted = fs.mount_points()
             base = self.store.base()
             if base is not None and not base.ready:
                 self._delete_if_marked(base.device, "an unfinished base device")

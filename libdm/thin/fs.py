@@ -21,7 +21,9 @@ __all__ = [
     "filesystem_type",
     "grow_filesystem",
     "make_filesystem",
+    "mount_points",
     "mounted",
+    "mounts_of",
     "set_xfs_nospace_max_retries",
     "trim",
 ]
@@ -127,16 +129,42 @@ def filesystem_type(path: StrPath) -> str | None:
     return proc.stdout.strip() or None
 
 
-def mount_point(path: StrPath) -> str | None:
-    """Where the block device ``path`` is mounted, or ``None``."""
-    rdev = os.stat(path).st_rdev
+def _unescape(field: str) -> str:
+    """A mountinfo path field as the path it stands for."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _mountinfo() -> list[tuple[int, str]]:
+    """(device number, mount point) of this process's mounts."""
+    out = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
-            major, minor = (int(n) for n in fields[2].split(":"))
-            if os.makedev(major, minor) == rdev:
-                return fields[4].replace("\\040", " ")
-    return None
+            major, _, minor = fields[2].partition(":")
+            out.append((os.makedev(int(major), int(minor)), _unescape(fields[4])))
+    return out
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this process's mount namespace."""
+    return {where for _, where in _mountinfo()}
+
+
+def mounts_of(path: StrPath) -> list[str]:
+    """Where the block device ``path`` is mounted (none if it is gone)."""
+    try:
+        rdev = os.stat(path).st_rdev
+    except FileNotFoundError:
+        return []
+    return [where for devno, where in _mountinfo() if devno == rdev]
+
+
+def mount_point(path: StrPath) -> str | None:
+    """Where the block device ``path`` is mounted, or ``None``."""
+    where = mounts_of(path)
+    return where[0] if where else None
 
 
 def grow_filesystem(path: StrPath) -> str:

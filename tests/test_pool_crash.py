@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from support import reliability, witness
+from support.blockio import write_pattern
 from support.children import run_child
 from support.cli import run_cli as cli
 
@@ -163,6 +164,26 @@ def test_a_crash_loop_in_the_same_change_is_idempotent(dm_name, tmp_path):
     try:
         assert_consistent(pool)
         assert pool.devices() == [] and witness.thin_ids(pool.name) == set()
+    finally:
+        pool.close()
+
+
+def test_a_device_left_without_its_node_gets_one_at_open(dm_name, tmp_path):
+    """A kill between the ioctl that made a thin device and libdevmapper
+    making its /dev/mapper node (no udev here) leaves it live without a
+    node: open makes the node, so the device's path works again."""
+    directory = tmp_path / "pool"
+    pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    dev = pool.create_thin("vol", "4M")
+    write_pattern(dev.path, 0x6B)
+    path = dev.path
+    pool.close()
+    os.unlink(path)  # as the kill left it: live, no node
+    pool = libdm.Pool.open(directory)
+    try:
+        assert os.path.exists(path)
+        assert witness.checksum(pool.device("vol").path) == witness.checksum(path)
+        assert_consistent(pool)
     finally:
         pool.close()
 

@@ -1107,6 +1107,10 @@ class Pool:
                 # Without udev, libdevmapper dropped the /dev/mapper node when
                 # the deferred removal was requested: put it back.
                 ops.mknodes(dm_name)
+            elif not os.path.lexists(f"/dev/mapper/{dm_name}"):
+                # A kill between the create ioctl and libdevmapper making
+                # the node leaves the device without one.
+                ops.mknodes(dm_name)
             if info.suspended:
                 ops.resume(dm_name)
         else:

@@ -25,6 +25,7 @@ from support.tarball import MTIME, tar_bytes
 import libdm
 from libdm.docker import CRASH_POINTS
 from libdm.docker.driver import TEMP_MOUNT_POINTS
+from libdm.testing import in_ci
 
 pytestmark = pytest.mark.kernel
 
@@ -679,9 +680,7 @@ STRACE = ("strace", "-f", "-y", "-s", "48", "-e", "trace=fdatasync,fsync,recvfro
 
 
 # Under CI=true a missing strace fails the test (setup installs it); elsewhere it skips.
-@pytest.mark.skipif(
-    shutil.which("strace") is None and os.environ.get("CI") != "true", reason="needs strace"
-)
+@pytest.mark.skipif(shutil.which("strace") is None and not in_ci(), reason="needs strace")
 def test_records_are_synced_only_where_a_power_cut_needs_it(pool, plugin, tmp_path):
     """Each sync of the plugin's records costs milliseconds: counted with
     strace on the running plugin (each call comes on a connection, so a

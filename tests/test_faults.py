@@ -11,11 +11,15 @@ import pytest
 from support import reliability, witness
 
 import libdm
+from libdm.thin.label import RESERVED
 from libdm.thin.store import Store
 
 pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
+
+
+LABEL = int(RESERVED.bytes())  # a block pool's device starts with its label
 
 
 @pytest.fixture
@@ -62,7 +66,7 @@ def read_first_mib(path):
 
 @pytest.mark.parametrize("fault", ["error", "flakey"])
 def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp_path):
-    pool, dev, lower, swap = faulty_pool
+    pool, dev, _lower, swap = faulty_pool
     swap("meta", fault)
     with pytest.raises((libdm.PoolFailedError, libdm.PoolReadOnlyError)) as caught:
         pool.create_thin("new", "4M")
@@ -88,9 +92,17 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
     swap("meta", "linear")
     for name in (dev.dm_name, pool.name, f"{pool.name}-tdata", f"{pool.name}-tmeta"):
         witness.dmsetup("remove", name)
-    check = subprocess.run(
-        ["thin_check", libdm.device_path(lower["meta"])], capture_output=True, text=True
-    )
+    # The pool's metadata as the pool maps it: after the device's label.
+    meta = subprocess.run(
+        ["losetup", "-f", "--show", "-r", "-o", str(LABEL), str(tmp_path / "meta")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        check = subprocess.run(["thin_check", meta], capture_output=True, text=True)
+    finally:
+        subprocess.run(["losetup", "-d", meta], check=False)
     assert check.returncode == 0, check.stderr
     again = libdm.Pool.open(pool.directory)
     try:
@@ -132,9 +144,9 @@ def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
     name = pool.name
     for gone in (dev.dm_name, name, f"{name}-tdata", f"{name}-tmeta"):
         witness.dmsetup("remove", gone)
-    # Scribble over the metadata superblock's checksum.
+    # Scribble over the metadata superblock's checksum (after the label).
     fd = os.open(libdm.device_path(lower["meta"]), os.O_WRONLY)
-    os.pwrite(fd, b"\xff" * 4, 0)
+    os.pwrite(fd, b"\xff" * 4, LABEL)
     os.fsync(fd)
     os.close(fd)
     with pytest.raises(libdm.PoolFailedError) as caught:

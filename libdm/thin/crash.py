@@ -21,8 +21,8 @@ __all__ = ["POINTS", "arm", "disarm", "point"]
 POINTS = (
     "create:intent",  # intent recorded, nothing sent
     "create:message",  # create_thin / create_snap sent
-    "create:transaction",  # set_transaction_id sent and committed
-    "create:recorded",  # store updated, device not yet active
+    "create:transaction",  # set_transaction_id sent and committed, device not yet active
+    "create:recorded",  # device active, store updated
     "snapshot:suspended",  # origin suspended, create_snap not sent
     "delete:intent",  # intent recorded, nothing discarded or removed
     "delete:deactivated",  # blocks discarded, thin device removed, id not deleted

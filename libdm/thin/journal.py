@@ -40,7 +40,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from libdm.dm.errors import DeviceBusyError, DMError
 from libdm.thin import crash
@@ -51,6 +51,8 @@ from libdm.thin.status import ThinPoolFailed
 from libdm.thin.store import Store
 from libdm.thin.table import MAX_THIN_ID
 from libdm.thin.units import Sectors
+
+_Made = TypeVar("_Made")
 
 __all__ = ["GrowthIntent", "Intent", "Journal", "JournalHost", "Op", "Transaction"]
 
@@ -254,12 +256,16 @@ class Transaction:
             elif active is not None:
                 store.set_active(intent.name, active)
 
-    def commit(self) -> None:
+    def commit(self, then: Callable[[], None] | None = None) -> None:
         """Step 3: move the kernel's transaction id (for a change of thin
         ids) and record the outcome.  If the kernel refuses the transaction
         id, a create's thin id is deleted again and the intent withdrawn
         before the error is raised (a delete's intent stays: the pool's next
-        change, or Pool.open, finishes it)."""
+        change, or Pool.open, finishes it).
+
+        ``then`` runs between the two (a create's activation): the outcome
+        is recorded even if it fails, and a kill inside it is finished like
+        one before the record, so a record never says more than is done."""
         intent = self.intent
         if isinstance(intent, Intent):
             crash.point(f"{intent.op.crash_prefix}:message")
@@ -273,7 +279,11 @@ class Transaction:
                         self.withdraw()
                 raise
             crash.point(f"{intent.op.crash_prefix}:transaction")
-        self.record_outcome()
+        try:
+            if then is not None:
+                then()
+        finally:
+            self.record_outcome()
 
     def record_outcome(self) -> None:
         """The kernel has the change: record it and drop the intent in one
@@ -504,9 +514,16 @@ class Journal:
         parent: str | None = None,
         origin_id: int | None = None,
         origin_dm: str | None = None,
-    ) -> int:
+        *,
+        activate: Callable[[int], _Made],
+    ) -> _Made:
         """Create a thin id (``create_thin``, or ``create_snap`` of
-        ``origin_id``, suspending ``origin_dm`` around it); returns it."""
+        ``origin_id``, suspending ``origin_dm`` around it) and
+        ``activate(thin_id)`` it before its record says it is active;
+        returns what ``activate`` made.  A kill before the record leaves
+        the intent, which recovery finishes (activating the device); a
+        failed activation is recorded all the same, for the caller to
+        delete the device as a journalled change."""
         while True:
             txn = self.open(op, name, size=size, parent=parent, origin_id=origin_id)
             assert isinstance(txn.intent, Intent)
@@ -524,9 +541,11 @@ class Journal:
                 if exc.errno == errno.EEXIST:
                     continue
                 raise
-            txn.commit()
-            crash.point("create:recorded")
-            return thin_id
+            break
+        made: list[_Made] = []
+        txn.commit(then=lambda: made.append(activate(thin_id)))
+        crash.point("create:recorded")
+        return made[0]
 
     def delete(
         self,

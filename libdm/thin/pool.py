@@ -893,8 +893,7 @@ class Pool:
         sectors = parse_size(self.base_size if size is None else size, what="size").sectors()
         with self._changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
-            thin_id = self._journal.provision(Op.CREATE_THIN, name, sectors)
-            return self._activate_new(name, thin_id, sectors, None, "create_thin")
+            return self._provision(Op.CREATE_THIN, name, sectors, None, "create_thin")
 
     def snapshot_device(self, origin: str, name: str) -> ThinDevice:
         """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
@@ -906,35 +905,51 @@ class Pool:
             # first, so that no suspend of a missing device fails (and is
             # logged), and no device of its name made by another is touched.
             origin_live = self._live(row, "snapshot") is not None
-            size = Sectors(row["size"])
-            thin_id = self._journal.provision(
+            return self._provision(
                 Op.CREATE_SNAP,
                 name,
-                size,
+                Sectors(row["size"]),
                 origin,
+                "snapshot",
                 row["thin_id"],
                 self.device_dm_name(origin) if origin_live else "",
             )
-            return self._activate_new(name, thin_id, size, origin, "snapshot")
 
-    def _activate_new(
-        self, name: str, thin_id: int, size: Sectors, parent: str | None, operation: str
+    def _provision(
+        self,
+        op: Op,
+        name: str,
+        size: Sectors,
+        parent: str | None,
+        operation: str,
+        origin_id: int | None = None,
+        origin_dm: str | None = None,
     ) -> ThinDevice:
-        """Activate a device just provisioned (its record is as the journal
-        wrote it; its device-mapper name was checked free under this lock);
-        if the kernel refuses its table, delete its thin id and record again
+        """Provision a device and activate it before its record says so
+        (its device-mapper name was checked free under this lock); if the
+        kernel refuses its table, delete its thin id and record again
         (journalled, as any delete) rather than leave a record no open can
         activate."""
-        row: Row = {
-            "name": name,
-            "thin_id": thin_id,
-            "size": int(size),
-            "parent": parent,
-            "active": 1,
-        }
-        try:
-            return self._activate(row, operation, absent=True)
-        except Exception as exc:
+        failed: list[Exception] = []
+
+        def activate(thin_id: int) -> ThinDevice | None:
+            row: Row = {
+                "name": name,
+                "thin_id": thin_id,
+                "size": int(size),
+                "parent": parent,
+                "active": 1,
+            }
+            try:
+                return self._activate(row, operation, absent=True)
+            except Exception as exc:
+                failed.append(exc)  # undone once recorded, below
+                return None
+
+        device = self._journal.provision(
+            op, name, size, parent, origin_id, origin_dm, activate=activate
+        )
+        if device is None:
             try:
                 self.delete_device(name, discard=False)  # it never held data
             except DMError as undo:
@@ -944,7 +959,8 @@ class Pool:
                     name,
                     undo,
                 )
-            raise exc
+            raise failed[0]
+        return device
 
     def _before_change(self, operation: str, name: str, dm_name: str) -> None:
         self._refuse_if_handed_over(operation)

@@ -549,16 +549,18 @@ class LinearBacking:
             StateError: a segment's device is not the recorded one (another
                 path, or smaller than recorded: another disk, or one that
                 shrank).  A device larger than recorded has grown, which
-                :meth:`~libdm.Pool.refresh` allows.
+                :meth:`~libdm.Pool.refresh` allows.  Or a segment does not
+                fit on its recorded device: the store does not describe it.
             ForeignDeviceError: a labelled device is not at its recorded
                 path, and no block device carries its label.
-            ValueError: a segment that does not fit on its device.
+            ValueError: a segment with no record does not fit on its device.
         """
         out: list[Target] = []
         at = 0
         found: dict[str, str] = {} if moved is None else moved
         for index, seg in enumerate(segments):
             path, first, length = Segment.of(seg)
+            stored = path
             record = devices[index] if devices is not None and index < len(devices) else None
             if record is not None and record.label is not None and token is not None:
                 if path not in found:
@@ -573,6 +575,16 @@ class LinearBacking:
             size = dev.size // 512
             start = int(first)
             count = size - start if length is None else int(length)
+            if record is not None and (start < 0 or count <= 0 or start + count > size):
+                # A stored segment off the end of its proven device: the store
+                # does not describe this pool's devices (edited, or forged).
+                raise StateError(
+                    f"the pool's stored segment {stored} sectors {start}+{count} "
+                    f"does not fit on {path}, the pool's {record.label or 'device'} "
+                    f"({size} sectors); libdm will not map it",
+                    "open",
+                    None,
+                )
             if start < 0 or count <= 0 or start + count > size:
                 raise ValueError(
                     f"segment {path} sectors {start}+{count} does not fit on "
@@ -832,11 +844,22 @@ def identify(path: str, recorded: RecordedDevice, token: str) -> str:
         else "no block device carries its label"
     )
     raise ForeignDeviceError(
-        f"{path} is not the pool's {recorded.label}: it {what}, and {where}; libdm will not "
-        f"use another device in its place (attach the pool's device, or remove the copies)",
+        f"{path} is not the pool's {recorded.label}: it {what}{_sizes(path, recorded)}, and "
+        f"{where}; libdm will not use another device in its place (attach the pool's "
+        f"device, or remove the copies)",
         "open",
         path,
     )
+
+
+def _sizes(path: str, recorded: RecordedDevice) -> str:
+    """What tells the devices apart by size, for a refusal: the size found at
+    ``path`` beside the size recorded for the pool's device."""
+    try:
+        size: int | str = open_block_device(path).size
+    except OSError:
+        size = "unknown"
+    return f" ({size} bytes, where the pool recorded {int(recorded.size)} bytes)"
 
 
 def _signatures(path: str) -> list[str]:

@@ -64,8 +64,8 @@ cd "$work/run"
 # tests/test_packaging.py read it (the latter checks this build's sdist
 # and wheel rather than building them again).
 export LIBDM_TEST_INSTALLED=$wheel
-# The session's test kernel runs every kernel test, 10 to 20 minutes on a
-# quiet machine: an hour before it is killed leaves room for a busy one
+# The session's test kernels (one per CPU) share the kernel tests, a module
+# at a time: an hour before one is killed leaves room for a busy machine
 # (the plugin's default is 30 minutes).  Arguments given later override it.
 status=0
 "$venv_python" -P -m pytest -c "$repo/pyproject.toml" --rootdir="$repo" \

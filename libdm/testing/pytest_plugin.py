@@ -12,13 +12,17 @@ runs them in this process (root and /dev/mapper/control needed), ``uml``
 inside a User-Mode Linux kernel, ``auto`` (the default, or
 ``$LIBDM_DM_KERNEL``) the host when it can, else UML.
 
-In UML mode one kernel boots per session, early, and runs an inner pytest
-on the node ids of every selected kernel test while the other tests run
-here.  The inner session writes each test report as a JSON line to a host
-file; this session replays them in item order in place of running those
-items (their fixtures never run here), so counts, tracebacks, ``-ra`` and
-junit see ordinary tests.  A test the kernel never reported (it died,
-timed out, or never booted) fails with the reason and the console's tail.
+In UML mode test kernels boot early in the session (``--dm-kernels``,
+by default one per CPU, at most four) and each runs an inner pytest on the
+node ids of every selected kernel test while the other tests run here.
+With more than one kernel, each test module runs whole in the kernel that
+claims it first (a file created exclusively in a directory they share), so
+a kernel that finishes early takes the next module.  The inner session
+writes each test report as a JSON line to a host file; this session
+replays them in item order in place of running those items (their
+fixtures never run here), so counts, tracebacks, ``-ra`` and junit see
+ordinary tests.  A test its kernel never reported (it died, timed out,
+or never booted) fails with the reason and the console's tail.
 
 Without a kernel a ``kernel`` test is skipped, saying how to get one; with
 ``CI=true`` in the environment it fails instead.  Under pytest-cov the
@@ -29,6 +33,7 @@ to this session's, which pytest-cov combines into its report.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -47,6 +52,11 @@ from libdm.testing.ci import in_ci
 
 #: Set for the inner session: the host file its reports go to.
 REPORTS_ENV = "LIBDM_TESTING_REPORTS"
+#: Set for an inner session among several: the directory of module claims,
+#: and the number of its kernel.
+CLAIMS_ENV = "LIBDM_TESTING_CLAIMS"
+KERNEL_NUMBER_ENV = "LIBDM_TESTING_KERNEL_NUMBER"
+_MAX_KERNELS = 4
 
 _HOW_TO_GET = (
     "or run as root on a kernel with device-mapper; python -m libdm.testing check tells more"
@@ -80,6 +90,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--dm-kernel-mem", default="1G", metavar="SIZE", help="memory of test kernels (default 1G)"
     )
+    group.addoption(
+        "--dm-kernels",
+        default=os.environ.get("LIBDM_DM_KERNELS", "auto"),
+        metavar="N",
+        help=f"test kernels run side by side in UML mode: auto (default, or "
+        f"$LIBDM_DM_KERNELS) is one per CPU, at most {_MAX_KERNELS}",
+    )
 
 
 BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot")
@@ -110,7 +127,61 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--dm-kernel must be auto, host or uml, not {config.option.dm_kernel!r}"
         )
+    _kernel_count(config)  # a bad value is a usage error at once
     config.pluginmanager.register(_Harness(config), "libdm-harness")
+
+
+def _kernel_count(config: pytest.Config) -> int:
+    """How many test kernels a UML session boots (``--dm-kernels``)."""
+    value = str(config.option.dm_kernels)
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, _MAX_KERNELS))
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise pytest.UsageError(f"--dm-kernels must be auto or a number from 1, not {value!r}")
+    return count
+
+
+def _module_of(nodeid: str) -> str:
+    """The module part of a node id: the unit kernels claim."""
+    return nodeid.split("::", 1)[0]
+
+
+class _Claims:
+    """Which kernel runs which test module, when several share the work: a
+    kernel claims a module by creating its file exclusively (atomic on the
+    host filesystem they share), writing its number into it."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, module: str) -> str:
+        return os.path.join(self.directory, hashlib.sha1(module.encode()).hexdigest())
+
+    def claim(self, module: str, number: int) -> bool:
+        """Claim ``module`` for kernel ``number``; False if another has it."""
+        try:
+            fd = os.open(self._path(module), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return self.owner(module) == number
+        try:
+            os.write(fd, str(number).encode())
+        finally:
+            os.close(fd)
+        return True
+
+    def owner(self, module: str) -> int | None:
+        """The kernel that claimed ``module``, or None (not yet, or its
+        number is still being written)."""
+        try:
+            with open(self._path(module)) as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
 
 
 def _harness(config: pytest.Config) -> _Harness:
@@ -177,17 +248,26 @@ class _Reports:
 
 
 class _KernelSession:
-    """The one test kernel of a session and the reports it sends back."""
+    """A test kernel of the session and the reports it sends back: kernel
+    ``number`` of ``count``, sharing the modules through ``claims`` when
+    there are several."""
 
     def __init__(
-        self, config: pytest.Config, items: list[pytest.Item], info: _kernel.KernelInfo
+        self,
+        config: pytest.Config,
+        items: list[pytest.Item],
+        info: _kernel.KernelInfo,
+        number: int = 0,
+        count: int = 1,
+        claims: _Claims | None = None,
     ) -> None:
         self.config = config
         self.info = info
+        self.number, self.count, self.claims = number, count, claims
         self.nodeids = [item.nodeid for item in items]
         # nodeid -> reports received, not yet replayed
         self.pending: dict[str, list[pytest.TestReport]] = {}
-        self.replayed: set[str] = set()
+        self.ran: set[str] = set()  # modules it sent reports of
         self.kernel: _kernel.KernelProcess | None = None
         self.failure: str | None = None  # why unreported tests fail, once known
         self.exit_status: int | None = None
@@ -265,7 +345,8 @@ class _KernelSession:
             argv += ["-o", override]
         factory = getattr(config, "_tmp_path_factory", None)
         if factory is not None:
-            argv.append(f"--basetemp={factory.getbasetemp() / 'kernel'}")
+            base = "kernel" if self.count == 1 else f"kernel-{self.number + 1}"
+            argv.append(f"--basetemp={factory.getbasetemp() / base}")
         argv += [
             f"--tb={config.option.tbstyle}",
             f"--capture={config.option.capture}",
@@ -294,6 +375,9 @@ class _KernelSession:
         for name in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"):
             env.pop(name, None)
         env[REPORTS_ENV] = self.reports.path
+        if self.claims is not None:
+            env[CLAIMS_ENV] = self.claims.directory
+            env[KERNEL_NUMBER_ENV] = str(self.number)
         if self.coverage:
             env["COVERAGE_FILE"] = self.coverage.data_file
         return env
@@ -310,25 +394,16 @@ class _KernelSession:
                     path, lineno, reason = longrepr
                     report.longrepr = (str(path), int(lineno), str(reason))
                 self.pending.setdefault(report.nodeid, []).append(report)
+                self.ran.add(_module_of(report.nodeid))
 
-    def reports_for(self, nodeid: str) -> Iterator[pytest.TestReport]:
-        """Yield this test's reports as they arrive; stop after its
-        teardown report, or when the kernel has gone (then
-        :attr:`failure` says why)."""
-        while True:
-            if self.kernel is not None:
-                gone = self.kernel.poll()  # read after polling: nothing is missed
-                self._receive()
-            else:
-                gone = True
-            for report in self.pending.pop(nodeid, ()):
-                yield report
-                if report.when == "teardown":
-                    return
-            if gone:
-                self._conclude()
-                return
-            time.sleep(0.05)
+    def receive(self) -> bool:
+        """Take in the reports sent so far; True if the kernel has gone
+        (then every report it sent is in :attr:`pending`)."""
+        if self.kernel is None:
+            return True
+        gone = self.kernel.poll()  # read after polling: nothing is missed
+        self._receive()
+        return gone
 
     def _conclude(self) -> None:
         """The kernel has exited: learn its result, and why unreported
@@ -413,8 +488,18 @@ class _Harness:
         # item -> "remote" or the reason it fails without running
         self.special: dict[pytest.Item, str] = {}
         self.next_local: dict[pytest.Item, pytest.Item | None] = {}
-        self.session: _KernelSession | None = None
+        self.sessions: list[_KernelSession] = []
+        self.claims: _Claims | None = None
+        self.claims_dir: str | None = None
         self.remote_count = 0
+        # In an inner session among several: the modules this kernel runs,
+        # and those another kernel claimed.
+        inner_claims = os.environ.pop(CLAIMS_ENV, None)
+        self.number = int(os.environ.pop(KERNEL_NUMBER_ENV, "0"))
+        self.inner_claims = _Claims(inner_claims) if inner_claims else None
+        self.mine: dict[str, bool] = {}
+        self.replayed: set[str] = set()
+        self.stopped = "the test kernel stopped"
 
     # -- where kernel tests run ------------------------------------------
 
@@ -490,9 +575,13 @@ class _Harness:
         try:
             return (yield)
         finally:
-            if self.session is not None:
-                everything = all(n in self.session.replayed for n in self.session.nodeids)
-                self.session.finish(wait=everything)
+            everything = all(n in self.replayed for s in self.sessions[:1] for n in s.nodeids)
+            try:
+                for s in self.sessions:
+                    s.finish(wait=everything)
+            finally:
+                if self.claims_dir is not None:
+                    shutil.rmtree(self.claims_dir, ignore_errors=True)
 
     def _plan(self, session: pytest.Session) -> None:
         kernel_items = [item for item in session.items if item.get_closest_marker("kernel")]
@@ -524,12 +613,34 @@ class _Harness:
                 if item not in self.special:
                     following = item
         if self.remote_count and where.kernel is not None:
-            self.session = _KernelSession(session.config, kernel_items, where.kernel)
+            # No more kernels than modules to share among them.
+            modules = {_module_of(item.nodeid) for item in kernel_items}
+            count = min(_kernel_count(session.config), len(modules))
+            if count > 1:
+                try:
+                    self.claims_dir = _kernel._private_dir()
+                except _kernel.KernelError:
+                    count = 1  # no shared directory: one kernel runs them all
+                else:
+                    self.claims = _Claims(self.claims_dir)
+            self.sessions = [
+                _KernelSession(
+                    session.config, kernel_items, where.kernel, number, count, self.claims
+                )
+                for number in range(count)
+            ]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> bool | None:
+        if self.inner_claims is not None:
+            # An inner session among several: run only the modules this
+            # kernel claims; another kernel reports the rest.
+            module = _module_of(item.nodeid)
+            if module not in self.mine:
+                self.mine[module] = self.inner_claims.claim(module, self.number)
+            return None if self.mine[module] else True
         if not self.special:
             return None
         from _pytest.runner import runtestprotocol
@@ -549,39 +660,79 @@ class _Harness:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
+    def _owner(self, nodeid: str) -> _KernelSession | None:
+        """The kernel that runs this test: the one that claimed its module
+        (None while none has), or the only one."""
+        if self.claims is None:
+            return self.sessions[0]
+        number = self.claims.owner(_module_of(nodeid))
+        return None if number is None else self.sessions[number]
+
+    def _reports_for(self, nodeid: str) -> Iterator[pytest.TestReport]:
+        """Yield this test's reports as they arrive, from whichever kernel
+        runs it; stop after its teardown report, or when that kernel has
+        gone (or all have, and none claimed it): then :attr:`stopped` says
+        why."""
+        self.stopped = "the test kernel stopped"
+        while True:
+            gone = {s.number: s.receive() for s in self.sessions}
+            for s in self.sessions:
+                for report in s.pending.pop(nodeid, ()):
+                    yield report
+                    if report.when == "teardown":
+                        return
+            owner = self._owner(nodeid)
+            if owner is not None and gone[owner.number]:
+                owner._conclude()
+                self.stopped = owner.failure or self.stopped
+                return
+            if owner is None and all(gone.values()):
+                for s in self.sessions:
+                    s._conclude()
+                reasons = [s.failure for s in self.sessions if s.failure]
+                self.stopped = reasons[0] if reasons else "no test kernel ran this test"
+                return
+            time.sleep(0.05)
+
     def _replay(self, item: pytest.Item) -> None:
-        assert self.session is not None
+        assert self.sessions
         received: list[pytest.TestReport] = []
-        for report in self.session.reports_for(item.nodeid):
+        for report in self._reports_for(item.nodeid):
             received.append(report)
             item.ihook.pytest_runtest_logreport(report=report)
-        self.session.replayed.add(item.nodeid)
+        self.replayed.add(item.nodeid)
         if received and received[-1].when == "teardown":
             return
-        for report in _missing_reports(
-            item, received, self.session.failure or "the test kernel stopped"
-        ):
+        for report in _missing_reports(item, received, self.stopped):
             item.ihook.pytest_runtest_logreport(report=report)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        s = self.session
-        if s is None:
-            return
-        if s.exit_status not in (None, 0, 1):
-            # Every test may have been reported and still the inner
-            # session went wrong (say an error in a session fixture's
-            # teardown): show it rather than lose it.
-            terminalreporter.write_sep("=", "libdm: the test kernel's pytest", yellow=True)
-            terminalreporter.write_line(f"exited with status {s.exit_status}{s.output_tail()}")
-        elif terminalreporter.verbosity >= 0:
-            ran = "" if s.result is None else f" in {s.result.duration:.1f} s, boot included"
-            status = (
-                "" if s.exit_status is None else f"; its pytest exited with status {s.exit_status}"
-            )
-            terminalreporter.write_line(
-                f"libdm: {len(s.nodeids)} kernel test(s) ran inside UML kernel"
-                f" {s.info.version}{ran}{status}"
-            )
+        for s in self.sessions:
+            which = "the test kernel" if s.count == 1 else f"test kernel {s.number + 1}"
+            if s.exit_status not in (None, 0, 1, 5):
+                # Every test may have been reported and still the inner
+                # session went wrong (say an error in a session fixture's
+                # teardown): show it rather than lose it.  (5: a kernel
+                # among several that another left no module.)
+                terminalreporter.write_sep("=", f"libdm: {which}'s pytest", yellow=True)
+                terminalreporter.write_line(f"exited with status {s.exit_status}{s.output_tail()}")
+            elif terminalreporter.verbosity >= 0:
+                ran = "" if s.result is None else f" in {s.result.duration:.1f} s, boot included"
+                status = (
+                    ""
+                    if s.exit_status is None
+                    else f"; its pytest exited with status {s.exit_status}"
+                )
+                tests = (
+                    f"{len(s.nodeids)} kernel test(s)"
+                    if s.count == 1
+                    else f"kernel tests of {len(s.ran)} module(s)"
+                )
+                terminalreporter.write_line(
+                    f"libdm: {tests} ran inside UML kernel {s.info.version}"
+                    f"{'' if s.count == 1 else f' (kernel {s.number + 1} of {s.count})'}"
+                    f"{ran}{status}"
+                )
 
     # -- the inner session --------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 SRC = "/usr/share/gocode/src/github.com/containerd/containerd"
 WRAPPER = os.path.join(HERE, "conformance_test.go")
 CACHE = os.path.join(ROOT, ".venv", "cache", "libdm-conformance")
+
+
+def _partial(binary: str) -> str:
+    """A name of this build's own for ``binary`` until it is complete:
+    test kernels side by side share the host's filesystem, and may build
+    the same binary at once (the last rename wins, whole)."""
+    return f"{binary}.{secrets.token_hex(4)}.tmp"
 
 
 def binary_path() -> str:
@@ -64,8 +72,9 @@ def build() -> str:
         GOCACHE=os.path.join(build_dir, "gocache"),
         GOFLAGS="",
     )
+    partial = _partial(binary)
     proc = subprocess.run(
-        [go, "test", "-c", "-o", binary + ".tmp", "libdmconformance"],
+        [go, "test", "-c", "-o", partial, "libdmconformance"],
         cwd=pkg,
         env=env,
         capture_output=True,
@@ -74,7 +83,7 @@ def build() -> str:
     )
     if proc.returncode != 0:
         raise RuntimeError("building the conformance suite failed:\n" + proc.stdout + proc.stderr)
-    os.rename(binary + ".tmp", binary)
+    os.rename(partial, binary)
     return binary
 
 
@@ -100,8 +109,9 @@ def build_probe() -> str:
         GOCACHE=os.path.join(build_dir, "gocache"),
         GOFLAGS="",
     )
+    partial = _partial(binary)
     proc = subprocess.run(
-        [go, "build", "-o", binary + ".tmp", "."],
+        [go, "build", "-o", partial, "."],
         cwd=os.path.dirname(source),
         env=env,
         capture_output=True,
@@ -110,7 +120,7 @@ def build_probe() -> str:
     )
     if proc.returncode != 0:
         raise RuntimeError("building the probe failed:\n" + proc.stdout + proc.stderr)
-    os.rename(binary + ".tmp", binary)
+    os.rename(partial, binary)
     return binary
 
 

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,12 @@ WRAPPER = os.path.join(HERE, "graphtest_test.go")
 CACHE = os.path.join(ROOT, ".venv", "cache", "libdm-graphtest")
 GOCODE = "/usr/share/gocode/src"
 PACKAGE = "docker.io"
+
+
+def _partial(path: str) -> str:
+    """A name of this build's own for ``path`` until it is complete: test
+    kernels side by side share the host's filesystem and may build at once."""
+    return f"{path}.{secrets.token_hex(4)}.tmp"
 
 
 def _source_version() -> str:
@@ -137,9 +144,10 @@ def build() -> str:
     }
     for link, target in links.items():
         os.makedirs(os.path.dirname(link), exist_ok=True)
-        if os.path.islink(link):
-            os.unlink(link)
-        os.symlink(target, link)
+        # Made aside and renamed over: another kernel may build at once.
+        made = _partial(link)
+        os.symlink(target, made)
+        os.replace(made, link)
     pkg = os.path.join(gopath, "src", "libdmgraphtest")
     os.makedirs(pkg, exist_ok=True)
     shutil.copy(WRAPPER, pkg)
@@ -152,8 +160,9 @@ def build() -> str:
         GOCACHE=os.path.join(gopath, "gocache"),
         GOFLAGS="",
     )
-    _run([go, "test", "-c", "-o", binary + ".tmp", "."], cwd=pkg, env=env, timeout=1800)
-    os.rename(binary + ".tmp", binary)
+    partial = _partial(binary)
+    _run([go, "test", "-c", "-o", partial, "."], cwd=pkg, env=env, timeout=1800)
+    os.rename(partial, binary)
     return binary
 
 

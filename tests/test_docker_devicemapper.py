@@ -96,7 +96,7 @@ def _build(work: Path, pool_name: str) -> dict[str, object]:
 
     import libdm
 
-    pool = libdm.Pool.create_loop(pool_name, work / "pool", data_size="256M")
+    pool = libdm.Pool.create_loop(pool_name, work / "pool", data_size="128M")
     pool.hand_over("docker")
     before = _pool_fields(pool_name)["total"]
     dockerd = _dockerd(work, pool_name).start()
@@ -114,7 +114,7 @@ def _build(work: Path, pool_name: str) -> dict[str, object]:
             "dmtest",
             "sh",
             "-c",
-            "dd if=/dev/urandom of=/big bs=1M count=200 conv=fsync 2>/dev/null && echo done",
+            "dd if=/dev/urandom of=/big bs=1M count=110 conv=fsync 2>/dev/null && echo done",
             timeout=600,
         ).stdout
     finally:

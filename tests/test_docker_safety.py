@@ -330,18 +330,20 @@ def test_a_diff_that_fails_midway_reaches_the_client_as_an_error(pool, plugin):
 def test_applydiff_that_fills_the_pool_says_so(make_pool, tmp_path):
     """An ApplyDiff larger than the pool's free space once answered a bare
     EIO or EROFS; it says the pool is full, how full, and what to run."""
-    small = make_pool(data_size="100M")
+    # Small, so that filling it is quick in the test kernel, and failing
+    # writes at once rather than after the kernel's 60 s of queueing.
+    small = make_pool(data_size="40M", features=["error_if_no_space"])
     p = DockerPlugin(
         small.directory,
         str(tmp_path / "f.sock"),
-        options=("dm.basesize=512M",),
+        options=("dm.basesize=128M",),
         log=str(tmp_path / "plugin.log"),
     ).start()
     try:
         c = p.client
         c.ok("GraphDriver.Init", Home="", Opts=[])
         c.ok("GraphDriver.Create", ID="big", Parent="")
-        size = 160 << 20
+        size = 64 << 20
 
         def body():
             info = tarfile.TarInfo("big")

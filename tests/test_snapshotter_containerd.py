@@ -357,6 +357,15 @@ def run_a_container(ctd, tmp_path):
     assert "probe1" not in ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
 
 
+def _plugin_state(plugin, log):
+    """What a failure needs said of the plugin: running or not, the end of
+    its log, and the kernel's last words (an OOM kill, say)."""
+    code = plugin.proc.poll() if plugin.proc is not None else "never started"
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout[-2000:]
+    return f"plugin exit status: {code}\n--- plugin log ---\n{tail}\n--- dmesg ---\n{dmesg}"
+
+
 def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
     """SIGKILL the plugin while containerd unpacks an image through it,
     restart it, import again: the image unpacks, containerd's snapshot
@@ -406,7 +415,11 @@ def test_plugin_killed_during_import_then_containerd_and_libdm_agree(tmp_path):
             # Images whose unpack failed are removed, and with them
             # whatever layers containerd recorded for them.
             ctd.ctr("images", "rm", "--sync", IMAGE, check=False)
-        ctd.ctr("images", "import", "--snapshotter", "libdm", str(tmp_path / "image.tar"))
+        try:
+            ctd.ctr("images", "import", "--snapshotter", "libdm", str(tmp_path / "image.tar"))
+        except AssertionError as exc:
+            state = _plugin_state(plugin, tmp_path / "plugin.log")
+            raise AssertionError(f"{exc}\n{state}") from exc
         listed = ctd.ctr("snapshots", "--snapshotter", "libdm", "ls")
         assert all(c in listed for c in chain), listed
         # The plugin may still hold what killed imports left and containerd

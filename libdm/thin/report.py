@@ -113,18 +113,32 @@ def backing_filesystem(path: str) -> str:
     path = os.path.realpath(path)
     best, fstype = "", ""
     try:
-        with open("/proc/self/mounts") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                mnt = fields[1].replace("\\040", " ")
-                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) >= len(best):
-                    best, fstype = mnt, fields[2]
+        text = _read_all("/proc/self/mounts")
     except OSError:
         return ""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mnt = fields[1].replace("\\040", " ")
+        inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, fields[2]
     return fstype
+
+
+def _read_all(path: str) -> str:
+    """The whole of a small file, in as few system calls as it takes (no
+    buffered file object: the report is called often, and each call
+    costs in a test kernel)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return os.fsdecode(b"".join(chunks))
 
 
 def _table_devices(pool_name: str) -> tuple[str, str] | None:

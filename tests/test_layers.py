@@ -14,6 +14,7 @@ entry points.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,86 @@ def test_a_cycle_is_caught(tmp_path):
     assert modgraph.cycles(modgraph.graph(made, typing=False)) == [["libdm.dm.x", "libdm.thin.y"]]
     assert modgraph.cycles(package_graph(made)) == [["dm", "thin"]]
     assert layering_violations(made) == ["libdm.dm.x:1 imports libdm.thin.y"]
+
+
+# -- the backing is asked what it can do, never which kind it is -----------------------
+
+#: The backing classes, which only their own module may tell apart.
+BACKING_CLASSES = frozenset({"LoopBacking", "LinearBacking", "AdoptedBacking"})
+#: The stored spellings of a pool's kind (``PoolKind``'s values).
+KIND_NAMES = frozenset({"loop", "block", "adopted"})
+#: Where a kind may be told apart: the backings, and where the stored string is parsed.
+KIND_HOMES = frozenset({"thin/backing.py", "thin/config.py"})
+
+
+def _named(node: ast.expr) -> str:
+    """The last name of ``node`` (``pool.kind`` -> ``kind``), or ``""``."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        return str(node.slice.value)  # row["kind"]
+    return ""
+
+
+def _is_kind_constant(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return node.value in KIND_NAMES
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return any(_is_kind_constant(elt) for elt in node.elts)
+    # PoolKind.LOOP and the like.
+    return isinstance(node, ast.Attribute) and _named(node.value) == "PoolKind"
+
+
+def kind_tests(source: str) -> list[str]:
+    """Each ``isinstance`` on a backing class and each comparison of a kind
+    (with a string literal, or a ``PoolKind`` member), as ``line: text``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and _named(node.func) == "isinstance"
+            and len(node.args) == 2
+        ):
+            classes = node.args[1]
+            names = (
+                {_named(e) for e in classes.elts}
+                if isinstance(classes, ast.Tuple)
+                else {_named(classes)}
+            )
+            if names & BACKING_CLASSES:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            about_kind = any("kind" in _named(op).lower() for op in operands)
+            member = any(
+                isinstance(op, ast.Attribute) and _named(op.value) == "PoolKind" for op in operands
+            )
+            if member or (about_kind and any(_is_kind_constant(op) for op in operands)):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_caller_asks_which_backing_it_holds():
+    wrong = []
+    for path in sorted(ROOT.rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        if where in KIND_HOMES:
+            continue
+        wrong += [f"libdm/{where}:{hit}" for hit in kind_tests(path.read_text())]
+    assert wrong == [], "ask the backing what it can do instead:\n" + "\n".join(wrong)
+
+
+def test_a_kind_test_is_caught():
+    source = (
+        "if isinstance(b, (backings.LoopBacking, X)): pass\n"
+        "if isinstance(b, LinearBacking): pass\n"
+        "if pool.kind == 'loop': pass\n"
+        "if kind in ('block', 'adopted'): pass\n"
+        "if self.kind != PoolKind.ADOPTED: pass\n"
+        "if row['kind'] == 'block': pass\n"
+        "if part == 'data' and entry.startswith('loop'): pass\n"
+        "if isinstance(b, RecordedDevice) or name == 'loop': pass\n"
+    )
+    assert [hit.split(":")[0] for hit in kind_tests(source)] == ["1", "2", "3", "4", "5", "6"]

@@ -14,21 +14,29 @@ LVM volume, another device-mapper device).
   guide's ``dm.directlvm_device``), extended later by more devices.
 * :class:`AdoptedBacking`: an existing thin-pool device (``dm.thinpooldev``);
   libdm does not own its devices.
+
+Each implements :class:`Backing`; callers ask it what it can do (its
+:class:`Capabilities`, and :meth:`Backing.files` or :meth:`Backing.pieces`
+for the operations only files or linear pieces have), never which class
+it is, as LVM asks a segment type's handler table.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, TypeAlias
+import stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
 from libdm.dm import loop, ops
-from libdm.dm.blockdev import open_block_device, signatures
+from libdm.dm.blockdev import LOOP_MAJOR, loop_status, open_block_device, signatures
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.target import Target
 from libdm.thin import crash, ownership
+from libdm.thin.config import PoolKind
 from libdm.thin.errors import ForeignDeviceError, StateError
 from libdm.thin.label import RESERVED, LabelRef, erase_label, find_labelled, read_label
 from libdm.thin.store import DB_NAME
@@ -38,8 +46,10 @@ if TYPE_CHECKING:
     from libdm.thin.statedir import StateDir
 
 __all__ = [
+    "CAPABILITIES",
     "AdoptedBacking",
     "Backing",
+    "Capabilities",
     "Description",
     "LinearBacking",
     "LoopBacking",
@@ -121,6 +131,110 @@ class Description(NamedTuple):
     metadata_file: str
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kind of backing can do: the table callers consult instead of
+    asking which kind a pool is (see :data:`CAPABILITIES`).
+
+    Attributes:
+        owns_devices: libdm made the pool's device and what is under it,
+            so it brings them up, checks them against its records and
+            removes them; False for an adopted pool, which is its owner's.
+        resizable: grows by size (:meth:`~libdm.Pool.resize`): files.
+        extendable: grows by added block devices
+            (:meth:`~libdm.Pool.extend`) or by its devices growing
+            (:meth:`~libdm.Pool.refresh`).
+        discard_by_default: discards a device's blocks on delete unless
+            configured otherwise: a loop pool then gets its space back as
+            holes in its data file.
+        growth_hint: how to grow such a pool, for a refusal.
+    """
+
+    owns_devices: bool
+    resizable: bool
+    extendable: bool
+    discard_by_default: bool
+    growth_hint: str
+
+
+class Backing(Protocol):
+    """What a pool asks of its backing, whichever it is.
+
+    Operations that only one kind has are reached through an accessor that
+    is ``None`` where the backing cannot do them: :meth:`files` (sized
+    files that grow) and :meth:`pieces` (linear pieces extended by
+    segments).
+    """
+
+    kind: ClassVar[PoolKind]
+    capabilities: ClassVar[Capabilities]
+
+    def config(self) -> dict[str, Any]:
+        """The backing's fields of the pool's stored configuration."""
+        ...
+
+    def attach(self) -> _Devices:
+        """The pool's metadata and data devices, brought up."""
+        ...
+
+    def describe(self) -> Description:
+        """What the pool report says of it."""
+        ...
+
+    def report(self, devnos: Callable[[], tuple[str, str] | None]) -> Report:
+        """The report's device fields; ``devnos()`` reads the ``(data,
+        metadata)`` devices the live pool's table names (``None``: not
+        live), for a backing that needs them."""
+        ...
+
+    def teardown(self) -> None:
+        """Take down what :meth:`attach` made that does not go by itself."""
+        ...
+
+    def backing_filesystem_dir(self) -> str | None:
+        """The directory whose filesystem holds the pool, if files do."""
+        ...
+
+    def piece_names(self) -> list[str]:
+        """The device-mapper devices libdm made under the pool device."""
+        ...
+
+    def data_sectors(self) -> Sectors:
+        """The size of the data device this backing maps."""
+        ...
+
+    def metadata_growth(self, want: Bytes) -> str:
+        """How to grow the metadata to ``want``, for a refusal."""
+        ...
+
+    def check_removable(self, operation: str = "destroy") -> None:
+        """Refuse, before anything is removed, what removing the pool's
+        files would remove that is not the pool's."""
+        ...
+
+    def remove_files(self) -> None:
+        """Remove the files the pool made in its state directory."""
+        ...
+
+    def files(self) -> LoopBacking | None:
+        """The pool's sized files, when it sits on files."""
+        ...
+
+    def pieces(self) -> LinearBacking | None:
+        """The pool's linear pieces, when it sits on block devices."""
+        ...
+
+
+class Report(NamedTuple):
+    """The device fields of the pool report: the devices (for a loop pool
+    the loop devices) and, for a loop pool, the files behind them."""
+
+    data_file: str
+    metadata_file: str
+    data_loop_file: str | None = None
+    metadata_loop_file: str | None = None
+
+
 class _Device(Protocol):
     """One of the pool's two devices, as its table names it."""
 
@@ -188,7 +302,14 @@ class LoopBacking:
     than attached.  Stores written before that record skip the check.
     """
 
-    kind: ClassVar[Literal["loop"]] = "loop"
+    kind: ClassVar[PoolKind] = PoolKind.LOOP
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        owns_devices=True,
+        resizable=True,
+        extendable=False,
+        discard_by_default=True,
+        growth_hint="grow it with resize()",
+    )
 
     def __init__(
         self,
@@ -289,6 +410,67 @@ class LoopBacking:
     def describe(self) -> Description:
         """The files, for the pool report."""
         return Description(self.data_file, self.metadata_file)
+
+    def report(self, devnos: Callable[[], tuple[str, str] | None]) -> Report:
+        """As ``docker info``: the loop devices, then the files behind them.
+
+        The live pool's table names the two loop devices, so only those
+        are asked (by the backing file's identity, ``LOOP_GET_STATUS64``);
+        every loop device is examined only when the table names none.
+        """
+        live = devnos()
+        hints: tuple[str | None, str | None] = (None, None) if live is None else live
+        return Report(
+            self._loop_device(DATA_FILE, hints[0]),
+            self._loop_device(METADATA_FILE, hints[1]),
+            self.data_file,
+            self.metadata_file,
+        )
+
+    def _loop_device(self, name: str, devno: str | None) -> str:
+        """The loop device holding the pool's file ``name`` (the whole
+        file), or ``""``."""
+        path = self.statedir.join(name)
+        try:
+            st = os.lstat(path)  # never through a symlink
+        except OSError:
+            return ""
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        if devno is not None:
+            held = _loop_holding(devno, (st.st_dev, st.st_ino))
+            if held is not None:
+                return held
+        dev = loop.find(path, follow_symlinks=False)
+        if dev is None:
+            return ""
+        with dev:
+            return dev.path
+
+    def piece_names(self) -> list[str]:
+        """None: the loop devices are not device-mapper devices."""
+        return []
+
+    def data_sectors(self) -> Sectors:
+        """The recorded data file size."""
+        size = self.recorded_sizes.get(DATA_FILE)
+        # Whole sectors: a file of any size maps that many.
+        return Sectors(int(self.sizes()[0] if size is None else size) // 512)
+
+    def metadata_growth(self, want: Bytes) -> str:
+        """The resize that grows the metadata file first."""
+        return (
+            f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
+            f"(libdm pool resize --metadata-size {format_size(want)})"
+        )
+
+    def files(self) -> LoopBacking:
+        """Itself: the pool sits on files."""
+        return self
+
+    def pieces(self) -> None:
+        """None: no linear pieces."""
+        return None
 
     def sizes(self) -> tuple[Bytes, Bytes]:
         """(data, metadata) file sizes in ``Bytes``."""
@@ -406,7 +588,14 @@ class LinearBacking:
     (``damaged_meta_segments``).
     """
 
-    kind: ClassVar[Literal["block"]] = "block"
+    kind: ClassVar[PoolKind] = PoolKind.BLOCK
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        owns_devices=True,
+        resizable=False,
+        extendable=True,
+        discard_by_default=False,
+        growth_hint="grow it with extend(device), or grow its devices and call refresh()",
+    )
 
     def __init__(
         self,
@@ -717,6 +906,36 @@ class LinearBacking:
 
         return Description(text(self.data_segments), text(self.meta_segments))
 
+    def report(self, devnos: Callable[[], tuple[str, str] | None]) -> Report:
+        """The segments of each side (:meth:`describe`); no loop files."""
+        return Report(*self.describe())
+
+    def piece_names(self) -> list[str]:
+        """The ``-tmeta`` and ``-tdata`` linear devices."""
+        return [self.meta_name, self.data_name]
+
+    def data_sectors(self) -> Sectors:
+        """The length of the data segments on their devices now."""
+        return Sectors(sum(int(t.length) for t in self.table(self.data_segments)))
+
+    def metadata_growth(self, want: Bytes) -> str:
+        """An extend of the metadata side."""
+        return "extend(device, metadata=True) grows it"
+
+    def check_removable(self, operation: str = "destroy") -> None:
+        """Nothing: the pool made no files in its directory."""
+
+    def remove_files(self) -> None:
+        """Nothing: the pool made no files in its directory."""
+
+    def files(self) -> None:
+        """None: the pool sits on block devices."""
+        return None
+
+    def pieces(self) -> LinearBacking:
+        """Itself: the linear pieces and their segments."""
+        return self
+
     def teardown(self, operation: str = "destroy") -> None:
         """Remove the ``-tdata`` and ``-tmeta`` devices, each only once
         proven the pool's (its uuid, or for a piece made before pieces had
@@ -942,7 +1161,14 @@ def split_layout(
 class AdoptedBacking:
     """An existing thin-pool device that libdm provisions from but does not own."""
 
-    kind: ClassVar[Literal["adopted"]] = "adopted"
+    kind: ClassVar[PoolKind] = PoolKind.ADOPTED
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        owns_devices=False,
+        resizable=False,
+        extendable=False,
+        discard_by_default=False,
+        growth_hint="its devices are not libdm's",
+    )
 
     def config(self) -> dict[str, Any]:
         """No fields: libdm records nothing of the pool's devices."""
@@ -960,6 +1186,10 @@ class AdoptedBacking:
         """Nothing to say: the devices are not libdm's."""
         return Description("", "")
 
+    def report(self, devnos: Callable[[], tuple[str, str] | None]) -> Report:
+        """Nothing to say: the devices are not libdm's."""
+        return Report("", "")
+
     def teardown(self) -> None:
         """Nothing: the pool's devices belong to whoever made it."""
 
@@ -967,18 +1197,80 @@ class AdoptedBacking:
         """None: libdm does not know what holds the devices."""
         return None
 
+    def piece_names(self) -> list[str]:
+        """None that are libdm's."""
+        return []
 
-#: Any of the backings; ``kind`` tells which.
-Backing: TypeAlias = LoopBacking | LinearBacking | AdoptedBacking
+    def data_sectors(self) -> Sectors:
+        """Refused: libdm does not size an adopted pool's devices.
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError("an adopted pool's devices are not libdm's to size")
+
+    def metadata_growth(self, want: Bytes) -> str:
+        """Its owner grows it."""
+        return "whoever made the pool grows its metadata device"
+
+    def check_removable(self, operation: str = "destroy") -> None:
+        """Nothing: the pool made no files in its directory."""
+
+    def remove_files(self) -> None:
+        """Nothing: the pool made no files in its directory."""
+
+    def files(self) -> None:
+        """None: the devices are not libdm's."""
+        return None
+
+    def pieces(self) -> None:
+        """None: the devices are not libdm's."""
+        return None
+
+
+#: What each kind of backing can do, for a caller that has the pool's kind
+#: and not its backing (the monitor, the CLI).
+CAPABILITIES: Mapping[PoolKind, Capabilities] = MappingProxyType(
+    {cls.kind: cls.capabilities for cls in (LoopBacking, LinearBacking, AdoptedBacking)}
+)
+
+
+def _loop_holding(devno: str, key: tuple[int, int]) -> str | None:
+    """``/dev/loopN`` if the block device ``devno`` (``major:minor``) is a
+    loop device holding the whole file whose ``(st_dev, st_ino)`` is
+    ``key``, else None.  Its name comes from sysfs, as the minor is N only
+    when the loop module has no partitions."""
+    major, _, _ = devno.partition(":")
+    if major != str(LOOP_MAJOR):
+        return None
+    try:
+        entry = os.path.basename(os.readlink(f"/sys/dev/block/{devno}"))
+    except OSError:
+        return None
+    if not (entry.startswith("loop") and entry[4:].isdigit()):
+        return None
+    path = f"/dev/{entry}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # removed meanwhile
+    try:
+        info = loop_status(fd, path)
+    except OSError:
+        return None  # detached meanwhile
+    finally:
+        os.close(fd)
+    whole = info.offset == 0 and info.sizelimit == 0
+    return path if whole and (info.device, info.inode) == key else None
 
 
 def from_config(
-    kind: str, statedir: StateDir, pool_name: str, config: Mapping[str, Any]
+    kind: PoolKind | str, statedir: StateDir, pool_name: str, config: Mapping[str, Any]
 ) -> Backing:
     """Rebuild the backing recorded in a pool's state.
 
     Args:
-        kind: the stored kind.
+        kind: the pool's kind (or its stored string).
         statedir: the pool's :class:`~libdm.thin.statedir.StateDir`.
         pool_name: the pool's name.
         config: the stored configuration (a dict).
@@ -987,63 +1279,82 @@ def from_config(
         StateError: an unknown kind, or a backing field missing or of the
             wrong shape (the store and the field are named).
     """
-    store_path = statedir.join(DB_NAME)
+    where = f"the pool state in {statedir.join(DB_NAME)}"
+    parsed = PoolKind.parse(kind, where)
 
     def damaged(field: str, why: str) -> StateError:
         return StateError(
-            f"the pool state in {store_path} is damaged: the "
-            f"{kind!r} pool's field {field!r} {why}; nothing was changed",
+            f"{where} is damaged: the {parsed.value!r} pool's field {field!r} {why}; "
+            f"nothing was changed",
             "open",
             None,
         )
 
-    if kind == "loop":
-        inodes = config.get("file_inodes")
-        if inodes is not None and not (
-            isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())
-        ):
-            raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
-        sizes = {
-            name: config[field]
-            for name, field in ((DATA_FILE, "data_size"), (METADATA_FILE, "metadata_size"))
-            if isinstance(config.get(field), int) and not isinstance(config.get(field), bool)
-        }
-        return LoopBacking(statedir, inodes, sizes)
-    if kind == "block":
-        sides: dict[str, list[Any]] = {}
-        for field in ("meta_segments", "data_segments"):
-            why = _bad_segments(config.get(field))
+    return _READERS[parsed](statedir, pool_name, config, damaged)
+
+
+_Damaged = Callable[[str, str], StateError]
+
+
+def _loop_from_config(
+    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
+) -> LoopBacking:
+    inodes = config.get("file_inodes")
+    if inodes is not None and not (
+        isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())
+    ):
+        raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
+    sizes = {
+        name: config[field]
+        for name, field in ((DATA_FILE, "data_size"), (METADATA_FILE, "metadata_size"))
+        if isinstance(config.get(field), int) and not isinstance(config.get(field), bool)
+    }
+    return LoopBacking(statedir, inodes, sizes)
+
+
+def _linear_from_config(
+    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
+) -> LinearBacking:
+    sides: dict[str, list[Any]] = {}
+    for field in ("meta_segments", "data_segments"):
+        why = _bad_segments(config.get(field))
+        if why:
+            raise damaged(field, why)
+        sides[field] = config[field]
+    for field in ("meta_segment_devices", "data_segment_devices", "spare_segment_devices"):
+        why = _bad_devices(config.get(field))
+        if why:
+            raise damaged(field, why)
+    for field in ("spare_segments", "damaged_meta_segments"):
+        if config.get(field):
+            why = _bad_segments(config[field])
             if why:
                 raise damaged(field, why)
-            sides[field] = config[field]
-        for field in ("meta_segment_devices", "data_segment_devices", "spare_segment_devices"):
-            why = _bad_devices(config.get(field))
-            if why:
-                raise damaged(field, why)
-        for field in ("spare_segments", "damaged_meta_segments"):
-            if config.get(field):
-                why = _bad_segments(config[field])
-                if why:
-                    raise damaged(field, why)
-        return LinearBacking(
-            pool_name,
-            sides["meta_segments"],
-            sides["data_segments"],
-            config.get("meta_segment_devices"),
-            config.get("data_segment_devices"),
-            config.get("spare_segments"),
-            config.get("damaged_meta_segments"),
-            token=config.get("token") if isinstance(config.get("token"), str) else None,
-            spare_devices=config.get("spare_segment_devices"),
-        )
-    if kind == "adopted":
-        return AdoptedBacking()
-    raise StateError(
-        f"the pool state in {store_path} is damaged: its field "
-        f"'kind' is {kind!r}, not a pool kind libdm knows (loop, block, adopted)",
-        "open",
-        None,
+    return LinearBacking(
+        pool_name,
+        sides["meta_segments"],
+        sides["data_segments"],
+        config.get("meta_segment_devices"),
+        config.get("data_segment_devices"),
+        config.get("spare_segments"),
+        config.get("damaged_meta_segments"),
+        token=config.get("token") if isinstance(config.get("token"), str) else None,
+        spare_devices=config.get("spare_segment_devices"),
     )
+
+
+def _adopted_from_config(
+    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
+) -> AdoptedBacking:
+    return AdoptedBacking()
+
+
+#: How each kind's backing is read from the stored configuration.
+_READERS: Mapping[PoolKind, Callable[[StateDir, str, Mapping[str, Any], _Damaged], Backing]] = {
+    PoolKind.LOOP: _loop_from_config,
+    PoolKind.BLOCK: _linear_from_config,
+    PoolKind.ADOPTED: _adopted_from_config,
+}
 
 
 def _bad_segments(segments: object) -> str | None:

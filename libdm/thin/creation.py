@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 Size = int | str
-Backing = backings.LoopBacking | backings.LinearBacking | backings.AdoptedBacking
+Backing = backings.Backing
 #: The names of a pool's files, its store first: a directory holding any
 #: of them is not claimed for a new pool.
 logger = logging.getLogger("libdm")
@@ -488,12 +488,12 @@ def _create(
         store.init_pool(
             name,
             uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
-            backing.kind,
+            backing.kind.value,
             record,
         )
         pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
         with pool._changing("create"):
-            if not isinstance(backing, backings.AdoptedBacking):
+            if backing.capabilities.owns_devices:
                 pool._activate_pool("create")
             crash.point("pool:created")
             st = pool.status()
@@ -502,12 +502,13 @@ def _create(
                     store.set_transaction_id(st.transaction_id)
         return pool
     except BaseException:
-        if isinstance(backing, backings.LinearBacking):
-            backing.erase_labels()  # the devices are not this pool's after all
+        pieces = None if backing is None else backing.pieces()
+        if pieces is not None:
+            pieces.erase_labels()  # the devices are not this pool's after all
         if (
             pool is not None
             and backing is not None
-            and not isinstance(backing, backings.AdoptedBacking)
+            and backing.capabilities.owns_devices
             and _made_live(pool)
         ):
             ops.remove(name)

@@ -37,7 +37,7 @@ from libdm.dm.errors import DMError
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import capacity, crash
-from libdm.thin.config import PoolConfig, PoolKind
+from libdm.thin.config import PoolConfig
 from libdm.thin.errors import (
     REPAIR_HINT,
     PoolFailedError,
@@ -82,11 +82,11 @@ class Growth:
         low_water_mark: int | None = None,
     ) -> PoolStatus:
         pool = self.pool
-        backing = pool._backing
-        if not isinstance(backing, backings.LoopBacking):
+        backing = pool._backing.files()
+        if backing is None:
             raise ValueError(
-                f"pool {pool.name!r} is on {pool.kind} devices: grow it with "
-                f"extend(device), or grow its devices and call refresh()"
+                f"pool {pool.name!r} is on {pool.kind} devices: "
+                f"{pool._backing.capabilities.growth_hint}"
             )
         data = None if data_size is None else parse_size(data_size, what="data_size")
         meta = None if metadata_size is None else parse_size(metadata_size, what="metadata_size")
@@ -135,15 +135,11 @@ class Growth:
         from libdm.thin.creation import check_device
 
         pool = self.pool
-        backing = pool._backing
-        if not isinstance(backing, backings.LinearBacking):
+        backing = pool._backing.pieces()
+        if backing is None:
             raise ValueError(
                 f"pool {pool.name!r} is a {pool.kind} pool: "
-                + (
-                    "grow it with resize()"
-                    if pool.kind == PoolKind.LOOP
-                    else "its devices are not libdm's"
-                )
+                f"{pool._backing.capabilities.growth_hint}"
             )
         first = (
             None
@@ -227,8 +223,8 @@ class Growth:
         """The ``(start, end)`` sectors the pool uses on the block device
         ``rdev``, from both sides' segments."""
         pool = self.pool
-        backing = pool._backing
-        if not isinstance(backing, backings.LinearBacking):
+        backing = pool._backing.pieces()
+        if backing is None:
             return []
         out = []
         # A repair's spare and the metadata it swapped out are the pool's too.
@@ -246,8 +242,8 @@ class Growth:
         return out
 
     def free_regions(self) -> list[Region]:
-        backing = self.pool._backing
-        if not isinstance(backing, backings.LinearBacking):
+        backing = self.pool._backing.pieces()
+        if backing is None:
             return []
         seen: set[int] = set()
         out: list[Region] = []
@@ -292,7 +288,7 @@ class Growth:
         """Reload the pool on its configuration with ``changes`` (stored
         fields) applied, through the journal (see the module doc)."""
         pool = self.pool
-        if pool.kind == PoolKind.ADOPTED:
+        if not pool._backing.capabilities.owns_devices:
             raise ValueError(
                 f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change"
             )
@@ -310,9 +306,7 @@ class Growth:
     def live_tables(self) -> dict[str, tuple[str, ...]]:
         """The live tables of the pool and its linear pieces, as text."""
         pool = self.pool
-        names = [pool.name]
-        if isinstance(pool._backing, backings.LinearBacking):
-            names += [pool._backing.meta_name, pool._backing.data_name]
+        names = [pool.name, *pool._backing.piece_names()]
         return {name: tuple(str(t) for t in ops.table(name)) for name in names if ops.exists(name)}
 
     def apply(self, config: PoolConfig) -> None:
@@ -320,8 +314,9 @@ class Growth:
         so that Pool.open can finish a growth a kill interrupted."""
         pool = self.pool
         pool._use_config(config)
-        if isinstance(pool._backing, backings.LoopBacking):
-            pool._backing.grow(config.data_size, config.metadata_size)
+        files = pool._backing.files()
+        if files is not None:
+            files.grow(config.data_size, config.metadata_size)
         crash.point("grow:backing")
         # Suspend first: growing a linear piece under the pool (attach) and
         # loading the longer pool table happen while its I/O waits.
@@ -358,8 +353,7 @@ class Growth:
                     ops.reload(name, table)
                     ops.suspend(name, flush=False)
                     ops.resume(name)
-            if pool.kind == PoolKind.LOOP:
-                self.shrink_files_back(old)
+            self.shrink_files_back(old)
         except DMError as exc:
             self.resume_if_suspended()
             raise StateError(
@@ -385,12 +379,15 @@ class Growth:
         """Undo this growth's own file growth: only down to the recorded
         sizes, and only where the kernel maps no more than them."""
         pool = self.pool
+        files = pool._backing.files()
+        if files is None:
+            return
         st = pool.status()
-        if isinstance(st, ThinPoolFailed) or not isinstance(pool._backing, backings.LoopBacking):
+        if isinstance(st, ThinPoolFailed):
             return
         data = int(st.total_data) * int(pool.block_size.bytes())
         meta = int(st.total_meta.bytes())
-        pool._backing.undo_growth(
+        files.undo_growth(
             Bytes(max(int(old.data_size), data)), Bytes(max(int(old.metadata_size), meta))
         )
 
@@ -405,7 +402,7 @@ class Growth:
             return
         live = pool._live_devices(pool._store.active_devices(), operation)
         busy = [name for name, proven in live.items() if proven.info.open_count]
-        if busy or pool.kind == PoolKind.ADOPTED:
+        if busy or not pool._backing.capabilities.owns_devices:
             raise PoolReadOnlyError(
                 f"the kernel refused the change and flagged pool {pool.name!r} needs_check "
                 f"(read-only); close {', '.join(busy) or 'its devices'} and run "
@@ -432,8 +429,9 @@ class Growth:
                 self.apply(intent.new)
             else:
                 pool._use_config(intent.new)
-                if isinstance(pool._backing, backings.LoopBacking):
-                    pool._backing.grow(intent.new.data_size, intent.new.metadata_size)
+                files = pool._backing.files()
+                if files is not None:
+                    files.grow(intent.new.data_size, intent.new.metadata_size)
                 pool._activate_pool(operation)
         except (DMError, OSError, ValueError) as exc:
             logger.warning(
@@ -483,12 +481,7 @@ class Growth:
                 operation,
                 pool.name,
             )
-        how = (
-            f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
-            f"(libdm pool resize --metadata-size {format_size(want)})"
-            if pool.kind == PoolKind.LOOP
-            else "extend(device, metadata=True) grows it"
-        )
+        how = pool._backing.metadata_growth(want)
         raise PoolFullError(
             f"growing the data of pool {pool.name!r} to {size} needs {needed} more metadata "
             f"blocks, more than its {have} of metadata has free ({used} of {total} blocks used, "
@@ -501,10 +494,7 @@ class Growth:
     def data_sectors(self, config: PoolConfig) -> Sectors:
         """The data device's size under ``config``."""
         pool = self.pool
-        if pool.kind == PoolKind.LOOP:
-            return Sectors(int(config.data_size) // 512)
         backing = backings.from_config(
-            pool.kind.value, pool._store.statedir, pool.name, config.to_record()
+            pool.kind, pool._store.statedir, pool.name, config.to_record()
         )
-        assert isinstance(backing, backings.LinearBacking)
-        return Sectors(sum(int(t.length) for t in backing.table(backing.data_segments)))
+        return backing.data_sectors()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
 from libdm.dm.events import wait_event
+from libdm.thin.backing import CAPABILITIES
 from libdm.thin.errors import PoolFailedError
 from libdm.thin.units import Bytes, format_size, parse_size
 
@@ -315,13 +316,14 @@ class Monitor:
             return self._record(part, used_pct, old, old, str(exc))
         if new <= old:
             return self._record(part, used_pct, old, old, "no room to grow")
-        if part == "data" and self.pool.kind != "loop":
-            self._arm()  # a loop pool's resize re-armed it already
+        if part == "data" and not CAPABILITIES[self.pool.kind].resizable:
+            self._arm()  # a resize re-armed it already
         return self._record(part, used_pct, old, new, None)
 
     def _apply(self, part: Part, old: Bytes, want: Bytes) -> Bytes:
         pool = self.pool
-        if pool.kind == "loop":
+        can = CAPABILITIES[pool.kind]
+        if can.resizable:
             want = self._clamp_to_filesystem(part, old, want)
             if want <= old:
                 raise OSError(
@@ -336,7 +338,7 @@ class Monitor:
                 )
             else:
                 pool.resize(metadata_size=int(want))
-        elif pool.kind == "block" and (self.spares or pool.free_regions()):
+        elif can.extendable and (self.spares or pool.free_regions()):
             # As LVM's autoextend takes from the volume group: a spare
             # device, else the free tail of one the pool sits on.
             metadata = part == "metadata"

@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from libdm.thin.report import PoolInfo
 
 Row = dict[str, Any]
-Backing = backings.LoopBacking | backings.LinearBacking | backings.AdoptedBacking
 
 __all__ = ["Pool"]
 
@@ -145,7 +144,7 @@ class Pool:
     uuid: str
     kind: PoolKind
     config: PoolConfig
-    _backing: Backing
+    _backing: backings.Backing
 
     # -- getting a pool --------------------------------------------------------
 
@@ -289,10 +288,7 @@ class Pool:
 
     def _pieces_live(self) -> bool:
         """True if a linear piece under the pool (a block pool's) exists."""
-        backing = self._backing
-        return isinstance(backing, backings.LinearBacking) and any(
-            ops.exists(name) for name in (backing.meta_name, backing.data_name)
-        )
+        return any(ops.exists(name) for name in self._backing.piece_names())
 
     def _take_down_refused(self, operation: str, *, keep_pieces: bool) -> None:
         """Undo what a refused :meth:`open` made live: the thin devices and
@@ -323,10 +319,11 @@ class Pool:
             for dm_name, uuid in made:
                 if self._made_here(dm_name, uuid):
                     ops.remove(dm_name)
-            if self.kind != PoolKind.ADOPTED and self._made_here(self.name, self.uuid):
+            owned = self._backing.capabilities.owns_devices
+            if owned and self._made_here(self.name, self.uuid):
                 ops.remove(self.name)
             self._device.forget()
-            if self.kind != PoolKind.ADOPTED and not keep_pieces:
+            if owned and not keep_pieces:
                 self._backing.teardown()
         except (DMError, OSError) as exc:
             logger.error(
@@ -477,7 +474,7 @@ class Pool:
             self._settle_live_pool(operation)
             self._verify_live_pool(operation)
             return
-        if self.kind == PoolKind.ADOPTED:
+        if not self._backing.capabilities.owns_devices:
             raise StateError(
                 f"adopted pool {self.name!r} is not live; libdm does not own its devices, "
                 f"so whoever made it must activate it",
@@ -507,8 +504,8 @@ class Pool:
     def _record_moves(self, operation: str) -> None:
         """Record the block devices found by their label under new paths
         there; at open, warn of devices known by path and size only."""
-        backing = self._backing
-        if not isinstance(backing, backings.LinearBacking):
+        backing = self._backing.pieces()
+        if backing is None:
             return
         if operation == "open" and backing.unlabelled():
             logger.warning(
@@ -530,7 +527,7 @@ class Pool:
         info = ops.info(self.name)
         if not (info.suspended or info.inactive_table):
             return
-        if self.kind == "adopted":
+        if not self._backing.capabilities.owns_devices:
             state = "suspended" if info.suspended else "carrying an inactive table"
             raise StateError(
                 f"adopted pool {self.name!r} is {state}; its owner must resume "
@@ -629,7 +626,7 @@ class Pool:
                 f"low water mark {int(got.low_water_mark)}, "
                 f"stored {int(self.config.low_water_mark)}"
             )
-        if self.kind != PoolKind.ADOPTED:
+        if self._backing.capabilities.owns_devices:
             with self._backing.attach() as devs:
                 for what, have, want in (
                     ("metadata device", got.metadata_dev, devs.meta.devno),
@@ -1483,7 +1480,7 @@ class Pool:
         loop pool's data file gets its space back as holes.  On by default
         for loop pools, off for the others (see :meth:`configure`)."""
         value = self.config.discard_on_delete
-        return self.kind == PoolKind.LOOP if value is None else value
+        return self._backing.capabilities.discard_by_default if value is None else value
 
     def _discard_blocks(
         self, row: Row, start: Bytes, length: Bytes, live: ownership.Live | None
@@ -1669,13 +1666,13 @@ class Pool:
                 self.name,
             )
         statedir = self._store.statedir
-        if remove_files and isinstance(self._backing, backings.LoopBacking):
+        if remove_files:
             # Before anything goes down: a refusal leaves the pool as it was.
             self._backing.check_removable()
         with self._changing("destroy"):
             for name in self._live_devices(self._store.devices(), "destroy"):
                 ops.remove(self.device_dm_name(name))
-            if self.kind != PoolKind.ADOPTED:
+            if self._backing.capabilities.owns_devices:
                 try:
                     if ownership.live_pool(self.name, self.uuid, self.directory, "destroy"):
                         ops.remove(self.name)
@@ -1684,8 +1681,7 @@ class Pool:
             self._device.forget()
             self._backing.teardown()
             if remove_files:
-                if isinstance(self._backing, backings.LoopBacking):
-                    self._backing.remove_files()
+                self._backing.remove_files()
                 self._store.close_db()
                 for name in STORE_FILES:
                     statedir.unlink(name)

@@ -481,13 +481,14 @@ def repair_pool(
         ValueError: an adopted pool, or a block pool with no room for a
             spare and none given.
     """
-    backing = pool._backing
-    if isinstance(backing, backings.LoopBacking):
+    # Files are repaired into a file beside them, linear pieces into a spare.
+    files, pieces = pool._backing.files(), pool._backing.pieces()
+    if files is not None:
         if spare is not None:
             raise ValueError(f"pool {pool.name!r} is a loop pool: its spare is a file of its own")
-        result = _repair_loop(pool, backing, partial)
-    elif isinstance(backing, backings.LinearBacking):
-        result = _repair_block(pool, backing, partial, spare, force)
+        result = _repair_loop(pool, files, partial)
+    elif pieces is not None:
+        result = _repair_block(pool, pieces, partial, spare, force)
     else:
         raise ValueError(
             f"pool {pool.name!r} was adopted: its metadata device is not libdm's to repair"

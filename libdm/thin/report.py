@@ -113,48 +113,43 @@ def backing_filesystem(path: str) -> str:
     path = os.path.realpath(path)
     best, fstype = "", ""
     try:
-        with open("/proc/self/mounts") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                mnt = fields[1].replace("\\040", " ")
-                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) >= len(best):
-                    best, fstype = mnt, fields[2]
+        text = _read_all("/proc/self/mounts")
     except OSError:
         return ""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mnt = fields[1].replace("\\040", " ")
+        inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, fields[2]
     return fstype
 
 
-def _loop_hints(pool_name: str) -> tuple[int | None, int | None]:
-    """The loop numbers the live pool's table names for its data and
-    metadata devices (``None`` where it names no loop device or is not
-    live): the report asks those loops first instead of every loop."""
-    from libdm.dm.blockdev import LOOP_MAJOR
+def _read_all(path: str) -> str:
+    """The whole of a small file, in as few system calls as it takes (no
+    buffered file object: the report is called often, and each call
+    costs in a test kernel)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return os.fsdecode(b"".join(chunks))
 
+
+def _table_devices(pool_name: str) -> tuple[str, str] | None:
+    """The ``(data, metadata)`` devices (``major:minor``) the live pool's
+    table names, or ``None`` where it is not live or not a thin-pool."""
     try:
         targets = ops.table(pool_name)
         params = ThinPoolParams.parse(targets[0].params)
     except (DMError, ValueError, IndexError):
-        return None, None
-
-    def number(devno: str) -> int | None:
-        major, _, minor = devno.partition(":")
-        return int(minor) if major == str(LOOP_MAJOR) and minor.isdigit() else None
-
-    return number(params.data_dev), number(params.metadata_dev)
-
-
-def _loop_device(path: str, hint: int | None) -> str:
-    """The loop device a file is attached to, or ``""``."""
-    from libdm.dm import loop
-
-    dev = loop.find(path, follow_symlinks=False, hint=hint)
-    if dev is None:
-        return ""
-    with dev:
-        return dev.path
+        return None
+    return params.data_dev, params.metadata_dev
 
 
 def _base_filesystem(base: ThinDevice | None) -> str:
@@ -202,14 +197,9 @@ def pool_info(pool: Pool) -> PoolInfo:
         avail_d, avail_m = min(avail_d, fs_free), min(avail_m, fs_free)
         files_fstype = backing_filesystem(fs_dir)
     base = pool.base_device
-    data_file, meta_file = pool._backing.describe()
-    data_loop_file = meta_loop_file = None
-    if pool.kind == "loop":
-        # As docker info: the files are the loop files, the devices the loops.
-        data_loop_file, meta_loop_file = data_file, meta_file
-        data_hint, meta_hint = _loop_hints(pool.name)
-        data_file = _loop_device(data_file, data_hint)
-        meta_file = _loop_device(meta_file, meta_hint)
+    data_file, meta_file, data_loop_file, meta_loop_file = pool._backing.report(
+        lambda: _table_devices(pool.name)
+    )
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,

@@ -60,6 +60,8 @@ def start_plugin(
     )
     # In the test's working directory (no cwd=): `-m` then finds the libdm
     # the test imported, the installed one in the installed-package run.
+    # PYTHONFAULTHANDLER: SIGABRT dumps every thread (see stop_process).
+    env = dict(env, PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=out)
     if not isinstance(out, int):
         out.close()
@@ -78,15 +80,42 @@ def start_plugin(
 
 
 def stop_process(
-    proc: subprocess.Popen[bytes] | None, sig: int | None = signal.SIGTERM, timeout: float = 60
+    proc: subprocess.Popen[bytes] | None,
+    sig: int | None = signal.SIGTERM,
+    timeout: float = 60,
+    log: str | os.PathLike[str] | None = None,
 ) -> int | None:
     """Signal ``proc`` (unless it has exited, or ``sig`` is None) and wait
-    for it; its exit status, None for no process."""
+    for it; its exit status, None for no process.
+
+    Raises:
+        AssertionError: it did not exit in ``timeout`` seconds.  It is then
+            sent SIGABRT, on which a plugin started by :func:`start_plugin`
+            writes every thread's traceback to its log; the error carries
+            the log's tail, so that a hang says where it hung.
+    """
     if proc is None:
         return None
     if sig is not None and proc.poll() is None:
         proc.send_signal(sig)
-    code = proc.wait(timeout=timeout)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        tail = ""
+        if log:
+            with open(log, "rb") as fh:
+                tail = fh.read()[-6000:].decode(errors="replace")
+        raise AssertionError(
+            f"{proc.args!r} did not exit within {timeout} s of signal {sig}; "
+            f"its log's tail (its threads at SIGABRT last):\n{tail}"
+        ) from None
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
     return code

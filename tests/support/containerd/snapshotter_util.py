@@ -83,7 +83,7 @@ class Plugin:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         """Signal the plugin and wait for it; its exit status (None if not running)."""
-        code = stop_process(self.proc, sig, timeout)
+        code = stop_process(self.proc, sig, timeout, self.log)
         self.proc = None
         return code
 

@@ -111,7 +111,7 @@ class DockerPlugin:
         return Client(self.socket_path)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        code = stop_process(self.proc, sig, timeout)
+        code = stop_process(self.proc, sig, timeout, self.log)
         self.proc = None
         return code
 
@@ -120,7 +120,7 @@ class DockerPlugin:
 
     def wait(self, timeout: float = 120) -> int | None:
         """Wait for the plugin to exit by itself (a crash point)."""
-        code = stop_process(self.proc, None, timeout)
+        code = stop_process(self.proc, None, timeout, self.log)
         self.proc = None
         return code
 

@@ -111,6 +111,37 @@ def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, c
         held.close()
 
 
+@pytest.mark.parametrize("entry", ["library", "load", "cli"])
+def test_the_next_change_finishes_an_interrupted_resize(dm_name, tmp_path, entry):
+    """A resize killed between its record and its reload left the live
+    device at its old length; the next change through any entry point
+    (not only Pool.open, which reactivates) brings it to the recorded one.
+    Found by the crowded-host state machine at its full count."""
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        vol = held.create_thin("vol", "16M")
+        proc = run_child(
+            directory, "p.device('vol').resize('24M')\n", crash_at="resize_device:recorded"
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert witness.table(vol.dm_name)[0].split()[1] == str(16 * MiB // 512)
+        if entry == "library":
+            held.create_thin("after", "4M")
+        elif entry == "load":
+            with libdm.Pool.load(directory) as pool:
+                pool.create_thin("after", "4M")
+        else:
+            proc = run_cli("thin", "create", "--pool", directory, "after", "4M")
+            assert proc.returncode == 0, proc.stderr
+        assert witness.table(vol.dm_name)[0].split()[1] == str(24 * MiB // 512)
+        with libdm.Pool.load(directory) as pool:
+            assert int(pool.device("vol").size) == 24 * MiB
+            assert_consistent(pool)
+    finally:
+        held.close()
+
+
 def test_a_device_whose_delete_is_pending_is_neither_listed_nor_activated(dm_name, tmp_path):
     directory = tmp_path / "pool"
     libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()

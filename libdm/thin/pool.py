@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -380,7 +381,20 @@ class Pool:
         record = self._store.growth_intent()
         if record is not None:
             parts.append(f"{record.get('operation', 'growth')} of the pool")
+        resized = self._store.resize_intent()
+        if resized is not None:
+            parts.append(f"resize of {resized!r}")
         return ", ".join(parts) or None
+
+    def _drop_resize_intent(self) -> None:
+        """The live table is the recorded one: drop the mark.  Not durable,
+        and a failure to write it is only logged: a mark left makes the
+        next change check the tables again, which changes nothing."""
+        try:
+            with self._store.transaction(durable=False):
+                self._store.drop_resize_intent()
+        except (DMError, OSError, sqlite3.Error) as exc:
+            logger.warning("pool %s: could not clear a finished resize's mark: %s", self.name, exc)
 
     def _recover_interrupted(self, operation: str) -> None:
         """Before a change: finish or undo what an interrupted one left, as
@@ -754,6 +768,7 @@ class Pool:
             # the reason; a handed-over pool's thin devices are its user's.
             return
         present = self._adopt_live_devices(operation)
+        resized = self._store.resize_intent() is not None
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
         rows = self._store.active_devices()
@@ -786,6 +801,10 @@ class Pool:
                     self.directory,
                     row["name"],
                 )
+        if resized:
+            # Every live device now has its recorded table (_activate
+            # reloads one a killed resize left at its old length).
+            self._drop_resize_intent()
 
     # -- the journal's host (see libdm.thin.journal.JournalHost) -----------------------
 
@@ -1205,14 +1224,18 @@ class Pool:
                 self._discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
             else:
                 self._writable_status("resize_device")
-            # The store first: a kill before the reload leaves a live table
-            # shorter or longer than the record, which activation corrects.
+            # The store first, with a mark that the live table may lag: a
+            # kill before the reload leaves it shorter or longer than the
+            # record, and the next change through any entry point (the
+            # mark makes it run the bring-up) reloads it.
             with self._store.transaction():
                 self._store.set_size(name, int(new))
+                self._store.set_resize_intent(name)
             crash.point("resize_device:recorded")
             if live:
                 ops.reload(dm_name, self._thin_table(dict(row, size=int(new)), self._devno()))
                 ops.resume(dm_name)
+            self._drop_resize_intent()
             device = self.device(name)
             if grow_filesystem and new > old:
                 from libdm.thin import fs

@@ -988,6 +988,17 @@ class Store:
     def drop_growth_intent(self) -> None:
         self._write("DELETE FROM meta WHERE key = 'growth_intent'")
 
+    def resize_intent(self) -> str | None:
+        """The device whose resize is recorded but may not be in its live
+        table yet, or ``None``."""
+        return self._meta("resize_intent")
+
+    def set_resize_intent(self, name: str) -> None:
+        self._set_meta("resize_intent", name)
+
+    def drop_resize_intent(self) -> None:
+        self._write("DELETE FROM meta WHERE key = 'resize_intent'")
+
     # -- deferred deletes ------------------------------------------------------
 
     def queue_delete(self, thin_id: int, name: str) -> None:

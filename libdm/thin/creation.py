@@ -23,7 +23,7 @@ from libdm.dm.errors import DeviceExistsError, error_for
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
-from libdm.thin.config import PoolConfig
+from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.errors import (
     REPAIR_HINT,
     DeviceNotBlankError,
@@ -482,14 +482,15 @@ def _create(
         record.update(backing.config())
         # Whether destroy(remove_files=True) may remove the directory.
         record["made_directory"] = statedir.made
-        PoolConfig.from_record(record, "the new configuration")  # refuses what it cannot read
+        # Refuses what it cannot read.
+        pool_config = PoolConfig.from_record(record, "the new configuration")
         # The pool row goes in before the device exists: a crash from
         # here on leaves a pool that Pool.open finishes bringing up.
         store.init_pool(
             name,
             uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
-            backing.kind,
-            record,
+            PoolKind(backing.kind),
+            pool_config,
         )
         pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
         with pool._changing("create"):

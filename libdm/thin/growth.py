@@ -103,24 +103,24 @@ class Growth:
                 # Refused before anything changes, metadata growth included.
                 self.check_capacity(
                     "resize",
-                    pool.config.with_record({"data_size": int(data)}),
+                    pool.config.but(data_size=data),
                     extra_metadata=None if meta is None else Bytes(meta - meta_now),
                 )
             # The kernel grows data before metadata on a resume: metadata first.
             if meta is not None and meta > meta_now:
-                self.grow("resize", {"metadata_size": int(meta)})
+                self.grow("resize", pool.config.but(metadata_size=meta))
             if data is not None and data > data_now:
-                changes: dict[str, Any] = {"data_size": int(data)}
+                new = pool.config.but(data_size=data)
                 if low_water_mark is not None:
-                    changes["low_water_mark"] = int(low_water_mark)
-                self.grow("resize", changes)
+                    new = new.but(low_water_mark=DataBlocks(int(low_water_mark)))
+                self.grow("resize", new)
             return pool.status()
 
     def refresh(self) -> PoolStatus:
         pool = self.pool
         with pool._changing("refresh"):
             self.check_growable("refresh")
-            self.grow("refresh", {})
+            self.grow("refresh", pool.config)
             return pool.status()
 
     def extend(
@@ -216,7 +216,7 @@ class Growth:
             # a forged or swapped device is refused at the next open.
             try:
                 changes = backings.segment_changes(pool.config.to_record(), side, segments)
-                self.grow("extend", changes)
+                self.grow("extend", pool.config.with_backing(changes))
             except BaseException:
                 if label is not None:
                     erase_label(device, pool.config.token)
@@ -269,7 +269,7 @@ class Growth:
         with self.pool._changing("set_low_water_mark"):
             if count == int(self.pool.config.low_water_mark):
                 return
-            self.grow("set_low_water_mark", {"low_water_mark": count})
+            self.grow("set_low_water_mark", self.pool.config.but(low_water_mark=DataBlocks(count)))
 
     def check_growable(self, operation: str) -> None:
         pool = self.pool
@@ -288,16 +288,16 @@ class Growth:
 
     # -- the growth protocol ---------------------------------------------------------
 
-    def grow(self, operation: str, changes: dict[str, Any]) -> None:
-        """Reload the pool on its configuration with ``changes`` (stored
-        fields) applied, through the journal (see the module doc)."""
+    def grow(self, operation: str, new: PoolConfig) -> None:
+        """Reload the pool on configuration ``new`` (its own with changes
+        made by :meth:`PoolConfig.but <libdm.thin.config.PoolConfig.but>`),
+        through the journal (see the module doc)."""
         pool = self.pool
         if pool.kind == PoolKind.ADOPTED:
             raise ValueError(
                 f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change"
             )
         old = pool.config
-        new = old.with_record(changes)
         self.check_capacity(operation, new)
         txn = pool._journal.open_growth(GrowthIntent(operation, old, new, self.live_tables()))
         try:

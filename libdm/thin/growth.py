@@ -156,13 +156,14 @@ class Growth:
             used = self.used_regions(os.stat(device).st_rdev)
             if used:
                 # A device the pool already sits on: only its free part.
-                size = open_block_device(device).size // 512
-                end = max(stop for _, stop in used)
-                if first is None and -(-end // 8) * 8 >= size:
+                size = int(Bytes(open_block_device(device).size).whole_sectors())
+                # The free part starts at the next 4 KiB after the last use.
+                free = int(Sectors(max(stop for _, stop in used)).round_up(8))
+                if first is None and free >= size:
                     raise ValueError(
                         f"{device} is already part of pool {pool.name!r} and has no free part left"
                     )
-                first = -(-end // 8) * 8 if first is None else first
+                first = free if first is None else first
                 clash = [
                     (a, b) for a, b in used if first < b and a < (first + count if count else size)
                 ]
@@ -170,10 +171,10 @@ class Growth:
                     raise ValueError(
                         f"{device} is already part of pool {pool.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
-                        f"at sector {-(-end // 8) * 8}"
+                        f"at sector {free}"
                     )
             else:
-                size = check_device(device, force, "extend").size // 512
+                size = int(Bytes(check_device(device, force, "extend").size).whole_sectors())
                 # A whole device gets the pool's label, and the pool maps it
                 # from after the label (see libdm.thin.label).
                 labelled = first is None or first >= int(RESERVED)
@@ -256,10 +257,10 @@ class Growth:
             if rdev in seen:
                 continue
             seen.add(rdev)
-            end = -(-max(stop for _, stop in self.used_regions(rdev)) // 8) * 8
-            size = open_block_device(path).size // 512
+            end = Sectors(max(stop for _, stop in self.used_regions(rdev))).round_up(8)
+            size = Bytes(open_block_device(path).size).whole_sectors()
             if size > end:
-                out.append((path, Sectors(end), Sectors(size - end)))
+                out.append((path, end, size - end))
         return sorted(out, key=lambda region: -int(region[2]))
 
     def set_low_water_mark(self, blocks: DataBlocks | int) -> None:
@@ -502,7 +503,7 @@ class Growth:
         """The data device's size under ``config``."""
         pool = self.pool
         if pool.kind == PoolKind.LOOP:
-            return Sectors(int(config.data_size) // 512)
+            return config.data_size.whole_sectors()
         backing = backings.from_config(
             pool.kind.value, pool._store.statedir, pool.name, config.to_record()
         )

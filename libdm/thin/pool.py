@@ -451,7 +451,10 @@ class Pool:
 
     def _table_for(self, devs: backings._Devices) -> list[Target]:
         length = (
-            Sectors(devs.data.size // 512).data_blocks(self.block_size).sectors(self.block_size)
+            Bytes(devs.data.size)
+            .whole_sectors()
+            .data_blocks(self.block_size)
+            .sectors(self.block_size)
         )
         if length == 0:
             raise ValueError(
@@ -1828,7 +1831,7 @@ class Pool:
 
     def data_size(self) -> Bytes:
         """The pool's data size in ``Bytes`` as the kernel sees it."""
-        return Bytes(int(ops.table(self.name)[0].length) * 512)
+        return Sectors(int(ops.table(self.name)[0].length)).bytes()
 
     def _data_sectors(self, config: PoolConfig) -> Sectors:
         """The data device's size under ``config``."""

@@ -86,7 +86,7 @@ def test_metadata_fault_fails_the_pool_and_open_recovers(faulty_pool, fault, tmp
             attempt()
     assert pool.info().state in ("Fail", "Error", "ro", "needs_check")
     store = Store(pool.directory)
-    assert [r["name"] for r in store.devices()] == ["vol"] and store.intents() == []
+    assert [r.name for r in store.devices()] == ["vol"] and store.intents() == []
     store.close()
     # Remove the fault, take the failed pool down, check its metadata, reopen.
     swap("meta", "linear")
@@ -134,7 +134,7 @@ def test_data_fault_surfaces_eio_and_loses_nothing(faulty_pool):
     if not st.failed and st.mode == "rw" and not st.needs_check:
         pool.create_thin("after", "4M")
     store = Store(pool.directory)
-    assert "vol" in [r["name"] for r in store.devices()]
+    assert "vol" in [r.name for r in store.devices()]
     store.close()
     reliability.record("faults", faults=1, losses=0)
 
@@ -155,6 +155,6 @@ def test_thin_check_failure_blocks_open_with_a_clear_error(faulty_pool):
     assert f"libdm pool repair --pool {pool.directory}" in str(caught.value)
     assert name not in witness.names()  # nothing was loaded on bad metadata
     store = Store(pool.directory)
-    assert [r["name"] for r in store.devices()] == ["vol"]
+    assert [r.name for r in store.devices()] == ["vol"]
     store.close()
     reliability.record("faults", faults=1, losses=0)

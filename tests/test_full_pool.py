@@ -87,7 +87,7 @@ def test_a_failed_pool_cannot_be_resized(dm_name, tmp_path, make_pool):
         with pytest.raises((libdm.PoolFailedError, libdm.PoolReadOnlyError)) as caught:
             attempt()
         assert "thin_repair" in str(caught.value)
-    assert [r["name"] for r in Store(pool.directory).devices()] == ["vol"]
+    assert [r.name for r in Store(pool.directory).devices()] == ["vol"]
 
 
 def test_a_truncated_state_database_is_a_clear_error_and_nothing_is_deleted(dm_name, tmp_path):

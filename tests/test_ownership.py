@@ -121,7 +121,7 @@ def test_resize_refuses_another_pools_device(crowd, size, force):
         crowd.a.device("b-x").resize(size, force=force)
     refusal_names_the_owner(caught.value, crowd)
     assert seen(crowd.theirs) == before
-    assert store_row(crowd.a.directory, "b-x")["size"] == 16 * MiB // 512
+    assert store_row(crowd.a.directory, "b-x").size == libdm.Bytes(16 * MiB).sectors()
 
 
 def test_format_and_mount_refuse_another_pools_device(crowd, tmp_path):
@@ -148,7 +148,7 @@ def test_activate_and_deactivate_refuse_another_pools_device(crowd):
         crowd.a.device("b-x").deactivate()
     refusal_names_the_owner(caught.value, crowd)
     assert seen(crowd.theirs) == before
-    assert not store_row(crowd.a.directory, "b-x")["active"]
+    assert not store_row(crowd.a.directory, "b-x").active
 
 
 def test_a_snapshot_refuses_another_pools_device_and_never_resumes_it(crowd):
@@ -179,7 +179,7 @@ def test_open_neither_adopts_nor_touches_another_pools_device(crowd):
     crowd.a.close()
     pool = libdm.Pool.open(directory)
     try:
-        assert not store_row(directory, "b-x")["active"]
+        assert not store_row(directory, "b-x").active
         assert pool.unavailable == {}
     finally:
         pool.close()
@@ -278,7 +278,7 @@ def test_destroy_and_open_leave_a_device_made_by_someone_else(inactive_x, tmp_pa
     inactive_x.close()
     pool = libdm.Pool.open(directory)
     try:
-        assert not store_row(directory, "x")["active"]  # not recorded as its own
+        assert not store_row(directory, "x").active  # not recorded as its own
     finally:
         pool.close()
     assert seen(theirs) == before
@@ -299,7 +299,7 @@ def test_open_does_not_record_a_foreign_device_as_active(inactive_x, tmp_path, c
     inactive_x.close()
     with caplog.at_level(logging.WARNING, logger="libdm"):
         libdm.Pool.open(directory).close()
-    assert not store_row(directory, "x")["active"]
+    assert not store_row(directory, "x").active
     assert any(theirs in r.getMessage() for r in caplog.records), caplog.text
 
 

@@ -209,7 +209,7 @@ def test_an_origin_with_snapshots_can_be_deleted(pool):
     assert [d.name for d in pool.children("child")] == ["grandchild"]
     store = Store(pool.directory)
     try:
-        assert store.device("child")["parent"] is None
+        assert store.device("child").parent is None
     finally:
         store.close()
     # And a reopen brings back the same tree.
@@ -227,10 +227,10 @@ def test_deactivate_and_activate(pool):
     write_pattern(dev.path, 9)
     dev.deactivate()
     assert dev.dm_name not in witness.names() and not dev.active
-    assert Store(pool.directory).device("vol")["active"] == 0
+    assert not Store(pool.directory).device("vol").active
     dev.activate()
     assert read_at(dev.path) == bytes([9]) * (1 << 20)
-    assert Store(pool.directory).device("vol")["active"] == 1
+    assert Store(pool.directory).device("vol").active
 
 
 def test_metadata_snapshot_is_exposed(pool):

@@ -39,12 +39,12 @@ def check_consistent(pool):
     store = Store(pool.directory)
     try:
         rows = store.devices()
-        ids = [r["thin_id"] for r in rows]
+        ids = [r.thin_id for r in rows]
         assert len(ids) == len(set(ids))  # no id given twice
         assert witness.thin_ids(pool.name) == set(ids)
         assert store.transaction_id() == witness.transaction_id(pool.name)
         assert store.intents() == []
-        return {r["name"] for r in rows}
+        return {r.name for r in rows}
     finally:
         store.close()
 

@@ -5,13 +5,16 @@ the lock's wait (no kernel)."""
 import fcntl
 import json
 import os
+import sqlite3
 
 import pytest
+from support.store import made
 
 import libdm
 from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.journal import GrowthIntent, Intent, Op
 from libdm.thin.lock import PoolLock
+from libdm.thin.store import Store
 
 # A record as today's create_loop writes it (keys and JSON types).
 LOOP_RECORD = {
@@ -60,12 +63,33 @@ def test_optional_fields_absent_in_old_stores_read_as_none():
     assert config.to_record() == record
 
 
-def test_with_record_applies_changes_and_none_clears():
+def test_but_applies_typed_changes_and_none_clears():
     config = PoolConfig.from_record(LOOP_RECORD)
-    changed = config.with_record({"base_device": "base", "data_size": 128 << 20})
+    changed = config.but(base_device="base", data_size=libdm.Bytes(128 << 20), repair="m.old")
     assert changed.base_device == "base" and changed.data_size == libdm.Bytes(128 << 20)
-    assert changed.with_record({"base_device": None}).base_device is None
+    assert changed.repair == "m.old"
+    # Stored as before: the backing's size among its fields, a plain number.
+    record = changed.to_record()
+    assert record["data_size"] == 128 << 20 and type(record["data_size"]) is int
+    assert record["repair"] == {"damaged": "m.old"}
+    cleared = changed.but(base_device=None, repair=None)
+    assert cleared.base_device is None and "repair" not in cleared.to_record()
     assert config.base_device is None  # frozen: the original is untouched
+    assert config.but(file_inodes={"data": 1}).backing["file_inodes"] == {"data": 1}
+
+
+def test_but_refuses_a_value_of_the_wrong_type_by_name():
+    config = PoolConfig.from_record(LOOP_RECORD)
+    with pytest.raises(libdm.StateError, match="'deferred_removal' is 1, not true or false"):
+        config.but(deferred_removal=1)  # type: ignore[typeddict-item]
+
+
+def test_with_backing_changes_only_the_backings_fields():
+    config = PoolConfig.from_record(LOOP_RECORD)
+    moved = config.with_backing({"data_file": "data.new"})
+    assert moved.backing["data_file"] == "data.new" and moved.token == config.token
+    with pytest.raises(ValueError, match="not fields of a pool's backing: token"):
+        config.with_backing({"token": "x"})
 
 
 @pytest.mark.parametrize(
@@ -98,7 +122,7 @@ def test_a_missing_field_is_named(field):
 
 def test_a_config_that_is_not_an_object_is_refused():
     with pytest.raises(libdm.StateError, match="not a JSON object"):
-        PoolConfig.from_record([1, 2])  # type: ignore[arg-type]
+        PoolConfig.from_record([1, 2])
 
 
 def test_pool_kind_equals_its_stored_string_and_refuses_others():
@@ -109,7 +133,7 @@ def test_pool_kind_equals_its_stored_string_and_refuses_others():
 
 def test_a_growth_intent_round_trips_with_typed_configs():
     old = PoolConfig.from_record(LOOP_RECORD)
-    new = old.with_record({"data_size": 128 << 20, "low_water_mark": 16})
+    new = old.but(data_size=libdm.Bytes(128 << 20), low_water_mark=libdm.DataBlocks(16))
     intent = GrowthIntent("resize", old, new, {"pool": ("0 131072 thin-pool 7:1 7:0 128 0 0",)})
     back = GrowthIntent.from_record(json.loads(json.dumps(intent.to_record())))
     assert back == intent and back.op is Op.GROW
@@ -128,12 +152,32 @@ def test_a_damaged_growth_intent_is_named():
         GrowthIntent.from_record(record)
 
 
-def test_an_intent_row_round_trips_and_an_unknown_op_is_refused():
+def test_an_intent_round_trips_through_the_store_and_an_unknown_op_is_refused(tmp_path):
     intent = Intent(Op.CREATE_SNAP, 4, 9, "snap", libdm.Sectors(2048), "vol", 3)
-    assert Intent.from_row(intent.row()) == intent
-    for op in ("grow", "format"):
-        with pytest.raises(libdm.StateError, match=f"unknown operation '{op}'"):
-            Intent.from_row(dict(intent.row(), op=op))
+    store = made(tmp_path / "state")
+    try:
+        with store.transaction():
+            store.add_intent(intent)
+        assert store.intents() == [intent]
+        assert type(store.intents()[0].size) is libdm.Sectors
+    finally:
+        store.close()
+    # As SQLite holds it (a witness beside the store).
+    db = sqlite3.connect(tmp_path / "state" / "state.db")
+    try:
+        row = db.execute("SELECT * FROM intents").fetchone()
+        assert row == (4, "create_snap", 9, "snap", 2048, "vol", 3)
+        for op in ("grow", "format"):
+            with db:
+                db.execute("UPDATE intents SET op = ?", (op,))
+            store = Store(tmp_path / "state")
+            try:
+                with pytest.raises(libdm.StateError, match=f"unknown operation '{op}'"):
+                    store.intents()
+            finally:
+                store.close()
+    finally:
+        db.close()
 
 
 def test_the_lock_waits_then_names_the_lock_file(tmp_path):

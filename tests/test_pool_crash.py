@@ -52,15 +52,15 @@ def assert_consistent(pool):
     try:
         assert store.intents() == []
         assert store.transaction_id() == witness.transaction_id(pool.name)
-        recorded = {row["thin_id"] for row in store.devices()}
-        queued = {row["thin_id"] for row in store.deferred_deletes()}
+        recorded = {row.thin_id for row in store.devices()}
+        queued = {queued.thin_id for queued in store.deferred_deletes()}
         assert witness.thin_ids(pool.name) == recorded | queued
         for row in store.devices():
-            dm_name = pool.device_dm_name(row["name"])
-            assert (dm_name in witness.names()) == bool(row["active"]), row
-            if row["active"]:
+            dm_name = pool.device_dm_name(row.name)
+            assert (dm_name in witness.names()) == row.active, row
+            if row.active:
                 assert witness.sysfs(dm_name, "suspended") == "0"
-                assert witness.table(dm_name)[0].split()[-1] == str(row["thin_id"])
+                assert witness.table(dm_name)[0].split()[-1] == str(row.thin_id)
     finally:
         store.close()
 

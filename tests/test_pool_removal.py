@@ -97,7 +97,7 @@ def test_deactivate_of_a_busy_device_is_deferred(pool, tmp_path, how):
         assert dev.dm_name in witness.names()
         assert deferred_remove_pending(dev.dm_name)
         assert witness.info(dev.dm_name)["open"] >= 1
-        assert Store(pool.directory).device("vol")["active"] == 0
+        assert not Store(pool.directory).device("vol").active
     finally:
         holder.release()
     wait_gone(dev)

@@ -75,7 +75,7 @@ def test_a_kill_mid_growth_is_finished_by_open(dm_name, tmp_path, change, point)
         store = Store(directory)
         try:
             assert store.growth_intent() is None
-            config = store.pool()["config"]
+            config = store.pool().config.to_record()
         finally:
             store.close()
         # All or nothing, and the store agrees with the kernel.
@@ -176,7 +176,7 @@ def test_a_growth_the_kernel_refuses_anyway_is_rolled_back(tmp_path, monkeypatch
     store = Store(directory)
     try:
         assert store.growth_intent() is None
-        assert store.pool()["config"]["data_size"] == 64 * MiB
+        assert store.pool().config.to_record()["data_size"] == 64 * MiB
     finally:
         store.close()
     pool.create_thin("after", "4M")
@@ -211,9 +211,7 @@ def test_a_table_the_kernel_refuses_is_undone(monkeypatch, make_pool):
     monkeypatch.setattr(
         type(pool),
         "_thin_table",
-        lambda self, row, devno: [
-            Target(0, row["size"], "thin", f"{devno} {row['thin_id'] + 1000}")
-        ],
+        lambda self, row, devno: [Target(0, row.size, "thin", f"{devno} {row.thin_id + 1000}")],
     )
     with pytest.raises(libdm.DMError):
         pool.create_thin("refused", "4M")
@@ -369,7 +367,7 @@ def test_a_kill_mid_extend_of_a_block_pool_is_finished_by_open(dm_name, tmp_path
         store = Store(state)
         try:
             assert store.growth_intent() is None
-            segments = store.pool()["config"]["data_segments"]
+            segments = store.pool().config.to_record()["data_segments"]
         finally:
             store.close()
         # All or nothing: the recorded segments are what the kernel maps.

@@ -32,6 +32,7 @@ from support.poll import until
 from test_pool_crash import assert_consistent
 
 import libdm
+from libdm.thin.records import Op
 from libdm.thin.store import Store
 
 pytestmark = pytest.mark.kernel
@@ -397,7 +398,7 @@ def _recorded_active(directory, name):
     store = Store(directory)
     try:
         row = store.device(name)
-        return None if row is None else bool(row["active"])
+        return None if row is None else row.active
     finally:
         store.close()
 
@@ -484,13 +485,13 @@ def settled_names(directory, pool_name):
     not is undone, and a delete is always finished."""
     store = Store(directory)
     try:
-        names = {row["name"] for row in store.devices()}
+        names = {record.name for record in store.devices()}
         kernel = witness.transaction_id(pool_name)
-        for row in store.intents():
-            if row["op"] == "delete":
-                names.discard(row["name"])
-            elif row["txid"] == kernel:
-                names.add(row["name"])
+        for intent in store.intents():
+            if intent.op is Op.DELETE:
+                names.discard(intent.name)
+            elif intent.txid == kernel:
+                names.add(intent.name)
         return names
     finally:
         store.close()
@@ -577,7 +578,7 @@ class EntryPointMachine(RuleBasedStateMachine):
         with libdm.Pool.load(self.directory) as pool:
             listed = {d.name for d in pool.devices()}
         intents, _ = pending(self.directory)
-        assert not listed & {row["name"] for row in intents if row["op"] == "delete"}
+        assert not listed & {intent.name for intent in intents if intent.op is Op.DELETE}
 
 
 def test_kills_then_any_entry_point(dm_name, tmp_path):

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.store import CONFIG, made
 from support.store import MAX_THIN_ID as MAX
+from support.store import config, intent, made
 
 import libdm
+from libdm.thin.config import PoolKind
+from libdm.thin.records import DeferredDelete, DeviceRecord, GrowthIntent, Intent, Op
 from libdm.thin.store import DB_NAME, LOG_NAME, Store
+from libdm.thin.units import Sectors
 
 WAL = DB_NAME + "-wal"
 
@@ -32,7 +35,7 @@ def everything(store: Store) -> dict[str, Any]:
         "foreign": store.foreign_ids(),
         "growth": store.growth_intent(),
         "count": store.count_devices(),
-        "children": {row["name"]: store.children(row["name"]) for row in store.devices()},
+        "children": {row.name: store.children(row.name) for row in store.devices()},
     }
 
 
@@ -41,20 +44,20 @@ def some_changes(store: Store) -> None:
         for name in ("a", "b", "c"):
             thin_id = store.allocate_id(MAX)
             assert thin_id is not None
-            store.add_device(name, thin_id, 2048, None, active=True)
+            store.add_device(name, thin_id, Sectors(2048), None, active=True)
         store.set_transaction_id(3)
     with store.transaction(durable=False):
         thin_id = store.allocate_id(MAX)
         assert thin_id is not None
-        store.add_device("a-snap", thin_id, 2048, "a")
+        store.add_device("a-snap", thin_id, Sectors(2048), "a")
         store.set_transaction_id(4)
     with store.transaction():
         store.set_active("b", False)
-        store.set_size("c", 4096)
+        store.set_size("c", Sectors(4096))
         store.queue_delete(9, "old")
         store.mark_foreign(7)
-        store.add_intent(5, "create_thin", 8, "pending", 2048)
-        store.set_growth_intent({"operation": "refresh", "old": {}, "new": {}, "tables": {}})
+        store.add_intent(intent(5, "create_thin", 8, "pending", 2048))
+        store.set_growth_intent(GrowthIntent("refresh", config(), config(low_water_mark=8), {}))
 
 
 def test_changes_survive_a_close_and_state_db_is_the_whole_state(tmp_path: Path) -> None:
@@ -80,29 +83,37 @@ def test_changes_survive_a_close_and_state_db_is_the_whole_state(tmp_path: Path)
         db.close()
 
 
-def test_rows_are_what_the_sqlite_store_returned(tmp_path: Path) -> None:
+def test_records_are_what_the_sqlite_store_holds(tmp_path: Path) -> None:
     store = made(tmp_path / "state")
     try:
         some_changes(store)
         row = store.device("a-snap")
         assert row is not None
-        assert list(row) == ["name", "thin_id", "size", "parent", "active", "created"]
-        assert (row["thin_id"], row["size"], row["parent"], row["active"]) == (3, 2048, "a", 0)
+        assert row == DeviceRecord("a-snap", 3, Sectors(2048), "a", False, row.created)
+        assert type(row.size) is Sectors and type(row.active) is bool
+        # Its creation time, as SQLite read it (a witness beside the store).
+        db = sqlite3.connect(store.path)
+        try:
+            created = db.execute("SELECT created FROM devices WHERE name = 'a-snap'").fetchone()
+        finally:
+            db.close()
+        assert row.created == created[0]
         assert store.device_by_id(3) == row
         assert store.children("a") == ["a-snap"]
-        assert [r["name"] for r in store.active_devices()] == ["a", "c"]
-        assert store.intents() == [
-            {
-                "txid": 5,
-                "op": "create_thin",
-                "thin_id": 8,
-                "name": "pending",
-                "size": 2048,
-                "parent": None,
-                "origin_id": None,
-            }
-        ]
-        assert [(r["thin_id"], r["name"]) for r in store.deferred_deletes()] == [(9, "old")]
+        assert [r.name for r in store.active_devices()] == ["a", "c"]
+        assert store.intents() == [Intent(Op.CREATE_THIN, 5, 8, "pending", Sectors(2048))]
+        deferred = store.deferred_deletes()
+        assert deferred == [DeferredDelete(9, "old", deferred[0].queued)] and deferred[0].queued
+        pool = store.pool()
+        assert (pool.name, pool.uuid, pool.kind, pool.config) == (
+            "p",
+            "LIBDM-POOL-x",
+            PoolKind.LOOP,
+            config(),
+        )
+        assert store.growth_intent() == GrowthIntent(
+            "refresh", config(), config(low_water_mark=8), {}
+        )
         assert store.id_in_use(8) and store.id_in_use(9) and store.id_in_use(7)
         assert not store.id_in_use(6)
         # The next id skips every id in use (devices 0-3, foreign 7,
@@ -114,13 +125,13 @@ def test_rows_are_what_the_sqlite_store_returned(tmp_path: Path) -> None:
         with store.transaction():
             store.drop_device("a")  # its snapshot becomes a root
         snap = store.device("a-snap")
-        assert snap is not None and snap["parent"] is None
+        assert snap is not None and snap.parent is None
         before = everything(store)
         # A row that breaks a constraint: a StateError naming the store
         # and the constraint (never sqlite3's own), and nothing stored.
-        for args in (("b", 99, 1, None), ("new", 1, 1, None)):
+        for name, thin_id in (("b", 99), ("new", 1)):
             with pytest.raises(libdm.StateError) as caught:
-                store.add_device(*args)
+                store.add_device(name, thin_id, Sectors(1), None)
             said = str(caught.value)
             assert str(store.path) in said and "UNIQUE constraint failed" in said
         assert everything(store) == before
@@ -152,12 +163,13 @@ def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
 KILLED = """
 import os
 from libdm.thin.store import Store
+from libdm.thin.units import Sectors
 store = Store({directory!r})
 with store.transaction():
-    store.add_device("x", 50, 2048, None, active=True)
+    store.add_device("x", 50, Sectors(2048), None, active=True)
     store.set_transaction_id(10)
 with store.transaction(durable=False):
-    store.add_device("y", 51, 2048, "x")
+    store.add_device("y", 51, Sectors(2048), "x")
 os._exit(9)  # killed: no close, no checkpoint
 """
 
@@ -170,7 +182,7 @@ def test_a_killed_process_leaves_a_wal_that_the_next_open_reads(tmp_path: Path) 
     assert (directory / WAL).stat().st_size > 0
     store = Store(directory)
     try:
-        assert [r["name"] for r in store.devices()] == ["x", "y"]
+        assert [r.name for r in store.devices()] == ["x", "y"]
         assert store.transaction_id() == 10
         assert store.children("x") == ["y"]
     finally:
@@ -190,10 +202,10 @@ def test_a_torn_wal_tail_loses_only_the_change_it_held(tmp_path: Path) -> None:
     os.truncate(wal, wal.stat().st_size - 100)
     store = Store(directory)
     try:
-        assert [r["name"] for r in store.devices()] == ["x"]
+        assert [r.name for r in store.devices()] == ["x"]
         with store.transaction():
-            store.add_device("after", 52, 2048, None)
-        assert [r["name"] for r in store.devices()] == ["after", "x"]
+            store.add_device("after", 52, Sectors(2048), None)
+        assert [r.name for r in store.devices()] == ["after", "x"]
     finally:
         store.close()
 
@@ -207,7 +219,7 @@ def test_garbage_after_the_last_wal_frame_is_not_a_change(tmp_path: Path) -> Non
         fh.write(os.urandom(5000))
     store = Store(directory)
     try:
-        assert [r["name"] for r in store.devices()] == ["x", "y"]
+        assert [r.name for r in store.devices()] == ["x", "y"]
     finally:
         store.close()
 
@@ -220,12 +232,12 @@ def test_two_stores_see_each_others_changes(tmp_path: Path) -> None:
         with first.transaction():
             thin_id = first.allocate_id(MAX)
             assert thin_id is not None
-            first.add_device("one", thin_id, 2048, None)
-        assert [r["name"] for r in second.devices()] == ["one"]
+            first.add_device("one", thin_id, Sectors(2048), None)
+        assert [r.name for r in second.devices()] == ["one"]
         with second.transaction():
             thin_id = second.allocate_id(MAX)
             assert thin_id == 1  # not the first's id
-            second.add_device("two", thin_id, 2048, None)
+            second.add_device("two", thin_id, Sectors(2048), None)
         assert first.device("two") is not None
         first.close()
         with second.transaction():
@@ -235,7 +247,7 @@ def test_two_stores_see_each_others_changes(tmp_path: Path) -> None:
     assert sorted(os.listdir(directory)) == [DB_NAME]
     third = Store(directory)
     try:
-        assert [r["name"] for r in third.devices()] == ["one", "two"]
+        assert [r.name for r in third.devices()] == ["one", "two"]
         assert third.transaction_id() == 2
     finally:
         third.close()
@@ -274,7 +286,7 @@ def test_threads_share_a_store(tmp_path: Path) -> None:
                 with store.transaction():
                     thin_id = store.allocate_id(MAX)
                     assert thin_id is not None
-                    store.add_device(f"t{tag}-{i}", thin_id, 2048, None)
+                    store.add_device(f"t{tag}-{i}", thin_id, Sectors(2048), None)
                 store.devices()
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -285,7 +297,7 @@ def test_threads_share_a_store(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(r["thin_id"] for r in store.devices()) == list(range(120))
+    assert sorted(r.thin_id for r in store.devices()) == list(range(120))
     store.close()
 
 
@@ -320,13 +332,13 @@ def test_held_reads_in_one_transaction_and_writes_see_the_latest(tmp_path: Path)
     second = Store(directory)
     try:
         with second.transaction():
-            second.add_device("theirs", 1, 2048, None)
+            second.add_device("theirs", 1, Sectors(2048), None)
         with first.held():
             assert first.device("theirs") is not None
             assert first.db.in_transaction  # one read transaction for the block
             with first.transaction():
-                first.add_device("mine", 2, 2048, None)
-            assert [r["name"] for r in first.devices()] == ["mine", "theirs"]
+                first.add_device("mine", 2, Sectors(2048), None)
+            assert [r.name for r in first.devices()] == ["mine", "theirs"]
         assert not first.db.in_transaction
         assert second.device("mine") is not None
     finally:
@@ -348,7 +360,7 @@ def test_the_configuration_is_in_state_db_at_once(tmp_path: Path) -> None:
     store = made(directory)
     try:
         assert stored() is not None  # the new pool, while it is open
-        store.set_config(dict(CONFIG, low_water_mark=7))
+        store.set_config(config(low_water_mark=7))
         assert '"low_water_mark": 7' in stored()[0]
     finally:
         store.close()
@@ -364,13 +376,13 @@ def test_a_shared_lock_is_the_one_transactions_take(tmp_path: Path) -> None:
     def writer() -> None:
         started.set()
         with store.transaction():
-            store.add_device("theirs", 2, 2048, None)
+            store.add_device("theirs", 2, Sectors(2048), None)
         done.append("theirs")
 
     try:
         with lock:  # as a pool holding its lock around a change
             with store.transaction():
-                store.add_device("mine", 1, 2048, None)
+                store.add_device("mine", 1, Sectors(2048), None)
             thread = threading.Thread(target=writer)
             thread.start()
             started.wait()
@@ -378,7 +390,7 @@ def test_a_shared_lock_is_the_one_transactions_take(tmp_path: Path) -> None:
             assert done == []  # waits for the lock the pool holds
         thread.join()
         assert done == ["theirs"]
-        assert [r["name"] for r in store.devices()] == ["mine", "theirs"]
+        assert [r.name for r in store.devices()] == ["mine", "theirs"]
     finally:
         store.close()
 

@@ -35,12 +35,14 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from support.store import CONFIG, made
 from support.store import MAX_THIN_ID as MAX
+from support.store import config, device_record, intent, intent_record, made
 
 import libdm
 from libdm.thin.errors import StateError
+from libdm.thin.records import GrowthIntent
 from libdm.thin.store import DB_NAME, LOG_NAME, Store
+from libdm.thin.units import Sectors
 
 V1 = Path(__file__).resolve().parent / "data" / "store-v1"
 
@@ -52,13 +54,13 @@ def view(store: Store) -> View:
     """Everything the store says, without the ``created``/``queued`` times."""
     return {
         "devices": [
-            (r["name"], r["thin_id"], r["size"], r["parent"], r["active"]) for r in store.devices()
+            (r.name, r.thin_id, int(r.size), r.parent, int(r.active)) for r in store.devices()
         ],
-        "intents": [(r["txid"], r["op"], r["thin_id"], r["name"]) for r in store.intents()],
-        "deferred": [(r["thin_id"], r["name"]) for r in store.deferred_deletes()],
-        "low_water_mark": store.pool()["config"]["low_water_mark"],
+        "intents": [(r.txid, r.op.value, r.thin_id, r.name) for r in store.intents()],
+        "deferred": [(r.thin_id, r.name) for r in store.deferred_deletes()],
+        "low_water_mark": int(store.pool().config.low_water_mark),
         "transaction_id": store.transaction_id(),
-        "children": {r["name"]: store.children(r["name"]) for r in store.devices()},
+        "children": {r.name: store.children(r.name) for r in store.devices()},
         "count": store.count_devices(),
     }
 
@@ -72,7 +74,7 @@ def fresh_view(directory: Path) -> View:
 
 
 def names(store: Store) -> list[str]:
-    return [r["name"] for r in store.devices()]
+    return [r.name for r in store.devices()]
 
 
 def in_child(work: Callable[[], Any]) -> Any:
@@ -113,7 +115,7 @@ def test_a_forked_child_cannot_use_its_parents_store(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     store = made(directory)
     with store.transaction():
-        store.add_device("parent", 1, 2048, None)
+        store.add_device("parent", 1, Sectors(2048), None)
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
     pid = os.fork()
@@ -125,7 +127,7 @@ def test_a_forked_child_cannot_use_its_parents_store(tmp_path: Path) -> None:
             refused = 0
             try:
                 with store.transaction():
-                    store.add_device("child", 2, 2048, None)
+                    store.add_device("child", 2, Sectors(2048), None)
             except StateError as exc:
                 refused += "fork" in str(exc)
             try:
@@ -135,14 +137,14 @@ def test_a_forked_child_cannot_use_its_parents_store(tmp_path: Path) -> None:
             store.close()  # the parent's connection is left alone
             own = Store(directory)
             with own.transaction():
-                own.add_device("child", 3, 2048, None)
+                own.add_device("child", 3, Sectors(2048), None)
             own.close()
             code = 0 if refused == 2 else 2
         finally:
             os._exit(code)
     os.read(to_parent_r, 1)
     with store.transaction():
-        store.add_device("later", 4, 2048, None)
+        store.add_device("later", 4, Sectors(2048), None)
     store.close()
     os.write(to_child_w, b"x")
     _, status = os.waitpid(pid, 0)
@@ -170,20 +172,22 @@ def test_a_write_that_cannot_grow_the_wal_is_a_clear_error_and_changes_nothing(
     def work() -> tuple[View, View, str, View]:
         store = Store(directory)
         with store.transaction():
-            store.add_device("kept", 1, 2048, None)
+            store.add_device("kept", 1, Sectors(2048), None)
         before = view(store)
         _limit_file_size(os.stat(directory / (DB_NAME + "-wal")).st_size)
         error = ""
         try:
             with store.transaction():
-                store.set_growth_intent({"tables": "x" * 40000})
-                store.add_device("lost", 2, 2048, None)
+                store.set_growth_intent(
+                    GrowthIntent("refresh", config(), config(), {"pool": ("x" * 40000,)})
+                )
+                store.add_device("lost", 2, Sectors(2048), None)
         except StateError as exc:
             error = str(exc)
         after = view(store)
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
         with store.transaction():
-            store.add_device("next", 2, 2048, None)
+            store.add_device("next", 2, Sectors(2048), None)
         final = view(store)
         store.close()
         return before, after, error, final
@@ -208,7 +212,7 @@ def test_a_checkpoint_that_fails_at_close_raises_nothing_and_loses_nothing(
         store = Store(directory)
         for i in range(60):
             with store.transaction(durable=False):
-                store.add_device(f"d{i:03}-" + "x" * 200, i, 2048, None)
+                store.add_device(f"d{i:03}-" + "x" * 200, i, Sectors(2048), None)
         before = view(store)
         _limit_file_size(os.stat(directory / DB_NAME).st_size)
         try:
@@ -254,7 +258,7 @@ def test_a_damaged_byte_in_state_db_is_refused_and_nothing_is_removed(tmp_path: 
     store = made(directory)
     for i in range(40):
         with store.transaction():
-            store.add_device(f"d{i}", i, 2048, None)
+            store.add_device(f"d{i}", i, Sectors(2048), None)
     store.close()
     data = bytearray((directory / DB_NAME).read_bytes())
     page = 4096
@@ -315,7 +319,7 @@ def test_two_long_lived_processes_keep_the_store_bounded_and_open_fast(tmp_path:
         opens: list[float] = []
         for i in range(12000):
             with writer.transaction(durable=i % 2 == 0):
-                writer.add_device(f"d{i}", i, 2048, None, active=True)
+                writer.add_device(f"d{i}", i, Sectors(2048), None, active=True)
                 writer.set_transaction_id(i)
             if i % 500 == 0:
                 beside = max(
@@ -367,12 +371,12 @@ def _writer(directory: str, report: int) -> None:  # pragma: no cover
     store = Store(directory)
     for i in range(WRITER_STEPS):
         with store.transaction(durable=i % 2 == 0):
-            store.add_device(f"d{i}", i, 2048 + i, None, active=True)
+            store.add_device(f"d{i}", i, Sectors(2048 + i), None, active=True)
             if i % 5 == 4:
                 store.drop_device(f"d{i - 2}")
             store.set_transaction_id(i)
         if i % 7 == 3:
-            store.set_config(dict(CONFIG, low_water_mark=i))
+            store.set_config(config(low_water_mark=i))
         os.write(report, f"{i + 1}\n".encode())
     store.close()
     os._exit(0)
@@ -455,8 +459,8 @@ def test_a_migration_killed_anywhere_leaves_a_store_that_opens(
         proc.join()
         store = Store(directory)
         try:
-            assert store.devices() == want["devices"]
-            assert store.intents() == want["intents"]
+            assert store.devices() == [device_record(row) for row in want["devices"]]
+            assert store.intents() == [intent_record(row) for row in want["intents"]]
             assert store.transaction_id() == want["transaction_id"]
             assert not (directory / LOG_NAME).exists()
         finally:
@@ -523,7 +527,7 @@ def _change(s: Store, op: str, args: tuple[Any, ...]) -> Any:  # pragma: no cove
         name, size, parent = args
         with s.transaction():
             thin_id = _allocate(s)
-            s.add_device(name, thin_id, size, parent, active=True)
+            s.add_device(name, thin_id, Sectors(size), parent, active=True)
         return thin_id
     if op == "burst":
         prefix, count = args
@@ -531,7 +535,7 @@ def _change(s: Store, op: str, args: tuple[Any, ...]) -> Any:  # pragma: no cove
         for i in range(count):
             with s.transaction(durable=i % 2 == 0):
                 thin_id = _allocate(s)
-                s.add_device(f"{prefix}{i}", thin_id, 4096, None)
+                s.add_device(f"{prefix}{i}", thin_id, Sectors(4096), None)
             ids.append(thin_id)
         return ids
     if op == "drop":
@@ -540,7 +544,7 @@ def _change(s: Store, op: str, args: tuple[Any, ...]) -> Any:  # pragma: no cove
             row = s.device(name)
             assert row is not None
             s.drop_device(name)
-            s.release_id(row["thin_id"])
+            s.release_id(row.thin_id)
         return None
     if op == "active":
         name, active = args
@@ -548,21 +552,21 @@ def _change(s: Store, op: str, args: tuple[Any, ...]) -> Any:  # pragma: no cove
         return None
     if op == "config":
         (lwm,) = args
-        s.set_config(dict(CONFIG, low_water_mark=lwm))
+        s.set_config(config(low_water_mark=lwm))
         return None
     if op == "intent":
         txid, name = args
         with s.transaction():
             thin_id = _allocate(s)
-            s.add_intent(txid, "create_thin", thin_id, name, 2048)
+            s.add_intent(intent(txid, "create_thin", thin_id, name, 2048))
             s.set_transaction_id(txid)
         return thin_id
     if op == "drop_intent":
         (txid,) = args
-        row = next(r for r in s.intents() if r["txid"] == txid)
+        found = next(r for r in s.intents() if r.txid == txid)
         with s.transaction(durable=False):
             s.drop_intent(txid)
-            s.queue_delete(row["thin_id"], row["name"])
+            s.queue_delete(found.thin_id, found.name)
         return None
     if op == "undelete":
         (thin_id,) = args
@@ -572,7 +576,7 @@ def _change(s: Store, op: str, args: tuple[Any, ...]) -> Any:  # pragma: no cove
         return None
     if op == "fail":
         with pytest.raises(RuntimeError), s.transaction():
-            s.add_device("never", MAX, 1, None)
+            s.add_device("never", MAX, Sectors(1), None)
             s.set_transaction_id(MAX)
             raise RuntimeError("undone")
         return None

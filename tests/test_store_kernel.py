@@ -23,10 +23,11 @@ from typing import NamedTuple
 import pytest
 from support import witness
 from support.blockio import attach
-from support.store import made
+from support.store import intent, made
 
 import libdm
 from libdm.thin.store import DB_NAME, Store
+from libdm.thin.units import Sectors
 
 kernel = pytest.mark.kernel
 
@@ -207,13 +208,13 @@ def test_a_failing_state_filesystem_is_a_state_error_naming_the_store(
     mnt, fail = failing_fs
     directory = mnt / "state"
     store = made(directory)
-    store.add_device("kept", 1, 2048, None)
+    store.add_device("kept", 1, Sectors(2048), None)
     fail()
     errors: list[BaseException] = []
     # A durable change: its sync fails, and it is reported as not stored.
     try:
         with store.transaction():
-            store.add_intent(2, "create_thin", 2, "lost", 2048)
+            store.add_intent(intent(2, "create_thin", 2, "lost", 2048))
     except BaseException as exc:
         errors.append(exc)
     # A fresh open of a store on the failed disk.

@@ -22,10 +22,11 @@ import sys
 import tempfile
 
 import pytest
-from support.store import MAX_THIN_ID, made
+from support.store import MAX_THIN_ID, intent, made
 
 from libdm.testing import in_ci
 from libdm.thin.store import Store
+from libdm.thin.units import Sectors
 
 
 def create(store: Store, name: str) -> None:
@@ -39,9 +40,9 @@ def create(store: Store, name: str) -> None:
         thin_id = store.allocate_id(MAX_THIN_ID)
         assert thin_id is not None
         txid = store.transaction_id() + 1
-        store.add_intent(txid, "create_thin", thin_id, name, 2048)
+        store.add_intent(intent(txid, "create_thin", thin_id, name, 2048))
     with store.transaction(durable=False):
-        store.add_device(name, thin_id, 2048, None, active=True)
+        store.add_device(name, thin_id, Sectors(2048), None, active=True)
         store.set_transaction_id(txid)
         store.drop_intent(txid)
     store.device(name)
@@ -59,9 +60,11 @@ def snapshot(store: Store, origin: str, name: str) -> None:
         thin_id = store.allocate_id(MAX_THIN_ID)
         assert thin_id is not None
         txid = store.transaction_id() + 1
-        store.add_intent(txid, "create_snap", thin_id, name, row["size"], origin, row["thin_id"])
+        store.add_intent(
+            intent(txid, "create_snap", thin_id, name, int(row.size), origin, row.thin_id)
+        )
     with store.transaction(durable=False):
-        store.add_device(name, thin_id, row["size"], origin, active=True)
+        store.add_device(name, thin_id, row.size, origin, active=True)
         store.set_transaction_id(txid)
         store.drop_intent(txid)
     store.device(name)
@@ -76,15 +79,15 @@ def delete(store: Store, name: str) -> None:
     store.deferred_deletes()
     with store.transaction():
         txid = store.transaction_id() + 1
-        store.add_intent(txid, "delete", row["thin_id"], name)
+        store.add_intent(intent(txid, "delete", row.thin_id, name))
     with store.transaction():
         store.set_active(name, False)
     with store.transaction(durable=False):
         again = store.device(name)
         assert again is not None
         store.drop_device(name)
-        store.drop_deferred_delete(row["thin_id"])
-        store.release_id(row["thin_id"])
+        store.drop_deferred_delete(row.thin_id)
+        store.release_id(row.thin_id)
         store.set_transaction_id(txid)
         store.drop_intent(txid)
 

@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.store import (
+    deferred_record,
+    device_record,
+    growth_record,
+    intent_record,
+    pool_record,
+)
 
 import libdm
 from libdm.thin.store import DB_NAME, LOG_NAME, MIGRATIONS, SCHEMA_VERSION, Store
@@ -58,19 +65,21 @@ def schema_version(directory: Path) -> int:
 
 
 def check_every_field(store: Store, want: dict[str, Any]) -> None:
-    assert store.pool() == want["pool"]
+    """The store's records are the rows the older libdm read back."""
+    devices = [device_record(row) for row in want["devices"]]
+    assert store.pool() == pool_record(want["pool"])
     assert store.transaction_id() == want["transaction_id"]
-    assert store.devices() == want["devices"]
-    assert store.active_devices() == want["active_devices"]
-    assert {r["name"]: store.children(r["name"]) for r in store.devices()} == want["children"]
+    assert store.devices() == devices
+    assert store.active_devices() == [device_record(row) for row in want["active_devices"]]
+    assert {r.name: store.children(r.name) for r in store.devices()} == want["children"]
     assert store.count_devices() == want["count_devices"]
-    assert store.intents() == want["intents"]
-    assert store.deferred_deletes() == want["deferred_deletes"]
+    assert store.intents() == [intent_record(row) for row in want["intents"]]
+    assert store.deferred_deletes() == [deferred_record(row) for row in want["deferred_deletes"]]
     assert store.foreign_ids() == want["foreign_ids"]
-    assert store.growth_intent() == want["growth_intent"]
-    for row in want["devices"]:
-        assert store.device(row["name"]) == row
-        assert store.device_by_id(row["thin_id"]) == row
+    assert store.growth_intent() == growth_record(want["growth_intent"])
+    for record in devices:
+        assert store.device(record.name) == record
+        assert store.device_by_id(record.thin_id) == record
     for thin_id in want["free_ids"]:
         assert not store.id_in_use(thin_id)
 

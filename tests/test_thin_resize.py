@@ -126,7 +126,7 @@ def test_a_kill_between_record_and_reload_is_corrected_by_open(dm_name, tmp_path
         assert length(dev.dm_name) == 48 * MiB // 512
         store = Store(directory)
         try:
-            assert store.device("vol")["size"] == 48 * MiB // 512
+            assert store.device("vol").size == libdm.Bytes(48 * MiB).sectors()
         finally:
             store.close()
     finally:

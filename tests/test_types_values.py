@@ -92,3 +92,20 @@ def test_errors_pickle_whatever_their_signature(exc: DMError) -> None:
 def test_remove_needs_a_positive_retry_delay(delay: float) -> None:
     with pytest.raises(ValueError, match="retry_delay must be a positive number of seconds"):
         libdm.remove("any-name", retry_delay=delay)
+
+
+def test_rounding_keeps_the_unit_and_refuses_a_unit_step() -> None:
+    assert Sectors(9).round_up(8) == Sectors(16) and type(Sectors(9).round_up(8)) is Sectors
+    assert Sectors(16).round_up(8) == Sectors(16) and Sectors(0).round_up(8) == Sectors(0)
+    assert Sectors(15).round_down(8) == Sectors(8)
+    assert Bytes(4097).round_up(4096) == Bytes(8192) and type(Bytes(1).round_up(2)) is Bytes
+    with pytest.raises(TypeError, match="plain int"):
+        Sectors(9).round_up(Sectors(8))
+    with pytest.raises(ValueError, match="positive"):
+        Bytes(9).round_down(0)
+
+
+def test_bytes_to_whole_sectors_rounds_down_and_sectors_up_rounds_up() -> None:
+    assert Bytes(1023).whole_sectors() == Sectors(1) and Bytes(1023).sectors_up() == Sectors(2)
+    assert Bytes(1024).whole_sectors() == Sectors(2) == Bytes(1024).sectors_up()
+    assert type(Bytes(0).sectors_up()) is Sectors and Bytes(0).sectors_up() == Sectors(0)

@@ -170,6 +170,15 @@ class _Unit(_Number):
     def __hash__(self) -> int:
         return hash(int(self))
 
+    def round_up(self, step: int) -> Self:
+        """The least multiple of ``step`` (a plain count of this unit) that
+        is at least this: ``Sectors(9).round_up(8) == Sectors(16)``."""
+        return type(self)(-(-int(self) // _step(step)) * step)
+
+    def round_down(self, step: int) -> Self:
+        """The greatest multiple of ``step`` that is at most this."""
+        return type(self)(int(self) // _step(step) * step)
+
 
 class Bytes(_Unit):
     """A size in bytes."""
@@ -188,6 +197,14 @@ class Bytes(_Unit):
                 f"of {SECTOR_SIZE}-byte sectors"
             )
         return Sectors(int(self) // SECTOR_SIZE)
+
+    def whole_sectors(self) -> Sectors:
+        """The whole sectors in this size (a part sector at its end left out)."""
+        return Sectors(int(self) // SECTOR_SIZE)
+
+    def sectors_up(self) -> Sectors:
+        """The sectors this size takes (a part sector at its end counts)."""
+        return Sectors(-(-int(self) // SECTOR_SIZE))
 
 
 class Sectors(_Unit):
@@ -225,6 +242,15 @@ class MetaBlocks(_Unit):
     def bytes(self) -> Bytes:
         """These metadata blocks in bytes."""
         return Bytes(int(self) * META_BLOCK_SIZE)
+
+
+def _step(step: object) -> int:
+    """A rounding step: a positive plain ``int`` (not a unit)."""
+    if isinstance(step, _Unit | bool) or not isinstance(step, int):
+        raise TypeError(f"a rounding step is a plain int, not {type(step).__name__}")
+    if step <= 0:
+        raise ValueError(f"a rounding step must be positive, not {step}")
+    return step
 
 
 def _require(value: object, cls: type[_Unit], what: str) -> None:

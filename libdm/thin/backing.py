@@ -455,7 +455,7 @@ class LoopBacking:
         """The recorded data file size."""
         size = self.recorded_sizes.get(DATA_FILE)
         # Whole sectors: a file of any size maps that many.
-        return Sectors(int(self.sizes()[0] if size is None else size) // 512)
+        return Bytes(int(self.sizes()[0] if size is None else size)).whole_sectors()
 
     def metadata_growth(self, want: Bytes) -> str:
         """The resize that grows the metadata file first."""
@@ -525,7 +525,7 @@ class LoopBacking:
         dev = loop.find(self.statedir.join(name), follow_symlinks=False)
         if dev is not None:
             with dev:
-                if dev.size != size // 512 * 512:
+                if dev.size != int(Bytes(size).whole_sectors().bytes()):
                     loop.refresh_capacity(dev)
 
     def teardown(self) -> None:
@@ -761,7 +761,7 @@ class LinearBacking:
             dev = open_block_device(path)
             if record is not None:
                 _check_recorded(path, dev.size, record)
-            size = dev.size // 512
+            size = int(Bytes(dev.size).whole_sectors())
             start = int(first)
             count = size - start if length is None else int(length)
             if record is not None and (start < 0 or count <= 0 or start + count > size):
@@ -1108,7 +1108,7 @@ class _Mapped:
         info = ops.info(name)
         self.path: str = ops.device_path(name)
         self.devno = f"{info.major}:{info.minor}"
-        self.size = sum(int(t.length) for t in ops.table(name)) * 512  # bytes
+        self.size = int(Sectors(sum(int(t.length) for t in ops.table(name))).bytes())
 
 
 def _mapped(name: str) -> _Mapped:
@@ -1148,7 +1148,7 @@ def split_layout(
     meta_start = 0 if reserved is None else int(reserved)
     meta_len = max(total * thinp_metapercent // 100, 4096) // 8 * 8
     bs = int(block_size)
-    data_start = -(-(meta_start + meta_len) // bs) * bs
+    data_start = int(Sectors(meta_start + meta_len).round_up(bs))
     data_len = min(total * thinp_percent // 100, total - data_start) // bs * bs
     if data_len <= 0:
         raise ValueError(
@@ -1405,7 +1405,7 @@ def default_metadata_size(data_size: Bytes, block_size: Sectors) -> Bytes:
     """
     blocks = int(data_size) // int(Sectors(block_size).bytes())
     size = min(max(48 * blocks, 2 << 20), MAX_METADATA_BYTES)
-    return Bytes(-(-size // 4096) * 4096)
+    return Bytes(size).round_up(4096)
 
 
 # The kernel uses at most this much metadata (255 * 2^14 blocks of 4 KiB).

@@ -12,15 +12,17 @@ does not know are kept, so a round trip loses nothing.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from libdm.thin.errors import StateError
 from libdm.thin.units import Bytes, DataBlocks, Sectors
 
-__all__ = ["BACKING_FIELDS", "PoolConfig", "PoolKind"]
+__all__ = ["BACKING_FIELDS", "ConfigChanges", "PoolConfig", "PoolKind"]
+
+_T = TypeVar("_T")
 
 
 class PoolKind(enum.StrEnum):
@@ -65,6 +67,41 @@ BACKING_FIELDS = frozenset(
         "damaged_meta_segments",
     }
 )
+
+
+class ConfigChanges(TypedDict, total=False):
+    """What :meth:`PoolConfig.but` may change, typed."""
+
+    block_size: Sectors
+    low_water_mark: DataBlocks
+    features: frozenset[str]
+    min_free_space: float
+    deferred_removal: bool
+    deferred_deletion: bool
+    token: str
+    base_device: str | None
+    base_size: Bytes | None
+    discard_on_delete: bool | None
+    xfs_nospace_max_retries: int | None
+    made_directory: bool | None
+    repair: str | None
+    handed_to: str | None
+    data_size: Bytes
+    metadata_size: Bytes
+    file_inodes: Mapping[str, int]
+
+
+#: The changes of :class:`ConfigChanges` that are stored among the backing's fields.
+_BACKING_CHANGES = ("data_size", "metadata_size", "file_inodes")
+
+
+def _stored(value: object) -> object:
+    """A typed value as the store's JSON keeps it."""
+    if isinstance(value, Mapping):
+        return {str(k): _stored(v) for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)  # a unit, a plain number
+    return value
 
 
 def _empty() -> Mapping[str, Any]:
@@ -138,25 +175,48 @@ class PoolConfig:
 
     # -- changes -------------------------------------------------------------------------
 
-    def with_record(self, changes: Mapping[str, Any]) -> PoolConfig:
-        """This configuration with stored fields changed (by their stored
-        names and JSON values; ``None`` clears an optional one), checked as
-        :meth:`from_record` checks a stored one.
+    def but(self, **changes: Unpack[ConfigChanges]) -> PoolConfig:
+        """This configuration with fields replaced by typed values (``None``
+        clears an optional one); ``data_size``, ``metadata_size`` and
+        ``file_inodes`` are the backing's, stored with its fields.  The
+        result is checked as :meth:`from_record` checks a stored one.
 
         Raises:
-            StateError: a change of the wrong type (named).
+            StateError: a value of the wrong type (named).
         """
-        return PoolConfig.from_record({**self.to_record(), **changes}, "the new configuration")
+        fields: dict[str, object] = dict(changes)
+        backing = {name: fields.pop(name) for name in _BACKING_CHANGES if name in fields}
+        # Typed by ConfigChanges; the checker cannot follow the dict it became.
+        changed = replace(self, **fields)  # type: ignore[arg-type]
+        return changed.with_backing(backing) if backing else changed.checked()
 
-    def but(self, **changes: Any) -> PoolConfig:
-        """This configuration with typed fields replaced."""
-        return replace(self, **changes)
+    def with_backing(self, fields: Mapping[str, object]) -> PoolConfig:
+        """This configuration with the backing's own stored fields (see
+        :data:`BACKING_FIELDS`) replaced by the backing's stored form of
+        them, checked as :meth:`but` checks.
+
+        Raises:
+            ValueError: a field that is not the backing's.
+        """
+        strange = sorted(set(fields) - BACKING_FIELDS)
+        if strange:
+            raise ValueError(f"not fields of a pool's backing: {', '.join(strange)}")
+        stored = {name: _stored(value) for name, value in fields.items()}
+        return replace(self, backing=MappingProxyType({**self.backing, **stored})).checked()
+
+    def checked(self) -> PoolConfig:
+        """This configuration, as the store would read it back.
+
+        Raises:
+            StateError: a field of the wrong type (named).
+        """
+        return PoolConfig.from_record(self.to_record(), "the new configuration")
 
     # -- the store's record ---------------------------------------------------------------
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> dict[str, object]:
         """The JSON object the store keeps."""
-        record: dict[str, Any] = dict(self.extra)
+        record: dict[str, object] = dict(self.extra)
         record.update(self.backing)
         record.update(
             block_size=int(self.block_size),
@@ -181,11 +241,11 @@ class PoolConfig:
         return record
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], where: str = "the pool state") -> PoolConfig:
+    def from_record(cls, record: object, where: str = "the pool state") -> PoolConfig:
         """Read a stored configuration.
 
         Args:
-            record: the JSON object the store keeps.
+            record: the JSON object the store keeps (anything else is refused).
             where: what holds it, for the error (e.g. the store's path).
 
         Raises:
@@ -199,7 +259,7 @@ class PoolConfig:
                 None,
             )
 
-        def need(name: str) -> Any:
+        def need(name: str) -> object:
             if name not in record:
                 raise StateError(
                     f"{where} is damaged: its field {name!r} is missing; nothing was changed",
@@ -208,19 +268,24 @@ class PoolConfig:
                 )
             return record[name]
 
-        def integer(name: str, value: Any, minimum: int | None = None) -> int:
-            if not _is_int(value) or (minimum is not None and value < minimum):
-                what = "an integer" if minimum is None else f"an integer >= {minimum}"
-                raise _damaged(where, name, value, what)
-            assert isinstance(value, int)
+        def integer(name: str, value: object, minimum: int | None = None) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _damaged(
+                    where,
+                    name,
+                    value,
+                    "an integer" if minimum is None else f"an integer >= {minimum}",
+                )
+            if minimum is not None and value < minimum:
+                raise _damaged(where, name, value, f"an integer >= {minimum}")
             return value
 
-        def boolean(name: str, value: Any) -> bool:
+        def boolean(name: str, value: object) -> bool:
             if not isinstance(value, bool):
                 raise _damaged(where, name, value, "true or false")
             return value
 
-        def text(name: str, value: Any) -> str:
+        def text(name: str, value: object) -> str:
             if not isinstance(value, str):
                 raise _damaged(where, name, value, "a string")
             return value
@@ -232,7 +297,7 @@ class PoolConfig:
         if isinstance(min_free, bool) or not isinstance(min_free, int | float):
             raise _damaged(where, "min_free_space", min_free, "a number")
 
-        def optional(name: str, read: Any) -> Any:
+        def optional(name: str, read: Callable[[str, object], _T]) -> _T | None:
             value = record.get(name)
             return None if value is None else read(name, value)
 

@@ -482,14 +482,15 @@ def _create(
         record.update(backing.config())
         # Whether destroy(remove_files=True) may remove the directory.
         record["made_directory"] = statedir.made
-        PoolConfig.from_record(record, "the new configuration")  # refuses what it cannot read
+        # Refuses what it cannot read.
+        pool_config = PoolConfig.from_record(record, "the new configuration")
         # The pool row goes in before the device exists: a crash from
         # here on leaves a pool that Pool.open finishes bringing up.
         store.init_pool(
             name,
             uuid if uuid is not None else f"LIBDM-POOL-{uuidlib.uuid4().hex}",
-            backing.kind.value,
-            record,
+            backing.kind,
+            pool_config,
         )
         pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
         with pool._changing("create"):

@@ -8,18 +8,19 @@ the pool, which serialises every change (see ``Pool``).
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from libdm.dm import ops
 from libdm.dm.errors import error_for
 from libdm.thin.errors import ForeignDeviceError
 from libdm.thin.status import ThinFailed, ThinStatus, parse_thin_status
-from libdm.thin.units import Bytes, Sectors
+from libdm.thin.units import Bytes
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
+    from libdm.thin.records import DeviceRecord
 
 __all__ = ["Snapshot", "ThinDevice"]
 
@@ -37,12 +38,12 @@ class ThinDevice:
         path: the block device path, ``/dev/mapper/<pool>-<name>``.
     """
 
-    def __init__(self, pool: Pool, row: Mapping[str, Any]) -> None:
+    def __init__(self, pool: Pool, record: DeviceRecord) -> None:
         self.pool = pool
-        self.name: str = row["name"]
-        self.thin_id: int = row["thin_id"]
-        self.size: Bytes = Sectors(row["size"]).bytes()
-        self._parent_name: str | None = row["parent"]
+        self.name: str = record.name
+        self.thin_id: int = record.thin_id
+        self.size: Bytes = record.size.bytes()
+        self._parent_name: str | None = record.parent
 
     def __repr__(self) -> str:
         return (

@@ -103,24 +103,24 @@ class Growth:
                 # Refused before anything changes, metadata growth included.
                 self.check_capacity(
                     "resize",
-                    pool.config.with_record({"data_size": int(data)}),
+                    pool.config.but(data_size=data),
                     extra_metadata=None if meta is None else Bytes(meta - meta_now),
                 )
             # The kernel grows data before metadata on a resume: metadata first.
             if meta is not None and meta > meta_now:
-                self.grow("resize", {"metadata_size": int(meta)})
+                self.grow("resize", pool.config.but(metadata_size=meta))
             if data is not None and data > data_now:
-                changes: dict[str, Any] = {"data_size": int(data)}
+                new = pool.config.but(data_size=data)
                 if low_water_mark is not None:
-                    changes["low_water_mark"] = int(low_water_mark)
-                self.grow("resize", changes)
+                    new = new.but(low_water_mark=DataBlocks(int(low_water_mark)))
+                self.grow("resize", new)
             return pool.status()
 
     def refresh(self) -> PoolStatus:
         pool = self.pool
         with pool._changing("refresh"):
             self.check_growable("refresh")
-            self.grow("refresh", {})
+            self.grow("refresh", pool.config)
             return pool.status()
 
     def extend(
@@ -152,13 +152,14 @@ class Growth:
             used = self.used_regions(os.stat(device).st_rdev)
             if used:
                 # A device the pool already sits on: only its free part.
-                size = open_block_device(device).size // 512
-                end = max(stop for _, stop in used)
-                if first is None and -(-end // 8) * 8 >= size:
+                size = int(Bytes(open_block_device(device).size).whole_sectors())
+                # The free part starts at the next 4 KiB after the last use.
+                free = int(Sectors(max(stop for _, stop in used)).round_up(8))
+                if first is None and free >= size:
                     raise ValueError(
                         f"{device} is already part of pool {pool.name!r} and has no free part left"
                     )
-                first = -(-end // 8) * 8 if first is None else first
+                first = free if first is None else first
                 clash = [
                     (a, b) for a, b in used if first < b and a < (first + count if count else size)
                 ]
@@ -166,10 +167,10 @@ class Growth:
                     raise ValueError(
                         f"{device} is already part of pool {pool.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
-                        f"at sector {-(-end // 8) * 8}"
+                        f"at sector {free}"
                     )
             else:
-                size = check_device(device, force, "extend").size // 512
+                size = int(Bytes(check_device(device, force, "extend").size).whole_sectors())
                 # A whole device gets the pool's label, and the pool maps it
                 # from after the label (see libdm.thin.label).
                 labelled = first is None or first >= int(RESERVED)
@@ -212,7 +213,7 @@ class Growth:
             # a forged or swapped device is refused at the next open.
             try:
                 changes = backings.segment_changes(pool.config.to_record(), side, segments)
-                self.grow("extend", changes)
+                self.grow("extend", pool.config.with_backing(changes))
             except BaseException:
                 if label is not None:
                     erase_label(device, pool.config.token)
@@ -252,10 +253,10 @@ class Growth:
             if rdev in seen:
                 continue
             seen.add(rdev)
-            end = -(-max(stop for _, stop in self.used_regions(rdev)) // 8) * 8
-            size = open_block_device(path).size // 512
+            end = Sectors(max(stop for _, stop in self.used_regions(rdev))).round_up(8)
+            size = Bytes(open_block_device(path).size).whole_sectors()
             if size > end:
-                out.append((path, Sectors(end), Sectors(size - end)))
+                out.append((path, end, size - end))
         return sorted(out, key=lambda region: -int(region[2]))
 
     def set_low_water_mark(self, blocks: DataBlocks | int) -> None:
@@ -265,7 +266,7 @@ class Growth:
         with self.pool._changing("set_low_water_mark"):
             if count == int(self.pool.config.low_water_mark):
                 return
-            self.grow("set_low_water_mark", {"low_water_mark": count})
+            self.grow("set_low_water_mark", self.pool.config.but(low_water_mark=DataBlocks(count)))
 
     def check_growable(self, operation: str) -> None:
         pool = self.pool
@@ -284,16 +285,16 @@ class Growth:
 
     # -- the growth protocol ---------------------------------------------------------
 
-    def grow(self, operation: str, changes: dict[str, Any]) -> None:
-        """Reload the pool on its configuration with ``changes`` (stored
-        fields) applied, through the journal (see the module doc)."""
+    def grow(self, operation: str, new: PoolConfig) -> None:
+        """Reload the pool on configuration ``new`` (its own with changes
+        made by :meth:`PoolConfig.but <libdm.thin.config.PoolConfig.but>`),
+        through the journal (see the module doc)."""
         pool = self.pool
         if not pool._backing.capabilities.owns_devices:
             raise ValueError(
                 f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change"
             )
         old = pool.config
-        new = old.with_record(changes)
         self.check_capacity(operation, new)
         txn = pool._journal.open_growth(GrowthIntent(operation, old, new, self.live_tables()))
         try:

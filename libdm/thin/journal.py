@@ -34,19 +34,17 @@ at each step.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 from libdm.dm.errors import DeviceBusyError, DMError
 from libdm.thin import crash
 from libdm.thin.config import PoolConfig
 from libdm.thin.errors import PoolFullError, StateError
 from libdm.thin.pooldev import PoolDevice, PoolStatus
+from libdm.thin.records import GrowthIntent, Intent, Op
 from libdm.thin.status import ThinPoolFailed
 from libdm.thin.store import Store
 from libdm.thin.table import MAX_THIN_ID
@@ -55,141 +53,6 @@ from libdm.thin.units import Sectors
 _Made = TypeVar("_Made")
 
 __all__ = ["GrowthIntent", "Intent", "Journal", "JournalHost", "Op", "Transaction"]
-
-
-class Op(enum.Enum):
-    """The changes the journal knows."""
-
-    CREATE_THIN = "create_thin"
-    CREATE_SNAP = "create_snap"
-    DELETE = "delete"
-    GROW = "grow"
-
-    @property
-    def creates(self) -> bool:
-        return self in (Op.CREATE_THIN, Op.CREATE_SNAP)
-
-    @property
-    def crash_prefix(self) -> str:
-        """The family of its crash points: ``create:...``, ``delete:...``, ``grow:...``."""
-        if self.creates:
-            return "create"
-        return "delete" if self is Op.DELETE else "grow"
-
-
-@dataclass(frozen=True)
-class Intent:
-    """A change of thin ids in flight, as the store records it before the
-    kernel sees it.  ``parent`` and ``origin_id`` name a snapshot's origin."""
-
-    op: Op
-    txid: int
-    thin_id: int
-    name: str
-    size: Sectors | None = None
-    parent: str | None = None
-    origin_id: int | None = None
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Intent:
-        """The intent a store row holds.
-
-        Raises:
-            StateError: an operation this libdm does not know.
-        """
-        try:
-            op = Op(row["op"])
-        except ValueError:
-            op = Op.GROW
-        if op is Op.GROW:
-            raise StateError(
-                f"the journal holds an unknown operation {row['op']!r} "
-                f"(transaction {row['txid']})",
-                "open",
-                None,
-            )
-        size = row["size"]
-        return cls(
-            op,
-            row["txid"],
-            row["thin_id"],
-            row["name"],
-            None if size is None else Sectors(size),
-            row["parent"],
-            row["origin_id"],
-        )
-
-    def row(self) -> dict[str, Any]:
-        """The store's columns for this intent."""
-        return {
-            "txid": self.txid,
-            "op": self.op.value,
-            "thin_id": self.thin_id,
-            "name": self.name,
-            "size": None if self.size is None else int(self.size),
-            "parent": self.parent,
-            "origin_id": self.origin_id,
-        }
-
-
-@dataclass(frozen=True)
-class GrowthIntent:
-    """A growth in flight, as the store records it before the first step.
-
-    Attributes:
-        operation: the call (``resize``, ``extend``, ``refresh``,
-            ``set_low_water_mark``).
-        old: the pool's configuration before it.
-        new: the configuration it brings.
-        tables: the live tables (text lines) of the pool and its linear
-            pieces before it, to roll back to.
-    """
-
-    operation: str
-    old: PoolConfig
-    new: PoolConfig
-    tables: Mapping[str, tuple[str, ...]]
-
-    op = Op.GROW
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> GrowthIntent:
-        """Read a stored growth intent.
-
-        Raises:
-            StateError: a damaged record (the field is named).
-        """
-        where = "the growth intent in the pool state"
-        for field in ("operation", "old", "new", "tables"):
-            if field not in record:
-                raise StateError(
-                    f"{where} is damaged: its field {field!r} is missing", "open", None
-                )
-        tables = record["tables"]
-        if not isinstance(tables, Mapping) or not all(
-            isinstance(lines, list) and all(isinstance(line, str) for line in lines)
-            for lines in tables.values()
-        ):
-            raise StateError(
-                f"{where} is damaged: its field 'tables' is {tables!r}, not a map of "
-                f"device names to table lines",
-                "open",
-                None,
-            )
-        return cls(
-            str(record["operation"]),
-            PoolConfig.from_record(record["old"], f"{where} (old)"),
-            PoolConfig.from_record(record["new"], f"{where} (new)"),
-            MappingProxyType({name: tuple(lines) for name, lines in tables.items()}),
-        )
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "operation": self.operation,
-            "old": self.old.to_record(),
-            "new": self.new.to_record(),
-            "tables": {name: list(lines) for name, lines in self.tables.items()},
-        }
 
 
 class JournalHost(Protocol):
@@ -316,7 +179,7 @@ class Transaction:
         store, intent = self.journal.store, self.intent
         if isinstance(intent, GrowthIntent):
             with store.transaction():
-                store.set_config(intent.new.to_record())
+                store.set_config(intent.new)
                 store.drop_growth_intent()
             self.journal.host._use_config(intent.new)
             return
@@ -326,11 +189,11 @@ class Transaction:
                 # whose device the caller was already using.
                 assert intent.size is not None  # a create always has one
                 store.add_device(
-                    intent.name, intent.thin_id, int(intent.size), intent.parent, active=True
+                    intent.name, intent.thin_id, intent.size, intent.parent, active=True
                 )
             else:
-                row = store.device(intent.name)
-                if row is not None and row["thin_id"] == intent.thin_id:
+                record = store.device(intent.name)
+                if record is not None and record.thin_id == intent.thin_id:
                     store.drop_device(intent.name)
                 store.drop_deferred_delete(intent.thin_id)
                 store.release_id(intent.thin_id)
@@ -420,8 +283,8 @@ class Journal:
     def _refuse_pending(self, op: Op) -> None:
         """Refuse to write an intent over one left pending (the pool's bring-up
         settles those first: one still here could not be settled)."""
-        left = [f"{row['op']} of {row['name']!r}" for row in self.store.intents()]
-        if self.store.growth_intent() is not None:
+        left = [f"{intent.op.value} of {intent.name!r}" for intent in self.store.intents()]
+        if self.store.has_growth_intent():
             left.append("a growth of the pool")
         if left:
             name = self.device.name
@@ -467,7 +330,7 @@ class Journal:
                         self.device.name,
                     )
             intent = Intent(op, store.transaction_id() + 1, thin_id, name, size, parent, origin_id)
-            store.add_intent(**intent.row())
+            store.add_intent(intent)
             if inactive:
                 store.set_active(name, False)
         crash.point(f"{op.crash_prefix}:intent")
@@ -482,7 +345,7 @@ class Journal:
         """
         self._refuse_pending(Op.GROW)
         with self._recording(Op.GROW, self.device.name), self.store.transaction():
-            self.store.set_growth_intent(intent.to_record())
+            self.store.set_growth_intent(intent)
         crash.point("grow:intent")
         return Transaction(self, intent)
 
@@ -595,10 +458,10 @@ class Journal:
     def retry_deferred_deletes(self) -> int:
         """Try the queued deletes again; returns how many succeeded."""
         done = 0
-        for row in self.store.deferred_deletes():
-            txn = self.open(Op.DELETE, row["name"], row["thin_id"])
+        for queued in self.store.deferred_deletes():
+            txn = self.open(Op.DELETE, queued.name, queued.thin_id)
             try:
-                self.device.delete_thin_id(row["thin_id"])
+                self.device.delete_thin_id(queued.thin_id)
             except DMError as exc:
                 # Still busy (retried later) or refused: the queue keeps the
                 # id, and no intent may outlive the attempt.
@@ -633,16 +496,16 @@ class Journal:
             StateError: a transaction id that neither the store nor its
                 journal explains.
         """
-        record = self.store.growth_intent()
-        if record is not None:
-            self.host._finish_growth(GrowthIntent.from_record(record), operation)
+        growth = self.store.growth_intent()
+        if growth is not None:
+            self.host._finish_growth(growth, operation)
         st = bring_up()
         if isinstance(st, ThinPoolFailed):
             return st  # nothing can be activated; changes are refused with the reason
         if thin_ids and st.mode == "rw" and not st.needs_check:
             kernel = st.transaction_id
-            for row in self.store.intents():
-                kernel = Transaction(self, Intent.from_row(row)).recover(kernel, operation)
+            for intent in self.store.intents():
+                kernel = Transaction(self, intent).recover(kernel, operation)
             stored = self.store.transaction_id()
             if kernel != stored:
                 name = self.device.name

@@ -39,7 +39,7 @@ from libdm.dm.errors import DMError
 from libdm.dm.events import wait_event
 from libdm.thin.backing import CAPABILITIES
 from libdm.thin.errors import PoolFailedError
-from libdm.thin.units import Bytes, format_size, parse_size
+from libdm.thin.units import Bytes, Sectors, format_size, parse_size
 
 if TYPE_CHECKING:
     from libdm.thin.pool import Pool
@@ -300,9 +300,9 @@ class Monitor:
         limit = self.max_data_size if part == "data" else self.max_metadata_size
         want = Bytes(int(old) + int(old) * self.percent // 100)
         unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
-        want = Bytes(-(-int(want) // unit) * unit)
+        want = want.round_up(unit)
         if limit is not None and want > limit:
-            want = Bytes(int(limit) // unit * unit)
+            want = Bytes(limit).round_down(unit)
         if want <= old:
             why = (
                 "no room to grow"
@@ -347,11 +347,14 @@ class Monitor:
             else:
                 path, start, free = pool.free_regions()[0]
                 unit = int(pool.block_size) if part == "data" else 8
-                sectors = min(int(free), -(-(int(want) - int(old)) // 512)) // unit * unit
+                sectors = min(free, (want - old).sectors_up()).round_down(unit)
                 if sectors <= 0:
                     raise OSError(f"the free region of {path} is smaller than one block")
                 pool.extend(
-                    path, metadata=metadata, start=int(start.bytes()), length=sectors * 512
+                    path,
+                    metadata=metadata,
+                    start=int(start.bytes()),
+                    length=int(sectors.bytes()),
                 )
         elif self.grow_callback is not None:
             if not self.grow_callback(pool, part, old, want):
@@ -369,7 +372,8 @@ class Monitor:
         path = os.path.join(self.pool.directory, "data" if part == "data" else "metadata")
         vfs = os.statvfs(self.pool.directory)
         free = vfs.f_bavail * vfs.f_frsize - int(self.reserve)
-        allocated = os.lstat(path).st_blocks * 512  # never through a symlink
+        # st_blocks counts 512-byte units; lstat: never through a symlink.
+        allocated = int(Sectors(os.lstat(path).st_blocks).bytes())
         room = max(free, 0) + allocated  # the most this file can ever hold
         unit = int(self.pool.block_size.bytes()) if part == "data" else 4096
         return Bytes(min(int(want), room // unit * unit))

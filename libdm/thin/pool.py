@@ -23,6 +23,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash, creation, ownership
-from libdm.thin.config import PoolConfig, PoolKind
+from libdm.thin.config import ConfigChanges, PoolConfig, PoolKind
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
     REPAIR_HINT,
@@ -56,6 +57,7 @@ from libdm.thin.growth import Growth, Region
 from libdm.thin.journal import GrowthIntent, Journal, Op
 from libdm.thin.lock import LOCK_NAME, PoolLock
 from libdm.thin.pooldev import PoolDevice, PoolStatus
+from libdm.thin.records import DeviceRecord
 from libdm.thin.status import ThinPoolFailed, ThinPoolStatus
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.table import ThinParams, ThinPoolParams
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
     from libdm.thin.repair import RepairResult
     from libdm.thin.report import PoolInfo
 
-Row = dict[str, Any]
 
 __all__ = ["Pool"]
 
@@ -193,12 +194,11 @@ class Pool:
 
     def _load(self) -> None:
         self._seen = self._store.sequence
-        row = self._store.pool()
-        where = f"the pool state in {self._store.path}"
-        self.name = row["name"]
-        self.uuid = row["uuid"]
-        self.kind = PoolKind.parse(row["kind"], where)
-        self._use_config(PoolConfig.from_record(row["config"], where))
+        record = self._store.pool()
+        self.name = record.name
+        self.uuid = record.uuid
+        self.kind = record.kind
+        self._use_config(record.config)
 
     def _use_config(self, config: PoolConfig) -> None:
         """From now on, run on ``config`` (and the backing it records)."""
@@ -207,16 +207,11 @@ class Pool:
         )
         self.config = config
 
-    @property
-    def _config(self) -> dict[str, Any]:
-        """The stored configuration as its JSON record (a copy)."""
-        return self.config.to_record()
-
-    def _update_config(self, **changes: Any) -> None:
-        """Store the configuration with ``changes`` (stored fields) applied."""
-        config = self.config.with_record(changes)
+    def _update_config(self, config: PoolConfig) -> None:
+        """Store ``config`` (this pool's, with changes made by
+        :meth:`PoolConfig.but <libdm.thin.config.PoolConfig.but>`) and run on it."""
         with self._store.transaction():
-            self._store.set_config(config.to_record())
+            self._store.set_config(config)
         self._use_config(config)
 
     @classmethod
@@ -301,8 +296,8 @@ class Pool:
             try:
                 made = [
                     (
-                        self.device_dm_name(row["name"]),
-                        ownership.thin_uuid(self.config.token, row["thin_id"]),
+                        self.device_dm_name(row.name),
+                        ownership.thin_uuid(self.config.token, row.thin_id),
                     )
                     for row in self._store.devices()
                 ]
@@ -376,11 +371,15 @@ class Pool:
         nothing.  Under the pool's lock, an intent is always such a
         leftover: a change writes and settles its intent in one hold."""
         parts = []
-        for row in self._store.intents():
-            parts.append(f"{str(row['op']).replace('_', ' ')} of {row['name']!r}")
-        record = self._store.growth_intent()
-        if record is not None:
-            parts.append(f"{record.get('operation', 'growth')} of the pool")
+        for intent in self._store.intents():
+            parts.append(f"{intent.op.value.replace('_', ' ')} of {intent.name!r}")
+        if self._store.has_growth_intent():
+            try:
+                growth = self._store.growth_intent()
+                operation = "growth" if growth is None else growth.operation
+            except StateError:
+                operation = "growth"  # damaged: recovery names what is wrong with it
+            parts.append(f"{operation} of the pool")
         resized = self._store.resize_intent()
         if resized is not None:
             parts.append(f"resize of {resized!r}")
@@ -463,7 +462,10 @@ class Pool:
 
     def _table_for(self, devs: backings._Devices) -> list[Target]:
         length = (
-            Sectors(devs.data.size // 512).data_blocks(self.block_size).sectors(self.block_size)
+            Bytes(devs.data.size)
+            .whole_sectors()
+            .data_blocks(self.block_size)
+            .sectors(self.block_size)
         )
         if length == 0:
             raise ValueError(
@@ -530,7 +532,7 @@ class Pool:
             )
         changes = backing.relocation()
         if changes:
-            self._update_config(**changes)
+            self._update_config(self.config.with_backing(changes))
 
     def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never
@@ -737,15 +739,15 @@ class Pool:
             try:
                 live = self._live_or_gone(row, operation)
             except ForeignDeviceError as exc:
-                if not row["active"]:  # an active one is reported by its activation
+                if not row.active:  # an active one is reported by its activation
                     logger.warning("pool %s: %s", self.name, exc.strerror)
                 continue
             if live is None:
                 continue
-            present[row["name"]] = live
-            if not row["active"]:
+            present[row.name] = live
+            if not row.active:
                 with self._store.transaction():
-                    self._store.set_active(row["name"], True)
+                    self._store.set_active(row.name, True)
         return present
 
     def _bring_up(
@@ -776,30 +778,30 @@ class Pool:
             if progress is not None:
                 progress(done, len(rows))
             try:
-                live = present.get(row["name"])
+                live = present.get(row.name)
                 self._activate(row, operation, absent=live is None, live=live)
             except ForeignDeviceError as exc:
                 # Its name is another's: nothing to delete, the name must come free.
-                unavailable[row["name"]] = str(exc)
+                unavailable[row.name] = str(exc)
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s",
                     self.name,
-                    row["name"],
-                    row["thin_id"],
+                    row.name,
+                    row.thin_id,
                     exc,
                 )
             except (DMError, ValueError) as exc:
                 # One device the kernel refuses must not keep the others down.
-                unavailable[row["name"]] = str(exc)
+                unavailable[row.name] = str(exc)
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s; delete it "
                     "with: libdm thin delete --pool %s %s",
                     self.name,
-                    row["name"],
-                    row["thin_id"],
+                    row.name,
+                    row.thin_id,
                     exc,
                     self.directory,
-                    row["name"],
+                    row.name,
                 )
         if resized:
             # Every live device now has its recorded table (_activate
@@ -828,16 +830,16 @@ class Pool:
             ) from None
         return dm_name
 
-    def _wrap(self, row: Row) -> ThinDevice:
-        return (Snapshot if row["parent"] is not None else ThinDevice)(self, row)
+    def _wrap(self, row: DeviceRecord) -> ThinDevice:
+        return (Snapshot if row.parent is not None else ThinDevice)(self, row)
 
-    def _row(self, name: str, operation: str) -> Row:
+    def _row(self, name: str, operation: str) -> DeviceRecord:
         """The store's record of device ``name``.
 
         Raises:
             NoSuchDeviceError: the pool has no such device.
         """
-        row: Row | None = self._store.device(name)
+        row: DeviceRecord | None = self._store.device(name)
         if row is None:
             raise error_for(
                 errno.ENXIO,
@@ -859,7 +861,7 @@ class Pool:
 
     def _deleting(self) -> set[str]:
         """The devices whose delete an interrupted change left pending."""
-        return {row["name"] for row in self._store.intents() if row["op"] == Op.DELETE.value}
+        return {intent.name for intent in self._store.intents() if intent.op is Op.DELETE}
 
     def device(self, name: str) -> ThinDevice:
         """The thin device or snapshot called ``name``.
@@ -874,7 +876,7 @@ class Pool:
         """Every thin device and snapshot, sorted by name (not one whose
         delete was interrupted: it is finished before the next change)."""
         deleting = self._deleting()
-        return [self._wrap(row) for row in self._store.devices() if row["name"] not in deleting]
+        return [self._wrap(row) for row in self._store.devices() if row.name not in deleting]
 
     def children(self, name: str) -> list[ThinDevice]:
         """The snapshots taken of device ``name``."""
@@ -924,10 +926,10 @@ class Pool:
             return self._provision(
                 Op.CREATE_SNAP,
                 name,
-                Sectors(row["size"]),
+                row.size,
                 origin,
                 "snapshot",
-                row["thin_id"],
+                row.thin_id,
                 self.device_dm_name(origin) if origin_live else "",
             )
 
@@ -949,15 +951,9 @@ class Pool:
         failed: list[Exception] = []
 
         def activate(thin_id: int) -> ThinDevice | None:
-            row: Row = {
-                "name": name,
-                "thin_id": thin_id,
-                "size": int(size),
-                "parent": parent,
-                "active": 1,
-            }
+            record = DeviceRecord(name, thin_id, size, parent, active=True)
             try:
-                return self._activate(row, operation, absent=True)
+                return self._activate(record, operation, absent=True)
             except Exception as exc:
                 failed.append(exc)  # undone once recorded, below
                 return None
@@ -1018,10 +1014,10 @@ class Pool:
             row = self._row(name, "activate")
             self._activate(row, "activate")
 
-    def _thin_table(self, row: Row, pool_devno: str) -> list[Target]:
-        return [Target(0, row["size"], "thin", str(ThinParams(pool_devno, row["thin_id"])))]
+    def _thin_table(self, row: DeviceRecord, pool_devno: str) -> list[Target]:
+        return [Target(0, row.size, "thin", str(ThinParams(pool_devno, row.thin_id)))]
 
-    def _live(self, row: Row, operation: str) -> ownership.Live | None:
+    def _live(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
         """The live device-mapper device of device ``row``, proven to be
         the one this pool made (see :mod:`.ownership`), or ``None`` when no
         device has its name.  Every operation on a device asks this first.
@@ -1036,24 +1032,26 @@ class Pool:
             devno = None  # the pool is not live, so none of its devices is
         claim = ownership.ThinClaim(
             self.name,
-            row["name"],
-            self.device_dm_name(row["name"]),
-            ownership.thin_uuid(self.config.token, row["thin_id"]),
-            row["thin_id"],
+            row.name,
+            self.device_dm_name(row.name),
+            ownership.thin_uuid(self.config.token, row.thin_id),
+            row.thin_id,
             devno,
         )
         return ownership.live_thin(claim, operation)
 
-    def _live_or_gone(self, row: Row, operation: str) -> ownership.Live | None:
+    def _live_or_gone(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
         """:meth:`_live`, with this pool's own device that a create killed
         before its load left without a table removed (``None`` then)."""
         live = self._live(row, operation)
         if live is not None and not live.info.live_table:
-            ops.remove(self.device_dm_name(row["name"]))
+            ops.remove(self.device_dm_name(row.name))
             return None
         return live
 
-    def _live_devices(self, rows: Iterable[Row], operation: str) -> dict[str, ownership.Live]:
+    def _live_devices(
+        self, rows: Iterable[DeviceRecord], operation: str
+    ) -> dict[str, ownership.Live]:
         """Those of ``rows`` whose device is live and proven this pool's,
         by name: what taking the pool down removes.  A device of one of
         their names made by another pool or program is logged and left
@@ -1066,7 +1064,7 @@ class Pool:
                 logger.warning("pool %s: %s", self.name, exc.strerror)
                 continue
             if proven is not None:
-                live[row["name"]] = proven
+                live[row.name] = proven
         return live
 
     def live_device(self, name: str) -> DeviceInfo | None:
@@ -1084,7 +1082,7 @@ class Pool:
 
     def _activate(
         self,
-        row: Row,
+        row: DeviceRecord,
         operation: str,
         *,
         absent: bool = False,
@@ -1093,9 +1091,9 @@ class Pool:
         """Make device ``row`` live (or check the live one).  ``absent``:
         the caller knows no device-mapper device of its name exists, so
         none is looked for; ``live``: the caller has just proven it."""
-        dm_name = self.device_dm_name(row["name"])
+        dm_name = self.device_dm_name(row.name)
         table = self._thin_table(row, self._device.devno())
-        uuid = ownership.thin_uuid(self.config.token, row["thin_id"])
+        uuid = ownership.thin_uuid(self.config.token, row.thin_id)
         if not absent and live is None:
             live = self._live_or_gone(row, operation)
         if absent:
@@ -1148,17 +1146,17 @@ class Pool:
         else:
             ops.create(dm_name, table, uuid=uuid)
             absent = True
-        if not row["active"]:
+        if not row.active:
             try:
                 with self._store.transaction():
-                    self._store.set_active(row["name"], True)
+                    self._store.set_active(row.name, True)
             except StateError:
                 # Not stored, so not done: the device this call made goes
                 # again, and the kernel keeps agreeing with the records.
                 if absent:
                     self._undo_kernel_step(operation, dm_name, ops.remove, dm_name)
                 raise
-        return self._wrap(dict(row, active=1))
+        return self._wrap(replace(row, active=True))
 
     def _undo_kernel_step(
         self, operation: str, what: str, undo: Callable[..., object], *args: object
@@ -1186,7 +1184,7 @@ class Pool:
         new = parse_size(size, what="size").sectors()
         with self._changing("resize_device"):
             row = self._row(name, "resize_device")
-            old = Sectors(row["size"])
+            old = row.size
             if new == old:
                 return self.device(name)
             dm_name = self.device_dm_name(name)
@@ -1229,11 +1227,11 @@ class Pool:
             # record, and the next change through any entry point (the
             # mark makes it run the bring-up) reloads it.
             with self._store.transaction():
-                self._store.set_size(name, int(new))
+                self._store.set_size(name, new)
                 self._store.set_resize_intent(name)
             crash.point("resize_device:recorded")
             if live:
-                ops.reload(dm_name, self._thin_table(dict(row, size=int(new)), self._devno()))
+                ops.reload(dm_name, self._thin_table(replace(row, size=new), self._devno()))
                 ops.resume(dm_name)
             self._drop_resize_intent()
             device = self.device(name)
@@ -1313,11 +1311,9 @@ class Pool:
                     with contextlib.suppress(NoSuchDeviceError):
                         ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
-            self._journal.delete(
-                name, row["thin_id"], bool(row["active"]), take_down, self.deferred_deletion
-            )
+            self._journal.delete(name, row.thin_id, row.active, take_down, self.deferred_deletion)
             if self.config.base_device == name:
-                self._update_config(base_device=None)
+                self._update_config(self.config.but(base_device=None))
 
     # -- settings -----------------------------------------------------------------------
 
@@ -1346,23 +1342,22 @@ class Pool:
         Raises:
             ValueError: a bad size.
         """
-        changes: dict[str, Any] = {}
+        changes: ConfigChanges = {}
         if base_size is not None:
-            changes["base_size"] = int(parse_size(base_size, what="base_size"))
-        for key, value in (
-            ("discard_on_delete", discard_on_delete),
-            ("deferred_removal", deferred_removal),
-            ("deferred_deletion", deferred_deletion),
-        ):
-            if value is not None:
-                changes[key] = bool(value)
+            changes["base_size"] = parse_size(base_size, what="base_size")
+        if discard_on_delete is not None:
+            changes["discard_on_delete"] = bool(discard_on_delete)
+        if deferred_removal is not None:
+            changes["deferred_removal"] = bool(deferred_removal)
+        if deferred_deletion is not None:
+            changes["deferred_deletion"] = bool(deferred_deletion)
         if xfs_nospace_max_retries is not None:
             if int(xfs_nospace_max_retries) < -1:
                 raise ValueError("xfs_nospace_max_retries must be -1 (forever) or more")
             changes["xfs_nospace_max_retries"] = int(xfs_nospace_max_retries)
         if changes:
             with self._changing("configure"):
-                self._update_config(**changes)
+                self._update_config(self.config.but(**changes))
 
     # -- handing the thin devices to another program -------------------------------------
 
@@ -1412,13 +1407,16 @@ class Pool:
             held = [
                 f"{what}: {', '.join(names)}"
                 for what, names in (
-                    ("devices", [row["name"] for row in self._store.devices()]),
-                    ("changes in flight", [row["name"] for row in self._store.intents()]),
-                    ("deferred deletes", [row["name"] for row in self._store.deferred_deletes()]),
+                    ("devices", [record.name for record in self._store.devices()]),
+                    ("changes in flight", [intent.name for intent in self._store.intents()]),
+                    (
+                        "deferred deletes",
+                        [queued.name for queued in self._store.deferred_deletes()],
+                    ),
                 )
                 if names
             ]
-            if self._store.growth_intent() is not None:
+            if self._store.has_growth_intent():
                 held.append("a growth in flight (open the pool to finish it)")
             if held:
                 raise StateError(
@@ -1427,7 +1425,7 @@ class Pool:
                     "hand_over",
                     self.name,
                 )
-            self._update_config(handed_to=to)
+            self._update_config(self.config.but(handed_to=to))
 
     def _refuse_if_handed_over(self, operation: str) -> None:
         if self.config.handed_to is not None:
@@ -1506,7 +1504,7 @@ class Pool:
         return self._backing.capabilities.discard_by_default if value is None else value
 
     def _discard_blocks(
-        self, row: Row, start: Bytes, length: Bytes, live: ownership.Live | None
+        self, row: DeviceRecord, start: Bytes, length: Bytes, live: ownership.Live | None
     ) -> None:
         """Discard ``length`` bytes at ``start`` of device ``row``, so the
         pool gets the blocks back, unless something holds it open (its
@@ -1520,12 +1518,12 @@ class Pool:
         """
         if "ignore_discard" in self.config.features:
             return
-        dm_name = self.device_dm_name(row["name"])
+        dm_name = self.device_dm_name(row.name)
         if live is None:
             ops.create(
                 dm_name,
                 self._thin_table(row, self._device.devno()),
-                uuid=ownership.thin_uuid(self.config.token, row["thin_id"]),
+                uuid=ownership.thin_uuid(self.config.token, row.thin_id),
             )
         try:
             if live is not None and live.info.open_count:
@@ -1540,17 +1538,17 @@ class Pool:
             if live is None:
                 ops.remove(dm_name)
 
-    def _discard_device(self, row: Row, live: ownership.Live | None) -> None:
+    def _discard_device(self, row: DeviceRecord, live: ownership.Live | None) -> None:
         """Discard all of a device about to be deleted (see
         :meth:`_discard_blocks`); giving space back is a courtesy, so a
         failure is logged and the delete goes on (its data goes anyway)."""
         try:
-            self._discard_blocks(row, Bytes(0), Sectors(row["size"]).bytes(), live)
+            self._discard_blocks(row, Bytes(0), row.size.bytes(), live)
         except (DMError, OSError, ValueError) as exc:
             logger.warning(
                 "pool %s: %s not discarded before its delete: %s",
                 self.name,
-                self.device_dm_name(row["name"]),
+                self.device_dm_name(row.name),
                 exc,
             )
 
@@ -1633,7 +1631,7 @@ class Pool:
         with self._changing("set_base_device"):
             if name is not None:
                 self._row(name, "set_base_device")
-            self._update_config(base_device=name)
+            self._update_config(self.config.but(base_device=name))
 
     # -- reporting and ending ----------------------------------------------------------
 
@@ -1852,16 +1850,10 @@ class Pool:
 
     def data_size(self) -> Bytes:
         """The pool's data size in ``Bytes`` as the kernel sees it."""
-        return Bytes(int(ops.table(self.name)[0].length) * 512)
+        return Sectors(int(ops.table(self.name)[0].length)).bytes()
 
-    def _grow(self, operation: str, **changes: Any) -> None:
-        """Reload the pool with ``changes`` (stored fields), journalled."""
-        self._growth.grow(operation, changes)
-
-    def _data_sectors(self, config: PoolConfig | Mapping[str, Any]) -> Sectors:
-        """The data device's size under ``config`` (or its stored record)."""
-        if not isinstance(config, PoolConfig):
-            config = PoolConfig.from_record(config)
+    def _data_sectors(self, config: PoolConfig) -> Sectors:
+        """The data device's size under ``config``."""
         return self._growth.data_sectors(config)
 
     def __repr__(self) -> str:

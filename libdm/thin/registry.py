@@ -85,7 +85,7 @@ class Registration:
     spares: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_toml(cls, data: Mapping[str, Any]) -> Registration:
+    def from_toml(cls, data: Mapping[str, object]) -> Registration:
         """The registration a parsed TOML file holds.
 
         Raises:
@@ -145,13 +145,15 @@ class Registration:
 
 
 @overload
-def _whole(data: Mapping[str, Any], key: str, default: int) -> int: ...
+def _whole(data: Mapping[str, object], key: str, default: int) -> int: ...
 @overload
-def _whole(data: Mapping[str, Any], key: str, default: None) -> int | None: ...
-def _whole(data: Mapping[str, Any], key: str, default: int | None) -> int | None:
+def _whole(data: Mapping[str, object], key: str, default: None) -> int | None: ...
+def _whole(data: Mapping[str, object], key: str, default: int | None) -> int | None:
     """``data[key]``, checked to be a whole number, or ``default`` if absent."""
     value = data.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key!r} is {value!r}, not a whole number")
     return value
 

@@ -61,13 +61,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
 from libdm.thin import backing as backings
 from libdm.thin.errors import PoolFailedError, StateError
 from libdm.thin.label import RESERVED, DeviceLabel, Role, write_label
+from libdm.thin.records import Op
 from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
@@ -306,10 +307,10 @@ def _compare(
     counts, read = before
     after = mapped_counts(repaired, pool)
     store = pool._store
-    wanted = {row["thin_id"]: row["name"] for row in store.devices()}
-    wanted.update({row["thin_id"]: row["name"] for row in store.deferred_deletes()})
-    deleting = {row["thin_id"] for row in store.deferred_deletes()} | {
-        row["thin_id"] for row in store.intents() if row["op"] == "delete"
+    wanted = {row.thin_id: row.name for row in store.devices()}
+    wanted.update({row.thin_id: row.name for row in store.deferred_deletes()})
+    deleting = {row.thin_id for row in store.deferred_deletes()} | {
+        intent.thin_id for intent in store.intents() if intent.op is Op.DELETE
     }
     for thin_id in counts.keys() | after.keys():
         wanted.setdefault(thin_id, "")
@@ -445,7 +446,7 @@ def _take_down(pool: Pool) -> None:
     for row in pool._store.devices():
         found = pool._live(row, "repair")
         if found is not None:
-            proven[row["name"]] = found
+            proven[row.name] = found
     live = [pool.device_dm_name(name) for name in proven]
     busy = [pool.device_dm_name(name) for name, dev in proven.items() if dev.info.open_count]
     if busy:
@@ -548,10 +549,10 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
             "repair",
             pool.name,
         )
-    inodes = dict(pool._config.get("file_inodes") or {})
+    inodes = dict(pool.config.backing.get("file_inodes") or {})
     inodes["metadata"] = spare_st.st_ino
     inodes.pop(SPARE, None)  # it is the metadata now
-    pool._update_config(file_inodes=inodes, repair={"damaged": damaged})
+    pool._update_config(pool.config.but(file_inodes=inodes, repair=damaged))
     finish_swap(pool)
     return RepairResult(pool.name, statedir.join(damaged), backing.metadata_file, True, devices)
 
@@ -597,12 +598,12 @@ def _keep_damaged(statedir: StateDir, current: os.stat_result, name: str, pool: 
 
 def _record_spare(pool: Pool, inode: int | None) -> None:
     """Record ``inode`` as the pool's spare file (``None``: it has none)."""
-    inodes = dict(pool._config.get("file_inodes") or {})
+    inodes = dict(pool.config.backing.get("file_inodes") or {})
     if inode is None:
         inodes.pop(SPARE, None)
     else:
         inodes[SPARE] = inode
-    pool._update_config(file_inodes=inodes)
+    pool._update_config(pool.config.but(file_inodes=inodes))
 
 
 def _clear_spare(pool: Pool) -> None:
@@ -617,7 +618,7 @@ def _clear_spare(pool: Pool) -> None:
     st = statedir.check_file(SPARE, "repair", "spare metadata file")
     if st is None:
         return
-    recorded = (pool._config.get("file_inodes") or {}).get(SPARE)
+    recorded = (pool.config.backing.get("file_inodes") or {}).get(SPARE)
     if st.st_ino != recorded:
         raise StateError(
             f"{statedir.join(SPARE)} is not a spare a repair of pool {pool.name!r} made "
@@ -635,17 +636,20 @@ def finish_swap(pool: Pool) -> None:
     """Put a repaired spare in place of the damaged metadata, as recorded
     by a loop pool's repair; idempotent (Pool.open calls it after a crash
     amid the renames)."""
-    record = pool._config.get("repair")
-    if not record:
+    damaged = pool.config.repair
+    if not damaged:
         return
     statedir = pool._store.statedir
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
-        if current is not None and current.st_ino != pool._config["file_inodes"]["metadata"]:
-            _keep_damaged(statedir, current, record["damaged"], pool.name)
+        if (
+            current is not None
+            and current.st_ino != pool.config.backing["file_inodes"]["metadata"]
+        ):
+            _keep_damaged(statedir, current, damaged, pool.name)
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
-    pool._update_config(repair=None)
+    pool._update_config(pool.config.but(repair=None))
 
 
 # -- block pools -------------------------------------------------------------------------
@@ -716,8 +720,12 @@ def _pick_spare(
         chosen = [backings.Segment(path, start, length)]
     devices = backings.record_devices(chosen, pool.config.token)
     pool._update_config(
-        spare_segments=[seg.to_json() for seg in chosen],
-        spare_segment_devices=[d.to_json() for d in devices],
+        pool.config.with_backing(
+            {
+                "spare_segments": [seg.to_json() for seg in chosen],
+                "spare_segment_devices": [d.to_json() for d in devices],
+            }
+        )
     )
     return chosen
 
@@ -741,7 +749,7 @@ def _proven_spare(
     if backing.spare_devices is not None:
         backing.mapped(recorded, backing.spare_devices)  # refuses another device
         if backing.moved:
-            pool._update_config(**backing.relocation())
+            pool._update_config(pool.config.with_backing(backing.relocation()))
             moved = backing.moved
             return [seg._replace(path=moved.get(seg.path, seg.path)) for seg in recorded]
         return recorded
@@ -810,7 +818,7 @@ def _repair_block(
     # The pieces go down and the configuration names the spare as the
     # metadata in one store transaction; Pool.open builds them afresh.
     backing.teardown()
-    changes: dict[str, Any] = {
+    changes: dict[str, object] = {
         "meta_segments": [seg.to_json() for seg in segments],
         "spare_segments": None,
         "spare_segment_devices": None,
@@ -822,7 +830,7 @@ def _repair_block(
         changes["meta_segment_devices"] = [
             d.to_json() for d in backings.record_devices(segments, pool.config.token)
         ]
-    pool._update_config(**changes)
+    pool._update_config(pool.config.with_backing(changes))
     return RepairResult(pool.name, _describe(meta), _describe(segments), True, devices)
 
 
@@ -830,7 +838,7 @@ def _lost_fields(pool: Pool) -> list[str]:
     """thin_repair's flags for what a damaged superblock lost, from the
     store: the transaction id, the data block size and the number of data
     blocks."""
-    blocks = pool._data_sectors(pool._config) // int(pool.block_size)
+    blocks = pool._data_sectors(pool.config) // int(pool.block_size)
     return [
         "--transaction-id",
         str(pool._store.transaction_id()),

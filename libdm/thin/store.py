@@ -18,6 +18,10 @@ It holds:
   (the lowest free id is reused; ids the kernel holds without a record
   here are never handed out).
 
+What it returns are the frozen records of :mod:`libdm.thin.records`
+(sizes in ``Sectors``, the configuration a ``PoolConfig``, an intent an
+``Intent``), never rows; its changes take typed values too.
+
 Every query touches rows by key, never a whole table, so a pool of 10,000
 devices costs no more per change than a pool of 10.  A caller holding the
 pool's lock wraps its store calls in :meth:`Store.held`: its reads share
@@ -50,9 +54,18 @@ from typing import Any, NamedTuple
 
 from libdm.dm.errors import NEEDS_ROOT, DMError, PermissionDeniedError
 from libdm.thin import oldlog
+from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.errors import StateError
 from libdm.thin.oldlog import LOG_NAME
+from libdm.thin.records import (
+    DeferredDelete,
+    DeviceRecord,
+    GrowthIntent,
+    Intent,
+    PoolRecord,
+)
 from libdm.thin.statedir import StateDir
+from libdm.thin.units import Sectors
 
 __all__ = [
     "COMPANIONS",
@@ -66,9 +79,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("libdm")
-
-#: A row as the store returns it: column name -> value (a fresh dict).
-Row = dict[str, Any]
 
 DB_NAME = "state.db"
 #: The files SQLite keeps beside the database (``state.db-wal`` ...).
@@ -146,10 +156,6 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "free_ids": (),
     "foreign_ids": (),
 }
-_DEVICE = ("name", *_COLUMNS["devices"])
-_INTENT = ("txid", *_COLUMNS["intents"])
-_DEFERRED = ("thin_id", *_COLUMNS["deferred_deletes"])
-_POOL = ("id", *_COLUMNS["pool"])
 
 
 # -- migrations ----------------------------------------------------------------------
@@ -730,11 +736,11 @@ class Store:
     # -- pool ----------------------------------------------------------------
 
     def init_pool(
-        self, name: str, uuid: str, kind: str, config: dict[str, Any], transaction_id: int = 0
+        self, name: str, uuid: str, kind: PoolKind, config: PoolConfig, transaction_id: int = 0
     ) -> None:
         self._write(
             "INSERT INTO pool VALUES (1, ?, ?, ?, ?, ?)",
-            (name, uuid, kind, json.dumps(config, sort_keys=True), int(transaction_id)),
+            (name, uuid, kind.value, _config_text(config), int(transaction_id)),
         )
 
     def record_made_files(self, inodes: Mapping[str, int]) -> None:
@@ -785,17 +791,24 @@ class Store:
         finally:
             db.close()
 
-    def pool(self) -> Row:
-        """The pool row as a dict with ``config`` decoded.
+    def pool(self) -> PoolRecord:
+        """The pool's row.
 
         Raises:
-            StateError: no pool recorded (an interrupted ``create``), or a
-                config that is not a JSON object with the fields every pool
-                has (the file and the field are named).
+            StateError: no pool recorded (an interrupted ``create``), a
+                kind libdm does not know, or a config that is not a JSON
+                object with the fields every pool has, of their types (the
+                file and the field are named).
         """
-        out = dict(zip(_POOL, self._pool_row(), strict=True))
-        out["config"] = self._decode_config(out["config"])
-        return out
+        _, name, uuid, kind, config, transaction_id = self._pool_row()
+        where = f"the pool state in {self.path}"
+        return PoolRecord(
+            name,
+            uuid,
+            PoolKind.parse(kind, where),
+            PoolConfig.from_record(self._decode_config(config), where),
+            int(transaction_id),
+        )
 
     def _decode_config(self, text: Any) -> dict[str, Any]:
         try:
@@ -822,10 +835,8 @@ class Store:
             None,
         )
 
-    def set_config(self, config: dict[str, Any]) -> None:
-        self._write(
-            "UPDATE pool SET config = ? WHERE id = 1", (json.dumps(config, sort_keys=True),)
-        )
+    def set_config(self, config: PoolConfig) -> None:
+        self._write("UPDATE pool SET config = ? WHERE id = 1", (_config_text(config),))
 
     def transaction_id(self) -> int:
         value: int = self._pool_row()[5]
@@ -836,21 +847,22 @@ class Store:
 
     # -- devices ---------------------------------------------------------------
 
-    def device(self, name: str) -> Row | None:
+    def device(self, name: str) -> DeviceRecord | None:
         row = self._one("SELECT * FROM devices WHERE name = ?", (name,))
-        return None if row is None else dict(zip(_DEVICE, row, strict=True))
+        return None if row is None else _device(row)
 
-    def device_by_id(self, thin_id: int) -> Row | None:
+    def device_by_id(self, thin_id: int) -> DeviceRecord | None:
         row = self._one("SELECT * FROM devices WHERE thin_id = ?", (thin_id,))
-        return None if row is None else dict(zip(_DEVICE, row, strict=True))
+        return None if row is None else _device(row)
 
-    def devices(self) -> list[Row]:
-        rows = self._rows("SELECT * FROM devices ORDER BY name")
-        return [dict(zip(_DEVICE, row, strict=True)) for row in rows]
+    def devices(self) -> list[DeviceRecord]:
+        """Every device, by name."""
+        return [_device(row) for row in self._rows("SELECT * FROM devices ORDER BY name")]
 
-    def active_devices(self) -> list[Row]:
+    def active_devices(self) -> list[DeviceRecord]:
+        """The devices recorded active, by thin id."""
         rows = self._rows("SELECT * FROM devices WHERE active = 1 ORDER BY thin_id")
-        return [dict(zip(_DEVICE, row, strict=True)) for row in rows]
+        return [_device(row) for row in rows]
 
     def children(self, name: str) -> list[str]:
         rows = self._rows("SELECT name FROM devices WHERE parent = ? ORDER BY name", (name,))
@@ -861,7 +873,7 @@ class Store:
         return 0 if row is None else int(row[0])
 
     def add_device(
-        self, name: str, thin_id: int, size: int, parent: str | None, active: bool = False
+        self, name: str, thin_id: int, size: Sectors, parent: str | None, active: bool = False
     ) -> None:
         self._write(
             "INSERT INTO devices (name, thin_id, size, parent, active) VALUES (?, ?, ?, ?, ?)",
@@ -881,7 +893,7 @@ class Store:
             "UPDATE devices SET active = ? WHERE name = ? AND active != ?", (value, name, value)
         )
 
-    def set_size(self, name: str, size: int) -> None:
+    def set_size(self, name: str, size: Sectors) -> None:
         self._write("UPDATE devices SET size = ? WHERE name = ?", (int(size), name))
 
     # -- thin ids --------------------------------------------------------------
@@ -943,24 +955,29 @@ class Store:
 
     # -- intents ---------------------------------------------------------------
 
-    def add_intent(
-        self,
-        txid: int,
-        op: str,
-        thin_id: int,
-        name: str,
-        size: int | None = None,
-        parent: str | None = None,
-        origin_id: int | None = None,
-    ) -> None:
+    def add_intent(self, intent: Intent) -> None:
+        size = None if intent.size is None else int(intent.size)
         self._write(
             "INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (txid, op, thin_id, name, None if size is None else int(size), parent, origin_id),
+            (
+                intent.txid,
+                intent.op.value,
+                intent.thin_id,
+                intent.name,
+                size,
+                intent.parent,
+                intent.origin_id,
+            ),
         )
 
-    def intents(self) -> list[Row]:
+    def intents(self) -> list[Intent]:
+        """The changes of thin ids in flight, by transaction id.
+
+        Raises:
+            StateError: one of an operation this libdm does not know.
+        """
         rows = self._rows("SELECT * FROM intents ORDER BY txid")
-        return [dict(zip(_INTENT, row, strict=True)) for row in rows]
+        return [Intent.stored(*row) for row in rows]
 
     def drop_intent(self, txid: int) -> None:
         self._write("DELETE FROM intents WHERE txid = ?", (txid,))
@@ -971,19 +988,30 @@ class Store:
     # and no transaction id, so its intent is a JSON record of its own: the
     # configuration before and after, and the tables to roll back to.
 
-    def growth_intent(self) -> dict[str, Any] | None:
-        """The growth in flight, a dict, or ``None``."""
+    def growth_intent(self) -> GrowthIntent | None:
+        """The growth in flight, or ``None``.
+
+        Raises:
+            StateError: a damaged record (the field is named).
+        """
         text = self._meta("growth_intent")
         if text is None:
             return None
         try:
-            record: dict[str, Any] = json.loads(text)
+            record = json.loads(text)
         except ValueError as exc:
             raise self.damaged("growth_intent", f"is not JSON ({exc})") from None
-        return record
+        if not isinstance(record, dict):
+            raise self.damaged("growth_intent", f"is not a JSON object (it is {text[:40]!r})")
+        return GrowthIntent.from_record(record)
 
-    def set_growth_intent(self, intent: dict[str, Any]) -> None:
-        self._set_meta("growth_intent", json.dumps(intent, sort_keys=True))
+    def has_growth_intent(self) -> bool:
+        """Whether a growth is in flight (its record is not read: a damaged
+        one counts too)."""
+        return self._meta("growth_intent") is not None
+
+    def set_growth_intent(self, intent: GrowthIntent) -> None:
+        self._set_meta("growth_intent", json.dumps(intent.to_record(), sort_keys=True))
 
     def drop_growth_intent(self) -> None:
         self._write("DELETE FROM meta WHERE key = 'growth_intent'")
@@ -1007,9 +1035,10 @@ class Store:
             (thin_id, name),
         )
 
-    def deferred_deletes(self) -> list[Row]:
+    def deferred_deletes(self) -> list[DeferredDelete]:
+        """The thin ids queued for a later delete, by id."""
         rows = self._rows("SELECT * FROM deferred_deletes ORDER BY thin_id")
-        return [dict(zip(_DEFERRED, row, strict=True)) for row in rows]
+        return [DeferredDelete(int(thin_id), name, queued) for thin_id, name, queued in rows]
 
     def drop_deferred_delete(self, thin_id: int) -> None:
         self._write("DELETE FROM deferred_deletes WHERE thin_id = ?", (thin_id,))
@@ -1025,6 +1054,16 @@ _CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
     "deferred_deletion": (bool,),
     "token": (str,),
 }
+
+
+def _device(row: tuple[Any, ...]) -> DeviceRecord:
+    """The record of a ``devices`` row (its columns in table order)."""
+    name, thin_id, size, parent, active, created = row
+    return DeviceRecord(name, int(thin_id), Sectors(size), parent, bool(active), created)
+
+
+def _config_text(config: PoolConfig) -> str:
+    return json.dumps(config.to_record(), sort_keys=True)
 
 
 def _is(value: object, types: tuple[type, ...]) -> bool:

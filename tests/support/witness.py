@@ -6,7 +6,9 @@ Tests check what libdm did against these, never against libdm itself.
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterable, Mapping
 from typing import Any, Required, TypedDict
@@ -60,7 +62,7 @@ class KernelSnapshot(TypedDict):
 
 
 class StoreState(TypedDict):
-    """What a pool's state store holds (rows as the store returns them)."""
+    """What a pool's state store holds: its rows as SQLite reads them, by column."""
 
     pool: Any
     devices: list[Any]
@@ -354,23 +356,31 @@ def write_direct(path: StrPath, offset: int, data: bytes, timeout: float = READ_
 
 
 def store_state(directory: StrPath) -> StoreState:
-    """What the pool's state store holds, read (never written) through
-    libdm's Store: ``pool`` (row, config decoded), ``devices``, ``intents``,
-    ``deferred``, ``foreign`` and ``txid``."""
-    from libdm.thin.store import Store
+    """What the pool's state store holds, read (never written) with
+    sqlite3 itself, not libdm's Store: ``pool`` (its row, config decoded),
+    ``devices``, ``intents``, ``deferred`` (rows as dicts by column),
+    ``foreign`` and ``txid``."""
+    path = os.path.join(os.fspath(directory), "state.db")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
 
-    store = Store(directory)
+    def rows(sql: str) -> list[dict[str, Any]]:
+        return [dict(row) for row in db.execute(sql)]
+
     try:
+        db.execute("BEGIN")  # one read transaction: one consistent state
+        pool = dict(db.execute("SELECT * FROM pool WHERE id = 1").fetchone())
+        pool["config"] = json.loads(pool["config"])
         return {
-            "pool": store.pool(),
-            "devices": store.devices(),
-            "intents": store.intents(),
-            "deferred": store.deferred_deletes(),
-            "foreign": store.foreign_ids(),
-            "txid": store.transaction_id(),
+            "pool": pool,
+            "devices": rows("SELECT * FROM devices ORDER BY name"),
+            "intents": rows("SELECT * FROM intents ORDER BY txid"),
+            "deferred": rows("SELECT * FROM deferred_deletes ORDER BY thin_id"),
+            "foreign": [r[0] for r in db.execute("SELECT thin_id FROM foreign_ids ORDER BY 1")],
+            "txid": int(pool["transaction_id"]),
         }
     finally:
-        store.close()
+        db.close()
 
 
 def _sysfs_dev(devno: str, attr: str) -> str | None:

@@ -1112,7 +1112,18 @@ class WorldMachine:
                 )
             said = HOSTILE_WORDS.get(hostile)
             words = re.sub(r"/\S+", "", out.text)  # not a word of a path
-            if said and expect != "error" and not re.search(said, words, re.IGNORECASE):
+            # A refusal the model allows on its own account (a name that
+            # can collide, a device another program took) comes before
+            # the store is touched: it need not speak of the filesystem.
+            allowed = expect == "may" and re.search(
+                r"DeviceExistsError|ForeignDeviceError", f"{out.error} {out.text}"
+            )
+            if (
+                said
+                and expect != "error"
+                and not allowed
+                and not re.search(said, words, re.IGNORECASE)
+            ):
                 self.stats.bad_errors += 1
                 self._fail(
                     f"{what}\n  the error does not say what happened to the state "

@@ -25,7 +25,14 @@ func main() {
 		names = append(names, e.Name())
 	}
 	sort.Strings(names)
-	fmt.Printf("hostname-file=%q dir=%v uid=%d\n", string(host), names, os.Getuid())
+	line := fmt.Sprintf("hostname-file=%q dir=%v uid=%d\n", string(host), names, os.Getuid())
+	fmt.Print(line)
+	// Also into its root: stdout passes through containerd's fifos, which
+	// can lose a short-lived process's output; the snapshot cannot.
+	if err := os.WriteFile("/probe-output", []byte(line), 0644); err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
 	if err := os.WriteFile("/written-by-container", []byte("hello\n"), 0644); err != nil {
 		fmt.Println("error:", err)
 		os.Exit(1)

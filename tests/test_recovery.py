@@ -83,6 +83,21 @@ def check_outcome(pool, change, point):
         assert "new" not in names
 
 
+def create_after(entry, held, directory):
+    """Create device "after" through ``entry``: ``held``, a Pool this
+    process had open all along; a Pool loaded as the CLI loads it (nothing
+    activated, nothing recovered); or the CLI."""
+    if entry == "library":
+        assert held.create_thin("after", "4M").active
+    elif entry == "load":
+        with libdm.Pool.load(directory) as pool:
+            pool.create_thin("after", "4M")
+    else:
+        proc = run_cli("thin", "create", "--pool", directory, "after", "4M")
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("change, point", KILLS)
 @pytest.mark.parametrize("entry", ["library", "load", "cli"])
 def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, change, point):
@@ -92,18 +107,7 @@ def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, c
         killed(directory, change, point)
         if point != "create:recorded":  # the one point past the intent
             assert pending(directory)[0], "the kill left no intent to recover"
-        if entry == "library":
-            # A Pool this process had open all along.
-            dev = held.create_thin("after", "4M")
-            assert dev.active
-        elif entry == "load":
-            # Loaded as the CLI loads it: nothing activated, nothing recovered.
-            with libdm.Pool.load(directory) as pool:
-                pool.create_thin("after", "4M")
-        else:
-            proc = run_cli("thin", "create", "--pool", directory, "after", "4M")
-            assert proc.returncode == 0, proc.stderr
-            assert "Traceback" not in proc.stderr
+        create_after(entry, held, directory)
         assert pending(directory) == ([], None)
         with libdm.Pool.load(directory) as pool:
             check_outcome(pool, change, point)
@@ -127,14 +131,7 @@ def test_the_next_change_finishes_an_interrupted_resize(dm_name, tmp_path, entry
         )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert witness.table(vol.dm_name)[0].split()[1] == str(16 * MiB // 512)
-        if entry == "library":
-            held.create_thin("after", "4M")
-        elif entry == "load":
-            with libdm.Pool.load(directory) as pool:
-                pool.create_thin("after", "4M")
-        else:
-            proc = run_cli("thin", "create", "--pool", directory, "after", "4M")
-            assert proc.returncode == 0, proc.stderr
+        create_after(entry, held, directory)
         assert witness.table(vol.dm_name)[0].split()[1] == str(24 * MiB // 512)
         with libdm.Pool.load(directory) as pool:
             assert int(pool.device("vol").size) == 24 * MiB

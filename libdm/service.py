@@ -147,7 +147,9 @@ class MonitorService:
         self._status_problem: str | None = None  # logged once, not per scan
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return (safe from a signal handler)."""
+        """Ask :meth:`run` to return.  Safe from another thread, not from a
+        signal handler: the signal may come while :meth:`run`'s thread
+        holds the lock this takes."""
         self._stop.set()
 
     def run(self) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from typing import TypedDict
 
+from libdm._signals import stop_on_signals
 from libdm.cli import output
 from libdm.cli.args import (
     Subparsers,
@@ -49,15 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     loggers[0].setLevel(logging.DEBUG if args.debug else logging.INFO)
     loggers[1].setLevel(logging.NOTSET)
     service = MonitorService(args.config_dir, rescan=args.rescan, interval=args.interval)
-    saved = {
-        signum: signal.signal(signum, lambda *_: service.stop())
-        for signum in (signal.SIGTERM, signal.SIGINT)
-    }
     try:
-        service.run()
+        with stop_on_signals(service.stop):
+            service.run()
     finally:
-        for signum, old in saved.items():
-            signal.signal(signum, old)
         for lg, handlers, level in saved_handlers:
             lg.handlers = handlers
             lg.setLevel(level)

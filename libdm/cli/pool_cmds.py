@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 import libdm
+from libdm._signals import stop_on_signals
 from libdm.cli import output
 from libdm.cli.args import (
     GrowthOptions,
@@ -543,28 +542,12 @@ def cmd_refresh(args: argparse.Namespace) -> None:
         print(_sizes_line(pool))
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """Call ``stop()`` on SIGTERM and SIGINT while in the block."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        logger.info("%s received: stopping after the current wait", signal.Signals(signum).name)
-        stop()
-
-    saved = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, old in saved.items():
-            signal.signal(signum, old)
-
-
 def cmd_monitor(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
         monitor = pool.monitor(
             args.threshold, args.percent, **growth_options(args), interval=args.interval
         )
-        with _stopped_by_signals(monitor.stop):
+        with stop_on_signals(monitor.stop):
             logger.info(
                 "pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
                 pool.name,

@@ -15,17 +15,16 @@ import io
 import json
 import logging
 import os
-import signal
 import socket
 import socketserver
 import stat
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
-from types import FrameType
 from typing import IO, Any, BinaryIO
 
+from libdm._signals import stop_on_signals
 from libdm.docker.driver import DockerError, Driver, DriverOptions
 
 __all__ = ["DEFAULT_SOCKET", "Server", "serve"]
@@ -326,21 +325,6 @@ class Server:
         self._thread.join(timeout=30)
 
 
-@contextlib.contextmanager
-def _signals_stop() -> Iterator[threading.Event]:
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def serve(
     pool_dir: str,
     socket_path: str = DEFAULT_SOCKET,
@@ -362,13 +346,15 @@ def serve(
             _stale_socket(driver, socket_path)
             driver.recover()
             server = Server(driver, socket_path)
-            with _signals_stop() as stop:
-                logger.info("docker: serving pool %s on %s", pool.name, socket_path)
-                if ready is not None:
-                    ready(server)
-                while not stop.wait(3600):
-                    pass
-            server.stop()
+            stop = threading.Event()
+            try:
+                with stop_on_signals(stop.set):
+                    logger.info("docker: serving pool %s on %s", pool.name, socket_path)
+                    if ready is not None:
+                        ready(server)
+                    stop.wait()
+            finally:
+                server.stop()
         finally:
             driver.close()
     finally:

@@ -14,19 +14,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from types import FrameType
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from libdm._signals import stop_on_signals
 from libdm.dm.errors import DeviceExistsError
 from libdm.snapshotter import core
 from libdm.snapshotter.api import mount_pb2
@@ -368,22 +367,13 @@ def serve(
                 ).start()
             server = Server(snapshotter, socket_path)
             stop = threading.Event()
-
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                stop.set()
-
-            previous = {
-                sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-            }
             try:
-                logger.info("snapshotter: serving pool %s on %s", pool.name, socket_path)
-                if ready is not None:
-                    ready(server)
-                while not stop.wait(3600):
-                    pass
+                with stop_on_signals(stop.set):
+                    logger.info("snapshotter: serving pool %s on %s", pool.name, socket_path)
+                    if ready is not None:
+                        ready(server)
+                    stop.wait()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
                 server.stop()
         finally:
             if monitor is not None:

@@ -29,11 +29,13 @@ logger = logging.getLogger("libdm")
 def stop_on_signals(
     stop: Callable[[], object],
     signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    *,
+    log: logging.Logger = logger,
 ) -> Iterator[None]:
     """Call ``stop()`` once for each of ``signals`` received while in the
-    block, from a thread of its own; the handlers in place before are put
-    back on leaving.  Only the main thread may enter the block (Python
-    runs signal handlers there)."""
+    block, from a thread of its own, saying so on ``log``; the handlers in
+    place before are put back on leaving.  Only the main thread may enter
+    the block (Python runs signal handlers there)."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
@@ -45,7 +47,7 @@ def stop_on_signals(
     def relay() -> None:
         while received := os.read(read_end, 64):
             for signum in received:
-                logger.info("%s received: stopping", signal.Signals(signum).name)
+                log.info("%s received: stopping", signal.Signals(signum).name)
                 stop()
 
     thread = threading.Thread(target=relay, name="libdm-signals", daemon=True)

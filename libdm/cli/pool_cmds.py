@@ -547,7 +547,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         monitor = pool.monitor(
             args.threshold, args.percent, **growth_options(args), interval=args.interval
         )
-        with stop_on_signals(monitor.stop):
+        with stop_on_signals(monitor.stop, log=logger):
             logger.info(
                 "pool %s: watching (grow by %d%% at %d%% used, checking every %g s)",
                 pool.name,

@@ -1643,6 +1643,30 @@ SCRIPTS = {
         ("change", "p", "delete", {"name": "c"}, "load", ("point", "delete:deactivated@1")),
         ("settle", "p", "cli", "open", {}, "cli"),
     ],
+    # A create killed once the kernel made its device: listed as the next
+    # change leaves it, so ls does not hide a device that then appears.
+    "ls-lists-a-device-whose-create-the-kernel-made": [
+        (
+            "change",
+            "p",
+            "create_thin",
+            {"name": "c", "size": MiB},
+            "load",
+            ("point", "create:transaction@1"),
+        ),
+        ("settle", "p", "load", "create_thin", {"name": "d", "size": MiB}, "library"),
+    ],
+    "cli-ls-lists-a-device-whose-create-the-kernel-made": [
+        (
+            "change",
+            "p",
+            "create_thin",
+            {"name": "c", "size": MiB},
+            "cli",
+            ("point", "create:transaction@1"),
+        ),
+        ("settle", "p", "cli", "create_thin", {"name": "d", "size": MiB}, "cli"),
+    ],
     # A full, then a read-only state filesystem, through each entry point:
     # creates until one meets ENOSPC, then the space is given back.
     "library-creates-on-a-full-state-filesystem": [

@@ -841,6 +841,15 @@ class Pool:
         """
         row: DeviceRecord | None = self._store.device(name)
         if row is None:
+            if any(made.name == name for made in self._pending()[1]):
+                raise error_for(
+                    errno.ENXIO,
+                    operation,
+                    name,
+                    message=f"device {name!r} of pool {self.name!r} is being created (a "
+                    f"create was interrupted; the pool's next change, or libdm pool open "
+                    f"{self.directory}, finishes it)",
+                )
             raise error_for(
                 errno.ENXIO,
                 operation,
@@ -872,18 +881,49 @@ class Pool:
         row = self._row(name, "device")
         return self._wrap(row)
 
+    def _pending(self) -> tuple[set[str], list[DeviceRecord]]:
+        """What the pool's next change does to the devices listed: the names
+        whose delete was interrupted (it finishes them), and the devices
+        whose create was interrupted after the kernel made them (it records
+        them, active, as a create leaves a device)."""
+        intents = self._store.intents()
+        deleting = {intent.name for intent in intents if intent.op is Op.DELETE}
+        creates = [intent for intent in intents if intent.op.creates]
+        if not creates or not backings.exists_live(self.name):
+            return deleting, []
+        try:
+            st = self._device.status()
+        except DMError:
+            return deleting, []  # the next change says what is wrong with the pool
+        if isinstance(st, ThinPoolFailed):
+            return deleting, []
+        made = [
+            DeviceRecord(intent.name, intent.thin_id, intent.size, intent.parent, active=True)
+            for intent in creates
+            if intent.size is not None and intent.txid == st.transaction_id
+        ]
+        return deleting, made
+
     def devices(self) -> list[ThinDevice]:
-        """Every thin device and snapshot, sorted by name (not one whose
-        delete was interrupted: it is finished before the next change)."""
-        deleting = self._deleting()
-        return [self._wrap(row) for row in self._store.devices() if row.name not in deleting]
+        """Every thin device and snapshot, sorted by name, as the pool's next
+        change leaves them: not one whose delete was interrupted (that
+        change finishes it), and one whose create was interrupted after the
+        kernel made it (that change records it)."""
+        deleting, made = self._pending()
+        rows = [row for row in self._store.devices() if row.name not in deleting]
+        return [self._wrap(row) for row in sorted(rows + made, key=lambda row: row.name)]
 
     def children(self, name: str) -> list[ThinDevice]:
-        """The snapshots taken of device ``name``."""
-        deleting = self._deleting()
-        return [
-            self.device(child) for child in self._store.children(name) if child not in deleting
+        """The snapshots taken of device ``name`` (listed as by
+        :meth:`devices`)."""
+        deleting, made = self._pending()
+        rows = [
+            row
+            for child in self._store.children(name)
+            if child not in deleting and (row := self._store.device(child)) is not None
         ]
+        rows += [row for row in made if row.parent == name]
+        return [self._wrap(row) for row in sorted(rows, key=lambda row: row.name)]
 
     def create_thin(self, name: str, size: int | str | None = None) -> ThinDevice:
         """Create a thin device and activate it.

@@ -355,7 +355,7 @@ def test_block_pools_on_two_devices_and_on_one_split(dm_name, tmp_path):
     assert witness.thin_ids(name) == {
         row["thin_id"] for row in as_json(run("thin", "ls", "--json", "--pool", state))
     }
-    failed(run("pool", "resize", "1G", "--pool", state), 2, "pool resize:", "block devices")
+    failed(run("pool", "resize", "1G", "--pool", state), 1, "pool resize:", "block devices")
     ok(run("pool", "destroy", "--remove-files", "--pool", state))
     assert not {name, f"{name}-vol"} & witness.names()
 
@@ -404,6 +404,8 @@ def test_pool_extend_onto_another_device(dm_name, tmp_path):
     before = int(witness.table(name)[0].split()[1])
     failed(run("pool", "extend", tmp_path / "absent", *P), 1, "pool extend")
     ok(run("pool", "extend", spare, *P))
+    # A refusal for the pool's state, not for the arguments: exit 1.
+    failed(run("pool", "extend", spare, *P), 1, "already part of pool")
     after = int(witness.table(name)[0].split()[1])
     assert after > before and after * 512 >= 120 * MiB
     st = as_json(run("pool", "status", "--json", *P))

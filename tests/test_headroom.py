@@ -54,14 +54,14 @@ def test_extend_takes_the_free_tail_of_the_split_device(split_pool):
     assert sectors(witness.table(pool.name)[0]) == grown
     assert pool.free_regions() == []
     assert read_at(dev.path, 0, MiB) == b"\x44" * MiB
-    with pytest.raises(ValueError, match="already part of pool"):
+    with pytest.raises(libdm.RefusedError, match="already part of pool"):
         pool.extend(device, start=0, length="1M")
 
 
 def test_a_region_of_the_tail_and_a_clash(split_pool):
     pool, device = split_pool
     ((_, start, _free),) = pool.free_regions()
-    with pytest.raises(ValueError, match=r"already part of pool .* in sectors"):
+    with pytest.raises(libdm.RefusedError, match=r"already part of pool .* in sectors"):
         pool.extend(device, start=int(start.bytes()) - 4096, length="8M")
     st = pool.extend(device, metadata=True, start=int(start.bytes()), length="4M")
     tmeta = witness.table(f"{pool.name}-tmeta")

@@ -655,7 +655,7 @@ def test_adopt_refuses_what_is_not_a_pool(dm_name, tmp_path):
     linear = dm_name("linear")
     witness.dmsetup("create", linear, "--table", f"0 8192 linear {devno(loopdev)} 0")
     state = tmp_path / "state"
-    with pytest.raises(ValueError, match="not a thin-pool device"):
+    with pytest.raises(libdm.RefusedError, match="not a thin-pool device"):
         libdm.Pool.adopt(linear, state_dir=state)
     with pytest.raises(libdm.NoSuchDeviceError):
         libdm.Pool.adopt(dm_name("missing"), state_dir=state)

@@ -203,7 +203,7 @@ def test_the_lock_waits_then_names_the_lock_file(tmp_path):
         lock.close()
         os.close(holder)
     with (
-        pytest.raises(ValueError, match="pool 'p' is closed"),
+        pytest.raises(libdm.RefusedError, match="pool 'p' is closed"),
         lock.held("create_thin", "p", 1.0, lambda: None),
     ):
         pass

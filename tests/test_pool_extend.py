@@ -71,7 +71,7 @@ def test_extend_metadata_with_a_region(block_pool, tmp_path):
 def test_extend_refuses_bad_devices_and_changes_nothing(block_pool, tmp_path, dm_name):
     pool, data, _meta = block_pool
     table = witness.table(f"{pool.name}-tdata")
-    with pytest.raises(ValueError, match="already part of pool"):
+    with pytest.raises(libdm.RefusedError, match="already part of pool"):
         pool.extend(data)
     used = attach(tmp_path, "used.img", 32 * MiB)
     subprocess.run(["mkfs.ext4", "-q", used], check=True)
@@ -90,7 +90,7 @@ def test_extend_refuses_bad_devices_and_changes_nothing(block_pool, tmp_path, dm
 
 def test_loop_pools_grow_with_resize_not_extend(tmp_path, make_pool):
     pool = make_pool(directory=tmp_path / "p", data_size="64M")
-    with pytest.raises(ValueError, match="resize"):
+    with pytest.raises(libdm.RefusedError, match="resize"):
         pool.extend("/dev/null")
 
 

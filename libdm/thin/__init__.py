@@ -13,6 +13,7 @@ _TABLE = {
         "PoolError",
         "PoolFullError",
         "PoolReadOnlyError",
+        "RefusedError",
         "PoolFailedError",
         "PoolLockedError",
         "StateError",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from libdm.thin.errors import PoolFullError as PoolFullError
     from libdm.thin.errors import PoolLockedError as PoolLockedError
     from libdm.thin.errors import PoolReadOnlyError as PoolReadOnlyError
+    from libdm.thin.errors import RefusedError as RefusedError
     from libdm.thin.errors import StateError as StateError
     from libdm.thin.pool import Pool as Pool
     from libdm.thin.repair import DeviceRecovery as DeviceRecovery

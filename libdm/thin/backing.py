@@ -878,9 +878,11 @@ class LinearBacking:
                 if live == table:
                     continue
                 if not _grows(live, table):
-                    raise ValueError(
+                    raise StateError(
                         f"{name} is live with table {'; '.join(map(str, live))}, which the "
-                        f"pool's stored segments ({'; '.join(map(str, table))}) do not extend"
+                        f"pool's stored segments ({'; '.join(map(str, table))}) do not extend",
+                        "activate",
+                        name,
                     )
                 # The store already names the new segments (an extend or a
                 # grown device interrupted before the reload): roll forward.

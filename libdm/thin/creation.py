@@ -29,6 +29,7 @@ from libdm.thin.errors import (
     DeviceNotBlankError,
     ForeignDeviceError,
     PoolFailedError,
+    RefusedError,
     StateError,
 )
 from libdm.thin.label import RESERVED, DeviceLabel, Role, erase_label, read_label, write_label
@@ -312,9 +313,12 @@ def adopt(
     _check_pool_name(pool_device_name)
     table = ops.table(pool_device_name)
     if len(table) != 1 or table[0].type != "thin-pool":
-        raise ValueError(
+        raise RefusedError(
+            errno.EINVAL,
             f"{pool_device_name} is not a thin-pool device "
-            f"(its table is {', '.join(str(t) for t in table) or 'empty'})"
+            f"(its table is {', '.join(str(t) for t in table) or 'empty'})",
+            "adopt",
+            pool_device_name,
         )
     params = ThinPoolParams.parse(table[0].params)
     st = parse_pool_status(ops.status(pool_device_name)[0].params)

@@ -21,6 +21,7 @@ __all__ = [
     "PoolFullError",
     "PoolLockedError",
     "PoolReadOnlyError",
+    "RefusedError",
     "StateError",
 ]
 
@@ -88,6 +89,16 @@ class HandedOverError(PoolError):
 
     def __init__(self, message: str, operation: str, device: str | None = None) -> None:
         super().__init__(errno.EPERM, message, operation, device)
+
+
+class RefusedError(PoolError):
+    """The pool, or a device given to it, is in a state that does not allow
+    the change asked for; the message says which, and nothing was changed.
+    Not a ``ValueError``: the arguments were well formed, and the same call
+    may work once the state is another (the CLI exits 1, not 2).  The errno
+    says what kind of state: EPERM (not libdm's to change), EOPNOTSUPP (not
+    on this kind of pool), EBUSY (in use already), EINVAL (not the kind of
+    device asked for), EBADF (the pool was closed), ENOSPC (too small)."""
 
 
 class ForeignDeviceError(StateError):

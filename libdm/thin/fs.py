@@ -4,6 +4,7 @@ fine; device-mapper work is never done through a tool)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import struct
@@ -12,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TypeAlias
 
-from libdm.thin.errors import FilesystemError
+from libdm.thin.errors import FilesystemError, RefusedError
 
 StrPath: TypeAlias = str | os.PathLike[str]
 
@@ -176,14 +177,17 @@ def grow_filesystem(path: StrPath) -> str:
         The filesystem type grown.
 
     Raises:
-        ValueError: no filesystem, or one that is not ext4 or xfs.
+        RefusedError: no filesystem, or one that is not ext4 or xfs.
         FilesystemError: the tool failed; its output is in the message.
     """
     fstype = filesystem_type(path)
     if fstype is None or fstype not in ("ext4", "xfs"):
-        raise ValueError(
+        raise RefusedError(
+            errno.EOPNOTSUPP,
             f"{path} holds {'no filesystem' if fstype is None else fstype}: "
-            f"only ext4 and xfs can be grown"
+            f"only ext4 and xfs can be grown",
+            "grow_filesystem",
+            str(path),
         )
 
     def run(argv: list[str]) -> None:

@@ -27,6 +27,7 @@ the pool read-only and flagged ``needs_check``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +44,7 @@ from libdm.thin.errors import (
     PoolFailedError,
     PoolFullError,
     PoolReadOnlyError,
+    RefusedError,
     StateError,
 )
 from libdm.thin.journal import GrowthIntent, Transaction
@@ -84,9 +86,12 @@ class Growth:
         pool = self.pool
         backing = pool._backing.files()
         if backing is None:
-            raise ValueError(
+            raise RefusedError(
+                errno.EOPNOTSUPP,
                 f"pool {pool.name!r} is on {pool.kind} devices: "
-                f"{pool._backing.capabilities.growth_hint}"
+                f"{pool._backing.capabilities.growth_hint}",
+                "resize",
+                pool.name,
             )
         data = None if data_size is None else parse_size(data_size, what="data_size")
         meta = None if metadata_size is None else parse_size(metadata_size, what="metadata_size")
@@ -137,9 +142,12 @@ class Growth:
         pool = self.pool
         backing = pool._backing.pieces()
         if backing is None:
-            raise ValueError(
+            raise RefusedError(
+                errno.EOPNOTSUPP,
                 f"pool {pool.name!r} is a {pool.kind} pool: "
-                f"{pool._backing.capabilities.growth_hint}"
+                f"{pool._backing.capabilities.growth_hint}",
+                "extend",
+                pool.name,
             )
         first = (
             None
@@ -156,18 +164,25 @@ class Growth:
                 # The free part starts at the next 4 KiB after the last use.
                 free = int(Sectors(max(stop for _, stop in used)).round_up(8))
                 if first is None and free >= size:
-                    raise ValueError(
-                        f"{device} is already part of pool {pool.name!r} and has no free part left"
+                    raise RefusedError(
+                        errno.EBUSY,
+                        f"{device} is already part of pool {pool.name!r} and has no free part "
+                        f"left",
+                        "extend",
+                        pool.name,
                     )
                 first = free if first is None else first
                 clash = [
                     (a, b) for a, b in used if first < b and a < (first + count if count else size)
                 ]
                 if clash:
-                    raise ValueError(
+                    raise RefusedError(
+                        errno.EBUSY,
                         f"{device} is already part of pool {pool.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
-                        f"at sector {free}"
+                        f"at sector {free}",
+                        "extend",
+                        pool.name,
                     )
             else:
                 size = int(Bytes(check_device(device, force, "extend").size).whole_sectors())
@@ -291,8 +306,11 @@ class Growth:
         through the journal (see the module doc)."""
         pool = self.pool
         if not pool._backing.capabilities.owns_devices:
-            raise ValueError(
-                f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change"
+            raise RefusedError(
+                errno.EPERM,
+                f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change",
+                operation,
+                pool.name,
             )
         old = pool.config
         self.check_capacity(operation, new)

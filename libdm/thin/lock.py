@@ -10,13 +10,14 @@ taken, so an uncontended change costs one ``flock``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
 
 from libdm._backoff import Backoff
-from libdm.thin.errors import PoolLockedError
+from libdm.thin.errors import PoolLockedError, RefusedError
 
 __all__ = ["LOCK_NAME", "PoolLock"]
 
@@ -82,7 +83,7 @@ class PoolLock:
 
     def _acquire(self, operation: str, pool_name: str, timeout: float) -> None:
         if self.fd < 0:
-            raise ValueError(f"pool {pool_name!r} is closed")
+            raise RefusedError(errno.EBADF, f"pool {pool_name!r} is closed", operation, pool_name)
         backoff: Backoff | None = None
         while True:
             try:

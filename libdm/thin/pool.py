@@ -51,6 +51,7 @@ from libdm.thin.errors import (
     PoolFailedError,
     PoolFullError,
     PoolReadOnlyError,
+    RefusedError,
     StateError,
 )
 from libdm.thin.growth import Growth, Region
@@ -468,8 +469,11 @@ class Pool:
             .sectors(self.block_size)
         )
         if length == 0:
-            raise ValueError(
-                f"the data device of pool {self.name!r} is smaller than one data block"
+            raise RefusedError(
+                errno.ENOSPC,
+                f"the data device of pool {self.name!r} is smaller than one data block",
+                "table",
+                self.name,
             )
         return [Target(0, int(length), "thin-pool", str(self._expected_params(devs)))]
 

@@ -313,6 +313,11 @@ def test_a_pool_comes_back_with_pool_open(dm_name, tmp_path):
     failed(sh("thin", "create", "x", "8M", env=env), 1, "is not active")
     rows = as_json(sh("thin", "ls", "--json", env=env))
     assert [(r["name"], r["active"]) for r in rows] == [("off", False), ("vol", False)]
+    # Lazily: the pool only; vol comes up when first used.
+    r = ok(sh("pool", "open", "--lazy", directory))
+    assert r.out == f"pool {name} is active at /dev/mapper/{name}: 2 devices, 0 active\n"
+    assert name in witness.names() and f"{name}-vol" not in witness.names()
+    ok(sh("pool", "destroy", env=env))
     r = ok(sh("pool", "open", directory))
     assert r.out == f"pool {name} is active at /dev/mapper/{name}: 2 devices, 1 active\n"
     assert {n: shape(n) for n in tables} == tables

@@ -280,6 +280,45 @@ def test_open_after_teardown_uses_the_stored_configuration(dm_name, tmp_path):
         reopened.close()
 
 
+def test_a_lazy_open_activates_each_device_on_first_use(dm_name, tmp_path):
+    name = dm_name("pool")
+    p = libdm.Pool.create_loop(name, tmp_path / "p", data_size="64M")
+    a, b, c = (p.create_thin(n, "4M") for n in "abc")
+    write_pattern(a.path, 3)
+    b.format("ext4")
+    c.deactivate()
+    p.close()
+    for dev in (f"{name}-a", f"{name}-b", name):
+        witness.dmsetup("remove", dev)
+    lazy = libdm.Pool.open(tmp_path / "p", lazy=True)
+    try:
+        # The pool is up, no thin device is, and nothing was lost.
+        assert witness.names() & {name, f"{name}-a", f"{name}-b", f"{name}-c"} == {name}
+        assert [(d.name, d.active) for d in lazy.devices()] == [
+            ("a", False),
+            ("b", False),
+            ("c", False),
+        ]
+        with pytest.raises(libdm.NoSuchDeviceError):
+            lazy.device("a").status()  # a read brings nothing up
+        # First use: activate, or mount (each by the device's recorded table).
+        assert read_at(lazy.device("a").activate().path) == bytes([3]) * (1 << 20)
+        with lazy.device("b").mount() as point:
+            assert os.path.ismount(point)
+        assert f"{name}-b" in witness.names()
+        # A device that was not active stays so: its use is refused.
+        with pytest.raises(libdm.NoSuchDeviceError):
+            lazy.device("c").format("ext4")
+        assert f"{name}-c" not in witness.names()
+    finally:
+        lazy.close()
+    # A full open brings up what the lazy one left (nothing here: a and b
+    # are up), and a device recorded inactive stays down.
+    libdm.Pool.open(tmp_path / "p").close()
+    assert {f"{name}-a", f"{name}-b"} <= witness.names()
+    assert f"{name}-c" not in witness.names()
+
+
 def test_open_refuses_a_live_table_that_differs(pool):
     table = witness.table(pool.name)[0].split()
     witness.dmsetup("suspend", pool.name)

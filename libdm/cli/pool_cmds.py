@@ -172,7 +172,9 @@ def _counter(what: str) -> Callable[[int, int], None] | None:
 
 def cmd_open(args: argparse.Namespace) -> int:
     directory: str = args.directory or pool_directory(args)
-    with libdm.Pool.open(directory, progress=_counter("activating devices")) as pool:
+    with libdm.Pool.open(
+        directory, progress=_counter("activating devices"), lazy=args.lazy
+    ) as pool:
         if pool.handed_to is not None:
             print(
                 f"pool {pool.name} is active at {pool.path}; "
@@ -887,6 +889,12 @@ def register(sub: Subparsers) -> None:
         metavar="DIR",
         nargs="?",
         help="the pool's state directory (default $LIBDM_POOL)",
+    )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="leave the devices that were active down until first used "
+        "(thin activate brings one up), as Docker's driver does",
     )
 
     p = command(

@@ -95,15 +95,15 @@ class ThinDevice:
             return False
 
     def _live_path(self, operation: str) -> str:
-        """:attr:`path`, once its device is proven live and the pool's.
+        """:attr:`path`, once its device is proven live and the pool's (a
+        device the pool should have active is activated: its first use
+        after a lazy :meth:`Pool.open <libdm.Pool.open>`).
 
         Raises:
             NoSuchDeviceError: the device is not active.
             ForeignDeviceError: the device of its name is not the pool's.
         """
-        if self.pool.live_device(self.name) is None:
-            raise error_for(errno.ENXIO, operation, self.dm_name)
-        return self.path
+        return self.pool.ready_device(self.name, operation)
 
     def activate(self) -> ThinDevice:
         """Make the device usable at :attr:`path` (idempotent).
@@ -197,7 +197,9 @@ class ThinDevice:
             NoSuchDeviceError: the device is not active.
             ForeignDeviceError: the device of its name is not the pool's.
         """
-        self._live_path("status")
+        # A read: it does not activate a device a lazy open left down.
+        if self.pool.live_device(self.name) is None:
+            raise error_for(errno.ENXIO, "status", self.dm_name)
         status: ThinStatus | ThinFailed = parse_thin_status(ops.status(self.dm_name)[0].params)
         return status
 

@@ -234,6 +234,7 @@ class Pool:
         *,
         lock_timeout: float = 30.0,
         progress: Callable[[int, int], None] | None = None,
+        lazy: bool = False,
     ) -> Pool:
         """Open a pool from its state directory and make it live.
 
@@ -252,6 +253,11 @@ class Pool:
             lock_timeout: seconds to wait for another process's change.
             progress: called as ``progress(done, total)`` while the devices
                 are re-activated (the CLI draws a counter with it).
+            lazy: leave the devices that were active down, as Docker's
+                driver does: each is activated on first use
+                (:meth:`ThinDevice.activate`, :meth:`~ThinDevice.format`,
+                :meth:`~ThinDevice.mount`), so opening a pool of many
+                devices costs little.  Devices already live are checked as always.
 
         Returns:
             The :class:`Pool`.
@@ -270,7 +276,7 @@ class Pool:
                 was_there = ops.exists(pool.name)
                 pieces_there = pool._pieces_live()
                 try:
-                    pool._bring_up("open", progress)
+                    pool._bring_up("open", progress, lazy=lazy)
                 except BaseException:
                     # A pool this call made live and then refused (a
                     # transaction id another program moved, say) goes down
@@ -755,7 +761,11 @@ class Pool:
         return present
 
     def _bring_up(
-        self, operation: str, progress: Callable[[int, int], None] | None = None
+        self,
+        operation: str,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        lazy: bool = False,
     ) -> None:
         if self.config.repair is not None:
             from libdm.thin import repair
@@ -778,6 +788,10 @@ class Pool:
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
         rows = self._store.active_devices()
+        if lazy:
+            # Only the live ones, so that each has its recorded table; the
+            # others come up on first use (ready_device).
+            rows = [row for row in rows if row.name in present]
         for done, row in enumerate(rows, 1):
             if progress is not None:
                 progress(done, len(rows))
@@ -1057,6 +1071,24 @@ class Pool:
         with self._changing("activate"):
             row = self._row(name, "activate")
             self._activate(row, "activate")
+
+    def ready_device(self, name: str, operation: str = "use") -> str:
+        """The path of device ``name``, live: a device recorded active
+        whose device is not live (as :meth:`open` with ``lazy=True`` leaves
+        them) is activated first.
+
+        Raises:
+            NoSuchDeviceError: the pool has no such device, or it is not
+                active.
+            ForeignDeviceError: the device of its name is not the pool's.
+        """
+        row = self._row(name, operation)
+        if self._live(row, operation) is None:
+            if not row.active:
+                raise error_for(errno.ENXIO, operation, self.device_dm_name(name))
+            with self._changing(operation):
+                self._activate(self._row(name, operation), operation)
+        return ops.device_path(self.device_dm_name(name))
 
     def _thin_table(self, row: DeviceRecord, pool_devno: str) -> list[Target]:
         return [Target(0, row.size, "thin", str(ThinParams(pool_devno, row.thin_id)))]

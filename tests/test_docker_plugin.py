@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import tarfile
+import time
 
 import pytest
 from support import witness
@@ -452,6 +453,16 @@ def test_a_new_dockerd_drops_the_old_ones_references(pool, plugin):
     c.ok("GraphDriver.Remove", ID="b")
     c.ok("GraphDriver.Remove", ID="a")
     assert witness.thin_ids(pool.name) == {pool.device(base_device(pool)).thin_id}
+
+
+def test_a_second_signal_does_not_cut_the_stop_short(pool, tmp_path):
+    sock = tmp_path / "p.sock"
+    p = DockerPlugin(pool.directory, str(sock), log=str(tmp_path / "plugin.log")).start()
+    assert p.proc is not None
+    p.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    assert p.stop(signal.SIGINT) == 0
+    assert not sock.exists()
 
 
 def test_a_stuck_layer_does_not_stop_the_plugin(pool, tmp_path):

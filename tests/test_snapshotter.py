@@ -3,8 +3,10 @@ a real kernel: containerd's semantics, the devices behind them, restart
 and Cleanup."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -415,7 +417,10 @@ def test_libdm_snapshotter_serve_stops_cleanly_on_sigterm(tmp_path):
         with Client(str(sock)) as c:
             c.prepare("cli-a")
             c.commit("cli", "cli-a")
-        proc.send_signal(15)
+        # A second signal while it stops (Ctrl-C twice) does not cut the stop short.
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
         assert not sock.exists()
     finally:

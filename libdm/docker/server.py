@@ -337,25 +337,28 @@ def serve(
     for the dockerd that uses them)."""
     import libdm
 
-    pool = libdm.Pool.open(pool_dir)
-    try:
-        # The plugin's lock is taken here, and the socket checked, before
-        # recovery changes anything another plugin may be working on.
-        driver = Driver(pool, options, recover_at_start=False)
+    stop = threading.Event()
+    # From the start to the last close a signal asks for a clean stop: a
+    # signal during the start stops the plugin once it is up, and a
+    # second one while it stops does not cut the stop short.
+    with stop_on_signals(stop.set):
+        pool = libdm.Pool.open(pool_dir)
         try:
-            _stale_socket(driver, socket_path)
-            driver.recover()
-            server = Server(driver, socket_path)
-            stop = threading.Event()
+            # The plugin's lock is taken here, and the socket checked, before
+            # recovery changes anything another plugin may be working on.
+            driver = Driver(pool, options, recover_at_start=False)
             try:
-                with stop_on_signals(stop.set):
+                _stale_socket(driver, socket_path)
+                driver.recover()
+                server = Server(driver, socket_path)
+                try:
                     logger.info("docker: serving pool %s on %s", pool.name, socket_path)
                     if ready is not None:
                         ready(server)
                     stop.wait()
+                finally:
+                    server.stop()
             finally:
-                server.stop()
+                driver.close()
         finally:
-            driver.close()
-    finally:
-        pool.close()
+            pool.close()

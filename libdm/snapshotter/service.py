@@ -347,37 +347,40 @@ def serve(
     import libdm
     from libdm.thin.monitor import Monitor
 
-    # Refused before anything changes: a socket another program answers
-    # on, or anything else that is not a socket.
-    probe_socket(os.path.abspath(socket_path))
-    pool = libdm.Pool.open(pool_dir)
-    monitor: Monitor | None = None
-    try:
-        snapshotter = core.Snapshotter(pool, config)
+    stop = threading.Event()
+    # From the start to the last close a signal asks for a clean stop: a
+    # signal during the start stops the plugin once it is up, and a
+    # second one while it stops does not cut the stop short.
+    with stop_on_signals(stop.set):
+        # Refused before anything changes: a socket another program answers
+        # on, or anything else that is not a socket.
+        probe_socket(os.path.abspath(socket_path))
+        pool = libdm.Pool.open(pool_dir)
+        monitor: Monitor | None = None
         try:
-            m = config.monitor
-            if m.enabled:
-                monitor = Monitor(
-                    pool,
-                    m.threshold,
-                    m.percent,
-                    metadata_threshold=m.metadata_threshold,
-                    interval=m.interval,
-                    max_data_size=m.max_data_size or None,
-                ).start()
-            server = Server(snapshotter, socket_path)
-            stop = threading.Event()
+            snapshotter = core.Snapshotter(pool, config)
             try:
-                with stop_on_signals(stop.set):
+                m = config.monitor
+                if m.enabled:
+                    monitor = Monitor(
+                        pool,
+                        m.threshold,
+                        m.percent,
+                        metadata_threshold=m.metadata_threshold,
+                        interval=m.interval,
+                        max_data_size=m.max_data_size or None,
+                    ).start()
+                server = Server(snapshotter, socket_path)
+                try:
                     logger.info("snapshotter: serving pool %s on %s", pool.name, socket_path)
                     if ready is not None:
                         ready(server)
                     stop.wait()
+                finally:
+                    server.stop()
             finally:
-                server.stop()
+                if monitor is not None:
+                    monitor.stop()
+                snapshotter.close()
         finally:
-            if monitor is not None:
-                monitor.stop()
-            snapshotter.close()
-    finally:
-        pool.close()
+            pool.close()

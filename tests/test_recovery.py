@@ -140,6 +140,36 @@ def test_the_next_change_finishes_an_interrupted_resize(dm_name, tmp_path, entry
         held.close()
 
 
+@pytest.mark.parametrize("entry", ["library", "cli"])
+def test_an_interrupted_shrink_of_a_device_opened_since_keeps_its_live_size(
+    dm_name, tmp_path, entry
+):
+    """A shrink killed between its record and its reload, then the device
+    opened: the next change must not cut it under its user (a shrink
+    itself refuses an open device).  It keeps the size it has live, and
+    the record follows.  Found by an outside review."""
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        vol = held.create_thin("vol", "16M")
+        write_pattern(vol.path, 7, length=8 * MiB)
+        proc = run_child(
+            directory,
+            "p.device('vol').resize('8M', force=True)\n",
+            crash_at="resize_device:recorded",
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        with open(vol.path, "rb") as opener:
+            create_after(entry, held, directory)
+            assert witness.table(vol.dm_name)[0].split()[1] == str(16 * MiB // 512)
+            assert opener.read(8 * MiB) == bytes([7]) * (8 * MiB)
+        with libdm.Pool.load(directory) as pool:
+            assert int(pool.device("vol").size) == 16 * MiB
+            assert_consistent(pool)
+    finally:
+        held.close()
+
+
 def test_a_device_whose_delete_is_pending_is_neither_listed_nor_activated(dm_name, tmp_path):
     directory = tmp_path / "pool"
     libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M").close()

@@ -1185,15 +1185,34 @@ class Pool:
                 and live_table != table
             ):
                 # A resize killed between its record and its reload.
-                logger.warning(
-                    "pool %s: %s resized to its recorded %s sectors",
-                    self.name,
-                    dm_name,
-                    table[0].length,
-                )
-                ops.reload(dm_name, table)
-                ops.resume(dm_name)
-                live_table = table
+                if table[0].length < live_table[0].length and info.open_count:
+                    # A shrink, and the device was opened since: it is not
+                    # cut under its user (as a shrink refuses an open
+                    # device); the record takes the live size back.
+                    kept = Sectors(live_table[0].length)
+                    logger.warning(
+                        "pool %s: %s keeps %s sectors, not its recorded %s: an "
+                        "interrupted shrink meets it open; shrink it again when "
+                        "nothing has it open",
+                        self.name,
+                        dm_name,
+                        kept,
+                        table[0].length,
+                    )
+                    with self._store.transaction():
+                        self._store.set_size(row.name, kept)
+                    row = replace(row, size=kept)
+                    table = live_table
+                else:
+                    logger.warning(
+                        "pool %s: %s resized to its recorded %s sectors",
+                        self.name,
+                        dm_name,
+                        table[0].length,
+                    )
+                    ops.reload(dm_name, table)
+                    ops.resume(dm_name)
+                    live_table = table
             if live_table != table:
                 raise StateError(
                     f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "

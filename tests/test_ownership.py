@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 )
 from support import witness
 from support.blockio import MiB, attach, read_at, write_pattern
+from support.cli import run_cli
 
 import libdm
 from libdm.thin.store import Store
@@ -204,6 +205,13 @@ def test_open_reports_an_active_device_whose_name_another_pool_holds(make_pool):
         assert f"pool {ab.name!r}" in pool.unavailable["b-x"]
     finally:
         pool.close()
+    assert seen(theirs.dm_name) == before
+    # The command says to free the name, not to delete the pool's device
+    # (and its data) for a name only in the way.
+    said = run_cli("pool", "open", a.directory)
+    assert said.returncode == 1
+    assert f"libdm thin activate b-x --pool {a.directory}" in said.stderr, said.stderr
+    assert "thin delete" not in said.stderr, said.stderr
     assert seen(theirs.dm_name) == before
 
 
@@ -609,3 +617,39 @@ def test_a_pool_named_control_is_refused(tmp_path):
         libdm.Pool.adopt("control", state_dir=tmp_path / "adopted")
     assert not (tmp_path / "adopted").exists()
     assert os.stat("/dev/mapper/control").st_rdev == node.st_rdev
+
+
+@pytest.mark.parametrize("op", ["create_thin", "snapshot"])
+def test_a_create_that_loses_its_name_to_another_program_leaves_nothing(
+    make_pool, monkeypatch, op
+):
+    """Another program takes the new device's name after libdm checked it
+    free and before its activation: the create fails, its thin id and
+    record go again, and the other program's device is left alone.
+    Found by an outside review."""
+    from libdm.dm import ops
+
+    pool = make_pool(data_size="64M")
+    origin = pool.create_thin("a", "4M")
+    target = pool.device_dm_name("r")
+    real = ops.create
+
+    def racing(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == target and witness.info(name) is None:
+            witness.dmsetup("create", name, "--table", "0 8 zero")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "create", racing)
+    with pytest.raises(libdm.DMError) as caught:
+        if op == "create_thin":
+            pool.create_thin("r", "4M")
+        else:
+            origin.snapshot("r")
+    assert target in str(caught.value)
+    assert [d.name for d in pool.devices()] == ["a"]
+    assert witness.thin_ids(pool.name) == {origin.thin_id}
+    assert witness.table(target) == ["0 8 zero"]
+    witness.dmsetup("remove", target)
+    monkeypatch.undo()
+    # The name free again, the create works.
+    assert pool.create_thin("r", "4M").active

@@ -187,9 +187,17 @@ def cmd_open(args: argparse.Namespace) -> int:
             f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, {active} active"
         )
         for name, why in sorted(pool.unavailable.items()):
+            try:
+                pool.live_device(name)
+                remedy = f"delete it with: libdm thin delete {name} --pool {directory}"
+            except libdm.ForeignDeviceError:
+                # Only its name is in the way: the device and its data are fine.
+                remedy = (
+                    f"once its name is free, activate it with: "
+                    f"libdm thin activate {name} --pool {directory}"
+                )
             print(
-                f"libdm: device {name} could not be activated: {why}; delete it with: "
-                f"libdm thin delete {name} --pool {directory}",
+                f"libdm: device {name} could not be activated: {why}; {remedy}",
                 file=sys.stderr,
             )
     return 1 if pool.unavailable else 0

@@ -1021,7 +1021,7 @@ class Pool:
         )
         if device is None:
             try:
-                self.delete_device(name, discard=False)  # it never held data
+                self._delete_unactivated(name)
             except DMError as undo:
                 logger.error(
                     "pool %s: could not delete %s after its activation failed: %s",
@@ -1031,6 +1031,17 @@ class Pool:
                 )
             raise failed[0]
         return device
+
+    def _delete_unactivated(self, name: str) -> None:
+        """Delete device ``name``, whose activation just failed, as a
+        journalled delete that does not discard its blocks (it never held
+        data), and takes down a device of its name only if proven this
+        pool's (another program may have taken the name meanwhile)."""
+        with self._changing("delete"):
+            row = self._row(name, "delete")
+            self._journal.delete(
+                name, row.thin_id, row.active, lambda: self._deactivate(name), False
+            )
 
     def _before_change(self, operation: str, name: str, dm_name: str) -> None:
         self._refuse_if_handed_over(operation)

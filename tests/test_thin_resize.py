@@ -7,6 +7,7 @@ used data blocks from dmsetup status.
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 from support import witness
@@ -56,6 +57,37 @@ def test_grow_an_unmounted_filesystem(pool, fstype):
     with dev.mount() as root:
         st = os.statvfs(root)
         assert st.f_blocks * st.f_frsize > libdm.parse_size(big) * 3 // 4
+
+
+def _fs_blocks(path):
+    out = subprocess.run(["dumpe2fs", "-h", path], capture_output=True, text=True, check=True)
+    return int(re.search(r"Block count:\s+(\d+)", out.stdout).group(1))
+
+
+def test_growing_the_filesystem_again_at_the_same_size_grows_it(pool):
+    """Asked again once the device has the size (after a kill between the
+    resize and its filesystem step, or a resize first made without
+    --grow-filesystem): the filesystem still grows.  Found by an outside
+    review: the call returned early, saying it was done."""
+    dev = pool.create_thin("vol", "32M").format("ext4")
+    before = _fs_blocks(dev.path)
+    dev = dev.resize("64M")
+    assert _fs_blocks(dev.path) == before
+    dev = dev.resize("64M", grow_filesystem=True)
+    assert _fs_blocks(dev.path) >= 2 * before - 1024
+
+
+def test_growing_the_filesystem_of_an_inactive_device_is_refused_first(pool):
+    """Its filesystem cannot be seen, so it is refused before the device
+    is resized, saying why (not "no filesystem")."""
+    dev = pool.create_thin("vol", "32M").format("ext4")
+    dev.deactivate()
+    with pytest.raises(libdm.RefusedError, match="not active") as caught:
+        dev.resize("64M", grow_filesystem=True)
+    assert "no filesystem" not in str(caught.value)
+    assert int(pool.device("vol").size) == 32 * MiB
+    dev = pool.device("vol").activate().resize("64M", grow_filesystem=True)
+    assert _fs_blocks(dev.path) > 0 and int(dev.size) == 64 * MiB
 
 
 def test_shrinking_needs_force_and_a_device_nobody_holds(pool):

@@ -1291,11 +1291,25 @@ class Pool:
         with self._changing("resize_device"):
             row = self._row(name, "resize_device")
             old = row.size
-            if new == old:
-                return self.device(name)
             dm_name = self.device_dm_name(name)
             proven = self._live_or_gone(row, "resize_device")
             live = proven is not None
+            if grow_filesystem and not live:
+                # Refused before anything changes: an inactive device's
+                # filesystem cannot be grown (nor even seen).
+                raise RefusedError(
+                    errno.ENXIO,
+                    f"device {name!r} is not active, so its filesystem cannot be grown; "
+                    f"activate it first",
+                    "resize_device",
+                    dm_name,
+                )
+            if new == old:
+                if grow_filesystem:
+                    # Asked again (after a kill, say): the filesystem may
+                    # still lag the device.
+                    self._grow_filesystem(name, old, new)
+                return self.device(name)
             if new < old:
                 if not force:
                     raise ValueError(
@@ -1340,21 +1354,40 @@ class Pool:
                 ops.reload(dm_name, self._thin_table(replace(row, size=new), self._devno()))
                 ops.resume(dm_name)
             self._drop_resize_intent()
-            device = self.device(name)
             if grow_filesystem and new > old:
-                from libdm.thin import fs
+                self._grow_filesystem(name, old, new)
+            return self.device(name)
 
-                try:
-                    fs.grow_filesystem(device.path)
-                except FilesystemError as exc:
-                    raise FilesystemError(
-                        f"device {name!r} grew from {format_size(old.bytes())} to "
-                        f"{format_size(new.bytes())}, but its filesystem did not: "
-                        f"{exc.strerror}",
-                        "resize_device",
-                        dm_name,
-                    ) from exc
-            return device
+    def _grow_filesystem(self, name: str, old: Sectors, new: Sectors) -> None:
+        """Grow the filesystem on live device ``name`` to its size."""
+        from libdm.thin import fs
+
+        dm_name = self.device_dm_name(name)
+        try:
+            fs.grow_filesystem(ops.device_path(dm_name))
+        except FilesystemError as exc:
+            raise FilesystemError(
+                f"{self._resized(name, old, new)}, but its filesystem did not grow: "
+                f"{exc.strerror}",
+                "resize_device",
+                dm_name,
+            ) from exc
+        except RefusedError as exc:
+            raise RefusedError(
+                exc.errno,
+                f"{self._resized(name, old, new)}, but its filesystem was not grown: "
+                f"{exc.strerror}",
+                "resize_device",
+                dm_name,
+            ) from exc
+
+    @staticmethod
+    def _resized(name: str, old: Sectors, new: Sectors) -> str:
+        if new == old:
+            return f"device {name!r} is {format_size(new.bytes())} already"
+        return (
+            f"device {name!r} grew from {format_size(old.bytes())} to {format_size(new.bytes())}"
+        )
 
     def deactivate_device(self, name: str) -> None:
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""

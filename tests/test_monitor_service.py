@@ -218,6 +218,27 @@ def test_a_malformed_registration_is_reported_and_skipped(dm_name, tmp_path, ser
     assert os.path.exists(bad)
 
 
+def test_register_leaves_a_file_it_cannot_read_under_its_name(tmp_path, service_env):
+    """A file already at the registration's name that is not a
+    registration libdm can read (another tool's, a hand edit with a typo)
+    is refused and left as it is.  Found by an outside review."""
+    (tmp_path / "p").mkdir()
+    first = run_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env)
+    assert first.returncode == 0, first.stderr
+    (path,) = (
+        os.path.join(service_env["LIBDM_MONITOR_DIR"], name)
+        for name in os.listdir(service_env["LIBDM_MONITOR_DIR"])
+    )
+    theirs = b'# my own settings\nthreshold = "eighty"\n'
+    with open(path, "wb") as fh:
+        fh.write(theirs)
+    again = run_cli("monitor", "register", "--pool", tmp_path / "p", env=service_env)
+    assert again.returncode == 1, again.stderr
+    assert path in again.stderr and "left alone" in again.stderr, again.stderr
+    with open(path, "rb") as fh:
+        assert fh.read() == theirs
+
+
 def test_pools_whose_paths_differ_by_slash_or_dash_have_their_own_registration(
     tmp_path, service_env
 ):

@@ -180,13 +180,30 @@ def register(registration: Registration, directory: str | None = None) -> str:
     Raises:
         StateError: the file's name is taken by another pool's
             registration (written by an earlier version) that cannot be
-            renamed to its own name.
+            renamed to its own name, or by a file that is not a
+            registration libdm can read (another program's, or one edited
+            by hand): it is left as it is.
     """
     directory = directory or config_dir()
     os.makedirs(directory, mode=0o755, exist_ok=True)
     registration = replace(registration, pool=os.path.abspath(registration.pool))
     path = _file_for(registration.pool, directory)
-    found = read(directory).valid
+    everything = read(directory)
+    for bad in everything.invalid:
+        if bad.path == path:
+            raise StateError(
+                f"{bad.reason}; libdm did not write it as it is, so it is left alone: "
+                f"move it away (or mend it) and register again",
+                "register",
+                path,
+            )
+    if os.path.lexists(path) and path not in everything.valid:
+        raise StateError(
+            f"{path} is in the way of the monitor registration and is not one",
+            "register",
+            path,
+        )
+    found = everything.valid
     holder = found.get(path)
     if holder is not None and holder.pool != registration.pool:
         _rename_to_own_name(path, holder, directory)

@@ -279,6 +279,19 @@ def test_a_root_path_owned_by_another_user_is_refused(user_device, tmpfs):
     refused(pool, dev, root, "owned by")
 
 
+def test_a_database_that_is_not_one_is_refused_naming_it(user_device, tmp_path):
+    """Found by an outside review: the refusal said only "file is not a
+    database", naming neither the file nor what to do."""
+    pool, dev = user_device
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    db = root / "snapshotter.db"
+    db.write_bytes(b"not a database\n")
+    os.chmod(db, 0o600)
+    refused(pool, dev, root, re.escape(str(db)) + r" cannot be read .*sqlite3")
+    assert db.read_bytes() == b"not a database\n"
+
+
 def test_a_new_root_path_is_made_private(make_pool, tmp_path):
     pool = make_pool(data_size="256M")
     root = tmp_path / "new" / "root"

@@ -225,13 +225,23 @@ class MetaStore:
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30
         )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if create:
+                self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            # Another program's file, or a damaged one: left as it is.
+            self._db.close()
+            raise StateError(
+                f"the snapshotter database {self.path} cannot be read ({exc}); it is left "
+                f"as it is: restore it from a backup, or inspect it with sqlite3",
+                OPERATION,
+                None,
+            ) from None
         self._lock = threading.RLock()
-        if create:
-            self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from support import witness
-from support.blockio import MiB, write_pattern
+from support.blockio import MiB, read_at, write_pattern
 from support.children import run_child
 from support.cli import monitor_status, run_cli, start_monitor, stop_monitor
 from support.poll import until
@@ -138,6 +138,54 @@ def test_the_next_change_finishes_an_interrupted_resize(dm_name, tmp_path, entry
             assert_consistent(pool)
     finally:
         held.close()
+
+
+@pytest.mark.parametrize("entry", ["library", "load", "cli"])
+def test_an_interrupted_shrink_gives_back_what_it_cut_off(dm_name, tmp_path, entry):
+    """A shrink killed after its record, before its discard and reload:
+    the next change gives the blocks past the new end back, so a later
+    growth reads zeros there, never the old data."""
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        vol = held.create_thin("vol", "16M")
+        write_pattern(vol.path, 7, length=16 * MiB)
+        proc = run_child(
+            directory,
+            "p.device('vol').resize('8M', force=True)\n",
+            crash_at="resize_device:recorded",
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        create_after(entry, held, directory)
+        assert witness.table(vol.dm_name)[0].split()[1] == str(8 * MiB // 512)
+        grown = held.device("vol").resize("16M")
+        assert read_at(grown.path, 8 * MiB, 8 * MiB) == bytes(8 * MiB)
+        assert read_at(grown.path, 0, 8 * MiB) == bytes([7]) * (8 * MiB)
+    finally:
+        held.close()
+
+
+def test_a_shrink_whose_record_fails_discards_nothing(dm_name, tmp_path, monkeypatch):
+    """The store refuses the new size (a full state filesystem, say): the
+    error says nothing changed, and nothing did.  Found by an outside
+    review: the blocks past the new end were discarded first."""
+    pool = libdm.Pool.create_loop(dm_name("pool"), tmp_path / "pool", data_size="64M")
+    try:
+        vol = pool.create_thin("vol", "16M")
+        write_pattern(vol.path, 9, length=16 * MiB)
+
+        def refused(self, name, old=None):
+            raise libdm.StateError("could not write the pool state (test)", "change", None)
+
+        monkeypatch.setattr(Store, "set_resize_intent", refused)
+        with pytest.raises(libdm.StateError):
+            vol.resize("8M", force=True)
+        monkeypatch.undo()
+        assert int(pool.device("vol").size) == 16 * MiB
+        assert witness.table(vol.dm_name)[0].split()[1] == str(16 * MiB // 512)
+        assert read_at(vol.path, 0, 16 * MiB) == bytes([9]) * (16 * MiB)
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("entry", ["library", "cli"])

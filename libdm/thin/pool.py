@@ -785,6 +785,8 @@ class Pool:
             return
         present = self._adopt_live_devices(operation)
         resized = self._store.resize_intent() is not None
+        if resized:
+            self._discard_cut_off(present, operation)
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
         rows = self._store.active_devices()
@@ -825,6 +827,33 @@ class Pool:
             # Every live device now has its recorded table (_activate
             # reloads one a killed resize left at its old length).
             self._drop_resize_intent()
+
+    def _discard_cut_off(self, present: Mapping[str, ownership.Live], operation: str) -> None:
+        """A shrink interrupted after its record: give back the blocks past
+        the new end, as the shrink would have (before the reload, while a
+        live device still reaches them; not if something has it open).
+        Done again after a kill later in the shrink: a discard is
+        idempotent.  A failure is logged: only space is at stake."""
+        name, old = self._store.resize_intent(), self._store.resize_from()
+        row = None if name is None else self._store.device(name)
+        if row is None or old is None or old <= row.size:
+            return
+        try:
+            self._discard_blocks(
+                replace(row, size=old),
+                row.size.bytes(),
+                (old - row.size).bytes(),
+                present.get(row.name),
+            )
+        except (DMError, OSError) as exc:
+            logger.warning(
+                "pool %s: %s: the blocks an interrupted shrink of %s cut off could not be "
+                "given back: %s",
+                self.name,
+                operation,
+                name,
+                exc,
+            )
 
     # -- the journal's host (see libdm.thin.journal.JournalHost) -----------------------
 
@@ -1336,20 +1365,23 @@ class Pool:
                         "resize_device",
                         dm_name,
                     )
-                # Give the cut-off blocks back to the pool first, active or
-                # not: what lies past the new end must not come back if the
-                # device grows again.
-                self._discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
             else:
                 self._writable_status("resize_device")
-            # The store first, with a mark that the live table may lag: a
-            # kill before the reload leaves it shorter or longer than the
-            # record, and the next change through any entry point (the
-            # mark makes it run the bring-up) reloads it.
+            # The store first, with a mark that the live table may lag and
+            # the size it had: a kill before the reload leaves it shorter or
+            # longer than the record, and the next change through any entry
+            # point (the mark makes it run the bring-up) finishes it.  A
+            # store that cannot be written stops it here, before any block
+            # is touched.
             with self._store.transaction():
                 self._store.set_size(name, new)
-                self._store.set_resize_intent(name)
+                self._store.set_resize_intent(name, old)
             crash.point("resize_device:recorded")
+            if new < old:
+                # Give the cut-off blocks back to the pool, active or not:
+                # what lies past the new end must not come back if the
+                # device grows again.
+                self._discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
             if live:
                 ops.reload(dm_name, self._thin_table(replace(row, size=new), self._devno()))
                 ops.resume(dm_name)

@@ -1021,11 +1021,31 @@ class Store:
         table yet, or ``None``."""
         return self._meta("resize_intent")
 
-    def set_resize_intent(self, name: str) -> None:
+    def resize_from(self) -> Sectors | None:
+        """The size the device of :meth:`resize_intent` had before, if the
+        mark says (a mark written before it did, or none: ``None``)."""
+        value = self._meta("resize_from")
+        if value is None:
+            return None
+        try:
+            return Sectors(int(value))
+        except ValueError:
+            raise StateError(
+                f"the pool state in {self.path} holds a resize mark whose size {value!r} "
+                f"is not a number; restore the store from a backup, or inspect it with sqlite3",
+                "open",
+                None,
+            ) from None
+
+    def set_resize_intent(self, name: str, old: Sectors | None = None) -> None:
         self._set_meta("resize_intent", name)
+        if old is None:
+            self._write("DELETE FROM meta WHERE key = 'resize_from'")
+        else:
+            self._set_meta("resize_from", str(int(old)))
 
     def drop_resize_intent(self) -> None:
-        self._write("DELETE FROM meta WHERE key = 'resize_intent'")
+        self._write("DELETE FROM meta WHERE key IN ('resize_intent', 'resize_from')")
 
     # -- deferred deletes ------------------------------------------------------
 

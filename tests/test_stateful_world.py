@@ -1195,7 +1195,13 @@ class WorldMachine:
                         f" (while the change was pending, ls via {listing} listed "
                         f"{sorted(candidates[0])}: the pool must end up so)"
                     )
-        common = [n for n in candidates[0] if all(n in c for c in candidates)]
+        # Not a device whose name another program holds: its delete is
+        # refused for that reason alone, which says nothing of recovery.
+        common = [
+            n
+            for n in candidates[0]
+            if all(n in c for c in candidates) and not self._squatted(pool, n)
+        ]
         if op is None:
             if all(len(c) < MAX_DEVICES for c in candidates) or not common:
                 self.counter += 1

@@ -92,6 +92,31 @@ def test_a_kill_mid_growth_is_finished_by_open(dm_name, tmp_path, change, point)
         pool.close()
 
 
+def test_a_running_monitor_settles_a_growth_killed_with_the_pool_suspended(dm_name, tmp_path):
+    """Another process's growth killed with the pool suspended: a monitor
+    already watching settles it at its next check, instead of leaving
+    every device's I/O blocked until someone's next change.  Found by an
+    outside review."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    pool = libdm.Pool.create_loop(name, directory, data_size="64M", metadata_size="2M")
+    try:
+        dev = pool.create_thin("vol", "16M")
+        write_pattern(dev.path, 0x3C)
+        monitor = pool.monitor(95, 20)
+        assert monitor.check() == []
+        proc = run_child(directory, GROWTH["resize data"], crash_at="grow:loaded")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert witness.info(name)["attr"][:3] == "LIs"
+        monitor.check()
+        assert witness.info(name)["attr"][:3] != "LIs"
+        pool_is_healthy(name, directory)
+        assert read_at(dev.path, 0, MiB) == bytes([0x3C]) * MiB
+        assert pool.settle() is None  # nothing left
+    finally:
+        pool.close()
+
+
 def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path):
     # A pool suspended with a table loaded by something libdm never
     # recorded (an older libdm killed mid-resize): the unrecorded table is

@@ -152,6 +152,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._unsettled: str | None = None  # the last refusal to settle, said once
         # stop() writes here so a wait in progress ends at once.  The pipe
         # lives as long as the monitor: a service makes one per watch.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -250,6 +251,19 @@ class Monitor:
         """
         if self._retry_at is not None and time.monotonic() < self._retry_at:
             return []  # backing off after a failed step
+        try:
+            settled = self.pool.settle()
+        except DMError as exc:
+            # Said once while it stays so; the status below says the rest.
+            if str(exc) != self._unsettled:
+                logger.warning(
+                    "pool %s: an interrupted change is not settled: %s", self.pool.name, exc
+                )
+            self._unsettled = str(exc)
+        else:
+            self._unsettled = None
+            if settled is not None:
+                logger.warning("pool %s: settled an interrupted %s", self.pool.name, settled)
         st = self.pool.status()
         if st.failed:
             return [

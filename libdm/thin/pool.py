@@ -372,6 +372,26 @@ class Pool:
                 self._depth -= 1
                 self._seen = self._store.sequence
 
+    def settle(self) -> str | None:
+        """Finish or undo what a change interrupted by a crash left (in any
+        process), as the pool's next change would: a long-running watcher
+        calls this so that a pool left suspended by a killed growth does
+        not wait for someone's next change.
+
+        Returns:
+            What was settled, said for people, or ``None`` if nothing was
+            pending (then nothing is locked or written).
+
+        Raises:
+            StateError, PoolError: as the next change would (a pool that
+                is not live is refused, saying what to run).
+        """
+        what = self._interrupted()
+        if what is None:
+            return None
+        with self._changing("settle"):
+            return what
+
     def _interrupted(self) -> str | None:
         """What a change interrupted by a kill (or by an error past its
         kernel step) left in the journal, said for people; ``None`` if

@@ -920,7 +920,7 @@ class BlockPoolMachine(LoopPoolMachine):
                 "resize",
                 self._args(data=before.data_size + BLOCK, meta=None),
                 [before],
-                "ValueError",
+                "RefusedError",
                 mode,
                 point,
                 nth,

@@ -312,7 +312,8 @@ class Foreign:
         self.sock.bind(str(path))
         self.sock.listen(8)
         self.ino = os.lstat(path).st_ino
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _serve(self):
         while True:
@@ -330,7 +331,12 @@ class Foreign:
             return c.recv(16) == b"foreign\n"
 
     def close(self):
+        # A close alone leaves the socket listening while the thread is in
+        # accept(): the call holds it, and a connect still gets through.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.thread.join(timeout=10)
 
 
 def serve(tmp_path, pool, path):

@@ -31,11 +31,14 @@ def stop_on_signals(
     signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     *,
     log: logging.Logger = logger,
+    then_ignore: bool = False,
 ) -> Iterator[None]:
     """Call ``stop()`` once for each of ``signals`` received while in the
     block, from a thread of its own, saying so on ``log``; the handlers in
-    place before are put back on leaving.  Only the main thread may enter
-    the block (Python runs signal handlers there)."""
+    place before are put back on leaving (with ``then_ignore``, the
+    signals are ignored from then on instead: a command that exits after
+    the block is not cut short by a repeated signal).  Only the main
+    thread may enter the block (Python runs signal handlers there)."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
@@ -47,6 +50,8 @@ def stop_on_signals(
     def relay() -> None:
         while received := os.read(read_end, 64):
             for signum in received:
+                if signum == 0:
+                    return  # the block has ended
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 stop()
 
@@ -56,10 +61,12 @@ def stop_on_signals(
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        # The end of the pipe ends the thread once it has passed on what
-        # was written before.
-        os.close(write_end)
+        # The thread ends after passing on what was written before; the
+        # handlers stay until then, so a signal meanwhile is still only
+        # written to the pipe (and a caller's cleanup is not cut short).
+        os.write(write_end, b"\0")
         thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if then_ignore else handler)
+        os.close(write_end)
         os.close(read_end)

@@ -15,7 +15,7 @@ from libdm.cli.args import (
     given_pool,
     group,
 )
-from libdm.cli.serving import announce, ignore_stop_signals, standalone_main
+from libdm.cli.serving import announce, standalone_main
 
 __all__ = ["cmd_serve", "main", "register"]
 
@@ -30,15 +30,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = DriverOptions.parse(args.storage_opt or [])
     except DockerError as exc:
         raise UsageError(str(exc), "libdm docker serve") from None
-    try:
-        serve(
-            pool_dir,
-            args.socket,
-            options,
-            ready=announce,
-        )
-    finally:
-        ignore_stop_signals()
+    serve(
+        pool_dir,
+        args.socket,
+        options,
+        ready=announce,
+        exiting=True,
+    )
     return 0
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from libdm.cli.args import POOL_ENV, UsageError
 
-__all__ = ["announce", "ignore_stop_signals", "standalone_main"]
+__all__ = ["announce", "standalone_main"]
 
 
 class _Served(Protocol):
@@ -26,15 +25,6 @@ class _Served(Protocol):
 def announce(server: _Served) -> None:
     """Say where the plugin serves (the line scripts and tests wait for)."""
     print(f"serving on {server.socket_path}", flush=True)
-
-
-def ignore_stop_signals() -> None:
-    """The serve command has stopped: a repeated SIGTERM or SIGINT (Ctrl-C
-    twice, a service manager's second signal) must not turn its clean exit
-    into a kill.  For the command only: a library caller's handlers are
-    its own."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def standalone_main(

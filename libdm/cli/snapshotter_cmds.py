@@ -21,7 +21,7 @@ from libdm.cli.args import (
     given_pool,
     group,
 )
-from libdm.cli.serving import announce, ignore_stop_signals, standalone_main
+from libdm.cli.serving import announce, standalone_main
 
 __all__ = ["cmd_foreign", "cmd_serve", "main", "register"]
 
@@ -41,15 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"no pool given: use --pool DIR, set {POOL_ENV}, or pool = in the config",
             "libdm snapshotter serve",
         )
-    try:
-        serve(
-            config.pool,
-            args.socket,
-            config,
-            ready=announce,
-        )
-    finally:
-        ignore_stop_signals()
+    serve(
+        config.pool,
+        args.socket,
+        config,
+        ready=announce,
+        exiting=True,
+    )
     return 0
 
 

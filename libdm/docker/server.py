@@ -331,17 +331,20 @@ def serve(
     options: DriverOptions | None = None,
     *,
     ready: Callable[[Server], object] | None = None,
+    exiting: bool = False,
 ) -> None:
     """Open the pool, recover, serve until SIGTERM or SIGINT, then stop
     (the socket is removed, the pool closed; mounted layers stay mounted
-    for the dockerd that uses them)."""
+    for the dockerd that uses them).  ``exiting``: the caller exits once
+    this returns (the ``serve`` command), so SIGTERM and SIGINT stay
+    ignored after it."""
     import libdm
 
     stop = threading.Event()
     # From the start to the last close a signal asks for a clean stop: a
     # signal during the start stops the plugin once it is up, and a
     # second one while it stops does not cut the stop short.
-    with stop_on_signals(stop.set):
+    with stop_on_signals(stop.set, then_ignore=exiting):
         pool = libdm.Pool.open(pool_dir)
         try:
             # The plugin's lock is taken here, and the socket checked, before

@@ -48,8 +48,9 @@ def serve(
     config: Config,
     *,
     ready: Callable[[Server], object] | None = None,
+    exiting: bool = False,
 ) -> None:
     """Serve the snapshotter until SIGTERM (see :func:`.service.serve`)."""
     from libdm.snapshotter.service import serve as _serve
 
-    _serve(pool_dir, socket_path, config, ready=ready)
+    _serve(pool_dir, socket_path, config, ready=ready, exiting=exiting)

@@ -339,11 +339,13 @@ def serve(
     config: Config,
     *,
     ready: Callable[[Server], object] | None = None,
+    exiting: bool = False,
 ) -> None:
     """Open the pool, recover, serve until SIGTERM or SIGINT, then stop
     cleanly (calls in progress finish, the socket is removed, the pool
     and the store are closed).  ``ready(server)`` is called once the
-    socket accepts calls."""
+    socket accepts calls.  ``exiting``: the caller exits once this returns
+    (the ``serve`` command), so SIGTERM and SIGINT stay ignored after it."""
     import libdm
     from libdm.thin.monitor import Monitor
 
@@ -351,7 +353,7 @@ def serve(
     # From the start to the last close a signal asks for a clean stop: a
     # signal during the start stops the plugin once it is up, and a
     # second one while it stops does not cut the stop short.
-    with stop_on_signals(stop.set):
+    with stop_on_signals(stop.set, then_ignore=exiting):
         # Refused before anything changes: a socket another program answers
         # on, or anything else that is not a socket.
         probe_socket(os.path.abspath(socket_path))

@@ -73,7 +73,9 @@ def journal_handler(stream: TextIO | None = None) -> logging.Handler:
 class _Watch:
     """One pool being watched: its registration, pool object and monitor."""
 
-    def __init__(self, registration: registry.Registration, pool: Pool, monitor: Monitor) -> None:
+    def __init__(
+        self, registration: registry.Registration, pool: Pool, monitor: Monitor[Pool]
+    ) -> None:
         self.registration, self.pool, self.monitor = registration, pool, monitor
 
     def alive(self) -> bool:

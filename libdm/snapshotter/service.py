@@ -358,7 +358,7 @@ def serve(
         # on, or anything else that is not a socket.
         probe_socket(os.path.abspath(socket_path))
         pool = libdm.Pool.open(pool_dir)
-        monitor: Monitor | None = None
+        monitor: Monitor[libdm.Pool] | None = None
         try:
             snapshotter = core.Snapshotter(pool, config)
             try:

@@ -15,7 +15,7 @@ import os
 import stat
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Self, TypeVar
 
 from libdm.dm import ops
 from libdm.dm.blockdev import BlockDevice, check_unused, open_block_device, signatures
@@ -24,6 +24,7 @@ from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
 from libdm.thin.config import PoolConfig
+from libdm.thin.core import PoolCore
 from libdm.thin.errors import (
     REPAIR_HINT,
     DeviceNotBlankError,
@@ -41,8 +42,16 @@ from libdm.thin.store import DB_NAME, STORE_FILES, Store
 from libdm.thin.table import FEATURES, ThinPoolParams, check_block_size
 from libdm.thin.units import Bytes, Sectors, parse_size
 
-if TYPE_CHECKING:
-    from libdm.thin.pool import Pool
+#: The front a constructor returns (:class:`~libdm.Pool`, or a subclass).
+P = TypeVar("P", bound="PoolFront")
+
+
+class PoolFront(Protocol):
+    """What a constructor makes of the core it brought up: the pool's front."""
+
+    @classmethod
+    def from_core(cls, core: PoolCore) -> Self: ...
+
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -67,7 +76,7 @@ DEFAULT_MIN_FREE_SPACE = 10
 
 
 def create_loop(
-    cls: type[Pool],
+    cls: type[P],
     /,
     name: str,
     directory: str | os.PathLike[str],
@@ -75,7 +84,7 @@ def create_loop(
     metadata_size: Size | None = None,
     block_size: Size = DEFAULT_BLOCK_SIZE,
     **options: Any,
-) -> Pool:
+) -> P:
     """Create a pool on sparse files in ``directory`` (loop mode).
 
     The files ``data`` and ``metadata`` are created sparse, attached to
@@ -135,7 +144,7 @@ def create_loop(
 
 
 def create(
-    cls: type[Pool],
+    cls: type[P],
     /,
     name: str,
     data_device: str,
@@ -145,7 +154,7 @@ def create(
     block_size: Size = DEFAULT_BLOCK_SIZE,
     force: bool = False,
     **options: Any,
-) -> Pool:
+) -> P:
     """Create a pool on two block devices (direct mode).
 
     Both devices are checked first: each must be a block device that is
@@ -218,7 +227,7 @@ def create(
 
 
 def create_on_device(
-    cls: type[Pool],
+    cls: type[P],
     /,
     name: str,
     device: str,
@@ -229,7 +238,7 @@ def create_on_device(
     state_dir: str | os.PathLike[str],
     block_size: Size = DEFAULT_BLOCK_SIZE,
     **options: Any,
-) -> Pool:
+) -> P:
     """Create a pool on one raw block device, split into metadata and data
     by two linear devices, ``<name>-tmeta`` and ``<name>-tdata``.
 
@@ -281,8 +290,8 @@ def create_on_device(
 
 
 def adopt(
-    cls: type[Pool], /, pool_device_name: str, *, state_dir: str | os.PathLike[str], **options: Any
-) -> Pool:
+    cls: type[P], /, pool_device_name: str, *, state_dir: str | os.PathLike[str], **options: Any
+) -> P:
     """Take over an existing, unused thin-pool device (``dm.thinpooldev``).
 
     As Docker required, the pool must be unused: transaction id 0 and
@@ -445,7 +454,7 @@ def check_device(path: str, force: bool, operation: str) -> BlockDevice:
 
 
 def _create(
-    cls: type[Pool],
+    cls: type[P],
     /,
     name: str,
     directory: str | os.PathLike[str],
@@ -454,7 +463,7 @@ def _create(
     config: Mapping[str, Any],
     options: Mapping[str, Any],
     uuid: str | None = None,
-) -> Pool:
+) -> P:
     """Make a pool: check the options, claim the state directory
     (:meth:`StateDir.claim`), create the store, ``make(statedir)`` the
     backing, record it all, and bring the pool up.  On failure, exactly
@@ -465,7 +474,7 @@ def _create(
     statedir = StateDir.claim(directory, POOL_FILES)
     store: Store | None = None
     backing: Backing | None = None
-    pool: Pool | None = None
+    core: PoolCore | None = None
     try:
         store = Store(statedir, create=True)
         if "data_size" in config and "metadata_size" in config:
@@ -496,31 +505,31 @@ def _create(
             backing.kind,
             pool_config,
         )
-        pool = cls(statedir.path, lock_timeout=lock_timeout, _store=store)
-        with pool._changing("create"):
+        core = PoolCore(statedir.path, lock_timeout=lock_timeout, store=store)
+        with core.changing("create"):
             if backing.capabilities.owns_devices:
-                pool._activate_pool("create")
+                core.activate_pool("create")
             crash.point("pool:created")
-            st = pool.status()
+            st = core.status()
             if not isinstance(st, ThinPoolFailed):
                 with store.transaction():
                     store.set_transaction_id(st.transaction_id)
-        return pool
+        return cls.from_core(core)
     except BaseException:
         pieces = None if backing is None else backing.pieces()
         if pieces is not None:
             pieces.erase_labels()  # the devices are not this pool's after all
         if (
-            pool is not None
+            core is not None
             and backing is not None
             and backing.capabilities.owns_devices
-            and _made_live(pool)
+            and _made_live(core)
         ):
             ops.remove(name)
         if backing is not None:
             backing.teardown()
-        if pool is not None:
-            pool._lock.close()
+        if core is not None:
+            core.lock.close()
         if store is not None:
             store.close(remove_made=True)
         else:
@@ -602,11 +611,11 @@ def _its_own(statedir: StateDir, name: str, inode: int | None, size: int | None)
         os.close(fd)
 
 
-def _made_live(pool: Pool) -> bool:
+def _made_live(core: PoolCore) -> bool:
     """True if the pool device this creation made is live (a device of its
     name made by another, in the meantime, is not: it stays)."""
     try:
-        return pool._pool_is_live("create")
+        return core.pool_is_live("create")
     except ForeignDeviceError:
         return False
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from libdm.dm import ops
 from libdm.dm.errors import error_for
@@ -19,10 +19,44 @@ from libdm.thin.status import ThinFailed, ThinStatus, parse_thin_status
 from libdm.thin.units import Bytes
 
 if TYPE_CHECKING:
-    from libdm.thin.pool import Pool
+    from libdm.dm.info import DeviceInfo
     from libdm.thin.records import DeviceRecord
 
-__all__ = ["Snapshot", "ThinDevice"]
+__all__ = ["DeviceOwner", "Snapshot", "ThinDevice"]
+
+
+class DeviceOwner(Protocol):
+    """What a device asks of the pool that handed it out (a
+    :class:`~libdm.Pool`): its public methods, so this module needs
+    nothing above it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def xfs_nospace_max_retries(self) -> int | None: ...
+
+    def device_dm_name(self, name: str) -> str: ...
+
+    def device(self, name: str) -> ThinDevice: ...
+
+    def children(self, name: str) -> list[ThinDevice]: ...
+
+    def live_device(self, name: str) -> DeviceInfo | None: ...
+
+    def ready_device(self, name: str, operation: str = "use") -> str: ...
+
+    def activate_device(self, name: str) -> None: ...
+
+    def deactivate_device(self, name: str) -> None: ...
+
+    def delete_device(self, name: str, *, discard: bool | None = None) -> None: ...
+
+    def resize_device(
+        self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
+    ) -> ThinDevice: ...
+
+    def snapshot_device(self, origin: str, name: str) -> ThinDevice: ...
 
 
 class ThinDevice:
@@ -38,7 +72,7 @@ class ThinDevice:
         path: the block device path, ``/dev/mapper/<pool>-<name>``.
     """
 
-    def __init__(self, pool: Pool, record: DeviceRecord) -> None:
+    def __init__(self, pool: DeviceOwner, record: DeviceRecord) -> None:
         self.pool = pool
         self.name: str = record.name
         self.thin_id: int = record.thin_id

@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from libdm.dm import ops
 from libdm.dm.blockdev import open_block_device
@@ -39,6 +39,7 @@ from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import capacity, crash
 from libdm.thin.config import PoolConfig
+from libdm.thin.core import PoolCore
 from libdm.thin.errors import (
     REPAIR_HINT,
     PoolFailedError,
@@ -52,9 +53,6 @@ from libdm.thin.label import RESERVED, DeviceLabel, Role, erase_label, write_lab
 from libdm.thin.pooldev import PoolStatus
 from libdm.thin.status import ThinPoolFailed
 from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
-
-if TYPE_CHECKING:
-    from libdm.thin.pool import Pool
 
 __all__ = ["Growth", "GrowthIntent"]
 
@@ -70,11 +68,11 @@ class Growth:
     document them); the caller holds nothing, each takes the pool's lock.
 
     Args:
-        pool: the pool it grows.
+        core: the core of the pool it grows.
     """
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, core: PoolCore) -> None:
+        self.core = core
 
     def resize(
         self,
@@ -83,19 +81,19 @@ class Growth:
         *,
         low_water_mark: int | None = None,
     ) -> PoolStatus:
-        pool = self.pool
-        backing = pool._backing.files()
+        core = self.core
+        backing = core.backing.files()
         if backing is None:
             raise RefusedError(
                 errno.EOPNOTSUPP,
-                f"pool {pool.name!r} is on {pool.kind} devices: "
-                f"{pool._backing.capabilities.growth_hint}",
+                f"pool {core.name!r} is on {core.kind} devices: "
+                f"{core.backing.capabilities.growth_hint}",
                 "resize",
-                pool.name,
+                core.name,
             )
         data = None if data_size is None else parse_size(data_size, what="data_size")
         meta = None if metadata_size is None else parse_size(metadata_size, what="metadata_size")
-        with pool._changing("resize"):
+        with core.changing("resize"):
             self.check_growable("resize")
             data_now, meta_now = backing.sizes()
             for what, want, now in (("data", data, data_now), ("metadata", meta, meta_now)):
@@ -108,25 +106,25 @@ class Growth:
                 # Refused before anything changes, metadata growth included.
                 self.check_capacity(
                     "resize",
-                    pool.config.but(data_size=data),
+                    core.config.but(data_size=data),
                     extra_metadata=None if meta is None else Bytes(meta - meta_now),
                 )
             # The kernel grows data before metadata on a resume: metadata first.
             if meta is not None and meta > meta_now:
-                self.grow("resize", pool.config.but(metadata_size=meta))
+                self.grow("resize", core.config.but(metadata_size=meta))
             if data is not None and data > data_now:
-                new = pool.config.but(data_size=data)
+                new = core.config.but(data_size=data)
                 if low_water_mark is not None:
                     new = new.but(low_water_mark=DataBlocks(int(low_water_mark)))
                 self.grow("resize", new)
-            return pool.status()
+            return core.status()
 
     def refresh(self) -> PoolStatus:
-        pool = self.pool
-        with pool._changing("refresh"):
+        core = self.core
+        with core.changing("refresh"):
             self.check_growable("refresh")
-            self.grow("refresh", pool.config)
-            return pool.status()
+            self.grow("refresh", core.config)
+            return core.status()
 
     def extend(
         self,
@@ -139,15 +137,15 @@ class Growth:
     ) -> PoolStatus:
         from libdm.thin.creation import check_device
 
-        pool = self.pool
-        backing = pool._backing.pieces()
+        core = self.core
+        backing = core.backing.pieces()
         if backing is None:
             raise RefusedError(
                 errno.EOPNOTSUPP,
-                f"pool {pool.name!r} is a {pool.kind} pool: "
-                f"{pool._backing.capabilities.growth_hint}",
+                f"pool {core.name!r} is a {core.kind} pool: "
+                f"{core.backing.capabilities.growth_hint}",
                 "extend",
-                pool.name,
+                core.name,
             )
         first = (
             None
@@ -155,7 +153,7 @@ class Growth:
             else (0 if start in (0, "0") else int(parse_size(start, what="start").sectors()))
         )
         count = None if length is None else int(parse_size(length, what="length").sectors())
-        with pool._changing("extend"):
+        with core.changing("extend"):
             self.check_growable("extend")
             used = self.used_regions(os.stat(device).st_rdev)
             if used:
@@ -166,10 +164,10 @@ class Growth:
                 if first is None and free >= size:
                     raise RefusedError(
                         errno.EBUSY,
-                        f"{device} is already part of pool {pool.name!r} and has no free part "
+                        f"{device} is already part of pool {core.name!r} and has no free part "
                         f"left",
                         "extend",
-                        pool.name,
+                        core.name,
                     )
                 first = free if first is None else first
                 clash = [
@@ -178,11 +176,11 @@ class Growth:
                 if clash:
                     raise RefusedError(
                         errno.EBUSY,
-                        f"{device} is already part of pool {pool.name!r} in sectors "
+                        f"{device} is already part of pool {core.name!r} in sectors "
                         f"{', '.join(f'{a}-{b}' for a, b in clash)}; its free part starts "
                         f"at sector {free}",
                         "extend",
-                        pool.name,
+                        core.name,
                     )
             else:
                 size = int(Bytes(check_device(device, force, "extend").size).whole_sectors())
@@ -203,7 +201,7 @@ class Growth:
             # if one of them grew later, everything after it would shift.
             segments: list[list[Any]] = [
                 [path, seg_start, seg_length]
-                for path, seg_start, seg_length in pool.config.backing[side]
+                for path, seg_start, seg_length in core.config.backing[side]
             ]
             for seg, target in zip(segments, backing.table(segments), strict=False):
                 seg[2] = int(target.length)
@@ -221,31 +219,31 @@ class Growth:
             if not used and labelled:
                 role = Role.META if metadata else Role.DATA
                 label = DeviceLabel(
-                    pool.config.token, pool.name, pool.directory, role, len(segments) - 1
+                    core.config.token, core.name, core.directory, role, len(segments) - 1
                 )
                 write_label(device, label)
             # The devices are recorded as at creation (size, path, label), so
             # a forged or swapped device is refused at the next open.
             try:
-                changes = backings.segment_changes(pool.config.to_record(), side, segments)
-                self.grow("extend", pool.config.with_backing(changes))
+                changes = backings.segment_changes(core.config.to_record(), side, segments)
+                self.grow("extend", core.config.with_backing(changes))
             except BaseException:
                 if label is not None:
-                    erase_label(device, pool.config.token)
+                    erase_label(device, core.config.token)
                 raise
-            return pool.status()
+            return core.status()
 
     def used_regions(self, rdev: int) -> list[tuple[int, int]]:
         """The ``(start, end)`` sectors the pool uses on the block device
         ``rdev``, from both sides' segments."""
-        pool = self.pool
-        backing = pool._backing.pieces()
+        core = self.core
+        backing = core.backing.pieces()
         if backing is None:
             return []
         out = []
         # A repair's spare and the metadata it swapped out are the pool's too.
         for side in ("meta_segments", "data_segments", "spare_segments", "damaged_meta_segments"):
-            segments = pool.config.backing.get(side) or []
+            segments = core.config.backing.get(side) or []
             targets = backing.table(segments)
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
@@ -258,7 +256,7 @@ class Growth:
         return out
 
     def free_regions(self) -> list[Region]:
-        backing = self.pool._backing.pieces()
+        backing = self.core.backing.pieces()
         if backing is None:
             return []
         seen: set[int] = set()
@@ -278,24 +276,24 @@ class Growth:
         count = int(blocks)
         if count < 0:
             raise ValueError("the low water mark must be >= 0 data blocks")
-        with self.pool._changing("set_low_water_mark"):
-            if count == int(self.pool.config.low_water_mark):
+        with self.core.changing("set_low_water_mark"):
+            if count == int(self.core.config.low_water_mark):
                 return
-            self.grow("set_low_water_mark", self.pool.config.but(low_water_mark=DataBlocks(count)))
+            self.grow("set_low_water_mark", self.core.config.but(low_water_mark=DataBlocks(count)))
 
     def check_growable(self, operation: str) -> None:
-        pool = self.pool
-        st = pool.status()
+        core = self.core
+        st = core.status()
         if isinstance(st, ThinPoolFailed):
             raise PoolFailedError(
-                f"pool {pool.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, pool.name
+                f"pool {core.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, core.name
             )
         if st.needs_check:
             raise PoolReadOnlyError(
-                f"pool {pool.name!r} needs its metadata checked "
+                f"pool {core.name!r} needs its metadata checked "
                 f"(needs_check) and cannot grow; {REPAIR_HINT}",
                 operation,
-                pool.name,
+                core.name,
             )
 
     # -- the growth protocol ---------------------------------------------------------
@@ -304,17 +302,17 @@ class Growth:
         """Reload the pool on configuration ``new`` (its own with changes
         made by :meth:`PoolConfig.but <libdm.thin.config.PoolConfig.but>`),
         through the journal (see the module doc)."""
-        pool = self.pool
-        if not pool._backing.capabilities.owns_devices:
+        core = self.core
+        if not core.backing.capabilities.owns_devices:
             raise RefusedError(
                 errno.EPERM,
-                f"pool {pool.name!r} was adopted: its devices and table are not libdm's to change",
+                f"pool {core.name!r} was adopted: its devices and table are not libdm's to change",
                 operation,
-                pool.name,
+                core.name,
             )
-        old = pool.config
+        old = core.config
         self.check_capacity(operation, new)
-        txn = pool._journal.open_growth(GrowthIntent(operation, old, new, self.live_tables()))
+        txn = core.journal.open_growth(GrowthIntent(operation, old, new, self.live_tables()))
         try:
             self.apply(new)
         except BaseException as exc:
@@ -324,27 +322,27 @@ class Growth:
 
     def live_tables(self) -> dict[str, tuple[str, ...]]:
         """The live tables of the pool and its linear pieces, as text."""
-        pool = self.pool
-        names = [pool.name, *pool._backing.piece_names()]
+        core = self.core
+        names = [core.name, *core.backing.piece_names()]
         return {name: tuple(str(t) for t in ops.table(name)) for name in names if ops.exists(name)}
 
     def apply(self, config: PoolConfig) -> None:
         """Bring the backing and the pool's table to ``config``; idempotent,
         so that Pool.open can finish a growth a kill interrupted."""
-        pool = self.pool
-        pool._use_config(config)
-        files = pool._backing.files()
+        core = self.core
+        core.use_config(config)
+        files = core.backing.files()
         if files is not None:
             files.grow(config.data_size, config.metadata_size)
         crash.point("grow:backing")
         # Suspend first: growing a linear piece under the pool (attach) and
         # loading the longer pool table happen while its I/O waits.
-        ops.suspend(pool.name, flush=False)
-        with pool._backing.attach() as devs:
-            table = pool._table_for(devs)
-        ops.reload(pool.name, table)
+        ops.suspend(core.name, flush=False)
+        with core.backing.attach() as devs:
+            table = core.table_for(devs)
+        ops.reload(core.name, table)
         crash.point("grow:loaded")
-        ops.resume(pool.name)
+        ops.resume(core.name)
         crash.point("grow:resumed")
 
     def roll_back(self, txn: Transaction, operation: str, cause: BaseException | None) -> None:
@@ -352,23 +350,23 @@ class Growth:
         growth, resumed, and withdraw the intent; the store's configuration
         was never changed.  Raises StateError if that fails too (the
         intent stays, so Pool.open tries again)."""
-        pool = self.pool
+        core = self.core
         intent = txn.intent
         assert isinstance(intent, GrowthIntent)
         old = intent.old
-        pool._use_config(old)
+        core.use_config(old)
         tables = {
             name: [Target.parse(line) for line in lines] for name, lines in intent.tables.items()
         }
         try:
-            if pool.name in tables:
+            if core.name in tables:
                 # The pool first, onto its old (shorter) table; then what
                 # is under it may shrink back.
-                ops.suspend(pool.name, flush=False)
-                ops.reload(pool.name, tables[pool.name])
-                ops.resume(pool.name)
+                ops.suspend(core.name, flush=False)
+                ops.reload(core.name, tables[core.name])
+                ops.resume(core.name)
             for name, table in tables.items():
-                if name != pool.name and ops.exists(name) and ops.table(name) != table:
+                if name != core.name and ops.exists(name) and ops.table(name) != table:
                     ops.reload(name, table)
                     ops.suspend(name, flush=False)
                     ops.resume(name)
@@ -376,35 +374,35 @@ class Growth:
         except DMError as exc:
             self.resume_if_suspended()
             raise StateError(
-                f"{operation} of pool {pool.name!r} failed ({cause}) and so did putting the "
-                f"pool back ({exc}); libdm pool open {pool.directory} finishes or undoes it",
+                f"{operation} of pool {core.name!r} failed ({cause}) and so did putting the "
+                f"pool back ({exc}); libdm pool open {core.directory} finishes or undoes it",
                 operation,
-                pool.name,
+                core.name,
             ) from exc
         finally:
             self.resume_if_suspended()
         txn.withdraw()
-        logger.warning("pool %s: %s rolled back (%s)", pool.name, operation, cause)
+        logger.warning("pool %s: %s rolled back (%s)", core.name, operation, cause)
         self.clear_needs_check_offline(operation)
 
     def resume_if_suspended(self) -> None:
         try:
-            if ops.info(self.pool.name).suspended:
-                ops.resume(self.pool.name)
+            if ops.info(self.core.name).suspended:
+                ops.resume(self.core.name)
         except DMError:
             pass
 
     def shrink_files_back(self, old: PoolConfig) -> None:
         """Undo this growth's own file growth: only down to the recorded
         sizes, and only where the kernel maps no more than them."""
-        pool = self.pool
-        files = pool._backing.files()
+        core = self.core
+        files = core.backing.files()
         if files is None:
             return
-        st = pool.status()
+        st = core.status()
         if isinstance(st, ThinPoolFailed):
             return
-        data = int(st.total_data) * int(pool.block_size.bytes())
+        data = int(st.total_data) * int(core.block_size.bytes())
         meta = int(st.total_meta.bytes())
         files.undo_growth(
             Bytes(max(int(old.data_size), data)), Bytes(max(int(old.metadata_size), meta))
@@ -415,54 +413,54 @@ class Growth:
         needs_check and made the pool read-only.  If none of its devices
         is open, take the pool down, let thin_check clear the flag, and
         bring it back; otherwise say what to do."""
-        pool = self.pool
-        st = pool.status()
+        core = self.core
+        st = core.status()
         if isinstance(st, ThinPoolFailed) or not st.needs_check:
             return
-        live = pool._live_devices(pool._store.active_devices(), operation)
+        live = core.live_devices(core.store.active_devices(), operation)
         busy = [name for name, proven in live.items() if proven.info.open_count]
-        if busy or not pool._backing.capabilities.owns_devices:
+        if busy or not core.backing.capabilities.owns_devices:
             raise PoolReadOnlyError(
-                f"the kernel refused the change and flagged pool {pool.name!r} needs_check "
+                f"the kernel refused the change and flagged pool {core.name!r} needs_check "
                 f"(read-only); close {', '.join(busy) or 'its devices'} and run "
-                f"libdm pool open {pool.directory} to check and clear it",
+                f"libdm pool open {core.directory} to check and clear it",
                 operation,
-                pool.name,
+                core.name,
             )
         for name in live:
-            ops.remove(pool.device_dm_name(name))
-        ops.remove(pool.name)
-        pool._activate_pool("open")  # thin_check --clear-needs-check-flag first
-        for row in pool._store.active_devices():
-            pool._activate(row, operation)
+            ops.remove(core.device_dm_name(name))
+        ops.remove(core.name)
+        core.activate_pool("open")  # thin_check --clear-needs-check-flag first
+        for row in core.store.active_devices():
+            core.activate(row, operation)
 
     def finish(self, intent: GrowthIntent, operation: str) -> bool:
         """Pool.open: finish a growth a kill interrupted (True), or roll it
         back if it cannot be finished (False).  The pool may be down (a
         reboot), or live and suspended, with or without the new table
         loaded."""
-        pool = self.pool
-        txn = Transaction(pool._journal, intent)
+        core = self.core
+        txn = Transaction(core.journal, intent)
         try:
-            if pool._pool_is_live(operation):
+            if core.pool_is_live(operation):
                 self.apply(intent.new)
             else:
-                pool._use_config(intent.new)
-                files = pool._backing.files()
+                core.use_config(intent.new)
+                files = core.backing.files()
                 if files is not None:
                     files.grow(intent.new.data_size, intent.new.metadata_size)
-                pool._activate_pool(operation)
+                core.activate_pool(operation)
         except (DMError, OSError, ValueError) as exc:
             logger.warning(
                 "pool %s: could not finish the interrupted %s (%s); rolling back",
-                pool.name,
+                core.name,
                 intent.operation,
                 exc,
             )
-            if pool._pool_is_live(operation):
+            if core.pool_is_live(operation):
                 self.roll_back(txn, operation, exc)
             else:
-                pool._use_config(intent.old)
+                core.use_config(intent.old)
                 txn.withdraw()
             return False
         txn.commit()
@@ -474,11 +472,11 @@ class Growth:
         """Refuse a data growth the metadata cannot map (PoolFullError with
         the metadata size it takes).  ``extra_metadata``: what the metadata
         grows by first, in the same call."""
-        pool = self.pool
-        st = pool.status()
+        core = self.core
+        st = core.status()
         if isinstance(st, ThinPoolFailed):
             return
-        new_blocks = int(self.data_sectors(config)) // int(pool.block_size)
+        new_blocks = int(core.data_sectors(config)) // int(core.block_size)
         old_blocks = int(st.total_data)
         needed = capacity.blocks_needed(old_blocks, new_blocks)
         if not needed:
@@ -490,30 +488,22 @@ class Growth:
         if capacity.fits(used, total, needed):
             return
         want = capacity.metadata_size_needed(used, int(st.total_meta), old_blocks, new_blocks)
-        size = format_size(Bytes(new_blocks * int(pool.block_size.bytes())))
+        size = format_size(Bytes(new_blocks * int(core.block_size.bytes())))
         have = format_size(Bytes(int(st.total_meta) * capacity.METADATA_BLOCK))
         if want is None:
             raise PoolFullError(
-                f"pool {pool.name!r} cannot map {size} of data with {int(pool.block_size)}-"
+                f"pool {core.name!r} cannot map {size} of data with {int(core.block_size)}-"
                 f"sector blocks: that takes more than the 16 GiB of metadata the kernel can "
                 f"use",
                 operation,
-                pool.name,
+                core.name,
             )
-        how = pool._backing.metadata_growth(want)
+        how = core.backing.metadata_growth(want)
         raise PoolFullError(
-            f"growing the data of pool {pool.name!r} to {size} needs {needed} more metadata "
+            f"growing the data of pool {core.name!r} to {size} needs {needed} more metadata "
             f"blocks, more than its {have} of metadata has free ({used} of {total} blocks used, "
             f"the kernel's reserve included): the kernel would refuse it or leave the pool "
             f"read-only; the metadata must be at least {format_size(want)}: {how}",
             operation,
-            pool.name,
+            core.name,
         )
-
-    def data_sectors(self, config: PoolConfig) -> Sectors:
-        """The data device's size under ``config``."""
-        pool = self.pool
-        backing = backings.from_config(
-            pool.kind, pool._store.statedir, pool.name, config.to_record()
-        )
-        return backing.data_sectors()

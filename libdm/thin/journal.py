@@ -56,20 +56,21 @@ __all__ = ["GrowthIntent", "Intent", "Journal", "JournalHost", "Op", "Transactio
 
 
 class JournalHost(Protocol):
-    """What the journal needs of the pool, beyond its store and device."""
+    """What the journal needs of the pool's core (:class:`~libdm.thin.core.PoolCore`),
+    beyond its store and device."""
 
     #: The pool's state directory, for the command an error names.
     directory: str
 
-    def _deactivate(self, name: str) -> None:
+    def deactivate(self, name: str) -> None:
         """Take thin device ``name``'s device-mapper device down (if up)."""
 
-    def _finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
+    def finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
         """Bring the pool to ``intent.new`` (True), or back to ``intent.old``
         (False, the kernel put back); the pool may be down."""
         ...
 
-    def _use_config(self, config: PoolConfig) -> None:
+    def use_config(self, config: PoolConfig) -> None:
         """From now on, the pool runs on ``config``."""
 
 
@@ -181,7 +182,7 @@ class Transaction:
             with store.transaction():
                 store.set_config(intent.new)
                 store.drop_growth_intent()
-            self.journal.host._use_config(intent.new)
+            self.journal.host.use_config(intent.new)
             return
         with store.transaction(durable=False):
             if intent.op.creates:
@@ -234,7 +235,7 @@ class Transaction:
         # finished: its data may already be discarded, so the device must
         # not come back (taken down first if the kill came before that).
         if not intent.op.creates:
-            journal.host._deactivate(intent.name)
+            journal.host.deactivate(intent.name)
         try:
             journal.device.delete_thin_id(intent.thin_id)
         except DeviceBusyError:
@@ -256,7 +257,7 @@ class Journal:
     Args:
         store: the pool's state store.
         device: the live pool device.
-        host: the pool (see :class:`JournalHost`).
+        host: the pool's core (see :class:`JournalHost`).
     """
 
     def __init__(self, store: Store, device: PoolDevice, host: JournalHost) -> None:
@@ -498,7 +499,7 @@ class Journal:
         """
         growth = self.store.growth_intent()
         if growth is not None:
-            self.host._finish_growth(growth, operation)
+            self.host.finish_growth(growth, operation)
         st = bring_up()
         if isinstance(st, ThinPoolFailed):
             return st  # nothing can be activated; changes are refused with the reason

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
@@ -42,15 +42,69 @@ from libdm.thin.errors import PoolFailedError
 from libdm.thin.units import Bytes, Sectors, format_size, parse_size
 
 if TYPE_CHECKING:
-    from libdm.thin.pool import Pool
+    from libdm.thin.config import PoolKind
+    from libdm.thin.growth import Region
+    from libdm.thin.pooldev import PoolStatus
+    from libdm.thin.units import DataBlocks
 
-__all__ = ["GrowCallback", "GrowthStep", "Monitor", "Part"]
+__all__ = ["GrowCallback", "GrowthStep", "Monitor", "Part", "Watched"]
 
 #: The part of a pool a step grows.
 Part = Literal["data", "metadata"]
 
+
+class Watched(Protocol):
+    """What the monitor asks of the pool it watches (a :class:`~libdm.Pool`):
+    its public methods, so this module needs nothing above it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def directory(self) -> str: ...
+
+    @property
+    def kind(self) -> PoolKind: ...
+
+    @property
+    def block_size(self) -> Sectors: ...
+
+    def settle(self) -> str | None: ...
+
+    def status(self) -> PoolStatus: ...
+
+    def data_size(self) -> Bytes: ...
+
+    def set_low_water_mark(self, blocks: DataBlocks | int) -> None: ...
+
+    def resize(
+        self,
+        data_size: int | str | None = None,
+        metadata_size: int | str | None = None,
+        *,
+        low_water_mark: int | None = None,
+    ) -> PoolStatus: ...
+
+    def extend(
+        self,
+        device: str,
+        *,
+        metadata: bool = False,
+        force: bool = False,
+        start: int | str | None = None,
+        length: int | str | None = None,
+    ) -> PoolStatus: ...
+
+    def free_regions(self) -> list[Region]: ...
+
+    def refresh(self) -> PoolStatus: ...
+
+
+#: The pool a monitor watches (a :class:`~libdm.Pool`).
+W = TypeVar("W", bound=Watched)
+
 #: ``grow(pool, part, old_size, wanted_size) -> bool``: see :class:`Monitor`.
-GrowCallback = Callable[["Pool", Part, Bytes, Bytes], bool]
+GrowCallback = Callable[[W, Part, Bytes, Bytes], bool]
 
 logger = logging.getLogger("libdm.monitor")
 
@@ -85,7 +139,7 @@ def _close_all(*fds: int) -> None:
         os.close(fd)
 
 
-class Monitor:
+class Monitor(Generic[W]):
     """Watches one pool and grows it (see the module documentation).
 
     Args:
@@ -116,7 +170,7 @@ class Monitor:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: W,
         threshold: int = 80,
         percent: int = 20,
         *,
@@ -126,7 +180,7 @@ class Monitor:
         max_metadata_size: int | str | None = None,
         reserve: int | str = "64M",
         spares: Iterable[str] = (),
-        grow: GrowCallback | None = None,
+        grow: GrowCallback[W] | None = None,
     ) -> None:
         for what, value in (("threshold", threshold), ("metadata_threshold", metadata_threshold)):
             if value is not None and not 0 < value < 100:
@@ -167,7 +221,7 @@ class Monitor:
         with contextlib.suppress(BlockingIOError):  # already woken
             os.write(self._wake_w, b"x")
 
-    def start(self) -> Monitor:
+    def start(self) -> Self:
         """Run in a daemon thread; returns this monitor.  ``with
         pool.monitor(...):`` does the same and stops it at the end."""
         self._stop.clear()
@@ -202,7 +256,7 @@ class Monitor:
         if self._error is not None:
             raise self._error
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -19,15 +19,12 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
-import sqlite3
-import subprocess
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
-from libdm.dm import blockdev, ops
+from libdm.dm import ops
 from libdm.dm.errors import (
     DeviceBusyError,
     DeviceExistsError,
@@ -36,32 +33,27 @@ from libdm.dm.errors import (
     error_for,
 )
 from libdm.dm.info import DeviceInfo
-from libdm.dm.target import Target
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash, creation, ownership
 from libdm.thin.config import ConfigChanges, PoolConfig, PoolKind
+from libdm.thin.core import PoolCore, Recovery
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.errors import (
-    REPAIR_HINT,
     FilesystemError,
     ForeignDeviceError,
     HandedOverError,
     PoolError,
-    PoolFailedError,
-    PoolFullError,
-    PoolReadOnlyError,
     RefusedError,
     StateError,
 )
 from libdm.thin.growth import Growth, Region
-from libdm.thin.journal import GrowthIntent, Journal, Op
-from libdm.thin.lock import LOCK_NAME, PoolLock
-from libdm.thin.pooldev import PoolDevice, PoolStatus
+from libdm.thin.journal import GrowthIntent, Op
+from libdm.thin.lock import LOCK_NAME
+from libdm.thin.pooldev import PoolStatus
 from libdm.thin.records import DeviceRecord
-from libdm.thin.status import ThinPoolFailed, ThinPoolStatus
+from libdm.thin.status import ThinPoolFailed
 from libdm.thin.store import STORE_FILES, Store
-from libdm.thin.table import ThinParams, ThinPoolParams
 from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
 
 if TYPE_CHECKING:
@@ -77,44 +69,13 @@ logger = logging.getLogger("libdm")
 #: Docker's default ``dm.basesize``.
 DEFAULT_BASE_SIZE = 10 << 30
 
-#: Changes that settle the journal themselves (or must not wait for it):
-#: everything else first finishes what an interrupted change left.
-_OWN_RECOVERY = frozenset({"open", "create", "repair", "destroy"})
-
-#: The magic number of a thin-pool metadata superblock (at byte 32).
-THIN_SUPERBLOCK_MAGIC = 27022010
+_Args = ParamSpec("_Args")
 
 
-def _thin_check_failure(meta_path: str) -> str | None:
-    """Run thin_check on an inactive pool's metadata (clearing the
-    needs_check flag when it is clean); return its complaint or ``None``.
-    Skipped (``None``) where thin-provisioning-tools is not installed,
-    and for metadata never written (all zeros: a pool whose creation
-    stopped before the kernel formatted it)."""
-    tool = shutil.which("thin_check")
-    if tool is None:
-        return None
-    fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if not any(os.pread(fd, 4096, 0)):
-            return None
-    finally:
-        os.close(fd)
-    # As LVM does by default: metadata that checks clean gets its
-    # needs_check flag cleared, or the kernel would keep the pool read-only.
-    # Not quiet (-q says nothing at all): its complaint is what it prints
-    # besides its progress ("examining ...") and its figures on stdout.
-    proc = subprocess.run(
-        [tool, "--clear-needs-check-flag", meta_path], capture_output=True, text=True
-    )
-    if proc.returncode == 0:
-        return None
-    words = [
-        line.strip()
-        for line in proc.stderr.splitlines()
-        if line.strip() and not line.startswith("examining ")
-    ]
-    return "; ".join(words) or f"it exited with status {proc.returncode} and said nothing"
+def _constructor(make: Callable[Concatenate[Any, _Args], Any]) -> classmethod[Pool, _Args, Pool]:
+    """One of :mod:`.creation`'s constructors as a class method of
+    :class:`Pool`, typed as one (they make the core, then ``from_core``)."""
+    return classmethod(make)
 
 
 class Pool:
@@ -143,18 +104,12 @@ class Pool:
 
     unavailable: Mapping[str, str] = MappingProxyType({})
 
-    name: str
-    uuid: str
-    kind: PoolKind
-    config: PoolConfig
-    _backing: backings.Backing
-
     # -- getting a pool --------------------------------------------------------
 
-    create_loop = classmethod(creation.create_loop)
-    create = classmethod(creation.create)
-    create_on_device = classmethod(creation.create_on_device)
-    adopt = classmethod(creation.adopt)
+    create_loop = _constructor(creation.create_loop)
+    create = _constructor(creation.create)
+    create_on_device = _constructor(creation.create_on_device)
+    adopt = _constructor(creation.adopt)
 
     def __init__(
         self,
@@ -173,47 +128,65 @@ class Pool:
             PoolReadOnlyError: the directory is on a read-only filesystem.
             PermissionDeniedError: not allowed to read it.
         """
-        self.directory = os.path.abspath(directory)
-        self.lock_timeout = lock_timeout
-        self._depth = 0  # nested _changing holds (under the lock)
-        self._store = _store if _store is not None else Store(self.directory)
-        self._lock = PoolLock(-1, os.path.join(self.directory, LOCK_NAME))
-        self._store.share_lock(self._lock.thread_lock)
-        try:
-            self._lock.fd = self._store.statedir.open_file(
-                LOCK_NAME, os.O_RDWR, "open", "lock file", create=True
-            )
-            self._load()
-        except BaseException:
-            self._lock.close()
-            if _store is None:  # a creation cleans up its own store
-                self._store.close()
-            raise
-        self._device = PoolDevice(self.name, self.uuid, self.directory)
-        self._journal = Journal(self._store, self._device, self)
-        self._growth = Growth(self)
+        self._front(PoolCore(directory, lock_timeout=lock_timeout, store=_store))
 
-    def _load(self) -> None:
-        self._seen = self._store.sequence
-        record = self._store.pool()
-        self.name = record.name
-        self.uuid = record.uuid
-        self.kind = record.kind
-        self._use_config(record.config)
+    @classmethod
+    def from_core(cls, core: PoolCore) -> Self:
+        """The pool whose core is ``core`` (the constructors in
+        :mod:`libdm.thin.creation` make the core, then its front)."""
+        pool = cls.__new__(cls)
+        pool._front(core)
+        return pool
 
-    def _use_config(self, config: PoolConfig) -> None:
-        """From now on, run on ``config`` (and the backing it records)."""
-        self._backing = backings.from_config(
-            self.kind.value, self._store.statedir, self.name, config.to_record()
-        )
-        self.config = config
+    def _front(self, core: PoolCore) -> None:
+        self._core = core
+        self._growth = Growth(core)
+        core.lend(Recovery(settle=self._recover_interrupted, finish_growth=self._growth.finish))
 
-    def _update_config(self, config: PoolConfig) -> None:
-        """Store ``config`` (this pool's, with changes made by
-        :meth:`PoolConfig.but <libdm.thin.config.PoolConfig.but>`) and run on it."""
-        with self._store.transaction():
-            self._store.set_config(config)
-        self._use_config(config)
+    # -- what the core holds ----------------------------------------------------------
+
+    @property
+    def block_size(self) -> Sectors:
+        """The data block size in ``Sectors``."""
+        return self._core.block_size
+
+    def status(self) -> PoolStatus:
+        """The pool's status from the kernel (committing its metadata): a
+        :class:`~libdm.thin.status.ThinPoolStatus`, or ``ThinPoolFailed``
+        for ``Fail`` / ``Error``.
+
+        Raises:
+            NoSuchDeviceError: the pool device is not live.
+        """
+        return self._core.status()
+
+    def device_dm_name(self, name: str) -> str:
+        """The device-mapper name of thin device ``name``: ``<pool>-<name>``."""
+        return self._core.device_dm_name(name)
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def uuid(self) -> str:
+        return self._core.uuid
+
+    @property
+    def kind(self) -> PoolKind:
+        return self._core.kind
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._core.config
+
+    @property
+    def directory(self) -> str:
+        return self._core.directory
+
+    @property
+    def lock_timeout(self) -> float:
+        return self._core.lock_timeout
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> Pool:
@@ -272,7 +245,7 @@ class Pool:
         """
         pool = cls(directory, lock_timeout=lock_timeout)
         try:
-            with pool._changing("open"):
+            with pool._core.changing("open"):
                 was_there = ops.exists(pool.name)
                 pieces_there = pool._pieces_live()
                 try:
@@ -291,7 +264,7 @@ class Pool:
 
     def _pieces_live(self) -> bool:
         """True if a linear piece under the pool (a block pool's) exists."""
-        return any(ops.exists(name) for name in self._backing.piece_names())
+        return any(ops.exists(name) for name in self._core.backing.piece_names())
 
     def _take_down_refused(self, operation: str, *, keep_pieces: bool) -> None:
         """Undo what a refused :meth:`open` made live: the thin devices and
@@ -306,7 +279,7 @@ class Pool:
                         self.device_dm_name(row.name),
                         ownership.thin_uuid(self.config.token, row.thin_id),
                     )
-                    for row in self._store.devices()
+                    for row in self._core.store.devices()
                 ]
             except StateError:
                 # A store that cannot list its devices (damaged): the pool
@@ -320,14 +293,14 @@ class Pool:
                         if uuid is not None and uuid.startswith(prefix):
                             made.append((entry.name, uuid))
             for dm_name, uuid in made:
-                if self._made_here(dm_name, uuid):
+                if self._core.made_here(dm_name, uuid):
                     ops.remove(dm_name)
-            owned = self._backing.capabilities.owns_devices
-            if owned and self._made_here(self.name, self.uuid):
+            owned = self._core.backing.capabilities.owns_devices
+            if owned and self._core.made_here(self.name, self.uuid):
                 ops.remove(self.name)
-            self._device.forget()
+            self._core.device.forget()
             if owned and not keep_pieces:
-                self._backing.teardown()
+                self._core.backing.teardown()
         except (DMError, OSError) as exc:
             logger.error(
                 "pool %s: refused at %s, and taking it down again failed: %s",
@@ -336,41 +309,7 @@ class Pool:
                 exc,
             )
 
-    @staticmethod
-    def _made_here(dm_name: str, uuid: str) -> bool:
-        """True if device ``dm_name`` exists with the uuid libdm gave it."""
-        try:
-            return ops.info(dm_name).uuid == uuid
-        except NoSuchDeviceError:
-            return False
-
     # -- locking -------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _changing(self, operation: str) -> Iterator[None]:
-        """Hold the pool for a change: this process's threads and other
-        processes wait (up to ``lock_timeout``).  The state is read again
-        when the lock is taken: another process may have changed it (and
-        then, the lock held, no other process can: Store.held)."""
-        with (
-            self._lock.held(operation, self.name, self.lock_timeout, self._device.forget),
-            self._store.held(),
-        ):
-            # The store has taken in other processes' changes (held); the
-            # configuration is read again only if one of them changed it (a
-            # change of this process's own goes through _use_config).
-            if self._store.sequence != self._seen:
-                self._load()
-            self._depth += 1
-            try:
-                # Only the outermost change recovers: an inner one runs
-                # inside a change whose intent is legitimately open.
-                if self._depth == 1 and operation not in _OWN_RECOVERY:
-                    self._recover_interrupted(operation)
-                yield
-            finally:
-                self._depth -= 1
-                self._seen = self._store.sequence
 
     def settle(self) -> str | None:
         """Finish or undo what a change interrupted by a crash left (in any
@@ -386,41 +325,11 @@ class Pool:
             StateError, PoolError: as the next change would (a pool that
                 is not live is refused, saying what to run).
         """
-        what = self._interrupted()
+        what = self._core.interrupted()
         if what is None:
             return None
-        with self._changing("settle"):
+        with self._core.changing("settle"):
             return what
-
-    def _interrupted(self) -> str | None:
-        """What a change interrupted by a kill (or by an error past its
-        kernel step) left in the journal, said for people; ``None`` if
-        nothing.  Under the pool's lock, an intent is always such a
-        leftover: a change writes and settles its intent in one hold."""
-        parts = []
-        for intent in self._store.intents():
-            parts.append(f"{intent.op.value.replace('_', ' ')} of {intent.name!r}")
-        if self._store.has_growth_intent():
-            try:
-                growth = self._store.growth_intent()
-                operation = "growth" if growth is None else growth.operation
-            except StateError:
-                operation = "growth"  # damaged: recovery names what is wrong with it
-            parts.append(f"{operation} of the pool")
-        resized = self._store.resize_intent()
-        if resized is not None:
-            parts.append(f"resize of {resized!r}")
-        return ", ".join(parts) or None
-
-    def _drop_resize_intent(self) -> None:
-        """The live table is the recorded one: drop the mark.  Not durable,
-        and a failure to write it is only logged: a mark left makes the
-        next change check the tables again, which changes nothing."""
-        try:
-            with self._store.transaction(durable=False):
-                self._store.drop_resize_intent()
-        except (DMError, OSError, sqlite3.Error) as exc:
-            logger.warning("pool %s: could not clear a finished resize's mark: %s", self.name, exc)
 
     def _recover_interrupted(self, operation: str) -> None:
         """Before a change: finish or undo what an interrupted one left, as
@@ -429,7 +338,7 @@ class Pool:
         monitor, the snapshotter) meets a settled pool.  A pool that is not
         live is refused instead, saying what to run: bringing it up is
         :meth:`open`'s job."""
-        what = self._interrupted()
+        what = self._core.interrupted()
         if what is None:
             return
         if not backings.exists_live(self.name):
@@ -453,11 +362,6 @@ class Pool:
     # -- the pool device -----------------------------------------------------------
 
     @property
-    def block_size(self) -> Sectors:
-        """The data block size in ``Sectors``."""
-        return self.config.block_size
-
-    @property
     def min_free_space(self) -> float:
         """Percent of data and metadata kept free (``dm.min_free_space``)."""
         return self.config.min_free_space
@@ -475,229 +379,6 @@ class Pool:
         """The pool device's path, ``/dev/mapper/<name>``."""
         return ops.device_path(self.name)
 
-    def _devno(self) -> str:
-        return self._device.devno()
-
-    def _expected_params(self, devs: backings._Devices) -> ThinPoolParams:
-        return ThinPoolParams(
-            devs.meta.devno,
-            devs.data.devno,
-            self.block_size,
-            self.config.low_water_mark,
-            self.config.features,
-        )
-
-    def _table_for(self, devs: backings._Devices) -> list[Target]:
-        length = (
-            Bytes(devs.data.size)
-            .whole_sectors()
-            .data_blocks(self.block_size)
-            .sectors(self.block_size)
-        )
-        if length == 0:
-            raise RefusedError(
-                errno.ENOSPC,
-                f"the data device of pool {self.name!r} is smaller than one data block",
-                "table",
-                self.name,
-            )
-        return [Target(0, int(length), "thin-pool", str(self._expected_params(devs)))]
-
-    def _pool_is_live(self, operation: str) -> bool:
-        """True if the pool device is live.  A device of its name that is
-        not this pool's is refused (ForeignDeviceError); this pool's own
-        without a live table (a create killed before its load) is removed,
-        so the caller makes it afresh."""
-        live = ownership.live_pool(self.name, self.uuid, self.directory, operation)
-        if live is not None and not live.info.live_table:
-            ops.remove(self.name)
-            return False
-        return live is not None
-
-    def _activate_pool(self, operation: str) -> None:
-        """Make the pool device live, or check the live one against the store."""
-        if self._pool_is_live(operation):
-            self._settle_live_pool(operation)
-            self._verify_live_pool(operation)
-            return
-        if not self._backing.capabilities.owns_devices:
-            raise StateError(
-                f"adopted pool {self.name!r} is not live; libdm does not own its devices, "
-                f"so whoever made it must activate it",
-                operation,
-                self.name,
-            )
-        with self._backing.attach() as devs:
-            if operation == "open":
-                self._check_superblock(devs.meta.path, operation)
-                complaint = _thin_check_failure(devs.meta.path)
-                if complaint is not None:
-                    # Named by what lasts (the file, or the block devices),
-                    # not by the loop device attached for the check.
-                    where = self._backing.describe().metadata_file or devs.meta.path
-                    raise PoolFailedError(
-                        f"the metadata of pool {self.name!r} ({where}) is damaged; "
-                        f"thin_check says: {complaint}; repair it with Pool.repair() "
-                        f"(at a shell: libdm pool repair --pool {self.directory}), which "
-                        f"keeps the damaged copy",
-                        operation,
-                        self.name,
-                    )
-            ops.create(self.name, self._table_for(devs), uuid=self.uuid)
-        self._device.forget()
-        self._record_moves(operation)
-
-    def _record_moves(self, operation: str) -> None:
-        """Record the block devices found by their label under new paths
-        there; at open, warn of devices known by path and size only."""
-        backing = self._backing.pieces()
-        if backing is None:
-            return
-        if operation == "open" and backing.unlabelled():
-            logger.warning(
-                "pool %s: %s carry no libdm label (the pool was made before labels): "
-                "they are identified by path and size only",
-                self.name,
-                ", ".join(backing.unlabelled()),
-            )
-        changes = backing.relocation()
-        if changes:
-            self._update_config(self.config.with_backing(changes))
-
-    def _settle_live_pool(self, operation: str) -> None:
-        """A live pool left suspended, or with a table loaded but never
-        resumed, by a process killed mid-change.  A growth's intent is
-        finished before this (see :meth:`_finish_growth`); what is left
-        was never recorded, so it is undone: the live table is loaded over
-        the inactive one, and the pool is resumed."""
-        info = ops.info(self.name)
-        if not (info.suspended or info.inactive_table):
-            return
-        if not self._backing.capabilities.owns_devices:
-            state = "suspended" if info.suspended else "carrying an inactive table"
-            raise StateError(
-                f"adopted pool {self.name!r} is {state}; its owner must resume "
-                f"it (dmsetup resume {self.name})",
-                operation,
-                self.name,
-            )
-        if info.inactive_table:
-            logger.warning("pool %s: dropping a table loaded by an interrupted change", self.name)
-            ops.reload(self.name, ops.table(self.name))
-        logger.warning("pool %s: resuming it after an interrupted change", self.name)
-        ops.resume(self.name)
-
-    def _ever_used(self) -> bool:
-        """True if the store shows the pool held a device at some time (a
-        pool handed to another program may hold any: it was used)."""
-        return bool(
-            self.config.handed_to is not None
-            or self._store.transaction_id()
-            or self._store.count_devices()
-            or self._store.intents()
-            or self._store.deferred_deletes()
-        )
-
-    def _check_superblock(self, meta_path: str, operation: str) -> None:
-        """Refuse metadata whose superblock is blank or foreign before any
-        table is loaded: given a blank superblock the kernel formats fresh,
-        empty metadata, which is right only for a pool that never held a
-        device (and destroys what thin_repair could still recover)."""
-        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            head = os.pread(fd, 4096, 0)
-        except OSError as exc:
-            raise PoolFailedError(
-                f"cannot read the metadata of pool {self.name!r} on "
-                f"{meta_path}: {exc}; {REPAIR_HINT}",
-                operation,
-                self.name,
-            ) from exc
-        finally:
-            os.close(fd)
-        # Named by what lasts (the file, or the block device), not by the
-        # loop device attached for the check, which is gone afterwards.
-        where = self._backing.describe().metadata_file or meta_path
-        repair = (
-            f"Pool.repair() (at a shell: libdm pool repair --pool {self.directory}) tries "
-            f"to recover it and keeps the damaged copy; by hand: thin_repair -i {where} "
-            f"-o <a new file or device of the same size>, thin_check it, and put it in "
-            f"place of {where}"
-        )
-        if not any(head):
-            if not self._ever_used():
-                return
-            # What the blank superblock lost, thin_repair must be told.
-            blocks = int(self._data_sectors(self.config)) // int(self.block_size)
-            repair = repair.replace(
-                " -o <",
-                f" --transaction-id {self._store.transaction_id()} --data-block-size "
-                f"{int(self.block_size)} --nr-data-blocks {blocks} -o <",
-            )
-            raise PoolFailedError(
-                f"the metadata superblock of pool {self.name!r} on {where} is blank, but "
-                f"the store records transaction {self._store.transaction_id()} and "
-                f"{self._store.count_devices()} devices: loading the pool would format "
-                f"empty metadata over it; {repair}",
-                operation,
-                self.name,
-            )
-        if len(head) < 40 or int.from_bytes(head[32:40], "little") != THIN_SUPERBLOCK_MAGIC:
-            raise PoolFailedError(
-                f"the metadata of pool {self.name!r} ({where}) holds no thin-pool "
-                f"superblock (bad magic); {repair}",
-                operation,
-                self.name,
-            )
-
-    def _verify_live_pool(self, operation: str) -> None:
-        live = ops.table(self.name)
-        if len(live) != 1 or live[0].type != "thin-pool":
-            raise StateError(
-                f"device {self.name!r} is not a thin pool (table: "
-                f"{'; '.join(map(str, live)) or 'none'})",
-                operation,
-                self.name,
-            )
-        got = ThinPoolParams.parse(live[0].params)
-        diffs: list[str] = []
-        if got.block_size != self.block_size:
-            diffs.append(
-                f"block size {int(got.block_size)} sectors, stored {int(self.block_size)}"
-            )
-        if sorted(got.features) != sorted(self.config.features):
-            diffs.append(f"features {sorted(got.features)}, stored {sorted(self.config.features)}")
-        if int(got.low_water_mark) != int(self.config.low_water_mark):
-            diffs.append(
-                f"low water mark {int(got.low_water_mark)}, "
-                f"stored {int(self.config.low_water_mark)}"
-            )
-        if self._backing.capabilities.owns_devices:
-            with self._backing.attach() as devs:
-                for what, have, want in (
-                    ("metadata device", got.metadata_dev, devs.meta.devno),
-                    ("data device", got.data_dev, devs.data.devno),
-                ):
-                    if have != want:
-                        diffs.append(f"{what} {have}, expected {want}")
-        if diffs:
-            raise StateError(
-                f"the live table of pool {self.name!r} differs from its stored "
-                f"configuration: {'; '.join(diffs)}",
-                operation,
-                self.name,
-            )
-
-    def status(self) -> PoolStatus:
-        """The pool's status from the kernel (committing its metadata): a
-        :class:`~libdm.thin.status.ThinPoolStatus`, or ``ThinPoolFailed``
-        for ``Fail`` / ``Error``.
-
-        Raises:
-            NoSuchDeviceError: the pool device is not live.
-        """
-        return self._device.status()
-
     @property
     def suspended(self) -> bool:
         """True while the pool device is suspended: a growth a kill
@@ -709,44 +390,6 @@ class Pool:
             NoSuchDeviceError: the pool device is not live.
         """
         return ops.info(self.name).suspended
-
-    def _writable_status(self, operation: str) -> ThinPoolStatus:
-        st = self.status()
-        if isinstance(st, ThinPoolFailed):
-            raise PoolFailedError(
-                f"pool {self.name!r} has failed (the kernel reports {st.state}); {REPAIR_HINT}",
-                operation,
-                self.name,
-            )
-        if st.needs_check:
-            raise PoolReadOnlyError(
-                f"pool {self.name!r} needs its metadata checked (needs_check); {REPAIR_HINT}",
-                operation,
-                self.name,
-            )
-        if st.mode == "ro":
-            raise PoolReadOnlyError(
-                f"pool {self.name!r} is read-only (a metadata error or "
-                f"no metadata space); {REPAIR_HINT}",
-                operation,
-                self.name,
-            )
-        return st
-
-    def _check_free_space(self, st: ThinPoolStatus, operation: str) -> None:
-        pct = self.min_free_space
-        for what, free, total in (
-            ("data", st.free_data, st.total_data),
-            ("metadata", st.free_meta, st.total_meta),
-        ):
-            if int(free) * 100 < int(total) * pct:
-                raise PoolFullError(
-                    f"pool {self.name!r} has {int(free)} of {int(total)} {what} blocks free "
-                    f"({100 * int(free) / max(int(total), 1):.1f}%), below its minimum free "
-                    f"space of {pct}%; grow the pool or delete devices",
-                    operation,
-                    self.name,
-                )
 
     # -- bringing a pool up ------------------------------------------------------------
 
@@ -763,11 +406,11 @@ class Pool:
         for entry in ops.list_devices():
             if not entry.name.startswith(prefix):
                 continue
-            row = self._store.device(entry.name[len(prefix) :])
+            row = self._core.store.device(entry.name[len(prefix) :])
             if row is None:
                 continue
             try:
-                live = self._live_or_gone(row, operation)
+                live = self._core.live_or_gone(row, operation)
             except ForeignDeviceError as exc:
                 if not row.active:  # an active one is reported by its activation
                     logger.warning("pool %s: %s", self.name, exc.strerror)
@@ -776,8 +419,8 @@ class Pool:
                 continue
             present[row.name] = live
             if not row.active:
-                with self._store.transaction():
-                    self._store.set_active(row.name, True)
+                with self._core.store.transaction():
+                    self._core.store.set_active(row.name, True)
         return present
 
     def _bring_up(
@@ -790,26 +433,26 @@ class Pool:
         if self.config.repair is not None:
             from libdm.thin import repair
 
-            repair.finish_swap(self)
+            repair.finish_swap(self._core)
 
         def up() -> PoolStatus:
-            self._activate_pool(operation)
+            self._core.activate_pool(operation)
             return self.status()
 
         # The one place a pool is reconciled with its journal.
         handed = self.config.handed_to is not None
-        st = self._journal.recover(operation, up, thin_ids=not handed)
+        st = self._core.journal.recover(operation, up, thin_ids=not handed)
         if isinstance(st, ThinPoolFailed) or handed:
             # Nothing to activate: a failed pool's changes are refused with
             # the reason; a handed-over pool's thin devices are its user's.
             return
         present = self._adopt_live_devices(operation)
-        resized = self._store.resize_intent() is not None
+        resized = self._core.store.resize_intent() is not None
         if resized:
             self._discard_cut_off(present, operation)
         unavailable: dict[str, str] = {}
         self.unavailable = unavailable
-        rows = self._store.active_devices()
+        rows = self._core.store.active_devices()
         if lazy:
             # Only the live ones, so that each has its recorded table; the
             # others come up on first use (ready_device).
@@ -819,7 +462,7 @@ class Pool:
                 progress(done, len(rows))
             try:
                 live = present.get(row.name)
-                self._activate(row, operation, absent=live is None, live=live)
+                self._core.activate(row, operation, absent=live is None, live=live)
             except ForeignDeviceError as exc:
                 # Its name is another's: nothing to delete, the name must come free.
                 unavailable[row.name] = str(exc)
@@ -846,7 +489,7 @@ class Pool:
         if resized:
             # Every live device now has its recorded table (_activate
             # reloads one a killed resize left at its old length).
-            self._drop_resize_intent()
+            self._core.drop_resize_intent()
 
     def _discard_cut_off(self, present: Mapping[str, ownership.Live], operation: str) -> None:
         """A shrink interrupted after its record: give back the blocks past
@@ -854,12 +497,12 @@ class Pool:
         live device still reaches them; not if something has it open).
         Done again after a kill later in the shrink: a discard is
         idempotent.  A failure is logged: only space is at stake."""
-        name, old = self._store.resize_intent(), self._store.resize_from()
-        row = None if name is None else self._store.device(name)
+        name, old = self._core.store.resize_intent(), self._core.store.resize_from()
+        row = None if name is None else self._core.store.device(name)
         if row is None or old is None or old <= row.size:
             return
         try:
-            self._discard_blocks(
+            self._core.discard_blocks(
                 replace(row, size=old),
                 row.size.bytes(),
                 (old - row.size).bytes(),
@@ -882,10 +525,6 @@ class Pool:
 
     # -- devices ----------------------------------------------------------------------
 
-    def device_dm_name(self, name: str) -> str:
-        """The device-mapper name of thin device ``name``: ``<pool>-<name>``."""
-        return f"{self.name}-{name}"
-
     def _check_device_name(self, name: str) -> str:
         check_name(name)
         dm_name = self.device_dm_name(name)
@@ -906,7 +545,7 @@ class Pool:
         Raises:
             NoSuchDeviceError: the pool has no such device.
         """
-        row: DeviceRecord | None = self._store.device(name)
+        row: DeviceRecord | None = self._core.store.device(name)
         if row is None:
             if any(made.name == name for made in self._pending()[1]):
                 raise error_for(
@@ -937,7 +576,7 @@ class Pool:
 
     def _deleting(self) -> set[str]:
         """The devices whose delete an interrupted change left pending."""
-        return {intent.name for intent in self._store.intents() if intent.op is Op.DELETE}
+        return {intent.name for intent in self._core.store.intents() if intent.op is Op.DELETE}
 
     def device(self, name: str) -> ThinDevice:
         """The thin device or snapshot called ``name``.
@@ -953,13 +592,13 @@ class Pool:
         whose delete was interrupted (it finishes them), and the devices
         whose create was interrupted after the kernel made them (it records
         them, active, as a create leaves a device)."""
-        intents = self._store.intents()
+        intents = self._core.store.intents()
         deleting = {intent.name for intent in intents if intent.op is Op.DELETE}
         creates = [intent for intent in intents if intent.op.creates]
         if not creates or not backings.exists_live(self.name):
             return deleting, []
         try:
-            st = self._device.status()
+            st = self._core.device.status()
         except DMError:
             return deleting, []  # the next change says what is wrong with the pool
         if isinstance(st, ThinPoolFailed):
@@ -977,7 +616,7 @@ class Pool:
         change finishes it), and one whose create was interrupted after the
         kernel made it (that change records it)."""
         deleting, made = self._pending()
-        rows = [row for row in self._store.devices() if row.name not in deleting]
+        rows = [row for row in self._core.store.devices() if row.name not in deleting]
         return [self._wrap(row) for row in sorted(rows + made, key=lambda row: row.name)]
 
     def children(self, name: str) -> list[ThinDevice]:
@@ -986,8 +625,8 @@ class Pool:
         deleting, made = self._pending()
         rows = [
             row
-            for child in self._store.children(name)
-            if child not in deleting and (row := self._store.device(child)) is not None
+            for child in self._core.store.children(name)
+            if child not in deleting and (row := self._core.store.device(child)) is not None
         ]
         rows += [row for row in made if row.parent == name]
         return [self._wrap(row) for row in sorted(rows, key=lambda row: row.name)]
@@ -1016,20 +655,20 @@ class Pool:
         dm_name = self._check_device_name(name)
         # parse_size refuses sizes past the kernel's limit
         sectors = parse_size(self.base_size if size is None else size, what="size").sectors()
-        with self._changing("create_thin"):
+        with self._core.changing("create_thin"):
             self._before_change("create_thin", name, dm_name)
             return self._provision(Op.CREATE_THIN, name, sectors, None, "create_thin")
 
     def snapshot_device(self, origin: str, name: str) -> ThinDevice:
         """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
         dm_name = self._check_device_name(name)
-        with self._changing("snapshot"):
+        with self._core.changing("snapshot"):
             row = self._row(origin, "snapshot")
             self._before_change("snapshot", name, dm_name)
             # Only a live origin is suspended around the message: asked
             # first, so that no suspend of a missing device fails (and is
             # logged), and no device of its name made by another is touched.
-            origin_live = self._live(row, "snapshot") is not None
+            origin_live = self._core.live(row, "snapshot") is not None
             return self._provision(
                 Op.CREATE_SNAP,
                 name,
@@ -1060,12 +699,12 @@ class Pool:
         def activate(thin_id: int) -> ThinDevice | None:
             record = DeviceRecord(name, thin_id, size, parent, active=True)
             try:
-                return self._activate(record, operation, absent=True)
+                return self._wrap(self._core.activate(record, operation, absent=True))
             except Exception as exc:
                 failed.append(exc)  # undone once recorded, below
                 return None
 
-        device = self._journal.provision(
+        device = self._core.journal.provision(
             op, name, size, parent, origin_id, origin_dm, activate=activate
         )
         if device is None:
@@ -1086,19 +725,19 @@ class Pool:
         journalled delete that does not discard its blocks (it never held
         data), and takes down a device of its name only if proven this
         pool's (another program may have taken the name meanwhile)."""
-        with self._changing("delete"):
+        with self._core.changing("delete"):
             row = self._row(name, "delete")
-            self._journal.delete(
-                name, row.thin_id, row.active, lambda: self._deactivate(name), False
+            self._core.journal.delete(
+                name, row.thin_id, row.active, lambda: self._core.deactivate(name), False
             )
 
     def _before_change(self, operation: str, name: str, dm_name: str) -> None:
         self._refuse_if_handed_over(operation)
-        st = self._writable_status(operation)
-        if self._journal.retry_deferred_deletes():
-            st = self._writable_status(operation)  # what the retry freed counts
-        self._check_free_space(st, operation)
-        if self._store.device(name) is not None:
+        st = self._core.writable_status(operation)
+        if self._core.journal.retry_deferred_deletes():
+            st = self._core.writable_status(operation)  # what the retry freed counts
+        self._core.check_free_space(st, operation)
+        if self._core.store.device(name) is not None:
             raise DeviceExistsError(
                 errno.EEXIST,
                 f"pool {self.name!r} already has a device named {name!r}",
@@ -1128,9 +767,9 @@ class Pool:
 
     def activate_device(self, name: str) -> None:
         """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
-        with self._changing("activate"):
+        with self._core.changing("activate"):
             row = self._row(name, "activate")
-            self._activate(row, "activate")
+            self._core.activate(row, "activate")
 
     def ready_device(self, name: str, operation: str = "use") -> str:
         """The path of device ``name``, live: a device recorded active
@@ -1143,65 +782,12 @@ class Pool:
             ForeignDeviceError: the device of its name is not the pool's.
         """
         row = self._row(name, operation)
-        if self._live(row, operation) is None:
+        if self._core.live(row, operation) is None:
             if not row.active:
                 raise error_for(errno.ENXIO, operation, self.device_dm_name(name))
-            with self._changing(operation):
-                self._activate(self._row(name, operation), operation)
+            with self._core.changing(operation):
+                self._core.activate(self._row(name, operation), operation)
         return ops.device_path(self.device_dm_name(name))
-
-    def _thin_table(self, row: DeviceRecord, pool_devno: str) -> list[Target]:
-        return [Target(0, row.size, "thin", str(ThinParams(pool_devno, row.thin_id)))]
-
-    def _live(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
-        """The live device-mapper device of device ``row``, proven to be
-        the one this pool made (see :mod:`.ownership`), or ``None`` when no
-        device has its name.  Every operation on a device asks this first.
-
-        Raises:
-            ForeignDeviceError: a device of its name that is not this
-                pool's (named, with its owner); it is left alone.
-        """
-        try:
-            devno: str | None = self._device.devno()
-        except (NoSuchDeviceError, ForeignDeviceError):
-            devno = None  # the pool is not live, so none of its devices is
-        claim = ownership.ThinClaim(
-            self.name,
-            row.name,
-            self.device_dm_name(row.name),
-            ownership.thin_uuid(self.config.token, row.thin_id),
-            row.thin_id,
-            devno,
-        )
-        return ownership.live_thin(claim, operation)
-
-    def _live_or_gone(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
-        """:meth:`_live`, with this pool's own device that a create killed
-        before its load left without a table removed (``None`` then)."""
-        live = self._live(row, operation)
-        if live is not None and not live.info.live_table:
-            ops.remove(self.device_dm_name(row.name))
-            return None
-        return live
-
-    def _live_devices(
-        self, rows: Iterable[DeviceRecord], operation: str
-    ) -> dict[str, ownership.Live]:
-        """Those of ``rows`` whose device is live and proven this pool's,
-        by name: what taking the pool down removes.  A device of one of
-        their names made by another pool or program is logged and left
-        out (this pool's device is not live then)."""
-        live: dict[str, ownership.Live] = {}
-        for row in rows:
-            try:
-                proven = self._live(row, operation)
-            except ForeignDeviceError as exc:
-                logger.warning("pool %s: %s", self.name, exc.strerror)
-                continue
-            if proven is not None:
-                live[row.name] = proven
-        return live
 
     def live_device(self, name: str) -> DeviceInfo | None:
         """The info of device ``name``'s live device-mapper device, once
@@ -1213,135 +799,19 @@ class Pool:
             ForeignDeviceError: a device-mapper device of its name that
                 this pool did not make (named, with its owner).
         """
-        live = self._live(self._row(name, "info"), "info")
+        live = self._core.live(self._row(name, "info"), "info")
         return None if live is None else live.info
-
-    def _activate(
-        self,
-        row: DeviceRecord,
-        operation: str,
-        *,
-        absent: bool = False,
-        live: ownership.Live | None = None,
-    ) -> ThinDevice:
-        """Make device ``row`` live (or check the live one).  ``absent``:
-        the caller knows no device-mapper device of its name exists, so
-        none is looked for; ``live``: the caller has just proven it."""
-        dm_name = self.device_dm_name(row.name)
-        table = self._thin_table(row, self._device.devno())
-        uuid = ownership.thin_uuid(self.config.token, row.thin_id)
-        if not absent and live is None:
-            live = self._live_or_gone(row, operation)
-        if absent:
-            try:
-                ops.create(dm_name, table, uuid=uuid)
-            except DeviceExistsError:
-                return self._activate(row, operation)  # made meanwhile: check it
-        elif live is not None:
-            info, live_table = live
-            if (
-                len(live_table) == 1
-                and live_table[0]._replace(length=table[0].length) == table[0]
-                and live_table != table
-            ):
-                # A resize killed between its record and its reload.
-                if table[0].length < live_table[0].length and info.open_count:
-                    # A shrink, and the device was opened since: it is not
-                    # cut under its user (as a shrink refuses an open
-                    # device); the record takes the live size back.
-                    kept = Sectors(live_table[0].length)
-                    logger.warning(
-                        "pool %s: %s keeps %s sectors, not its recorded %s: an "
-                        "interrupted shrink meets it open; shrink it again when "
-                        "nothing has it open",
-                        self.name,
-                        dm_name,
-                        kept,
-                        table[0].length,
-                    )
-                    with self._store.transaction():
-                        self._store.set_size(row.name, kept)
-                    row = replace(row, size=kept)
-                    table = live_table
-                else:
-                    logger.warning(
-                        "pool %s: %s resized to its recorded %s sectors",
-                        self.name,
-                        dm_name,
-                        table[0].length,
-                    )
-                    ops.reload(dm_name, table)
-                    ops.resume(dm_name)
-                    live_table = table
-            if live_table != table:
-                raise StateError(
-                    f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "
-                    f"expected {table[0]}",
-                    operation,
-                    dm_name,
-                )
-            if info.deferred_remove:
-                # Wanted again while a deferred removal is pending (Docker's
-                # activateDeviceIfNeeded does the same): take the removal back.
-                try:
-                    ops.cancel_deferred_remove(dm_name)
-                except DMError:
-                    if ops.exists(dm_name):
-                        raise
-                    return self._activate(row, operation)  # gone meanwhile: recreate
-                # Without udev, libdevmapper dropped the /dev/mapper node when
-                # the deferred removal was requested: put it back.
-                ops.mknodes(dm_name)
-            elif not os.path.lexists(f"/dev/mapper/{dm_name}"):
-                # A kill between the create ioctl and libdevmapper making
-                # the node leaves the device without one.
-                ops.mknodes(dm_name)
-            if info.suspended:
-                ops.resume(dm_name)
-        else:
-            ops.create(dm_name, table, uuid=uuid)
-            absent = True
-        if not row.active:
-            try:
-                with self._store.transaction():
-                    self._store.set_active(row.name, True)
-            except StateError:
-                # Not stored, so not done: the device this call made goes
-                # again, and the kernel keeps agreeing with the records.
-                if absent:
-                    self._undo_kernel_step(operation, dm_name, ops.remove, dm_name)
-                raise
-        return self._wrap(replace(row, active=True))
-
-    def _undo_kernel_step(
-        self, operation: str, what: str, undo: Callable[..., object], *args: object
-    ) -> None:
-        """Take back a kernel step whose record could not be written (a
-        full or failing state filesystem), so that the error the caller
-        raises means "nothing changed".  A failure to undo is logged: the
-        next :meth:`open` settles the device from the records."""
-        try:
-            undo(*args)
-        except (DMError, StateError) as exc:
-            logger.error(
-                "pool %s: %s: could not take back the kernel step on %s after the "
-                "state could not be written (%s); libdm pool open settles it",
-                self.name,
-                operation,
-                what,
-                exc,
-            )
 
     def resize_device(
         self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
     ) -> ThinDevice:
         """Resize device ``name`` (see :meth:`ThinDevice.resize`)."""
         new = parse_size(size, what="size").sectors()
-        with self._changing("resize_device"):
+        with self._core.changing("resize_device"):
             row = self._row(name, "resize_device")
             old = row.size
             dm_name = self.device_dm_name(name)
-            proven = self._live_or_gone(row, "resize_device")
+            proven = self._core.live_or_gone(row, "resize_device")
             live = proven is not None
             if grow_filesystem and not live:
                 # Refused before anything changes: an inactive device's
@@ -1386,26 +856,29 @@ class Pool:
                         dm_name,
                     )
             else:
-                self._writable_status("resize_device")
+                self._core.writable_status("resize_device")
             # The store first, with a mark that the live table may lag and
             # the size it had: a kill before the reload leaves it shorter or
             # longer than the record, and the next change through any entry
             # point (the mark makes it run the bring-up) finishes it.  A
             # store that cannot be written stops it here, before any block
             # is touched.
-            with self._store.transaction():
-                self._store.set_size(name, new)
-                self._store.set_resize_intent(name, old)
+            with self._core.store.transaction():
+                self._core.store.set_size(name, new)
+                self._core.store.set_resize_intent(name, old)
             crash.point("resize_device:recorded")
             if new < old:
                 # Give the cut-off blocks back to the pool, active or not:
                 # what lies past the new end must not come back if the
                 # device grows again.
-                self._discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
+                self._core.discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
             if live:
-                ops.reload(dm_name, self._thin_table(replace(row, size=new), self._devno()))
+                ops.reload(
+                    dm_name,
+                    self._core.thin_table(replace(row, size=new), self._core.device.devno()),
+                )
                 ops.resume(dm_name)
-            self._drop_resize_intent()
+            self._core.drop_resize_intent()
             if grow_filesystem and new > old:
                 self._grow_filesystem(name, old, new)
             return self.device(name)
@@ -1443,37 +916,20 @@ class Pool:
 
     def deactivate_device(self, name: str) -> None:
         """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
-        with self._changing("deactivate"):
+        with self._core.changing("deactivate"):
             row = self._row(name, "deactivate")
-            self._live(row, "deactivate")  # refuses another's
-            self._deactivate(name)
+            self._core.live(row, "deactivate")  # refuses another's
+            self._core.deactivate(name)
             try:
-                with self._store.transaction():
-                    self._store.set_active(name, False)
+                with self._core.store.transaction():
+                    self._core.store.set_active(name, False)
             except StateError:
                 # Not stored, so not done: the device comes back up (or its
                 # deferred removal is taken back) as its record still says.
-                self._undo_kernel_step(
-                    "deactivate", self.device_dm_name(name), self._activate, row, "deactivate"
+                self._core.undo_kernel_step(
+                    "deactivate", self.device_dm_name(name), self._core.activate, row, "deactivate"
                 )
                 raise
-
-    def _deactivate(self, name: str) -> None:
-        """Take device ``name``'s device-mapper device down, if it is up
-        and proven to be this pool's: a device of its name that another
-        pool or program made is logged and left alone (this pool's device
-        is not up then)."""
-        row = self._store.device(name)
-        if row is None:
-            return  # nothing recorded, nothing to prove
-        try:
-            live = self._live(row, "deactivate")
-        except ForeignDeviceError as exc:
-            logger.warning("pool %s: %s", self.name, exc.strerror)
-            return
-        if live is not None:
-            with contextlib.suppress(NoSuchDeviceError):
-                ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
     def delete_device(self, name: str, *, discard: bool | None = None) -> None:
         """Delete device ``name`` (see :meth:`ThinDevice.delete`).
@@ -1482,16 +938,16 @@ class Pool:
             discard: discard its blocks first; ``None`` (the default) as
                 :attr:`discard_on_delete` says.
         """
-        with self._changing("delete"):
+        with self._core.changing("delete"):
             row = self._row(name, "delete")
             # An origin may go before its snapshots, as the kernel and LVM
             # allow: they share its blocks by reference count, and become
             # roots of the lineage (Store.drop_device).
-            self._writable_status("delete")
+            self._core.writable_status("delete")
             # Proven once, before anything changes: a device of its name
             # made by another is refused, never discarded or removed.
-            live = self._live_or_gone(row, "delete")
-            self._journal.retry_deferred_deletes()
+            live = self._core.live_or_gone(row, "delete")
+            self._core.journal.retry_deferred_deletes()
             if discard is None:
                 discard = self.discard_on_delete
 
@@ -1502,9 +958,11 @@ class Pool:
                     with contextlib.suppress(NoSuchDeviceError):
                         ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
 
-            self._journal.delete(name, row.thin_id, row.active, take_down, self.deferred_deletion)
+            self._core.journal.delete(
+                name, row.thin_id, row.active, take_down, self.deferred_deletion
+            )
             if self.config.base_device == name:
-                self._update_config(self.config.but(base_device=None))
+                self._core.update_config(self.config.but(base_device=None))
 
     # -- settings -----------------------------------------------------------------------
 
@@ -1547,8 +1005,8 @@ class Pool:
                 raise ValueError("xfs_nospace_max_retries must be -1 (forever) or more")
             changes["xfs_nospace_max_retries"] = int(xfs_nospace_max_retries)
         if changes:
-            with self._changing("configure"):
-                self._update_config(self.config.but(**changes))
+            with self._core.changing("configure"):
+                self._core.update_config(self.config.but(**changes))
 
     # -- handing the thin devices to another program -------------------------------------
 
@@ -1586,7 +1044,7 @@ class Pool:
         """
         if not to or not all(c.isalnum() or c in "-_." for c in to) or not to.isascii():
             raise ValueError(f"program name {to!r}: use letters, digits, '-', '_' or '.'")
-        with self._changing("hand_over"):
+        with self._core.changing("hand_over"):
             if self.config.handed_to == to:
                 return
             if self.config.handed_to is not None:
@@ -1598,16 +1056,16 @@ class Pool:
             held = [
                 f"{what}: {', '.join(names)}"
                 for what, names in (
-                    ("devices", [record.name for record in self._store.devices()]),
-                    ("changes in flight", [intent.name for intent in self._store.intents()]),
+                    ("devices", [record.name for record in self._core.store.devices()]),
+                    ("changes in flight", [intent.name for intent in self._core.store.intents()]),
                     (
                         "deferred deletes",
-                        [queued.name for queued in self._store.deferred_deletes()],
+                        [queued.name for queued in self._core.store.deferred_deletes()],
                     ),
                 )
                 if names
             ]
-            if self._store.has_growth_intent():
+            if self._core.store.has_growth_intent():
                 held.append("a growth in flight (open the pool to finish it)")
             if held:
                 raise StateError(
@@ -1616,7 +1074,7 @@ class Pool:
                     "hand_over",
                     self.name,
                 )
-            self._update_config(self.config.but(handed_to=to))
+            self._core.update_config(self.config.but(handed_to=to))
 
     def _refuse_if_handed_over(self, operation: str) -> None:
         if self.config.handed_to is not None:
@@ -1670,8 +1128,8 @@ class Pool:
         """
         from libdm.thin import repair
 
-        with self._changing("repair"):
-            result = repair.repair_pool(self, partial, spare, force)
+        with self._core.changing("repair"):
+            result = repair.repair_pool(self._core, partial, spare, force)
             self._bring_up("repair")
             return result
 
@@ -1692,49 +1150,14 @@ class Pool:
         loop pool's data file gets its space back as holes.  On by default
         for loop pools, off for the others (see :meth:`configure`)."""
         value = self.config.discard_on_delete
-        return self._backing.capabilities.discard_by_default if value is None else value
-
-    def _discard_blocks(
-        self, row: DeviceRecord, start: Bytes, length: Bytes, live: ownership.Live | None
-    ) -> None:
-        """Discard ``length`` bytes at ``start`` of device ``row``, so the
-        pool gets the blocks back, unless something holds it open (its
-        user's data must not vanish under it) or the pool ignores
-        discards.  ``live``: its device as the caller proved it
-        (:meth:`_live_or_gone`); an inactive device is activated for it,
-        under its own uuid, and removed again.
-
-        Raises:
-            DMError, OSError: the device could not be made or discarded.
-        """
-        if "ignore_discard" in self.config.features:
-            return
-        dm_name = self.device_dm_name(row.name)
-        if live is None:
-            ops.create(
-                dm_name,
-                self._thin_table(row, self._device.devno()),
-                uuid=ownership.thin_uuid(self.config.token, row.thin_id),
-            )
-        try:
-            if live is not None and live.info.open_count:
-                logger.info(
-                    "pool %s: %s is open, so its blocks are not discarded",
-                    self.name,
-                    dm_name,
-                )
-                return
-            blockdev.discard(ops.device_path(dm_name), int(start), int(length))
-        finally:
-            if live is None:
-                ops.remove(dm_name)
+        return self._core.backing.capabilities.discard_by_default if value is None else value
 
     def _discard_device(self, row: DeviceRecord, live: ownership.Live | None) -> None:
         """Discard all of a device about to be deleted (see
         :meth:`_discard_blocks`); giving space back is a courtesy, so a
         failure is logged and the delete goes on (its data goes anyway)."""
         try:
-            self._discard_blocks(row, Bytes(0), row.size.bytes(), live)
+            self._core.discard_blocks(row, Bytes(0), row.size.bytes(), live)
         except (DMError, OSError, ValueError) as exc:
             logger.warning(
                 "pool %s: %s not discarded before its delete: %s",
@@ -1774,7 +1197,7 @@ class Pool:
             DMError: one is reserved already (EINVAL), or the pool refuses.
             ForeignDeviceError: the device of the pool's name is not its own.
         """
-        self._device.message("reserve_metadata_snap", "reserve_metadata_snap")
+        self._core.device.message("reserve_metadata_snap", "reserve_metadata_snap")
 
     def release_metadata_snap(self) -> None:
         """Release the reserved metadata snapshot.
@@ -1783,7 +1206,7 @@ class Pool:
             DMError: none is reserved (EINVAL).
             ForeignDeviceError: the device of the pool's name is not its own.
         """
-        self._device.message("release_metadata_snap", "release_metadata_snap")
+        self._core.device.message("release_metadata_snap", "release_metadata_snap")
 
     @contextlib.contextmanager
     def metadata_snap(self) -> Iterator[Pool]:
@@ -1809,7 +1232,7 @@ class Pool:
         """The device set as base for layers (see :meth:`set_base_device`),
         or ``None``."""
         name = self.config.base_device
-        row = None if name is None else self._store.device(name)
+        row = None if name is None else self._core.store.device(name)
         return None if row is None else self._wrap(row)
 
     def set_base_device(self, name: str | None) -> None:
@@ -1819,10 +1242,10 @@ class Pool:
         Raises:
             NoSuchDeviceError: no such device.
         """
-        with self._changing("set_base_device"):
+        with self._core.changing("set_base_device"):
             if name is not None:
                 self._row(name, "set_base_device")
-            self._update_config(self.config.but(base_device=name))
+            self._core.update_config(self.config.but(base_device=name))
 
     # -- reporting and ending ----------------------------------------------------------
 
@@ -1831,13 +1254,11 @@ class Pool:
         (see :class:`~libdm.thin.report.PoolInfo`)."""
         from libdm.thin.report import pool_info
 
-        return pool_info(self)
+        return pool_info(self._core, self.base_device, self.base_size)
 
     def close(self) -> None:
         """Release the state store and lock; the devices stay live."""
-        if not self._lock.closed:
-            self._store.close()
-            self._lock.close()
+        self._core.close()
 
     def __enter__(self) -> Pool:
         return self
@@ -1877,31 +1298,31 @@ class Pool:
                 "destroy",
                 self.name,
             )
-        statedir = self._store.statedir
+        statedir = self._core.store.statedir
         if remove_files:
             # Before anything goes down: a refusal leaves the pool as it was.
-            self._backing.check_removable()
-        with self._changing("destroy"):
-            for name in self._live_devices(self._store.devices(), "destroy"):
+            self._core.backing.check_removable()
+        with self._core.changing("destroy"):
+            for name in self._core.live_devices(self._core.store.devices(), "destroy"):
                 ops.remove(self.device_dm_name(name))
-            if self._backing.capabilities.owns_devices:
+            if self._core.backing.capabilities.owns_devices:
                 try:
                     if ownership.live_pool(self.name, self.uuid, self.directory, "destroy"):
                         ops.remove(self.name)
                 except ForeignDeviceError as exc:
                     logger.warning("pool %s: %s", self.name, exc.strerror)
-            self._device.forget()
-            self._backing.teardown()
+            self._core.device.forget()
+            self._core.backing.teardown()
             if remove_files:
-                self._backing.remove_files()
-                self._store.close_db()
+                self._core.backing.remove_files()
+                self._core.store.close_db()
                 for name in STORE_FILES:
                     statedir.unlink(name)
         if not remove_files:
             self.close()
             return
         statedir.unlink(LOCK_NAME)
-        self._lock.close()
+        self._core.lock.close()
         statedir.close()
         if self.config.made_directory is True:
             with contextlib.suppress(OSError):
@@ -2025,7 +1446,7 @@ class Pool:
         """
         self._growth.set_low_water_mark(blocks)
 
-    def monitor(self, threshold: int = 80, percent: int = 20, **options: Any) -> Monitor:
+    def monitor(self, threshold: int = 80, percent: int = 20, **options: Any) -> Monitor[Pool]:
         """An autoextend :class:`~libdm.thin.monitor.Monitor` for this pool
         (``dm.thinp_autoextend_threshold`` / ``_percent``): not running yet;
         call its ``run()``, ``start()``, or use it in a ``with`` block.
@@ -2042,10 +1463,6 @@ class Pool:
     def data_size(self) -> Bytes:
         """The pool's data size in ``Bytes`` as the kernel sees it."""
         return Sectors(int(ops.table(self.name)[0].length)).bytes()
-
-    def _data_sectors(self, config: PoolConfig) -> Sectors:
-        """The data device's size under ``config``."""
-        return self._growth.data_sectors(config)
 
     def __repr__(self) -> str:
         return f"<Pool {self.name!r} ({self.kind}) at {self.directory}>"

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, overload
 from libdm.thin.errors import StateError
 
 if TYPE_CHECKING:
-    from libdm.thin.monitor import Monitor
-    from libdm.thin.pool import Pool
+    from libdm.thin.monitor import Monitor, W
 
 __all__ = [
     "InvalidRegistration",
@@ -127,7 +126,7 @@ class Registration:
         out["spares"] = list(self.spares)
         return out
 
-    def monitor(self, pool: Pool, *, interval: float = 10.0) -> Monitor:
+    def monitor(self, pool: W, *, interval: float = 10.0) -> Monitor[W]:
         """A :class:`~libdm.thin.monitor.Monitor` of ``pool`` with these
         settings (not started)."""
         from libdm.thin.monitor import Monitor

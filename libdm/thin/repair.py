@@ -66,13 +66,14 @@ from typing import TYPE_CHECKING
 from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError
 from libdm.thin import backing as backings
+from libdm.thin.core import PoolCore
 from libdm.thin.errors import PoolFailedError, StateError
+from libdm.thin.growth import Growth
 from libdm.thin.label import RESERVED, DeviceLabel, Role, write_label
 from libdm.thin.records import Op
 from libdm.thin.units import DataBlocks, Sectors
 
 if TYPE_CHECKING:
-    from libdm.thin.pool import Pool
     from libdm.thin.statedir import StateDir
 
 __all__ = [
@@ -216,7 +217,7 @@ class MetadataLossError(PoolFailedError):
 # -- running the tools ---------------------------------------------------------------------
 
 
-def _run(argv: list[str], what: str, pool: Pool) -> str:
+def _run(argv: list[str], what: str, pool: PoolCore) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         status = (
@@ -266,7 +267,7 @@ def recorded_counts(path: str) -> tuple[dict[int, DataBlocks], bool]:
     return counts, False
 
 
-def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
+def mapped_counts(path: str, pool: PoolCore) -> dict[int, DataBlocks]:
     """Thin id -> the blocks its mappings cover in the (checked) metadata
     at ``path``, counted in its ``thin_dump`` rather than read from its
     device details."""
@@ -298,7 +299,7 @@ def mapped_counts(path: str, pool: Pool) -> dict[int, DataBlocks]:
 
 
 def _compare(
-    pool: Pool, repaired: str, before: tuple[dict[int, DataBlocks], bool]
+    pool: PoolCore, repaired: str, before: tuple[dict[int, DataBlocks], bool]
 ) -> tuple[DeviceRecovery, ...]:
     """Per device, what it mapped before (``before``, from the damaged
     copy: :func:`recorded_counts`) and in the repaired copy at
@@ -306,7 +307,7 @@ def _compare(
     for a pool's devices need not be libdm's (a handed-over pool's)."""
     counts, read = before
     after = mapped_counts(repaired, pool)
-    store = pool._store
+    store = pool.store
     wanted = {row.thin_id: row.name for row in store.devices()}
     wanted.update({row.thin_id: row.name for row in store.deferred_deletes()})
     deleting = {row.thin_id for row in store.deferred_deletes()} | {
@@ -330,7 +331,7 @@ def _compare(
     )
 
 
-def _repair_into(pool: Pool, source: str, target: str) -> tuple[DeviceRecovery, ...]:
+def _repair_into(pool: PoolCore, source: str, target: str) -> tuple[DeviceRecovery, ...]:
     """thin_repair ``source`` into ``target`` (device paths), check the
     result, and compare the two.  A superblock whose checksum alone is
     wrong is resealed instead (see :func:`_reseal`)."""
@@ -429,7 +430,7 @@ def _check_tools() -> None:
             )
 
 
-def _take_down(pool: Pool) -> None:
+def _take_down(pool: PoolCore) -> None:
     """Remove the pool's thin devices and the pool device, each proved to
     be the pool's own first (its uuid, or a thin table on this pool with
     its thin id).
@@ -443,8 +444,8 @@ def _take_down(pool: Pool) -> None:
     # made by another pool or program refuses the repair (ForeignDeviceError,
     # a StateError naming it) before anything is removed.
     proven = {}
-    for row in pool._store.devices():
-        found = pool._live(row, "repair")
+    for row in pool.store.devices():
+        found = pool.live(row, "repair")
         if found is not None:
             proven[row.name] = found
     live = [pool.device_dm_name(name) for name in proven]
@@ -458,7 +459,7 @@ def _take_down(pool: Pool) -> None:
         )
     for name in live:
         ops.remove(name)
-    if pool._pool_is_live("repair"):
+    if pool.pool_is_live("repair"):
         ops.remove(pool.name)
 
 
@@ -467,7 +468,7 @@ def _stamp() -> str:
 
 
 def repair_pool(
-    pool: Pool, partial: bool = False, spare: str | None = None, force: bool = False
+    pool: PoolCore, partial: bool = False, spare: str | None = None, force: bool = False
 ) -> RepairResult:
     """Repair the pool's metadata (see the module doc); the caller holds
     the pool's lock and brings the pool up afterwards.
@@ -483,7 +484,7 @@ def repair_pool(
             spare and none given.
     """
     # Files are repaired into a file beside them, linear pieces into a spare.
-    files, pieces = pool._backing.files(), pool._backing.pieces()
+    files, pieces = pool.backing.files(), pool.backing.pieces()
     if files is not None:
         if spare is not None:
             raise ValueError(f"pool {pool.name!r} is a loop pool: its spare is a file of its own")
@@ -502,9 +503,9 @@ def repair_pool(
 # -- loop pools --------------------------------------------------------------------------
 
 
-def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> RepairResult:
+def _repair_loop(pool: PoolCore, backing: backings.LoopBacking, partial: bool) -> RepairResult:
     _check_tools()
-    statedir = pool._store.statedir
+    statedir = pool.store.statedir
     if pool.config.repair is not None:
         finish_swap(pool)  # a swap a crash interrupted: its spare is the metadata now
     _clear_spare(pool)
@@ -552,7 +553,7 @@ def _repair_loop(pool: Pool, backing: backings.LoopBacking, partial: bool) -> Re
     inodes = dict(pool.config.backing.get("file_inodes") or {})
     inodes["metadata"] = spare_st.st_ino
     inodes.pop(SPARE, None)  # it is the metadata now
-    pool._update_config(pool.config.but(file_inodes=inodes, repair=damaged))
+    pool.update_config(pool.config.but(file_inodes=inodes, repair=damaged))
     finish_swap(pool)
     return RepairResult(pool.name, statedir.join(damaged), backing.metadata_file, True, devices)
 
@@ -596,17 +597,17 @@ def _keep_damaged(statedir: StateDir, current: os.stat_result, name: str, pool: 
             ) from None
 
 
-def _record_spare(pool: Pool, inode: int | None) -> None:
+def _record_spare(pool: PoolCore, inode: int | None) -> None:
     """Record ``inode`` as the pool's spare file (``None``: it has none)."""
     inodes = dict(pool.config.backing.get("file_inodes") or {})
     if inode is None:
         inodes.pop(SPARE, None)
     else:
         inodes[SPARE] = inode
-    pool._update_config(pool.config.but(file_inodes=inodes))
+    pool.update_config(pool.config.but(file_inodes=inodes))
 
 
-def _clear_spare(pool: Pool) -> None:
+def _clear_spare(pool: PoolCore) -> None:
     """Remove the spare a killed repair left, if the pool recorded it as
     its own.
 
@@ -614,7 +615,7 @@ def _clear_spare(pool: Pool) -> None:
         StateError: a ``metadata.repair`` the pool did not make (named):
             nothing is removed or taken down.
     """
-    statedir = pool._store.statedir
+    statedir = pool.store.statedir
     st = statedir.check_file(SPARE, "repair", "spare metadata file")
     if st is None:
         return
@@ -632,14 +633,14 @@ def _clear_spare(pool: Pool) -> None:
     _record_spare(pool, None)
 
 
-def finish_swap(pool: Pool) -> None:
+def finish_swap(pool: PoolCore) -> None:
     """Put a repaired spare in place of the damaged metadata, as recorded
     by a loop pool's repair; idempotent (Pool.open calls it after a crash
     amid the renames)."""
     damaged = pool.config.repair
     if not damaged:
         return
-    statedir = pool._store.statedir
+    statedir = pool.store.statedir
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
         if (
@@ -649,7 +650,7 @@ def finish_swap(pool: Pool) -> None:
             _keep_damaged(statedir, current, damaged, pool.name)
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
-    pool._update_config(pool.config.but(repair=None))
+    pool.update_config(pool.config.but(repair=None))
 
 
 # -- block pools -------------------------------------------------------------------------
@@ -661,7 +662,7 @@ def spare_name(pool_name: str) -> str:
     return f"{pool_name}-tspare"
 
 
-def _spare_uuid(pool: Pool) -> str:
+def _spare_uuid(pool: PoolCore) -> str:
     return f"LIBDM-SPARE-{pool.config.token}"
 
 
@@ -673,7 +674,7 @@ def _describe(segments: list[backings.Segment]) -> str:
 
 
 def _pick_spare(
-    pool: Pool,
+    pool: PoolCore,
     backing: backings.LinearBacking,
     length: Sectors,
     spare: str | None,
@@ -709,7 +710,7 @@ def _pick_spare(
         )
         chosen = [backings.Segment(spare, RESERVED, length)]
     else:
-        fits = [r for r in pool.free_regions() if r[2] >= length]
+        fits = [r for r in Growth(pool).free_regions() if r[2] >= length]
         if not fits:
             raise ValueError(
                 f"pool {pool.name!r} has no free region of {int(length)} sectors on its "
@@ -719,7 +720,7 @@ def _pick_spare(
         path, start, _ = fits[0]
         chosen = [backings.Segment(path, start, length)]
     devices = backings.record_devices(chosen, pool.config.token)
-    pool._update_config(
+    pool.update_config(
         pool.config.with_backing(
             {
                 "spare_segments": [seg.to_json() for seg in chosen],
@@ -731,7 +732,7 @@ def _pick_spare(
 
 
 def _proven_spare(
-    pool: Pool,
+    pool: PoolCore,
     backing: backings.LinearBacking,
     recorded: list[backings.Segment],
     spare: str | None,
@@ -749,7 +750,7 @@ def _proven_spare(
     if backing.spare_devices is not None:
         backing.mapped(recorded, backing.spare_devices)  # refuses another device
         if backing.moved:
-            pool._update_config(pool.config.with_backing(backing.relocation()))
+            pool.update_config(pool.config.with_backing(backing.relocation()))
             moved = backing.moved
             return [seg._replace(path=moved.get(seg.path, seg.path)) for seg in recorded]
         return recorded
@@ -776,7 +777,7 @@ def _same_device(a: str, b: str) -> bool:
 
 
 @contextmanager
-def _spare_device(pool: Pool, segments: list[backings.Segment]) -> Iterator[str]:
+def _spare_device(pool: PoolCore, segments: list[backings.Segment]) -> Iterator[str]:
     """The spare as a linear device (removed on exit)."""
     name = spare_name(pool.name)
     uuid = _spare_uuid(pool)
@@ -798,7 +799,7 @@ def _spare_device(pool: Pool, segments: list[backings.Segment]) -> Iterator[str]
 
 
 def _repair_block(
-    pool: Pool,
+    pool: PoolCore,
     backing: backings.LinearBacking,
     partial: bool,
     spare: str | None,
@@ -830,18 +831,18 @@ def _repair_block(
         changes["meta_segment_devices"] = [
             d.to_json() for d in backings.record_devices(segments, pool.config.token)
         ]
-    pool._update_config(pool.config.with_backing(changes))
+    pool.update_config(pool.config.with_backing(changes))
     return RepairResult(pool.name, _describe(meta), _describe(segments), True, devices)
 
 
-def _lost_fields(pool: Pool) -> list[str]:
+def _lost_fields(pool: PoolCore) -> list[str]:
     """thin_repair's flags for what a damaged superblock lost, from the
     store: the transaction id, the data block size and the number of data
     blocks."""
-    blocks = pool._data_sectors(pool.config) // int(pool.block_size)
+    blocks = pool.data_sectors(pool.config) // int(pool.block_size)
     return [
         "--transaction-id",
-        str(pool._store.transaction_id()),
+        str(pool.store.transaction_id()),
         "--data-block-size",
         str(int(pool.block_size)),
         "--nr-data-blocks",

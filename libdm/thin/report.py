@@ -13,8 +13,8 @@ from libdm.thin.table import ThinPoolParams
 from libdm.thin.units import Bytes, format_size
 
 if TYPE_CHECKING:
+    from libdm.thin.core import PoolCore
     from libdm.thin.device import ThinDevice
-    from libdm.thin.pool import Pool
 
 __all__ = ["PoolInfo", "backing_filesystem", "pool_info"]
 
@@ -162,7 +162,7 @@ def _base_filesystem(base: ThinDevice | None) -> str:
     return fs.filesystem_type(base.path) or ""
 
 
-def _monitored(pool: Pool) -> str:
+def _monitored(pool: PoolCore) -> str:
     from libdm.thin import registry
 
     state = registry.watch_state(pool.directory)
@@ -174,11 +174,12 @@ def _monitored(pool: Pool) -> str:
     return f"registered ({how}), but the monitor service is not watching it"
 
 
-def pool_info(pool: Pool) -> PoolInfo:
-    """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store."""
+def pool_info(pool: PoolCore, base: ThinDevice | None, base_size: Bytes) -> PoolInfo:
+    """Build the :class:`PoolInfo` of ``pool`` from the kernel and its store;
+    ``base`` is its base device, and ``base_size`` the size of new devices."""
     st = pool.status()
     block = pool.block_size.bytes()
-    store = pool._store
+    store = pool.store
     if st.failed:
         used_d = total_d = used_m = total_m = Bytes(0)
         state = st.state
@@ -187,23 +188,23 @@ def pool_info(pool: Pool) -> PoolInfo:
         total_d = Bytes(int(st.total_data) * int(block))
         used_m, total_m = st.used_meta.bytes(), st.total_meta.bytes()
         # A suspended pool's status still says rw, but no I/O gets through.
-        state = "needs_check" if st.needs_check else "suspended" if pool.suspended else st.mode
+        suspended = ops.info(pool.name).suspended
+        state = "needs_check" if st.needs_check else "suspended" if suspended else st.mode
     avail_d, avail_m = total_d - used_d, total_m - used_m
-    fs_dir = pool._backing.backing_filesystem_dir()
+    fs_dir = pool.backing.backing_filesystem_dir()
     files_fstype: str | None = None
     if fs_dir is not None:
         vfs = os.statvfs(fs_dir)
         fs_free = Bytes(vfs.f_bavail * vfs.f_frsize)
         avail_d, avail_m = min(avail_d, fs_free), min(avail_m, fs_free)
         files_fstype = backing_filesystem(fs_dir)
-    base = pool.base_device
-    data_file, meta_file, data_loop_file, meta_loop_file = pool._backing.report(
+    data_file, meta_file, data_loop_file, meta_loop_file = pool.backing.report(
         lambda: _table_devices(pool.name)
     )
     return PoolInfo(
         pool_name=pool.name,
         pool_blocksize=block,
-        base_device_size=pool.base_size if base is None else base.size,
+        base_device_size=base_size if base is None else base.size,
         backing_filesystem=_base_filesystem(base),
         data_file=data_file,
         metadata_file=meta_file,
@@ -211,17 +212,17 @@ def pool_info(pool: Pool) -> PoolInfo:
         metadata_loop_file=meta_loop_file,
         loop_files_filesystem=files_fstype,
         monitored=_monitored(pool),
-        handed_to=pool.handed_to,
+        handed_to=pool.config.handed_to,
         data_used=used_d,
         data_total=total_d,
         data_available=avail_d,
         metadata_used=used_m,
         metadata_total=total_m,
         metadata_available=avail_m,
-        min_free_space=Bytes(int(int(total_d) * pool.min_free_space // 100)),
+        min_free_space=Bytes(int(int(total_d) * pool.config.min_free_space // 100)),
         udev_sync_supported=udev_sync_supported(),
-        deferred_removal=pool.deferred_removal,
-        deferred_deletion=pool.deferred_deletion,
+        deferred_removal=pool.config.deferred_removal,
+        deferred_deletion=pool.config.deferred_deletion,
         deferred_deleted_count=len(store.deferred_deletes()),
         library_version=ops.library_version(),
         transaction_id=-1 if st.failed else st.transaction_id,

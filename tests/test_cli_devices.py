@@ -153,7 +153,7 @@ def test_remove_retries_and_deferred(dm_name):
             run("remove", name, "--retries", "1"),
             1,
             "after 2 attempts",
-            "libdm remove --deferred removes it",
+            "--deferred removes it when its last user closes it",
         )
         ok(run("remove", name, "--deferred"))
         assert "DEFERRED REMOVE" in witness.dmsetup("info", name)

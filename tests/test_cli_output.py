@@ -3,6 +3,7 @@ JSON of library values, the pool's status and info, error lines."""
 
 import json
 import pathlib
+import pickle
 
 import pytest
 
@@ -157,12 +158,22 @@ def test_pool_status_and_info_formatting():
     json.dumps(data)
 
 
-def test_library_advice_in_cli_words():
-    exc = libdm.DeviceNotBlankError("/dev/x holds swap; pass force=True to use it", "create")
-    assert common.in_cli_words(exc, pool_cmds.FORCE) is exc
-    assert exc.strerror == "/dev/x holds swap; pass --force to use it"
-    other = ValueError("pass force=True")
-    assert str(common.in_cli_words(other, pool_cmds.FORCE)) == "pass force=True"
+def test_a_remedy_is_said_in_each_front_ends_words():
+    exc = libdm.DeviceNotBlankError("/dev/x holds swap", "create").advise(
+        libdm.Remedy("force", "uses it anyway")
+    )
+    assert exc.strerror == "/dev/x holds swap; force=True uses it anyway"
+    assert (exc.reason, exc.remedy.argument) == ("/dev/x holds swap", "force")
+    assert common.error_text(exc) == "/dev/x holds swap; --force uses it anyway [ENOTEMPTY]"
+    # Kept through pickling (errors cross processes in the engines).
+    again = pickle.loads(pickle.dumps(exc))
+    assert (type(again), again.strerror, again.remedy) == (
+        libdm.DeviceNotBlankError,
+        exc.strerror,
+        exc.remedy,
+    )
+    plain = libdm.DMError(16, "busy", "remove", "x")
+    assert (plain.remedy, common.error_text(plain)) == (None, "busy [EBUSY]")
 
 
 def test_error_text_names_the_errno_and_the_kernel_reason():

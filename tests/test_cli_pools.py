@@ -336,7 +336,7 @@ def test_block_pools_on_two_devices_and_on_one_split(dm_name, tmp_path):
         1,
         f"pool create {name}:",
         "ext2/ext3/ext4",
-        "pass --force",
+        "--force uses it anyway",
         "[ENOTEMPTY]",
     )
     assert name not in witness.names()

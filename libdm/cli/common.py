@@ -88,14 +88,13 @@ def load_pool(args: argparse.Namespace, *, live: bool = True) -> Pool:
     return pool
 
 
-def in_cli_words(exc: _Error, *replacements: tuple[str, str]) -> _Error:
-    """Reword the library's advice for the shell: each ``(old, new)`` of
-    ``replacements`` is replaced in an ``OSError``'s message (``force=True``
-    becomes ``--force``).  Returns ``exc``, to be re-raised."""
-    if isinstance(exc, OSError) and isinstance(exc.strerror, str):
-        for old, new in replacements:
-            exc.strerror = exc.strerror.replace(old, new)
-    return exc
+def in_cli_words(exc: libdm.DMError) -> str:
+    """The error's message for the shell: its remedy, if it has one, said
+    as the command's option (``force=True`` is ``--force``)."""
+    if exc.remedy is None:
+        return exc.strerror or str(exc)
+    option = "--" + exc.remedy.argument.replace("_", "-")
+    return f"{exc.reason}; {exc.remedy.said(option)}"
 
 
 def _kernel_reason(lines: Iterable[str]) -> str | None:
@@ -115,7 +114,7 @@ def error_text(exc: BaseException) -> str:
     message, file name and errno name; anything else its first line.
     """
     if isinstance(exc, libdm.DMError):
-        text = exc.strerror or str(exc)
+        text = in_cli_words(exc)
         name = errno.errorcode.get(exc.errno) if exc.errno else None
         if name:
             text += f" [{name}]"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NotRequired, TypeAlias, TypedDict
 import libdm
 from libdm.cli import output
 from libdm.cli.args import POOL_ENV, Subparsers, command, count
-from libdm.cli.common import emit, in_cli_words, wants_json
+from libdm.cli.common import emit, wants_json
 
 if TYPE_CHECKING:
     from libdm.cli.thin_cmds import PoolNote
@@ -121,10 +121,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_remove(args: argparse.Namespace) -> None:
-    try:
-        libdm.remove(args.name, deferred=args.deferred, retries=args.retries)
-    except libdm.DeviceBusyError as exc:
-        raise in_cli_words(exc, ("remove(deferred=True)", "libdm remove --deferred")) from exc
+    libdm.remove(args.name, deferred=args.deferred, retries=args.retries)
 
 
 def info_pairs(info: DeviceInfo) -> list[tuple[str, object]]:

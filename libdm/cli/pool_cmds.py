@@ -32,7 +32,7 @@ from libdm.cli.args import (
     positive_seconds,
     size,
 )
-from libdm.cli.common import emit, in_cli_words, load_pool, pool_directory
+from libdm.cli.common import emit, load_pool, pool_directory
 
 if TYPE_CHECKING:
     from libdm.dm.errors import DeviceBusyError
@@ -71,9 +71,6 @@ def _require(args: argparse.Namespace, mode: str, *names: str) -> None:
             raise UsageError(f"{mode} needs {n}", "libdm pool create")
 
 
-FORCE = ("pass force=True", "pass --force")
-
-
 class _CreateOptions(TypedDict):
     """The options every ``Pool.create*`` takes from ``pool create``."""
 
@@ -85,10 +82,7 @@ class _CreateOptions(TypedDict):
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    try:
-        _create(args)
-    except libdm.DeviceNotBlankError as exc:
-        raise in_cli_words(exc, FORCE) from exc
+    _create(args)
 
 
 def _create(args: argparse.Namespace) -> None:
@@ -474,28 +468,20 @@ def _step(what: str) -> Iterator[None]:
 
 def cmd_extend(args: argparse.Namespace) -> None:
     with load_pool(args) as pool:
-        try:
-            with _step(f"extending pool {pool.name} onto {args.device}"):
-                pool.extend(
-                    args.device,
-                    metadata=args.metadata,
-                    force=args.force,
-                    start=args.start,
-                    length=args.length,
-                )
-        except libdm.DeviceNotBlankError as exc:
-            raise in_cli_words(exc, FORCE) from exc
+        with _step(f"extending pool {pool.name} onto {args.device}"):
+            pool.extend(
+                args.device,
+                metadata=args.metadata,
+                force=args.force,
+                start=args.start,
+                length=args.length,
+            )
         print(_sizes_line(pool))
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
     with load_pool(args, live=False) as pool:
-        try:
-            result = pool.repair(partial=args.partial, spare=args.spare, force=args.force)
-        except libdm.DeviceNotBlankError as exc:
-            raise in_cli_words(exc, FORCE) from exc
-        except libdm.MetadataLossError as exc:
-            raise in_cli_words(exc, ("repair(partial=True) (--partial)", "--partial")) from exc
+        result = pool.repair(partial=args.partial, spare=args.spare, force=args.force)
         if result.lost:
             # Swapped in because --partial said so; still not a success.
             print(f"pool {pool.name}: the repaired metadata is in place, with losses:")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections.abc import Callable, Iterable
-from typing import TypeAlias
+from dataclasses import dataclass
+from typing import Self, TypeAlias
 
 __all__ = [
     "DMError",
@@ -20,13 +21,37 @@ __all__ = [
     "KernelSupportError",
     "NoSuchDeviceError",
     "PermissionDeniedError",
+    "Remedy",
     "error_for",
 ]
 
 
-#: What a DMError pickles as: its class, errno, strerror, operation, device
-#: and log lines.
-_Pickled: TypeAlias = "tuple[type[DMError], int, str, str, str | None, tuple[str, ...]]"
+#: What a DMError pickles as: its class, errno, reason, operation, device,
+#: log lines and remedy.
+_Pickled: TypeAlias = (
+    "tuple[type[DMError], int, str, str, str | None, tuple[str, ...], Remedy | None]"
+)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """The keyword argument of the failed call that gets past an error
+    (``force=True``), kept apart from the message so that each front end
+    names it in its own words: the library as the argument, the ``libdm``
+    command as its option (``--force``).
+
+    Attributes:
+        argument: the keyword argument's name (it is passed ``True``).
+        does: what passing it does, said after its name.
+    """
+
+    argument: str
+    does: str
+
+    def said(self, spelling: str | None = None) -> str:
+        """``"force=True uses it anyway"``, or with ``spelling`` (such as
+        ``"--force"``) in place of the argument."""
+        return f"{spelling or f'{self.argument}=True'} {self.does}"
 
 
 class DMError(OSError):
@@ -35,7 +60,11 @@ class DMError(OSError):
     Attributes:
         errno: the errno of the failed ioctl (0 when the kernel was never
             reached).
-        strerror: the errno's text, or a description of the failure.
+        strerror: the errno's text, or a description of the failure (the
+            ``reason``, then the ``remedy`` said for Python, if any).
+        reason: the description without the remedy.
+        remedy: a :class:`Remedy`, when an argument of the call gets
+            past the error; else ``None``.
         operation: what libdm was doing, for example ``"create"``.
         device: the device name the operation was about, or ``None``.
         log_lines: libdevmapper's log lines (and, where readable, the
@@ -45,6 +74,7 @@ class DMError(OSError):
     # Set by OSError.__init__ from its two arguments.
     errno: int
     strerror: str
+    remedy: Remedy | None = None
 
     def __init__(
         self,
@@ -55,9 +85,19 @@ class DMError(OSError):
         log_lines: Iterable[str] = (),
     ) -> None:
         super().__init__(err, message)
+        self.reason = message
         self.operation = operation
         self.device = device
         self.log_lines: tuple[str, ...] = tuple(log_lines)
+
+    def advise(self, remedy: Remedy, reason: str | None = None) -> Self:
+        """Attach ``remedy`` (and, if given, a new ``reason``); the message
+        becomes the reason, then the remedy.  Returns the error, to raise."""
+        if reason is not None:
+            self.reason = reason
+        self.remedy = remedy
+        self.strerror = f"{self.reason}; {remedy.said()}"
+        return self
 
     def __str__(self) -> str:
         where = f" on {self.device!r}" if self.device is not None else ""
@@ -73,7 +113,15 @@ class DMError(OSError):
         # errors) take other arguments.
         return (
             _rebuild,
-            (type(self), self.errno, self.strerror, self.operation, self.device, self.log_lines),
+            (
+                type(self),
+                self.errno,
+                self.reason,
+                self.operation,
+                self.device,
+                self.log_lines,
+                self.remedy,
+            ),
         )
 
 
@@ -84,10 +132,11 @@ def _rebuild(
     operation: str,
     device: str | None,
     log_lines: tuple[str, ...],
+    remedy: Remedy | None = None,
 ) -> DMError:
     exc = cls.__new__(cls)
     DMError.__init__(exc, err, message, operation, device, log_lines)
-    return exc
+    return exc if remedy is None else exc.advise(remedy)
 
 
 class NoSuchDeviceError(DMError, FileNotFoundError):

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from libdm._backoff import Backoff
 from libdm.dm import task as _task
 from libdm.dm._lib import ffi, lib
-from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, error_for
+from libdm.dm.errors import DeviceBusyError, DeviceExistsError, DMError, Remedy, error_for
 from libdm.dm.info import DeviceEntry, DeviceInfo, TargetVersion
 from libdm.dm.target import Target, TargetLike, check_table
 from libdm.dm.task import Task, dm_dir
@@ -272,10 +272,10 @@ def remove(
         except DeviceBusyError as exc:
             if deferred or attempt == retries:
                 if attempt:
-                    exc.strerror = (
-                        f"{exc.strerror} (still busy after {attempt + 1} attempts "
-                        f"over {backoff.elapsed():.1f} s; remove(deferred=True) "
-                        f"removes it when its last user closes it)"
+                    exc.advise(
+                        Remedy("deferred", "removes it when its last user closes it"),
+                        reason=f"{exc.reason} (still busy after {attempt + 1} attempts "
+                        f"over {backoff.elapsed():.1f} s)",
                     )
                 raise
             # The backoff's clock starts at the first busy answer, so a

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from libdm.dm import ops
 from libdm.dm.blockdev import BlockDevice, check_unused, open_block_device, signatures
-from libdm.dm.errors import DeviceExistsError, error_for
+from libdm.dm.errors import DeviceExistsError, Remedy, error_for
 from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
 from libdm.thin import crash
@@ -436,19 +436,13 @@ def check_device(path: str, force: bool, operation: str) -> BlockDevice:
     check_unused(path)
     label = read_label(path)
     if label is not None and not force:
-        raise DeviceNotBlankError(
-            f"{path} is {label}; pass force=True to use it anyway (that pool's data "
-            f"on it will be lost)",
-            operation,
-            path,
+        raise DeviceNotBlankError(f"{path} is {label}", operation, path).advise(
+            Remedy("force", "uses it anyway (that pool's data on it will be lost)")
         )
     found = signatures(path)
     if found and not force:
-        raise DeviceNotBlankError(
-            f"{path} holds {' and '.join(found)}; pass force=True to use it anyway "
-            f"(its contents will be lost)",
-            operation,
-            path,
+        raise DeviceNotBlankError(f"{path} holds {' and '.join(found)}", operation, path).advise(
+            Remedy("force", "uses it anyway (its contents will be lost)")
         )
     return dev
 

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from libdm.dm import loop, ops
-from libdm.dm.errors import DeviceBusyError
+from libdm.dm.errors import DeviceBusyError, Remedy
 from libdm.thin import backing as backings
 from libdm.thin.core import PoolCore
 from libdm.thin.errors import PoolFailedError, StateError
@@ -207,11 +207,11 @@ class MetadataLossError(PoolFailedError):
             f"thin_repair could not recover all the mappings of pool {result.pool!r}, or "
             f"cannot show it did; {'; '.join(what)}; nothing was swapped in: the "
             f"damaged metadata is still in place ({result.damaged}) and the repaired copy "
-            f"is kept ({result.repaired}); repair(partial=True) (--partial) swaps it in, "
-            f"accepting what it holds",
+            f"is kept ({result.repaired})",
             "repair",
             result.pool,
         )
+        self.advise(Remedy("partial", "swaps it in, accepting what it holds"))
 
 
 # -- running the tools ---------------------------------------------------------------------

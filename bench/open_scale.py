@@ -1,0 +1,175 @@
+"""Pool.open of a pool whose devices are all recorded active, against C.
+
+Issue 19's target: ``Pool.open`` of a pool with 10,000 recorded-active
+thin devices at most 1.5x what the same device-mapper calls cost in C
+(``bench/thin_ops.c`` activating the same number of existing thin ids:
+create, load and resume each), and lazy activation (``lazy=True``), as
+Docker's driver does it, to make such an open cheap.
+
+Run in one test kernel (the C program is built on the host first)::
+
+    python -m libdm.testing run --mem 2G -- \\
+        python bench/open_scale.py --thin-ops bench/build/thin_ops [--devices 10000]
+
+Each repeat, side by side in the same boot:
+
+* **eager**: every thin device of the libdm pool is removed behind its
+  back (its store still says all are active), then a fresh process runs
+  ``Pool.open`` and re-activates them all;
+* **C**: the C program activates as many existing thin ids of its own
+  pool (then removes them again, untimed);
+* **lazy**: the libdm devices are removed again and a fresh process runs
+  ``Pool.open(lazy=True)``, which brings the pool up and leaves them down.
+
+Nothing here asserts a target; the table says whether it was met.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import benchlib  # noqa: E402
+from benchlib import DATA_SIZE, METADATA_SIZE, THIN_SIZE  # noqa: E402
+
+MAX_OPEN_OVER_C = 1.5
+
+
+def _child(directory, lazy):
+    """In a fresh process: import libdm, open the pool, time it."""
+    import libdm
+
+    began = time.perf_counter()
+    pool = libdm.Pool.open(directory, lazy=lazy)
+    seconds = time.perf_counter() - began
+    prefix = pool.name + "-"
+    live = sum(1 for entry in libdm.list_devices() if entry.name.startswith(prefix))
+    pool.close()
+    json.dump({"open_s": seconds, "live": live}, sys.stdout)
+    return 0
+
+
+def open_child(directory, lazy):
+    argv = [sys.executable, os.path.abspath(__file__), "--child", directory]
+    if lazy:
+        argv.append("--lazy")
+    proc = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(proc.stdout)
+
+
+def _remove_all(names):
+    import libdm
+
+    for name in names:
+        if libdm.exists(name):
+            libdm.remove(name)
+
+
+def run(thin_ops, directory, devices, repeats, log=benchlib.log):
+    import libdm
+
+    os.makedirs(directory, exist_ok=True)
+    out = {"devices": devices, "repeats": repeats, "target_open_over_c": MAX_OPEN_OVER_C}
+    raw = benchlib.RawPool("bench-oc", os.path.join(directory, "c"))
+    c = benchlib.ThinOps(thin_ops, raw.name)
+    pool = libdm.Pool.create_loop(
+        "bench-o",
+        os.path.join(directory, "libdm"),
+        data_size=DATA_SIZE,
+        metadata_size=METADATA_SIZE,
+    )
+    try:
+        log(f"open_scale: {devices} thin devices in each pool, all recorded active")
+        began = time.perf_counter()
+        names = []
+        for i in range(devices):
+            pool.create_thin(f"d{i:05d}", THIN_SIZE)
+            names.append(pool.device_dm_name(f"d{i:05d}"))
+            if (i + 1) % 1000 == 0:
+                log(f"  libdm: {i + 1} devices, {time.perf_counter() - began:.0f} s")
+        out["build_libdm_s"] = time.perf_counter() - began
+        out["build_c_s"] = c.run("thin", 0, devices)
+        directory_of_pool = pool.directory
+        pool.close()
+        eager, lazy, c_activate = [], [], []
+        for rep in range(repeats):
+            _remove_all(names)
+            eager.append(open_child(directory_of_pool, lazy=False))
+            _remove_all(names)
+            c_activate.append(c.run("activate", "d", 0, devices, THIN_SIZE // 512))
+            c.run("deactivate", "d", 0, devices)
+            lazy.append(open_child(directory_of_pool, lazy=True))
+            log(
+                f"  repeat {rep + 1}: Pool.open {eager[-1]['open_s']:.2f} s "
+                f"({eager[-1]['live']} live), C {c_activate[-1]:.2f} s, "
+                f"lazy Pool.open {lazy[-1]['open_s']:.2f} s ({lazy[-1]['live']} live)"
+            )
+        out["eager"] = eager
+        out["lazy"] = lazy
+        out["c_activate_s"] = c_activate
+        out["ratios"] = [e["open_s"] / s for e, s in zip(eager, c_activate, strict=True)]
+        out["lazy_ratios"] = [z["open_s"] / s for z, s in zip(lazy, c_activate, strict=True)]
+        _remove_all(names)
+    finally:
+        c.close()
+        raw.destroy()
+        libdm.Pool.open(os.path.join(directory, "libdm"), lazy=True).destroy(remove_files=True)
+    return out
+
+
+def table(out):
+    ratio = statistics.median(out["ratios"])
+    lazy = statistics.median(out["lazy_ratios"])
+    n = out["devices"]
+    eager_s = statistics.median(e["open_s"] for e in out["eager"])
+    lazy_s = statistics.median(z["open_s"] for z in out["lazy"])
+    c_s = statistics.median(out["c_activate_s"])
+    verdict = "met" if ratio <= MAX_OPEN_OVER_C else f"missed by {ratio / MAX_OPEN_OVER_C:.2f}x"
+    return "\n".join(
+        [
+            f"| measure ({n} devices recorded active, median of {out['repeats']}) "
+            "| seconds | / C | target |",
+            "| --- | ---: | ---: | --- |",
+            f"| Pool.open, re-activating all | {eager_s:.2f} | {ratio:.2f} "
+            f"| <= {MAX_OPEN_OVER_C}: {verdict} |",
+            f"| C activating as many | {c_s:.2f} | 1.00 | - |",
+            f"| Pool.open(lazy=True) | {lazy_s:.2f} | {lazy:.2f} | - |",
+            "",
+            f"Ratios per repeat: {', '.join(f'{r:.2f}' for r in out['ratios'])}; "
+            f"building the pools: libdm {out['build_libdm_s']:.0f} s, "
+            f"C {out['build_c_s']:.0f} s.",
+        ]
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--thin-ops", help="the built C program (default: build it)")
+    ap.add_argument("--dir", default="/var/tmp/libdm-bench-open")
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return _child(args.child, args.lazy)
+    if os.geteuid() != 0:
+        sys.exit("open_scale.py: needs root inside a kernel with device-mapper")
+    binary = args.thin_ops or benchlib.build_c("thin_ops")
+    out = run(binary, args.dir, args.devices, args.repeats)
+    os.makedirs(benchlib.RESULTS_DIR, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    with open(os.path.join(benchlib.RESULTS_DIR, f"open-scale-{stamp}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

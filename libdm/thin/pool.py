@@ -188,6 +188,11 @@ class Pool:
     def lock_timeout(self) -> float:
         return self._core.lock_timeout
 
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        # Settable, as when it was a plain attribute: the next change waits so long.
+        self._core.lock_timeout = seconds
+
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> Pool:
         """Read a pool's state without touching any device: for reports and

@@ -117,6 +117,7 @@ class Pool:
         *,
         lock_timeout: float = 30.0,
         _store: Store | None = None,
+        _core: PoolCore | None = None,
     ) -> None:
         """Read the pool's state (see :meth:`load`).  The state directory
         must be private and its files are never reached through a symlink
@@ -128,15 +129,17 @@ class Pool:
             PoolReadOnlyError: the directory is on a read-only filesystem.
             PermissionDeniedError: not allowed to read it.
         """
-        self._front(PoolCore(directory, lock_timeout=lock_timeout, store=_store))
+        if _core is None:
+            _core = PoolCore(directory, lock_timeout=lock_timeout, store=_store)
+        self._front(_core)
 
     @classmethod
     def from_core(cls, core: PoolCore) -> Self:
         """The pool whose core is ``core`` (the constructors in
-        :mod:`libdm.thin.creation` make the core, then its front)."""
-        pool = cls.__new__(cls)
-        pool._front(core)
-        return pool
+        :mod:`libdm.thin.creation` make the core, then its front).  Made
+        through ``__init__``, so that a subclass's own runs for a created
+        pool too, as for an opened one."""
+        return cls(core.directory, lock_timeout=core.lock_timeout, _core=core)
 
     def _front(self, core: PoolCore) -> None:
         self._core = core

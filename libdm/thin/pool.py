@@ -48,7 +48,7 @@ from libdm.thin.errors import (
     StateError,
 )
 from libdm.thin.growth import Growth, Region
-from libdm.thin.journal import GrowthIntent, Op
+from libdm.thin.journal import Op
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.pooldev import PoolStatus
 from libdm.thin.records import DeviceRecord
@@ -495,7 +495,7 @@ class Pool:
                     row.name,
                 )
         if resized:
-            # Every live device now has its recorded table (_activate
+            # Every live device now has its recorded table (activate
             # reloads one a killed resize left at its old length).
             self._core.drop_resize_intent()
 
@@ -525,11 +525,6 @@ class Pool:
                 name,
                 exc,
             )
-
-    # -- the journal's host (see libdm.thin.journal.JournalHost) -----------------------
-
-    def _finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
-        return self._growth.finish(intent, operation)
 
     # -- devices ----------------------------------------------------------------------
 
@@ -1161,9 +1156,9 @@ class Pool:
         return self._core.backing.capabilities.discard_by_default if value is None else value
 
     def _discard_device(self, row: DeviceRecord, live: ownership.Live | None) -> None:
-        """Discard all of a device about to be deleted (see
-        :meth:`_discard_blocks`); giving space back is a courtesy, so a
-        failure is logged and the delete goes on (its data goes anyway)."""
+        """Discard all of a device about to be deleted (see the core's
+        ``discard_blocks``); giving space back is a courtesy, so a failure
+        is logged and the delete goes on (its data goes anyway)."""
         try:
             self._core.discard_blocks(row, Bytes(0), row.size.bytes(), live)
         except (DMError, OSError, ValueError) as exc:

@@ -83,7 +83,7 @@ def build_c(c, n, active):
 def sql_scans(pool, fn):
     """Run ``fn()`` tracing the pool's SQL; return (statements run,
     [(statement, plan) for every statement whose plan scans a table])."""
-    db = pool._store.db  # internal: for this check only
+    db = pool._core.store.db  # internal: for this check only
     seen = []
     db.set_trace_callback(seen.append)
     try:

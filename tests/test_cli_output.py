@@ -1,6 +1,7 @@
 """The ``libdm`` command's formatting, without a kernel: columns, trees,
 JSON of library values, the pool's status and info, error lines."""
 
+import argparse
 import json
 import pathlib
 import pickle
@@ -165,6 +166,10 @@ def test_a_remedy_is_said_in_each_front_ends_words():
     assert exc.strerror == "/dev/x holds swap; force=True uses it anyway"
     assert (exc.reason, exc.remedy.argument) == ("/dev/x holds swap", "force")
     assert common.error_text(exc) == "/dev/x holds swap; --force uses it anyway [ENOTEMPTY]"
+    # Said as an option only to a command that has it.
+    has, lacks = argparse.Namespace(force=False), argparse.Namespace(name="x")
+    assert common.error_text(exc, has) == common.error_text(exc)
+    assert common.error_text(exc, lacks) == "/dev/x holds swap [ENOTEMPTY]"
     # Kept through pickling (errors cross processes in the engines).
     again = pickle.loads(pickle.dumps(exc))
     assert (type(again), again.strerror, again.remedy) == (

@@ -546,6 +546,39 @@ def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
 
 
 @kernel
+def test_a_busy_thin_device_names_no_option_its_command_lacks(dm_name, tmp_path):
+    # A device still busy after the retries: libdm remove has --deferred for
+    # that, but thin deactivate and thin delete have not, so their error
+    # must not tell the user to pass it.
+    directory, name = tmp_path / "pool", dm_name("pool")
+    P = ["--pool", directory]
+    ok(
+        run(
+            "pool",
+            "create",
+            name,
+            "--loop",
+            directory,
+            "--data-size",
+            "64M",
+            "--no-deferred-removal",
+            "--no-deferred-deletion",
+        )
+    )
+    ok(run("thin", "create", "vol", "16M", *P))
+    fd = os.open(f"/dev/mapper/{name}-vol", os.O_RDONLY)
+    try:
+        for verb in ("deactivate", "delete"):
+            line = failed(run("thin", verb, "vol", *P), 1, f"thin {verb} vol:", "[EBUSY]")
+            assert "still busy after" in line and "--deferred" not in line, line
+    finally:
+        os.close(fd)
+    assert f"{name}-vol" in witness.names()
+    ok(run("thin", "delete", "vol", *P))
+    ok(run("pool", "destroy", "--remove-files", *P))
+
+
+@kernel
 def test_open_from_the_environment_adopt_and_deferred_flags(
     dm_name, tmp_path, cli_run, monkeypatch
 ):

@@ -24,6 +24,7 @@ from support import witness
 from support.blockio import MiB, attach, read_at, write_pattern
 
 import libdm
+from libdm.thin.core import PoolCore
 from libdm.thin.store import Store
 
 kernel = pytest.mark.kernel
@@ -240,13 +241,14 @@ def test_a_failed_create_removes_only_what_it_made(dm_name, tmp_path, monkeypatc
     victim(directory / "notes")
     victim(directory / "state.db-x")  # named like the store, but not the pool's
     before = picture(directory)
-    activate = libdm.Pool._activate_pool
+    # A creation makes the pool device through its core (the Pool comes after).
+    activate = PoolCore.activate_pool
 
-    def fails_after_the_device_is_made(pool, operation):
-        activate(pool, operation)
+    def fails_after_the_device_is_made(core, operation):
+        activate(core, operation)
         raise RuntimeError("stopped after the pool device was made")
 
-    monkeypatch.setattr(libdm.Pool, "_activate_pool", fails_after_the_device_is_made)
+    monkeypatch.setattr(PoolCore, "activate_pool", fails_after_the_device_is_made)
     name = dm_name("pool")
     with pytest.raises(RuntimeError, match="stopped after"):
         libdm.Pool.create_loop(name, directory, data_size="64M")

@@ -87,6 +87,28 @@ def test_create_loop_refuses_a_taken_name_or_directory(pool, dm_name, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+class LabelledPool(libdm.Pool):
+    """A subclass with state of its own, set up by its __init__."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label = "mine"
+
+
+def test_a_subclass_is_initialised_by_every_constructor(dm_name, tmp_path):
+    directory = tmp_path / "p"
+    made = LabelledPool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        assert type(made) is LabelledPool and made.label == "mine"
+        assert made.create_thin("vol", "4M").pool is made
+    finally:
+        made.close()
+    for opened in (LabelledPool.open(directory), LabelledPool.load(directory)):
+        with opened:
+            assert type(opened) is LabelledPool and opened.label == "mine"
+    libdm.Pool.open(directory).destroy(remove_files=True)
+
+
 def test_create_thin_sends_messages_and_activates(pool):
     dev = pool.create_thin("vol", "64M")
     assert (dev.name, dev.thin_id, dev.size) == ("vol", 0, 64 << 20)

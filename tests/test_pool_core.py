@@ -207,3 +207,24 @@ def test_the_lock_waits_then_names_the_lock_file(tmp_path):
         lock.held("create_thin", "p", 1.0, lambda: None),
     ):
         pass
+
+
+def test_a_pool_takes_a_new_lock_timeout(tmp_path):
+    # Loaded from a store alone (no device is touched); a change waits for
+    # the lock as long as the pool's lock_timeout says at that moment.
+    directory = tmp_path / "state"
+    made(directory).close()
+    pool = libdm.Pool.load(directory, lock_timeout=30.0)
+    holder = os.open(directory / "lock", os.O_RDWR)
+    try:
+        pool.lock_timeout = 0.05
+        assert pool.lock_timeout == 0.05
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(libdm.PoolLockedError, match=r"for more than 0\.05 s"):
+            pool.configure(base_size="1G")
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        pool.configure(base_size="1G")
+        assert pool.base_size == libdm.Bytes(1 << 30)
+    finally:
+        os.close(holder)
+        pool.close()

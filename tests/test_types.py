@@ -139,6 +139,32 @@ def test_units_are_distinct_types(tmp_path: Path) -> None:
     assert not missed, "mypy accepted mixed units on: " + "; ".join(source[n - 1] for n in missed)
 
 
+#: A user's typed monitor code, as it checked before Monitor was generic in
+#: its pool: bare ``Monitor`` and ``GrowCallback``, a callback on a Pool.
+MONITOR_USER = """
+import libdm
+from libdm.thin.monitor import GrowCallback, Monitor, Part
+
+def grow(pool: libdm.Pool, part: Part, old: libdm.Bytes, wanted: libdm.Bytes) -> bool:
+    return pool.name != "" and wanted > old
+
+callback: GrowCallback = grow
+
+def watch(pool: libdm.Pool) -> Monitor:
+    started: Monitor = pool.monitor(80, 20, grow=callback)
+    return started
+
+def watch_again(pool: libdm.Pool) -> Monitor | None:
+    with Monitor(pool, grow=grow) as running:
+        return running
+"""
+
+
+def test_monitor_checks_unparameterised_in_user_code(tmp_path: Path) -> None:
+    pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy)")
+    assert _run_mypy(tmp_path, monitor_user=MONITOR_USER) == []
+
+
 # -- the binding's stub, and the names a checker sees in the packages --------
 
 STUB = Path(libdm.__file__).resolve().parent / "_libdevmapper.pyi"

@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure, code = exc, EXIT_FAILED
         line = f"libdm: {_what(args)}: unreadable stored state: {error_text(exc)}"
     except (OSError, CommandError) as exc:
-        failure, code, line = exc, EXIT_FAILED, f"libdm: {_what(args)}: {error_text(exc)}"
+        failure, code = exc, EXIT_FAILED
+        line = f"libdm: {_what(args)}: {error_text(exc, args)}"
     except ValueError as exc:
         failure, code, line = exc, EXIT_USAGE, f"libdm: {_what(args)}: {error_text(exc)}"
     except KeyboardInterrupt as exc:

@@ -88,11 +88,17 @@ def load_pool(args: argparse.Namespace, *, live: bool = True) -> Pool:
     return pool
 
 
-def in_cli_words(exc: libdm.DMError) -> str:
+def in_cli_words(exc: libdm.DMError, args: argparse.Namespace | None = None) -> str:
     """The error's message for the shell: its remedy, if it has one, said
-    as the command's option (``force=True`` is ``--force``)."""
+    as the command's option (``force=True`` is ``--force``).  A remedy
+    whose option the command that ran (``args``) does not have is left
+    out: the remedy is an argument of a call deeper down (a busy thin
+    device's ``remove(deferred=True)`` under ``thin deactivate``), and
+    the command would refuse the option."""
     if exc.remedy is None:
         return exc.strerror or str(exc)
+    if args is not None and not hasattr(args, exc.remedy.argument):
+        return exc.reason
     option = "--" + exc.remedy.argument.replace("_", "-")
     return f"{exc.reason}; {exc.remedy.said(option)}"
 
@@ -106,15 +112,17 @@ def _kernel_reason(lines: Iterable[str]) -> str | None:
     return None
 
 
-def error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line saying what went wrong, for ``libdm: <what>: <this>``.
 
-    A :class:`libdm.DMError` gives its message, its errno's name and the
-    kernel's own reason when one was captured; another ``OSError`` its
-    message, file name and errno name; anything else its first line.
+    A :class:`libdm.DMError` gives its message (its remedy as an option
+    of the command ``args``, see :func:`in_cli_words`), its errno's name
+    and the kernel's own reason when one was captured; another
+    ``OSError`` its message, file name and errno name; anything else its
+    first line.
     """
     if isinstance(exc, libdm.DMError):
-        text = in_cli_words(exc)
+        text = in_cli_words(exc, args)
         name = errno.errorcode.get(exc.errno) if exc.errno else None
         if name:
             text += f" [{name}]"

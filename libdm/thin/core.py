@@ -232,7 +232,7 @@ class PoolCore:
         ):
             # The store has taken in other processes' changes (held); the
             # configuration is read again only if one of them changed it (a
-            # change of this process's own goes through _use_config).
+            # change of this process's own goes through use_config).
             if self.store.sequence != self._seen:
                 self.load()
             self._depth += 1
@@ -370,7 +370,7 @@ class PoolCore:
     def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never
         resumed, by a process killed mid-change.  A growth's intent is
-        finished before this (see :meth:`_finish_growth`); what is left
+        finished before this (see :meth:`finish_growth`); what is left
         was never recorded, so it is undone: the live table is loaded over
         the inactive one, and the pool is resumed."""
         info = ops.info(self.name)
@@ -570,7 +570,7 @@ class PoolCore:
         return ownership.live_thin(claim, operation)
 
     def live_or_gone(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
-        """:meth:`_live`, with this pool's own device that a create killed
+        """:meth:`live`, with this pool's own device that a create killed
         before its load left without a table removed (``None`` then)."""
         live = self.live(row, operation)
         if live is not None and not live.info.live_table:
@@ -700,7 +700,7 @@ class PoolCore:
         """Take back a kernel step whose record could not be written (a
         full or failing state filesystem), so that the error the caller
         raises means "nothing changed".  A failure to undo is logged: the
-        next :meth:`open` settles the device from the records."""
+        next :meth:`Pool.open <libdm.Pool.open>` settles the device from the records."""
         try:
             undo(*args)
         except (DMError, StateError) as exc:
@@ -737,7 +737,7 @@ class PoolCore:
         pool gets the blocks back, unless something holds it open (its
         user's data must not vanish under it) or the pool ignores
         discards.  ``live``: its device as the caller proved it
-        (:meth:`_live_or_gone`); an inactive device is activated for it,
+        (:meth:`live_or_gone`); an inactive device is activated for it,
         under its own uuid, and removed again.
 
         Raises:

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from libdm._backoff import Backoff
 from libdm.dm.errors import DMError
@@ -42,6 +42,8 @@ from libdm.thin.errors import PoolFailedError
 from libdm.thin.units import Bytes, Sectors, format_size, parse_size
 
 if TYPE_CHECKING:
+    import typing_extensions
+
     from libdm.thin.config import PoolKind
     from libdm.thin.growth import Region
     from libdm.thin.pooldev import PoolStatus
@@ -101,7 +103,13 @@ class Watched(Protocol):
 
 
 #: The pool a monitor watches (a :class:`~libdm.Pool`).
-W = TypeVar("W", bound=Watched)
+if TYPE_CHECKING:
+    # Unparameterised, Monitor and GrowCallback take any pool, as they did
+    # before Monitor was generic (mypy --strict accepts them bare then).
+    # typing's own TypeVar takes a default from Python 3.13 only.
+    W = typing_extensions.TypeVar("W", bound=Watched, default=Any)
+else:
+    W = TypeVar("W", bound="Watched")
 
 #: ``grow(pool, part, old_size, wanted_size) -> bool``: see :class:`Monitor`.
 GrowCallback = Callable[[W, Part, Bytes, Bytes], bool]

@@ -48,7 +48,7 @@ from libdm.thin.errors import (
     StateError,
 )
 from libdm.thin.growth import Growth, Region
-from libdm.thin.journal import GrowthIntent, Op
+from libdm.thin.journal import Op
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.pooldev import PoolStatus
 from libdm.thin.records import DeviceRecord
@@ -117,6 +117,7 @@ class Pool:
         *,
         lock_timeout: float = 30.0,
         _store: Store | None = None,
+        _core: PoolCore | None = None,
     ) -> None:
         """Read the pool's state (see :meth:`load`).  The state directory
         must be private and its files are never reached through a symlink
@@ -128,15 +129,17 @@ class Pool:
             PoolReadOnlyError: the directory is on a read-only filesystem.
             PermissionDeniedError: not allowed to read it.
         """
-        self._front(PoolCore(directory, lock_timeout=lock_timeout, store=_store))
+        if _core is None:
+            _core = PoolCore(directory, lock_timeout=lock_timeout, store=_store)
+        self._front(_core)
 
     @classmethod
     def from_core(cls, core: PoolCore) -> Self:
         """The pool whose core is ``core`` (the constructors in
-        :mod:`libdm.thin.creation` make the core, then its front)."""
-        pool = cls.__new__(cls)
-        pool._front(core)
-        return pool
+        :mod:`libdm.thin.creation` make the core, then its front).  Made
+        through ``__init__``, so that a subclass's own runs for a created
+        pool too, as for an opened one."""
+        return cls(core.directory, lock_timeout=core.lock_timeout, _core=core)
 
     def _front(self, core: PoolCore) -> None:
         self._core = core
@@ -187,6 +190,11 @@ class Pool:
     @property
     def lock_timeout(self) -> float:
         return self._core.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        # Settable, as when it was a plain attribute: the next change waits so long.
+        self._core.lock_timeout = seconds
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> Pool:
@@ -487,7 +495,7 @@ class Pool:
                     row.name,
                 )
         if resized:
-            # Every live device now has its recorded table (_activate
+            # Every live device now has its recorded table (activate
             # reloads one a killed resize left at its old length).
             self._core.drop_resize_intent()
 
@@ -517,11 +525,6 @@ class Pool:
                 name,
                 exc,
             )
-
-    # -- the journal's host (see libdm.thin.journal.JournalHost) -----------------------
-
-    def _finish_growth(self, intent: GrowthIntent, operation: str) -> bool:
-        return self._growth.finish(intent, operation)
 
     # -- devices ----------------------------------------------------------------------
 
@@ -1153,9 +1156,9 @@ class Pool:
         return self._core.backing.capabilities.discard_by_default if value is None else value
 
     def _discard_device(self, row: DeviceRecord, live: ownership.Live | None) -> None:
-        """Discard all of a device about to be deleted (see
-        :meth:`_discard_blocks`); giving space back is a courtesy, so a
-        failure is logged and the delete goes on (its data goes anyway)."""
+        """Discard all of a device about to be deleted (see the core's
+        ``discard_blocks``); giving space back is a courtesy, so a failure
+        is logged and the delete goes on (its data goes anyway)."""
         try:
             self._core.discard_blocks(row, Bytes(0), row.size.bytes(), live)
         except (DMError, OSError, ValueError) as exc:

@@ -203,9 +203,7 @@ class Pool:
 
     def _use_config(self, config: PoolConfig) -> None:
         """From now on, run on ``config`` (and the backing it records)."""
-        self._backing = backings.from_config(
-            self.kind.value, self._store.statedir, self.name, config.to_record()
-        )
+        self._backing = backings.from_config(self.kind, self._store.statedir, self.name, config)
         self.config = config
 
     def _update_config(self, config: PoolConfig) -> None:
@@ -562,7 +560,7 @@ class Pool:
             )
         changes = backing.relocation()
         if changes:
-            self._update_config(self.config.with_backing(changes))
+            self._update_config(self.config.with_backing(**changes))
 
     def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never

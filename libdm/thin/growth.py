@@ -246,13 +246,13 @@ class Growth:
         out = []
         # A repair's spare and the metadata it swapped out are the pool's too.
         fields = pool.config.backing
-        for side in (
+        for recorded in (
             fields.meta_segments,
             fields.data_segments,
             fields.spare_segments,
             fields.damaged_meta_segments,
         ):
-            segments = side or ()
+            segments = recorded or ()
             targets = backing.table(segments)
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:

@@ -166,7 +166,7 @@ def test_open_after_devices_came_up_in_another_order(dm_name, tmp_path, caplog):
         assert witness.checksum(reopened.device("v").path) == digest
         write_pattern(reopened.device("v").path, 0x00, 0, 8 * MiB)
         assert new_data in caplog.text
-        recorded = [seg[0] for seg in reopened.config.backing["data_segments"]]
+        recorded = [seg.path for seg in reopened.config.backing.data_segments]
         assert recorded == [new_data]
     finally:
         reopened.close()
@@ -195,7 +195,7 @@ def test_a_pool_made_before_labels_still_opens(dm_name, tmp_path, monkeypatch, c
         old.setattr(creation, "write_label", lambda path, label: None)
         pool = libdm.Pool.create(dm_name("old"), data, meta, state_dir=tmp_path / "st")
     assert witness.table(f"{pool.name}-tdata")[0].split()[3:] == [devno(data), "0"]
-    assert "label" not in str(pool.config.backing["data_segment_devices"])
+    assert [d.label for d in pool.config.backing.data_segment_devices] == [None]
     v = pool.create_thin("v", "16M")
     write_pattern(v.path, 0x42, 0, 4 * MiB)
     digest = witness.checksum(v.path)
@@ -234,7 +234,7 @@ def test_a_recorded_spare_is_found_by_its_label_not_its_path(dm_name, tmp_path):
     try:
         with pytest.raises(libdm.MetadataLossError):  # losses: nothing swapped in
             down.repair(spare=spare)
-        assert [s[0] for s in down.config.backing["spare_segments"]] == [spare]
+        assert [s.path for s in down.config.backing.spare_segments] == [spare]
     finally:
         down.close()
     names = [n for n in witness.names() if n.startswith(pool.name)]
@@ -251,7 +251,7 @@ def test_a_recorded_spare_is_found_by_its_label_not_its_path(dm_name, tmp_path):
     try:
         with pytest.raises(libdm.MetadataLossError):  # into the spare, found by its label
             down.repair()
-        recorded = [s[0] for s in down.config.backing["spare_segments"]]
+        recorded = [s.path for s in down.config.backing.spare_segments]
     finally:
         down.close()
     assert witness.checksum(order["theirs"]) == theirs_sum, "their disk was written"

@@ -75,7 +75,7 @@ def test_but_applies_typed_changes_and_none_clears():
     cleared = changed.but(base_device=None, repair=None)
     assert cleared.base_device is None and "repair" not in cleared.to_record()
     assert config.base_device is None  # frozen: the original is untouched
-    assert config.but(file_inodes={"data": 1}).backing["file_inodes"] == {"data": 1}
+    assert config.but(file_inodes={"data": 1}).backing.file_inodes == {"data": 1}
 
 
 def test_but_refuses_a_value_of_the_wrong_type_by_name():
@@ -86,10 +86,11 @@ def test_but_refuses_a_value_of_the_wrong_type_by_name():
 
 def test_with_backing_changes_only_the_backings_fields():
     config = PoolConfig.from_record(LOOP_RECORD)
-    moved = config.with_backing({"data_file": "data.new"})
-    assert moved.backing["data_file"] == "data.new" and moved.token == config.token
+    moved = config.with_backing(data_file="data.new")
+    assert moved.backing.data_file == "data.new" and moved.token == config.token
+    assert moved.to_record() == dict(LOOP_RECORD, data_file="data.new")
     with pytest.raises(ValueError, match="not fields of a pool's backing: token"):
-        config.with_backing({"token": "x"})
+        config.with_backing(token="x")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(

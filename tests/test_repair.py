@@ -23,6 +23,7 @@ from support import witness
 from support.blockio import MiB, attach, devno, read_at, write_at, write_pattern
 
 import libdm
+from libdm.thin.config import Segment
 from libdm.thin.label import RESERVED
 
 pytestmark = pytest.mark.kernel
@@ -571,7 +572,7 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
         dev = pool.create_thin(f"vol{n}", "8M")
         write_pattern(dev.path, 0x40 + n)
         sums[f"vol{n}"] = witness.checksum(dev.path)
-    meta_start, meta_len = (int(v) for v in pool.config.backing["meta_segments"][0][1:])
+    meta_start, meta_len = (int(v) for v in pool.config.backing.meta_segments[0][1:])
     pool.destroy()
     write_at(disk_file, meta_start * 512, bytes(4096))  # a zeroed superblock
     damaged = witness.checksum(disk_file, (meta_start + meta_len) * 512)
@@ -584,15 +585,15 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
         # keeps the repaired copy until the caller accepts it.
         with pytest.raises(libdm.MetadataLossError, match="not verified") as err:
             pool.repair()
-        [(spare_path, spare_start, spare_len)] = pool.config.backing["spare_segments"]
+        [(spare_path, spare_start, spare_len)] = pool.config.backing.spare_segments
         assert err.value.result.repaired == f"{disk} sectors {spare_start}+{meta_len}"
         assert witness.checksum(disk_file, (meta_start + meta_len) * 512) == damaged
         result = pool.repair(partial=True)  # into the spare recorded
         assert result.swapped and not result.lost
         assert [d.name for d in result.unverified] == ["vol0", "vol1", "vol2"]
         # The repaired copy is on the device's free part, past the data.
-        (path, start, length), *rest = pool.config.backing["meta_segments"]
-        _, data_start, data_len = pool.config.backing["data_segments"][0]
+        (path, start, length), *rest = pool.config.backing.meta_segments
+        _, data_start, data_len = pool.config.backing.data_segments[0]
         assert not rest and path == disk and start >= data_start + data_len
         assert (
             (path, start, length)
@@ -610,7 +611,7 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
             assert witness.checksum(pool.device(f"vol{n}").path) == sums[f"vol{n}"]
         # The damaged copy is kept as it was, and reserved.
         assert witness.checksum(disk_file, (meta_start + meta_len) * 512) == damaged
-        assert pool.config.backing["damaged_meta_segments"] == [[disk, meta_start, meta_len]]
+        assert pool.config.backing.damaged_meta_segments == (Segment(disk, meta_start, meta_len),)
         assert f"{disk} sectors {meta_start}+{meta_len}" == result.damaged
         # Nothing is offered for growth over either copy.
         assert [r[1] for r in pool.free_regions()] == [start + meta_len]
@@ -634,9 +635,9 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
             ("vol2", lost, lost),
         ]
         assert not result.swapped
-        assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]
+        assert pool.config.backing.meta_segments == (Segment(disk, start, meta_len),)
         # After the label that makes the spare the pool's own.
-        assert pool.config.backing["spare_segments"] == [[spare, R, meta_len]]
+        assert pool.config.backing.spare_segments == (Segment(spare, R, meta_len),)
         assert mapped_blocks(spare, R * 512, meta_len * 512) == {0: lost, 1: 0, 2: lost}
         assert witness.info(name) is None
     finally:
@@ -652,7 +653,7 @@ def test_a_block_pool_is_repaired_into_a_spare_it_owns(dm_name, tmp_path):
     assert f"is kept ({spare} sectors {R}+{meta_len})" in proc.stderr
     pool = libdm.Pool.load(state)
     try:
-        assert pool.config.backing["meta_segments"] == [[disk, start, meta_len]]
+        assert pool.config.backing.meta_segments == (Segment(disk, start, meta_len),)
     finally:
         pool.close()
 
@@ -711,7 +712,7 @@ def test_metadata_damaged_anywhere_is_repaired_or_the_loss_reported(dm_name, tmp
             return 0, os.stat(meta).st_size
         pool = libdm.Pool.load(directory)
         try:
-            [segment] = pool.config.backing["meta_segments"]
+            [segment] = pool.config.backing.meta_segments
         finally:
             pool.close()
         return segment_region(segment)
@@ -760,7 +761,7 @@ def test_metadata_damaged_anywhere_is_repaired_or_the_loss_reported(dm_name, tmp
                 if kind == "loop":
                     repaired = mapped_blocks(result.repaired)
                 else:
-                    [spare] = pool.config.backing["spare_segments"]
+                    [spare] = pool.config.backing.spare_segments
                     repaired = mapped_blocks(meta, *segment_region(spare))
                 for d in result.devices:
                     assert d.after == repaired.get(d.thin_id), (block, d)

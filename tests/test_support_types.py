@@ -20,6 +20,7 @@ from libdm.thin.backing import (
     Segment,
     segment_changes,
 )
+from libdm.thin.config import PoolConfig
 from libdm.thin.errors import StateError
 from libdm.thin.monitor import Monitor
 from libdm.thin.units import Bytes, DataBlocks, MetaBlocks, Sectors
@@ -91,30 +92,50 @@ def test_watch_state_of_a_registered_pool_without_a_service(
 
 # -- a backing's segments -----------------------------------------------------------------
 
+#: A stored configuration without the backing's fields.
+RECORD = {
+    "block_size": 128,
+    "low_water_mark": 0,
+    "features": [],
+    "min_free_space": 10,
+    "deferred_removal": True,
+    "deferred_deletion": True,
+    "base_device": None,
+    "token": "0123456789abcdef0123456789abcdef",
+}
+
 
 def test_segments_keep_their_stored_form() -> None:
     seg = Segment.of(["/dev/x", 8, None])
     assert seg == Segment("/dev/x", Sectors(8), None)
     assert seg.to_json() == ["/dev/x", 8, None]
     backing = LinearBacking(
-        "p", [["/dev/m", 0, 4096]], [["/dev/d", 0, None]], [{"path": "/dev/m", "size": 1 << 22}]
+        "p",
+        [["/dev/m", 0, 4096]],
+        [["/dev/d", 0, None]],
+        [RecordedDevice("/dev/m", Bytes(1 << 22))],
     )
     assert backing.meta_segments == [Segment("/dev/m", Sectors(0), Sectors(4096))]
     assert backing.meta_devices == [RecordedDevice("/dev/m", Bytes(1 << 22))]
     # The stored form is what it was before the values were typed.
-    assert json.loads(json.dumps(backing.config())) == {
-        "meta_segments": [["/dev/m", 0, 4096]],
-        "data_segments": [["/dev/d", 0, None]],
-        "meta_segment_devices": [{"path": "/dev/m", "size": 1 << 22}],
-    }
+    stored = PoolConfig.from_record(RECORD).with_backing(**backing.config()).to_record()
+    assert stored == dict(
+        RECORD,
+        meta_segments=[["/dev/m", 0, 4096]],
+        data_segments=[["/dev/d", 0, None]],
+        meta_segment_devices=[{"path": "/dev/m", "size": 1 << 22}],
+    )
     assert backing.describe() == Description("/dev/d", "/dev/m (sectors 0+4096)")
     assert backing.paths() == ["/dev/m", "/dev/d"]
 
 
 def test_segment_changes_are_in_the_stored_form() -> None:
-    config = {"data_segments": [["/dev/d", 0, None]]}
+    config = PoolConfig.from_record(dict(RECORD, data_segments=[["/dev/d", 0, None]]))
     changes = segment_changes(config, "data_segments", [["/dev/d", 0, 64], ["/dev/e", 0, None]])
-    assert changes == {"data_segments": [["/dev/d", 0, 64], ["/dev/e", 0, None]]}
+    assert changes == {"data_segments": [Segment("/dev/d", 0, 64), Segment("/dev/e", 0, None)]}
+    assert config.with_backing(**changes).to_record() == dict(
+        RECORD, data_segments=[["/dev/d", 0, 64], ["/dev/e", 0, None]]
+    )
 
 
 # -- the monitor's backoff ---------------------------------------------------------------

@@ -36,9 +36,9 @@ from libdm.dm.blockdev import LOOP_MAJOR, loop_status, open_block_device, signat
 from libdm.dm.errors import NoSuchDeviceError
 from libdm.dm.target import Target
 from libdm.thin import crash, ownership
-from libdm.thin.config import PoolKind
+from libdm.thin.config import BackingChanges, PoolConfig, PoolKind, RecordedDevice, Segment
 from libdm.thin.errors import ForeignDeviceError, StateError
-from libdm.thin.label import RESERVED, LabelRef, erase_label, find_labelled, read_label
+from libdm.thin.label import RESERVED, erase_label, find_labelled, read_label
 from libdm.thin.store import DB_NAME
 from libdm.thin.units import Bytes, Sectors, format_size
 
@@ -66,61 +66,6 @@ logger = logging.getLogger("libdm")
 
 DATA_FILE = "data"
 METADATA_FILE = "metadata"
-
-
-class Segment(NamedTuple):
-    """A region of a block device, in sectors, as a linear table maps it.
-
-    Stored in the pool's state as the JSON list ``[path, start, length]``.
-
-    Attributes:
-        path: the block device.
-        start: its first sector.
-        length: its number of sectors, or ``None`` for "to the end of the
-            device" (so a device that grows is picked up by a refresh).
-    """
-
-    path: str
-    start: Sectors
-    length: Sectors | None
-
-    @classmethod
-    def of(cls, value: Sequence[Any]) -> Segment:
-        """A segment from its stored ``[path, start, length]`` (checked by
-        :func:`from_config`) or from another segment."""
-        path, start, length = value
-        return cls(str(path), Sectors(start), None if length is None else Sectors(length))
-
-    def to_json(self) -> list[str | int | None]:
-        """The stored form, ``[path, start, length]``."""
-        return [self.path, int(self.start), None if self.length is None else int(self.length)]
-
-
-class RecordedDevice(NamedTuple):
-    """What a pool records of a segment's device when it starts using it,
-    so that a later open can tell another device under the same path.
-
-    Stored as the JSON object ``{"path": ..., "size": ...}``, with
-    ``"label": {"role": ..., "index": ...}`` when the device carries the
-    pool's label (see :mod:`libdm.thin.label`); a device without one (a
-    pool made before labels) is known by its path and size only.
-    """
-
-    path: str
-    size: Bytes
-    label: LabelRef | None = None
-
-    @classmethod
-    def of(cls, value: Mapping[str, Any]) -> RecordedDevice:
-        """From the stored form (checked by :func:`from_config`)."""
-        return cls(str(value["path"]), Bytes(value["size"]), LabelRef.parse(value.get("label")))
-
-    def to_json(self) -> dict[str, Any]:
-        """The stored form, ``{"path": ..., "size": ..., "label": ...}``."""
-        out: dict[str, Any] = {"path": self.path, "size": int(self.size)}
-        if self.label is not None:
-            out["label"] = self.label.to_json()
-        return out
 
 
 class Description(NamedTuple):
@@ -169,7 +114,7 @@ class Backing(Protocol):
     kind: ClassVar[PoolKind]
     capabilities: ClassVar[Capabilities]
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> BackingChanges:
         """The backing's fields of the pool's stored configuration."""
         ...
 
@@ -326,9 +271,9 @@ class LoopBacking:
         self.metadata_file = statedir.join(METADATA_FILE)
         self.inodes: dict[str, int] | None = None if inodes is None else dict(inodes)
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> BackingChanges:
         """The backing's fields of the pool's stored configuration."""
-        config: dict[str, Any] = {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
+        config: BackingChanges = {"data_file": DATA_FILE, "metadata_file": METADATA_FILE}
         if self.inodes is not None:
             config["file_inodes"] = dict(self.inodes)
         return config
@@ -602,12 +547,12 @@ class LinearBacking:
         pool_name: str,
         meta_segments: Iterable[Sequence[Any]],
         data_segments: Iterable[Sequence[Any]],
-        meta_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
-        data_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
+        meta_devices: Iterable[RecordedDevice] | None = None,
+        data_devices: Iterable[RecordedDevice] | None = None,
         spare_segments: Iterable[Sequence[Any]] | None = None,
         damaged_meta_segments: Iterable[Sequence[Any]] | None = None,
         token: str | None = None,
-        spare_devices: Iterable[RecordedDevice | Mapping[str, Any]] | None = None,
+        spare_devices: Iterable[RecordedDevice] | None = None,
     ) -> None:
         self.pool_name = pool_name
         # Names the uuids of the pieces (see ownership.piece_uuid) and the
@@ -687,26 +632,36 @@ class LinearBacking:
             unmarked=table,
         )
 
-    def config(self) -> dict[str, Any]:
-        """The backing's fields of the pool's stored configuration (JSON)."""
-        config: dict[str, Any] = {
-            "meta_segments": [seg.to_json() for seg in self.meta_segments],
-            "data_segments": [seg.to_json() for seg in self.data_segments],
+    def config(self) -> BackingChanges:
+        """The backing's fields of the pool's stored configuration."""
+        return self._fields(lambda path: path)
+
+    def _fields(self, where: Callable[[str], str]) -> BackingChanges:
+        """The backing's fields, each device's path mapped by ``where``:
+        the recorded devices (``None``: not recorded, an older store) and
+        the repair's segments (none: not stored)."""
+
+        def segs(segments: list[Segment]) -> list[Segment]:
+            return [s._replace(path=where(s.path)) for s in segments]
+
+        def devs(devices: list[RecordedDevice] | None) -> list[RecordedDevice] | None:
+            return None if devices is None else [d._replace(path=where(d.path)) for d in devices]
+
+        fields: BackingChanges = {
+            "meta_segments": segs(self.meta_segments),
+            "data_segments": segs(self.data_segments),
         }
-        for key, devices in (
-            ("meta_segment_devices", self.meta_devices),
-            ("data_segment_devices", self.data_devices),
-            ("spare_segment_devices", self.spare_devices),
-        ):
-            if devices is not None:
-                config[key] = [dev.to_json() for dev in devices]
-        for key, segments in (
-            ("spare_segments", self.spare_segments),
-            ("damaged_meta_segments", self.damaged_meta_segments),
-        ):
-            if segments:
-                config[key] = [seg.to_json() for seg in segments]
-        return config
+        if self.meta_devices is not None:
+            fields["meta_segment_devices"] = devs(self.meta_devices)
+        if self.data_devices is not None:
+            fields["data_segment_devices"] = devs(self.data_devices)
+        if self.spare_devices is not None:
+            fields["spare_segment_devices"] = devs(self.spare_devices)
+        if self.spare_segments:
+            fields["spare_segments"] = segs(self.spare_segments)
+        if self.damaged_meta_segments:
+            fields["damaged_meta_segments"] = segs(self.damaged_meta_segments)
+        return fields
 
     def paths(self) -> list[str]:
         """Every device path the pool uses."""
@@ -790,34 +745,12 @@ class LinearBacking:
         label (moves are kept in :attr:`moved`)."""
         return self.table(segments, devices, token=self.token, moved=self.moved)
 
-    def relocation(self) -> dict[str, Any]:
+    def relocation(self) -> BackingChanges:
         """The configuration changes that record the labelled devices found
         under new paths (:attr:`moved`) there; empty if none moved."""
         if not self.moved:
             return {}
-
-        def seg(s: Segment) -> list[str | int | None]:
-            return s._replace(path=self.moved.get(s.path, s.path)).to_json()
-
-        changes: dict[str, Any] = {}
-        for key, segments in (
-            ("meta_segments", self.meta_segments),
-            ("data_segments", self.data_segments),
-            ("spare_segments", self.spare_segments),
-            ("damaged_meta_segments", self.damaged_meta_segments),
-        ):
-            if segments:
-                changes[key] = [seg(s) for s in segments]
-        for key, devices in (
-            ("meta_segment_devices", self.meta_devices),
-            ("data_segment_devices", self.data_devices),
-            ("spare_segment_devices", self.spare_devices),
-        ):
-            if devices is not None:
-                changes[key] = [
-                    d._replace(path=self.moved.get(d.path, d.path)).to_json() for d in devices
-                ]
-        return changes
+        return self._fields(lambda path: self.moved.get(path, path))
 
     def labelled_devices(self) -> list[RecordedDevice]:
         """The recorded devices that carry the pool's label."""
@@ -961,12 +894,8 @@ class LinearBacking:
         return None
 
 
-def _recorded(
-    devices: Iterable[RecordedDevice | Mapping[str, Any]] | None,
-) -> list[RecordedDevice] | None:
-    if devices is None:
-        return None
-    return [d if isinstance(d, RecordedDevice) else RecordedDevice.of(d) for d in devices]
+def _recorded(devices: Iterable[RecordedDevice] | None) -> list[RecordedDevice] | None:
+    return None if devices is None else list(devices)
 
 
 def record_devices(
@@ -984,27 +913,32 @@ def record_devices(
 
 
 def segment_changes(
-    config: Mapping[str, Any],
+    config: PoolConfig,
     side: Literal["meta_segments", "data_segments"],
     segments: Sequence[Sequence[Any]],
-) -> dict[str, Any]:
+) -> BackingChanges:
     """The configuration changes that make ``segments`` (the pool's, then
     one more) its ``side`` (``"meta_segments"`` or ``"data_segments"``),
     recording the new segment's device where the others are recorded.
 
-    Returns:
-        The changed fields, in their stored (JSON) form.
-
     Raises:
         OSError: the new segment's device cannot be opened.
     """
-    changes: dict[str, Any] = {side: [Segment.of(seg).to_json() for seg in segments]}
-    key = side.replace("_segments", "_segment_devices")
-    recorded = config.get(key)
-    token = config.get("token") if isinstance(config.get("token"), str) else None
+    typed = [Segment.of(seg) for seg in segments]
+    meta = side == "meta_segments"
+    recorded = config.backing.meta_segment_devices if meta else config.backing.data_segment_devices
+    devices = None
     if recorded is not None and len(recorded) == len(segments) - 1:
-        new = record_devices(segments[-1:], token)
-        changes[key] = list(recorded) + [d.to_json() for d in new]
+        devices = [*recorded, *record_devices(typed[-1:], config.token)]
+    changes: BackingChanges = {}
+    if meta:
+        changes["meta_segments"] = typed
+        if devices is not None:
+            changes["meta_segment_devices"] = devices
+    else:
+        changes["data_segments"] = typed
+        if devices is not None:
+            changes["data_segment_devices"] = devices
     return changes
 
 
@@ -1172,7 +1106,7 @@ class AdoptedBacking:
         growth_hint="its devices are not libdm's",
     )
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> BackingChanges:
         """No fields: libdm records nothing of the pool's devices."""
         return {}
 
@@ -1267,7 +1201,7 @@ def _loop_holding(devno: str, key: tuple[int, int]) -> str | None:
 
 
 def from_config(
-    kind: PoolKind | str, statedir: StateDir, pool_name: str, config: Mapping[str, Any]
+    kind: PoolKind | str, statedir: StateDir, pool_name: str, config: PoolConfig
 ) -> Backing:
     """Rebuild the backing recorded in a pool's state.
 
@@ -1275,123 +1209,64 @@ def from_config(
         kind: the pool's kind (or its stored string).
         statedir: the pool's :class:`~libdm.thin.statedir.StateDir`.
         pool_name: the pool's name.
-        config: the stored configuration (a dict).
+        config: the pool's stored configuration.
 
     Raises:
-        StateError: an unknown kind, or a backing field missing or of the
-            wrong shape (the store and the field are named).
+        StateError: an unknown kind, or a backing field the kind needs
+            missing or of the wrong shape (the store and the field are
+            named; see :meth:`~libdm.thin.config.BackingFields.damage`).
     """
     where = f"the pool state in {statedir.join(DB_NAME)}"
     parsed = PoolKind.parse(kind, where)
-
-    def damaged(field: str, why: str) -> StateError:
-        return StateError(
+    found = config.backing.damage(parsed)
+    if found is not None:
+        field, why = found
+        raise StateError(
             f"{where} is damaged: the {parsed.value!r} pool's field {field!r} {why}; "
             f"nothing was changed",
             "open",
             None,
         )
-
-    return _READERS[parsed](statedir, pool_name, config, damaged)
-
-
-_Damaged = Callable[[str, str], StateError]
+    return _READERS[parsed](statedir, pool_name, config)
 
 
-def _loop_from_config(
-    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
-) -> LoopBacking:
-    inodes = config.get("file_inodes")
-    if inodes is not None and not (
-        isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())
-    ):
-        raise damaged("file_inodes", f"is {inodes!r}, not a map of names to inodes")
+def _loop_from_config(statedir: StateDir, pool_name: str, config: PoolConfig) -> LoopBacking:
+    fields = config.backing
     sizes = {
-        name: config[field]
-        for name, field in ((DATA_FILE, "data_size"), (METADATA_FILE, "metadata_size"))
-        if isinstance(config.get(field), int) and not isinstance(config.get(field), bool)
+        name: int(size)
+        for name, size in ((DATA_FILE, fields.data_size), (METADATA_FILE, fields.metadata_size))
+        if size is not None
     }
-    return LoopBacking(statedir, inodes, sizes)
+    return LoopBacking(statedir, fields.file_inodes, sizes)
 
 
-def _linear_from_config(
-    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
-) -> LinearBacking:
-    sides: dict[str, list[Any]] = {}
-    for field in ("meta_segments", "data_segments"):
-        why = _bad_segments(config.get(field))
-        if why:
-            raise damaged(field, why)
-        sides[field] = config[field]
-    for field in ("meta_segment_devices", "data_segment_devices", "spare_segment_devices"):
-        why = _bad_devices(config.get(field))
-        if why:
-            raise damaged(field, why)
-    for field in ("spare_segments", "damaged_meta_segments"):
-        if config.get(field):
-            why = _bad_segments(config[field])
-            if why:
-                raise damaged(field, why)
+def _linear_from_config(statedir: StateDir, pool_name: str, config: PoolConfig) -> LinearBacking:
+    fields = config.backing
+    # Checked by BackingFields.damage: both sides are there.
+    assert fields.meta_segments is not None and fields.data_segments is not None
     return LinearBacking(
         pool_name,
-        sides["meta_segments"],
-        sides["data_segments"],
-        config.get("meta_segment_devices"),
-        config.get("data_segment_devices"),
-        config.get("spare_segments"),
-        config.get("damaged_meta_segments"),
-        token=config.get("token") if isinstance(config.get("token"), str) else None,
-        spare_devices=config.get("spare_segment_devices"),
+        fields.meta_segments,
+        fields.data_segments,
+        fields.meta_segment_devices,
+        fields.data_segment_devices,
+        fields.spare_segments,
+        fields.damaged_meta_segments,
+        token=config.token,
+        spare_devices=fields.spare_segment_devices,
     )
 
 
-def _adopted_from_config(
-    statedir: StateDir, pool_name: str, config: Mapping[str, Any], damaged: _Damaged
-) -> AdoptedBacking:
+def _adopted_from_config(statedir: StateDir, pool_name: str, config: PoolConfig) -> AdoptedBacking:
     return AdoptedBacking()
 
 
 #: How each kind's backing is read from the stored configuration.
-_READERS: Mapping[PoolKind, Callable[[StateDir, str, Mapping[str, Any], _Damaged], Backing]] = {
+_READERS: Mapping[PoolKind, Callable[[StateDir, str, PoolConfig], Backing]] = {
     PoolKind.LOOP: _loop_from_config,
     PoolKind.BLOCK: _linear_from_config,
     PoolKind.ADOPTED: _adopted_from_config,
 }
-
-
-def _bad_segments(segments: object) -> str | None:
-    """Why ``segments`` is not a list of ``[path, start, length]``, or None."""
-    if not isinstance(segments, list) or not segments:
-        return "is missing" if segments is None else f"is {segments!r}, not a list of segments"
-    for seg in segments:
-        if not (
-            isinstance(seg, list)
-            and len(seg) == 3
-            and isinstance(seg[0], str)
-            and _count(seg[1])
-            and (seg[2] is None or _count(seg[2]))
-        ):
-            return f"holds {seg!r}, not [path, start sector, length or null]"
-    return None
-
-
-def _bad_devices(devices: object) -> str | None:
-    """Why ``devices`` is not None nor a list of ``{"path", "size"}``, or None."""
-    if devices is None:
-        return None
-    if isinstance(devices, list) and all(
-        isinstance(d, dict)
-        and isinstance(d.get("path"), str)
-        and _count(d.get("size"))
-        and (d.get("label") is None or LabelRef.parse(d["label"]) is not None)
-        for d in devices
-    ):
-        return None
-    return f"is {devices!r}, not a list of {{path, size, label}} records"
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def default_metadata_size(data_size: Bytes, block_size: Sectors) -> Bytes:

@@ -179,9 +179,7 @@ class PoolCore:
 
     def data_sectors(self, config: PoolConfig) -> Sectors:
         """The data device's size under ``config``."""
-        backing = backings.from_config(
-            self.kind, self.store.statedir, self.name, config.to_record()
-        )
+        backing = backings.from_config(self.kind, self.store.statedir, self.name, config)
         return backing.data_sectors()
 
     def close(self) -> None:
@@ -200,9 +198,7 @@ class PoolCore:
 
     def use_config(self, config: PoolConfig) -> None:
         """From now on, run on ``config`` (and the backing it records)."""
-        self.backing = backings.from_config(
-            self.kind.value, self.store.statedir, self.name, config.to_record()
-        )
+        self.backing = backings.from_config(self.kind, self.store.statedir, self.name, config)
         self.config = config
 
     def update_config(self, config: PoolConfig) -> None:
@@ -365,7 +361,7 @@ class PoolCore:
             )
         changes = backing.relocation()
         if changes:
-            self.update_config(self.config.with_backing(changes))
+            self.update_config(self.config.with_backing(**changes))
 
     def _settle_live_pool(self, operation: str) -> None:
         """A live pool left suspended, or with a table loaded but never

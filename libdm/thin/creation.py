@@ -486,11 +486,12 @@ def _create(
             with store.transaction():
                 store.record_made_files(made_files)
         crash.point("pool:made")
-        record.update(backing.config())
         # Whether destroy(remove_files=True) may remove the directory.
         record["made_directory"] = statedir.made
         # Refuses what it cannot read.
-        pool_config = PoolConfig.from_record(record, "the new configuration")
+        pool_config = PoolConfig.from_record(record, "the new configuration").with_backing(
+            **backing.config()
+        )
         # The pool row goes in before the device exists: a crash from
         # here on leaves a pool that Pool.open finishes bringing up.
         store.init_pool(

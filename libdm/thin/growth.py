@@ -199,9 +199,10 @@ class Growth:
             )
             # Segments before the new one are pinned to their current length:
             # if one of them grew later, everything after it would shift.
+            fields = core.config.backing
+            recorded = fields.meta_segments if metadata else fields.data_segments
             segments: list[list[Any]] = [
-                [path, seg_start, seg_length]
-                for path, seg_start, seg_length in core.config.backing[side]
+                [seg.path, int(seg.start), seg.length] for seg in recorded or ()
             ]
             for seg, target in zip(segments, backing.table(segments), strict=False):
                 seg[2] = int(target.length)
@@ -225,8 +226,8 @@ class Growth:
             # The devices are recorded as at creation (size, path, label), so
             # a forged or swapped device is refused at the next open.
             try:
-                changes = backings.segment_changes(core.config.to_record(), side, segments)
-                self.grow("extend", core.config.with_backing(changes))
+                changes = backings.segment_changes(core.config, side, segments)
+                self.grow("extend", core.config.with_backing(**changes))
             except BaseException:
                 if label is not None:
                     erase_label(device, core.config.token)
@@ -242,12 +243,18 @@ class Growth:
             return []
         out = []
         # A repair's spare and the metadata it swapped out are the pool's too.
-        for side in ("meta_segments", "data_segments", "spare_segments", "damaged_meta_segments"):
-            segments = core.config.backing.get(side) or []
+        fields = core.config.backing
+        for recorded in (
+            fields.meta_segments,
+            fields.data_segments,
+            fields.spare_segments,
+            fields.damaged_meta_segments,
+        ):
+            segments = recorded or ()
             targets = backing.table(segments)
             for (path, start, _), target in zip(segments, targets, strict=True):
                 if os.path.exists(path) and os.stat(path).st_rdev == rdev:
-                    out.append((start, start + int(target.length)))
+                    out.append((int(start), int(start) + int(target.length)))
         # So is the first MiB of a device carrying the pool's label.
         for record in backing.labelled_devices():
             if os.path.exists(record.path) and os.stat(record.path).st_rdev == rdev:

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 from libdm.dm import loop, ops
 from libdm.dm.errors import DeviceBusyError, Remedy
 from libdm.thin import backing as backings
+from libdm.thin.config import BackingChanges
 from libdm.thin.core import PoolCore
 from libdm.thin.errors import PoolFailedError, StateError
 from libdm.thin.growth import Growth
@@ -550,7 +551,7 @@ def _repair_loop(pool: PoolCore, backing: backings.LoopBacking, partial: bool) -
             "repair",
             pool.name,
         )
-    inodes = dict(pool.config.backing.get("file_inodes") or {})
+    inodes = dict(pool.config.backing.file_inodes or {})
     inodes["metadata"] = spare_st.st_ino
     inodes.pop(SPARE, None)  # it is the metadata now
     pool.update_config(pool.config.but(file_inodes=inodes, repair=damaged))
@@ -599,7 +600,7 @@ def _keep_damaged(statedir: StateDir, current: os.stat_result, name: str, pool: 
 
 def _record_spare(pool: PoolCore, inode: int | None) -> None:
     """Record ``inode`` as the pool's spare file (``None``: it has none)."""
-    inodes = dict(pool.config.backing.get("file_inodes") or {})
+    inodes = dict(pool.config.backing.file_inodes or {})
     if inode is None:
         inodes.pop(SPARE, None)
     else:
@@ -619,7 +620,7 @@ def _clear_spare(pool: PoolCore) -> None:
     st = statedir.check_file(SPARE, "repair", "spare metadata file")
     if st is None:
         return
-    recorded = (pool.config.backing.get("file_inodes") or {}).get(SPARE)
+    recorded = (pool.config.backing.file_inodes or {}).get(SPARE)
     if st.st_ino != recorded:
         raise StateError(
             f"{statedir.join(SPARE)} is not a spare a repair of pool {pool.name!r} made "
@@ -643,10 +644,9 @@ def finish_swap(pool: PoolCore) -> None:
     statedir = pool.store.statedir
     if statedir.lstat(SPARE) is not None:
         current = statedir.lstat("metadata")
-        if (
-            current is not None
-            and current.st_ino != pool.config.backing["file_inodes"]["metadata"]
-        ):
+        # Recorded with the repair (see _repair_loop).
+        recorded = (pool.config.backing.file_inodes or {}).get("metadata")
+        if current is not None and current.st_ino != recorded:
             _keep_damaged(statedir, current, damaged, pool.name)
         os.rename(SPARE, "metadata", src_dir_fd=statedir.fd, dst_dir_fd=statedir.fd)
         os.fsync(statedir.fd)
@@ -721,12 +721,7 @@ def _pick_spare(
         chosen = [backings.Segment(path, start, length)]
     devices = backings.record_devices(chosen, pool.config.token)
     pool.update_config(
-        pool.config.with_backing(
-            {
-                "spare_segments": [seg.to_json() for seg in chosen],
-                "spare_segment_devices": [d.to_json() for d in devices],
-            }
-        )
+        pool.config.with_backing(spare_segments=chosen, spare_segment_devices=devices)
     )
     return chosen
 
@@ -750,7 +745,7 @@ def _proven_spare(
     if backing.spare_devices is not None:
         backing.mapped(recorded, backing.spare_devices)  # refuses another device
         if backing.moved:
-            pool.update_config(pool.config.with_backing(backing.relocation()))
+            pool.update_config(pool.config.with_backing(**backing.relocation()))
             moved = backing.moved
             return [seg._replace(path=moved.get(seg.path, seg.path)) for seg in recorded]
         return recorded
@@ -819,19 +814,15 @@ def _repair_block(
     # The pieces go down and the configuration names the spare as the
     # metadata in one store transaction; Pool.open builds them afresh.
     backing.teardown()
-    changes: dict[str, object] = {
-        "meta_segments": [seg.to_json() for seg in segments],
+    changes: BackingChanges = {
+        "meta_segments": segments,
         "spare_segments": None,
         "spare_segment_devices": None,
-        "damaged_meta_segments": [
-            seg.to_json() for seg in [*backing.damaged_meta_segments, *meta]
-        ],
+        "damaged_meta_segments": [*backing.damaged_meta_segments, *meta],
     }
     if backing.meta_devices is not None:
-        changes["meta_segment_devices"] = [
-            d.to_json() for d in backings.record_devices(segments, pool.config.token)
-        ]
-    pool.update_config(pool.config.with_backing(changes))
+        changes["meta_segment_devices"] = backings.record_devices(segments, pool.config.token)
+    pool.update_config(pool.config.with_backing(**changes))
     return RepairResult(pool.name, _describe(meta), _describe(segments), True, devices)
 
 

@@ -231,11 +231,12 @@ def test_a_table_the_kernel_refuses_is_undone(monkeypatch, make_pool):
     # metadata does not hold): the new device's thin id and record go
     # again, through the journal, and the pool is as before.
     from libdm.dm.target import Target
+    from libdm.thin.core import PoolCore
 
     pool = make_pool(data_size="64M")
     monkeypatch.setattr(
-        type(pool),
-        "_thin_table",
+        PoolCore,
+        "thin_table",
         lambda self, row, devno: [Target(0, row.size, "thin", f"{devno} {row.thin_id + 1000}")],
     )
     with pytest.raises(libdm.DMError):

@@ -72,7 +72,9 @@ def test_every_crash_point_is_covered():
         "pool:made",
         "pool:created",
         "resize_device:recorded",
-    }  # the last in test_thin_resize.py
+        "activate:made",
+        "deactivate:removed",
+    }  # resize_device in test_thin_resize.py, the (de)activations in test_recovery.py
     assert covered == set(crash.POINTS)
 
 

@@ -116,6 +116,32 @@ def test_the_next_change_finishes_an_interrupted_one(dm_name, tmp_path, entry, c
         held.close()
 
 
+@pytest.mark.parametrize("change", ["activate", "deactivate"])
+@pytest.mark.parametrize("entry", ["library", "load", "cli"])
+def test_the_next_change_settles_an_interrupted_activation(dm_name, tmp_path, entry, change):
+    """An activation killed between its kernel step and its record left the
+    device live but recorded inactive (a deactivation: gone but recorded
+    active).  The next change through any entry point, not only Pool.open,
+    makes the record and the kernel agree again."""
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        victim = held.create_thin("victim", "8M")
+        if change == "activate":
+            victim.deactivate()
+        point = f"{change}:{'made' if change == 'activate' else 'removed'}"
+        proc = run_child(directory, f"p.device('victim').{change}()\n", crash_at=point)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr  # it really died there
+        live = held.device_dm_name("victim") in witness.names()
+        assert live == (change == "activate")  # the kernel step was done
+        create_after(entry, held, directory)
+        with libdm.Pool.load(directory) as pool:
+            assert_consistent(pool)
+            assert "after" in {d.name for d in pool.devices()}
+    finally:
+        held.close()
+
+
 @pytest.mark.parametrize("entry", ["library", "load", "cli"])
 def test_the_next_change_finishes_an_interrupted_resize(dm_name, tmp_path, entry):
     """A resize killed between its record and its reload left the live

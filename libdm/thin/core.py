@@ -30,7 +30,7 @@ from libdm.dm import blockdev, ops
 from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
-from libdm.thin import ownership
+from libdm.thin import crash, ownership
 from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.errors import (
     REPAIR_HINT,
@@ -260,6 +260,9 @@ class PoolCore:
         resized = self.store.resize_intent()
         if resized is not None:
             parts.append(f"resize of {resized!r}")
+        switched = self.store.activation_intent()
+        if switched is not None:
+            parts.append(f"activation or deactivation of {switched!r}")
         return ", ".join(parts) or None
 
     def drop_resize_intent(self) -> None:
@@ -271,6 +274,16 @@ class PoolCore:
                 self.store.drop_resize_intent()
         except (DMError, OSError, sqlite3.Error) as exc:
             logger.warning("pool %s: could not clear a finished resize's mark: %s", self.name, exc)
+
+    def drop_activation_intent(self) -> None:
+        """Every device is live exactly when its record says: drop the mark
+        (see :meth:`mark_activation`); as :meth:`drop_resize_intent`, a
+        failure is only logged."""
+        try:
+            with self.store.transaction(durable=False):
+                self.store.drop_activation_intent()
+        except (DMError, OSError, sqlite3.Error) as exc:
+            logger.warning("pool %s: could not clear an activation's mark: %s", self.name, exc)
 
     @property
     def block_size(self) -> Sectors:
@@ -607,6 +620,12 @@ class PoolCore:
         dm_name = self.device_dm_name(row.name)
         table = self.thin_table(row, self.device.devno())
         uuid = ownership.thin_uuid(self.config.token, row.thin_id)
+        if not row.active:
+            # Marked before the kernel step: a kill between it and the record
+            # leaves the mark, and the next change through any entry point
+            # runs the bring-up, which records what the kernel has.  Not
+            # durable: a power cut takes the device down too.
+            self.mark_activation(row.name)
         if not absent and live is None:
             live = self.live_or_gone(row, operation)
         if absent:
@@ -679,9 +698,11 @@ class PoolCore:
             ops.create(dm_name, table, uuid=uuid)
             absent = True
         if not row.active:
+            crash.point("activate:made")
             try:
                 with self.store.transaction():
                     self.store.set_active(row.name, True)
+                    self.store.drop_activation_intent()
             except StateError:
                 # Not stored, so not done: the device this call made goes
                 # again, and the kernel keeps agreeing with the records.
@@ -689,6 +710,12 @@ class PoolCore:
                     self.undo_kernel_step(operation, dm_name, ops.remove, dm_name)
                 raise
         return replace(row, active=True)
+
+    def mark_activation(self, name: str) -> None:
+        """Mark device ``name``'s activation or deactivation as under way
+        (see :meth:`activate`); the record of its outcome drops the mark."""
+        with self.store.transaction(durable=False):
+            self.store.set_activation_intent(name)
 
     def undo_kernel_step(
         self, operation: str, what: str, undo: Callable[..., object], *args: object

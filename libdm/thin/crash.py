@@ -36,6 +36,8 @@ POINTS = (
     "grow:loaded",  # pool suspended with the new table loaded, not resumed
     "grow:resumed",  # pool resumed on the new table, outcome not recorded
     "resize_device:recorded",  # a thin device's new size stored, table not reloaded
+    "activate:made",  # a thin device made live, its record still says inactive
+    "deactivate:removed",  # a thin device removed, its record still says active
 )
 
 _armed: tuple[str, int] | None = None  # (point, n) once armed

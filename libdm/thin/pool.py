@@ -498,6 +498,9 @@ class Pool:
             # Every live device now has its recorded table (activate
             # reloads one a killed resize left at its old length).
             self._core.drop_resize_intent()
+        if self._core.store.activation_intent() is not None:
+            # Every device is now live exactly when its record says so.
+            self._core.drop_activation_intent()
 
     def _discard_cut_off(self, present: Mapping[str, ownership.Live], operation: str) -> None:
         """A shrink interrupted after its record: give back the blocks past
@@ -922,10 +925,16 @@ class Pool:
         with self._core.changing("deactivate"):
             row = self._row(name, "deactivate")
             self._core.live(row, "deactivate")  # refuses another's
+            # As an activation is (see PoolCore.activate): a kill past the
+            # kernel step leaves the mark, and the next change's bring-up
+            # brings the device back up as its record still says.
+            self._core.mark_activation(name)
             self._core.deactivate(name)
+            crash.point("deactivate:removed")
             try:
                 with self._core.store.transaction():
                     self._core.store.set_active(name, False)
+                    self._core.store.drop_activation_intent()
             except StateError:
                 # Not stored, so not done: the device comes back up (or its
                 # deferred removal is taken back) as its record still says.

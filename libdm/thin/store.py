@@ -1047,6 +1047,17 @@ class Store:
     def drop_resize_intent(self) -> None:
         self._write("DELETE FROM meta WHERE key IN ('resize_intent', 'resize_from')")
 
+    def activation_intent(self) -> str | None:
+        """The device whose activation or deactivation is under way (its
+        kernel step may be done, its record not yet), or ``None``."""
+        return self._meta("activation_intent")
+
+    def set_activation_intent(self, name: str) -> None:
+        self._set_meta("activation_intent", name)
+
+    def drop_activation_intent(self) -> None:
+        self._write("DELETE FROM meta WHERE key = 'activation_intent'")
+
     # -- deferred deletes ------------------------------------------------------
 
     def queue_delete(self, thin_id: int, name: str) -> None:

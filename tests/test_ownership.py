@@ -145,6 +145,12 @@ def test_activate_and_deactivate_refuse_another_pools_device(crowd):
     with pytest.raises(libdm.ForeignDeviceError) as caught:
         crowd.a.device("b-x").activate()
     refusal_names_the_owner(caught.value, crowd)
+    # It changed nothing, so it leaves nothing for the next change to settle.
+    store = Store(crowd.a.directory)
+    try:
+        assert store.activation_intent() is None
+    finally:
+        store.close()
     with pytest.raises(libdm.ForeignDeviceError) as caught:
         crowd.a.device("b-x").deactivate()
     refusal_names_the_owner(caught.value, crowd)

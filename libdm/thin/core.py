@@ -620,14 +620,15 @@ class PoolCore:
         dm_name = self.device_dm_name(row.name)
         table = self.thin_table(row, self.device.devno())
         uuid = ownership.thin_uuid(self.config.token, row.thin_id)
-        if not row.active:
-            # Marked before the kernel step: a kill between it and the record
-            # leaves the mark, and the next change through any entry point
-            # runs the bring-up, which records what the kernel has.  Not
-            # durable: a power cut takes the device down too.
-            self.mark_activation(row.name)
         if not absent and live is None:
-            live = self.live_or_gone(row, operation)
+            live = self.live_or_gone(row, operation)  # refuses another's device
+        if not row.active:
+            # Marked once the device is proven ours, before the kernel step: a
+            # kill between it and the record leaves the mark, and the next
+            # change through any entry point runs the bring-up, which records
+            # what the kernel has.  Not durable: a power cut takes the device
+            # down too.
+            self.mark_activation(row.name)
         if absent:
             try:
                 ops.create(dm_name, table, uuid=uuid)

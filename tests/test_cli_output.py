@@ -5,6 +5,7 @@ import argparse
 import json
 import pathlib
 import pickle
+import re
 
 import pytest
 
@@ -179,6 +180,62 @@ def test_a_remedy_is_said_in_each_front_ends_words():
     )
     plain = libdm.DMError(16, "busy", "remove", "x")
     assert (plain.remedy, common.error_text(plain)) == (None, "busy [EBUSY]")
+
+
+def test_a_remedy_that_is_another_call_is_said_as_a_method_or_a_command():
+    exc = libdm.StateError("pool 'p' holds a change a crash interrupted", "create", "p")
+    exc.advise(libdm.RemedyCall("open", "finishes it", "/var/lib/my pool"))
+    assert exc.strerror == (
+        "pool 'p' holds a change a crash interrupted; Pool.open('/var/lib/my pool') finishes it"
+    )
+    assert common.error_text(exc) == (
+        "pool 'p' holds a change a crash interrupted; "
+        "libdm pool open '/var/lib/my pool' finishes it [EUCLEAN]"
+    )
+    grow = libdm.PoolFullError("the metadata must be at least 1 GiB", "resize", "p").advise(
+        libdm.RemedyCall("resize", "grows it first", "/d", (("metadata_size", "1 GiB"),))
+    )
+    assert grow.strerror.endswith("; Pool.resize(metadata_size='1 GiB') grows it first")
+    said = common.error_text(grow, argparse.Namespace(name="x"))
+    assert "; libdm pool resize --pool /d --metadata-size '1 GiB' grows it first" in said
+    repair = libdm.RemedyCall("repair", "repairs it", "/d")
+    assert repair.said() == "Pool.repair() repairs it"
+    assert common.command_for(repair) == "libdm pool repair --pool /d"
+    again = pickle.loads(pickle.dumps(grow))
+    assert (again.strerror, again.remedy) == (grow.strerror, grow.remedy)
+
+
+def test_the_library_names_no_command_of_the_cli():
+    """The library says what to call; only the CLI turns that into a
+    command line (its remedies), so a message never tells a Python caller
+    to run a shell command.  The CLI itself, the services it runs (the
+    monitor service, the snapshotter, the Docker plugin) and docstrings
+    may name commands."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(libdm.__file__).parent
+    commands = re.compile(r"\blibdm (pool|thin|snapshot|device|monitor) [a-z]")
+    found = []
+    for path in sorted(root.glob("thin/*.py")) + sorted(root.glob("dm/*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docs
+                and commands.search(node.value)
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert found == []
 
 
 def test_error_text_names_the_errno_and_the_kernel_reason():

@@ -38,8 +38,17 @@ def test_damaged_metadata_at_open_names_the_pool_its_file_the_reason_and_the_rep
     assert str(meta) in text  # the file, not the loop device attached for the check
     assert "/dev/loop" not in text
     assert "bad checksum in btree node (block 20)" in text  # thin_check's own words
-    assert "Pool.repair()" in text
-    assert f"libdm pool repair --pool {directory}" in text
+    # The library says the call; the command says its command line.
+    assert "; Pool.repair() repairs it and keeps the damaged copy" in text
+    assert "libdm pool" not in text
+    cli = subprocess.run(
+        [sys.executable, "-m", "libdm", "pool", "open", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 1, cli
+    assert f"; libdm pool repair --pool {directory} repairs it" in cli.stderr, cli.stderr
+    assert "Pool.repair" not in cli.stderr, cli.stderr
 
 
 @pytest.mark.kernel

@@ -152,7 +152,9 @@ def test_growing_data_past_what_the_metadata_maps_is_refused_first(dm_name, tmp_
         before = witness.table(pool.name)
         with pytest.raises(libdm.PoolFullError, match="metadata must be at least") as err:
             pool.resize(data_size=size)
-        assert "--metadata-size" in str(err.value)
+        assert "; Pool.resize(metadata_size=" in str(err.value)
+        assert isinstance(err.value.remedy, libdm.RemedyCall)
+        assert err.value.remedy.method == "resize"
         assert witness.table(pool.name) == before
         assert os.stat(directory / "data").st_size == 64 * MiB
         pool_is_healthy(pool.name, directory)
@@ -172,7 +174,11 @@ def test_resize_with_the_metadata_it_needs_grows_the_metadata_first(tmp_path, ma
     pool = make_pool(directory=directory, data_size="64M", metadata_size="2M")
     with pytest.raises(libdm.PoolFullError) as err:
         pool.resize(data_size="4T")
-    want = str(err.value).split("metadata must be at least ")[1].split(":")[0]
+    # The remedy is data: its call's arguments, not words to parse.
+    remedy = err.value.remedy
+    assert isinstance(remedy, libdm.RemedyCall) and remedy.method == "resize"
+    want = dict(remedy.arguments)["metadata_size"]
+    assert f"metadata must be at least {want}" in str(err.value)
     st = pool.resize(data_size="4T", metadata_size=want)
     assert int(st.total_data) == (4 << 40) // (64 << 10)
     assert st.mode == "rw" and not st.needs_check
@@ -299,7 +305,10 @@ def test_a_bad_magic_is_named_by_the_file_and_the_repair_command(dm_name, tmp_pa
     with pytest.raises(libdm.PoolFailedError, match="bad magic") as err:
         libdm.Pool.open(directory)
     said = str(err.value)
-    assert str(meta) in said and f"libdm pool repair --pool {directory}" in said, said
+    assert str(meta) in said and "; Pool.repair() tries to recover it" in said, said
+    assert err.value.remedy == libdm.RemedyCall(
+        "repair", "tries to recover it and keeps the damaged copy", str(directory)
+    )
     assert "/dev/loop" not in said, said
     assert witness.info(name) is None
     loops_after = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shlex
 import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
@@ -95,12 +96,35 @@ def in_cli_words(exc: libdm.DMError, args: argparse.Namespace | None = None) -> 
     out: the remedy is an argument of a call deeper down (a busy thin
     device's ``remove(deferred=True)`` under ``thin deactivate``), and
     the command would refuse the option."""
-    if exc.remedy is None:
+    remedy = exc.remedy
+    if remedy is None:
         return exc.strerror or str(exc)
-    if args is not None and not hasattr(args, exc.remedy.argument):
+    if isinstance(remedy, libdm.RemedyCall):
+        return f"{exc.reason}; {remedy.said(command_for(remedy))}"
+    if args is not None and not hasattr(args, remedy.argument):
         return exc.reason
-    option = "--" + exc.remedy.argument.replace("_", "-")
-    return f"{exc.reason}; {exc.remedy.said(option)}"
+    return f"{exc.reason}; {remedy.said(_option(remedy.argument))}"
+
+
+def _option(argument: str) -> str:
+    return "--" + argument.replace("_", "-")
+
+
+#: The command that makes each pool method's call a remedy names: the
+#: library says the method, the shell this.
+_COMMANDS: dict[str, str] = {
+    "open": "libdm pool open {directory}",
+    "repair": "libdm pool repair --pool {directory}",
+    "resize": "libdm pool resize --pool {directory}",
+}
+
+
+def command_for(remedy: libdm.RemedyCall) -> str:
+    """The command line that makes ``remedy``'s call."""
+    line = _COMMANDS[remedy.method].format(directory=shlex.quote(remedy.directory))
+    return " ".join(
+        [line, *(f"{_option(name)} {shlex.quote(value)}" for name, value in remedy.arguments)]
+    )
 
 
 def _kernel_reason(lines: Iterable[str]) -> str | None:

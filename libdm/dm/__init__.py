@@ -17,6 +17,7 @@ _TABLE = {
         "NoSuchDeviceError",
         "PermissionDeniedError",
         "Remedy",
+        "RemedyCall",
     ),
     "libdm.dm.events": ("wait_event",),
     "libdm.dm.info": (
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from libdm.dm.errors import NoSuchDeviceError as NoSuchDeviceError
     from libdm.dm.errors import PermissionDeniedError as PermissionDeniedError
     from libdm.dm.errors import Remedy as Remedy
+    from libdm.dm.errors import RemedyCall as RemedyCall
     from libdm.dm.events import wait_event as wait_event
     from libdm.dm.info import DeviceEntry as DeviceEntry
     from libdm.dm.info import DeviceInfo as DeviceInfo

@@ -22,6 +22,7 @@ __all__ = [
     "NoSuchDeviceError",
     "PermissionDeniedError",
     "Remedy",
+    "RemedyCall",
     "error_for",
 ]
 
@@ -29,7 +30,7 @@ __all__ = [
 #: What a DMError pickles as: its class, errno, reason, operation, device,
 #: log lines and remedy.
 _Pickled: TypeAlias = (
-    "tuple[type[DMError], int, str, str, str | None, tuple[str, ...], Remedy | None]"
+    "tuple[type[DMError], int, str, str, str | None, tuple[str, ...], AnyRemedy | None]"
 )
 
 
@@ -54,6 +55,42 @@ class Remedy:
         return f"{spelling or f'{self.argument}=True'} {self.does}"
 
 
+@dataclass(frozen=True)
+class RemedyCall:
+    """Another call that gets past an error, a method of the pool (such as
+    ``open``, which finishes what a crash interrupted), kept apart from the
+    message so that each front end names it in its own words: the library
+    as the method, the ``libdm`` command as the command that calls it.
+
+    Attributes:
+        method: the :class:`~libdm.Pool` method's name.
+        does: what calling it does, said after it.
+        directory: the pool's state directory (``Pool.open`` takes it, and
+            a command names the pool by it).
+        arguments: the call's keyword arguments, as ``(name, value)``.
+    """
+
+    method: str
+    does: str
+    directory: str
+    arguments: tuple[tuple[str, str], ...] = ()
+
+    def said(self, spelling: str | None = None) -> str:
+        """``"Pool.open('/var/lib/images') finishes it"``, or with
+        ``spelling`` (such as a command line) in place of the call."""
+        if spelling is None:
+            if self.method == "open":
+                spelling = f"Pool.open({self.directory!r})"
+            else:
+                args = ", ".join(f"{name}={value!r}" for name, value in self.arguments)
+                spelling = f"Pool.{self.method}({args})"
+        return f"{spelling} {self.does}"
+
+
+#: Either kind of remedy an error can carry.
+AnyRemedy: TypeAlias = "Remedy | RemedyCall"
+
+
 class DMError(OSError):
     """A device-mapper operation failed.
 
@@ -64,7 +101,8 @@ class DMError(OSError):
             ``reason``, then the ``remedy`` said for Python, if any).
         reason: the description without the remedy.
         remedy: a :class:`Remedy`, when an argument of the call gets
-            past the error; else ``None``.
+            past the error, or a :class:`RemedyCall`, when another call
+            does; else ``None``.
         operation: what libdm was doing, for example ``"create"``.
         device: the device name the operation was about, or ``None``.
         log_lines: libdevmapper's log lines (and, where readable, the
@@ -74,7 +112,7 @@ class DMError(OSError):
     # Set by OSError.__init__ from its two arguments.
     errno: int
     strerror: str
-    remedy: Remedy | None = None
+    remedy: AnyRemedy | None = None
 
     def __init__(
         self,
@@ -90,7 +128,7 @@ class DMError(OSError):
         self.device = device
         self.log_lines: tuple[str, ...] = tuple(log_lines)
 
-    def advise(self, remedy: Remedy, reason: str | None = None) -> Self:
+    def advise(self, remedy: AnyRemedy, reason: str | None = None) -> Self:
         """Attach ``remedy`` (and, if given, a new ``reason``); the message
         becomes the reason, then the remedy.  Returns the error, to raise."""
         if reason is not None:
@@ -132,7 +170,7 @@ def _rebuild(
     operation: str,
     device: str | None,
     log_lines: tuple[str, ...],
-    remedy: Remedy | None = None,
+    remedy: AnyRemedy | None = None,
 ) -> DMError:
     exc = cls.__new__(cls)
     DMError.__init__(exc, err, message, operation, device, log_lines)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
 from libdm.dm import loop, ops
 from libdm.dm.blockdev import LOOP_MAJOR, loop_status, open_block_device, signatures
-from libdm.dm.errors import NoSuchDeviceError
+from libdm.dm.errors import NoSuchDeviceError, RemedyCall
 from libdm.dm.target import Target
 from libdm.thin import crash, ownership
 from libdm.thin.config import BackingChanges, PoolConfig, PoolKind, RecordedDevice, Segment
@@ -148,8 +148,9 @@ class Backing(Protocol):
         """The size of the data device this backing maps."""
         ...
 
-    def metadata_growth(self, want: Bytes) -> str:
-        """How to grow the metadata to ``want``, for a refusal."""
+    def metadata_growth(self, want: Bytes) -> str | RemedyCall:
+        """How to grow the metadata to ``want``, for a refusal: a call of
+        the pool, or words where no call of it does."""
         ...
 
     def check_removable(self, operation: str = "destroy") -> None:
@@ -402,11 +403,13 @@ class LoopBacking:
         # Whole sectors: a file of any size maps that many.
         return Bytes(int(self.sizes()[0] if size is None else size)).whole_sectors()
 
-    def metadata_growth(self, want: Bytes) -> str:
+    def metadata_growth(self, want: Bytes) -> str | RemedyCall:
         """The resize that grows the metadata file first."""
-        return (
-            f"resize(data_size=..., metadata_size='{format_size(want)}') grows it first "
-            f"(libdm pool resize --metadata-size {format_size(want)})"
+        return RemedyCall(
+            "resize",
+            "grows it first",
+            self.directory,
+            (("metadata_size", format_size(want)),),
         )
 
     def files(self) -> LoopBacking:
@@ -853,7 +856,7 @@ class LinearBacking:
         """The length of the data segments on their devices now."""
         return Sectors(sum(int(t.length) for t in self.table(self.data_segments)))
 
-    def metadata_growth(self, want: Bytes) -> str:
+    def metadata_growth(self, want: Bytes) -> str | RemedyCall:
         """An extend of the metadata side."""
         return "extend(device, metadata=True) grows it"
 
@@ -1145,7 +1148,7 @@ class AdoptedBacking:
         """
         raise RuntimeError("an adopted pool's devices are not libdm's to size")
 
-    def metadata_growth(self, want: Bytes) -> str:
+    def metadata_growth(self, want: Bytes) -> str | RemedyCall:
         """Its owner grows it."""
         return "whoever made the pool grows its metadata device"
 

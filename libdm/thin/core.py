@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from libdm.dm import blockdev, ops
-from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError
+from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError, RemedyCall
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import crash, ownership
@@ -349,11 +349,13 @@ class PoolCore:
                     where = self.backing.describe().metadata_file or devs.meta.path
                     raise PoolFailedError(
                         f"the metadata of pool {self.name!r} ({where}) is damaged; "
-                        f"thin_check says: {complaint}; repair it with Pool.repair() "
-                        f"(at a shell: libdm pool repair --pool {self.directory}), which "
-                        f"keeps the damaged copy",
+                        f"thin_check says: {complaint}",
                         operation,
                         self.name,
+                    ).advise(
+                        RemedyCall(
+                            "repair", "repairs it and keeps the damaged copy", self.directory
+                        )
                     )
             ops.create(self.name, self.table_for(devs), uuid=self.uuid)
         self.device.forget()
@@ -430,18 +432,19 @@ class PoolCore:
         # Named by what lasts (the file, or the block device), not by the
         # loop device attached for the check, which is gone afterwards.
         where = self.backing.describe().metadata_file or meta_path
-        repair = (
-            f"Pool.repair() (at a shell: libdm pool repair --pool {self.directory}) tries "
-            f"to recover it and keeps the damaged copy; by hand: thin_repair -i {where} "
-            f"-o <a new file or device of the same size>, thin_check it, and put it in "
-            f"place of {where}"
+        repair = RemedyCall(
+            "repair", "tries to recover it and keeps the damaged copy", self.directory
+        )
+        by_hand = (
+            f"by hand: thin_repair -i {where} -o <a new file or device of the same size>, "
+            f"thin_check it, and put it in place of {where}"
         )
         if not any(head):
             if not self._ever_used():
                 return
             # What the blank superblock lost, thin_repair must be told.
             blocks = int(self.data_sectors(self.config)) // int(self.block_size)
-            repair = repair.replace(
+            by_hand = by_hand.replace(
                 " -o <",
                 f" --transaction-id {self.store.transaction_id()} --data-block-size "
                 f"{int(self.block_size)} --nr-data-blocks {blocks} -o <",
@@ -450,17 +453,17 @@ class PoolCore:
                 f"the metadata superblock of pool {self.name!r} on {where} is blank, but "
                 f"the store records transaction {self.store.transaction_id()} and "
                 f"{self.store.count_devices()} devices: loading the pool would format "
-                f"empty metadata over it; {repair}",
+                f"empty metadata over it; {by_hand}",
                 operation,
                 self.name,
-            )
+            ).advise(repair)
         if len(head) < 40 or int.from_bytes(head[32:40], "little") != THIN_SUPERBLOCK_MAGIC:
             raise PoolFailedError(
                 f"the metadata of pool {self.name!r} ({where}) holds no thin-pool "
-                f"superblock (bad magic); {repair}",
+                f"superblock (bad magic); {by_hand}",
                 operation,
                 self.name,
-            )
+            ).advise(repair)
 
     def _verify_live_pool(self, operation: str) -> None:
         live = ops.table(self.name)
@@ -730,7 +733,7 @@ class PoolCore:
         except (DMError, StateError) as exc:
             logger.error(
                 "pool %s: %s: could not take back the kernel step on %s after the "
-                "state could not be written (%s); libdm pool open settles it",
+                "state could not be written (%s); the pool's next change or open settles it",
                 self.name,
                 operation,
                 what,

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from libdm.dm import ops
 from libdm.dm.blockdev import open_block_device
-from libdm.dm.errors import DMError
+from libdm.dm.errors import DMError, RemedyCall
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import capacity, crash
@@ -382,10 +382,10 @@ class Growth:
             self.resume_if_suspended()
             raise StateError(
                 f"{operation} of pool {core.name!r} failed ({cause}) and so did putting the "
-                f"pool back ({exc}); libdm pool open {core.directory} finishes or undoes it",
+                f"pool back ({exc})",
                 operation,
                 core.name,
-            ) from exc
+            ).advise(RemedyCall("open", "finishes or undoes it", core.directory)) from exc
         finally:
             self.resume_if_suspended()
         txn.withdraw()
@@ -429,11 +429,10 @@ class Growth:
         if busy or not core.backing.capabilities.owns_devices:
             raise PoolReadOnlyError(
                 f"the kernel refused the change and flagged pool {core.name!r} needs_check "
-                f"(read-only); close {', '.join(busy) or 'its devices'} and run "
-                f"libdm pool open {core.directory} to check and clear it",
+                f"(read-only); close {', '.join(busy) or 'its devices'} first",
                 operation,
                 core.name,
-            )
+            ).advise(RemedyCall("open", "then checks and clears it", core.directory))
         for name in live:
             ops.remove(core.device_dm_name(name))
         ops.remove(core.name)
@@ -506,11 +505,12 @@ class Growth:
                 core.name,
             )
         how = core.backing.metadata_growth(want)
-        raise PoolFullError(
+        refusal = (
             f"growing the data of pool {core.name!r} to {size} needs {needed} more metadata "
             f"blocks, more than its {have} of metadata has free ({used} of {total} blocks used, "
             f"the kernel's reserve included): the kernel would refuse it or leave the pool "
-            f"read-only; the metadata must be at least {format_size(want)}: {how}",
-            operation,
-            core.name,
+            f"read-only; the metadata must be at least {format_size(want)}"
         )
+        if isinstance(how, RemedyCall):
+            raise PoolFullError(refusal, operation, core.name).advise(how)
+        raise PoolFullError(f"{refusal}: {how}", operation, core.name)

@@ -39,7 +39,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
-from libdm.dm.errors import DeviceBusyError, DMError
+from libdm.dm.errors import DeviceBusyError, DMError, RemedyCall
 from libdm.thin import crash
 from libdm.thin.config import PoolConfig
 from libdm.thin.errors import PoolFullError, StateError
@@ -276,10 +276,10 @@ class Journal:
             remedy = "once the state directory's filesystem has room (or works) again"
         return StateError(
             f"{what} in the pool state ({self.store.path}: {reason}); {remedy}, the pool's "
-            f"next change, or libdm pool open {self.host.directory}, finishes it",
+            f"next change finishes it",
             operation,
             self.device.name,
-        )
+        ).advise(RemedyCall("open", "finishes it too", self.host.directory))
 
     def _refuse_pending(self, op: Op) -> None:
         """Refuse to write an intent over one left pending (the pool's bring-up
@@ -291,10 +291,11 @@ class Journal:
             name = self.device.name
             raise StateError(
                 f"pool {name!r} holds a change that was interrupted ({', '.join(left)}) and "
-                f"could not be finished yet; run libdm pool open {self.host.directory} "
-                f"(it says what is in the way)",
+                f"could not be finished yet",
                 op.value,
                 name,
+            ).advise(
+                RemedyCall("open", "finishes it or says what is in the way", self.host.directory)
             )
 
     # -- step 1 ----------------------------------------------------------------------------

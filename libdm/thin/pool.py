@@ -30,6 +30,7 @@ from libdm.dm.errors import (
     DeviceExistsError,
     DMError,
     NoSuchDeviceError,
+    RemedyCall,
     error_for,
 )
 from libdm.dm.info import DeviceInfo
@@ -352,11 +353,10 @@ class Pool:
         if not backings.exists_live(self.name):
             raise StateError(
                 f"pool {self.name!r} is not active and holds a change a crash "
-                f"interrupted ({what}); libdm pool open {self.directory} (Pool.open) "
-                f"finishes it",
+                f"interrupted ({what})",
                 operation,
                 self.name,
-            )
+            ).advise(RemedyCall("open", "finishes it", self.directory))
         logger.warning(
             "pool %s: finishing a change that was interrupted (%s) before %s",
             self.name,
@@ -485,14 +485,12 @@ class Pool:
                 # One device the kernel refuses must not keep the others down.
                 unavailable[row.name] = str(exc)
                 logger.error(
-                    "pool %s: device %s (thin id %s) could not be activated: %s; delete it "
-                    "with: libdm thin delete --pool %s %s",
+                    "pool %s: device %s (thin id %s) could not be activated: %s; it stays "
+                    "recorded, and deleting it gives its space back",
                     self.name,
                     row.name,
                     row.thin_id,
                     exc,
-                    self.directory,
-                    row.name,
                 )
         if resized:
             # Every live device now has its recorded table (activate
@@ -559,9 +557,8 @@ class Pool:
                     operation,
                     name,
                     message=f"device {name!r} of pool {self.name!r} is being created (a "
-                    f"create was interrupted; the pool's next change, or libdm pool open "
-                    f"{self.directory}, finishes it)",
-                )
+                    f"create was interrupted, which the pool's next change finishes)",
+                ).advise(RemedyCall("open", "finishes it now", self.directory))
             raise error_for(
                 errno.ENXIO,
                 operation,
@@ -575,9 +572,8 @@ class Pool:
                 operation,
                 name,
                 message=f"device {name!r} of pool {self.name!r} is being deleted (a delete "
-                f"was interrupted; the pool's next change, or libdm pool open "
-                f"{self.directory}, finishes it)",
-            )
+                f"was interrupted, which the pool's next change finishes)",
+            ).advise(RemedyCall("open", "finishes it now", self.directory))
         return row
 
     def _deleting(self) -> set[str]:

@@ -135,7 +135,7 @@ class Registration:
 
     def to_toml(self) -> str:
         """The registration's file."""
-        lines = ["# registered with: libdm monitor register"]
+        lines = ["# a pool registered with the monitor service of libdm"]
         for key, value in asdict(self).items():
             if value is None or value == []:
                 continue
@@ -228,7 +228,7 @@ def _rename_to_own_name(path: str, holder: Registration, directory: str) -> None
         raise StateError(
             f"the monitor registration {path} is the one of pool {holder.pool}, "
             f"written by an earlier libdm, and {own} is there as well; remove "
-            f"the one that is out of date (libdm monitor ls shows both)",
+            f"the one that is out of date",
             "monitor",
             None,
         ) from None

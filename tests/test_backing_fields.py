@@ -257,8 +257,8 @@ def test_a_damaged_field_the_kind_needs_is_refused_by_name(
 def test_a_field_another_kind_needs_is_kept_but_not_refused(tmp_path: Path) -> None:
     record = dict(RECORDS["loop"][1], meta_segments="left by hand")
     fields = BackingFields.from_record(record)
-    assert fields.damage(PoolKind.LOOP) is None
-    assert fields.damage(PoolKind.BLOCK) == (
+    assert fields.damage(backings.FIELD_CHECKS[PoolKind.LOOP]) is None
+    assert fields.damage(backings.FIELD_CHECKS[PoolKind.BLOCK]) == (
         "meta_segments",
         "is 'left by hand', not a list of segments",
     )

@@ -168,8 +168,8 @@ def test_a_cycle_is_caught(tmp_path):
 BACKING_CLASSES = frozenset({"LoopBacking", "LinearBacking", "AdoptedBacking"})
 #: The stored spellings of a pool's kind (``PoolKind``'s values).
 KIND_NAMES = frozenset({"loop", "block", "adopted"})
-#: Where a kind may be told apart: the backings, and where the stored string is parsed.
-KIND_HOMES = frozenset({"thin/backing.py", "thin/config.py"})
+#: Where a kind may be told apart: the backings alone (their dispatch tables).
+KIND_HOMES = frozenset({"thin/backing.py"})
 
 
 def _named(node: ast.expr) -> str:

@@ -36,7 +36,17 @@ from libdm.dm.blockdev import LOOP_MAJOR, loop_status, open_block_device, signat
 from libdm.dm.errors import NoSuchDeviceError, RemedyCall
 from libdm.dm.target import Target
 from libdm.thin import crash, ownership
-from libdm.thin.config import BackingChanges, PoolConfig, PoolKind, RecordedDevice, Segment
+from libdm.thin.config import (
+    BackingChanges,
+    FieldCheck,
+    PoolConfig,
+    PoolKind,
+    RecordedDevice,
+    Segment,
+    bad_devices,
+    bad_inodes,
+    bad_segments,
+)
 from libdm.thin.errors import ForeignDeviceError, StateError
 from libdm.thin.label import RESERVED, erase_label, find_labelled, read_label
 from libdm.thin.store import DB_NAME
@@ -1203,6 +1213,23 @@ def _loop_holding(devno: str, key: tuple[int, int]) -> str | None:
     return path if whole and (info.device, info.inode) == key else None
 
 
+#: The stored fields each kind of backing needs, and their shapes.
+FIELD_CHECKS: dict[PoolKind, tuple[FieldCheck, ...]] = {
+    PoolKind.LOOP: (("file_inodes", bad_inodes),),
+    PoolKind.BLOCK: (
+        ("meta_segments", bad_segments),
+        ("data_segments", bad_segments),
+        ("meta_segment_devices", bad_devices),
+        ("data_segment_devices", bad_devices),
+        ("spare_segment_devices", bad_devices),
+        # Optional: an empty (or false) value is none.
+        ("spare_segments", lambda v: bad_segments(v) if v else None),
+        ("damaged_meta_segments", lambda v: bad_segments(v) if v else None),
+    ),
+    PoolKind.ADOPTED: (),
+}
+
+
 def from_config(
     kind: PoolKind | str, statedir: StateDir, pool_name: str, config: PoolConfig
 ) -> Backing:
@@ -1221,7 +1248,7 @@ def from_config(
     """
     where = f"the pool state in {statedir.join(DB_NAME)}"
     parsed = PoolKind.parse(kind, where)
-    found = config.backing.damage(parsed)
+    found = config.backing.damage(FIELD_CHECKS[parsed])
     if found is not None:
         field, why = found
         raise StateError(

@@ -32,10 +32,14 @@ __all__ = [
     "BackingChanges",
     "BackingFields",
     "ConfigChanges",
+    "FieldCheck",
     "PoolConfig",
     "PoolKind",
     "RecordedDevice",
     "Segment",
+    "bad_devices",
+    "bad_inodes",
+    "bad_segments",
 ]
 
 _T = TypeVar("_T")
@@ -154,21 +158,21 @@ def _read_text(value: object) -> str | None:
 
 
 def _read_inodes(value: object) -> Mapping[str, int] | None:
-    if _bad_inodes(value) is not None or value is None:
+    if bad_inodes(value) is not None or value is None:
         return None
     assert isinstance(value, dict)
     return MappingProxyType({str(k): int(v) for k, v in value.items()})
 
 
 def _read_segments(value: object) -> tuple[Segment, ...] | None:
-    if _bad_segments(value) is not None:
+    if bad_segments(value) is not None:
         return None
     assert isinstance(value, list)
     return tuple(Segment.of(seg) for seg in value)
 
 
 def _read_devices(value: object) -> tuple[RecordedDevice, ...] | None:
-    if value is None or _bad_devices(value) is not None:
+    if value is None or bad_devices(value) is not None:
         return None
     assert isinstance(value, list)
     return tuple(
@@ -291,27 +295,12 @@ class BackingFields:
         """The stored JSON value of field ``name`` (``None``: not stored)."""
         return self.to_record().get(name)
 
-    def damage(self, kind: PoolKind) -> tuple[str, str] | None:
-        """The first field a pool of ``kind`` needs that is damaged, and
-        why (``"is missing"``, ``"is 'x', not a list of segments"`` ...),
-        or ``None``."""
+    def damage(self, checks: Sequence[FieldCheck]) -> tuple[str, str] | None:
+        """The first field of ``checks`` (what a pool's backing needs, see
+        :data:`~libdm.thin.backing.FIELD_CHECKS`) that is damaged, and why
+        (``"is missing"``, ``"is 'x', not a list of segments"`` ...), or
+        ``None``."""
         record = self.to_record()
-        checks: list[tuple[str, Callable[[object], str | None]]]
-        if kind is PoolKind.LOOP:
-            checks = [("file_inodes", _bad_inodes)]
-        elif kind is PoolKind.BLOCK:
-            checks = [
-                ("meta_segments", _bad_segments),
-                ("data_segments", _bad_segments),
-                ("meta_segment_devices", _bad_devices),
-                ("data_segment_devices", _bad_devices),
-                ("spare_segment_devices", _bad_devices),
-                # Optional: an empty (or false) value is none.
-                ("spare_segments", lambda v: _bad_segments(v) if v else None),
-                ("damaged_meta_segments", lambda v: _bad_segments(v) if v else None),
-            ]
-        else:
-            checks = []
         for name, bad in checks:
             why = bad(record.get(name))
             if why is not None:
@@ -341,7 +330,11 @@ class BackingFields:
         return BackingFields.from_record(record)
 
 
-def _bad_segments(segments: object) -> str | None:
+#: A stored field's name, and why its value is damaged (None: it is not).
+FieldCheck = tuple[str, Callable[[object], "str | None"]]
+
+
+def bad_segments(segments: object) -> str | None:
     """Why ``segments`` is not a list of ``[path, start, length]``, or None."""
     if not isinstance(segments, list) or not segments:
         return "is missing" if segments is None else f"is {segments!r}, not a list of segments"
@@ -357,7 +350,7 @@ def _bad_segments(segments: object) -> str | None:
     return None
 
 
-def _bad_devices(devices: object) -> str | None:
+def bad_devices(devices: object) -> str | None:
     """Why ``devices`` is not None nor a list of ``{"path", "size"}``, or None."""
     if devices is None:
         return None
@@ -372,7 +365,7 @@ def _bad_devices(devices: object) -> str | None:
     return f"is {devices!r}, not a list of {{path, size, label}} records"
 
 
-def _bad_inodes(inodes: object) -> str | None:
+def bad_inodes(inodes: object) -> str | None:
     """Why ``inodes`` is not None nor a map of file names to inodes, or None."""
     if inodes is None or (
         isinstance(inodes, dict) and all(isinstance(v, int) for v in inodes.values())

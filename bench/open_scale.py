@@ -27,6 +27,7 @@ Nothing here asserts a target; the table says whether it was met.
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,12 +56,53 @@ def _child(directory, lazy):
     return 0
 
 
-def open_child(directory, lazy):
+def open_child(directory, lazy, trace=None):
+    """``Pool.open`` in a fresh process; with ``trace`` (a file), under
+    ``strace -f -c -w``, which writes its summary there."""
     argv = [sys.executable, os.path.abspath(__file__), "--child", directory]
     if lazy:
         argv.append("--lazy")
+    if trace:
+        argv = ["strace", "-f", "-c", "-w", "-o", trace, *argv]
     proc = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(proc.stdout)
+
+
+def strace_summary(path, per):
+    """``strace -c``'s summary in ``path``: {syscall: (calls, seconds)},
+    each divided by ``per``."""
+    out = {}
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                out[parts[-1]] = (int(parts[3]) / per, float(parts[1]) / per)
+    return out
+
+
+def traced(thin_ops, c, names, directory_of_pool, devices, work):
+    """System calls per device: a fresh process's eager ``Pool.open``, and
+    the C program's activation of as many (its process attached by strace
+    for that request alone)."""
+    _remove_all(names)
+    libdm_trace = os.path.join(work, "strace-open")
+    open_child(directory_of_pool, lazy=False, trace=libdm_trace)
+    _remove_all(names)
+    c_trace = os.path.join(work, "strace-c")
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-w", "-o", c_trace, "-p", str(c.proc.pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tracer.stderr.readline()  # "Process N attached"
+    c.run("activate", "d", 0, devices, THIN_SIZE // 512)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(timeout=600)
+    c.run("deactivate", "d", 0, devices)
+    return {
+        "libdm": strace_summary(libdm_trace, devices),
+        "c": strace_summary(c_trace, devices),
+    }
 
 
 def _remove_all(names):
@@ -71,7 +113,7 @@ def _remove_all(names):
             libdm.remove(name)
 
 
-def run(thin_ops, directory, devices, repeats, log=benchlib.log):
+def run(thin_ops, directory, devices, repeats, log=benchlib.log, trace=False):
     import libdm
 
     os.makedirs(directory, exist_ok=True)
@@ -115,6 +157,11 @@ def run(thin_ops, directory, devices, repeats, log=benchlib.log):
         out["c_activate_s"] = c_activate
         out["ratios"] = [e["open_s"] / s for e, s in zip(eager, c_activate, strict=True)]
         out["lazy_ratios"] = [z["open_s"] / s for z, s in zip(lazy, c_activate, strict=True)]
+        if trace:
+            log("  traced: Pool.open and C under strace")
+            out["syscalls_per_device"] = traced(
+                thin_ops, c, names, directory_of_pool, devices, directory
+            )
         _remove_all(names)
     finally:
         c.close()
@@ -148,12 +195,42 @@ def table(out):
     )
 
 
+def syscall_table(out):
+    """System calls per device (and their seconds, per device), libdm
+    against C, the busiest first."""
+    per = out["syscalls_per_device"]
+    names = sorted(
+        set(per["libdm"]) | set(per["c"]), key=lambda n: -per["libdm"].get(n, (0, 0))[1]
+    )
+    rows = [
+        f"| per device, {out['devices']} devices | libdm calls | libdm us | C calls | C us |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for name in names:
+        lc, ls = per["libdm"].get(name, (0, 0))
+        cc, cs = per["c"].get(name, (0, 0))
+        totals = [totals[0] + lc, totals[1] + ls, totals[2] + cc, totals[3] + cs]
+        if lc >= 0.05 or cc >= 0.05:
+            rows.append(f"| {name} | {lc:.2f} | {ls * 1e6:.0f} | {cc:.2f} | {cs * 1e6:.0f} |")
+    rows.append(
+        f"| total | {totals[0]:.2f} | {totals[1] * 1e6:.0f} | {totals[2]:.2f} | "
+        f"{totals[3] * 1e6:.0f} |"
+    )
+    return "\n".join(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--thin-ops", help="the built C program (default: build it)")
     ap.add_argument("--dir", default="/var/tmp/libdm-bench-open")
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--strace",
+        action="store_true",
+        help="then count the system calls per device of one more eager open and C activation",
+    )
     ap.add_argument("--child", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -162,12 +239,15 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("open_scale.py: needs root inside a kernel with device-mapper")
     binary = args.thin_ops or benchlib.build_c("thin_ops")
-    out = run(binary, args.dir, args.devices, args.repeats)
+    out = run(binary, args.dir, args.devices, args.repeats, trace=args.strace)
     os.makedirs(benchlib.RESULTS_DIR, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     with open(os.path.join(benchlib.RESULTS_DIR, f"open-scale-{stamp}.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(table(out))
+    if args.strace:
+        print()
+        print(syscall_table(out))
     return 0
 
 

@@ -5,7 +5,8 @@ loop pools the data and metadata files) plus a live ``thin-pool``
 device-mapper device.  It is composed of parts, each with its own
 module: the store (:mod:`.store`), the lock (:mod:`.lock`), the live pool
 device (:mod:`.pooldev`), the backing (:mod:`.backing`), the journal that
-every change goes through (:mod:`.journal`), and growth (:mod:`.growth`);
+every change goes through (:mod:`.journal`), growth (:mod:`.growth`) and
+the thin devices' verbs (:mod:`.devices`);
 its configuration is a :class:`~libdm.thin.config.PoolConfig`, and its
 constructors live in :mod:`.creation`.
 
@@ -16,7 +17,6 @@ and must be whole 512-byte sectors; tables are in sectors.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -26,36 +26,29 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
 from libdm.dm import ops
 from libdm.dm.errors import (
-    DeviceBusyError,
-    DeviceExistsError,
     DMError,
     NoSuchDeviceError,
     RemedyCall,
-    error_for,
 )
 from libdm.dm.info import DeviceInfo
-from libdm.dm.validate import check_name
 from libdm.thin import backing as backings
-from libdm.thin import crash, creation, ownership
+from libdm.thin import creation, ownership
 from libdm.thin.config import ConfigChanges, PoolConfig, PoolKind
 from libdm.thin.core import PoolCore, Recovery
 from libdm.thin.device import Snapshot, ThinDevice
+from libdm.thin.devices import Devices
 from libdm.thin.errors import (
-    FilesystemError,
     ForeignDeviceError,
     HandedOverError,
-    PoolError,
-    RefusedError,
     StateError,
 )
 from libdm.thin.growth import Growth, Region
-from libdm.thin.journal import Op
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.pooldev import PoolStatus
 from libdm.thin.records import DeviceRecord
 from libdm.thin.status import ThinPoolFailed
 from libdm.thin.store import STORE_FILES, Store
-from libdm.thin.units import Bytes, DataBlocks, Sectors, format_size, parse_size
+from libdm.thin.units import Bytes, DataBlocks, Sectors, parse_size
 
 if TYPE_CHECKING:
     from libdm.thin.monitor import Monitor
@@ -66,9 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["Pool"]
 
 logger = logging.getLogger("libdm")
-
-#: Docker's default ``dm.basesize``.
-DEFAULT_BASE_SIZE = 10 << 30
 
 _Args = ParamSpec("_Args")
 
@@ -145,6 +135,7 @@ class Pool:
     def _front(self, core: PoolCore) -> None:
         self._core = core
         self._growth = Growth(core)
+        self._devices = Devices(core)
         core.lend(Recovery(settle=self._recover_interrupted, finish_growth=self._growth.finish))
 
     # -- what the core holds ----------------------------------------------------------
@@ -529,56 +520,8 @@ class Pool:
 
     # -- devices ----------------------------------------------------------------------
 
-    def _check_device_name(self, name: str) -> str:
-        check_name(name)
-        dm_name = self.device_dm_name(name)
-        try:
-            check_name(dm_name)
-        except ValueError as exc:
-            raise ValueError(
-                f"device name {name!r} is too long for pool {self.name!r}: {exc}"
-            ) from None
-        return dm_name
-
     def _wrap(self, row: DeviceRecord) -> ThinDevice:
         return (Snapshot if row.parent is not None else ThinDevice)(self, row)
-
-    def _row(self, name: str, operation: str) -> DeviceRecord:
-        """The store's record of device ``name``.
-
-        Raises:
-            NoSuchDeviceError: the pool has no such device.
-        """
-        row: DeviceRecord | None = self._core.store.device(name)
-        if row is None:
-            if any(made.name == name for made in self._pending()[1]):
-                raise error_for(
-                    errno.ENXIO,
-                    operation,
-                    name,
-                    message=f"device {name!r} of pool {self.name!r} is being created (a "
-                    f"create was interrupted, which the pool's next change finishes)",
-                ).advise(RemedyCall("open", "finishes it now", self.directory))
-            raise error_for(
-                errno.ENXIO,
-                operation,
-                name,
-                message=f"pool {self.name!r} has no device named {name!r}",
-            )
-        if name in self._deleting():
-            # Its data may be discarded already: never handed out again.
-            raise error_for(
-                errno.ENXIO,
-                operation,
-                name,
-                message=f"device {name!r} of pool {self.name!r} is being deleted (a delete "
-                f"was interrupted, which the pool's next change finishes)",
-            ).advise(RemedyCall("open", "finishes it now", self.directory))
-        return row
-
-    def _deleting(self) -> set[str]:
-        """The devices whose delete an interrupted change left pending."""
-        return {intent.name for intent in self._core.store.intents() if intent.op is Op.DELETE}
 
     def device(self, name: str) -> ThinDevice:
         """The thin device or snapshot called ``name``.
@@ -586,391 +529,19 @@ class Pool:
         Raises:
             NoSuchDeviceError: the pool has no such device.
         """
-        row = self._row(name, "device")
-        return self._wrap(row)
-
-    def _pending(self) -> tuple[set[str], list[DeviceRecord]]:
-        """What the pool's next change does to the devices listed: the names
-        whose delete was interrupted (it finishes them), and the devices
-        whose create was interrupted after the kernel made them (it records
-        them, active, as a create leaves a device)."""
-        intents = self._core.store.intents()
-        deleting = {intent.name for intent in intents if intent.op is Op.DELETE}
-        creates = [intent for intent in intents if intent.op.creates]
-        if not creates or not backings.exists_live(self.name):
-            return deleting, []
-        try:
-            st = self._core.device.status()
-        except DMError:
-            return deleting, []  # the next change says what is wrong with the pool
-        if isinstance(st, ThinPoolFailed):
-            return deleting, []
-        made = [
-            DeviceRecord(intent.name, intent.thin_id, intent.size, intent.parent, active=True)
-            for intent in creates
-            if intent.size is not None and intent.txid == st.transaction_id
-        ]
-        return deleting, made
+        return self._wrap(self._devices.record(name, "device"))
 
     def devices(self) -> list[ThinDevice]:
         """Every thin device and snapshot, sorted by name, as the pool's next
         change leaves them: not one whose delete was interrupted (that
         change finishes it), and one whose create was interrupted after the
         kernel made it (that change records it)."""
-        deleting, made = self._pending()
-        rows = [row for row in self._core.store.devices() if row.name not in deleting]
-        return [self._wrap(row) for row in sorted(rows + made, key=lambda row: row.name)]
+        return [self._wrap(row) for row in self._devices.listed()]
 
     def children(self, name: str) -> list[ThinDevice]:
         """The snapshots taken of device ``name`` (listed as by
         :meth:`devices`)."""
-        deleting, made = self._pending()
-        rows = [
-            row
-            for child in self._core.store.children(name)
-            if child not in deleting and (row := self._core.store.device(child)) is not None
-        ]
-        rows += [row for row in made if row.parent == name]
-        return [self._wrap(row) for row in sorted(rows, key=lambda row: row.name)]
-
-    def create_thin(self, name: str, size: int | str | None = None) -> ThinDevice:
-        """Create a thin device and activate it.
-
-        Args:
-            name: its name within the pool; its device-mapper name is
-                ``<pool>-<name>``.
-            size: its size, bytes or a string such as ``"10G"`` (whole
-                512-byte sectors); by default the pool's :attr:`base_size`.
-
-        Returns:
-            The new, active :class:`~libdm.ThinDevice`.
-
-        Raises:
-            ValueError: a bad name or size.
-            DeviceExistsError: the name is taken.
-            PoolFullError: free space is below ``min_free_space``, or no
-                thin id is left.
-            PoolReadOnlyError, PoolFailedError: the pool refuses changes.
-            DMError: the kernel refused the device's table; its thin id and
-                record are deleted again before this is raised.
-        """
-        dm_name = self._check_device_name(name)
-        # parse_size refuses sizes past the kernel's limit
-        sectors = parse_size(self.base_size if size is None else size, what="size").sectors()
-        with self._core.changing("create_thin"):
-            self._before_change("create_thin", name, dm_name)
-            return self._provision(Op.CREATE_THIN, name, sectors, None, "create_thin")
-
-    def snapshot_device(self, origin: str, name: str) -> ThinDevice:
-        """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
-        dm_name = self._check_device_name(name)
-        with self._core.changing("snapshot"):
-            row = self._row(origin, "snapshot")
-            self._before_change("snapshot", name, dm_name)
-            # Only a live origin is suspended around the message: asked
-            # first, so that no suspend of a missing device fails (and is
-            # logged), and no device of its name made by another is touched.
-            origin_live = self._core.live(row, "snapshot") is not None
-            return self._provision(
-                Op.CREATE_SNAP,
-                name,
-                row.size,
-                origin,
-                "snapshot",
-                row.thin_id,
-                self.device_dm_name(origin) if origin_live else "",
-            )
-
-    def _provision(
-        self,
-        op: Op,
-        name: str,
-        size: Sectors,
-        parent: str | None,
-        operation: str,
-        origin_id: int | None = None,
-        origin_dm: str | None = None,
-    ) -> ThinDevice:
-        """Provision a device and activate it before its record says so
-        (its device-mapper name was checked free under this lock); if the
-        kernel refuses its table, delete its thin id and record again
-        (journalled, as any delete) rather than leave a record no open can
-        activate."""
-        failed: list[Exception] = []
-
-        def activate(thin_id: int) -> ThinDevice | None:
-            record = DeviceRecord(name, thin_id, size, parent, active=True)
-            try:
-                return self._wrap(self._core.activate(record, operation, absent=True))
-            except Exception as exc:
-                failed.append(exc)  # undone once recorded, below
-                return None
-
-        device = self._core.journal.provision(
-            op, name, size, parent, origin_id, origin_dm, activate=activate
-        )
-        if device is None:
-            try:
-                self._delete_unactivated(name)
-            except DMError as undo:
-                logger.error(
-                    "pool %s: could not delete %s after its activation failed: %s",
-                    self.name,
-                    name,
-                    undo,
-                )
-            raise failed[0]
-        return device
-
-    def _delete_unactivated(self, name: str) -> None:
-        """Delete device ``name``, whose activation just failed, as a
-        journalled delete that does not discard its blocks (it never held
-        data), and takes down a device of its name only if proven this
-        pool's (another program may have taken the name meanwhile)."""
-        with self._core.changing("delete"):
-            row = self._row(name, "delete")
-            self._core.journal.delete(
-                name, row.thin_id, row.active, lambda: self._core.deactivate(name), False
-            )
-
-    def _before_change(self, operation: str, name: str, dm_name: str) -> None:
-        self._refuse_if_handed_over(operation)
-        st = self._core.writable_status(operation)
-        if self._core.journal.retry_deferred_deletes():
-            st = self._core.writable_status(operation)  # what the retry freed counts
-        self._core.check_free_space(st, operation)
-        if self._core.store.device(name) is not None:
-            raise DeviceExistsError(
-                errno.EEXIST,
-                f"pool {self.name!r} already has a device named {name!r}",
-                operation,
-                name,
-            )
-        if ops.exists(dm_name):
-            raise DeviceExistsError(
-                errno.EEXIST,
-                f"a device-mapper device named {dm_name!r} exists already",
-                operation,
-                dm_name,
-            )
-        # Pool "a"'s device "b-x" and pool "a-b"'s device "x" would share
-        # a name: refuse one inside a live libdm pool's namespace.
-        for cut in (i for i, char in enumerate(name) if char == "-"):
-            other = f"{self.name}-{name[:cut]}"
-            if ownership.libdm_pool_named(other):
-                raise DeviceExistsError(
-                    errno.EEXIST,
-                    f"device name {name!r} would make {dm_name!r}, the name of device "
-                    f"{name[cut + 1 :]!r} of libdm pool {other!r}; choose a name that "
-                    f"does not start with {name[: cut + 1]!r}",
-                    operation,
-                    dm_name,
-                )
-
-    def activate_device(self, name: str) -> None:
-        """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
-        with self._core.changing("activate"):
-            row = self._row(name, "activate")
-            self._core.activate(row, "activate")
-
-    def ready_device(self, name: str, operation: str = "use") -> str:
-        """The path of device ``name``, live: a device recorded active
-        whose device is not live (as :meth:`open` with ``lazy=True`` leaves
-        them) is activated first.
-
-        Raises:
-            NoSuchDeviceError: the pool has no such device, or it is not
-                active.
-            ForeignDeviceError: the device of its name is not the pool's.
-        """
-        row = self._row(name, operation)
-        if self._core.live(row, operation) is None:
-            if not row.active:
-                raise error_for(errno.ENXIO, operation, self.device_dm_name(name))
-            with self._core.changing(operation):
-                self._core.activate(self._row(name, operation), operation)
-        return ops.device_path(self.device_dm_name(name))
-
-    def live_device(self, name: str) -> DeviceInfo | None:
-        """The info of device ``name``'s live device-mapper device, once
-        proven to be this pool's own (its uuid and table), or ``None`` when
-        none is live.
-
-        Raises:
-            NoSuchDeviceError: the pool has no such device.
-            ForeignDeviceError: a device-mapper device of its name that
-                this pool did not make (named, with its owner).
-        """
-        live = self._core.live(self._row(name, "info"), "info")
-        return None if live is None else live.info
-
-    def resize_device(
-        self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
-    ) -> ThinDevice:
-        """Resize device ``name`` (see :meth:`ThinDevice.resize`)."""
-        new = parse_size(size, what="size").sectors()
-        with self._core.changing("resize_device"):
-            row = self._row(name, "resize_device")
-            old = row.size
-            dm_name = self.device_dm_name(name)
-            proven = self._core.live_or_gone(row, "resize_device")
-            live = proven is not None
-            if grow_filesystem and not live:
-                # Refused before anything changes: an inactive device's
-                # filesystem cannot be grown (nor even seen).
-                raise RefusedError(
-                    errno.ENXIO,
-                    f"device {name!r} is not active, so its filesystem cannot be grown; "
-                    f"activate it first",
-                    "resize_device",
-                    dm_name,
-                )
-            if new == old:
-                if grow_filesystem:
-                    # Asked again (after a kill, say): the filesystem may
-                    # still lag the device.
-                    self._grow_filesystem(name, old, new)
-                return self.device(name)
-            if new < old:
-                if not force:
-                    raise ValueError(
-                        f"{name!r} would shrink from {format_size(old.bytes())} to "
-                        f"{format_size(new.bytes())}, cutting off whatever is stored past "
-                        f"the new end; pass force=True (--force) if that is meant"
-                    )
-                if "ignore_discard" in self.config.features:
-                    # The cut-off blocks cannot be discarded, so they would
-                    # read back, stale, if the device grew again.
-                    raise PoolError(
-                        errno.EOPNOTSUPP,
-                        f"{name!r} cannot shrink: pool {self.name!r} ignores discards "
-                        f"(feature ignore_discard), so the blocks past the new end could "
-                        f"not be given back, and their old data would return if the device "
-                        f"grew again",
-                        "resize_device",
-                        dm_name,
-                    )
-                if proven is not None and proven.info.open_count:
-                    raise DeviceBusyError(
-                        errno.EBUSY,
-                        f"{dm_name} is in use; a device is shrunk only when nothing has it open",
-                        "resize_device",
-                        dm_name,
-                    )
-            else:
-                self._core.writable_status("resize_device")
-            # The store first, with a mark that the live table may lag and
-            # the size it had: a kill before the reload leaves it shorter or
-            # longer than the record, and the next change through any entry
-            # point (the mark makes it run the bring-up) finishes it.  A
-            # store that cannot be written stops it here, before any block
-            # is touched.
-            with self._core.store.transaction():
-                self._core.store.set_size(name, new)
-                self._core.store.set_resize_intent(name, old)
-            crash.point("resize_device:recorded")
-            if new < old:
-                # Give the cut-off blocks back to the pool, active or not:
-                # what lies past the new end must not come back if the
-                # device grows again.
-                self._core.discard_blocks(row, new.bytes(), (old - new).bytes(), proven)
-            if live:
-                ops.reload(
-                    dm_name,
-                    self._core.thin_table(replace(row, size=new), self._core.device.devno()),
-                )
-                ops.resume(dm_name)
-            self._core.drop_resize_intent()
-            if grow_filesystem and new > old:
-                self._grow_filesystem(name, old, new)
-            return self.device(name)
-
-    def _grow_filesystem(self, name: str, old: Sectors, new: Sectors) -> None:
-        """Grow the filesystem on live device ``name`` to its size."""
-        from libdm.thin import fs
-
-        dm_name = self.device_dm_name(name)
-        try:
-            fs.grow_filesystem(ops.device_path(dm_name))
-        except FilesystemError as exc:
-            raise FilesystemError(
-                f"{self._resized(name, old, new)}, but its filesystem did not grow: "
-                f"{exc.strerror}",
-                "resize_device",
-                dm_name,
-            ) from exc
-        except RefusedError as exc:
-            raise RefusedError(
-                exc.errno,
-                f"{self._resized(name, old, new)}, but its filesystem was not grown: "
-                f"{exc.strerror}",
-                "resize_device",
-                dm_name,
-            ) from exc
-
-    @staticmethod
-    def _resized(name: str, old: Sectors, new: Sectors) -> str:
-        if new == old:
-            return f"device {name!r} is {format_size(new.bytes())} already"
-        return (
-            f"device {name!r} grew from {format_size(old.bytes())} to {format_size(new.bytes())}"
-        )
-
-    def deactivate_device(self, name: str) -> None:
-        """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
-        with self._core.changing("deactivate"):
-            row = self._row(name, "deactivate")
-            self._core.live(row, "deactivate")  # refuses another's
-            # As an activation is (see PoolCore.activate): a kill past the
-            # kernel step leaves the mark, and the next change's bring-up
-            # brings the device back up as its record still says.
-            self._core.mark_activation(name)
-            self._core.deactivate(name)
-            crash.point("deactivate:removed")
-            try:
-                with self._core.store.transaction():
-                    self._core.store.set_active(name, False)
-                    self._core.store.drop_activation_intent()
-            except StateError:
-                # Not stored, so not done: the device comes back up (or its
-                # deferred removal is taken back) as its record still says.
-                self._core.undo_kernel_step(
-                    "deactivate", self.device_dm_name(name), self._core.activate, row, "deactivate"
-                )
-                raise
-
-    def delete_device(self, name: str, *, discard: bool | None = None) -> None:
-        """Delete device ``name`` (see :meth:`ThinDevice.delete`).
-
-        Args:
-            discard: discard its blocks first; ``None`` (the default) as
-                :attr:`discard_on_delete` says.
-        """
-        with self._core.changing("delete"):
-            row = self._row(name, "delete")
-            # An origin may go before its snapshots, as the kernel and LVM
-            # allow: they share its blocks by reference count, and become
-            # roots of the lineage (Store.drop_device).
-            self._core.writable_status("delete")
-            # Proven once, before anything changes: a device of its name
-            # made by another is refused, never discarded or removed.
-            live = self._core.live_or_gone(row, "delete")
-            self._core.journal.retry_deferred_deletes()
-            if discard is None:
-                discard = self.discard_on_delete
-
-            def take_down() -> None:
-                if discard:
-                    self._discard_device(row, live)
-                if live is not None:
-                    with contextlib.suppress(NoSuchDeviceError):
-                        ops.remove(self.device_dm_name(name), deferred=self.deferred_removal)
-
-            self._core.journal.delete(
-                name, row.thin_id, row.active, take_down, self.deferred_deletion
-            )
-            if self.config.base_device == name:
-                self._core.update_config(self.config.but(base_device=None))
+        return [self._wrap(row) for row in self._devices.children(name)]
 
     # -- settings -----------------------------------------------------------------------
 
@@ -1084,15 +655,81 @@ class Pool:
                 )
             self._core.update_config(self.config.but(handed_to=to))
 
-    def _refuse_if_handed_over(self, operation: str) -> None:
-        if self.config.handed_to is not None:
-            raise HandedOverError(
-                f"the thin devices of pool {self.name!r} were handed to "
-                f"{self.config.handed_to}; libdm manages only the pool itself (growth, "
-                f"monitoring, reports)",
-                operation,
-                self.name,
-            )
+    def create_thin(self, name: str, size: int | str | None = None) -> ThinDevice:
+        """Create a thin device and activate it.
+
+        Args:
+            name: its name within the pool; its device-mapper name is
+                ``<pool>-<name>``.
+            size: its size, bytes or a string such as ``"10G"`` (whole
+                512-byte sectors); by default the pool's :attr:`base_size`.
+
+        Returns:
+            The new, active :class:`~libdm.ThinDevice`.
+
+        Raises:
+            ValueError: a bad name or size.
+            DeviceExistsError: the name is taken.
+            PoolFullError: free space is below ``min_free_space``, or no
+                thin id is left.
+            PoolReadOnlyError, PoolFailedError: the pool refuses changes.
+            DMError: the kernel refused the device's table; its thin id and
+                record are deleted again before this is raised.
+        """
+        return self._wrap(self._devices.create_thin(name, size))
+
+    def snapshot_device(self, origin: str, name: str) -> ThinDevice:
+        """Snapshot device ``origin`` as ``name`` (see :meth:`ThinDevice.snapshot`)."""
+        return self._wrap(self._devices.snapshot(origin, name))
+
+    def activate_device(self, name: str) -> None:
+        """Activate device ``name`` (see :meth:`ThinDevice.activate`)."""
+        self._devices.activate(name)
+
+    def ready_device(self, name: str, operation: str = "use") -> str:
+        """The path of device ``name``, live: a device recorded active
+        whose device is not live (as :meth:`open` with ``lazy=True`` leaves
+        them) is activated first.
+
+        Raises:
+            NoSuchDeviceError: the pool has no such device, or it is not
+                active.
+            ForeignDeviceError: the device of its name is not the pool's.
+        """
+        return self._devices.ready(name, operation)
+
+    def live_device(self, name: str) -> DeviceInfo | None:
+        """The info of device ``name``'s live device-mapper device, once
+        proven to be this pool's own (its uuid and table), or ``None`` when
+        none is live.
+
+        Raises:
+            NoSuchDeviceError: the pool has no such device.
+            ForeignDeviceError: a device-mapper device of its name that
+                this pool did not make (named, with its owner).
+        """
+        return self._devices.live_info(name)
+
+    def resize_device(
+        self, name: str, size: int | str, *, force: bool = False, grow_filesystem: bool = False
+    ) -> ThinDevice:
+        """Resize device ``name`` (see :meth:`ThinDevice.resize`)."""
+        return self._wrap(
+            self._devices.resize(name, size, force=force, grow_filesystem=grow_filesystem)
+        )
+
+    def deactivate_device(self, name: str) -> None:
+        """Deactivate device ``name`` (see :meth:`ThinDevice.deactivate`)."""
+        self._devices.deactivate(name)
+
+    def delete_device(self, name: str, *, discard: bool | None = None) -> None:
+        """Delete device ``name`` (see :meth:`ThinDevice.delete`).
+
+        Args:
+            discard: discard its blocks first; ``None`` (the default) as
+                :attr:`discard_on_delete` says.
+        """
+        self._devices.delete(name, discard=discard)
 
     # -- repair -------------------------------------------------------------------------
 
@@ -1157,22 +794,7 @@ class Pool:
         ``dm.blkdiscard``), so that the pool passes the discards down and a
         loop pool's data file gets its space back as holes.  On by default
         for loop pools, off for the others (see :meth:`configure`)."""
-        value = self.config.discard_on_delete
-        return self._core.backing.capabilities.discard_by_default if value is None else value
-
-    def _discard_device(self, row: DeviceRecord, live: ownership.Live | None) -> None:
-        """Discard all of a device about to be deleted (see the core's
-        ``discard_blocks``); giving space back is a courtesy, so a failure
-        is logged and the delete goes on (its data goes anyway)."""
-        try:
-            self._core.discard_blocks(row, Bytes(0), row.size.bytes(), live)
-        except (DMError, OSError, ValueError) as exc:
-            logger.warning(
-                "pool %s: %s not discarded before its delete: %s",
-                self.name,
-                self.device_dm_name(row.name),
-                exc,
-            )
+        return self._devices.discard_on_delete()
 
     def trim(self) -> Bytes:
         """Give back the space the filesystems on the pool's devices have
@@ -1232,8 +854,7 @@ class Pool:
     def base_size(self) -> Bytes:
         """The size of new devices created without one, in ``Bytes``
         (Docker's ``dm.basesize``; 10 GiB unless set by :meth:`configure`)."""
-        size = self.config.base_size
-        return Bytes(DEFAULT_BASE_SIZE) if size is None else size
+        return self._devices.base_size()
 
     @property
     def base_device(self) -> ThinDevice | None:
@@ -1252,7 +873,7 @@ class Pool:
         """
         with self._core.changing("set_base_device"):
             if name is not None:
-                self._row(name, "set_base_device")
+                self._devices.record(name, "set_base_device")
             self._core.update_config(self.config.but(base_device=name))
 
     # -- reporting and ending ----------------------------------------------------------

@@ -38,6 +38,8 @@ CASES = [
     ("snapshot", "create:intent"),
     ("snapshot", "snapshot:suspended"),
     ("snapshot", "create:message"),
+    ("create", "create:activated"),
+    ("snapshot", "create:activated"),
     ("snapshot", "create:transaction"),
     ("delete", "delete:deactivated"),
     ("delete", "delete:intent"),

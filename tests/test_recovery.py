@@ -42,6 +42,7 @@ CHANGE = {"create": "p.create_thin('new', '8M')\n", "delete": "p.device('victim'
 KILLS = [
     ("create", "create:intent"),
     ("create", "create:transaction"),
+    ("create", "create:activated"),
     # Once recorded, a device is live: no entry point but Pool.open
     # activates devices, so a record must never run ahead of the kernel.
     ("create", "create:recorded"),
@@ -75,7 +76,7 @@ def check_outcome(pool, change, point):
         # Past its discard, a delete must finish: its data may be gone.
         assert "victim" not in names
         assert pool.device_dm_name("victim") not in witness.names()
-    elif point in ("create:transaction", "create:recorded"):
+    elif point in ("create:transaction", "create:activated", "create:recorded"):
         # The kernel had it: recorded, and active as a create leaves it.
         assert "new" in names
         assert pool.device_dm_name("new") in witness.names()
@@ -572,7 +573,13 @@ def stored_txid(directory):
 # -- a model: kills at every crash point of a change, then any entry point --------------
 
 POINTS_OF = {
-    "create": ("create:intent", "create:message", "create:transaction", "create:recorded"),
+    "create": (
+        "create:intent",
+        "create:message",
+        "create:transaction",
+        "create:activated",
+        "create:recorded",
+    ),
     "delete": ("delete:intent", "delete:deactivated", "delete:message", "delete:transaction"),
 }
 ENTRIES = ("held", "load", "open", "cli")

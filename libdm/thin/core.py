@@ -387,8 +387,18 @@ class PoolCore:
         info = ops.info(self.name)
         if not (info.suspended or info.inactive_table):
             return
+        state = "suspended" if info.suspended else "carrying an inactive table"
+        if operation != "open":
+            # Every change of libdm's that suspends the pool or loads its
+            # table is a growth, finished before this from its intent: this
+            # state is another program's, left alone but at Pool.open.
+            raise StateError(
+                f"pool {self.name!r} is {state}, and no change of libdm's that was "
+                f"interrupted left it so; libdm leaves it as it is",
+                operation,
+                self.name,
+            ).advise(RemedyCall("open", "resumes it on its live table", self.directory))
         if not self.backing.capabilities.owns_devices:
-            state = "suspended" if info.suspended else "carrying an inactive table"
             raise StateError(
                 f"adopted pool {self.name!r} is {state}; its owner must resume "
                 f"it (dmsetup resume {self.name})",
@@ -632,75 +642,84 @@ class PoolCore:
             # what the kernel has.  Not durable: a power cut takes the device
             # down too.
             self.mark_activation(row.name)
-        if absent:
-            try:
-                ops.create(dm_name, table, uuid=uuid)
-            except DeviceExistsError:
-                return self.activate(row, operation)  # made meanwhile: check it
-        elif live is not None:
-            info, live_table = live
-            if (
-                len(live_table) == 1
-                and live_table[0]._replace(length=table[0].length) == table[0]
-                and live_table != table
-            ):
-                # A resize killed between its record and its reload.
-                if table[0].length < live_table[0].length and info.open_count:
-                    # A shrink, and the device was opened since: it is not
-                    # cut under its user (as a shrink refuses an open
-                    # device); the record takes the live size back.
-                    kept = Sectors(live_table[0].length)
-                    logger.warning(
-                        "pool %s: %s keeps %s sectors, not its recorded %s: an "
-                        "interrupted shrink meets it open; shrink it again when "
-                        "nothing has it open",
-                        self.name,
-                        dm_name,
-                        kept,
-                        table[0].length,
-                    )
-                    with self.store.transaction():
-                        self.store.set_size(row.name, kept)
-                    row = replace(row, size=kept)
-                    table = live_table
-                else:
-                    logger.warning(
-                        "pool %s: %s resized to its recorded %s sectors",
-                        self.name,
-                        dm_name,
-                        table[0].length,
-                    )
-                    ops.reload(dm_name, table)
-                    ops.resume(dm_name)
-                    live_table = table
-            if live_table != table:
-                raise StateError(
-                    f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "
-                    f"expected {table[0]}",
-                    operation,
-                    dm_name,
-                )
-            if info.deferred_remove:
-                # Wanted again while a deferred removal is pending (Docker's
-                # activateDeviceIfNeeded does the same): take the removal back.
+        try:
+            if absent:
                 try:
-                    ops.cancel_deferred_remove(dm_name)
-                except DMError:
-                    if ops.exists(dm_name):
-                        raise
-                    return self.activate(row, operation)  # gone meanwhile: recreate
-                # Without udev, libdevmapper dropped the /dev/mapper node when
-                # the deferred removal was requested: put it back.
-                ops.mknodes(dm_name)
-            elif not os.path.lexists(f"/dev/mapper/{dm_name}"):
-                # A kill between the create ioctl and libdevmapper making
-                # the node leaves the device without one.
-                ops.mknodes(dm_name)
-            if info.suspended:
-                ops.resume(dm_name)
-        else:
-            ops.create(dm_name, table, uuid=uuid)
-            absent = True
+                    ops.create(dm_name, table, uuid=uuid)
+                except DeviceExistsError:
+                    return self.activate(row, operation)  # made meanwhile: check it
+            elif live is not None:
+                info, live_table = live
+                if (
+                    len(live_table) == 1
+                    and live_table[0]._replace(length=table[0].length) == table[0]
+                    and live_table != table
+                    # Only a resize of libdm's (its mark) is finished here: a
+                    # length another program loaded is refused, not undone.
+                    and self.store.resize_intent() == row.name
+                ):
+                    # A resize killed between its record and its reload.
+                    if table[0].length < live_table[0].length and info.open_count:
+                        # A shrink, and the device was opened since: it is not
+                        # cut under its user (as a shrink refuses an open
+                        # device); the record takes the live size back.
+                        kept = Sectors(live_table[0].length)
+                        logger.warning(
+                            "pool %s: %s keeps %s sectors, not its recorded %s: an "
+                            "interrupted shrink meets it open; shrink it again when "
+                            "nothing has it open",
+                            self.name,
+                            dm_name,
+                            kept,
+                            table[0].length,
+                        )
+                        with self.store.transaction():
+                            self.store.set_size(row.name, kept)
+                        row = replace(row, size=kept)
+                        table = live_table
+                    else:
+                        logger.warning(
+                            "pool %s: %s resized to its recorded %s sectors",
+                            self.name,
+                            dm_name,
+                            table[0].length,
+                        )
+                        ops.reload(dm_name, table)
+                        ops.resume(dm_name)
+                        live_table = table
+                if live_table != table:
+                    raise StateError(
+                        f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "
+                        f"expected {table[0]}",
+                        operation,
+                        dm_name,
+                    )
+                if info.deferred_remove:
+                    # Wanted again while a deferred removal is pending (Docker's
+                    # activateDeviceIfNeeded does the same): take the removal back.
+                    try:
+                        ops.cancel_deferred_remove(dm_name)
+                    except DMError:
+                        if ops.exists(dm_name):
+                            raise
+                        return self.activate(row, operation)  # gone meanwhile: recreate
+                    # Without udev, libdevmapper dropped the /dev/mapper node when
+                    # the deferred removal was requested: put it back.
+                    ops.mknodes(dm_name)
+                elif not os.path.lexists(f"/dev/mapper/{dm_name}"):
+                    # A kill between the create ioctl and libdevmapper making
+                    # the node leaves the device without one.
+                    ops.mknodes(dm_name)
+                if info.suspended:
+                    ops.resume(dm_name)
+            else:
+                ops.create(dm_name, table, uuid=uuid)
+                absent = True
+        except DMError:
+            if not row.active and not ops.exists(dm_name):
+                # Refused, and nothing of it is live: nothing to settle.
+                self.drop_activation_intent()
+            raise
         if not row.active:
             crash.point("activate:made")
             try:

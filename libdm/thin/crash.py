@@ -22,6 +22,7 @@ POINTS = (
     "create:intent",  # intent recorded, nothing sent
     "create:message",  # create_thin / create_snap sent
     "create:transaction",  # set_transaction_id sent and committed, device not yet active
+    "create:activated",  # the new device live, its record not yet written
     "create:recorded",  # device active, store updated
     "snapshot:suspended",  # origin suspended, create_snap not sent
     "delete:intent",  # intent recorded, nothing discarded or removed

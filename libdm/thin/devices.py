@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 from dataclasses import replace
 
 from libdm.dm import ops
@@ -105,14 +106,12 @@ class Devices:
         """
         row: DeviceRecord | None = self.core.store.device(name)
         if row is None:
-            if any(made.name == name for made in self.pending()[1]):
-                raise error_for(
-                    errno.ENXIO,
-                    operation,
-                    name,
-                    message=f"device {name!r} of pool {self.core.name!r} is being created (a "
-                    f"create was interrupted, which the pool's next change finishes)",
-                ).advise(RemedyCall("open", "finishes it now", self.core.directory))
+            # A create the kernel has but the store does not yet (killed
+            # past its activation, or still under way in another process):
+            # as listed, and as the next change records it.
+            made = next((made for made in self.pending()[1] if made.name == name), None)
+            if made is not None:
+                return made
             raise error_for(
                 errno.ENXIO,
                 operation,
@@ -125,8 +124,9 @@ class Devices:
                 errno.ENXIO,
                 operation,
                 name,
-                message=f"device {name!r} of pool {self.core.name!r} is being deleted (a delete "
-                f"was interrupted, which the pool's next change finishes)",
+                message=f"device {name!r} of pool {self.core.name!r} is being deleted (by a "
+                f"delete under way, or one a crash interrupted, which the pool's next change "
+                f"finishes)",
             ).advise(RemedyCall("open", "finishes it now", self.core.directory))
         return row
 
@@ -313,7 +313,13 @@ class Devices:
                 raise error_for(errno.ENXIO, operation, self.core.device_dm_name(name))
             with self.core.changing(operation):
                 self.core.activate(self.record(name, operation), operation)
-        return ops.device_path(self.core.device_dm_name(name))
+        dm_name = self.core.device_dm_name(name)
+        path = ops.device_path(dm_name)
+        if not os.path.lexists(path):
+            # Live and proven ours, but without its node (a kill between
+            # the create ioctl and the node): make it, as activate does.
+            ops.mknodes(dm_name)
+        return path
 
     def live_info(self, name: str) -> DeviceInfo | None:
         """The info of device ``name``'s live device-mapper device, once
@@ -439,7 +445,13 @@ class Devices:
             # kernel step leaves the mark, and the next change's bring-up
             # brings the device back up as its record still says.
             self.core.mark_activation(name)
-            self.core.deactivate(name)
+            try:
+                self.core.deactivate(name)
+            except DMError:
+                if ops.exists(self.core.device_dm_name(name)):
+                    # Refused (busy): the device is up, as recorded.
+                    self.core.drop_activation_intent()
+                raise
             crash.point("deactivate:removed")
             try:
                 with self.core.store.transaction():

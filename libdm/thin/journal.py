@@ -146,6 +146,8 @@ class Transaction:
         try:
             if then is not None:
                 then()
+                if isinstance(intent, Intent) and intent.op.creates:
+                    crash.point("create:activated")
         finally:
             self.record_outcome()
 

@@ -135,6 +135,8 @@ class Pool:
     def _front(self, core: PoolCore) -> None:
         self._core = core
         self._growth = Growth(core)
+        #: What the last recovery under the lock settled (see settle).
+        self._settled: str | None = None
         self._devices = Devices(core)
         core.lend(Recovery(settle=self._recover_interrupted, finish_growth=self._growth.finish))
 
@@ -325,11 +327,13 @@ class Pool:
             StateError, PoolError: as the next change would (a pool that
                 is not live is refused, saying what to run).
         """
-        what = self._core.interrupted()
-        if what is None:
+        if self._core.interrupted() is None:
             return None
+        # Read again under the lock (by the recovery the change runs): what
+        # was read before it may be another process's change, done since.
+        self._settled = None
         with self._core.changing("settle"):
-            return what
+            return self._settled
 
     def _recover_interrupted(self, operation: str) -> None:
         """Before a change: finish or undo what an interrupted one left, as
@@ -341,6 +345,7 @@ class Pool:
         what = self._core.interrupted()
         if what is None:
             return
+        self._settled = what
         if not backings.exists_live(self.name):
             raise StateError(
                 f"pool {self.name!r} is not active and holds a change a crash "
@@ -415,6 +420,10 @@ class Pool:
                     logger.warning("pool %s: %s", self.name, exc.strerror)
                 continue
             if live is None:
+                continue
+            if not row.active and live.info.deferred_remove:
+                # A deactivation that was done: its removal waits for the
+                # device's last user, as recorded.
                 continue
             present[row.name] = live
             if not row.active:
@@ -932,7 +941,11 @@ class Pool:
             # Before anything goes down: a refusal leaves the pool as it was.
             self._core.backing.check_removable()
         with self._core.changing("destroy"):
-            for name in self._core.live_devices(self._core.store.devices(), "destroy"):
+            # A create killed after its activation made a device its record
+            # does not name yet: it goes too (the intent stays, and open
+            # records it again), or it would hold the pool busy for good.
+            rows = self._core.store.devices() + self._devices.pending()[1]
+            for name in self._core.live_devices(rows, "destroy"):
                 ops.remove(self.device_dm_name(name))
             if self._core.backing.capabilities.owns_devices:
                 try:

@@ -14,7 +14,7 @@ import errno
 
 from libdm.dm import ops
 from libdm.dm._lib import lib
-from libdm.dm.errors import DMError, NoSuchDeviceError, error_for
+from libdm.dm.errors import DMError, NoSuchDeviceError, RemedyCall, error_for
 from libdm.dm.info import DeviceInfo
 from libdm.dm.task import Task
 from libdm.thin import crash, ownership
@@ -42,6 +42,19 @@ class PoolDevice:
             # It changed while it was looked at: nothing is proven.
             raise error_for(errno.ENXIO, operation, self.name)
 
+    def _not_live(self, operation: str) -> DMError:
+        """The pool device is not live: what to do about it."""
+        exc = error_for(
+            errno.ENXIO,
+            operation,
+            self.name,
+            message=f"pool {self.name!r} is not active (not brought up since a reboot, "
+            f"or taken down)",
+        )
+        if self.directory:
+            exc.advise(RemedyCall("open", "brings it up", self.directory))
+        return exc
+
     def forget(self) -> None:
         """Drop the cached device number (the device may be made anew)."""
         self._devno = None
@@ -54,10 +67,13 @@ class PoolDevice:
             NoSuchDeviceError: the pool device is not live.
         """
         with Task(lib.DM_DEVICE_STATUS, "status", self.name) as task:
-            task.run()
+            try:
+                task.run()
+            except NoSuchDeviceError:
+                raise self._not_live("status") from None
             info = task.info()
             if info is None:
-                raise error_for(errno.ENXIO, "status", self.name)
+                raise self._not_live("status")
             targets = task.targets()
         self._proven(info, "status")
         self._devno = f"{info.major}:{info.minor}"
@@ -67,7 +83,10 @@ class PoolDevice:
     def devno(self) -> str:
         """``major:minor``, as thin tables name the pool."""
         if self._devno is None:
-            info = ops.info(self.name)
+            try:
+                info = ops.info(self.name)
+            except NoSuchDeviceError:
+                raise self._not_live("status") from None
             self._proven(info, "status")
             self._devno = f"{info.major}:{info.minor}"
         return self._devno

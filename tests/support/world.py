@@ -46,12 +46,19 @@ NAMES = {"p": ("b-x", "b-w", "c", "d", "y", "e"), "pb": ("x", "w", "f", "g", "z"
 
 # The changes drawn, and the named crash points each can reach.
 POINTS_FOR = {
-    "create_thin": ("create:intent", "create:message", "create:transaction", "create:recorded"),
+    "create_thin": (
+        "create:intent",
+        "create:message",
+        "create:transaction",
+        "create:activated",
+        "create:recorded",
+    ),
     "snapshot": (
         "create:intent",
         "snapshot:suspended",
         "create:message",
         "create:transaction",
+        "create:activated",
         "create:recorded",
     ),
     "delete": ("delete:intent", "delete:deactivated", "delete:message", "delete:transaction"),

@@ -1,0 +1,225 @@
+"""Recovery settles what was interrupted, and only that.
+
+The one recovery path (the pool's bring-up) runs at ``Pool.open`` and at
+any change that finds a mark a kill left.  It must not undo a change that
+finished (a deactivation whose removal the kernel defers to the device's
+last user), a refusal must leave no mark behind (or the next change
+reports an interruption that never happened), ``Pool.settle`` must report
+only what it settled under the lock, and what a create killed past its
+activation made is listed, readable and taken down by ``destroy``.
+Witnesses: dmsetup through :mod:`support.witness`, the store read by a
+store of its own, the CLI's exit status and output.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+from support import witness
+from support.blockio import MiB, write_pattern
+from support.children import run_child
+from support.cli import run_cli
+from test_pool_crash import assert_consistent
+
+import libdm
+from libdm.thin.store import Store
+
+pytestmark = pytest.mark.kernel
+
+
+def stored(directory):
+    """(the activation mark, {name: recorded active}) from the store."""
+    store = Store(directory)
+    try:
+        return store.activation_intent(), {row.name: row.active for row in store.devices()}
+    finally:
+        store.close()
+
+
+def test_a_finished_deferred_deactivation_stays_done(make_pool, tmp_path):
+    """With deferred removal, deactivating an open device succeeds and its
+    removal waits for the last user.  A later bring-up (``pool open``)
+    must not take that back: not record it active, not cancel the
+    removal."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    dev = pool.create_thin("a", "8M")
+    dm_name = pool.device_dm_name("a")
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        dev.deactivate()
+        assert witness.info(dm_name) is not None  # still open: removal deferred
+        assert stored(directory) == (None, {"a": False})
+        proc = run_cli("pool", "open", directory)
+        assert proc.returncode == 0, proc.stderr
+        assert stored(directory) == (None, {"a": False})
+    finally:
+        os.close(fd)
+    # The last user gone, the kernel finishes the removal it was asked for.
+    deadline = time.monotonic() + 10
+    while dm_name in witness.names() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dm_name not in witness.names()
+
+
+def test_a_refused_deactivation_leaves_no_mark(make_pool, tmp_path, caplog):
+    """Without deferred removal a busy device's deactivation is refused:
+    nothing changed, so nothing is left for the next change to settle."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    pool.configure(deferred_removal=False)
+    dev = pool.create_thin("a", "8M")
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        with pytest.raises(libdm.DeviceBusyError):
+            dev.deactivate()
+        assert stored(directory) == (None, {"a": True})
+        assert pool.settle() is None
+        with caplog.at_level("WARNING", logger="libdm"):
+            pool.create_thin("b", "8M")
+        assert not [r for r in caplog.records if "interrupted" in r.getMessage()]
+    finally:
+        os.close(fd)
+    assert pool.device_dm_name("a") in witness.names()
+
+
+def test_settle_reports_only_what_it_settled(make_pool, tmp_path):
+    """A mark read before the lock may be another process's change under
+    way; once it has the lock and nothing is left, settle says nothing."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    pool.create_thin("a", "8M")
+    other = libdm.Pool.load(directory)
+    said = []
+    try:
+        with pool._core.changing("activate"):  # another change, holding the lock
+            pool._core.mark_activation("a")
+            watcher = threading.Thread(target=lambda: said.append(other.settle()))
+            watcher.start()
+            time.sleep(1)  # it has read the mark and waits for the lock
+            pool._core.drop_activation_intent()
+        watcher.join(timeout=60)
+    finally:
+        other.close()
+    assert said == [None]
+
+
+@pytest.mark.parametrize("point", ["create:transaction", "create:activated"])
+def test_a_create_killed_past_its_kernel_step_is_listed(dm_name, tmp_path, point):
+    """The kernel has the new device, the store not yet: every listing
+    shows it (as the next change will record it), and reading it works."""
+    directory = tmp_path / "pool"
+    held = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
+    try:
+        proc = run_child(directory, "p.create_thin('new', '8M')\n", crash_at=point)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        with libdm.Pool.load(directory) as pool:
+            listed = {d.name: d.active for d in pool.devices()}
+            assert listed == {"new": point == "create:activated"}
+        for args in (["thin", "ls"], ["thin", "ls", "--json"], ["thin", "ls", "--tree"]):
+            out = run_cli(*args, "--pool", directory)
+            assert out.returncode == 0, out.stderr
+            assert "new" in out.stdout
+        rows = json.loads(run_cli("thin", "ls", "--json", "--pool", directory).stdout)
+        assert [r["name"] for r in rows] == ["new"]
+    finally:
+        held.close()
+
+
+def test_destroy_takes_down_what_a_killed_create_made(dm_name, tmp_path):
+    """A create killed after its activation left a live device no record
+    names yet: destroy takes it down too (it would hold the pool busy for
+    good), and open brings the pool back with the device recorded."""
+    directory = tmp_path / "pool"
+    name = dm_name("pool")
+    libdm.Pool.create_loop(name, directory, data_size="64M").close()
+    proc = run_child(directory, "p.create_thin('new', '8M')\n", crash_at="create:activated")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert f"{name}-new" in witness.names()
+    out = run_cli("pool", "destroy", "--pool", directory)
+    assert out.returncode == 0, out.stderr
+    assert not {n for n in witness.names() if n == name or n.startswith(f"{name}-")}
+    pool = libdm.Pool.open(directory)
+    try:
+        assert_consistent(pool)
+        assert {d.name: d.active for d in pool.devices()} == {"new": True}
+    finally:
+        pool.close()
+
+
+def test_a_pool_not_brought_up_says_to_open_it(make_pool, tmp_path):
+    """After a reboot, before ``Pool.open``: a change or a device's use
+    says the pool is not active and what brings it up, in the library's
+    words (the CLI says it as its command)."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    write_pattern(pool.create_thin("vol", "8M").path, 0x21, 0, MiB)
+    pool.destroy()  # a reboot: nothing live, files and store kept
+    later = libdm.Pool.load(directory)
+    try:
+        for call in (lambda: later.device("vol").activate(), lambda: later.create_thin("x", "8M")):
+            with pytest.raises(libdm.NoSuchDeviceError) as caught:
+                call()
+            assert "is not active" in str(caught.value), caught.value
+            assert caught.value.remedy == libdm.RemedyCall(
+                "open", "brings it up", str(directory)
+            ), caught.value
+    finally:
+        later.close()
+
+
+def test_a_live_device_without_its_node_gets_one_when_used(make_pool, tmp_path):
+    pool = make_pool(directory=tmp_path / "pool", data_size="64M")
+    dev = pool.create_thin("vol", "8M")
+    os.unlink(dev.path)  # as a kill between the create ioctl and the node leaves it
+    path = pool.ready_device("vol")
+    assert os.path.exists(path)
+    dev.format()  # a use that needs the node
+
+
+def test_a_table_another_program_loaded_on_the_pool_is_left_to_open(make_pool, tmp_path):
+    """No change of libdm's left the pool carrying an inactive table (its
+    growths finish from their intents first): a recovery that a kill's
+    mark started refuses, saying what settles it, instead of dropping
+    another program's table."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    pool.create_thin("a", "8M")
+    pool.create_thin("b", "8M").deactivate()
+    name = pool.name
+    # (The child opens the pool with Pool.open, which settles such a
+    # table: the other program loads it after the kill.)
+    proc = run_child(directory, "p.device('b').activate()\n", crash_at="activate:made")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    fields = witness.table(name)[0].split()
+    fields[6] = "100"  # another low water mark
+    witness.dmsetup("reload", name, "--table", " ".join(fields))
+    with libdm.Pool.load(directory) as later:
+        with pytest.raises(libdm.StateError, match="carrying an inactive table") as caught:
+            later.create_thin("z", "8M")
+        assert caught.value.remedy == libdm.RemedyCall(
+            "open", "resumes it on its live table", str(directory)
+        )
+    assert witness.info(name)["attr"][1] == "I"  # its inactive table is still there
+    assert "z" not in {d.name for d in libdm.Pool.load(directory).devices()}
+
+
+def test_a_length_another_program_loaded_is_not_undone(make_pool, tmp_path):
+    """Only a resize of libdm's, marked in the store, is finished by the
+    bring-up: a device another program grew is left as it is (and said
+    unavailable), not cut back to its recorded length."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    dev = pool.create_thin("a", "16M")
+    dm_name = dev.dm_name
+    fields = witness.table(dm_name)[0].split()
+    fields[1] = str(32 * MiB // 512)
+    witness.dmsetup("reload", dm_name, "--table", " ".join(fields))
+    witness.dmsetup("resume", dm_name)
+    write_pattern(dev.path, 0x5A, 20 * MiB, MiB)
+    proc = run_cli("pool", "open", directory)
+    assert witness.table(dm_name)[0].split()[1] == str(32 * MiB // 512), proc.stderr
+    assert "a" in proc.stdout + proc.stderr  # said, not silently undone

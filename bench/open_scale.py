@@ -27,6 +27,7 @@ Nothing here asserts a target; the table says whether it was met.
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -46,13 +47,23 @@ def _child(directory, lazy):
     """In a fresh process: import libdm, open the pool, time it."""
     import libdm
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
     pool = libdm.Pool.open(directory, lazy=lazy)
     seconds = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_SELF)
     prefix = pool.name + "-"
     live = sum(1 for entry in libdm.list_devices() if entry.name.startswith(prefix))
     pool.close()
-    json.dump({"open_s": seconds, "live": live}, sys.stdout)
+    json.dump(
+        {
+            "open_s": seconds,
+            "live": live,
+            "user_s": after.ru_utime - before.ru_utime,
+            "sys_s": after.ru_stime - before.ru_stime,
+        },
+        sys.stdout,
+    )
     return 0
 
 
@@ -105,6 +116,14 @@ def traced(thin_ops, c, names, directory_of_pool, devices, work):
     }
 
 
+def _cpu_times(pid):
+    """(user, system) CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return [int(fields[11]) / tick, int(fields[12]) / tick]
+
+
 def _remove_all(names):
     import libdm
 
@@ -139,12 +158,14 @@ def run(thin_ops, directory, devices, repeats, log=benchlib.log, trace=False):
         out["build_c_s"] = c.run("thin", 0, devices)
         directory_of_pool = pool.directory
         pool.close()
-        eager, lazy, c_activate = [], [], []
+        eager, lazy, c_activate, c_cpu = [], [], [], []
         for rep in range(repeats):
             _remove_all(names)
             eager.append(open_child(directory_of_pool, lazy=False))
             _remove_all(names)
+            cpu = _cpu_times(c.proc.pid)
             c_activate.append(c.run("activate", "d", 0, devices, THIN_SIZE // 512))
+            c_cpu.append([b - a for a, b in zip(cpu, _cpu_times(c.proc.pid), strict=True)])
             c.run("deactivate", "d", 0, devices)
             lazy.append(open_child(directory_of_pool, lazy=True))
             log(
@@ -155,6 +176,7 @@ def run(thin_ops, directory, devices, repeats, log=benchlib.log, trace=False):
         out["eager"] = eager
         out["lazy"] = lazy
         out["c_activate_s"] = c_activate
+        out["c_cpu_s"] = c_cpu
         out["ratios"] = [e["open_s"] / s for e, s in zip(eager, c_activate, strict=True)]
         out["lazy_ratios"] = [z["open_s"] / s for z, s in zip(lazy, c_activate, strict=True)]
         if trace:
@@ -188,6 +210,11 @@ def table(out):
             f"| C activating as many | {c_s:.2f} | 1.00 | - |",
             f"| Pool.open(lazy=True) | {lazy_s:.2f} | {lazy:.2f} | - |",
             "",
+            "CPU per device (ms), user / system: Pool.open "
+            f"{_per_device(out['eager'], 'user_s', n)} / {_per_device(out['eager'], 'sys_s', n)}, "
+            f"C {statistics.median(c[0] for c in out['c_cpu_s']) * 1000 / n:.2f} / "
+            f"{statistics.median(c[1] for c in out['c_cpu_s']) * 1000 / n:.2f}.",
+            "",
             f"Ratios per repeat: {', '.join(f'{r:.2f}' for r in out['ratios'])}; "
             f"building the pools: libdm {out['build_libdm_s']:.0f} s, "
             f"C {out['build_c_s']:.0f} s.",
@@ -218,6 +245,10 @@ def syscall_table(out):
         f"{totals[3] * 1e6:.0f} |"
     )
     return "\n".join(rows)
+
+
+def _per_device(runs, key, n):
+    return f"{statistics.median(r[key] for r in runs) * 1000 / n:.2f}"
 
 
 def main(argv=None):

@@ -158,26 +158,8 @@ class Devices:
         return deleting, made
 
     def create_thin(self, name: str, size: int | str | None = None) -> DeviceRecord:
-        """Create a thin device and activate it.
-
-        Args:
-            name: its name within the pool; its device-mapper name is
-                ``<pool>-<name>``.
-            size: its size, bytes or a string such as ``"10G"`` (whole
-                512-byte sectors); by default the pool's :attr:`base_size`.
-
-        Returns:
-            The new, active :class:`~libdm.ThinDevice`.
-
-        Raises:
-            ValueError: a bad name or size.
-            DeviceExistsError: the name is taken.
-            PoolFullError: free space is below ``min_free_space``, or no
-                thin id is left.
-            PoolReadOnlyError, PoolFailedError: the pool refuses changes.
-            DMError: the kernel refused the device's table; its thin id and
-                record are deleted again before this is raised.
-        """
+        """Create device ``name`` and activate it (see :meth:`Pool.create_thin
+        <libdm.Pool.create_thin>`); its record."""
         dm_name = self.check_name(name)
         # parse_size refuses sizes past the kernel's limit
         sectors = parse_size(self.base_size() if size is None else size, what="size").sectors()
@@ -298,15 +280,8 @@ class Devices:
             self.core.activate(row, "activate")
 
     def ready(self, name: str, operation: str = "use") -> str:
-        """The path of device ``name``, live: a device recorded active
-        whose device is not live (as :meth:`open` with ``lazy=True`` leaves
-        them) is activated first.
-
-        Raises:
-            NoSuchDeviceError: the pool has no such device, or it is not
-                active.
-            ForeignDeviceError: the device of its name is not the pool's.
-        """
+        """The path of device ``name``, live (see :meth:`Pool.ready_device
+        <libdm.Pool.ready_device>`); a live device without its node gets one."""
         row = self.record(name, operation)
         if self.core.live(row, operation) is None:
             if not row.active:
@@ -322,15 +297,7 @@ class Devices:
         return path
 
     def live_info(self, name: str) -> DeviceInfo | None:
-        """The info of device ``name``'s live device-mapper device, once
-        proven to be this pool's own (its uuid and table), or ``None`` when
-        none is live.
-
-        Raises:
-            NoSuchDeviceError: the pool has no such device.
-            ForeignDeviceError: a device-mapper device of its name that
-                this pool did not make (named, with its owner).
-        """
+        """See :meth:`Pool.live_device <libdm.Pool.live_device>`."""
         live = self.core.live(self.record(name, "info"), "info")
         return None if live is None else live.info
 
@@ -470,12 +437,8 @@ class Devices:
                 raise
 
     def delete(self, name: str, *, discard: bool | None = None) -> None:
-        """Delete device ``name`` (see :meth:`ThinDevice.delete`).
-
-        Args:
-            discard: discard its blocks first; ``None`` (the default) as
-                :attr:`discard_on_delete` says.
-        """
+        """Delete device ``name`` (see :meth:`Pool.delete_device
+        <libdm.Pool.delete_device>`)."""
         with self.core.changing("delete"):
             row = self.record(name, "delete")
             # An origin may go before its snapshots, as the kernel and LVM

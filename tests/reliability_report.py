@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_only:
         args.reduced = False
     with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "figures.jsonl")
+        log = os.path.join(tmp, "figures")  # one file per kernel
+        os.mkdir(log)
         # One pytest run per count: the reduced suites, then the full ones.
         runs = (
             ([(s for s in SUITES if s not in args.full_only), "reduced"], [args.full_only, "full"])
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         totals: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
         lists: collections.defaultdict[tuple[str, str], set[str]] = collections.defaultdict(set)
         recorded: set[str] = set()
-        if os.path.exists(log):
-            with open(log) as fh:
+        for name in sorted(os.listdir(log)):
+            with open(os.path.join(log, name)) as fh:
                 for line in fh:
                     entry = json.loads(line)
                     suite = entry.pop("suite")

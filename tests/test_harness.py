@@ -587,39 +587,54 @@ def test_a_kernel_that_dies_fails_the_tests_it_did_not_report(pytester, uml_kern
 def test_kernels_side_by_side_share_the_modules(pytester, uml_kernel):
     """Two kernels: each module runs whole in one of them, every test once,
     and a module's fixture is set up once, in the kernel that runs it."""
+    # Each setup and run leaves a file of its own: two kernels appending to
+    # one shared host file can overwrite each other's lines.
     module = """
         import os, time
         import pytest
+
+        def leave(kind, boot, request):
+            directory = os.path.join(str(request.config.rootpath), kind)
+            name = f"{request.node.nodeid.replace('/', '_')} {os.getpid()} {time.monotonic_ns()}"
+            with open(os.path.join(directory, name), "w") as fh:
+                fh.write(f"{request.node.nodeid} {boot}\\n")
 
         @pytest.fixture(scope="module")
         def boot(request):
             with open("/proc/sys/kernel/random/boot_id") as fh:
                 boot = fh.read().strip()
-            with open(os.path.join(str(request.config.rootpath), "setups"), "a") as fh:
-                fh.write(f"{request.module.__name__} {boot}\\n")
+            leave("setups", boot, request)
             return boot
 
         @pytest.mark.kernel
         @pytest.mark.parametrize("n", range(3))
         def test_runs_once(boot, request, n):
             time.sleep(1)
-            with open(os.path.join(str(request.config.rootpath), "runs"), "a") as fh:
-                fh.write(f"{request.node.nodeid} {boot}\\n")
+            leave("runs", boot, request)
     """
     for name in ("test_m1.py", "test_m2.py", "test_m3.py", "test_m4.py"):
         pytester.path.joinpath(name).write_text(textwrap.dedent(module))
+    for kind in ("setups", "runs"):
+        pytester.path.joinpath(kind).mkdir()
     result = pytester.runpytest_subprocess(
         "-p", PLUGIN, "--dm-kernel=uml", f"--dm-kernel-binary={uml_kernel.binary}",
         "--dm-kernels=2",
     )  # fmt: skip
     result.assert_outcomes(passed=12)
     result.stdout.fnmatch_lines(["*(kernel 1 of 2)*", "*(kernel 2 of 2)*"])
-    runs = [line.split() for line in (pytester.path / "runs").read_text().splitlines()]
+
+    def left(kind):
+        return [f.read_text().split() for f in sorted((pytester.path / kind).iterdir())]
+
+    runs = left("runs")
     assert sorted(nodeid for nodeid, _ in runs) == sorted(
         f"test_m{m}.py::test_runs_once[{n}]" for m in range(1, 5) for n in range(3)
     )
-    setups = dict(line.split() for line in (pytester.path / "setups").read_text().splitlines())
-    assert sorted(setups) == ["test_m1", "test_m2", "test_m3", "test_m4"]  # once each
+    setups = left("setups")
+    assert sorted(nodeid for nodeid, _ in setups) == [  # once each
+        "test_m1.py", "test_m2.py", "test_m3.py", "test_m4.py"
+    ]  # fmt: skip
+    setups = {nodeid.split(".py")[0]: boot for nodeid, boot in setups}
     for nodeid, boot in runs:
         assert setups[nodeid.split(".py")[0]] == boot  # in the kernel that set it up
     assert len(set(setups.values())) == 2  # both kernels took modules

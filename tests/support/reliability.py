@@ -1,10 +1,12 @@
 """Figures for the reliability report (see tests/reliability_report.py).
 
-Tests call :func:`record` with what they did; the figures go to the file
-named by ``LIBDM_RELIABILITY_LOG`` when the report command runs them, and
-nowhere otherwise.  Numbers are added up over a suite's records; lists
-(the operations and crash points a randomized suite reached, and its
-``gaps``, what it never reached) are merged.  :func:`scale` picks the reduced count the everyday
+Tests call :func:`record` with what they did; the figures go to the
+directory named by ``LIBDM_RELIABILITY_LOG`` when the report command runs
+them, and nowhere otherwise: one file per kernel, because two test kernels
+appending to one shared host file can overwrite each other's lines.
+Numbers are added up over a suite's records; lists (the operations and
+crash points a randomized suite reached, and its ``gaps``, what it never
+reached) are merged.  :func:`scale` picks the reduced count the everyday
 test command uses, or the full one the report asks for with
 ``LIBDM_RELIABILITY=full``.
 """
@@ -36,11 +38,14 @@ def gaps(wanted: Iterable[str], reached: Iterable[str]) -> list[str]:
 
 
 def record(suite: str, **figures: object) -> None:
-    """Append one record of ``suite``'s figures to ``LIBDM_RELIABILITY_LOG``, if set."""
-    path = os.environ.get("LIBDM_RELIABILITY_LOG")
-    if not path:
+    """Append one record of ``suite``'s figures to this kernel's file in
+    ``LIBDM_RELIABILITY_LOG``, if set."""
+    directory = os.environ.get("LIBDM_RELIABILITY_LOG")
+    if not directory:
         return
-    with open(path, "a") as fh:
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        boot = fh.read().strip()
+    with open(os.path.join(directory, f"{boot}.jsonl"), "a") as fh:
         fh.write(json.dumps({"suite": suite, **figures}) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

@@ -201,6 +201,11 @@ def test_a_remedy_that_is_another_call_is_said_as_a_method_or_a_command():
     repair = libdm.RemedyCall("repair", "repairs it", "/d")
     assert repair.said() == "Pool.repair() repairs it"
     assert common.command_for(repair) == "libdm pool repair --pool /d"
+    deferral = libdm.RemedyCall(
+        "configure", "removes it later", "/d", (("deferred_removal", True),)
+    )
+    assert deferral.said() == "Pool.configure(deferred_removal=True) removes it later"
+    assert common.command_for(deferral) == "libdm pool set --pool /d --deferred-removal on"
     again = pickle.loads(pickle.dumps(grow))
     assert (again.strerror, again.remedy) == (grow.strerror, grow.remedy)
 

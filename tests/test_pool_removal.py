@@ -11,6 +11,7 @@ transaction id from ``dmsetup status`` and the thin ids thin_dump reads.
 
 import os
 import subprocess
+import sys
 
 import pytest
 from support import witness
@@ -304,8 +305,27 @@ def test_deactivate_of_a_busy_device_fails_without_deferred_removal(strict_pool)
     write_pattern(dev.path, 0x66)
     fd = os.open(dev.path, os.O_RDONLY)
     try:
-        with pytest.raises(libdm.DeviceBusyError, match="still busy after"):
+        with pytest.raises(libdm.DeviceBusyError, match="still busy after") as caught:
             dev.deactivate()
+        # The remedy is the pool's setting, not the device call's own
+        # ``deferred=True``, which a pool's caller cannot pass.
+        assert caught.value.remedy == libdm.RemedyCall(
+            "configure",
+            "removes a busy device when its last user closes it",
+            strict_pool.directory,
+            (("deferred_removal", True),),
+        )
+        assert "Pool.configure(deferred_removal=True)" in str(caught.value)
+        proc = subprocess.run(
+            [sys.executable, "-m", "libdm", "thin", "deactivate", "vol",
+             "--pool", strict_pool.directory],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert (
+            f"libdm pool set --pool {strict_pool.directory} --deferred-removal on "
+            "removes a busy device" in proc.stderr
+        ), proc.stderr
         assert dev.dm_name in witness.names()
         assert not deferred_remove_pending(dev.dm_name)
         assert strict_pool.device("vol").active
@@ -323,8 +343,9 @@ def test_delete_of_a_busy_device_fails_without_deferred_deletion(strict_pool):
     tx = witness.transaction_id(strict_pool.name)
     fd = os.open(dev.path, os.O_RDONLY)
     try:
-        with pytest.raises(libdm.DeviceBusyError):
+        with pytest.raises(libdm.DeviceBusyError) as caught:
             dev.delete()
+        assert caught.value.remedy.arguments == (("deferred_removal", True),)
         assert dev.dm_name in witness.names()
         assert not deferred_remove_pending(dev.dm_name)
         assert [d.name for d in strict_pool.devices()] == ["vol"]
@@ -347,8 +368,14 @@ def test_deferred_removal_without_deferred_deletion(make_pool):
     dev = p.create_thin("vol", "8M")
     fd = os.open(busy(dev).path, os.O_RDONLY)
     try:
-        with pytest.raises(libdm.DeviceBusyError):
+        with pytest.raises(libdm.DeviceBusyError) as caught:
             dev.delete()
+        assert caught.value.remedy == libdm.RemedyCall(
+            "configure",
+            "deletes a busy device when its last user closes it",
+            p.directory,
+            (("deferred_deletion", True),),
+        )
         # The removal was deferred, the delete was not queued.
         assert deferred_remove_pending(dev.dm_name)
         assert [d.name for d in p.devices()] == ["vol"]

@@ -93,9 +93,8 @@ def in_cli_words(exc: libdm.DMError, args: argparse.Namespace | None = None) -> 
     """The error's message for the shell: its remedy, if it has one, said
     as the command's option (``force=True`` is ``--force``).  A remedy
     whose option the command that ran (``args``) does not have is left
-    out: the remedy is an argument of a call deeper down (a busy thin
-    device's ``remove(deferred=True)`` under ``thin deactivate``), and
-    the command would refuse the option."""
+    out: the remedy is an argument of a call deeper down, and the
+    command would refuse the option."""
     remedy = exc.remedy
     if remedy is None:
         return exc.strerror or str(exc)
@@ -116,14 +115,23 @@ _COMMANDS: dict[str, str] = {
     "open": "libdm pool open {directory}",
     "repair": "libdm pool repair --pool {directory}",
     "resize": "libdm pool resize --pool {directory}",
+    "configure": "libdm pool set --pool {directory}",
 }
+
+
+def _value(value: str | bool) -> str:
+    """An argument's value as a command's option takes it (a setting of
+    ``pool set`` is ``on`` or ``off``)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return shlex.quote(value)
 
 
 def command_for(remedy: libdm.RemedyCall) -> str:
     """The command line that makes ``remedy``'s call."""
     line = _COMMANDS[remedy.method].format(directory=shlex.quote(remedy.directory))
     return " ".join(
-        [line, *(f"{_option(name)} {shlex.quote(value)}" for name, value in remedy.arguments)]
+        [line, *(f"{_option(name)} {_value(value)}" for name, value in remedy.arguments)]
     )
 
 

@@ -73,7 +73,7 @@ class RemedyCall:
     method: str
     does: str
     directory: str
-    arguments: tuple[tuple[str, str], ...] = ()
+    arguments: tuple[tuple[str, str | bool], ...] = ()
 
     def said(self, spelling: str | None = None) -> str:
         """``"Pool.open('/var/lib/images') finishes it"``, or with

@@ -414,10 +414,12 @@ class Devices:
             self.core.mark_activation(name)
             try:
                 self.core.deactivate(name)
-            except DMError:
+            except DMError as exc:
                 if ops.exists(self.core.device_dm_name(name)):
                     # Refused (busy): the device is up, as recorded.
                     self.core.drop_activation_intent()
+                if isinstance(exc, DeviceBusyError):
+                    self.advise_deferral(exc, "deferred_removal")
                 raise
             crash.point("deactivate:removed")
             try:
@@ -462,11 +464,30 @@ class Devices:
                             deferred=self.core.config.deferred_removal,
                         )
 
-            self.core.journal.delete(
-                name, row.thin_id, row.active, take_down, self.core.config.deferred_deletion
-            )
+            try:
+                self.core.journal.delete(
+                    name, row.thin_id, row.active, take_down, self.core.config.deferred_deletion
+                )
+            except DeviceBusyError as exc:
+                # Refused by the removal when it is not deferred, else by
+                # the thin id's delete when that is not queued.
+                deferral = (
+                    "deferred_deletion"
+                    if self.core.config.deferred_removal
+                    else "deferred_removal"
+                )
+                self.advise_deferral(exc, deferral)
+                raise
             if self.core.config.base_device == name:
                 self.core.update_config(self.core.config.but(base_device=None))
+
+    def advise_deferral(self, exc: DeviceBusyError, setting: str) -> None:
+        """Name the pool setting that gets past ``exc`` (a busy device), in
+        place of the device call's own ``deferred=True``, which the pool's
+        callers cannot pass."""
+        exc.advise(
+            RemedyCall("configure", _DEFERRALS[setting], self.core.directory, ((setting, True),))
+        )
 
     def refuse_if_handed_over(self, operation: str) -> None:
         if self.core.config.handed_to is not None:
@@ -491,6 +512,14 @@ class Devices:
                 self.core.device_dm_name(row.name),
                 exc,
             )
+
+
+#: What each deferral setting does for a busy device, said after the call
+#: that turns it on.
+_DEFERRALS = {
+    "deferred_removal": "removes a busy device when its last user closes it",
+    "deferred_deletion": "deletes a busy device when its last user closes it",
+}
 
 
 def _resized(name: str, old: Sectors, new: Sectors) -> str:

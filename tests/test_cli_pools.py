@@ -546,10 +546,10 @@ def test_thin_resize_pool_set_and_trim(dm_name, tmp_path, cli_run):
 
 
 @kernel
-def test_a_busy_thin_device_names_no_option_its_command_lacks(dm_name, tmp_path):
+def test_a_busy_thin_device_names_the_pool_setting_that_defers_it(dm_name, tmp_path):
     # A device still busy after the retries: libdm remove has --deferred for
     # that, but thin deactivate and thin delete have not, so their error
-    # must not tell the user to pass it.
+    # must not tell the user to pass it; it names the pool's setting.
     directory, name = tmp_path / "pool", dm_name("pool")
     P = ["--pool", directory]
     ok(
@@ -570,7 +570,8 @@ def test_a_busy_thin_device_names_no_option_its_command_lacks(dm_name, tmp_path)
     try:
         for verb in ("deactivate", "delete"):
             line = failed(run("thin", verb, "vol", *P), 1, f"thin {verb} vol:", "[EBUSY]")
-            assert "still busy after" in line and "--deferred" not in line, line
+            assert "still busy after" in line and "--deferred " not in line, line
+            assert f"libdm pool set --pool {directory} --deferred-removal on" in line, line
     finally:
         os.close(fd)
     assert f"{name}-vol" in witness.names()

@@ -14,6 +14,8 @@ store of its own, the CLI's exit status and output.
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -223,3 +225,56 @@ def test_a_length_another_program_loaded_is_not_undone(make_pool, tmp_path):
     proc = run_cli("pool", "open", directory)
     assert witness.table(dm_name)[0].split()[1] == str(32 * MiB // 512), proc.stderr
     assert "a" in proc.stdout + proc.stderr  # said, not silently undone
+
+
+@pytest.mark.parametrize("how", ["lazy-open", "killed-open"])
+def test_recovery_leaves_a_lazy_pool_lazy(make_pool, tmp_path, how):
+    """A pool opened lazily, or whose eager open was killed, has devices
+    recorded active but down until their first use.  The recovery a later
+    change runs (here after a killed deactivation) settles what the kill
+    left and brings no other device up: in a pool of thousands, that is
+    the open's work, not a ``thin create``'s.  The next eager open brings
+    them all up."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    for name in ("a", "b", "c"):
+        pool.create_thin(name, "8M")
+    down = [pool.device_dm_name(name) for name in ("a", "b", "c")]
+    pool.destroy()  # a reboot: nothing live, files and store kept
+    if how == "lazy-open":
+        libdm.Pool.open(directory, lazy=True).close()
+    else:
+        # Killed as it is about to activate the second device.
+        killed = (
+            "import os, signal, libdm\n"
+            f"libdm.Pool.open({str(directory)!r}, progress=lambda done, total: "
+            "done == 2 and os.kill(os.getpid(), signal.SIGKILL))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        down = [name for name in down if name not in witness.names()]
+        assert len(down) == 2, witness.names()
+    with libdm.Pool.load(directory) as later:
+        d = later.create_thin("d", "8M")
+        e_name = later.device_dm_name("e")
+    proc = run_cli("thin", "deactivate", "d", "--pool", directory,
+                   env={"LIBDM_CRASH_AT": "deactivate:removed"})  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert stored(directory)[0] == "d"  # the kill's mark
+    proc = run_cli("thin", "create", "e", "8M", "--pool", directory)
+    assert proc.returncode == 0, proc.stderr
+    mark, active = stored(directory)
+    assert mark is None
+    names = witness.names()
+    assert not set(down) & names, names  # still down, still recorded active
+    assert active["a"] and active["b"] and active["c"]
+    assert d.dm_name not in names and active["d"]  # the kill's record stands
+    assert e_name in names
+    # The next eager open brings every recorded-active device up.
+    libdm.Pool.open(directory).close()
+    assert set(down) | {d.dm_name} <= witness.names()
+    store = Store(directory)
+    try:
+        assert not store.lazy()
+    finally:
+        store.close()

@@ -275,6 +275,20 @@ class PoolCore:
         except (DMError, OSError, sqlite3.Error) as exc:
             logger.warning("pool %s: could not clear a finished resize's mark: %s", self.name, exc)
 
+    def set_lazy(self, lazy: bool) -> None:
+        """Record whether devices recorded active may be down until first
+        use (:meth:`Store.lazy <libdm.thin.store.Store.lazy>`).  Not
+        durable: after a power cut nothing is live, and only an open
+        brings the pool back; a failure to write it is logged, since it
+        only decides how much a later recovery activates."""
+        if self.store.lazy() == lazy:
+            return
+        try:
+            with self.store.transaction(durable=False):
+                self.store.set_lazy(lazy)
+        except (DMError, OSError, sqlite3.Error) as exc:
+            logger.warning("pool %s: could not record how it was opened: %s", self.name, exc)
+
     def drop_activation_intent(self) -> None:
         """Every device is live exactly when its record says: drop the mark
         (see :meth:`mark_activation`); as :meth:`drop_resize_intent`, a

@@ -251,7 +251,16 @@ class Pool:
                 was_there = ops.exists(pool.name)
                 pieces_there = pool._pieces_live()
                 try:
+                    # Until the eager bring-up of a pool that was down has
+                    # finished, the pool is lazy: a kill leaves devices
+                    # recorded active but down, and the recovery a later
+                    # change runs must not bring thousands up under it
+                    # (they come up on first use, or with the next open).
+                    if lazy or not was_there:
+                        pool._core.set_lazy(True)
                     pool._bring_up("open", progress, lazy=lazy)
+                    if not lazy:
+                        pool._core.set_lazy(False)
                 except BaseException:
                     # A pool this call made live and then refused (a
                     # transaction id another program moved, say) goes down
@@ -360,8 +369,9 @@ class Pool:
             operation,
         )
         # A pool that failed or is read-only keeps its intents: the journal
-        # then refuses changes of thin ids, saying so.
-        self._bring_up(operation)
+        # then refuses changes of thin ids, saying so.  A lazy pool stays
+        # lazy: only open brings every recorded-active device up.
+        self._bring_up(operation, lazy=self._core.store.lazy())
 
     # -- the pool device -----------------------------------------------------------
 

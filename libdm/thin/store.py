@@ -1058,6 +1058,18 @@ class Store:
     def drop_activation_intent(self) -> None:
         self._write("DELETE FROM meta WHERE key = 'activation_intent'")
 
+    def lazy(self) -> bool:
+        """Whether devices recorded active may be down until their first
+        use: the pool was last opened lazily, or an eager open did not
+        finish."""
+        return self._meta("lazy") is not None
+
+    def set_lazy(self, lazy: bool) -> None:
+        if lazy:
+            self._set_meta("lazy", "1")
+        else:
+            self._write("DELETE FROM meta WHERE key = 'lazy'")
+
     # -- deferred deletes ------------------------------------------------------
 
     def queue_delete(self, thin_id: int, name: str) -> None:

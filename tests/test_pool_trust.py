@@ -117,10 +117,11 @@ def test_a_running_monitor_settles_a_growth_killed_with_the_pool_suspended(dm_na
         pool.close()
 
 
-def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path):
+def test_open_refuses_a_pool_left_suspended_without_an_intent(dm_name, tmp_path):
     # A pool suspended with a table loaded by something libdm never
-    # recorded (an older libdm killed mid-resize): the unrecorded table is
-    # dropped, the pool resumed on the one the store describes.
+    # recorded (another program, or an older libdm killed mid-resize):
+    # libdm cannot prove the table its own, so open leaves it and names
+    # the state; once it is cleared and resumed, the pool opens.
     directory = tmp_path / "pool"
     pool = libdm.Pool.create_loop(dm_name("pool"), directory, data_size="64M")
     pool.create_thin("vol", "8M")
@@ -128,8 +129,15 @@ def test_open_resumes_a_pool_left_suspended_without_an_intent(dm_name, tmp_path)
     pool.close()
     _start, length, rest = live.split(" ", 2)
     witness.dmsetup("suspend", "--noflush", pool.name)
-    witness.dmsetup("reload", pool.name, "--table", f"0 {int(length) // 2} {rest}")
+    theirs = f"0 {int(length) // 2} {rest}"
+    witness.dmsetup("reload", pool.name, "--table", theirs)
     assert witness.info(pool.name)["attr"][:3] == "LIs"
+    with pytest.raises(libdm.StateError, match="suspended, carrying an inactive table"):
+        libdm.Pool.open(directory)
+    assert witness.info(pool.name)["attr"][:3] == "LIs"
+    assert witness.table(pool.name, inactive=True)[0] == theirs
+    witness.dmsetup("clear", pool.name)
+    witness.dmsetup("resume", pool.name)
     pool = libdm.Pool.open(directory)
     try:
         pool_is_healthy(pool.name, directory)

@@ -182,31 +182,66 @@ def test_a_live_device_without_its_node_gets_one_when_used(make_pool, tmp_path):
     dev.format()  # a use that needs the node
 
 
-def test_a_table_another_program_loaded_on_the_pool_is_left_to_open(make_pool, tmp_path):
-    """No change of libdm's left the pool carrying an inactive table (its
-    growths finish from their intents first): a recovery that a kill's
-    mark started refuses, saying what settles it, instead of dropping
-    another program's table."""
+def test_a_table_another_program_loaded_on_the_pool_is_left_alone(make_pool, tmp_path):
+    """No change of libdm's leaves the pool carrying an inactive table (its
+    growths finish from their intents first): every change, and
+    ``Pool.open`` too, refuses such a pool, naming its state, instead of
+    dropping another program's table; with or without a kill's mark."""
     directory = tmp_path / "pool"
     pool = make_pool(directory=directory, data_size="64M")
     pool.create_thin("a", "8M")
     pool.create_thin("b", "8M").deactivate()
     name = pool.name
-    # (The child opens the pool with Pool.open, which settles such a
-    # table: the other program loads it after the kill.)
+    # (The child opens the pool with Pool.open: the other program loads
+    # its table after the kill.)
     proc = run_child(directory, "p.device('b').activate()\n", crash_at="activate:made")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     fields = witness.table(name)[0].split()
     fields[6] = "100"  # another low water mark
-    witness.dmsetup("reload", name, "--table", " ".join(fields))
-    with libdm.Pool.load(directory) as later:
-        with pytest.raises(libdm.StateError, match="carrying an inactive table") as caught:
-            later.create_thin("z", "8M")
-        assert caught.value.remedy == libdm.RemedyCall(
-            "open", "resumes it on its live table", str(directory)
-        )
-    assert witness.info(name)["attr"][1] == "I"  # its inactive table is still there
-    assert "z" not in {d.name for d in libdm.Pool.load(directory).devices()}
+    theirs = " ".join(fields)
+    witness.dmsetup("reload", name, "--table", theirs)
+    for attempt in (
+        lambda p: p.create_thin("z", "8M"),  # with the kill's mark
+        lambda p: p.create_thin("y", "8M"),  # and again
+        lambda p: libdm.Pool.open(directory),
+    ):
+        with (
+            libdm.Pool.load(directory) as later,
+            pytest.raises(libdm.StateError, match="carrying an inactive table") as caught,
+        ):
+            attempt(later)
+        assert "another program" in str(caught.value) and caught.value.remedy is None
+        assert witness.info(name)["attr"][1] == "I"  # its inactive table is still there
+        assert witness.table(name, inactive=True)[0] == theirs
+    assert {"z", "y"}.isdisjoint(d.name for d in libdm.Pool.load(directory).devices())
+    # Once the other program is done, the pool works again.
+    witness.dmsetup("clear", name)
+    libdm.Pool.open(directory).create_thin("z", "8M")
+
+
+def test_a_pool_another_program_suspended_is_refused_at_once(make_pool, tmp_path):
+    """A change on a pool another program suspended is refused before it
+    sends anything: a message would fail half way, and a snapshot would
+    wait on the suspended pool holding the pool's lock."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    dev = pool.create_thin("a", "8M")
+    write_pattern(dev.path, 0x3C, 0, MiB)
+    tx = witness.transaction_id(pool.name)
+    witness.dmsetup("suspend", pool.name)
+    try:
+        for args in (("thin", "create", "d", "8M"), ("thin", "snapshot", "a", "s")):
+            proc = run_cli(*args, "--pool", directory, timeout=60)
+            assert proc.returncode == 1, proc.stderr
+            assert "is suspended" in proc.stderr and "another program" in proc.stderr
+        with pytest.raises(libdm.StateError, match="is suspended"):
+            libdm.Pool.open(directory)
+        assert witness.info(pool.name)["attr"][2] == "s"  # still as they left it
+    finally:
+        witness.dmsetup("resume", pool.name)
+    assert witness.transaction_id(pool.name) == tx
+    assert stored(directory) == (None, {"a": True})
+    pool.create_thin("d", "8M")
 
 
 def test_a_length_another_program_loaded_is_not_undone(make_pool, tmp_path):

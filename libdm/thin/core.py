@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from libdm.dm import blockdev, ops
 from libdm.dm.errors import DeviceExistsError, DMError, NoSuchDeviceError, RemedyCall
+from libdm.dm.info import DeviceInfo
 from libdm.dm.target import Target
 from libdm.thin import backing as backings
 from libdm.thin import crash, ownership
@@ -393,25 +394,29 @@ class PoolCore:
             self.update_config(self.config.with_backing(**changes))
 
     def _settle_live_pool(self, operation: str) -> None:
-        """A live pool left suspended, or with a table loaded but never
-        resumed, by a process killed mid-change.  A growth's intent is
-        finished before this (see :meth:`finish_growth`); what is left
-        was never recorded, so it is undone: the live table is loaded over
-        the inactive one, and the pool is resumed."""
-        info = ops.info(self.name)
-        if not (info.suspended or info.inactive_table):
+        """Refuse a live pool that is suspended or carries a table loaded
+        but never resumed (see :meth:`refuse_if_held`)."""
+        self.refuse_if_held(ops.info(self.name), operation)
+
+    def refuse_if_held(self, info: DeviceInfo, operation: str) -> None:
+        """Refuse a change of a pool (``info``, its device's) that is
+        suspended or carries an inactive table while no growth of libdm's
+        is under way.  Every change of libdm's that suspends the pool or
+        loads its table is a growth, finished from its intent before any
+        other change: this state is another program's, which libdm can
+        neither prove its own nor know the end of, so it is left alone
+        (a change sent meanwhile would fail half way, or wait on the
+        suspended pool holding the lock)."""
+        if not (info.suspended or info.inactive_table) or self.store.has_growth_intent():
             return
-        state = "suspended" if info.suspended else "carrying an inactive table"
-        if operation != "open":
-            # Every change of libdm's that suspends the pool or loads its
-            # table is a growth, finished before this from its intent: this
-            # state is another program's, left alone but at Pool.open.
-            raise StateError(
-                f"pool {self.name!r} is {state}, and no change of libdm's that was "
-                f"interrupted left it so; libdm leaves it as it is",
-                operation,
-                self.name,
-            ).advise(RemedyCall("open", "resumes it on its live table", self.directory))
+        state = ", ".join(
+            what
+            for what, held in (
+                ("suspended", info.suspended),
+                ("carrying an inactive table", info.inactive_table),
+            )
+            if held
+        )
         if not self.backing.capabilities.owns_devices:
             raise StateError(
                 f"adopted pool {self.name!r} is {state}; its owner must resume "
@@ -419,11 +424,14 @@ class PoolCore:
                 operation,
                 self.name,
             )
-        if info.inactive_table:
-            logger.warning("pool %s: dropping a table loaded by an interrupted change", self.name)
-            ops.reload(self.name, ops.table(self.name))
-        logger.warning("pool %s: resuming it after an interrupted change", self.name)
-        ops.resume(self.name)
+        raise StateError(
+            f"pool {self.name!r} is {state}, and no change of libdm's left it so: "
+            f"another program did, and libdm leaves it as it is; once that program is "
+            f"done, resume it (dmsetup resume {self.name}, after dmsetup clear "
+            f"{self.name} to drop a table it loaded) and try again",
+            operation,
+            self.name,
+        )
 
     def _ever_used(self) -> bool:
         """True if the store shows the pool held a device at some time (a
@@ -539,6 +547,8 @@ class PoolCore:
 
     def writable_status(self, operation: str) -> ThinPoolStatus:
         st = self.status()
+        if self.device.last_info is not None:
+            self.refuse_if_held(self.device.last_info, operation)
         if isinstance(st, ThinPoolFailed):
             raise PoolFailedError(
                 f"pool {self.name!r} has failed (the kernel reports {st.state}); {REPAIR_HINT}",

@@ -34,6 +34,9 @@ class PoolDevice:
         self.uuid = uuid
         self.directory = directory
         self._devno: str | None = None
+        #: The device's info as the last :meth:`status` read it (whether it
+        #: is suspended or carries an inactive table), or None.
+        self.last_info: DeviceInfo | None = None
 
     def _proven(self, info: DeviceInfo, operation: str) -> None:
         """Refuse a device of the pool's name that is not the pool's."""
@@ -77,6 +80,7 @@ class PoolDevice:
             targets = task.targets()
         self._proven(info, "status")
         self._devno = f"{info.major}:{info.minor}"
+        self.last_info = info
         status: PoolStatus = parse_pool_status(targets[0].params)
         return status
 

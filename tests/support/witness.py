@@ -80,9 +80,11 @@ def dmsetup(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def table(name: str) -> list[str]:
-    """The device's table lines, as dmsetup prints them."""
-    return [line.rstrip() for line in dmsetup("table", name).splitlines()]
+def table(name: str, *, inactive: bool = False) -> list[str]:
+    """The device's table lines, as dmsetup prints them (its inactive
+    table's with ``inactive``)."""
+    args = ("table", "--inactive", name) if inactive else ("table", name)
+    return [line.rstrip() for line in dmsetup(*args).splitlines()]
 
 
 def status(name: str) -> list[str]:

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from libdm.dm.udev import udev_sync_supported as udev_sync_supported
     from libdm.thin.device import Snapshot as Snapshot
     from libdm.thin.device import ThinDevice as ThinDevice
+    from libdm.thin.errors import ChangedByAnotherError as ChangedByAnotherError
     from libdm.thin.errors import DeviceNotBlankError as DeviceNotBlankError
     from libdm.thin.errors import FilesystemError as FilesystemError
     from libdm.thin.errors import ForeignDeviceError as ForeignDeviceError

@@ -207,8 +207,8 @@ def test_open_reports_an_active_device_whose_name_another_pool_holds(make_pool):
     pool = libdm.Pool.open(a.directory)
     try:
         assert set(pool.unavailable) == {"b-x"}
-        assert theirs.dm_name in pool.unavailable["b-x"]
-        assert f"pool {ab.name!r}" in pool.unavailable["b-x"]
+        assert theirs.dm_name in str(pool.unavailable["b-x"])
+        assert f"pool {ab.name!r}" in str(pool.unavailable["b-x"])
     finally:
         pool.close()
     assert seen(theirs.dm_name) == before

@@ -388,3 +388,30 @@ def test_deferred_removal_without_deferred_deletion(make_pool):
     p.device("vol").delete()
     assert witness.thin_ids(p.name) == set()
     assert p.devices() == []
+
+
+@pytest.mark.parametrize("change", ["snapshot", "resize"])
+def test_a_change_leaves_no_node_for_a_device_whose_removal_is_pending(pool, change):
+    """A deferred deactivation drops the device's node while its holder
+    keeps it.  A snapshot of it (which suspends and resumes it) or a
+    resize (a reload and a resume) must not make the node again: the node
+    would outlive the device and name the device number the kernel hands
+    to the pool's next device, so writing to the old path would write
+    there."""
+    dev = pool.create_thin("a", "16M")
+    path = dev.path
+    fd = os.open(busy(dev).path, os.O_RDONLY)
+    try:
+        dev.deactivate()
+        assert deferred_remove_pending(dev.dm_name) and not os.path.lexists(path)
+        if change == "snapshot":
+            dev.snapshot("s")
+        else:
+            dev.resize("32M")
+        assert not os.path.lexists(path)
+    finally:
+        os.close(fd)
+    wait_gone(dev)
+    c = pool.create_thin("c", "16M")
+    write_pattern(c.path, 0x4D, 0, MiB)
+    assert not os.path.lexists(path)

@@ -203,6 +203,7 @@ def test_a_table_another_program_loaded_on_the_pool_is_left_alone(make_pool, tmp
     for attempt in (
         lambda p: p.create_thin("z", "8M"),  # with the kill's mark
         lambda p: p.create_thin("y", "8M"),  # and again
+        lambda p: p.resize(data_size="96M"),  # a growth would load its own
         lambda p: libdm.Pool.open(directory),
     ):
         with (
@@ -236,6 +237,11 @@ def test_a_pool_another_program_suspended_is_refused_at_once(make_pool, tmp_path
             assert "is suspended" in proc.stderr and "another program" in proc.stderr
         with pytest.raises(libdm.StateError, match="is suspended"):
             libdm.Pool.open(directory)
+        with (
+            libdm.Pool.load(directory) as later,
+            pytest.raises(libdm.ChangedByAnotherError, match="is suspended"),
+        ):
+            later.resize(data_size="96M")  # a growth would resume it
         assert witness.info(pool.name)["attr"][2] == "s"  # still as they left it
     finally:
         witness.dmsetup("resume", pool.name)
@@ -259,7 +265,46 @@ def test_a_length_another_program_loaded_is_not_undone(make_pool, tmp_path):
     write_pattern(dev.path, 0x5A, 20 * MiB, MiB)
     proc = run_cli("pool", "open", directory)
     assert witness.table(dm_name)[0].split()[1] == str(32 * MiB // 512), proc.stderr
-    assert "a" in proc.stdout + proc.stderr  # said, not silently undone
+    # Said, not silently undone; and its data being fine, deleting it is
+    # not what the user is told to do.
+    assert proc.returncode == 1, proc.stderr
+    assert "device a could not be activated" in proc.stderr, proc.stderr
+    assert "another program" in proc.stderr and "thin delete" not in proc.stderr, proc.stderr
+    with libdm.Pool.load(directory) as later:
+        later.device("a")  # still recorded
+    with open(dev.path, "rb") as fh:
+        fh.seek(20 * MiB)
+        assert fh.read(MiB) == bytes([0x5A]) * MiB
+
+
+def test_recovery_resumes_only_the_origin_a_killed_snapshot_suspended(make_pool, tmp_path):
+    """libdm suspends a thin device only around a snapshot of it, under the
+    snapshot's intent: the recovery resumes that origin, and leaves alone
+    a device another program suspended (reported unavailable, not to be
+    deleted)."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    for name in ("a", "b", "o"):
+        pool.create_thin(name, "8M")
+    theirs, origin = pool.device_dm_name("a"), pool.device_dm_name("o")
+    witness.dmsetup("suspend", theirs)
+    try:
+        proc = run_cli("thin", "snapshot", "o", "s", "--pool", directory,
+                       env={"LIBDM_CRASH_AT": "snapshot:suspended"})  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert witness.info(origin)["attr"][2] == "s"  # the kill left it suspended
+        proc = run_cli("thin", "create", "c", "8M", "--pool", directory)
+        assert proc.returncode == 0, proc.stderr
+        assert witness.info(origin)["attr"][2] != "s"  # libdm's suspend: resumed
+        assert witness.info(theirs)["attr"][2] == "s"  # theirs: left as it is
+        with libdm.Pool.load(directory) as later:
+            assert {d.name for d in later.devices()} == {"a", "b", "o", "c"}
+        proc = run_cli("pool", "open", directory)
+        assert proc.returncode == 1, proc.stderr
+        assert f"{theirs} is suspended" in proc.stderr and "thin delete" not in proc.stderr
+        assert witness.info(theirs)["attr"][2] == "s"
+    finally:
+        witness.dmsetup("resume", theirs)
 
 
 @pytest.mark.parametrize("how", ["lazy-open", "killed-open"])
@@ -313,3 +358,26 @@ def test_recovery_leaves_a_lazy_pool_lazy(make_pool, tmp_path, how):
         assert not store.lazy()
     finally:
         store.close()
+
+
+def test_a_long_lived_pool_follows_the_pool_device_brought_up_again(make_pool, tmp_path):
+    """A process that keeps a pool (a service) caches the pool device's
+    number.  Another process takes the pool down and opens it again, and
+    another program's device gets the old number: the kept pool must find
+    its own devices, not call them foreign, and name no other device as
+    the pool."""
+    directory = tmp_path / "pool"
+    pool = make_pool(directory=directory, data_size="64M")
+    pool.create_thin("a", "8M")
+    other = f"{pool.name}x"
+    held = libdm.Pool.load(directory)
+    try:
+        assert held.device("a").active and held.ready_device("a")
+        assert run_cli("pool", "destroy", "--pool", directory).returncode == 0
+        witness.dmsetup("create", other, "--table", "0 8 zero")  # takes the old number
+        assert run_cli("pool", "open", directory).returncode == 0
+        assert held.device("a").active
+        assert held.ready_device("a") == f"/dev/mapper/{pool.device_dm_name('a')}"
+    finally:
+        held.close()
+        witness.dmsetup("remove", other)

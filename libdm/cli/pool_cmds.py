@@ -32,7 +32,7 @@ from libdm.cli.args import (
     positive_seconds,
     size,
 )
-from libdm.cli.common import emit, load_pool, pool_directory
+from libdm.cli.common import emit, error_text, load_pool, pool_directory
 
 if TYPE_CHECKING:
     from libdm.dm.errors import DeviceBusyError
@@ -181,17 +181,18 @@ def cmd_open(args: argparse.Namespace) -> int:
             f"pool {pool.name} is active at {pool.path}: {len(devices)} devices, {active} active"
         )
         for name, why in sorted(pool.unavailable.items()):
-            try:
-                pool.live_device(name)
-                remedy = f"delete it with: libdm thin delete {name} --pool {directory}"
-            except libdm.ForeignDeviceError:
+            if isinstance(why, libdm.ForeignDeviceError):
                 # Only its name is in the way: the device and its data are fine.
                 remedy = (
-                    f"once its name is free, activate it with: "
+                    f"; once its name is free, activate it with: "
                     f"libdm thin activate {name} --pool {directory}"
                 )
+            elif isinstance(why, libdm.ChangedByAnotherError):
+                remedy = ""  # its data is fine; the message says what is in the way
+            else:
+                remedy = f"; delete it with: libdm thin delete {name} --pool {directory}"
             print(
-                f"libdm: device {name} could not be activated: {why}; {remedy}",
+                f"libdm: device {name} could not be activated: {error_text(why)}{remedy}",
                 file=sys.stderr,
             )
     return 1 if pool.unavailable else 0

@@ -205,8 +205,16 @@ def suspend(name: str, *, flush: bool = True, lockfs: bool = True) -> None:
         t.run()
 
 
-def resume(name: str) -> DeviceInfo:
+def resume(name: str, *, node: bool = True) -> DeviceInfo:
     """Resume a device, making an inactive table live if one is loaded.
+
+    Args:
+        name: the device name.
+        node: make ``/dev/mapper/<name>`` if it is missing (libdevmapper
+            does on a resume).  False leaves a missing node missing: a
+            device whose deferred removal is pending has none, and a node
+            made now would outlive the device, naming the device number
+            the kernel hands out next.
 
     Returns:
         The device's :class:`~libdm.DeviceInfo` after the resume.
@@ -218,6 +226,8 @@ def resume(name: str) -> DeviceInfo:
     """
     check_name(name)
     with Task(lib.DM_DEVICE_RESUME, "resume", name) as t:
+        if not node:
+            t.set_add_node(on_create=True)  # nodes only on create: none now
         t.run(udev=True)
         return _info_of(t, name, "resume")
 

@@ -18,6 +18,7 @@ _TABLE = {
         "PoolLockedError",
         "StateError",
         "ForeignDeviceError",
+        "ChangedByAnotherError",
         "DeviceNotBlankError",
         "HandedOverError",
         "FilesystemError",
@@ -40,6 +41,7 @@ __getattr__, __dir__ = exports(__name__, _TABLE)
 if TYPE_CHECKING:
     from libdm.thin.device import Snapshot as Snapshot
     from libdm.thin.device import ThinDevice as ThinDevice
+    from libdm.thin.errors import ChangedByAnotherError as ChangedByAnotherError
     from libdm.thin.errors import DeviceNotBlankError as DeviceNotBlankError
     from libdm.thin.errors import FilesystemError as FilesystemError
     from libdm.thin.errors import ForeignDeviceError as ForeignDeviceError

@@ -35,6 +35,7 @@ from libdm.thin import crash, ownership
 from libdm.thin.config import PoolConfig, PoolKind
 from libdm.thin.errors import (
     REPAIR_HINT,
+    ChangedByAnotherError,
     ForeignDeviceError,
     PoolFailedError,
     PoolFullError,
@@ -424,7 +425,7 @@ class PoolCore:
                 operation,
                 self.name,
             )
-        raise StateError(
+        raise ChangedByAnotherError(
             f"pool {self.name!r} is {state}, and no change of libdm's left it so: "
             f"another program did, and libdm leaves it as it is; once that program is "
             f"done, resume it (dmsetup resume {self.name}, after dmsetup clear "
@@ -602,6 +603,17 @@ class PoolCore:
                 pool's (named, with its owner); it is left alone.
         """
         try:
+            return self._live(row, operation)
+        except ForeignDeviceError:
+            # The pool's device number is cached, and goes stale when
+            # another process takes the pool down and brings it up again
+            # (a change reads it afresh; a read may not): once more, with
+            # the number read now.
+            self.device.forget()
+            return self._live(row, operation)
+
+    def _live(self, row: DeviceRecord, operation: str) -> ownership.Live | None:
+        try:
             devno: str | None = self.device.devno()
         except (NoSuchDeviceError, ForeignDeviceError):
             devno = None  # the pool is not live, so none of its devices is
@@ -649,11 +661,16 @@ class PoolCore:
         *,
         absent: bool = False,
         live: ownership.Live | None = None,
+        resume: bool = False,
     ) -> DeviceRecord:
         """Make device ``row`` live (or check the live one), and return its
         record as it now is.  ``absent``:
         the caller knows no device-mapper device of its name exists, so
-        none is looked for; ``live``: the caller has just proven it."""
+        none is looked for; ``live``: the caller has just proven it;
+        ``resume``: a change of libdm's that a kill interrupted may have
+        left it suspended (a snapshot's origin), so a suspended device is
+        resumed; any other suspended device is another program's doing,
+        and refused."""
         dm_name = self.device_dm_name(row.name)
         table = self.thin_table(row, self.device.devno())
         uuid = ownership.thin_uuid(self.config.token, row.thin_id)
@@ -712,9 +729,11 @@ class PoolCore:
                         ops.resume(dm_name)
                         live_table = table
                 if live_table != table:
-                    raise StateError(
+                    # Only a resize of libdm's changes a table, under its mark.
+                    raise ChangedByAnotherError(
                         f"{dm_name} exists with table {'; '.join(map(str, live_table))}, "
-                        f"expected {table[0]}",
+                        f"expected {table[0]}: another program loaded it, and libdm "
+                        f"leaves it as it is",
                         operation,
                         dm_name,
                     )
@@ -735,6 +754,14 @@ class PoolCore:
                     # the node leaves the device without one.
                     ops.mknodes(dm_name)
                 if info.suspended:
+                    if not resume:
+                        raise ChangedByAnotherError(
+                            f"{dm_name} is suspended, and no change of libdm's left it so: "
+                            f"another program did, and libdm leaves it as it is; once that "
+                            f"program is done, resume it (dmsetup resume {dm_name})",
+                            operation,
+                            dm_name,
+                        )
                     ops.resume(dm_name)
             else:
                 ops.create(dm_name, table, uuid=uuid)

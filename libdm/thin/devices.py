@@ -376,7 +376,9 @@ class Devices:
                     dm_name,
                     self.core.thin_table(replace(row, size=new), self.core.device.devno()),
                 )
-                ops.resume(dm_name)
+                # A device whose deferred removal is pending has no node:
+                # none is made that would outlive it (see ops.resume).
+                ops.resume(dm_name, node=os.path.lexists(ops.device_path(dm_name)))
             self.core.drop_resize_intent()
             if grow_filesystem and new > old:
                 self.grow_filesystem(name, old, new)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from libdm.dm.errors import DMError
 
 __all__ = [
+    "ChangedByAnotherError",
     "DeviceNotBlankError",
     "FilesystemError",
     "ForeignDeviceError",
@@ -106,6 +107,15 @@ class ForeignDeviceError(StateError):
     of the pool itself) but is not the one libdm made: its uuid or table
     says it belongs to another pool or another program.  libdm leaves it
     alone; the message names it and, where it can tell, its owner."""
+
+
+class ChangedByAnotherError(StateError):
+    """The pool device or one of its thin devices is in a state no change
+    of libdm's leaves it in: suspended, carrying a table libdm did not
+    load, or live with a table (a length, say) that is not its record's.
+    Another program did it; libdm can neither prove the state its own nor
+    know when that program is done, so it leaves it as it is, and the
+    message names the state.  Nothing of the device's data is at stake."""
 
 
 class DeviceNotBlankError(PoolError):

@@ -291,6 +291,10 @@ class Growth:
     def check_growable(self, operation: str) -> None:
         core = self.core
         st = core.status()
+        if core.device.last_info is not None:
+            # A growth suspends and reloads the pool: not over a suspend or
+            # a table of another program's, whose end libdm cannot know.
+            core.refuse_if_held(core.device.last_info, operation)
         if isinstance(st, ThinPoolFailed):
             raise PoolFailedError(
                 f"pool {core.name!r} has failed ({st.state}); {REPAIR_HINT}", operation, core.name

@@ -38,6 +38,7 @@ from libdm.thin.core import PoolCore, Recovery
 from libdm.thin.device import Snapshot, ThinDevice
 from libdm.thin.devices import Devices
 from libdm.thin.errors import (
+    ChangedByAnotherError,
     ForeignDeviceError,
     HandedOverError,
     StateError,
@@ -45,7 +46,7 @@ from libdm.thin.errors import (
 from libdm.thin.growth import Growth, Region
 from libdm.thin.lock import LOCK_NAME
 from libdm.thin.pooldev import PoolStatus
-from libdm.thin.records import DeviceRecord
+from libdm.thin.records import DeviceRecord, Op
 from libdm.thin.status import ThinPoolFailed
 from libdm.thin.store import STORE_FILES, Store
 from libdm.thin.units import Bytes, DataBlocks, Sectors, parse_size
@@ -87,13 +88,16 @@ class Pool:
         kind: ``"loop"`` (files), ``"block"`` (block devices under linear
             pieces, one split or several) or ``"adopted"``.
         unavailable: after :meth:`open`, the devices recorded active that
-            the kernel would not activate, name -> the error (the others
-            are up; each is logged with the command that deletes it).
+            could not be activated, name -> the error (the others are up):
+            a :class:`ForeignDeviceError` (another has its name) or a
+            :class:`ChangedByAnotherError` (another program changed its
+            device; its data is fine), or the kernel's refusal (each is
+            logged; deleting such a device gives its space back).
         config: its stored configuration, a ``PoolConfig`` (frozen; changed
             through :meth:`configure` and the growth methods).
     """
 
-    unavailable: Mapping[str, str] = MappingProxyType({})
+    unavailable: Mapping[str, DMError] = MappingProxyType({})
 
     # -- getting a pool --------------------------------------------------------
 
@@ -457,6 +461,13 @@ class Pool:
             self._core.activate_pool(operation)
             return self.status()
 
+        # The origins a killed snapshot may have left suspended: the only
+        # thin devices libdm suspends, each under its snapshot's intent.
+        snapped = {
+            intent.parent
+            for intent in self._core.store.intents()
+            if intent.op is Op.CREATE_SNAP and intent.parent is not None
+        }
         # The one place a pool is reconciled with its journal.
         handed = self.config.handed_to is not None
         st = self._core.journal.recover(operation, up, thin_ids=not handed)
@@ -468,7 +479,7 @@ class Pool:
         resized = self._core.store.resize_intent() is not None
         if resized:
             self._discard_cut_off(present, operation)
-        unavailable: dict[str, str] = {}
+        unavailable: dict[str, DMError] = {}
         self.unavailable = unavailable
         rows = self._core.store.active_devices()
         if lazy:
@@ -480,10 +491,14 @@ class Pool:
                 progress(done, len(rows))
             try:
                 live = present.get(row.name)
-                self._core.activate(row, operation, absent=live is None, live=live)
-            except ForeignDeviceError as exc:
-                # Its name is another's: nothing to delete, the name must come free.
-                unavailable[row.name] = str(exc)
+                self._core.activate(
+                    row, operation, absent=live is None, live=live, resume=row.name in snapped
+                )
+            except (ForeignDeviceError, ChangedByAnotherError) as exc:
+                # Its name is another's (it must come free), or another
+                # program changed its device: its data is fine, nothing is
+                # done to it, and deleting it is no remedy.
+                unavailable[row.name] = exc
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s",
                     self.name,
@@ -493,7 +508,9 @@ class Pool:
                 )
             except (DMError, ValueError) as exc:
                 # One device the kernel refuses must not keep the others down.
-                unavailable[row.name] = str(exc)
+                unavailable[row.name] = (
+                    exc if isinstance(exc, DMError) else StateError(str(exc), operation, row.name)
+                )
                 logger.error(
                     "pool %s: device %s (thin id %s) could not be activated: %s; it stays "
                     "recorded, and deleting it gives its space back",

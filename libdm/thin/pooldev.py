@@ -11,6 +11,7 @@ the same answers, so the device is proven to be the pool's own (see
 from __future__ import annotations
 
 import errno
+import os
 
 from libdm.dm import ops
 from libdm.dm._lib import lib
@@ -122,6 +123,9 @@ class PoolDevice:
         if not origin_dm:
             ops.message(self.name, f"create_snap {thin_id} {origin_id}")
             return
+        # An origin whose deferred removal is pending has no node: its
+        # resume must not make one (see ops.resume).
+        node = os.path.lexists(ops.device_path(origin_dm))
         try:
             ops.suspend(origin_dm)
         except NoSuchDeviceError:
@@ -131,7 +135,7 @@ class PoolDevice:
             crash.point("snapshot:suspended")
             ops.message(self.name, f"create_snap {thin_id} {origin_id}")
         finally:
-            ops.resume(origin_dm)
+            ops.resume(origin_dm, node=node)
 
     def delete_thin_id(self, thin_id: int) -> None:
         """Send ``delete``; an id the kernel does not hold is fine."""

@@ -170,3 +170,52 @@ def test_non_root_cannot_open_a_pool(dm_name, tmp_path):
     code, said = _as_nobody(attempt)
     assert code == 3, said
     assert "CAP_SYS_ADMIN" in said or "root" in said
+
+
+CHURN = """
+import sys, time, libdm
+p = libdm.Pool.load(sys.argv[1])
+end, i = time.monotonic() + float(sys.argv[2]), 0
+print("started", flush=True)
+while time.monotonic() < end:
+    p.create_thin(f"x{i}", "1M").snapshot(f"y{i}")
+    p.delete_device(f"y{i}")
+    p.delete_device(f"x{i}")
+    i += 1
+print(i)
+"""
+
+
+def test_listing_while_another_process_deletes(make_pool):
+    """A listing races another process's creates, snapshots and deletes:
+    it never fails (a device deleted, or being deleted, after the list was
+    read is not active, and its parent is the one recorded with it), and
+    the command line's listing exits 0."""
+    from support.cli import run_cli
+
+    from libdm.cli.thin_cmds import device_rows
+
+    pool = make_pool(data_size="128M")
+    pool.create_thin("a", "8M")
+    churn = subprocess.Popen(
+        [sys.executable, "-c", CHURN, pool.directory, "25"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert churn.stdout is not None and churn.stdout.readline() == "started\n"
+        listings = 0
+        with libdm.Pool.load(pool.directory) as reader:
+            while churn.poll() is None:
+                rows = device_rows(reader)
+                assert "a" in {row["name"] for row in rows}
+                listings += 1
+                if listings % 10 == 0:
+                    for args in (("thin", "ls"), ("thin", "ls", "--tree")):
+                        proc = run_cli(*args, "--pool", pool.directory)
+                        assert proc.returncode == 0, proc.stderr
+        assert churn.wait() == 0
+        rounds = int(churn.stdout.read().split()[-1])
+    finally:
+        churn.kill()
+        churn.wait()
+    assert rounds > 5 and listings >= 10, (rounds, listings)
+    check_consistent(pool)

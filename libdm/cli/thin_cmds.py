@@ -98,7 +98,9 @@ def device_rows(pool: Pool) -> list[DeviceRow]:
             "name": d.name,
             "thin_id": d.thin_id,
             "size": int(d.size),
-            "parent": d.parent.name if d.parent is not None else None,
+            # As recorded with the device: the parent may be deleted
+            # meanwhile by another process.
+            "parent": d.parent_name,
             "active": d.active,
             "dm_name": d.dm_name,
             "path": d.path,

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from libdm.dm import ops
-from libdm.dm.errors import error_for
+from libdm.dm.errors import NoSuchDeviceError, error_for
 from libdm.thin.errors import ForeignDeviceError
 from libdm.thin.status import ThinFailed, ThinStatus, parse_thin_status
 from libdm.thin.units import Bytes
@@ -68,6 +68,8 @@ class ThinDevice:
         thin_id: its 24-bit id inside the pool's metadata.
         size: its size in ``Bytes`` (the pool does not record sizes; the
             state store does).
+        parent_name: the name of the device it is a snapshot of, as
+            recorded when this object was made, or ``None``.
         dm_name: the device-mapper device's name, ``<pool>-<name>``.
         path: the block device path, ``/dev/mapper/<pool>-<name>``.
     """
@@ -77,7 +79,7 @@ class ThinDevice:
         self.name: str = record.name
         self.thin_id: int = record.thin_id
         self.size: Bytes = record.size.bytes()
-        self._parent_name: str | None = record.parent
+        self.parent_name: str | None = record.parent
 
     def __repr__(self) -> str:
         return (
@@ -110,9 +112,9 @@ class ThinDevice:
     @property
     def parent(self) -> ThinDevice | None:
         """The device this one is a snapshot of, or ``None``."""
-        if self._parent_name is None:
+        if self.parent_name is None:
             return None
-        return self.pool.device(self._parent_name)
+        return self.pool.device(self.parent_name)
 
     def children(self) -> list[ThinDevice]:
         """The snapshots taken of this device, sorted by name."""
@@ -122,10 +124,12 @@ class ThinDevice:
     def active(self) -> bool:
         """True when its device-mapper device is live, and proven to be the
         one the pool made (its uuid and table); a device of its name that
-        another pool or program made does not count."""
+        another pool or program made does not count, nor one deleted (or
+        being deleted, by another process say) since this object was
+        made."""
         try:
             return self.pool.live_device(self.name) is not None
-        except ForeignDeviceError:
+        except (ForeignDeviceError, NoSuchDeviceError):
             return False
 
     def _live_path(self, operation: str) -> str:

@@ -243,3 +243,30 @@ def test_a_pool_that_ignores_discards_refuses_to_shrink(make_pool):
     with open(dev.path, "rb") as fh:
         fh.seek(20 << 20)
         assert fh.read(1 << 20) == data
+
+
+def test_a_resize_by_name_settles_a_length_another_program_loaded(pool):
+    """Another program loaded another length on a device: activation and
+    open refuse it (libdm changes nothing of it on its own), and a resize
+    the user asks for by name starts from the live length, so that
+    asking for the recorded size puts it back, rather than reporting
+    success for a change it did not make."""
+    dev = pool.create_thin("a", "16M")
+    write_pattern(dev.path, 0x6E, 0, MiB)
+    fields = witness.table(dev.dm_name)[0].split()
+    fields[1] = str(8 * MiB // 512)  # shrunk behind libdm's back
+    witness.dmsetup("reload", dev.dm_name, "--table", " ".join(fields))
+    witness.dmsetup("resume", dev.dm_name)
+    with pytest.raises(libdm.ChangedByAnotherError):
+        pool.device("a").activate()
+    assert int(pool.device("a").resize("16M").size) == 16 * MiB  # grows it back
+    assert length(dev.dm_name) == 16 * MiB // 512
+    pool.device("a").activate()  # its table is the recorded one again
+    assert read_at(dev.path, 0, MiB) == b"\x6e" * MiB
+    # Grown behind libdm's back: a resize to that length records it.
+    fields[1] = str(32 * MiB // 512)
+    witness.dmsetup("reload", dev.dm_name, "--table", " ".join(fields))
+    witness.dmsetup("resume", dev.dm_name)
+    assert int(pool.device("a").resize("32M").size) == 32 * MiB
+    assert int(pool.device("a").size) == 32 * MiB  # recorded
+    pool.device("a").activate()

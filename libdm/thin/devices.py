@@ -312,6 +312,11 @@ class Devices:
             dm_name = self.core.device_dm_name(name)
             proven = self.core.live_or_gone(row, "resize_device")
             live = proven is not None
+            if proven is not None and len(proven.table) == 1:
+                # Another program may have loaded another length: the
+                # device is as long as its live table, and this resize,
+                # asked for by name, settles it from there.
+                old = proven.table[0].length
             if grow_filesystem and not live:
                 # Refused before anything changes: an inactive device's
                 # filesystem cannot be grown (nor even seen).
@@ -323,6 +328,9 @@ class Devices:
                     dm_name,
                 )
             if new == old:
+                if row.size != new:
+                    with self.core.store.transaction():
+                        self.core.store.set_size(name, new)
                 if grow_filesystem:
                     # Asked again (after a kill, say): the filesystem may
                     # still lag the device.

@@ -659,3 +659,54 @@ def test_a_create_that_loses_its_name_to_another_program_leaves_nothing(
     monkeypatch.undo()
     # The name free again, the create works.
     assert pool.create_thin("r", "4M").active
+
+
+# -- files other programs put where a device's node goes -------------------------------
+
+
+def test_no_node_is_made_over_another_programs_file(make_pool, tmp_path):
+    """libdevmapper replaces a symlink or another block device's node at
+    /dev/mapper/<name> when it makes the node, and quietly leaves a
+    regular file, so that the path reported is not the device.  libdm
+    refuses instead, naming what is there, and leaves it; a refused
+    create leaves no thin id behind."""
+    pool = make_pool(data_size="64M")
+    a = pool.create_thin("a", "8M")
+    ids = witness.thin_ids(pool.name)
+    b_path = f"/dev/mapper/{pool.device_dm_name('b')}"
+    os.symlink("/dev/loop7", b_path)
+    try:
+        with pytest.raises(libdm.DeviceExistsError, match="symbolic link to /dev/loop7"):
+            pool.create_thin("b", "8M")
+        assert os.readlink(b_path) == "/dev/loop7"
+        assert witness.thin_ids(pool.name) == ids
+        assert "b" not in {d.name for d in pool.devices()}
+    finally:
+        os.unlink(b_path)
+    # A device whose deferred removal is pending has no node; another
+    # program's file there stops its activation before the removal is
+    # taken back.
+    fd = os.open(a.path, os.O_RDONLY)
+    try:
+        a.deactivate()
+        assert not os.path.lexists(a.path)
+        Path(a.path).write_text("another program's data\n")
+        with pytest.raises(libdm.DeviceExistsError, match="regular file"):
+            a.activate()
+        assert Path(a.path).read_text() == "another program's data\n"
+        assert "DEFERRED REMOVE" in witness.dmsetup("info", a.dm_name)
+        proc = run_cli("pool", "destroy", "--pool", pool.directory)
+        assert proc.returncode == 1 and "fuser" not in proc.stderr, proc.stderr
+        assert "waits for whatever still holds it open" in proc.stderr, proc.stderr
+    finally:
+        os.close(fd)
+        os.unlink(a.path)
+    # The generic call refuses too.
+    name = f"{pool.name}z"
+    Path(f"/dev/mapper/{name}").write_text("x")
+    try:
+        with pytest.raises(libdm.DeviceExistsError, match="regular file"):
+            libdm.create(name, [libdm.Target(0, 8, "zero")])
+        assert name not in witness.names()
+    finally:
+        os.unlink(f"/dev/mapper/{name}")

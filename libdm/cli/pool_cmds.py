@@ -237,16 +237,25 @@ def _busy_in_destroy(exc: DeviceBusyError) -> DeviceBusyError:
 
     if exc.device is None:
         return exc
+    from libdm.dm import ops
     from libdm.thin import fs
 
-    path = f"/dev/mapper/{exc.device}"
+    path = ops.device_path(exc.device)
     where = fs.mounts_of(path)
-    held = (
-        f"it is mounted on {', '.join(where)}: unmount it there"
-        if where
-        else f"something holds it open (a process or another device: see fuser -vm {path} "
-        f"and dmsetup info {exc.device}): stop it"
-    )
+    if where:
+        held = f"it is mounted on {', '.join(where)}: unmount it there"
+    elif ops.has_node(exc.device):
+        held = (
+            f"something holds it open (a process or another device: see fuser -vm {path} "
+            f"and dmsetup info {exc.device}): stop it"
+        )
+    else:
+        # A deactivation deferred to its last user drops the node first.
+        held = (
+            f"it was deactivated and waits for whatever still holds it open (a process or "
+            f"another device: see dmsetup info {exc.device} for its open count, and "
+            f"lsof or the holders in sysfs for the process): stop it"
+        )
     return DeviceBusyError(
         exc.errno,
         f"the device {exc.device} is busy, so the pool is not destroyed; {held}, then run "
@@ -871,6 +880,7 @@ def register(sub: Subparsers) -> None:
         sub,
         "open",
         cmd_open,
+        pool=True,  # --pool DIR, as the other pool commands take it
         path="pool",
         help="activate a pool from its state directory (after a reboot)",
         description="Activate a pool from its state directory after a reboot: "
@@ -883,7 +893,7 @@ def register(sub: Subparsers) -> None:
         "directory",
         metavar="DIR",
         nargs="?",
-        help="the pool's state directory (default $LIBDM_POOL)",
+        help="the pool's state directory (default --pool, then $LIBDM_POOL)",
     )
     p.add_argument(
         "--lazy",

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 
 from libdm._backoff import Backoff
@@ -63,6 +64,53 @@ def device_path(name: str) -> str:
     return os.path.join(dm_dir(), check_name(name))
 
 
+def node_in_the_way(name: str) -> str | None:
+    """What stands at :func:`device_path` that is not device-mapper's own
+    node, said for people (``"a symbolic link to /dev/loop7"``), or
+    ``None`` when nothing does.  libdevmapper replaces what it finds
+    there when it makes a device's node (a symlink, a node of another
+    block device) or quietly leaves the device without one (a regular
+    file): libdm makes no node over what another program put there."""
+    path = device_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        if lib.dm_is_dm_major(os.major(st.st_rdev)):
+            return None  # device-mapper's namespace, its nodes libdevmapper's
+        what = f"a node of block device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    elif stat.S_ISLNK(st.st_mode):
+        what = f"a symbolic link to {os.readlink(path)}"
+    elif stat.S_ISREG(st.st_mode):
+        what = "a regular file"
+    elif stat.S_ISDIR(st.st_mode):
+        what = "a directory"
+    else:
+        what = "a special file"
+    return f"{path} is {what}, which device-mapper did not make"
+
+
+def has_node(name: str) -> bool:
+    """True when :func:`device_path` is a node of device-mapper's."""
+    try:
+        st = os.lstat(device_path(name))
+    except FileNotFoundError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and bool(lib.dm_is_dm_major(os.major(st.st_rdev)))
+
+
+def _refuse_node_in_the_way(name: str, operation: str) -> None:
+    what = node_in_the_way(name)
+    if what is not None:
+        raise DeviceExistsError(
+            errno.EEXIST,
+            f"{what}; libdm leaves it: remove it, or use another name",
+            operation,
+            name,
+        )
+
+
 def create(
     name: str,
     targets: Iterable[TargetLike],
@@ -89,7 +137,9 @@ def create(
 
     Raises:
         ValueError, TypeError: bad name, uuid or table (before any ioctl).
-        DeviceExistsError: the name or uuid is taken.
+        DeviceExistsError: the name or uuid is taken, or another
+            program's file stands where its node goes (see
+            :func:`node_in_the_way`).
         KernelSupportError: a target type's module is not loaded, or there
             is no device-mapper driver.
         PermissionDeniedError: not root (CAP_SYS_ADMIN).
@@ -100,6 +150,7 @@ def create(
     if uuid is not None:
         check_uuid(uuid)
     table = check_table(targets)
+    _refuse_node_in_the_way(name, "create")
     with Task(lib.DM_DEVICE_CREATE, "create", name) as t:
         if uuid is not None:
             t.set_uuid(uuid)

@@ -688,6 +688,8 @@ class PoolCore:
                 try:
                     ops.create(dm_name, table, uuid=uuid)
                 except DeviceExistsError:
+                    if not ops.exists(dm_name):
+                        raise  # not the device: a file where its node goes
                     return self.activate(row, operation)  # made meanwhile: check it
             elif live is not None:
                 info, live_table = live
@@ -739,7 +741,17 @@ class PoolCore:
                     )
                 if info.deferred_remove:
                     # Wanted again while a deferred removal is pending (Docker's
-                    # activateDeviceIfNeeded does the same): take the removal back.
+                    # activateDeviceIfNeeded does the same): take the removal back,
+                    # unless another program's file stands where its node goes.
+                    in_the_way = ops.node_in_the_way(dm_name)
+                    if in_the_way is not None:
+                        raise DeviceExistsError(
+                            errno.EEXIST,
+                            f"{in_the_way}; libdm leaves it (and {dm_name}'s deferred "
+                            f"removal): remove it, then activate the device again",
+                            operation,
+                            dm_name,
+                        )
                     try:
                         ops.cancel_deferred_remove(dm_name)
                     except DMError:
@@ -749,9 +761,19 @@ class PoolCore:
                     # Without udev, libdevmapper dropped the /dev/mapper node when
                     # the deferred removal was requested: put it back.
                     ops.mknodes(dm_name)
-                elif not os.path.lexists(f"/dev/mapper/{dm_name}"):
+                elif not ops.has_node(dm_name):
                     # A kill between the create ioctl and libdevmapper making
-                    # the node leaves the device without one.
+                    # the node leaves the device without one; another
+                    # program's file there is refused, not replaced.
+                    in_the_way = ops.node_in_the_way(dm_name)
+                    if in_the_way is not None:
+                        raise DeviceExistsError(
+                            errno.EEXIST,
+                            f"{in_the_way}; libdm leaves it: remove it, then activate "
+                            f"the device again",
+                            operation,
+                            dm_name,
+                        )
                     ops.mknodes(dm_name)
                 if info.suspended:
                     if not resume:

@@ -386,7 +386,7 @@ class Devices:
                 )
                 # A device whose deferred removal is pending has no node:
                 # none is made that would outlive it (see ops.resume).
-                ops.resume(dm_name, node=os.path.lexists(ops.device_path(dm_name)))
+                ops.resume(dm_name, node=ops.has_node(dm_name))
             self.core.drop_resize_intent()
             if grow_filesystem and new > old:
                 self.grow_filesystem(name, old, new)

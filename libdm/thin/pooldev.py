@@ -11,7 +11,6 @@ the same answers, so the device is proven to be the pool's own (see
 from __future__ import annotations
 
 import errno
-import os
 
 from libdm.dm import ops
 from libdm.dm._lib import lib
@@ -125,7 +124,7 @@ class PoolDevice:
             return
         # An origin whose deferred removal is pending has no node: its
         # resume must not make one (see ops.resume).
-        node = os.path.lexists(ops.device_path(origin_dm))
+        node = ops.has_node(origin_dm)
         try:
             ops.suspend(origin_dm)
         except NoSuchDeviceError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -139,8 +140,10 @@ class Pool:
     def _front(self, core: PoolCore) -> None:
         self._core = core
         self._growth = Growth(core)
-        #: What the last recovery under the lock settled (see settle).
-        self._settled: str | None = None
+        #: What the last recovery under the lock settled, per thread (see
+        #: settle): a service's threads share one Pool, and one thread's
+        #: settle must not report what another's change settled.
+        self._settled = threading.local()
         self._devices = Devices(core)
         core.lend(Recovery(settle=self._recover_interrupted, finish_growth=self._growth.finish))
 
@@ -344,9 +347,10 @@ class Pool:
             return None
         # Read again under the lock (by the recovery the change runs): what
         # was read before it may be another process's change, done since.
-        self._settled = None
+        self._settled.what = None
         with self._core.changing("settle"):
-            return self._settled
+            what: str | None = self._settled.what
+            return what
 
     def _recover_interrupted(self, operation: str) -> None:
         """Before a change: finish or undo what an interrupted one left, as
@@ -358,7 +362,7 @@ class Pool:
         what = self._core.interrupted()
         if what is None:
             return
-        self._settled = what
+        self._settled.what = what
         if not backings.exists_live(self.name):
             raise StateError(
                 f"pool {self.name!r} is not active and holds a change a crash "

@@ -1,6 +1,7 @@
 """Property-based tests: any input gives a value or a ValueError/TypeError,
 never another exception, and what is accepted round-trips."""
 
+import re
 import string
 
 import pytest
@@ -102,6 +103,7 @@ def test_size_parsing(value):
 
 # The kernel's largest device: LLONG_MAX >> 9 sectors.
 MAX_SIZE = ((1 << 63) - 1) // 512 * 512
+ACCEPTED_SIZE = re.compile(r"\s*[0-9.]+\s*([kmgtpe](i?b)?|b|s)?\s*", re.IGNORECASE)
 # Sizes built from digits of every script, odd spaces, signs, exponents
 # and suffixes: only ASCII digits may make a size, and none past MAX_SIZE.
 SIZE_LIKE = st.text(
@@ -128,7 +130,9 @@ def test_sizes_are_ascii_and_addressable_or_a_value_error(value):
     assert 0 < size <= MAX_SIZE
     if isinstance(value, str):
         assert value.isascii()
-        assert not any(c in value for c in "+-_eExX")
+        # Plain decimal digits and a unit ("1E" is an exbibyte): no sign,
+        # separator, exponent or hexadecimal.
+        assert ACCEPTED_SIZE.fullmatch(value), value
 
 
 @SETTINGS

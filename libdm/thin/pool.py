@@ -258,14 +258,7 @@ class Pool:
                 was_there = ops.exists(pool.name)
                 pieces_there = pool._pieces_live()
                 try:
-                    # Until the eager bring-up of a pool that was down has
-                    # finished, the pool is lazy: a kill leaves devices
-                    # recorded active but down, and the recovery a later
-                    # change runs must not bring thousands up under it
-                    # (they come up on first use, or with the next open).
-                    if lazy or not was_there:
-                        pool._core.set_lazy(True)
-                    pool._bring_up("open", progress, lazy=lazy)
+                    pool._bring_up("open", progress, lazy=lazy, mark_lazy=lazy or not was_there)
                     if not lazy:
                         pool._core.set_lazy(False)
                 except BaseException:
@@ -455,6 +448,7 @@ class Pool:
         progress: Callable[[int, int], None] | None = None,
         *,
         lazy: bool = False,
+        mark_lazy: bool = False,
     ) -> None:
         if self.config.repair is not None:
             from libdm.thin import repair
@@ -486,6 +480,14 @@ class Pool:
         unavailable: dict[str, DMError] = {}
         self.unavailable = unavailable
         rows = self._core.store.active_devices()
+        if mark_lazy:
+            # Until the eager bring-up of a pool that was down has finished,
+            # the pool is lazy: a kill leaves devices recorded active but
+            # down, and the recovery a later change runs must not bring
+            # thousands up under it (they come up on first use, or with the
+            # next open).  Written only now, once the pool is up and proven:
+            # an open refused before changes nothing.
+            self._core.set_lazy(True)
         if lazy:
             # Only the live ones, so that each has its recorded table; the
             # others come up on first use (ready_device).

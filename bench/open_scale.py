@@ -8,7 +8,7 @@ Docker's driver does it, to make such an open cheap.
 
 Run in one test kernel (the C program is built on the host first)::
 
-    python -m libdm.testing run --mem 2G -- \\
+    python -m libdm.testing run --mem 3G -- \\
         python bench/open_scale.py --thin-ops bench/build/thin_ops [--devices 10000]
 
 Each repeat, side by side in the same boot:

@@ -100,14 +100,15 @@ def has_node(name: str) -> bool:
     return stat.S_ISBLK(st.st_mode) and bool(lib.dm_is_dm_major(os.major(st.st_rdev)))
 
 
-def _refuse_node_in_the_way(name: str, operation: str) -> None:
+def refuse_node_in_the_way(
+    name: str, operation: str, remedy: str = "remove it, or use another name"
+) -> None:
+    """Raise DeviceExistsError naming what :func:`node_in_the_way` finds
+    at the node's path, if anything, and ``remedy``."""
     what = node_in_the_way(name)
     if what is not None:
         raise DeviceExistsError(
-            errno.EEXIST,
-            f"{what}; libdm leaves it: remove it, or use another name",
-            operation,
-            name,
+            errno.EEXIST, f"{what}; libdm leaves it: {remedy}", operation, name
         )
 
 
@@ -150,7 +151,7 @@ def create(
     if uuid is not None:
         check_uuid(uuid)
     table = check_table(targets)
-    _refuse_node_in_the_way(name, "create")
+    refuse_node_in_the_way(name, "create")
     with Task(lib.DM_DEVICE_CREATE, "create", name) as t:
         if uuid is not None:
             t.set_uuid(uuid)

@@ -743,15 +743,9 @@ class PoolCore:
                     # Wanted again while a deferred removal is pending (Docker's
                     # activateDeviceIfNeeded does the same): take the removal back,
                     # unless another program's file stands where its node goes.
-                    in_the_way = ops.node_in_the_way(dm_name)
-                    if in_the_way is not None:
-                        raise DeviceExistsError(
-                            errno.EEXIST,
-                            f"{in_the_way}; libdm leaves it (and {dm_name}'s deferred "
-                            f"removal): remove it, then activate the device again",
-                            operation,
-                            dm_name,
-                        )
+                    ops.refuse_node_in_the_way(
+                        dm_name, operation, "remove it, then activate the device again"
+                    )
                     try:
                         ops.cancel_deferred_remove(dm_name)
                     except DMError:
@@ -765,15 +759,9 @@ class PoolCore:
                     # A kill between the create ioctl and libdevmapper making
                     # the node leaves the device without one; another
                     # program's file there is refused, not replaced.
-                    in_the_way = ops.node_in_the_way(dm_name)
-                    if in_the_way is not None:
-                        raise DeviceExistsError(
-                            errno.EEXIST,
-                            f"{in_the_way}; libdm leaves it: remove it, then activate "
-                            f"the device again",
-                            operation,
-                            dm_name,
-                        )
+                    ops.refuse_node_in_the_way(
+                        dm_name, operation, "remove it, then activate the device again"
+                    )
                     ops.mknodes(dm_name)
                 if info.suspended:
                     if not resume:
